@@ -1,0 +1,227 @@
+# Licensed under a 3-clause BSD style license - see LICENSE.rst
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: initializedcheck=False, nonecheck=False
+# cython: freethreading_compatible=True
+"""
+Batch window extraction: the hot loop of cutana.
+
+The kernels here copy many rectangular windows out of one 2-D image into a
+caller-allocated output, converting byte order while copying and filling
+whatever lies outside the image. They work on the raw bytes of the image, so
+one compiled loop serves every numeric dtype that `astropy.io.fits` produces,
+native or big-endian, and the image is never converted or copied as a whole:
+a memory-mapped tile is only touched where a window reads it.
+
+All loops run without the GIL and use no global mutable state, so callers may
+run them on disjoint slices of the output from several threads at once. They
+do no WCS work, no I/O and no logging; geometry (which window belongs to
+which source) is computed beforehand by :mod:`cutana._geometry`.
+"""
+
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
+from libc.string cimport memcpy
+
+import numpy as np
+
+__all__ = ["extract_windows", "OVERLAP_FULL", "OVERLAP_PARTIAL", "OVERLAP_NONE"]
+
+cdef enum:
+    _FULL = 0
+    _PARTIAL = 1
+    _NONE = 2
+
+#: The window lies entirely inside the image.
+OVERLAP_FULL = _FULL
+#: The window overlaps the image only in part; the rest holds the fill value.
+OVERLAP_PARTIAL = _PARTIAL
+#: The window misses the image entirely; it holds only the fill value.
+OVERLAP_NONE = _NONE
+
+
+cdef extern from *:
+    """
+    #if defined(__GNUC__) || defined(__clang__)
+    #define CUTANA_BSWAP16(x) __builtin_bswap16(x)
+    #define CUTANA_BSWAP32(x) __builtin_bswap32(x)
+    #define CUTANA_BSWAP64(x) __builtin_bswap64(x)
+    #else
+    #define CUTANA_BSWAP16(x) ((uint16_t)((((x) >> 8) & 0xffu) | (((x) & 0xffu) << 8)))
+    #define CUTANA_BSWAP32(x) ((((x) & 0xff000000u) >> 24) | (((x) & 0x00ff0000u) >> 8) | \
+                               (((x) & 0x0000ff00u) << 8) | (((x) & 0x000000ffu) << 24))
+    #define CUTANA_BSWAP64(x) ((((uint64_t)CUTANA_BSWAP32((uint32_t)(x))) << 32) | \
+                               (uint64_t)CUTANA_BSWAP32((uint32_t)((x) >> 32)))
+    #endif
+    """
+    uint16_t CUTANA_BSWAP16(uint16_t x) nogil
+    uint32_t CUTANA_BSWAP32(uint32_t x) nogil
+    uint64_t CUTANA_BSWAP64(uint64_t x) nogil
+
+
+cdef inline void _copy_row(
+    const uint8_t* src, uint8_t* dst, Py_ssize_t n_items, int itemsize, bint swap
+) noexcept nogil:
+    """Copy ``n_items`` items of ``itemsize`` bytes, swapping byte order if asked."""
+    cdef Py_ssize_t k
+    cdef uint16_t v16
+    cdef uint32_t v32
+    cdef uint64_t v64
+    if not swap or itemsize == 1:
+        memcpy(dst, src, n_items * itemsize)
+    elif itemsize == 4:
+        for k in range(n_items):
+            memcpy(&v32, src + 4 * k, 4)
+            v32 = CUTANA_BSWAP32(v32)
+            memcpy(dst + 4 * k, &v32, 4)
+    elif itemsize == 8:
+        for k in range(n_items):
+            memcpy(&v64, src + 8 * k, 8)
+            v64 = CUTANA_BSWAP64(v64)
+            memcpy(dst + 8 * k, &v64, 8)
+    elif itemsize == 2:
+        for k in range(n_items):
+            memcpy(&v16, src + 2 * k, 2)
+            v16 = CUTANA_BSWAP16(v16)
+            memcpy(dst + 2 * k, &v16, 2)
+
+
+cdef inline void _fill(
+    uint8_t* dst, Py_ssize_t n_items, const uint8_t* fill, int itemsize
+) noexcept nogil:
+    """Write ``n_items`` copies of the ``itemsize``-byte pattern ``fill``."""
+    cdef Py_ssize_t k
+    for k in range(n_items):
+        memcpy(dst + k * itemsize, fill, itemsize)
+
+
+cdef int _extract_one(
+    const uint8_t[:, ::1] src,
+    Py_ssize_t src_ny,
+    Py_ssize_t src_nx,
+    int64_t y0,
+    int64_t x0,
+    Py_ssize_t ny,
+    Py_ssize_t nx,
+    uint8_t* dst,
+    Py_ssize_t dst_row_stride,
+    const uint8_t* fill,
+    int itemsize,
+    bint swap,
+) noexcept nogil:
+    """Copy one ``(ny, nx)`` window whose first pixel is ``(y0, x0)``.
+
+    Returns OVERLAP_FULL, OVERLAP_PARTIAL or OVERLAP_NONE.
+    """
+    cdef Py_ssize_t r, sy, cx0, cx1, n_left, n_mid, n_right
+    cdef uint8_t* row
+    cdef bint any_in = False
+    cdef bint all_in = True
+
+    # columns of the window that fall inside the image: [cx0, cx1)
+    cx0 = 0 if x0 >= 0 else -x0
+    cx1 = nx if x0 + nx <= src_nx else src_nx - x0
+    if cx1 < cx0:
+        cx1 = cx0
+    if cx0 > nx:
+        cx0 = nx
+        cx1 = nx
+    n_left = cx0
+    n_mid = cx1 - cx0
+    n_right = nx - cx1
+    if n_left > 0 or n_right > 0:
+        all_in = False
+
+    for r in range(ny):
+        row = dst + r * dst_row_stride
+        sy = y0 + r
+        if sy < 0 or sy >= src_ny or n_mid <= 0:
+            _fill(row, nx, fill, itemsize)
+            all_in = False
+            continue
+        any_in = True
+        if n_left > 0:
+            _fill(row, n_left, fill, itemsize)
+        _copy_row(&src[sy, (x0 + cx0) * itemsize], row + cx0 * itemsize,
+                  n_mid, itemsize, swap)
+        if n_right > 0:
+            _fill(row + cx1 * itemsize, n_right, fill, itemsize)
+
+    if ny == 0 or nx == 0:
+        return _FULL
+    if all_in:
+        return _FULL
+    if any_in:
+        return _PARTIAL
+    return _NONE
+
+
+def extract_windows(
+    const uint8_t[:, ::1] src,
+    Py_ssize_t src_nx,
+    int itemsize,
+    bint swap,
+    const int64_t[:, ::1] corners,
+    uint8_t[:, :, ::1] out,
+    const uint8_t[::1] fill,
+):
+    """Copy N windows of one shape out of a 2-D image, as raw bytes.
+
+    Parameters
+    ----------
+    src : memoryview of uint8, shape ``(src_ny, src_nx * itemsize)``
+        The image seen as bytes; rows may be strided, items within a row
+        must be contiguous. Read-only buffers (memory maps) are accepted.
+    src_nx : int
+        Number of pixels per image row.
+    itemsize : int
+        Bytes per pixel: 1, 2, 4 or 8.
+    swap : bool
+        Whether to reverse the byte order of every pixel while copying (for
+        a big-endian image on a little-endian machine, or the converse).
+    corners : memoryview of int64, shape ``(N, 2)``
+        ``(y0, x0)`` of each window's first pixel in image coordinates; may
+        be negative or beyond the image (the window then holds fill values).
+    out : memoryview of uint8, shape ``(N, ny, nx * itemsize)``
+        Caller-allocated output, seen as bytes.
+    fill : memoryview of uint8, shape ``(itemsize,)``
+        The fill value's bytes in the output's byte order.
+
+    Returns
+    -------
+    overlap : `~numpy.ndarray` of int8, shape ``(N,)``
+        ``OVERLAP_FULL``, ``OVERLAP_PARTIAL`` or ``OVERLAP_NONE`` per window.
+    """
+    cdef Py_ssize_t n = corners.shape[0]
+    cdef Py_ssize_t ny = out.shape[1]
+    cdef Py_ssize_t nx
+    cdef Py_ssize_t src_ny = src.shape[0]
+    cdef Py_ssize_t i
+    cdef Py_ssize_t row_stride
+    if itemsize not in (1, 2, 4, 8):
+        msg = f"itemsize must be 1, 2, 4 or 8, got {itemsize}"
+        raise ValueError(msg)
+    if out.shape[0] != n:
+        msg = f"out holds {out.shape[0]} windows but corners has {n}"
+        raise ValueError(msg)
+    if out.shape[2] % itemsize != 0:
+        msg = "the last axis of out is not a whole number of items"
+        raise ValueError(msg)
+    if fill.shape[0] != itemsize:
+        msg = f"fill must have {itemsize} bytes, got {fill.shape[0]}"
+        raise ValueError(msg)
+    if src.shape[1] != src_nx * itemsize:
+        msg = "src_nx * itemsize does not match the image row length in bytes"
+        raise ValueError(msg)
+    nx = out.shape[2] // itemsize
+    overlap = np.zeros(n, dtype=np.int8)
+    cdef signed char[::1] ov = overlap
+    row_stride = out.strides[1]
+    if n == 0:
+        return overlap
+    with nogil:
+        for i in range(n):
+            ov[i] = <signed char> _extract_one(
+                src, src_ny, src_nx, corners[i, 0], corners[i, 1], ny, nx,
+                &out[i, 0, 0] if ny > 0 and nx > 0 else <uint8_t*> NULL,
+                row_stride, &fill[0], itemsize, swap,
+            )
+    return overlap

@@ -1,0 +1,248 @@
+# Licensed under a 3-clause BSD style license - see LICENSE.rst
+"""
+Positions and sizes to integer pixel boxes: the one place for rounding rules.
+
+Every other module (the cutout classes, the tile index, the planner) turns
+positions into boxes through this module, so that a cutout made by the batch
+pipeline is pixel for pixel the one `astropy.nddata.Cutout2D` makes.
+
+The rules reproduce `astropy.nddata.utils.overlap_slices` exactly, vectorised
+over N sources. Positions are in the *array* axis order ``(y, x)`` here, as in
+``overlap_slices``; integer positions are pixel centres. For an axis of
+``n`` pixels centred on ``p``, the first pixel of the box is
+``limit_rounding_method(p - n / 2)`` (``ceil`` by default), so an even size
+centred on a whole pixel extends one pixel further towards larger indices.
+"""
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "BOX_OK",
+    "BOX_NONFINITE",
+    "BOX_NO_OVERLAP",
+    "BOX_PARTIAL",
+    "Boxes",
+    "compute_boxes",
+    "round_limits",
+]
+
+#: The box was computed (for ``strict``, the box lies wholly in the image).
+BOX_OK = 0
+#: The position is NaN or infinite (astropy raises `ValueError`).
+BOX_NONFINITE = 1
+#: The box misses the image (astropy raises `~astropy.nddata.NoOverlapError`).
+BOX_NO_OVERLAP = 2
+#: ``strict`` mode and the box leaves the image
+#: (astropy raises `~astropy.nddata.PartialOverlapError`).
+BOX_PARTIAL = 3
+
+_MODES = ("partial", "trim", "strict")
+
+# Rounding callables that have an exact elementwise numpy equivalent.
+_VECTOR_ROUNDING = {
+    np.ceil: np.ceil,
+    np.floor: np.floor,
+    np.round: np.round,
+    np.rint: np.rint,
+    np.trunc: np.trunc,
+    np.fix: np.trunc,
+    math.ceil: np.ceil,
+    math.floor: np.floor,
+    math.trunc: np.trunc,
+    round: np.round,
+}
+
+
+@dataclass(frozen=True)
+class Boxes:
+    """Integer boxes of N cutouts in one image, in array ``(y, x)`` order.
+
+    Attributes
+    ----------
+    start : `~numpy.ndarray`, shape ``(N, 2)``, int64
+        First pixel of each requested box in the image (``indices_min`` of
+        ``overlap_slices``); may be negative or beyond the image.
+    shape : `~numpy.ndarray`, shape ``(N, 2)``, int64
+        Requested ``(ny, nx)`` of each box.
+    large_start, large_stop : `~numpy.ndarray`, shape ``(N, 2)``, int64
+        ``slices_large``: the part of the image that the box overlaps.
+    small_start, small_stop : `~numpy.ndarray`, shape ``(N, 2)``, int64
+        ``slices_small``: where that part sits in the cutout (for ``trim``,
+        from 0 to the trimmed size).
+    code : `~numpy.ndarray`, shape ``(N,)``, int8
+        ``BOX_OK``, ``BOX_NONFINITE``, ``BOX_NO_OVERLAP`` or ``BOX_PARTIAL``.
+        Slices of sources whose code is not ``BOX_OK`` are meaningless.
+    mode : str
+        The mode the boxes were computed for.
+    """
+
+    start: np.ndarray
+    shape: np.ndarray
+    large_start: np.ndarray
+    large_stop: np.ndarray
+    small_start: np.ndarray
+    small_stop: np.ndarray
+    code: np.ndarray
+    mode: str
+
+    def __len__(self):
+        return len(self.code)
+
+    @property
+    def is_partial(self):
+        """Boolean mask of boxes that overlap the image only in part."""
+        inside = np.all((self.start >= 0) & (self.start + self.shape <= self._large), axis=1)
+        return (self.code == BOX_OK) & ~inside
+
+    @property
+    def out_shape(self):
+        """``(N, 2)`` shape of each cutout array (trimmed in ``trim`` mode)."""
+        if self.mode == "trim":
+            return self.large_stop - self.large_start
+        return self.shape.copy()
+
+    def slices(self, i):
+        """Return ``(slices_large, slices_small)`` of source ``i`` as astropy does.
+
+        Parameters
+        ----------
+        i : int
+            Index of the source.
+
+        Returns
+        -------
+        slices_large, slices_small : tuple of slice
+            The ``overlap_slices`` result for source ``i``.
+        """
+        large = tuple(
+            slice(int(self.large_start[i, a]), int(self.large_stop[i, a])) for a in (0, 1)
+        )
+        small = tuple(
+            slice(int(self.small_start[i, a]), int(self.small_stop[i, a])) for a in (0, 1)
+        )
+        return large, small
+
+    # the image shape is kept privately for ``is_partial``
+    _large: tuple = (0, 0)
+
+
+def round_limits(values, limit_rounding_method=np.ceil):
+    """Round box limits with ``limit_rounding_method`` exactly as astropy does.
+
+    Parameters
+    ----------
+    values : `~numpy.ndarray` of float64
+        The unrounded first-pixel coordinates ``position - size / 2``.
+    limit_rounding_method : callable, optional
+        Rounding applied to each value; numpy and `math` rounding functions
+        are applied vectorised, any other callable element by element.
+
+    Returns
+    -------
+    rounded : `~numpy.ndarray` of int64
+        The rounded values.
+
+    Raises
+    ------
+    ValueError
+        If the method is not callable or does not return a number.
+    """
+    if not callable(limit_rounding_method):
+        msg = "Limit rounding method must be a callable function."
+        raise ValueError(msg)
+    values = np.asarray(values, dtype=np.float64)
+    try:
+        vector = _VECTOR_ROUNDING.get(limit_rounding_method)
+    except TypeError:  # unhashable callable
+        vector = None
+    try:
+        if vector is not None:
+            return vector(values).astype(np.int64)
+        flat = [int(limit_rounding_method(v)) for v in values.ravel()]
+    except (TypeError, ValueError) as exc:
+        msg = (
+            "Limit rounding method must accept a single number as input and "
+            "return a single number."
+        )
+        raise ValueError(msg) from exc
+    return np.array(flat, dtype=np.int64).reshape(values.shape)
+
+
+def compute_boxes(
+    large_shape, shapes, positions_yx, mode="partial", *, limit_rounding_method=np.ceil
+):
+    """Compute the boxes of N cutouts in one image, as ``overlap_slices`` does.
+
+    Parameters
+    ----------
+    large_shape : tuple of int
+        ``(ny, nx)`` shape of the image.
+    shapes : array-like, shape ``(N, 2)`` or ``(2,)``
+        Integer ``(ny, nx)`` size of each cutout, or one size for all.
+    positions_yx : array-like, shape ``(N, 2)``
+        ``(y, x)`` position of each cutout's centre; integers are pixel centres.
+    mode : {'partial', 'trim', 'strict'}, optional
+        As in `astropy.nddata.utils.overlap_slices`.
+    limit_rounding_method : callable, optional
+        Rounding of the first pixel, `numpy.ceil` by default.
+
+    Returns
+    -------
+    boxes : `Boxes`
+        The boxes, with a per-source ``code`` saying whether astropy would
+        have raised for that source (and which exception).
+
+    Raises
+    ------
+    ValueError
+        If ``mode`` or ``limit_rounding_method`` is invalid (these apply to
+        all sources at once, so they are raised, not coded).
+    """
+    if mode not in _MODES:
+        msg = 'Mode can be only "partial", "trim", or "strict".'
+        raise ValueError(msg)
+    pos = np.asarray(positions_yx, dtype=np.float64).reshape(-1, 2)
+    n = len(pos)
+    shp = np.asarray(shapes, dtype=np.int64)
+    shp = np.broadcast_to(shp.reshape(-1, 2) if shp.ndim > 1 else shp, (n, 2))
+    large = np.asarray(large_shape, dtype=np.int64)
+
+    finite = np.isfinite(pos).all(axis=1)
+    safe = np.where(finite[:, None], pos, 0.0)
+    start = round_limits(safe - shp / 2.0, limit_rounding_method)
+    stop = start + shp
+
+    zero_size = (shp == 0).all(axis=1)
+    no_overlap = ((stop < 0) | ((stop == 0) & ~zero_size[:, None])).any(axis=1)
+    no_overlap |= (start >= large).any(axis=1)
+    outside = ((start < 0) | (stop > large)).any(axis=1)
+
+    code = np.full(n, BOX_OK, dtype=np.int8)
+    if mode == "strict":
+        code[outside] = BOX_PARTIAL
+    code[no_overlap] = BOX_NO_OVERLAP
+    code[~finite] = BOX_NONFINITE
+
+    large_start = np.maximum(start, 0)
+    large_stop = np.minimum(stop, large)
+    if mode == "trim":
+        small_start = np.zeros_like(start)
+        small_stop = large_stop - large_start
+    else:
+        small_start = np.maximum(-start, 0)
+        small_stop = np.minimum(large - start, stop - start)
+
+    return Boxes(
+        start=start,
+        shape=np.ascontiguousarray(shp),
+        large_start=large_start,
+        large_stop=large_stop,
+        small_start=small_start,
+        small_stop=small_stop,
+        code=code,
+        mode=mode,
+        _large=tuple(int(v) for v in large),
+    )

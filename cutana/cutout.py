@@ -1,0 +1,901 @@
+# Licensed under a 3-clause BSD style license - see LICENSE.rst
+"""
+Drop-in `Cutout2D` and the batch `BatchCutout2D`.
+
+`Cutout2D` has the signature, attributes and exceptions of
+`astropy.nddata.Cutout2D` (it *is* one: it subclasses astropy's class and
+inherits its properties and methods), but computes its box through
+:mod:`cutana._geometry` and builds its WCS only when it is first asked for.
+
+`BatchCutout2D` makes N such cutouts from one image at once: one
+``world_to_pixel`` call, one vectorised rounding pass, and one pass of the
+compiled kernel (:mod:`cutana._extract`) that copies all windows into an
+``(N, ny, nx)`` stack, converting byte order while copying.
+"""
+
+import numbers
+from concurrent.futures import ThreadPoolExecutor
+from copy import deepcopy
+
+import numpy as np
+from astropy import units as u
+from astropy.coordinates import SkyCoord
+from astropy.io.fits.hdu.compressed import CompImageSection
+from astropy.io.fits.hdu.image import Section
+from astropy.nddata import Cutout2D as _AstropyCutout2D
+from astropy.nddata import NoOverlapError, PartialOverlapError
+from astropy.wcs import Sip
+from astropy.wcs.utils import proj_plane_pixel_scales, skycoord_to_pixel
+
+from . import _extract
+from ._geometry import (
+    BOX_NO_OVERLAP,
+    BOX_NONFINITE,
+    BOX_OK,
+    BOX_PARTIAL,
+    compute_boxes,
+)
+
+__all__ = [
+    "BatchCutout2D",
+    "Cutout2D",
+    "NoOverlapError",
+    "PartialOverlapError",
+    "cutout_wcs",
+    "extract_stack",
+]
+
+_MODES = ("partial", "trim", "strict")
+_FILL_DTYPE_MSG = (
+    "fill_value is inconsistent with the data type of the input array (e.g., "
+    "fill_value cannot be set to np.nan if the input array has integer type). "
+    "Please change either the input array dtype or the fill_value."
+)
+
+
+# --------------------------------------------------------------------------
+# sizes and positions
+# --------------------------------------------------------------------------
+
+
+def _size_to_shape(size, wcs):
+    """Convert one astropy-style ``size`` to an integer ``(ny, nx)`` array.
+
+    This follows `astropy.nddata.Cutout2D` step by step, including its
+    choice of pixel scale and unit for angular sizes.
+    """
+    if np.isscalar(size):
+        size = np.repeat(size, 2)
+    if isinstance(size, u.Quantity):
+        size = np.atleast_1d(size)
+        if len(size) == 1:
+            size = np.repeat(size, 2)
+    if len(size) > 2:
+        msg = "size must have at most two elements"
+        raise ValueError(msg)
+    shape = np.zeros(2).astype(int)
+    pixel_scales = None
+    for axis, side in enumerate(size):
+        if not isinstance(side, u.Quantity):
+            shape[axis] = int(np.round(side))
+        elif side.unit == u.pixel:
+            shape[axis] = int(np.round(side.value))
+        elif side.unit.physical_type == "angle":
+            if wcs is None:
+                msg = "wcs must be input if any element of size has angular units"
+                raise ValueError(msg)
+            if pixel_scales is None:
+                pixel_scales = u.Quantity(
+                    proj_plane_pixel_scales(wcs), wcs.wcs.cunit[axis]
+                )
+            shape[axis] = int(np.round((side / pixel_scales[axis]).decompose()))
+        else:
+            msg = "shape can contain Quantities with only pixel or angular units"
+            raise ValueError(msg)
+    return shape
+
+
+def _sizes_to_shapes(size, n, wcs):
+    """Convert one size or N sizes to an ``(N, 2)`` int64 array of ``(ny, nx)``.
+
+    One size is anything `astropy.nddata.Cutout2D` accepts. N sizes are an
+    array-like (or `~astropy.units.Quantity`) of shape ``(N,)`` (square) or
+    ``(N, 2)``. A length-2 sequence is always read as one ``(ny, nx)`` size,
+    as astropy reads it, even when N is 2.
+    """
+    if np.isscalar(size) or (isinstance(size, u.Quantity) and size.ndim == 0):
+        return np.broadcast_to(_size_to_shape(size, wcs), (n, 2)).astype(np.int64)
+    if isinstance(size, u.Quantity):
+        arr = size
+    else:
+        try:
+            arr = np.asarray(size)
+        except ValueError:  # ragged mixture such as (3 * u.pix, 4)
+            arr = None
+        if arr is None or arr.dtype == object:
+            return np.broadcast_to(_size_to_shape(size, wcs), (n, 2)).astype(np.int64)
+    if arr.ndim == 1 and (len(arr) <= 2 and not (len(arr) == n and n != 2)):
+        return np.broadcast_to(_size_to_shape(size, wcs), (n, 2)).astype(np.int64)
+    if arr.ndim == 1 and len(arr) == n:
+        arr = arr[:, None] * np.ones((1, 2))
+    if arr.ndim != 2 or arr.shape != (n, 2):
+        msg = (
+            f"size must be one size or {n} sizes (shape ({n},) or ({n}, 2)), "
+            f"got shape {arr.shape}"
+        )
+        raise ValueError(msg)
+    if not isinstance(arr, u.Quantity):
+        values = np.asarray(arr, dtype=np.float64)
+        if not np.all(np.isfinite(values)):
+            bad = int(np.flatnonzero(~np.isfinite(values).all(axis=1))[0])
+            msg = f"size of source {bad} is not finite: {arr[bad]!r}"
+            raise ValueError(msg)
+        return np.round(values).astype(np.int64)
+    if arr.unit == u.pixel:
+        return np.round(arr.value).astype(np.int64)
+    if arr.unit.physical_type == "angle":
+        if wcs is None:
+            msg = "wcs must be input if any element of size has angular units"
+            raise ValueError(msg)
+        # astropy takes the unit of the first axis it converts (axis 0)
+        pixel_scales = u.Quantity(proj_plane_pixel_scales(wcs), wcs.wcs.cunit[0])
+        out = np.empty((n, 2), dtype=np.int64)
+        for axis in (0, 1):
+            out[:, axis] = np.round((arr[:, axis] / pixel_scales[axis]).decompose())
+        return out
+    msg = "shape can contain Quantities with only pixel or angular units"
+    raise ValueError(msg)
+
+
+def _positions_to_xy(positions, wcs):
+    """Convert N positions to a float64 ``(N, 2)`` array of ``(x, y)`` pixels.
+
+    Returns the array and a per-source list of the positions as astropy's
+    `~astropy.nddata.Cutout2D` would store them (``input_position_original``).
+    """
+    if isinstance(positions, SkyCoord):
+        if wcs is None:
+            msg = "wcs must be input if position is a SkyCoord"
+            raise ValueError(msg)
+        xp, yp = skycoord_to_pixel(positions, wcs, mode="all")
+        xy = np.column_stack([np.atleast_1d(xp), np.atleast_1d(yp)]).astype(np.float64)
+        originals = None
+        return xy, originals
+    if isinstance(positions, np.ndarray):
+        if positions.ndim == 1 and positions.shape == (2,):
+            positions = positions[None, :]
+        if positions.ndim != 2 or positions.shape[1] != 2:
+            msg = f"positions must have shape (N, 2) of (x, y), got {positions.shape}"
+            raise ValueError(msg)
+        return np.asarray(positions, dtype=np.float64), positions
+    positions = list(positions)
+    if len(positions) == 2 and all(isinstance(v, numbers.Real) for v in positions):
+        positions = [tuple(positions)]
+    xy = np.empty((len(positions), 2), dtype=np.float64)
+    for i, pos in enumerate(positions):
+        if len(pos) != 2:
+            msg = f"position {i} must be an (x, y) pair, got {pos!r}"
+            raise ValueError(msg)
+        xy[i] = pos
+    return xy, positions
+
+
+def _fill_bytes(fill_value, dtype):
+    """The fill value converted as astropy converts it, and its bytes."""
+    tmp = np.zeros(1, dtype=dtype)
+    tmp[:] = fill_value
+    return tmp
+
+
+# --------------------------------------------------------------------------
+# per-cutout WCS
+# --------------------------------------------------------------------------
+
+
+def cutout_wcs(wcs, origin_xy, shape, out_shape=None):
+    """Build the WCS of a cutout, as `astropy.nddata.Cutout2D` does.
+
+    Parameters
+    ----------
+    wcs : `~astropy.wcs.WCS`
+        The WCS of the whole image.
+    origin_xy : tuple of int
+        ``(x, y)`` of the cutout's first pixel (including any filled part)
+        in the image.
+    shape : tuple of int
+        ``(ny, nx)`` of the cutout as extracted.
+    out_shape : tuple of int, optional
+        ``(ny, nx)`` after resampling with aligned pixel centres; the WCS is
+        then rescaled so that output pixel ``j`` samples input coordinate
+        ``(j + 0.5) * n / m - 0.5``.
+
+    Returns
+    -------
+    cutout_wcs : `~astropy.wcs.WCS`
+        A new WCS; ``wcs`` is not modified.
+    """
+    origin = np.asarray(origin_xy, dtype=np.float64)
+    new = deepcopy(wcs)
+    new.wcs.crpix -= origin
+    if wcs.sip is not None:
+        new.sip = Sip(wcs.sip.a, wcs.sip.b, wcs.sip.ap, wcs.sip.bp, wcs.sip.crpix - origin)
+    if out_shape is not None and tuple(out_shape) != tuple(shape):
+        if wcs.sip is not None:
+            msg = "resampled cutouts of a WCS with SIP distortion are not supported"
+            raise NotImplementedError(msg)
+        # input pixel p (0-based) = (q + 0.5) * s - 0.5 with s = n_in / n_out
+        scale = np.array([shape[1] / out_shape[1], shape[0] / out_shape[0]], dtype=float)
+        # FITS CRPIX is 1-based: p1 = p + 1, q1 = q + 1
+        # p1 = (q1 - 0.5) * s + 0.5  ->  q1 = (p1 - 0.5) / s + 0.5
+        new.wcs.crpix = (new.wcs.crpix - 0.5) / scale + 0.5
+        if new.wcs.has_cd():
+            new.wcs.cd = new.wcs.cd * scale[None, :]
+        else:
+            pc = new.wcs.get_pc()
+            cdelt = new.wcs.cdelt.copy()
+            new.wcs.pc = pc * scale[None, :]
+            new.wcs.cdelt = cdelt
+        shape = tuple(out_shape)
+    new.array_shape = tuple(int(v) for v in shape)
+    return new
+
+
+# --------------------------------------------------------------------------
+# the kernel wrapper
+# --------------------------------------------------------------------------
+
+
+def _byte_view(data):
+    """A 2-D uint8 view of ``data`` for the kernel (no copy unless rows are strided)."""
+    arr = np.asarray(data)
+    if arr.ndim != 2:
+        msg = f"data must be a 2-D array, got {arr.ndim} dimensions"
+        raise ValueError(msg)
+    if arr.dtype.kind not in "biuf" or arr.dtype.itemsize not in (1, 2, 4, 8):
+        msg = f"data has an unsupported dtype {arr.dtype}; use a numeric dtype"
+        raise TypeError(msg)
+    if arr.shape[1] > 0 and arr.strides[1] != arr.dtype.itemsize:
+        arr = np.ascontiguousarray(arr)  # items inside a row must be adjacent
+    if arr.size == 0:
+        return np.zeros((arr.shape[0], arr.shape[1] * arr.dtype.itemsize), np.uint8), arr
+    return arr.view(np.uint8), arr
+
+
+def extract_stack(data, starts, shape, fill_value=0, *, dtype=None, out=None, n_threads=1):
+    """Copy N windows of one shape out of a 2-D array into an ``(N, ny, nx)`` stack.
+
+    This is the batch primitive under `BatchCutout2D` and the pipeline: it
+    calls the compiled kernel, converting big-endian data to native byte order
+    while copying and filling what lies outside the array.
+
+    Parameters
+    ----------
+    data : `~numpy.ndarray`
+        The 2-D image, any numeric dtype and byte order, e.g. a memory map of
+        a FITS tile. It is never copied or converted as a whole.
+    starts : array-like, shape ``(N, 2)``
+        ``(y0, x0)`` of each window's first pixel; may lie outside ``data``.
+    shape : tuple of int
+        ``(ny, nx)`` of every window.
+    fill_value : scalar, optional
+        Value of pixels outside ``data``.
+    dtype : `~numpy.dtype`, optional
+        dtype of the output; by default the native-order dtype of ``data``.
+        A different dtype is converted in chunks of windows after the copy.
+    out : `~numpy.ndarray`, optional
+        Preallocated C-contiguous ``(N, ny, nx)`` output.
+    n_threads : int, optional
+        Number of threads running the kernel on disjoint sets of windows.
+
+    Returns
+    -------
+    stack : `~numpy.ndarray`, shape ``(N, ny, nx)``
+        The windows.
+    overlap : `~numpy.ndarray` of int8, shape ``(N,)``
+        0 if the window lies inside ``data``, 1 if partly, 2 if not at all.
+
+    Raises
+    ------
+    ValueError
+        If ``fill_value`` cannot be represented in the output dtype, or
+        ``n_threads`` is not a positive integer.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from cutana.cutout import extract_stack
+    >>> image = np.arange(16.0).reshape(4, 4).astype(">f4")
+    >>> stack, overlap = extract_stack(image, [[0, 0], [3, 3]], (2, 2), np.nan)
+    >>> stack[1]
+    array([[15., nan],
+           [nan, nan]], dtype=float32)
+    >>> overlap
+    array([0, 1], dtype=int8)
+    """
+    if not isinstance(n_threads, numbers.Integral) or n_threads < 1:
+        msg = f"n_threads must be a positive integer, got {n_threads!r}"
+        raise ValueError(msg)
+    src_bytes, arr = _byte_view(data)
+    native = arr.dtype.newbyteorder("=")
+    out_dtype = native if dtype is None else np.dtype(dtype)
+    starts = np.ascontiguousarray(starts, dtype=np.int64).reshape(-1, 2)
+    n = len(starts)
+    ny, nx = (int(v) for v in shape)
+    if out is None:
+        out = np.empty((n, ny, nx), dtype=out_dtype)
+    elif out.shape != (n, ny, nx) or not out.flags.c_contiguous:
+        msg = f"out must be C-contiguous with shape {(n, ny, nx)}, got {out.shape}"
+        raise ValueError(msg)
+    swap = not arr.dtype.isnative and arr.dtype.itemsize > 1
+    itemsize = arr.dtype.itemsize
+    direct = out.dtype == native
+
+    fill_native = _fill_bytes(fill_value, native) if direct else np.zeros(1, native)
+    fill = fill_native.view(np.uint8)
+
+    def run(lo, hi):
+        if direct:
+            target = out[lo:hi].view(np.uint8).reshape(hi - lo, ny, nx * itemsize)
+            return _extract.extract_windows(
+                src_bytes, arr.shape[1], itemsize, swap, starts[lo:hi], target, fill
+            )
+        # convert in chunks small enough to stay in cache
+        ov = np.empty(hi - lo, dtype=np.int8)
+        step = max(1, (1 << 20) // max(1, ny * nx * itemsize))
+        tmp = np.empty((min(step, hi - lo), ny, nx), dtype=native)
+        for a in range(lo, hi, step):
+            b = min(hi, a + step)
+            t = tmp[: b - a]
+            ov[a - lo : b - lo] = _extract.extract_windows(
+                src_bytes, arr.shape[1], itemsize, swap, starts[a:b],
+                t.view(np.uint8).reshape(b - a, ny, nx * itemsize), fill,
+            )
+            out[a:b] = t
+            filled = ov[a - lo : b - lo] != _extract.OVERLAP_FULL
+            if filled.any():
+                _apply_fill(out[a:b], starts[a:b], filled, arr.shape, fill_value)
+        return ov
+
+    if n == 0 or ny == 0 or nx == 0:
+        return out, _overlap_of(starts, (ny, nx), arr.shape)
+    if n_threads == 1 or n < 2 * n_threads:
+        overlap = run(0, n)
+    else:
+        bounds = np.linspace(0, n, n_threads + 1).astype(int)
+        with ThreadPoolExecutor(n_threads) as pool:
+            parts = list(pool.map(run, bounds[:-1], bounds[1:]))
+        overlap = np.concatenate(parts)
+    return out, overlap
+
+
+def _overlap_of(starts, shape, large):
+    """Overlap codes computed from geometry alone (for empty windows)."""
+    starts = np.asarray(starts).reshape(-1, 2)
+    stop = starts + np.asarray(shape)
+    large = np.asarray(large)
+    inside = np.all((starts >= 0) & (stop <= large), axis=1)
+    touches = np.all((stop > 0) & (starts < large), axis=1)
+    return np.where(inside, 0, np.where(touches, 1, 2)).astype(np.int8)
+
+
+def _apply_fill(block, starts, which, large, fill_value):
+    """Write ``fill_value`` (in the output dtype) outside the image."""
+    ny, nx = block.shape[1:]
+    yy = np.arange(ny)
+    xx = np.arange(nx)
+    for k in np.flatnonzero(which):
+        y0, x0 = starts[k]
+        rows = (y0 + yy < 0) | (y0 + yy >= large[0])
+        cols = (x0 + xx < 0) | (x0 + xx >= large[1])
+        block[k][rows, :] = fill_value
+        block[k][:, cols] = fill_value
+
+
+# --------------------------------------------------------------------------
+# Cutout2D
+# --------------------------------------------------------------------------
+
+
+def _raise_for_code(code, index=None):
+    """Raise astropy's exception for a geometry code."""
+    prefix = "" if index is None else f"source {index}: "
+    if code == BOX_NONFINITE:
+        msg = f"{prefix}Input position contains invalid values (NaNs or infs)."
+        raise ValueError(msg)
+    if code == BOX_NO_OVERLAP:
+        msg = f"{prefix}Arrays do not overlap."
+        raise NoOverlapError(msg)
+    if code == BOX_PARTIAL:
+        msg = f"{prefix}Arrays overlap only partially."
+        raise PartialOverlapError(msg)
+
+
+class _LazyWCS:
+    """Descriptor that builds a cutout's WCS on first access."""
+
+    def __get__(self, obj, objtype=None):
+        if obj is None:
+            return self
+        if "_wcs" not in obj.__dict__:
+            parent = obj.__dict__.get("_parent_wcs")
+            if parent is None:
+                obj.__dict__["_wcs"] = None
+            else:
+                obj.__dict__["_wcs"] = cutout_wcs(
+                    parent, obj._origin_original_true, obj.data.shape
+                )
+        return obj.__dict__["_wcs"]
+
+    def __set__(self, obj, value):
+        obj.__dict__["_wcs"] = value
+
+
+class Cutout2D(_AstropyCutout2D):
+    """
+    Create a cutout object from a 2D array, exactly as `astropy.nddata.Cutout2D`.
+
+    This class is a drop-in replacement: same signature, same attributes,
+    same results and the same exceptions in the same cases. It is a subclass
+    of `astropy.nddata.Cutout2D`, so ``isinstance`` checks keep working. The
+    box is computed by cutana's geometry module, and the cutout's WCS is
+    built only when the ``wcs`` attribute is first read.
+
+    Parameters
+    ----------
+    data : `~numpy.ndarray`, `~astropy.io.fits.Section` or `~astropy.io.fits.CompImageSection`
+        The 2D data array from which to extract the cutout array. Sections
+        are read lazily: only the cutout's pixels are read from the file.
+    position : tuple or `~astropy.coordinates.SkyCoord`
+        The position of the cutout's centre, ``(x, y)`` in pixels (integers
+        are pixel centres) or a `~astropy.coordinates.SkyCoord`, which needs
+        ``wcs``.
+    size : int, array-like or `~astropy.units.Quantity`
+        The size of the cutout, one value (square) or ``(ny, nx)``; numbers
+        are pixels, Quantities may be in pixels or angular units. Rounded to
+        the nearest integer number of pixels.
+    wcs : `~astropy.wcs.WCS`, optional
+        The WCS of ``data``; the cutout then carries an updated copy.
+    mode : {'trim', 'partial', 'strict'}, optional
+        ``'trim'`` returns only the overlapping part, ``'partial'`` fills the
+        rest with ``fill_value``, ``'strict'`` raises
+        `~astropy.nddata.PartialOverlapError` unless the cutout lies wholly
+        inside the array. All modes raise `~astropy.nddata.NoOverlapError`
+        for no overlap.
+    fill_value : float or int, optional
+        Value of pixels outside ``data`` in ``'partial'`` mode.
+    copy : bool, optional
+        If `False` (default), the cutout is a view into ``data`` where
+        astropy's would be; if `True`, a copy.
+    limit_rounding_method : callable, optional
+        Rounding of the box limits, `numpy.ceil` by default.
+
+    Raises
+    ------
+    ValueError
+        For invalid arguments, non-finite positions, or a ``fill_value``
+        that the data type cannot hold when filling is needed.
+    NoOverlapError
+        If the cutout does not overlap ``data``.
+    PartialOverlapError
+        In ``'strict'`` mode, if the cutout leaves ``data``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from cutana import Cutout2D
+    >>> data = np.arange(20.0).reshape(5, 4)
+    >>> cutout = Cutout2D(data, (2, 2), (3, 3))
+    >>> print(cutout.data)
+    [[ 5.  6.  7.]
+     [ 9. 10. 11.]
+     [13. 14. 15.]]
+    >>> cutout.origin_original
+    (1, 1)
+    """
+
+    wcs = _LazyWCS()
+
+    def __init__(
+        self,
+        data,
+        position,
+        size,
+        wcs=None,
+        mode="trim",
+        fill_value=np.nan,
+        copy=False,
+        *,
+        limit_rounding_method=np.ceil,
+    ):
+        if wcs is None:
+            wcs = getattr(data, "wcs", None)
+        if isinstance(position, SkyCoord):
+            if wcs is None:
+                msg = "wcs must be input if position is a SkyCoord"
+                raise ValueError(msg)
+            position = skycoord_to_pixel(position, wcs, mode="all")
+        shape = _size_to_shape(size, wcs)
+        if not isinstance(data, (Section, CompImageSection)):
+            data = np.asanyarray(data)
+        pos_yx = position[::-1]
+
+        if mode not in _MODES:
+            msg = "Valid modes are 'partial', 'trim', and 'strict'."
+            raise ValueError(msg)
+        pos_check = (pos_yx,) if np.isscalar(pos_yx) else pos_yx
+        if any(~np.isfinite(pos_check)):
+            msg = "Input position contains invalid values (NaNs or infs)."
+            raise ValueError(msg)
+        if len(data.shape) != 2:
+            msg = (
+                '"large_array_shape" and "small_array_shape" must have the same '
+                "number of dimensions."
+            )
+            raise ValueError(msg)
+        if len(pos_check) != 2:
+            msg = (
+                '"position" must have the same number of dimensions as '
+                '"small_array_shape".'
+            )
+            raise ValueError(msg)
+
+        boxes = compute_boxes(
+            data.shape,
+            shape,
+            [tuple(float(v) for v in pos_check)],
+            mode,
+            limit_rounding_method=limit_rounding_method,
+        )
+        _raise_for_code(boxes.code[0])
+        slices_large, slices_small = boxes.slices(0)
+
+        cutout = data[slices_large]
+        new_pos = [p - s.start for p, s in zip(pos_yx, slices_large)]
+        if cutout.shape != tuple(shape) and mode == "partial":
+            full = np.zeros(tuple(shape), dtype=cutout.dtype)
+            try:
+                full[:] = fill_value
+            except ValueError as exc:
+                exc.args += (_FILL_DTYPE_MSG,)
+                raise
+            full[slices_small] = cutout
+            cutout = full
+            new_pos = [p + s.start for p, s in zip(new_pos, slices_small)]
+        if copy:
+            cutout = np.copy(cutout)
+
+        self._set_state(
+            cutout,
+            position,
+            tuple(new_pos)[::-1],
+            slices_large,
+            slices_small,
+            shape,
+            wcs,
+        )
+
+    def _set_state(
+        self, data, position, input_position_cutout, slices_original, slices_cutout,
+        shape_input, parent_wcs,
+    ):
+        """Set every attribute astropy's ``__init__`` sets (the WCS lazily)."""
+        self.data = data
+        self.input_position_cutout = input_position_cutout
+        self.slices_original = slices_original
+        self.slices_cutout = slices_cutout
+        self.shape = data.shape
+        self.input_position_original = position
+        self.shape_input = shape_input
+        (
+            (self.ymin_original, self.ymax_original),
+            (self.xmin_original, self.xmax_original),
+        ) = self.bbox_original
+        (
+            (self.ymin_cutout, self.ymax_cutout),
+            (self.xmin_cutout, self.xmax_cutout),
+        ) = self.bbox_cutout
+        self._origin_original_true = (
+            self.origin_original[0] - self.slices_cutout[1].start,
+            self.origin_original[1] - self.slices_cutout[0].start,
+        )
+        self.__dict__["_parent_wcs"] = parent_wcs
+        self.__dict__.pop("_wcs", None)
+
+    @classmethod
+    def _from_batch(
+        cls, data, position, input_position_cutout, slices_original, slices_cutout,
+        shape_input, parent_wcs,
+    ):
+        """Build a cutout from geometry already computed by `BatchCutout2D`."""
+        obj = cls.__new__(cls)
+        obj._set_state(
+            data, position, input_position_cutout, slices_original, slices_cutout,
+            shape_input, parent_wcs,
+        )
+        return obj
+
+
+# --------------------------------------------------------------------------
+# BatchCutout2D
+# --------------------------------------------------------------------------
+
+
+class BatchCutout2D:
+    """
+    Many cutouts from one 2D array at once, each equal to astropy's `~astropy.nddata.Cutout2D`.
+
+    Positions are converted to pixels with one vectorised call, boxes are
+    rounded in one vectorised pass that reproduces
+    `astropy.nddata.utils.overlap_slices`, and the pixels of all cutouts are
+    copied by a compiled kernel into one ``(N, ny, nx)`` stack (native byte
+    order, same kind of dtype as ``data``) whenever all cutouts have the same
+    shape. Per-source `Cutout2D` objects, and their WCS, are built only when
+    asked for.
+
+    Parameters
+    ----------
+    data : `~numpy.ndarray`, `~astropy.io.fits.Section` or `~astropy.io.fits.CompImageSection`
+        The 2D image, any numeric dtype, native or big-endian, memory-mapped
+        or not.
+    positions : `~astropy.coordinates.SkyCoord`, array-like of shape ``(N, 2)`` or list of tuple
+        The cutout centres: a `~astropy.coordinates.SkyCoord` array (needs
+        ``wcs``) or ``(x, y)`` pixel positions.
+    size : int, array-like or `~astropy.units.Quantity`
+        One size for all cutouts, as `~astropy.nddata.Cutout2D` takes it, or
+        N sizes of shape ``(N,)`` (square) or ``(N, 2)`` (``(ny, nx)``), in
+        pixels or angular units. A length-2 sequence is one ``(ny, nx)``.
+    wcs : `~astropy.wcs.WCS`, optional
+        The WCS of ``data``.
+    mode : {'trim', 'partial', 'strict'}, optional
+        As in `~astropy.nddata.Cutout2D`.
+    fill_value : float or int, optional
+        Value of pixels outside ``data`` in ``'partial'`` mode.
+    copy : bool, optional
+        If `False` (default), ``b[i].data`` is a view: a row of the stack,
+        or (when shapes differ) a view into ``data`` where astropy's would
+        be. If `True`, each ``b[i].data`` is an independent copy.
+    limit_rounding_method : callable, optional
+        Rounding of the box limits, `numpy.ceil` by default.
+    errors : {'raise', 'mask'}, optional
+        With ``'raise'`` (default) the first source astropy would refuse
+        raises astropy's exception type, naming its index. With ``'mask'``
+        such sources are kept, filled with ``fill_value`` (or 0 for integer
+        data), and flagged in `status`; ``b[i]`` raises for them.
+    n_threads : int, optional
+        Threads running the copy kernel (default 1).
+
+    Attributes
+    ----------
+    positions : `~numpy.ndarray`, shape ``(N, 2)``
+        ``(x, y)`` pixel positions (unrounded).
+    shapes : `~numpy.ndarray`, shape ``(N, 2)``
+        Requested ``(ny, nx)`` of each cutout.
+    status : `~numpy.ndarray` of int8, shape ``(N,)``
+        0 = ok, 1 = non-finite position, 2 = no overlap, 3 = partial overlap
+        in ``'strict'`` mode (only with ``errors='mask'``).
+    partial : `~numpy.ndarray` of bool, shape ``(N,)``
+        Cutouts that overlap the edge of ``data`` (filled or trimmed).
+
+    Raises
+    ------
+    ValueError, NoOverlapError, PartialOverlapError
+        As `~astropy.nddata.Cutout2D` would for the first failing source,
+        with ``errors='raise'``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from cutana import BatchCutout2D
+    >>> data = np.arange(100.0).reshape(10, 10)
+    >>> batch = BatchCutout2D(data, [(2, 2), (7, 5)], 3)
+    >>> len(batch), batch.data.shape
+    (2, (2, 3, 3))
+    >>> print(batch[1].data)
+    [[46. 47. 48.]
+     [56. 57. 58.]
+     [66. 67. 68.]]
+    """
+
+    def __init__(
+        self,
+        data,
+        positions,
+        size,
+        wcs=None,
+        mode="trim",
+        fill_value=np.nan,
+        copy=False,
+        *,
+        limit_rounding_method=np.ceil,
+        errors="raise",
+        n_threads=1,
+    ):
+        if errors not in ("raise", "mask"):
+            msg = f"errors must be 'raise' or 'mask', got {errors!r}"
+            raise ValueError(msg)
+        if mode not in _MODES:
+            msg = "Valid modes are 'partial', 'trim', and 'strict'."
+            raise ValueError(msg)
+        if wcs is None:
+            wcs = getattr(data, "wcs", None)
+        self._is_sky = isinstance(positions, SkyCoord)
+        xy, originals = _positions_to_xy(positions, wcs)
+        n = len(xy)
+        shapes = _sizes_to_shapes(size, n, wcs)
+        if not isinstance(data, (Section, CompImageSection)):
+            data = np.asanyarray(data)
+        if len(data.shape) != 2:
+            msg = f"data must be 2-D, got shape {data.shape}"
+            raise ValueError(msg)
+
+        boxes = compute_boxes(
+            data.shape, shapes, xy[:, ::-1], mode, limit_rounding_method=limit_rounding_method
+        )
+        bad = np.flatnonzero(boxes.code != BOX_OK)
+        if errors == "raise" and len(bad):
+            _raise_for_code(boxes.code[bad[0]], index=int(bad[0]))
+
+        self._source = data
+        self._wcs = wcs
+        self._boxes = boxes
+        self._originals = originals
+        self._fill_value = fill_value
+        self._copy = copy
+        self.mode = mode
+        self.positions = xy
+        self.shapes = shapes
+        self.status = boxes.code.copy()
+        self.partial = boxes.is_partial
+        self._data = self._extract(data, boxes, fill_value, copy, n_threads)
+
+    # -- extraction --------------------------------------------------------
+
+    def _extract(self, data, boxes, fill_value, copy, n_threads):
+        """Build the stack with the kernel, or return `None` when shapes differ."""
+        n = len(boxes)
+        ok = boxes.code == BOX_OK
+        dtype = np.dtype(getattr(data, "dtype", np.float64))
+        native = dtype.newbyteorder("=")
+        if n and ((self.mode == "partial") & self.partial).any():
+            # raises astropy's ValueError (e.g. NaN into an integer array)
+            try:
+                _fill_bytes(fill_value, native)
+            except ValueError as exc:
+                exc.args += (_FILL_DTYPE_MSG,)
+                raise
+        if n == 0:
+            return np.empty((0, 0, 0), dtype=native)
+        shapes = boxes.out_shape[ok] if ok.any() else boxes.shape
+        if not np.all(shapes == shapes[0]):
+            return None
+        shape = tuple(int(v) for v in shapes[0])
+        try:
+            fill = _fill_bytes(fill_value, native)[0]
+        except (ValueError, OverflowError, TypeError):
+            fill = 0
+        if not isinstance(data, np.ndarray):  # lazy sections: read source by source
+            stack = np.full((n,) + shape, fill, dtype=native)
+            for i in np.flatnonzero(ok):
+                large, small = boxes.slices(i)
+                cut = self._cut_one(i, large, small)
+                stack[i] = cut
+            return stack
+        starts = boxes.start if self.mode != "trim" else boxes.large_start
+        starts = np.where(ok[:, None], starts, -(1 << 40))  # failed rows: all fill
+        stack, _ = extract_stack(data, starts, shape, fill, n_threads=n_threads)
+        return stack
+
+    # -- container protocol -------------------------------------------------
+
+    def __len__(self):
+        return len(self.positions)
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
+
+    def __getitem__(self, index):
+        if not isinstance(index, numbers.Integral):
+            msg = f"BatchCutout2D indices must be integers, got {type(index).__name__}"
+            raise TypeError(msg)
+        n = len(self)
+        i = int(index)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            msg = f"index {index} is out of range for {n} cutouts"
+            raise IndexError(msg)
+        _raise_for_code(self.status[i], index=i)
+        large, small = self._boxes.slices(i)
+        if self._data is not None:
+            cut = self._data[i]
+            if self._copy:
+                cut = cut.copy()
+        else:
+            cut = self._cut_one(i, large, small)
+        pos = self._position_of(i)
+        pos_yx = pos[::-1]
+        new_pos = [p - s.start for p, s in zip(pos_yx, large)]
+        full = tuple(int(v) for v in self._boxes.shape[i])
+        if self.mode == "partial" and tuple(e.stop - e.start for e in large) != full:
+            new_pos = [p + s.start for p, s in zip(new_pos, small)]
+        return Cutout2D._from_batch(
+            cut, pos, tuple(new_pos)[::-1], large, small, self._boxes.shape[i].astype(int),
+            self._wcs,
+        )
+
+    def _position_of(self, i):
+        """The position as astropy's Cutout2D would have stored it."""
+        if self._originals is None:
+            return (np.asarray(self.positions[i, 0]), np.asarray(self.positions[i, 1]))
+        pos = self._originals[i]
+        return pos
+
+    def _cut_one(self, i, large, small):
+        """Cut source ``i`` on its own (shapes differ, or lazy sections)."""
+        cut = self._source[large]
+        full = tuple(int(v) for v in self._boxes.shape[i])
+        if self.mode == "partial" and cut.shape != full:
+            arr = np.zeros(full, dtype=cut.dtype)
+            arr[:] = self._fill_value
+            arr[small] = cut
+            return arr
+        return np.copy(cut) if self._copy else cut
+
+    # -- stacked results ------------------------------------------------------
+
+    @property
+    def data(self):
+        """The ``(N, ny, nx)`` stack, or a list of arrays when shapes differ."""
+        if self._data is not None:
+            return self._data
+        out = []
+        for i in range(len(self)):
+            if self.status[i] != BOX_OK:
+                out.append(None)
+            else:
+                large, small = self._boxes.slices(i)
+                out.append(self._cut_one(i, large, small))
+        return out
+
+    @property
+    def shape(self):
+        """Shape of the stack ``(N, ny, nx)``, or `None` when shapes differ."""
+        return None if self._data is None else self._data.shape
+
+    @property
+    def origins_original(self):
+        """``(N, 2)`` array of ``(x, y)`` of each cutout's first pixel in ``data``.
+
+        This is the true origin, including any filled part (negative for
+        cutouts that start before the array).
+        """
+        start = self._boxes.start if self.mode != "trim" else self._boxes.large_start
+        return start[:, ::-1].copy()
+
+    @property
+    def bbox_original(self):
+        """``(N, 2, 2)`` array of ``((ymin, ymax), (xmin, xmax))`` of the valid pixels."""
+        return np.stack([self._boxes.large_start, self._boxes.large_stop - 1], axis=2)
+
+    def cutout_wcs(self, i):
+        """Return the WCS of cutout ``i`` (built on demand).
+
+        Parameters
+        ----------
+        i : int
+            Index of the source.
+
+        Returns
+        -------
+        wcs : `~astropy.wcs.WCS` or None
+            The cutout's WCS, or `None` when no WCS was given.
+        """
+        return self[i].wcs
+
+    def __repr__(self):
+        shape = self.shape
+        desc = f"stack {shape}" if shape is not None else "cutouts of differing shapes"
+        n_bad = int(np.count_nonzero(self.status))
+        return f"<BatchCutout2D: {len(self)} sources, {desc}, mode={self.mode!r}, {n_bad} failed>"
+

@@ -30,6 +30,10 @@ cdef enum:
     _PARTIAL = 1
     _NONE = 2
 
+# Probe the CPU once (a C-level flag, no Python state) so that byte swapping
+# uses the widest vector instructions available.
+cutana_cpu_init()
+
 #: The window lies entirely inside the image.
 OVERLAP_FULL = _FULL
 #: The window overlaps the image only in part; the rest holds the fill value.
@@ -40,6 +44,10 @@ OVERLAP_NONE = _NONE
 
 cdef extern from *:
     """
+    #include <stdint.h>
+    #include <string.h>
+    #include <stddef.h>
+
     #if defined(__GNUC__) || defined(__clang__)
     #define CUTANA_BSWAP16(x) __builtin_bswap16(x)
     #define CUTANA_BSWAP32(x) __builtin_bswap32(x)
@@ -51,37 +59,82 @@ cdef extern from *:
     #define CUTANA_BSWAP64(x) ((((uint64_t)CUTANA_BSWAP32((uint32_t)(x))) << 32) | \
                                (uint64_t)CUTANA_BSWAP32((uint32_t)((x) >> 32)))
     #endif
+
+    /* Byte-swapping copies of n items. The loops are written so that
+       compilers vectorise them; on x86 an AVX2 build of the same loops is
+       chosen at run time when the CPU has it (byte shuffles make the swap
+       as fast as a plain copy). */
+    #define CUTANA_SWAP_LOOP(BITS)                                          \
+        ptrdiff_t k;                                                        \
+        for (k = 0; k < n; k++) {                                           \
+            uint##BITS##_t v;                                               \
+            memcpy(&v, src + k * (BITS / 8), BITS / 8);                     \
+            v = CUTANA_BSWAP##BITS(v);                                      \
+            memcpy(dst + k * (BITS / 8), &v, BITS / 8);                     \
+        }
+
+    static void cutana_swap16_generic(const uint8_t* src, uint8_t* dst, ptrdiff_t n)
+    { CUTANA_SWAP_LOOP(16) }
+    static void cutana_swap32_generic(const uint8_t* src, uint8_t* dst, ptrdiff_t n)
+    { CUTANA_SWAP_LOOP(32) }
+    static void cutana_swap64_generic(const uint8_t* src, uint8_t* dst, ptrdiff_t n)
+    { CUTANA_SWAP_LOOP(64) }
+
+    #if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+    #define CUTANA_X86_DISPATCH 1
+    __attribute__((target("avx2")))
+    static void cutana_swap16_avx2(const uint8_t* src, uint8_t* dst, ptrdiff_t n)
+    { CUTANA_SWAP_LOOP(16) }
+    __attribute__((target("avx2")))
+    static void cutana_swap32_avx2(const uint8_t* src, uint8_t* dst, ptrdiff_t n)
+    { CUTANA_SWAP_LOOP(32) }
+    __attribute__((target("avx2")))
+    static void cutana_swap64_avx2(const uint8_t* src, uint8_t* dst, ptrdiff_t n)
+    { CUTANA_SWAP_LOOP(64) }
+    /* -1: not yet probed; set once, before any kernel runs (see cutana_cpu_init). */
+    static int cutana_has_avx2 = -1;
+    static void cutana_cpu_init(void) {
+        if (cutana_has_avx2 < 0) {
+            __builtin_cpu_init();
+            cutana_has_avx2 = __builtin_cpu_supports("avx2") ? 1 : 0;
+        }
+    }
+    #define CUTANA_PICK(BITS)                                               \
+        if (cutana_has_avx2 > 0) { cutana_swap##BITS##_avx2(src, dst, n); } \
+        else { cutana_swap##BITS##_generic(src, dst, n); }
+    #else
+    static void cutana_cpu_init(void) {}
+    #define CUTANA_PICK(BITS) cutana_swap##BITS##_generic(src, dst, n);
+    #endif
+
+    static inline void cutana_swap16(const uint8_t* src, uint8_t* dst, ptrdiff_t n)
+    { CUTANA_PICK(16) }
+    static inline void cutana_swap32(const uint8_t* src, uint8_t* dst, ptrdiff_t n)
+    { CUTANA_PICK(32) }
+    static inline void cutana_swap64(const uint8_t* src, uint8_t* dst, ptrdiff_t n)
+    { CUTANA_PICK(64) }
     """
     uint16_t CUTANA_BSWAP16(uint16_t x) nogil
     uint32_t CUTANA_BSWAP32(uint32_t x) nogil
     uint64_t CUTANA_BSWAP64(uint64_t x) nogil
+    void cutana_cpu_init() nogil
+    void cutana_swap16(const uint8_t* src, uint8_t* dst, Py_ssize_t n) noexcept nogil
+    void cutana_swap32(const uint8_t* src, uint8_t* dst, Py_ssize_t n) noexcept nogil
+    void cutana_swap64(const uint8_t* src, uint8_t* dst, Py_ssize_t n) noexcept nogil
 
 
 cdef inline void _copy_row(
     const uint8_t* src, uint8_t* dst, Py_ssize_t n_items, int itemsize, bint swap
 ) noexcept nogil:
     """Copy ``n_items`` items of ``itemsize`` bytes, swapping byte order if asked."""
-    cdef Py_ssize_t k
-    cdef uint16_t v16
-    cdef uint32_t v32
-    cdef uint64_t v64
     if not swap or itemsize == 1:
         memcpy(dst, src, n_items * itemsize)
     elif itemsize == 4:
-        for k in range(n_items):
-            memcpy(&v32, src + 4 * k, 4)
-            v32 = CUTANA_BSWAP32(v32)
-            memcpy(dst + 4 * k, &v32, 4)
+        cutana_swap32(src, dst, n_items)
     elif itemsize == 8:
-        for k in range(n_items):
-            memcpy(&v64, src + 8 * k, 8)
-            v64 = CUTANA_BSWAP64(v64)
-            memcpy(dst + 8 * k, &v64, 8)
+        cutana_swap64(src, dst, n_items)
     elif itemsize == 2:
-        for k in range(n_items):
-            memcpy(&v16, src + 2 * k, 2)
-            v16 = CUTANA_BSWAP16(v16)
-            memcpy(dst + 2 * k, &v16, 2)
+        cutana_swap16(src, dst, n_items)
 
 
 cdef inline void _fill(
@@ -93,10 +146,24 @@ cdef inline void _fill(
         memcpy(dst + k * itemsize, fill, itemsize)
 
 
-cdef int _extract_one(
-    const uint8_t[:, ::1] src,
+cdef inline void _copy_row_strided(
+    const uint8_t* src, Py_ssize_t src_stride, uint8_t* dst, Py_ssize_t n_items,
+    int itemsize, bint swap
+) noexcept nogil:
+    """Like `_copy_row`, for source items ``src_stride`` bytes apart."""
+    cdef Py_ssize_t k
+    if src_stride == itemsize:
+        _copy_row(src, dst, n_items, itemsize, swap)
+        return
+    for k in range(n_items):
+        _copy_row(src + k * src_stride, dst + k * itemsize, 1, itemsize, swap)
+
+
+cdef int _extract_one_strided(
+    const uint8_t[:, :] src,
     Py_ssize_t src_ny,
     Py_ssize_t src_nx,
+    Py_ssize_t src_col_stride,
     int64_t y0,
     int64_t x0,
     Py_ssize_t ny,
@@ -109,7 +176,8 @@ cdef int _extract_one(
 ) noexcept nogil:
     """Copy one ``(ny, nx)`` window whose first pixel is ``(y0, x0)``.
 
-    Returns OVERLAP_FULL, OVERLAP_PARTIAL or OVERLAP_NONE.
+    Source pixels of one row are ``src_col_stride`` bytes apart. Returns
+    OVERLAP_FULL, OVERLAP_PARTIAL or OVERLAP_NONE.
     """
     cdef Py_ssize_t r, sy, cx0, cx1, n_left, n_mid, n_right
     cdef uint8_t* row
@@ -140,8 +208,8 @@ cdef int _extract_one(
         any_in = True
         if n_left > 0:
             _fill(row, n_left, fill, itemsize)
-        _copy_row(&src[sy, (x0 + cx0) * itemsize], row + cx0 * itemsize,
-                  n_mid, itemsize, swap)
+        _copy_row_strided(&src[sy, (x0 + cx0) * src_col_stride], src_col_stride,
+                          row + cx0 * itemsize, n_mid, itemsize, swap)
         if n_right > 0:
             _fill(row + cx1 * itemsize, n_right, fill, itemsize)
 
@@ -154,22 +222,48 @@ cdef int _extract_one(
     return _NONE
 
 
+cdef int _extract_one(
+    const uint8_t[:, :] src,
+    Py_ssize_t src_ny,
+    Py_ssize_t src_nx,
+    int64_t y0,
+    int64_t x0,
+    Py_ssize_t ny,
+    Py_ssize_t nx,
+    uint8_t* dst,
+    Py_ssize_t dst_row_stride,
+    const uint8_t* fill,
+    int itemsize,
+    bint swap,
+) noexcept nogil:
+    """Copy one ``(ny, nx)`` window of an image with contiguous rows.
+
+    Returns OVERLAP_FULL, OVERLAP_PARTIAL or OVERLAP_NONE.
+    """
+    return _extract_one_strided(src, src_ny, src_nx, itemsize, y0, x0, ny, nx,
+                                dst, dst_row_stride, fill, itemsize, swap)
+
+
 def extract_windows(
-    const uint8_t[:, ::1] src,
+    const uint8_t[:, :] src,
     Py_ssize_t src_nx,
     int itemsize,
     bint swap,
     const int64_t[:, ::1] corners,
     uint8_t[:, :, ::1] out,
     const uint8_t[::1] fill,
+    Py_ssize_t col_stride=-1,
+    const int64_t[::1] order=None,
 ):
     """Copy N windows of one shape out of a 2-D image, as raw bytes.
 
     Parameters
     ----------
-    src : memoryview of uint8, shape ``(src_ny, src_nx * itemsize)``
-        The image seen as bytes; rows may be strided, items within a row
-        must be contiguous. Read-only buffers (memory maps) are accepted.
+    src : memoryview of uint8, shape ``(src_ny, (src_nx - 1) * col_stride + itemsize)``
+        The image seen as bytes; rows may be any distance apart (also
+        negative), and the bytes of one row from its first to its last item
+        must be contiguous (items may be ``col_stride`` bytes apart).
+        Read-only buffers (memory maps) are accepted.
     src_nx : int
         Number of pixels per image row.
     itemsize : int
@@ -184,6 +278,14 @@ def extract_windows(
         Caller-allocated output, seen as bytes.
     fill : memoryview of uint8, shape ``(itemsize,)``
         The fill value's bytes in the output's byte order.
+    col_stride : int, optional
+        Bytes from one item of a row to the next, ``>= 0``; the default
+        (-1) means ``itemsize`` (contiguous rows).
+    order : memoryview of int64, shape ``(N,)``, optional
+        The order in which to process the windows (a permutation of
+        ``range(N)``); window ``order[k]`` is written to ``out[order[k]]``.
+        Visiting windows sorted by position keeps the reads of neighbouring
+        windows close in memory, which matters for large tiles.
 
     Returns
     -------
@@ -194,8 +296,9 @@ def extract_windows(
     cdef Py_ssize_t ny = out.shape[1]
     cdef Py_ssize_t nx
     cdef Py_ssize_t src_ny = src.shape[0]
-    cdef Py_ssize_t i
+    cdef Py_ssize_t i, k
     cdef Py_ssize_t row_stride
+    cdef bint has_order = order is not None
     if itemsize not in (1, 2, 4, 8):
         msg = f"itemsize must be 1, 2, 4 or 8, got {itemsize}"
         raise ValueError(msg)
@@ -208,9 +311,28 @@ def extract_windows(
     if fill.shape[0] != itemsize:
         msg = f"fill must have {itemsize} bytes, got {fill.shape[0]}"
         raise ValueError(msg)
-    if src.shape[1] != src_nx * itemsize:
-        msg = "src_nx * itemsize does not match the image row length in bytes"
+    if src.shape[1] > 0 and src.strides[1] != 1:
+        msg = "the bytes of each image row must be contiguous (src.strides[1] == 1)"
         raise ValueError(msg)
+    if col_stride == -1:
+        col_stride = itemsize
+    if col_stride < 0:
+        msg = f"col_stride must be >= 0 (or -1 for itemsize), got {col_stride}"
+        raise ValueError(msg)
+    if src_nx > 0 and src.shape[1] != (src_nx - 1) * col_stride + itemsize:
+        msg = "src_nx, col_stride and itemsize do not match the image row length in bytes"
+        raise ValueError(msg)
+    if src_nx == 0 and src.shape[1] != 0:
+        msg = "src_nx is 0 but the image rows are not empty"
+        raise ValueError(msg)
+    if has_order:
+        if order.shape[0] != n:
+            msg = f"order has {order.shape[0]} entries but corners has {n}"
+            raise ValueError(msg)
+        for k in range(n):
+            if order[k] < 0 or order[k] >= n:
+                msg = f"order[{k}] = {order[k]} is not a window index in [0, {n})"
+                raise ValueError(msg)
     nx = out.shape[2] // itemsize
     overlap = np.zeros(n, dtype=np.int8)
     cdef signed char[::1] ov = overlap
@@ -218,10 +340,12 @@ def extract_windows(
     if n == 0:
         return overlap
     with nogil:
-        for i in range(n):
-            ov[i] = <signed char> _extract_one(
-                src, src_ny, src_nx, corners[i, 0], corners[i, 1], ny, nx,
+        for k in range(n):
+            i = order[k] if has_order else k
+            ov[i] = <signed char> _extract_one_strided(
+                src, src_ny, src_nx, col_stride, corners[i, 0], corners[i, 1], ny, nx,
                 &out[i, 0, 0] if ny > 0 and nx > 0 else <uint8_t*> NULL,
                 row_stride, &fill[0], itemsize, swap,
             )
     return overlap
+include "_resample.pxi"

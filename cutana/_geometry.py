@@ -23,6 +23,7 @@ __all__ = [
     "BOX_OK",
     "BOX_NONFINITE",
     "BOX_NO_OVERLAP",
+    "BOX_OVERFLOW",
     "BOX_PARTIAL",
     "Boxes",
     "compute_boxes",
@@ -38,6 +39,14 @@ BOX_NO_OVERLAP = 2
 #: ``strict`` mode and the box leaves the image
 #: (astropy raises `~astropy.nddata.PartialOverlapError`).
 BOX_PARTIAL = 3
+#: The rounded box limit does not fit in a 64-bit integer (the position is
+#: astronomically far from the image; astropy raises `OverflowError`).
+BOX_OVERFLOW = 4
+
+# Rounded limits are kept within +-2**62 so that ``start + size`` never
+# overflows; anything that far out has no overlap with any image.
+_LIMIT = float(2**62)
+_INT64_RANGE = (-(2.0**63), 2.0**63)
 
 _MODES = ("partial", "trim", "strict")
 
@@ -73,7 +82,8 @@ class Boxes:
         ``slices_small``: where that part sits in the cutout (for ``trim``,
         from 0 to the trimmed size).
     code : `~numpy.ndarray`, shape ``(N,)``, int8
-        ``BOX_OK``, ``BOX_NONFINITE``, ``BOX_NO_OVERLAP`` or ``BOX_PARTIAL``.
+        ``BOX_OK``, ``BOX_NONFINITE``, ``BOX_NO_OVERLAP``, ``BOX_PARTIAL``
+        or ``BOX_OVERFLOW``.
         Slices of sources whose code is not ``BOX_OK`` are meaningless.
     mode : str
         The mode the boxes were computed for.
@@ -129,7 +139,7 @@ class Boxes:
     _large: tuple = (0, 0)
 
 
-def round_limits(values, limit_rounding_method=np.ceil):
+def round_limits(values, limit_rounding_method=np.ceil, *, return_overflow=False):
     """Round box limits with ``limit_rounding_method`` exactly as astropy does.
 
     Parameters
@@ -139,11 +149,17 @@ def round_limits(values, limit_rounding_method=np.ceil):
     limit_rounding_method : callable, optional
         Rounding applied to each value; numpy and `math` rounding functions
         are applied vectorised, any other callable element by element.
+    return_overflow : bool, optional
+        If `True`, also return a mask of the values whose rounded value
+        does not fit in a 64-bit integer (astropy raises `OverflowError`
+        for them); their rounded value is clipped.
 
     Returns
     -------
     rounded : `~numpy.ndarray` of int64
-        The rounded values.
+        The rounded values, clipped to ``[-2**62, 2**62]``.
+    overflow : `~numpy.ndarray` of bool
+        Only if ``return_overflow`` is `True`.
 
     Raises
     ------
@@ -160,15 +176,27 @@ def round_limits(values, limit_rounding_method=np.ceil):
         vector = None
     try:
         if vector is not None:
-            return vector(values).astype(np.int64)
-        flat = [int(limit_rounding_method(v)) for v in values.ravel()]
+            rounded = vector(values)
+            overflow = ~((rounded >= _INT64_RANGE[0]) & (rounded < _INT64_RANGE[1]))
+            result = np.clip(rounded, -_LIMIT, _LIMIT).astype(np.int64)
+        else:
+            flat = [int(limit_rounding_method(v)) for v in values.ravel()]
+            overflow = np.array(
+                [not (-(2**63) <= v < 2**63) for v in flat], dtype=bool
+            ).reshape(values.shape)
+            limit = int(_LIMIT)
+            result = np.array(
+                [min(max(v, -limit), limit) for v in flat], dtype=np.int64
+            ).reshape(values.shape)
     except (TypeError, ValueError) as exc:
         msg = (
             "Limit rounding method must accept a single number as input and "
             "return a single number."
         )
         raise ValueError(msg) from exc
-    return np.array(flat, dtype=np.int64).reshape(values.shape)
+    if return_overflow:
+        return result, overflow
+    return result
 
 
 def compute_boxes(
@@ -212,7 +240,9 @@ def compute_boxes(
 
     finite = np.isfinite(pos).all(axis=1)
     safe = np.where(finite[:, None], pos, 0.0)
-    start = round_limits(safe - shp / 2.0, limit_rounding_method)
+    start, overflow = round_limits(
+        safe - shp / 2.0, limit_rounding_method, return_overflow=True
+    )
     stop = start + shp
 
     zero_size = (shp == 0).all(axis=1)
@@ -224,6 +254,7 @@ def compute_boxes(
     if mode == "strict":
         code[outside] = BOX_PARTIAL
     code[no_overlap] = BOX_NO_OVERLAP
+    code[overflow.any(axis=1)] = BOX_OVERFLOW
     code[~finite] = BOX_NONFINITE
 
     large_start = np.maximum(start, 0)

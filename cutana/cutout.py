@@ -32,7 +32,9 @@ from ._geometry import (
     BOX_NO_OVERLAP,
     BOX_NONFINITE,
     BOX_OK,
+    BOX_OVERFLOW,
     BOX_PARTIAL,
+    _VECTOR_ROUNDING,
     compute_boxes,
 )
 
@@ -46,6 +48,19 @@ __all__ = [
 ]
 
 _MODES = ("partial", "trim", "strict")
+
+# Per-source codes beyond those of _geometry, for failures that astropy's
+# Cutout2D raises although overlap_slices accepts the box.
+#: A (0, 0) cutout whose box starts at pixel 0 on some axis: astropy's second
+#: ``overlap_slices`` call (with the size as an array) raises ValueError.
+_BOX_ZERO_SIZE_EDGE = 5
+#: ``'partial'`` mode needs filling and ``fill_value`` does not fit the dtype.
+_BOX_BAD_FILL = 6
+
+# Positions this close (in pixels) to a rounding boundary are recomputed per
+# source when the WCS has distortions (see `BatchCutout2D`).
+_BOUNDARY_TOL = 1e-6
+
 _FILL_DTYPE_MSG = (
     "fill_value is inconsistent with the data type of the input array (e.g., "
     "fill_value cannot be set to np.nan if the input array has integer type). "
@@ -105,6 +120,11 @@ def _sizes_to_shapes(size, n, wcs):
     """
     if np.isscalar(size) or (isinstance(size, u.Quantity) and size.ndim == 0):
         return np.broadcast_to(_size_to_shape(size, wcs), (n, 2)).astype(np.int64)
+    if isinstance(size, (list, tuple)) and any(isinstance(s, u.Quantity) for s in size):
+        if len(size) <= 2 and not (len(size) == n and n != 2):
+            # one astropy size, possibly mixing numbers and Quantities
+            return np.broadcast_to(_size_to_shape(size, wcs), (n, 2)).astype(np.int64)
+        size = u.Quantity(size)
     if isinstance(size, u.Quantity):
         arr = size
     else:
@@ -246,7 +266,13 @@ def cutout_wcs(wcs, origin_xy, shape, out_shape=None):
 
 
 def _byte_view(data):
-    """A 2-D uint8 view of ``data`` for the kernel (no copy unless rows are strided)."""
+    """A 2-D uint8 view of ``data`` for the kernel, without copying it.
+
+    Returns ``(src_bytes, arr, col_stride)``: the rows of ``arr`` seen as
+    bytes, from each row's first to its last item, and the distance in bytes
+    between items of a row. Only an array whose items run backwards along a
+    row (negative column stride) is copied, to a C-contiguous array.
+    """
     arr = np.asarray(data)
     if arr.ndim != 2:
         msg = f"data must be a 2-D array, got {arr.ndim} dimensions"
@@ -254,11 +280,23 @@ def _byte_view(data):
     if arr.dtype.kind not in "biuf" or arr.dtype.itemsize not in (1, 2, 4, 8):
         msg = f"data has an unsupported dtype {arr.dtype}; use a numeric dtype"
         raise TypeError(msg)
-    if arr.shape[1] > 0 and arr.strides[1] != arr.dtype.itemsize:
-        arr = np.ascontiguousarray(arr)  # items inside a row must be adjacent
+    itemsize = arr.dtype.itemsize
+    ny, nx = arr.shape
     if arr.size == 0:
-        return np.zeros((arr.shape[0], arr.shape[1] * arr.dtype.itemsize), np.uint8), arr
-    return arr.view(np.uint8), arr
+        return np.zeros((ny, nx * itemsize), np.uint8), arr, itemsize
+    col_stride = arr.strides[1] if nx > 1 else itemsize
+    if col_stride == itemsize:
+        return arr.view(np.uint8), arr, itemsize
+    if col_stride < 0:
+        arr = np.ascontiguousarray(arr)
+        return arr.view(np.uint8), arr, itemsize
+    # items are col_stride bytes apart: view each row's byte span
+    first = arr[:1, :1].view(np.uint8)
+    span = (nx - 1) * col_stride + itemsize
+    src = np.lib.stride_tricks.as_strided(
+        first, shape=(ny, span), strides=(arr.strides[0], 1), writeable=False
+    )
+    return src, arr, col_stride
 
 
 def extract_stack(data, starts, shape, fill_value=0, *, dtype=None, out=None, n_threads=1):
@@ -312,10 +350,14 @@ def extract_stack(data, starts, shape, fill_value=0, *, dtype=None, out=None, n_
     >>> overlap
     array([0, 1], dtype=int8)
     """
-    if not isinstance(n_threads, numbers.Integral) or n_threads < 1:
+    if (
+        not isinstance(n_threads, numbers.Integral)
+        or isinstance(n_threads, bool)
+        or n_threads < 1
+    ):
         msg = f"n_threads must be a positive integer, got {n_threads!r}"
         raise ValueError(msg)
-    src_bytes, arr = _byte_view(data)
+    src_bytes, arr, col_stride = _byte_view(data)
     native = arr.dtype.newbyteorder("=")
     out_dtype = native if dtype is None else np.dtype(dtype)
     starts = np.ascontiguousarray(starts, dtype=np.int64).reshape(-1, 2)
@@ -337,7 +379,8 @@ def extract_stack(data, starts, shape, fill_value=0, *, dtype=None, out=None, n_
         if direct:
             target = out[lo:hi].view(np.uint8).reshape(hi - lo, ny, nx * itemsize)
             return _extract.extract_windows(
-                src_bytes, arr.shape[1], itemsize, swap, starts[lo:hi], target, fill
+                src_bytes, arr.shape[1], itemsize, swap, starts[lo:hi], target, fill,
+                col_stride,
             )
         # convert in chunks small enough to stay in cache
         ov = np.empty(hi - lo, dtype=np.int8)
@@ -348,7 +391,7 @@ def extract_stack(data, starts, shape, fill_value=0, *, dtype=None, out=None, n_
             t = tmp[: b - a]
             ov[a - lo : b - lo] = _extract.extract_windows(
                 src_bytes, arr.shape[1], itemsize, swap, starts[a:b],
-                t.view(np.uint8).reshape(b - a, ny, nx * itemsize), fill,
+                t.view(np.uint8).reshape(b - a, ny, nx * itemsize), fill, col_stride,
             )
             out[a:b] = t
             filled = ov[a - lo : b - lo] != _extract.OVERLAP_FULL
@@ -408,6 +451,26 @@ def _raise_for_code(code, index=None):
     if code == BOX_PARTIAL:
         msg = f"{prefix}Arrays overlap only partially."
         raise PartialOverlapError(msg)
+    if code == BOX_OVERFLOW:
+        msg = f"{prefix}Python int too large to convert to C long (position too far out)"
+        raise OverflowError(msg)
+    if code == _BOX_ZERO_SIZE_EDGE:
+        msg = (
+            f"{prefix}a cutout of size (0, 0) whose box starts at pixel 0 is "
+            "refused by astropy.nddata.Cutout2D with a ValueError; cutana does the same"
+        )
+        raise ValueError(msg)
+
+
+def _zero_size_edge(boxes):
+    """Mask of boxes astropy's Cutout2D refuses although overlap_slices accepts them.
+
+    `astropy.nddata.Cutout2D` calls ``overlap_slices`` a second time with the
+    size as an array; for a ``(0, 0)`` size whose (empty) box ends at index 0
+    on some axis, that call fails with a ValueError.
+    """
+    stop = boxes.start + boxes.shape
+    return (boxes.code == BOX_OK) & (boxes.shape == 0).all(axis=1) & (stop == 0).any(axis=1)
 
 
 class _LazyWCS:
@@ -547,6 +610,8 @@ class Cutout2D(_AstropyCutout2D):
             limit_rounding_method=limit_rounding_method,
         )
         _raise_for_code(boxes.code[0])
+        if _zero_size_edge(boxes)[0]:
+            _raise_for_code(_BOX_ZERO_SIZE_EDGE)
         slices_large, slices_small = boxes.slices(0)
 
         cutout = data[slices_large]
@@ -620,6 +685,48 @@ class Cutout2D(_AstropyCutout2D):
 # --------------------------------------------------------------------------
 
 
+def _has_distortion(wcs):
+    """Whether pixel positions from ``wcs`` come from an iterative solution."""
+    return bool(getattr(wcs, "has_distortion", False))
+
+
+def _refine_sky_positions(xy, sky, wcs, shapes, limit_rounding_method):
+    """Recompute, source by source, positions that sit on a rounding boundary.
+
+    For a WCS with distortions, ``all_world2pix`` solves iteratively over all
+    points at once, so a vectorised call can differ in the last bits from
+    astropy's per-source call. That only matters where a box limit
+    ``position - size / 2`` lies within `_BOUNDARY_TOL` of a rounding
+    boundary (a multiple of 0.5 covers ceil, floor, trunc and round); those
+    few positions are recomputed exactly as astropy computes them. For a
+    custom rounding callable every position is recomputed.
+    """
+    try:
+        known = _VECTOR_ROUNDING.get(limit_rounding_method) is not None
+    except TypeError:  # unhashable callable
+        known = False
+    if known:
+        limits = 2.0 * (xy - shapes[:, ::-1] / 2.0)
+        dist = np.abs(limits - np.round(limits))
+        near = ~np.isfinite(limits).all(axis=1) | (dist < 2 * _BOUNDARY_TOL).any(axis=1)
+        rows = np.flatnonzero(near)
+    else:
+        rows = np.arange(len(xy))
+    for i in rows:
+        xp, yp = skycoord_to_pixel(sky[i], wcs, mode="all")
+        xy[i] = (float(xp), float(yp))
+
+
+def _kernel_supports(data):
+    """Whether the compiled kernel can cut ``data`` (else: per-source cuts)."""
+    return (
+        isinstance(data, np.ndarray)
+        and not isinstance(data, np.ma.MaskedArray)
+        and data.dtype.kind in "biuf"
+        and data.dtype.itemsize in (1, 2, 4, 8)
+    )
+
+
 class BatchCutout2D:
     """
     Many cutouts from one 2D array at once, each equal to astropy's `~astropy.nddata.Cutout2D`.
@@ -671,16 +778,20 @@ class BatchCutout2D:
     shapes : `~numpy.ndarray`, shape ``(N, 2)``
         Requested ``(ny, nx)`` of each cutout.
     status : `~numpy.ndarray` of int8, shape ``(N,)``
-        0 = ok, 1 = non-finite position, 2 = no overlap, 3 = partial overlap
-        in ``'strict'`` mode (only with ``errors='mask'``).
+        0 = ok; otherwise the reason astropy's `~astropy.nddata.Cutout2D`
+        refuses the source (only with ``errors='mask'``): 1 = non-finite
+        position, 2 = no overlap, 3 = partial overlap in ``'strict'`` mode,
+        4 = position too far out for 64-bit integers, 5 = a ``(0, 0)`` size
+        at index 0, 6 = ``fill_value`` does not fit the dtype where filling
+        is needed.
     partial : `~numpy.ndarray` of bool, shape ``(N,)``
         Cutouts that overlap the edge of ``data`` (filled or trimmed).
 
     Raises
     ------
-    ValueError, NoOverlapError, PartialOverlapError
+    ValueError, OverflowError, NoOverlapError, PartialOverlapError
         As `~astropy.nddata.Cutout2D` would for the first failing source,
-        with ``errors='raise'``.
+        with ``errors='raise'``; the message names the source's index.
 
     Examples
     --------
@@ -718,7 +829,7 @@ class BatchCutout2D:
             raise ValueError(msg)
         if wcs is None:
             wcs = getattr(data, "wcs", None)
-        self._is_sky = isinstance(positions, SkyCoord)
+        self._sky = positions if isinstance(positions, SkyCoord) else None
         xy, originals = _positions_to_xy(positions, wcs)
         n = len(xy)
         shapes = _sizes_to_shapes(size, n, wcs)
@@ -727,13 +838,43 @@ class BatchCutout2D:
         if len(data.shape) != 2:
             msg = f"data must be 2-D, got shape {data.shape}"
             raise ValueError(msg)
+        # per-source pixel positions, exactly as astropy's per-source call
+        # computes them, where a last-bit difference could change a box
+        self._exact_sky = self._sky is not None and _has_distortion(wcs)
+        if self._exact_sky and n:
+            _refine_sky_positions(xy, self._sky, wcs, shapes, limit_rounding_method)
 
         boxes = compute_boxes(
             data.shape, shapes, xy[:, ::-1], mode, limit_rounding_method=limit_rounding_method
         )
-        bad = np.flatnonzero(boxes.code != BOX_OK)
+        status = boxes.code.copy()
+        status[_zero_size_edge(boxes)] = _BOX_ZERO_SIZE_EDGE
+
+        # the fill value, converted as astropy converts it when filling
+        dtype = np.dtype(getattr(data, "dtype", np.float64))
+        native = dtype.newbyteorder("=")
+        self._fill_error = None
+        fill = None
+        needs_fill = (status == BOX_OK) & boxes.is_partial if mode == "partial" else None
+        if needs_fill is not None and needs_fill.any():
+            try:
+                fill = _fill_bytes(fill_value, native)[0]
+            except ValueError as exc:
+                exc.args += (_FILL_DTYPE_MSG,)
+                self._fill_error = exc
+            except (OverflowError, TypeError) as exc:
+                self._fill_error = exc
+            if self._fill_error is not None:
+                status[needs_fill] = _BOX_BAD_FILL
+        if fill is None:
+            try:
+                fill = _fill_bytes(fill_value, native)[0]
+            except (ValueError, OverflowError, TypeError):
+                fill = 0
+
+        bad = np.flatnonzero(status != BOX_OK)
         if errors == "raise" and len(bad):
-            _raise_for_code(boxes.code[bad[0]], index=int(bad[0]))
+            self._raise_for(int(bad[0]), status[bad[0]])
 
         self._source = data
         self._wcs = wcs
@@ -744,40 +885,39 @@ class BatchCutout2D:
         self.mode = mode
         self.positions = xy
         self.shapes = shapes
-        self.status = boxes.code.copy()
+        self.status = status
         self.partial = boxes.is_partial
-        self._data = self._extract(data, boxes, fill_value, copy, n_threads)
+        self._data = self._extract(data, boxes, fill, n_threads)
+
+    def _raise_for(self, i, code):
+        """Raise astropy's exception for source ``i``, naming the index."""
+        if code == _BOX_BAD_FILL:
+            exc = self._fill_error
+            args = (f"source {i}: {exc.args[0] if exc.args else exc}", *exc.args[1:])
+            raise type(exc)(*args) from exc
+        _raise_for_code(code, index=i)
 
     # -- extraction --------------------------------------------------------
 
-    def _extract(self, data, boxes, fill_value, copy, n_threads):
+    def _extract(self, data, boxes, fill, n_threads):
         """Build the stack with the kernel, or return `None` when shapes differ."""
         n = len(boxes)
-        ok = boxes.code == BOX_OK
-        dtype = np.dtype(getattr(data, "dtype", np.float64))
-        native = dtype.newbyteorder("=")
-        if n and ((self.mode == "partial") & self.partial).any():
-            # raises astropy's ValueError (e.g. NaN into an integer array)
-            try:
-                _fill_bytes(fill_value, native)
-            except ValueError as exc:
-                exc.args += (_FILL_DTYPE_MSG,)
-                raise
+        ok = self.status == BOX_OK
+        native = np.dtype(getattr(data, "dtype", np.float64)).newbyteorder("=")
         if n == 0:
             return np.empty((0, 0, 0), dtype=native)
         shapes = boxes.out_shape[ok] if ok.any() else boxes.shape
         if not np.all(shapes == shapes[0]):
             return None
         shape = tuple(int(v) for v in shapes[0])
-        try:
-            fill = _fill_bytes(fill_value, native)[0]
-        except (ValueError, OverflowError, TypeError):
-            fill = 0
-        if not isinstance(data, np.ndarray):  # lazy sections: read source by source
-            stack = np.full((n,) + shape, fill, dtype=native)
-            for i in np.flatnonzero(ok):
-                large, small = boxes.slices(i)
-                cut = self._cut_one(i, large, small)
+        if not _kernel_supports(data):
+            # lazy sections and exotic arrays: cut source by source, as astropy
+            cuts = {int(i): self._cut_one(int(i), *boxes.slices(i)) for i in np.flatnonzero(ok)}
+            out_dtype = next(iter(cuts.values())).dtype if cuts else native
+            stack = np.empty((n, *shape), dtype=out_dtype.newbyteorder("="))
+            if len(cuts) < n:
+                stack[~ok] = fill
+            for i, cut in cuts.items():
                 stack[i] = cut
             return stack
         starts = boxes.start if self.mode != "trim" else boxes.large_start
@@ -805,7 +945,8 @@ class BatchCutout2D:
         if not 0 <= i < n:
             msg = f"index {index} is out of range for {n} cutouts"
             raise IndexError(msg)
-        _raise_for_code(self.status[i], index=i)
+        if self.status[i] != BOX_OK:
+            self._raise_for(i, self.status[i])
         large, small = self._boxes.slices(i)
         if self._data is not None:
             cut = self._data[i]
@@ -826,10 +967,12 @@ class BatchCutout2D:
 
     def _position_of(self, i):
         """The position as astropy's Cutout2D would have stored it."""
-        if self._originals is None:
+        if self._sky is not None:
+            if self._exact_sky:
+                # astropy's per-source solution of the distortion, bit for bit
+                return skycoord_to_pixel(self._sky[i], self._wcs, mode="all")
             return (np.asarray(self.positions[i, 0]), np.asarray(self.positions[i, 1]))
-        pos = self._originals[i]
-        return pos
+        return self._originals[i]
 
     def _cut_one(self, i, large, small):
         """Cut source ``i`` on its own (shapes differ, or lazy sections)."""

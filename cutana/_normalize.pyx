@@ -1,0 +1,1021 @@
+# Licensed under a 3-clause BSD style license - see LICENSE.rst
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: initializedcheck=False, nonecheck=False
+# cython: freethreading_compatible=True
+"""
+Stretch kernels: per-image display limits, stretch and quantisation.
+
+The kernels work on a C-contiguous stack of images ``(N, H, W)`` of float32
+or float64 (callers reshape ``(N, C, H, W)`` to ``(N * C, H, W)``). For every
+image they compute its display limits over the finite pixels of a region
+(astropy's `~astropy.visualization.PercentileInterval` or
+`~astropy.visualization.ZScaleInterval`, reproduced exactly), scale the image
+to [0, 1] by those limits and clip it, apply a stretch (astropy's linear,
+sqrt, log or asinh) and write float32, uint8 or uint16 directly, quantising
+in the same pass. Non-finite pixels become 0.
+
+Percentiles are found with a selection algorithm (Floyd & Rivest) on a copy
+of the finite pixels, not by sorting, and then interpolated exactly as
+`numpy.percentile` does (method ``'linear'``). For uint8 output of the log
+and asinh stretches a per-image lookup table over the scaled value replaces
+most transcendental function calls; pixels whose code the table cannot
+decide are evaluated directly, so the result is identical to the direct
+evaluation.
+
+All loops run without the GIL and use no global mutable state; scratch
+memory is allocated inside each call. Callers may run the kernels on
+disjoint slices of the stack from several threads at once.
+"""
+
+from cython cimport floating
+from libc.math cimport (
+    asinh, exp, expm1, floor, isfinite, log, log1p, nan, sinh, sqrt,
+)
+from libc.stdint cimport int16_t, int64_t, uint8_t, uint16_t
+from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy
+
+import numpy as np
+
+cdef extern from *:
+    """
+    #include <math.h>
+    #include <stdint.h>
+    #if defined(__SSE2__) || defined(_M_X64)
+    #include <emmintrin.h>
+    #define CUTANA_SSE2 1
+    #else
+    #define CUTANA_SSE2 0
+    #endif
+
+    /* u = clip((x - vmin) * inv, 0, 1), NaN -> 0: the SSE2 min/max
+       instructions return their second operand when either is NaN, and the
+       scalar tail does the same with comparisons. */
+    static inline double cutana_unit1(double x, double vmin, double inv) {
+        double v = (x - vmin) * inv;
+        v = v > 0.0 ? v : 0.0;
+        return v < 1.0 ? v : 1.0;
+    }
+
+    static void cutana_unit_f32(const float* x, Py_ssize_t n, double vmin,
+                                double inv, double* u) {
+        Py_ssize_t k = 0;
+    #if CUTANA_SSE2
+        __m128d vm = _mm_set1_pd(vmin), vi = _mm_set1_pd(inv);
+        __m128d z = _mm_setzero_pd(), one = _mm_set1_pd(1.0);
+        for (; k + 2 <= n; k += 2) {
+            __m128d v = _mm_cvtps_pd(_mm_castsi128_ps(
+                _mm_loadl_epi64((const __m128i*)(x + k))));
+            v = _mm_mul_pd(_mm_sub_pd(v, vm), vi);
+            _mm_storeu_pd(u + k, _mm_min_pd(_mm_max_pd(v, z), one));
+        }
+    #endif
+        for (; k < n; k++) u[k] = cutana_unit1((double)x[k], vmin, inv);
+    }
+
+    static void cutana_unit_f64(const double* x, Py_ssize_t n, double vmin,
+                                double inv, double* u) {
+        Py_ssize_t k = 0;
+    #if CUTANA_SSE2
+        __m128d vm = _mm_set1_pd(vmin), vi = _mm_set1_pd(inv);
+        __m128d z = _mm_setzero_pd(), one = _mm_set1_pd(1.0);
+        for (; k + 2 <= n; k += 2) {
+            __m128d v = _mm_mul_pd(_mm_sub_pd(_mm_loadu_pd(x + k), vm), vi);
+            _mm_storeu_pd(u + k, _mm_min_pd(_mm_max_pd(v, z), one));
+        }
+    #endif
+        for (; k < n; k++) u[k] = cutana_unit1(x[k], vmin, inv);
+    }
+
+    static void cutana_sqrt(double* u, Py_ssize_t n) {
+        Py_ssize_t k = 0;
+    #if CUTANA_SSE2
+        for (; k + 2 <= n; k += 2)
+            _mm_storeu_pd(u + k, _mm_sqrt_pd(_mm_loadu_pd(u + k)));
+    #endif
+        for (; k < n; k++) u[k] = sqrt(u[k]);
+    }
+
+    /* rint(u * q) for u in [0, 1]: adding and subtracting 1.5 * 2**52
+       rounds to the nearest integer, ties to even (default rounding mode). */
+    #define CUTANA_MAGIC 6755399441055744.0
+    static void cutana_quant_u8(const double* u, Py_ssize_t n, uint8_t* out) {
+        for (Py_ssize_t k = 0; k < n; k++) {
+            double v = u[k] * 255.0 + CUTANA_MAGIC;
+            out[k] = (uint8_t)(int)(v - CUTANA_MAGIC);
+        }
+    }
+    static void cutana_quant_u16(const double* u, Py_ssize_t n, uint16_t* out) {
+        for (Py_ssize_t k = 0; k < n; k++) {
+            double v = u[k] * 65535.0 + CUTANA_MAGIC;
+            out[k] = (uint16_t)(int)(v - CUTANA_MAGIC);
+        }
+    }
+    static void cutana_to_f32(const double* u, Py_ssize_t n, float* out) {
+        for (Py_ssize_t k = 0; k < n; k++) out[k] = (float)u[k];
+    }
+    static inline int cutana_quant1(double s, double q) {
+        double v = s * q + CUTANA_MAGIC;
+        return (int)(v - CUTANA_MAGIC);
+    }
+    """
+    double cutana_unit1(double x, double vmin, double inv) nogil
+    void cutana_unit_f32(const float* x, Py_ssize_t n, double vmin, double inv,
+                         double* u) nogil
+    void cutana_unit_f64(const double* x, Py_ssize_t n, double vmin, double inv,
+                         double* u) nogil
+    void cutana_sqrt(double* u, Py_ssize_t n) nogil
+    void cutana_quant_u8(const double* u, Py_ssize_t n, uint8_t* out) nogil
+    void cutana_quant_u16(const double* u, Py_ssize_t n, uint16_t* out) nogil
+    void cutana_to_f32(const double* u, Py_ssize_t n, float* out) nogil
+    int cutana_quant1(double s, double q) nogil
+
+
+__all__ = [
+    "INTERVAL_PERCENTILE",
+    "INTERVAL_ZSCALE",
+    "STRETCH_ASINH",
+    "STRETCH_LINEAR",
+    "STRETCH_LOG",
+    "STRETCH_NONE",
+    "STRETCH_SQRT",
+    "compute_limits",
+    "normalize_stack",
+]
+
+cdef enum:
+    _INTERVAL_PERCENTILE = 0
+    _INTERVAL_ZSCALE = 1
+
+cdef enum:
+    _STRETCH_NONE = 0
+    _STRETCH_LINEAR = 1
+    _STRETCH_SQRT = 2
+    _STRETCH_LOG = 3
+    _STRETCH_ASINH = 4
+
+#: Limits from `~astropy.visualization.PercentileInterval`.
+INTERVAL_PERCENTILE = _INTERVAL_PERCENTILE
+#: Limits from `~astropy.visualization.ZScaleInterval`.
+INTERVAL_ZSCALE = _INTERVAL_ZSCALE
+#: Values passed through unchanged (float output only).
+STRETCH_NONE = _STRETCH_NONE
+#: `~astropy.visualization.LinearStretch`.
+STRETCH_LINEAR = _STRETCH_LINEAR
+#: `~astropy.visualization.SqrtStretch`.
+STRETCH_SQRT = _STRETCH_SQRT
+#: `~astropy.visualization.LogStretch`.
+STRETCH_LOG = _STRETCH_LOG
+#: `~astropy.visualization.AsinhStretch`.
+STRETCH_ASINH = _STRETCH_ASINH
+
+# ZScaleInterval's fixed parameters (astropy's defaults)
+cdef double _ZS_MAX_REJECT = 0.5
+cdef Py_ssize_t _ZS_MIN_NPIXELS = 5
+cdef double _ZS_KREJ = 2.5
+cdef int _ZS_MAX_ITERATIONS = 5
+
+# half-width, in scaled units, of the neighbourhood of a quantisation
+# threshold in which the lookup table defers to direct evaluation
+cdef double _LUT_EPS = 1e-9
+
+ctypedef fused out_t:
+    float
+    uint8_t
+    uint16_t
+
+
+# --------------------------------------------------------------------------
+# selection and percentiles
+# --------------------------------------------------------------------------
+
+
+cdef void _select(
+    floating* a, Py_ssize_t left, Py_ssize_t right, Py_ssize_t k
+) noexcept nogil:
+    """Floyd-Rivest selection: afterwards ``a[k]`` is the k-th smallest of
+    ``a[left:right + 1]``, with no larger value before it and no smaller one
+    after it (within that range)."""
+    cdef Py_ssize_t n, i, j, new_left, new_right
+    cdef double z, s, sd, m, dn
+    cdef floating t, tmp
+    while right > left:
+        if right - left > 600:
+            n = right - left + 1
+            dn = <double> n
+            m = <double> (k - left + 1)
+            z = log(dn)
+            s = 0.5 * exp(2.0 * z / 3.0)
+            sd = 0.5 * sqrt(z * s * (dn - s) / dn)
+            if m - dn / 2.0 < 0:
+                sd = -sd
+            new_left = <Py_ssize_t> floor(k - m * s / dn + sd)
+            new_right = <Py_ssize_t> floor(k + (dn - m) * s / dn + sd)
+            if new_left < left:
+                new_left = left
+            if new_right > right:
+                new_right = right
+            _select(a, new_left, new_right, k)
+        t = a[k]
+        i = left
+        j = right
+        tmp = a[left]; a[left] = a[k]; a[k] = tmp
+        if a[right] > t:
+            tmp = a[left]; a[left] = a[right]; a[right] = tmp
+        while i < j:
+            tmp = a[i]; a[i] = a[j]; a[j] = tmp
+            i += 1
+            j -= 1
+            while a[i] < t:
+                i += 1
+            while a[j] > t:
+                j -= 1
+        if a[left] == t:
+            tmp = a[left]; a[left] = a[j]; a[j] = tmp
+        else:
+            j += 1
+            tmp = a[j]; a[j] = a[right]; a[right] = tmp
+        if j <= k:
+            left = j + 1
+        if k <= j:
+            right = j - 1
+
+
+cdef Py_ssize_t _pair(
+    floating* a, Py_ssize_t left, Py_ssize_t right, Py_ssize_t p,
+    floating* first, floating* second,
+) noexcept nogil:
+    """Order statistics ``p`` and ``p + 1`` (``p + 1 <= right``) of
+    ``a[left:right + 1]``, by one selection and a scan of the shorter side.
+
+    Returns the index at which the range was partitioned.
+    """
+    cdef Py_ssize_t q
+    cdef floating v
+    if p - left < right - p:
+        _select(a, left, right, p + 1)
+        second[0] = a[p + 1]
+        v = a[left]
+        for q in range(left + 1, p + 1):
+            if a[q] > v:
+                v = a[q]
+        first[0] = v
+        return p + 1
+    _select(a, left, right, p)
+    first[0] = a[p]
+    v = a[p + 1]
+    for q in range(p + 2, right + 1):
+        if a[q] < v:
+            v = a[q]
+    second[0] = v
+    return p
+
+
+cdef inline double _lerp(floating lo, floating hi, double gamma) noexcept nogil:
+    """``numpy.percentile``'s interpolation (``_lerp``), with the difference
+    taken in the data's own precision as numpy does."""
+    cdef floating diff = hi - lo
+    if gamma >= 0.5:
+        return <double> hi - <double> diff * (1.0 - gamma)
+    return <double> lo + <double> diff * gamma
+
+
+cdef void _percentiles(
+    floating* a, Py_ssize_t n, double q_lo, double q_hi,
+    double* vmin, double* vmax,
+) noexcept nogil:
+    """The ``q_lo`` and ``q_hi`` quantiles (fractions, ``q_lo <= q_hi``) of
+    ``a[:n]`` (finite, ``n >= 1``; reordered in place), as `numpy.percentile`."""
+    cdef double vi_lo = (n - 1) * q_lo
+    cdef double vi_hi = (n - 1) * q_hi
+    cdef Py_ssize_t p_lo, p_hi, split, q
+    cdef floating a0, a1, b0, b1, v
+    cdef double g_lo, g_hi
+    if n == 1:
+        vmin[0] = a[0]
+        vmax[0] = a[0]
+        return
+    # lower quantile
+    if vi_lo >= n - 1:
+        p_lo = n - 1
+        v = a[0]
+        for q in range(1, n):
+            if a[q] > v:
+                v = a[q]
+        vmin[0] = v
+        vmax[0] = v
+        return
+    p_lo = <Py_ssize_t> floor(vi_lo)
+    g_lo = vi_lo - floor(vi_lo)
+    split = _pair(a, 0, n - 1, p_lo, &a0, &a1)
+    vmin[0] = _lerp(a0, a1, g_lo)
+    # upper quantile: all values after ``split`` are >= a[split]
+    if vi_hi >= n - 1:
+        v = a[split]
+        for q in range(split + 1, n):
+            if a[q] > v:
+                v = a[q]
+        vmax[0] = v
+        return
+    p_hi = <Py_ssize_t> floor(vi_hi)
+    g_hi = vi_hi - floor(vi_hi)
+    if p_hi == p_lo:
+        b0 = a0
+        b1 = a1
+    elif p_hi == split:
+        # split == p_lo + 1, so a[split] is order statistic p_hi
+        b0 = a[split]
+        b1 = a[split + 1]
+        for q in range(split + 2, n):
+            if a[q] < b1:
+                b1 = a[q]
+    else:
+        _pair(a, split + 1, n - 1, p_hi, &b0, &b1)
+    vmax[0] = _lerp(b0, b1, g_hi)
+
+
+cdef inline Py_ssize_t _count_nonfinite(const floating* v, Py_ssize_t n) noexcept nogil:
+    """Number of NaN and infinite values in ``v[:n]`` (a branch-free loop)."""
+    cdef Py_ssize_t k, bad = 0
+    cdef floating d
+    for k in range(n):
+        d = v[k] - v[k]  # 0 for finite values, NaN otherwise
+        bad += d != d
+    return bad
+
+
+cdef Py_ssize_t _gather_finite(
+    const floating* img, Py_ssize_t width, Py_ssize_t r0, Py_ssize_t r1,
+    Py_ssize_t c0, Py_ssize_t c1, floating* buf,
+) noexcept nogil:
+    """Copy the finite pixels of ``img[r0:r1, c0:c1]`` (row-major) to ``buf``."""
+    cdef Py_ssize_t r, c, n = 0, w = c1 - c0
+    cdef const floating* row
+    cdef floating v
+    for r in range(r0, r1):
+        row = img + r * width + c0
+        if _count_nonfinite(row, w) == 0:
+            memcpy(buf + n, row, w * sizeof(floating))
+            n += w
+            continue
+        for c in range(w):
+            v = row[c]
+            buf[n] = v
+            n += isfinite(v)
+    return n
+
+
+# --------------------------------------------------------------------------
+# zscale
+# --------------------------------------------------------------------------
+
+
+cdef void _sift_down(floating* a, Py_ssize_t root, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t child
+    cdef floating tmp
+    while 2 * root + 1 < n:
+        child = 2 * root + 1
+        if child + 1 < n and a[child] < a[child + 1]:
+            child += 1
+        if not a[root] < a[child]:
+            return
+        tmp = a[root]; a[root] = a[child]; a[child] = tmp
+        root = child
+
+
+cdef void _heapsort(floating* a, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t k
+    cdef floating tmp
+    for k in range(n // 2 - 1, -1, -1):
+        _sift_down(a, k, n)
+    for k in range(n - 1, 0, -1):
+        tmp = a[0]; a[0] = a[k]; a[k] = tmp
+        _sift_down(a, 0, k)
+
+
+cdef void _sort(floating* a, Py_ssize_t n, int depth) noexcept nogil:
+    """Sort ``a[:n]`` (finite values) in place: quicksort with a median-of-3
+    pivot and Hoare partition, insertion sort for short runs, heapsort when
+    ``depth`` runs out."""
+    cdef Py_ssize_t i, j, mid
+    cdef floating pivot, tmp
+    while n > 16:
+        if depth == 0:
+            _heapsort(a, n)
+            return
+        depth -= 1
+        mid = n // 2
+        if a[mid] < a[0]:
+            tmp = a[mid]; a[mid] = a[0]; a[0] = tmp
+        if a[n - 1] < a[0]:
+            tmp = a[n - 1]; a[n - 1] = a[0]; a[0] = tmp
+        if a[n - 1] < a[mid]:
+            tmp = a[n - 1]; a[n - 1] = a[mid]; a[mid] = tmp
+        pivot = a[mid]
+        i = -1
+        j = n
+        while True:
+            i += 1
+            while a[i] < pivot:
+                i += 1
+            j -= 1
+            while pivot < a[j]:
+                j -= 1
+            if i >= j:
+                break
+            tmp = a[i]; a[i] = a[j]; a[j] = tmp
+        # a[:j + 1] <= pivot <= a[j + 1:]; recurse on the shorter part
+        if j + 1 < n - j - 1:
+            _sort(a, j + 1, depth)
+            a += j + 1
+            n -= j + 1
+        else:
+            _sort(a + j + 1, n - j - 1, depth)
+            n = j + 1
+    for i in range(1, n):
+        tmp = a[i]
+        j = i - 1
+        while j >= 0 and tmp < a[j]:
+            a[j + 1] = a[j]
+            j -= 1
+        a[j + 1] = tmp
+
+
+cdef void _zscale(
+    const floating* img, Py_ssize_t width, Py_ssize_t r0, Py_ssize_t r1,
+    Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t n_samples, double contrast,
+    floating* samples, uint8_t* bad, uint8_t* grown,
+    double* vmin, double* vmax,
+) noexcept nogil:
+    """`astropy.visualization.ZScaleInterval.get_limits` on the finite pixels
+    of ``img[r0:r1, c0:c1]``; NaN limits when there is no finite pixel.
+
+    ``samples``, ``bad`` and ``grown`` hold at least ``n_samples`` items.
+    """
+    cdef Py_ssize_t r, c, n_finite = 0, stride, counter, npix = 0, i, j, w
+    cdef Py_ssize_t minpix, ngrow, half, ngood, last_ngood, lo, hi, center
+    cdef Py_ssize_t it, n_fit
+    cdef const floating* row
+    cdef floating v, median
+    cdef double sx, sy, mx, my, sxx, sxy, slope = 0.0, intercept = 0.0
+    cdef double fitted, flat, mean, var, threshold
+    cdef double lo_lim, hi_lim
+    cdef bint have_fit = False
+
+    for r in range(r0, r1):
+        n_finite += (c1 - c0) - _count_nonfinite(img + r * width + c0, c1 - c0)
+    if n_finite == 0:
+        vmin[0] = nan("")
+        vmax[0] = nan("")
+        return
+    # stride = int(max(1.0, values.size / n_samples))
+    stride = <Py_ssize_t> ((<double> n_finite) / (<double> n_samples))
+    if stride < 1:
+        stride = 1
+    # samples = values[::stride][:n_samples]
+    if n_finite == (r1 - r0) * (c1 - c0):
+        # all finite: sample j is pixel j * stride of the region
+        w = c1 - c0
+        while npix < n_samples and npix * stride < n_finite:
+            j = npix * stride
+            samples[npix] = img[(r0 + j // w) * width + c0 + j % w]
+            npix += 1
+    else:
+        counter = 0  # finite values to skip before the next sample
+        for r in range(r0, r1):
+            if npix >= n_samples:
+                break
+            row = img + r * width
+            for c in range(c0, c1):
+                v = row[c]
+                if not isfinite(v):
+                    continue
+                if counter == 0:
+                    samples[npix] = v
+                    npix += 1
+                    if npix >= n_samples:
+                        break
+                    counter = stride
+                counter -= 1
+    _sort(samples, npix, 64)
+
+    vmin[0] = samples[0]
+    vmax[0] = samples[npix - 1]
+
+    minpix = <Py_ssize_t> (npix * _ZS_MAX_REJECT)
+    if minpix < _ZS_MIN_NPIXELS:
+        minpix = _ZS_MIN_NPIXELS
+    ngrow = <Py_ssize_t> (npix * 0.01)
+    if ngrow < 1:
+        ngrow = 1
+    half = (ngrow - 1) // 2
+    for i in range(npix):
+        bad[i] = 0
+    ngood = npix
+    last_ngood = npix + 1
+
+    for it in range(_ZS_MAX_ITERATIONS):
+        if ngood >= last_ngood or ngood < minpix:
+            break
+        # least-squares line through the good samples (x = index)
+        sx = 0.0
+        sy = 0.0
+        n_fit = 0
+        for i in range(npix):
+            if not bad[i]:
+                sx += i
+                sy += samples[i]
+                n_fit += 1
+        mx = sx / n_fit
+        my = sy / n_fit
+        sxx = 0.0
+        sxy = 0.0
+        for i in range(npix):
+            if not bad[i]:
+                sxx += (i - mx) * (i - mx)
+                sxy += (i - mx) * (samples[i] - my)
+        slope = sxy / sxx
+        intercept = my - slope * mx
+        have_fit = True
+        # k-sigma threshold from the standard deviation of the good residuals
+        mean = 0.0
+        for i in range(npix):
+            if not bad[i]:
+                mean += samples[i] - (slope * i + intercept)
+        mean /= n_fit
+        var = 0.0
+        for i in range(npix):
+            if not bad[i]:
+                flat = samples[i] - (slope * i + intercept) - mean
+                var += flat * flat
+        threshold = _ZS_KREJ * sqrt(var / n_fit)
+        for i in range(npix):
+            flat = samples[i] - (slope * i + intercept)
+            if flat < -threshold or flat > threshold:
+                bad[i] = 1
+        # grow the rejected samples as np.convolve(bad, ones(ngrow), 'same')
+        for i in range(npix):
+            grown[i] = 0
+        for j in range(npix):
+            if bad[j]:
+                lo = j - half
+                hi = j - half + ngrow
+                if lo < 0:
+                    lo = 0
+                if hi > npix:
+                    hi = npix
+                for i in range(lo, hi):
+                    grown[i] = 1
+        for i in range(npix):
+            bad[i] = grown[i]
+        last_ngood = ngood
+        ngood = 0
+        for i in range(npix):
+            ngood += 1 - bad[i]
+
+    if have_fit and ngood >= minpix:
+        if contrast > 0:
+            slope = slope / contrast
+        center = (npix - 1) // 2
+        if npix % 2 == 1:
+            median = samples[npix // 2]
+        else:
+            # np.median: mean of the two middle values in the data's precision
+            median = samples[npix // 2 - 1] + samples[npix // 2]
+            median = median / 2
+        lo_lim = median - (center - 1) * slope
+        hi_lim = median + (npix - center) * slope
+        if lo_lim > vmin[0]:
+            vmin[0] = lo_lim
+        if hi_lim < vmax[0]:
+            vmax[0] = hi_lim
+
+
+# --------------------------------------------------------------------------
+# limits for a whole stack
+# --------------------------------------------------------------------------
+
+
+cdef struct _Scratch:
+    void* values      # finite pixels (percentile) or samples (zscale)
+    uint8_t* flags    # rejection flags (zscale), 2 * n_samples
+
+
+cdef int _scratch_alloc(
+    _Scratch* s, int interval, Py_ssize_t region_npix, Py_ssize_t n_samples,
+    Py_ssize_t itemsize,
+) noexcept nogil:
+    """Allocate the scratch of one call; returns -1 on failure."""
+    cdef Py_ssize_t n = region_npix if region_npix > 0 else 1
+    s.values = NULL
+    s.flags = NULL
+    if interval == _INTERVAL_ZSCALE:
+        if n_samples < n:
+            n = n_samples
+        s.flags = <uint8_t*> malloc(2 * n)
+        if s.flags == NULL:
+            return -1
+    s.values = malloc(n * itemsize)
+    if s.values == NULL:
+        free(s.flags)
+        s.flags = NULL
+        return -1
+    return 0
+
+
+cdef void _scratch_free(_Scratch* s) noexcept nogil:
+    free(s.values)
+    free(s.flags)
+    s.values = NULL
+    s.flags = NULL
+
+
+cdef void _limits_one(
+    const floating* img, Py_ssize_t width, int interval, double q_lo,
+    double q_hi, Py_ssize_t n_samples, double contrast, Py_ssize_t r0,
+    Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1, _Scratch* s,
+    double* vmin, double* vmax,
+) noexcept nogil:
+    """Limits of one image (NaN when it has no finite pixel in the region)."""
+    cdef Py_ssize_t n, cap = (r1 - r0) * (c1 - c0)
+    if interval == _INTERVAL_PERCENTILE:
+        n = _gather_finite(img, width, r0, r1, c0, c1, <floating*> s.values)
+        if n == 0:
+            vmin[0] = nan("")
+            vmax[0] = nan("")
+        else:
+            _percentiles(<floating*> s.values, n, q_lo, q_hi, vmin, vmax)
+    else:
+        if n_samples < cap:
+            cap = n_samples
+        _zscale(img, width, r0, r1, c0, c1, n_samples, contrast,
+                <floating*> s.values, s.flags, s.flags + cap, vmin, vmax)
+
+
+def _check_region(data, r0, r1, c0, c1):
+    if not (0 <= r0 < r1 <= data.shape[1] and 0 <= c0 < c1 <= data.shape[2]):
+        msg = (f"region rows {r0}:{r1}, columns {c0}:{c1} does not lie inside "
+               f"images of shape {tuple(data.shape[1:])}")
+        raise ValueError(msg)
+
+
+def compute_limits(
+    const floating[:, :, ::1] data,
+    int interval,
+    double q_lo,
+    double q_hi,
+    Py_ssize_t n_samples,
+    double contrast,
+    Py_ssize_t r0,
+    Py_ssize_t r1,
+    Py_ssize_t c0,
+    Py_ssize_t c1,
+    double[::1] vmin,
+    double[::1] vmax,
+):
+    """Per-image display limits of a stack.
+
+    Parameters
+    ----------
+    data : memoryview of float32 or float64, shape ``(N, H, W)``
+        The images, C-contiguous.
+    interval : int
+        ``INTERVAL_PERCENTILE`` or ``INTERVAL_ZSCALE``.
+    q_lo, q_hi : float
+        Lower and upper quantiles as fractions in [0, 1] (percentile only),
+        ``q_lo <= q_hi``.
+    n_samples : int
+        Maximum number of samples (zscale only), at least 1.
+    contrast : float
+        The zscale contrast (zscale only).
+    r0, r1, c0, c1 : int
+        The region ``[r0:r1, c0:c1]`` of every image whose finite pixels
+        determine the limits.
+    vmin, vmax : memoryview of float64, shape ``(N,)``
+        Output: the limits; NaN for an image without finite pixels.
+    """
+    cdef Py_ssize_t n = data.shape[0]
+    cdef Py_ssize_t i, width = data.shape[2]
+    cdef int status = 0
+    cdef _Scratch scratch
+    if vmin.shape[0] != n or vmax.shape[0] != n:
+        msg = f"vmin and vmax must have {n} items"
+        raise ValueError(msg)
+    if interval not in (_INTERVAL_PERCENTILE, _INTERVAL_ZSCALE):
+        msg = f"unknown interval code {interval}"
+        raise ValueError(msg)
+    if not (0.0 <= q_lo <= q_hi <= 1.0):
+        msg = f"quantiles must satisfy 0 <= q_lo <= q_hi <= 1, got {q_lo}, {q_hi}"
+        raise ValueError(msg)
+    if n_samples < 1:
+        msg = f"n_samples must be at least 1, got {n_samples}"
+        raise ValueError(msg)
+    if n == 0:
+        return
+    _check_region(data, r0, r1, c0, c1)
+    with nogil:
+        status = _scratch_alloc(&scratch, interval, (r1 - r0) * (c1 - c0),
+                                n_samples, sizeof(floating))
+        if status == 0:
+            for i in range(n):
+                _limits_one(&data[i, 0, 0], width, interval, q_lo, q_hi,
+                            n_samples, contrast, r0, r1, c0, c1, &scratch,
+                            &vmin[i], &vmax[i])
+            _scratch_free(&scratch)
+    if status != 0:
+        raise MemoryError("could not allocate scratch memory for the limits")
+
+
+# --------------------------------------------------------------------------
+# stretch and quantisation
+# --------------------------------------------------------------------------
+
+
+cdef inline double _stretch(double u, int stretch, double a, double norm) noexcept nogil:
+    """astropy's stretch of ``u`` in [0, 1], operation by operation."""
+    if stretch == _STRETCH_SQRT:
+        return sqrt(u)
+    if stretch == _STRETCH_LOG:
+        return log(u * a + 1.0) / norm
+    if stretch == _STRETCH_ASINH:
+        return asinh(u / a) / norm
+    return u
+
+
+cdef inline double _inverse(double s, int stretch, double a, double norm) noexcept nogil:
+    """Inverse of `_stretch` (to place the quantisation thresholds)."""
+    if stretch == _STRETCH_SQRT:
+        return s * s
+    if stretch == _STRETCH_LOG:
+        return expm1(s * log1p(a)) / a
+    if stretch == _STRETCH_ASINH:
+        return a * sinh(s * norm)
+    return s
+
+
+cdef inline void _store(out_t* dst, double s) noexcept nogil:
+    """Write a stretched value in [0, 1] to the output type."""
+    if out_t is float:
+        dst[0] = <float> s
+    elif out_t is uint8_t:
+        dst[0] = <uint8_t> cutana_quant1(s, 255.0)
+    else:
+        dst[0] = <uint16_t> cutana_quant1(s, 65535.0)
+
+
+cdef void _build_lut(
+    int16_t* lut, Py_ssize_t n_bins, int stretch, double a, double norm,
+) noexcept nogil:
+    """uint8 code of every bin ``[b / n_bins, (b + 1) / n_bins)`` of the
+    scaled value, or -1 where a quantisation threshold lies within
+    ``_LUT_EPS`` of the bin (pixels there are evaluated directly).
+
+    Code ``k`` starts where ``stretch(u) * 255`` reaches ``k - 0.5``; those
+    thresholds are placed with the inverse stretch, which agrees with the
+    forward one far more closely than ``_LUT_EPS`` for the parameters that
+    `_use_lut` admits.
+    """
+    cdef double thr[256]
+    cdef Py_ssize_t b, lo, hi, k
+    for k in range(1, 256):
+        thr[k] = _inverse((k - 0.5) / 255.0, stretch, a, norm)
+    # code of bin b = number of thresholds below its lower edge b / n_bins,
+    # i.e. thresholds with floor(thr * n_bins) < b (exact: n_bins is a power
+    # of two)
+    lo = 0
+    for k in range(1, 256):
+        hi = <Py_ssize_t> floor(thr[k] * n_bins) + 1
+        if hi > n_bins + 1:
+            hi = n_bins + 1
+        for b in range(lo, hi):
+            lut[b] = <int16_t> (k - 1)
+        if hi > lo:
+            lo = hi
+    for b in range(lo, n_bins + 1):
+        lut[b] = 255
+    for k in range(1, 256):
+        lo = <Py_ssize_t> floor((thr[k] - _LUT_EPS) * n_bins)
+        hi = <Py_ssize_t> floor((thr[k] + _LUT_EPS) * n_bins)
+        if lo < 0:
+            lo = 0
+        if hi > n_bins:
+            hi = n_bins
+        for b in range(lo, hi + 1):
+            lut[b] = -1
+
+
+cdef bint _use_lut(int stretch, double a, Py_ssize_t npix) noexcept nogil:
+    """Whether the lookup table pays off and is known to be exact."""
+    if npix < 1024:
+        return False
+    if stretch == _STRETCH_LOG:
+        return 1e-3 <= a <= 1e12
+    if stretch == _STRETCH_ASINH:
+        return 1e-8 <= a <= 1e8
+    return False
+
+
+cdef void _stretch_lut(
+    const double* u, Py_ssize_t npix, int stretch, double a, double norm,
+    uint8_t* out, int16_t* lut, Py_ssize_t n_bins, Py_ssize_t* pending,
+) noexcept nogil:
+    """uint8 codes of scaled values ``u`` through the lookup table; the
+    pixels whose bin the table cannot decide are evaluated directly."""
+    cdef Py_ssize_t k, n_pending = 0
+    cdef double bins = <double> n_bins
+    cdef int16_t code
+    _build_lut(lut, n_bins, stretch, a, norm)
+    for k in range(npix):
+        code = lut[<Py_ssize_t> (u[k] * bins)]
+        out[k] = <uint8_t> code
+        pending[n_pending] = k
+        n_pending += code < 0
+    for k in range(n_pending):
+        out[pending[k]] = <uint8_t> cutana_quant1(
+            _stretch(u[pending[k]], stretch, a, norm), 255.0)
+
+
+cdef void _stretch_image(
+    const floating* img, Py_ssize_t npix, double vmin, double vmax,
+    int stretch, double a, double norm, out_t* out, double* u, int16_t* lut,
+    Py_ssize_t n_bins, Py_ssize_t* pending,
+) noexcept nogil:
+    """Scale, clip, stretch and quantise one image of ``npix`` pixels.
+
+    ``u`` is scratch for ``npix`` doubles: the image scaled to [0, 1] by the
+    limits and clipped (astropy's ``BaseInterval.__call__``, with ``1 /
+    (vmax - vmin)`` multiplied rather than divided, and no scaling when the
+    limits are equal), then stretched in place.
+    """
+    cdef Py_ssize_t k
+    cdef double span, inv
+    if stretch == _STRETCH_NONE:
+        if out_t is float:
+            for k in range(npix):
+                out[k] = <float> img[k]
+        return
+    if not (isfinite(vmin) and isfinite(vmax)):
+        for k in range(npix):
+            out[k] = 0
+        return
+    span = vmax - vmin
+    inv = (1.0 / span) if span != 0 else 1.0
+    if floating is float:
+        cutana_unit_f32(img, npix, vmin, inv, u)
+    else:
+        cutana_unit_f64(img, npix, vmin, inv, u)
+    if out_t is uint8_t and lut != NULL:
+        _stretch_lut(u, npix, stretch, a, norm, out, lut, n_bins, pending)
+    else:
+        if stretch == _STRETCH_SQRT:
+            cutana_sqrt(u, npix)
+        elif stretch == _STRETCH_LOG:
+            for k in range(npix):
+                u[k] = log(u[k] * a + 1.0) / norm
+        elif stretch == _STRETCH_ASINH:
+            for k in range(npix):
+                u[k] = asinh(u[k] / a) / norm
+        if out_t is float:
+            cutana_to_f32(u, npix, out)
+        elif out_t is uint8_t:
+            cutana_quant_u8(u, npix, out)
+        else:
+            cutana_quant_u16(u, npix, out)
+    # non-finite pixels become 0 (an infinite one was scaled like any other)
+    if _count_nonfinite(img, npix):
+        for k in range(npix):
+            if not isfinite(img[k]):
+                out[k] = 0
+
+
+cdef double _norm_of(int stretch, double a) noexcept nogil:
+    if stretch == _STRETCH_LOG:
+        return log(a + 1.0)
+    if stretch == _STRETCH_ASINH:
+        return asinh(1.0 / a)
+    return 1.0
+
+
+def normalize_stack(
+    const floating[:, :, ::1] data,
+    out_t[:, :, ::1] out,
+    int stretch,
+    double a,
+    double[::1] vmin,
+    double[::1] vmax,
+    bint compute,
+    int interval=_INTERVAL_PERCENTILE,
+    double q_lo=0.0,
+    double q_hi=1.0,
+    Py_ssize_t n_samples=1000,
+    double contrast=0.25,
+    Py_ssize_t r0=0,
+    Py_ssize_t r1=-1,
+    Py_ssize_t c0=0,
+    Py_ssize_t c1=-1,
+    bint allow_lut=True,
+):
+    """Stretch every image of a stack into ``out``, image by image.
+
+    Parameters
+    ----------
+    data : memoryview of float32 or float64, shape ``(N, H, W)``
+        The images, C-contiguous.
+    out : memoryview of float32, uint8 or uint16, shape ``(N, H, W)``
+        Output; stretched values in [0, 1] for float32, times 255 or 65535
+        rounded to nearest (half to even) for uint8 and uint16; 0 for
+        non-finite pixels and for images whose limits are not finite.
+    stretch : int
+        One of the ``STRETCH_*`` codes. ``STRETCH_NONE`` copies the values
+        (float32 output only; limits are neither computed nor used).
+    a : float
+        The log or asinh parameter (ignored otherwise), > 0.
+    vmin, vmax : memoryview of float64, shape ``(N,)``
+        The limits: input when ``compute`` is false, else output.
+    compute : bool
+        Whether to compute the limits (as `compute_limits`, with the
+        remaining parameters) before stretching each image.
+    interval, q_lo, q_hi, n_samples, contrast, r0, r1, c0, c1
+        As in `compute_limits`; negative ``r1`` / ``c1`` mean the full
+        height / width.
+    allow_lut : bool, optional
+        Use the exact lookup table for uint8 log and asinh output (testing
+        switch; the result is the same either way).
+    """
+    cdef Py_ssize_t n = data.shape[0]
+    cdef Py_ssize_t npix = data.shape[1] * data.shape[2]
+    cdef Py_ssize_t i, n_bins = 0, width = data.shape[2]
+    cdef double norm
+    cdef int status = 0
+    cdef int16_t* lut = NULL
+    cdef Py_ssize_t* pending = NULL
+    cdef double* u = NULL
+    cdef _Scratch scratch
+    cdef bint do_limits = compute and stretch != _STRETCH_NONE
+    if out.shape[0] != n or out.shape[1] != data.shape[1] or out.shape[2] != data.shape[2]:
+        msg = "out must have the shape of data"
+        raise ValueError(msg)
+    if vmin.shape[0] != n or vmax.shape[0] != n:
+        msg = f"vmin and vmax must have {n} items"
+        raise ValueError(msg)
+    if stretch not in (_STRETCH_NONE, _STRETCH_LINEAR, _STRETCH_SQRT, _STRETCH_LOG,
+                       _STRETCH_ASINH):
+        msg = f"unknown stretch code {stretch}"
+        raise ValueError(msg)
+    if stretch == _STRETCH_NONE and out_t is not float:
+        msg = "stretch 'none' needs float32 output"
+        raise ValueError(msg)
+    if stretch in (_STRETCH_LOG, _STRETCH_ASINH) and not a > 0:
+        msg = f"a must be > 0, got {a}"
+        raise ValueError(msg)
+    if r1 < 0:
+        r1 = data.shape[1]
+    if c1 < 0:
+        c1 = data.shape[2]
+    if compute and stretch != _STRETCH_NONE:
+        if interval not in (_INTERVAL_PERCENTILE, _INTERVAL_ZSCALE):
+            msg = f"unknown interval code {interval}"
+            raise ValueError(msg)
+        if not (0.0 <= q_lo <= q_hi <= 1.0):
+            msg = f"quantiles must satisfy 0 <= q_lo <= q_hi <= 1, got {q_lo}, {q_hi}"
+            raise ValueError(msg)
+        if n_samples < 1:
+            msg = f"n_samples must be at least 1, got {n_samples}"
+            raise ValueError(msg)
+    if n == 0 or npix == 0:
+        return
+    if do_limits:
+        _check_region(data, r0, r1, c0, c1)
+    norm = _norm_of(stretch, a)
+    if out_t is uint8_t and allow_lut and _use_lut(stretch, a, npix):
+        n_bins = 1024
+        while n_bins < npix and n_bins < 16384:
+            n_bins *= 2
+    with nogil:
+        if do_limits:
+            status = _scratch_alloc(&scratch, interval, (r1 - r0) * (c1 - c0),
+                                    n_samples, sizeof(floating))
+        if status == 0 and stretch != _STRETCH_NONE:
+            u = <double*> malloc(npix * sizeof(double))
+            if u == NULL:
+                status = -1
+        if status == 0 and n_bins > 0:
+            lut = <int16_t*> malloc((n_bins + 1) * sizeof(int16_t))
+            pending = <Py_ssize_t*> malloc(npix * sizeof(Py_ssize_t))
+            if lut == NULL or pending == NULL:
+                status = -1
+        if status == 0:
+            for i in range(n):
+                if do_limits:
+                    _limits_one(&data[i, 0, 0], width, interval, q_lo, q_hi,
+                                n_samples, contrast, r0, r1, c0, c1, &scratch,
+                                &vmin[i], &vmax[i])
+                _stretch_image(&data[i, 0, 0], npix, vmin[i], vmax[i], stretch,
+                               a, norm, &out[i, 0, 0], u, lut, n_bins, pending)
+        free(u)
+        free(lut)
+        free(pending)
+        if do_limits:
+            _scratch_free(&scratch)
+    if status != 0:
+        raise MemoryError("could not allocate scratch memory for the stretch")

@@ -1,0 +1,423 @@
+# Licensed under a 3-clause BSD style license - see LICENSE.rst
+#
+# Fused extraction + resampling, included at the end of _extract.pyx so that
+# it can reuse the window copy ``_extract_one`` (byte swapping and fill).
+#
+# For each of N sources the kernel copies the source's window (which may lie
+# partly or wholly outside the image) into a small native scratch buffer,
+# converts it to float64 (one typed loop per dtype, chosen outside the pixel
+# loop), multiplies the pixels that lie in the image by the source's scale
+# factor, writes the fill value where the window lies outside the image, and
+# resamples the window to the common output grid (H, W):
+#
+# * pixel centres are aligned: output pixel j of m samples input coordinate
+#   c = (j + 0.5) * n / m - 0.5 of n (scipy.ndimage.zoom(grid_mode=True));
+# * 'nearest' takes input pixel floor(c + 0.5), clamped to [0, n - 1];
+# * 'bilinear' interpolates linearly between floor(c) and floor(c) + 1 with c
+#   clamped to [0, n - 1] first, i.e. the window is extended by repeating its
+#   edge pixels (scipy.ndimage.map_coordinates(order=1, mode='nearest') on
+#   the same coordinates). As in scipy, both taps are used even when one has
+#   weight 0, so a NaN next to an exact sample position propagates;
+# * 'area' gives output pixel j the overlap-weighted *sum* of the input
+#   pixels over [j * n / m, (j + 1) * n / m) (input pixel i covering
+#   [i, i + 1)); the weights of every input pixel sum to 1, so the total flux
+#   of the window is preserved.
+#
+# The loops run without the GIL and use no global mutable state; scratch is
+# allocated with malloc inside each call.
+
+from cython cimport floating
+from libc.math cimport floor as _rs_floor
+from libc.stdlib cimport free as _rs_free
+from libc.stdlib cimport malloc as _rs_malloc
+from libc.string cimport memset as _rs_memset
+
+cdef enum:
+    _RS_NEAREST = 0
+    _RS_BILINEAR = 1
+    _RS_AREA = 2
+
+cdef enum:
+    _KIND_FLOAT = 0
+    _KIND_INT = 1
+    _KIND_UINT = 2
+
+#: Nearest-neighbour resampling.
+RESAMPLE_NEAREST = _RS_NEAREST
+#: Bilinear interpolation with the window's edge pixels repeated outward.
+RESAMPLE_BILINEAR = _RS_BILINEAR
+#: Flux-conserving overlap-weighted sum.
+RESAMPLE_AREA = _RS_AREA
+#: Data kinds accepted by `resample_windows`.
+KIND_FLOAT = _KIND_FLOAT
+KIND_INT = _KIND_INT
+KIND_UINT = _KIND_UINT
+
+
+cdef struct _Axis:
+    Py_ssize_t n        # input length the table was built for (-1: none)
+    Py_ssize_t m        # output length
+    Py_ssize_t maxtaps  # stride of ``weight``
+    Py_ssize_t* start   # (m,) first input index of each output sample
+    Py_ssize_t* second  # (m,) second tap (bilinear)
+    Py_ssize_t* count   # (m,) number of taps (area)
+    double* weight      # (m, maxtaps) tap weights
+
+
+cdef int _axis_alloc(_Axis* ax, Py_ssize_t m, Py_ssize_t maxtaps) noexcept nogil:
+    ax.n = -1
+    ax.m = m
+    ax.maxtaps = maxtaps
+    ax.start = <Py_ssize_t*> _rs_malloc(3 * (m + 1) * sizeof(Py_ssize_t))
+    ax.weight = <double*> _rs_malloc((m * maxtaps + 1) * sizeof(double))
+    if ax.start == NULL or ax.weight == NULL:
+        return -1
+    ax.second = ax.start + (m + 1)
+    ax.count = ax.start + 2 * (m + 1)
+    return 0
+
+
+cdef void _axis_free(_Axis* ax) noexcept nogil:
+    _rs_free(ax.start)
+    _rs_free(ax.weight)
+    ax.start = NULL
+    ax.weight = NULL
+
+
+cdef void _axis_build(_Axis* ax, Py_ssize_t n, int method) noexcept nogil:
+    """Sample positions and weights of ``ax.m`` outputs from ``n`` inputs."""
+    cdef Py_ssize_t j, i, i0, i1, m = ax.m, k
+    cdef double c, t, lo, hi, a, b
+    cdef double* w
+    if ax.n == n:
+        return
+    ax.n = n
+    for j in range(m):
+        if method == _RS_AREA:
+            lo = (<double> j) * n / m
+            hi = (<double> (j + 1)) * n / m
+            i0 = <Py_ssize_t> _rs_floor(lo)
+            w = ax.weight + j * ax.maxtaps
+            k = 0
+            i = i0
+            while i < n and i < hi:
+                a = lo if lo > i else <double> i
+                b = hi if hi < i + 1 else <double> (i + 1)
+                if b > a:
+                    if k == 0:
+                        ax.start[j] = i
+                    w[k] = b - a
+                    k += 1
+                i += 1
+            if k == 0:
+                ax.start[j] = 0 if i0 >= n else i0
+            ax.count[j] = k
+        else:
+            c = ((j + 0.5) * n) / m - 0.5
+            if method == _RS_NEAREST:
+                i0 = <Py_ssize_t> _rs_floor(c + 0.5)
+                if i0 < 0:
+                    i0 = 0
+                if i0 > n - 1:
+                    i0 = n - 1
+                ax.start[j] = i0
+                ax.count[j] = 1
+            else:
+                if c < 0:
+                    c = 0.0
+                if c > n - 1:
+                    c = <double> (n - 1)
+                i0 = <Py_ssize_t> _rs_floor(c)
+                t = c - i0
+                i1 = i0 + 1 if i0 < n - 1 else i0
+                ax.start[j] = i0
+                ax.second[j] = i1
+                ax.count[j] = 2
+                ax.weight[j * ax.maxtaps] = 1.0 - t
+                ax.weight[j * ax.maxtaps + 1] = t
+
+
+cdef void _to_double(
+    const uint8_t* raw, double* dst, Py_ssize_t n, int kind, int itemsize,
+) noexcept nogil:
+    """Convert ``n`` native-order items of the given kind to float64."""
+    cdef Py_ssize_t k
+    if kind == _KIND_FLOAT:
+        if itemsize == 4:
+            for k in range(n):
+                dst[k] = (<const float*> raw)[k]
+        else:
+            for k in range(n):
+                dst[k] = (<const double*> raw)[k]
+    elif kind == _KIND_INT:
+        if itemsize == 1:
+            for k in range(n):
+                dst[k] = (<const signed char*> raw)[k]
+        elif itemsize == 2:
+            for k in range(n):
+                dst[k] = (<const short*> raw)[k]
+        elif itemsize == 4:
+            for k in range(n):
+                dst[k] = (<const int*> raw)[k]
+        else:
+            for k in range(n):
+                dst[k] = (<const int64_t*> raw)[k]
+    else:
+        if itemsize == 1:
+            for k in range(n):
+                dst[k] = (<const uint8_t*> raw)[k]
+        elif itemsize == 2:
+            for k in range(n):
+                dst[k] = (<const uint16_t*> raw)[k]
+        elif itemsize == 4:
+            for k in range(n):
+                dst[k] = (<const uint32_t*> raw)[k]
+        else:
+            for k in range(n):
+                dst[k] = (<const uint64_t*> raw)[k]
+
+
+cdef void _prepare_window(
+    double* win, Py_ssize_t ny, Py_ssize_t nx, int64_t y0, int64_t x0,
+    Py_ssize_t src_ny, Py_ssize_t src_nx, int overlap, double scale,
+    double fill,
+) noexcept nogil:
+    """Scale the pixels inside the image and write ``fill`` outside it."""
+    cdef Py_ssize_t r, c, n = ny * nx
+    cdef double* row
+    cdef bint row_out
+    if overlap == _FULL:
+        if scale != 1.0:
+            for c in range(n):
+                win[c] *= scale
+        return
+    for r in range(ny):
+        row = win + r * nx
+        row_out = y0 + r < 0 or y0 + r >= src_ny
+        for c in range(nx):
+            if row_out or x0 + c < 0 or x0 + c >= src_nx:
+                row[c] = fill
+            elif scale != 1.0:
+                row[c] *= scale
+
+
+cdef void _resample_one(
+    const double* win, Py_ssize_t ny, Py_ssize_t nx, _Axis* ay, _Axis* ax,
+    int method, double* tmp, uint8_t* have_row, double* acc, floating* out,
+) noexcept nogil:
+    """Resample one float64 window ``(ny, nx)`` to ``(ay.m, ax.m)``."""
+    cdef Py_ssize_t H = ay.m, W = ax.m
+    cdef Py_ssize_t j, k, l, r, s, tap, cnt, mt_x = ax.maxtaps, mt_y = ay.maxtaps
+    cdef const double* row
+    cdef const double* row1
+    cdef double* trow
+    cdef floating* orow
+    cdef double wy0, wy1, v
+    cdef const double* wx
+    if method == _RS_NEAREST:
+        for j in range(H):
+            row = win + ay.start[j] * nx
+            orow = out + j * W
+            for k in range(W):
+                orow[k] = <floating> row[ax.start[k]]
+        return
+    _rs_memset(have_row, 0, ny)
+    for j in range(H):
+        # horizontal pass on the input rows this output row needs
+        if method == _RS_BILINEAR:
+            s = ay.start[j]
+            cnt = 2
+        else:
+            s = ay.start[j]
+            cnt = ay.count[j]
+        for l in range(cnt):
+            r = (ay.second[j] if l == 1 else s) if method == _RS_BILINEAR else s + l
+            if have_row[r]:
+                continue
+            have_row[r] = 1
+            row = win + r * nx
+            trow = tmp + r * W
+            if method == _RS_BILINEAR:
+                for k in range(W):
+                    trow[k] = (ax.weight[k * mt_x] * row[ax.start[k]]
+                               + ax.weight[k * mt_x + 1] * row[ax.second[k]])
+            else:
+                for k in range(W):
+                    wx = ax.weight + k * mt_x
+                    row1 = row + ax.start[k]
+                    v = 0.0
+                    for tap in range(ax.count[k]):
+                        v += wx[tap] * row1[tap]
+                    trow[k] = v
+        # vertical pass
+        orow = out + j * W
+        if method == _RS_BILINEAR:
+            wy0 = ay.weight[j * mt_y]
+            wy1 = ay.weight[j * mt_y + 1]
+            row = tmp + ay.start[j] * W
+            row1 = tmp + ay.second[j] * W
+            for k in range(W):
+                orow[k] = <floating> (wy0 * row[k] + wy1 * row1[k])
+        else:
+            cnt = ay.count[j]
+            s = ay.start[j]
+            if cnt == 0:
+                for k in range(W):
+                    orow[k] = 0
+                continue
+            wy0 = ay.weight[j * mt_y]
+            row = tmp + s * W
+            for k in range(W):
+                acc[k] = wy0 * row[k]
+            for l in range(1, cnt):
+                wy1 = ay.weight[j * mt_y + l]
+                row = tmp + (s + l) * W
+                for k in range(W):
+                    acc[k] += wy1 * row[k]
+            for k in range(W):
+                orow[k] = <floating> acc[k]
+
+
+def resample_windows(
+    const uint8_t[:, ::1] src,
+    Py_ssize_t src_nx,
+    int itemsize,
+    bint swap,
+    int kind,
+    const int64_t[:, ::1] corners,
+    const int64_t[:, ::1] shapes,
+    const double[::1] scale,
+    double fill,
+    int method,
+    floating[:, :, ::1] out,
+):
+    """Extract N windows of any shapes out of a 2-D image and resample each.
+
+    Parameters
+    ----------
+    src : memoryview of uint8, shape ``(src_ny, src_nx * itemsize)``
+        The image seen as bytes, as for `extract_windows`.
+    src_nx : int
+        Number of pixels per image row.
+    itemsize : int
+        Bytes per pixel: 1, 2, 4 or 8.
+    swap : bool
+        Whether the image's byte order differs from the machine's.
+    kind : int
+        ``KIND_FLOAT`` (itemsize 4 or 8), ``KIND_INT`` or ``KIND_UINT``.
+    corners : memoryview of int64, shape ``(N, 2)``
+        ``(y0, x0)`` of each window's first pixel; may lie outside the image.
+    shapes : memoryview of int64, shape ``(N, 2)``
+        ``(ny, nx)`` of each window, each at least 1.
+    scale : memoryview of float64, shape ``(N,)`` or ``(0,)``
+        Factor applied to each window's pixels inside the image (none if
+        empty).
+    fill : float
+        Value of the window's pixels outside the image (not scaled).
+    method : int
+        ``RESAMPLE_NEAREST``, ``RESAMPLE_BILINEAR`` or ``RESAMPLE_AREA``.
+    out : memoryview of float32 or float64, shape ``(N, H, W)``
+        Caller-allocated, C-contiguous output.
+
+    Returns
+    -------
+    overlap : `~numpy.ndarray` of int8, shape ``(N,)``
+        ``OVERLAP_FULL``, ``OVERLAP_PARTIAL`` or ``OVERLAP_NONE`` per window.
+    """
+    cdef Py_ssize_t n = corners.shape[0]
+    cdef Py_ssize_t H = out.shape[1], W = out.shape[2]
+    cdef Py_ssize_t src_ny = src.shape[0]
+    cdef Py_ssize_t i, ny, nx, max_ny = 1, max_nx = 1, max_px = 1
+    cdef Py_ssize_t taps_y, taps_x
+    cdef int status = 0, ov
+    cdef uint8_t zero[8]
+    cdef uint8_t* raw = NULL
+    cdef double* win = NULL
+    cdef double* tmp = NULL
+    cdef double* acc = NULL
+    cdef uint8_t* have_row = NULL
+    cdef _Axis ay, ax
+    cdef bint has_scale = scale.shape[0] > 0
+    if itemsize not in (1, 2, 4, 8):
+        msg = f"itemsize must be 1, 2, 4 or 8, got {itemsize}"
+        raise ValueError(msg)
+    if kind not in (_KIND_FLOAT, _KIND_INT, _KIND_UINT) or (
+        kind == _KIND_FLOAT and itemsize not in (4, 8)
+    ):
+        msg = f"unsupported data kind {kind} with itemsize {itemsize}"
+        raise ValueError(msg)
+    if method not in (_RS_NEAREST, _RS_BILINEAR, _RS_AREA):
+        msg = f"unknown resampling method code {method}"
+        raise ValueError(msg)
+    if shapes.shape[0] != n or out.shape[0] != n:
+        msg = f"corners, shapes and out must all hold {n} windows"
+        raise ValueError(msg)
+    if has_scale and scale.shape[0] != n:
+        msg = f"scale must hold {n} factors or none, got {scale.shape[0]}"
+        raise ValueError(msg)
+    if src.shape[1] != src_nx * itemsize:
+        msg = "src_nx * itemsize does not match the image row length in bytes"
+        raise ValueError(msg)
+    for i in range(n):
+        ny = shapes[i, 0]
+        nx = shapes[i, 1]
+        if ny < 1 or nx < 1:
+            msg = f"window {i} has an empty shape ({ny}, {nx})"
+            raise ValueError(msg)
+        if ny > max_ny:
+            max_ny = ny
+        if nx > max_nx:
+            max_nx = nx
+        if ny * nx > max_px:
+            max_px = ny * nx
+    overlap = np.zeros(n, dtype=np.int8)
+    cdef signed char[::1] ov_view = overlap
+    if n == 0 or H == 0 or W == 0:
+        return overlap
+    # taps per output sample: ceil(n / m) + 1 covers every partial overlap
+    taps_y = (max_ny + H - 1) // H + 2 if method == _RS_AREA else 2
+    taps_x = (max_nx + W - 1) // W + 2 if method == _RS_AREA else 2
+    ay.start = NULL
+    ay.weight = NULL
+    ax.start = NULL
+    ax.weight = NULL
+    with nogil:
+        _rs_memset(zero, 0, 8)
+        raw = <uint8_t*> _rs_malloc(max_px * itemsize)
+        win = <double*> _rs_malloc(max_px * sizeof(double))
+        tmp = <double*> _rs_malloc(max_ny * W * sizeof(double))
+        acc = <double*> _rs_malloc(W * sizeof(double))
+        have_row = <uint8_t*> _rs_malloc(max_ny)
+        if (raw == NULL or win == NULL or tmp == NULL or acc == NULL
+                or have_row == NULL):
+            status = -1
+        if status == 0:
+            status = _axis_alloc(&ay, H, taps_y)
+        if status == 0:
+            status = _axis_alloc(&ax, W, taps_x)
+        if status == 0:
+            for i in range(n):
+                ny = shapes[i, 0]
+                nx = shapes[i, 1]
+                ov = _extract_one(src, src_ny, src_nx, corners[i, 0],
+                                  corners[i, 1], ny, nx, raw, nx * itemsize,
+                                  zero, itemsize, swap)
+                ov_view[i] = <signed char> ov
+                _to_double(raw, win, ny * nx, kind, itemsize)
+                _prepare_window(win, ny, nx, corners[i, 0], corners[i, 1],
+                                src_ny, src_nx, ov,
+                                scale[i] if has_scale else 1.0, fill)
+                _axis_build(&ay, ny, method)
+                _axis_build(&ax, nx, method)
+                _resample_one(win, ny, nx, &ay, &ax, method, tmp, have_row,
+                              acc, &out[i, 0, 0])
+        _axis_free(&ay)
+        _axis_free(&ax)
+        _rs_free(raw)
+        _rs_free(win)
+        _rs_free(tmp)
+        _rs_free(acc)
+        _rs_free(have_row)
+    if status != 0:
+        raise MemoryError("could not allocate scratch memory for resampling")
+    return overlap

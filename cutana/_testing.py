@@ -1,0 +1,123 @@
+# Licensed under a 3-clause BSD style license - see LICENSE.rst
+"""
+Small picklable task functions for testing the executor and fault drills.
+
+They live in the package (not in ``tests/``) so that worker processes
+started by the executor can import them by name.
+"""
+
+import os
+import time
+
+__all__ = ["die_once", "fail_always", "fail_once", "record_concurrency", "square"]
+
+
+def square(x):
+    """Return ``x * x``.
+
+    Parameters
+    ----------
+    x : int
+        A number.
+
+    Returns
+    -------
+    y : int
+        Its square.
+    """
+    return x * x
+
+
+def fail_always(task):
+    """Raise `RuntimeError` naming the task.
+
+    Parameters
+    ----------
+    task : object
+        Anything.
+
+    Raises
+    ------
+    RuntimeError
+        Always.
+    """
+    msg = f"task {task!r} always fails"
+    raise RuntimeError(msg)
+
+
+def _first_time(marker):
+    """True the first time ``marker`` is seen (the file is then created)."""
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    os.close(fd)
+    return True
+
+
+def fail_once(task):
+    """Raise on the first call for ``task = (marker_path, value)``, then return value.
+
+    Parameters
+    ----------
+    task : tuple
+        ``(marker_path, value)``.
+
+    Returns
+    -------
+    value : object
+        The task's value, from the second call on.
+
+    Raises
+    ------
+    RuntimeError
+        On the first call.
+    """
+    marker, value = task
+    if _first_time(marker):
+        msg = f"first attempt of {value!r} fails"
+        raise RuntimeError(msg)
+    return value
+
+
+def die_once(task):
+    """Kill the worker process on the first call for ``(marker_path, value)``.
+
+    Parameters
+    ----------
+    task : tuple
+        ``(marker_path, value)``.
+
+    Returns
+    -------
+    value : object
+        The task's value, from the second call on.
+    """
+    marker, value = task
+    if _first_time(marker):
+        os._exit(17)
+    return value
+
+
+def record_concurrency(task):
+    """Record how many tasks run at once, via files in a folder.
+
+    Parameters
+    ----------
+    task : tuple
+        ``(folder, name, seconds)``: a file ``name`` exists in ``folder``
+        while the task runs.
+
+    Returns
+    -------
+    n : int
+        Number of tasks running (files present) when this one started.
+    """
+    folder, name, seconds = task
+    path = os.path.join(folder, name)
+    with open(path, "w"):
+        pass
+    n = len(os.listdir(folder))
+    time.sleep(seconds)
+    os.remove(path)
+    return n

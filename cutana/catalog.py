@@ -1,0 +1,977 @@
+# Licensed under a 3-clause BSD style license - see LICENSE.rst
+"""
+Source catalogues: read any table astropy reads, find the columns, validate.
+
+`read_catalog` turns a catalogue file (CSV, ECSV, FITS table, Parquet,
+VOTable) or an in-memory `~astropy.table.Table` or pandas ``DataFrame`` into a
+`Catalog` of plain arrays: source id, RA, Dec, size, and optionally the tile
+files of ESA Cutana's ``fits_file_paths`` column.
+
+Validation never drops a row. Each invalid row keeps its place, gets the
+status `~cutana.Status.BAD_ROW` and a message that names the file, the row,
+the column and the offending value. Only problems with the catalogue as a
+whole (missing or unreadable file, no RA or Dec column, no size anywhere)
+raise `~cutana.exceptions.CatalogError`.
+
+Row numbers are 0-based data rows: row 0 is the first source, whatever
+header lines or comments precede it in the file.
+"""
+
+import ast
+import csv
+import difflib
+import logging
+import numbers
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+from astropy import units as u
+from astropy.table import Table
+
+from .exceptions import CatalogError, ConfigError
+from .status import Status
+
+__all__ = [
+    "COLUMN_ALIASES",
+    "MAX_SIZE_ARCSEC",
+    "MAX_SIZE_PIXEL",
+    "Catalog",
+    "read_catalog",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Accepted column names per role, compared case-insensitively, in order of
+#: preference.
+COLUMN_ALIASES = {
+    "id": ("sourceid", "source_id", "object_id", "objectid", "id"),
+    "ra": ("ra", "ra_deg", "right_ascension", "raj2000", "ra_j2000", "alpha_j2000"),
+    "dec": (
+        "dec",
+        "dec_deg",
+        "declination",
+        "dej2000",
+        "decj2000",
+        "dec_j2000",
+        "delta_j2000",
+    ),
+    "diameter_pixel": ("diameter_pixel",),
+    "diameter_arcsec": ("diameter_arcsec",),
+    "files": ("fits_file_paths",),
+}
+
+#: Largest accepted cutout diameter in pixels.
+MAX_SIZE_PIXEL = 100_000
+#: Largest accepted cutout diameter in arcseconds (10 degrees).
+MAX_SIZE_ARCSEC = 36_000
+
+# reader formats by file-name ending (longest endings first)
+_FORMATS = (
+    (".fits.gz", "fits"),
+    (".fit.gz", "fits"),
+    (".fits", "fits"),
+    (".fit", "fits"),
+    (".fts", "fits"),
+    (".ecsv", "ascii.ecsv"),
+    (".csv", "ascii.csv"),
+    (".parquet", "parquet"),
+    (".pq", "parquet"),
+    (".votable", "votable"),
+    (".vot", "votable"),
+    (".xml", "votable"),
+)
+
+# longest text of a fits_file_paths cell that is parsed as a Python literal
+_MAX_LITERAL = 100_000
+
+
+# --------------------------------------------------------------------------
+# the result
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class Catalog:
+    """A validated source catalogue, one entry per input row.
+
+    Attributes
+    ----------
+    source_id : `~numpy.ndarray` of str
+        Source identifier per row (the row number as text when the catalogue
+        has no id column; ``''`` where the id is missing). Ids are data and
+        may contain any character; writers sanitise them for file names.
+    ra, dec : `~numpy.ndarray` of float64
+        Coordinates in degrees, RA wrapped into ``[0, 360)``; NaN where the
+        value is invalid.
+    size_pixel : `~numpy.ndarray` of float64
+        Cutout diameter in pixels, NaN where not given (or invalid).
+    size_arcsec : `~numpy.ndarray` of float64
+        Cutout diameter in arcseconds, NaN where not given (or invalid).
+        When a row has both, the pixel diameter takes precedence (see
+        `Catalog.diameter_pixels`).
+    fits_file_paths : list of tuple of str, or None
+        Per row, the tile files of the source, one per band (ESA Cutana's
+        ``fits_file_paths`` column; relative paths resolved against the
+        catalogue's folder), or None when the catalogue has no such column.
+        Rows whose cell is invalid hold an empty tuple.
+    status : `~numpy.ndarray` of int16
+        `~cutana.Status.OK` or `~cutana.Status.BAD_ROW` per row.
+    messages : dict
+        Row (int, 0-based) to a message naming the file, row, column and
+        value of each problem of that row; only bad rows have an entry.
+    source : str
+        The catalogue file path, or ``'<Table>'`` / ``'<DataFrame>'``.
+    columns : dict
+        The columns actually used, by role (``'id'``, ``'ra'``, ``'dec'``,
+        ``'diameter_pixel'``, ``'diameter_arcsec'``, ``'files'``).
+    """
+
+    source_id: np.ndarray
+    ra: np.ndarray
+    dec: np.ndarray
+    size_pixel: np.ndarray
+    size_arcsec: np.ndarray
+    fits_file_paths: list | None
+    status: np.ndarray
+    messages: dict
+    source: str
+    columns: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.source_id)
+
+    @property
+    def bad(self):
+        """Boolean mask of the rows marked `~cutana.Status.BAD_ROW`."""
+        return self.status == Status.BAD_ROW
+
+    def diameter_pixels(self, pixel_scale_arcsec=None):
+        """Return the cutout diameter of every row in pixels.
+
+        Parameters
+        ----------
+        pixel_scale_arcsec : float or array-like, optional
+            Pixel scale (arcsec per pixel), one value or one per row, used
+            for rows whose size is given in arcseconds only.
+
+        Returns
+        -------
+        diameter : `~numpy.ndarray` of float64
+            ``size_pixel`` where given, else ``size_arcsec /
+            pixel_scale_arcsec`` (NaN when no scale is given), NaN for rows
+            without any size.
+        """
+        diameter = self.size_pixel.copy()
+        if pixel_scale_arcsec is not None:
+            scale = np.broadcast_to(
+                np.asarray(pixel_scale_arcsec, dtype=np.float64), diameter.shape
+            )
+            use = ~np.isfinite(diameter)
+            diameter[use] = self.size_arcsec[use] / scale[use]
+        return diameter
+
+
+# --------------------------------------------------------------------------
+# reading tables
+# --------------------------------------------------------------------------
+
+
+class _Columns:
+    """Uniform column access over an astropy Table, a DataFrame or Arrow."""
+
+    def __init__(self, kind, obj, names, nrows):
+        self.kind = kind
+        self.obj = obj
+        self.names = names
+        self.nrows = nrows
+        self.overrides = {}  # name -> values replacing the table's column
+
+    def get(self, name):
+        """Return ``(values, mask, unit)`` of column ``name``.
+
+        ``values`` is a `~numpy.ndarray` (object, str, or numeric), ``mask``
+        a boolean array of missing cells or None, ``unit`` an astropy unit or
+        None.
+        """
+        if name in self.overrides:
+            return self.overrides[name], None, None
+        if self.kind == "table":
+            col = self.obj[name]
+            unit = getattr(col, "unit", None)
+            if isinstance(col, u.Quantity):
+                return np.asarray(col.value), None, unit
+            mask = None
+            if isinstance(col, np.ma.MaskedArray):
+                mask = np.ma.getmaskarray(col)
+                if not mask.any():
+                    mask = None
+            values = np.asarray(np.ma.getdata(col))
+            if mask is not None and mask.ndim > 1:
+                mask = mask.all(axis=tuple(range(1, mask.ndim)))
+            return values, mask, unit
+        if self.kind == "arrow":
+            col = self.obj.column(name)
+            mask = np.asarray(col.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+            values = np.asarray(col.to_numpy(zero_copy_only=False))
+            return values, (mask if mask.any() else None), None
+        # pandas DataFrame: positional access, the name may be any hashable
+        series = self.obj.iloc[:, self.names.index(name)]
+        mask = np.asarray(series.isna().to_numpy(), dtype=bool)
+        values = series.to_numpy()
+        return values, (mask if mask.any() else None), None
+
+
+def _format_of(path):
+    """Reader format for ``path`` from its name, or None to let astropy guess."""
+    lower = path.lower()
+    for ending, fmt in _FORMATS:
+        if lower.endswith(ending):
+            return fmt
+    return None
+
+
+def _starts_with_comment(path):
+    """True if the first non-blank line of a text file starts with ``#``."""
+    try:
+        with open(path, encoding="utf-8-sig", errors="replace") as f:
+            for line in f:
+                if line.strip():
+                    return line.lstrip().startswith("#")
+    except OSError:
+        return False
+    return False
+
+
+def _csv_header(path):
+    """The column names of a CSV file's header line (best effort)."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
+            for line in f:
+                if line.strip() and not line.lstrip().startswith("#"):
+                    return [name.strip() for name in next(csv.reader([line]))]
+    except OSError:
+        return []
+    return []
+
+
+def _int_text_is_exact(path, first_column):
+    """True if no CSV field of ``path`` looks like ``007``, ``-01`` or ``+5``.
+
+    Such fields change when parsed as integers. The scan is vectorised over
+    blocks of the file; with ``first_column`` only the first field of each
+    line is looked at.
+    """
+    seps = (10,) if first_column else (10, 44)  # newline, comma
+    tail = b"\n"
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(1 << 24)
+            block = tail + chunk
+            cut = block.rfind(b"\n") + 1 if chunk else len(block)
+            tail = block[max(cut - 1, 0) :]  # keep the newline before the tail
+            a = np.frombuffer(block, dtype=np.uint8, count=cut)
+            if len(a):
+                is_sep = a == seps[0]
+                for sep in seps[1:]:
+                    is_sep |= a == sep
+                starts = np.flatnonzero(is_sep[:-1]) + 1
+                for _ in range(3):  # skip a quote, blanks and a minus sign
+                    c = a[starts]
+                    if (c == 43).any():  # '+'
+                        return False
+                    starts = starts + ((c == 34) | (c == 32) | (c == 9) | (c == 45))
+                    starts = starts[starts < len(a) - 1]
+                c, nxt = a[starts], a[starts + 1]
+                if ((c == 48) & (nxt >= 48) & (nxt <= 57)).any():
+                    return False
+            if not chunk:
+                return True
+
+
+def _csv_text_column(path, name, nrows, kind, comments):
+    """Column ``name`` of a CSV file as text, or None to keep the parsed values.
+
+    The fast CSV reader turns the id ``007`` into the integer 7; ids must
+    stay as written, so a numeric id column is re-read as text with the
+    `csv` module unless a quick scan shows that no field can have changed.
+    """
+    try:
+        header = _csv_header(path)
+        if kind in "iu" and _int_text_is_exact(path, header[:1] == [name]):
+            return None
+        with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
+            reader = csv.reader(f)
+            header = None
+            values = []
+            for row in reader:
+                if not row or (len(row) == 1 and not row[0].strip()):
+                    continue
+                if comments and row[0].lstrip().startswith("#"):
+                    continue
+                if header is None:
+                    header = [h.strip() for h in row]
+                    if header.count(name) != 1:
+                        return None
+                    j = header.index(name)
+                    continue
+                values.append(row[j].strip() if len(row) > j else "")
+    except (OSError, csv.Error):
+        return None
+    if header is None or len(values) != nrows:
+        logger.debug("CSV rows of %s do not line up; keeping parsed ids", path)
+        return None
+    return np.array(values, dtype=str) if values else np.zeros(0, dtype="<U1")
+
+
+def _read_parquet(path):
+    """Read a Parquet file with pyarrow (list cells and strings kept intact)."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as exc:
+        msg = (
+            f"reading the Parquet catalogue {path!r} needs pyarrow: pip install pyarrow"
+        )
+        raise CatalogError(msg) from exc
+    table = pq.read_table(path)
+    return _Columns(
+        "arrow", table, [str(n) for n in table.column_names], table.num_rows
+    )
+
+
+def _load(catalog, id_column):
+    """Open ``catalog`` as `_Columns`; return ``(columns, source, label, folder)``."""
+    if isinstance(catalog, Table):
+        cols = _Columns("table", catalog, list(catalog.colnames), len(catalog))
+        return cols, "<Table>", "<Table>", None
+    if hasattr(catalog, "iloc") and hasattr(catalog, "columns"):
+        names = [str(c) for c in catalog.columns]
+        cols = _Columns("pandas", catalog, names, len(catalog))
+        return cols, "<DataFrame>", "<DataFrame>", None
+    if not isinstance(catalog, str | os.PathLike):
+        msg = (
+            "catalog must be a file path, an astropy Table or a pandas DataFrame, "
+            f"got {type(catalog).__name__}"
+        )
+        raise TypeError(msg)
+
+    path = os.fspath(catalog)
+    label = os.path.basename(path) or path
+    if not os.path.exists(path):
+        msg = f"catalogue file {path!r} does not exist"
+        raise CatalogError(msg)
+    if os.path.isdir(path):
+        msg = f"catalogue {path!r} is a folder, not a table file"
+        raise CatalogError(msg)
+    fmt = _format_of(path)
+    try:
+        if fmt == "parquet":
+            cols = _read_parquet(path)
+        else:
+            kwargs = {} if fmt is None else {"format": fmt}
+            if fmt == "ascii.csv" and _starts_with_comment(path):
+                kwargs["comment"] = r"\s*#"
+            table = Table.read(path, **kwargs)
+            for name in list(table.colnames):
+                if name.startswith("\ufeff"):  # byte-order mark of the first column
+                    table.rename_column(name, name.lstrip("\ufeff"))
+            cols = _Columns("table", table, list(table.colnames), len(table))
+    except CatalogError:
+        raise
+    except Exception as exc:  # any reader failure is a file-level problem
+        how = f"as {fmt}" if fmt else "in any format astropy knows"
+        msg = f"cannot read catalogue {path!r} {how}: {type(exc).__name__}: {exc}"
+        raise CatalogError(msg) from exc
+
+    if fmt == "ascii.csv":
+        # keep ids exactly as written (leading zeros, signs) when the fast
+        # reader parsed them as numbers
+        name = _resolve(cols.names, "id", id_column, path, required=False)
+        if name is not None:
+            values, _, _ = cols.get(name)
+            if values.dtype.kind in "iuf":
+                text = _csv_text_column(
+                    path,
+                    name,
+                    cols.nrows,
+                    values.dtype.kind,
+                    _starts_with_comment(path),
+                )
+                if text is not None:
+                    cols.overrides[name] = text
+    return cols, path, label, os.path.dirname(os.path.abspath(path))
+
+
+# --------------------------------------------------------------------------
+# column lookup
+# --------------------------------------------------------------------------
+
+
+def _closest(names, candidates):
+    """The name in ``names`` most similar to any of ``candidates``, or None."""
+    best, best_ratio = None, 0.0
+    for name in names:
+        for cand in candidates:
+            ratio = difflib.SequenceMatcher(None, name.lower(), cand.lower()).ratio()
+            if ratio > best_ratio:
+                best, best_ratio = name, ratio
+    return best if best_ratio >= 0.6 else None
+
+
+def _resolve(names, role, override, source, *, required, keyword=None):
+    """Find the column of ``role`` among ``names``; raise or return None."""
+    keyword = keyword or f"{role}_column"
+    if override is not None:
+        if override in names:
+            return override
+        lower = {n.lower(): n for n in reversed(names)}
+        if str(override).lower() in lower:
+            return lower[str(override).lower()]
+        hint = _closest(names, [str(override)])
+        msg = (
+            f"catalogue {source!r} has no column {override!r} (given as {keyword}); "
+            f"columns present: {', '.join(map(repr, names)) or 'none'}"
+        )
+        if hint is not None:
+            msg += f". Did you mean {hint!r}?"
+        raise CatalogError(msg)
+    lower = {}
+    for n in names:
+        lower.setdefault(n.lower().strip(), n)
+    for alias in COLUMN_ALIASES[role]:
+        if alias in lower:
+            return lower[alias]
+    if not required:
+        return None
+    hint = _closest(names, COLUMN_ALIASES[role])
+    msg = (
+        f"catalogue {source!r} has no {_ROLE_NAMES[role]} column "
+        f"(looked for {', '.join(COLUMN_ALIASES[role])}, in any case); "
+        f"columns present: {', '.join(map(repr, names)) or 'none'}"
+    )
+    if hint is not None:
+        msg += f". Did you mean {hint!r}? Pass {keyword}={hint!r} to use it"
+    else:
+        msg += f". Pass {keyword}=NAME to name the column"
+    raise CatalogError(msg)
+
+
+# --------------------------------------------------------------------------
+# value conversion
+# --------------------------------------------------------------------------
+
+_OK, _MISSING, _NOT_NUMBER = 0, 1, 2
+_ROLE_NAMES = {"ra": "RA", "dec": "Dec", "id": "id", "files": "fits_file_paths"}
+
+
+def _text(values):
+    """A str array from a bytes, str or object array (None -> '')."""
+    if values.dtype.kind == "S":
+        return np.char.decode(values, "utf-8", errors="replace")
+    if values.dtype.kind == "U":
+        return values
+    out = [
+        ""
+        if v is None
+        else (v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v))
+        for v in values.tolist()
+    ]
+    return np.array(out, dtype=str) if out else np.zeros(0, dtype="<U1")
+
+
+def _to_float(values, mask):
+    """Convert a column to float64; return ``(floats, problem)``.
+
+    ``problem`` is ``_OK``, ``_MISSING`` (masked, None or blank) or
+    ``_NOT_NUMBER`` per row. Non-finite numbers are ``_OK`` here.
+    """
+    n = len(values)
+    problem = np.zeros(n, dtype=np.int8)
+    out = None
+    if values.dtype.kind in "fiub":
+        out = values.astype(np.float64)
+    else:
+        if values.dtype.kind == "S":
+            values = np.char.decode(values, "utf-8", errors="replace")
+        if values.dtype.kind == "U":
+            try:
+                out = values.astype(np.float64)
+            except ValueError:
+                out = None
+        if out is None:
+            out = np.full(n, np.nan)
+            for i, v in enumerate(values.tolist()):
+                if v is None or (isinstance(v, str) and not v.strip()):
+                    problem[i] = _MISSING
+                    continue
+                try:
+                    out[i] = float(v)
+                except (TypeError, ValueError, OverflowError):
+                    problem[i] = _NOT_NUMBER
+    if mask is not None:
+        problem[mask] = _MISSING
+        out[mask] = np.nan
+    return out, problem
+
+
+def _angle_factor(unit, name):
+    """Factor from ``unit`` to degrees (1 when there is no angular unit)."""
+    if unit is None:
+        return 1.0
+    try:
+        return float(u.Unit(unit).to(u.deg))
+    except (u.UnitsError, ValueError, TypeError):
+        logger.debug("column %r has non-angular unit %s; taken as degrees", name, unit)
+        return 1.0
+
+
+def _show(value, limit=60):
+    """Short text of a cell value for a message."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    if isinstance(value, float | np.floating):
+        return repr(float(value))
+    if isinstance(value, np.integer):
+        return repr(int(value))
+    if isinstance(value, np.str_):
+        value = str(value)
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _ids(values, mask):
+    """Source ids as a str array and a boolean mask of missing ids."""
+    if values.dtype.kind == "f":
+        finite = np.isfinite(values)
+        integral = finite & (values == np.round(values)) & (np.abs(values) < 2**63)
+        out = values.astype(str)
+        out[integral] = values[integral].astype(np.int64).astype(str)
+        out[~finite] = ""
+        text = out
+    elif values.dtype.kind in "iub":
+        text = values.astype(str)
+    else:
+        text = _text(values)
+    if mask is not None:
+        text = np.array(text, copy=True)
+        text[mask] = ""
+    if len(text) == 0:
+        return text, np.zeros(0, dtype=bool)
+    missing = np.strings.str_len(np.strings.strip(text)) == 0
+    return text, missing
+
+
+def _parse_files(value, folder):
+    """One ``fits_file_paths`` cell as a tuple of paths, or None if invalid."""
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return None
+        if text[0] in "[(":
+            if len(text) > _MAX_LITERAL:
+                return None
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+                return None
+        else:
+            value = [text]
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list | tuple) or not value:
+        return None
+    paths = []
+    for p in value:
+        if isinstance(p, bytes):
+            p = p.decode("utf-8", "replace")
+        if not isinstance(p, str) or not p.strip():
+            return None
+        p = p.strip()
+        if folder is not None and "://" not in p:
+            p = os.path.expanduser(p)
+            if not os.path.isabs(p):
+                p = os.path.normpath(os.path.join(folder, p))
+        paths.append(p)
+    return tuple(paths)
+
+
+def _one_per_row(values, name, source):
+    """Raise CatalogError if column ``name`` holds more than one value per row."""
+    if values.ndim != 1:
+        msg = (
+            f"catalogue {source!r} column {name!r} holds {values.shape[1:]} values "
+            "per row, expected one"
+        )
+        raise CatalogError(msg)
+
+
+def _check_size_value(size):
+    """Validate the global ``size`` option (pixels) and return it as float."""
+    bad = isinstance(size, bool) or not isinstance(size, numbers.Real)
+    if not bad:
+        size = float(size)
+        bad = not (
+            np.isfinite(size) and 0 < size <= MAX_SIZE_PIXEL and np.round(size) >= 1
+        )
+    if bad:
+        msg = (
+            f"size must be a positive number of pixels (at least 1, at most "
+            f"{MAX_SIZE_PIXEL}), got {size!r}"
+        )
+        raise ConfigError(msg)
+    return size
+
+
+# --------------------------------------------------------------------------
+# the reader
+# --------------------------------------------------------------------------
+
+
+def read_catalog(
+    catalog,
+    *,
+    size=None,
+    id_column=None,
+    ra_column=None,
+    dec_column=None,
+    size_column=None,
+    files_column=None,
+) -> Catalog:
+    """Read and validate a source catalogue.
+
+    Parameters
+    ----------
+    catalog : str, `os.PathLike`, `~astropy.table.Table` or `pandas.DataFrame`
+        A table file or an in-memory table. The file format follows the
+        name: ``.csv``, ``.ecsv``, ``.fits``/``.fit`` (first table HDU),
+        ``.parquet``/``.pq``, ``.vot``/``.xml`` (VOTable); other names are
+        left to astropy's format guessing.
+    size : float, optional
+        One cutout diameter in pixels for all sources. It overrides any size
+        column (size columns are then not read or validated).
+    id_column, ra_column, dec_column : str, optional
+        Column names to use instead of the aliases (matched exactly, then
+        case-insensitively). Default aliases, case-insensitive:
+        id ``SourceID``, ``source_id``, ``object_id``, ``objectid``, ``id``;
+        RA ``RA``, ``ra_deg``, ``RIGHT_ASCENSION`` (and ``RAJ2000``,
+        ``ALPHA_J2000``); Dec ``Dec``, ``dec_deg``, ``DECLINATION`` (and
+        ``DEJ2000``, ``DELTA_J2000``).
+    size_column : str, optional
+        The size column to use instead of ``diameter_pixel`` /
+        ``diameter_arcsec``. Its values are diameters in arcseconds if its
+        name ends in ``arcsec`` (any case), in pixels otherwise.
+    files_column : str or False, optional
+        The column of per-source tile files (default ``fits_file_paths`` if
+        present). Pass False to ignore such a column (for example when the
+        tiles are given separately).
+
+    Returns
+    -------
+    catalog : `Catalog`
+        One entry per input row, in input order; no row is ever dropped.
+
+    Raises
+    ------
+    CatalogError
+        If the file is missing or unreadable, has no RA or Dec column (the
+        message lists the columns present and suggests the closest name), a
+        named column does not exist, or no size is available at all (no
+        ``size`` and no size column).
+    ConfigError
+        If ``size`` is not a positive finite number of pixels.
+    TypeError
+        If ``catalog`` is not a path or a table.
+
+    Notes
+    -----
+    Row numbers in messages are 0-based data rows (row 0 is the first
+    source). A row is marked `~cutana.Status.BAD_ROW` when
+
+    - RA or Dec is missing, not a number, or not finite;
+    - Dec is outside ``[-90, 90]``; RA is outside ``[-360, 360]`` (RA in
+      that range is wrapped into ``[0, 360)``);
+    - a size value is not a number, not positive, infinite, rounds to 0
+      pixels, or exceeds ``MAX_SIZE_PIXEL`` pixels / ``MAX_SIZE_ARCSEC``
+      arcsec; or the row has no size at all (missing values in one size
+      column are fine when the other size column gives a size);
+    - the id is empty or missing, or repeats an earlier row's id (the first
+      occurrence stays valid);
+    - the ``fits_file_paths`` cell is missing or is not a path or a list of
+      paths.
+
+    Invalid RA, Dec and size values become NaN. Relative paths in
+    ``fits_file_paths`` are resolved against the catalogue file's folder.
+    Without an id column, the id of each row is its row number.
+
+    Examples
+    --------
+    >>> from astropy.table import Table
+    >>> from cutana.catalog import read_catalog
+    >>> t = Table({"id": ["a", "b"], "ra": [10.0, 11.0], "dec": [1.0, 95.0]})
+    >>> cat = read_catalog(t, size=64)
+    >>> cat.status.tolist()
+    [0, 3]
+    >>> cat.messages[1]
+    "<Table> row 1 column 'dec': value 95.0 is outside [-90, 90]"
+    """
+    if size is not None:
+        size = _check_size_value(size)
+    cols, source, label, folder = _load(catalog, id_column)
+    names, n = cols.names, cols.nrows
+
+    ra_name = _resolve(names, "ra", ra_column, source, required=True)
+    dec_name = _resolve(names, "dec", dec_column, source, required=True)
+    id_name = _resolve(names, "id", id_column, source, required=False)
+    files_name = None
+    if files_column is not False:
+        files_name = _resolve(names, "files", files_column, source, required=False)
+
+    size_cols = []  # (name, unit) with unit 'pixel' or 'arcsec'
+    if size is None:
+        if size_column is not None:
+            name = _resolve(
+                names,
+                "diameter_pixel",
+                size_column,
+                source,
+                required=False,
+                keyword="size_column",
+            )
+            unit = "arcsec" if name.lower().endswith("arcsec") else "pixel"
+            size_cols.append((name, unit))
+        else:
+            for role, unit in (
+                ("diameter_pixel", "pixel"),
+                ("diameter_arcsec", "arcsec"),
+            ):
+                name = _resolve(names, role, None, source, required=False)
+                if name is not None:
+                    size_cols.append((name, unit))
+        if not size_cols:
+            msg = (
+                f"catalogue {source!r} gives no cutout size: pass --size N (size=N, "
+                "in pixels) or add a diameter_pixel or diameter_arcsec column "
+                f"(columns present: {', '.join(map(repr, names)) or 'none'})"
+            )
+            raise CatalogError(msg)
+
+    problems = {}
+
+    def report(rows, column, text_of):
+        for i in np.flatnonzero(rows).tolist():
+            problems.setdefault(i, []).append(f"column {column!r}: {text_of(i)}")
+
+    # ---- coordinates
+    coords = {}
+    for role, name in (("ra", ra_name), ("dec", dec_name)):
+        raw, mask, unit = cols.get(name)
+        _one_per_row(raw, name, source)
+        values, problem = _to_float(raw, mask)
+        values = values * _angle_factor(unit, name)
+        report(problem == _MISSING, name, lambda i: "value is missing")
+        report(
+            problem == _NOT_NUMBER,
+            name,
+            lambda i, raw=raw: f"value {_show(raw[i])} is not a number",
+        )
+        finite = np.isfinite(values)
+        report(
+            (problem == _OK) & ~finite,
+            name,
+            lambda i, v=values: f"value {_show(v[i])} is not finite",
+        )
+        with np.errstate(invalid="ignore"):
+            if role == "dec":
+                out = finite & ((values < -90) | (values > 90))
+                report(
+                    out,
+                    name,
+                    lambda i, v=values: f"value {_show(v[i])} is outside [-90, 90]",
+                )
+            else:
+                out = finite & ((values < -360) | (values > 360))
+                report(
+                    out,
+                    name,
+                    lambda i, v=values: (
+                        f"value {_show(v[i])} is outside [0, 360) and cannot be "
+                        "wrapped "
+                        "(RA in [-360, 360] is taken modulo 360)"
+                    ),
+                )
+        values = np.where(finite & ~out, values, np.nan)
+        if role == "ra":
+            values = np.mod(values, 360.0)
+            values[values >= 360.0] = 0.0  # -1e-20 % 360 == 360.0
+        coords[role] = values
+
+    # ---- sizes
+    size_pixel = np.full(n, np.nan)
+    size_arcsec = np.full(n, np.nan)
+    if size is not None:
+        size_pixel[:] = size
+    else:
+        has_size = np.zeros(n, dtype=bool)
+        absent = []
+        for name, unit in size_cols:
+            raw, mask, _ = cols.get(name)
+            _one_per_row(raw, name, source)
+            values, problem = _to_float(raw, mask)
+            limit = MAX_SIZE_PIXEL if unit == "pixel" else MAX_SIZE_ARCSEC
+            report(
+                problem == _NOT_NUMBER,
+                name,
+                lambda i, raw=raw: f"value {_show(raw[i])} is not a number",
+            )
+            with np.errstate(invalid="ignore"):
+                given = (problem == _OK) & ~np.isnan(values)
+                nonpos = given & (values <= 0)
+                infinite = given & np.isinf(values)
+                big = given & ~infinite & (values > limit)
+                tiny = (
+                    given & ~nonpos & ~infinite & (np.round(values) < 1)
+                    if unit == "pixel"
+                    else np.zeros(n, bool)
+                )
+            report(
+                nonpos,
+                name,
+                lambda i, v=values: f"value {_show(v[i])} is not a positive size",
+            )
+            report(
+                infinite, name, lambda i, v=values: f"value {_show(v[i])} is not finite"
+            )
+            report(
+                big,
+                name,
+                lambda i, v=values, lim=limit, un=unit: (
+                    f"value {_show(v[i])} exceeds {lim} {un}s"
+                ),
+            )
+            report(
+                tiny,
+                name,
+                lambda i, v=values: f"value {_show(v[i])} rounds to 0 pixels",
+            )
+            valid = given & ~nonpos & ~infinite & ~big & ~tiny
+            has_size |= valid
+            clean = np.where(valid, values, np.nan)
+            if unit == "pixel":
+                size_pixel = clean
+            else:
+                size_arcsec = clean
+            absent.append((name, values, problem))
+        lacking = ~has_size
+        for _name, values, problem in absent:
+            lacking &= (problem == _MISSING) | ((problem == _OK) & np.isnan(values))
+        for i in np.flatnonzero(lacking).tolist():
+            parts = [
+                f"column {name!r}: value "
+                + ("is missing" if problem[i] == _MISSING else f"{_show(values[i])}")
+                for name, values, problem in absent
+            ]
+            problems.setdefault(i, []).append(
+                "; ".join(parts)
+                + ", so the row has no size (pass --size or fill the column)"
+            )
+
+    # ---- ids
+    if id_name is not None:
+        raw, mask, _ = cols.get(id_name)
+        _one_per_row(raw, id_name, source)
+        ids, missing = _ids(raw, mask)
+        report(
+            missing,
+            id_name,
+            lambda i, t=ids: (
+                "value is missing" if not t[i] else f"value {_show(t[i])} is empty"
+            ),
+        )
+        if n:
+            present = np.flatnonzero(~missing)
+            _, first, inverse = np.unique(
+                ids[present], return_index=True, return_inverse=True
+            )
+            first_row = present[first][inverse.ravel()]
+            dup = np.zeros(n, dtype=bool)
+            dup[present] = first_row != present
+            first_of = np.full(n, -1, dtype=np.int64)
+            first_of[present] = first_row
+            report(
+                dup,
+                id_name,
+                lambda i, t=ids, f=first_of: (
+                    f"value {_show(t[i])} duplicates the id of row {f[i]}"
+                ),
+            )
+    else:
+        ids = np.arange(n).astype(str) if n else np.zeros(0, dtype="<U1")
+
+    # ---- tile files
+    files = None
+    if files_name is not None:
+        raw, mask, _ = cols.get(files_name)
+        cache = {}
+        files = []
+        bad_files = np.zeros(n, dtype=bool)
+        # object cells may be arrays (Parquet lists); a 2-D column (FITS
+        # fixed-width array) gives one list of paths per row
+        cells = list(raw) if raw.dtype.kind == "O" else raw.tolist()
+        for i, cell in enumerate(cells):
+            if mask is not None and mask[i]:
+                parsed = None
+            elif isinstance(cell, str):
+                parsed = cache.get(cell, False)
+                if parsed is False:
+                    parsed = cache[cell] = _parse_files(cell, folder)
+            else:
+                parsed = _parse_files(cell, folder)
+            if parsed is None:
+                bad_files[i] = True
+                files.append(())
+            else:
+                files.append(parsed)
+        report(
+            bad_files,
+            files_name,
+            lambda i, raw=raw, m=mask: (
+                "value is missing"
+                if (m is not None and m[i]) or raw[i] is None
+                else f"value {_show(raw[i])} is not a file path or a list of file paths"
+            ),
+        )
+
+    status = np.full(n, Status.OK, dtype=np.int16)
+    messages = {}
+    for i in sorted(problems):
+        status[i] = Status.BAD_ROW
+        messages[i] = f"{label} row {i} " + "; ".join(problems[i])
+
+    used = {"id": id_name, "ra": ra_name, "dec": dec_name, "files": files_name}
+    for name, unit in size_cols:
+        used["diameter_" + unit] = name
+    n_bad = len(messages)
+    if n_bad:
+        logger.info("catalogue %s: %d of %d rows are bad", source, n_bad, n)
+    else:
+        logger.debug("catalogue %s: %d rows, all valid", source, n)
+    return Catalog(
+        source_id=ids,
+        ra=coords["ra"],
+        dec=coords["dec"],
+        size_pixel=size_pixel,
+        size_arcsec=size_arcsec,
+        fits_file_paths=files,
+        status=status,
+        messages=messages,
+        source=source,
+        columns=used,
+    )

@@ -1,0 +1,353 @@
+# Licensed under a 3-clause BSD style license - see LICENSE.rst
+"""
+The ``cutana`` command.
+
+Usage::
+
+    cutana run CATALOGUE --output OUT [--tiles PATH_OR_GLOB ...] [options]
+    cutana plan CATALOGUE [--tiles ...] [options]
+    cutana demo --output OUT
+    cutana verify OUT
+    cutana bench [--quick]
+
+Every ``run`` option maps one-to-one onto a keyword of
+`cutana.pipeline.make_cutouts`; a TOML file given with ``--config`` supplies
+defaults for the same options (keys are the option names, with ``-`` or
+``_``), and flags on the command line win over it.
+
+Exit codes: 0 when every catalogue row got its final status (bad rows and
+sources off every tile are results, not failures), 1 when a tile or job
+failed so that some sources could not be cut, 2 for a usage or
+configuration error.
+"""
+
+import argparse
+import difflib
+import json
+import logging
+import os
+import sys
+
+__all__ = ["main", "build_parser"]
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        msg = f"expected a positive integer, got {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+    if value < 1:
+        msg = f"expected a positive integer, got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        msg = f"expected a positive number, got {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+    if not value > 0 or value == float("inf"):
+        msg = f"expected a positive number, got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _add_run_options(p, *, with_output=True):
+    """Options shared by ``run`` and ``plan``."""
+    from .normalization import NORMALIZATIONS
+    from .pipeline import DTYPES, FORMATS, RESAMPLE
+
+    p.add_argument("catalogue", help="source catalogue (CSV, ECSV, FITS, Parquet, VOTable)")
+    if with_output:
+        p.add_argument("--output", "-o", required=True, help="output folder")
+    g = p.add_argument_group("tiles and sizes")
+    g.add_argument(
+        "--tiles", nargs="+", metavar="PATH_OR_GLOB",
+        help="tile FITS files or glob patterns (default: the catalogue's "
+        "fits_file_paths column)",
+    )
+    g.add_argument("--bands", nargs="+", metavar="BAND",
+                   help="bands to cut, in channel order (default: all, in order found)")
+    g.add_argument("--size", type=_positive_float, metavar="N",
+                   help="cutout size in pixels for every source (overrides "
+                   "diameter_pixel / diameter_arcsec columns)")
+    g.add_argument("--target-size", type=_positive_int, metavar="N",
+                   help="resample every cutout to N x N pixels")
+    g.add_argument("--resample", choices=RESAMPLE,
+                   help="resampling to --target-size (default: bilinear with "
+                   "--target-size, else none)")
+    g = p.add_argument_group("values")
+    g.add_argument("--normalize", choices=NORMALIZATIONS,
+                   help="stretch applied per cutout and band (default: none)")
+    g.add_argument("--dtype", choices=DTYPES, help="output data type (default: float32)")
+    g.add_argument("--percentile", type=_positive_float, metavar="P",
+                   help="percentile clip of the stretch (default: 99.8)")
+    g.add_argument("--stretch-a", type=_positive_float, metavar="A",
+                   help="softening of log (default 1000) and asinh (default 0.1)")
+    g.add_argument("--zscale-contrast", type=_positive_float, metavar="C",
+                   help="zscale contrast (default: 0.25)")
+    g.add_argument("--zscale-samples", type=_positive_int, metavar="N",
+                   help="zscale samples (default: 1000)")
+    g.add_argument("--crop", type=_positive_float, metavar="F",
+                   help="compute stretch limits on the central crop (fraction "
+                   "<= 1 of the size, or pixels)")
+    g.add_argument("--flux-conversion", action="store_true", default=None,
+                   help="convert pixel values to Jansky with the header zero point")
+    g.add_argument("--zeropoint-keyword", metavar="KEY",
+                   help="header keyword of the AB zero point (default: MAGZERO)")
+    g.add_argument("--channel-weights", nargs="+", type=float, metavar="W",
+                   help="one multiplicative weight per band")
+    g = p.add_argument_group("output and execution")
+    g.add_argument("--format", choices=FORMATS, help="output format (default: zarr)")
+    g.add_argument("--workers", type=_positive_int, metavar="N",
+                   help="worker processes (default: 1)")
+    g.add_argument("--threads", type=_positive_int, metavar="N",
+                   help="kernel threads per worker (default: 1)")
+    g.add_argument("--memory-limit", metavar="SIZE",
+                   help="memory budget of the whole run, e.g. 4GB (10^9 bytes) or "
+                   "4GiB (default: half the available memory)")
+    g.add_argument("--backend", choices=("serial", "processes", "dask"),
+                   help="where jobs run (default: serial for 1 worker, else processes)")
+    g.add_argument("--scheduler", metavar="ADDRESS", help="Dask scheduler address")
+    g.add_argument("--max-sources-per-job", type=_positive_int, metavar="N",
+                   help="cap on sources per job")
+    g.add_argument("--config", metavar="FILE.toml",
+                   help="TOML file with defaults for these options")
+
+
+_RUN_KEYS = (
+    "tiles", "bands", "size", "target_size", "resample", "normalize", "dtype",
+    "percentile", "stretch_a", "zscale_contrast", "zscale_samples", "crop",
+    "flux_conversion", "zeropoint_keyword", "channel_weights", "format", "workers",
+    "threads", "memory_limit", "backend", "scheduler", "max_sources_per_job",
+)
+_CONFIG_ONLY = ("catalogue", "output", "resume", "overwrite")
+
+
+def build_parser():
+    """Build the argument parser of the ``cutana`` command.
+
+    Returns
+    -------
+    parser : `argparse.ArgumentParser`
+        The parser with its sub-commands.
+    """
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="cutana",
+        description="Exact, fast, memory-bounded astronomical image cutouts at survey scale.",
+        epilog="Exit codes: 0 every row has its final status; 1 a tile or job failed; "
+        "2 usage or configuration error.",
+    )
+    parser.add_argument("--version", action="version", version=f"cutana {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="log more (-v info, -vv debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("run", help="cut every catalogue source out of the tiles",
+                       description="Cut every catalogue source out of the tiles and "
+                       "write one Zarr store or a folder of FITS files.")
+    _add_run_options(p)
+    p.add_argument("--resume", action="store_true", default=None,
+                   help="finish an interrupted run into --output")
+    p.add_argument("--overwrite", action="store_true", default=None,
+                   help="replace an existing --output")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--report-json", metavar="FILE", help="also write the run report as JSON")
+
+    p = sub.add_parser("plan", help="print the plan and memory estimate, cut nothing",
+                       description="Read the catalogue and tile headers, plan the jobs "
+                       "and print the plan with its memory estimate.")
+    _add_run_options(p, with_output=False)
+
+    p = sub.add_parser("demo", help="generate a small synthetic survey and run on it",
+                       description="Generate a small synthetic Euclid-like survey "
+                       "(4 bands, 2 tiles) and cut it.")
+    p.add_argument("--output", "-o", default="cutana-demo", help="output folder")
+    p.add_argument("--workers", type=_positive_int, default=1, metavar="N")
+    p.add_argument("--format", choices=("zarr", "fits"), default="zarr")
+    p.add_argument("--n-sources", type=_positive_int, default=500, metavar="N")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing demo")
+
+    p = sub.add_parser("verify", help="check an output against its catalogue and ledger",
+                       description="Check an output: every row accounted for, statuses "
+                       "consistent, chunks present and matching their checksums.")
+    p.add_argument("output", help="output folder of a run")
+
+    p = sub.add_parser("bench", help="run the benchmark harness",
+                       description="Run benchmark scenarios against Astropy (and ESA "
+                       "Cutana when --cutana-python is given).")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the harness")
+    return parser
+
+
+def _load_config(path, parser):
+    """Read a TOML config file; unknown keys are errors with a suggestion."""
+    import tomllib
+
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        parser.error(f"config file {path!r} does not exist")
+    except tomllib.TOMLDecodeError as exc:
+        parser.error(f"config file {path!r} is not valid TOML: {exc}")
+    if "run" in data and isinstance(data["run"], dict):
+        data = {**{k: v for k, v in data.items() if k != "run"}, **data["run"]}
+    known = set(_RUN_KEYS) | set(_CONFIG_ONLY)
+    out = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            parser.error(f"config file {path!r}: unknown key {key!r}{hint}")
+        out[name] = value
+    return out
+
+
+def _options(args, config):
+    """Merge config-file values and flags (flags win) into make_cutouts kwargs."""
+    opts = {}
+    for key in _RUN_KEYS:
+        value = getattr(args, key, None)
+        if value is None:
+            value = config.get(key)
+        if value is not None:
+            opts[key] = value
+    if isinstance(opts.get("tiles"), str):
+        opts["tiles"] = [opts["tiles"]]
+    if isinstance(opts.get("bands"), str):
+        opts["bands"] = [opts["bands"]]
+    return opts
+
+
+def _setup_logging(verbose):
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+def main(args=None):
+    """Run the ``cutana`` command.
+
+    Parameters
+    ----------
+    args : list of str, optional
+        Command-line arguments (default: ``sys.argv[1:]``).
+
+    Returns
+    -------
+    code : int
+        The exit code (0, 1 or 2).
+    """
+    parser = build_parser()
+    ns = parser.parse_args(args)
+    _setup_logging(ns.verbose)
+    from .exceptions import CatalogError, ConfigError
+
+    try:
+        if ns.command == "run":
+            return _cmd_run(ns, parser)
+        if ns.command == "plan":
+            return _cmd_plan(ns, parser)
+        if ns.command == "demo":
+            return _cmd_demo(ns)
+        if ns.command == "verify":
+            return _cmd_verify(ns)
+        if ns.command == "bench":
+            from .bench.harness import main as bench_main
+
+            return bench_main(ns.args)
+    except (ConfigError, CatalogError) as exc:
+        print(f"cutana: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_USAGE  # pragma: no cover
+
+
+def _cmd_run(ns, parser):
+    from .pipeline import make_cutouts
+
+    config = _load_config(ns.config, parser) if ns.config else {}
+    catalogue = ns.catalogue or config.get("catalogue")
+    output = ns.output or config.get("output")
+    resume = ns.resume if ns.resume is not None else bool(config.get("resume", False))
+    overwrite = ns.overwrite if ns.overwrite is not None else bool(config.get("overwrite", False))
+    report = make_cutouts(
+        catalogue,
+        output,
+        resume=resume,
+        overwrite=overwrite,
+        progress=False if ns.no_progress else None,
+        **_options(ns, config),
+    )
+    print(report.summary(), file=sys.stderr)
+    if ns.report_json:
+        with open(ns.report_json, "w") as fh:
+            json.dump(report.to_dict(), fh, indent=1, default=str)
+    return report.exit_code
+
+
+def _cmd_plan(ns, parser):
+    from .pipeline import plan_cutouts
+
+    config = _load_config(ns.config, parser) if ns.config else {}
+    plan = plan_cutouts(ns.catalogue, **_options(ns, config))
+    print(plan.summary())
+    return EXIT_OK
+
+
+def _cmd_demo(ns):
+    from .bench.synthetic import make_demo_survey
+    from .pipeline import make_cutouts
+
+    survey_dir = os.path.join(ns.output, "survey")
+    out_dir = os.path.join(ns.output, "cutouts")
+    if os.path.exists(ns.output) and os.listdir(ns.output) and not ns.overwrite:
+        print(f"cutana: error: {ns.output!r} exists; pass --overwrite to replace it",
+              file=sys.stderr)
+        return EXIT_USAGE
+    survey = make_demo_survey(survey_dir, n_sources=ns.n_sources)
+    print(f"synthetic survey: {len(survey.tile_paths)} tiles x {len(survey.bands)} bands, "
+          f"{survey.n_sources} sources in {survey_dir}", file=sys.stderr)
+    report = make_cutouts(
+        survey.catalogue_path,
+        out_dir,
+        overwrite=True,
+        target_size=64,
+        resample="bilinear",
+        normalize="asinh",
+        dtype="uint8",
+        flux_conversion=True,
+        format=ns.format,
+        workers=ns.workers,
+    )
+    print(report.summary(), file=sys.stderr)
+    print(f"read it back with: python -c \"import cutana; a = cutana.open('{out_dir}'); "
+          "print(a.images.shape)\"", file=sys.stderr)
+    return report.exit_code
+
+
+def _cmd_verify(ns):
+    from .verify import verify
+
+    problems = verify(ns.output)
+    for p in problems:
+        print(p)
+    if problems:
+        print(f"cutana verify: {len(problems)} problem(s) in {ns.output}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"cutana verify: {ns.output} is complete and consistent", file=sys.stderr)
+    return EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

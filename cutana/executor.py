@@ -1,0 +1,382 @@
+# Licensed under a 3-clause BSD style license - see LICENSE.rst
+"""
+Running tasks: serially, on worker processes, or on a Dask cluster.
+
+The executor knows nothing about tiles or output formats. It runs one
+picklable function over picklable tasks and hands each result (or, after
+the allowed retries, each failure) back to callbacks in the main process,
+which may answer with new tasks (the pipeline uses this to assemble output
+chunks as soon as all their rows are cut).
+
+Backends
+--------
+``serial``
+    In the calling process, one task at a time.
+``processes``
+    A `concurrent.futures.ProcessPoolExecutor` started with the
+    ``forkserver`` method. At most ``n_workers`` tasks run at once, and a
+    new task is admitted only while the estimated bytes of the tasks in
+    flight stay within the memory budget. A worker killed by the operating
+    system breaks the pool; the executor starts a new pool and retries the
+    tasks that were in flight.
+``dask``
+    A `distributed.Client`: an existing scheduler (``scheduler`` address or
+    ``client``), or a `distributed.LocalCluster` with ``n_workers``
+    single-threaded workers.
+"""
+
+import logging
+import multiprocessing
+import os
+import threading
+import time
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+
+__all__ = ["BACKENDS", "Executor", "MemorySampler", "TaskFailure"]
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("serial", "processes", "dask")
+
+
+@dataclass
+class TaskFailure:
+    """A task that failed after all its attempts.
+
+    Attributes
+    ----------
+    task : object
+        The task.
+    error : str
+        ``'ExceptionType: message'`` of the last attempt.
+    attempts : int
+        How many times the task was run.
+    """
+
+    task: object
+    error: str
+    attempts: int
+
+
+@dataclass
+class _Pending:
+    task: object
+    attempts: int = 0
+    errors: list = field(default_factory=list)
+
+
+def _describe(exc):
+    """``'Type: message'`` of an exception."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class MemorySampler:
+    """Sample the resident memory of this process and all its children.
+
+    Use as a context manager; ``peak`` is the largest sum of RSS seen and
+    ``samples`` the ``(seconds, bytes)`` series.
+
+    Parameters
+    ----------
+    interval : float, optional
+        Seconds between samples.
+    """
+
+    def __init__(self, interval=0.1):
+        self.interval = interval
+        self.peak = 0
+        self.samples = []
+        self._stop = threading.Event()
+        self._thread = None
+
+    def sample(self):
+        """Take one sample now.
+
+        Returns
+        -------
+        rss : int
+            Summed resident bytes of the process tree.
+        """
+        import psutil
+
+        proc = psutil.Process()
+        total = 0
+        try:
+            procs = [proc, *proc.children(recursive=True)]
+        except psutil.Error:  # pragma: no cover - process vanished
+            procs = [proc]
+        for p in procs:
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                continue
+        self.peak = max(self.peak, total)
+        return total
+
+    def _run(self):
+        t0 = time.perf_counter()
+        while not self._stop.is_set():
+            self.samples.append((time.perf_counter() - t0, self.sample()))
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread = threading.Thread(target=self._run, name="cutana-memory", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.samples.append((self.samples[-1][0] if self.samples else 0.0, self.sample()))
+        return False
+
+
+class Executor:
+    """Run tasks on a backend with bounded concurrency and memory.
+
+    Parameters
+    ----------
+    backend : {'serial', 'processes', 'dask'}, optional
+        Where tasks run.
+    n_workers : int, optional
+        Tasks that may run at once (worker processes).
+    memory_budget : int, optional
+        Bytes that the tasks in flight may use together (as estimated by
+        the ``cost`` callable of `run`); `None` for no limit. A task is
+        always admitted when nothing else runs.
+    retries : int, optional
+        How many times a failed task is run again before it is reported.
+    scheduler : str, optional
+        Address of a Dask scheduler (``dask`` backend).
+    client : `distributed.Client`, optional
+        An existing Dask client (``dask`` backend).
+    initializer : callable, optional
+        Called once in every worker process before its first task.
+
+    Raises
+    ------
+    ValueError
+        For an unknown backend or a worker count that is not positive.
+    """
+
+    def __init__(
+        self,
+        backend="serial",
+        n_workers=1,
+        *,
+        memory_budget=None,
+        retries=1,
+        scheduler=None,
+        client=None,
+        initializer=None,
+    ):
+        if backend not in BACKENDS:
+            msg = f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}"
+            raise ValueError(msg)
+        if not isinstance(n_workers, int) or n_workers < 1:
+            msg = f"n_workers must be a positive integer, got {n_workers!r}"
+            raise ValueError(msg)
+        if not isinstance(retries, int) or retries < 0:
+            msg = f"retries must be a non-negative integer, got {retries!r}"
+            raise ValueError(msg)
+        self.backend = backend
+        self.n_workers = n_workers
+        self.memory_budget = memory_budget
+        self.retries = retries
+        self.scheduler = scheduler
+        self.client = client
+        self.initializer = initializer
+
+    # ------------------------------------------------------------------
+    def run(self, func, tasks, *, cost=None, on_done=None, on_failed=None):
+        """Run ``func`` over ``tasks`` and hand results to the callbacks.
+
+        Parameters
+        ----------
+        func : callable
+            A picklable module-level function ``func(task) -> result``.
+        tasks : iterable
+            Picklable tasks, submitted in order.
+        cost : callable, optional
+            ``cost(task) -> bytes`` estimated for the memory budget.
+        on_done : callable, optional
+            ``on_done(task, result)`` in the main process; may return an
+            iterable of new tasks to run.
+        on_failed : callable, optional
+            ``on_failed(failure: TaskFailure)`` after the last attempt; may
+            return new tasks.
+
+        Returns
+        -------
+        failures : list of `TaskFailure`
+            The tasks that failed after all attempts.
+        """
+        cost = cost or (lambda task: 0)
+        on_done = on_done or (lambda task, result: None)
+        failures = []
+
+        def failed(pending):
+            failure = TaskFailure(pending.task, pending.errors[-1], pending.attempts)
+            failures.append(failure)
+            logger.warning("task failed after %d attempt(s): %s", failure.attempts, failure.error)
+            return (on_failed(failure) if on_failed else None) or ()
+
+        queue = deque(_Pending(t) for t in tasks)
+        if self.backend == "serial":
+            self._run_serial(func, queue, on_done, failed)
+        elif self.backend == "processes":
+            self._run_processes(func, queue, cost, on_done, failed)
+        else:
+            self._run_dask(func, queue, on_done, failed)
+        return failures
+
+    # ------------------------------------------------------------------
+    def _run_serial(self, func, queue, on_done, failed):
+        if self.initializer is not None:
+            self.initializer()
+        while queue:
+            pending = queue.popleft()
+            while True:
+                pending.attempts += 1
+                try:
+                    result = func(pending.task)
+                except (MemoryError, KeyboardInterrupt):
+                    raise
+                except Exception as exc:  # noqa: BLE001 - recorded and retried
+                    pending.errors.append(_describe(exc))
+                    if pending.attempts <= self.retries:
+                        continue
+                    queue.extend(_Pending(t) for t in failed(pending))
+                    break
+                queue.extend(_Pending(t) for t in (on_done(pending.task, result) or ()))
+                break
+
+    # ------------------------------------------------------------------
+    def _new_pool(self):
+        ctx = multiprocessing.get_context("forkserver" if os.name == "posix" else "spawn")
+        return ProcessPoolExecutor(
+            max_workers=self.n_workers, mp_context=ctx, initializer=self.initializer
+        )
+
+    def _run_processes(self, func, queue, cost, on_done, failed):
+        pool = self._new_pool()
+        in_flight = {}  # future -> _Pending
+        used = 0
+        try:
+            while queue or in_flight:
+                # admit as many tasks as workers and the memory budget allow
+                while queue and len(in_flight) < self.n_workers:
+                    c = cost(queue[0].task)
+                    if (
+                        in_flight
+                        and self.memory_budget is not None
+                        and used + c > self.memory_budget
+                    ):
+                        break
+                    pending = queue.popleft()
+                    pending.attempts += 1
+                    fut = pool.submit(func, pending.task)
+                    fut.cutana_cost = c
+                    in_flight[fut] = pending
+                    used += c
+                done, _ = wait(list(in_flight), return_when=FIRST_COMPLETED)
+                broken = False
+                for fut in done:
+                    pending = in_flight.pop(fut)
+                    used -= fut.cutana_cost
+                    try:
+                        result = fut.result()
+                    except BrokenProcessPool as exc:
+                        broken = True
+                        pending.errors.append(
+                            "worker process died (killed by the operating system or "
+                            f"crashed): {_describe(exc)}"
+                        )
+                        self._retry_or_fail(pending, queue, failed)
+                        continue
+                    except (MemoryError, KeyboardInterrupt):
+                        raise
+                    except Exception as exc:  # noqa: BLE001 - recorded and retried
+                        pending.errors.append(_describe(exc))
+                        self._retry_or_fail(pending, queue, failed)
+                        continue
+                    queue.extend(_Pending(t) for t in (on_done(pending.task, result) or ()))
+                if broken:
+                    # every task still in flight died with the pool
+                    for fut, pending in list(in_flight.items()):
+                        pending.errors.append("worker pool broke while the task ran")
+                        self._retry_or_fail(pending, queue, failed)
+                    in_flight.clear()
+                    used = 0
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    logger.warning("a worker process died; starting a new pool")
+                    pool = self._new_pool()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _retry_or_fail(self, pending, queue, failed):
+        if pending.attempts <= self.retries:
+            queue.appendleft(pending)
+        else:
+            queue.extend(_Pending(t) for t in failed(pending))
+
+    # ------------------------------------------------------------------
+    def _run_dask(self, func, queue, on_done, failed):
+        try:
+            from distributed import Client, LocalCluster, as_completed
+        except ImportError as exc:  # pragma: no cover - optional dependency
+            msg = "the dask backend needs dask[distributed]: pip install 'cutana[dask]'"
+            raise ImportError(msg) from exc
+        own_client = self.client is None
+        cluster = None
+        client = self.client
+        if client is None:
+            if self.scheduler:
+                client = Client(self.scheduler)
+            else:
+                cluster = LocalCluster(
+                    n_workers=self.n_workers,
+                    threads_per_worker=1,
+                    processes=True,
+                    dashboard_address=None,
+                )
+                client = Client(cluster)
+        if self.initializer is not None:
+            client.run(self.initializer)
+        try:
+            pending_of = {}
+            ac = as_completed()
+            limit = max(self.n_workers, len(client.scheduler_info().get("workers", {})) or 1)
+
+            def submit_some():
+                while queue and len(pending_of) < 2 * limit:
+                    pending = queue.popleft()
+                    pending.attempts += 1
+                    fut = client.submit(func, pending.task, pure=False)
+                    pending_of[fut.key] = pending
+                    ac.add(fut)
+
+            submit_some()
+            while pending_of:
+                fut = next(ac)
+                pending = pending_of.pop(fut.key)
+                try:
+                    result = fut.result()
+                except (MemoryError, KeyboardInterrupt):
+                    raise
+                except Exception as exc:  # noqa: BLE001 - recorded and retried
+                    pending.errors.append(_describe(exc))
+                    self._retry_or_fail(pending, queue, failed)
+                else:
+                    queue.extend(_Pending(t) for t in (on_done(pending.task, result) or ()))
+                fut.release()
+                submit_some()
+        finally:
+            if own_client:
+                client.close()
+                if cluster is not None:
+                    cluster.close()

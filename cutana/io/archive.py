@@ -1,0 +1,641 @@
+# Licensed under a 3-clause BSD style license - see LICENSE.rst
+"""
+Reading cutana outputs back (`open_output`, exposed as ``cutana.open``) and
+checking them (`verify_output`, behind ``cutana verify``).
+"""
+
+import logging
+import os
+import warnings
+from functools import cached_property
+
+import numpy as np
+import zarr
+from astropy.io import fits
+from astropy.table import Table
+from astropy.wcs import WCS, FITSFixedWarning
+
+from ..status import Status
+from .fits import INDEX_NAME, _check_name
+from .ledger import Ledger
+from .zarr import ZarrWriter, chunk_digest
+
+__all__ = [
+    "CutoutArchive",
+    "FitsArchive",
+    "ZarrArchive",
+    "open_output",
+    "verify_output",
+]
+
+logger = logging.getLogger(__name__)
+
+_KNOWN = np.array(sorted(int(s) for s in Status if s != Status.PENDING), dtype=np.int16)
+_MAX_LISTED = 10
+
+
+def _wcs_from_header(text):
+    """Celestial WCS of a FITS header string."""
+    header = fits.Header.fromstring(text)
+    with warnings.catch_warnings():
+        # a tile header's harmless fixes (e.g. DATE-OBS format) are not news here
+        warnings.simplefilter("ignore", FITSFixedWarning)
+        return WCS(header).celestial
+
+
+class CutoutArchive:
+    """Common interface of a cutana output opened for reading.
+
+    Use `open_output` (``cutana.open``); subclasses are `ZarrArchive` and
+    `FitsArchive`.
+
+    Attributes
+    ----------
+    path : str
+        The output.
+    bands : list of str
+        Band names, in channel order.
+    config : dict
+        The run's configuration.
+    attrs : dict
+        All stored metadata.
+    """
+
+    path = None
+    bands = ()
+    config = None
+    attrs = None
+
+    def __len__(self):
+        return len(self.status)
+
+    def __repr__(self):
+        counts = {
+            Status(int(v)).name: int(c)
+            for v, c in zip(*np.unique(self.status, return_counts=True), strict=True)
+        }
+        name = type(self).__name__
+        return f"<{name} {self.path!r}: {len(self)} rows, bands {self.bands}, {counts}>"
+
+    def _row(self, i):
+        n = len(self)
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+            msg = f"row must be an integer, got {i!r}"
+            raise TypeError(msg)
+        if not -n <= i < n:
+            msg = f"row {i} is out of range for an output of {n} rows"
+            raise IndexError(msg)
+        return int(i) % n
+
+    def to_table(self):
+        """Return the per-source arrays as a table.
+
+        Returns
+        -------
+        table : `~astropy.table.Table`
+            Columns ``row``, ``source_id``, ``ra``, ``dec``, ``status``,
+            ``status_name`` and, where stored, ``tile``, ``origin`` and
+            ``box_shape``.
+        """
+        status = np.asarray(self.status)
+        names = np.array([s.name for s in Status], dtype=str)
+        codes = np.array([int(s) for s in Status])
+        lookup = {int(c): n for c, n in zip(codes, names, strict=True)}
+        table = Table(
+            {
+                "row": np.arange(len(status), dtype=np.int64),
+                "source_id": np.asarray(self.source_id, dtype=str),
+                "ra": np.asarray(self.ra, dtype=np.float64),
+                "dec": np.asarray(self.dec, dtype=np.float64),
+                "status": status,
+                "status_name": np.array(
+                    [lookup.get(int(v), "UNKNOWN") for v in status.tolist()], dtype=str
+                ),
+            }
+        )
+        table["ra"].unit = "deg"
+        table["dec"].unit = "deg"
+        for name in ("tile", "origin", "box_shape"):
+            values = getattr(self, name, None)
+            if values is not None:
+                table[name] = np.asarray(values)
+        table.meta["bands"] = list(self.bands)
+        return table
+
+
+class ZarrArchive(CutoutArchive):
+    """A cutana Zarr store opened for reading.
+
+    Parameters
+    ----------
+    path : str or path-like
+        The store folder.
+
+    Attributes
+    ----------
+    images : `zarr.Array`
+        ``(N, C, H, W)`` cutouts, read lazily.
+    """
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        self._group = zarr.open_group(self.path, mode="r", zarr_format=3)
+        self.attrs = self._group.attrs.asdict()
+        if "cutana_format" not in self.attrs:
+            msg = (
+                f"{self.path} is not a cutana Zarr store (no 'cutana_format' attribute)"
+            )
+            raise ValueError(msg)
+        self.bands = list(self.attrs["bands"])
+        self.config = self.attrs.get("config", {})
+        self.tiles = list(self.attrs.get("tiles", []))
+        self.out_shape = tuple(self.attrs["out_shape"])
+        self.images = self._group["images"]
+        self._arrays = {"images": self.images}
+        self._wcs_cache = {}
+
+    def _array(self, name):
+        if name not in self._arrays:
+            self._arrays[name] = self._group[name]
+        return self._arrays[name]
+
+    def _read(self, name):
+        return self._array(name)[:]
+
+    @cached_property
+    def source_id(self):
+        """`~numpy.ndarray` of str: ``(N,)`` catalogue ids."""
+        return _as_unicode(self._read("source_id"))
+
+    @cached_property
+    def ra(self):
+        """`~numpy.ndarray`: ``(N,)`` right ascensions (degrees)."""
+        return self._read("ra")
+
+    @cached_property
+    def dec(self):
+        """`~numpy.ndarray`: ``(N,)`` declinations (degrees)."""
+        return self._read("dec")
+
+    @cached_property
+    def status(self):
+        """`~numpy.ndarray`: ``(N,)`` int16 `~cutana.Status` codes."""
+        return self._read("status")
+
+    @cached_property
+    def tile(self):
+        """`~numpy.ndarray`: ``(N,)`` int32 tile index (-1: none)."""
+        return self._read("tile")
+
+    @cached_property
+    def origin(self):
+        """`~numpy.ndarray`: ``(N, 2)`` ``(x0, y0)`` of each box in its tile."""
+        return self._read("origin")
+
+    @cached_property
+    def box_shape(self):
+        """`~numpy.ndarray`: ``(N, 2)`` ``(ny, nx)`` of each box before resampling."""
+        return self._read("box_shape")
+
+    def __len__(self):
+        return int(self.images.shape[0])
+
+    def __getitem__(self, i):
+        """Return cutout ``i`` as a ``(C, H, W)`` array.
+
+        Parameters
+        ----------
+        i : int or slice
+            Row, or a slice of rows.
+
+        Returns
+        -------
+        image : `~numpy.ndarray`
+            ``(C, H, W)``, or ``(n, C, H, W)`` for a slice.
+        """
+        if isinstance(i, slice):
+            return self.images[i]
+        return self.images[self._row(i)]
+
+    def tile_wcs(self, tile, band=0):
+        """Return the WCS of one tile (of one band) as stored.
+
+        Parameters
+        ----------
+        tile : int
+            Index into the ``tiles`` attribute.
+        band : int, optional
+            Band index; bands without their own stored header use the first
+            band's.
+
+        Returns
+        -------
+        wcs : `~astropy.wcs.WCS`
+            The tile's celestial WCS.
+        """
+        key = (int(tile), int(band))
+        if key not in self._wcs_cache:
+            info = self.tiles[key[0]]
+            headers = info.get("headers")
+            text = headers[key[1]] if headers and headers[key[1]] else info["header"]
+            self._wcs_cache[key] = _wcs_from_header(text)
+        return self._wcs_cache[key]
+
+    def wcs(self, i, band=0):
+        """Return the WCS of cutout ``i``.
+
+        Rebuilt from the tile's stored header with
+        `cutana.cutout.cutout_wcs`, so it equals the WCS of
+        `astropy.nddata.Cutout2D` for an unresampled cutout.
+
+        Parameters
+        ----------
+        i : int
+            Row.
+        band : int, optional
+            Band index (bands share the tile's pixel grid unless the tile
+            stores one header per band).
+
+        Returns
+        -------
+        wcs : `~astropy.wcs.WCS`
+            The cutout's celestial WCS.
+
+        Raises
+        ------
+        ValueError
+            If row ``i`` has no cutout (it lies on no tile, or is a bad row).
+        """
+        from ..cutout import cutout_wcs
+
+        i = self._row(i)
+        if not 0 <= band < len(self.bands):
+            msg = f"band must be in [0, {len(self.bands)}), got {band!r}"
+            raise IndexError(msg)
+        tile = int(self._array("tile")[i])
+        if tile < 0:
+            status = Status(int(self._array("status")[i]))
+            msg = f"row {i} has no cutout (status {status.name}), so it has no WCS"
+            raise ValueError(msg)
+        origin = self._array("origin")[i]
+        box = self._array("box_shape")[i]
+        return cutout_wcs(self.tile_wcs(tile, band), origin, box, self.out_shape)
+
+
+class _FitsImages:
+    """Lazy ``(N, C, H, W)``-like access to the cutouts of a FITS output."""
+
+    def __init__(self, archive):
+        self._archive = archive
+
+    def __len__(self):
+        return len(self._archive)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return np.stack([self._archive[j] for j in range(*i.indices(len(self)))])
+        return self._archive[i]
+
+
+class FitsArchive(CutoutArchive):
+    """A cutana FITS output folder opened for reading (through its index).
+
+    Parameters
+    ----------
+    path : str or path-like
+        The folder holding ``index.ecsv``.
+    """
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        table = Table.read(os.path.join(self.path, INDEX_NAME), format="ascii.ecsv")
+        self.table = table
+        self.attrs = dict(table.meta)
+        self.bands = list(self.attrs.get("bands", []))
+        self.config = self.attrs.get("config", {})
+        self.source_id = _filled(table["source_id"], "").astype(str)
+        self.status = np.asarray(table["status"], dtype=np.int16)
+        self.files = _filled(table["file"], "").astype(str)
+        n = len(table)
+        self.ra = (
+            np.asarray(table["ra"], dtype=np.float64)
+            if "ra" in table.colnames
+            else np.full(n, np.nan)
+        )
+        self.dec = (
+            np.asarray(table["dec"], dtype=np.float64)
+            if "dec" in table.colnames
+            else np.full(n, np.nan)
+        )
+        self.images = _FitsImages(self)
+
+    def _file(self, i):
+        i = self._row(i)
+        name = self.files[i]
+        if not name:
+            status = Status(int(self.status[i])).name
+            msg = f"row {i} has no cutout file (status {status})"
+            raise ValueError(msg)
+        return os.path.join(self.path, _check_name(name))
+
+    def __getitem__(self, i):
+        """Return cutout ``i`` as a ``(C, H, W)`` array.
+
+        Parameters
+        ----------
+        i : int
+            Row.
+
+        Returns
+        -------
+        image : `~numpy.ndarray`
+            ``(C, H, W)``, read from the row's file.
+
+        Raises
+        ------
+        ValueError
+            If the row has no cutout file.
+        """
+        with fits.open(self._file(i)) as hdul:
+            return np.stack([np.asarray(hdu.data) for hdu in hdul[1:]])
+
+    def wcs(self, i, band=0):
+        """Return the WCS of cutout ``i`` from its file.
+
+        Parameters
+        ----------
+        i : int
+            Row.
+        band : int, optional
+            Band index.
+
+        Returns
+        -------
+        wcs : `~astropy.wcs.WCS`
+            The celestial WCS stored in the band's HDU.
+        """
+        with fits.open(self._file(i)) as hdul:
+            header = hdul[1 + int(band)].header
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FITSFixedWarning)
+                return WCS(header).celestial
+
+
+def _as_unicode(arr):
+    """A fixed-width ``<U`` copy of a string array (also numpy's StringDType)."""
+    arr = np.asarray(arr)
+    if arr.dtype.kind == "T":
+        width = int(np.strings.str_len(arr).max()) if arr.size else 0
+        return arr.astype(f"<U{max(width, 1)}")
+    return arr.astype(str)
+
+
+def _filled(col, value):
+    if hasattr(col, "filled"):
+        return np.asarray(col.filled(value))
+    return np.asarray(col)
+
+
+def open_output(path):
+    """Open a cutana output (Zarr store or FITS folder) for reading.
+
+    Parameters
+    ----------
+    path : str or path-like
+        The output given to ``cutana run --output``.
+
+    Returns
+    -------
+    archive : `CutoutArchive`
+        A `ZarrArchive` or a `FitsArchive`, with ``images``, ``source_id``,
+        ``ra``, ``dec``, ``status``, ``bands``, ``config``, ``attrs``,
+        ``len()``, ``archive[i]`` (a ``(C, H, W)`` array), ``wcs(i)`` and
+        ``to_table()``.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` holds neither a Zarr store nor a FITS index.
+
+    Examples
+    --------
+    >>> import cutana  # doctest: +SKIP
+    >>> out = cutana.open("cutouts.zarr")  # doctest: +SKIP
+    >>> out[0].shape, out.wcs(0)  # doctest: +SKIP
+    """
+    path = os.fspath(path)
+    if os.path.isfile(os.path.join(path, "zarr.json")):
+        return ZarrArchive(path)
+    if os.path.isfile(os.path.join(path, INDEX_NAME)):
+        return FitsArchive(path)
+    msg = f"{path} is not a cutana output (no zarr.json and no {INDEX_NAME})"
+    raise FileNotFoundError(msg)
+
+
+def _listed(rows):
+    rows = [int(r) for r in rows[:_MAX_LISTED]]
+    return ", ".join(map(str, rows))
+
+
+def _check_status(status, problems):
+    status = np.asarray(status)
+    pending = np.flatnonzero(status == Status.PENDING)
+    if len(pending):
+        problems.append(
+            f"{len(pending)} rows have no final status (pending), "
+            f"e.g. rows {_listed(pending)}"
+        )
+    unknown = np.flatnonzero(~np.isin(status, _KNOWN) & (status != Status.PENDING))
+    if len(unknown):
+        problems.append(
+            f"{len(unknown)} rows have an unknown status code, "
+            f"e.g. rows {_listed(unknown)} (codes {np.unique(status[unknown])[:5]})"
+        )
+
+
+def _verify_zarr(path, problems):
+    try:
+        writer = ZarrWriter.open(path)
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        problems.append(f"cannot open the store: {exc}")
+        return
+    group = writer._group
+    n = writer.n_rows
+    expected = {
+        "images": ((n, len(writer.bands), *writer.out_shape), writer.dtype),
+        "status": ((n,), np.dtype("int16")),
+        "tile": ((n,), np.dtype("int32")),
+        "origin": ((n, 2), np.dtype("int64")),
+        "box_shape": ((n, 2), np.dtype("int32")),
+        "ra": ((n,), np.dtype("float64")),
+        "dec": ((n,), np.dtype("float64")),
+        "source_id": ((n,), None),
+    }
+    for name, (shape, dtype) in expected.items():
+        if name not in group:
+            problems.append(f"array {name!r} is missing")
+            continue
+        arr = group[name]
+        if tuple(arr.shape) != shape:
+            problems.append(
+                f"array {name!r} has shape {tuple(arr.shape)}, expected {shape}"
+            )
+        if dtype is not None and np.dtype(arr.dtype) != dtype:
+            problems.append(f"array {name!r} has dtype {arr.dtype}, expected {dtype}")
+        elif dtype is None and np.dtype(arr.dtype).kind not in "UOT":
+            problems.append(f"array {name!r} has dtype {arr.dtype}, expected strings")
+        if (
+            name in ("images", "status", "tile", "origin", "box_shape")
+            and arr.chunks[0] != writer.chunk_rows
+        ):
+            problems.append(
+                f"array {name!r} has row chunks of {arr.chunks[0]}, "
+                f"expected {writer.chunk_rows}"
+            )
+    if problems:
+        return
+    _check_status(group["status"][:], problems)
+    tile = group["tile"][:]
+    bad = np.flatnonzero((tile < -1) | (tile >= len(writer.attrs.get("tiles", []))))
+    if len(bad):
+        problems.append(
+            f"{len(bad)} rows name a tile that is not listed, e.g. rows {_listed(bad)}"
+        )
+
+    # checksums: stored in the store once finalised, else in the ledger
+    checksums = {}
+    if "chunk_sha256" in group:
+        digests = group["chunk_sha256"][:]
+        if digests.shape != (writer.n_chunks, 32):
+            problems.append(
+                f"chunk_sha256 has shape {digests.shape}, "
+                f"expected {(writer.n_chunks, 32)}"
+            )
+        else:
+            checksums = {k: bytes(digests[k]).hex() for k in range(writer.n_chunks)}
+    ledger = Ledger(path).read()
+    for k, value in ledger.chunks.items():
+        if k in checksums and checksums[k] != value:
+            problems.append(f"chunk {k}: the ledger and chunk_sha256 disagree")
+        checksums.setdefault(k, value)
+    if not writer.attrs.get("complete"):
+        problems.append("the run has not been finalised (attribute complete is false)")
+    missing = [k for k in range(writer.n_chunks) if k not in checksums]
+    if missing:
+        problems.append(
+            f"{len(missing)} of {writer.n_chunks} chunks have no recorded "
+            f"checksum, e.g. chunks {_listed(missing)}"
+        )
+    mismatched, absent = [], []
+    for k in sorted(checksums):
+        if not 0 <= k < writer.n_chunks:
+            problems.append(f"checksum recorded for chunk {k}, which does not exist")
+            continue
+        if not writer.chunk_exists(k):
+            absent.append(k)
+            continue
+        try:
+            digest = chunk_digest(*writer.read_chunk(k))
+        except (RuntimeError, ValueError, OSError) as exc:  # undecodable chunk
+            logger.info("chunk %d of %s cannot be read: %s", k, path, exc)
+            digest = None
+        if digest != checksums[k]:
+            mismatched.append(k)
+    if absent:
+        problems.append(
+            f"{len(absent)} chunks are missing from the store, e.g. chunks "
+            f"{_listed(absent)}"
+        )
+    if mismatched:
+        problems.append(
+            f"{len(mismatched)} chunks do not match their checksum, e.g. chunks "
+            f"{_listed(mismatched)}"
+        )
+
+
+def _verify_fits(path, problems):
+    try:
+        archive = FitsArchive(path)
+    except (OSError, ValueError, KeyError) as exc:
+        problems.append(f"cannot read {INDEX_NAME}: {exc}")
+        return
+    n = len(archive.status)
+    rows = np.asarray(archive.table["row"])
+    if not np.array_equal(rows, np.arange(n)):
+        problems.append(f"{INDEX_NAME} does not list rows 0..{n - 1} in order")
+    _check_status(archive.status, problems)
+    has_cutout = np.isin(archive.status, [Status.OK, Status.PARTIAL_OVERLAP])
+    has_file = archive.files != ""
+    for label, sel in (
+        ("have a cutout status but no file", has_cutout & ~has_file),
+        ("have a file but no cutout status", ~has_cutout & has_file),
+    ):
+        bad = np.flatnonzero(sel)
+        if len(bad):
+            problems.append(f"{len(bad)} rows {label}, e.g. rows {_listed(bad)}")
+    shape = None
+    bad_files = []
+    for i in np.flatnonzero(has_file).tolist():
+        name = archive.files[i]
+        try:
+            this = _fits_file_shape(path, name, archive.bands)
+            if shape is None:
+                shape = this
+            elif this != shape:
+                msg = f"shape {this} differs from {shape}"
+                raise ValueError(msg)
+        except (OSError, ValueError, TypeError) as exc:
+            bad_files.append(f"row {i} ({name}): {exc}")
+    if bad_files:
+        problems.append(
+            f"{len(bad_files)} files are missing or wrong: "
+            + "; ".join(bad_files[:_MAX_LISTED])
+        )
+
+
+def _fits_file_shape(path, name, bands):
+    """Open one cutout file and return its ``(C, H, W)``; raise if it is wrong."""
+    _check_name(name)
+    with fits.open(os.path.join(path, name)) as hdul:
+        names = [hdu.name for hdu in hdul[1:]]
+        shapes = {None if hdu.data is None else hdu.data.shape for hdu in hdul[1:]}
+    if bands and [b.upper() for b in bands] != names:
+        msg = f"band HDUs {names} do not match the bands {list(bands)}"
+        raise ValueError(msg)
+    if len(shapes) != 1 or None in shapes:
+        msg = f"band images have shapes {sorted(map(str, shapes))}"
+        raise ValueError(msg)
+    return (len(names), *shapes.pop())
+
+
+def verify_output(path):
+    """Check a cutana output for completeness and integrity.
+
+    For a Zarr store: every array present with the right shape, dtype and
+    chunking; every row with a known, final status and a listed tile; every
+    chunk present and matching the checksum recorded for it (in the store's
+    ``chunk_sha256`` once finalised, or in the ledger). For a FITS folder:
+    the index lists every row with a known status, and every row with a
+    cutout has a readable file with one HDU per band, all of one shape.
+
+    Parameters
+    ----------
+    path : str or path-like
+        The output.
+
+    Returns
+    -------
+    problems : list of str
+        One message per problem found; empty if the output is sound.
+    """
+    path = os.fspath(path)
+    problems = []
+    if os.path.isfile(os.path.join(path, "zarr.json")):
+        _verify_zarr(path, problems)
+    elif os.path.isfile(os.path.join(path, INDEX_NAME)):
+        _verify_fits(path, problems)
+    else:
+        problems.append(
+            f"{path} is not a cutana output (no zarr.json and no {INDEX_NAME})"
+        )
+    return problems

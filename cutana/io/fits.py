@@ -1,0 +1,538 @@
+# Licensed under a 3-clause BSD style license - see LICENSE.rst
+"""
+The FITS output: one file per source, and an index of every catalogue row.
+
+Each file holds an empty primary HDU with the source's keywords and one
+image HDU per band (``EXTNAME`` = band name) with the cutout's WCS and the
+keywords ``SRCID`` (source id), ``RA``, ``DEC`` (degrees), ``ROW``
+(catalogue row), ``STATUS`` (`~cutana.Status` code) and ``TILE`` (file name
+of that band's tile). Files are written to a temporary name and renamed into
+place, so a file under its final name is always complete.
+
+``index.ecsv`` at the folder's root lists row, source id, status, file and
+message for every catalogue row, including rows without a cutout (empty
+``file``).
+
+File names come from source ids through `fits_filenames`: characters other
+than ``[A-Za-z0-9._-]`` become ``_``, a name never starts with ``.`` or
+``-``, long ids are cut, and a short hash of the original id is appended
+whenever the id had to be changed or its name would collide (also ignoring
+case) with another row's, so no id can name a file outside the folder or
+overwrite another source's file.
+"""
+
+import hashlib
+import logging
+import os
+import posixpath
+import re
+import uuid
+
+import numpy as np
+from astropy.io import fits
+from astropy.table import Table
+from astropy.wcs import WCS
+
+from ..status import Status
+from .staging import state_dir
+
+__all__ = ["FitsWriter", "INDEX_NAME", "fits_filenames", "write_index"]
+
+logger = logging.getLogger(__name__)
+
+#: Name of the index file at the root of a FITS output.
+INDEX_NAME = "index.ecsv"
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+_MAX_STEM = 80
+_HASH_LEN = 16
+_RESERVED = {
+    "con",
+    "prn",
+    "aux",
+    "nul",
+    "clock$",
+    "conin$",
+    "conout$",
+    *(f"com{i}" for i in range(10)),
+    *(f"lpt{i}" for i in range(10)),
+}
+_WRITTEN = (int(Status.OK), int(Status.PARTIAL_OVERLAP))
+
+
+def _id_hash(source_id):
+    data = str(source_id).encode("utf-8", "surrogatepass")
+    return hashlib.sha256(data).hexdigest()[:_HASH_LEN]
+
+
+def _sanitize(source_id):
+    """Return ``(stem, changed)`` for one id (before collision handling)."""
+    source_id = str(source_id)
+    stem = _UNSAFE.sub("_", source_id)
+    if stem[:1] in (".", "-"):
+        stem = "_" + stem[1:]
+    if len(stem) > _MAX_STEM:
+        stem = stem[:_MAX_STEM]
+    if not stem:
+        stem = "_"
+    if stem.split(".", 1)[0].lower() in _RESERVED:
+        stem = "_" + stem
+    return stem, stem != source_id
+
+
+def fits_filenames(source_id):
+    """Derive a safe, unique file name for every catalogue row.
+
+    The result depends only on the ids and their order, so every process of
+    a run (and a resumed run) derives the same names.
+
+    Parameters
+    ----------
+    source_id : array-like of str
+        ``(N,)`` source ids of the whole catalogue.
+
+    Returns
+    -------
+    names : `~numpy.ndarray`
+        ``(N,)`` str file names (``*.fits``), unique even when compared
+        without regard to case, each a plain name inside the output folder.
+        Ids made only of ``[A-Za-z0-9._-]`` (not starting with ``.`` or
+        ``-``, at most 80 characters) keep their name unless it collides.
+
+    Examples
+    --------
+    >>> from cutana.io import fits_filenames
+    >>> fits_filenames(["a_b", "a/b", "../x"]).tolist()  # doctest: +ELLIPSIS
+    ['a_b.fits', 'a_b_....fits', '_._x_....fits']
+    """
+    ids = np.asarray(source_id, dtype=str).ravel()
+    used = set()
+    names = []
+    for source in ids.tolist():
+        stem, changed = _sanitize(source)
+        name = f"{stem}_{_id_hash(source)}" if changed else stem
+        if name.lower() in used:
+            name = f"{stem}_{_id_hash(source)}"
+            extra = 1
+            while name.lower() in used:  # repeated ids, or a crafted id
+                name = f"{stem}_{_id_hash(source)}_{extra}"
+                extra += 1
+        used.add(name.lower())
+        names.append(name + ".fits")
+    return np.array(names, dtype=str)
+
+
+def _check_name(name):
+    """Refuse any file name that is not a plain name inside the folder."""
+    name = str(name)
+    if (
+        not name
+        or name in (".", "..")
+        or name.startswith(".")
+        or posixpath.basename(name) != name
+        or "\\" in name
+        or "\0" in name
+        or _UNSAFE.search(name)
+    ):
+        msg = f"unsafe output file name {name!r}; derive names with fits_filenames()"
+        raise ValueError(msg)
+    return name
+
+
+def _fits_text(value):
+    """Make a string safe for a FITS header value (printable ASCII)."""
+    text = str(value).encode("ascii", "backslashreplace").decode("ascii")
+    return "".join(c if 32 <= ord(c) < 127 else f"\\x{ord(c):02x}" for c in text)
+
+
+def _wcs_header(w):
+    if w is None:
+        return fits.Header()
+    if isinstance(w, fits.Header):
+        return w.copy()
+    if isinstance(w, WCS):
+        return w.to_header(relax=True)
+    msg = (
+        "wcs entries must be astropy WCS objects, FITS headers or None, "
+        f"got {type(w).__name__}"
+    )
+    raise TypeError(msg)
+
+
+def _fsync_write(hdul, final, tmp_dir):
+    tmp = os.path.join(
+        tmp_dir, f"{os.path.basename(final)}.{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    )
+    try:
+        with open(tmp, "wb") as fh:
+            hdul.writeto(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+class FitsWriter:
+    """Write one FITS file per source into an output folder.
+
+    Workers construct it cheaply (it only makes sure the folder exists); the
+    parent uses `FitsWriter.create` once at the start of a fresh run.
+
+    Parameters
+    ----------
+    out_dir : str or path-like
+        The output folder.
+    bands : list of str
+        Band names, in channel order; they become the ``EXTNAME`` values.
+    """
+
+    def __init__(self, out_dir, bands):
+        self.out_dir = os.fspath(out_dir)
+        self.bands = [str(b) for b in bands]
+        if not self.bands:
+            msg = "bands must name at least one band"
+            raise ValueError(msg)
+        self._tmp_dir = os.path.join(state_dir(self.out_dir), "tmp")
+        os.makedirs(self._tmp_dir, exist_ok=True)
+
+    def __repr__(self):
+        return f"<FitsWriter {self.out_dir!r}: bands {self.bands}>"
+
+    @classmethod
+    def create(cls, out_dir, bands, *, overwrite=False):
+        """Prepare the folder of a fresh run (parent process only).
+
+        Parameters
+        ----------
+        out_dir : str or path-like
+            The output folder; it must be new or empty, or hold an earlier
+            cutana FITS output and ``overwrite`` be true.
+        bands : list of str
+            Band names.
+        overwrite : bool, optional
+            Remove an earlier cutana output in the folder: its index, its
+            bookkeeping and the FITS files cutana wrote (listed in the index
+            or carrying the ``CUTANAV`` keyword). Other files are kept.
+
+        Returns
+        -------
+        writer : `FitsWriter`
+            A writer of the folder.
+
+        Raises
+        ------
+        FileExistsError
+            If the folder holds an earlier output and ``overwrite`` is false,
+            or holds files cutana did not write.
+        """
+        out_dir = os.fspath(out_dir)
+        if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+            msg = f"output {out_dir} exists and is a file, not a folder"
+            raise FileExistsError(msg)
+        if os.path.isdir(out_dir) and os.listdir(out_dir):
+            previous = os.path.exists(
+                os.path.join(out_dir, INDEX_NAME)
+            ) or os.path.isdir(state_dir(out_dir))
+            if not previous:
+                msg = (
+                    f"output folder {out_dir} is not empty and holds no cutana output; "
+                    "choose a new or empty folder"
+                )
+                raise FileExistsError(msg)
+            if not overwrite:
+                msg = (
+                    f"output {out_dir} already exists; pass overwrite=True "
+                    "(--overwrite) "
+                    "to replace it, or resume the run that made it (--resume)"
+                )
+                raise FileExistsError(msg)
+            _remove_fits_output(out_dir)
+        os.makedirs(out_dir, exist_ok=True)
+        return cls(out_dir, bands)
+
+    def clean_temporary(self):
+        """Remove temporary files of writes that were killed (parent only).
+
+        Returns
+        -------
+        n_removed : int
+            Number of files removed.
+        """
+        n = 0
+        for entry in os.scandir(self._tmp_dir):
+            if entry.is_file():
+                os.remove(entry.path)
+                n += 1
+        return n
+
+    def write_sources(
+        self, result, source_id, ra, dec, tile_paths, wcs, files, *, header=None
+    ):
+        """Write the files of one job's sources.
+
+        Only rows with status ``OK`` or ``PARTIAL_OVERLAP`` get a file; an
+        existing file of the same name (from an interrupted attempt) is
+        replaced atomically.
+
+        Parameters
+        ----------
+        result : `~cutana.io.JobResult`
+            The job's result (``images`` ``(n, C, H, W)``).
+        source_id : array-like of str
+            ``(n,)`` ids of the job's rows.
+        ra, dec : array-like of float
+            ``(n,)`` positions (degrees) of the job's rows.
+        tile_paths : sequence of str
+            Path or URL of the tile's file for each band (`None` for a
+            missing band); the ``TILE`` keyword holds its file name.
+        wcs : `~astropy.wcs.WCS` or sequence
+            Either the tile's WCS, from which each cutout's WCS is derived
+            with `cutana.cutout.cutout_wcs` (``result.origin``,
+            ``result.box_shape`` and the image shape), or ``n`` per-source
+            WCS objects or FITS headers (`None` for no WCS).
+        files : array-like of str
+            ``(n,)`` file names of the job's rows, from `fits_filenames`.
+        header : dict, optional
+            Further keywords for every band HDU (e.g. ``{"BUNIT": "Jy"}``).
+
+        Returns
+        -------
+        written : `~numpy.ndarray`
+            ``(n,)`` str file names written, ``''`` for rows without a file.
+
+        Raises
+        ------
+        ValueError
+            If lengths disagree or a file name is unsafe.
+        """
+        from ..cutout import cutout_wcs
+
+        n = len(result.rows)
+        images = np.asarray(result.images)
+        if (
+            images.ndim != 4
+            or images.shape[0] != n
+            or images.shape[1] != len(self.bands)
+        ):
+            msg = (
+                f"job {result.job_id}: images must have shape "
+                f"({n}, {len(self.bands)}, H, W), "
+                f"got {images.shape}"
+            )
+            raise ValueError(msg)
+        source_id = np.asarray(source_id, dtype=str)
+        ra = np.asarray(ra, dtype=np.float64)
+        dec = np.asarray(dec, dtype=np.float64)
+        files = np.asarray(files, dtype=str)
+        for name, arr in (
+            ("source_id", source_id),
+            ("ra", ra),
+            ("dec", dec),
+            ("files", files),
+        ):
+            if arr.shape != (n,):
+                msg = (
+                    f"job {result.job_id}: {name} must have shape ({n},), "
+                    f"got {arr.shape}"
+                )
+                raise ValueError(msg)
+        tile_paths = list(tile_paths)
+        if len(tile_paths) != len(self.bands):
+            msg = (
+                f"tile_paths must give one path per band ({len(self.bands)}), "
+                f"got {len(tile_paths)}"
+            )
+            raise ValueError(msg)
+        tile_names = [
+            _fits_text(posixpath.basename(str(p).replace("\\", "/")))
+            if p is not None
+            else ""
+            for p in tile_paths
+        ]
+        per_source = not isinstance(wcs, (WCS, fits.Header)) and wcs is not None
+        if per_source:
+            wcs = list(wcs)
+            if len(wcs) != n:
+                msg = f"wcs must be one WCS or {n} per-source entries, got {len(wcs)}"
+                raise ValueError(msg)
+        tile_wcs = wcs if isinstance(wcs, WCS) else None
+        extra = dict(header or {})
+        written = np.full(n, "", dtype=object)
+        status = np.asarray(result.status)
+        for k in range(n):
+            if int(status[k]) not in _WRITTEN:
+                continue
+            name = _check_name(files[k])
+            if per_source:
+                w = wcs[k]
+            elif tile_wcs is not None:
+                w = cutout_wcs(
+                    tile_wcs, result.origin[k], result.box_shape[k], images.shape[2:]
+                )
+            else:
+                w = wcs
+            wcs_header = _wcs_header(w)
+            cards = {
+                "SRCID": (_fits_text(source_id[k]), "source id"),
+                "RA": (float(ra[k]), "[deg] source right ascension"),
+                "DEC": (float(dec[k]), "[deg] source declination"),
+                "ROW": (int(result.rows[k]), "row in the catalogue (0-based)"),
+                "STATUS": (int(status[k]), Status(int(status[k])).name),
+            }
+            primary = fits.PrimaryHDU()
+            primary.header["CUTANAV"] = (_cutana_version(), "cutana version")
+            primary.header["NBANDS"] = (len(self.bands), "number of band HDUs")
+            for key, value in cards.items():
+                primary.header[key] = value
+            hdus = [primary]
+            for c, band in enumerate(self.bands):
+                hdr = wcs_header.copy()
+                for key, value in cards.items():
+                    hdr[key] = value
+                hdr["TILE"] = (tile_names[c], f"tile file of band {_fits_text(band)}")
+                for key, value in extra.items():
+                    hdr[key] = value
+                hdus.append(
+                    fits.ImageHDU(
+                        data=np.ascontiguousarray(images[k, c]),
+                        header=hdr,
+                        name=_fits_text(band),
+                    )
+                )
+            _fsync_write(
+                fits.HDUList(hdus), os.path.join(self.out_dir, name), self._tmp_dir
+            )
+            written[k] = name
+        return written.astype(str)
+
+
+def _cutana_version():
+    from .. import __version__
+
+    return str(__version__)
+
+
+def _remove_fits_output(out_dir):
+    """Remove an earlier cutana FITS output, leaving other files alone."""
+    import shutil
+
+    index = os.path.join(out_dir, INDEX_NAME)
+    listed = set()
+    if os.path.exists(index):
+        table = Table.read(index, format="ascii.ecsv")
+        if "file" in table.colnames:
+            col = table["file"]
+            values = col.filled("") if hasattr(col, "filled") else col
+            listed = {str(v) for v in values if str(v)}
+    for entry in os.scandir(out_dir):
+        if not entry.is_file() or not entry.name.lower().endswith(".fits"):
+            continue
+        ours = entry.name in listed
+        if not ours:
+            with fits.open(entry.path) as hdul:
+                ours = "CUTANAV" in hdul[0].header
+        if ours:
+            os.remove(entry.path)
+        else:
+            logger.info("keeping %s: not written by cutana", entry.path)
+    if os.path.exists(index):
+        os.remove(index)
+    if os.path.isdir(state_dir(out_dir)):
+        shutil.rmtree(state_dir(out_dir))
+
+
+def write_index(
+    out_dir, rows, source_id, status, files, messages, *, ra=None, dec=None, meta=None
+):
+    """Write ``index.ecsv``: one line per catalogue row (parent only).
+
+    Parameters
+    ----------
+    out_dir : str or path-like
+        The output folder.
+    rows : array-like of int
+        ``(N,)`` catalogue rows (normally ``0 .. N-1``).
+    source_id : array-like of str
+        ``(N,)`` ids.
+    status : array-like of int
+        ``(N,)`` final `~cutana.Status` codes.
+    files : array-like of str
+        ``(N,)`` file names, ``''`` where a row has no file.
+    messages : dict
+        Row to message (rows without one get ``''``).
+    ra, dec : array-like of float, optional
+        ``(N,)`` positions (degrees), added as columns when given.
+    meta : dict, optional
+        Table metadata, e.g. ``bands`` and ``config`` (JSON-like values).
+
+    Returns
+    -------
+    path : str
+        The index written (atomically).
+
+    Raises
+    ------
+    ValueError
+        If the arrays' lengths differ, a status is unknown or a file name is
+        unsafe.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    n = len(rows)
+    cols = {
+        "row": rows,
+        "source_id": np.asarray(source_id, dtype=str),
+        "status": np.asarray(status, dtype=np.int16),
+    }
+    if ra is not None:
+        cols["ra"] = np.asarray(ra, dtype=np.float64)
+    if dec is not None:
+        cols["dec"] = np.asarray(dec, dtype=np.float64)
+    files = np.asarray(files, dtype=str)
+    cols["file"] = files
+    for name, arr in cols.items():
+        if arr.shape != (n,):
+            msg = f"{name} must have shape ({n},), got {arr.shape}"
+            raise ValueError(msg)
+    known = {int(s) for s in Status}
+    bad = [int(v) for v in np.unique(cols["status"]) if int(v) not in known]
+    if bad:
+        msg = f"status holds unknown codes {bad}"
+        raise ValueError(msg)
+    for name in files.tolist():
+        if name:
+            _check_name(name)
+    messages = messages or {}
+    cols["message"] = np.array(
+        [str(messages.get(int(r), "")) for r in rows.tolist()], dtype=str
+    )
+    table = Table(cols)
+    table["status"].description = "cutana.Status code: " + ", ".join(
+        f"{s.value} {s.name}" for s in Status
+    )
+    if ra is not None:
+        table["ra"].unit = "deg"
+        table["dec"].unit = "deg"
+    table.meta.update(
+        {
+            "cutana_version": _cutana_version(),
+            "status_codes": {s.name: int(s.value) for s in Status},
+        }
+    )
+    if meta:
+        table.meta.update(meta)
+    out_dir = os.fspath(out_dir)
+    final = os.path.join(out_dir, INDEX_NAME)
+    tmp = os.path.join(out_dir, f".{INDEX_NAME}.{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        table.write(tmp, format="ascii.ecsv")
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return final

@@ -1,0 +1,865 @@
+# Licensed under a 3-clause BSD style license - see LICENSE.rst
+"""
+The Zarr output: one store per run, row ``i`` = catalogue row ``i``.
+
+Layout (Zarr format 3)::
+
+    OUT/                       the store (a group)
+      images      (N, C, H, W)  cutouts, chunked (chunk_rows, C, H, W)
+      status      (N,) int16    `~cutana.Status`; -1 (pending) until written
+      tile        (N,) int32    index into the ``tiles`` attribute; -1 if none
+      origin      (N, 2) int64  (x0, y0) of each box's first pixel in its tile
+      box_shape   (N, 2) int32  (ny, nx) of each box before resampling
+      source_id   (N,) str      catalogue ids
+      ra, dec     (N,) float64  catalogue positions (degrees)
+      chunk_sha256 (n_chunks, 32) uint8   written by `ZarrWriter.finalize`
+
+``images``, ``status``, ``tile``, ``origin`` and ``box_shape`` share one row
+chunking, so each chunk of rows is written by one aligned call per array, by
+whichever process assembles it, with no lock on the store. The group
+attributes hold ``cutana_version``, ``bands``, ``out_shape``, ``dtype``,
+``config``, ``tiles`` (key, paths and FITS header per tile, from which
+`cutana.open` rebuilds each cutout's WCS) and ``status_codes``. Nothing in
+the store depends on the time or on the order in which chunks were written,
+so two runs of the same plan give byte-identical stores.
+
+While a run is in progress the store also holds its bookkeeping folder
+``OUT/.cutana`` (ledger and staged jobs); remove it with
+`~cutana.io.remove_run_state` once the run is finalised.
+"""
+
+import hashlib
+import logging
+import math
+import os
+import pathlib
+import shutil
+from collections import OrderedDict
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+from ..status import Status
+from .staging import STATE_DIRNAME, load_staged
+
+__all__ = ["ZarrWriter", "chunk_digest", "choose_chunk_rows"]
+
+logger = logging.getLogger(__name__)
+
+#: Version of the store layout written by this module.
+FORMAT_VERSION = 1
+
+_TARGET_CHUNK_BYTES = 2 * 1024 * 1024
+_META_CHUNK_ROWS = 1 << 16
+_ROW_ARRAYS = ("images", "origin", "box_shape", "tile", "status")  # write order
+_MAX_RUN_BYTES = 64 * 1024 * 1024
+_JOB_CACHE = 64
+
+
+def choose_chunk_rows(n_rows, row_bytes, target=_TARGET_CHUNK_BYTES):
+    """Choose how many cutouts go into one chunk.
+
+    Parameters
+    ----------
+    n_rows : int
+        Number of rows ``N`` of the output.
+    row_bytes : int
+        Uncompressed bytes of one row (``C * H * W * itemsize``).
+    target : int, optional
+        Target uncompressed chunk size in bytes (2 MiB), so that chunks hold
+        between 1 and 2 MiB when a row is smaller than 2 MiB.
+
+    Returns
+    -------
+    chunk_rows : int
+        Between 1 and ``max(n_rows, 1)``.
+    """
+    rows = max(1, int(target // max(int(row_bytes), 1)))
+    return int(min(rows, max(int(n_rows), 1)))
+
+
+def chunk_digest(images, status, tile, origin, box_shape):
+    """Checksum of one chunk's rows: SHA-256 of the arrays' bytes.
+
+    The arrays are hashed in the order given, in C order and little-endian
+    byte order, with the store's dtypes (``status`` int16, ``tile`` int32,
+    ``origin`` int64, ``box_shape`` int32).
+
+    Parameters
+    ----------
+    images : `~numpy.ndarray`
+        ``(m, C, H, W)`` block.
+    status, tile, origin, box_shape : `~numpy.ndarray`
+        The block's per-row arrays.
+
+    Returns
+    -------
+    checksum : str
+        Hexadecimal SHA-256.
+    """
+    hasher = hashlib.sha256()
+    for arr, dtype in (
+        (images, None),
+        (status, "<i2"),
+        (tile, "<i4"),
+        (origin, "<i8"),
+        (box_shape, "<i4"),
+    ):
+        arr = np.asarray(arr)
+        dt = arr.dtype.newbyteorder("<") if dtype is None else np.dtype(dtype)
+        hasher.update(np.ascontiguousarray(arr, dtype=dt).tobytes())
+    return hasher.hexdigest()
+
+
+def _compressor(dtype):
+    dtype = np.dtype(dtype)
+    shuffle = "bitshuffle" if dtype.kind in "iub" and dtype.itemsize <= 2 else "shuffle"
+    return BloscCodec(cname="zstd", clevel=3, shuffle=shuffle)
+
+
+def _jsonable(obj, where="attrs"):
+    """Convert ``obj`` to plain JSON types (numpy scalars, tuples, paths)."""
+    if obj is None or isinstance(obj, (bool, str)):
+        return obj
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        value = float(obj)
+        if not math.isfinite(value):
+            msg = f"{where} holds a non-finite number {value!r}; JSON cannot store it"
+            raise ValueError(msg)
+        return value
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v, f"{where}[{k!r}]") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, np.ndarray)):
+        return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+    msg = (
+        f"{where} has a value of type {type(obj).__name__} that cannot be stored "
+        f"as JSON: {obj!r}"
+    )
+    raise TypeError(msg)
+
+
+def _is_store(path):
+    return os.path.isfile(os.path.join(path, "zarr.json"))
+
+
+def _remove_output(path):
+    """Delete an earlier output at ``path``, refusing anything that is not one."""
+    if not os.path.exists(path):
+        return
+    if not os.path.isdir(path):
+        msg = (
+            f"output {path} exists and is a file, not a Zarr store; not overwriting it"
+        )
+        raise FileExistsError(msg)
+    if not _is_store(path) and any(name != STATE_DIRNAME for name in os.listdir(path)):
+        msg = (
+            f"output {path} exists and is not a Zarr store; refusing to delete it "
+            "with overwrite=True (choose another output path)"
+        )
+        raise FileExistsError(msg)
+    shutil.rmtree(path)
+
+
+class ZarrWriter:
+    """Create, fill and finalise the Zarr store of a run.
+
+    Use `ZarrWriter.create` (parent, once) or `ZarrWriter.open` (workers and
+    resumed runs) rather than the constructor. A writer pickles as its path,
+    so it can be sent to worker processes.
+
+    Parameters
+    ----------
+    path : str or path-like
+        The store folder.
+    group : `zarr.Group`
+        The store's root group, opened for writing.
+
+    Attributes
+    ----------
+    path : str
+        The store folder.
+    n_rows : int
+        Number of rows ``N``.
+    bands : list of str
+        Band (channel) names in output order.
+    out_shape : tuple of int
+        ``(H, W)`` of every cutout.
+    dtype : `~numpy.dtype`
+        Dtype of ``images``.
+    chunk_rows : int
+        Rows per chunk.
+    n_chunks : int
+        Number of row chunks.
+    """
+
+    def __init__(self, path, group):
+        self.path = os.fspath(path)
+        self._group = group
+        attrs = group.attrs.asdict()
+        if attrs.get("cutana_format") is None:
+            msg = (
+                f"{self.path} is not a complete cutana Zarr store (its creation was "
+                "interrupted or it was made by another program); rerun with overwrite"
+            )
+            raise ValueError(msg)
+        self.attrs = attrs
+        self.n_rows = int(attrs["n_rows"])
+        self.bands = list(attrs["bands"])
+        self.out_shape = tuple(int(v) for v in attrs["out_shape"])
+        self.dtype = np.dtype(attrs["dtype"])
+        self.chunk_rows = int(attrs["chunk_rows"])
+        self.n_chunks = -(-self.n_rows // self.chunk_rows)
+        self._arrays = {}
+
+    def __reduce__(self):
+        return (ZarrWriter.open, (self.path,))
+
+    def __repr__(self):
+        return (
+            f"<ZarrWriter {self.path!r}: {self.n_rows} rows, bands {self.bands}, "
+            f"{self.out_shape}, {self.dtype}, "
+            f"{self.n_chunks} chunks of {self.chunk_rows}>"
+        )
+
+    def _array(self, name):
+        arr = self._arrays.get(name)
+        if arr is None:
+            # every chunk written gets a file, also one equal to the fill
+            # value: a chunk's files then show that it was written
+            arr = self._group[name].with_config({"write_empty_chunks": True})
+            self._arrays[name] = arr
+        return arr
+
+    # -- creation ------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        path,
+        *,
+        n_rows,
+        bands,
+        out_shape,
+        dtype,
+        source_id,
+        ra,
+        dec,
+        config=None,
+        tiles=(),
+        attrs=None,
+        chunk_rows=None,
+        overwrite=False,
+    ):
+        """Create the store of a new run (parent process only).
+
+        Parameters
+        ----------
+        path : str or path-like
+            The store folder; it must not exist (or be an empty folder)
+            unless ``overwrite``.
+        n_rows : int
+            Number of catalogue rows ``N``.
+        bands : list of str
+            Band names, in channel order.
+        out_shape : tuple of int
+            ``(H, W)`` of every cutout.
+        dtype : str or `~numpy.dtype`
+            Output dtype of ``images`` (e.g. ``'float32'``, ``'uint8'``).
+        source_id, ra, dec : array-like
+            ``(N,)`` catalogue ids and positions (degrees).
+        config : dict, optional
+            The run's configuration (JSON-serialisable), stored as ``config``.
+        tiles : list of dict, optional
+            Per tile: ``key`` (str), ``paths`` (list of str, one per band,
+            `None` for a missing band) and ``header`` (FITS header string of
+            the first band; optionally ``headers``, one per band). Row
+            ``tile`` values index this list.
+        attrs : dict, optional
+            Further JSON-serialisable group attributes. Must not hold times
+            if runs are to be byte-identical.
+        chunk_rows : int, optional
+            Rows per chunk; by default chosen by `choose_chunk_rows`.
+        overwrite : bool, optional
+            Replace an existing store at ``path``. A path that exists but is
+            not a Zarr store is never deleted.
+
+        Returns
+        -------
+        writer : `ZarrWriter`
+            A writer of the new, empty store.
+
+        Raises
+        ------
+        FileExistsError
+            If ``path`` exists and ``overwrite`` is false, or it is not a
+            Zarr store.
+        ValueError
+            If an argument is inconsistent (lengths, shapes, dtype).
+        """
+        from .. import __version__
+
+        path = os.fspath(path)
+        n_rows = int(n_rows)
+        if n_rows < 0:
+            msg = f"n_rows must be non-negative, got {n_rows}"
+            raise ValueError(msg)
+        bands = [str(b) for b in bands]
+        if not bands:
+            msg = "bands must name at least one band"
+            raise ValueError(msg)
+        out_shape = tuple(int(v) for v in out_shape)
+        if len(out_shape) != 2 or min(out_shape) < 1:
+            msg = f"out_shape must be (H, W) with positive sizes, got {out_shape!r}"
+            raise ValueError(msg)
+        dtype = np.dtype(dtype)
+        if dtype.kind not in "iuf":
+            msg = f"dtype must be a numeric dtype, got {dtype}"
+            raise ValueError(msg)
+        dtype = dtype.newbyteorder("=")
+        source_id = np.asarray(source_id, dtype=str)
+        ra = np.asarray(ra, dtype=np.float64)
+        dec = np.asarray(dec, dtype=np.float64)
+        for name, arr in (("source_id", source_id), ("ra", ra), ("dec", dec)):
+            if arr.shape != (n_rows,):
+                msg = f"{name} must have shape ({n_rows},), got {arr.shape}"
+                raise ValueError(msg)
+        row_bytes = len(bands) * out_shape[0] * out_shape[1] * dtype.itemsize
+        if chunk_rows is None:
+            chunk_rows = choose_chunk_rows(n_rows, row_bytes)
+        chunk_rows = int(chunk_rows)
+        if chunk_rows < 1:
+            msg = f"chunk_rows must be a positive integer, got {chunk_rows}"
+            raise ValueError(msg)
+        group_attrs = {
+            "cutana_format": FORMAT_VERSION,
+            "cutana_version": str(__version__),
+            "n_rows": n_rows,
+            "bands": bands,
+            "out_shape": list(out_shape),
+            "dtype": dtype.str,
+            "chunk_rows": chunk_rows,
+            "status_codes": {s.name: int(s.value) for s in Status},
+            "config": _jsonable(config or {}, "config"),
+            "tiles": _jsonable(list(tiles), "tiles"),
+            "complete": False,
+        }
+        extra = _jsonable(attrs or {}, "attrs")
+        clash = sorted(set(extra) & set(group_attrs))
+        if clash:
+            msg = f"attrs may not redefine the reserved attributes {clash}"
+            raise ValueError(msg)
+        group_attrs.update(extra)
+
+        if overwrite:
+            _remove_output(path)
+        elif os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+            msg = (
+                f"output {path} already exists; pass overwrite=True (--overwrite) to "
+                "replace it, or resume the run that made it (--resume)"
+            )
+            raise FileExistsError(msg)
+
+        # the group gets its attributes last: a store whose creation was
+        # interrupted has none and is refused by `open`
+        group = zarr.open_group(path, mode="w", zarr_format=3)
+        meta_rows = max(1, min(n_rows, _META_CHUNK_ROWS))
+        full = {"write_empty_chunks": True}
+        group.create_array(
+            "images",
+            shape=(n_rows, len(bands), *out_shape),
+            chunks=(chunk_rows, len(bands), *out_shape),
+            dtype=dtype,
+            fill_value=0,
+            compressors=_compressor(dtype),
+            config=full,
+            dimension_names=("source", "band", "y", "x"),
+        )
+        for name, dt, fill in (("status", "int16", -1), ("tile", "int32", -1)):
+            group.create_array(
+                name,
+                shape=(n_rows,),
+                chunks=(chunk_rows,),
+                dtype=dt,
+                fill_value=fill,
+                config=full,
+                dimension_names=("source",),
+            )
+        for name, dt in (("origin", "int64"), ("box_shape", "int32")):
+            group.create_array(
+                name,
+                shape=(n_rows, 2),
+                chunks=(chunk_rows, 2),
+                dtype=dt,
+                fill_value=0,
+                config=full,
+                dimension_names=("source", "axis"),
+            )
+        sid = group.create_array(
+            "source_id",
+            shape=(n_rows,),
+            chunks=(meta_rows,),
+            dtype=str,
+            config=full,
+            dimension_names=("source",),
+        )
+        arrays = {"source_id": (sid, source_id)}
+        for name, values in (("ra", ra), ("dec", dec)):
+            arr = group.create_array(
+                name,
+                shape=(n_rows,),
+                chunks=(meta_rows,),
+                dtype="float64",
+                fill_value=np.nan,
+                config=full,
+                dimension_names=("source",),
+                attributes={"unit": "deg"},
+            )
+            arrays[name] = (arr, values)
+        if n_rows:
+            for arr, values in arrays.values():
+                arr[:] = values
+        group.update_attributes(group_attrs)
+        logger.info(
+            "created Zarr store %s: %d rows x %d bands x %s %s, %d rows per chunk",
+            path,
+            n_rows,
+            len(bands),
+            out_shape,
+            dtype,
+            chunk_rows,
+        )
+        return cls(path, group)
+
+    @classmethod
+    def open(cls, path):
+        """Open an existing store for writing (workers, resumed runs).
+
+        Parameters
+        ----------
+        path : str or path-like
+            The store folder made by `ZarrWriter.create`.
+
+        Returns
+        -------
+        writer : `ZarrWriter`
+            A writer of the store.
+
+        Raises
+        ------
+        FileNotFoundError
+            If there is no store at ``path``.
+        ValueError
+            If the store was not made (completely) by cutana.
+        """
+        path = os.fspath(path)
+        if not _is_store(path):
+            msg = f"no Zarr store at {path}"
+            raise FileNotFoundError(msg)
+        return cls(path, zarr.open_group(path, mode="r+", zarr_format=3))
+
+    # -- chunk geometry ------------------------------------------------------
+
+    def chunk_of_row(self, rows):
+        """Return the chunk index of each row.
+
+        Parameters
+        ----------
+        rows : int or array-like of int
+            Catalogue rows.
+
+        Returns
+        -------
+        chunks : int or `~numpy.ndarray`
+            ``rows // chunk_rows``.
+        """
+        return np.asarray(rows, dtype=np.int64) // self.chunk_rows
+
+    def chunk_range(self, chunk):
+        """Return the rows ``(r0, r1)`` (``r1`` exclusive) of one chunk.
+
+        Parameters
+        ----------
+        chunk : int
+            Chunk index.
+
+        Returns
+        -------
+        r0, r1 : int
+            First row and one past the last row of the chunk.
+        """
+        chunk = self._check_chunk(chunk)
+        r0 = chunk * self.chunk_rows
+        return r0, min(self.n_rows, r0 + self.chunk_rows)
+
+    def _check_chunk(self, chunk):
+        if (
+            isinstance(chunk, bool)
+            or not isinstance(chunk, (int, np.integer))
+            or not 0 <= chunk < self.n_chunks
+        ):
+            msg = f"chunk must be an integer in [0, {self.n_chunks}), got {chunk!r}"
+            raise ValueError(msg)
+        return int(chunk)
+
+    # -- writing ---------------------------------------------------------------
+
+    def write_chunks(self, chunk_indices, row_to_job, base_status, out_dir=None):
+        """Assemble chunks of rows from staged jobs and write them.
+
+        Each chunk is written with one aligned write per array; consecutive
+        chunks are written together. Several processes may call this at once
+        for disjoint sets of chunks.
+
+        Parameters
+        ----------
+        chunk_indices : iterable of int
+            The chunks to write; every row they hold must be staged or have
+            a final ``base_status``.
+        row_to_job : tuple of two arrays, or callable
+            Where each row's cutout is staged: either ``(job_id, position)``,
+            two ``(N,)`` integer arrays (``job_id`` -1 for rows that belong
+            to no job), or a callable ``f(r0, r1)`` returning those two arrays
+            for rows ``r0:r1``.
+        base_status : array-like or callable
+            ``(N,)`` int16 status of rows that belong to no job (e.g.
+            ``BAD_ROW`` or ``NO_OVERLAP``), or a callable ``f(r0, r1)``
+            returning it for rows ``r0:r1``. Ignored for rows with a job.
+            Such rows get zero images, tile -1 and zero origin and shape.
+        out_dir : str or path-like, optional
+            The output holding the staging folder; by default the store
+            itself.
+
+        Returns
+        -------
+        checksums : dict
+            Chunk index to the hexadecimal `chunk_digest` of the rows written,
+            to record in the `~cutana.io.Ledger`.
+
+        Raises
+        ------
+        ValueError
+            If a row has neither a staged cutout nor a final status, a staged
+            job does not hold the row the mapping names, or its images have
+            the wrong shape or dtype.
+        FileNotFoundError
+            If a job named by the mapping is not staged.
+        """
+        out_dir = self.path if out_dir is None else os.fspath(out_dir)
+        chunks = sorted({self._check_chunk(k) for k in chunk_indices})
+        if not chunks:
+            return {}
+        cache = OrderedDict()
+        checksums = {}
+        row_bytes = (
+            self.dtype.itemsize
+            * len(self.bands)
+            * self.out_shape[0]
+            * self.out_shape[1]
+        )
+        per_run = max(1, _MAX_RUN_BYTES // max(1, row_bytes * self.chunk_rows))
+        for run in _runs(chunks, per_run):
+            blocks = [
+                self._assemble(k, row_to_job, base_status, out_dir, cache) for k in run
+            ]
+            for k, block in zip(run, blocks, strict=True):
+                checksums[k] = chunk_digest(*block)
+                self._remove_partials(k)
+            r0 = self.chunk_range(run[0])[0]
+            r1 = self.chunk_range(run[-1])[1]
+            for i, name in enumerate(
+                ("images", "status", "tile", "origin", "box_shape")
+            ):
+                if name == "status":
+                    continue
+                data = (
+                    blocks[0][i]
+                    if len(blocks) == 1
+                    else np.concatenate([b[i] for b in blocks])
+                )
+                self._array(name)[r0:r1] = data
+            # status last: a row that shows a status has everything else written
+            data = np.concatenate([b[1] for b in blocks])
+            self._array("status")[r0:r1] = data
+        logger.debug("wrote %d chunks of %s", len(chunks), self.path)
+        return checksums
+
+    def _assemble(self, chunk, row_to_job, base_status, out_dir, cache):
+        r0, r1 = self.chunk_range(chunk)
+        m = r1 - r0
+        if callable(row_to_job):
+            jobs, pos = row_to_job(r0, r1)
+        else:
+            jobs, pos = row_to_job
+            jobs, pos = jobs[r0:r1], pos[r0:r1]
+        jobs = np.asarray(jobs, dtype=np.int64)
+        pos = np.asarray(pos, dtype=np.int64)
+        base = (
+            base_status(r0, r1)
+            if callable(base_status)
+            else np.asarray(base_status)[r0:r1]
+        )
+        base = np.asarray(base)
+        if jobs.shape != (m,) or pos.shape != (m,) or base.shape != (m,):
+            msg = (
+                f"chunk {chunk}: the row mapping must give {m} rows for rows "
+                f"{r0}:{r1}, got job_id {jobs.shape}, position {pos.shape}, "
+                f"base_status {base.shape}"
+            )
+            raise ValueError(msg)
+        images = np.zeros((m, len(self.bands), *self.out_shape), dtype=self.dtype)
+        status = base.astype(np.int16)
+        tile = np.full(m, -1, dtype=np.int32)
+        origin = np.zeros((m, 2), dtype=np.int64)
+        box = np.zeros((m, 2), dtype=np.int32)
+        has_job = jobs >= 0
+        for job_id in np.unique(jobs[has_job]):
+            sel = np.flatnonzero(jobs == job_id)
+            res = _cached_job(cache, out_dir, int(job_id))
+            p = pos[sel]
+            n = len(res.rows)
+            if p.min() < 0 or p.max() >= n or np.any(res.rows[p] != r0 + sel):
+                bad = int(r0 + sel[0])
+                msg = (
+                    f"chunk {chunk}: staged job {job_id} ({n} rows) does not hold the "
+                    f"rows the mapping assigns to it (e.g. row {bad})"
+                )
+                raise ValueError(msg)
+            if (
+                res.images.shape[1:] != images.shape[1:]
+                or res.images.dtype != self.dtype
+            ):
+                msg = (
+                    f"staged job {job_id} has images {res.images.shape[1:]} "
+                    f"{res.images.dtype}; the store expects {images.shape[1:]} "
+                    f"{self.dtype}"
+                )
+                raise ValueError(msg)
+            images[sel] = res.images[p]
+            status[sel] = res.status[p]
+            tile[sel] = res.tile
+            origin[sel] = res.origin[p]
+            box[sel] = res.box_shape[p]
+        no_job = ~has_job
+        bad = no_job & (
+            (status < 0) | (status == Status.OK) | (status == Status.PARTIAL_OVERLAP)
+        )
+        if np.any(bad):
+            row = int(r0 + np.flatnonzero(bad)[0])
+            msg = (
+                f"chunk {chunk}: row {row} belongs to no staged job and its base "
+                "status "
+                f"{int(status[row - r0])} is not a final status without a cutout"
+            )
+            raise ValueError(msg)
+        known = np.isin(status, [int(s) for s in Status if s != Status.PENDING])
+        if not np.all(known):
+            row = int(r0 + np.flatnonzero(~known)[0])
+            msg = f"chunk {chunk}: row {row} has unknown status {int(status[row - r0])}"
+            raise ValueError(msg)
+        return images, status, tile, origin, box
+
+    def _chunk_file(self, name, chunk):
+        arr = self._array(name)
+        coords = (chunk,) + (0,) * (arr.ndim - 1)
+        return os.path.join(
+            self.path, name, *arr.metadata.encode_chunk_key(coords).split("/")
+        )
+
+    def _remove_partials(self, chunk):
+        """Remove temporary files a killed earlier write of this chunk left."""
+        for name in ("images", "origin", "box_shape"):
+            folder = os.path.dirname(self._chunk_file(name, chunk))
+            _sweep(folder)
+
+    # -- reading back and finishing ---------------------------------------------
+
+    def read_chunk(self, chunk):
+        """Read one chunk's rows back.
+
+        Parameters
+        ----------
+        chunk : int
+            Chunk index.
+
+        Returns
+        -------
+        images, status, tile, origin, box_shape : `~numpy.ndarray`
+            The stored rows of the chunk.
+        """
+        r0, r1 = self.chunk_range(chunk)
+        return tuple(
+            self._array(n)[r0:r1]
+            for n in ("images", "status", "tile", "origin", "box_shape")
+        )
+
+    def chunk_exists(self, chunk):
+        """Whether every file of one chunk is present in the store.
+
+        Parameters
+        ----------
+        chunk : int
+            Chunk index.
+
+        Returns
+        -------
+        exists : bool
+            Whether the files of every per-row array of the chunk exist.
+        """
+        chunk = self._check_chunk(chunk)
+        return all(os.path.isfile(self._chunk_file(n, chunk)) for n in _ROW_ARRAYS)
+
+    def verified_chunks(self, checksums, *, deep=False):
+        """Return the recorded chunks that can be trusted on resume.
+
+        Parameters
+        ----------
+        checksums : dict
+            Chunk index to recorded checksum (``LedgerState.chunks``).
+        deep : bool, optional
+            Also read each chunk back and compare its checksum (reads the
+            whole recorded part of the store). By default only the presence
+            of every chunk file is checked: chunk files are replaced
+            atomically, so a present file is a complete one.
+
+        Returns
+        -------
+        chunks : set of int
+            Chunks that need not be written again.
+        """
+        ok = set()
+        for chunk, checksum in checksums.items():
+            chunk = int(chunk)
+            if not 0 <= chunk < self.n_chunks or not self.chunk_exists(chunk):
+                continue
+            if deep and chunk_digest(*self.read_chunk(chunk)) != checksum:
+                logger.warning(
+                    "chunk %d of %s does not match its recorded checksum",
+                    chunk,
+                    self.path,
+                )
+                continue
+            ok.add(chunk)
+        return ok
+
+    def finalize(self, checksums, report=None):
+        """Finish the store once every chunk is written (parent only).
+
+        Stores the chunk checksums in ``chunk_sha256`` (so that the store
+        verifies itself without the ledger), the counts per status, the
+        given report and ``complete = True`` in the attributes, and removes
+        temporary files that killed writers left behind.
+
+        Parameters
+        ----------
+        checksums : dict
+            Chunk index to checksum for every chunk (``LedgerState.chunks``
+            or the merged results of `write_chunks`).
+        report : dict, optional
+            JSON-serialisable summary to store as the ``report`` attribute.
+            It must not hold times, rates or memory figures if two runs are
+            to give byte-identical stores; record those in the ledger
+            (`~cutana.io.Ledger.run_finished`) instead.
+
+        Returns
+        -------
+        status_counts : dict
+            Status name to number of rows.
+
+        Raises
+        ------
+        ValueError
+            If a chunk has no checksum or a row is still pending.
+        """
+        missing = [k for k in range(self.n_chunks) if k not in checksums]
+        if missing:
+            msg = (
+                f"{len(missing)} of {self.n_chunks} chunks have no checksum "
+                f"(first: {missing[:5]}); write them before finalising"
+            )
+            raise ValueError(msg)
+        digests = np.zeros((self.n_chunks, 32), dtype=np.uint8)
+        for k in range(self.n_chunks):
+            digests[k] = np.frombuffer(bytes.fromhex(checksums[k]), dtype=np.uint8)
+        counts = {s.name: 0 for s in Status}
+        status = self._array("status")
+        for r0 in range(0, self.n_rows, 1 << 22):
+            values, n = np.unique(status[r0 : r0 + (1 << 22)], return_counts=True)
+            for v, c in zip(values, n, strict=True):
+                counts[Status(int(v)).name] += int(c)
+        if counts["PENDING"]:
+            msg = f"{counts['PENDING']} rows are still pending; write every chunk first"
+            raise ValueError(msg)
+        if "chunk_sha256" in self._group:
+            del self._group["chunk_sha256"]
+        arr = self._group.create_array(
+            "chunk_sha256",
+            shape=(self.n_chunks, 32),
+            chunks=(max(1, min(self.n_chunks, _META_CHUNK_ROWS)), 32),
+            dtype="uint8",
+            fill_value=0,
+            config={"write_empty_chunks": True},
+            dimension_names=("chunk", "byte"),
+            attributes={
+                "description": "SHA-256 of each row chunk (cutana.io.chunk_digest)"
+            },
+        )
+        if self.n_chunks:
+            arr[:] = digests
+        self._sweep_all()
+        new = {"complete": True, "status_counts": counts}
+        if report is not None:
+            new["report"] = _jsonable(report, "report")
+        self._group.update_attributes(new)
+        self.attrs = self._group.attrs.asdict()
+        logger.info("finalised %s: %s", self.path, counts)
+        return counts
+
+    def _sweep_all(self):
+        """Remove zarr's temporary ``*.partial`` files from flat folders."""
+        _sweep(self.path)
+        for entry in os.scandir(self.path):
+            if entry.is_dir() and entry.name != STATE_DIRNAME:
+                _sweep(entry.path)
+                _sweep(os.path.join(entry.path, "c"))
+
+
+def _sweep(folder):
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        if entry.name.endswith(".partial") and entry.is_file():
+            logger.debug("removing leftover %s", entry.path)
+            pathlib.Path(entry.path).unlink(missing_ok=True)
+
+
+def _runs(chunks, max_len):
+    """Split sorted chunk indices into runs of consecutive indices."""
+    run = [chunks[0]]
+    for k in chunks[1:]:
+        if k == run[-1] + 1 and len(run) < max_len:
+            run.append(k)
+        else:
+            yield run
+            run = [k]
+    yield run
+
+
+def _cached_job(cache, out_dir, job_id):
+    res = cache.get(job_id)
+    if res is None:
+        res = load_staged(out_dir, job_id, mmap=True)
+        cache[job_id] = res
+        if len(cache) > _JOB_CACHE:
+            cache.popitem(last=False)
+    else:
+        cache.move_to_end(job_id)
+    return res

@@ -1,0 +1,546 @@
+# Licensed under a 3-clause BSD style license - see LICENSE.rst
+"""
+The plan of a run: which sources are cut from which tile, in which job.
+
+A `Plan` is an ordered list of `Job` objects. A job is one tile (all its
+bands) and a bounded slice of that tile's sources; the slice size comes
+from the memory budget, so that a worker never holds more than its job's
+output plus a fixed working set. The plan is computed from the catalogue
+and the tile index only (no pixel data is read), is deterministic for the
+same inputs, and can be saved and loaded, so that a run can be resumed or
+shipped to a cluster.
+"""
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .status import Status
+
+__all__ = [
+    "Job",
+    "MemoryModel",
+    "Plan",
+    "make_plan",
+    "parse_memory",
+]
+
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "K": 10**3,
+    "KB": 10**3,
+    "M": 10**6,
+    "MB": 10**6,
+    "G": 10**9,
+    "GB": 10**9,
+    "T": 10**12,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+
+
+def parse_memory(value):
+    """Parse a memory size such as ``'1GB'`` (10⁹ bytes), ``'1GiB'`` (2³⁰) or ``512e6``.
+
+    Parameters
+    ----------
+    value : str, int or float
+        The size. Decimal units (kB, MB, GB, TB) are powers of 1000, binary
+        units (KiB, MiB, GiB, TiB) powers of 1024; a bare number is bytes.
+
+    Returns
+    -------
+    nbytes : int
+        The size in bytes.
+
+    Raises
+    ------
+    ValueError
+        If the value cannot be parsed or is not positive.
+
+    Examples
+    --------
+    >>> parse_memory("1GB"), parse_memory("1GiB"), parse_memory("512MB")
+    (1000000000, 1073741824, 512000000)
+    """
+    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+        value, bool
+    ):
+        nbytes = float(value)
+    else:
+        text = str(value).strip().replace(" ", "")
+        number = text.rstrip("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+        unit = text[len(number):].upper()
+        if unit not in _UNITS or not number:
+            msg = (
+                f"cannot parse memory size {value!r}: use a number with an optional "
+                "unit such as 800MB, 4GB or 2GiB"
+            )
+            raise ValueError(msg)
+        try:
+            nbytes = float(number) * _UNITS[unit]
+        except ValueError:
+            msg = f"cannot parse memory size {value!r}: {number!r} is not a number"
+            raise ValueError(msg) from None
+    if not math.isfinite(nbytes) or nbytes <= 0:
+        msg = f"memory size must be positive, got {value!r}"
+        raise ValueError(msg)
+    return int(nbytes)
+
+
+@dataclass(frozen=True)
+class MemoryModel:
+    """How many bytes a run needs, used to size jobs from a memory budget.
+
+    Attributes
+    ----------
+    parent_bytes : int
+        Resident memory of the main process (interpreter, libraries, plan).
+    worker_bytes : int
+        Resident memory of an idle worker process.
+    per_source_bytes : int
+        Bytes a job holds per source until it is committed (its output).
+    working_bytes : int
+        Fixed working set of a job: one sub-batch of float32 intermediates
+        and the tile pages it touches.
+    """
+
+    parent_bytes: int
+    worker_bytes: int
+    per_source_bytes: int
+    working_bytes: int
+
+    def job_bytes(self, n_sources):
+        """Estimated peak bytes of a job with ``n_sources`` sources.
+
+        Parameters
+        ----------
+        n_sources : int
+            Number of sources in the job.
+
+        Returns
+        -------
+        nbytes : int
+            Estimated bytes.
+        """
+        return int(self.working_bytes + n_sources * self.per_source_bytes)
+
+
+#: Sources cut together inside a job (the kernel's sub-batch).
+SUB_BATCH = 64
+#: Hard cap on sources per job, so that progress and retries stay fine-grained.
+MAX_SOURCES_PER_JOB = 4096
+#: Assumed resident size of a fresh worker (Python, numpy, astropy), bytes.
+WORKER_BASE_BYTES = 160 * 10**6
+#: Assumed resident size of the main process beyond the catalogue arrays.
+PARENT_BASE_BYTES = 250 * 10**6
+
+
+@dataclass
+class Job:
+    """One unit of work: a tile (all bands) and a slice of its sources.
+
+    Attributes
+    ----------
+    job_id : int
+        Position of the job in the plan.
+    tile : int
+        Index of the tile in the tile index.
+    rows : `~numpy.ndarray` of int64
+        Catalogue rows of the sources, ascending.
+    x, y : `~numpy.ndarray` of float64
+        0-based pixel position of each source in the tile.
+    box : `~numpy.ndarray` of int64, shape ``(n, 2)``
+        ``(ny, nx)`` of the box cut for each source, before resampling.
+    est_bytes : int
+        Estimated peak memory of the job in a worker.
+    """
+
+    job_id: int
+    tile: int
+    rows: np.ndarray
+    x: np.ndarray
+    y: np.ndarray
+    box: np.ndarray
+    est_bytes: int = 0
+
+    def __len__(self):
+        return len(self.rows)
+
+
+@dataclass
+class Plan:
+    """An ordered, serialisable list of jobs, and the status of the other rows.
+
+    Attributes
+    ----------
+    jobs : list of `Job`
+        The jobs, in the order they are submitted.
+    n_rows : int
+        Number of catalogue rows (the output has exactly this many).
+    base_status : `~numpy.ndarray` of int16
+        Status of every row before cutting: `Status.PENDING` for rows in a
+        job, otherwise why the row gets no cutout (bad row, no overlap,
+        tile error).
+    messages : dict
+        Row → message for rows that are not in any job.
+    out_shape : tuple of int or None
+        ``(H, W)`` of every cutout in the output, or `None` when sizes vary
+        (FITS output without resampling).
+    n_channels : int
+        Channels (bands) per cutout.
+    out_itemsize : int
+        Bytes per output pixel.
+    memory_limit : int
+        The memory budget of the whole run, bytes.
+    n_workers : int
+        Worker processes the plan was sized for.
+    memory : `MemoryModel`
+        The memory model used to size the jobs.
+    """
+
+    jobs: list
+    n_rows: int
+    base_status: np.ndarray
+    messages: dict
+    out_shape: tuple | None
+    n_channels: int
+    out_itemsize: int
+    memory_limit: int
+    n_workers: int
+    memory: MemoryModel
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def n_sources(self):
+        """Number of sources that are cut (rows in some job)."""
+        return sum(len(j) for j in self.jobs)
+
+    @property
+    def peak_bytes(self):
+        """Estimated peak memory of the run: parent + busiest workers."""
+        busiest = sorted((j.est_bytes for j in self.jobs), reverse=True)[: self.n_workers]
+        workers = self.n_workers * self.memory.worker_bytes + sum(busiest)
+        return int(self.memory.parent_bytes + workers)
+
+    def status_counts(self):
+        """Counts of the rows' status before cutting, by status name.
+
+        Returns
+        -------
+        counts : dict
+            Status name → number of rows.
+        """
+        values, counts = np.unique(self.base_status, return_counts=True)
+        return {Status(int(v)).name: int(c) for v, c in zip(values, counts)}
+
+    def summary(self):
+        """A human-readable summary of the plan and its memory estimate.
+
+        Returns
+        -------
+        text : str
+            Several lines of text.
+        """
+        sizes = [len(j) for j in self.jobs]
+        tiles = sorted({j.tile for j in self.jobs})
+        shape = "varies" if self.out_shape is None else f"{self.out_shape[0]}x{self.out_shape[1]}"
+        lines = [
+            f"catalogue rows      {self.n_rows}",
+            f"sources to cut      {self.n_sources} on {len(tiles)} tile(s)",
+            f"jobs                {len(self.jobs)} "
+            f"({min(sizes) if sizes else 0}..{max(sizes) if sizes else 0} sources each)",
+            f"output              {self.n_channels} channel(s), {shape} px, "
+            f"{self.out_itemsize} byte(s)/px",
+            f"workers             {self.n_workers}",
+            f"memory limit        {_fmt_bytes(self.memory_limit)}",
+            f"estimated peak      {_fmt_bytes(self.peak_bytes)} "
+            f"(main {_fmt_bytes(self.memory.parent_bytes)}, "
+            f"per worker {_fmt_bytes(self.memory.worker_bytes)} + job)",
+        ]
+        for name, count in self.status_counts().items():
+            if name != "PENDING":
+                lines.append(f"rows without cutout {count} ({name})")
+        return "\n".join(lines)
+
+    def fingerprint(self):
+        """A SHA-256 digest of everything that determines the output.
+
+        Returns
+        -------
+        digest : str
+            Hex digest; equal plans have equal digests.
+        """
+        h = hashlib.sha256()
+        h.update(json.dumps(self._header(), sort_keys=True).encode())
+        h.update(np.ascontiguousarray(self.base_status).tobytes())
+        for job in self.jobs:
+            h.update(np.int64([job.job_id, job.tile]).tobytes())
+            for arr in (job.rows, job.x, job.y, job.box):
+                h.update(np.ascontiguousarray(arr).tobytes())
+        return h.hexdigest()
+
+    def _header(self):
+        return {
+            "n_rows": self.n_rows,
+            "out_shape": None if self.out_shape is None else list(self.out_shape),
+            "n_channels": self.n_channels,
+            "out_itemsize": self.out_itemsize,
+            "memory_limit": self.memory_limit,
+            "n_workers": self.n_workers,
+            "memory": self.memory.__dict__,
+            "meta": self.meta,
+            "messages": {str(k): v for k, v in sorted(self.messages.items())},
+            "job_tiles": [j.tile for j in self.jobs],
+            "job_est_bytes": [j.est_bytes for j in self.jobs],
+        }
+
+    def save(self, path):
+        """Save the plan to a ``.npz`` file.
+
+        Parameters
+        ----------
+        path : str or path-like
+            Destination file.
+        """
+        counts = np.array([len(j) for j in self.jobs], dtype=np.int64)
+
+        def cat(name, dtype, width=None):
+            parts = [getattr(j, name) for j in self.jobs]
+            if not parts:
+                return np.zeros((0,) if width is None else (0, width), dtype=dtype)
+            return np.concatenate(parts).astype(dtype)
+
+        with open(path, "wb") as fh:
+            np.savez(
+                fh,
+                header=np.frombuffer(json.dumps(self._header()).encode(), dtype=np.uint8),
+                base_status=self.base_status,
+                counts=counts,
+                rows=cat("rows", np.int64),
+                x=cat("x", np.float64),
+                y=cat("y", np.float64),
+                box=cat("box", np.int64, 2),
+            )
+
+    @classmethod
+    def load(cls, path):
+        """Load a plan saved with `save`.
+
+        Parameters
+        ----------
+        path : str or path-like
+            The ``.npz`` file.
+
+        Returns
+        -------
+        plan : `Plan`
+            The plan.
+        """
+        with np.load(path) as npz:
+            header = json.loads(npz["header"].tobytes().decode())
+            counts = npz["counts"]
+            bounds = np.concatenate([[0], np.cumsum(counts)])
+            arrays = {k: npz[k] for k in ("rows", "x", "y", "box")}
+            base_status = npz["base_status"]
+        jobs = [
+            Job(
+                job_id=i,
+                tile=int(tile),
+                rows=arrays["rows"][a:b],
+                x=arrays["x"][a:b],
+                y=arrays["y"][a:b],
+                box=arrays["box"][a:b],
+                est_bytes=int(est),
+            )
+            for i, (tile, est, a, b) in enumerate(
+                zip(header["job_tiles"], header["job_est_bytes"], bounds[:-1], bounds[1:])
+            )
+        ]
+        return cls(
+            jobs=jobs,
+            n_rows=header["n_rows"],
+            base_status=base_status,
+            messages={int(k): v for k, v in header["messages"].items()},
+            out_shape=None if header["out_shape"] is None else tuple(header["out_shape"]),
+            n_channels=header["n_channels"],
+            out_itemsize=header["out_itemsize"],
+            memory_limit=header["memory_limit"],
+            n_workers=header["n_workers"],
+            memory=MemoryModel(**header["memory"]),
+            meta=header["meta"],
+        )
+
+
+def _fmt_bytes(n):
+    """Format a byte count with a decimal unit."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000.0
+    return f"{n} B"  # pragma: no cover
+
+
+def _touched_bytes(box, itemsize):
+    """Bytes of tile pages a window touches when the tile is memory-mapped."""
+    page = 4096
+    ny, nx = int(box[0]), int(box[1])
+    return ny * (math.ceil(nx * itemsize / page) + 1) * page
+
+
+def make_plan(
+    tile_index,
+    assignment,
+    diameters,
+    base_status,
+    messages,
+    *,
+    out_shape,
+    out_itemsize,
+    memory_limit,
+    n_workers=1,
+    max_sources_per_job=None,
+    parent_bytes=None,
+    meta=None,
+):
+    """Group sources into jobs sized from a memory budget.
+
+    Parameters
+    ----------
+    tile_index : `~cutana.tiles.TileIndex`
+        The tiles (only headers are used).
+    assignment : `~cutana.tiles.Assignment`
+        Which tile holds each source and its pixel position there.
+    diameters : `~numpy.ndarray` of float64
+        Box size in pixels of each source (rounded to whole pixels here,
+        as `astropy.nddata.Cutout2D` rounds sizes).
+    base_status : `~numpy.ndarray` of int16
+        Status of each row from validation; rows that are not `Status.OK`
+        are not cut.
+    messages : dict
+        Row → message, extended here for rows that cannot be cut.
+    out_shape : tuple of int or None
+        ``(H, W)`` of the output cutouts, or `None` for the extracted size.
+    out_itemsize : int
+        Bytes per output pixel.
+    memory_limit : int
+        Memory budget of the whole run in bytes.
+    n_workers : int, optional
+        Worker processes that run jobs at the same time.
+    max_sources_per_job : int, optional
+        Cap on sources per job (default `MAX_SOURCES_PER_JOB`).
+    parent_bytes : int, optional
+        Resident bytes of the main process, if measured.
+    meta : dict, optional
+        JSON-serialisable settings recorded in the plan (and fingerprint).
+
+    Returns
+    -------
+    plan : `Plan`
+        The plan.
+
+    Raises
+    ------
+    ValueError
+        If the memory limit cannot hold even one source per worker.
+    """
+    n = len(base_status)
+    status = np.asarray(base_status, dtype=np.int16).copy()
+    messages = dict(messages)
+    n_channels = max(1, len(tile_index.bands))
+    tile = np.asarray(assignment.tile)
+    box_n = np.where(np.isfinite(diameters), np.round(diameters), 0).astype(np.int64)
+
+    todo = status == Status.OK
+    off = todo & (tile < 0)
+    status[off] = Status.NO_OVERLAP
+    for r in np.flatnonzero(off):
+        messages.setdefault(int(r), "source lies on no tile given")
+    todo &= tile >= 0
+    status[todo] = Status.PENDING
+
+    # the largest box and output decide the per-source memory
+    max_box = int(box_n[todo].max()) if todo.any() else 1
+    itemsizes = [
+        np.dtype(b.dtype).itemsize
+        for t in tile_index.tiles
+        for b in t.bands
+        if b is not None
+    ] or [4]
+    tile_item = max(itemsizes)
+    out_px = (out_shape[0] * out_shape[1]) if out_shape is not None else max_box * max_box
+    per_source = n_channels * out_px * out_itemsize + 64  # + metadata
+    sub = SUB_BATCH
+    working = n_channels * (
+        sub * out_px * 4  # float32 intermediate of one sub-batch
+        + sub * max_box * max_box * 8  # extracted windows (float64 worst case)
+        + sub * _touched_bytes((max_box, max_box), tile_item)  # tile pages touched
+    )
+    if parent_bytes is None:
+        parent_bytes = PARENT_BASE_BYTES
+    parent_bytes = int(parent_bytes + n * 64)
+    memory = MemoryModel(
+        parent_bytes=parent_bytes,
+        worker_bytes=WORKER_BASE_BYTES,
+        per_source_bytes=int(per_source),
+        working_bytes=int(working),
+    )
+    budget = (memory_limit - parent_bytes) / max(1, n_workers) - WORKER_BASE_BYTES - working
+    cap = MAX_SOURCES_PER_JOB if max_sources_per_job is None else int(max_sources_per_job)
+    if cap < 1:
+        msg = f"max_sources_per_job must be a positive integer, got {max_sources_per_job!r}"
+        raise ValueError(msg)
+    per_job = int(min(cap, budget // per_source)) if budget > 0 else 0
+    if per_job < 1 and todo.any():
+        need = parent_bytes + n_workers * (WORKER_BASE_BYTES + working + per_source)
+        msg = (
+            f"memory limit {_fmt_bytes(memory_limit)} is too small for {n_workers} "
+            f"worker(s): at least {_fmt_bytes(need)} is needed; raise --memory-limit "
+            "or use fewer --workers"
+        )
+        raise ValueError(msg)
+
+    jobs = []
+    rows_all = np.flatnonzero(todo)
+    order = np.lexsort((rows_all, tile[rows_all]))  # by tile, then row
+    rows_sorted = rows_all[order]
+    tiles_sorted = tile[rows_sorted]
+    starts = np.flatnonzero(np.r_[True, tiles_sorted[1:] != tiles_sorted[:-1]])
+    ends = np.r_[starts[1:], len(rows_sorted)]
+    for a, b in zip(starts, ends):
+        t = int(tiles_sorted[a])
+        group = rows_sorted[a:b]
+        n_jobs = math.ceil(len(group) / per_job)
+        for part in np.array_split(group, n_jobs):
+            boxes = np.repeat(box_n[part][:, None], 2, axis=1)
+            jobs.append(
+                Job(
+                    job_id=len(jobs),
+                    tile=t,
+                    rows=part.astype(np.int64),
+                    x=np.asarray(assignment.x, dtype=np.float64)[part],
+                    y=np.asarray(assignment.y, dtype=np.float64)[part],
+                    box=boxes.astype(np.int64),
+                    est_bytes=memory.job_bytes(len(part)),
+                )
+            )
+    return Plan(
+        jobs=jobs,
+        n_rows=n,
+        base_status=status,
+        messages=messages,
+        out_shape=None if out_shape is None else tuple(int(v) for v in out_shape),
+        n_channels=n_channels,
+        out_itemsize=int(out_itemsize),
+        memory_limit=int(memory_limit),
+        n_workers=int(n_workers),
+        memory=memory,
+        meta=dict(meta or {}),
+    )

@@ -1,0 +1,218 @@
+# Licensed under a 3-clause BSD style license - see LICENSE.rst
+"""
+Cutting one job: what a worker does with a tile and a slice of its sources.
+
+For each band of the job's tile, the band file is opened memory-mapped, the
+sources are cut in small sub-batches (sorted by row on the tile, so that
+neighbouring windows share pages) by the compiled kernels, converted to
+physical units (``BSCALE``/``BZERO``, optional flux conversion from the
+header zero point and an optional channel weight), resampled to the target
+grid, and normalised into the output dtype. Pages of the tile that a
+sub-batch touched are handed back to the operating system before the next
+one, so a worker's memory does not grow with the tile.
+
+This module reads pixels but knows nothing about output formats.
+"""
+
+import logging
+import mmap
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ._geometry import compute_boxes
+from .cutout import extract_stack
+from .io.staging import JobResult
+from .normalization import normalize
+from .planner import SUB_BATCH
+from .resample import extract_resampled
+from .status import Status
+from .tiles import open_pixels
+
+__all__ = ["CutSettings", "cut_job", "flux_factor", "JANSKY_AB"]
+
+logger = logging.getLogger(__name__)
+
+#: Flux density of magnitude 0 in the AB system, in Jansky.
+JANSKY_AB = 3631.0
+
+
+@dataclass(frozen=True)
+class CutSettings:
+    """Everything a worker needs to cut a job, besides the job and its tile.
+
+    Attributes
+    ----------
+    out_shape : tuple of int or None
+        ``(H, W)`` of the output, or `None` for the extracted size.
+    resample : str
+        ``'none'``, ``'nearest'``, ``'bilinear'`` or ``'area'``.
+    normalize : str
+        Normalisation name (see `cutana.normalization`).
+    dtype : str
+        Output dtype: ``'float32'``, ``'uint8'`` or ``'uint16'``.
+    flux_conversion : bool
+        Whether to convert pixel values to Jansky from the zero point.
+    zeropoint_keyword : str
+        Header keyword holding the AB zero point.
+    channel_weights : tuple of float or None
+        Per-band multiplicative weights.
+    norm_kwargs : dict
+        Extra parameters of the normalisation (percentile, a, contrast, ...).
+    n_threads : int
+        Threads of the compiled kernels inside one worker.
+    """
+
+    out_shape: tuple | None
+    resample: str = "none"
+    normalize: str = "none"
+    dtype: str = "float32"
+    flux_conversion: bool = False
+    zeropoint_keyword: str = "MAGZERO"
+    channel_weights: tuple | None = None
+    norm_kwargs: dict = field(default_factory=dict)
+    n_threads: int = 1
+
+
+def flux_factor(zeropoint):
+    """Factor converting pixel values with AB zero point ``zeropoint`` to Jansky.
+
+    Parameters
+    ----------
+    zeropoint : float
+        AB magnitude of a source of one count (``MAGZERO``).
+
+    Returns
+    -------
+    factor : float
+        ``3631 * 10 ** (-0.4 * zeropoint)``.
+
+    Examples
+    --------
+    >>> round(flux_factor(23.9) * 1e6, 6)  # 23.9 AB mag = 1 microjansky
+    1.000000
+    """
+    return JANSKY_AB * 10.0 ** (-0.4 * float(zeropoint))
+
+
+def _release_pages(arr):
+    """Tell the OS that the mapped pages behind ``arr`` may be dropped."""
+    base = arr
+    for _ in range(8):
+        if base is None or isinstance(base, mmap.mmap):
+            break
+        base = getattr(base, "base", None)
+    if isinstance(base, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
+        try:
+            base.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError):  # pragma: no cover - closed or unsupported
+            pass
+
+
+def cut_job(settings, tile, job):
+    """Cut every source of a job from every band of its tile.
+
+    Parameters
+    ----------
+    settings : `CutSettings`
+        How to cut and convert.
+    tile : `~cutana.tiles.Tile`
+        The job's tile (headers and paths only).
+    job : `~cutana.planner.Job`
+        The sources: catalogue rows, pixel positions, box sizes.
+
+    Returns
+    -------
+    result : `~cutana.io.staging.JobResult`
+        The cutouts ``(n, C, H, W)`` in the output dtype, with per-source
+        status, box origin and size. A band that cannot be read marks the
+        job's sources `Status.TILE_ERROR` with a message; it does not raise.
+    """
+    n = len(job)
+    n_channels = len(tile.bands)
+    if settings.out_shape is not None:
+        out_shape = tuple(int(v) for v in settings.out_shape)
+    else:
+        out_shape = tuple(int(v) for v in job.box[0]) if n else (0, 0)
+    images = np.zeros((n, n_channels) + out_shape, dtype=settings.dtype)
+    status = np.full(n, Status.OK, dtype=np.int16)
+    messages = {}
+
+    boxes = compute_boxes(tile.shape, job.box, np.c_[job.y, job.x], "partial")
+    starts = boxes.start
+    partial = boxes.is_partial
+    status[partial] = Status.PARTIAL_OVERLAP
+    origin = np.ascontiguousarray(starts[:, ::-1])
+    order = np.lexsort((job.x, job.y))  # sweep the tile top to bottom
+    same_size = bool(np.all(job.box == job.box[:1])) if n else True
+
+    for c, band in enumerate(tile.bands):
+        if band is None:
+            status[:] = Status.TILE_ERROR
+            for r in job.rows:
+                messages[int(r)] = f"tile {tile.key} has no file for band {c}"
+            continue
+        try:
+            _cut_band(settings, band, c, job, starts, order, same_size, out_shape, images)
+        except (OSError, ValueError, KeyError) as exc:
+            status[:] = Status.TILE_ERROR
+            text = f"{band.path}: {type(exc).__name__}: {exc}"
+            logger.warning("tile error: %s", text)
+            for r in job.rows:
+                messages[int(r)] = text
+    return JobResult(
+        job_id=job.job_id,
+        rows=np.asarray(job.rows, dtype=np.int64),
+        images=images,
+        status=status,
+        tile=int(job.tile),
+        origin=origin.astype(np.int64),
+        box_shape=np.asarray(job.box, dtype=np.int64),
+        messages=messages,
+    )
+
+
+def _cut_band(settings, band, c, job, starts, order, same_size, out_shape, images):
+    """Cut one band of a job into ``images[:, c]``."""
+    factor = 1.0
+    if settings.flux_conversion:
+        zp = band.zeropoint(settings.zeropoint_keyword)
+        if zp is None:
+            msg = (
+                f"header has no zero-point keyword {settings.zeropoint_keyword!r} "
+                "needed for --flux-conversion"
+            )
+            raise KeyError(msg)
+        factor = flux_factor(zp)
+    if settings.channel_weights is not None:
+        factor *= float(settings.channel_weights[c])
+
+    direct = settings.resample == "none" or (
+        same_size and tuple(job.box[0]) == tuple(out_shape)
+    )
+    with open_pixels(band) as pixels:
+        scale = factor * pixels.bscale
+        offset = factor * pixels.bzero
+        for lo in range(0, len(order), SUB_BATCH):
+            idx = order[lo : lo + SUB_BATCH]
+            if direct:
+                block, _ = extract_stack(
+                    pixels.data, starts[idx], out_shape, np.nan, dtype=np.float32,
+                    n_threads=settings.n_threads,
+                )
+                if scale != 1.0:
+                    block *= np.float32(scale)
+                if offset != 0.0:
+                    block += np.float32(offset)
+            else:
+                block, _ = extract_resampled(
+                    pixels.data, starts[idx], job.box[idx], out_shape,
+                    method=settings.resample, fill_value=np.nan, scale=scale,
+                    dtype=np.float32, n_threads=settings.n_threads,
+                )
+                if offset != 0.0:
+                    block += np.float32(offset)
+            images[idx, c] = normalize(
+                block, settings.normalize, dtype=settings.dtype, **settings.norm_kwargs
+            )
+            _release_pages(pixels.data)

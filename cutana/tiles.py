@@ -1,0 +1,1365 @@
+# Licensed under a 3-clause BSD style license - see LICENSE.rst
+"""
+The tile index: which survey tile (and which file per band) holds each source.
+
+A `TileIndex` is built from FITS headers only; pixel data are never read
+while indexing. Files are local paths, glob patterns or fsspec URLs
+(``memory://``, ``s3://``, ...). Band files of the same sky tile are grouped
+into one `Tile` (by the ``TILEID`` keyword, a ``TILE<digits>`` token in the
+file name, or an identical WCS), and `TileIndex.assign` picks for every
+source the tile that holds its whole cutout, vectorised over sources.
+
+Files that cannot be indexed (unreadable, truncated, not FITS, no 2-D image,
+no celestial WCS) never stop the index: they are listed in
+`TileIndex.errors` with the reason, and only the sources that need them are
+affected.
+
+`open_pixels` is the one place where pixel data are opened: memory-mapped,
+raw (never scaled as a whole), in the byte order of the file.
+"""
+
+import functools
+import glob
+import hashlib
+import logging
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+from astropy import units as u
+from astropy.io import fits
+from astropy.wcs import WCS, FITSFixedWarning
+
+from ._geometry import BOX_OK, compute_boxes
+from .exceptions import TileError
+
+__all__ = [
+    "Assignment",
+    "BandFile",
+    "Tile",
+    "TileIndex",
+    "TilePixels",
+    "open_pixels",
+]
+
+logger = logging.getLogger(__name__)
+
+# numpy type codes of the FITS BITPIX values
+_BITPIX_CODES = {8: "u1", 16: "i2", 32: "i4", 64: "i8", -32: "f4", -64: "f8"}
+# header keywords that name the band, in order of preference
+_BAND_KEYWORDS = ("BAND", "FILTER", "FILTNAME")
+# Euclid MER names: EUC_MER_BGSUB-MOSAIC-NIR-H_TILE102018211-...
+_BAND_FROM_NAME = re.compile(r"MOSAIC-([A-Z0-9-]+?)_TILE")
+_TILE_FROM_NAME = re.compile(r"TILE(\d+)")
+_FITS_ENDINGS = (".fits", ".fit", ".fts", ".fz", ".gz")
+_DICT_FORMAT = "cutana.TileIndex"
+_DICT_VERSION = 1
+
+
+# --------------------------------------------------------------------------
+# headers and WCS (cached by header text: BandFile is frozen and hashable)
+# --------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_header(text):
+    """The `~astropy.io.fits.Header` of a header string (cached, shared)."""
+    return fits.Header.fromstring(text)
+
+
+@functools.lru_cache(maxsize=1024)
+def _celestial_wcs(text):
+    """The celestial `~astropy.wcs.WCS` of a header string (cached, shared)."""
+    header = _parse_header(text)
+    with warnings.catch_warnings():
+        # header fix-ups (DATE-OBS, RADESYS...) are routine for survey tiles
+        warnings.simplefilter("ignore", FITSFixedWarning)
+        wcs = WCS(header).celestial
+    if wcs.naxis == 2 and header.get("NAXIS1") is not None and header.get("NAXIS2"):
+        wcs.pixel_shape = (int(header["NAXIS1"]), int(header["NAXIS2"]))
+    return wcs
+
+
+def _world_order(wcs, lon, lat):
+    """Arrange longitude/latitude arrays in the axis order of ``wcs``."""
+    return (lat, lon) if wcs.wcs.lng == 1 else (lon, lat)
+
+
+def _lonlat(wcs, world):
+    """Pick longitude and latitude from world arrays in ``wcs`` axis order."""
+    return (world[1], world[0]) if wcs.wcs.lng == 1 else (world[0], world[1])
+
+
+# --------------------------------------------------------------------------
+# band files and tiles
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BandFile:
+    """One band of one tile: a 2-D image HDU in a FITS file.
+
+    Attributes
+    ----------
+    band : str
+        Band name (from the ``BAND``, ``FILTER`` or ``FILTNAME`` keyword, else
+        from the file name).
+    path : str
+        Local path or fsspec URL, as given.
+    hdu : int or str
+        Index (or name) of the image HDU in the file.
+    shape : tuple of int
+        ``(ny, nx)`` of the image.
+    dtype : str
+        Numpy dtype string of the values `open_pixels` returns: as stored
+        for uncompressed images (e.g. ``'>f4'``), native for compressed ones.
+        Values are raw: ``BSCALE``/``BZERO`` are not applied.
+    header : str
+        The HDU header as a string (`astropy.io.fits.Header.tostring`).
+    compressed : bool
+        Whether the HDU is a tile-compressed image (`~astropy.io.fits.CompImageHDU`).
+    """
+
+    band: str
+    path: str
+    hdu: int | str
+    shape: tuple
+    dtype: str
+    header: str
+    compressed: bool = False
+
+    def fits_header(self):
+        """Return the header as a new `~astropy.io.fits.Header`.
+
+        Returns
+        -------
+        header : `~astropy.io.fits.Header`
+            A copy, free to modify.
+        """
+        return _parse_header(self.header).copy()
+
+    def wcs(self):
+        """Return the celestial WCS of the image.
+
+        Returns
+        -------
+        wcs : `~astropy.wcs.WCS`
+            The celestial part of the header's WCS, with ``pixel_shape`` set.
+            The object is cached and shared between calls: treat it as
+            read-only (``wcs.deepcopy()`` before modifying it).
+        """
+        return _celestial_wcs(self.header)
+
+    def pixel_scale_arcsec(self):
+        """Return the mean pixel scale in arcseconds per pixel.
+
+        Returns
+        -------
+        scale : float
+            Mean of the two projection-plane pixel scales at the reference
+            point, e.g. for converting diameters in arcsec to pixels.
+        """
+        scales = self.wcs().proj_plane_pixel_scales()
+        return float(np.mean([s.to_value(u.arcsec) for s in scales]))
+
+    def zeropoint(self, keyword="MAGZERO"):
+        """Return the photometric zero point from the header.
+
+        Parameters
+        ----------
+        keyword : str, optional
+            Header keyword holding the AB zero point.
+
+        Returns
+        -------
+        zeropoint : float or None
+            The value, or None if the keyword is absent.
+
+        Raises
+        ------
+        TileError
+            If the keyword is present but not a finite number.
+        """
+        header = _parse_header(self.header)
+        raw = header.get(keyword)
+        if raw is None or isinstance(raw, fits.card.Undefined):
+            return None
+        try:
+            value = float(raw)
+        except (TypeError, ValueError):
+            value = np.nan
+        if isinstance(raw, bool) or not np.isfinite(value):
+            msg = (
+                f"{self.path}: header keyword {keyword} = {raw!r} is not a zero point "
+                "(a finite number)"
+            )
+            raise TileError(msg)
+        return value
+
+    @property
+    def is_remote(self):
+        """True if ``path`` is an fsspec URL that is not a local file."""
+        return _local_path(self.path) is None
+
+    def to_dict(self):
+        """Return a JSON-serialisable dict of this band file.
+
+        Returns
+        -------
+        d : dict
+            Inverse of `BandFile.from_dict`.
+        """
+        return {
+            "band": self.band,
+            "path": self.path,
+            "hdu": self.hdu,
+            "shape": [int(v) for v in self.shape],
+            "dtype": self.dtype,
+            "header": self.header,
+            "compressed": bool(self.compressed),
+        }
+
+    @classmethod
+    def from_dict(cls, d):
+        """Build a `BandFile` from `BandFile.to_dict` output.
+
+        Parameters
+        ----------
+        d : dict
+            As returned by `BandFile.to_dict`.
+
+        Returns
+        -------
+        band_file : `BandFile`
+            The band file.
+        """
+        return cls(
+            band=d["band"],
+            path=d["path"],
+            hdu=d["hdu"],
+            shape=tuple(int(v) for v in d["shape"]),
+            dtype=d["dtype"],
+            header=d["header"],
+            compressed=bool(d["compressed"]),
+        )
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One sky tile: one `BandFile` per band of the index.
+
+    Attributes
+    ----------
+    key : str
+        Sky-tile identifier (``TILEID``, the digits of ``TILE<digits>`` in the
+        file name, or a ``wcs-...`` fingerprint).
+    bands : tuple
+        `BandFile` per band, in `TileIndex.bands` order; None where the tile
+        has no file for a band.
+    shape : tuple of int
+        ``(ny, nx)`` of the reference (first available) band.
+    """
+
+    key: str
+    bands: tuple
+    shape: tuple = field(default=None, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "bands", tuple(self.bands))
+        if self.shape is None:
+            object.__setattr__(self, "shape", tuple(self.reference.shape))
+
+    @property
+    def reference(self):
+        """The first available `BandFile` (its WCS is the tile's WCS)."""
+        for band in self.bands:
+            if band is not None:
+                return band
+        msg = f"tile {self.key!r} has no band file"
+        raise ValueError(msg)
+
+    @property
+    def missing_bands(self):
+        """Indices of the bands this tile has no file for."""
+        return tuple(i for i, b in enumerate(self.bands) if b is None)
+
+    @property
+    def same_grid(self):
+        """True if all band files share the reference band's shape and WCS."""
+        ref = self.reference
+        ref_wcs = ref.wcs()
+        for band in self.bands:
+            if band is None or band is ref:
+                continue
+            if tuple(band.shape) != tuple(ref.shape):
+                return False
+            w = band.wcs()
+            if not (
+                np.allclose(w.wcs.crval, ref_wcs.wcs.crval, rtol=0, atol=1e-10)
+                and np.allclose(w.wcs.crpix, ref_wcs.wcs.crpix, rtol=0, atol=1e-6)
+                and np.allclose(
+                    w.pixel_scale_matrix, ref_wcs.pixel_scale_matrix, rtol=1e-9, atol=0
+                )
+                and list(w.wcs.ctype) == list(ref_wcs.wcs.ctype)
+            ):
+                return False
+        return True
+
+    def wcs(self):
+        """Return the celestial WCS of the reference band.
+
+        Returns
+        -------
+        wcs : `~astropy.wcs.WCS`
+            Shared, read-only (see `BandFile.wcs`).
+        """
+        return self.reference.wcs()
+
+
+@dataclass
+class Assignment:
+    """Which tile holds each source, and where.
+
+    Attributes
+    ----------
+    tile : `~numpy.ndarray` of int32
+        Index into `TileIndex.tiles`, -1 if the source's cutout overlaps no
+        tile (or its coordinates are not finite).
+    x, y : `~numpy.ndarray` of float64
+        0-based pixel position in that tile's reference band (NaN if none).
+    inside : `~numpy.ndarray` of bool
+        Whether the whole cutout lies inside the tile.
+    file_error : `~numpy.ndarray` of bool
+        Only for `TileIndex.assign_by_files`: the row's tile files could not
+        be indexed (a tile error, not "no overlap"). All False otherwise.
+    messages : dict
+        Row to message for rows with ``file_error``.
+    """
+
+    tile: np.ndarray
+    x: np.ndarray
+    y: np.ndarray
+    inside: np.ndarray
+    file_error: np.ndarray = None
+    messages: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.file_error is None:
+            self.file_error = np.zeros(len(self.tile), dtype=bool)
+
+    def __len__(self):
+        return len(self.tile)
+
+
+# --------------------------------------------------------------------------
+# paths
+# --------------------------------------------------------------------------
+
+
+def _local_path(path):
+    """The local file path of ``path``, or None for a non-local fsspec URL."""
+    path = os.fspath(path)
+    if "://" not in path:
+        return path
+    import fsspec.core
+
+    protocol, rest = fsspec.core.split_protocol(path)
+    if protocol in (None, "file", "local"):
+        return rest
+    return None
+
+
+def _is_fits_name(name):
+    return name.lower().endswith(_FITS_ENDINGS)
+
+
+def _expand(paths):
+    """Expand globs and folders; return ``(paths, errors)`` in a stable order."""
+    if isinstance(paths, str | os.PathLike):
+        paths = [paths]
+    out, errors = [], []
+    for entry in paths:
+        entry = os.fspath(entry)
+        local = _local_path(entry)
+        if local is None:
+            if glob.has_magic(entry.split("://", 1)[1]):
+                import fsspec.core
+
+                fs, pattern = fsspec.core.url_to_fs(entry)
+                found = sorted(fs.glob(pattern))
+                if not found:
+                    errors.append((entry, f"{entry}: no file matches this pattern"))
+                out.extend(fs.unstrip_protocol(p) for p in found)
+            else:
+                out.append(entry)
+        elif glob.has_magic(local):
+            found = sorted(glob.glob(os.path.expanduser(local)))
+            if not found:
+                errors.append((entry, f"{entry}: no file matches this pattern"))
+            out.extend(found)
+        elif os.path.isdir(local):
+            found = sorted(
+                os.path.join(local, n) for n in os.listdir(local) if _is_fits_name(n)
+            )
+            if not found:
+                errors.append((entry, f"{entry}: folder holds no FITS file"))
+            out.extend(found)
+        else:
+            out.append(entry)
+    seen, unique = set(), []
+    for p in out:
+        if p not in seen:
+            seen.add(p)
+            unique.append(p)
+    return unique, errors
+
+
+def _stem(path):
+    """File name without directory and FITS/compression endings."""
+    name = os.path.basename(path.rstrip("/"))
+    changed = True
+    while changed:
+        changed = False
+        for ending in _FITS_ENDINGS:
+            if name.lower().endswith(ending) and len(name) > len(ending):
+                name = name[: -len(ending)]
+                changed = True
+    return name
+
+
+def _band_from_name(path):
+    """Band name from a Euclid file name (``MOSAIC-<band>_TILE``), or None."""
+    match = _BAND_FROM_NAME.search(os.path.basename(path))
+    return match.group(1) if match else None
+
+
+def _wcs_fingerprint(wcs, shape):
+    """A key identifying a pixel grid on the sky (rounded WCS + shape)."""
+    values = (
+        tuple(str(c) for c in wcs.wcs.ctype),
+        tuple(np.round(wcs.wcs.crval, 7).tolist()),
+        tuple(np.round(wcs.wcs.crpix, 3).tolist()),
+        tuple(np.round(wcs.pixel_scale_matrix.ravel() * 3600.0, 7).tolist()),
+        tuple(int(v) for v in shape),
+    )
+    return "wcs-" + hashlib.sha1(repr(values).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------
+# reading one file's header
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class _Record:
+    """What indexing learned about one file."""
+
+    path: str
+    band: str
+    name_band: str
+    key: str
+    hdu: int | str
+    shape: tuple
+    dtype: str
+    header: str
+    compressed: bool
+
+    def band_file(self, band=None):
+        return BandFile(
+            band=self.band if band is None else band,
+            path=self.path,
+            hdu=self.hdu,
+            shape=self.shape,
+            dtype=self.dtype,
+            header=self.header,
+            compressed=self.compressed,
+        )
+
+
+def _open_fits(path, **kwargs):
+    """Open a local file or fsspec URL with astropy (headers read lazily)."""
+    local = _local_path(path)
+    if local is None:
+        return fits.open(path, use_fsspec=True, lazy_load_hdus=True, **kwargs)
+    if not os.path.exists(local):
+        msg = "file does not exist"
+        raise FileNotFoundError(msg)
+    return fits.open(local, lazy_load_hdus=True, **kwargs)
+
+
+def _file_size(path, hdul):
+    """Size in bytes of the file behind ``hdul``."""
+    local = _local_path(path)
+    if local is not None:
+        return os.path.getsize(local)
+    import fsspec.core
+
+    fs, fpath = fsspec.core.url_to_fs(path)
+    return fs.size(fpath)
+
+
+def _is_image_2d(hdu):
+    return (
+        isinstance(hdu, fits.PrimaryHDU | fits.ImageHDU)
+        and len(hdu.shape) == 2
+        and min(hdu.shape) > 0
+    )
+
+
+def _raw_data_bytes(hdu, fileinfo):
+    """Bytes of stored data of ``hdu`` (without the final FITS padding)."""
+    if isinstance(hdu, fits.CompImageHDU):
+        bintable = getattr(hdu, "_bintable", None)
+        if bintable is not None:
+            h = bintable.header
+            return int(h["NAXIS1"]) * int(h["NAXIS2"]) + int(h.get("PCOUNT", 0))
+        return int(fileinfo["datSpan"])
+    h = hdu.header
+    n = abs(int(h["BITPIX"])) // 8
+    size = int(np.prod([int(h[f"NAXIS{k}"]) for k in range(1, int(h["NAXIS"]) + 1)]))
+    return n * int(h.get("GCOUNT", 1)) * (int(h.get("PCOUNT", 0)) + size)
+
+
+def _check_complete(path, hdul, index, hdu):
+    """Raise TileError if the file ends before the data of HDU ``index``.
+
+    Files compressed as a whole (gzip, bzip2, ...) are not checked: offsets
+    refer to the decompressed stream, and astropy reports their truncation
+    when the data are read.
+    """
+    info = hdul.fileinfo(index)
+    if getattr(info["file"], "compression", None):
+        return
+    need = int(info["datLoc"]) + _raw_data_bytes(hdu, info)
+    have = _file_size(path, hdul)
+    if have < need:
+        msg = (
+            f"{path}: file is truncated: {have} bytes, but the data of HDU {index} "
+            f"end at byte {need}"
+        )
+        raise TileError(msg)
+
+
+def _find_image(path, hdul, hdu):
+    """Return ``(index, hdu_object)`` of the image HDU to use."""
+    if hdu is not None:
+        try:
+            h = hdul[hdu]
+        except (IndexError, KeyError) as exc:
+            msg = f"{path}: no HDU {hdu!r} ({exc})"
+            raise TileError(msg) from exc
+        index = hdul.index(h) if not isinstance(hdu, int) else hdu
+        if not _is_image_2d(h):
+            shape = getattr(h, "shape", None)
+            msg = f"{path}: HDU {hdu!r} is not a 2-D image (shape {shape})"
+            raise TileError(msg)
+        return index, h
+    i = 0
+    while True:
+        try:
+            h = hdul[i]
+        except IndexError:
+            break
+        if _is_image_2d(h):
+            return i, h
+        i += 1
+    msg = f"{path}: no 2-D image HDU among its {i} HDU(s)"
+    raise TileError(msg)
+
+
+def _header_value(headers, keywords):
+    """First non-empty value of ``keywords`` in ``headers`` (in order), or None."""
+    for keyword in keywords:
+        for header in headers:
+            value = header.get(keyword)
+            if value is not None and not isinstance(value, bool) and str(value).strip():
+                return str(value).strip()
+    return None
+
+
+def _read_record(path, hdu=None):
+    """Index one file from its headers; raise TileError with the reason."""
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with _open_fits(path) as hdul:
+                index, h = _find_image(path, hdul, hdu)
+                _check_complete(path, hdul, index, h)
+                header = h.header
+                primary = hdul[0].header if index != 0 else header
+                compressed = isinstance(h, fits.CompImageHDU)
+                shape = tuple(int(v) for v in h.shape)
+                code = _BITPIX_CODES.get(int(header["BITPIX"]))
+                if code is None:
+                    msg = f"{path}: unsupported BITPIX {header['BITPIX']!r}"
+                    raise TileError(msg)
+                dtype = (
+                    np.dtype(code).str
+                    if compressed
+                    else np.dtype(code).newbyteorder(">").str
+                )
+                text = header.tostring()
+                band = _header_value([header, primary], _BAND_KEYWORDS)
+                tile_id = _header_value([header, primary], ("TILEID",))
+                hdu_id = index if hdu is None or isinstance(hdu, int) else hdu
+        for w in caught:
+            logger.debug("%s: %s", path, w.message)
+    except TileError:
+        raise
+    except FileNotFoundError as exc:
+        msg = f"{path}: file does not exist"
+        raise TileError(msg) from exc
+    except Exception as exc:  # any failure to parse a corrupt file is reported
+        msg = f"{path}: cannot read FITS header ({type(exc).__name__}: {exc})"
+        raise TileError(msg) from exc
+
+    try:
+        wcs = _celestial_wcs(text)
+    except Exception as exc:  # invalid WCS keywords raise many exception types
+        msg = f"{path}: invalid WCS ({type(exc).__name__}: {exc})"
+        raise TileError(msg) from exc
+    if wcs.naxis != 2 or not wcs.has_celestial:
+        ctypes = [header.get(f"CTYPE{k}") for k in (1, 2)]
+        msg = f"{path}: no celestial WCS in HDU {hdu_id!r} (CTYPE1, CTYPE2 = {ctypes})"
+        raise TileError(msg)
+    ny, nx = shape
+    with np.errstate(invalid="ignore"):
+        centre = wcs.all_pix2world([(nx - 1) / 2], [(ny - 1) / 2], 0)
+    if not np.all(np.isfinite(centre)):
+        msg = f"{path}: the WCS gives no sky position for the image centre"
+        raise TileError(msg)
+
+    name_band = _band_from_name(path)
+    if band is None:
+        band = name_band if name_band is not None else _stem(path)
+    if tile_id is None:
+        match = _TILE_FROM_NAME.search(os.path.basename(path))
+        tile_id = match.group(1) if match else _wcs_fingerprint(wcs, shape)
+    return _Record(
+        path=path,
+        band=band,
+        name_band=name_band,
+        key=tile_id,
+        hdu=hdu_id,
+        shape=shape,
+        dtype=dtype,
+        header=text,
+        compressed=compressed,
+    )
+
+
+def _closest_hint(name, choices):
+    import difflib
+
+    same_case = [c for c in choices if c.lower() == name.lower()]
+    match = same_case or difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
+    return f" Did you mean {match[0]!r}?" if match else ""
+
+
+def _check_bands(requested, found, errors):
+    """Raise ValueError if a requested band was found nowhere."""
+    for band in requested:
+        if band not in found:
+            msg = (
+                f"band {band!r} was found in no tile file; bands found: "
+                f"{', '.join(map(repr, found)) or 'none'}."
+                + _closest_hint(band, list(found))
+            )
+            if errors:
+                msg += (
+                    f" ({len(errors)} file(s) could not be indexed, "
+                    f"e.g. {errors[0][1]})"
+                )
+            raise ValueError(msg)
+
+
+# --------------------------------------------------------------------------
+# the index
+# --------------------------------------------------------------------------
+
+
+class TileIndex:
+    """The tiles of a survey, their band files and their sky footprints.
+
+    Parameters
+    ----------
+    tiles : list of `Tile`
+        The tiles, each with one entry per band of ``bands``.
+    bands : list of str
+        Band names, in output channel order.
+    errors : list of tuple, optional
+        ``(path, message)`` of files that could not be indexed.
+    file_lists : dict, optional
+        For indexes built by `TileIndex.from_file_lists`: tuple of paths to
+        tile index (-1 if its files could not be indexed).
+
+    Notes
+    -----
+    Build an index with `TileIndex.from_paths` (``--tiles``) or
+    `TileIndex.from_file_lists` (ESA Cutana's ``fits_file_paths`` column).
+    """
+
+    def __init__(self, tiles, bands, errors=(), file_lists=None):
+        self.tiles = list(tiles)
+        self.bands = list(bands)
+        self.errors = [tuple(e) for e in errors]
+        self.file_lists = dict(file_lists or {})
+
+    def __len__(self):
+        return len(self.tiles)
+
+    def __repr__(self):
+        return (
+            f"<TileIndex: {len(self.tiles)} tile(s), bands {self.bands}, "
+            f"{len(self.errors)} error(s)>"
+        )
+
+    def __eq__(self, other):
+        if not isinstance(other, TileIndex):
+            return NotImplemented
+        return self.to_dict() == other.to_dict()
+
+    __hash__ = None
+
+    # ---- construction
+
+    @classmethod
+    def from_paths(cls, paths, *, bands=None, hdu=None):
+        """Index tile files given as paths, globs, folders or fsspec URLs.
+
+        Parameters
+        ----------
+        paths : str, `os.PathLike` or list of them
+            Files, glob patterns (expanded, sorted), folders (their FITS
+            files) or fsspec URLs (``memory://``, ``s3://``, ``file://``).
+        bands : list of str, optional
+            Bands to use, in channel order. Files of other bands are ignored.
+            By default all bands, in order of first appearance.
+        hdu : int or str, optional
+            The image HDU to use in every file; by default the first HDU
+            holding a 2-D image.
+
+        Returns
+        -------
+        index : `TileIndex`
+            The index; files that could not be indexed are in ``errors``.
+
+        Raises
+        ------
+        ValueError
+            If a band in ``bands`` is found in no file.
+
+        Notes
+        -----
+        Only headers are read. The band of a file comes from its ``BAND``,
+        ``FILTER`` or ``FILTNAME`` keyword (in that order), else from its
+        name (Euclid ``...MOSAIC-<band>_TILE...``, else the name without
+        ending). Files of one sky tile are grouped by the ``TILEID`` keyword,
+        else by ``TILE<digits>`` in the file name, else by an identical
+        (rounded) WCS and shape. If two files of one tile give the same band
+        name but their file names give different ones (a science image and
+        its RMS map, say), the file-name bands are used for them; otherwise
+        the later file is reported in ``errors``.
+        """
+        files, errors = _expand(paths)
+        groups = {}
+        for path in files:
+            try:
+                rec = _read_record(path, hdu)
+            except TileError as exc:
+                errors.append((path, str(exc)))
+                continue
+            groups.setdefault(rec.key, []).append(rec)
+
+        found = []
+        members = {}
+        for key, recs in groups.items():
+            names = [r.band for r in recs]
+            for name in set(names):
+                dups = [r for r in recs if r.band == name]
+                file_bands = {r.name_band for r in dups}
+                if (
+                    len(dups) > 1
+                    and None not in file_bands
+                    and len(file_bands) == len(dups)
+                ):
+                    logger.info(
+                        "tile %s: files %s all have band %r; "
+                        "using band names from file names",
+                        key,
+                        [r.path for r in dups],
+                        name,
+                    )
+                    for r in dups:
+                        r.band = r.name_band
+            by_band = {}
+            for r in recs:
+                if r.band in by_band:
+                    errors.append(
+                        (
+                            r.path,
+                            f"{r.path}: tile {key!r} already has a file for band "
+                            f"{r.band!r} "
+                            f"({by_band[r.band].path}); this one is ignored",
+                        )
+                    )
+                    continue
+                by_band[r.band] = r
+                if r.band not in found:
+                    found.append(r.band)
+            members[key] = by_band
+
+        if bands is not None:
+            bands = [str(b) for b in bands]
+            _check_bands(bands, found, errors)
+        else:
+            bands = found
+        tiles = []
+        for key, by_band in members.items():
+            entries = tuple(
+                by_band[b].band_file() if b in by_band else None for b in bands
+            )
+            if any(e is not None for e in entries):
+                tiles.append(Tile(key=key, bands=entries))
+            else:
+                logger.debug("tile %s has none of the bands %s; skipped", key, bands)
+        logger.info(
+            "indexed %d tile(s) in band(s) %s; %d file error(s)",
+            len(tiles),
+            bands,
+            len(errors),
+        )
+        return cls(tiles, bands, errors)
+
+    @classmethod
+    def from_file_lists(cls, fits_file_paths, *, bands=None):
+        """Index the per-source tile files of an ESA Cutana catalogue.
+
+        Parameters
+        ----------
+        fits_file_paths : sequence of tuple of str
+            Per catalogue row, the tile files of the source, one per band
+            (`cutana.catalog.Catalog.fits_file_paths`). Repeated tuples are
+            indexed once; empty tuples are skipped.
+        bands : list of str, optional
+            Bands to use, by name, in channel order; by default all
+            positions.
+
+        Returns
+        -------
+        index : `TileIndex`
+            One tile per distinct tuple whose (used) files could all be
+            indexed; the tuple-to-tile map is in ``file_lists``.
+
+        Raises
+        ------
+        ValueError
+            If a band in ``bands`` is not among the band names.
+
+        Notes
+        -----
+        Bands are positional: the n-th file of every tuple is band n. Band
+        names come from the headers of the first tuple that has a readable
+        file at each position; if two positions give the same name, the
+        later one is called ``'NAME[position]'``.
+        """
+        tuples = []
+        seen = set()
+        for entry in fits_file_paths:
+            if entry is None:
+                continue
+            key = tuple(os.fspath(p) for p in entry)
+            if key and key not in seen:
+                seen.add(key)
+                tuples.append(key)
+
+        records, errors, failed = {}, [], {}
+        for files in tuples:
+            for path in files:
+                if path in records or path in failed:
+                    continue
+                try:
+                    records[path] = _read_record(path)
+                except TileError as exc:
+                    failed[path] = str(exc)
+                    errors.append((path, str(exc)))
+
+        n_pos = max((len(t) for t in tuples), default=0)
+        names = [None] * n_pos
+        for files in tuples:
+            for pos, path in enumerate(files):
+                if names[pos] is None and path in records:
+                    names[pos] = records[path].band
+        for pos in range(n_pos):
+            if names[pos] is None:
+                names[pos] = f"band{pos}"
+        for pos in range(n_pos):
+            if names[pos] in names[:pos]:
+                names[pos] = f"{names[pos]}[{pos}]"
+
+        if bands is not None:
+            bands = [str(b) for b in bands]
+            _check_bands(bands, names, errors)
+        else:
+            bands = list(names)
+        positions = [names.index(b) for b in bands]
+
+        tiles, file_lists, keys = [], {}, set()
+        for files in tuples:
+            used = [files[p] if p < len(files) else None for p in positions]
+            if any(p is not None and p in failed for p in used) or all(
+                p is None for p in used
+            ):
+                file_lists[files] = -1
+                continue
+            entries = tuple(
+                None if p is None else records[p].band_file(band)
+                for p, band in zip(used, bands, strict=True)
+            )
+            ref = next(p for p in used if p is not None)
+            key = records[ref].key
+            if key in keys:
+                n = 2
+                while f"{key}#{n}" in keys:
+                    n += 1
+                key = f"{key}#{n}"
+            keys.add(key)
+            file_lists[files] = len(tiles)
+            tiles.append(Tile(key=key, bands=entries))
+        logger.info(
+            "indexed %d tile(s) from %d file list(s); %d file error(s)",
+            len(tiles),
+            len(tuples),
+            len(errors),
+        )
+        return cls(tiles, bands, errors, file_lists)
+
+    # ---- footprints and assignment
+
+    def footprints(self):
+        """Return the sky footprint of every tile as a circle.
+
+        Returns
+        -------
+        ra, dec : `~numpy.ndarray` of float64
+            Centre of each tile (degrees).
+        radius : `~numpy.ndarray` of float64
+            Largest angular distance from the centre to the tile's outer
+            pixel edges (degrees).
+        pixel_scale : `~numpy.ndarray` of float64
+            Largest pixel scale of each tile (degrees per pixel).
+        """
+        n = len(self.tiles)
+        ra, dec, radius, scale = (np.full(n, np.nan) for _ in range(4))
+        for t, tile in enumerate(self.tiles):
+            wcs = tile.wcs()
+            ny, nx = tile.shape
+            lon, lat = _lonlat(
+                wcs, wcs.all_pix2world((nx - 1) / 2.0, (ny - 1) / 2.0, 0)
+            )
+            # 17 points along each outer pixel edge
+            along_x = np.linspace(-0.5, nx - 0.5, 17)
+            along_y = np.linspace(-0.5, ny - 0.5, 17)
+            ex = np.concatenate(
+                [along_x, along_x, np.full(17, -0.5), np.full(17, nx - 0.5)]
+            )
+            ey = np.concatenate(
+                [np.full(17, -0.5), np.full(17, ny - 0.5), along_y, along_y]
+            )
+            blon, blat = _lonlat(wcs, wcs.all_pix2world(ex, ey, 0))
+            dist = _angular_distance(float(lon), float(lat), blon, blat)
+            ra[t], dec[t] = float(lon), float(lat)
+            radius[t] = float(np.nanmax(dist))
+            scale[t] = max(q.to_value(u.deg) for q in wcs.proj_plane_pixel_scales())
+        return ra, dec, radius, scale
+
+    def assign(self, ra, dec, diameter_pix):
+        """Choose the tile of every source.
+
+        Parameters
+        ----------
+        ra, dec : array-like
+            Source coordinates in degrees (ICRS or whatever frame the tiles'
+            WCS use).
+        diameter_pix : float or array-like
+            Cutout diameter in pixels, one for all or one per source; the box
+            is ``round(diameter)`` pixels wide, as in `~astropy.nddata.Cutout2D`.
+            Non-finite diameters count as 0 (only the position matters).
+
+        Returns
+        -------
+        assignment : `Assignment`
+            Per source: tile index, pixel position in that tile, and whether
+            the whole cutout lies inside.
+
+        Notes
+        -----
+        The depth of a source in a tile is its distance in pixels to the
+        nearest outer edge, ``min(x + 0.5, nx - 0.5 - x, y + 0.5, ny - 0.5 - y)``.
+        The cutout box follows `cutana._geometry.compute_boxes` (first pixel
+        ``ceil(pos - n / 2)``). Among the tiles that hold the whole cutout the
+        deepest is chosen; if none does, the deepest of the tiles the cutout
+        overlaps; if it overlaps none, -1. Ties go to the earlier tile. Each
+        tile only examines the sources within its footprint radius plus the
+        largest cutout, so the cost grows with sources times tiles only
+        through one dot product.
+        """
+        ra = np.atleast_1d(np.asarray(ra, dtype=np.float64))
+        dec = np.atleast_1d(np.asarray(dec, dtype=np.float64))
+        if ra.shape != dec.shape or ra.ndim != 1:
+            msg = (
+                "ra and dec must be 1-D arrays of one length, got shapes "
+                f"{ra.shape} and {dec.shape}"
+            )
+            raise ValueError(msg)
+        n = len(ra)
+        diameter = np.broadcast_to(np.asarray(diameter_pix, dtype=np.float64), (n,))
+        size = np.where(np.isfinite(diameter) & (diameter > 0), np.round(diameter), 0.0)
+        size = np.minimum(size, 2**31).astype(np.int64)
+
+        tile = np.full(n, -1, dtype=np.int32)
+        x = np.full(n, np.nan)
+        y = np.full(n, np.nan)
+        inside = np.zeros(n, dtype=bool)
+        depth = np.full(n, -np.inf)
+        if n == 0 or not self.tiles:
+            return Assignment(tile, x, y, inside)
+
+        vec = _unit_vectors(ra, dec)  # NaN rows never pass the cut
+        c_ra, c_dec, radius, scale = self.footprints()
+        half_diag = float(size.max()) * np.sqrt(0.5) + 1.0
+        for t, tl in enumerate(self.tiles):
+            reach = np.deg2rad(radius[t] + half_diag * scale[t]) * (1 + 1e-9) + 1e-12
+            centre = _unit_vectors(np.array([c_ra[t]]), np.array([c_dec[t]]))[0]
+            with np.errstate(invalid="ignore"):
+                cand = np.flatnonzero(vec @ centre >= np.cos(min(reach, np.pi)))
+            if not len(cand):
+                continue
+            px, py = self._world_to_pixel(tl, ra[cand], dec[cand])
+            ny, nx = tl.shape
+            sizes = np.repeat(size[cand, None], 2, axis=1)
+            boxes = compute_boxes(
+                (ny, nx), sizes, np.column_stack([py, px]), mode="partial"
+            )
+            overlap = boxes.code == BOX_OK
+            whole = overlap & ~boxes.is_partial
+            with np.errstate(invalid="ignore"):
+                dpt = np.minimum(
+                    np.minimum(px + 0.5, nx - 0.5 - px),
+                    np.minimum(py + 0.5, ny - 0.5 - py),
+                )
+            b_in = inside[cand]
+            better = overlap & (
+                (whole & ~b_in) | ((whole == b_in) & (dpt > depth[cand]))
+            )
+            sel = cand[better]
+            tile[sel] = t
+            x[sel] = px[better]
+            y[sel] = py[better]
+            inside[sel] = whole[better]
+            depth[sel] = dpt[better]
+        return Assignment(tile, x, y, inside)
+
+    @staticmethod
+    def _world_to_pixel(tile, ra, dec):
+        """0-based pixel ``(x, y)`` of sky positions in ``tile``'s reference WCS."""
+        wcs = tile.wcs()
+        with warnings.catch_warnings(), np.errstate(invalid="ignore"):
+            warnings.simplefilter("ignore", RuntimeWarning)
+            px, py = wcs.all_world2pix(*_world_order(wcs, ra, dec), 0, quiet=True)
+        return np.asarray(px, dtype=np.float64), np.asarray(py, dtype=np.float64)
+
+    def assign_by_files(self, file_tuples, ra=None, dec=None, diameter_pix=None):
+        """Map catalogue rows to tiles through their own ``fits_file_paths``.
+
+        Parameters
+        ----------
+        file_tuples : sequence of tuple of str
+            Per row, the tile files (`cutana.catalog.Catalog.fits_file_paths`).
+        ra, dec : array-like, optional
+            Source coordinates in degrees; if given, ``x``, ``y`` and
+            ``inside`` are computed in each row's tile, and rows whose cutout
+            misses their tile get tile -1 (no overlap).
+        diameter_pix : float or array-like, optional
+            Cutout diameter in pixels (needed with ``ra``/``dec``; 0 if not
+            given).
+
+        Returns
+        -------
+        assignment : `Assignment`
+            ``tile`` is -1 for rows whose files could not be indexed
+            (``file_error`` True, with a message naming the files and
+            reasons), for rows with no files (``file_error`` False: such rows
+            are bad rows already) and for rows whose cutout misses the tile.
+        """
+        n = len(file_tuples)
+        tile = np.full(n, -1, dtype=np.int32)
+        file_error = np.zeros(n, dtype=bool)
+        messages = {}
+        reasons = dict(self.errors)
+        cache = {}
+        for i, entry in enumerate(file_tuples):
+            files = tuple(entry) if entry is not None else ()
+            if not files:
+                continue
+            if files not in cache:
+                t = self.file_lists.get(files)
+                if t is None:
+                    cache[files] = (
+                        -1,
+                        "files were not indexed (not in this tile index): "
+                        + ", ".join(files),
+                    )
+                elif t < 0:
+                    why = [reasons[p] for p in files if p in reasons] or [
+                        "a band file could not be indexed"
+                    ]
+                    cache[files] = (-1, "; ".join(why))
+                else:
+                    cache[files] = (t, None)
+            t, why = cache[files]
+            tile[i] = t
+            if why is not None:
+                file_error[i] = True
+                messages[i] = why
+        x = np.full(n, np.nan)
+        y = np.full(n, np.nan)
+        inside = np.zeros(n, dtype=bool)
+        if ra is not None and dec is not None:
+            ra = np.asarray(ra, dtype=np.float64)
+            dec = np.asarray(dec, dtype=np.float64)
+            dia = 0.0 if diameter_pix is None else diameter_pix
+            dia = np.broadcast_to(np.asarray(dia, dtype=np.float64), (n,))
+            size = np.where(np.isfinite(dia) & (dia > 0), np.round(dia), 0.0)
+            size = np.minimum(size, 2**31).astype(np.int64)
+            for t in np.unique(tile[tile >= 0]).tolist():
+                rows = np.flatnonzero(tile == t)
+                tl = self.tiles[t]
+                px, py = self._world_to_pixel(tl, ra[rows], dec[rows])
+                sizes = np.repeat(size[rows, None], 2, axis=1)
+                boxes = compute_boxes(
+                    tl.shape, sizes, np.column_stack([py, px]), mode="partial"
+                )
+                overlap = boxes.code == BOX_OK
+                x[rows], y[rows] = px, py
+                inside[rows] = overlap & ~boxes.is_partial
+                tile[rows[~overlap]] = -1
+        return Assignment(tile, x, y, inside, file_error, messages)
+
+    # ---- serialisation
+
+    def to_dict(self):
+        """Return a JSON-serialisable dict of the index.
+
+        Returns
+        -------
+        d : dict
+            Inverse of `TileIndex.from_dict`.
+        """
+        return {
+            "format": _DICT_FORMAT,
+            "version": _DICT_VERSION,
+            "bands": list(self.bands),
+            "tiles": [
+                {
+                    "key": t.key,
+                    "bands": [None if b is None else b.to_dict() for b in t.bands],
+                }
+                for t in self.tiles
+            ],
+            "errors": [[str(p), str(m)] for p, m in self.errors],
+            "file_lists": [[list(k), int(v)] for k, v in self.file_lists.items()],
+        }
+
+    @classmethod
+    def from_dict(cls, d):
+        """Rebuild an index from `TileIndex.to_dict` output.
+
+        Parameters
+        ----------
+        d : dict
+            As returned by `TileIndex.to_dict` (possibly through JSON).
+
+        Returns
+        -------
+        index : `TileIndex`
+            The index.
+
+        Raises
+        ------
+        ValueError
+            If ``d`` is not a serialised tile index of a known version.
+        """
+        if d.get("format") != _DICT_FORMAT or d.get("version") != _DICT_VERSION:
+            msg = (
+                f"not a serialised TileIndex (format {d.get('format')!r}, version "
+                f"{d.get('version')!r}; expected {_DICT_FORMAT!r}, {_DICT_VERSION})"
+            )
+            raise ValueError(msg)
+        tiles = [
+            Tile(
+                key=t["key"],
+                bands=tuple(
+                    None if b is None else BandFile.from_dict(b) for b in t["bands"]
+                ),
+            )
+            for t in d["tiles"]
+        ]
+        errors = [tuple(e) for e in d.get("errors", [])]
+        file_lists = {tuple(k): int(v) for k, v in d.get("file_lists", [])}
+        return cls(tiles, d["bands"], errors, file_lists)
+
+
+def _unit_vectors(ra, dec):
+    """``(N, 3)`` unit vectors of sky positions in degrees."""
+    r = np.deg2rad(ra)
+    d = np.deg2rad(dec)
+    cd = np.cos(d)
+    return np.column_stack([cd * np.cos(r), cd * np.sin(r), np.sin(d)])
+
+
+def _angular_distance(lon0, lat0, lon, lat):
+    """Angular distance in degrees (Vincenty formula, stable at all scales)."""
+    lon0, lat0, lon, lat = (np.deg2rad(v) for v in (lon0, lat0, lon, lat))
+    dlon = lon - lon0
+    num = np.hypot(
+        np.cos(lat) * np.sin(dlon),
+        np.cos(lat0) * np.sin(lat) - np.sin(lat0) * np.cos(lat) * np.cos(dlon),
+    )
+    den = np.sin(lat0) * np.sin(lat) + np.cos(lat0) * np.cos(lat) * np.cos(dlon)
+    return np.rad2deg(np.arctan2(num, den))
+
+
+# --------------------------------------------------------------------------
+# pixels
+# --------------------------------------------------------------------------
+
+
+class TilePixels:
+    """Open pixel data of one band file (returned by `open_pixels`).
+
+    Attributes
+    ----------
+    data : array-like
+        The 2-D image, raw: a memory-mapped `~numpy.ndarray` in the file's
+        byte order for local uncompressed files; an astropy ``section``
+        (decompressing or downloading only what is sliced) for compressed
+        or remote files.
+    bscale, bzero : float
+        ``BSCALE`` and ``BZERO`` of the header (1 and 0 if absent). The
+        physical value is ``data * bscale + bzero``; nothing is applied.
+    blank : int or None
+        ``BLANK`` of integer images, if any.
+    band : `BandFile`
+        The band file.
+    """
+
+    def __init__(self, band, data, bscale, bzero, blank, hdul):
+        self.band = band
+        self.data = data
+        self.bscale = bscale
+        self.bzero = bzero
+        self.blank = blank
+        self._hdul = hdul
+
+    @property
+    def scaled(self):
+        """True if ``BSCALE``/``BZERO`` are not the identity."""
+        return self.bscale != 1.0 or self.bzero != 0.0
+
+    def close(self):
+        """Close the file; ``data`` must not be used afterwards."""
+        if self._hdul is not None:
+            self._hdul.close()
+            self._hdul = None
+        self.data = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+def open_pixels(band):
+    """Open the pixels of a band file without reading or scaling them.
+
+    Parameters
+    ----------
+    band : `BandFile`
+        The band file to open.
+
+    Returns
+    -------
+    pixels : `TilePixels`
+        A context manager; ``pixels.data`` is the raw 2-D image. Local
+        uncompressed files are memory-mapped (``memmap=True,
+        do_not_scale_image_data=True``): nothing is read until sliced, and
+        values keep the file's byte order (often big-endian). Compressed
+        tiles return ``hdu.section``: each read decompresses the compressed
+        tiles it touches. Remote (fsspec) files return ``hdu.section`` too,
+        fetching only the bytes needed.
+
+    Raises
+    ------
+    TileError
+        If the file cannot be opened, is truncated, or its image no longer
+        matches the indexed shape; the message names the path and reason.
+
+    Examples
+    --------
+    >>> with open_pixels(tile.bands[0]) as px:  # doctest: +SKIP
+    ...     window = px.data[100:164, 200:264] * px.bscale + px.bzero
+    """
+    hdul = None
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            remote = band.is_remote
+            if remote:
+                hdul = _open_fits(band.path, do_not_scale_image_data=True)
+            else:
+                hdul = _open_fits(band.path, memmap=True, do_not_scale_image_data=True)
+            h = hdul[band.hdu]
+            index = hdul.index(h)
+            if tuple(h.shape) != tuple(band.shape):
+                msg = (
+                    f"{band.path}: HDU {band.hdu!r} has shape {tuple(h.shape)}, "
+                    f"indexed as {tuple(band.shape)}"
+                )
+                raise TileError(msg)
+            _check_complete(band.path, hdul, index, h)
+            header = h.header
+            bscale = float(header.get("BSCALE", 1.0))
+            bzero = float(header.get("BZERO", 0.0))
+            blank = header.get("BLANK")
+            if remote or isinstance(h, fits.CompImageHDU):
+                data = h.section
+            else:
+                data = h.data
+                if data is None or data.shape != tuple(band.shape):
+                    msg = f"{band.path}: HDU {band.hdu!r} holds no image data"
+                    raise TileError(msg)
+        for w in caught:
+            logger.debug("%s: %s", band.path, w.message)
+    except TileError:
+        if hdul is not None:
+            hdul.close()
+        raise
+    except FileNotFoundError as exc:
+        msg = f"{band.path}: file does not exist"
+        raise TileError(msg) from exc
+    except Exception as exc:  # corrupt files raise many exception types
+        if hdul is not None:
+            hdul.close()
+        msg = (
+            f"{band.path}: cannot open pixels of HDU {band.hdu!r} "
+            f"({type(exc).__name__}: {exc})"
+        )
+        raise TileError(msg) from exc
+    return TilePixels(
+        band, data, bscale, bzero, None if blank is None else int(blank), hdul
+    )

@@ -1,0 +1,547 @@
+# Licensed under a 3-clause BSD style license - see LICENSE.rst
+"""Tests of cutana.catalog: formats, aliases, validation, file lists."""
+
+import collections
+import os
+
+import numpy as np
+import pytest
+from astropy.table import MaskedColumn, Table
+from numpy.testing import assert_array_equal
+
+from cutana.catalog import MAX_SIZE_ARCSEC, MAX_SIZE_PIXEL, Catalog, read_catalog
+from cutana.exceptions import CatalogError, ConfigError
+from cutana.status import Status
+
+BAD = Status.BAD_ROW
+OK = Status.OK
+
+
+def _reference_table(n=12, seed=0):
+    """A small valid catalogue with string ids and absolute file lists."""
+    rng = np.random.default_rng(seed)
+    files = [
+        str([f"/data/t{i % 3}/VIS.fits", f"/data/t{i % 3}/NIR_H.fits"])
+        for i in range(n)
+    ]
+    return Table(
+        {
+            "SourceID": [f"src-{i:03d}" for i in range(n)],
+            "RA": rng.uniform(0, 360, n),
+            "Dec": rng.uniform(-89, 89, n),
+            "diameter_pixel": rng.uniform(5, 200, n),
+            "fits_file_paths": files,
+        }
+    )
+
+
+def _write(table, path):
+    """Write ``table`` in the format implied by the file name."""
+    name = os.fspath(path)
+    if name.endswith(".csv"):
+        table.write(name, format="ascii.csv")
+    elif name.endswith(".ecsv"):
+        table.write(name, format="ascii.ecsv")
+    elif name.endswith((".fits", ".fit")):
+        table.write(name, format="fits")
+    elif name.endswith((".parquet", ".pq")):
+        table.write(name, format="parquet")
+    elif name.endswith((".vot", ".xml")):
+        table.write(name, format="votable")
+    return name
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["csv", "ecsv", "fits", "fit", "parquet", "pq", "vot", "xml", "Table", "DataFrame"],
+)
+def test_formats_read_the_same(tmp_path, kind):
+    """Test that every input format gives the same catalogue as the reference."""
+    ref = _reference_table()
+    if kind == "Table":
+        source = ref
+    elif kind == "DataFrame":
+        source = ref.to_pandas()
+    else:
+        source = _write(ref, tmp_path / f"cat.{kind}")
+    cat = read_catalog(source)
+    assert isinstance(cat, Catalog)
+    assert len(cat) == len(ref)
+    assert cat.source_id.dtype.kind == "U"
+    assert_array_equal(cat.source_id, np.asarray(ref["SourceID"], dtype=str))
+    assert_array_equal(cat.ra, np.asarray(ref["RA"]))
+    assert_array_equal(cat.dec, np.asarray(ref["Dec"]))
+    assert_array_equal(cat.size_pixel, np.asarray(ref["diameter_pixel"]))
+    assert np.isnan(cat.size_arcsec).all()
+    assert cat.status.dtype == np.int16
+    assert_array_equal(cat.status, np.zeros(len(ref)))
+    assert cat.messages == {}
+    expected = [
+        (f"/data/t{i % 3}/VIS.fits", f"/data/t{i % 3}/NIR_H.fits")
+        for i in range(len(ref))
+    ]
+    assert cat.fits_file_paths == expected
+    if kind in ("Table", "DataFrame"):
+        assert cat.source == f"<{kind}>"
+    else:
+        assert cat.source == source
+
+
+@pytest.mark.parametrize(
+    ("id_name", "ra_name", "dec_name"),
+    [
+        ("SourceID", "RA", "Dec"),
+        ("source_id", "ra", "dec"),
+        ("object_id", "ra_deg", "dec_deg"),
+        ("OBJECTID", "RIGHT_ASCENSION", "DECLINATION"),
+        ("ID", "Ra", "DEC"),
+        ("id", "RAJ2000", "DEJ2000"),
+    ],
+)
+def test_aliases(id_name, ra_name, dec_name):
+    """Test that the column aliases are found in any case."""
+    t = Table({id_name: ["a", "b"], ra_name: [10.0, 20.0], dec_name: [-5.0, 5.0]})
+    cat = read_catalog(t, size=16)
+    assert_array_equal(cat.source_id, ["a", "b"])
+    assert_array_equal(cat.ra, [10.0, 20.0])
+    assert_array_equal(cat.dec, [-5.0, 5.0])
+    assert_array_equal(cat.size_pixel, [16.0, 16.0])
+    assert cat.columns["id"] == id_name
+    assert cat.columns["ra"] == ra_name
+    assert cat.columns["dec"] == dec_name
+
+
+def test_explicit_columns_override_aliases():
+    """Test that id/ra/dec/size_column choose columns over the aliases."""
+    t = Table(
+        {
+            "ra": [1.0, 2.0],
+            "dec": [3.0, 4.0],
+            "name": ["x", "y"],
+            "alpha": [11.0, 12.0],
+            "delta": [13.0, 14.0],
+            "width_arcsec": [2.0, 3.0],
+            "box": [30.0, 40.0],
+            "diameter_pixel": [1.0, 1.0],
+        }
+    )
+    cat = read_catalog(
+        t,
+        id_column="NAME",
+        ra_column="alpha",
+        dec_column="delta",
+        size_column="width_arcsec",
+    )
+    assert_array_equal(cat.source_id, ["x", "y"])
+    assert_array_equal(cat.ra, [11.0, 12.0])
+    assert_array_equal(cat.dec, [13.0, 14.0])
+    assert_array_equal(cat.size_arcsec, [2.0, 3.0])
+    assert np.isnan(cat.size_pixel).all()
+    cat = read_catalog(t, size_column="box")
+    assert_array_equal(cat.size_pixel, [30.0, 40.0])
+    assert np.isnan(cat.size_arcsec).all()
+
+
+def test_size_option_overrides_size_columns():
+    """Test that size= replaces the size columns, which are then not validated."""
+    t = Table({"ra": [1.0, 2.0], "dec": [3.0, 4.0], "diameter_pixel": [-1.0, np.nan]})
+    cat = read_catalog(t, size=32)
+    assert_array_equal(cat.size_pixel, [32.0, 32.0])
+    assert_array_equal(cat.status, [OK, OK])
+    bad = read_catalog(t)
+    assert_array_equal(bad.status, [BAD, BAD])
+
+
+@pytest.mark.parametrize(
+    "size", [0, -3, np.nan, np.inf, 0.4, MAX_SIZE_PIXEL + 1, "big", True]
+)
+def test_bad_size_option_raises(size):
+    """Test that an invalid size= is a ConfigError naming the value."""
+    t = Table({"ra": [1.0], "dec": [3.0]})
+    with pytest.raises(ConfigError, match="size must be a positive number of pixels"):
+        read_catalog(t, size=size)
+
+
+def test_both_size_columns():
+    """Test that rows may give their size in either unit, pixels first."""
+    t = Table(
+        {
+            "ra": [1.0, 2.0, 3.0, 4.0],
+            "dec": [0.0, 0.0, 0.0, 0.0],
+            "diameter_pixel": MaskedColumn([10.0, np.nan, 0.0, 0.0], mask=[0, 0, 1, 1]),
+            "diameter_arcsec": MaskedColumn([5.0, 3.0, 4.0, 0.0], mask=[0, 0, 0, 1]),
+        }
+    )
+    cat = read_catalog(t)
+    assert_array_equal(cat.status, [OK, OK, OK, BAD])
+    assert_array_equal(cat.size_pixel, [10.0, np.nan, np.nan, np.nan])
+    assert_array_equal(cat.size_arcsec, [5.0, 3.0, 4.0, np.nan])
+    assert_array_equal(cat.diameter_pixels(0.1), [10.0, 30.0, 40.0, np.nan])
+    assert "so the row has no size" in cat.messages[3]
+    assert "'diameter_pixel': value is missing" in cat.messages[3]
+
+
+# one bad value per case: (column, value, text expected in the message)
+_BAD_CASES = {
+    "ra_nan": ("RA", "nan", "value nan is not finite"),
+    "ra_text": ("RA", "abc", "value 'abc' is not a number"),
+    "ra_missing": ("RA", "", "value is missing"),
+    "ra_range": ("RA", "400.5", "value 400.5 is outside [0, 360)"),
+    "dec_inf": ("Dec", "inf", "value inf is not finite"),
+    "dec_range": ("Dec", "95.2", "value 95.2 is outside [-90, 90]"),
+    "dec_range_low": ("Dec", "-90.5", "value -90.5 is outside [-90, 90]"),
+    "size_zero": ("diameter_pixel", "0", "value 0.0 is not a positive size"),
+    "size_negative": ("diameter_pixel", "-4", "value -4.0 is not a positive size"),
+    "size_inf": ("diameter_pixel", "inf", "value inf is not finite"),
+    "size_huge": ("diameter_pixel", "200000", "value 200000.0 exceeds 100000 pixels"),
+    "size_tiny": ("diameter_pixel", "0.3", "value 0.3 rounds to 0 pixels"),
+    "size_text": ("diameter_pixel", "big", "value 'big' is not a number"),
+    "size_nan": ("diameter_pixel", "nan", "so the row has no size"),
+    "size_missing": ("diameter_pixel", "", "value is missing, so the row has no size"),
+    "id_empty": ("SourceID", "", "value is missing"),
+    "id_blank": ("SourceID", '"  "', "value is missing"),
+    "files_bad": (
+        "fits_file_paths",
+        '"[1, 2]"',
+        "is not a file path or a list of file paths",
+    ),
+    "files_code": (
+        "fits_file_paths",
+        "\"[__import__('os').system('touch hacked')]\"",
+        "is not a file path",
+    ),
+    "files_syntax": ("fits_file_paths", "\"['a.fits'\"", "is not a file path"),
+    "files_missing": ("fits_file_paths", "", "value is missing"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_BAD_CASES))
+def test_bad_row_kinds(tmp_path, case):
+    """Test that each kind of bad value marks only its row, with a full message."""
+    column, value, expected = _BAD_CASES[case]
+    header = ["SourceID", "RA", "Dec", "diameter_pixel", "fits_file_paths"]
+    good = ["s{i}", "10.0", "20.0", "32", "/t/a.fits"]
+    lines = [",".join(header)]
+    bad_row = 3
+    for i in range(6):
+        row = [v.format(i=i) for v in good]
+        if i == bad_row:
+            row[header.index(column)] = value
+        lines.append(",".join(row))
+    path = tmp_path / "catalogue.csv"
+    path.write_text("\n".join(lines) + "\n")
+    cat = read_catalog(path)
+    assert len(cat) == 6
+    expected_status = np.full(6, OK)
+    expected_status[bad_row] = BAD
+    assert_array_equal(cat.status, expected_status)
+    assert list(cat.messages) == [bad_row]
+    msg = cat.messages[bad_row]
+    assert msg.startswith(f"catalogue.csv row {bad_row} ")
+    assert f"column {column!r}" in msg
+    assert expected in msg
+    if column in ("RA", "Dec"):
+        assert np.isnan(getattr(cat, column.lower())[bad_row])
+        others = np.delete(getattr(cat, column.lower()), bad_row)
+        assert np.isfinite(others).all()
+    if column == "diameter_pixel":
+        assert np.isnan(cat.size_pixel[bad_row])
+    if column == "fits_file_paths":
+        assert cat.fits_file_paths[bad_row] == ()
+        assert cat.fits_file_paths[0] == ("/t/a.fits",)
+
+
+def test_size_arcsec_limit():
+    """Test that diameters above MAX_SIZE_ARCSEC arcsec are bad rows."""
+    t = Table(
+        {"ra": [1.0, 2.0], "dec": [0.0, 0.0], "diameter_arcsec": [MAX_SIZE_ARCSEC, 4e4]}
+    )
+    cat = read_catalog(t)
+    assert_array_equal(cat.status, [OK, BAD])
+    assert "value 40000.0 exceeds 36000 arcsecs" in cat.messages[1]
+
+
+def test_ra_wrapping():
+    """Test that RA in [-360, 360] is wrapped into [0, 360) and beyond is bad."""
+    ra = [-360.0, -10.0, -1e-20, 0.0, 359.5, 360.0, 361.0, -361.0]
+    t = Table({"ra": ra, "dec": np.zeros(len(ra))})
+    cat = read_catalog(t, size=8)
+    assert_array_equal(cat.ra[:6], [0.0, 350.0, 0.0, 0.0, 359.5, 0.0])
+    assert_array_equal(cat.status, [OK] * 6 + [BAD] * 2)
+    assert np.isnan(cat.ra[6:]).all()
+    assert (cat.ra[:6] >= 0).all() and (cat.ra[:6] < 360).all()
+    assert "value 361.0 is outside [0, 360)" in cat.messages[6]
+    assert "value -361.0" in cat.messages[7]
+
+
+def test_several_problems_in_one_row():
+    """Test that all problems of a row are in its one message."""
+    t = Table({"id": ["a", "a"], "ra": [1.0, np.nan], "dec": [0.0, 91.0]})
+    cat = read_catalog(t, size=4)
+    msg = cat.messages[1]
+    assert msg.startswith("<Table> row 1 ")
+    for part in (
+        "column 'ra': value nan",
+        "column 'dec': value 91.0",
+        "duplicates the id of row 0",
+    ):
+        assert part in msg
+
+
+def test_duplicate_ids_against_counter():
+    """Test that all but the first occurrence of each id are bad rows."""
+    rng = np.random.default_rng(3)
+    ids = [str(v) for v in rng.integers(0, 300, 1000)]
+    t = Table({"object_id": ids, "ra": np.ones(1000), "dec": np.ones(1000)})
+    cat = read_catalog(t, size=10)
+    seen = collections.Counter()
+    first = {}
+    for i, v in enumerate(ids):
+        seen[v] += 1
+        first.setdefault(v, i)
+        if seen[v] == 1:
+            assert cat.status[i] == OK
+            assert i not in cat.messages
+        else:
+            assert cat.status[i] == BAD
+            assert f"value {v!r} duplicates the id of row {first[v]}" in cat.messages[i]
+
+
+def test_blank_ids_are_bad_rows():
+    """Test that empty, blank and masked ids are bad rows."""
+    t = Table({"id": MaskedColumn(["a", "", "  ", "b"], mask=[0, 0, 0, 1])})
+    t["ra"] = np.ones(4)
+    t["dec"] = np.ones(4)
+    cat = read_catalog(t, size=4)
+    assert_array_equal(cat.status, [OK, BAD, BAD, BAD])
+    assert_array_equal(cat.source_id, ["a", "", "  ", ""])
+    assert "column 'id': value is missing" in cat.messages[1]
+    assert "column 'id': value '  ' is empty" in cat.messages[2]
+    assert "column 'id': value is missing" in cat.messages[3]
+
+
+def test_missing_id_column_gives_row_numbers():
+    """Test that without an id column the ids are the 0-based row numbers."""
+    t = Table({"ra": [1.0, 2.0, 3.0], "dec": [0.0, 0.0, 0.0]})
+    cat = read_catalog(t, size=4)
+    assert_array_equal(cat.source_id, ["0", "1", "2"])
+    assert cat.columns["id"] is None
+
+
+def test_ids_kept_as_written(tmp_path):
+    """Test that CSV ids keep leading zeros and any characters."""
+    path = tmp_path / "ids.csv"
+    path.write_text("SourceID,RA,Dec\n007,1,2\n+5,1,2\n12,1,2\n-03,1,2\n")
+    cat = read_catalog(path, size=4)
+    assert_array_equal(cat.source_id, ["007", "+5", "12", "-03"])
+    assert_array_equal(cat.status, [OK] * 4)
+    path = tmp_path / "plain.csv"
+    path.write_text("RA,Dec,id\n1,2,10\n1,2,-20\n")
+    assert_array_equal(read_catalog(path, size=4).source_id, ["10", "-20"])
+    hostile = ["a/b", "../../etc/passwd", "a_b", "x\\y", "é ü", "C:\\z"]
+    t = Table({"id": hostile, "ra": np.ones(6), "dec": np.ones(6)})
+    cat = read_catalog(t, size=4)
+    assert_array_equal(cat.source_id, hostile)
+    assert_array_equal(cat.status, [OK] * 6)
+
+
+def test_numeric_ids_from_binary_formats(tmp_path):
+    """Test that integer and integral float ids become their decimal text."""
+    t = Table({"id": np.array([5, -7, 2**62]), "ra": np.ones(3), "dec": np.ones(3)})
+    cat = read_catalog(_write(t, tmp_path / "ints.fits"), size=4)
+    assert_array_equal(cat.source_id, ["5", "-7", str(2**62)])
+    df = Table(
+        {"id": [1.0, np.nan, 3.5], "ra": np.ones(3), "dec": np.ones(3)}
+    ).to_pandas()
+    cat = read_catalog(df, size=4)
+    assert_array_equal(cat.source_id, ["1", "", "3.5"])
+    assert_array_equal(cat.status, [OK, BAD, OK])
+
+
+def test_text_column_becomes_per_row_bad_rows(tmp_path):
+    """Test that text in a numeric column gives bad rows, not a crash."""
+    path = tmp_path / "text.csv"
+    path.write_text("ra,dec\n1.5,2\nN/A,2\n3,north\n 4.5 ,2\n")
+    cat = read_catalog(path, size=4)
+    assert_array_equal(cat.status, [OK, BAD, BAD, OK])
+    assert_array_equal(cat.ra[[0, 3]], [1.5, 4.5])
+    assert "column 'ra': value 'N/A' is not a number" in cat.messages[1]
+    assert "column 'dec': value 'north' is not a number" in cat.messages[2]
+
+
+def test_fits_file_paths_forms(tmp_path):
+    """Test list literals, tuples, single paths and relative paths."""
+    sub = tmp_path / "cats"
+    sub.mkdir()
+    path = sub / "cutana.csv"
+    path.write_text(
+        "SourceID,RA,Dec,diameter_pixel,fits_file_paths\n"
+        "1,1,1,10,\"['/abs/VIS.fits', '/abs/NIR_H.fits']\"\n"
+        "2,1,1,10,\"('rel/VIS.fits',)\"\n"
+        "3,1,1,10,/abs/single.fits\n"
+        "4,1,1,10,\"['../up.fits', 's3://bucket/x.fits']\"\n"
+    )
+    cat = read_catalog(path)
+    assert_array_equal(cat.status, [OK] * 4)
+    assert cat.fits_file_paths == [
+        ("/abs/VIS.fits", "/abs/NIR_H.fits"),
+        (os.path.join(str(sub), "rel", "VIS.fits"),),
+        ("/abs/single.fits",),
+        (os.path.join(str(tmp_path), "up.fits"), "s3://bucket/x.fits"),
+    ]
+    assert cat.columns["files"] == "fits_file_paths"
+    ignored = read_catalog(path, files_column=False)
+    assert ignored.fits_file_paths is None
+
+
+def test_fits_file_paths_list_cells(tmp_path):
+    """Test that real list cells (Parquet, DataFrame) are read as tuples."""
+    pd = pytest.importorskip("pandas")
+    pytest.importorskip("pyarrow")
+    df = pd.DataFrame(
+        {
+            "SourceID": ["a", "b", "c"],
+            "RA": [1.0, 2.0, 3.0],
+            "Dec": [0.0, 0.0, 0.0],
+            "diameter_arcsec": [2.0, 2.0, 2.0],
+            "fits_file_paths": [["/x/VIS.fits", "/x/H.fits"], ["y.fits"], []],
+        }
+    )
+    path = tmp_path / "cat.parquet"
+    df.to_parquet(path)
+    for source, folder in ((df, None), (path, str(tmp_path))):
+        cat = read_catalog(source)
+        rel = "y.fits" if folder is None else os.path.join(folder, "y.fits")
+        assert cat.fits_file_paths == [("/x/VIS.fits", "/x/H.fits"), (rel,), ()]
+        assert_array_equal(cat.status, [OK, OK, BAD])
+        assert "column 'fits_file_paths'" in cat.messages[2]
+
+
+def test_angle_units_are_converted():
+    """Test that RA/Dec columns with angular units are converted to degrees."""
+    t = Table({"ra": [np.pi / 2], "dec": [0.5]})
+    t["ra"].unit = "rad"
+    t["dec"].unit = "arcmin"
+    cat = read_catalog(t, size=4)
+    np.testing.assert_allclose(cat.ra, [90.0])
+    np.testing.assert_allclose(cat.dec, [0.5 / 60])
+
+
+def test_empty_catalog():
+    """Test that a catalogue without rows gives empty arrays."""
+    cat = read_catalog(Table({"ra": np.zeros(0), "dec": np.zeros(0)}), size=4)
+    assert len(cat) == 0
+    assert cat.status.dtype == np.int16
+
+
+# ---- file-level errors
+
+
+def test_missing_file_raises(tmp_path):
+    """Test that a missing catalogue file is a CatalogError naming it."""
+    with pytest.raises(
+        CatalogError, match=r"catalogue file '.*nope\.csv' does not exist"
+    ):
+        read_catalog(tmp_path / "nope.csv", size=4)
+
+
+@pytest.mark.parametrize(
+    "name", ["broken.fits", "broken.parquet", "broken.vot", "broken.ecsv"]
+)
+def test_unreadable_file_raises(tmp_path, name):
+    """Test that an unreadable catalogue is a CatalogError naming file and format."""
+    path = tmp_path / name
+    path.write_bytes(b"this is not a table\x00\x01\x02")
+    with pytest.raises(CatalogError, match=rf"cannot read catalogue '.*{name}'"):
+        read_catalog(path, size=4)
+
+
+def test_folder_raises(tmp_path):
+    """Test that a folder given as catalogue is a CatalogError."""
+    with pytest.raises(CatalogError, match="is a folder"):
+        read_catalog(tmp_path, size=4)
+
+
+def test_no_ra_column_suggests_closest(tmp_path):
+    """Test that a missing RA column lists the columns and suggests the closest."""
+    path = tmp_path / "c.csv"
+    path.write_text("SourceID,R_A,Dec\n1,2,3\n")
+    with pytest.raises(CatalogError, match=r"c\.csv' has no RA column") as info:
+        read_catalog(path, size=4)
+    text = str(info.value)
+    assert "columns present: 'SourceID', 'R_A', 'Dec'" in text
+    assert "Did you mean 'R_A'? Pass ra_column='R_A'" in text
+
+
+def test_no_dec_column_raises():
+    """Test that a missing Dec column is a CatalogError."""
+    t = Table({"ra": [1.0], "latitude": [2.0]})
+    with pytest.raises(
+        CatalogError, match=r"has no Dec column .* columns present: 'ra', 'latitude'"
+    ):
+        read_catalog(t, size=4)
+
+
+def test_unknown_override_column_raises():
+    """Test that a named column that does not exist is a CatalogError."""
+    t = Table({"ra": [1.0], "dec": [2.0], "size_px": [3.0]})
+    with pytest.raises(
+        CatalogError, match=r"no column 'size_pix' \(given as size_column\).*'size_px'"
+    ):
+        read_catalog(t, size_column="size_pix")
+
+
+def test_no_size_anywhere_raises():
+    """Test that a catalogue without size column or size= is a CatalogError."""
+    t = Table({"ra": [1.0], "dec": [2.0]})
+    with pytest.raises(
+        CatalogError, match="pass --size N.*diameter_pixel or diameter_arcsec"
+    ):
+        read_catalog(t)
+
+
+def test_wrong_type_raises():
+    """Test that a non-table input is a TypeError."""
+    with pytest.raises(TypeError, match="catalog must be a file path"):
+        read_catalog(42)
+
+
+def test_large_csv_is_validated(tmp_path):
+    """Test that a 100,000-row CSV with scattered bad rows is read row for row."""
+    n = 100_000
+    rng = np.random.default_rng(7)
+    ra = rng.uniform(0, 360, n)
+    dec = rng.uniform(-90, 90, n)
+    bad = rng.choice(n, 50, replace=False)
+    dec[bad] = 100.0
+    t = Table(
+        {
+            "SourceID": np.arange(n),
+            "RA": ra,
+            "Dec": dec,
+            "diameter_pixel": np.full(n, 64),
+        }
+    )
+    path = _write(t, tmp_path / "big.csv")
+    cat = read_catalog(path)
+    assert len(cat) == n
+    assert_array_equal(np.flatnonzero(cat.status == BAD), np.sort(bad))
+    assert sorted(cat.messages) == sorted(bad.tolist())
+    assert_array_equal(cat.source_id, np.arange(n).astype(str))
+
+
+def test_csv_with_byte_order_mark_and_comments(tmp_path):
+    """Test that a BOM and leading '#' comment lines do not hide columns or rows."""
+    path = tmp_path / "bom.csv"
+    path.write_bytes(b"\xef\xbb\xbfSourceID,RA,Dec\n007,1,2\n008,3,4\n")
+    cat = read_catalog(path, size=4)
+    assert cat.columns["id"] == "SourceID"
+    assert_array_equal(cat.source_id, ["007", "008"])
+    path = tmp_path / "comments.csv"
+    path.write_text(
+        "# made by a survey pipeline\nSourceID,RA,Dec\n007,1,2\n\n08,3,95\n"
+    )
+    cat = read_catalog(path, size=4)
+    assert_array_equal(cat.source_id, ["007", "08"])
+    assert_array_equal(cat.status, [OK, BAD])
+    assert cat.messages[1].startswith("comments.csv row 1 column 'Dec'")

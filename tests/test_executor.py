@@ -1,0 +1,117 @@
+# Licensed under a 3-clause BSD style license - see LICENSE.rst
+"""Tests of the executor: backends agree, retries, failures, admission."""
+
+import pytest
+
+from cutana import _testing
+from cutana.executor import Executor, MemorySampler
+
+
+def _collect(backend, n_workers, func, tasks, **kw):
+    results = {}
+    ex = Executor(backend, n_workers, **kw)
+    failures = ex.run(func, tasks, on_done=lambda t, r: results.__setitem__(t, r))
+    return results, failures
+
+
+@pytest.mark.parametrize(("backend", "n_workers"), [("serial", 1), ("processes", 2)])
+def test_results_identical_across_backends(backend, n_workers):
+    """Test that serial and process backends return the same results."""
+    results, failures = _collect(backend, n_workers, _testing.square, list(range(20)))
+    assert failures == []
+    assert results == {i: i * i for i in range(20)}
+
+
+@pytest.mark.parametrize(("backend", "n_workers"), [("serial", 1), ("processes", 2)])
+def test_retry_then_success(tmp_path, backend, n_workers):
+    """Test that a task failing once is retried and succeeds."""
+    tasks = [(str(tmp_path / f"m{i}"), i) for i in range(4)]
+    results, failures = _collect(backend, n_workers, _testing.fail_once, tasks)
+    assert failures == []
+    assert sorted(results.values()) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize(("backend", "n_workers"), [("serial", 1), ("processes", 2)])
+def test_failure_after_retries_is_reported(backend, n_workers):
+    """Test that a task failing every time is reported, and the others finish."""
+    seen = []
+    ex = Executor(backend, n_workers, retries=1)
+
+    def func_tasks():
+        return ["bad", "good"]
+
+    failures = ex.run(
+        _testing.fail_always, func_tasks(), on_done=lambda t, r: seen.append(t)
+    )
+    assert [f.task for f in failures] == ["bad", "good"]
+    assert all(f.attempts == 2 for f in failures)
+    assert "always fails" in failures[0].error
+    results, failures = _collect(backend, n_workers, _testing.square, [3])
+    assert results == {3: 9}
+
+
+def test_killed_worker_is_retried(tmp_path):
+    """Test that a worker killed mid-task breaks nothing: the task is retried."""
+    tasks = [(str(tmp_path / f"m{i}"), i) for i in range(3)]
+    results, failures = _collect("processes", 2, _testing.die_once, tasks)
+    assert failures == []
+    assert sorted(results.values()) == [0, 1, 2]
+
+
+def test_on_done_can_add_tasks():
+    """Test that tasks returned by on_done are run too."""
+    seen = []
+
+    def on_done(task, result):
+        seen.append(result)
+        return [task + 10] if task < 10 else []
+
+    Executor("serial").run(_testing.square, [1, 2], on_done=on_done)
+    assert sorted(seen) == [1, 4, 121, 144]
+
+
+def test_memory_budget_limits_tasks_in_flight(tmp_path):
+    """Test that admission keeps the summed cost of running tasks within the budget."""
+    folder = tmp_path / "running"
+    folder.mkdir()
+    tasks = [(str(folder), f"t{i}", 0.3) for i in range(4)]
+    ex = Executor("processes", 2, memory_budget=100)
+    seen = []
+    ex.run(
+        _testing.record_concurrency,
+        tasks,
+        cost=lambda t: 80,
+        on_done=lambda t, r: seen.append(r),
+    )
+    assert max(seen) == 1  # two tasks of 80 never fit in 100 together
+    ex = Executor("processes", 2, memory_budget=200)
+    seen.clear()
+    ex.run(_testing.record_concurrency, tasks, cost=lambda t: 80,
+           on_done=lambda t, r: seen.append(r))
+    assert max(seen) == 2
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"backend": "threads"}, "backend must be one of"),
+        ({"n_workers": 0}, "n_workers must be a positive integer"),
+        ({"retries": -1}, "retries must be a non-negative integer"),
+    ],
+)
+def test_invalid_arguments(kwargs, match):
+    """Test that invalid executor arguments are rejected with a clear message."""
+    with pytest.raises(ValueError, match=match):
+        Executor(**kwargs)
+
+
+def test_memory_sampler_sees_this_process():
+    """Test that the memory sampler reports at least this process's resident size."""
+    import psutil
+
+    with MemorySampler(interval=0.01) as sampler:
+        block = bytearray(50_000_000)
+        block[::4096] = b"x" * len(block[::4096])
+    assert sampler.peak >= psutil.Process().memory_info().rss * 0.5
+    assert sampler.peak >= 50_000_000
+    assert len(sampler.samples) >= 1

@@ -1,0 +1,402 @@
+# Licensed under a 3-clause BSD style license - see LICENSE.rst
+"""Tests of the FITS writer, safe file names and the FITS index."""
+
+import os
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.nddata import Cutout2D as AstropyCutout2D
+from astropy.table import Table
+from astropy.wcs import WCS
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cutana import Status
+from cutana.io import (
+    INDEX_NAME,
+    FitsWriter,
+    JobResult,
+    fits_filenames,
+    load_staged,
+    open_output,
+    stage_job,
+    verify_output,
+    write_index,
+)
+
+HOSTILE = [
+    "../../etc/passwd",
+    "/abs/path",
+    "/",
+    "a/b",
+    "a_b",
+    "A_B",
+    "a\\b",
+    "",
+    ".",
+    "..",
+    ".hidden",
+    "-rf",
+    "x" * 5000,
+    "nul\x00byte",
+    "CON",
+    "con.txt",
+    "M31 ★ Andromède",
+    "日本語",
+    "a b",
+    "a_b",
+    "a\nb",
+    "~user",
+    "$HOME",
+    "index",
+    "-",
+    "a_b.fits",
+]
+
+
+def _tile_wcs():
+    w = WCS(naxis=2)
+    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    w.wcs.crval = [150.1, 2.2]
+    w.wcs.crpix = [30.0, 20.5]
+    w.wcs.cdelt = [-2.8e-5, 2.8e-5]
+    w.wcs.pc = [[0.98, -0.17], [0.17, 0.98]]
+    return w
+
+
+def _cutouts(data, wcs, positions, size):
+    """Astropy Cutout2D (partial mode) of each position, with its box origin."""
+    cutouts, origin = [], []
+    for pos in positions:
+        c = AstropyCutout2D(data, pos, size, wcs=wcs, mode="partial", fill_value=0)
+        cutouts.append(c)
+        origin.append(
+            (
+                c.slices_original[1].start - c.slices_cutout[1].start,
+                c.slices_original[0].start - c.slices_cutout[0].start,
+            )
+        )
+    return cutouts, np.array(origin, dtype=np.int64)
+
+
+def _is_inside(path, folder):
+    return os.path.commonpath(
+        [os.path.realpath(path), os.path.realpath(folder)]
+    ) == os.path.realpath(folder)
+
+
+# --------------------------------------------------------------------------
+# file names
+# --------------------------------------------------------------------------
+
+
+def test_hostile_ids_give_safe_unique_names():
+    """Test that no id yields a path outside the folder or a (case-blind) collision."""
+    names = fits_filenames(HOSTILE)
+    assert len(names) == len(HOSTILE)
+    lowered = [n.lower() for n in names]
+    assert len(set(lowered)) == len(names)
+    for name in names:
+        assert name.endswith(".fits")
+        assert os.path.basename(name) == name
+        assert not name.startswith((".", "-"))
+        assert not {"/", "\\", "\0", " ", "\n"} & set(name)
+        assert name.isascii()
+        assert len(name) <= 120
+    by_id = {}
+    for source, name in zip(HOSTILE, names, strict=True):
+        by_id.setdefault(
+            source, name
+        )  # the first of a repeated id keeps the plain name
+    assert by_id["a_b"] == "a_b.fits"
+    assert by_id["a/b"] != by_id["a_b"]
+    assert by_id["A_B"].lower() != by_id["a_b"].lower()
+    assert by_id["../../etc/passwd"].startswith("_._.._etc_passwd_")
+    assert by_id["CON"].lower() != "con.fits"
+    # names depend only on the ids: every process derives the same ones
+    np.testing.assert_array_equal(fits_filenames(HOSTILE), names)
+
+
+def test_crafted_id_cannot_take_a_hashed_name():
+    """Test that an id equal to another id's hashed name still gets its own file."""
+    first = fits_filenames(["a/b"])[0]
+    names = fits_filenames(["a/b", first[:-5], first[:-5].upper()])
+    assert len({n.lower() for n in names}) == 3
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.text(max_size=30), max_size=30))
+def test_names_always_unique_and_plain(ids):
+    """Test that any list of ids maps to unique plain names."""
+    names = fits_filenames(ids)
+    assert len({n.lower() for n in names}) == len(ids)
+    for name in names:
+        assert os.path.basename(name) == name and not name.startswith(".")
+
+
+# --------------------------------------------------------------------------
+# writing
+# --------------------------------------------------------------------------
+
+
+def _job(data, wcs, positions, size, bands=2, dtype=np.float32):
+    cutouts, origin = _cutouts(data, wcs, positions, size)
+    images = np.stack(
+        [np.stack([c.data * (b + 1) for b in range(bands)]) for c in cutouts]
+    )
+    inside = [
+        c.slices_cutout == (slice(0, size[0]), slice(0, size[1])) for c in cutouts
+    ]
+    status = np.where(inside, Status.OK, Status.PARTIAL_OVERLAP).astype(np.int16)
+    return cutouts, JobResult(
+        job_id=0,
+        rows=np.arange(len(positions)) * 2,
+        images=images.astype(dtype),
+        status=status,
+        tile=0,
+        origin=origin,
+        box_shape=np.tile(size, (len(positions), 1)),
+    )
+
+
+@pytest.mark.parametrize("wcs_mode", ["tile", "per_source"])
+def test_headers_and_wcs_match_cutout2d(tmp_path, wcs_mode):
+    """Test that each file holds SRCID, position, tile and Cutout2D's WCS and data."""
+    rng = np.random.default_rng(1)
+    data = rng.normal(size=(40, 60)).astype(np.float32)
+    wcs = _tile_wcs()
+    positions = [(30.2, 20.7), (1.4, 38.9), (55.0, 10.3)]
+    size = (7, 6)
+    cutouts, job = _job(data, wcs, positions, size)
+    out = tmp_path / "out"
+    writer = FitsWriter.create(out, ["VIS", "nir_h"])
+    ids = np.array(["src/1", "src 2", "NGC 1300"])
+    files = fits_filenames(ids)
+    wcs_arg = wcs if wcs_mode == "tile" else [c.wcs for c in cutouts]
+    written = writer.write_sources(
+        job,
+        ids,
+        [150.1, 150.2, 150.3],
+        [2.2, 2.3, 2.4],
+        ["/tiles/T1_VIS.fits", "s3://bucket/T1_H.fits"],
+        wcs_arg,
+        files,
+        header={"BUNIT": "Jy"},
+    )
+    np.testing.assert_array_equal(written, files)
+    pix = np.array([[0, 0], [5, 6], [2.5, 3.25], [-1.0, 8.0]])
+    for k, c in enumerate(cutouts):
+        with fits.open(out / files[k]) as hdul:
+            assert [h.name for h in hdul] == ["PRIMARY", "VIS", "NIR_H"]
+            assert hdul[0].header["SRCID"] == ids[k]
+            for b, hdu in enumerate(hdul[1:]):
+                h = hdu.header
+                assert h["SRCID"] == ids[k]
+                assert h["RA"] == [150.1, 150.2, 150.3][k]
+                assert h["ROW"] == 2 * k
+                assert h["STATUS"] == job.status[k]
+                assert h["TILE"] == ["T1_VIS.fits", "T1_H.fits"][b]
+                assert h["BUNIT"] == "Jy"
+                np.testing.assert_array_equal(hdu.data, c.data * (b + 1))
+                got = WCS(h).pixel_to_world(pix[:, 0], pix[:, 1])
+                exp = c.wcs.pixel_to_world(pix[:, 0], pix[:, 1])
+                np.testing.assert_allclose(got.ra.deg, exp.ra.deg, rtol=0, atol=1e-12)
+                np.testing.assert_allclose(got.dec.deg, exp.dec.deg, rtol=0, atol=1e-12)
+    # nothing but the cutouts (and the bookkeeping folder) in the output
+    assert sorted(os.listdir(out)) == sorted([*files, ".cutana"])
+    assert os.listdir(out / ".cutana" / "tmp") == []
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
+def test_dtypes_round_trip(tmp_path, dtype):
+    """Test that integer and float cutouts keep their values and dtype."""
+    rng = np.random.default_rng(2)
+    n = 3
+    images = rng.integers(0, np.iinfo(np.uint8).max, size=(n, 1, 4, 5)).astype(dtype)
+    job = JobResult(
+        job_id=1,
+        rows=np.arange(n),
+        images=images,
+        status=np.zeros(n, np.int16),
+        tile=0,
+        origin=np.zeros((n, 2), int),
+        box_shape=np.full((n, 2), 4),
+    )
+    writer = FitsWriter(tmp_path, ["g"])
+    files = fits_filenames(["a", "b", "c"])
+    writer.write_sources(
+        job, ["a", "b", "c"], np.zeros(n), np.zeros(n), ["t.fits"], [None] * n, files
+    )
+    for k in range(n):
+        data = fits.getdata(tmp_path / files[k], ext=1)
+        assert data.dtype.type == np.dtype(dtype).type
+        np.testing.assert_array_equal(data, images[k, 0])
+
+
+def test_hostile_ids_never_escape(tmp_path):
+    """Test that writing cutouts of hostile ids creates files only inside the folder."""
+    n = len(HOSTILE)
+    out = tmp_path / "deep" / "out"
+    job = JobResult(
+        job_id=0,
+        rows=np.arange(n),
+        images=np.ones((n, 1, 2, 2), np.float32),
+        status=np.zeros(n, np.int16),
+        tile=0,
+        origin=np.zeros((n, 2), int),
+        box_shape=np.full((n, 2), 2),
+    )
+    writer = FitsWriter.create(out, ["b"])
+    files = fits_filenames(HOSTILE)
+    writer.write_sources(
+        job, HOSTILE, np.zeros(n), np.zeros(n), ["t.fits"], [None] * n, files
+    )
+    found = []
+    for root, _, names in os.walk(tmp_path):
+        found += [os.path.join(root, name) for name in names]
+    assert len(found) == n
+    assert all(_is_inside(path, out) for path in found)
+    # each file says which id it holds (escaped to ASCII in the header)
+    srcids = {fits.getval(out / f, "SRCID", ext=0) for f in files}
+    assert len(srcids) == len(set(HOSTILE))
+    assert (
+        fits.getval(out / files[HOSTILE.index("日本語")], "SRCID")
+        == "\\u65e5\\u672c\\u8a9e"
+    )
+
+
+def test_unsafe_file_names_refused(tmp_path):
+    """Test that file names not made by fits_filenames are refused before writing."""
+    job = JobResult(
+        job_id=0,
+        rows=np.arange(1),
+        images=np.ones((1, 1, 2, 2), np.float32),
+        status=np.zeros(1, np.int16),
+        tile=0,
+        origin=np.zeros((1, 2), int),
+        box_shape=np.full((1, 2), 2),
+    )
+    writer = FitsWriter(tmp_path / "out", ["b"])
+    for bad in ["../x.fits", "/tmp/x.fits", ".x.fits", "a/b.fits", "", "a b.fits"]:
+        with pytest.raises(ValueError, match="unsafe output file name"):
+            writer.write_sources(job, ["x"], [0.0], [0.0], ["t"], [None], [bad])
+    assert not any(n.endswith(".fits") for n in os.listdir(tmp_path / "out"))
+
+
+def test_rows_without_cutout_get_no_file(tmp_path):
+    """Test that only OK and partial-overlap rows get a file."""
+    n = 4
+    job = JobResult(
+        job_id=0,
+        rows=np.arange(n),
+        images=np.ones((n, 1, 2, 2), np.float32),
+        status=np.array([0, 1, 4, 2], np.int16),
+        tile=0,
+        origin=np.zeros((n, 2), int),
+        box_shape=np.full((n, 2), 2),
+    )
+    files = fits_filenames(["a", "b", "c", "d"])
+    written = FitsWriter(tmp_path, ["b"]).write_sources(
+        job, ["a", "b", "c", "d"], np.zeros(n), np.zeros(n), ["t"], [None] * n, files
+    )
+    assert written.tolist() == ["a.fits", "b.fits", "", ""]
+
+
+def test_index_and_reader(tmp_path):
+    """Test that index.ecsv lists every row and open_output reads the folder back."""
+    rng = np.random.default_rng(5)
+    data = rng.normal(size=(40, 60)).astype(np.float32)
+    wcs = _tile_wcs()
+    positions = [(30.2, 20.7), (1.4, 38.9)]
+    cutouts, job = _job(data, wcs, positions, (5, 5), bands=1)
+    out = tmp_path / "out"
+    writer = FitsWriter.create(out, ["vis"])
+    ids = np.array(["s0", "", "s/2", "s3"])  # rows 0 and 2 belong to the job
+    names = fits_filenames(ids)
+    written = writer.write_sources(
+        job, ids[[0, 2]], [1.0, 2.0], [3.0, 4.0], ["t.fits"], wcs, names[[0, 2]]
+    )
+    files = np.array(["", "", "", ""], dtype=object)
+    files[[0, 2]] = written
+    status = np.array([job.status[0], Status.BAD_ROW, job.status[1], Status.NO_OVERLAP])
+    write_index(
+        out,
+        np.arange(4),
+        ids,
+        status,
+        files.astype(str),
+        {1: "empty id", 3: "off"},
+        ra=[1.0, np.nan, 2.0, 5.0],
+        dec=[3.0, np.nan, 4.0, 6.0],
+        meta={"bands": ["vis"], "config": {"size": 5}},
+    )
+    table = Table.read(out / INDEX_NAME, format="ascii.ecsv")
+    assert list(table["row"]) == [0, 1, 2, 3]
+    assert list(table["status"]) == status.tolist()
+    archive = open_output(out)
+    assert len(archive) == 4
+    assert archive.files.tolist() == [names[0], "", names[2], ""]
+    assert archive.bands == ["vis"]
+    assert archive.config == {"size": 5}
+    np.testing.assert_array_equal(archive[2][0], cutouts[1].data)
+    pix = np.array([[0.0, 0.0], [4.0, 3.0]])
+    got = archive.wcs(2).pixel_to_world(pix[:, 0], pix[:, 1])
+    exp = cutouts[1].wcs.pixel_to_world(pix[:, 0], pix[:, 1])
+    np.testing.assert_allclose(got.ra.deg, exp.ra.deg, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="row 1 has no cutout file"):
+        archive[1]
+    assert archive.images[0:1].shape == (1, 1, 5, 5)
+    assert list(archive.to_table()["status_name"])[1] == "BAD_ROW"
+    assert verify_output(out) == []
+    os.remove(out / names[2])
+    problems = verify_output(out)
+    assert len(problems) == 1 and "row 2" in problems[0]
+
+
+def test_create_refuses_and_overwrites_safely(tmp_path):
+    """Test that an old output needs overwrite, and overwrite keeps foreign files."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="holds no cutana output"):
+        FitsWriter.create(out, ["b"])
+    os.remove(out / "notes.txt")
+    writer = FitsWriter.create(out, ["b"])
+    job = JobResult(
+        job_id=0,
+        rows=np.arange(1),
+        images=np.ones((1, 1, 2, 2), np.float32),
+        status=np.zeros(1, np.int16),
+        tile=0,
+        origin=np.zeros((1, 2), int),
+        box_shape=np.full((1, 2), 2),
+    )
+    written = writer.write_sources(job, ["x"], [0.0], [0.0], ["t"], [None], ["x.fits"])
+    write_index(out, [0], ["x"], [0], written, {})
+    fits.PrimaryHDU(np.zeros((2, 2))).writeto(out / "users_tile.fits")
+    with pytest.raises(FileExistsError, match="already exists"):
+        FitsWriter.create(out, ["b"])
+    FitsWriter.create(out, ["b"], overwrite=True)
+    assert sorted(os.listdir(out)) == [".cutana", "users_tile.fits"]
+
+
+def test_fits_job_staging_keeps_files(tmp_path):
+    """Test that a FITS job is staged without pixels but with its file names."""
+    job = JobResult(
+        job_id=4,
+        rows=np.array([3, 9]),
+        images=np.ones((2, 1, 2, 2), np.float32),
+        status=np.array([0, 2], np.int16),
+        tile=1,
+        origin=np.zeros((2, 2), int),
+        box_shape=np.full((2, 2), 2),
+        files=np.array(["a.fits", ""]),
+        messages={9: "no overlap"},
+    )
+    staged = stage_job(tmp_path, job, images=False)
+    assert not os.path.exists(os.path.join(staged.path, "images.npy"))
+    back = load_staged(tmp_path, 4, checksum=staged.checksum)
+    assert back.files.tolist() == ["a.fits", ""]
+    assert back.images.shape == (2, 0, 0, 0)
+    assert back.messages == {9: "no overlap"}

@@ -1,0 +1,683 @@
+# Licensed under a 3-clause BSD style license - see LICENSE.rst
+"""Tests of staging, the Zarr writer and `cutana.io.open_output` on Zarr stores."""
+
+import os
+import pickle
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+
+import numpy as np
+import pytest
+import zarr
+from astropy.nddata import Cutout2D as AstropyCutout2D
+from astropy.wcs import WCS
+
+from cutana import Status
+from cutana.io import (
+    JobResult,
+    Ledger,
+    ZarrWriter,
+    choose_chunk_rows,
+    clean_staging,
+    list_staged,
+    load_staged,
+    open_output,
+    remove_run_state,
+    stage_job,
+    staging_dir,
+    verify_output,
+    verify_staged,
+)
+
+BANDS = ["g", "r"]
+OUT_SHAPE = (5, 4)
+
+# --------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------
+
+
+def _fake_run(n=40, seed=0, dtype="float32", job_size=4):
+    """A seeded fake run: catalogue arrays and per-tile jobs of random cutouts."""
+    rng = np.random.default_rng(seed)
+    tile = rng.integers(-1, 3, size=n)  # -1: on no tile
+    base = np.full(n, Status.PENDING, dtype=np.int16)
+    base[tile < 0] = Status.NO_OVERLAP
+    bad = rng.random(n) < 0.1
+    base[bad] = Status.BAD_ROW
+    tile[bad] = -1
+    jobs = []
+    for t in range(3):
+        rows = np.flatnonzero(tile == t)
+        for start in range(0, len(rows), job_size):
+            r = rows[start : start + job_size]
+            m = len(r)
+            if np.dtype(dtype).kind == "f":
+                images = rng.normal(size=(m, len(BANDS), *OUT_SHAPE)).astype(dtype)
+            else:
+                images = rng.integers(
+                    0,
+                    np.iinfo(dtype).max,
+                    size=(m, len(BANDS), *OUT_SHAPE),
+                    endpoint=True,
+                ).astype(dtype)
+            jobs.append(
+                JobResult(
+                    job_id=len(jobs),
+                    rows=r.astype(np.int64),
+                    images=images,
+                    status=rng.choice(
+                        [Status.OK, Status.PARTIAL_OVERLAP, Status.TILE_ERROR], size=m
+                    ).astype(np.int16),
+                    tile=t,
+                    origin=rng.integers(-3, 100, size=(m, 2)),
+                    box_shape=rng.integers(3, 9, size=(m, 2)),
+                    messages={int(r[0]): f"message for row {int(r[0])}"},
+                )
+            )
+    catalogue = {
+        "source_id": np.array([f"SRC-{i:04d}" for i in range(n)]),
+        "ra": rng.uniform(0, 360, n),
+        "dec": rng.uniform(-90, 90, n),
+    }
+    return catalogue, jobs, base
+
+
+def _mapping(n, jobs):
+    """Row -> (job id, position in job) arrays."""
+    job_of_row = np.full(n, -1, dtype=np.int64)
+    pos_of_row = np.zeros(n, dtype=np.int64)
+    for job in jobs:
+        job_of_row[job.rows] = job.job_id
+        pos_of_row[job.rows] = np.arange(len(job.rows))
+    return job_of_row, pos_of_row
+
+
+def _expected(n, jobs, base, dtype):
+    """The arrays a correct store holds."""
+    images = np.zeros((n, len(BANDS), *OUT_SHAPE), dtype=dtype)
+    status = base.copy()
+    tile = np.full(n, -1, dtype=np.int32)
+    origin = np.zeros((n, 2), dtype=np.int64)
+    box = np.zeros((n, 2), dtype=np.int32)
+    for job in jobs:
+        images[job.rows] = job.images
+        status[job.rows] = job.status
+        tile[job.rows] = job.tile
+        origin[job.rows] = job.origin
+        box[job.rows] = job.box_shape
+    return images, status, tile, origin, box
+
+
+def _tiles():
+    """Three tile records with a simple TAN header each."""
+    tiles = []
+    for t in range(3):
+        w = _tile_wcs(ra=10.0 + t)
+        tiles.append(
+            {
+                "key": f"tile{t}",
+                "paths": [f"/data/t{t}_{b}.fits" for b in BANDS],
+                "header": w.to_header().tostring(),
+            }
+        )
+    return tiles
+
+
+def _tile_wcs(ra=10.0, dec=-5.0):
+    w = WCS(naxis=2)
+    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    w.wcs.crval = [ra, dec]
+    w.wcs.crpix = [50.5, 40.0]
+    w.wcs.cd = [[-2.0e-5, 3.0e-6], [2.5e-6, 2.1e-5]]
+    return w
+
+
+def _run(
+    path,
+    *,
+    n=40,
+    seed=0,
+    dtype="float32",
+    chunk_rows=6,
+    chunk_order=None,
+    stage_order=None,
+):
+    """Create a store, stage every job, write every chunk; return the writer."""
+    catalogue, jobs, base = _fake_run(n=n, seed=seed, dtype=dtype)
+    writer = ZarrWriter.create(
+        path,
+        n_rows=n,
+        bands=BANDS,
+        out_shape=OUT_SHAPE,
+        dtype=dtype,
+        config={"size": 5, "resample": "none"},
+        tiles=_tiles(),
+        chunk_rows=chunk_rows,
+        **catalogue,
+    )
+    ledger = Ledger(path)
+    ledger.run_started("fp")
+    for job in jobs if stage_order is None else [jobs[i] for i in stage_order]:
+        ledger.job_staged(stage_job(path, job))
+    chunks = range(writer.n_chunks) if chunk_order is None else chunk_order
+    checksums = writer.write_chunks(chunks, _mapping(n, jobs), base)
+    ledger.chunks_written(checksums)
+    ledger.close()
+    return writer, catalogue, jobs, base, checksums
+
+
+def _tree(path, skip=(".cutana",)):
+    """Relative path -> bytes of every file under ``path``."""
+    files = {}
+    for root, dirs, names in os.walk(path):
+        dirs[:] = [d for d in dirs if d not in skip]
+        for name in names:
+            full = os.path.join(root, name)
+            with open(full, "rb") as fh:
+                files[os.path.relpath(full, path)] = fh.read()
+    return files
+
+
+# --------------------------------------------------------------------------
+# tests
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float32", "uint8", "uint16"])
+def test_round_trip_row_order(tmp_path, dtype):
+    """Test that row i of the store is catalogue row i, whatever job staged it."""
+    path = tmp_path / "out.zarr"
+    writer, catalogue, jobs, base, checksums = _run(
+        path, dtype=dtype, chunk_order=[6, 0, 3, 1, 2, 5, 4]
+    )
+    writer.finalize(checksums)
+    images, status, tile, origin, box = _expected(40, jobs, base, dtype)
+    out = open_output(path)
+    assert len(out) == 40
+    assert out.images.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(out.images[:], images)
+    np.testing.assert_array_equal(out[7], images[7])
+    np.testing.assert_array_equal(out.status, status)
+    np.testing.assert_array_equal(out.tile, tile)
+    np.testing.assert_array_equal(out.origin, origin)
+    np.testing.assert_array_equal(out.box_shape, box)
+    np.testing.assert_array_equal(out.source_id, catalogue["source_id"])
+    np.testing.assert_array_equal(out.ra, catalogue["ra"])
+    np.testing.assert_array_equal(out.dec, catalogue["dec"])
+    assert out.bands == BANDS
+    assert out.config == {"size": 5, "resample": "none"}
+    assert out.attrs["status_codes"]["BAD_ROW"] == 3
+    assert out.attrs["complete"] is True
+    table = out.to_table()
+    assert list(table["source_id"]) == list(catalogue["source_id"])
+    assert table["status_name"][0] == Status(int(status[0])).name
+    # rows without a job are empty and say why
+    no_job = tile < 0
+    assert np.all(out.images[:][no_job] == 0)
+    assert set(out.status[no_job].tolist()) <= {Status.NO_OVERLAP, Status.BAD_ROW}
+    assert verify_output(path) == []
+
+
+@pytest.mark.parametrize(
+    ("n_rows", "row_bytes", "expected"),
+    [
+        (1000, 3 * 150 * 150, 31),  # ESA workload, uint8: 31 rows ~ 2 MiB
+        (1000, 4 * 64 * 64 * 4, 32),  # float32, 4 bands
+        (1000, 8 * 1024 * 1024, 1),  # huge rows: one per chunk
+        (5, 1000, 5),  # small catalogue: one chunk
+        (0, 1000, 1),
+    ],
+)
+def test_choose_chunk_rows(n_rows, row_bytes, expected):
+    """Test that chunks hold 1-2 MiB of whole cutouts (or one cutout, or all)."""
+    rows = choose_chunk_rows(n_rows, row_bytes)
+    assert rows == expected
+    if row_bytes <= 2 * 1024 * 1024 and n_rows >= 1000:
+        assert 1024 * 1024 <= rows * row_bytes <= 2 * 1024 * 1024
+
+
+def test_chunking_is_shared(tmp_path):
+    """Test that every per-row array uses the same row chunks."""
+    path = tmp_path / "out.zarr"
+    writer, *_ = _run(path, n=40, chunk_rows=6)
+    group = zarr.open_group(path, mode="r")
+    assert writer.n_chunks == 7
+    for name in ("images", "status", "tile", "origin", "box_shape"):
+        assert group[name].chunks[0] == 6
+    assert group["images"].chunks == (6, len(BANDS), *OUT_SHAPE)
+    assert writer.chunk_range(6) == (36, 40)
+    np.testing.assert_array_equal(writer.chunk_of_row([0, 5, 6, 39]), [0, 0, 1, 6])
+    with pytest.raises(ValueError, match="chunk must be an integer in"):
+        writer.chunk_range(7)
+
+
+def test_default_chunk_rows(tmp_path):
+    """Test that the default chunking follows choose_chunk_rows."""
+    writer = ZarrWriter.create(
+        tmp_path / "s.zarr",
+        n_rows=100,
+        bands=["a", "b", "c"],
+        out_shape=(150, 150),
+        dtype="uint8",
+        source_id=[str(i) for i in range(100)],
+        ra=np.zeros(100),
+        dec=np.zeros(100),
+    )
+    assert writer.chunk_rows == 31
+    assert zarr.open_group(tmp_path / "s.zarr")["images"].chunks == (31, 3, 150, 150)
+
+
+def test_two_runs_byte_identical(tmp_path):
+    """Test that two runs, staged and written in other orders, give identical bytes."""
+    a, b = tmp_path / "a.zarr", tmp_path / "b.zarr"
+    wa, *_, ca = _run(a)
+    wb, _, jobs, _, cb = _run(
+        b,
+        chunk_order=[5, 3, 1, 6, 0, 2, 4],
+        stage_order=list(range(len(_fake_run()[1])))[::-1],
+    )
+    assert ca == cb
+    wa.finalize(ca)
+    wb.finalize(Ledger(b).read().chunks)
+    remove_run_state(a)
+    remove_run_state(b)
+    tree_a, tree_b = _tree(a, skip=()), _tree(b, skip=())
+    assert sorted(tree_a) == sorted(tree_b)
+    for name in tree_a:
+        assert tree_a[name] == tree_b[name], name
+    assert not any(name.endswith(".partial") for name in tree_a)
+    # a finished store is a plain Zarr store: listing it warns about nothing
+    names = sorted(name for name, _ in zarr.open_group(a, mode="r").members())
+    assert "images" in names and ".cutana" not in names
+
+
+def test_concurrent_write_chunks(tmp_path):
+    """Test that two processes writing disjoint chunks give the serial result."""
+    serial, parallel = tmp_path / "serial.zarr", tmp_path / "parallel.zarr"
+    ws, *_, cs = _run(serial)
+    catalogue, jobs, base = _fake_run()
+    wp = ZarrWriter.create(
+        parallel,
+        n_rows=40,
+        bands=BANDS,
+        out_shape=OUT_SHAPE,
+        dtype="float32",
+        config={"size": 5, "resample": "none"},
+        tiles=_tiles(),
+        chunk_rows=6,
+        **catalogue,
+    )
+    for job in jobs:
+        stage_job(parallel, job)
+    mapping = _mapping(40, jobs)
+    with ProcessPoolExecutor(2, mp_context=get_context("spawn")) as pool:
+        futures = [
+            pool.submit(wp.write_chunks, chunks, mapping, base)
+            for chunks in ([0, 2, 4, 6], [1, 3, 5])
+        ]
+        results = [f.result() for f in futures]
+    cp = {**results[0], **results[1]}
+    assert cp == cs
+    ws.finalize(cs)
+    wp.finalize(cp)
+    ta, tb = _tree(serial), _tree(parallel)
+    assert ta == tb
+
+
+def test_writer_pickles_as_its_path(tmp_path):
+    """Test that a writer sent to another process reopens the same store."""
+    writer, *_ = _run(tmp_path / "out.zarr")
+    clone = pickle.loads(pickle.dumps(writer))
+    assert clone.path == writer.path
+    assert (clone.n_rows, clone.chunk_rows, clone.bands) == (40, 6, BANDS)
+
+
+def test_create_refuses_existing_output(tmp_path):
+    """Test that an output is replaced only with overwrite, and a non-store never."""
+    path = tmp_path / "out.zarr"
+    _run(path)
+    args = {
+        "n_rows": 2,
+        "bands": ["g"],
+        "out_shape": (3, 3),
+        "dtype": "uint8",
+        "source_id": ["a", "b"],
+        "ra": [1.0, 2.0],
+        "dec": [3.0, 4.0],
+    }
+    with pytest.raises(FileExistsError, match="already exists"):
+        ZarrWriter.create(path, **args)
+    writer = ZarrWriter.create(path, overwrite=True, **args)
+    assert writer.n_rows == 2
+    assert not os.path.exists(staging_dir(path))
+    other = tmp_path / "mydata"
+    other.mkdir()
+    (other / "precious.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a Zarr store"):
+        ZarrWriter.create(other, overwrite=True, **args)
+    assert (other / "precious.txt").read_text() == "keep me"
+
+
+def test_create_validates(tmp_path):
+    """Test that inconsistent arguments are rejected with the bad value named."""
+    args = {
+        "n_rows": 2,
+        "bands": ["g"],
+        "out_shape": (3, 3),
+        "dtype": "uint8",
+        "source_id": ["a", "b"],
+        "ra": [1.0, 2.0],
+        "dec": [3.0, 4.0],
+    }
+    with pytest.raises(ValueError, match=r"ra must have shape \(2,\)"):
+        ZarrWriter.create(tmp_path / "a", **{**args, "ra": [1.0]})
+    with pytest.raises(ValueError, match="out_shape must be"):
+        ZarrWriter.create(tmp_path / "b", **{**args, "out_shape": (0, 3)})
+    with pytest.raises(TypeError, match="cannot be stored as JSON"):
+        ZarrWriter.create(tmp_path / "c", **{**args, "config": {"x": object()}})
+    with pytest.raises(ValueError, match="non-finite"):
+        ZarrWriter.create(tmp_path / "d", **{**args, "config": {"x": float("nan")}})
+
+
+def test_interrupted_creation_is_refused(tmp_path):
+    """Test that a store whose creation was cut short cannot be opened for resume."""
+    path = tmp_path / "out.zarr"
+    zarr.open_group(path, mode="w")
+    with pytest.raises(ValueError, match="not a complete cutana Zarr store"):
+        ZarrWriter.open(path)
+    with pytest.raises(FileNotFoundError, match="no Zarr store"):
+        ZarrWriter.open(tmp_path / "missing")
+
+
+def test_write_chunks_rejects_unaccounted_rows(tmp_path):
+    """Test that a row with neither a staged cutout nor a final status is an error."""
+    path = tmp_path / "out.zarr"
+    catalogue, jobs, base = _fake_run()
+    writer = ZarrWriter.create(
+        path,
+        n_rows=40,
+        bands=BANDS,
+        out_shape=OUT_SHAPE,
+        dtype="float32",
+        chunk_rows=6,
+        **catalogue,
+    )
+    for job in jobs:
+        stage_job(path, job)
+    job_of_row, pos_of_row = _mapping(40, jobs)
+    lost = int(np.flatnonzero(job_of_row >= 0)[0])
+    job_of_row[lost] = -1
+    with pytest.raises(ValueError, match=f"row {lost} belongs to no staged job"):
+        writer.write_chunks([lost // 6], (job_of_row, pos_of_row), base)
+    job_of_row, pos_of_row = _mapping(40, jobs)
+    pos_of_row[lost] += 1
+    with pytest.raises(ValueError, match="does not hold the rows"):
+        writer.write_chunks([lost // 6], (job_of_row, pos_of_row), base)
+    # nothing was written for that chunk
+    assert np.all(zarr.open_group(path)["status"][:] == Status.PENDING)
+
+
+def test_write_chunks_callable_mapping(tmp_path):
+    """Test that the row mapping and base status may be given as callables."""
+    path = tmp_path / "out.zarr"
+    catalogue, jobs, base = _fake_run()
+    writer = ZarrWriter.create(
+        path,
+        n_rows=40,
+        bands=BANDS,
+        out_shape=OUT_SHAPE,
+        dtype="float32",
+        chunk_rows=6,
+        **catalogue,
+    )
+    for job in jobs:
+        stage_job(path, job)
+    job_of_row, pos_of_row = _mapping(40, jobs)
+    calls = []
+
+    def lookup(r0, r1):
+        calls.append((r0, r1))
+        return job_of_row[r0:r1], pos_of_row[r0:r1]
+
+    checksums = writer.write_chunks(
+        range(writer.n_chunks), lookup, lambda r0, r1: base[r0:r1]
+    )
+    assert calls == [writer.chunk_range(k) for k in range(writer.n_chunks)]
+    np.testing.assert_array_equal(
+        zarr.open_group(path)["images"][:], _expected(40, jobs, base, "float32")[0]
+    )
+    assert sorted(checksums) == list(range(7))
+
+
+def test_staging_atomic(tmp_path, monkeypatch):
+    """Test that a half-written staging is never visible and leftovers are cleaned."""
+    out = tmp_path / "out"
+    _, jobs, _ = _fake_run()
+    job = jobs[0]
+    staged = stage_job(out, job)
+    assert staged.n == len(job.rows)
+    assert list_staged(out) == [0]
+    # a killed worker leaves a temporary folder: ignored, then cleaned
+    leftover = os.path.join(staging_dir(out), ".tmp-job-000001-999-deadbeef")
+    os.makedirs(leftover)
+    with open(os.path.join(leftover, "rows.npy"), "wb") as fh:
+        fh.write(b"partial")
+    assert list_staged(out) == [0]
+    with pytest.raises(FileNotFoundError, match="job 1 has not been staged"):
+        load_staged(out, 1)
+    assert clean_staging(out) == 1
+    assert sorted(os.listdir(staging_dir(out))) == ["job-000000"]
+
+    # a failure in the middle of staging leaves nothing behind
+    calls = {"n": 0}
+    real = np.lib.format.write_array
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            msg = "No space left on device"
+            raise OSError(msg)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(np.lib.format, "write_array", failing)
+    with pytest.raises(OSError, match="No space left"):
+        stage_job(out, jobs[1])
+    monkeypatch.undo()
+    assert sorted(os.listdir(staging_dir(out))) == ["job-000000"]
+
+    # restaging (a retry) replaces the earlier copy
+    again = stage_job(out, job)
+    assert again.checksum == staged.checksum
+    back = load_staged(out, 0, checksum=staged.checksum)
+    np.testing.assert_array_equal(back.images, job.images)
+    np.testing.assert_array_equal(back.rows, job.rows)
+    assert back.messages == job.messages
+    assert back.tile == job.tile
+
+
+def test_staging_checksum_detects_corruption(tmp_path):
+    """Test that a corrupted staged file no longer matches its checksum."""
+    out = tmp_path / "out"
+    _, jobs, _ = _fake_run()
+    staged = stage_job(out, jobs[0])
+    assert verify_staged(out, 0, staged.checksum)
+    path = os.path.join(staged.path, "images.npy")
+    with open(path, "r+b") as fh:
+        fh.seek(-3, os.SEEK_END)
+        byte = fh.read(1)
+        fh.seek(-3, os.SEEK_END)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    assert not verify_staged(out, 0, staged.checksum)
+    with pytest.raises(ValueError, match="does not match its checksum"):
+        load_staged(out, 0, checksum=staged.checksum)
+    assert not verify_staged(out, 5, staged.checksum)
+
+
+def test_stage_job_validates(tmp_path):
+    """Test that inconsistent job results are refused before anything is written."""
+    _, jobs, _ = _fake_run()
+    job = jobs[0]
+    bad = JobResult(**{**job.__dict__, "status": job.status[:-1]})
+    with pytest.raises(ValueError, match="status must have shape"):
+        stage_job(tmp_path, bad)
+    bad = JobResult(**{**job.__dict__, "rows": job.rows[::-1].copy()})
+    with pytest.raises(ValueError, match="strictly ascending"):
+        stage_job(tmp_path, bad)
+    bad = JobResult(**{**job.__dict__, "job_id": -1})
+    with pytest.raises(ValueError, match="job_id must be a non-negative integer"):
+        stage_job(tmp_path, bad)
+    assert list_staged(tmp_path) == []
+
+
+def test_resume_trusts_only_verified_records(tmp_path):
+    """Test that resume keeps recorded chunks that exist and redoes the others."""
+    path = tmp_path / "out.zarr"
+    writer, catalogue, jobs, base, checksums = _run(path)
+    state = Ledger(path).read()
+    assert state.chunks == checksums
+    assert state.verified_jobs(path) == {j.job_id for j in jobs}
+    # lose chunk 2's status file and corrupt chunk 4's data
+    os.remove(writer._chunk_file("status", 2))
+    zarr.open_group(path)["images"][24] = 123.0
+    reopened = ZarrWriter.open(path)
+    assert reopened.verified_chunks(state.chunks) == set(range(7)) - {2}
+    assert reopened.verified_chunks(state.chunks, deep=True) == set(range(7)) - {2, 4}
+    redo = reopened.write_chunks([2, 4], _mapping(40, jobs), base)
+    assert redo == {2: checksums[2], 4: checksums[4]}
+    counts = reopened.finalize(state.chunks)
+    assert sum(counts.values()) == 40
+    assert verify_output(path) == []
+
+
+def test_finalize_requires_every_chunk(tmp_path):
+    """Test that finalize refuses a store with unwritten chunks."""
+    path = tmp_path / "out.zarr"
+    writer, *_, checksums = _run(path, chunk_order=[0, 1, 2])
+    with pytest.raises(ValueError, match="4 of 7 chunks have no checksum"):
+        writer.finalize(checksums)
+    problems = verify_output(path)
+    assert any("pending" in p for p in problems)
+    assert any("not been finalised" in p for p in problems)
+
+
+def test_verify_detects_damage(tmp_path):
+    """Test that verify reports missing and corrupted chunks and bad statuses."""
+    path = tmp_path / "out.zarr"
+    writer, *_, checksums = _run(path)
+    writer.finalize(checksums)
+    remove_run_state(path)
+    assert verify_output(path) == []
+    os.remove(writer._chunk_file("images", 1))
+    chunk3 = writer._chunk_file("images", 3)
+    with open(chunk3, "r+b") as fh:
+        data = bytearray(fh.read())
+        data[len(data) // 2] ^= 0xFF
+        fh.seek(0)
+        fh.write(data)
+    zarr.open_group(path)["status"][0] = 42
+    problems = verify_output(path)
+    text = "\n".join(problems)
+    assert "1 chunks are missing from the store, e.g. chunks 1" in text
+    assert "unknown status code, e.g. rows 0" in text
+    assert "do not match their checksum" in text and "3" in text
+    assert verify_output(tmp_path / "nothing") != []
+
+
+def test_wcs_matches_astropy_cutout2d(tmp_path):
+    """Test that open(...).wcs(i) equals astropy Cutout2D's WCS, edges included."""
+    rng = np.random.default_rng(3)
+    data = rng.normal(size=(80, 100)).astype(np.float32)
+    wcs = _tile_wcs()
+    positions = [(50.2, 40.7), (3.4, 77.9), (97.0, 2.2), (20.5, 20.5)]
+    size = (5, 4)
+    images, origin = [], []
+    for pos in positions:
+        c = AstropyCutout2D(data, pos, size, wcs=wcs, mode="partial", fill_value=0)
+        images.append(c.data)
+        origin.append(
+            (
+                c.slices_original[1].start - c.slices_cutout[1].start,
+                c.slices_original[0].start - c.slices_cutout[0].start,
+            )
+        )
+    n = len(positions)
+    path = tmp_path / "out.zarr"
+    writer = ZarrWriter.create(
+        path,
+        n_rows=n,
+        bands=["vis"],
+        out_shape=size,
+        dtype="float32",
+        source_id=[f"s{i}" for i in range(n)],
+        ra=np.zeros(n),
+        dec=np.zeros(n),
+        tiles=[
+            {"key": "t0", "paths": ["/x/t0.fits"], "header": wcs.to_header().tostring()}
+        ],
+        chunk_rows=3,
+    )
+    job = JobResult(
+        job_id=0,
+        rows=np.arange(n),
+        images=np.stack(images)[:, None],
+        status=np.array([0, 1, 1, 0], dtype=np.int16),
+        tile=0,
+        origin=np.array(origin),
+        box_shape=np.tile(size, (n, 1)),
+    )
+    stage_job(path, job)
+    checksums = writer.write_chunks(
+        range(writer.n_chunks),
+        (np.zeros(n, int), np.arange(n)),
+        np.full(n, -1, np.int16),
+    )
+    writer.finalize(checksums)
+    out = open_output(path)
+    pix = np.array([[0, 0], [3, 4], [1.5, 2.25], [-1, 7]], dtype=float)
+    for i, pos in enumerate(positions):
+        ref = AstropyCutout2D(data, pos, size, wcs=wcs, mode="partial", fill_value=0)
+        np.testing.assert_array_equal(out[i][0], ref.data)
+        got = out.wcs(i).pixel_to_world(pix[:, 0], pix[:, 1])
+        exp = ref.wcs.pixel_to_world(pix[:, 0], pix[:, 1])
+        np.testing.assert_allclose(got.ra.deg, exp.ra.deg, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(got.dec.deg, exp.dec.deg, rtol=0, atol=1e-12)
+
+
+def test_wcs_of_row_without_cutout(tmp_path):
+    """Test that asking for the WCS of a row without a cutout names its status."""
+    path = tmp_path / "out.zarr"
+    writer, _, jobs, base, checksums = _run(path)
+    out = open_output(path)
+    row = int(np.flatnonzero(out.tile < 0)[0])
+    with pytest.raises(ValueError, match=f"row {row} has no cutout"):
+        out.wcs(row)
+    with_tile = int(np.flatnonzero(out.tile >= 0)[0])
+    assert out.wcs(with_tile).pixel_shape == OUT_SHAPE[::-1]
+    with pytest.raises(IndexError, match="out of range"):
+        out[40]
+
+
+def test_chunk_without_cutouts_is_stored(tmp_path):
+    """Test that a chunk equal to the fill values still gets its files and verifies."""
+    path = tmp_path / "out.zarr"
+    n = 5
+    writer = ZarrWriter.create(
+        path,
+        n_rows=n,
+        bands=["g"],
+        out_shape=(3, 3),
+        dtype="uint8",
+        source_id=["a", "b", "c", "d", "e"],
+        ra=np.zeros(n),
+        dec=np.zeros(n),
+        chunk_rows=2,
+    )
+    reopened = ZarrWriter.open(path)  # as a worker would
+    base = np.array([3, 2, 3, 3, 2], dtype=np.int16)
+    no_jobs = (np.full(n, -1), np.zeros(n, int))
+    checksums = reopened.write_chunks(range(3), no_jobs, base)
+    assert all(reopened.chunk_exists(k) for k in range(3))
+    counts = writer.finalize(checksums)
+    assert counts["BAD_ROW"] == 3 and counts["NO_OVERLAP"] == 2
+    assert verify_output(path) == []

@@ -1,0 +1,653 @@
+# Licensed under a 3-clause BSD style license - see LICENSE.rst
+"""Tests of cutana.tiles: indexing, grouping, broken files, assignment, pixels."""
+
+import json
+import math
+import mmap
+import os
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.wcs import WCS
+from numpy.testing import assert_allclose, assert_array_equal
+
+from cutana.exceptions import TileError
+from cutana.tiles import Assignment, BandFile, Tile, TileIndex, open_pixels
+
+SCALE = 0.1 / 3600.0  # 0.1 arcsec per pixel, in degrees
+
+
+def _wcs(crval, shape, *, rotation_deg=0.0, scale=SCALE):
+    """A TAN WCS centred on ``crval`` for an image of ``shape`` (ny, nx)."""
+    w = WCS(naxis=2)
+    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    w.wcs.crval = list(crval)
+    w.wcs.crpix = [(shape[1] + 1) / 2.0, (shape[0] + 1) / 2.0]
+    c, s = math.cos(math.radians(rotation_deg)), math.sin(math.radians(rotation_deg))
+    w.wcs.cd = np.array([[-scale * c, scale * s], [scale * s, scale * c]])
+    return w
+
+
+def make_tile(
+    path,
+    crval=(150.0, 2.0),
+    shape=(60, 80),
+    *,
+    band="VIS",
+    tileid=None,
+    dtype=">f4",
+    compressed=False,
+    bzero=None,
+    wcs=True,
+    rotation_deg=0.0,
+    scale=SCALE,
+    extname=None,
+    keywords=None,
+    seed=0,
+):
+    """Write a tiny synthetic tile and return its pixel values as written."""
+    rng = np.random.default_rng(seed)
+    header = (
+        _wcs(crval, shape, rotation_deg=rotation_deg, scale=scale).to_header()
+        if wcs
+        else fits.Header()
+    )
+    if band is not None:
+        header["BAND"] = band
+    if tileid is not None:
+        header["TILEID"] = tileid
+    header["MAGZERO"] = 24.5
+    for key, value in (keywords or {}).items():
+        header[key] = value
+    if np.dtype(dtype).kind == "f":
+        data = rng.normal(100.0, 10.0, shape).astype(dtype)
+    else:
+        data = rng.integers(-1000, 1000, shape).astype(dtype)
+    if bzero is not None:
+        header["BSCALE"] = 1
+        header["BZERO"] = bzero
+    if compressed:
+        hdul = fits.HDUList(
+            [fits.PrimaryHDU(), fits.CompImageHDU(data, header, name=extname)]
+        )
+    elif extname is not None:
+        hdul = fits.HDUList(
+            [fits.PrimaryHDU(), fits.ImageHDU(data, header, name=extname)]
+        )
+    else:
+        hdul = fits.HDUList([fits.PrimaryHDU(data, header)])
+    if bzero is not None and not compressed:
+        # keep the stored integers exactly as given: write raw, no scaling
+        hdul[-1].header["BZERO"] = bzero
+    hdul.writeto(path, overwrite=True)
+    return data
+
+
+def _grid_tiles(tmp_path, bands=("VIS", "NIR-H")):
+    """Two sky tiles, each in two bands, grouped by TILEID."""
+    paths = []
+    for t, crval in enumerate([(150.0, 2.0), (150.0, 2.01)]):
+        for b in bands:
+            p = tmp_path / f"img_{t}_{b}.fits"
+            make_tile(p, crval, band=b, tileid=f"T{t}")
+            paths.append(str(p))
+    return paths
+
+
+# --------------------------------------------------------------------------
+# indexing
+# --------------------------------------------------------------------------
+
+
+def test_group_by_tileid(tmp_path):
+    """Test that files sharing TILEID become one tile with one file per band."""
+    _grid_tiles(tmp_path)
+    index = TileIndex.from_paths(str(tmp_path / "*.fits"))
+    assert index.errors == []
+    assert index.bands == ["NIR-H", "VIS"]  # first appearance in sorted paths
+    assert [t.key for t in index.tiles] == ["T0", "T1"]
+    for t, tile in enumerate(index.tiles):
+        assert isinstance(tile, Tile)
+        assert [b.band for b in tile.bands] == ["NIR-H", "VIS"]
+        names = [os.path.basename(b.path) for b in tile.bands]
+        assert names == [f"img_{t}_NIR-H.fits", f"img_{t}_VIS.fits"]
+        assert tile.shape == (60, 80)
+        assert tile.same_grid
+        band = tile.bands[0]
+        assert band.dtype == ">f4"
+        assert band.compressed is False
+        assert band.hdu == 0
+        assert band.shape == (60, 80)
+
+
+def test_group_by_euclid_file_name(tmp_path):
+    """Test that TILE<digits> in Euclid names groups files and names bands."""
+    for tile, dec in (("102018211", 2.0), ("102018212", 2.01)):
+        for band in ("VIS", "NIR-H", "NIR-J"):
+            name = f"EUC_MER_BGSUB-MOSAIC-{band}_TILE{tile}-ABC123_20241017T000000.0Z_00.00.fits"
+            make_tile(tmp_path / name, (150.0, dec), band=None)
+    index = TileIndex.from_paths([str(tmp_path)])
+    assert index.errors == []
+    assert [t.key for t in index.tiles] == ["102018211", "102018212"]
+    # sorted file names: NIR-H, NIR-J, VIS
+    assert index.bands == ["NIR-H", "NIR-J", "VIS"]
+    assert all(b is not None for t in index.tiles for b in t.bands)
+
+
+def test_group_by_wcs(tmp_path):
+    """Test that files without tile id are grouped by identical WCS and shape."""
+    make_tile(tmp_path / "a_g.fits", (10.0, 0.0), band="g")
+    make_tile(tmp_path / "a_r.fits", (10.0, 0.0), band="r")
+    make_tile(tmp_path / "b_g.fits", (10.0, 0.01), band="g")
+    make_tile(tmp_path / "c_r.fits", (10.0, 0.0), shape=(61, 80), band="r")
+    index = TileIndex.from_paths(sorted(str(p) for p in tmp_path.iterdir()))
+    assert index.bands == ["g", "r"]
+    assert len(index.tiles) == 3
+    keys = [t.key for t in index.tiles]
+    assert all(k.startswith("wcs-") for k in keys)
+    assert len(set(keys)) == 3
+    first = index.tiles[0]
+    assert [os.path.basename(b.path) for b in first.bands] == ["a_g.fits", "a_r.fits"]
+    assert index.tiles[1].bands[1] is None
+    assert index.tiles[1].missing_bands == (1,)
+    assert index.tiles[2].bands[0] is None
+    assert index.tiles[2].shape == (61, 80)
+
+
+@pytest.mark.parametrize(
+    ("keywords", "expected"),
+    [
+        ({"BAND": "b1", "FILTER": "f1", "FILTNAME": "n1"}, "b1"),
+        ({"FILTER": "f1", "FILTNAME": "n1"}, "f1"),
+        ({"FILTNAME": "n1"}, "n1"),
+        ({}, "plain_name"),
+    ],
+)
+def test_band_keyword_order(tmp_path, keywords, expected):
+    """Test that the band comes from BAND, FILTER, FILTNAME, then the file name."""
+    make_tile(tmp_path / "plain_name.fits.gz", band=None, keywords=keywords)
+    index = TileIndex.from_paths(tmp_path / "plain_name.fits.gz")
+    assert index.bands == [expected]
+
+
+def test_band_selection_and_order(tmp_path):
+    """Test that bands= selects and orders bands and rejects unknown bands."""
+    _grid_tiles(tmp_path, bands=("g", "r", "i"))
+    pattern = str(tmp_path / "*.fits")
+    index = TileIndex.from_paths(pattern)
+    assert index.bands == ["g", "i", "r"]  # first appearance in sorted paths
+    index = TileIndex.from_paths(pattern, bands=["r", "g"])
+    assert index.bands == ["r", "g"]
+    for tile in index.tiles:
+        assert [b.band for b in tile.bands] == ["r", "g"]
+    with pytest.raises(
+        ValueError,
+        match=r"band 'z' was found in no tile file; bands found: 'g', 'i', 'r'",
+    ):
+        TileIndex.from_paths(pattern, bands=["g", "z"])
+    with pytest.raises(ValueError, match=r"Did you mean 'r'"):
+        TileIndex.from_paths(pattern, bands=["R"])
+
+
+def test_same_header_band_uses_file_names(tmp_path):
+    """Test that a science map and its RMS map with one FILTER get file-name bands."""
+    make_tile(
+        tmp_path / "EUC_MER_BGSUB-MOSAIC-VIS_TILE7-x.fits",
+        keywords={"FILTER": "VIS"},
+        band=None,
+    )
+    make_tile(
+        tmp_path / "EUC_MER_MOSAIC-VIS-RMS_TILE7-x.fits",
+        keywords={"FILTER": "VIS"},
+        band=None,
+    )
+    index = TileIndex.from_paths(str(tmp_path / "*.fits"))
+    assert index.errors == []
+    assert sorted(index.bands) == ["VIS", "VIS-RMS"]
+    assert len(index.tiles) == 1
+
+
+def test_duplicate_band_in_tile_is_an_error(tmp_path):
+    """Test that a second file of the same band and tile is reported, not used."""
+    make_tile(tmp_path / "a.fits", tileid="7", band="VIS")
+    make_tile(tmp_path / "b.fits", tileid="7", band="VIS")
+    index = TileIndex.from_paths([str(tmp_path / "a.fits"), str(tmp_path / "b.fits")])
+    assert len(index.tiles) == 1
+    assert index.tiles[0].bands[0].path.endswith("a.fits")
+    assert len(index.errors) == 1
+    assert index.errors[0][0].endswith("b.fits")
+    assert "already has a file for band 'VIS'" in index.errors[0][1]
+
+
+def test_image_in_extension_and_hdu_option(tmp_path):
+    """Test that the first 2-D image HDU is used, or the one named by hdu=."""
+    path = tmp_path / "ext.fits"
+    data = make_tile(path, extname="SCI")
+    index = TileIndex.from_paths(str(path))
+    band = index.tiles[0].bands[0]
+    assert band.hdu == 1
+    by_name = TileIndex.from_paths(str(path), hdu="SCI").tiles[0].bands[0]
+    assert by_name.hdu == "SCI"
+    with open_pixels(by_name) as px:
+        assert_array_equal(px.data[:], data)
+    bad = TileIndex.from_paths(str(path), hdu=0)
+    assert bad.tiles == []
+    assert "HDU 0 is not a 2-D image" in bad.errors[0][1]
+
+
+def test_broken_files_land_in_errors(tmp_path):
+    """Test that unreadable files are listed with a reason and never stop the index."""
+    make_tile(tmp_path / "good.fits", tileid="1")
+    raw = (tmp_path / "good.fits").read_bytes()
+    (tmp_path / "truncated.fits").write_bytes(raw[: 2880 + 1000])
+    (tmp_path / "header_cut.fits").write_bytes(raw[:1000])
+    (tmp_path / "text.fits").write_text("SIMPLE? no, this is a text file\n")
+    (tmp_path / "empty.fits").write_bytes(b"")
+    make_tile(tmp_path / "nowcs.fits", wcs=False)
+    fits.HDUList(
+        [
+            fits.PrimaryHDU(),
+            fits.BinTableHDU.from_columns([fits.Column("a", "E", array=[1.0])]),
+        ]
+    ).writeto(tmp_path / "table.fits")
+    fits.PrimaryHDU(np.zeros((3, 4, 5), "f4")).writeto(tmp_path / "cube.fits")
+    make_tile(tmp_path / "badwcs.fits", keywords={"CTYPE1": "RA---XYZ"})
+    paths = [
+        str(tmp_path / "good.fits"),
+        str(tmp_path / "missing.fits"),
+        str(tmp_path / "none_*.fits"),
+    ]
+    paths += [
+        str(tmp_path / n)
+        for n in (
+            "truncated.fits",
+            "header_cut.fits",
+            "text.fits",
+            "empty.fits",
+            "nowcs.fits",
+            "table.fits",
+            "cube.fits",
+            "badwcs.fits",
+        )
+    ]
+    index = TileIndex.from_paths(paths)
+    assert len(index.tiles) == 1
+    assert index.tiles[0].bands[0].path.endswith("good.fits")
+    errors = dict(index.errors)
+    expected = {
+        "missing.fits": "file does not exist",
+        "none_*.fits": "no file matches this pattern",
+        "truncated.fits": "file is truncated",
+        "header_cut.fits": "cannot read FITS header",
+        "text.fits": "cannot read FITS header",
+        "empty.fits": "cannot read FITS header",
+        "nowcs.fits": "no celestial WCS",
+        "table.fits": "no 2-D image HDU",
+        "cube.fits": "no 2-D image HDU",
+        "badwcs.fits": "WCS",
+    }
+    assert len(errors) == len(expected)
+    for name, reason in expected.items():
+        path = str(tmp_path / name)
+        assert path in errors, name
+        assert errors[path].startswith(path)
+        assert reason in errors[path], (name, errors[path])
+
+
+def test_compressed_tile(tmp_path):
+    """Test that compressed tiles are indexed from headers and read through .section."""
+    data = make_tile(tmp_path / "c.fits", dtype="f4", compressed=True, tileid="9")
+    index = TileIndex.from_paths(str(tmp_path / "c.fits"))
+    band = index.tiles[0].bands[0]
+    assert band.compressed is True
+    assert band.shape == (60, 80)
+    assert band.hdu == 1
+    assert np.dtype(band.dtype) == np.dtype("float32")
+    with open_pixels(band) as px:
+        assert isinstance(px.data, fits.hdu.compressed.CompImageSection)
+        window = px.data[5:15, 7:30]
+        # lossy float compression: compare with astropy's own decompression
+        assert_array_equal(window, fits.getdata(tmp_path / "c.fits", ext=1)[5:15, 7:30])
+        assert_allclose(window, data[5:15, 7:30], rtol=0.01)
+        assert window.dtype == np.dtype(band.dtype)
+
+
+def test_fsspec_urls(tmp_path):
+    """Test that memory:// and file:// URLs are indexed and opened."""
+    fsspec = pytest.importorskip("fsspec")
+    data = make_tile(tmp_path / "VIS_TILE5.fits", tileid=None)
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/cutana-test/VIS_TILE5.fits", (tmp_path / "VIS_TILE5.fits").read_bytes())
+    fs.pipe("/cutana-test/broken.fits", b"not fits at all")
+    try:
+        index = TileIndex.from_paths("memory://cutana-test/*.fits")
+        assert len(index.tiles) == 1
+        band = index.tiles[0].bands[0]
+        assert band.path == "memory:///cutana-test/VIS_TILE5.fits"
+        assert band.is_remote
+        assert index.tiles[0].key == "5"
+        assert [e[0] for e in index.errors] == ["memory:///cutana-test/broken.fits"]
+        with open_pixels(band) as px:
+            assert_array_equal(px.data[2:9, 3:11], data[2:9, 3:11])
+    finally:
+        fs.rm("/cutana-test", recursive=True)
+    url = "file://" + str(tmp_path / "VIS_TILE5.fits")
+    band = TileIndex.from_paths(url).tiles[0].bands[0]
+    assert band.path == url
+    assert not band.is_remote
+    with open_pixels(band) as px:
+        assert isinstance(px.data, np.ndarray)
+        assert_array_equal(px.data, data)
+
+
+def test_round_trip_through_json(tmp_path):
+    """Test that to_dict/from_dict round-trip exactly through JSON."""
+    paths = _grid_tiles(tmp_path)
+    index = TileIndex.from_paths(paths + [str(tmp_path / "missing.fits")])
+    d = index.to_dict()
+    text = json.dumps(d)
+    back = TileIndex.from_dict(json.loads(text))
+    assert back == index
+    assert back.to_dict() == d
+    assert back.tiles == index.tiles
+    assert back.errors == index.errors
+    assert back.tiles[0].bands[0].wcs().wcs.compare(index.tiles[0].bands[0].wcs().wcs)
+    lists = TileIndex.from_file_lists([tuple(paths[:2]), tuple(paths[2:])])
+    assert TileIndex.from_dict(json.loads(json.dumps(lists.to_dict()))) == lists
+    with pytest.raises(ValueError, match="not a serialised TileIndex"):
+        TileIndex.from_dict({"format": "other"})
+
+
+def test_band_file_helpers(tmp_path):
+    """Test wcs(), pixel_scale_arcsec() and zeropoint() of a band file."""
+    make_tile(tmp_path / "a.fits", keywords={"ZP_BAD": "abc", "ZP_T": True})
+    band = TileIndex.from_paths(str(tmp_path / "a.fits")).tiles[0].bands[0]
+    assert isinstance(band, BandFile)
+    w = band.wcs()
+    assert w.naxis == 2 and w.has_celestial
+    assert w.pixel_shape == (80, 60)
+    assert band.wcs() is w  # cached
+    assert band.pixel_scale_arcsec() == pytest.approx(0.1, rel=1e-9)
+    assert band.zeropoint() == 24.5
+    assert band.zeropoint("NOPE") is None
+    with pytest.raises(
+        TileError, match=r"a\.fits: header keyword ZP_BAD = 'abc' is not a zero point"
+    ):
+        band.zeropoint("ZP_BAD")
+    with pytest.raises(TileError, match="ZP_T"):
+        band.zeropoint("ZP_T")
+    header = band.fits_header()
+    assert header["BAND"] == "VIS"
+
+
+# --------------------------------------------------------------------------
+# ESA Cutana file lists
+# --------------------------------------------------------------------------
+
+
+def test_from_file_lists_and_assign_by_files(tmp_path):
+    """Test per-row file tuples: distinct tuples are tiles, broken ones are file errors."""
+    vis0, nir0 = str(tmp_path / "t0_vis.fits"), str(tmp_path / "t0_nir.fits")
+    vis1, nir1 = str(tmp_path / "t1_vis.fits"), str(tmp_path / "t1_nir.fits")
+    make_tile(vis0, (150.0, 2.0), band="VIS")
+    make_tile(nir0, (150.0, 2.0), band="NIR-H")
+    make_tile(vis1, (150.0, 2.01), band="VIS")
+    (tmp_path / "t1_nir.fits").write_bytes(b"garbage")
+    rows = [
+        (vis0, nir0),
+        (vis1, nir1),
+        (vis0, nir0),
+        (),
+        (vis0,),
+        ("/elsewhere/x.fits", nir0),
+    ]
+    index = TileIndex.from_file_lists(rows[:5])
+    assert index.bands == ["VIS", "NIR-H"]
+    assert len(index.tiles) == 2
+    assert [b.path for b in index.tiles[0].bands] == [vis0, nir0]
+    assert index.tiles[1].bands[0].path == vis0
+    assert index.tiles[1].key != index.tiles[0].key
+    assert index.file_lists[(vis1, nir1)] == -1
+    assert [e[0] for e in index.errors] == [nir1]
+
+    ra = np.full(6, 150.0)
+    dec = np.array([2.0, 2.01, 2.0, 2.0, 2.0, 2.0])
+    a = index.assign_by_files(rows, ra, dec, 10)
+    assert isinstance(a, Assignment)
+    assert_array_equal(a.tile, [0, -1, 0, -1, 1, -1])
+    assert_array_equal(a.file_error, [False, True, False, False, False, True])
+    assert "t1_nir.fits" in a.messages[1] and "cannot read FITS header" in a.messages[1]
+    assert "not in this tile index" in a.messages[5]
+    assert_allclose(a.x[[0, 2]], 39.5, atol=1e-6)
+    assert_allclose(a.y[[0, 2]], 29.5, atol=1e-6)
+    assert a.inside[0]
+    # the tuple (vis0,) only has the VIS band
+    assert index.tiles[1].bands[1] is None
+    # a source off its own tile: no overlap, not a file error
+    far = index.assign_by_files([(vis0, nir0)], [151.0], [2.0], 10)
+    assert_array_equal(far.tile, [-1])
+    assert_array_equal(far.file_error, [False])
+
+
+def test_file_lists_same_band_is_positional(tmp_path):
+    """Test that two files with one band name get positional names."""
+    a, b = str(tmp_path / "a.fits"), str(tmp_path / "b.fits")
+    make_tile(a, band="VIS")
+    make_tile(b, band="VIS")
+    index = TileIndex.from_file_lists([(a, b)])
+    assert index.bands == ["VIS", "VIS[1]"]
+    assert [x.path for x in index.tiles[0].bands] == [a, b]
+    sel = TileIndex.from_file_lists([(a, b)], bands=["VIS[1]"])
+    assert [x.path for x in sel.tiles[0].bands] == [b]
+    with pytest.raises(ValueError, match="band 'NIR' was found in no tile file"):
+        TileIndex.from_file_lists([(a, b)], bands=["NIR"])
+
+
+# --------------------------------------------------------------------------
+# assignment
+# --------------------------------------------------------------------------
+
+
+def _brute_force(tiles, ra, dec, diameter):
+    """Per-source reference of TileIndex.assign with astropy's world_to_pixel."""
+    pix = []
+    for wcs, _ in tiles:
+        x, y = wcs.world_to_pixel_values(ra, dec)
+        pix.append((np.asarray(x), np.asarray(y)))
+    n = len(ra)
+    best = np.full(n, -1)
+    bx, by = np.full(n, np.nan), np.full(n, np.nan)
+    binside = np.zeros(n, bool)
+    for i in range(n):
+        size = int(np.round(diameter[i]))
+        cands = []
+        for t, (_, (ny, nx)) in enumerate(tiles):
+            x, y = float(pix[t][0][i]), float(pix[t][1][i])
+            if not (math.isfinite(x) and math.isfinite(y)):
+                continue
+            x0, y0 = math.ceil(x - size / 2), math.ceil(y - size / 2)
+            overlaps = x0 < nx and y0 < ny and x0 + size > 0 and y0 + size > 0
+            if size == 0:
+                overlaps = 0 <= x0 < nx and 0 <= y0 < ny
+            whole = x0 >= 0 and y0 >= 0 and x0 + size <= nx and y0 + size <= ny
+            depth = min(x + 0.5, nx - 0.5 - x, y + 0.5, ny - 0.5 - y)
+            if overlaps:
+                cands.append((not whole, -depth, t, x, y, whole))
+        if cands:
+            _, _, t, x, y, whole = min(cands)
+            best[i], bx[i], by[i], binside[i] = t, x, y, whole
+    return best, bx, by, binside
+
+
+@pytest.mark.parametrize("centre", [(150.0, 2.0), (0.002, -0.003), (200.0, 89.99)])
+def test_assign_matches_brute_force(tmp_path, centre):
+    """Test that assign() agrees with a per-source astropy computation."""
+    rng = np.random.default_rng(11)
+    ra0, dec0 = centre
+    offsets = [(0, 0, 0.0), (4, 0, 0.0), (2, 2.5, 30.0), (-5, -1, 0.0), (30, 30, 0.0)]
+    paths = []
+    tiles = []
+    cosd = math.cos(math.radians(dec0))
+    for k, (dx, dy, rot) in enumerate(offsets):
+        crval = ((ra0 + dx / 3600.0 / cosd) % 360.0, dec0 + dy / 3600.0)
+        shape = (60 + 10 * k, 80)
+        scale = SCALE * (1.3 if k == 3 else 1.0)
+        p = tmp_path / f"t{k}.fits"
+        make_tile(p, crval, shape, tileid=f"K{k}", rotation_deg=rot, scale=scale)
+        paths.append(str(p))
+    index = TileIndex.from_paths(paths)
+    assert [t.key for t in index.tiles] == [f"K{k}" for k in range(len(offsets))]
+    tiles = [(t.wcs(), t.shape) for t in index.tiles]
+
+    n = 1500
+    dra = rng.uniform(-12, 16, n) / 3600.0 / cosd
+    ddec = rng.uniform(-8, 10, n) / 3600.0
+    ra = (ra0 + dra) % 360.0
+    dec = np.clip(dec0 + ddec, -90, 90)
+    diameter = rng.choice([0.0, 1.0, 2.0, 7.5, 10.5, 16.0, 31.0, 64.0, np.nan], n)
+    # exact edges and half-pixel positions of tile 0
+    w0, (ny0, nx0) = tiles[0]
+    ex = np.array([-0.5, 0.0, 4.5, 5.0, nx0 - 5.5, nx0 - 0.5, nx0 - 1.0, 10.0])
+    ey = np.array([10.0, -0.5, 5.0, 4.5, 20.0, 10.0, ny0 - 0.5, ny0 + 9.0])
+    era, edec = w0.pixel_to_world_values(ex, ey)
+    ra = np.concatenate([ra, era, [np.nan, 10.0, (ra0 + 180) % 360]])
+    dec = np.concatenate([dec, edec, [0.0, np.nan, -dec0]])
+    diameter = np.concatenate([diameter, np.full(len(ex), 10.0), [5.0, 5.0, 5.0]])
+
+    got = index.assign(ra, dec, diameter)
+    ref_tile, ref_x, ref_y, ref_inside = _brute_force(
+        tiles, ra, dec, np.nan_to_num(diameter, nan=0.0)
+    )
+    assert got.tile.dtype == np.int32
+    assert_array_equal(got.tile, ref_tile)
+    assert_array_equal(got.inside, ref_inside)
+    assert_allclose(got.x, ref_x, rtol=0, atol=1e-6, equal_nan=True)
+    assert_allclose(got.y, ref_y, rtol=0, atol=1e-6, equal_nan=True)
+    # every tile is chosen somewhere and the no-tile cases occur
+    assert set(range(4)) <= set(got.tile.tolist())
+    assert (got.tile == -1).any()
+    assert_array_equal(got.tile[-3:], [-1, -1, -1])
+
+
+def test_assign_scalar_size_and_empty(tmp_path):
+    """Test assign() with one size for all sources and with no sources."""
+    make_tile(tmp_path / "a.fits", (150.0, 2.0), tileid="A")
+    index = TileIndex.from_paths(str(tmp_path / "a.fits"))
+    a = index.assign([150.0, 150.0], [2.0, 2.0 + 2.5 / 3600], 20)
+    assert_array_equal(a.tile, [0, 0])
+    assert_array_equal(
+        a.inside, [True, False]
+    )  # y = 54.5: box 45..64 leaves a 60-row tile
+    assert_allclose(a.y, [29.5, 54.5], atol=1e-6)
+    empty = index.assign([], [], 10)
+    assert len(empty) == 0 and empty.tile.dtype == np.int32
+    with pytest.raises(ValueError, match="ra and dec must be 1-D arrays of one length"):
+        index.assign([1.0, 2.0], [1.0], 3)
+    none = TileIndex([], []).assign([1.0], [1.0], 3)
+    assert_array_equal(none.tile, [-1])
+
+
+def test_footprints(tmp_path):
+    """Test that tile footprints contain every pixel corner."""
+    make_tile(
+        tmp_path / "a.fits", (33.0, -20.0), (50, 90), tileid="A", rotation_deg=20.0
+    )
+    index = TileIndex.from_paths(str(tmp_path / "a.fits"))
+    ra, dec, radius, scale = index.footprints()
+    w = index.tiles[0].wcs()
+    cra, cdec = w.pixel_to_world_values(
+        [-0.5, 89.5, -0.5, 89.5], [-0.5, -0.5, 49.5, 49.5]
+    )
+    from astropy.coordinates import SkyCoord
+
+    sep = (
+        SkyCoord(ra[0], dec[0], unit="deg")
+        .separation(SkyCoord(cra, cdec, unit="deg"))
+        .deg
+    )
+    assert_allclose(radius[0], sep.max(), rtol=1e-6)
+    assert_allclose(scale[0], SCALE, rtol=1e-9)
+
+
+# --------------------------------------------------------------------------
+# pixels
+# --------------------------------------------------------------------------
+
+
+def _is_memory_mapped(array):
+    """True if ``array`` is backed by a memory map (np.memmap or mmap.mmap)."""
+    base = array
+    while base is not None:
+        if isinstance(base, np.memmap | mmap.mmap):
+            return True
+        base = getattr(base, "base", None)
+    return False
+
+
+def test_open_pixels_memmaps_float_tiles(tmp_path):
+    """Test that float tiles are memory-mapped, big-endian and unscaled."""
+    data = make_tile(tmp_path / "f.fits", dtype=">f4")
+    band = TileIndex.from_paths(str(tmp_path / "f.fits")).tiles[0].bands[0]
+    with open_pixels(band) as px:
+        assert _is_memory_mapped(px.data)
+        assert px.data.dtype == np.dtype(">f4")
+        assert px.data.dtype.str == band.dtype
+        assert px.bscale == 1.0 and px.bzero == 0.0 and not px.scaled
+        assert_array_equal(px.data[10:20, 30:50], data[10:20, 30:50])
+    assert px.data is None
+
+
+def test_open_pixels_leaves_bzero_alone(tmp_path):
+    """Test that BZERO integer tiles come back raw with bzero reported."""
+    data = make_tile(tmp_path / "u.fits", dtype=">i2", bzero=32768)
+    band = TileIndex.from_paths(str(tmp_path / "u.fits")).tiles[0].bands[0]
+    assert band.dtype == ">i2"
+    with fits.open(tmp_path / "u.fits", do_not_scale_image_data=True) as hdul:
+        stored = hdul[0].data.copy()
+    assert_array_equal(stored, data)
+    with open_pixels(band) as px:
+        assert _is_memory_mapped(px.data)
+        assert px.data.dtype == np.dtype(">i2")
+        assert_array_equal(px.data, stored)
+        assert px.bzero == 32768.0 and px.bscale == 1.0 and px.scaled
+    with fits.open(tmp_path / "u.fits") as hdul:
+        physical = hdul[0].data.astype(np.float64)
+    assert_array_equal(stored.astype(np.float64) * px.bscale + px.bzero, physical)
+
+
+def test_open_pixels_compressed_bzero(tmp_path):
+    """Test that compressed unsigned tiles come back raw with bzero reported."""
+    path = tmp_path / "cu.fits"
+    values = np.arange(60 * 80, dtype=np.uint16).reshape(60, 80) * 13
+    hdu = fits.CompImageHDU(values, _wcs((150.0, 2.0), (60, 80)).to_header())
+    fits.HDUList([fits.PrimaryHDU(), hdu]).writeto(path)
+    band = TileIndex.from_paths(str(path)).tiles[0].bands[0]
+    with open_pixels(band) as px:
+        raw = px.data[:, :]
+        assert px.bzero == 32768.0
+        assert raw.dtype == np.dtype(band.dtype) == np.dtype("int16")
+        assert_array_equal(raw.astype(np.int64) + 32768, values)
+
+
+def test_open_pixels_errors(tmp_path):
+    """Test that files broken after indexing raise TileError naming the path."""
+    make_tile(tmp_path / "a.fits")
+    make_tile(tmp_path / "b.fits")
+    band_a = TileIndex.from_paths(str(tmp_path / "a.fits")).tiles[0].bands[0]
+    band_b = TileIndex.from_paths(str(tmp_path / "b.fits")).tiles[0].bands[0]
+    os.remove(tmp_path / "a.fits")
+    with pytest.raises(TileError, match=r"a\.fits: file does not exist"):
+        open_pixels(band_a)
+    raw = (tmp_path / "b.fits").read_bytes()
+    (tmp_path / "b.fits").write_bytes(raw[: 2880 + 500])
+    with pytest.raises(TileError, match=r"b\.fits: file is truncated"):
+        open_pixels(band_b)
+    make_tile(tmp_path / "b.fits", shape=(10, 10))
+    with pytest.raises(
+        TileError, match=r"b\.fits: HDU 0 has shape \(10, 10\), indexed as \(60, 80\)"
+    ):
+        open_pixels(band_b)
+    (tmp_path / "b.fits").write_bytes(b"junk")
+    with pytest.raises(TileError, match=r"b\.fits: cannot open pixels"):
+        open_pixels(band_b)

@@ -281,16 +281,19 @@ def extract_windows(
     col_stride : int, optional
         Bytes from one item of a row to the next, ``>= 0``; the default
         (-1) means ``itemsize`` (contiguous rows).
-    order : memoryview of int64, shape ``(N,)``, optional
-        The order in which to process the windows (a permutation of
-        ``range(N)``); window ``order[k]`` is written to ``out[order[k]]``.
+    order : memoryview of int64, shape ``(M,)``, optional
+        The windows to copy, in the order to copy them (distinct indices in
+        ``range(N)``; by default all N in turn): window ``order[k]`` is
+        written to ``out[order[k]]``, other windows are not touched.
         Visiting windows sorted by position keeps the reads of neighbouring
-        windows close in memory, which matters for large tiles.
+        windows close in memory, which matters for large tiles; disjoint
+        parts of one order can be run from several threads at once.
 
     Returns
     -------
     overlap : `~numpy.ndarray` of int8, shape ``(N,)``
-        ``OVERLAP_FULL``, ``OVERLAP_PARTIAL`` or ``OVERLAP_NONE`` per window.
+        ``OVERLAP_FULL``, ``OVERLAP_PARTIAL`` or ``OVERLAP_NONE`` per window
+        (0 for windows not listed in ``order``).
     """
     cdef Py_ssize_t n = corners.shape[0]
     cdef Py_ssize_t ny = out.shape[1]
@@ -325,11 +328,9 @@ def extract_windows(
     if src_nx == 0 and src.shape[1] != 0:
         msg = "src_nx is 0 but the image rows are not empty"
         raise ValueError(msg)
+    cdef Py_ssize_t m = order.shape[0] if has_order else n
     if has_order:
-        if order.shape[0] != n:
-            msg = f"order has {order.shape[0]} entries but corners has {n}"
-            raise ValueError(msg)
-        for k in range(n):
+        for k in range(m):
             if order[k] < 0 or order[k] >= n:
                 msg = f"order[{k}] = {order[k]} is not a window index in [0, {n})"
                 raise ValueError(msg)
@@ -340,7 +341,7 @@ def extract_windows(
     if n == 0:
         return overlap
     with nogil:
-        for k in range(n):
+        for k in range(m):
             i = order[k] if has_order else k
             ov[i] = <signed char> _extract_one_strided(
                 src, src_ny, src_nx, col_stride, corners[i, 0], corners[i, 1], ny, nx,

@@ -104,7 +104,7 @@ class Boxes:
     @property
     def is_partial(self):
         """Boolean mask of boxes that overlap the image only in part."""
-        inside = np.all((self.start >= 0) & (self.start + self.shape <= self._large), axis=1)
+        inside = _both((self.start >= 0) & (self.start + self.shape <= self._large))
         return (self.code == BOX_OK) & ~inside
 
     @property
@@ -178,7 +178,9 @@ def round_limits(values, limit_rounding_method=np.ceil, *, return_overflow=False
         if vector is not None:
             rounded = vector(values)
             overflow = ~((rounded >= _INT64_RANGE[0]) & (rounded < _INT64_RANGE[1]))
-            result = np.clip(rounded, -_LIMIT, _LIMIT).astype(np.int64)
+            if rounded.size and not (np.abs(rounded).max() <= _LIMIT):  # incl. NaN
+                rounded = np.clip(rounded, -_LIMIT, _LIMIT)
+            result = rounded.astype(np.int64)
         else:
             flat = [int(limit_rounding_method(v)) for v in values.ravel()]
             overflow = np.array(
@@ -197,6 +199,16 @@ def round_limits(values, limit_rounding_method=np.ceil, *, return_overflow=False
     if return_overflow:
         return result, overflow
     return result
+
+
+def _either(mask):
+    """Row-wise ``any`` of an ``(N, 2)`` boolean array."""
+    return mask[:, 0] | mask[:, 1]
+
+
+def _both(mask):
+    """Row-wise ``all`` of an ``(N, 2)`` boolean array."""
+    return mask[:, 0] & mask[:, 1]
 
 
 def compute_boxes(
@@ -238,23 +250,25 @@ def compute_boxes(
     shp = np.broadcast_to(shp.reshape(-1, 2) if shp.ndim > 1 else shp, (n, 2))
     large = np.asarray(large_shape, dtype=np.int64)
 
-    finite = np.isfinite(pos).all(axis=1)
-    safe = np.where(finite[:, None], pos, 0.0)
+    finite = _both(np.isfinite(pos))
+    safe = pos if finite.all() else np.where(finite[:, None], pos, 0.0)
     start, overflow = round_limits(
         safe - shp / 2.0, limit_rounding_method, return_overflow=True
     )
     stop = start + shp
 
-    zero_size = (shp == 0).all(axis=1)
-    no_overlap = ((stop < 0) | ((stop == 0) & ~zero_size[:, None])).any(axis=1)
-    no_overlap |= (start >= large).any(axis=1)
-    outside = ((start < 0) | (stop > large)).any(axis=1)
+    # (per-axis tests are combined column by column: much faster than
+    # ``.any(axis=1)`` on an (N, 2) array)
+    zero_size = _both(shp == 0)
+    no_overlap = _either(stop < 0) | (_either(stop == 0) & ~zero_size)
+    no_overlap |= _either(start >= large)
+    outside = _either(start < 0) | _either(stop > large)
 
     code = np.full(n, BOX_OK, dtype=np.int8)
     if mode == "strict":
         code[outside] = BOX_PARTIAL
     code[no_overlap] = BOX_NO_OVERLAP
-    code[overflow.any(axis=1)] = BOX_OVERFLOW
+    code[_either(overflow)] = BOX_OVERFLOW
     code[~finite] = BOX_NONFINITE
 
     large_start = np.maximum(start, 0)

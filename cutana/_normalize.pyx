@@ -170,10 +170,11 @@ STRETCH_LOG = _STRETCH_LOG
 STRETCH_ASINH = _STRETCH_ASINH
 
 # ZScaleInterval's fixed parameters (astropy's defaults)
+cdef enum:
+    _ZS_MIN_NPIXELS = 5
+    _ZS_MAX_ITERATIONS = 5
 cdef double _ZS_MAX_REJECT = 0.5
-cdef Py_ssize_t _ZS_MIN_NPIXELS = 5
 cdef double _ZS_KREJ = 2.5
-cdef int _ZS_MAX_ITERATIONS = 5
 
 # half-width, in scaled units, of the neighbourhood of a quantisation
 # threshold in which the lookup table defers to direct evaluation
@@ -363,6 +364,93 @@ cdef Py_ssize_t _gather_finite(
             buf[n] = v
             n += isfinite(v)
     return n
+
+
+cdef enum:
+    # number of pixels probed to place the filter thresholds
+    _N_PROBE = 1024
+
+
+cdef inline Py_ssize_t _probe_rank(Py_ssize_t k, Py_ssize_t n, Py_ssize_t m) noexcept nogil:
+    """0-based rank, in a probe of ``m`` of ``n`` values, below which at least
+    ``k`` of the ``n`` values almost surely lie (mean plus 3 sigma plus 3)."""
+    cdef double f = (<double> k) / n
+    return <Py_ssize_t> (m * f + 3.0 * sqrt(m * f * (1.0 - f)) + 3.0)
+
+
+cdef bint _percentiles_filtered(
+    const floating* img, Py_ssize_t width, Py_ssize_t r0, Py_ssize_t r1,
+    Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t n, double q_lo, double q_hi,
+    floating* buf, floating* probe, double* vmin, double* vmax,
+) noexcept nogil:
+    """`_percentiles` of the ``n`` finite pixels of a region, for quantiles
+    near both ends, without copying the region.
+
+    Thresholds ``t_lo < t_hi`` placed with a probe of ``_N_PROBE`` pixels on
+    a regular grid are expected to have a few times more pixels below
+    (above) them than the order statistics needed; one pass collects those
+    pixels into ``buf`` (low ones from the front, high ones from the back)
+    and the order statistics are selected among them. When a threshold
+    turns out too tight (too few pixels collected), or the quantiles are not
+    extreme enough for this to pay off, returns False and leaves the work
+    to `_percentiles`.
+    """
+    cdef Py_ssize_t npix = (r1 - r0) * (c1 - c0), w = c1 - c0
+    cdef double vi_lo = (n - 1) * q_lo
+    cdef double vi_hi = (n - 1) * q_hi
+    cdef Py_ssize_t p_lo, p_hi, need_lo, need_hi, m = 0, j, pos, r, c
+    cdef Py_ssize_t rank_lo, rank_hi, n_low = 0, n_high = 0
+    cdef floating t_lo, t_hi, v, a0, a1, b0, b1
+    cdef const floating* row
+    cdef floating* high
+    if n < 4 * _N_PROBE or vi_lo >= n - 1 or vi_hi >= n - 1:
+        return False
+    p_lo = <Py_ssize_t> floor(vi_lo)
+    p_hi = <Py_ssize_t> floor(vi_hi)
+    need_lo = p_lo + 2   # order statistics 0 .. p_lo + 1
+    need_hi = n - p_hi   # order statistics p_hi .. n - 1
+    if 16 * need_lo > n or 16 * need_hi > n:
+        return False
+    for j in range(_N_PROBE):
+        pos = ((2 * j + 1) * npix) // (2 * _N_PROBE)
+        v = img[(r0 + pos // w) * width + c0 + pos % w]
+        probe[m] = v
+        m += isfinite(v)
+    if m < _N_PROBE // 4:
+        return False
+    rank_lo = _probe_rank(need_lo, n, m)
+    rank_hi = m - 1 - _probe_rank(need_hi, n, m)
+    if rank_lo >= rank_hi:
+        return False
+    _select(probe, 0, m - 1, rank_lo)
+    t_lo = probe[rank_lo]
+    _select(probe, rank_lo + 1, m - 1, rank_hi)
+    t_hi = probe[rank_hi]
+    if not t_lo < t_hi:
+        return False
+    high = buf + npix  # high values go to buf[npix - 1], buf[npix - 2], ...
+    for r in range(r0, r1):
+        row = img + r * width + c0
+        for c in range(w):
+            v = row[c]
+            if v <= t_lo:
+                if isfinite(v):
+                    buf[n_low] = v
+                    n_low += 1
+            elif v >= t_hi:
+                if isfinite(v):
+                    n_high += 1
+                    high[-n_high] = v
+    if n_low < need_lo or n_high < need_hi:
+        return False
+    # the collected low values hold order statistics 0 .. n_low - 1, the
+    # high ones n - n_high .. n - 1
+    _pair(buf, 0, n_low - 1, p_lo, &a0, &a1)
+    vmin[0] = _lerp(a0, a1, vi_lo - floor(vi_lo))
+    high = high - n_high
+    _pair(high, 0, n_high - 1, p_hi - (n - n_high), &b0, &b1)
+    vmax[0] = _lerp(b0, b1, vi_hi - floor(vi_hi))
+    return True
 
 
 # --------------------------------------------------------------------------
@@ -615,6 +703,8 @@ cdef int _scratch_alloc(
         s.flags = <uint8_t*> malloc(2 * n)
         if s.flags == NULL:
             return -1
+    else:
+        n += _N_PROBE  # room for the probe sample of `_percentiles_filtered`
     s.values = malloc(n * itemsize)
     if s.values == NULL:
         free(s.flags)
@@ -637,13 +727,19 @@ cdef void _limits_one(
     double* vmin, double* vmax,
 ) noexcept nogil:
     """Limits of one image (NaN when it has no finite pixel in the region)."""
-    cdef Py_ssize_t n, cap = (r1 - r0) * (c1 - c0)
+    cdef Py_ssize_t n, r, cap = (r1 - r0) * (c1 - c0)
     if interval == _INTERVAL_PERCENTILE:
-        n = _gather_finite(img, width, r0, r1, c0, c1, <floating*> s.values)
+        n = 0
+        for r in range(r0, r1):
+            n += (c1 - c0) - _count_nonfinite(img + r * width + c0, c1 - c0)
         if n == 0:
             vmin[0] = nan("")
             vmax[0] = nan("")
-        else:
+        elif not _percentiles_filtered(
+            img, width, r0, r1, c0, c1, n, q_lo, q_hi, <floating*> s.values,
+            (<floating*> s.values) + cap, vmin, vmax,
+        ):
+            n = _gather_finite(img, width, r0, r1, c0, c1, <floating*> s.values)
             _percentiles(<floating*> s.values, n, q_lo, q_hi, vmin, vmax)
     else:
         if n_samples < cap:

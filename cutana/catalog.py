@@ -380,7 +380,8 @@ def _load(catalog, id_column):
         raise
     except Exception as exc:  # any reader failure is a file-level problem
         how = f"as {fmt}" if fmt else "in any format astropy knows"
-        msg = f"cannot read catalogue {path!r} {how}: {type(exc).__name__}: {exc}"
+        reason = " ".join(str(exc).split())
+        msg = f"cannot read catalogue {path!r} {how}: {type(exc).__name__}: {reason}"
         raise CatalogError(msg) from exc
 
     if fmt == "ascii.csv":
@@ -708,7 +709,8 @@ def read_catalog(
       paths.
 
     Invalid RA, Dec and size values become NaN. Relative paths in
-    ``fits_file_paths`` are resolved against the catalogue file's folder.
+    ``fits_file_paths`` are resolved against the catalogue file's folder
+    (for an in-memory table they are kept as given); URLs are kept as given.
     Without an id column, the id of each row is its row number.
 
     Examples

@@ -175,7 +175,7 @@ def build_parser():
     p.add_argument("--output", "-o", default="cutana-demo", help="output folder")
     p.add_argument("--workers", type=_positive_int, default=1, metavar="N")
     p.add_argument("--format", choices=("zarr", "fits"), default="zarr")
-    p.add_argument("--n-sources", type=_positive_int, default=500, metavar="N")
+    p.add_argument("--n-sources", type=_positive_int, default=400, metavar="N")
     p.add_argument("--overwrite", action="store_true", help="replace an existing demo")
 
     p = sub.add_parser("verify", help="check an output against its catalogue and ledger",

@@ -13,7 +13,6 @@ steps together.
 import logging
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,10 +23,20 @@ from . import __version__
 from .catalog import read_catalog
 from .exceptions import ConfigError
 from .executor import BACKENDS, Executor, MemorySampler
-from .io.ledger import Ledger
-from .io.staging import load_staged, stage_job
-from .io.zarr import ZarrWriter
-from .io.fits import FitsWriter, write_index
+from .io import (
+    FitsWriter,
+    Ledger,
+    ZarrWriter,
+    clean_staging,
+    fits_filenames,
+    load_staged,
+    open_output,
+    remove_run_state,
+    remove_staged,
+    stage_job,
+    state_dir,
+    write_index,
+)
 from .normalization import NORMALIZATIONS
 from .planner import Plan, make_plan, parse_memory
 from .processing import CutSettings, cut_job
@@ -50,7 +59,6 @@ logger = logging.getLogger(__name__)
 FORMATS = ("zarr", "fits")
 DTYPES = ("float32", "uint8", "uint16")
 RESAMPLE = ("none", *RESAMPLE_METHODS)
-_STATE_DIR = ".cutana"
 _CHUNKS_PER_TASK = 8
 
 
@@ -347,8 +355,11 @@ def _prepare(catalog, options, *, parent_bytes=None):
         )
     tile_err = ok & file_error
     status[tile_err] = Status.TILE_ERROR
+    file_messages = getattr(assignment, "messages", None) or {}
     for r in np.flatnonzero(tile_err):
-        messages.setdefault(int(r), f"tile files of row {r} could not be read")
+        messages.setdefault(
+            int(r), file_messages.get(int(r), f"tile files of row {r} could not be read")
+        )
 
     # arcsec sizes depend on the pixel scale of the tile each source landed on
     if options.size is None and np.isfinite(cat.size_arcsec).any():
@@ -452,46 +463,54 @@ class _CutTask:
     out_dir: str
     format: str
     bands: tuple
-    ids: np.ndarray
-    ra: np.ndarray
-    dec: np.ndarray
+    ids: np.ndarray = None
+    ra: np.ndarray = None
+    dec: np.ndarray = None
+    files: np.ndarray = None
+
+
+class _Rows:
+    """Picklable ``f(r0, r1)`` over a slice of per-row arrays starting at ``lo``."""
+
+    def __init__(self, lo, *arrays):
+        self.lo = lo
+        self.arrays = arrays
+
+    def __call__(self, r0, r1):
+        a, b = r0 - self.lo, r1 - self.lo
+        parts = tuple(arr[a:b] for arr in self.arrays)
+        return parts if len(parts) > 1 else parts[0]
 
 
 @dataclass
 class _AssembleTask:
     out_dir: str
     chunks: list
-    job_of_row: np.ndarray  # job id per row of these chunks (-1 none)
-    pos_in_job: np.ndarray
-    base_status: np.ndarray
-    row_start: int
+    row_to_job: _Rows
+    base_status: _Rows
 
 
 def _run_task(task):
-    """Run one task in a worker and return a small summary."""
-    if isinstance(task, _CutTask):
-        result = cut_job(task.settings, task.tile, task.job)
-        if task.format == "zarr":
-            return stage_job(task.out_dir, result)
-        writer = FitsWriter(task.out_dir, task.bands)
-        files = writer.write_sources(
-            result,
-            source_id=task.ids,
-            ra=task.ra,
-            dec=task.dec,
-            tile=task.tile,
-            out_shape=task.settings.out_shape,
-        )
-        return {"status": result.status, "messages": result.messages, "files": files}
-    writer = ZarrWriter.open(os.path.join(task.out_dir, "cutouts.zarr"))
-    return writer.write_chunks(
-        task.chunks,
-        out_dir=task.out_dir,
-        job_of_row=task.job_of_row,
-        pos_in_job=task.pos_in_job,
-        base_status=task.base_status,
-        row_start=task.row_start,
+    """Run one task in a worker and return a small, picklable summary."""
+    if isinstance(task, _AssembleTask):
+        writer = ZarrWriter.open(task.out_dir)
+        return writer.write_chunks(task.chunks, task.row_to_job, task.base_status)
+    result = cut_job(task.settings, task.tile, task.job)
+    if task.format == "zarr":
+        staged = stage_job(task.out_dir, result)
+        return staged, result.status, result.messages
+    writer = FitsWriter(task.out_dir, task.bands)
+    result.files = writer.write_sources(
+        result,
+        task.ids,
+        task.ra,
+        task.dec,
+        [None if b is None else b.path for b in task.tile.bands],
+        task.tile.wcs(),
+        task.files,
     )
+    staged = stage_job(task.out_dir, result, images=False)
+    return staged, result.status, result.messages
 
 
 # ----------------------------------------------------------------------------
@@ -520,14 +539,15 @@ def make_cutouts(
         An ESA Cutana ``fits_file_paths`` column gives each source's tile
         files when ``tiles`` is not given.
     output : str or path-like
-        The output folder. For ``format='zarr'`` it holds the store
-        ``cutouts.zarr``; for ``'fits'`` one file per source and ``index.ecsv``.
+        The output. For ``format='zarr'`` this folder *is* the Zarr store;
+        for ``'fits'`` it holds one file per source and ``index.ecsv``.
     resume : bool, optional
         Finish an interrupted run into ``output``: jobs and chunks recorded
-        as complete in the ledger are kept, the rest is done.
+        as complete in its ledger (and whose checksums match) are kept, the
+        rest is done. The result is identical to an uninterrupted run.
     overwrite : bool, optional
-        Replace an existing output. Without ``resume`` or ``overwrite`` an
-        existing output is an error.
+        Replace an existing output (only a cutana output is ever removed).
+        Without ``resume`` or ``overwrite`` an existing output is an error.
     progress : bool, optional
         Show a progress bar (default: when standard error is a terminal).
     client : `distributed.Client`, optional
@@ -552,193 +572,241 @@ def make_cutouts(
     Raises
     ------
     ConfigError
-        For invalid options or an existing output without ``resume`` or
+        For invalid options, or an existing output without ``resume`` or
         ``overwrite``.
     cutana.exceptions.CatalogError
         If the catalogue cannot be read.
+
+    Examples
+    --------
+    >>> from cutana.bench.synthetic import make_demo_survey
+    >>> survey = make_demo_survey(str(tmp_path / "survey"))  # doctest: +SKIP
+    >>> report = make_cutouts(survey.catalogue_path, tmp_path / "out.zarr",
+    ...                       target_size=64, normalize="asinh", dtype="uint8")  # doctest: +SKIP
     """
     t0 = time.perf_counter()
     opts = RunOptions(**options)
     output = os.fspath(output)
-    state = os.path.join(output, _STATE_DIR)
-    exists = os.path.exists(output) and os.listdir(output)
+    if resume and overwrite:
+        msg = "resume and overwrite exclude each other"
+        raise ConfigError(msg)
+    exists = os.path.isdir(output) and bool(os.listdir(output))
+    if os.path.exists(output) and not os.path.isdir(output):
+        msg = f"output {output!r} exists and is not a folder"
+        raise ConfigError(msg)
     if exists and not (resume or overwrite):
         msg = (
             f"output {output!r} already exists: pass --resume to finish it or "
             "--overwrite to replace it"
         )
         raise ConfigError(msg)
-    if resume and overwrite:
-        msg = "resume and overwrite exclude each other"
-        raise ConfigError(msg)
 
     with MemorySampler() as sampler:
         prepared = _prepare(catalog, opts, parent_bytes=sampler.sample())
-        plan = prepared.plan
-        if exists and overwrite:
-            shutil.rmtree(output)
-        resuming = bool(exists and resume)
-        os.makedirs(state, exist_ok=True)
-        plan_path = os.path.join(state, "plan.npz")
-        if resuming:
-            if not os.path.exists(plan_path):
-                msg = f"cannot resume {output!r}: it has no saved plan ({plan_path})"
-                raise ConfigError(msg)
-            old = Plan.load(plan_path)
-            if old.fingerprint() != plan.fingerprint():
-                msg = (
-                    f"cannot resume {output!r}: the catalogue, tiles or options differ "
-                    "from the interrupted run (use --overwrite to start again)"
-                )
-                raise ConfigError(msg)
-        else:
-            plan.save(plan_path)
-        ledger = Ledger(output)
-        if not resuming:
-            ledger.start(plan.fingerprint())
-        runner = _Runner(prepared, output, ledger, resuming, progress, client)
+        runner = _Runner(prepared, output, progress, client)
+        runner.start(resume=bool(exists and resume), overwrite=bool(exists and overwrite))
         runner.run()
-    seconds = time.perf_counter() - t0
-    report = runner.report(seconds, sampler)
-    ledger.finish(report.counts)
-    _write_json(os.path.join(state, "report.json"), report.to_dict())
+        runner.finish()
+    report = runner.report(time.perf_counter() - t0, sampler)
+    runner.close(report)
     return report
-
-
-def _write_json(path, data):
-    import json
-
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=1, default=_json_default)
-    os.replace(tmp, path)
-
-
-def _json_default(obj):
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.floating):
-        return float(obj)
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    return str(obj)
 
 
 class _Runner:
     """Bookkeeping of one run in the main process."""
 
-    def __init__(self, prepared, output, ledger, resuming, progress, client):
+    def __init__(self, prepared, output, progress, client):
         self.p = prepared
         self.plan = prepared.plan
+        self.fmt = prepared.options.format
         self.output = output
-        self.ledger = ledger
-        self.resuming = resuming
         self.client = client
         self.status = self.plan.base_status.copy()
         self.messages = dict(self.plan.messages)
         self.failures = [f"{path}: {msg}" for path, msg in prepared.index.errors]
-        self.files = {}
-        if progress is None:
-            progress = sys.stderr.isatty()
-        self.progress = progress
+        self.progress = sys.stderr.isatty() if progress is None else progress
         self.n_cut = 0
+        self.checksums = {}
+        self.done_jobs = set()
+        self._bar = None
+        self.already_complete = False
 
     # -- setup ------------------------------------------------------------
-    def _open_zarr(self):
-        cat = self.p.catalog
-        path = os.path.join(self.output, "cutouts.zarr")
-        if self.resuming and os.path.exists(path):
-            return ZarrWriter.open(path)
-        return ZarrWriter.create(
-            path,
-            n_rows=self.plan.n_rows,
-            bands=list(self.p.index.bands),
-            out_shape=self.plan.out_shape,
-            dtype=self.p.options.dtype,
-            source_id=cat.source_id,
-            ra=cat.ra,
-            dec=cat.dec,
-            attrs={"config": self.p.options.to_config(), "plan": self.plan.fingerprint()},
-            tiles=[_tile_record(t) for t in self.p.index.tiles],
-            overwrite=True,
-        )
-
-    def run(self):
-        opts = self.p.options
-        fmt = opts.format
-        done_jobs, done_chunks = self.ledger.read()
+    def start(self, resume, overwrite):
         plan = self.plan
-        jobs = plan.jobs
-        self.zarr = self._open_zarr() if fmt == "zarr" else None
-        if fmt == "zarr":
-            self._setup_chunks(done_jobs, done_chunks)
         cat = self.p.catalog
-        tasks = []
-        for job in jobs:
-            if job.job_id in done_jobs:
-                self.status[job.rows] = done_jobs[job.job_id].get("status_rows", self.status[job.rows])
-                continue
-            tasks.append(
-                _CutTask(
-                    settings=self.p.settings,
-                    tile=self.p.index.tiles[job.tile],
-                    job=job,
-                    out_dir=self.output,
-                    format=fmt,
-                    bands=tuple(self.p.index.bands),
-                    ids=cat.source_id[job.rows],
-                    ra=cat.ra[job.rows],
-                    dec=cat.dec[job.rows],
-                )
+        fingerprint = plan.fingerprint()
+        ledger_path = os.path.join(state_dir(self.output), "ledger.jsonl")
+        if resume and not os.path.exists(ledger_path):
+            if self._complete_output():
+                self.already_complete = True
+                return
+            msg = (
+                f"cannot resume {self.output!r}: it holds no cutana run state "
+                "(use --overwrite to start again)"
             )
-        if fmt == "zarr":
+            raise ConfigError(msg)
+        if resume:
+            state = Ledger(self.output).read()
+            if state.fingerprint != fingerprint:
+                msg = (
+                    f"cannot resume {self.output!r}: the catalogue, tiles or options "
+                    "differ from the interrupted run (use --overwrite to start again)"
+                )
+                raise ConfigError(msg)
+            clean_staging(self.output)
+            if self.fmt == "zarr":
+                self.writer = ZarrWriter.open(self.output)
+                self.checksums = {
+                    k: state.chunks[k] for k in self.writer.verified_chunks(state.chunks)
+                }
+            else:
+                self.writer = FitsWriter(self.output, tuple(self.p.index.bands))
+            self.ledger = Ledger(self.output)
+            needed = self._jobs_needed()
+            self.done_jobs = state.verified_jobs(self.output, needed)
+            for job_id in sorted(self.done_jobs):
+                done = load_staged(self.output, job_id, mmap=True)
+                self._record(plan.jobs[job_id], done.status, done.messages,
+                             getattr(done, "files", None))
+            # jobs whose rows are all in written chunks are done too
+            self.done_jobs |= set(range(len(plan.jobs))) - set(needed)
+            return
+        if self.fmt == "zarr":
+            self.writer = ZarrWriter.create(
+                self.output,
+                n_rows=plan.n_rows,
+                bands=list(self.p.index.bands),
+                out_shape=plan.out_shape,
+                dtype=self.p.options.dtype,
+                source_id=cat.source_id,
+                ra=cat.ra,
+                dec=cat.dec,
+                config=self.p.options.to_config(),
+                tiles=[_tile_record(t) for t in self.p.index.tiles],
+                overwrite=overwrite,
+            )
+        else:
+            self.writer = FitsWriter.create(
+                self.output, tuple(self.p.index.bands), overwrite=overwrite
+            )
+        os.makedirs(state_dir(self.output), exist_ok=True)
+        plan.save(os.path.join(state_dir(self.output), "plan.npz"))
+        self.ledger = Ledger(self.output)
+        self.ledger.run_started(fingerprint)
+
+    def _complete_output(self):
+        try:
+            archive = open_output(self.output)
+        except (OSError, ValueError, KeyError):
+            return False
+        status = np.asarray(archive.status)
+        if len(status) != self.plan.n_rows or (status == Status.PENDING).any():
+            return False
+        self.status = status.astype(np.int16)
+        return True
+
+    def _jobs_needed(self):
+        """Jobs with a row in a chunk that is not written yet (all jobs for FITS)."""
+        if self.fmt != "zarr":
+            return list(range(len(self.plan.jobs)))
+        cr = self.writer.chunk_rows
+        written = set(self.checksums)
+        return [
+            job.job_id
+            for job in self.plan.jobs
+            if set(np.unique(job.rows // cr).tolist()) - written
+        ]
+
+    # -- the run -----------------------------------------------------------
+    def run(self):
+        if self.already_complete:
+            return
+        opts = self.p.options
+        plan = self.plan
+        cat = self.p.catalog
+        if self.fmt == "fits":
+            self.file_names = fits_filenames(cat.source_id)
+        bands = tuple(self.p.index.bands)
+        tasks = []
+        for job in plan.jobs:
+            if job.job_id in self.done_jobs:
+                continue
+            task = _CutTask(
+                settings=self.p.settings,
+                tile=self.p.index.tiles[job.tile],
+                job=job,
+                out_dir=self.output,
+                format=self.fmt,
+                bands=bands,
+            )
+            if self.fmt == "fits":
+                task.ids = cat.source_id[job.rows]
+                task.ra = cat.ra[job.rows]
+                task.dec = cat.dec[job.rows]
+                task.files = self.file_names[job.rows]
+            tasks.append(task)
+        if self.fmt == "zarr":
+            self._setup_chunks()
             tasks = self._ready_assembly_tasks() + tasks
         total = sum(len(t.job) for t in tasks if isinstance(t, _CutTask))
-        bar = None
-        if self.progress:
+        if self.progress and total:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=total, unit="src", desc="cutting", smoothing=0.1)
-        self._bar = bar
+            self._bar = tqdm(total=total, unit="src", desc="cutting", smoothing=0.1)
+        budget = plan.memory_limit - plan.memory.parent_bytes
+        budget -= plan.n_workers * plan.memory.worker_bytes
         executor = Executor(
             opts.backend,
             opts.workers,
-            memory_budget=max(0, plan.memory_limit - plan.memory.parent_bytes
-                              - opts.workers * plan.memory.worker_bytes),
+            memory_budget=max(0, budget),
             retries=1,
             scheduler=opts.scheduler,
             client=self.client,
         )
-        failures = executor.run(
-            _run_task,
-            tasks,
-            cost=lambda t: t.job.est_bytes if isinstance(t, _CutTask) else 0,
-            on_done=self._on_done,
-            on_failed=self._on_failed,
-        )
-        if bar is not None:
-            bar.close()
-        self.failures += [f.error for f in failures if isinstance(f.task, _AssembleTask)]
-        if fmt == "zarr":
-            leftover = [k for k in range(self.zarr.n_chunks) if k not in self.chunks_written]
-            if leftover:
-                # chunks whose assembly failed twice: retry once more in-process
-                for task in self._assembly_tasks(leftover):
+        try:
+            executor.run(
+                _run_task,
+                tasks,
+                cost=lambda t: t.job.est_bytes if isinstance(t, _CutTask) else 0,
+                on_done=self._on_done,
+                on_failed=self._on_failed,
+            )
+        finally:
+            if self._bar is not None:
+                self._bar.close()
+
+    def finish(self):
+        if self.already_complete:
+            return
+        if self.fmt == "zarr":
+            missing = [k for k in range(self.writer.n_chunks) if k not in self.checksums]
+            if missing:  # assembly failed twice in workers: last try here
+                for task in self._assembly_tasks(missing):
                     self._on_done(task, _run_task(task))
-            self.zarr.finalize({"counts": self._counts()})
-            self._cleanup_staging()
+            self.writer.finalize(self.checksums, report={"counts": self._counts()})
         else:
             write_index(
                 self.output,
-                rows=np.arange(plan.n_rows),
-                source_id=cat.source_id,
-                status=self.status,
-                files=[self.files.get(r, "") for r in range(plan.n_rows)],
-                messages=self.messages,
+                np.arange(self.plan.n_rows),
+                self.p.catalog.source_id,
+                self.status,
+                [self.files.get(r, "") for r in range(self.plan.n_rows)],
+                self.messages,
+                ra=self.p.catalog.ra,
+                dec=self.p.catalog.dec,
+                meta={"bands": list(self.p.index.bands), "config": self.p.options.to_config()},
             )
 
+    def close(self, report):
+        if self.already_complete:
+            return
+        self.ledger.run_finished(self.plan.fingerprint(), report.to_dict())
+        self.ledger.close()
+        remove_run_state(self.output)
+
     # -- zarr chunk bookkeeping ----------------------------------------------
-    def _setup_chunks(self, done_jobs, done_chunks):
+    def _setup_chunks(self):
         plan = self.plan
         n = plan.n_rows
         self.job_of_row = np.full(n, -1, dtype=np.int64)
@@ -746,99 +814,103 @@ class _Runner:
         for job in plan.jobs:
             self.job_of_row[job.rows] = job.job_id
             self.pos_in_job[job.rows] = np.arange(len(job))
-        chunk_rows = self.zarr.chunk_rows
-        n_chunks = self.zarr.n_chunks
-        pending_rows = self.job_of_row >= 0
-        for job_id in done_jobs:
-            pending_rows[plan.jobs[job_id].rows] = False
+        cr = self.writer.chunk_rows
+        pending = self.job_of_row >= 0
+        for job_id in self.done_jobs:
+            pending[plan.jobs[job_id].rows] = False
         self.chunk_pending = np.bincount(
-            np.flatnonzero(pending_rows) // chunk_rows, minlength=n_chunks
+            np.flatnonzero(pending) // cr, minlength=self.writer.n_chunks
         )
-        self.chunks_written = set(done_chunks)
-        self.chunks_submitted = set(done_chunks)
-        self.job_chunks_left = {}
-        for job in plan.jobs:
-            chunks = set((job.rows // chunk_rows).tolist()) - self.chunks_written
-            self.job_chunks_left[job.job_id] = chunks
+        self.chunks_submitted = set(self.checksums)
+        self.job_chunks = {
+            job.job_id: set(np.unique(job.rows // cr).tolist()) for job in plan.jobs
+        }
 
     def _ready_assembly_tasks(self):
-        ready = [
-            k
-            for k in range(self.zarr.n_chunks)
-            if self.chunk_pending[k] == 0 and k not in self.chunks_submitted
-        ]
-        return self._assembly_tasks(ready)
+        ready = np.flatnonzero(self.chunk_pending == 0)
+        return self._assembly_tasks([int(k) for k in ready if k not in self.chunks_submitted])
 
     def _assembly_tasks(self, chunks):
         tasks = []
-        cr = self.zarr.chunk_rows
+        n = self.plan.n_rows
         for i in range(0, len(chunks), _CHUNKS_PER_TASK):
             group = sorted(chunks[i : i + _CHUNKS_PER_TASK])
-            lo = group[0] * cr
-            hi = min(self.plan.n_rows, (group[-1] + 1) * cr)
+            lo = self.writer.chunk_range(group[0])[0]
+            hi = min(n, self.writer.chunk_range(group[-1])[1])
             self.chunks_submitted.update(group)
             tasks.append(
                 _AssembleTask(
                     out_dir=self.output,
                     chunks=group,
-                    job_of_row=self.job_of_row[lo:hi].copy(),
-                    pos_in_job=self.pos_in_job[lo:hi].copy(),
-                    base_status=self.status[lo:hi].copy(),
-                    row_start=lo,
+                    row_to_job=_Rows(lo, self.job_of_row[lo:hi].copy(),
+                                     self.pos_in_job[lo:hi].copy()),
+                    base_status=_Rows(lo, self.status[lo:hi].copy()),
                 )
             )
         return tasks
 
     # -- callbacks -------------------------------------------------------------
+    def _record(self, job, status, messages, files=None):
+        self.status[job.rows] = status
+        self.messages.update({int(k): v for k, v in messages.items()})
+        if files is not None:
+            if not hasattr(self, "files"):
+                self.files = {}
+            self.files.update({int(r): str(f) for r, f in zip(job.rows, files)})
+
     def _on_done(self, task, result):
         if isinstance(task, _AssembleTask):
-            for k, checksum in result.items():
-                self.ledger.chunk_written(int(k), checksum)
-                self.chunks_written.add(int(k))
+            self.checksums.update({int(k): v for k, v in result.items()})
+            self.ledger.chunks_written(result)
+            for k in result:
+                for job_id in self._jobs_of_chunk(int(k)):
+                    chunks = self.job_chunks[job_id]
+                    chunks.discard(int(k))
+                    if not chunks:
+                        remove_staged(self.output, job_id)
             return ()
+        staged, status, messages = result
         job = task.job
+        self.ledger.job_staged(staged)
+        self.n_cut += len(job)
         if self._bar is not None:
             self._bar.update(len(job))
-        self.n_cut += len(job)
-        if task.format == "fits":
-            self.status[job.rows] = result["status"]
-            self.messages.update(result["messages"])
-            self.files.update(result["files"])
-            self.ledger.job_staged(job.job_id, "", len(job))
+        self._record(job, status, messages)
+        if self.fmt == "fits":
+            self._record(job, status, {}, load_staged(self.output, job.job_id).files)
             return ()
-        staged = result
-        self.status[job.rows] = staged.status
-        self.messages.update(staged.messages)
-        self.ledger.job_staged(job.job_id, staged.checksum, len(job))
         return self._release_rows(job.rows)
 
+    def _jobs_of_chunk(self, k):
+        r0, r1 = self.writer.chunk_range(k)
+        ids = np.unique(self.job_of_row[r0:r1])
+        return [int(j) for j in ids if j >= 0 and int(j) in self.job_chunks]
+
     def _release_rows(self, rows):
-        cr = self.zarr.chunk_rows
-        chunks, counts = np.unique(rows // cr, return_counts=True)
+        chunks, counts = np.unique(rows // self.writer.chunk_rows, return_counts=True)
         self.chunk_pending[chunks] -= counts
         return self._ready_assembly_tasks()
 
     def _on_failed(self, failure):
         task = failure.task
         if isinstance(task, _AssembleTask):
+            self.failures.append(f"writing chunks {task.chunks}: {failure.error}")
             self.chunks_submitted.difference_update(task.chunks)
             return ()
         job = task.job
         self.failures.append(f"job {job.job_id} (tile {task.tile.key}): {failure.error}")
         self.status[job.rows] = Status.TILE_ERROR
         for r in job.rows:
-            self.messages[int(r)] = f"job failed after {failure.attempts} attempts: {failure.error}"
+            self.messages[int(r)] = (
+                f"job failed after {failure.attempts} attempts: {failure.error}"
+            )
         if self._bar is not None:
             self._bar.update(len(job))
-        if task.format == "zarr":
+        if self.fmt == "zarr":
             self.job_of_row[job.rows] = -1
+            self.job_chunks.pop(job.job_id, None)
             return self._release_rows(job.rows)
         return ()
-
-    def _cleanup_staging(self):
-        staging = os.path.join(self.output, _STATE_DIR, "staging")
-        if os.path.isdir(staging) and len(self.chunks_written) == self.zarr.n_chunks:
-            shutil.rmtree(staging, ignore_errors=True)
 
     # -- report ------------------------------------------------------------------
     def _counts(self):
@@ -847,7 +919,9 @@ class _Runner:
 
     def report(self, seconds, sampler):
         counts = self._counts()
-        msgs = {r: m for r, m in self.messages.items() if self.status[r] != Status.OK}
+        msgs = {
+            r: m for r, m in self.messages.items() if self.status[r] != Status.OK
+        }
         failed = bool(self.failures) or counts.get("TILE_ERROR", 0) > 0
         return RunReport(
             output=self.output,

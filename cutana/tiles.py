@@ -307,6 +307,16 @@ class Tile:
                 return False
         return True
 
+    def pixel_scale_arcsec(self):
+        """Return the mean pixel scale of the reference band in arcsec per pixel.
+
+        Returns
+        -------
+        scale : float
+            See `BandFile.pixel_scale_arcsec`.
+        """
+        return self.reference.pixel_scale_arcsec()
+
     def wcs(self):
         """Return the celestial WCS of the reference band.
 
@@ -356,6 +366,11 @@ class Assignment:
 # --------------------------------------------------------------------------
 # paths
 # --------------------------------------------------------------------------
+
+
+def _reason(exc):
+    """One-line text of an exception: its type and message."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
 
 
 def _local_path(path):
@@ -612,21 +627,25 @@ def _read_record(path, hdu=None):
         msg = f"{path}: file does not exist"
         raise TileError(msg) from exc
     except Exception as exc:  # any failure to parse a corrupt file is reported
-        msg = f"{path}: cannot read FITS header ({type(exc).__name__}: {exc})"
+        msg = f"{path}: cannot read FITS header ({_reason(exc)})"
         raise TileError(msg) from exc
 
     try:
         wcs = _celestial_wcs(text)
     except Exception as exc:  # invalid WCS keywords raise many exception types
-        msg = f"{path}: invalid WCS ({type(exc).__name__}: {exc})"
+        msg = f"{path}: invalid WCS ({_reason(exc)})"
         raise TileError(msg) from exc
     if wcs.naxis != 2 or not wcs.has_celestial:
         ctypes = [header.get(f"CTYPE{k}") for k in (1, 2)]
         msg = f"{path}: no celestial WCS in HDU {hdu_id!r} (CTYPE1, CTYPE2 = {ctypes})"
         raise TileError(msg)
     ny, nx = shape
-    with np.errstate(invalid="ignore"):
-        centre = wcs.all_pix2world([(nx - 1) / 2], [(ny - 1) / 2], 0)
+    try:
+        with np.errstate(invalid="ignore"):
+            centre = wcs.all_pix2world([(nx - 1) / 2], [(ny - 1) / 2], 0)
+    except Exception as exc:  # wcslib errors (singular matrix, ...) vary
+        msg = f"{path}: invalid WCS ({_reason(exc)})"
+        raise TileError(msg) from exc
     if not np.all(np.isfinite(centre)):
         msg = f"{path}: the WCS gives no sky position for the image centre"
         raise TileError(msg)
@@ -1001,10 +1020,13 @@ class TileIndex:
         The cutout box follows `cutana._geometry.compute_boxes` (first pixel
         ``ceil(pos - n / 2)``). Among the tiles that hold the whole cutout the
         deepest is chosen; if none does, the deepest of the tiles the cutout
-        overlaps; if it overlaps none, -1. Ties go to the earlier tile. Each
-        tile only examines the sources within its footprint radius plus the
-        largest cutout, so the cost grows with sources times tiles only
-        through one dot product.
+        overlaps; if it overlaps none, -1. Ties go to the earlier tile.
+
+        Sources are sorted by Dec once; each tile then looks only at the Dec
+        band it can reach and, within it, at the sources closer to its centre
+        than its footprint radius plus the largest cutout's half diagonal. The
+        WCS is evaluated for those candidates only (1e6 sources on 100 tiles
+        take about a second).
         """
         ra = np.atleast_1d(np.asarray(ra, dtype=np.float64))
         dec = np.atleast_1d(np.asarray(dec, dtype=np.float64))
@@ -1027,14 +1049,23 @@ class TileIndex:
         if n == 0 or not self.tiles:
             return Assignment(tile, x, y, inside)
 
-        vec = _unit_vectors(ra, dec)  # NaN rows never pass the cut
+        # sources sorted by Dec (NaN last, never selected): each tile first
+        # takes the Dec band it can reach (a slice), then the angular cut
+        by_dec = np.argsort(dec, kind="stable")
+        sorted_dec = dec[by_dec]
+        sorted_vec = _unit_vectors(ra[by_dec], sorted_dec)
         c_ra, c_dec, radius, scale = self.footprints()
         half_diag = float(size.max()) * np.sqrt(0.5) + 1.0
         for t, tl in enumerate(self.tiles):
-            reach = np.deg2rad(radius[t] + half_diag * scale[t]) * (1 + 1e-9) + 1e-12
+            reach_deg = (radius[t] + half_diag * scale[t]) * (1 + 1e-9) + 1e-9
+            lo = np.searchsorted(sorted_dec, c_dec[t] - reach_deg, side="left")
+            hi = np.searchsorted(sorted_dec, c_dec[t] + reach_deg, side="right")
+            if hi <= lo:
+                continue
             centre = _unit_vectors(np.array([c_ra[t]]), np.array([c_dec[t]]))[0]
-            with np.errstate(invalid="ignore"):
-                cand = np.flatnonzero(vec @ centre >= np.cos(min(reach, np.pi)))
+            cos_reach = np.cos(min(np.deg2rad(reach_deg), np.pi))
+            near = sorted_vec[lo:hi] @ centre >= cos_reach
+            cand = np.sort(by_dec[lo:hi][near])
             if not len(cand):
                 continue
             px, py = self._world_to_pixel(tl, ra[cand], dec[cand])
@@ -1090,9 +1121,12 @@ class TileIndex:
         -------
         assignment : `Assignment`
             ``tile`` is -1 for rows whose files could not be indexed
-            (``file_error`` True, with a message naming the files and
+            (``file_error`` True, and ``messages`` names the files and
             reasons), for rows with no files (``file_error`` False: such rows
             are bad rows already) and for rows whose cutout misses the tile.
+        file_error : `~numpy.ndarray` of bool
+            ``assignment.file_error``: rows that are tile errors, not "no
+            overlap".
         """
         n = len(file_tuples)
         tile = np.full(n, -1, dtype=np.int32)
@@ -1146,7 +1180,7 @@ class TileIndex:
                 x[rows], y[rows] = px, py
                 inside[rows] = overlap & ~boxes.is_partial
                 tile[rows[~overlap]] = -1
-        return Assignment(tile, x, y, inside, file_error, messages)
+        return Assignment(tile, x, y, inside, file_error, messages), file_error
 
     # ---- serialisation
 
@@ -1239,6 +1273,19 @@ def _angular_distance(lon0, lat0, lon, lat):
 
 class TilePixels:
     """Open pixel data of one band file (returned by `open_pixels`).
+
+    Parameters
+    ----------
+    band : `BandFile`
+        The band file.
+    data : array-like
+        The raw 2-D image (see Attributes).
+    bscale, bzero : float
+        Scaling keywords of the header.
+    blank : int or None
+        ``BLANK`` keyword of the header.
+    hdul : `~astropy.io.fits.HDUList`
+        The open file, closed by `TilePixels.close`.
 
     Attributes
     ----------
@@ -1355,10 +1402,7 @@ def open_pixels(band):
     except Exception as exc:  # corrupt files raise many exception types
         if hdul is not None:
             hdul.close()
-        msg = (
-            f"{band.path}: cannot open pixels of HDU {band.hdu!r} "
-            f"({type(exc).__name__}: {exc})"
-        )
+        msg = f"{band.path}: cannot open pixels of HDU {band.hdu!r} ({_reason(exc)})"
         raise TileError(msg) from exc
     return TilePixels(
         band, data, bscale, bzero, None if blank is None else int(blank), hdul

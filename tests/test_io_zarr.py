@@ -681,3 +681,27 @@ def test_chunk_without_cutouts_is_stored(tmp_path):
     counts = writer.finalize(checksums)
     assert counts["BAD_ROW"] == 3 and counts["NO_OVERLAP"] == 2
     assert verify_output(path) == []
+
+
+def test_leftovers_of_killed_writes_removed(tmp_path):
+    """Test that temporary files of killed chunk writes do not stay in the store."""
+    path = tmp_path / "out.zarr"
+    writer, _, jobs, base, checksums = _run(path)
+    leftovers = [
+        os.path.join(
+            os.path.dirname(writer._chunk_file("images", 1)), "0.ab12.partial"
+        ),
+        os.path.join(
+            os.path.dirname(writer._chunk_file("origin", 1)), "0.cd34.partial"
+        ),
+        os.path.join(
+            os.path.dirname(writer._chunk_file("status", 1)), "1.ef56.partial"
+        ),
+        os.path.join(path, "zarr.json.0123.partial"),
+    ]
+    for leftover in leftovers:
+        with open(leftover, "wb") as fh:
+            fh.write(b"half a chunk")
+    writer.write_chunks([1], _mapping(40, jobs), base)  # the redone chunk
+    writer.finalize(checksums)
+    assert not any(os.path.exists(p) for p in leftovers)

@@ -125,7 +125,7 @@ def test_group_by_euclid_file_name(tmp_path):
     """Test that TILE<digits> in Euclid names groups files and names bands."""
     for tile, dec in (("102018211", 2.0), ("102018212", 2.01)):
         for band in ("VIS", "NIR-H", "NIR-J"):
-            name = f"EUC_MER_BGSUB-MOSAIC-{band}_TILE{tile}-ABC123_20241017T000000.0Z_00.00.fits"
+            name = f"EUC_MER_BGSUB-MOSAIC-{band}_TILE{tile}-ABC123_20241017T0Z_00.fits"
             make_tile(tmp_path / name, (150.0, dec), band=None)
     index = TileIndex.from_paths([str(tmp_path)])
     assert index.errors == []
@@ -369,6 +369,8 @@ def test_band_file_helpers(tmp_path):
     assert w.pixel_shape == (80, 60)
     assert band.wcs() is w  # cached
     assert band.pixel_scale_arcsec() == pytest.approx(0.1, rel=1e-9)
+    tile = TileIndex.from_paths(str(tmp_path / "a.fits")).tiles[0]
+    assert tile.pixel_scale_arcsec() == band.pixel_scale_arcsec()
     assert band.zeropoint() == 24.5
     assert band.zeropoint("NOPE") is None
     with pytest.raises(
@@ -387,7 +389,7 @@ def test_band_file_helpers(tmp_path):
 
 
 def test_from_file_lists_and_assign_by_files(tmp_path):
-    """Test per-row file tuples: distinct tuples are tiles, broken ones are file errors."""
+    """Test that distinct file tuples are tiles and broken ones are file errors."""
     vis0, nir0 = str(tmp_path / "t0_vis.fits"), str(tmp_path / "t0_nir.fits")
     vis1, nir1 = str(tmp_path / "t1_vis.fits"), str(tmp_path / "t1_nir.fits")
     make_tile(vis0, (150.0, 2.0), band="VIS")
@@ -413,8 +415,9 @@ def test_from_file_lists_and_assign_by_files(tmp_path):
 
     ra = np.full(6, 150.0)
     dec = np.array([2.0, 2.01, 2.0, 2.0, 2.0, 2.0])
-    a = index.assign_by_files(rows, ra, dec, 10)
+    a, file_error = index.assign_by_files(rows, ra, dec, 10)
     assert isinstance(a, Assignment)
+    assert file_error is a.file_error
     assert_array_equal(a.tile, [0, -1, 0, -1, 1, -1])
     assert_array_equal(a.file_error, [False, True, False, False, False, True])
     assert "t1_nir.fits" in a.messages[1] and "cannot read FITS header" in a.messages[1]
@@ -425,7 +428,7 @@ def test_from_file_lists_and_assign_by_files(tmp_path):
     # the tuple (vis0,) only has the VIS band
     assert index.tiles[1].bands[1] is None
     # a source off its own tile: no overlap, not a file error
-    far = index.assign_by_files([(vis0, nir0)], [151.0], [2.0], 10)
+    far, _ = index.assign_by_files([(vis0, nir0)], [151.0], [2.0], 10)
     assert_array_equal(far.tile, [-1])
     assert_array_equal(far.file_error, [False])
 

@@ -64,6 +64,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -414,20 +415,25 @@ def _clean_environment():
     return env
 
 
-def _tree_rss(root):
+def _tree_rss(root, is_worker):
     """Sum the resident memory of a process tree and count ESA Cutana workers.
 
     Parameters
     ----------
     root : psutil.Process
         Root of the tree (the driver process).
+    is_worker : dict
+        Cache of process id -> whether that process is an ESA Cutana worker
+        (runs ``cutana.cutout_process``), filled in as processes appear so
+        that each command line is read once.
 
     Returns
     -------
     rss : int
-        Total resident set size in bytes of the processes still alive.
+        Total resident set size in bytes of the processes still alive
+        (pages shared between processes count once per process).
     n_workers : int
-        Number of descendants running ``cutana.cutout_process``.
+        Number of descendants that are ESA Cutana workers.
     """
     try:
         processes = [root, *root.children(recursive=True)]
@@ -438,31 +444,96 @@ def _tree_rss(root):
     for proc in processes:
         try:
             total += proc.memory_info().rss
-            if proc is not root and _WORKER_MARKER in " ".join(proc.cmdline()):
-                workers += 1
+            if proc.pid not in is_worker:
+                is_worker[proc.pid] = proc is not root and _WORKER_MARKER in " ".join(
+                    proc.cmdline()
+                )
         except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
             continue
+        workers += is_worker[proc.pid]
     return total, workers
 
 
-def _kill_tree(root):
+def _kill_tree(pid):
     """Kill a process tree started by `run_esa_cutana`, children first.
 
     Parameters
     ----------
-    root : psutil.Process
-        Root of the tree (the driver process).
+    pid : int
+        Process id of the root of the tree (the driver process).
     """
     try:
+        root = psutil.Process(pid)
         children = root.children(recursive=True)
     except psutil.NoSuchProcess:
-        children = []
+        return
     for proc in [*children, root]:
         try:
             proc.kill()
         except psutil.NoSuchProcess:
             continue
-    psutil.wait_procs([*children, root], timeout=10)
+    # The root is reaped by its Popen (waiting here would hide its exit code).
+    psutil.wait_procs(children, timeout=10)
+
+
+class _TreeSampler:
+    """Sample the resident memory of a process tree in a background thread.
+
+    Parameters
+    ----------
+    interval : float
+        Seconds between samples.
+    """
+
+    def __init__(self, interval):
+        self.interval = float(interval)
+        self.samples = []
+        self.max_workers = 0
+        self._stop = threading.Event()
+        self._thread = None
+
+    def start(self, pid, t0):
+        """Start sampling the tree rooted at ``pid``, times relative to ``t0``.
+
+        Parameters
+        ----------
+        pid : int
+            Process id of the root of the tree.
+        t0 : float
+            `time.perf_counter` value that sample times are relative to.
+        """
+        self._thread = threading.Thread(
+            target=self._run, args=(pid, t0), name="esa-cutana-sampler", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self):
+        """Stop sampling and wait for the sampling thread to end."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self, pid, t0):
+        """Sample until stopped or until the root process is gone.
+
+        Parameters
+        ----------
+        pid : int
+            Process id of the root of the tree.
+        t0 : float
+            `time.perf_counter` value that sample times are relative to.
+        """
+        try:
+            root = psutil.Process(pid)
+        except psutil.NoSuchProcess:
+            return
+        is_worker = {}
+        while not self._stop.is_set():
+            rss, n_workers = _tree_rss(root, is_worker)
+            if rss:
+                self.samples.append((time.perf_counter() - t0, rss))
+            self.max_workers = max(self.max_workers, n_workers)
+            self._stop.wait(self.interval)
 
 
 def _last_json_line(text):
@@ -574,6 +645,8 @@ def run_esa_cutana(
     result : dict
         ``seconds`` (wall time from outside), ``n_cutouts`` (cutouts found
         in the output, from the driver; 0 if it printed nothing),
+        ``n_sources`` (catalogue rows, from the driver; `None` if it printed
+        nothing),
         ``cutouts_per_second`` (``n_cutouts / seconds``), ``peak_memory``
         (largest sampled tree RSS, bytes), ``memory_samples`` (list of
         ``(t, bytes)``, ``t`` in seconds since the start),
@@ -644,41 +717,37 @@ def run_esa_cutana(
         stderr_path = os.path.join(tmp, "stderr.txt")
         logger.info("running ESA Cutana: %s", " ".join(command))
 
-        samples = []
-        max_workers_seen = 0
+        sampler = _TreeSampler(sample_interval)
         timed_out = False
         with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
             t0 = time.perf_counter()
             proc = subprocess.Popen(command, stdout=out, stderr=err, env=env, cwd=tmp)
-            root = psutil.Process(proc.pid)
-            while proc.poll() is None:
-                now = time.perf_counter() - t0
-                rss, n_workers = _tree_rss(root)
-                if rss:
-                    samples.append((now, rss))
-                max_workers_seen = max(max_workers_seen, n_workers)
-                if timeout is not None and now > timeout:
-                    timed_out = True
-                    _kill_tree(root)
-                    break
-                time.sleep(sample_interval)
-            returncode = proc.wait()
+            sampler.start(proc.pid, t0)
+            try:
+                returncode = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                _kill_tree(proc.pid)
+                returncode = proc.wait()
             seconds = time.perf_counter() - t0
+            sampler.stop()
 
         stdout = Path(stdout_path).read_text(encoding="utf-8", errors="replace")
         stderr = Path(stderr_path).read_text(encoding="utf-8", errors="replace")
 
     record = _last_json_line(stdout)
     n_cutouts = int(record["n_cutouts"]) if record else 0
+    samples = sampler.samples
     if returncode != 0:
         logger.warning("ESA Cutana exited with code %s: %s", returncode, stderr[-1000:])
     return {
         "seconds": seconds,
         "n_cutouts": n_cutouts,
+        "n_sources": int(record["n_sources"]) if record else None,
         "cutouts_per_second": n_cutouts / seconds if seconds > 0 else math.nan,
         "peak_memory": max((b for _, b in samples), default=0),
         "memory_samples": samples,
-        "max_worker_processes": max_workers_seen,
+        "max_worker_processes": sampler.max_workers,
         "returncode": returncode,
         "timed_out": timed_out,
         "stderr_tail": stderr[-4000:],

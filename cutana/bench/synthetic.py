@@ -826,7 +826,7 @@ def make_survey(
     )
 
 
-def make_demo_survey(out_dir, *, seed=0):
+def make_demo_survey(out_dir, *, n_sources=400, seed=0):
     """Write the small survey of ``cutana demo``: 2 x 2 tiles, 4 bands, 400 sources.
 
     It has every kind of row the pipeline must handle (complete cutouts,
@@ -837,6 +837,8 @@ def make_demo_survey(out_dir, *, seed=0):
     ----------
     out_dir : str or path-like
         Output folder, created if needed.
+    n_sources : int, optional
+        Number of catalogue rows.
     seed : int, optional
         Seed.
 
@@ -858,7 +860,7 @@ def make_demo_survey(out_dir, *, seed=0):
         out_dir,
         n_tiles=4,
         tile_size=512,
-        n_sources=400,
+        n_sources=n_sources,
         overlap_pixels=50,
         edge_fraction=0.05,
         off_tile_fraction=0.02,

@@ -54,7 +54,7 @@ _OLD_PREFIX = ".old-"
 _BUFSIZE = 1 << 22
 
 
-@dataclass
+@dataclass(eq=False)
 class JobResult:
     """The result of one job, as a worker hands it to the writers.
 

@@ -564,33 +564,38 @@ class ZarrWriter:
             * self.out_shape[1]
         )
         per_run = max(1, _MAX_RUN_BYTES // max(1, row_bytes * self.chunk_rows))
+        names = ("images", "status", "tile", "origin", "box_shape")
         for run in _runs(chunks, per_run):
-            blocks = [
-                self._assemble(k, row_to_job, base_status, out_dir, cache) for k in run
-            ]
-            for k, block in zip(run, blocks, strict=True):
-                checksums[k] = chunk_digest(*block)
-                self._remove_partials(k)
             r0 = self.chunk_range(run[0])[0]
             r1 = self.chunk_range(run[-1])[1]
-            for i, name in enumerate(
-                ("images", "status", "tile", "origin", "box_shape")
-            ):
-                if name == "status":
-                    continue
-                data = (
-                    blocks[0][i]
-                    if len(blocks) == 1
-                    else np.concatenate([b[i] for b in blocks])
-                )
-                self._array(name)[r0:r1] = data
+            block = self._empty_block(r1 - r0)
+            for k in run:
+                a, b = (r - r0 for r in self.chunk_range(k))
+                part = tuple(arr[a:b] for arr in block)
+                self._assemble(k, row_to_job, base_status, out_dir, cache, part)
+                checksums[k] = chunk_digest(*part)
+                self._remove_partials(k)
             # status last: a row that shows a status has everything else written
-            data = np.concatenate([b[1] for b in blocks])
-            self._array("status")[r0:r1] = data
+            for name, data in sorted(
+                zip(names, block, strict=True), key=lambda item: item[0] == "status"
+            ):
+                self._array(name)[r0:r1] = data
         logger.debug("wrote %d chunks of %s", len(chunks), self.path)
         return checksums
 
-    def _assemble(self, chunk, row_to_job, base_status, out_dir, cache):
+    def _empty_block(self, m):
+        """Zeroed ``(images, status, tile, origin, box_shape)`` for ``m`` rows."""
+        return (
+            np.zeros((m, len(self.bands), *self.out_shape), dtype=self.dtype),
+            np.zeros(m, dtype=np.int16),
+            np.full(m, -1, dtype=np.int32),
+            np.zeros((m, 2), dtype=np.int64),
+            np.zeros((m, 2), dtype=np.int32),
+        )
+
+    def _assemble(self, chunk, row_to_job, base_status, out_dir, cache, block):
+        """Fill ``block`` (the chunk's rows, zeroed) from staged jobs."""
+        images, status, tile, origin, box = block
         r0, r1 = self.chunk_range(chunk)
         m = r1 - r0
         if callable(row_to_job):
@@ -613,11 +618,7 @@ class ZarrWriter:
                 f"base_status {base.shape}"
             )
             raise ValueError(msg)
-        images = np.zeros((m, len(self.bands), *self.out_shape), dtype=self.dtype)
-        status = base.astype(np.int16)
-        tile = np.full(m, -1, dtype=np.int32)
-        origin = np.zeros((m, 2), dtype=np.int64)
-        box = np.zeros((m, 2), dtype=np.int32)
+        status[:] = base
         has_job = jobs >= 0
         for job_id in np.unique(jobs[has_job]):
             sel = np.flatnonzero(jobs == job_id)
@@ -663,7 +664,6 @@ class ZarrWriter:
             row = int(r0 + np.flatnonzero(~known)[0])
             msg = f"chunk {chunk}: row {row} has unknown status {int(status[row - r0])}"
             raise ValueError(msg)
-        return images, status, tile, origin, box
 
     def _chunk_file(self, name, chunk):
         arr = self._array(name)

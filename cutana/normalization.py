@@ -1,0 +1,403 @@
+# Licensed under a 3-clause BSD style license - see LICENSE.rst
+"""
+Stretches for whole stacks of cutouts, as `astropy.visualization` defines them.
+
+Every cutout and every band is normalised on its own. For the stretches
+``linear``, ``sqrt``, ``log`` and ``asinh`` the display limits of an image are
+`~astropy.visualization.PercentileInterval` of its finite pixels; for
+``zscale`` they are `~astropy.visualization.ZScaleInterval`. With limits
+:math:`v_{\\min}, v_{\\max}` each pixel :math:`x` becomes
+
+.. math::
+
+    u = \\mathrm{clip}\\left(\\frac{x - v_{\\min}}{v_{\\max} - v_{\\min}}, 0, 1\\right)
+
+(astropy's ``BaseInterval.__call__``: when :math:`v_{\\max} = v_{\\min}` the
+difference is not divided, only clipped), and then
+
+========== ===========================================================
+method     value in [0, 1]
+========== ===========================================================
+``linear`` :math:`u` (`~astropy.visualization.LinearStretch`)
+``sqrt``   :math:`\\sqrt{u}` (`~astropy.visualization.SqrtStretch`)
+``log``    :math:`\\log(a u + 1) / \\log(a + 1)`, default :math:`a = 1000`
+           (`~astropy.visualization.LogStretch`)
+``asinh``  :math:`\\operatorname{asinh}(u / a) / \\operatorname{asinh}(1 / a)`,
+           default :math:`a = 0.1` (`~astropy.visualization.AsinhStretch`)
+``zscale`` :math:`u` with the zscale limits
+``none``   the pixel value itself (float32 output only; NaN stays NaN)
+========== ===========================================================
+
+float32 output is that value; uint8 and uint16 output is it times 255 or
+65535, rounded to the nearest integer (ties to even, as `numpy.round`), in
+the same pass, so no float64 copy of the stack is ever made. Non-finite pixels
+become 0, and so does every pixel of an image without any finite pixel
+(whose limits are NaN).
+
+The compiled kernels (``cutana._normalize``) compute the limits with a
+selection algorithm instead of a sort and reproduce `numpy.percentile` and
+`~astropy.visualization.ZScaleInterval` exactly; the arithmetic is done in
+float64 (astropy works in the input's precision, so for float32 input the
+two differ by float32 rounding, about 1e-7).
+"""
+
+import logging
+import numbers
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from . import _normalize
+
+__all__ = ["NORMALIZATIONS", "compute_limits", "normalize"]
+
+logger = logging.getLogger(__name__)
+
+#: Names accepted by `normalize`.
+NORMALIZATIONS = ("none", "linear", "sqrt", "log", "asinh", "zscale")
+
+#: Output dtypes accepted by `normalize`.
+OUTPUT_DTYPES = ("float32", "uint8", "uint16")
+
+_STRETCH_CODES = {
+    "none": _normalize.STRETCH_NONE,
+    "linear": _normalize.STRETCH_LINEAR,
+    "sqrt": _normalize.STRETCH_SQRT,
+    "log": _normalize.STRETCH_LOG,
+    "asinh": _normalize.STRETCH_ASINH,
+    "zscale": _normalize.STRETCH_LINEAR,
+}
+
+#: astropy's default ``a`` of the stretches that take one.
+DEFAULT_A = {"log": 1000.0, "asinh": 0.1}
+
+
+def _check_method(method):
+    if method not in NORMALIZATIONS:
+        msg = f"method must be one of {NORMALIZATIONS}, got {method!r}"
+        raise ValueError(msg)
+
+
+def _check_n_threads(n_threads):
+    if (
+        isinstance(n_threads, bool)
+        or not isinstance(n_threads, numbers.Integral)
+        or n_threads < 1
+    ):
+        msg = f"n_threads must be a positive integer, got {n_threads!r}"
+        raise ValueError(msg)
+    return int(n_threads)
+
+
+def _as_images(stack):
+    """The stack as an ``(M, H, W)`` array and the kernel's dtype for it.
+
+    Returns the (possibly non-native) array, its leading shape (``(N,)`` or
+    ``(N, C)``) and the dtype the kernel reads: the native float32 or
+    float64, or float64 for integers (exact) and other floats. Conversion,
+    when needed, is done block by block in `_blocks`.
+    """
+    arr = np.asarray(stack)
+    if arr.ndim not in (3, 4):
+        msg = (
+            "stack must have shape (N, H, W) or (N, C, H, W), got "
+            f"{arr.ndim} dimension(s) {arr.shape}"
+        )
+        raise ValueError(msg)
+    if arr.dtype.kind not in "biuf":
+        msg = f"stack has an unsupported dtype {arr.dtype}; use a numeric dtype"
+        raise TypeError(msg)
+    if arr.dtype.kind == "f" and arr.dtype.itemsize in (4, 8):
+        dtype = arr.dtype.newbyteorder("=")
+    else:
+        dtype = np.dtype(np.float64)
+    lead = arr.shape[:-2]
+    n_images = int(np.prod(lead, dtype=np.int64))
+    return arr.reshape((n_images,) + arr.shape[-2:]), lead, dtype
+
+
+def _blocks(images, dtype, lo, hi, size=64):
+    """Yield ``(start, block)`` with C-contiguous ``dtype`` blocks of images."""
+    if images.dtype == dtype and images.flags.c_contiguous:
+        yield lo, images[lo:hi]
+        return
+    for start in range(lo, hi, size):
+        stop = min(hi, start + size)
+        yield start, np.ascontiguousarray(images[start:stop], dtype=dtype)
+
+
+def _crop_region(crop, shape):
+    """Rows ``r0:r1`` and columns ``c0:c1`` of the central crop."""
+    height, width = shape
+    if crop is None:
+        return 0, height, 0, width
+    values = np.atleast_1d(np.asarray(crop))
+    if values.ndim != 1 or len(values) not in (1, 2) or values.dtype.kind not in "iuf":
+        msg = (
+            "crop must be a number or a pair (for rows and columns): a fraction "
+            f"in (0, 1] of the image or a number of pixels, got {crop!r}"
+        )
+        raise ValueError(msg)
+    if len(values) == 1:
+        values = np.repeat(values, 2)
+    sizes = []
+    for value, full in zip(values, (height, width)):
+        if not np.isfinite(value) or value <= 0:
+            msg = f"crop must be positive, got {crop!r}"
+            raise ValueError(msg)
+        if values.dtype.kind == "f" and value <= 1:
+            size = max(1, int(round(float(value) * full)))
+        elif float(value) == int(value):
+            size = int(value)
+            if size > full:
+                msg = f"crop of {size} pixels is larger than the image ({full} pixels)"
+                raise ValueError(msg)
+        else:
+            msg = (
+                "crop must be a fraction in (0, 1] or a whole number of pixels, "
+                f"got {crop!r}"
+            )
+            raise ValueError(msg)
+        sizes.append(size)
+    r0 = (height - sizes[0]) // 2
+    c0 = (width - sizes[1]) // 2
+    return r0, r0 + sizes[0], c0, c0 + sizes[1]
+
+
+def _interval_params(method, percentile, contrast, n_samples):
+    """Kernel interval code and parameters, validated."""
+    if method == "zscale":
+        if isinstance(n_samples, bool) or not isinstance(n_samples, numbers.Integral):
+            msg = f"n_samples must be a positive integer, got {n_samples!r}"
+            raise ValueError(msg)
+        if n_samples < 1:
+            msg = f"n_samples must be a positive integer, got {n_samples!r}"
+            raise ValueError(msg)
+        if not (np.isfinite(contrast) and contrast >= 0):
+            msg = f"contrast must be a finite number >= 0, got {contrast!r}"
+            raise ValueError(msg)
+        return _normalize.INTERVAL_ZSCALE, 0.0, 1.0, int(n_samples), float(contrast)
+    if not (np.isscalar(percentile) and 0 <= percentile <= 100):
+        msg = f"percentile must be in [0, 100], got {percentile!r}"
+        raise ValueError(msg)
+    # exactly astropy's PercentileInterval and numpy.percentile arithmetic
+    lower = (100 - percentile) * 0.5
+    upper = 100 - lower
+    q_lo, q_hi = np.true_divide((lower, upper), 100)
+    return _normalize.INTERVAL_PERCENTILE, float(q_lo), float(q_hi), 1000, 0.25
+
+
+def _chunks(n, n_threads):
+    """Bounds of at most ``n_threads`` contiguous, nearly equal chunks."""
+    n_chunks = max(1, min(n_threads, n))
+    return np.linspace(0, n, n_chunks + 1).astype(int)
+
+
+def _run(func, n, n_threads):
+    """Run ``func(lo, hi)`` over chunks of ``range(n)``, in threads if asked."""
+    bounds = _chunks(n, n_threads)
+    if len(bounds) == 2:
+        func(0, n)
+        return
+    with ThreadPoolExecutor(len(bounds) - 1) as pool:
+        for future in [pool.submit(func, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]:
+            future.result()
+
+
+def compute_limits(
+    stack,
+    method="linear",
+    *,
+    percentile=99.8,
+    contrast=0.25,
+    n_samples=1000,
+    crop=None,
+    n_threads=1,
+):
+    """Compute the display limits of every cutout and band of a stack.
+
+    Parameters
+    ----------
+    stack : array-like, shape ``(N, H, W)`` or ``(N, C, H, W)``
+        The cutouts; any numeric dtype.
+    method : str, optional
+        Any name of `NORMALIZATIONS` but ``'none'``: ``'zscale'`` gives
+        `~astropy.visualization.ZScaleInterval` limits, every other name
+        `~astropy.visualization.PercentileInterval` limits.
+    percentile : float, optional
+        The percentage of finite pixels kept between the limits, in
+        [0, 100]; ``(100 - percentile) / 2`` percent are cut at each end.
+    contrast : float, optional
+        The zscale contrast.
+    n_samples : int, optional
+        The maximum number of pixels zscale samples.
+    crop : float, int or tuple, optional
+        Compute the limits from the central region only: a fraction in
+        (0, 1] of the height and width, or a size in pixels; a pair gives
+        rows and columns separately. The region starts at
+        ``(H - h) // 2, (W - w) // 2``.
+    n_threads : int, optional
+        Number of threads, each working on a contiguous block of images.
+
+    Returns
+    -------
+    vmin, vmax : `~numpy.ndarray` of float64, shape ``(N,)`` or ``(N, C)``
+        The limits of each image; NaN where an image (region) has no finite
+        pixel.
+
+    Raises
+    ------
+    ValueError
+        If a parameter is out of range, or ``method`` is ``'none'``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from cutana.normalization import compute_limits
+    >>> stack = np.arange(2 * 3 * 5.0).reshape(2, 3, 5)
+    >>> vmin, vmax = compute_limits(stack, percentile=100)
+    >>> vmin, vmax
+    (array([ 0., 15.]), array([14., 29.]))
+    """
+    _check_method(method)
+    if method == "none":
+        msg = "method 'none' has no limits; choose a stretch such as 'linear'"
+        raise ValueError(msg)
+    n_threads = _check_n_threads(n_threads)
+    interval, q_lo, q_hi, n_samples, contrast = _interval_params(
+        method, percentile, contrast, n_samples
+    )
+    images, lead, kernel_dtype = _as_images(stack)
+    vmin = np.full(len(images), np.nan)
+    vmax = np.full(len(images), np.nan)
+    if images.size == 0:
+        return vmin.reshape(lead), vmax.reshape(lead)
+    r0, r1, c0, c1 = _crop_region(crop, images.shape[1:])
+
+    def work(lo, hi):
+        for start, block in _blocks(images, kernel_dtype, lo, hi):
+            stop = start + len(block)
+            _normalize.compute_limits(
+                block, interval, q_lo, q_hi, n_samples, contrast,
+                r0, r1, c0, c1, vmin[start:stop], vmax[start:stop],
+            )
+
+    _run(work, len(images), n_threads)
+    return vmin.reshape(lead), vmax.reshape(lead)
+
+
+def normalize(
+    stack,
+    method="none",
+    *,
+    percentile=99.8,
+    a=None,
+    contrast=0.25,
+    n_samples=1000,
+    crop=None,
+    dtype="float32",
+    out=None,
+    n_threads=1,
+):
+    """Stretch every cutout and band of a stack, as `astropy.visualization` does.
+
+    Parameters
+    ----------
+    stack : array-like, shape ``(N, H, W)`` or ``(N, C, H, W)``
+        The cutouts; any numeric dtype and byte order.
+    method : str, optional
+        One of `NORMALIZATIONS`: ``'none'`` (values unchanged, float32 only),
+        ``'linear'``, ``'sqrt'``, ``'log'``, ``'asinh'`` (each between
+        percentile limits) or ``'zscale'`` (linear between zscale limits).
+    percentile : float, optional
+        The percentage of finite pixels kept between the limits, in
+        [0, 100] (`~astropy.visualization.PercentileInterval`). Not used by
+        ``'zscale'`` and ``'none'``.
+    a : float, optional
+        The ``a`` of ``'log'`` (default 1000) or ``'asinh'`` (default 0.1),
+        > 0; ignored by the other methods.
+    contrast : float, optional
+        The zscale contrast (default 0.25).
+    n_samples : int, optional
+        The maximum number of pixels zscale samples (default 1000).
+    crop : float, int or tuple, optional
+        Compute the limits from the central region of each image only (see
+        `compute_limits`); the stretch still applies to the whole image.
+    dtype : {'float32', 'uint8', 'uint16'}, optional
+        Output type.
+    out : `~numpy.ndarray`, optional
+        C-contiguous output of the stack's shape and ``dtype``.
+    n_threads : int, optional
+        Number of threads, each working on a contiguous block of images;
+        the result does not depend on it.
+
+    Returns
+    -------
+    out : `~numpy.ndarray`
+        The stretched stack, of the input's shape and type ``dtype``.
+
+    Raises
+    ------
+    ValueError
+        If a parameter is out of range, or ``method`` is ``'none'`` with an
+        integer ``dtype``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from cutana.normalization import normalize
+    >>> stack = np.linspace(0, 1, 8).reshape(1, 2, 4)
+    >>> normalize(stack, "linear", percentile=100, dtype="uint8")
+    array([[[  0,  36,  73, 109],
+            [146, 182, 219, 255]]], dtype=uint8)
+    """
+    _check_method(method)
+    n_threads = _check_n_threads(n_threads)
+    if str(dtype) not in OUTPUT_DTYPES:
+        msg = f"dtype must be one of {OUTPUT_DTYPES}, got {dtype!r}"
+        raise ValueError(msg)
+    out_dtype = np.dtype(str(dtype))
+    if method == "none" and out_dtype != np.float32:
+        msg = (
+            f"method 'none' cannot produce {out_dtype.name} output: integer "
+            "output needs a stretch to map the data to [0, 1]; choose one of "
+            f"{NORMALIZATIONS[1:]}, or dtype='float32'"
+        )
+        raise ValueError(msg)
+    if a is None:
+        a = DEFAULT_A.get(method, 1.0)
+    if method in DEFAULT_A and not (np.isscalar(a) and np.isfinite(a) and a > 0):
+        msg = f"a must be a finite number > 0 for the {method} stretch, got {a!r}"
+        raise ValueError(msg)
+    stretch = _STRETCH_CODES[method]
+    interval, q_lo, q_hi, n_samples, contrast = _interval_params(
+        method, percentile, contrast, n_samples
+    )
+    images, lead, kernel_dtype = _as_images(stack)
+    shape = lead + images.shape[1:]
+    if out is None:
+        out = np.empty(shape, dtype=out_dtype)
+    elif out.shape != shape or out.dtype != out_dtype or not out.flags.c_contiguous:
+        msg = (
+            f"out must be a C-contiguous {out_dtype.name} array of shape {shape}, "
+            f"got {out.dtype} {out.shape}"
+        )
+        raise ValueError(msg)
+    if images.size == 0:
+        return out
+    target = out.reshape(images.shape)
+    r0, r1, c0, c1 = _crop_region(crop, images.shape[1:])
+    vmin = np.empty(len(images))
+    vmax = np.empty(len(images))
+
+    def work(lo, hi):
+        for start, block in _blocks(images, kernel_dtype, lo, hi):
+            stop = start + len(block)
+            _normalize.normalize_stack(
+                block, target[start:stop], stretch, float(a), vmin[start:stop],
+                vmax[start:stop], True, interval, q_lo, q_hi, n_samples,
+                contrast, r0, r1, c0, c1,
+            )
+
+    _run(work, len(images), n_threads)
+    return out

@@ -118,6 +118,51 @@ cdef extern from *:
         double v = s * q + CUTANA_MAGIC;
         return (int)(v - CUTANA_MAGIC);
     }
+
+    /* Append the finite values of x[:n] that are <= lo to low[n_low++] and
+       those >= hi (hi > lo) to high[-(++n_high)]; NaN compares false. */
+    #define CUTANA_FILTER_SCALAR(T)                                         \
+        {   T v = x[k];                                                     \
+            if (v <= lo) { if (isfinite(v)) low[(*n_low)++] = v; }          \
+            else if (v >= hi) { if (isfinite(v)) high[-(++(*n_high))] = v; } }
+    static void cutana_filter_f32(const float* x, Py_ssize_t n, float lo,
+                                  float hi, float* low, Py_ssize_t* n_low,
+                                  float* high, Py_ssize_t* n_high) {
+        Py_ssize_t k = 0;
+    #if CUTANA_SSE2
+        __m128 vlo = _mm_set1_ps(lo), vhi = _mm_set1_ps(hi);
+        for (; k + 4 <= n; k += 4) {
+            __m128 v = _mm_loadu_ps(x + k);
+            int mask = _mm_movemask_ps(_mm_or_ps(_mm_cmple_ps(v, vlo),
+                                                 _mm_cmpge_ps(v, vhi)));
+            if (mask) {
+                Py_ssize_t k0 = k, k1 = k + 4;
+                for (k = k0; k < k1; k++) CUTANA_FILTER_SCALAR(float)
+                k = k0;
+            }
+        }
+    #endif
+        for (; k < n; k++) CUTANA_FILTER_SCALAR(float)
+    }
+    static void cutana_filter_f64(const double* x, Py_ssize_t n, double lo,
+                                  double hi, double* low, Py_ssize_t* n_low,
+                                  double* high, Py_ssize_t* n_high) {
+        Py_ssize_t k = 0;
+    #if CUTANA_SSE2
+        __m128d vlo = _mm_set1_pd(lo), vhi = _mm_set1_pd(hi);
+        for (; k + 2 <= n; k += 2) {
+            __m128d v = _mm_loadu_pd(x + k);
+            int mask = _mm_movemask_pd(_mm_or_pd(_mm_cmple_pd(v, vlo),
+                                                 _mm_cmpge_pd(v, vhi)));
+            if (mask) {
+                Py_ssize_t k0 = k, k1 = k + 2;
+                for (k = k0; k < k1; k++) CUTANA_FILTER_SCALAR(double)
+                k = k0;
+            }
+        }
+    #endif
+        for (; k < n; k++) CUTANA_FILTER_SCALAR(double)
+    }
     """
     double cutana_unit1(double x, double vmin, double inv) nogil
     void cutana_unit_f32(const float* x, Py_ssize_t n, double vmin, double inv,
@@ -129,6 +174,12 @@ cdef extern from *:
     void cutana_quant_u16(const double* u, Py_ssize_t n, uint16_t* out) nogil
     void cutana_to_f32(const double* u, Py_ssize_t n, float* out) nogil
     int cutana_quant1(double s, double q) nogil
+    void cutana_filter_f32(const float* x, Py_ssize_t n, float lo, float hi,
+                           float* low, Py_ssize_t* n_low, float* high,
+                           Py_ssize_t* n_high) nogil
+    void cutana_filter_f64(const double* x, Py_ssize_t n, double lo, double hi,
+                           double* low, Py_ssize_t* n_low, double* high,
+                           Py_ssize_t* n_high) nogil
 
 
 __all__ = [
@@ -369,6 +420,8 @@ cdef Py_ssize_t _gather_finite(
 cdef enum:
     # number of pixels probed to place the filter thresholds
     _N_PROBE = 1024
+    # lookup-table entry of a bin holding several quantisation thresholds
+    _LUT_MULTI = -1000
 
 
 cdef inline Py_ssize_t _probe_rank(Py_ssize_t k, Py_ssize_t n, Py_ssize_t m) noexcept nogil:
@@ -431,16 +484,10 @@ cdef bint _percentiles_filtered(
     high = buf + npix  # high values go to buf[npix - 1], buf[npix - 2], ...
     for r in range(r0, r1):
         row = img + r * width + c0
-        for c in range(w):
-            v = row[c]
-            if v <= t_lo:
-                if isfinite(v):
-                    buf[n_low] = v
-                    n_low += 1
-            elif v >= t_hi:
-                if isfinite(v):
-                    n_high += 1
-                    high[-n_high] = v
+        if floating is float:
+            cutana_filter_f32(row, w, t_lo, t_hi, buf, &n_low, high, &n_high)
+        else:
+            cutana_filter_f64(row, w, t_lo, t_hi, buf, &n_low, high, &n_high)
     if n_low < need_lo or n_high < need_hi:
         return False
     # the collected low values hold order statistics 0 .. n_low - 1, the
@@ -860,18 +907,20 @@ cdef inline void _store(out_t* dst, double s) noexcept nogil:
 
 
 cdef void _build_lut(
-    int16_t* lut, Py_ssize_t n_bins, int stretch, double a, double norm,
+    int16_t* lut, double* thr, Py_ssize_t n_bins, int stretch, double a,
+    double norm,
 ) noexcept nogil:
     """uint8 code of every bin ``[b / n_bins, (b + 1) / n_bins)`` of the
-    scaled value, or -1 where a quantisation threshold lies within
-    ``_LUT_EPS`` of the bin (pixels there are evaluated directly).
+    scaled value, or a negative entry for a bin that holds a quantisation
+    threshold (within ``_LUT_EPS``): ``-k`` when it holds only threshold
+    ``k``, whose position is ``thr[k]``, and ``_LUT_MULTI`` when it holds
+    several.
 
     Code ``k`` starts where ``stretch(u) * 255`` reaches ``k - 0.5``; those
     thresholds are placed with the inverse stretch, which agrees with the
     forward one far more closely than ``_LUT_EPS`` for the parameters that
     `_use_lut` admits.
     """
-    cdef double thr[256]
     cdef Py_ssize_t b, lo, hi, k
     for k in range(1, 256):
         thr[k] = _inverse((k - 0.5) / 255.0, stretch, a, norm)
@@ -897,7 +946,7 @@ cdef void _build_lut(
         if hi > n_bins:
             hi = n_bins
         for b in range(lo, hi + 1):
-            lut[b] = -1
+            lut[b] = <int16_t> (-k if lut[b] >= 0 else _LUT_MULTI)
 
 
 cdef bint _use_lut(int stretch, double a, Py_ssize_t npix) noexcept nogil:
@@ -913,28 +962,40 @@ cdef bint _use_lut(int stretch, double a, Py_ssize_t npix) noexcept nogil:
 
 cdef void _stretch_lut(
     const double* u, Py_ssize_t npix, int stretch, double a, double norm,
-    uint8_t* out, int16_t* lut, Py_ssize_t n_bins, Py_ssize_t* pending,
+    uint8_t* out, int16_t* lut, Py_ssize_t n_bins,
 ) noexcept nogil:
-    """uint8 codes of scaled values ``u`` through the lookup table; the
-    pixels whose bin the table cannot decide are evaluated directly."""
-    cdef Py_ssize_t k, n_pending = 0
+    """uint8 codes of scaled values ``u`` through the lookup table.
+
+    A pixel in a bin holding one threshold gets its code by comparing it
+    with the threshold; only pixels within ``_LUT_EPS`` of a threshold, or
+    in a bin holding several, are evaluated directly. Either way the code
+    is the one direct evaluation gives.
+    """
+    cdef Py_ssize_t k
     cdef double bins = <double> n_bins
-    cdef int16_t code
-    _build_lut(lut, n_bins, stretch, a, norm)
+    cdef double thr[256]
+    cdef double v, t
+    cdef int code
+    _build_lut(lut, thr, n_bins, stretch, a, norm)
     for k in range(npix):
-        code = lut[<Py_ssize_t> (u[k] * bins)]
+        v = u[k]
+        code = lut[<Py_ssize_t> (v * bins)]
+        if code < 0:
+            if code != _LUT_MULTI:
+                t = thr[-code]
+                if v < t - _LUT_EPS:
+                    code = -code - 1
+                elif v > t + _LUT_EPS:
+                    code = -code
+            if code < 0:
+                code = cutana_quant1(_stretch(v, stretch, a, norm), 255.0)
         out[k] = <uint8_t> code
-        pending[n_pending] = k
-        n_pending += code < 0
-    for k in range(n_pending):
-        out[pending[k]] = <uint8_t> cutana_quant1(
-            _stretch(u[pending[k]], stretch, a, norm), 255.0)
 
 
 cdef void _stretch_image(
     const floating* img, Py_ssize_t npix, double vmin, double vmax,
     int stretch, double a, double norm, out_t* out, double* u, int16_t* lut,
-    Py_ssize_t n_bins, Py_ssize_t* pending,
+    Py_ssize_t n_bins,
 ) noexcept nogil:
     """Scale, clip, stretch and quantise one image of ``npix`` pixels.
 
@@ -961,7 +1022,7 @@ cdef void _stretch_image(
     else:
         cutana_unit_f64(img, npix, vmin, inv, u)
     if out_t is uint8_t and lut != NULL:
-        _stretch_lut(u, npix, stretch, a, norm, out, lut, n_bins, pending)
+        _stretch_lut(u, npix, stretch, a, norm, out, lut, n_bins)
     else:
         if stretch == _STRETCH_SQRT:
             cutana_sqrt(u, npix)
@@ -1044,7 +1105,6 @@ def normalize_stack(
     cdef double norm
     cdef int status = 0
     cdef int16_t* lut = NULL
-    cdef Py_ssize_t* pending = NULL
     cdef double* u = NULL
     cdef _Scratch scratch
     cdef bint do_limits = compute and stretch != _STRETCH_NONE
@@ -1097,8 +1157,7 @@ def normalize_stack(
                 status = -1
         if status == 0 and n_bins > 0:
             lut = <int16_t*> malloc((n_bins + 1) * sizeof(int16_t))
-            pending = <Py_ssize_t*> malloc(npix * sizeof(Py_ssize_t))
-            if lut == NULL or pending == NULL:
+            if lut == NULL:
                 status = -1
         if status == 0:
             for i in range(n):
@@ -1107,10 +1166,9 @@ def normalize_stack(
                                 n_samples, contrast, r0, r1, c0, c1, &scratch,
                                 &vmin[i], &vmax[i])
                 _stretch_image(&data[i, 0, 0], npix, vmin[i], vmax[i], stretch,
-                               a, norm, &out[i, 0, 0], u, lut, n_bins, pending)
+                               a, norm, &out[i, 0, 0], u, lut, n_bins)
         free(u)
         free(lut)
-        free(pending)
         if do_limits:
             _scratch_free(&scratch)
     if status != 0:

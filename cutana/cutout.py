@@ -513,8 +513,12 @@ def _zero_size_edge(boxes):
     size as an array; for a ``(0, 0)`` size whose (empty) box ends at index 0
     on some axis, that call fails with a ValueError.
     """
-    stop = boxes.start + boxes.shape
-    return (boxes.code == BOX_OK) & (boxes.shape == 0).all(axis=1) & (stop == 0).any(axis=1)
+    shape = boxes.shape
+    zero = (shape[:, 0] == 0) & (shape[:, 1] == 0)
+    if not zero.any():
+        return zero
+    stop = boxes.start + shape
+    return (boxes.code == BOX_OK) & zero & ((stop[:, 0] == 0) | (stop[:, 1] == 0))
 
 
 class _LazyWCS:
@@ -899,7 +903,8 @@ class BatchCutout2D:
         native = dtype.newbyteorder("=")
         self._fill_error = None
         fill = None
-        needs_fill = (status == BOX_OK) & boxes.is_partial if mode == "partial" else None
+        partial = boxes.is_partial
+        needs_fill = (status == BOX_OK) & partial if mode == "partial" else None
         if needs_fill is not None and needs_fill.any():
             try:
                 fill = _fill_bytes(fill_value, native)[0]
@@ -930,7 +935,7 @@ class BatchCutout2D:
         self.positions = xy
         self.shapes = shapes
         self.status = status
-        self.partial = boxes.is_partial
+        self.partial = partial
         self._data = self._extract(data, boxes, fill, n_threads)
 
     def _raise_for(self, i, code):

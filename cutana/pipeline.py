@@ -60,6 +60,10 @@ FORMATS = ("zarr", "fits")
 DTYPES = ("float32", "uint8", "uint16")
 RESAMPLE = ("none", *RESAMPLE_METHODS)
 _CHUNKS_PER_TASK = 8
+# options that change how a run executes but never what it writes
+_EXECUTION_OPTIONS = (
+    "workers", "threads", "memory_limit", "backend", "scheduler", "max_sources_per_job",
+)
 
 
 @dataclass
@@ -196,7 +200,11 @@ class RunOptions:
         return kw
 
     def to_config(self):
-        """The options as a JSON-serialisable dict (stored with the output).
+        """The options that determine the output, as a JSON-serialisable dict.
+
+        Execution options (workers, threads, memory limit, backend,
+        scheduler, job size) are left out: they never change what is
+        written, so an output is identical whichever were used.
 
         Returns
         -------
@@ -204,7 +212,8 @@ class RunOptions:
             Option name → value.
         """
         config = asdict(self)
-        config.pop("scheduler", None)
+        for key in _EXECUTION_OPTIONS:
+            config.pop(key, None)
         return config
 
 
@@ -647,6 +656,13 @@ class _Runner:
             )
             raise ConfigError(msg)
         if resume:
+            saved = os.path.join(state_dir(self.output), "plan.npz")
+            if os.path.exists(saved):
+                old = Plan.load(saved)
+                if old.output_fingerprint() == plan.output_fingerprint():
+                    # keep the interrupted run's jobs, whatever the new job sizes
+                    self.plan = plan = old
+                    fingerprint = plan.fingerprint()
             state = Ledger(self.output).read()
             if state.fingerprint != fingerprint:
                 msg = (

@@ -425,7 +425,7 @@ def _tree_rss(root, is_worker):
     is_worker : dict
         Cache of process id -> whether that process is an ESA Cutana worker
         (runs ``cutana.cutout_process``), filled in as processes appear so
-        that each command line is read once.
+        that a worker's command line is read only until it is recognised.
 
     Returns
     -------
@@ -444,13 +444,13 @@ def _tree_rss(root, is_worker):
     for proc in processes:
         try:
             total += proc.memory_info().rss
-            if proc.pid not in is_worker:
-                is_worker[proc.pid] = proc is not root and _WORKER_MARKER in " ".join(
-                    proc.cmdline()
-                )
+            # Only a positive answer is cached: just after fork, before exec,
+            # a worker still shows the driver's command line.
+            if proc is not root and not is_worker.get(proc.pid, False):
+                is_worker[proc.pid] = _WORKER_MARKER in " ".join(proc.cmdline())
         except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
             continue
-        workers += is_worker[proc.pid]
+        workers += is_worker.get(proc.pid, False)
     return total, workers
 
 

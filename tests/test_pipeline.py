@@ -1,0 +1,322 @@
+# Licensed under a 3-clause BSD style license - see LICENSE.rst
+"""End-to-end tests of the pipeline against astropy's own Cutout2D."""
+
+import os
+
+import numpy as np
+import pytest
+from astropy.coordinates import SkyCoord
+from astropy.io import fits
+from astropy.nddata import Cutout2D as AstropyCutout2D
+from astropy.wcs import WCS
+
+import cutana
+from cutana.bench.synthetic import make_survey
+from cutana.exceptions import ConfigError
+from cutana.status import Status
+
+BANDS = ("VIS", "NIR-H")
+
+
+@pytest.fixture(scope="module")
+def survey(tmp_path_factory):
+    """A small synthetic survey: 2 tiles x 2 bands, 80 sources of every kind."""
+    out = tmp_path_factory.mktemp("survey")
+    return make_survey(
+        out,
+        n_tiles=2,
+        bands=BANDS,
+        tile_size=240,
+        n_sources=80,
+        overlap_pixels=30,
+        edge_fraction=0.1,
+        off_tile_fraction=0.05,
+        bad_row_fraction=0.05,
+        size_range_pixels=(12, 30),
+        seed=3,
+    )
+
+
+def _tile_data(path):
+    with fits.open(path) as hdul:
+        hdu = next(h for h in hdul if h.data is not None and h.data.ndim == 2)
+        return np.array(hdu.data, dtype=np.float64), WCS(hdu.header), hdu.header
+
+
+def _reference(path, ra, dec, size, mode="partial"):
+    data, wcs, header = _tile_data(path)
+    pos = SkyCoord(ra, dec, unit="deg")
+    return AstropyCutout2D(data, pos, size, wcs=wcs, mode=mode, fill_value=np.nan)
+
+
+def _tile_paths(archive, i):
+    return archive.attrs["tiles"][int(archive.tile[i])]["paths"]
+
+
+def _files_bytes(root):
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as fh:
+                out[os.path.relpath(path, root)] = fh.read()
+    return out
+
+
+@pytest.fixture(scope="module")
+def zarr_run(survey, tmp_path_factory):
+    """One unresampled float32 run with a fixed size, serial backend."""
+    out = tmp_path_factory.mktemp("run") / "cutouts.zarr"
+    report = cutana.make_cutouts(survey.catalogue_path, out, size=21, progress=False)
+    return out, report
+
+
+def test_zarr_values_equal_astropy_cutout2d(survey, zarr_run):
+    """Test that every cut source equals astropy Cutout2D on its tile, band by band."""
+    out, report = zarr_run
+    archive = cutana.open(out)
+    assert archive.images.shape == (survey.n_sources, len(BANDS), 21, 21)
+    assert archive.bands == list(BANDS)
+    checked = 0
+    for i in range(len(archive)):
+        if archive.status[i] not in (Status.OK, Status.PARTIAL_OVERLAP):
+            continue
+        for c, path in enumerate(_tile_paths(archive, i)):
+            ref = _reference(path, archive.ra[i], archive.dec[i], 21)
+            got = np.asarray(archive.images[i, c])
+            np.testing.assert_array_equal(got, ref.data.astype(np.float32))
+            assert os.path.basename(path).split("_")[2].endswith(BANDS[c])
+        checked += 1
+    assert checked > 40
+
+
+def test_statuses_match_truth(survey, zarr_run):
+    """Test that every row gets the status the survey's truth table expects."""
+    out, report = zarr_run
+    archive = cutana.open(out)
+    truth = survey.truth
+    status = np.asarray(archive.status)
+    assert len(status) == survey.n_sources
+    assert not (status == Status.PENDING).any()
+    expected = np.array(truth["expected_status"])
+    # --size overrides the size column, so a bad size alone does not make a bad row
+    size_only = np.char.find(np.array(truth["bad_kind"], dtype=str), "size") >= 0
+    expected[size_only] = truth["category_status_if_valid"][size_only] if (
+        "category_status_if_valid" in truth.colnames
+    ) else Status.OK
+    np.testing.assert_array_equal(status[truth["row"]], expected)
+    for name, count in report.counts.items():
+        assert np.count_nonzero(status == Status[name]) == count
+    assert report.exit_code == 0
+
+
+def test_wcs_of_output_matches_astropy(survey, zarr_run):
+    """Test that cutana.open(...).wcs(i) equals the WCS astropy gives the cutout."""
+    out, _ = zarr_run
+    archive = cutana.open(out)
+    i = int(np.flatnonzero(np.asarray(archive.status) == Status.OK)[0])
+    ref = _reference(_tile_paths(archive, i)[0], archive.ra[i], archive.dec[i], 21)
+    got = archive.wcs(i)
+    pix = np.array([[0, 0], [10, 3], [20, 20]], dtype=float)
+    a = got.pixel_to_world_values(pix[:, 0], pix[:, 1])
+    b = ref.wcs.pixel_to_world_values(pix[:, 0], pix[:, 1])
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-10)
+
+
+def test_fits_output_matches_zarr(survey, zarr_run, tmp_path):
+    """Test that the FITS output holds the same cutouts, ids and an index of every row."""
+    zout, _ = zarr_run
+    zarch = cutana.open(zout)
+    out = tmp_path / "fits"
+    report = cutana.make_cutouts(
+        survey.catalogue_path, out, size=21, format="fits", progress=False
+    )
+    assert report.exit_code == 0
+    from astropy.table import Table
+
+    index = Table.read(out / "index.ecsv")
+    assert len(index) == survey.n_sources
+    np.testing.assert_array_equal(index["status"], np.asarray(zarch.status))
+    for row in index:
+        if row["status"] not in (Status.OK, Status.PARTIAL_OVERLAP):
+            assert not row["file"] or row["file"] is np.ma.masked
+            continue
+        path = out / row["file"]
+        assert path.resolve().parent == out.resolve()
+        with fits.open(path) as hdul:
+            images = [h for h in hdul if h.data is not None]
+            assert [h.header["EXTNAME"] for h in images] == list(BANDS)
+            assert images[0].header["SRCID"] == row["source_id"]
+            for c, h in enumerate(images):
+                np.testing.assert_array_equal(h.data, zarch.images[row["row"], c])
+
+
+def test_processes_and_serial_give_identical_bytes(survey, zarr_run, tmp_path):
+    """Test that two worker processes write exactly the bytes of a serial run."""
+    out, _ = zarr_run
+    out2 = tmp_path / "p.zarr"
+    cutana.make_cutouts(
+        survey.catalogue_path, out2, size=21, workers=2, backend="processes",
+        max_sources_per_job=7, progress=False,
+    )
+    assert _files_bytes(out) == _files_bytes(out2)
+
+
+def test_flux_conversion_and_weights(survey, zarr_run, tmp_path):
+    """Test that flux conversion multiplies by 3631 * 10**(-0.4 * MAGZERO) and weights apply."""
+    out, _ = zarr_run
+    base = cutana.open(out)
+    out2 = tmp_path / "flux.zarr"
+    cutana.make_cutouts(
+        survey.catalogue_path, out2, size=21, flux_conversion=True,
+        channel_weights=[2.0, 0.5], progress=False,
+    )
+    conv = cutana.open(out2)
+    i = int(np.flatnonzero(np.asarray(base.status) == Status.OK)[0])
+    for c, w in enumerate([2.0, 0.5]):
+        zp = fits.getheader(_tile_paths(base, i)[c], survey.hdu)["MAGZERO"]
+        expect = np.asarray(base.images[i, c], dtype=np.float64) * 3631 * 10 ** (-0.4 * zp) * w
+        np.testing.assert_allclose(conv.images[i, c], expect, rtol=2e-6)
+
+
+def test_resampled_bilinear_matches_scipy(survey, zarr_run, tmp_path):
+    """Test that bilinear resampling equals scipy map_coordinates on astropy's cutout."""
+    from scipy.ndimage import map_coordinates
+
+    out = tmp_path / "res.zarr"
+    cutana.make_cutouts(
+        survey.catalogue_path, out, size=20, target_size=32, resample="bilinear",
+        progress=False,
+    )
+    arch = cutana.open(out)
+    ok = np.flatnonzero(np.asarray(arch.status) == Status.OK)[:5]
+    for i in ok:
+        ref = _reference(_tile_paths(arch, i)[0], arch.ra[i], arch.dec[i], 20)
+        coords = (np.arange(32) + 0.5) * 20 / 32 - 0.5
+        yy, xx = np.meshgrid(coords, coords, indexing="ij")
+        expect = map_coordinates(ref.data, [yy, xx], order=1, mode="nearest")
+        np.testing.assert_allclose(arch.images[i, 0], expect, rtol=1e-5, atol=1e-4)
+
+
+def test_asinh_uint8_matches_astropy_visualization(survey, zarr_run, tmp_path):
+    """Test that asinh to uint8 equals astropy.visualization on the same cutout."""
+    from astropy.visualization import AsinhStretch, PercentileInterval
+
+    out, _ = zarr_run
+    base = cutana.open(out)
+    out2 = tmp_path / "asinh.zarr"
+    cutana.make_cutouts(
+        survey.catalogue_path, out2, size=21, normalize="asinh", dtype="uint8",
+        progress=False,
+    )
+    arch = cutana.open(out2)
+    assert arch.images.dtype == np.uint8
+    for i in np.flatnonzero(np.asarray(base.status) == Status.OK)[:5]:
+        img = np.asarray(base.images[i, 1], dtype=np.float64)
+        vmin, vmax = PercentileInterval(99.8).get_limits(img[np.isfinite(img)])
+        scaled = np.clip((img - vmin) / (vmax - vmin), 0, 1)
+        expect = np.round(AsinhStretch(0.1)(scaled) * 255)
+        assert np.max(np.abs(arch.images[i, 1].astype(int) - expect)) <= 1
+
+
+def test_iter_cutouts_yields_same_images(survey, zarr_run):
+    """Test that the in-memory iterator yields the cutouts the Zarr run wrote."""
+    out, _ = zarr_run
+    arch = cutana.open(out)
+    seen = 0
+    for batch in cutana.iter_cutouts(survey.catalogue_path, size=21):
+        assert batch.images.shape[1:] == (len(BANDS), 21, 21)
+        for k, r in enumerate(batch.rows):
+            np.testing.assert_array_equal(batch.images[k], arch.images[r])
+            assert batch.source_id[k] == arch.source_id[r]
+        seen += len(batch.rows)
+    assert seen == int(np.isin(np.asarray(arch.status), [0, 1]).sum())
+
+
+def test_existing_output_refused_then_overwritten(survey, tmp_path):
+    """Test that an existing output is refused without --overwrite and replaced with it."""
+    out = tmp_path / "o.zarr"
+    cutana.make_cutouts(survey.catalogue_path, out, size=15, progress=False)
+    with pytest.raises(ConfigError, match="already exists"):
+        cutana.make_cutouts(survey.catalogue_path, out, size=15, progress=False)
+    report = cutana.make_cutouts(
+        survey.catalogue_path, out, size=17, overwrite=True, progress=False
+    )
+    assert cutana.open(out).images.shape[2:] == (17, 17)
+    assert report.exit_code == 0
+
+
+def test_resume_after_interruption_is_byte_identical(survey, zarr_run, tmp_path, monkeypatch):
+    """Test that a run interrupted mid-way and resumed equals an uninterrupted run."""
+    from cutana import pipeline
+
+    clean, _ = zarr_run
+    out = tmp_path / "r.zarr"
+    calls = {"n": 0}
+    original = pipeline._Runner._on_done
+
+    def crashing(self, task, result):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt  # simulate the process dying after 3 results
+        return original(self, task, result)
+
+    monkeypatch.setattr(pipeline._Runner, "_on_done", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        cutana.make_cutouts(
+            survey.catalogue_path, out, size=21, max_sources_per_job=5, progress=False
+        )
+    monkeypatch.setattr(pipeline._Runner, "_on_done", original)
+    with pytest.raises(ConfigError, match="already exists"):
+        cutana.make_cutouts(survey.catalogue_path, out, size=21, progress=False)
+    # resuming with other execution options keeps the interrupted run's jobs
+    report = cutana.make_cutouts(
+        survey.catalogue_path, out, size=21, resume=True, workers=2, progress=False
+    )
+    assert report.exit_code == 0
+    assert _files_bytes(clean) == _files_bytes(out)
+
+
+def test_corrupt_tile_marks_only_its_sources(survey, tmp_path):
+    """Test that a truncated tile fails only its own sources, with TILE_ERROR and exit 1."""
+    import shutil
+
+    src = os.path.dirname(survey.tile_paths[0][0])
+    dst = tmp_path / "tiles"
+    shutil.copytree(src, dst)
+    victim = dst / os.path.basename(survey.tile_paths[1][1])
+    size = os.path.getsize(victim)
+    with open(victim, "r+b") as fh:
+        fh.truncate(size // 2)
+    out = tmp_path / "c.zarr"
+    report = cutana.make_cutouts(
+        survey.catalogue_path, out, size=21, tiles=[str(dst / "*.fits")], progress=False
+    )
+    arch = cutana.open(out)
+    status = np.asarray(arch.status)
+    assert report.exit_code == 1
+    assert len(status) == survey.n_sources
+    assert not (status == Status.PENDING).any()
+    assert report.failures
+    truth = survey.truth
+    # sources that the truth puts on the intact tile are unaffected
+    on0 = (truth["tile"] == 0) & (truth["expected_status"] == Status.OK)
+    assert np.all(status[truth["row"][on0]] == Status.OK)
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"resample": "cubic"}, "invalid resample"),
+        ({"target_size": 0}, "invalid target_size"),
+        ({"dtype": "uint8"}, "needs a stretch"),
+        ({"resample": "bilinear"}, "needs target_size"),
+        ({"memory_limit": "lots"}, "cannot parse memory size"),
+        ({"workers": 0}, "invalid workers"),
+        ({"memory_limit": "1MB", "size": 21}, "too small"),
+    ],
+)
+def test_bad_options_are_clear_errors(survey, tmp_path, options, match):
+    """Test that invalid options raise ConfigError naming the option."""
+    with pytest.raises((ConfigError, ValueError), match=match):
+        cutana.make_cutouts(survey.catalogue_path, tmp_path / "x", progress=False, **options)

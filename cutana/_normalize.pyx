@@ -119,6 +119,46 @@ cdef extern from *:
         return (int)(v - CUTANA_MAGIC);
     }
 
+    /* uint8 codes through the lookup table `lut` over `n_bins` bins of the
+       scaled value u = clip((x - vmin) * inv, 0, 1) (see _build_lut): bin
+       entries >= 0 are codes; -k marks a bin holding only threshold k, at
+       thr[k], decided by comparison unless u lies within eps of it; such
+       pixels and those in bins marked `multi` get code -1, to be evaluated
+       directly by the caller (listed in pending[:return value]). */
+    #define CUTANA_LUT_LOOP(T)                                              \
+        Py_ssize_t k, n_pending = 0;                                        \
+        double scale = inv * (double)n_bins;                                \
+        for (k = 0; k < n; k++) {                                           \
+            double b = ((double)x[k] - vmin) * scale;                       \
+            int code;                                                       \
+            b = b > 0.0 ? b : 0.0;                                          \
+            b = b < (double)n_bins ? b : (double)n_bins;                    \
+            code = lut[(Py_ssize_t)b];                                      \
+            if (code < 0) {                                                 \
+                double u = cutana_unit1((double)x[k], vmin, inv);           \
+                if (code != multi) {                                        \
+                    double t = thr[-code];                                  \
+                    if (u < t - eps) code = -code - 1;                      \
+                    else if (u > t + eps) code = -code;                     \
+                }                                                           \
+                if (code < 0) pending[n_pending++] = k;                     \
+            }                                                               \
+            out[k] = (uint8_t)code;                                         \
+        }                                                                   \
+        return n_pending;
+    static Py_ssize_t cutana_lut_f32(
+            const float* x, Py_ssize_t n, double vmin, double inv,
+            const int16_t* lut, Py_ssize_t n_bins, const double* thr,
+            double eps, int multi, uint8_t* out, Py_ssize_t* pending) {
+        CUTANA_LUT_LOOP(float)
+    }
+    static Py_ssize_t cutana_lut_f64(
+            const double* x, Py_ssize_t n, double vmin, double inv,
+            const int16_t* lut, Py_ssize_t n_bins, const double* thr,
+            double eps, int multi, uint8_t* out, Py_ssize_t* pending) {
+        CUTANA_LUT_LOOP(double)
+    }
+
     /* Append the finite values of x[:n] that are <= lo to low[n_low++] and
        those >= hi (hi > lo) to high[-(++n_high)]; NaN compares false. */
     #define CUTANA_FILTER_SCALAR(T)                                         \
@@ -174,6 +214,14 @@ cdef extern from *:
     void cutana_quant_u16(const double* u, Py_ssize_t n, uint16_t* out) nogil
     void cutana_to_f32(const double* u, Py_ssize_t n, float* out) nogil
     int cutana_quant1(double s, double q) nogil
+    Py_ssize_t cutana_lut_f32(
+        const float* x, Py_ssize_t n, double vmin, double inv,
+        const int16_t* lut, Py_ssize_t n_bins, const double* thr, double eps,
+        int multi, uint8_t* out, Py_ssize_t* pending) nogil
+    Py_ssize_t cutana_lut_f64(
+        const double* x, Py_ssize_t n, double vmin, double inv,
+        const int16_t* lut, Py_ssize_t n_bins, const double* thr, double eps,
+        int multi, uint8_t* out, Py_ssize_t* pending) nogil
     void cutana_filter_f32(const float* x, Py_ssize_t n, float lo, float hi,
                            float* low, Py_ssize_t* n_low, float* high,
                            Py_ssize_t* n_high) nogil
@@ -961,35 +1009,30 @@ cdef bint _use_lut(int stretch, double a, Py_ssize_t npix) noexcept nogil:
 
 
 cdef void _stretch_lut(
-    const double* u, Py_ssize_t npix, int stretch, double a, double norm,
-    uint8_t* out, int16_t* lut, Py_ssize_t n_bins,
+    const floating* img, Py_ssize_t npix, double vmin, double inv,
+    int stretch, double a, double norm, uint8_t* out, int16_t* lut,
+    Py_ssize_t n_bins, Py_ssize_t* pending,
 ) noexcept nogil:
-    """uint8 codes of scaled values ``u`` through the lookup table.
+    """uint8 codes through the lookup table, straight from the pixels.
 
-    A pixel in a bin holding one threshold gets its code by comparing it
-    with the threshold; only pixels within ``_LUT_EPS`` of a threshold, or
-    in a bin holding several, are evaluated directly. Either way the code
-    is the one direct evaluation gives.
+    A pixel in a bin holding one threshold gets its code by comparing its
+    scaled value with the threshold; only pixels within ``_LUT_EPS`` of a
+    threshold, or in a bin holding several, are evaluated directly. Either
+    way the code is the one direct evaluation gives.
     """
-    cdef Py_ssize_t k
-    cdef double bins = <double> n_bins
+    cdef Py_ssize_t k, n_pending
     cdef double thr[256]
-    cdef double v, t
-    cdef int code
     _build_lut(lut, thr, n_bins, stretch, a, norm)
-    for k in range(npix):
-        v = u[k]
-        code = lut[<Py_ssize_t> (v * bins)]
-        if code < 0:
-            if code != _LUT_MULTI:
-                t = thr[-code]
-                if v < t - _LUT_EPS:
-                    code = -code - 1
-                elif v > t + _LUT_EPS:
-                    code = -code
-            if code < 0:
-                code = cutana_quant1(_stretch(v, stretch, a, norm), 255.0)
-        out[k] = <uint8_t> code
+    if floating is float:
+        n_pending = cutana_lut_f32(img, npix, vmin, inv, lut, n_bins, thr,
+                                   _LUT_EPS, _LUT_MULTI, out, pending)
+    else:
+        n_pending = cutana_lut_f64(img, npix, vmin, inv, lut, n_bins, thr,
+                                   _LUT_EPS, _LUT_MULTI, out, pending)
+    for k in range(n_pending):
+        out[pending[k]] = <uint8_t> cutana_quant1(
+            _stretch(cutana_unit1(img[pending[k]], vmin, inv), stretch, a, norm),
+            255.0)
 
 
 cdef void _stretch_image(
@@ -1017,13 +1060,14 @@ cdef void _stretch_image(
         return
     span = vmax - vmin
     inv = (1.0 / span) if span != 0 else 1.0
-    if floating is float:
-        cutana_unit_f32(img, npix, vmin, inv, u)
-    else:
-        cutana_unit_f64(img, npix, vmin, inv, u)
     if out_t is uint8_t and lut != NULL:
-        _stretch_lut(u, npix, stretch, a, norm, out, lut, n_bins)
+        _stretch_lut(img, npix, vmin, inv, stretch, a, norm, out, lut, n_bins,
+                     <Py_ssize_t*> u)
     else:
+        if floating is float:
+            cutana_unit_f32(img, npix, vmin, inv, u)
+        else:
+            cutana_unit_f64(img, npix, vmin, inv, u)
         if stretch == _STRETCH_SQRT:
             cutana_sqrt(u, npix)
         elif stretch == _STRETCH_LOG:

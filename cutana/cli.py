@@ -182,6 +182,8 @@ def build_parser():
                        description="Check an output: every row accounted for, statuses "
                        "consistent, chunks present and matching their checksums.")
     p.add_argument("output", help="output folder of a run")
+    p.add_argument("--catalogue", help="catalogue to check against (default: the "
+                   "one recorded in the output)")
 
     p = sub.add_parser("bench", help="run the benchmark harness",
                        description="Run benchmark scenarios against Astropy (and ESA "
@@ -339,7 +341,7 @@ def _cmd_demo(ns):
 def _cmd_verify(ns):
     from .verify import verify
 
-    problems = verify(ns.output)
+    problems = verify(ns.output, ns.catalogue)
     for p in problems:
         print(p)
     if problems:

@@ -319,6 +319,7 @@ class _Prepared:
     plan: Plan
     options: RunOptions
     settings: CutSettings
+    catalog_path: str | None = None
 
 
 def _prepare(catalog, options, *, parent_bytes=None):
@@ -419,7 +420,10 @@ def _prepare(catalog, options, *, parent_bytes=None):
         norm_kwargs=options.norm_kwargs(),
         n_threads=options.threads,
     )
-    return _Prepared(cat, index, plan, options, settings)
+    path = None
+    if isinstance(catalog, (str, os.PathLike)):
+        path = os.path.abspath(os.fspath(catalog))
+    return _Prepared(cat, index, plan, options, settings, path)
 
 
 def _diameters(cat, index, options, tile=None):
@@ -700,6 +704,7 @@ class _Runner:
                 dec=cat.dec,
                 config=self.p.options.to_config(),
                 tiles=[_tile_record(t) for t in self.p.index.tiles],
+                attrs={"catalogue": self.p.catalog_path},
                 overwrite=overwrite,
             )
         else:
@@ -811,7 +816,11 @@ class _Runner:
                 self.messages,
                 ra=self.p.catalog.ra,
                 dec=self.p.catalog.dec,
-                meta={"bands": list(self.p.index.bands), "config": self.p.options.to_config()},
+                meta={
+                    "bands": list(self.p.index.bands),
+                    "config": self.p.options.to_config(),
+                    "catalogue": self.p.catalog_path,
+                },
             )
 
     def close(self, report):

@@ -1,0 +1,87 @@
+# Licensed under a 3-clause BSD style license - see LICENSE.rst
+"""
+``cutana verify``: check an output against its catalogue and its checksums.
+
+The structural checks (every row has a known final status, arrays have the
+right shapes and dtypes, every chunk is present and matches the checksum
+recorded when it was committed) are those of `cutana.io.verify_output`.
+This module adds the check against a fresh validation of the catalogue:
+the output must have one row per catalogue row, the same ids in the same
+order, and a row is ``BAD_ROW`` exactly when the catalogue row is invalid.
+"""
+
+import os
+
+import numpy as np
+
+from .catalog import read_catalog
+from .exceptions import CatalogError
+from .io.archive import open_output, verify_output
+from .status import Status
+
+__all__ = ["verify"]
+
+
+def verify(output, catalogue=None):
+    """Check an output; return the list of problems (empty when all is well).
+
+    Parameters
+    ----------
+    output : str or path-like
+        The output of a run (Zarr store or FITS folder).
+    catalogue : str or path-like, optional
+        The catalogue to check against; by default the one recorded in the
+        output when it was written.
+
+    Returns
+    -------
+    problems : list of str
+        One message per problem, naming the row and what is wrong.
+    """
+    output = os.fspath(output)
+    problems = verify_output(output)
+    try:
+        archive = open_output(output)
+    except (OSError, ValueError, KeyError) as exc:
+        return [*problems, f"{output}: cannot be opened: {exc}"]
+    source = catalogue or archive.attrs.get("catalogue")
+    if not source:
+        problems.append(f"{output}: no catalogue recorded; pass one to check against")
+        return problems
+    if not os.path.exists(source):
+        problems.append(f"{output}: its catalogue {source} no longer exists")
+        return problems
+    size = archive.config.get("size")
+    try:
+        cat = read_catalog(source, size=size)
+    except CatalogError as exc:
+        problems.append(f"{source}: {exc}")
+        return problems
+    status = np.asarray(archive.status)
+    if len(cat) != len(status):
+        problems.append(
+            f"{output}: {len(status)} rows, but the catalogue {source} has {len(cat)}"
+        )
+        return problems
+    ids = np.asarray(archive.source_id).astype(str)
+    differ = np.flatnonzero(ids != cat.source_id.astype(str))
+    for r in differ[:20]:
+        problems.append(
+            f"row {r}: source_id {ids[r]!r} but the catalogue has {cat.source_id[r]!r}"
+        )
+    bad = np.asarray(cat.status) == Status.BAD_ROW
+    marked_ok = np.flatnonzero(bad & (status != Status.BAD_ROW))
+    for r in marked_ok[:20]:
+        problems.append(
+            f"row {r}: status {Status(int(status[r])).name} but the catalogue row is "
+            f"invalid ({cat.messages.get(int(r), 'bad row')})"
+        )
+    wrongly_bad = np.flatnonzero(~bad & (status == Status.BAD_ROW))
+    for r in wrongly_bad[:20]:
+        problems.append(f"row {r}: status BAD_ROW but the catalogue row is valid")
+    n_more = len(differ) + len(marked_ok) + len(wrongly_bad) - min(20, len(differ)) - min(
+        20, len(marked_ok)
+    ) - min(20, len(wrongly_bad))
+    if n_more > 0:
+        problems.append(f"... and {n_more} more row problems")
+    return problems

@@ -1,0 +1,209 @@
+# Licensed under a 3-clause BSD style license - see LICENSE.rst
+"""Tests of the ``cutana`` command: options, exit codes, config files."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import cutana
+from cutana.bench.synthetic import make_survey
+from cutana.cli import build_parser, main
+from cutana.status import Status
+
+
+@pytest.fixture(scope="module")
+def survey(tmp_path_factory):
+    """A tiny survey: 2 tiles x 1 band, 40 sources with bad rows and edges."""
+    return make_survey(
+        tmp_path_factory.mktemp("survey"),
+        n_tiles=2,
+        bands=("VIS",),
+        tile_size=160,
+        n_sources=40,
+        overlap_pixels=20,
+        edge_fraction=0.1,
+        off_tile_fraction=0.05,
+        bad_row_fraction=0.1,
+        size_range_pixels=(10, 20),
+        seed=5,
+    )
+
+
+def test_help_documents_every_contract_option():
+    """Test that ``cutana run --help`` documents every option DESIGN.md requires."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    text = sub.choices["run"].format_help()
+    for flag in (
+        "--tiles", "--size", "--target-size", "--resample", "--normalize", "--dtype",
+        "--flux-conversion", "--zeropoint-keyword", "--format", "--workers",
+        "--memory-limit", "--backend", "--scheduler", "--resume", "--config",
+        "--output",
+    ):
+        assert flag in text
+    for choice in ("nearest", "bilinear", "area", "asinh", "zscale", "uint16", "dask"):
+        assert choice in text
+
+
+def test_installed_command_runs():
+    """Test that the installed ``cutana`` entry point answers --version."""
+    exe = shutil.which("cutana")
+    if exe is None:
+        pytest.skip("the cutana command is not on PATH (package not installed)")
+    out = subprocess.run([exe, "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == f"cutana {cutana.__version__}"
+
+
+def test_run_exit_zero_and_output(survey, tmp_path, capsys):
+    """Test that a clean run exits 0 and accounts for every row in status."""
+    out = tmp_path / "o.zarr"
+    code = main(["run", survey.catalogue_path, "--output", str(out), "--size", "15",
+                 "--no-progress"])
+    assert code == 0
+    status = np.asarray(cutana.open(out).status)
+    assert len(status) == survey.n_sources
+    assert set(np.unique(status)) <= {0, 1, 2, 3}
+    assert (status == Status.BAD_ROW).sum() >= 1
+    err = capsys.readouterr().err
+    assert "cutouts/s" in err and "peak memory" in err
+
+
+def test_run_with_tiles_glob_and_fits(survey, tmp_path):
+    """Test --tiles with a glob and --format fits."""
+    out = tmp_path / "f"
+    folder = os.path.dirname(survey.tile_paths[0][0])
+    code = main(["run", survey.catalogue_path, "-o", str(out), "--tiles",
+                 os.path.join(folder, "*.fits"), "--size", "15", "--format", "fits",
+                 "--no-progress"])
+    assert code == 0
+    assert (out / "index.ecsv").exists()
+
+
+def test_existing_output_is_usage_error(survey, tmp_path, capsys):
+    """Test that writing into an existing output without --resume exits 2."""
+    out = tmp_path / "o.zarr"
+    args = ["run", survey.catalogue_path, "-o", str(out), "--size", "15", "--no-progress"]
+    assert main(args) == 0
+    assert main(args) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main([*args, "--resume"]) == 0  # already complete: nothing to do
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--resample", "bilinear"], "needs target_size"),
+        (["--dtype", "uint8"], "needs a stretch"),
+        (["--memory-limit", "12 parsecs"], "cannot parse memory size"),
+    ],
+)
+def test_config_errors_exit_two(survey, tmp_path, capsys, extra, message):
+    """Test that inconsistent options exit 2 with a message naming the problem."""
+    code = main(["run", survey.catalogue_path, "-o", str(tmp_path / "x"), "--size", "9",
+                 "--no-progress", *extra])
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_argparse_errors_exit_two(survey, tmp_path):
+    """Test that unknown options and bad values exit 2."""
+    for extra in (["--normalise", "asinh"], ["--workers", "0"], ["--resample", "cubic"]):
+        with pytest.raises(SystemExit) as exc:
+            main(["run", survey.catalogue_path, "-o", str(tmp_path / "x"), *extra])
+        assert exc.value.code == 2
+
+
+def test_missing_catalogue_exit_two(tmp_path, capsys):
+    """Test that a missing catalogue is a usage error naming the file."""
+    code = main(["run", str(tmp_path / "nope.csv"), "-o", str(tmp_path / "x"), "--size", "9"])
+    assert code == 2
+    assert "nope.csv" in capsys.readouterr().err
+
+
+def test_config_file_equivalent_to_flags(survey, tmp_path):
+    """Test that a TOML config gives the same output as the same flags."""
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('size = 13\nnormalize = "sqrt"\ndtype = "uint16"\n')
+    a, b = tmp_path / "a.zarr", tmp_path / "b.zarr"
+    assert main(["run", survey.catalogue_path, "-o", str(a), "--config", str(cfg),
+                 "--no-progress"]) == 0
+    assert main(["run", survey.catalogue_path, "-o", str(b), "--size", "13", "--normalize",
+                 "sqrt", "--dtype", "uint16", "--no-progress"]) == 0
+    np.testing.assert_array_equal(cutana.open(a).images[:], cutana.open(b).images[:])
+    assert cutana.open(a).images.dtype == np.uint16
+
+
+def test_config_file_typo_suggests_name(survey, tmp_path, capsys):
+    """Test that an unknown config key is an error suggesting the closest option."""
+    cfg = tmp_path / "run.toml"
+    cfg.write_text("normalise = 'asinh'\n")
+    with pytest.raises(SystemExit) as exc:
+        main(["run", survey.catalogue_path, "-o", str(tmp_path / "x"), "--config", str(cfg)])
+    assert exc.value.code == 2
+    assert "did you mean 'normalize'" in capsys.readouterr().err
+
+
+def test_flags_override_config(survey, tmp_path):
+    """Test that a command-line flag wins over the config file."""
+    cfg = tmp_path / "run.toml"
+    cfg.write_text("size = 13\n")
+    out = tmp_path / "o.zarr"
+    assert main(["run", survey.catalogue_path, "-o", str(out), "--config", str(cfg),
+                 "--size", "11", "--no-progress"]) == 0
+    assert cutana.open(out).images.shape[2:] == (11, 11)
+
+
+def test_plan_prints_summary_without_cutting(survey, tmp_path, capsys):
+    """Test that ``cutana plan`` prints jobs and memory estimate and writes nothing."""
+    code = main(["plan", survey.catalogue_path, "--size", "15", "--memory-limit", "2GB"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "jobs" in out and "estimated peak" in out and "2.0 GB" in out
+
+
+def test_verify_detects_tampering(survey, tmp_path, capsys):
+    """Test that ``cutana verify`` passes a fresh output and fails a damaged one."""
+    out = tmp_path / "o.zarr"
+    assert main(["run", survey.catalogue_path, "-o", str(out), "--size", "15",
+                 "--no-progress"]) == 0
+    assert main(["verify", str(out)]) == 0
+    chunk = next(p for p in (out / "images").rglob("*") if p.is_file() and p.name != "zarr.json")
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    assert main(["verify", str(out)]) == 1
+
+
+def test_verify_detects_bad_row_marked_ok(survey, tmp_path):
+    """Test that a bad catalogue row stored as OK is reported by verify."""
+    import zarr
+
+    out = tmp_path / "o.zarr"
+    assert main(["run", survey.catalogue_path, "-o", str(out), "--size", "15",
+                 "--no-progress"]) == 0
+    status = zarr.open_array(out / "status", mode="r+")
+    values = status[:]
+    bad = int(np.flatnonzero(values == Status.BAD_ROW)[0])
+    values[bad] = Status.OK
+    status[:] = values
+    from cutana.verify import verify
+
+    problems = verify(out)
+    assert any(f"row {bad}" in p for p in problems)
+
+
+def test_module_entry_point(survey, tmp_path):
+    """Test that ``python -m cutana.cli run`` works as a subprocess, exit code included."""
+    out = tmp_path / "sub.zarr"
+    env = dict(os.environ)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cutana.cli", "run", survey.catalogue_path, "-o", str(out),
+         "--size", "15", "--workers", "2"],
+        capture_output=True, text=True, env=env, cwd=str(tmp_path),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "OK" in proc.stderr

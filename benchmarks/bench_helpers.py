@@ -15,7 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["format_rate", "make_tile", "markdown_table", "print_environment", "time_best"]
+__all__ = [
+    "format_rate",
+    "make_tile",
+    "markdown_table",
+    "print_environment",
+    "time_best",
+]
 
 
 def time_best(func, *, repeat=5, number=1, setup=None):
@@ -184,7 +190,10 @@ def markdown_table(header, rows):
     table : str
         The table, one line per row.
     """
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+    ]
     for row in rows:
         lines.append("| " + " | ".join(str(c) for c in row) + " |")
     return "\n".join(lines)

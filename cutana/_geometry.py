@@ -128,10 +128,12 @@ class Boxes:
             The ``overlap_slices`` result for source ``i``.
         """
         large = tuple(
-            slice(int(self.large_start[i, a]), int(self.large_stop[i, a])) for a in (0, 1)
+            slice(int(self.large_start[i, a]), int(self.large_stop[i, a]))
+            for a in (0, 1)
         )
         small = tuple(
-            slice(int(self.small_start[i, a]), int(self.small_stop[i, a])) for a in (0, 1)
+            slice(int(self.small_start[i, a]), int(self.small_stop[i, a]))
+            for a in (0, 1)
         )
         return large, small
 

@@ -29,7 +29,7 @@ disjoint slices of the stack from several threads at once.
 
 from cython cimport floating
 from libc.math cimport (
-    asinh, exp, expm1, floor, isfinite, log, log1p, nan, sinh, sqrt,
+    INFINITY, asinh, exp, expm1, floor, isfinite, log, log1p, nan, sinh, sqrt,
 )
 from libc.stdint cimport int16_t, int64_t, uint8_t, uint16_t
 from libc.stdlib cimport free, malloc
@@ -120,42 +120,40 @@ cdef extern from *:
     }
 
     /* uint8 codes through the lookup table `lut` over `n_bins` bins of the
-       scaled value u = clip((x - vmin) * inv, 0, 1) (see _build_lut): bin
-       entries >= 0 are codes; -k marks a bin holding only threshold k, at
-       thr[k], decided by comparison unless u lies within eps of it; such
-       pixels and those in bins marked `multi` get code -1, to be evaluated
-       directly by the caller (listed in pending[:return value]). */
+       scaled value u = clip((x - vmin) * inv, 0, 1), worked on as
+       b = u * n_bins (exactly, n_bins being a power of two). An entry holds
+       the code at the bin's lower edge in its low byte and, in its high
+       byte, the index k of the one threshold in the bin (0 if none;
+       thr_b[0] is +inf), at b = thr_b[k]: the code is the low byte plus
+       (b > thr_b[k]). Pixels within eps_b of a threshold, or in a bin
+       marked CUTANA_LUT_MULTI (several thresholds), are listed in
+       `pending` for direct evaluation; the return value is their number. */
+    #define CUTANA_LUT_MULTI 0xFFFF
     #define CUTANA_LUT_LOOP(T)                                              \
         Py_ssize_t k, n_pending = 0;                                        \
-        double scale = inv * (double)n_bins;                                \
+        double scale = inv * (double)n_bins, top = (double)n_bins;          \
         for (k = 0; k < n; k++) {                                           \
-            double b = ((double)x[k] - vmin) * scale;                       \
-            int code;                                                       \
+            double b = ((double)x[k] - vmin) * scale, t;                    \
+            unsigned int e;                                                 \
             b = b > 0.0 ? b : 0.0;                                          \
-            b = b < (double)n_bins ? b : (double)n_bins;                    \
-            code = lut[(Py_ssize_t)b];                                      \
-            if (code < 0) {                                                 \
-                double u = cutana_unit1((double)x[k], vmin, inv);           \
-                if (code != multi) {                                        \
-                    double t = thr[-code];                                  \
-                    if (u < t - eps) code = -code - 1;                      \
-                    else if (u > t + eps) code = -code;                     \
-                }                                                           \
-                if (code < 0) pending[n_pending++] = k;                     \
-            }                                                               \
-            out[k] = (uint8_t)code;                                         \
+            b = b < top ? b : top;                                          \
+            e = lut[(Py_ssize_t)b];                                         \
+            t = thr_b[e >> 8];                                              \
+            out[k] = (uint8_t)((e & 0xFFu) + (b > t));                      \
+            if (fabs(b - t) <= eps_b || e == CUTANA_LUT_MULTI)              \
+                pending[n_pending++] = k;                                   \
         }                                                                   \
         return n_pending;
     static Py_ssize_t cutana_lut_f32(
             const float* x, Py_ssize_t n, double vmin, double inv,
-            const int16_t* lut, Py_ssize_t n_bins, const double* thr,
-            double eps, int multi, uint8_t* out, Py_ssize_t* pending) {
+            const uint16_t* lut, Py_ssize_t n_bins, const double* thr_b,
+            double eps_b, uint8_t* out, Py_ssize_t* pending) {
         CUTANA_LUT_LOOP(float)
     }
     static Py_ssize_t cutana_lut_f64(
             const double* x, Py_ssize_t n, double vmin, double inv,
-            const int16_t* lut, Py_ssize_t n_bins, const double* thr,
-            double eps, int multi, uint8_t* out, Py_ssize_t* pending) {
+            const uint16_t* lut, Py_ssize_t n_bins, const double* thr_b,
+            double eps_b, uint8_t* out, Py_ssize_t* pending) {
         CUTANA_LUT_LOOP(double)
     }
 
@@ -214,14 +212,15 @@ cdef extern from *:
     void cutana_quant_u16(const double* u, Py_ssize_t n, uint16_t* out) nogil
     void cutana_to_f32(const double* u, Py_ssize_t n, float* out) nogil
     int cutana_quant1(double s, double q) nogil
+    enum: CUTANA_LUT_MULTI
     Py_ssize_t cutana_lut_f32(
         const float* x, Py_ssize_t n, double vmin, double inv,
-        const int16_t* lut, Py_ssize_t n_bins, const double* thr, double eps,
-        int multi, uint8_t* out, Py_ssize_t* pending) nogil
+        const uint16_t* lut, Py_ssize_t n_bins, const double* thr_b,
+        double eps_b, uint8_t* out, Py_ssize_t* pending) nogil
     Py_ssize_t cutana_lut_f64(
         const double* x, Py_ssize_t n, double vmin, double inv,
-        const int16_t* lut, Py_ssize_t n_bins, const double* thr, double eps,
-        int multi, uint8_t* out, Py_ssize_t* pending) nogil
+        const uint16_t* lut, Py_ssize_t n_bins, const double* thr_b,
+        double eps_b, uint8_t* out, Py_ssize_t* pending) nogil
     void cutana_filter_f32(const float* x, Py_ssize_t n, float lo, float hi,
                            float* low, Py_ssize_t* n_low, float* high,
                            Py_ssize_t* n_high) nogil
@@ -468,8 +467,6 @@ cdef Py_ssize_t _gather_finite(
 cdef enum:
     # number of pixels probed to place the filter thresholds
     _N_PROBE = 1024
-    # lookup-table entry of a bin holding several quantisation thresholds
-    _LUT_MULTI = -1000
 
 
 cdef inline Py_ssize_t _probe_rank(Py_ssize_t k, Py_ssize_t n, Py_ssize_t m) noexcept nogil:
@@ -955,46 +952,51 @@ cdef inline void _store(out_t* dst, double s) noexcept nogil:
 
 
 cdef void _build_lut(
-    int16_t* lut, double* thr, Py_ssize_t n_bins, int stretch, double a,
+    uint16_t* lut, double* thr_b, Py_ssize_t n_bins, int stretch, double a,
     double norm,
 ) noexcept nogil:
-    """uint8 code of every bin ``[b / n_bins, (b + 1) / n_bins)`` of the
-    scaled value, or a negative entry for a bin that holds a quantisation
-    threshold (within ``_LUT_EPS``): ``-k`` when it holds only threshold
-    ``k``, whose position is ``thr[k]``, and ``_LUT_MULTI`` when it holds
-    several.
+    """The lookup table of ``cutana_lut_f32`` for uint8 output.
 
-    Code ``k`` starts where ``stretch(u) * 255`` reaches ``k - 0.5``; those
-    thresholds are placed with the inverse stretch, which agrees with the
-    forward one far more closely than ``_LUT_EPS`` for the parameters that
-    `_use_lut` admits.
+    Code ``k`` starts where ``stretch(u) * 255`` reaches ``k - 0.5``. The
+    thresholds ``thr_b[k]`` (in units of bins, ``u * n_bins``) are placed
+    with the inverse stretch, which agrees with the forward one far more
+    closely than ``_LUT_EPS`` for the parameters that `_use_lut` admits.
+    Bin ``b`` covers ``[b, b + 1)`` (bin ``n_bins`` holds ``u = 1``); every
+    threshold within ``_LUT_EPS * n_bins`` of a bin is recorded in it.
     """
     cdef Py_ssize_t b, lo, hi, k
+    cdef double eps_b = _LUT_EPS * n_bins
+    thr_b[0] = INFINITY
     for k in range(1, 256):
-        thr[k] = _inverse((k - 0.5) / 255.0, stretch, a, norm)
-    # code of bin b = number of thresholds below its lower edge b / n_bins,
-    # i.e. thresholds with floor(thr * n_bins) < b (exact: n_bins is a power
-    # of two)
+        thr_b[k] = _inverse((k - 0.5) / 255.0, stretch, a, norm) * n_bins
+    # code at the lower edge of bin b = number of thresholds below b, i.e.
+    # thresholds with floor(thr_b) < b
     lo = 0
     for k in range(1, 256):
-        hi = <Py_ssize_t> floor(thr[k] * n_bins) + 1
+        hi = <Py_ssize_t> floor(thr_b[k]) + 1
         if hi > n_bins + 1:
             hi = n_bins + 1
         for b in range(lo, hi):
-            lut[b] = <int16_t> (k - 1)
+            lut[b] = <uint16_t> (k - 1)
         if hi > lo:
             lo = hi
     for b in range(lo, n_bins + 1):
         lut[b] = 255
     for k in range(1, 256):
-        lo = <Py_ssize_t> floor((thr[k] - _LUT_EPS) * n_bins)
-        hi = <Py_ssize_t> floor((thr[k] + _LUT_EPS) * n_bins)
+        lo = <Py_ssize_t> floor(thr_b[k] - eps_b)
+        hi = <Py_ssize_t> floor(thr_b[k] + eps_b)
         if lo < 0:
             lo = 0
         if hi > n_bins:
             hi = n_bins
         for b in range(lo, hi + 1):
-            lut[b] = <int16_t> (-k if lut[b] >= 0 else _LUT_MULTI)
+            if lut[b] > 0xFF:
+                lut[b] = CUTANA_LUT_MULTI
+            else:
+                # the lower-edge code of a bin holding threshold k is k - 1
+                # unless the threshold lies (within eps) below the edge
+                lut[b] = <uint16_t> ((k << 8) | (k - 1)) if thr_b[k] >= b else (
+                    CUTANA_LUT_MULTI)
 
 
 cdef bint _use_lut(int stretch, double a, Py_ssize_t npix) noexcept nogil:
@@ -1010,7 +1012,7 @@ cdef bint _use_lut(int stretch, double a, Py_ssize_t npix) noexcept nogil:
 
 cdef void _stretch_lut(
     const floating* img, Py_ssize_t npix, double vmin, double inv,
-    int stretch, double a, double norm, uint8_t* out, int16_t* lut,
+    int stretch, double a, double norm, uint8_t* out, uint16_t* lut,
     Py_ssize_t n_bins, Py_ssize_t* pending,
 ) noexcept nogil:
     """uint8 codes through the lookup table, straight from the pixels.
@@ -1021,14 +1023,15 @@ cdef void _stretch_lut(
     way the code is the one direct evaluation gives.
     """
     cdef Py_ssize_t k, n_pending
-    cdef double thr[256]
-    _build_lut(lut, thr, n_bins, stretch, a, norm)
+    cdef double thr_b[256]
+    cdef double eps_b = _LUT_EPS * n_bins
+    _build_lut(lut, thr_b, n_bins, stretch, a, norm)
     if floating is float:
-        n_pending = cutana_lut_f32(img, npix, vmin, inv, lut, n_bins, thr,
-                                   _LUT_EPS, _LUT_MULTI, out, pending)
+        n_pending = cutana_lut_f32(img, npix, vmin, inv, lut, n_bins, thr_b,
+                                   eps_b, out, pending)
     else:
-        n_pending = cutana_lut_f64(img, npix, vmin, inv, lut, n_bins, thr,
-                                   _LUT_EPS, _LUT_MULTI, out, pending)
+        n_pending = cutana_lut_f64(img, npix, vmin, inv, lut, n_bins, thr_b,
+                                   eps_b, out, pending)
     for k in range(n_pending):
         out[pending[k]] = <uint8_t> cutana_quant1(
             _stretch(cutana_unit1(img[pending[k]], vmin, inv), stretch, a, norm),
@@ -1037,7 +1040,7 @@ cdef void _stretch_lut(
 
 cdef void _stretch_image(
     const floating* img, Py_ssize_t npix, double vmin, double vmax,
-    int stretch, double a, double norm, out_t* out, double* u, int16_t* lut,
+    int stretch, double a, double norm, out_t* out, double* u, uint16_t* lut,
     Py_ssize_t n_bins,
 ) noexcept nogil:
     """Scale, clip, stretch and quantise one image of ``npix`` pixels.
@@ -1045,7 +1048,8 @@ cdef void _stretch_image(
     ``u`` is scratch for ``npix`` doubles: the image scaled to [0, 1] by the
     limits and clipped (astropy's ``BaseInterval.__call__``, with ``1 /
     (vmax - vmin)`` multiplied rather than divided, and no scaling when the
-    limits are equal), then stretched in place.
+    limits are equal), then stretched in place; the lookup-table path uses
+    it for its list of pixels to evaluate directly.
     """
     cdef Py_ssize_t k
     cdef double span, inv
@@ -1148,7 +1152,7 @@ def normalize_stack(
     cdef Py_ssize_t i, n_bins = 0, width = data.shape[2]
     cdef double norm
     cdef int status = 0
-    cdef int16_t* lut = NULL
+    cdef uint16_t* lut = NULL
     cdef double* u = NULL
     cdef _Scratch scratch
     cdef bint do_limits = compute and stretch != _STRETCH_NONE
@@ -1189,7 +1193,7 @@ def normalize_stack(
     norm = _norm_of(stretch, a)
     if out_t is uint8_t and allow_lut and _use_lut(stretch, a, npix):
         n_bins = 1024
-        while n_bins < npix and n_bins < 16384:
+        while n_bins < npix and n_bins < 32768:
             n_bins *= 2
     with nogil:
         if do_limits:
@@ -1200,7 +1204,7 @@ def normalize_stack(
             if u == NULL:
                 status = -1
         if status == 0 and n_bins > 0:
-            lut = <int16_t*> malloc((n_bins + 1) * sizeof(int16_t))
+            lut = <uint16_t*> malloc((n_bins + 1) * sizeof(uint16_t))
             if lut == NULL:
                 status = -1
         if status == 0:

@@ -25,6 +25,7 @@ from .exceptions import ConfigError
 from .executor import BACKENDS, Executor, MemorySampler
 from .io import (
     FitsWriter,
+    JobResult,
     Ledger,
     ZarrWriter,
     clean_staging,
@@ -480,6 +481,9 @@ class _CutTask:
     ra: np.ndarray = None
     dec: np.ndarray = None
     files: np.ndarray = None
+    direct_chunks: list = None
+    row_to_job: object = None
+    base_status: object = None
 
 
 class _Rows:
@@ -510,8 +514,20 @@ def _run_task(task):
         return writer.write_chunks(task.chunks, task.row_to_job, task.base_status)
     result = cut_job(task.settings, task.tile, task.job)
     if task.format == "zarr":
-        staged = stage_job(task.out_dir, result)
-        return staged, result.status, result.messages
+        checksums = {}
+        rest = np.ones(len(result.rows), dtype=bool)
+        if task.direct_chunks:
+            # chunks that only this job fills go straight from memory to the store
+            writer = ZarrWriter.open(task.out_dir)
+            checksums = writer.write_chunks(
+                task.direct_chunks, task.row_to_job, task.base_status,
+                results={result.job_id: result},
+            )
+            rest = ~np.isin(result.rows // writer.chunk_rows, task.direct_chunks)
+        staged = None
+        if rest.any():
+            staged = stage_job(task.out_dir, _subset(result, rest))
+        return staged, result.status, result.messages, checksums, result.rows[rest]
     writer = FitsWriter(task.out_dir, task.bands)
     result.files = writer.write_sources(
         result,
@@ -523,7 +539,25 @@ def _run_task(task):
         task.files,
     )
     staged = stage_job(task.out_dir, result, images=False)
-    return staged, result.status, result.messages
+    return staged, result.status, result.messages, {}, result.rows
+
+
+def _subset(result, keep):
+    """The rows ``keep`` of a job result (same job id)."""
+    if keep.all():
+        return result
+    rows = result.rows[keep]
+    wanted = set(rows.tolist())
+    return JobResult(
+        job_id=result.job_id,
+        rows=rows,
+        images=result.images[keep],
+        status=result.status[keep],
+        tile=result.tile,
+        origin=result.origin[keep],
+        box_shape=result.box_shape[keep],
+        messages={r: m for r, m in result.messages.items() if int(r) in wanted},
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -643,6 +677,7 @@ class _Runner:
         self.done_jobs = set()
         self._bar = None
         self.already_complete = False
+        self.staged_rows = {}
 
     # -- setup ------------------------------------------------------------
     def start(self, resume, overwrite):
@@ -687,8 +722,9 @@ class _Runner:
             self.done_jobs = state.verified_jobs(self.output, needed)
             for job_id in sorted(self.done_jobs):
                 done = load_staged(self.output, job_id, mmap=True)
-                self._record(plan.jobs[job_id], done.status, done.messages,
+                self._record(done.rows, done.status, done.messages,
                              getattr(done, "files", None))
+                self.staged_rows[job_id] = np.asarray(done.rows)
             # jobs whose rows are all in written chunks are done too
             self.done_jobs |= set(range(len(plan.jobs))) - set(needed)
             return
@@ -749,6 +785,9 @@ class _Runner:
         if self.fmt == "fits":
             self.file_names = fits_filenames(cat.source_id)
         bands = tuple(self.p.index.bands)
+        if self.fmt == "zarr":
+            self._setup_chunks()
+            owner = self._chunk_owners()
         tasks = []
         for job in plan.jobs:
             if job.job_id in self.done_jobs:
@@ -766,9 +805,10 @@ class _Runner:
                 task.ra = cat.ra[job.rows]
                 task.dec = cat.dec[job.rows]
                 task.files = self.file_names[job.rows]
+            else:
+                self._add_direct_chunks(task, owner)
             tasks.append(task)
         if self.fmt == "zarr":
-            self._setup_chunks()
             tasks = self._ready_assembly_tasks() + tasks
         total = sum(len(t.job) for t in tasks if isinstance(t, _CutTask))
         if self.progress and total:
@@ -805,6 +845,8 @@ class _Runner:
             if missing:  # assembly failed twice in workers: last try here
                 for task in self._assembly_tasks(missing):
                     self._on_done(task, _run_task(task))
+            # rows finished by an earlier, interrupted run are only in the store
+            self.status = np.asarray(open_output(self.output).status, dtype=np.int16)
             self.writer.finalize(self.checksums, report={"counts": self._counts()})
         else:
             write_index(
@@ -839,6 +881,8 @@ class _Runner:
         for job in plan.jobs:
             self.job_of_row[job.rows] = job.job_id
             self.pos_in_job[job.rows] = np.arange(len(job))
+        for rows in self.staged_rows.values():
+            self.pos_in_job[rows] = np.arange(len(rows))
         cr = self.writer.chunk_rows
         pending = self.job_of_row >= 0
         for job_id in self.done_jobs:
@@ -847,9 +891,40 @@ class _Runner:
             np.flatnonzero(pending) // cr, minlength=self.writer.n_chunks
         )
         self.chunks_submitted = set(self.checksums)
+        written = set(self.checksums)
         self.job_chunks = {
-            job.job_id: set(np.unique(job.rows // cr).tolist()) for job in plan.jobs
+            job.job_id: set(np.unique(job.rows // cr).tolist()) - written
+            for job in plan.jobs
         }
+
+    def _chunk_owners(self):
+        """Per chunk, the one job that fills all its cut rows (-1 if none or several)."""
+        cr = self.writer.chunk_rows
+        n_chunks = self.writer.n_chunks
+        jobs = self.job_of_row
+        starts = np.arange(n_chunks) * cr
+        big = np.iinfo(np.int64).max
+        lo = np.minimum.reduceat(np.where(jobs >= 0, jobs, big), starts)
+        hi = np.maximum.reduceat(jobs, starts)
+        return np.where((lo == hi) & (hi >= 0), hi, -1)
+
+    def _add_direct_chunks(self, task, owner):
+        """Let a cut task write the chunks only its own job fills."""
+        job = task.job
+        cr = self.writer.chunk_rows
+        chunks = np.unique(job.rows // cr)
+        direct = [
+            int(k) for k in chunks
+            if owner[k] == job.job_id and int(k) not in self.checksums
+        ]
+        if not direct:
+            return
+        lo = self.writer.chunk_range(direct[0])[0]
+        hi = self.writer.chunk_range(direct[-1])[1]
+        task.direct_chunks = direct
+        task.row_to_job = _Rows(lo, self.job_of_row[lo:hi].copy(), self.pos_in_job[lo:hi].copy())
+        task.base_status = _Rows(lo, self.status[lo:hi].copy())
+        self.chunks_submitted.update(direct)
 
     def _ready_assembly_tasks(self):
         ready = np.flatnonzero(self.chunk_pending == 0)
@@ -875,13 +950,13 @@ class _Runner:
         return tasks
 
     # -- callbacks -------------------------------------------------------------
-    def _record(self, job, status, messages, files=None):
-        self.status[job.rows] = status
+    def _record(self, rows, status, messages, files=None):
+        self.status[rows] = status
         self.messages.update({int(k): v for k, v in messages.items()})
         if files is not None:
             if not hasattr(self, "files"):
                 self.files = {}
-            self.files.update({int(r): str(f) for r, f in zip(job.rows, files)})
+            self.files.update({int(r): str(f) for r, f in zip(rows, files)})
 
     def _on_done(self, task, result):
         if isinstance(task, _AssembleTask):
@@ -893,17 +968,24 @@ class _Runner:
                     chunks.discard(int(k))
                     if not chunks:
                         remove_staged(self.output, job_id)
+                        self.job_chunks.pop(job_id)
             return ()
-        staged, status, messages = result
+        staged, status, messages, checksums, staged_rows = result
         job = task.job
-        self.ledger.job_staged(staged)
+        if checksums:
+            self.checksums.update({int(k): v for k, v in checksums.items()})
+            self.ledger.chunks_written(checksums)
+            self.job_chunks[job.job_id].difference_update(int(k) for k in checksums)
+        if staged is not None:
+            self.ledger.job_staged(staged)
         self.n_cut += len(job)
         if self._bar is not None:
             self._bar.update(len(job))
-        self._record(job, status, messages)
+        self._record(job.rows, status, messages)
         if self.fmt == "fits":
-            self._record(job, status, {}, load_staged(self.output, job.job_id).files)
+            self._record(job.rows, status, {}, load_staged(self.output, job.job_id).files)
             return ()
+        self.pos_in_job[staged_rows] = np.arange(len(staged_rows))
         return self._release_rows(job.rows)
 
     def _jobs_of_chunk(self, k):
@@ -934,6 +1016,8 @@ class _Runner:
         if self.fmt == "zarr":
             self.job_of_row[job.rows] = -1
             self.job_chunks.pop(job.job_id, None)
+            if task.direct_chunks:
+                self.chunks_submitted.difference_update(task.direct_chunks)
             return self._release_rows(job.rows)
         return ()
 

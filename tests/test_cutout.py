@@ -94,7 +94,7 @@ def _same(x, y, path="value"):
     assert type(x) is type(y), f"{path}: {type(x).__name__} != {type(y).__name__}"
     if isinstance(x, (tuple, list)):
         assert len(x) == len(y), f"{path}: length {len(x)} != {len(y)}"
-        for k, (a, b) in enumerate(zip(x, y)):
+        for k, (a, b) in enumerate(zip(x, y, strict=True)):
             _same(a, b, f"{path}[{k}]")
     elif isinstance(x, slice):
         _same(x.start, y.start, f"{path}.start")
@@ -102,7 +102,9 @@ def _same(x, y, path="value"):
         _same(x.step, y.step, f"{path}.step")
     elif isinstance(x, (np.ndarray, np.generic)):
         assert x.dtype == y.dtype, f"{path}: dtype {x.dtype} != {y.dtype}"
-        assert np.shape(x) == np.shape(y), f"{path}: shape {np.shape(x)} != {np.shape(y)}"
+        assert np.shape(x) == np.shape(y), (
+            f"{path}: shape {np.shape(x)} != {np.shape(y)}"
+        )
         np.testing.assert_array_equal(x, y, err_msg=path, strict=True)
     elif isinstance(x, float) and math.isnan(x):
         assert math.isnan(y), path
@@ -157,7 +159,7 @@ def _assert_same_wcs(w1, w2):
 
 
 def assert_same_cutout(c, a, *, exact_byteorder=True):
-    """Assert that cutana cutout ``c`` equals astropy cutout ``a`` in every attribute."""
+    """Assert that cutana cutout ``c`` equals astropy's ``a`` in every attribute."""
     assert isinstance(c, AstropyCutout2D)
     assert type(c.data) is type(a.data)
     if exact_byteorder:
@@ -226,7 +228,21 @@ POSITIONS = [
     (3, -40.5),
 ]
 
-SIZES = [1, 2, 3, 4, (3, 4), (4, 3), (2, 7), (7, 2), 30, (40, 50), (1, 30), (0, 3), (3, 0)]
+SIZES = [
+    1,
+    2,
+    3,
+    4,
+    (3, 4),
+    (4, 3),
+    (2, 7),
+    (7, 2),
+    30,
+    (40, 50),
+    (1, 30),
+    (0, 3),
+    (3, 0),
+]
 
 
 @pytest.mark.parametrize("mode", ["trim", "partial", "strict"])
@@ -240,7 +256,8 @@ def test_geometry_matches_astropy(mode, position, size):
 
 @pytest.mark.parametrize("mode", ["trim", "partial", "strict"])
 @pytest.mark.parametrize(
-    "position", [(0, 0), (0.2, 3), (-0.5, 3), (3, -0.7), (3, 3), (-1, 3), (24, 3), (3, 18)]
+    "position",
+    [(0, 0), (0.2, 3), (-0.5, 3), (3, -0.7), (3, 3), (-1, 3), (24, 3), (3, 18)],
 )
 def test_zero_size_matches_astropy(mode, position):
     """Test that a (0, 0) size behaves as in astropy, including its ValueError."""
@@ -249,14 +266,16 @@ def test_zero_size_matches_astropy(mode, position):
 
 
 def test_zero_size_edge_quirk_raises_valueerror():
-    """Test that a (0, 0) cutout starting at pixel 0 raises ValueError as astropy does."""
+    """Test that a (0, 0) cutout starting at pixel 0 raises ValueError as in astropy."""
     with pytest.raises(ValueError):
         AstropyCutout2D(_image(), (0, 5), 0)
     with pytest.raises(ValueError, match="size"):
         Cutout2D(_image(), (0, 5), 0)
 
 
-@pytest.mark.parametrize("position", [(1e300, 3), (-1e300, 3), (3, 2.0**64), (3, -(2.0**63) * 3)])
+@pytest.mark.parametrize(
+    "position", [(1e300, 3), (-1e300, 3), (3, 2.0**64), (3, -(2.0**63) * 3)]
+)
 def test_huge_positions(position):
     """Test that positions beyond the int64 range raise astropy's exception type."""
     c, a = check_both(_image(), position, 3)
@@ -302,11 +321,14 @@ def test_integer_nan_fill_only_when_needed(dtype):
 
 
 @pytest.mark.parametrize(
-    ("dtype", "fill_value"), [("u1", 300), ("u1", -1), ("i2", 2.7), ("u2", True), ("f4", -5)]
+    ("dtype", "fill_value"),
+    [("u1", 300), ("u1", -1), ("i2", 2.7), ("u2", True), ("f4", -5)],
 )
 def test_fill_value_conversion(dtype, fill_value):
     """Test that fill values are converted (or refused) as astropy does."""
-    check_both(_image(np.dtype(dtype)), (0, 0), 3, mode="partial", fill_value=fill_value)
+    check_both(
+        _image(np.dtype(dtype)), (0, 0), 3, mode="partial", fill_value=fill_value
+    )
 
 
 def test_float32_fill_overflow_warns_as_astropy():
@@ -409,13 +431,20 @@ def test_plot_on_original():
 
     fig, axes = plt.subplots(1, 2)
     try:
-        for position, mode in [((1, 2), "partial"), ((10.5, 7.5), "trim"), ((-1, 17), "trim")]:
+        for position, mode in [
+            ((1, 2), "partial"),
+            ((10.5, 7.5), "trim"),
+            ((-1, 17), "trim"),
+        ]:
             c, a = check_both(_image(), position, (5, 6), mode=mode)
             c.plot_on_original(ax=axes[0], color="red")
             a.plot_on_original(ax=axes[1], color="red")
             p1, p2 = axes[0].patches[-1], axes[1].patches[-1]
             assert p1.get_xy() == p2.get_xy()
-            assert (p1.get_width(), p1.get_height()) == (p2.get_width(), p2.get_height())
+            assert (p1.get_width(), p1.get_height()) == (
+                p2.get_width(),
+                p2.get_height(),
+            )
             assert p1.get_fill() is p2.get_fill() is False
     finally:
         plt.close(fig)
@@ -495,7 +524,8 @@ ROUNDING = [
 
 @pytest.mark.parametrize("method", ROUNDING)
 @pytest.mark.parametrize(
-    "position", [(5.5, 7.5), (5, 7), (-0.5, -1.5), (-2.25, 3.75), (23.5, 17.5), (6.3, 2.7)]
+    "position",
+    [(5.5, 7.5), (5, 7), (-0.5, -1.5), (-2.25, 3.75), (23.5, 17.5), (6.3, 2.7)],
 )
 @pytest.mark.parametrize("size", [3, 4, (2, 5)])
 @pytest.mark.parametrize("mode", ["trim", "partial", "strict"])
@@ -593,7 +623,10 @@ def check_batch(data, positions, size, *, exact_byteorder=False, **kwargs):
     b = BatchCutout2D(data, positions, size, **kwargs)
     n = len(positions)
     assert len(b) == n
-    refs = [AstropyCutout2D(data, positions[i], _size_i(size, i, n), **kwargs) for i in range(n)]
+    refs = [
+        AstropyCutout2D(data, positions[i], _size_i(size, i, n), **kwargs)
+        for i in range(n)
+    ]
     for i in range(n):
         assert_same_cutout(b[i], refs[i], exact_byteorder=exact_byteorder)
     if n:
@@ -609,7 +642,16 @@ def check_batch(data, positions, size, *, exact_byteorder=False, **kwargs):
     return b, refs
 
 
-XY = [(5, 7), (0, 0), (5.5, 7.5), (23.5, 17.5), (0.4, 3), (12.25, -0.4), (20, 8), (10, 16.5)]
+XY = [
+    (5, 7),
+    (0, 0),
+    (5.5, 7.5),
+    (23.5, 17.5),
+    (0.4, 3),
+    (12.25, -0.4),
+    (20, 8),
+    (10, 16.5),
+]
 
 
 @pytest.mark.parametrize("kind", ["array", "intarray", "tuples", "lists", "skycoord"])
@@ -676,7 +718,7 @@ def test_batch_trim_views():
     b, refs = check_batch(data, XY, 5, mode="trim")
     assert b.shape is None
     assert isinstance(b.data, list)
-    for c, a in zip(b, refs):
+    for c, a in zip(b, refs, strict=True):
         assert np.shares_memory(c.data, data) == np.shares_memory(a.data, data)
 
 
@@ -716,7 +758,7 @@ FAILURES = {
 @pytest.mark.parametrize("failure", list(FAILURES))
 @pytest.mark.parametrize("index", [0, 3, 7])
 def test_batch_first_failure_raises(failure, index):
-    """Test that the first failing source raises astropy's exception, naming its index."""
+    """Test that the first failing source raises astropy's exception, with its index."""
     position, kwargs, expected = FAILURES[failure]
     kwargs = dict(kwargs)
     data = _image(np.int16) if kwargs.pop("int", False) else _image()
@@ -794,7 +836,9 @@ def test_batch_bad_arguments():
         BatchCutout2D(_image(), XY, u.Quantity(np.ones(8), u.m))
 
 
-@pytest.mark.parametrize("method", [np.floor, np.round, lambda v: np.floor(v + 0.25), 4])
+@pytest.mark.parametrize(
+    "method", [np.floor, np.round, lambda v: np.floor(v + 0.25), 4]
+)
 def test_batch_rounding_method(method):
     """Test that BatchCutout2D honours limit_rounding_method as astropy does."""
     if not callable(method):
@@ -824,8 +868,9 @@ def test_batch_threads(n_threads):
     ref = BatchCutout2D(data, xy, 6, mode="partial", n_threads=1)
     b = BatchCutout2D(data, xy, 6, mode="partial", n_threads=n_threads)
     np.testing.assert_array_equal(b.data, ref.data)
-    assert_same_cutout(b[17], AstropyCutout2D(data, xy[17], 6, mode="partial"),
-                       exact_byteorder=False)
+    assert_same_cutout(
+        b[17], AstropyCutout2D(data, xy[17], 6, mode="partial"), exact_byteorder=False
+    )
 
 
 # --------------------------------------------------------------------------
@@ -918,3 +963,34 @@ def test_hypothesis_batch(shape, xy, size, mode, dtype):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check_batch(data, xy, size, mode=mode, fill_value=3)
+
+
+@pytest.mark.parametrize("mode", ["trim", "strict", "partial"])
+def test_batch_fill_warning_only_when_filling(mode):
+    """Test that an overflowing float32 fill warns only where astropy warns."""
+    data = _image(np.float32)
+    xy = [(5, 5), (9, 9)]  # no source needs filling
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_batch(data, xy, 3, mode=mode, fill_value=1e40)
+    if mode == "partial":
+        with pytest.warns(RuntimeWarning, match="overflow"):
+            AstropyCutout2D(data, (0, 0), 3, mode=mode, fill_value=1e40)
+        with pytest.warns(RuntimeWarning, match="overflow"):
+            BatchCutout2D(data, [(5, 5), (0, 0)], 3, mode=mode, fill_value=1e40)
+
+
+@pytest.mark.parametrize("method", [np.round, lambda v: np.floor(v + 0.5)])
+def test_batch_skycoord_sip_rounding_methods(method):
+    """Test SIP SkyCoord batches with other rounding methods against astropy."""
+    wcs = _wcs("sip")
+    sky = _boundary_skycoords(wcs, 3, np.random.default_rng(12), n=40)
+    data = _image()
+    b = BatchCutout2D(
+        data, sky, 3, wcs=wcs, mode="partial", limit_rounding_method=method
+    )
+    for i in range(len(sky)):
+        ref = AstropyCutout2D(
+            data, sky[i], 3, wcs=wcs, mode="partial", limit_rounding_method=method
+        )
+        assert_same_cutout(b[i], ref, exact_byteorder=False)

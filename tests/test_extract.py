@@ -119,7 +119,9 @@ def test_byte_swap_bit_patterns():
     """Test that swapped values match astropy's own big-endian decoding bit for bit."""
     rng = np.random.default_rng(4)
     for dtype in ["i2", "u2", "i4", "u4", "i8", "f4", "f8"]:
-        native = rng.integers(0, 255, size=(9, 11 * np.dtype(dtype).itemsize), dtype=np.uint8)
+        native = rng.integers(
+            0, 255, size=(9, 11 * np.dtype(dtype).itemsize), dtype=np.uint8
+        )
         data = native.view(">" + dtype)
         stack, _ = extract_stack(data, [[0, 0], [2, 3]], (5, 6), 0)
         np.testing.assert_array_equal(
@@ -175,8 +177,18 @@ def test_numpy_memmap(tmp_path, order):
         lambda a: np.broadcast_to(a[:1], (20, a.shape[1])),
         lambda a: np.broadcast_to(a[:, :1], (a.shape[0], 17)),
     ],
-    ids=["rows2", "inner", "rows_rev", "cols3", "both", "cols_rev", "one_col", "T",
-         "bcast_rows", "bcast_cols"],
+    ids=[
+        "rows2",
+        "inner",
+        "rows_rev",
+        "cols3",
+        "both",
+        "cols_rev",
+        "one_col",
+        "T",
+        "bcast_rows",
+        "bcast_cols",
+    ],
 )
 @pytest.mark.parametrize("dtype", ["<i2", ">f4", ">f8", "u1"])
 def test_strided_views(view, dtype):
@@ -220,16 +232,20 @@ def test_no_astype_on_input():
 
     class Guarded(np.ndarray):
         def astype(self, *args, **kwargs):
-            raise AssertionError("astype called on the whole input")
+            msg = "astype called on the whole input"
+            raise AssertionError(msg)
 
         def copy(self, *args, **kwargs):
-            raise AssertionError("copy called on the whole input")
+            msg = "copy called on the whole input"
+            raise AssertionError(msg)
 
         def byteswap(self, *args, **kwargs):
-            raise AssertionError("byteswap called on the whole input")
+            msg = "byteswap called on the whole input"
+            raise AssertionError(msg)
 
         def newbyteorder(self, *args, **kwargs):
-            raise AssertionError("newbyteorder called on the whole input")
+            msg = "newbyteorder called on the whole input"
+            raise AssertionError(msg)
 
     data = _image(">f4").view(Guarded)
     check(data, _starts(data.shape, (5, 5)), (5, 5), np.nan)
@@ -245,7 +261,9 @@ def test_no_astype_on_input():
 def test_windows_fully_outside(dtype):
     """Test that windows missing the image hold only the fill value."""
     data = _image(dtype)
-    starts = np.array([[-10, 0], [0, -10], [23, 0], [0, 31], [-5, -5], [10**9, -10**9]])
+    starts = np.array(
+        [[-10, 0], [0, -10], [23, 0], [0, 31], [-5, -5], [10**9, -(10**9)]]
+    )
     stack, overlap = check(data, starts, (5, 5), 7)
     assert np.all(stack == 7)
     assert np.all(overlap == _extract.OVERLAP_NONE)
@@ -262,7 +280,9 @@ def test_overlap_codes():
 def test_no_windows():
     """Test that N = 0 gives an empty (0, ny, nx) stack."""
     data = _image(">f4")
-    stack, overlap = extract_stack(data, np.zeros((0, 2), dtype=np.int64), (5, 6), np.nan)
+    stack, overlap = extract_stack(
+        data, np.zeros((0, 2), dtype=np.int64), (5, 6), np.nan
+    )
     assert stack.shape == (0, 5, 6)
     assert stack.dtype == np.dtype("f4")
     assert overlap.shape == (0,)
@@ -325,7 +345,9 @@ def test_out_argument():
         extract_stack(data, starts, (3, 4), -1.0, out=bad)
 
 
-@pytest.mark.parametrize(("dtype", "fill"), [("i2", np.nan), ("u1", "abc"), ("i8", np.nan)])
+@pytest.mark.parametrize(
+    ("dtype", "fill"), [("i2", np.nan), ("u1", "abc"), ("i8", np.nan)]
+)
 def test_unrepresentable_fill(dtype, fill):
     """Test that a fill value the output dtype cannot hold raises ValueError."""
     data = _image(">" + dtype if dtype != "u1" else dtype)
@@ -333,7 +355,9 @@ def test_unrepresentable_fill(dtype, fill):
         extract_stack(data, [[-1, -1]], (3, 3), fill)
 
 
-@pytest.mark.parametrize(("dtype", "fill"), [("u1", 300), ("i2", -40000), ("u1", np.inf)])
+@pytest.mark.parametrize(
+    ("dtype", "fill"), [("u1", 300), ("i2", -40000), ("u1", np.inf)]
+)
 def test_overflowing_fill(dtype, fill):
     """Test that an out-of-range integer fill raises OverflowError as numpy does."""
     with pytest.raises(OverflowError):
@@ -364,7 +388,9 @@ def test_thread_parity(n_threads, dtype):
     np.testing.assert_equal(many, one)
     np.testing.assert_equal(ovn, ov1)
     conv1, _ = extract_stack(data, starts, (9, 11), np.nan, dtype="f4", n_threads=1)
-    convn, _ = extract_stack(data, starts, (9, 11), np.nan, dtype="f4", n_threads=n_threads)
+    convn, _ = extract_stack(
+        data, starts, (9, 11), np.nan, dtype="f4", n_threads=n_threads
+    )
     np.testing.assert_equal(convn, conv1)
 
 
@@ -403,6 +429,55 @@ def test_kernel_argument_checks():
     with pytest.raises(ValueError, match="row length"):
         _extract.extract_windows(src, 5, 4, True, corners, out, fill)
     with pytest.raises(ValueError, match="whole number"):
-        _extract.extract_windows(src, 4, 4, True, corners, np.zeros((2, 2, 6), np.uint8), fill)
+        _extract.extract_windows(
+            src, 4, 4, True, corners, np.zeros((2, 2, 6), np.uint8), fill
+        )
     with pytest.raises(ValueError, match="col_stride"):
         _extract.extract_windows(src, 4, 4, True, corners, out, fill, -2)
+
+
+def test_kernel_order_subset():
+    """Test that the kernel copies only the windows listed in order, in any order."""
+    data = _image(">f4")
+    src = data.view(np.uint8)
+    corners = _starts(data.shape, (3, 4), n=20)
+    n = len(corners)
+    out = np.full((n, 3, 16), 0xAB, np.uint8)
+    fill = np.zeros(4, np.uint8)
+    order = np.array([5, 0, 17, 3], dtype=np.int64)
+    overlap = _extract.extract_windows(
+        src, data.shape[1], 4, True, corners, out, fill, -1, order
+    )
+    ref, ref_overlap = reference(data, corners, (3, 4), 0.0)
+    stack = out.view(np.float32).reshape(n, 3, 4)
+    for i in range(n):
+        if i in order:
+            np.testing.assert_array_equal(stack[i], ref[i])
+            assert overlap[i] == ref_overlap[i]
+        else:
+            assert np.all(out[i] == 0xAB)
+            assert overlap[i] == 0
+    with pytest.raises(ValueError, match="order"):
+        _extract.extract_windows(
+            src, data.shape[1], 4, True, corners, out, fill, -1, np.array([n], np.int64)
+        )
+    with pytest.raises(ValueError, match="order"):
+        _extract.extract_windows(
+            src,
+            data.shape[1],
+            4,
+            True,
+            corners,
+            out,
+            fill,
+            -1,
+            np.array([-1], np.int64),
+        )
+
+
+@pytest.mark.parametrize("n", [1, 63, 64, 65, 300])
+def test_many_windows_any_count(n):
+    """Test that results do not depend on the window count (reordered or not)."""
+    data = _image(">f8", shape=(300, 200))
+    starts = _starts(data.shape, (10, 12), n=max(0, n - 8), seed=n)[:n]
+    check(data, starts, (10, 12), np.nan)

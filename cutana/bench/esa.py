@@ -55,6 +55,23 @@ really runs N worker processes at once (each can be turned off):
   its memory use; the driver sets ESA Cutana's own
   ``loadbalancer.skip_memory_calibration_wait`` (``--calibration-wait``
   keeps the wait).
+
+What to know when comparing with ESA Cutana 0.4.0:
+
+* Before cutting anything it checks a random sample of up to 1,000 rows
+  against their tiles and fails the *whole* run if a sampled source lies off
+  the tile its row names; with ``--skip-validation`` such sources are
+  silently left out of the output. Side-by-side catalogues should hold no
+  off-tile or invalid rows (e.g. ``make_survey(..., off_tile_fraction=0,
+  bad_row_fraction=0)``).
+* Its output is one ``batch_cutout_process_*`` folder per worker process,
+  each an ``images.zarr`` group with an ``images`` array of shape
+  ``(n, H, W, C)`` (channels last) and an ``images_metadata.parquet`` whose
+  row i describes image i; ``source_to_zarr_mapping.parquet`` at the top
+  maps ``SourceID`` to its folder. Rows are not in catalogue order and no
+  WCS is stored.
+* Its orchestrator polls its workers once a second, so whole-run times are
+  rounded up to about a second.
 """
 
 import json
@@ -305,7 +322,8 @@ def main(argv=None):
         "error": result.get("error"),
         "completed_batches": result.get("completed_batches"),
         "workers": args.workers,
-        "max_workers_effective": int(config.loadbalancer.max_workers),
+        # Set by ESA Cutana's load balancer; absent if the run failed early.
+        "max_workers_effective": config.loadbalancer.get("max_workers"),
         "sources_per_process": int(per_process),
         "bands": bands,
         "archives": archives,
@@ -325,7 +343,10 @@ def main(argv=None):
     }
     sys.stdout.write(json.dumps(record) + "\n")
     sys.stdout.flush()
-    return 0 if status == "completed" else 1
+    if status != "completed":
+        print(f"ESA Cutana run {status}: {record['error']}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
@@ -397,21 +418,29 @@ def write_esa_driver(path):
     return str(path)
 
 
-def _clean_environment():
+def _clean_environment(tmpdir):
     """Return the current environment without what would shadow ESA Cutana.
 
     ``PYTHONPATH`` pointing at this package's source tree would make the ESA
     Cutana interpreter import *this* ``cutana``; the variables that change
-    how Python starts are dropped for the same reason.
+    how Python starts are dropped for the same reason. ``TMPDIR`` is set to
+    a folder of the run, because ESA Cutana leaves its per-worker progress
+    files (``cutana_progress_*.json``) in the temporary folder.
+
+    Parameters
+    ----------
+    tmpdir : str
+        Temporary folder for the run, deleted afterwards.
 
     Returns
     -------
     env : dict
-        A copy of `os.environ` without those variables.
+        A copy of `os.environ` without those variables, with ``TMPDIR``.
     """
     env = dict(os.environ)
     for name in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONSAFEPATH"):
         env.pop(name, None)
+    env["TMPDIR"] = str(tmpdir)
     return env
 
 
@@ -634,7 +663,9 @@ def run_esa_cutana(
     env : dict, optional
         Environment of the subprocess; by default the current one without
         ``PYTHONPATH`` and the other variables that could make the ESA
-        Cutana interpreter import this package instead. The subprocess runs
+        Cutana interpreter import this package instead, and with ``TMPDIR``
+        set to a temporary folder deleted after the run (ESA Cutana leaves
+        progress files in the temporary folder). The subprocess runs
         in a temporary working folder, because ESA Cutana starts its workers
         with ``python -m``, which puts the working folder first on the
         module path (a working folder holding this package's source would
@@ -712,7 +743,9 @@ def run_esa_cutana(
             command += ["--bands", ",".join(bands)]
         command += [str(a) for a in extra_args]
         if env is None:
-            env = _clean_environment()
+            run_tmp = os.path.join(tmp, "tmp")
+            os.mkdir(run_tmp)
+            env = _clean_environment(run_tmp)
         stdout_path = os.path.join(tmp, "stdout.txt")
         stderr_path = os.path.join(tmp, "stderr.txt")
         logger.info("running ESA Cutana: %s", " ".join(command))

@@ -510,7 +510,9 @@ class ZarrWriter:
 
     # -- writing ---------------------------------------------------------------
 
-    def write_chunks(self, chunk_indices, row_to_job, base_status, out_dir=None):
+    def write_chunks(
+        self, chunk_indices, row_to_job, base_status, out_dir=None, *, results=None
+    ):
         """Assemble chunks of rows from staged jobs and write them.
 
         Each chunk is written with one aligned write per array; consecutive
@@ -535,6 +537,10 @@ class ZarrWriter:
         out_dir : str or path-like, optional
             The output holding the staging folder; by default the store
             itself.
+        results : dict, optional
+            Job id to an in-memory `~cutana.io.JobResult`, used instead of
+            that job's staged copy (a worker writes the chunks that only its
+            own job fills straight from memory, without staging them).
 
         Returns
         -------
@@ -556,6 +562,7 @@ class ZarrWriter:
         if not chunks:
             return {}
         cache = OrderedDict()
+        pinned = {int(k): v for k, v in (results or {}).items()}
         checksums = {}
         row_bytes = (
             self.dtype.itemsize
@@ -572,7 +579,7 @@ class ZarrWriter:
             for k in run:
                 a, b = (r - r0 for r in self.chunk_range(k))
                 part = tuple(arr[a:b] for arr in block)
-                self._assemble(k, row_to_job, base_status, out_dir, cache, part)
+                self._assemble(k, row_to_job, base_status, out_dir, cache, part, pinned)
                 checksums[k] = chunk_digest(*part)
                 self._remove_partials(k)
             # status last: a row that shows a status has everything else written
@@ -593,7 +600,7 @@ class ZarrWriter:
             np.zeros((m, 2), dtype=np.int32),
         )
 
-    def _assemble(self, chunk, row_to_job, base_status, out_dir, cache, block):
+    def _assemble(self, chunk, row_to_job, base_status, out_dir, cache, block, pinned=None):
         """Fill ``block`` (the chunk's rows, zeroed) from staged jobs."""
         images, status, tile, origin, box = block
         r0, r1 = self.chunk_range(chunk)
@@ -622,7 +629,9 @@ class ZarrWriter:
         has_job = jobs >= 0
         for job_id in np.unique(jobs[has_job]):
             sel = np.flatnonzero(jobs == job_id)
-            res = _cached_job(cache, out_dir, int(job_id))
+            res = (pinned or {}).get(int(job_id))
+            if res is None:
+                res = _cached_job(cache, out_dir, int(job_id))
             p = pos[sel]
             n = len(res.rows)
             if p.min() < 0 or p.max() >= n or np.any(res.rows[p] != r0 + sel):

@@ -12,8 +12,10 @@ one compiled loop serves every numeric dtype that `astropy.io.fits` produces,
 native or big-endian, and the image is never converted or copied as a whole:
 a memory-mapped tile is only touched where a window reads it.
 
-All loops run without the GIL and use no global mutable state, so callers may
-run them on disjoint slices of the output from several threads at once. They
+All loops run without the GIL and use no global mutable state (the one global,
+a CPU-feature flag choosing the AVX2 byte-swap loops, is set once at import),
+so callers may run them on disjoint windows of the output from several threads
+at once. They
 do no WCS work, no I/O and no logging; geometry (which window belongs to
 which source) is computed beforehand by :mod:`cutana._geometry`.
 """
@@ -99,11 +101,20 @@ cdef extern from *:
             cutana_has_avx2 = __builtin_cpu_supports("avx2") ? 1 : 0;
         }
     }
+    /* For tests: use (1) or avoid (0) the AVX2 loops; returns the old state. */
+    static int cutana_set_avx2(int on) {
+        int previous;
+        cutana_cpu_init();
+        previous = cutana_has_avx2 > 0;
+        cutana_has_avx2 = (on && __builtin_cpu_supports("avx2")) ? 1 : 0;
+        return previous;
+    }
     #define CUTANA_PICK(BITS)                                               \
         if (cutana_has_avx2 > 0) { cutana_swap##BITS##_avx2(src, dst, n); } \
         else { cutana_swap##BITS##_generic(src, dst, n); }
     #else
     static void cutana_cpu_init(void) {}
+    static int cutana_set_avx2(int on) { (void)on; return 0; }
     #define CUTANA_PICK(BITS) cutana_swap##BITS##_generic(src, dst, n);
     #endif
 
@@ -118,6 +129,7 @@ cdef extern from *:
     uint32_t CUTANA_BSWAP32(uint32_t x) nogil
     uint64_t CUTANA_BSWAP64(uint64_t x) nogil
     void cutana_cpu_init() nogil
+    int cutana_set_avx2(int on) nogil
     void cutana_swap16(const uint8_t* src, uint8_t* dst, Py_ssize_t n) noexcept nogil
     void cutana_swap32(const uint8_t* src, uint8_t* dst, Py_ssize_t n) noexcept nogil
     void cutana_swap64(const uint8_t* src, uint8_t* dst, Py_ssize_t n) noexcept nogil
@@ -242,6 +254,22 @@ cdef int _extract_one(
     """
     return _extract_one_strided(src, src_ny, src_nx, itemsize, y0, x0, ny, nx,
                                 dst, dst_row_stride, fill, itemsize, swap)
+
+
+def _set_vector_swap(bint enabled):
+    """Use (or stop using) the AVX2 byte-swap loops; for tests.
+
+    Parameters
+    ----------
+    enabled : bool
+        Whether to use the AVX2 loops when the CPU has AVX2.
+
+    Returns
+    -------
+    previous : bool
+        Whether they were in use before the call.
+    """
+    return bool(cutana_set_avx2(enabled))
 
 
 def extract_windows(

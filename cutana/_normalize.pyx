@@ -48,43 +48,45 @@ cdef extern from *:
     #define CUTANA_SSE2 0
     #endif
 
-    /* u = clip((x - vmin) * inv, 0, 1), NaN -> 0: the SSE2 min/max
-       instructions return their second operand when either is NaN, and the
-       scalar tail does the same with comparisons. */
-    static inline double cutana_unit1(double x, double vmin, double inv) {
-        double v = (x - vmin) * inv;
+    /* u = clip((x - vmin) / div, 0, 1), NaN -> 0, with div = vmax - vmin
+       (or 1 when the limits are equal): astropy's operations in float64.
+       The SSE2 min/max instructions return their second operand when
+       either is NaN, and the scalar version does the same with
+       comparisons. */
+    static inline double cutana_unit1(double x, double vmin, double div) {
+        double v = (x - vmin) / div;
         v = v > 0.0 ? v : 0.0;
         return v < 1.0 ? v : 1.0;
     }
 
     static void cutana_unit_f32(const float* x, Py_ssize_t n, double vmin,
-                                double inv, double* u) {
+                                double div, double* u) {
         Py_ssize_t k = 0;
     #if CUTANA_SSE2
-        __m128d vm = _mm_set1_pd(vmin), vi = _mm_set1_pd(inv);
+        __m128d vm = _mm_set1_pd(vmin), vd = _mm_set1_pd(div);
         __m128d z = _mm_setzero_pd(), one = _mm_set1_pd(1.0);
         for (; k + 2 <= n; k += 2) {
             __m128d v = _mm_cvtps_pd(_mm_castsi128_ps(
                 _mm_loadl_epi64((const __m128i*)(x + k))));
-            v = _mm_mul_pd(_mm_sub_pd(v, vm), vi);
+            v = _mm_div_pd(_mm_sub_pd(v, vm), vd);
             _mm_storeu_pd(u + k, _mm_min_pd(_mm_max_pd(v, z), one));
         }
     #endif
-        for (; k < n; k++) u[k] = cutana_unit1((double)x[k], vmin, inv);
+        for (; k < n; k++) u[k] = cutana_unit1((double)x[k], vmin, div);
     }
 
     static void cutana_unit_f64(const double* x, Py_ssize_t n, double vmin,
-                                double inv, double* u) {
+                                double div, double* u) {
         Py_ssize_t k = 0;
     #if CUTANA_SSE2
-        __m128d vm = _mm_set1_pd(vmin), vi = _mm_set1_pd(inv);
+        __m128d vm = _mm_set1_pd(vmin), vd = _mm_set1_pd(div);
         __m128d z = _mm_setzero_pd(), one = _mm_set1_pd(1.0);
         for (; k + 2 <= n; k += 2) {
-            __m128d v = _mm_mul_pd(_mm_sub_pd(_mm_loadu_pd(x + k), vm), vi);
+            __m128d v = _mm_div_pd(_mm_sub_pd(_mm_loadu_pd(x + k), vm), vd);
             _mm_storeu_pd(u + k, _mm_min_pd(_mm_max_pd(v, z), one));
         }
     #endif
-        for (; k < n; k++) u[k] = cutana_unit1(x[k], vmin, inv);
+        for (; k < n; k++) u[k] = cutana_unit1(x[k], vmin, div);
     }
 
     static void cutana_sqrt(double* u, Py_ssize_t n) {
@@ -120,38 +122,45 @@ cdef extern from *:
     }
 
     /* uint8 codes through the lookup table `lut` over `n_bins` bins of the
-       scaled value u = clip((x - vmin) * inv, 0, 1), worked on as
-       b = u * n_bins (exactly, n_bins being a power of two). An entry holds
-       the code at the bin's lower edge in its low byte and, in its high
-       byte, the index k of the one threshold in the bin (0 if none;
-       thr_b[0] is +inf), at b = thr_b[k]: the code is the low byte plus
-       (b > thr_b[k]). Pixels within eps_b of a threshold, or in a bin
-       marked CUTANA_LUT_MULTI (several thresholds), are listed in
-       `pending` for direct evaluation; the return value is their number. */
+       scaled value u = clip((x - vmin) / div, 0, 1), worked on as
+       b = (x - vmin) * scale_b with scale_b = n_bins / div (u * n_bins to
+       an ulp or two). An entry holds the code at the bin's lower edge in
+       its low byte and, in its high byte, the index k of the one threshold
+       in the bin (0 if none), at b = thr_b[k]: the code is the low byte
+       plus (b > thr_b[k]). Pixels within eps_b of a
+       threshold, or in a bin marked CUTANA_LUT_MULTI (several thresholds),
+       are listed in `pending` for direct evaluation; the return value is
+       their number. */
     #define CUTANA_LUT_MULTI 0xFFFF
     #define CUTANA_LUT_LOOP(T)                                              \
         Py_ssize_t k, n_pending = 0;                                        \
-        double scale = inv * (double)n_bins, top = (double)n_bins;          \
+        double top = (double)n_bins;                                        \
         for (k = 0; k < n; k++) {                                           \
-            double b = ((double)x[k] - vmin) * scale, t;                    \
+            double b = ((double)x[k] - vmin) * scale_b;                     \
             unsigned int e;                                                 \
             b = b > 0.0 ? b : 0.0;                                          \
             b = b < top ? b : top;                                          \
             e = lut[(Py_ssize_t)b];                                         \
-            t = thr_b[e >> 8];                                              \
-            out[k] = (uint8_t)((e & 0xFFu) + (b > t));                      \
-            if (fabs(b - t) <= eps_b || e == CUTANA_LUT_MULTI)              \
-                pending[n_pending++] = k;                                   \
+            if (e > 0xFFu) {                                                \
+                if (e == CUTANA_LUT_MULTI) {                                \
+                    pending[n_pending++] = k;                               \
+                } else {                                                    \
+                    double t = thr_b[e >> 8];                               \
+                    if (fabs(b - t) <= eps_b) pending[n_pending++] = k;     \
+                    e = (e & 0xFFu) + (b > t);                              \
+                }                                                           \
+            }                                                               \
+            out[k] = (uint8_t)e;                                            \
         }                                                                   \
         return n_pending;
     static Py_ssize_t cutana_lut_f32(
-            const float* x, Py_ssize_t n, double vmin, double inv,
+            const float* x, Py_ssize_t n, double vmin, double scale_b,
             const uint16_t* lut, Py_ssize_t n_bins, const double* thr_b,
             double eps_b, uint8_t* out, Py_ssize_t* pending) {
         CUTANA_LUT_LOOP(float)
     }
     static Py_ssize_t cutana_lut_f64(
-            const double* x, Py_ssize_t n, double vmin, double inv,
+            const double* x, Py_ssize_t n, double vmin, double scale_b,
             const uint16_t* lut, Py_ssize_t n_bins, const double* thr_b,
             double eps_b, uint8_t* out, Py_ssize_t* pending) {
         CUTANA_LUT_LOOP(double)
@@ -202,10 +211,10 @@ cdef extern from *:
         for (; k < n; k++) CUTANA_FILTER_SCALAR(double)
     }
     """
-    double cutana_unit1(double x, double vmin, double inv) nogil
-    void cutana_unit_f32(const float* x, Py_ssize_t n, double vmin, double inv,
+    double cutana_unit1(double x, double vmin, double div) nogil
+    void cutana_unit_f32(const float* x, Py_ssize_t n, double vmin, double div,
                          double* u) nogil
-    void cutana_unit_f64(const double* x, Py_ssize_t n, double vmin, double inv,
+    void cutana_unit_f64(const double* x, Py_ssize_t n, double vmin, double div,
                          double* u) nogil
     void cutana_sqrt(double* u, Py_ssize_t n) nogil
     void cutana_quant_u8(const double* u, Py_ssize_t n, uint8_t* out) nogil
@@ -214,11 +223,11 @@ cdef extern from *:
     int cutana_quant1(double s, double q) nogil
     enum: CUTANA_LUT_MULTI
     Py_ssize_t cutana_lut_f32(
-        const float* x, Py_ssize_t n, double vmin, double inv,
+        const float* x, Py_ssize_t n, double vmin, double scale_b,
         const uint16_t* lut, Py_ssize_t n_bins, const double* thr_b,
         double eps_b, uint8_t* out, Py_ssize_t* pending) nogil
     Py_ssize_t cutana_lut_f64(
-        const double* x, Py_ssize_t n, double vmin, double inv,
+        const double* x, Py_ssize_t n, double vmin, double scale_b,
         const uint16_t* lut, Py_ssize_t n_bins, const double* thr_b,
         double eps_b, uint8_t* out, Py_ssize_t* pending) nogil
     void cutana_filter_f32(const float* x, Py_ssize_t n, float lo, float hi,
@@ -476,6 +485,38 @@ cdef inline Py_ssize_t _probe_rank(Py_ssize_t k, Py_ssize_t n, Py_ssize_t m) noe
     return <Py_ssize_t> (m * f + 3.0 * sqrt(m * f * (1.0 - f)) + 3.0)
 
 
+cdef void _extreme_ranks(
+    const floating* a, Py_ssize_t m, Py_ssize_t r_lo, Py_ssize_t r_hi,
+    floating* lo, floating* hi,
+) noexcept nogil:
+    """The ``r_lo``-th smallest and ``r_hi``-th largest (0-based, both < 64)
+    of ``a[:m]``, in one pass that keeps the few extreme values in order."""
+    cdef floating small[64]
+    cdef floating large[64]
+    cdef Py_ssize_t i, j, n_small = 0, n_large = 0
+    cdef floating v
+    for i in range(m):
+        v = a[i]
+        if n_small <= r_lo or v < small[r_lo]:
+            j = n_small if n_small <= r_lo else r_lo
+            while j > 0 and small[j - 1] > v:
+                small[j] = small[j - 1]
+                j -= 1
+            small[j] = v
+            if n_small <= r_lo:
+                n_small += 1
+        if n_large <= r_hi or v > large[r_hi]:
+            j = n_large if n_large <= r_hi else r_hi
+            while j > 0 and large[j - 1] < v:
+                large[j] = large[j - 1]
+                j -= 1
+            large[j] = v
+            if n_large <= r_hi:
+                n_large += 1
+    lo[0] = small[r_lo]
+    hi[0] = large[r_hi]
+
+
 cdef bint _percentiles_filtered(
     const floating* img, Py_ssize_t width, Py_ssize_t r0, Py_ssize_t r1,
     Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t n, double q_lo, double q_hi,
@@ -520,10 +561,13 @@ cdef bint _percentiles_filtered(
     rank_hi = m - 1 - _probe_rank(need_hi, n, m)
     if rank_lo >= rank_hi:
         return False
-    _select(probe, 0, m - 1, rank_lo)
-    t_lo = probe[rank_lo]
-    _select(probe, rank_lo + 1, m - 1, rank_hi)
-    t_hi = probe[rank_hi]
+    if rank_lo < 64 and m - 1 - rank_hi < 64:
+        _extreme_ranks(probe, m, rank_lo, m - 1 - rank_hi, &t_lo, &t_hi)
+    else:
+        _select(probe, 0, m - 1, rank_lo)
+        t_lo = probe[rank_lo]
+        _select(probe, rank_lo + 1, m - 1, rank_hi)
+        t_hi = probe[rank_hi]
     if not t_lo < t_hi:
         return False
     high = buf + npix  # high values go to buf[npix - 1], buf[npix - 2], ...
@@ -1011,11 +1055,12 @@ cdef bint _use_lut(int stretch, double a, Py_ssize_t npix) noexcept nogil:
 
 
 cdef void _stretch_lut(
-    const floating* img, Py_ssize_t npix, double vmin, double inv,
+    const floating* img, Py_ssize_t npix, double vmin, double div,
     int stretch, double a, double norm, uint8_t* out, uint16_t* lut,
-    Py_ssize_t n_bins, Py_ssize_t* pending,
+    Py_ssize_t n_bins, const double* thr_b, Py_ssize_t* pending,
 ) noexcept nogil:
-    """uint8 codes through the lookup table, straight from the pixels.
+    """uint8 codes through the lookup table (built by `_build_lut`),
+    straight from the pixels.
 
     A pixel in a bin holding one threshold gets its code by comparing its
     scaled value with the threshold; only pixels within ``_LUT_EPS`` of a
@@ -1023,36 +1068,35 @@ cdef void _stretch_lut(
     way the code is the one direct evaluation gives.
     """
     cdef Py_ssize_t k, n_pending
-    cdef double thr_b[256]
     cdef double eps_b = _LUT_EPS * n_bins
-    _build_lut(lut, thr_b, n_bins, stretch, a, norm)
+    cdef double scale_b = n_bins * (1.0 / div)
     if floating is float:
-        n_pending = cutana_lut_f32(img, npix, vmin, inv, lut, n_bins, thr_b,
+        n_pending = cutana_lut_f32(img, npix, vmin, scale_b, lut, n_bins, thr_b,
                                    eps_b, out, pending)
     else:
-        n_pending = cutana_lut_f64(img, npix, vmin, inv, lut, n_bins, thr_b,
+        n_pending = cutana_lut_f64(img, npix, vmin, scale_b, lut, n_bins, thr_b,
                                    eps_b, out, pending)
     for k in range(n_pending):
         out[pending[k]] = <uint8_t> cutana_quant1(
-            _stretch(cutana_unit1(img[pending[k]], vmin, inv), stretch, a, norm),
+            _stretch(cutana_unit1(img[pending[k]], vmin, div), stretch, a, norm),
             255.0)
 
 
 cdef void _stretch_image(
     const floating* img, Py_ssize_t npix, double vmin, double vmax,
     int stretch, double a, double norm, out_t* out, double* u, uint16_t* lut,
-    Py_ssize_t n_bins,
+    Py_ssize_t n_bins, const double* thr_b,
 ) noexcept nogil:
     """Scale, clip, stretch and quantise one image of ``npix`` pixels.
 
     ``u`` is scratch for ``npix`` doubles: the image scaled to [0, 1] by the
-    limits and clipped (astropy's ``BaseInterval.__call__``, with ``1 /
-    (vmax - vmin)`` multiplied rather than divided, and no scaling when the
-    limits are equal), then stretched in place; the lookup-table path uses
-    it for its list of pixels to evaluate directly.
+    limits and clipped (astropy's ``BaseInterval.__call__`` operation by
+    operation, in float64: no division when the limits are equal), then
+    stretched in place; the lookup-table path uses it for its list of
+    pixels to evaluate directly.
     """
     cdef Py_ssize_t k
-    cdef double span, inv
+    cdef double div
     if stretch == _STRETCH_NONE:
         if out_t is float:
             for k in range(npix):
@@ -1062,16 +1106,18 @@ cdef void _stretch_image(
         for k in range(npix):
             out[k] = 0
         return
-    span = vmax - vmin
-    inv = (1.0 / span) if span != 0 else 1.0
+    # astropy divides by vmax - vmin unless it is 0
+    div = vmax - vmin
+    if div == 0:
+        div = 1.0
     if out_t is uint8_t and lut != NULL:
-        _stretch_lut(img, npix, vmin, inv, stretch, a, norm, out, lut, n_bins,
-                     <Py_ssize_t*> u)
+        _stretch_lut(img, npix, vmin, div, stretch, a, norm, out, lut, n_bins,
+                     thr_b, <Py_ssize_t*> u)
     else:
         if floating is float:
-            cutana_unit_f32(img, npix, vmin, inv, u)
+            cutana_unit_f32(img, npix, vmin, div, u)
         else:
-            cutana_unit_f64(img, npix, vmin, inv, u)
+            cutana_unit_f64(img, npix, vmin, div, u)
         if stretch == _STRETCH_SQRT:
             cutana_sqrt(u, npix)
         elif stretch == _STRETCH_LOG:
@@ -1153,6 +1199,7 @@ def normalize_stack(
     cdef double norm
     cdef int status = 0
     cdef uint16_t* lut = NULL
+    cdef double thr_b[256]
     cdef double* u = NULL
     cdef _Scratch scratch
     cdef bint do_limits = compute and stretch != _STRETCH_NONE
@@ -1207,6 +1254,10 @@ def normalize_stack(
             lut = <uint16_t*> malloc((n_bins + 1) * sizeof(uint16_t))
             if lut == NULL:
                 status = -1
+            else:
+                # the table covers the scaled value in [0, 1]: it does not
+                # depend on the image, so one serves the whole call
+                _build_lut(lut, thr_b, n_bins, stretch, a, norm)
         if status == 0:
             for i in range(n):
                 if do_limits:
@@ -1214,7 +1265,7 @@ def normalize_stack(
                                 n_samples, contrast, r0, r1, c0, c1, &scratch,
                                 &vmin[i], &vmax[i])
                 _stretch_image(&data[i, 0, 0], npix, vmin[i], vmax[i], stretch,
-                               a, norm, &out[i, 0, 0], u, lut, n_bins)
+                               a, norm, &out[i, 0, 0], u, lut, n_bins, thr_b)
         free(u)
         free(lut)
         if do_limits:

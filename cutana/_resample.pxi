@@ -279,7 +279,7 @@ cdef void _resample_one(
 
 
 def resample_windows(
-    const uint8_t[:, ::1] src,
+    const uint8_t[:, :] src,
     Py_ssize_t src_nx,
     int itemsize,
     bint swap,
@@ -296,7 +296,8 @@ def resample_windows(
     Parameters
     ----------
     src : memoryview of uint8, shape ``(src_ny, src_nx * itemsize)``
-        The image seen as bytes, as for `extract_windows`.
+        The image seen as bytes; rows may be strided, the items of a row
+        must be adjacent. Read-only buffers (memory maps) are accepted.
     src_nx : int
         Number of pixels per image row.
     itemsize : int
@@ -362,7 +363,8 @@ def resample_windows(
         ny = shapes[i, 0]
         nx = shapes[i, 1]
         if ny < 1 or nx < 1:
-            msg = f"window {i} has an empty shape ({ny}, {nx})"
+            msg = (f"window shapes must be at least 1 pixel, got ({ny}, {nx}) "
+                   f"for window {i}")
             raise ValueError(msg)
         if ny > max_ny:
             max_ny = ny

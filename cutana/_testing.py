@@ -86,7 +86,8 @@ def die_once(task):
     Parameters
     ----------
     task : tuple
-        ``(marker_path, value)``.
+        ``(marker_path, value)``; with ``marker_path`` `None` the worker is
+        killed on every call.
 
     Returns
     -------
@@ -94,7 +95,7 @@ def die_once(task):
         The task's value, from the second call on.
     """
     marker, value = task
-    if _first_time(marker):
+    if marker is None or _first_time(marker):
         os._exit(17)
     return value
 

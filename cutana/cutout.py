@@ -14,6 +14,7 @@ compiled kernel (:mod:`cutana._extract`) that copies all windows into an
 """
 
 import numbers
+import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from copy import deepcopy
@@ -517,6 +518,18 @@ def _apply_fill(block, starts, which, large, fill_value):
 # --------------------------------------------------------------------------
 
 
+#: Stack size above which `BatchCutout2D` uses every core by default.
+_THREADS_ABOVE_BYTES = 64 * 10**6
+
+
+def _available_cores():
+    """Number of cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def _raise_for_code(code, index=None):
     """Raise astropy's exception for a geometry code."""
     prefix = "" if index is None else f"source {index}: "
@@ -830,7 +843,7 @@ def _kernel_supports(data):
 
 class BatchCutout2D:
     """
-    Many cutouts from one 2D array at once, each equal to astropy's `~astropy.nddata.Cutout2D`.
+    Many cutouts from one 2D array, each equal to astropy's `~astropy.nddata.Cutout2D`.
 
     Positions are converted to pixels with one vectorised call, boxes are
     rounded in one vectorised pass that reproduces
@@ -869,8 +882,11 @@ class BatchCutout2D:
         raises astropy's exception type, naming its index. With ``'mask'``
         such sources are kept, filled with ``fill_value`` (or 0 for integer
         data), and flagged in `status`; ``b[i]`` raises for them.
-    n_threads : int, optional
-        Threads running the copy kernel (default 1).
+    n_threads : int or None, optional
+        Threads running the copy kernel. `None` (default) uses one thread
+        for small batches and every available core once the stack exceeds
+        64 MB, where copying is limited by memory bandwidth; results are
+        identical for any number of threads.
 
     Attributes
     ----------
@@ -936,7 +952,7 @@ class BatchCutout2D:
         *,
         limit_rounding_method=np.ceil,
         errors="raise",
-        n_threads=1,
+        n_threads=None,
     ):
         if errors not in ("raise", "mask"):
             msg = f"errors must be 'raise' or 'mask', got {errors!r}"
@@ -1044,7 +1060,12 @@ class BatchCutout2D:
                 for i in np.flatnonzero(ok)
             }
             out_dtype = next(iter(cuts.values())).dtype if cuts else native
-            stack = np.empty((n, *shape), dtype=out_dtype.newbyteorder("="))
+            out_dtype = out_dtype.newbyteorder("=")
+            if isinstance(data, np.ma.MaskedArray):
+                # a masked stack; failed sources are wholly masked
+                blank = np.ma.masked_all(shape, dtype=out_dtype)
+                return np.ma.stack([cuts.get(i, blank) for i in range(n)])
+            stack = np.empty((n, *shape), dtype=out_dtype)
             if len(cuts) < n:
                 stack[~ok] = fill
             for i, cut in cuts.items():
@@ -1052,6 +1073,9 @@ class BatchCutout2D:
             return stack
         starts = boxes.start if self.mode != "trim" else boxes.large_start
         starts = np.where(ok[:, None], starts, -(1 << 40))  # failed rows: all fill
+        if n_threads is None:
+            nbytes = n * shape[0] * shape[1] * np.dtype(native).itemsize
+            n_threads = _available_cores() if nbytes > _THREADS_ABOVE_BYTES else 1
         stack, _ = extract_stack(data, starts, shape, fill, n_threads=n_threads)
         return stack
 
@@ -1078,11 +1102,13 @@ class BatchCutout2D:
         if self.status[i] != BOX_OK:
             self._raise_for(i, self.status[i])
         large, small = self._boxes.slices(i)
-        if self._data is not None:
+        if self._data is not None and not isinstance(self._source, np.ma.MaskedArray):
             cut = self._data[i]
             if self._copy:
                 cut = cut.copy()
         else:
+            # (astropy's cutouts of a masked array are masked views inside
+            # and plain filled arrays at the edge: cut them the same way)
             cut = self._cut_one(i, large, small)
         pos = self._position_of(i)
         pos_yx = pos[::-1]

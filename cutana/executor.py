@@ -18,7 +18,9 @@ Backends
     new task is admitted only while the estimated bytes of the tasks in
     flight stay within the memory budget. A worker killed by the operating
     system breaks the pool; the executor starts a new pool and retries the
-    tasks that were in flight.
+    tasks that were in flight. Workers exit by themselves within a second
+    when the main process dies (e.g. ``kill -9``), instead of waiting on the
+    task queue for ever.
 ``dask``
     A `distributed.Client`: an existing scheduler (``scheduler`` address or
     ``client``), or a `distributed.LocalCluster` with ``n_workers``
@@ -66,12 +68,60 @@ class _Pending:
     task: object
     attempts: int = 0
     errors: list = field(default_factory=list)
+    solo: bool = False  # run alone: it was in flight when a worker died
 
 
 def _describe(exc):
     """``'Type: message'`` of an exception."""
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _create_time(pid):
+    """Start time of process ``pid`` (psutil), or None if it cannot be read."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:  # pragma: no cover - the process vanished
+        return None
+
+
+def _watch_parent(pid, create_time, interval):
+    """Exit this worker as soon as the process that started the pool is gone."""
+    import psutil
+
+    while True:
+        time.sleep(interval)
+        try:
+            alive = psutil.Process(pid).create_time() == create_time
+        except psutil.NoSuchProcess:
+            alive = False
+        except psutil.Error:  # pragma: no cover - e.g. access denied: keep going
+            alive = True
+        if not alive:
+            # the main process was killed (e.g. kill -9): nobody will ever
+            # collect this worker's results, and a worker blocked on the task
+            # queue would otherwise live forever
+            os._exit(1)
+
+
+def _init_worker(parent_pid, parent_create_time, initializer=None, interval=0.5):
+    """Initializer of every pool worker: watch the parent, then the user's one."""
+    if parent_create_time is not None:
+        threading.Thread(
+            target=_watch_parent,
+            args=(parent_pid, parent_create_time, interval),
+            name="cutana-parent-watch",
+            daemon=True,
+        ).start()
+    if initializer is not None:
+        initializer()
+
+
+def _is_broken(pool):
+    """Whether a process pool has been marked broken."""
+    return bool(getattr(pool, "_broken", False))
 
 
 class MemorySampler:
@@ -259,44 +309,54 @@ class Executor:
     def _new_pool(self):
         ctx = multiprocessing.get_context("forkserver" if os.name == "posix" else "spawn")
         return ProcessPoolExecutor(
-            max_workers=self.n_workers, mp_context=ctx, initializer=self.initializer
+            max_workers=self.n_workers,
+            mp_context=ctx,
+            initializer=_init_worker,
+            initargs=(os.getpid(), _create_time(os.getpid()), self.initializer),
         )
 
     def _run_processes(self, func, queue, cost, on_done, failed):
+        # When a worker dies, every task in flight fails with BrokenProcessPool
+        # and nobody can tell which one killed it. Those tasks are not charged
+        # an attempt; they are run again one at a time ("solo"), so that a task
+        # that kills its worker again is identified and charged, and innocent
+        # bystanders succeed.
         pool = self._new_pool()
         in_flight = {}  # future -> _Pending
         used = 0
         try:
             while queue or in_flight:
-                # admit as many tasks as workers and the memory budget allow
                 while queue and len(in_flight) < self.n_workers:
-                    c = cost(queue[0].task)
+                    head = queue[0]
+                    if in_flight and (head.solo or any(p.solo for p in in_flight.values())):
+                        break
+                    c = cost(head.task)
                     if (
                         in_flight
                         and self.memory_budget is not None
                         and used + c > self.memory_budget
                     ):
                         break
+                    try:
+                        fut = pool.submit(func, head.task)
+                    except BrokenProcessPool:
+                        # a worker died while idle; the task never started.
+                        # Leave it queued: the check below replaces the pool.
+                        break
                     pending = queue.popleft()
                     pending.attempts += 1
-                    fut = pool.submit(func, pending.task)
                     fut.cutana_cost = c
                     in_flight[fut] = pending
                     used += c
                 done, _ = wait(list(in_flight), return_when=FIRST_COMPLETED)
-                broken = False
+                broken = []
                 for fut in done:
                     pending = in_flight.pop(fut)
                     used -= fut.cutana_cost
                     try:
                         result = fut.result()
-                    except BrokenProcessPool as exc:
-                        broken = True
-                        pending.errors.append(
-                            "worker process died (killed by the operating system or "
-                            f"crashed): {_describe(exc)}"
-                        )
-                        self._retry_or_fail(pending, queue, failed)
+                    except BrokenProcessPool:
+                        broken.append(pending)
                         continue
                     except (MemoryError, KeyboardInterrupt):
                         raise
@@ -305,16 +365,26 @@ class Executor:
                         self._retry_or_fail(pending, queue, failed)
                         continue
                     queue.extend(_Pending(t) for t in (on_done(pending.task, result) or ()))
-                if broken:
-                    # every task still in flight died with the pool
-                    for fut, pending in list(in_flight.items()):
-                        pending.errors.append("worker pool broke while the task ran")
-                        self._retry_or_fail(pending, queue, failed)
+                if broken or _is_broken(pool):
+                    victims = broken + list(in_flight.values())
                     in_flight.clear()
                     used = 0
                     pool.shutdown(wait=False, cancel_futures=True)
                     logger.warning("a worker process died; starting a new pool")
                     pool = self._new_pool()
+                    reason = (
+                        "worker process died (killed by the operating system or crashed)"
+                    )
+                    if len(victims) == 1:
+                        victim = victims[0]
+                        victim.errors.append(reason)
+                        victim.solo = True
+                        self._retry_or_fail(victim, queue, failed)
+                    else:
+                        for victim in reversed(victims):
+                            victim.attempts -= 1  # not charged: culprit unknown
+                            victim.solo = True
+                            queue.appendleft(victim)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 

@@ -112,7 +112,7 @@ def _as_images(stack):
     else:
         dtype = np.dtype(np.float64)
     lead = arr.shape[:-2]
-    n_images = int(np.prod(lead, dtype=np.int64))
+    n_images = lead[0] * lead[1] if len(lead) == 2 else lead[0]
     return arr.reshape((n_images,) + arr.shape[-2:]), lead, dtype
 
 
@@ -181,26 +181,23 @@ def _interval_params(method, percentile, contrast, n_samples):
         msg = f"percentile must be in [0, 100], got {percentile!r}"
         raise ValueError(msg)
     # exactly astropy's PercentileInterval and numpy.percentile arithmetic
-    lower = (100 - percentile) * 0.5
+    # (numpy divides the float64 percentiles by 100)
+    lower = (100 - float(percentile)) * 0.5
     upper = 100 - lower
-    q_lo, q_hi = np.true_divide((lower, upper), 100)
-    return _normalize.INTERVAL_PERCENTILE, float(q_lo), float(q_hi), 1000, 0.25
-
-
-def _chunks(n, n_threads):
-    """Bounds of at most ``n_threads`` contiguous, nearly equal chunks."""
-    n_chunks = max(1, min(n_threads, n))
-    return np.linspace(0, n, n_chunks + 1).astype(int)
+    return _normalize.INTERVAL_PERCENTILE, lower / 100, upper / 100, 1000, 0.25
 
 
 def _run(func, n, n_threads):
-    """Run ``func(lo, hi)`` over chunks of ``range(n)``, in threads if asked."""
-    bounds = _chunks(n, n_threads)
-    if len(bounds) == 2:
+    """Run ``func(lo, hi)`` over contiguous, nearly equal chunks of
+    ``range(n)``, one per thread (in the calling thread when only one)."""
+    n_chunks = max(1, min(n_threads, n))
+    if n_chunks == 1:
         func(0, n)
         return
-    with ThreadPoolExecutor(len(bounds) - 1) as pool:
-        for future in [pool.submit(func, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]:
+    bounds = [n * k // n_chunks for k in range(n_chunks + 1)]
+    with ThreadPoolExecutor(n_chunks) as pool:
+        futures = [pool.submit(func, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
+        for future in futures:
             future.result()
 
 

@@ -10,6 +10,7 @@ module; this one only validates the options at the boundary and wires the
 steps together.
 """
 
+import json
 import logging
 import math
 import os
@@ -61,6 +62,11 @@ FORMATS = ("zarr", "fits")
 DTYPES = ("float32", "uint8", "uint16")
 RESAMPLE = ("none", *RESAMPLE_METHODS)
 _CHUNKS_PER_TASK = 8
+# what `ZarrWriter.create` puts into a store
+_ZARR_MEMBERS = frozenset(
+    ("zarr.json", "images", "status", "tile", "origin", "box_shape", "source_id",
+     "ra", "dec", "chunk_sha256")
+)
 # options that change how a run executes but never what it writes
 _EXECUTION_OPTIONS = (
     "workers", "threads", "memory_limit", "backend", "scheduler", "max_sources_per_job",
@@ -687,13 +693,20 @@ class _Runner:
         ledger_path = os.path.join(state_dir(self.output), "ledger.jsonl")
         if resume and not os.path.exists(ledger_path):
             if self._complete_output():
+                # a run killed while removing its bookkeeping left some behind
+                remove_run_state(self.output)
                 self.already_complete = True
                 return
-            msg = (
-                f"cannot resume {self.output!r}: it holds no cutana run state "
-                "(use --overwrite to start again)"
-            )
-            raise ConfigError(msg)
+            if not self._creation_interrupted():
+                msg = (
+                    f"cannot resume {self.output!r}: it holds no cutana run state "
+                    "(use --overwrite to start again)"
+                )
+                raise ConfigError(msg)
+            # killed while creating the output, before any cutout was recorded:
+            # there is nothing to keep, so the run starts afresh
+            logger.warning("%s: its creation was interrupted; starting afresh", self.output)
+            resume, overwrite = False, True
         if resume:
             saved = os.path.join(state_dir(self.output), "plan.npz")
             if os.path.exists(saved):
@@ -752,10 +765,26 @@ class _Runner:
         self.ledger = Ledger(self.output)
         self.ledger.run_started(fingerprint)
 
+    def _creation_interrupted(self):
+        """Whether the output holds only what a run killed before its ledger left."""
+        names = set(os.listdir(self.output)) - {os.path.basename(state_dir(self.output))}
+        if not names:
+            return True
+        if self.fmt != "zarr" or "zarr.json" not in names or not names <= _ZARR_MEMBERS:
+            return False
+        try:
+            with open(os.path.join(self.output, "zarr.json"), "rb") as fh:
+                attrs = json.load(fh).get("attributes", {})
+        except (OSError, ValueError, AttributeError):
+            return True  # a group file cut short: the creation never finished
+        return isinstance(attrs, dict) and not attrs.get("complete", False)
+
     def _complete_output(self):
         try:
             archive = open_output(self.output)
         except (OSError, ValueError, KeyError):
+            return False
+        if self.fmt == "zarr" and not archive.attrs.get("complete", False):
             return False
         status = np.asarray(archive.status)
         if len(status) != self.plan.n_rows or (status == Status.PENDING).any():

@@ -54,10 +54,11 @@ _KIND_CODES = {
 
 
 def _tile_bytes(data):
-    """The image as a 2-D uint8 view for the kernel (rows may be strided).
+    """The image as a 2-D uint8 view for the kernel.
 
-    Returns ``(src_bytes, arr)``; ``arr`` is only copied when the items of a
-    row are not adjacent in memory.
+    Returns ``(src_bytes, arr)``. The rows may be strided (a memory map of a
+    FITS tile, a slice of rows); only an image whose items are not adjacent
+    within a row is copied, to a C-contiguous array.
     """
     arr = np.asarray(data)
     if arr.ndim != 2:
@@ -86,7 +87,9 @@ def _as_pairs(values, n, name):
         msg = f"{name} must be whole numbers of pixels, got dtype {arr.dtype}"
         raise ValueError(msg)
     if arr.shape == (2,):
-        arr = np.broadcast_to(arr, (n, 2))
+        pairs = np.empty((n, 2), dtype=np.int64)
+        pairs[:] = arr
+        arr = pairs
     if arr.shape != (n, 2):
         msg = f"{name} must have shape ({n}, 2) or (2,), got {arr.shape}"
         raise ValueError(msg)
@@ -116,7 +119,8 @@ def extract_resampled(
     data : `~numpy.ndarray`
         The 2-D image: any integer dtype, float32 or float64, native or
         big-endian (e.g. a memory map of a FITS tile). It is never copied or
-        converted as a whole.
+        converted as a whole, unless the items of its rows are not adjacent
+        in memory (then it is copied once).
     starts : array-like, shape ``(N, 2)``
         ``(y0, x0)`` of each window's first pixel in ``data``; may lie
         outside it.
@@ -195,11 +199,7 @@ def extract_resampled(
         raise ValueError(msg)
     n = len(starts_arr)
     starts = _as_pairs(starts_arr, n, "starts")
-    shapes = _as_pairs(shapes, n, "shapes")
-    if n and np.any(shapes < 1):
-        bad = int(np.flatnonzero((shapes < 1).any(axis=1))[0])
-        msg = f"shapes must be at least 1 pixel, got {tuple(shapes[bad])} for window {bad}"
-        raise ValueError(msg)
+    shapes = _as_pairs(shapes, n, "shapes")  # >= 1: checked by the kernel
     if scale is None:
         factors = np.empty(0)
     else:
@@ -241,7 +241,7 @@ def extract_resampled(
     if n_chunks == 1:
         run(0, n)
     else:
-        bounds = np.linspace(0, n, n_chunks + 1).astype(int)
+        bounds = [n * k // n_chunks for k in range(n_chunks + 1)]
         with ThreadPoolExecutor(n_chunks) as pool:
             futures = [pool.submit(run, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
             for future in futures:

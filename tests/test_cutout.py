@@ -994,3 +994,19 @@ def test_batch_skycoord_sip_rounding_methods(method):
             data, sky[i], 3, wcs=wcs, mode="partial", limit_rounding_method=method
         )
         assert_same_cutout(b[i], ref, exact_byteorder=False)
+
+
+@pytest.mark.parametrize("mode", ["trim", "partial"])
+def test_batch_masked_and_complex_data(mode):
+    """Test that masked and complex arrays (not for the kernel) still match astropy."""
+    data = np.ma.masked_greater(_image(), 100.0)
+    b, refs = check_batch(data, XY, 3, mode=mode, exact_byteorder=True)
+    for c, a in zip(b, refs, strict=True):
+        np.testing.assert_array_equal(
+            np.ma.getmaskarray(c.data), np.ma.getmaskarray(a.data)
+        )
+    if b.shape is not None:
+        assert isinstance(b.data, np.ma.MaskedArray)
+        for i, a in enumerate(refs):
+            np.testing.assert_array_equal(b.data.mask[i], np.ma.getmaskarray(a.data))
+    check_batch(_image(np.complex128), XY, (2, 3), mode=mode, fill_value=1j)

@@ -37,13 +37,9 @@ def test_failure_after_retries_is_reported(backend, n_workers):
     seen = []
     ex = Executor(backend, n_workers, retries=1)
 
-    def func_tasks():
-        return ["bad", "good"]
-
-    failures = ex.run(
-        _testing.fail_always, func_tasks(), on_done=lambda t, r: seen.append(t)
-    )
-    assert [f.task for f in failures] == ["bad", "good"]
+    failures = ex.run(_testing.fail_always, ["a", "b"], on_done=lambda t, r: seen.append(t))
+    assert sorted(f.task for f in failures) == ["a", "b"]
+    assert seen == []
     assert all(f.attempts == 2 for f in failures)
     assert "always fails" in failures[0].error
     results, failures = _collect(backend, n_workers, _testing.square, [3])
@@ -51,11 +47,29 @@ def test_failure_after_retries_is_reported(backend, n_workers):
 
 
 def test_killed_worker_is_retried(tmp_path):
-    """Test that a worker killed mid-task breaks nothing: the task is retried."""
-    tasks = [(str(tmp_path / f"m{i}"), i) for i in range(3)]
+    """Test that workers killed mid-task break nothing: every task is retried."""
+    tasks = [(str(tmp_path / f"m{i}"), i) for i in range(6)]
     results, failures = _collect("processes", 2, _testing.die_once, tasks)
     assert failures == []
-    assert sorted(results.values()) == [0, 1, 2]
+    assert sorted(results.values()) == list(range(6))
+
+
+def test_task_killing_its_worker_every_time_fails_alone(tmp_path):
+    """Test that a task that always kills its worker fails, and bystanders succeed."""
+    import os
+
+    tasks = [(str(tmp_path / f"m{i}"), i) for i in range(4)]
+    os.close(os.open(tasks[1][0], os.O_CREAT))  # tasks 0, 2, 3 die once; 1 never dies
+    ex = Executor("processes", 2, retries=1)
+    results = {}
+    failures = ex.run(
+        _testing.die_once, tasks[:1] + [(None, 99)] + tasks[1:],
+        on_done=lambda t, r: results.__setitem__(t[1], r),
+    )
+    assert [f.task[1] for f in failures] == [99]
+    assert failures[0].attempts == 2
+    assert "worker process died" in failures[0].error
+    assert sorted(results) == [0, 1, 2, 3]
 
 
 def test_on_done_can_add_tasks():

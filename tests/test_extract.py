@@ -481,3 +481,20 @@ def test_many_windows_any_count(n):
     data = _image(">f8", shape=(300, 200))
     starts = _starts(data.shape, (10, 12), n=max(0, n - 8), seed=n)[:n]
     check(data, starts, (10, 12), np.nan)
+
+
+@pytest.fixture(params=[True, False], ids=["vector_swap", "scalar_swap"])
+def swap_backend(request):
+    """Run a test with and without the AVX2 byte-swap loops."""
+    previous = _extract._set_vector_swap(request.param)
+    yield request.param
+    _extract._set_vector_swap(previous)
+
+
+@pytest.mark.parametrize("dtype", [">i2", ">u2", ">i4", ">f4", ">i8", ">f8"])
+@pytest.mark.parametrize("window", [(3, 1), (5, 7), (4, 33)])
+def test_swap_backends(swap_backend, dtype, window):
+    """Test that the vector and the scalar byte-swap loops give the same result."""
+    data = _image(dtype, shape=(40, 70))
+    data[1, :] = np.arange(70) * 1.5 if dtype[1] == "f" else np.arange(70)
+    check(data, _starts(data.shape, window), window, 3)

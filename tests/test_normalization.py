@@ -1,0 +1,344 @@
+# Licensed under a 3-clause BSD style license - see LICENSE.rst
+"""Tests of cutana.normalization against astropy.visualization.
+
+Tolerances: the limits are compared exactly (percentile) or to 1e-7
+relative (zscale, whose line fit astropy does with ``np.polyfit``).
+Stretched float32 values are compared with astropy run on the same data in
+float64, to 1e-6 absolute (float32 rounding of values in [0, 1]); uint8 and
+uint16 codes of the linear, sqrt and zscale stretches must equal
+``np.round(astropy * 255)`` exactly, those of log and asinh (whose libm and
+numpy transcendental functions may differ in the last bit) may differ by one
+code in at most one pixel in 10,000.
+"""
+
+import numpy as np
+import pytest
+from astropy.visualization import (
+    AsinhStretch,
+    LinearStretch,
+    LogStretch,
+    PercentileInterval,
+    SqrtStretch,
+    ZScaleInterval,
+)
+from numpy.testing import assert_allclose, assert_array_equal
+
+from cutana import _normalize
+from cutana.normalization import NORMALIZATIONS, compute_limits, normalize
+
+STRETCHES = {
+    "linear": lambda a: LinearStretch(),
+    "sqrt": lambda a: SqrtStretch(),
+    "log": lambda a: LogStretch(1000.0 if a is None else a),
+    "asinh": lambda a: AsinhStretch(0.1 if a is None else a),
+}
+
+
+def _images(kind, shape, dtype, seed=0, nan_fraction=0.0):
+    """A stack of synthetic images of one kind."""
+    rng = np.random.default_rng(seed)
+    if kind == "noise":
+        data = rng.normal(10.0, 2.0, shape)
+    elif kind == "ties":
+        data = rng.integers(0, 6, shape).astype(float)
+    elif kind == "skewed":
+        data = rng.lognormal(0.0, 2.5, shape)
+    elif kind == "galaxy":
+        # sky noise plus a bright, extended source and a star at the edge
+        h, w = shape[-2:]
+        yy, xx = np.mgrid[:h, :w]
+        r2 = (yy - h / 2) ** 2 + (xx - w / 2) ** 2
+        data = rng.normal(0.0, 0.05, shape) + 30 * np.exp(-r2 / 18.0)
+        data[..., 2, 3] += 500.0
+    else:
+        raise ValueError(kind)
+    data = data.astype(dtype)
+    if nan_fraction:
+        data[rng.random(shape) < nan_fraction] = np.nan
+    return data
+
+
+def _astropy(image, method, percentile=99.8, a=None, contrast=0.25, n_samples=1000,
+             region=None):
+    """astropy.visualization's normalised image, in float64."""
+    image = np.asarray(image, dtype=np.float64)
+    limits_from = image if region is None else image[region]
+    if method == "zscale":
+        vmin, vmax = ZScaleInterval(n_samples=n_samples, contrast=contrast).get_limits(
+            limits_from
+        )
+        stretch = LinearStretch()
+    else:
+        vmin, vmax = PercentileInterval(percentile).get_limits(limits_from)
+        stretch = STRETCHES[method](a)
+    values = image - float(vmin)
+    if (vmax - vmin) != 0:
+        values /= vmax - vmin
+    return stretch(np.clip(values, 0.0, 1.0))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kind", ["noise", "ties", "skewed", "galaxy"])
+@pytest.mark.parametrize("percentile", [99.8, 90.0, 50.0, 100.0, 0.0, 99.99, 37.3])
+@pytest.mark.parametrize("shape", [(3, 7, 9), (2, 80, 90)])
+def test_percentile_limits_equal_astropy(dtype, kind, percentile, shape):
+    """Test that percentile limits equal PercentileInterval's exactly."""
+    data = _images(kind, shape, dtype, seed=1, nan_fraction=0.05)
+    vmin, vmax = compute_limits(data, "linear", percentile=percentile)
+    for i in range(shape[0]):
+        ref = PercentileInterval(percentile).get_limits(data[i])
+        assert vmin[i] == ref[0]
+        assert vmax[i] == ref[1]
+
+
+def test_percentile_limits_large_images_and_infinities():
+    """Test that the filtered selection path is exact, with infinities and NaN."""
+    rng = np.random.default_rng(2)
+    data = rng.normal(size=(6, 150, 150)).astype(np.float32)
+    data[0, ::7, ::3] = np.inf
+    data[1, ::5, ::2] = -np.inf
+    data[2, :40] = np.nan
+    data[3] = np.sort(data[3].ravel()).reshape(150, 150)  # sorted, correlated
+    data[4, :, :] = 0.0  # constant except a few values
+    data[4, 3, :10] = np.arange(10)
+    data[5, 75:, :] = 7.0  # half the image at one value
+    for percentile in (99.8, 99.0, 95.0):
+        vmin, vmax = compute_limits(data, "asinh", percentile=percentile)
+        for i in range(len(data)):
+            ref = PercentileInterval(percentile).get_limits(data[i])
+            assert (vmin[i], vmax[i]) == ref
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kind", ["noise", "ties", "skewed", "galaxy"])
+@pytest.mark.parametrize(("n_samples", "contrast"), [(1000, 0.25), (300, 0.1),
+                                                     (5000, 1.0), (3, 0.25), (50, 0.0)])
+def test_zscale_limits_match_astropy(dtype, kind, n_samples, contrast):
+    """Test that zscale limits agree with ZScaleInterval to 1e-7 relative."""
+    data = _images(kind, (3, 60, 70), dtype, seed=3, nan_fraction=0.02)
+    vmin, vmax = compute_limits(data, "zscale", n_samples=n_samples, contrast=contrast)
+    for i in range(len(data)):
+        ref = ZScaleInterval(n_samples=n_samples, contrast=contrast).get_limits(data[i])
+        assert_allclose((vmin[i], vmax[i]), ref, rtol=1e-7, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    ("method", "a"),
+    [("linear", None), ("sqrt", None), ("log", None), ("log", 10.0), ("asinh", None),
+     ("asinh", 0.02), ("asinh", 3.0), ("zscale", None)],
+)
+@pytest.mark.parametrize("kind", ["noise", "skewed", "galaxy"])
+def test_float32_output_matches_astropy(dtype, method, a, kind):
+    """Test that float32 output equals astropy's stretch to 1e-6."""
+    data = _images(kind, (3, 48, 40), dtype, seed=4, nan_fraction=0.03)
+    out = normalize(data, method, a=a, dtype="float32")
+    assert out.dtype == np.float32 and out.shape == data.shape
+    for i in range(len(data)):
+        ref = _astropy(data[i], method, a=a)
+        finite = np.isfinite(data[i])
+        assert_allclose(out[i][finite], ref[finite], rtol=0, atol=1e-6)
+        assert np.all(out[i][~finite] == 0)
+        assert np.all((out[i] >= 0) & (out[i] <= 1))
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16"])
+@pytest.mark.parametrize("method", ["linear", "sqrt", "log", "asinh", "zscale"])
+@pytest.mark.parametrize("kind", ["noise", "ties", "galaxy"])
+@pytest.mark.parametrize("shape", [(4, 20, 30), (2, 150, 150)])
+def test_integer_output_is_rounded_astropy(dtype, method, kind, shape):
+    """Test that uint8/uint16 output is astropy's value times 255/65535, rounded."""
+    data = _images(kind, shape, np.float64, seed=5, nan_fraction=0.01)
+    out = normalize(data, method, dtype=dtype)
+    scale = 255 if dtype == "uint8" else 65535
+    ref = np.stack([_astropy(image, method) for image in data])
+    expected = np.round(np.nan_to_num(ref, nan=0.0) * scale).astype(dtype)
+    expected[~np.isfinite(data)] = 0
+    assert out.dtype == np.dtype(dtype)
+    if method in ("linear", "sqrt", "zscale"):
+        assert_array_equal(out, expected)
+    else:
+        diff = np.abs(out.astype(int) - expected.astype(int))
+        assert diff.max() <= 1
+        assert np.count_nonzero(diff) <= max(1, out.size // 10000)
+
+
+def test_uint8_rounds_half_to_even():
+    """Test that codes at exact halves round to even, as numpy.round does."""
+    data = np.arange(511.0).reshape(1, 7, 73)  # u * 255 = x / 2: a half at odd x
+    out = normalize(data, "linear", percentile=100, dtype="uint8")
+    assert_array_equal(out.ravel(), np.round(np.arange(511.0) / 2).astype(np.uint8))
+
+
+@pytest.mark.parametrize("stretch", ["log", "asinh"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_uint8_lookup_table_equals_direct_evaluation(stretch, dtype):
+    """Test that the uint8 lookup-table path gives the direct evaluation's codes."""
+    rng = np.random.default_rng(6)
+    code = _normalize.STRETCH_LOG if stretch == "log" else _normalize.STRETCH_ASINH
+    for trial in range(12):
+        a = float(10 ** rng.uniform(-3, 4)) if stretch == "log" else float(
+            10 ** rng.uniform(-4, 2)
+        )
+        data = _images(["noise", "skewed", "galaxy", "ties"][trial % 4], (2, 64, 70),
+                       dtype, seed=trial, nan_fraction=0.01)
+        vmin = np.empty(2)
+        vmax = np.empty(2)
+        fast = np.empty(data.shape, np.uint8)
+        slow = np.empty(data.shape, np.uint8)
+        args = (True, _normalize.INTERVAL_PERCENTILE, 0.001, 0.999)
+        _normalize.normalize_stack(data, fast, code, a, vmin, vmax, *args)
+        _normalize.normalize_stack(data, slow, code, a, vmin, vmax, *args,
+                                   allow_lut=False)
+        assert_array_equal(fast, slow)
+
+
+@pytest.mark.parametrize("method", ["linear", "asinh", "zscale"])
+def test_nan_and_inf_become_zero(method):
+    """Test that non-finite pixels become 0 and do not affect the limits."""
+    data = _images("noise", (2, 30, 30), np.float32, seed=7)
+    data[0, 0, :5] = [np.nan, np.inf, -np.inf, np.nan, np.inf]
+    for dtype in ("float32", "uint8", "uint16"):
+        out = normalize(data, method, dtype=dtype)
+        assert np.all(out[0, 0, :5] == 0)
+        clean = data[0].copy()
+        clean[0, :5] = np.nan
+        ref = _astropy(clean, method)
+        if dtype == "float32":
+            assert_allclose(out[0, 1:], ref[1:], atol=1e-6)
+
+
+def test_degenerate_images():
+    """Test that all-NaN and constant images give zeros, never NaN."""
+    data = np.zeros((3, 10, 10))
+    data[0] = np.nan
+    data[1] = 4.5
+    data[2] = 4.5
+    data[2, 5, 5] = 9.0  # limits equal (both 4.5): values clipped, not divided
+    for method in NORMALIZATIONS[1:]:
+        out = normalize(data, method, dtype="float32")
+        assert np.all(np.isfinite(out))
+        assert np.all(out[:2] == 0)
+        assert out[2, 5, 5] == pytest.approx(_astropy(data[2], method)[5, 5])
+        assert normalize(data, method, dtype="uint8")[2, 5, 5] == 255
+    vmin, vmax = compute_limits(data, "asinh")
+    assert np.isnan(vmin[0]) and np.isnan(vmax[0])
+    assert vmin[1] == vmax[1] == 4.5
+
+
+def test_none_passes_values_through():
+    """Test that 'none' returns the values as float32, NaN included."""
+    data = _images("skewed", (2, 3, 5, 6), np.float64, seed=8, nan_fraction=0.1)
+    out = normalize(data, "none")
+    assert out.dtype == np.float32
+    assert_array_equal(out, data.astype(np.float32))
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16"])
+def test_none_with_integer_dtype_asks_for_a_stretch(dtype):
+    """Test that 'none' with an integer output type is a clear error."""
+    with pytest.raises(ValueError, match="needs a stretch|choose one of"):
+        normalize(np.zeros((1, 4, 4)), "none", dtype=dtype)
+
+
+def test_four_dimensional_stacks_are_per_band():
+    """Test that (N, C, H, W) stacks are normalised per cutout and per band."""
+    data = _images("galaxy", (3, 2, 25, 25), np.float32, seed=9)
+    data[:, 1] *= 100.0
+    out = normalize(data, "asinh", dtype="float32")
+    assert out.shape == data.shape
+    for i in range(3):
+        for c in range(2):
+            finite = np.isfinite(data[i, c])
+            assert_allclose(out[i, c][finite], _astropy(data[i, c], "asinh")[finite],
+                            atol=1e-6)
+    vmin, vmax = compute_limits(data, "asinh")
+    assert vmin.shape == vmax.shape == (3, 2)
+
+
+@pytest.mark.parametrize("crop", [0.5, 20, (10, 0.25), 1.0])
+def test_crop_limits_come_from_the_centre(crop):
+    """Test that crop computes the limits from the central region only."""
+    data = _images("galaxy", (2, 40, 60), np.float64, seed=10)
+    data[:, 0, 0] = 1e6  # a bright neighbour at the edge
+    out = normalize(data, "sqrt", crop=crop)
+    heights = [crop if np.ndim(crop) == 0 else crop[0], crop if np.ndim(crop) == 0 else crop[1]]
+    sizes = []
+    for value, full in zip(heights, (40, 60)):
+        sizes.append(max(1, round(value * full)) if isinstance(value, float) else value)
+    r0 = (40 - sizes[0]) // 2
+    c0 = (60 - sizes[1]) // 2
+    region = (slice(r0, r0 + sizes[0]), slice(c0, c0 + sizes[1]))
+    for i in range(2):
+        ref = _astropy(data[i], "sqrt", region=region)
+        assert_allclose(out[i], ref, atol=1e-6)
+    vmin, _ = compute_limits(data, "sqrt", crop=crop)
+    assert vmin[0] == PercentileInterval(99.8).get_limits(data[0][region])[0]
+
+
+def test_integer_and_big_endian_input():
+    """Test that integer and big-endian stacks give the float64 results."""
+    data = np.random.default_rng(11).integers(-500, 3000, (3, 17, 19))
+    ref = normalize(data.astype(np.float64), "log", dtype="uint16")
+    assert_array_equal(normalize(data.astype(np.int16), "log", dtype="uint16"), ref)
+    assert_array_equal(normalize(data.astype(">i4"), "log", dtype="uint16"), ref)
+    assert_array_equal(normalize(data.astype(">f8"), "log", dtype="uint16"), ref)
+    non_contiguous = np.asfortranarray(data.astype(np.float64))
+    assert_array_equal(normalize(non_contiguous, "log", dtype="uint16"), ref)
+
+
+@pytest.mark.parametrize("n_threads", [2, 3, 8])
+def test_thread_count_does_not_change_results(n_threads):
+    """Test that the results are identical for any number of threads."""
+    data = _images("galaxy", (13, 2, 30, 30), np.float32, seed=12, nan_fraction=0.01)
+    for method in ("asinh", "zscale"):
+        one = normalize(data, method, dtype="uint8")
+        many = normalize(data, method, dtype="uint8", n_threads=n_threads)
+        assert_array_equal(one, many)
+        assert_array_equal(
+            np.array(compute_limits(data, method)),
+            np.array(compute_limits(data, method, n_threads=n_threads)),
+        )
+
+
+def test_out_argument_and_empty_stack():
+    """Test the out argument and an empty stack."""
+    data = _images("noise", (2, 8, 8), np.float32)
+    out = np.empty((2, 8, 8), np.uint8)
+    assert normalize(data, "sqrt", dtype="uint8", out=out) is out
+    assert normalize(np.zeros((0, 8, 8)), "asinh").shape == (0, 8, 8)
+    vmin, vmax = compute_limits(np.zeros((0, 3, 8, 8)))
+    assert vmin.shape == vmax.shape == (0, 3)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"method": "gamma"}, "method must be one of"),
+        ({"method": "asinh", "percentile": 101}, "percentile must be in"),
+        ({"method": "asinh", "a": 0}, "a must be a finite number > 0"),
+        ({"method": "log", "a": -1.0}, "a must be a finite number > 0"),
+        ({"method": "zscale", "n_samples": 0}, "n_samples must be a positive integer"),
+        ({"method": "zscale", "contrast": -1}, "contrast must be"),
+        ({"method": "linear", "dtype": "int8"}, "dtype must be one of"),
+        ({"method": "linear", "crop": 0}, "crop must be positive"),
+        ({"method": "linear", "crop": 50}, "larger than the image"),
+        ({"method": "linear", "crop": 2.5}, "whole number of pixels"),
+        ({"method": "linear", "n_threads": 0}, "n_threads must be a positive integer"),
+        ({"method": "linear", "out": np.empty((2, 8, 8), np.uint8)}, "out must be"),
+    ],
+)
+def test_invalid_arguments(kwargs, match):
+    """Test that invalid arguments raise ValueError naming the bad value."""
+    with pytest.raises(ValueError, match=match):
+        normalize(np.zeros((2, 8, 8)), **kwargs)
+
+
+def test_invalid_stacks_and_limits_of_none():
+    """Test that bad stack shapes and dtypes, and limits of 'none', are refused."""
+    with pytest.raises(ValueError, match="must have shape"):
+        normalize(np.zeros((8, 8)), "linear")
+    with pytest.raises(TypeError, match="unsupported dtype"):
+        normalize(np.zeros((1, 2, 2), dtype=complex), "linear")
+    with pytest.raises(ValueError, match="has no limits"):
+        compute_limits(np.zeros((1, 2, 2)), "none")

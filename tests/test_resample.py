@@ -1,0 +1,256 @@
+# Licensed under a 3-clause BSD style license - see LICENSE.rst
+"""Tests of cutana.resample.extract_resampled against scipy and brute force.
+
+Tolerances: bilinear output is compared with
+``scipy.ndimage.map_coordinates(order=1, mode='nearest')`` on the same
+sample grid to 1e-12 relative (float64 output; both work in float64 but sum
+the taps in a different order); nearest output must equal the hand-computed
+pixel exactly; area output must match a brute-force overlap computation to
+1e-12 relative and preserve each window's total to 1e-5 relative (float32
+output).
+"""
+
+import numpy as np
+import pytest
+from numpy.testing import assert_allclose, assert_array_equal
+from scipy import ndimage
+
+from cutana.resample import RESAMPLE_METHODS, extract_resampled
+
+
+def _window(data, start, shape, fill):
+    """The window of ``data`` starting at ``start``, filled outside (float64)."""
+    (y0, x0), (ny, nx) = start, shape
+    win = np.full((ny, nx), fill, dtype=np.float64)
+    ys = np.arange(y0, y0 + ny)
+    xs = np.arange(x0, x0 + nx)
+    iy = (ys >= 0) & (ys < data.shape[0])
+    ix = (xs >= 0) & (xs < data.shape[1])
+    win[np.ix_(iy, ix)] = data[np.ix_(ys[iy], xs[ix])]
+    return win
+
+
+def _grid(n, m):
+    """Input coordinates sampled by the m output pixels (aligned centres)."""
+    return (np.arange(m) + 0.5) * n / m - 0.5
+
+
+def _overlap_matrix(n, m):
+    """Brute-force (m, n) overlaps of output [j n/m, (j+1) n/m) with input [i, i+1)."""
+    lo = np.arange(m)[:, None] * n / m
+    hi = np.arange(1, m + 1)[:, None] * n / m
+    i = np.arange(n)[None, :]
+    return np.clip(np.minimum(hi, i + 1) - np.maximum(lo, i), 0, None)
+
+
+def _cases(seed, count, data_shape=(40, 50)):
+    """Random (start, shape, out_shape) cases, some partly or wholly outside."""
+    rng = np.random.default_rng(seed)
+    for _ in range(count):
+        shape = tuple(int(v) for v in rng.integers(1, 25, 2))
+        out_shape = tuple(int(v) for v in rng.integers(1, 40, 2))
+        start = (int(rng.integers(-15, data_shape[0] + 5)),
+                 int(rng.integers(-15, data_shape[1] + 5)))
+        yield start, shape, out_shape
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_bilinear_matches_map_coordinates(seed):
+    """Test that bilinear equals map_coordinates(order=1, mode='nearest')."""
+    data = np.random.default_rng(seed).normal(size=(40, 50))
+    for start, shape, out_shape in _cases(seed, 60):
+        out, _ = extract_resampled(data, [start], shape, out_shape, "bilinear", -2.0,
+                                   dtype=np.float64)
+        win = _window(data, start, shape, -2.0)
+        gy, gx = np.meshgrid(_grid(shape[0], out_shape[0]), _grid(shape[1], out_shape[1]),
+                             indexing="ij")
+        ref = ndimage.map_coordinates(win, [gy, gx], order=1, mode="nearest")
+        assert_allclose(out[0], ref, rtol=1e-12, atol=1e-12)
+
+
+def test_bilinear_matches_zoom_grid_mode():
+    """Test that the sample grid is scipy.ndimage.zoom's with grid_mode=True."""
+    data = np.random.default_rng(5).normal(size=(64, 64)).astype(">f4")
+    out, _ = extract_resampled(data, [[0, 0]], (64, 64), (150, 150), "bilinear")
+    ref = ndimage.zoom(data.astype(np.float64), 150 / 64, order=1, mode="nearest",
+                       grid_mode=True)
+    assert_allclose(out[0], ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_nearest_picks_rounded_coordinate(seed):
+    """Test that nearest picks input pixel floor(c + 0.5), clipped to the window."""
+    data = np.random.default_rng(seed).normal(size=(40, 50))
+    for start, shape, out_shape in _cases(seed + 10, 60):
+        out, _ = extract_resampled(data, [start], shape, out_shape, "nearest", 7.0,
+                                   dtype=np.float64)
+        win = _window(data, start, shape, 7.0)
+        iy = np.clip(np.floor(_grid(shape[0], out_shape[0]) + 0.5).astype(int), 0,
+                     shape[0] - 1)
+        ix = np.clip(np.floor(_grid(shape[1], out_shape[1]) + 0.5).astype(int), 0,
+                     shape[1] - 1)
+        assert_array_equal(out[0], win[np.ix_(iy, ix)])
+
+
+def test_nearest_by_hand():
+    """Test nearest on a 4 x 4 window resampled to 2 x 3 and 8 x 8 by hand."""
+    data = np.arange(16.0).reshape(4, 4)
+    out, _ = extract_resampled(data, [[0, 0]], (4, 4), (2, 3), "nearest")
+    # rows: c = 0.5, 2.5 -> 1, 3; columns: c = 1/6, 5/6 + 2/3, ... -> 0, 2, 3
+    assert_array_equal(out[0], [[4, 6, 7], [12, 14, 15]])
+    out, _ = extract_resampled(data, [[0, 0]], (4, 4), (8, 8), "nearest")
+    assert_array_equal(out[0], np.repeat(np.repeat(data, 2, axis=0), 2, axis=1))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_area_matches_brute_force_and_conserves_flux(seed):
+    """Test that area is the overlap-weighted sum and preserves the total."""
+    data = np.random.default_rng(seed).lognormal(size=(40, 50))
+    for start, shape, out_shape in _cases(seed + 20, 60):
+        out64, _ = extract_resampled(data, [start], shape, out_shape, "area", 0.5,
+                                     dtype=np.float64)
+        win = _window(data, start, shape, 0.5)
+        ref = _overlap_matrix(shape[0], out_shape[0]) @ win @ _overlap_matrix(
+            shape[1], out_shape[1]).T
+        assert_allclose(out64[0], ref, rtol=1e-12, atol=1e-12)
+        out32, _ = extract_resampled(data, [start], shape, out_shape, "area", 0.5)
+        assert out32.dtype == np.float32
+        assert abs(out32[0].sum(dtype=np.float64) / win.sum() - 1) < 1e-5
+
+
+def test_area_of_a_constant_is_the_pixel_area():
+    """Test that area resampling of a constant gives value times covered area."""
+    data = np.full((30, 30), 2.0)
+    out, _ = extract_resampled(data, [[0, 0]], (30, 30), (7, 4), "area",
+                               dtype=np.float64)
+    assert_allclose(out[0], 2.0 * (30 / 7) * (30 / 4), rtol=1e-13)
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    ["<f4", ">f4", "<f8", ">f8", "i1", "<i2", ">i2", ">i4", "<i8", ">i8", "u1",
+     ">u2", "<u4", ">u4", "u8", "bool"],
+)
+@pytest.mark.parametrize("method", RESAMPLE_METHODS)
+def test_dtypes_and_byte_orders(dtype, method):
+    """Test that every numeric dtype and byte order gives the float64 result."""
+    rng = np.random.default_rng(1)
+    if dtype == "bool":
+        data = rng.random((30, 31)) > 0.5
+    else:
+        info = np.iinfo(dtype) if np.dtype(dtype).kind in "iu" else None
+        lo, hi = (-100, 100) if info is None else (max(info.min, -100), min(info.max, 100))
+        data = rng.integers(lo, hi, (30, 31)).astype(dtype)
+    starts = [[-3, -4], [5, 6], [25, 28], [100, 100]]
+    out, overlap = extract_resampled(data, starts, (9, 11), (13, 5), method, 3.0,
+                                     dtype=np.float64)
+    ref, ref_overlap = extract_resampled(data.astype(np.float64), starts, (9, 11),
+                                         (13, 5), method, 3.0, dtype=np.float64)
+    assert_array_equal(out, ref)
+    assert_array_equal(overlap, ref_overlap)
+    assert_array_equal(overlap, [1, 0, 1, 2])
+
+
+def test_partial_windows_fill_and_scale():
+    """Test the fill outside the image, per-source scale factors and overlap codes."""
+    data = np.arange(100.0).reshape(10, 10)
+    starts = [[-2, -2], [3, 3], [8, 8], [20, 0]]
+    out, overlap = extract_resampled(data, starts, (4, 4), (4, 4), "nearest", -1.0,
+                                     scale=[1.0, 2.0, 10.0, 5.0], dtype=np.float64)
+    assert_array_equal(overlap, [1, 0, 1, 2])
+    assert_array_equal(out[0][:2], -1.0)  # fill is not scaled
+    assert_array_equal(out[0][2:, 2:], data[:2, :2])
+    assert_array_equal(out[1], 2.0 * data[3:7, 3:7])
+    assert_array_equal(out[2][:2, :2], 10.0 * data[8:, 8:])
+    assert_array_equal(out[2][2:], -1.0)
+    assert_array_equal(out[3], -1.0)
+    same, _ = extract_resampled(data, starts, (4, 4), (4, 4), "nearest", -1.0, scale=3.0,
+                                dtype=np.float64)
+    assert_array_equal(same[1], 3.0 * data[3:7, 3:7])
+
+
+def test_nan_fill_spreads_like_scipy():
+    """Test that a NaN fill spreads to the bilinear outputs that use it, as in scipy."""
+    data = np.random.default_rng(2).normal(size=(20, 20))
+    start, shape, out_shape = (-3, 14), (12, 9), (25, 17)
+    out, _ = extract_resampled(data, [start], shape, out_shape, "bilinear", np.nan,
+                               dtype=np.float64)
+    win = _window(data, start, shape, np.nan)
+    gy, gx = np.meshgrid(_grid(12, 25), _grid(9, 17), indexing="ij")
+    ref = ndimage.map_coordinates(win, [gy, gx], order=1, mode="nearest")
+    assert_allclose(out[0], ref, rtol=1e-12, atol=1e-12, equal_nan=True)
+    assert np.isnan(out[0]).any() and np.isfinite(out[0]).any()
+
+
+def test_varying_window_shapes_and_memory_layouts():
+    """Test per-source window shapes and a non-contiguous, memory-mapped-like image."""
+    data = np.random.default_rng(3).normal(size=(60, 80))
+    strided = data[::2, ::2]  # items of a row are not adjacent: copied
+    rows = data[::2]  # strided rows: not copied
+    flipped = data[::-1]  # negative row stride: not copied
+    shapes = [[5, 7], [12, 3], [1, 1], [20, 20]]
+    starts = [[0, 0], [10, 10], [29, 39], [-5, 30]]
+    for image in (strided, rows, flipped):
+        out, _ = extract_resampled(image, starts, shapes, (6, 6), "area",
+                                   dtype=np.float64)
+        for k in range(4):
+            one, _ = extract_resampled(np.ascontiguousarray(image), [starts[k]],
+                                       shapes[k], (6, 6), "area", dtype=np.float64)
+            assert_array_equal(out[k], one[0])
+
+
+@pytest.mark.parametrize("n_threads", [2, 3, 7])
+@pytest.mark.parametrize("method", RESAMPLE_METHODS)
+def test_thread_count_does_not_change_results(n_threads, method):
+    """Test that the output is identical for any number of threads."""
+    rng = np.random.default_rng(4)
+    data = rng.normal(size=(100, 120)).astype(">f4")
+    starts = rng.integers(-10, 110, (23, 2))
+    one, ov1 = extract_resampled(data, starts, (16, 16), (24, 24), method)
+    many, ov2 = extract_resampled(data, starts, (16, 16), (24, 24), method,
+                                  n_threads=n_threads)
+    assert_array_equal(one, many)
+    assert_array_equal(ov1, ov2)
+
+
+def test_out_argument_and_no_sources():
+    """Test the out argument and an empty list of sources."""
+    data = np.ones((5, 5), np.float32)
+    out = np.empty((1, 3, 3), np.float32)
+    result, overlap = extract_resampled(data, [[0, 0]], (5, 5), (3, 3), out=out)
+    assert result is out
+    assert_allclose(out, 1.0)
+    empty, overlap = extract_resampled(data, np.empty((0, 2)), (5, 5), (3, 3))
+    assert empty.shape == (0, 3, 3) and overlap.shape == (0,)
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "error", "match"),
+    [
+        (([[0, 0]], (4, 4), (3, 3), "cubic"), {}, ValueError, "method must be one of"),
+        (([[0, 0]], (4, 4), (0, 3)), {}, ValueError, "out_shape must be"),
+        (([[0, 0]], (4, 4), 3), {}, ValueError, "out_shape must be"),
+        (([[0, 0]], (0, 4), (3, 3)), {}, ValueError, "at least 1 pixel"),
+        (([[0, 0]], (4, 4), (3, 3)), {"n_threads": 0}, ValueError, "n_threads"),
+        (([[0, 0]], (4, 4), (3, 3)), {"dtype": np.uint8}, ValueError, "float32 or float64"),
+        (([[0, 0]], (4, 4), (3, 3)), {"scale": [1.0, 2.0]}, ValueError, "scale must be"),
+        (([[0.5, 0]], (4, 4), (3, 3)), {}, ValueError, "whole numbers"),
+        (([0, 0, 0],), {}, TypeError, "missing"),
+        (([[0, 0, 0]], (4, 4), (3, 3)), {}, ValueError, r"starts must have shape \(N, 2\)"),
+        (([[0, 0]], (4, 4), (3, 3)), {"out": np.empty((1, 3, 3))}, ValueError, "out must"),
+    ],
+)
+def test_invalid_arguments(args, kwargs, error, match):
+    """Test that invalid arguments raise errors naming the bad value."""
+    with pytest.raises(error, match=match):
+        extract_resampled(np.zeros((10, 10)), *args, **kwargs)
+
+
+def test_unsupported_data():
+    """Test that float16, complex and non-2-D data are refused clearly."""
+    with pytest.raises(TypeError, match="unsupported dtype"):
+        extract_resampled(np.zeros((4, 4), np.float16), [[0, 0]], (2, 2), (2, 2))
+    with pytest.raises(TypeError, match="unsupported dtype"):
+        extract_resampled(np.zeros((4, 4), complex), [[0, 0]], (2, 2), (2, 2))
+    with pytest.raises(ValueError, match="2-D"):
+        extract_resampled(np.zeros((2, 4, 4)), [[0, 0]], (2, 2), (2, 2))

@@ -25,6 +25,9 @@ reference
     cutouts, and its rate is extrapolated per cutout (the work per cutout is
     the same for every cutout).
 
+The two paths take turns in ``--rounds`` rounds (each over its share of the
+sources), so that a change in the machine's load affects both alike.
+
 Both write into a preallocated uint8 stack whose memory has been touched
 before the clock starts (the cost of the kernel zeroing fresh pages is left
 out of both). Both results are compared on the cutouts both computed.
@@ -53,10 +56,14 @@ def print_environment():
 
     import cutana
 
-    print(f"python {platform.python_version()}, numpy {np.__version__}, "
-          f"scipy {scipy.__version__}, astropy {astropy.__version__}, "
-          f"cutana {cutana.__version__}")
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}")
+    print(
+        f"python {platform.python_version()}, numpy {np.__version__}, "
+        f"scipy {scipy.__version__}, astropy {astropy.__version__}, "
+        f"cutana {cutana.__version__}"
+    )
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}"
+    )
 
 
 def make_tile(size, n_sources, rng):
@@ -71,10 +78,18 @@ def make_tile(size, n_sources, rng):
     dy, dx = np.mgrid[-4:5, -4:5].astype(np.float32)
     for k in range(0, n_sources, 10000):
         sl = slice(k, k + 10000)
-        prof = np.exp(-(dy[None] ** 2 + dx[None] ** 2) / (2 * sigma[sl, None, None] ** 2))
+        prof = np.exp(
+            -(dy[None] ** 2 + dx[None] ** 2) / (2 * sigma[sl, None, None] ** 2)
+        )
         prof *= (flux[sl] / (2 * np.pi * sigma[sl] ** 2))[:, None, None]
-        np.add.at(tile, (ys[sl, None, None] + dy.astype(int)[None],
-                         xs[sl, None, None] + dx.astype(int)[None]), prof)
+        np.add.at(
+            tile,
+            (
+                ys[sl, None, None] + dy.astype(int)[None],
+                xs[sl, None, None] + dx.astype(int)[None],
+            ),
+            prof,
+        )
     return tile.astype(">f4")
 
 
@@ -85,16 +100,29 @@ def run_cutana(tile, starts, size, target, percentile, a, chunk, n_threads, out)
 
     n = len(starts)
     bounds = list(range(0, n, chunk)) + [n]
-    blocks = list(zip(bounds[:-1], bounds[1:]))
+    blocks = list(zip(bounds[:-1], bounds[1:], strict=True))
 
     def work(block_ids):
         buf = np.empty((chunk, target, target), dtype=np.float32)
         for b in block_ids:
             lo, hi = blocks[b]
-            extract_resampled(tile, starts[lo:hi], (size, size), (target, target),
-                              "bilinear", 0.0, out=buf[: hi - lo])
-            normalize(buf[: hi - lo], "asinh", percentile=percentile, a=a,
-                      dtype="uint8", out=out[lo:hi])
+            extract_resampled(
+                tile,
+                starts[lo:hi],
+                (size, size),
+                (target, target),
+                "bilinear",
+                0.0,
+                out=buf[: hi - lo],
+            )
+            normalize(
+                buf[: hi - lo],
+                "asinh",
+                percentile=percentile,
+                a=a,
+                dtype="uint8",
+                out=out[lo:hi],
+            )
 
     if n_threads == 1:
         work(range(len(blocks)))
@@ -123,9 +151,12 @@ def run_reference(tile, starts, size, target, percentile, a, out):
             sy0, sx0 = max(y0, 0), max(x0, 0)
             sy1, sx1 = min(y1, ny), min(x1, nx)
             if sy1 > sy0 and sx1 > sx0:
-                window[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = tile[sy0:sy1, sx0:sx1]
-        zoomed = ndimage.zoom(window, target / size, order=1, mode="nearest",
-                              grid_mode=True)
+                window[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = tile[
+                    sy0:sy1, sx0:sx1
+                ]
+        zoomed = ndimage.zoom(
+            window, target / size, order=1, mode="nearest", grid_mode=True
+        )
         values = stretch(interval(zoomed))
         out[i] = np.round(np.nan_to_num(values, nan=0.0) * 255)
     return out
@@ -133,28 +164,74 @@ def run_reference(tile, starts, size, target, percentile, a, out):
 
 def main(args=None):
     """Run the benchmark and print cutouts per second of both paths."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n-sources", type=int, default=50_000,
-                        help="number of cutouts (default 50000)")
-    parser.add_argument("--size", type=int, default=64,
-                        help="cutout size in pixels before resampling (default 64)")
-    parser.add_argument("--target", type=int, default=150,
-                        help="cutout size after resampling (default 150)")
-    parser.add_argument("--n-threads", type=int, default=1,
-                        help="threads of the cutana path (default 1; the reference is serial)")
-    parser.add_argument("--tile-size", type=int, default=8000,
-                        help="side of the square tile in pixels (default 8000)")
-    parser.add_argument("--reference-sources", type=int, default=1000,
-                        help="cutouts the reference path is timed on (default 1000)")
-    parser.add_argument("--chunk", type=int, default=32,
-                        help="cutouts per cutana call (default 32)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--n-sources",
+        type=int,
+        default=50_000,
+        help="number of cutouts (default 50000)",
+    )
+    parser.add_argument(
+        "--size",
+        type=int,
+        default=64,
+        help="cutout size in pixels before resampling (default 64)",
+    )
+    parser.add_argument(
+        "--target",
+        type=int,
+        default=150,
+        help="cutout size after resampling (default 150)",
+    )
+    parser.add_argument(
+        "--n-threads",
+        type=int,
+        default=1,
+        help="threads of the cutana path (default 1; the reference is serial)",
+    )
+    parser.add_argument(
+        "--tile-size",
+        type=int,
+        default=8000,
+        help="side of the square tile in pixels (default 8000)",
+    )
+    parser.add_argument(
+        "--reference-sources",
+        type=int,
+        default=1000,
+        help="cutouts the reference path is timed on (default 1000)",
+    )
+    parser.add_argument(
+        "--chunk", type=int, default=16, help="cutouts per cutana call (default 16)"
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=5,
+        help="rounds in which the two paths take turns (default 5)",
+    )
     parser.add_argument("--percentile", type=float, default=99.8)
     parser.add_argument("--a", type=float, default=0.1, help="asinh softening")
     parser.add_argument("--seed", type=int, default=0)
     opts = parser.parse_args(args)
-    if opts.n_sources < 1 or opts.n_threads < 1 or opts.chunk < 1:
-        parser.error("--n-sources, --n-threads and --chunk must be positive")
+    if (
+        min(
+            opts.n_sources,
+            opts.n_threads,
+            opts.chunk,
+            opts.rounds,
+            opts.reference_sources,
+        )
+        < 1
+    ):
+        parser.error(
+            "--n-sources, --n-threads, --chunk, --rounds and "
+            "--reference-sources must be positive"
+        )
+    opts.rounds = min(opts.rounds, opts.n_sources, opts.reference_sources)
 
     print_environment()
     rng = np.random.default_rng(opts.seed)
@@ -163,11 +240,15 @@ def main(args=None):
     centres = rng.uniform(0, opts.tile_size, (opts.n_sources, 2))
     # first pixel as astropy's Cutout2D rounds it; boxes may leave the tile
     starts = np.ceil(centres - opts.size / 2).astype(np.int64)
-    print(f"tile {tile.shape} {tile.dtype.str} ({tile.nbytes / 2**20:.0f} MiB) and "
-          f"{opts.n_sources} boxes made in {time.perf_counter() - t0:.1f} s")
-    print(f"workload: {opts.n_sources} cutouts {opts.size} -> {opts.target} px, "
-          f"bilinear, asinh(a={opts.a}) between {opts.percentile} percentile "
-          f"limits, uint8")
+    print(
+        f"tile {tile.shape} {tile.dtype.str} ({tile.nbytes / 2**20:.0f} MiB) and "
+        f"{opts.n_sources} boxes made in {time.perf_counter() - t0:.1f} s"
+    )
+    print(
+        f"workload: {opts.n_sources} cutouts {opts.size} -> {opts.target} px, "
+        f"bilinear, asinh(a={opts.a}) between {opts.percentile} percentile "
+        f"limits, uint8"
+    )
 
     # Both paths write into preallocated outputs whose pages are touched
     # beforehand, so that neither is charged for the kernel zeroing memory.
@@ -176,36 +257,77 @@ def main(args=None):
     ref = np.ones((n_ref, opts.target, opts.target), dtype=np.uint8)
 
     # warm up (imports, first calls)
-    run_cutana(tile, starts[:64], opts.size, opts.target, opts.percentile, opts.a,
-               opts.chunk, 1, fused[:64])
-    t0 = time.perf_counter()
-    run_cutana(tile, starts, opts.size, opts.target, opts.percentile, opts.a,
-               opts.chunk, opts.n_threads, fused)
-    t_fused = time.perf_counter() - t0
+    run_cutana(
+        tile,
+        starts[:64],
+        opts.size,
+        opts.target,
+        opts.percentile,
+        opts.a,
+        opts.chunk,
+        1,
+        fused[:64],
+    )
+    run_reference(
+        tile, starts[:8], opts.size, opts.target, opts.percentile, opts.a, ref[:8]
+    )
+    # The two paths take turns, in --rounds rounds each over its share of the
+    # sources, so that both see the same machine load over the run.
+    t_fused = t_ref = 0.0
+    fused_bounds = np.linspace(0, opts.n_sources, opts.rounds + 1).astype(int)
+    ref_bounds = np.linspace(0, n_ref, opts.rounds + 1).astype(int)
+    for r in range(opts.rounds):
+        lo, hi = fused_bounds[r], fused_bounds[r + 1]
+        t0 = time.perf_counter()
+        run_cutana(
+            tile,
+            starts[lo:hi],
+            opts.size,
+            opts.target,
+            opts.percentile,
+            opts.a,
+            opts.chunk,
+            opts.n_threads,
+            fused[lo:hi],
+        )
+        t_fused += time.perf_counter() - t0
+        lo, hi = ref_bounds[r], ref_bounds[r + 1]
+        t0 = time.perf_counter()
+        run_reference(
+            tile,
+            starts[lo:hi],
+            opts.size,
+            opts.target,
+            opts.percentile,
+            opts.a,
+            ref[lo:hi],
+        )
+        t_ref += time.perf_counter() - t0
     rate_fused = opts.n_sources / t_fused
-
-    run_reference(tile, starts[:8], opts.size, opts.target, opts.percentile, opts.a,
-                  ref[:8])
-    t0 = time.perf_counter()
-    run_reference(tile, starts[:n_ref], opts.size, opts.target, opts.percentile,
-                  opts.a, ref)
-    t_ref = time.perf_counter() - t0
     rate_ref = n_ref / t_ref
 
     diff = np.abs(fused[:n_ref].astype(int) - ref.astype(int))
-    print(f"cutana    ({opts.n_threads} thread(s)): {opts.n_sources} cutouts in "
-          f"{t_fused:.2f} s = {rate_fused:,.0f} cutouts/s "
-          f"({1e6 / rate_fused:.1f} us per cutout)")
+    print(
+        f"cutana    ({opts.n_threads} thread(s)): {opts.n_sources} cutouts in "
+        f"{t_fused:.2f} s = {rate_fused:,.0f} cutouts/s "
+        f"({1e6 / rate_fused:.1f} us per cutout)"
+    )
     extrapolated = ""
     if n_ref < opts.n_sources:
-        extrapolated = (f"; timed on the first {n_ref} cutouts, extrapolated to "
-                        f"{opts.n_sources}: {opts.n_sources / rate_ref:.1f} s")
-    print(f"reference (1 thread): {n_ref} cutouts in {t_ref:.2f} s = "
-          f"{rate_ref:,.0f} cutouts/s ({1e6 / rate_ref:.1f} us per cutout){extrapolated}")
+        extrapolated = (
+            f"; timed on the first {n_ref} cutouts, extrapolated to "
+            f"{opts.n_sources}: {opts.n_sources / rate_ref:.1f} s"
+        )
+    print(
+        f"reference (1 thread): {n_ref} cutouts in {t_ref:.2f} s = "
+        f"{rate_ref:,.0f} cutouts/s ({1e6 / rate_ref:.1f} us per cutout){extrapolated}"
+    )
     print(f"speed-up: {rate_fused / rate_ref:.1f}x")
-    print(f"agreement on {n_ref} cutouts: {np.mean(diff == 0) * 100:.4f}% of pixels "
-          f"identical, max |difference| {diff.max()} (uint8 codes; the reference "
-          "works in float32)")
+    print(
+        f"agreement on {n_ref} cutouts: {np.mean(diff == 0) * 100:.4f}% of pixels "
+        f"identical, max |difference| {diff.max()} (uint8 codes; the reference "
+        "works in float32)"
+    )
     return 0
 
 

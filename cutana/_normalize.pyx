@@ -14,13 +14,18 @@ to [0, 1] by those limits and clip it, apply a stretch (astropy's linear,
 sqrt, log or asinh) and write float32, uint8 or uint16 directly, quantising
 in the same pass. Non-finite pixels become 0.
 
-Percentiles are found with a selection algorithm (Floyd & Rivest) on a copy
-of the finite pixels, not by sorting, and then interpolated exactly as
-`numpy.percentile` does (method ``'linear'``). For uint8 output of the log
-and asinh stretches a per-image lookup table over the scaled value replaces
-most transcendental function calls; pixels whose code the table cannot
-decide are evaluated directly, so the result is identical to the direct
-evaluation.
+Percentiles are exact order statistics of the finite pixels, interpolated
+as `numpy.percentile` does (method ``'linear'``), found without sorting: for
+quantiles near both ends (0.1 and 99.9 per cent, say) one pass collects the
+few pixels beyond two thresholds placed from a probe of 1024 pixels and the
+order statistics are selected among them; otherwise, or when a threshold
+turns out too tight, the selection (Floyd & Rivest) runs on a copy of all
+finite pixels. The scaling and stretches repeat astropy's operations in
+float64. For uint8 output of the log and asinh stretches a lookup table over
+the scaled value (built once per call, as it does not depend on the image)
+replaces the transcendental function calls; the few pixels whose code the
+table cannot decide are evaluated directly, so the result is identical to
+the direct evaluation. The per-pixel loops use SSE2 where available.
 
 All loops run without the GIL and use no global mutable state; scratch
 memory is allocated inside each call. Callers may run the kernels on
@@ -31,11 +36,10 @@ from cython cimport floating
 from libc.math cimport (
     INFINITY, asinh, exp, expm1, floor, isfinite, log, log1p, nan, sinh, sqrt,
 )
-from libc.stdint cimport int16_t, int64_t, uint8_t, uint16_t
+from libc.stdint cimport uint8_t, uint16_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 
-import numpy as np
 
 cdef extern from *:
     """
@@ -306,7 +310,7 @@ cdef void _select(
     after it (within that range)."""
     cdef Py_ssize_t n, i, j, new_left, new_right
     cdef double z, s, sd, m, dn
-    cdef floating t, tmp
+    cdef floating t
     while right > left:
         if right - left > 600:
             n = right - left + 1
@@ -327,11 +331,11 @@ cdef void _select(
         t = a[k]
         i = left
         j = right
-        tmp = a[left]; a[left] = a[k]; a[k] = tmp
+        a[left], a[k] = a[k], a[left]
         if a[right] > t:
-            tmp = a[left]; a[left] = a[right]; a[right] = tmp
+            a[left], a[right] = a[right], a[left]
         while i < j:
-            tmp = a[i]; a[i] = a[j]; a[j] = tmp
+            a[i], a[j] = a[j], a[i]
             i += 1
             j -= 1
             while a[i] < t:
@@ -339,10 +343,10 @@ cdef void _select(
             while a[j] > t:
                 j -= 1
         if a[left] == t:
-            tmp = a[left]; a[left] = a[j]; a[j] = tmp
+            a[left], a[j] = a[j], a[left]
         else:
             j += 1
-            tmp = a[j]; a[j] = a[right]; a[right] = tmp
+            a[j], a[right] = a[right], a[j]
         if j <= k:
             left = j + 1
         if k <= j:
@@ -478,7 +482,9 @@ cdef enum:
     _N_PROBE = 1024
 
 
-cdef inline Py_ssize_t _probe_rank(Py_ssize_t k, Py_ssize_t n, Py_ssize_t m) noexcept nogil:
+cdef inline Py_ssize_t _probe_rank(
+    Py_ssize_t k, Py_ssize_t n, Py_ssize_t m
+) noexcept nogil:
     """0-based rank, in a probe of ``m`` of ``n`` values, below which at least
     ``k`` of the ``n`` values almost surely lie (mean plus 3 sigma plus 3)."""
     cdef double f = (<double> k) / n
@@ -537,7 +543,7 @@ cdef bint _percentiles_filtered(
     cdef Py_ssize_t npix = (r1 - r0) * (c1 - c0), w = c1 - c0
     cdef double vi_lo = (n - 1) * q_lo
     cdef double vi_hi = (n - 1) * q_hi
-    cdef Py_ssize_t p_lo, p_hi, need_lo, need_hi, m = 0, j, pos, r, c
+    cdef Py_ssize_t p_lo, p_hi, need_lo, need_hi, m = 0, j, pos, r
     cdef Py_ssize_t rank_lo, rank_hi, n_low = 0, n_high = 0
     cdef floating t_lo, t_hi, v, a0, a1, b0, b1
     cdef const floating* row
@@ -595,25 +601,25 @@ cdef bint _percentiles_filtered(
 
 
 cdef void _sift_down(floating* a, Py_ssize_t root, Py_ssize_t n) noexcept nogil:
+    """Restore the max-heap property below ``root`` in ``a[:n]``."""
     cdef Py_ssize_t child
-    cdef floating tmp
     while 2 * root + 1 < n:
         child = 2 * root + 1
         if child + 1 < n and a[child] < a[child + 1]:
             child += 1
         if not a[root] < a[child]:
             return
-        tmp = a[root]; a[root] = a[child]; a[child] = tmp
+        a[root], a[child] = a[child], a[root]
         root = child
 
 
 cdef void _heapsort(floating* a, Py_ssize_t n) noexcept nogil:
+    """Sort ``a[:n]`` in place (the fallback of `_sort`)."""
     cdef Py_ssize_t k
-    cdef floating tmp
     for k in range(n // 2 - 1, -1, -1):
         _sift_down(a, k, n)
     for k in range(n - 1, 0, -1):
-        tmp = a[0]; a[0] = a[k]; a[k] = tmp
+        a[0], a[k] = a[k], a[0]
         _sift_down(a, 0, k)
 
 
@@ -630,11 +636,11 @@ cdef void _sort(floating* a, Py_ssize_t n, int depth) noexcept nogil:
         depth -= 1
         mid = n // 2
         if a[mid] < a[0]:
-            tmp = a[mid]; a[mid] = a[0]; a[0] = tmp
+            a[mid], a[0] = a[0], a[mid]
         if a[n - 1] < a[0]:
-            tmp = a[n - 1]; a[n - 1] = a[0]; a[0] = tmp
+            a[n - 1], a[0] = a[0], a[n - 1]
         if a[n - 1] < a[mid]:
-            tmp = a[n - 1]; a[n - 1] = a[mid]; a[mid] = tmp
+            a[n - 1], a[mid] = a[mid], a[n - 1]
         pivot = a[mid]
         i = -1
         j = n
@@ -647,7 +653,7 @@ cdef void _sort(floating* a, Py_ssize_t n, int depth) noexcept nogil:
                 j -= 1
             if i >= j:
                 break
-            tmp = a[i]; a[i] = a[j]; a[j] = tmp
+            a[i], a[j] = a[j], a[i]
         # a[:j + 1] <= pivot <= a[j + 1:]; recurse on the shorter part
         if j + 1 < n - j - 1:
             _sort(a, j + 1, depth)
@@ -678,11 +684,11 @@ cdef void _zscale(
     """
     cdef Py_ssize_t r, c, n_finite = 0, stride, counter, npix = 0, i, j, w
     cdef Py_ssize_t minpix, ngrow, half, ngood, last_ngood, lo, hi, center
-    cdef Py_ssize_t it, n_fit
+    cdef Py_ssize_t n_fit
     cdef const floating* row
     cdef floating v, median
     cdef double sx, sy, mx, my, sxx, sxy, slope = 0.0, intercept = 0.0
-    cdef double fitted, flat, mean, var, threshold
+    cdef double flat, mean, var, threshold
     cdef double lo_lim, hi_lim
     cdef bint have_fit = False
 
@@ -738,7 +744,7 @@ cdef void _zscale(
     ngood = npix
     last_ngood = npix + 1
 
-    for it in range(_ZS_MAX_ITERATIONS):
+    for _ in range(_ZS_MAX_ITERATIONS):
         if ngood >= last_ngood or ngood < minpix:
             break
         # least-squares line through the good samples (x = index)
@@ -963,7 +969,9 @@ def compute_limits(
 # --------------------------------------------------------------------------
 
 
-cdef inline double _stretch(double u, int stretch, double a, double norm) noexcept nogil:
+cdef inline double _stretch(
+    double u, int stretch, double a, double norm
+) noexcept nogil:
     """astropy's stretch of ``u`` in [0, 1], operation by operation."""
     if stretch == _STRETCH_SQRT:
         return sqrt(u)
@@ -974,7 +982,9 @@ cdef inline double _stretch(double u, int stretch, double a, double norm) noexce
     return u
 
 
-cdef inline double _inverse(double s, int stretch, double a, double norm) noexcept nogil:
+cdef inline double _inverse(
+    double s, int stretch, double a, double norm
+) noexcept nogil:
     """Inverse of `_stretch` (to place the quantisation thresholds)."""
     if stretch == _STRETCH_SQRT:
         return s * s
@@ -1203,7 +1213,8 @@ def normalize_stack(
     cdef double* u = NULL
     cdef _Scratch scratch
     cdef bint do_limits = compute and stretch != _STRETCH_NONE
-    if out.shape[0] != n or out.shape[1] != data.shape[1] or out.shape[2] != data.shape[2]:
+    if (out.shape[0] != n or out.shape[1] != data.shape[1]
+            or out.shape[2] != data.shape[2]):
         msg = "out must have the shape of data"
         raise ValueError(msg)
     if vmin.shape[0] != n or vmax.shape[0] != n:

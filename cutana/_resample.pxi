@@ -207,7 +207,7 @@ cdef void _resample_one(
 ) noexcept nogil:
     """Resample one float64 window ``(ny, nx)`` to ``(ay.m, ax.m)``."""
     cdef Py_ssize_t H = ay.m, W = ax.m
-    cdef Py_ssize_t j, k, l, r, s, tap, cnt, mt_x = ax.maxtaps, mt_y = ay.maxtaps
+    cdef Py_ssize_t j, k, t, r, s, tap, cnt, mt_x = ax.maxtaps, mt_y = ay.maxtaps
     cdef const double* row
     cdef const double* row1
     cdef double* trow
@@ -224,14 +224,10 @@ cdef void _resample_one(
     _rs_memset(have_row, 0, ny)
     for j in range(H):
         # horizontal pass on the input rows this output row needs
-        if method == _RS_BILINEAR:
-            s = ay.start[j]
-            cnt = 2
-        else:
-            s = ay.start[j]
-            cnt = ay.count[j]
-        for l in range(cnt):
-            r = (ay.second[j] if l == 1 else s) if method == _RS_BILINEAR else s + l
+        s = ay.start[j]
+        cnt = 2 if method == _RS_BILINEAR else ay.count[j]
+        for t in range(cnt):
+            r = (ay.second[j] if t == 1 else s) if method == _RS_BILINEAR else s + t
             if have_row[r]:
                 continue
             have_row[r] = 1
@@ -269,9 +265,9 @@ cdef void _resample_one(
             row = tmp + s * W
             for k in range(W):
                 acc[k] = wy0 * row[k]
-            for l in range(1, cnt):
-                wy1 = ay.weight[j * mt_y + l]
-                row = tmp + (s + l) * W
+            for t in range(1, cnt):
+                wy1 = ay.weight[j * mt_y + t]
+                row = tmp + (s + t) * W
                 for k in range(W):
                     acc[k] += wy1 * row[k]
             for k in range(W):

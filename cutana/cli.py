@@ -23,6 +23,7 @@ configuration error.
 
 import argparse
 import difflib
+import errno
 import json
 import logging
 import os
@@ -272,6 +273,15 @@ def main(args=None):
     except (ConfigError, CatalogError) as exc:
         print(f"cutana: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            raise
+        # a full disk stops the run; what was done is kept for --resume
+        text = str(exc) if "--resume" in str(exc) else (
+            f"{exc}; free some space, then finish the run with --resume"
+        )
+        print(f"cutana: error: {text}", file=sys.stderr)
+        return EXIT_FAILED
     return EXIT_USAGE  # pragma: no cover
 
 

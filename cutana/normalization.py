@@ -49,7 +49,13 @@ import numpy as np
 
 from . import _normalize
 
-__all__ = ["NORMALIZATIONS", "compute_limits", "normalize"]
+__all__ = [
+    "DEFAULT_A",
+    "NORMALIZATIONS",
+    "OUTPUT_DTYPES",
+    "compute_limits",
+    "normalize",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +147,7 @@ def _crop_region(crop, shape):
     if len(values) == 1:
         values = np.repeat(values, 2)
     sizes = []
-    for value, full in zip(values, (height, width)):
+    for value, full in zip(values, (height, width), strict=True):
         if not np.isfinite(value) or value <= 0:
             msg = f"crop must be positive, got {crop!r}"
             raise ValueError(msg)
@@ -196,7 +202,8 @@ def _run(func, n, n_threads):
         return
     bounds = [n * k // n_chunks for k in range(n_chunks + 1)]
     with ThreadPoolExecutor(n_chunks) as pool:
-        futures = [pool.submit(func, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
+        pairs = zip(bounds[:-1], bounds[1:], strict=True)
+        futures = [pool.submit(func, lo, hi) for lo, hi in pairs]
         for future in futures:
             future.result()
 
@@ -275,8 +282,18 @@ def compute_limits(
         for start, block in _blocks(images, kernel_dtype, lo, hi):
             stop = start + len(block)
             _normalize.compute_limits(
-                block, interval, q_lo, q_hi, n_samples, contrast,
-                r0, r1, c0, c1, vmin[start:stop], vmax[start:stop],
+                block,
+                interval,
+                q_lo,
+                q_hi,
+                n_samples,
+                contrast,
+                r0,
+                r1,
+                c0,
+                c1,
+                vmin[start:stop],
+                vmax[start:stop],
             )
 
     _run(work, len(images), n_threads)
@@ -350,10 +367,14 @@ def normalize(
     """
     _check_method(method)
     n_threads = _check_n_threads(n_threads)
-    if str(dtype) not in OUTPUT_DTYPES:
+    try:
+        out_dtype = np.dtype(dtype)
+    except TypeError:
+        out_dtype = None
+    if out_dtype is None or out_dtype.name not in OUTPUT_DTYPES:
         msg = f"dtype must be one of {OUTPUT_DTYPES}, got {dtype!r}"
         raise ValueError(msg)
-    out_dtype = np.dtype(str(dtype))
+    out_dtype = np.dtype(out_dtype.name)  # native byte order
     if method == "none" and out_dtype != np.float32:
         msg = (
             f"method 'none' cannot produce {out_dtype.name} output: integer "
@@ -391,9 +412,22 @@ def normalize(
         for start, block in _blocks(images, kernel_dtype, lo, hi):
             stop = start + len(block)
             _normalize.normalize_stack(
-                block, target[start:stop], stretch, float(a), vmin[start:stop],
-                vmax[start:stop], True, interval, q_lo, q_hi, n_samples,
-                contrast, r0, r1, c0, c1,
+                block,
+                target[start:stop],
+                stretch,
+                float(a),
+                vmin[start:stop],
+                vmax[start:stop],
+                True,
+                interval,
+                q_lo,
+                q_hi,
+                n_samples,
+                contrast,
+                r0,
+                r1,
+                c0,
+                c1,
             )
 
     _run(work, len(images), n_threads)

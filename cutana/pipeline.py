@@ -10,6 +10,7 @@ module; this one only validates the options at the boundary and wires the
 steps together.
 """
 
+import errno
 import json
 import logging
 import math
@@ -333,18 +334,25 @@ def _prepare(catalog, options, *, parent_bytes=None):
     """Read, validate, index and plan (no pixel data)."""
     options.validate()
     cat = read_catalog(catalog, size=options.size)
-    if options.tiles:
-        index = TileIndex.from_paths(options.tiles, bands=options.bands)
-    elif cat.fits_file_paths is not None:
-        index = TileIndex.from_file_lists(cat.fits_file_paths, bands=options.bands)
-    else:
-        msg = (
-            f"no tiles: give --tiles PATH_OR_GLOB... or a 'fits_file_paths' column in "
-            f"{cat.source}"
-        )
-        raise ConfigError(msg)
+    try:
+        if options.tiles:
+            index = TileIndex.from_paths(options.tiles, bands=options.bands)
+        elif cat.fits_file_paths is not None:
+            index = TileIndex.from_file_lists(cat.fits_file_paths, bands=options.bands)
+        else:
+            msg = (
+                f"no tiles: give --tiles PATH_OR_GLOB... or a 'fits_file_paths' column "
+                f"in {cat.source}"
+            )
+            raise ConfigError(msg)
+    except ConfigError:
+        raise
+    except ValueError as exc:  # e.g. a band asked for that no tile has
+        raise ConfigError(str(exc)) from None
     if not index.tiles:
-        problems = "; ".join(f"{p}: {m}" for p, m in index.errors[:5])
+        problems = "; ".join(
+            m if str(m).startswith(str(p)) else f"{p}: {m}" for p, m in index.errors[:5]
+        )
         msg = f"none of the tiles given could be indexed{': ' + problems if problems else ''}"
         raise ConfigError(msg)
     if options.channel_weights is not None and len(options.channel_weights) != len(index.bands):
@@ -400,20 +408,24 @@ def _prepare(catalog, options, *, parent_bytes=None):
             )
             raise ConfigError(msg)
     itemsize = np.dtype(options.dtype).itemsize
-    plan = make_plan(
-        index,
-        assignment,
-        diam,
-        status,
-        messages,
-        out_shape=out_shape,
-        out_itemsize=itemsize,
-        memory_limit=options.memory_limit,
-        n_workers=options.workers if options.backend != "serial" else 1,
-        max_sources_per_job=options.max_sources_per_job,
-        parent_bytes=parent_bytes,
-        meta={"config": options.to_config(), "bands": list(index.bands)},
-    )
+    try:
+        plan = make_plan(
+            index,
+            assignment,
+            diam,
+            status,
+            messages,
+            out_shape=out_shape,
+            out_itemsize=itemsize,
+            memory_limit=options.memory_limit,
+            n_workers=options.workers if options.backend != "serial" else 1,
+            max_sources_per_job=options.max_sources_per_job,
+            parent_bytes=parent_bytes,
+            meta={"config": options.to_config(), "bands": list(index.bands)},
+        )
+    except ValueError as exc:  # the memory limit cannot hold the largest cutout
+        hint = _memory_hint(str(exc), cat, diam, status, assignment, options)
+        raise ConfigError(hint) from None
     settings = CutSettings(
         out_shape=plan.out_shape,
         resample=options.resample,
@@ -431,6 +443,23 @@ def _prepare(catalog, options, *, parent_bytes=None):
     if isinstance(catalog, (str, os.PathLike)):
         path = os.path.abspath(os.fspath(catalog))
     return _Prepared(cat, index, plan, options, settings, path)
+
+
+def _memory_hint(text, cat, diam, status, assignment, options):
+    """A planner error, naming the row with the largest cutout."""
+    cut = (status == Status.OK) & (np.asarray(assignment.tile) >= 0) & np.isfinite(diam)
+    if not cut.any():
+        return text
+    rows = np.flatnonzero(cut)
+    r = int(rows[np.argmax(diam[rows])])
+    if options.size is not None:
+        where = "--size"
+    else:
+        names = [cat.columns.get(k) for k in ("diameter_pixel", "diameter_arcsec")]
+        where = f"{cat.source} row {r} column " + " or ".join(
+            repr(c) for c in names if c
+        )
+    return f"{text} (the largest cutout is {diam[r]:.0f} pixels, from {where})"
 
 
 def _diameters(cat, index, options, tile=None):
@@ -513,8 +542,50 @@ class _AssembleTask:
     base_status: _Rows
 
 
+@dataclass
+class _OutputFull:
+    """What a task returns when the output's file system is full."""
+
+    message: str
+
+
+def _is_disk_full(exc):
+    """Whether an `OSError` says that the file system is full.
+
+    Parameters
+    ----------
+    exc : BaseException
+        The error.
+
+    Returns
+    -------
+    full : bool
+        True for ``ENOSPC`` and ``EDQUOT``, and for astropy's own check
+        ("Not enough space on disk") that carries no errno.
+    """
+    if not isinstance(exc, OSError):
+        return False
+    if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return True
+    return exc.errno is None and "not enough space on disk" in str(exc).lower()
+
+
 def _run_task(task):
-    """Run one task in a worker and return a small, picklable summary."""
+    """Run one task in a worker and return a small, picklable summary.
+
+    A full disk is not a failure of the task (a retry cannot help, and the
+    tile is fine): it is returned as `_OutputFull`, and the parent stops
+    the run so that it can be resumed once there is space.
+    """
+    try:
+        return _run_task_inner(task)
+    except OSError as exc:
+        if not _is_disk_full(exc):
+            raise
+        return _OutputFull(f"{type(exc).__name__}: {exc}")
+
+
+def _run_task_inner(task):
     if isinstance(task, _AssembleTask):
         writer = ZarrWriter.open(task.out_dir)
         return writer.write_chunks(task.chunks, task.row_to_job, task.base_status)
@@ -676,7 +747,10 @@ class _Runner:
         self.client = client
         self.status = self.plan.base_status.copy()
         self.messages = dict(self.plan.messages)
-        self.failures = [f"{path}: {msg}" for path, msg in prepared.index.errors]
+        self.failures = [
+            msg if str(msg).startswith(str(path)) else f"{path}: {msg}"
+            for path, msg in prepared.index.errors
+        ]
         self.progress = sys.stderr.isatty() if progress is None else progress
         self.n_cut = 0
         self.checksums = {}
@@ -705,7 +779,9 @@ class _Runner:
                 raise ConfigError(msg)
             # killed while creating the output, before any cutout was recorded:
             # there is nothing to keep, so the run starts afresh
-            logger.warning("%s: its creation was interrupted; starting afresh", self.output)
+            logger.warning(
+                "%s: its creation was interrupted; starting afresh", self.output
+            )
             resume, overwrite = False, True
         if resume:
             saved = os.path.join(state_dir(self.output), "plan.npz")
@@ -741,6 +817,16 @@ class _Runner:
             # jobs whose rows are all in written chunks are done too
             self.done_jobs |= set(range(len(plan.jobs))) - set(needed)
             return
+        try:
+            self._create_output(plan, cat, overwrite)
+        except FileExistsError as exc:  # not a cutana output: never replaced
+            raise ConfigError(str(exc)) from None
+        os.makedirs(state_dir(self.output), exist_ok=True)
+        plan.save(os.path.join(state_dir(self.output), "plan.npz"))
+        self.ledger = Ledger(self.output)
+        self.ledger.run_started(fingerprint)
+
+    def _create_output(self, plan, cat, overwrite):
         if self.fmt == "zarr":
             self.writer = ZarrWriter.create(
                 self.output,
@@ -760,14 +846,12 @@ class _Runner:
             self.writer = FitsWriter.create(
                 self.output, tuple(self.p.index.bands), overwrite=overwrite
             )
-        os.makedirs(state_dir(self.output), exist_ok=True)
-        plan.save(os.path.join(state_dir(self.output), "plan.npz"))
-        self.ledger = Ledger(self.output)
-        self.ledger.run_started(fingerprint)
 
     def _creation_interrupted(self):
         """Whether the output holds only what a run killed before its ledger left."""
-        names = set(os.listdir(self.output)) - {os.path.basename(state_dir(self.output))}
+        names = set(os.listdir(self.output)) - {
+            os.path.basename(state_dir(self.output))
+        }
         if not names:
             return True
         if self.fmt != "zarr" or "zarr.json" not in names or not names <= _ZARR_MEMBERS:
@@ -988,6 +1072,12 @@ class _Runner:
             self.files.update({int(r): str(f) for r, f in zip(rows, files)})
 
     def _on_done(self, task, result):
+        if isinstance(result, _OutputFull):
+            msg = (
+                f"no space left on the device of {self.output!r} ({result.message}); "
+                "free some space, then finish the run with --resume"
+            )
+            raise OSError(errno.ENOSPC, msg)
         if isinstance(task, _AssembleTask):
             self.checksums.update({int(k): v for k, v in result.items()})
             self.ledger.chunks_written(result)
@@ -1034,11 +1124,15 @@ class _Runner:
             self.chunks_submitted.difference_update(task.chunks)
             return ()
         job = task.job
-        self.failures.append(f"job {job.job_id} (tile {task.tile.key}): {failure.error}")
+        paths = ", ".join(b.path for b in task.tile.bands if b is not None)
+        self.failures.append(
+            f"job {job.job_id} (tile {task.tile.key}: {paths}): {failure.error}"
+        )
         self.status[job.rows] = Status.TILE_ERROR
         for r in job.rows:
             self.messages[int(r)] = (
-                f"job failed after {failure.attempts} attempts: {failure.error}"
+                f"job failed after {failure.attempts} attempts on tile {task.tile.key} "
+                f"({paths}): {failure.error}"
             )
         if self._bar is not None:
             self._bar.update(len(job))

@@ -16,12 +16,14 @@ This module reads pixels but knows nothing about output formats.
 
 import logging
 import mmap
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ._geometry import compute_boxes
 from .cutout import extract_stack
+from .exceptions import TileError
 from .io.staging import JobResult
 from .normalization import normalize
 from .planner import SUB_BATCH
@@ -109,6 +111,46 @@ def _release_pages(arr):
             pass
 
 
+def _region(data, starts, sizes, shape):
+    """The windows' part of a tile as an array, and the starts within it.
+
+    ``data`` is returned as is if it is an array (a memory map). A compressed
+    or remote tile gives an astropy ``section`` instead: only the bounding
+    box of the windows (clipped to the tile) is read from it, so that only
+    the compressed tiles or bytes they touch are decompressed or fetched.
+
+    Parameters
+    ----------
+    data : `~numpy.ndarray` or section
+        The tile's pixels (`cutana.tiles.TilePixels.data`).
+    starts : `~numpy.ndarray`
+        ``(n, 2)`` int64 ``(y0, x0)`` of each window in the tile.
+    sizes : `~numpy.ndarray`
+        ``(n, 2)`` ``(ny, nx)`` of each window.
+    shape : tuple of int
+        ``(ny, nx)`` of the tile.
+
+    Returns
+    -------
+    data : `~numpy.ndarray`
+        The tile or the part read.
+    starts : `~numpy.ndarray`
+        The windows' starts in ``data``.
+    """
+    if isinstance(data, np.ndarray):
+        return data, starts
+    starts = np.asarray(starts, dtype=np.int64)
+    stops = starts + np.asarray(sizes, dtype=np.int64)
+    lo = np.clip(starts.min(axis=0), 0, shape)
+    hi = np.clip(stops.max(axis=0), 0, shape)
+    hi = np.maximum(hi, np.minimum(lo + 1, shape))  # never an empty read
+    lo = np.minimum(lo, hi - 1)
+    y0, x0 = (int(v) for v in lo)
+    y1, x1 = (int(v) for v in hi)
+    part = np.asarray(data[y0:y1, x0:x1])
+    return part, np.ascontiguousarray(starts - np.array([y0, x0], dtype=np.int64))
+
+
 def cut_job(settings, tile, job):
     """Cut every source of a job from every band of its tile.
 
@@ -154,9 +196,17 @@ def cut_job(settings, tile, job):
             continue
         try:
             _cut_band(settings, band, c, job, starts, order, same_size, out_shape, images)
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, EOFError, zlib.error) as exc:
+            # EOFError, zlib.error: damaged data of a compressed tile
             status[:] = Status.TILE_ERROR
-            text = f"{band.path}: {type(exc).__name__}: {exc}"
+            reason = str(exc)
+            if isinstance(exc, KeyError) and exc.args:
+                reason = str(exc.args[0])  # without the quotes KeyError adds
+            text = (
+                reason
+                if isinstance(exc, TileError)  # already names the file
+                else f"{band.path}: {type(exc).__name__}: {reason}"
+            )
             logger.warning("tile error: %s", text)
             for r in job.rows:
                 messages[int(r)] = text
@@ -195,9 +245,13 @@ def _cut_band(settings, band, c, job, starts, order, same_size, out_shape, image
         offset = factor * pixels.bzero
         for lo in range(0, len(order), SUB_BATCH):
             idx = order[lo : lo + SUB_BATCH]
+            sizes = (
+                np.broadcast_to(out_shape, (len(idx), 2)) if direct else job.box[idx]
+            )
+            data, first = _region(pixels.data, starts[idx], sizes, band.shape)
             if direct:
                 block, _ = extract_stack(
-                    pixels.data, starts[idx], out_shape, np.nan, dtype=np.float32,
+                    data, first, out_shape, np.nan, dtype=np.float32,
                     n_threads=settings.n_threads,
                 )
                 if scale != 1.0:
@@ -206,12 +260,17 @@ def _cut_band(settings, band, c, job, starts, order, same_size, out_shape, image
                     block += np.float32(offset)
             else:
                 block, _ = extract_resampled(
-                    pixels.data, starts[idx], job.box[idx], out_shape,
+                    data, first, job.box[idx], out_shape,
                     method=settings.resample, fill_value=np.nan, scale=scale,
                     dtype=np.float32, n_threads=settings.n_threads,
                 )
                 if offset != 0.0:
-                    block += np.float32(offset)
+                    # an 'area' pixel sums (ny * nx) / (H * W) input pixels
+                    per = np.full(len(idx), offset, dtype=np.float64)
+                    if settings.resample == "area":
+                        box = job.box[idx].astype(np.float64)
+                        per *= box[:, 0] * box[:, 1] / (out_shape[0] * out_shape[1])
+                    block += per.astype(np.float32)[:, None, None]
             images[idx, c] = normalize(
                 block, settings.normalize, dtype=settings.dtype, **settings.norm_kwargs
             )

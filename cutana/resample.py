@@ -64,8 +64,10 @@ def _tile_bytes(data):
     if arr.ndim != 2:
         msg = f"data must be a 2-D array, got {arr.ndim} dimensions"
         raise ValueError(msg)
-    if arr.dtype.kind not in _KIND_CODES or arr.dtype.itemsize not in (1, 2, 4, 8) or (
-        arr.dtype.kind == "f" and arr.dtype.itemsize == 2
+    if (
+        arr.dtype.kind not in _KIND_CODES
+        or arr.dtype.itemsize not in (1, 2, 4, 8)
+        or (arr.dtype.kind == "f" and arr.dtype.itemsize == 2)
     ):
         msg = (
             f"data has an unsupported dtype {arr.dtype}; use an integer, float32 "
@@ -179,9 +181,10 @@ def extract_resampled(
         msg = f"n_threads must be a positive integer, got {n_threads!r}"
         raise ValueError(msg)
     out_dtype = np.dtype(dtype)
-    if out_dtype not in (np.float32, np.float64):
+    if out_dtype.name not in ("float32", "float64"):
         msg = f"dtype must be float32 or float64, got {dtype!r}"
         raise ValueError(msg)
+    out_dtype = np.dtype(out_dtype.name)  # native byte order
     try:
         height, width = (int(v) for v in out_shape)
     except (TypeError, ValueError):
@@ -232,9 +235,17 @@ def extract_resampled(
 
     def run(lo, hi):
         overlap[lo:hi] = _extract.resample_windows(
-            src_bytes, arr.shape[1], arr.dtype.itemsize, swap, kind,
-            starts[lo:hi], shapes[lo:hi], factors[lo:hi] if len(factors) else factors,
-            fill, code, out[lo:hi],
+            src_bytes,
+            arr.shape[1],
+            arr.dtype.itemsize,
+            swap,
+            kind,
+            starts[lo:hi],
+            shapes[lo:hi],
+            factors[lo:hi] if len(factors) else factors,
+            fill,
+            code,
+            out[lo:hi],
         )
 
     n_chunks = min(n_threads, n)
@@ -243,7 +254,8 @@ def extract_resampled(
     else:
         bounds = [n * k // n_chunks for k in range(n_chunks + 1)]
         with ThreadPoolExecutor(n_chunks) as pool:
-            futures = [pool.submit(run, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
+            pairs = zip(bounds[:-1], bounds[1:], strict=True)
+            futures = [pool.submit(run, lo, hi) for lo, hi in pairs]
             for future in futures:
                 future.result()
     return out, overlap

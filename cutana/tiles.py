@@ -630,22 +630,31 @@ def _read_record(path, hdu=None):
         msg = f"{path}: cannot read FITS header ({_reason(exc)})"
         raise TileError(msg) from exc
 
-    try:
-        wcs = _celestial_wcs(text)
-    except Exception as exc:  # invalid WCS keywords raise many exception types
-        msg = f"{path}: invalid WCS ({_reason(exc)})"
-        raise TileError(msg) from exc
-    if wcs.naxis != 2 or not wcs.has_celestial:
-        ctypes = [header.get(f"CTYPE{k}") for k in (1, 2)]
-        msg = f"{path}: no celestial WCS in HDU {hdu_id!r} (CTYPE1, CTYPE2 = {ctypes})"
-        raise TileError(msg)
-    ny, nx = shape
-    try:
-        with np.errstate(invalid="ignore"):
-            centre = wcs.all_pix2world([(nx - 1) / 2], [(ny - 1) / 2], 0)
-    except Exception as exc:  # wcslib errors (singular matrix, ...) vary
-        msg = f"{path}: invalid WCS ({_reason(exc)})"
-        raise TileError(msg) from exc
+    # a damaged header warns about every unparsable card: keep that out of
+    # the user's terminal (and out of the result when warnings are errors)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            wcs = _celestial_wcs(text)
+        except Exception as exc:  # invalid WCS keywords raise many exception types
+            msg = f"{path}: invalid WCS ({_reason(exc)})"
+            raise TileError(msg) from exc
+        if wcs.naxis != 2 or not wcs.has_celestial:
+            ctypes = [header.get(f"CTYPE{k}") for k in (1, 2)]
+            msg = (
+                f"{path}: no celestial WCS in HDU {hdu_id!r} "
+                f"(CTYPE1, CTYPE2 = {ctypes})"
+            )
+            raise TileError(msg)
+        ny, nx = shape
+        try:
+            with np.errstate(invalid="ignore"):
+                centre = wcs.all_pix2world([(nx - 1) / 2], [(ny - 1) / 2], 0)
+        except Exception as exc:  # wcslib errors (singular matrix, ...) vary
+            msg = f"{path}: invalid WCS ({_reason(exc)})"
+            raise TileError(msg) from exc
+    for w in caught:
+        logger.debug("%s: %s", path, w.message)
     if not np.all(np.isfinite(centre)):
         msg = f"{path}: the WCS gives no sky position for the image centre"
         raise TileError(msg)

@@ -24,7 +24,7 @@ def test_quick_run_writes_results(tmp_path, capsys):
     out = tmp_path / "bench"
     code = harness.main([
         "--quick", "--n-sources", "40", "--tile-size", "300",
-        "--scenario", "one-tile-many", "--workers", "1", "--out", str(out),
+        "--scenario", "one-tile-many", "--workers", "1", "2", "--out", str(out),
     ])  # fmt: skip
     assert code == 0
     for name in ("results.json", "results.md", "throughput.png", "scaling.png",
@@ -46,7 +46,7 @@ def test_quick_run_writes_results(tmp_path, capsys):
     assert scenario["n_sources"] == 40
     assert scenario["tile_size"] == 300
     assert [(r["tool"], r["workers"]) for r in scenario["runs"]] == [
-        ("astropy", 1), ("cutana", 1)
+        ("astropy", 1), ("cutana", 1), ("cutana", 2)
     ]
     for run in scenario["runs"]:
         for key in RUN_FIELDS:
@@ -57,7 +57,9 @@ def test_quick_run_writes_results(tmp_path, capsys):
         assert run["cutouts_per_second"] > 0
         assert run["peak_memory"] > 0
         assert all(len(s) == 2 for s in run["memory_samples"])
-    astropy_run, cutana_run = scenario["runs"]
+    astropy_run, cutana_run, cutana_run2 = scenario["runs"]
+    assert (cutana_run["backend"], cutana_run2["backend"]) == ("serial", "processes")
+    assert scenario["workers_identical"] is True
     assert cutana_run["n_cutouts"] == 40
     assert cutana_run["vs_astropy"] == pytest.approx(
         cutana_run["cutouts_per_second"] / astropy_run["cutouts_per_second"]
@@ -147,6 +149,8 @@ def test_bad_arguments(tmp_path):
         harness.run_benchmark(["nope"], out_dir=tmp_path)
     with pytest.raises(ValueError, match=r"workers must be .* got \[0\]"):
         harness.run_benchmark(["paper-workload"], workers=[0], out_dir=tmp_path)
+    with pytest.raises(ValueError, match="repeat must be a positive integer, got 0"):
+        harness.run_benchmark(["paper-workload"], repeat=0, out_dir=tmp_path)
     with pytest.raises(SystemExit):
         harness.main(["--workers", "0"])
     with pytest.raises(ValueError, match="interval must be a positive number"):

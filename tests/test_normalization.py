@@ -58,8 +58,9 @@ def _images(kind, shape, dtype, seed=0, nan_fraction=0.0):
     return data
 
 
-def _astropy(image, method, percentile=99.8, a=None, contrast=0.25, n_samples=1000,
-             region=None):
+def _astropy(
+    image, method, percentile=99.8, a=None, contrast=0.25, n_samples=1000, region=None
+):
     """astropy.visualization's normalised image, in float64."""
     image = np.asarray(image, dtype=np.float64)
     limits_from = image if region is None else image[region]
@@ -111,8 +112,10 @@ def test_percentile_limits_large_images_and_infinities():
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("kind", ["noise", "ties", "skewed", "galaxy"])
-@pytest.mark.parametrize(("n_samples", "contrast"), [(1000, 0.25), (300, 0.1),
-                                                     (5000, 1.0), (3, 0.25), (50, 0.0)])
+@pytest.mark.parametrize(
+    ("n_samples", "contrast"),
+    [(1000, 0.25), (300, 0.1), (5000, 1.0), (3, 0.25), (50, 0.0)],
+)
 def test_zscale_limits_match_astropy(dtype, kind, n_samples, contrast):
     """Test that zscale limits agree with ZScaleInterval to 1e-7 relative."""
     data = _images(kind, (3, 60, 70), dtype, seed=3, nan_fraction=0.02)
@@ -125,8 +128,16 @@ def test_zscale_limits_match_astropy(dtype, kind, n_samples, contrast):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize(
     ("method", "a"),
-    [("linear", None), ("sqrt", None), ("log", None), ("log", 10.0), ("asinh", None),
-     ("asinh", 0.02), ("asinh", 3.0), ("zscale", None)],
+    [
+        ("linear", None),
+        ("sqrt", None),
+        ("log", None),
+        ("log", 10.0),
+        ("asinh", None),
+        ("asinh", 0.02),
+        ("asinh", 3.0),
+        ("zscale", None),
+    ],
 )
 @pytest.mark.parametrize("kind", ["noise", "skewed", "galaxy"])
 def test_float32_output_matches_astropy(dtype, method, a, kind):
@@ -176,20 +187,30 @@ def test_uint8_lookup_table_equals_direct_evaluation(stretch, dtype):
     """Test that the uint8 lookup-table path gives the direct evaluation's codes."""
     rng = np.random.default_rng(6)
     code = _normalize.STRETCH_LOG if stretch == "log" else _normalize.STRETCH_ASINH
-    for trial in range(12):
-        a = float(10 ** rng.uniform(-3, 4)) if stretch == "log" else float(
-            10 ** rng.uniform(-4, 2)
+    # random a, and the ends of the range where the table is used
+    extremes = [1e-3, 1e12] if stretch == "log" else [1e-8, 1e8]
+    for trial in range(14):
+        if trial < 12:
+            low, high = (-3, 4) if stretch == "log" else (-4, 2)
+            a = float(10 ** rng.uniform(low, high))
+        else:
+            a = extremes[trial - 12]
+        data = _images(
+            ["noise", "skewed", "galaxy", "ties"][trial % 4],
+            (2, 64, 70),
+            dtype,
+            seed=trial,
+            nan_fraction=0.01,
         )
-        data = _images(["noise", "skewed", "galaxy", "ties"][trial % 4], (2, 64, 70),
-                       dtype, seed=trial, nan_fraction=0.01)
         vmin = np.empty(2)
         vmax = np.empty(2)
         fast = np.empty(data.shape, np.uint8)
         slow = np.empty(data.shape, np.uint8)
         args = (True, _normalize.INTERVAL_PERCENTILE, 0.001, 0.999)
         _normalize.normalize_stack(data, fast, code, a, vmin, vmax, *args)
-        _normalize.normalize_stack(data, slow, code, a, vmin, vmax, *args,
-                                   allow_lut=False)
+        _normalize.normalize_stack(
+            data, slow, code, a, vmin, vmax, *args, allow_lut=False
+        )
         assert_array_equal(fast, slow)
 
 
@@ -250,8 +271,9 @@ def test_four_dimensional_stacks_are_per_band():
     for i in range(3):
         for c in range(2):
             finite = np.isfinite(data[i, c])
-            assert_allclose(out[i, c][finite], _astropy(data[i, c], "asinh")[finite],
-                            atol=1e-6)
+            assert_allclose(
+                out[i, c][finite], _astropy(data[i, c], "asinh")[finite], atol=1e-6
+            )
     vmin, vmax = compute_limits(data, "asinh")
     assert vmin.shape == vmax.shape == (3, 2)
 
@@ -262,9 +284,12 @@ def test_crop_limits_come_from_the_centre(crop):
     data = _images("galaxy", (2, 40, 60), np.float64, seed=10)
     data[:, 0, 0] = 1e6  # a bright neighbour at the edge
     out = normalize(data, "sqrt", crop=crop)
-    heights = [crop if np.ndim(crop) == 0 else crop[0], crop if np.ndim(crop) == 0 else crop[1]]
+    heights = [
+        crop if np.ndim(crop) == 0 else crop[0],
+        crop if np.ndim(crop) == 0 else crop[1],
+    ]
     sizes = []
-    for value, full in zip(heights, (40, 60)):
+    for value, full in zip(heights, (40, 60), strict=True):
         sizes.append(max(1, round(value * full)) if isinstance(value, float) else value)
     r0 = (40 - sizes[0]) // 2
     c0 = (60 - sizes[1]) // 2

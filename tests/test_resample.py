@@ -49,8 +49,10 @@ def _cases(seed, count, data_shape=(40, 50)):
     for _ in range(count):
         shape = tuple(int(v) for v in rng.integers(1, 25, 2))
         out_shape = tuple(int(v) for v in rng.integers(1, 40, 2))
-        start = (int(rng.integers(-15, data_shape[0] + 5)),
-                 int(rng.integers(-15, data_shape[1] + 5)))
+        start = (
+            int(rng.integers(-15, data_shape[0] + 5)),
+            int(rng.integers(-15, data_shape[1] + 5)),
+        )
         yield start, shape, out_shape
 
 
@@ -59,11 +61,13 @@ def test_bilinear_matches_map_coordinates(seed):
     """Test that bilinear equals map_coordinates(order=1, mode='nearest')."""
     data = np.random.default_rng(seed).normal(size=(40, 50))
     for start, shape, out_shape in _cases(seed, 60):
-        out, _ = extract_resampled(data, [start], shape, out_shape, "bilinear", -2.0,
-                                   dtype=np.float64)
+        out, _ = extract_resampled(
+            data, [start], shape, out_shape, "bilinear", -2.0, dtype=np.float64
+        )
         win = _window(data, start, shape, -2.0)
-        gy, gx = np.meshgrid(_grid(shape[0], out_shape[0]), _grid(shape[1], out_shape[1]),
-                             indexing="ij")
+        gy, gx = np.meshgrid(
+            _grid(shape[0], out_shape[0]), _grid(shape[1], out_shape[1]), indexing="ij"
+        )
         ref = ndimage.map_coordinates(win, [gy, gx], order=1, mode="nearest")
         assert_allclose(out[0], ref, rtol=1e-12, atol=1e-12)
 
@@ -72,8 +76,9 @@ def test_bilinear_matches_zoom_grid_mode():
     """Test that the sample grid is scipy.ndimage.zoom's with grid_mode=True."""
     data = np.random.default_rng(5).normal(size=(64, 64)).astype(">f4")
     out, _ = extract_resampled(data, [[0, 0]], (64, 64), (150, 150), "bilinear")
-    ref = ndimage.zoom(data.astype(np.float64), 150 / 64, order=1, mode="nearest",
-                       grid_mode=True)
+    ref = ndimage.zoom(
+        data.astype(np.float64), 150 / 64, order=1, mode="nearest", grid_mode=True
+    )
     assert_allclose(out[0], ref, rtol=1e-6, atol=1e-6)
 
 
@@ -82,13 +87,16 @@ def test_nearest_picks_rounded_coordinate(seed):
     """Test that nearest picks input pixel floor(c + 0.5), clipped to the window."""
     data = np.random.default_rng(seed).normal(size=(40, 50))
     for start, shape, out_shape in _cases(seed + 10, 60):
-        out, _ = extract_resampled(data, [start], shape, out_shape, "nearest", 7.0,
-                                   dtype=np.float64)
+        out, _ = extract_resampled(
+            data, [start], shape, out_shape, "nearest", 7.0, dtype=np.float64
+        )
         win = _window(data, start, shape, 7.0)
-        iy = np.clip(np.floor(_grid(shape[0], out_shape[0]) + 0.5).astype(int), 0,
-                     shape[0] - 1)
-        ix = np.clip(np.floor(_grid(shape[1], out_shape[1]) + 0.5).astype(int), 0,
-                     shape[1] - 1)
+        iy = np.clip(
+            np.floor(_grid(shape[0], out_shape[0]) + 0.5).astype(int), 0, shape[0] - 1
+        )
+        ix = np.clip(
+            np.floor(_grid(shape[1], out_shape[1]) + 0.5).astype(int), 0, shape[1] - 1
+        )
         assert_array_equal(out[0], win[np.ix_(iy, ix)])
 
 
@@ -107,11 +115,15 @@ def test_area_matches_brute_force_and_conserves_flux(seed):
     """Test that area is the overlap-weighted sum and preserves the total."""
     data = np.random.default_rng(seed).lognormal(size=(40, 50))
     for start, shape, out_shape in _cases(seed + 20, 60):
-        out64, _ = extract_resampled(data, [start], shape, out_shape, "area", 0.5,
-                                     dtype=np.float64)
+        out64, _ = extract_resampled(
+            data, [start], shape, out_shape, "area", 0.5, dtype=np.float64
+        )
         win = _window(data, start, shape, 0.5)
-        ref = _overlap_matrix(shape[0], out_shape[0]) @ win @ _overlap_matrix(
-            shape[1], out_shape[1]).T
+        ref = (
+            _overlap_matrix(shape[0], out_shape[0])
+            @ win
+            @ _overlap_matrix(shape[1], out_shape[1]).T
+        )
         assert_allclose(out64[0], ref, rtol=1e-12, atol=1e-12)
         out32, _ = extract_resampled(data, [start], shape, out_shape, "area", 0.5)
         assert out32.dtype == np.float32
@@ -121,15 +133,32 @@ def test_area_matches_brute_force_and_conserves_flux(seed):
 def test_area_of_a_constant_is_the_pixel_area():
     """Test that area resampling of a constant gives value times covered area."""
     data = np.full((30, 30), 2.0)
-    out, _ = extract_resampled(data, [[0, 0]], (30, 30), (7, 4), "area",
-                               dtype=np.float64)
+    out, _ = extract_resampled(
+        data, [[0, 0]], (30, 30), (7, 4), "area", dtype=np.float64
+    )
     assert_allclose(out[0], 2.0 * (30 / 7) * (30 / 4), rtol=1e-13)
 
 
 @pytest.mark.parametrize(
     "dtype",
-    ["<f4", ">f4", "<f8", ">f8", "i1", "<i2", ">i2", ">i4", "<i8", ">i8", "u1",
-     ">u2", "<u4", ">u4", "u8", "bool"],
+    [
+        "<f4",
+        ">f4",
+        "<f8",
+        ">f8",
+        "i1",
+        "<i2",
+        ">i2",
+        ">i4",
+        "<i8",
+        ">i8",
+        "u1",
+        ">u2",
+        "<u4",
+        ">u4",
+        "u8",
+        "bool",
+    ],
 )
 @pytest.mark.parametrize("method", RESAMPLE_METHODS)
 def test_dtypes_and_byte_orders(dtype, method):
@@ -139,13 +168,17 @@ def test_dtypes_and_byte_orders(dtype, method):
         data = rng.random((30, 31)) > 0.5
     else:
         info = np.iinfo(dtype) if np.dtype(dtype).kind in "iu" else None
-        lo, hi = (-100, 100) if info is None else (max(info.min, -100), min(info.max, 100))
+        lo, hi = (
+            (-100, 100) if info is None else (max(info.min, -100), min(info.max, 100))
+        )
         data = rng.integers(lo, hi, (30, 31)).astype(dtype)
     starts = [[-3, -4], [5, 6], [25, 28], [100, 100]]
-    out, overlap = extract_resampled(data, starts, (9, 11), (13, 5), method, 3.0,
-                                     dtype=np.float64)
-    ref, ref_overlap = extract_resampled(data.astype(np.float64), starts, (9, 11),
-                                         (13, 5), method, 3.0, dtype=np.float64)
+    out, overlap = extract_resampled(
+        data, starts, (9, 11), (13, 5), method, 3.0, dtype=np.float64
+    )
+    ref, ref_overlap = extract_resampled(
+        data.astype(np.float64), starts, (9, 11), (13, 5), method, 3.0, dtype=np.float64
+    )
     assert_array_equal(out, ref)
     assert_array_equal(overlap, ref_overlap)
     assert_array_equal(overlap, [1, 0, 1, 2])
@@ -155,8 +188,16 @@ def test_partial_windows_fill_and_scale():
     """Test the fill outside the image, per-source scale factors and overlap codes."""
     data = np.arange(100.0).reshape(10, 10)
     starts = [[-2, -2], [3, 3], [8, 8], [20, 0]]
-    out, overlap = extract_resampled(data, starts, (4, 4), (4, 4), "nearest", -1.0,
-                                     scale=[1.0, 2.0, 10.0, 5.0], dtype=np.float64)
+    out, overlap = extract_resampled(
+        data,
+        starts,
+        (4, 4),
+        (4, 4),
+        "nearest",
+        -1.0,
+        scale=[1.0, 2.0, 10.0, 5.0],
+        dtype=np.float64,
+    )
     assert_array_equal(overlap, [1, 0, 1, 2])
     assert_array_equal(out[0][:2], -1.0)  # fill is not scaled
     assert_array_equal(out[0][2:, 2:], data[:2, :2])
@@ -164,8 +205,9 @@ def test_partial_windows_fill_and_scale():
     assert_array_equal(out[2][:2, :2], 10.0 * data[8:, 8:])
     assert_array_equal(out[2][2:], -1.0)
     assert_array_equal(out[3], -1.0)
-    same, _ = extract_resampled(data, starts, (4, 4), (4, 4), "nearest", -1.0, scale=3.0,
-                                dtype=np.float64)
+    same, _ = extract_resampled(
+        data, starts, (4, 4), (4, 4), "nearest", -1.0, scale=3.0, dtype=np.float64
+    )
     assert_array_equal(same[1], 3.0 * data[3:7, 3:7])
 
 
@@ -173,8 +215,9 @@ def test_nan_fill_spreads_like_scipy():
     """Test that a NaN fill spreads to the bilinear outputs that use it, as in scipy."""
     data = np.random.default_rng(2).normal(size=(20, 20))
     start, shape, out_shape = (-3, 14), (12, 9), (25, 17)
-    out, _ = extract_resampled(data, [start], shape, out_shape, "bilinear", np.nan,
-                               dtype=np.float64)
+    out, _ = extract_resampled(
+        data, [start], shape, out_shape, "bilinear", np.nan, dtype=np.float64
+    )
     win = _window(data, start, shape, np.nan)
     gy, gx = np.meshgrid(_grid(12, 25), _grid(9, 17), indexing="ij")
     ref = ndimage.map_coordinates(win, [gy, gx], order=1, mode="nearest")
@@ -191,11 +234,18 @@ def test_varying_window_shapes_and_memory_layouts():
     shapes = [[5, 7], [12, 3], [1, 1], [20, 20]]
     starts = [[0, 0], [10, 10], [29, 39], [-5, 30]]
     for image in (strided, rows, flipped):
-        out, _ = extract_resampled(image, starts, shapes, (6, 6), "area",
-                                   dtype=np.float64)
+        out, _ = extract_resampled(
+            image, starts, shapes, (6, 6), "area", dtype=np.float64
+        )
         for k in range(4):
-            one, _ = extract_resampled(np.ascontiguousarray(image), [starts[k]],
-                                       shapes[k], (6, 6), "area", dtype=np.float64)
+            one, _ = extract_resampled(
+                np.ascontiguousarray(image),
+                [starts[k]],
+                shapes[k],
+                (6, 6),
+                "area",
+                dtype=np.float64,
+            )
             assert_array_equal(out[k], one[0])
 
 
@@ -207,8 +257,9 @@ def test_thread_count_does_not_change_results(n_threads, method):
     data = rng.normal(size=(100, 120)).astype(">f4")
     starts = rng.integers(-10, 110, (23, 2))
     one, ov1 = extract_resampled(data, starts, (16, 16), (24, 24), method)
-    many, ov2 = extract_resampled(data, starts, (16, 16), (24, 24), method,
-                                  n_threads=n_threads)
+    many, ov2 = extract_resampled(
+        data, starts, (16, 16), (24, 24), method, n_threads=n_threads
+    )
     assert_array_equal(one, many)
     assert_array_equal(ov1, ov2)
 
@@ -232,12 +283,32 @@ def test_out_argument_and_no_sources():
         (([[0, 0]], (4, 4), 3), {}, ValueError, "out_shape must be"),
         (([[0, 0]], (0, 4), (3, 3)), {}, ValueError, "at least 1 pixel"),
         (([[0, 0]], (4, 4), (3, 3)), {"n_threads": 0}, ValueError, "n_threads"),
-        (([[0, 0]], (4, 4), (3, 3)), {"dtype": np.uint8}, ValueError, "float32 or float64"),
-        (([[0, 0]], (4, 4), (3, 3)), {"scale": [1.0, 2.0]}, ValueError, "scale must be"),
+        (
+            ([[0, 0]], (4, 4), (3, 3)),
+            {"dtype": np.uint8},
+            ValueError,
+            "float32 or float64",
+        ),
+        (
+            ([[0, 0]], (4, 4), (3, 3)),
+            {"scale": [1.0, 2.0]},
+            ValueError,
+            "scale must be",
+        ),
         (([[0.5, 0]], (4, 4), (3, 3)), {}, ValueError, "whole numbers"),
         (([0, 0, 0],), {}, TypeError, "missing"),
-        (([[0, 0, 0]], (4, 4), (3, 3)), {}, ValueError, r"starts must have shape \(N, 2\)"),
-        (([[0, 0]], (4, 4), (3, 3)), {"out": np.empty((1, 3, 3))}, ValueError, "out must"),
+        (
+            ([[0, 0, 0]], (4, 4), (3, 3)),
+            {},
+            ValueError,
+            r"starts must have shape \(N, 2\)",
+        ),
+        (
+            ([[0, 0]], (4, 4), (3, 3)),
+            {"out": np.empty((1, 3, 3))},
+            ValueError,
+            "out must",
+        ),
     ],
 )
 def test_invalid_arguments(args, kwargs, error, match):

@@ -115,7 +115,7 @@ def chunk_digest(images, status, tile, origin, box_shape):
 def _compressor(dtype):
     dtype = np.dtype(dtype)
     shuffle = "bitshuffle" if dtype.kind in "iub" and dtype.itemsize <= 2 else "shuffle"
-    return BloscCodec(cname="zstd", clevel=3, shuffle=shuffle)
+    return BloscCodec(cname="zstd", clevel=1, shuffle=shuffle)
 
 
 def _jsonable(obj, where="attrs"):

@@ -206,6 +206,9 @@ class Executor:
         An existing Dask client (``dask`` backend).
     initializer : callable, optional
         Called once in every worker process before its first task.
+    preload : list of str, optional
+        Modules the ``forkserver`` imports once, so that every worker starts
+        with them already loaded (``processes`` backend).
 
     Raises
     ------
@@ -223,6 +226,7 @@ class Executor:
         scheduler=None,
         client=None,
         initializer=None,
+        preload=None,
     ):
         if backend not in BACKENDS:
             msg = f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}"
@@ -240,6 +244,7 @@ class Executor:
         self.scheduler = scheduler
         self.client = client
         self.initializer = initializer
+        self.preload = list(preload or [])
 
     # ------------------------------------------------------------------
     def run(self, func, tasks, *, cost=None, on_done=None, on_failed=None):
@@ -308,6 +313,8 @@ class Executor:
     # ------------------------------------------------------------------
     def _new_pool(self):
         ctx = multiprocessing.get_context("forkserver" if os.name == "posix" else "spawn")
+        if self.preload and os.name == "posix":
+            ctx.set_forkserver_preload(self.preload)
         return ProcessPoolExecutor(
             max_workers=self.n_workers,
             mp_context=ctx,

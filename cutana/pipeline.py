@@ -937,6 +937,7 @@ class _Runner:
             retries=1,
             scheduler=opts.scheduler,
             client=self.client,
+            preload=["cutana.pipeline"],
         )
         try:
             executor.run(

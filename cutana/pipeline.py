@@ -42,7 +42,7 @@ from .io import (
 )
 from .normalization import NORMALIZATIONS
 from .planner import Plan, make_plan, parse_memory
-from .processing import CutSettings, cut_job
+from .processing import CutSettings, Scratch, cut_job
 from .resample import RESAMPLE_METHODS
 from .status import STATUS_DESCRIPTIONS, Status
 from .tiles import TileIndex
@@ -570,6 +570,10 @@ def _is_disk_full(exc):
     return exc.errno is None and "not enough space on disk" in str(exc).lower()
 
 
+#: Buffers reused by the jobs cut in this process (see `Scratch`).
+_SCRATCH = Scratch()
+
+
 def _run_task(task):
     """Run one task in a worker and return a small, picklable summary.
 
@@ -589,7 +593,7 @@ def _run_task_inner(task):
     if isinstance(task, _AssembleTask):
         writer = ZarrWriter.open(task.out_dir)
         return writer.write_chunks(task.chunks, task.row_to_job, task.base_status)
-    result = cut_job(task.settings, task.tile, task.job)
+    result = cut_job(task.settings, task.tile, task.job, scratch=_SCRATCH)
     if task.format == "zarr":
         checksums = {}
         rest = np.ones(len(result.rows), dtype=bool)
@@ -729,7 +733,10 @@ def make_cutouts(
         prepared = _prepare(catalog, opts, parent_bytes=sampler.sample())
         runner = _Runner(prepared, output, progress, client)
         runner.start(resume=bool(exists and resume), overwrite=bool(exists and overwrite))
-        runner.run()
+        try:
+            runner.run()
+        finally:
+            _SCRATCH.clear()
         runner.finish()
     report = runner.report(time.perf_counter() - t0, sampler)
     runner.close(report)

@@ -137,6 +137,8 @@ class MemoryModel:
 SUB_BATCH = 64
 #: Hard cap on sources per job, so that progress and retries stay fine-grained.
 MAX_SOURCES_PER_JOB = 4096
+#: Smallest job the planner makes for load balancing (unless a cap asks less).
+MIN_SOURCES_PER_JOB = 256
 #: Assumed resident size of a fresh worker (Python, numpy, astropy), bytes.
 WORKER_BASE_BYTES = 160 * 10**6
 #: Assumed resident size of the main process beyond the catalogue arrays.
@@ -533,6 +535,12 @@ def make_plan(
         msg = f"max_sources_per_job must be a positive integer, got {max_sources_per_job!r}"
         raise ValueError(msg)
     per_job = int(min(cap, budget // per_source)) if budget > 0 else 0
+    # enough jobs to keep every worker busy and balanced (a few per worker),
+    # but not so small that per-job overhead dominates
+    n_todo = int(np.count_nonzero(status == Status.PENDING))
+    if n_workers > 1 and n_todo:
+        balanced = max(MIN_SOURCES_PER_JOB, math.ceil(n_todo / (4 * n_workers)))
+        per_job = min(per_job, balanced) if per_job >= 1 else per_job
     if per_job < 1 and todo.any():
         need = parent_bytes + n_workers * (WORKER_BASE_BYTES + working + per_source)
         msg = (

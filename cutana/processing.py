@@ -31,9 +31,12 @@ from .resample import extract_resampled
 from .status import Status
 from .tiles import open_pixels
 
-__all__ = ["CutSettings", "cut_job", "flux_factor", "JANSKY_AB"]
+__all__ = ["CutSettings", "JANSKY_AB", "Scratch", "cut_job", "flux_factor"]
 
 logger = logging.getLogger(__name__)
+
+#: Bytes of windows cut between two hand-backs of mapped tile pages.
+RELEASE_BYTES = 32 * 2**20
 
 #: Flux density of magnitude 0 in the AB system, in Jansky.
 JANSKY_AB = 3631.0
@@ -151,7 +154,49 @@ def _region(data, starts, sizes, shape):
     return part, np.ascontiguousarray(starts - np.array([y0, x0], dtype=np.int64))
 
 
-def cut_job(settings, tile, job):
+class Scratch:
+    """Reusable arrays for the jobs of one process.
+
+    Fresh memory costs a page fault per page the first time it is written,
+    and on virtual machines that is slower than the cutting itself; a
+    worker therefore cuts every job into the same buffers. An array handed
+    out is valid until the next `get` of the same name.
+    """
+
+    def __init__(self):
+        self._bufs = {}
+
+    def get(self, name, shape, dtype):
+        """A C-contiguous array of ``shape`` and ``dtype`` (contents undefined).
+
+        Parameters
+        ----------
+        name : str
+            Buffer name.
+        shape : tuple of int
+            Array shape.
+        dtype : `~numpy.dtype`
+            Array dtype.
+
+        Returns
+        -------
+        array : `~numpy.ndarray`
+            A view of the named buffer, grown if needed.
+        """
+        dtype = np.dtype(dtype)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        buf = self._bufs.get(name)
+        if buf is None or buf.nbytes < nbytes:
+            buf = np.empty(max(nbytes, 1), dtype=np.uint8)
+            self._bufs[name] = buf
+        return buf[:nbytes].view(dtype).reshape(shape)
+
+    def clear(self):
+        """Release every buffer."""
+        self._bufs.clear()
+
+
+def cut_job(settings, tile, job, scratch=None):
     """Cut every source of a job from every band of its tile.
 
     Parameters
@@ -162,6 +207,9 @@ def cut_job(settings, tile, job):
         The job's tile (headers and paths only).
     job : `~cutana.planner.Job`
         The sources: catalogue rows, pixel positions, box sizes.
+    scratch : `Scratch`, optional
+        Reusable buffers; the result's ``images`` then lives in ``scratch``
+        and is valid only until the next job cut with it.
 
     Returns
     -------
@@ -176,7 +224,12 @@ def cut_job(settings, tile, job):
         out_shape = tuple(int(v) for v in settings.out_shape)
     else:
         out_shape = tuple(int(v) for v in job.box[0]) if n else (0, 0)
-    images = np.zeros((n, n_channels) + out_shape, dtype=settings.dtype)
+    if scratch is None:
+        scratch = Scratch()  # private to this call
+        images = np.zeros((n, n_channels) + out_shape, dtype=settings.dtype)
+    else:
+        images = scratch.get("images", (n, n_channels) + out_shape, settings.dtype)
+        images.fill(0)
     status = np.full(n, Status.OK, dtype=np.int16)
     messages = {}
 
@@ -195,7 +248,10 @@ def cut_job(settings, tile, job):
                 messages[int(r)] = f"tile {tile.key} has no file for band {c}"
             continue
         try:
-            _cut_band(settings, band, c, job, starts, order, same_size, out_shape, images)
+            _cut_band(
+                settings, band, c, job, starts, order, same_size, out_shape, images,
+                scratch,
+            )
         except (OSError, ValueError, KeyError, EOFError, zlib.error) as exc:
             # EOFError, zlib.error: damaged data of a compressed tile
             status[:] = Status.TILE_ERROR
@@ -222,7 +278,9 @@ def cut_job(settings, tile, job):
     )
 
 
-def _cut_band(settings, band, c, job, starts, order, same_size, out_shape, images):
+def _cut_band(
+    settings, band, c, job, starts, order, same_size, out_shape, images, scratch
+):
     """Cut one band of a job into ``images[:, c]``."""
     factor = 1.0
     if settings.flux_conversion:
@@ -241,6 +299,8 @@ def _cut_band(settings, band, c, job, starts, order, same_size, out_shape, image
         same_size and tuple(job.box[0]) == tuple(out_shape)
     )
     with open_pixels(band) as pixels:
+        itemsize = np.dtype(pixels.data.dtype).itemsize
+        touched = 0
         scale = factor * pixels.bscale
         offset = factor * pixels.bzero
         for lo in range(0, len(order), SUB_BATCH):
@@ -249,9 +309,10 @@ def _cut_band(settings, band, c, job, starts, order, same_size, out_shape, image
                 np.broadcast_to(out_shape, (len(idx), 2)) if direct else job.box[idx]
             )
             data, first = _region(pixels.data, starts[idx], sizes, band.shape)
+            block = scratch.get("block", (len(idx), *out_shape), np.float32)
             if direct:
                 block, _ = extract_stack(
-                    data, first, out_shape, np.nan, dtype=np.float32,
+                    data, first, out_shape, np.nan, dtype=np.float32, out=block,
                     n_threads=settings.n_threads,
                 )
                 if scale != 1.0:
@@ -262,7 +323,7 @@ def _cut_band(settings, band, c, job, starts, order, same_size, out_shape, image
                 block, _ = extract_resampled(
                     data, first, job.box[idx], out_shape,
                     method=settings.resample, fill_value=np.nan, scale=scale,
-                    dtype=np.float32, n_threads=settings.n_threads,
+                    dtype=np.float32, out=block, n_threads=settings.n_threads,
                 )
                 if offset != 0.0:
                     # an 'area' pixel sums (ny * nx) / (H * W) input pixels
@@ -272,6 +333,14 @@ def _cut_band(settings, band, c, job, starts, order, same_size, out_shape, image
                         per *= box[:, 0] * box[:, 1] / (out_shape[0] * out_shape[1])
                     block += per.astype(np.float32)[:, None, None]
             images[idx, c] = normalize(
-                block, settings.normalize, dtype=settings.dtype, **settings.norm_kwargs
+                block, settings.normalize, dtype=settings.dtype,
+                out=scratch.get("norm", block.shape, settings.dtype),
+                **settings.norm_kwargs,
             )
-            _release_pages(pixels.data)
+            # windows are swept top to bottom, so neighbouring sub-batches share
+            # tile pages: hand pages back only every RELEASE_BYTES of windows
+            touched += int(np.sum(job.box[idx, 0] * job.box[idx, 1])) * itemsize
+            if touched > RELEASE_BYTES:
+                _release_pages(pixels.data)
+                touched = 0
+        _release_pages(pixels.data)

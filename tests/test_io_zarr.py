@@ -705,3 +705,46 @@ def test_leftovers_of_killed_writes_removed(tmp_path):
     writer.write_chunks([1], _mapping(40, jobs), base)  # the redone chunk
     writer.finalize(checksums)
     assert not any(os.path.exists(p) for p in leftovers)
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "float32"])
+def test_direct_chunk_encoding_equals_zarr(tmp_path, dtype):
+    """Test that images chunks written directly are the bytes zarr itself writes."""
+    import zarr as _zarr
+
+    from cutana.io.zarr import ZarrWriter as _Writer
+
+    rng = np.random.default_rng(7)
+    n = 23
+    w = _Writer.create(
+        tmp_path / "a.zarr", n_rows=n, bands=["x", "y"], out_shape=(9, 7), dtype=dtype,
+        source_id=[str(i) for i in range(n)], ra=np.zeros(n), dec=np.zeros(n),
+        chunk_rows=5,
+    )
+    images = (rng.random((n, 2, 9, 7)) * 200).astype(dtype)
+    assert w._write_direct("images", list(range(w.n_chunks)), 0, images)
+    status = rng.integers(0, 4, n).astype(np.int16)
+    assert w._write_direct("status", list(range(w.n_chunks)), 0, status)
+    ref = _zarr.open_array(tmp_path / "a.zarr" / "images", mode="r")
+    np.testing.assert_array_equal(ref[:], images)
+    other = _zarr.create_array(
+        tmp_path / "b.zarr", shape=ref.shape, chunks=ref.chunks, dtype=ref.dtype,
+        compressors=ref.compressors, fill_value=0, overwrite=True,
+    )
+    other[:] = images
+    sref = _zarr.open_array(tmp_path / "a.zarr" / "status", mode="r")
+    np.testing.assert_array_equal(sref[:], status)
+    sother = _zarr.create_array(
+        tmp_path / "s.zarr", shape=sref.shape, chunks=sref.chunks, dtype=sref.dtype,
+        compressors=None, fill_value=-1, overwrite=True,
+    )
+    sother[:] = status
+    for k in range(w.n_chunks):
+        key = ref.metadata.encode_chunk_key((k, 0, 0, 0))
+        a = (tmp_path / "a.zarr" / "images" / key).read_bytes()
+        b = (tmp_path / "b.zarr" / key).read_bytes()
+        assert a == b
+        key = sref.metadata.encode_chunk_key((k,))
+        assert (tmp_path / "a.zarr" / "status" / key).read_bytes() == (
+            tmp_path / "s.zarr" / key
+        ).read_bytes()

@@ -115,7 +115,7 @@ def chunk_digest(images, status, tile, origin, box_shape):
 def _compressor(dtype):
     dtype = np.dtype(dtype)
     shuffle = "bitshuffle" if dtype.kind in "iub" and dtype.itemsize <= 2 else "shuffle"
-    return BloscCodec(cname="zstd", clevel=1, shuffle=shuffle)
+    return BloscCodec(cname="lz4", clevel=5, shuffle=shuffle)
 
 
 def _jsonable(obj, where="attrs"):
@@ -381,6 +381,8 @@ class ZarrWriter:
             config=full,
             dimension_names=("source", "band", "y", "x"),
         )
+        # per-row metadata is tiny: stored uncompressed, so that its chunks
+        # are plain little-endian bytes that write_chunks writes directly
         for name, dt, fill in (("status", "int16", -1), ("tile", "int32", -1)):
             group.create_array(
                 name,
@@ -388,6 +390,7 @@ class ZarrWriter:
                 chunks=(chunk_rows,),
                 dtype=dt,
                 fill_value=fill,
+                compressors=None,
                 config=full,
                 dimension_names=("source",),
             )
@@ -398,6 +401,7 @@ class ZarrWriter:
                 chunks=(chunk_rows, 2),
                 dtype=dt,
                 fill_value=0,
+                compressors=None,
                 config=full,
                 dimension_names=("source", "axis"),
             )
@@ -582,18 +586,30 @@ class ZarrWriter:
                 self._assemble(k, row_to_job, base_status, out_dir, cache, part, pinned)
                 checksums[k] = chunk_digest(*part)
                 self._remove_partials(k)
-            # status last: a row that shows a status has everything else written
+            # images straight to their chunk files; status last: a row that
+            # shows a status has everything else written
             for name, data in sorted(
                 zip(names, block, strict=True), key=lambda item: item[0] == "status"
             ):
-                self._array(name)[r0:r1] = data
+                if not self._write_direct(name, run, r0, data):
+                    self._array(name)[r0:r1] = data
         logger.debug("wrote %d chunks of %s", len(chunks), self.path)
         return checksums
 
     def _empty_block(self, m):
         """Zeroed ``(images, status, tile, origin, box_shape)`` for ``m`` rows."""
+        # the images block is reused between calls in a process: fresh memory
+        # costs a page fault per page, which is slower than the copy itself
+        shape = (m, len(self.bands), *self.out_shape)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * self.dtype.itemsize
+        buf = _BLOCK_BUFFER.get("images")
+        if buf is None or buf.nbytes < nbytes:
+            buf = np.empty(max(nbytes, 1), dtype=np.uint8)
+            _BLOCK_BUFFER["images"] = buf
+        images = buf[:nbytes].view(self.dtype).reshape(shape)
+        images.fill(0)
         return (
-            np.zeros((m, len(self.bands), *self.out_shape), dtype=self.dtype),
+            images,
             np.zeros(m, dtype=np.int16),
             np.full(m, -1, dtype=np.int32),
             np.zeros((m, 2), dtype=np.int64),
@@ -651,6 +667,12 @@ class ZarrWriter:
                     f"{self.dtype}"
                 )
                 raise ValueError(msg)
+            if sel[-1] - sel[0] == len(sel) - 1 and p[-1] - p[0] == len(p) - 1 and (
+                np.all(np.diff(p) == 1)
+            ):
+                # consecutive rows of one job (the usual case): plain slices
+                sel = slice(int(sel[0]), int(sel[-1]) + 1)
+                p = slice(int(p[0]), int(p[-1]) + 1)
             images[sel] = res.images[p]
             status[sel] = res.status[p]
             tile[sel] = res.tile
@@ -673,6 +695,84 @@ class ZarrWriter:
             row = int(r0 + np.flatnonzero(~known)[0])
             msg = f"chunk {chunk}: row {row} has unknown status {int(status[row - r0])}"
             raise ValueError(msg)
+
+    def _encoder(self, name):
+        """How to encode chunks of array ``name`` directly, or `None`.
+
+        Returns ``"raw"`` for a plain bytes codec chain, a numcodecs Blosc
+        equal to a bytes + Blosc chain, or `None` for anything else (then
+        zarr writes the chunk). Encoding chunks here and writing the files
+        ourselves gives the very bytes zarr writes, without zarr's
+        per-chunk asynchronous overhead, which costs more than compression
+        for cutout-sized chunks.
+        """
+        cache = self.__dict__.setdefault("_encoders", {})
+        if name in cache:
+            return cache[name]
+        from numcodecs import Blosc
+        from zarr.codecs import BloscCodec, BytesCodec
+
+        codecs = self._array(name).metadata.codecs
+        enc = None
+        if len(codecs) == 1 and isinstance(codecs[0], BytesCodec):
+            enc = "raw"
+        elif (
+            len(codecs) == 2
+            and isinstance(codecs[0], BytesCodec)
+            and isinstance(codecs[1], BloscCodec)
+        ):
+            blosc = codecs[1]
+            shuffle = {
+                "noshuffle": Blosc.NOSHUFFLE,
+                "shuffle": Blosc.SHUFFLE,
+                "bitshuffle": Blosc.BITSHUFFLE,
+            }[blosc.shuffle.value]
+            enc = Blosc(
+                cname=blosc.cname.value,
+                clevel=blosc.clevel,
+                shuffle=shuffle,
+                blocksize=blosc.blocksize,
+                typesize=blosc.typesize,
+            )
+        cache[name] = enc
+        return enc
+
+    def _write_direct(self, name, run, r0, values):
+        """Encode and write the chunks of a run of chunks of array ``name``.
+
+        Returns `False` (nothing written) when the array's codec chain is not
+        one this writer creates; the caller then writes through zarr.
+        """
+        encoder = self._encoder(name)
+        if encoder is None:
+            return False
+        import numcodecs.blosc
+
+        arr = self._array(name)
+        cr = self.chunk_rows
+        le = values.dtype.newbyteorder("<")
+        fill = arr.metadata.fill_value
+        saved = numcodecs.blosc.use_threads
+        numcodecs.blosc.use_threads = False  # one core per writer process
+        try:
+            for k in run:
+                a, b = (r - r0 for r in self.chunk_range(k))
+                part = values[a:b]
+                if b - a < cr:  # the last chunk is stored whole, padded with fill
+                    full = np.full((cr, *values.shape[1:]), fill, dtype=values.dtype)
+                    full[: b - a] = part
+                    part = full
+                part = np.ascontiguousarray(part, dtype=le)
+                data = part.tobytes() if encoder == "raw" else encoder.encode(part)
+                path = self._chunk_file(name, k)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                tmp = f"{path}.{os.getpid()}.partial"
+                with open(tmp, "wb") as fh:
+                    fh.write(data)
+                os.replace(tmp, path)
+        finally:
+            numcodecs.blosc.use_threads = saved
+        return True
 
     def _chunk_file(self, name, chunk):
         arr = self._array(name)
@@ -786,6 +886,7 @@ class ZarrWriter:
         ValueError
             If a chunk has no checksum or a row is still pending.
         """
+        _BLOCK_BUFFER.clear()
         missing = [k for k in range(self.n_chunks) if k not in checksums]
         if missing:
             msg = (
@@ -837,6 +938,10 @@ class ZarrWriter:
             if entry.is_dir() and entry.name != STATE_DIRNAME:
                 _sweep(entry.path)
                 _sweep(os.path.join(entry.path, "c"))
+
+
+#: One reusable images block per process (see ``ZarrWriter._empty_block``).
+_BLOCK_BUFFER = {}
 
 
 def _sweep(folder):

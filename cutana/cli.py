@@ -252,8 +252,14 @@ def main(args=None):
     code : int
         The exit code (0, 1 or 2).
     """
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv[:1] == ["bench"]:
+        # the harness has its own parser (and options starting with '-')
+        from .bench.harness import main as bench_main
+
+        return bench_main(argv[1:])
     parser = build_parser()
-    ns = parser.parse_args(args)
+    ns = parser.parse_args(argv)
     _setup_logging(ns.verbose)
     from .exceptions import CatalogError, ConfigError
 

@@ -44,7 +44,9 @@ def main(argv=None):
     defaults = ["--out", "bench-pipeline"]
     if not any(a == "--scenario" or a.startswith("--scenario=") for a in argv):
         defaults += ["--scenario", "paper-workload"]
-    if not any(a == "--cutana-python" or a.startswith("--cutana-python=") for a in argv):
+    if not any(
+        a == "--cutana-python" or a.startswith("--cutana-python=") for a in argv
+    ):
         defaults += ["--cutana-python", "auto"]
     return bench_main([*defaults, *argv])
 

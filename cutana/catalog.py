@@ -23,6 +23,7 @@ import difflib
 import logging
 import numbers
 import os
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -243,6 +244,18 @@ def _starts_with_comment(path):
     return False
 
 
+def _has_nul(path, block=1 << 24):
+    """True if a file holds a NUL byte (the fast CSV reader cuts text there)."""
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(block):
+                if b"\0" in chunk:
+                    return True
+    except OSError:
+        return False
+    return False
+
+
 def _csv_header(path):
     """The column names of a CSV file's header line (best effort)."""
     try:
@@ -371,7 +384,17 @@ def _load(catalog, id_column):
             kwargs = {} if fmt is None else {"format": fmt}
             if fmt == "ascii.csv" and _starts_with_comment(path):
                 kwargs["comment"] = r"\s*#"
-            table = Table.read(path, **kwargs)
+            if fmt == "ascii.csv" and _has_nul(path):
+                # astropy's C reader ends a field at NUL ('a\0b' -> 'a'),
+                # which would merge distinct ids; the Python reader keeps it
+                kwargs["fast_reader"] = False
+            # reader warnings (e.g. a value too large for a float, read as
+            # inf) are about values that row validation reports anyway
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                table = Table.read(path, **kwargs)
+            for w in caught:
+                logger.info("catalogue %s: %s", path, w.message)
             for name in list(table.colnames):
                 if name.startswith("\ufeff"):  # byte-order mark of the first column
                     table.rename_column(name, name.lstrip("\ufeff"))

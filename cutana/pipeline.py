@@ -10,6 +10,7 @@ module; this one only validates the options at the boundary and wires the
 steps together.
 """
 
+import dataclasses
 import errno
 import json
 import logging
@@ -426,6 +427,8 @@ def _prepare(catalog, options, *, parent_bytes=None):
     except ValueError as exc:  # the memory limit cannot hold the largest cutout
         hint = _memory_hint(str(exc), cat, diam, status, assignment, options)
         raise ConfigError(hint) from None
+    if plan.out_shape is None:
+        plan.jobs = _split_by_size(plan.jobs, plan.memory)
     settings = CutSettings(
         out_shape=plan.out_shape,
         resample=options.resample,
@@ -443,6 +446,34 @@ def _prepare(catalog, options, *, parent_bytes=None):
     if isinstance(catalog, (str, os.PathLike)):
         path = os.path.abspath(os.fspath(catalog))
     return _Prepared(cat, index, plan, options, settings, path)
+
+
+def _split_by_size(jobs, memory):
+    """Split jobs so that every job cuts boxes of one size (FITS of varied sizes).
+
+    A job's result holds one ``(n, C, H, W)`` array; without a target size
+    the output size is the box size, so a job must not mix box sizes. Job
+    ids are renumbered in order.
+    """
+    out = []
+    for job in jobs:
+        sizes = np.unique(job.box, axis=0) if len(job) else job.box[:1]
+        for size in sizes:
+            keep = np.all(job.box == size, axis=1) if len(sizes) > 1 else slice(None)
+            rows = job.rows[keep]
+            out.append(
+                dataclasses.replace(
+                    job,
+                    job_id=len(out),
+                    rows=rows,
+                    x=job.x[keep],
+                    y=job.y[keep],
+                    box=job.box[keep],
+                    est_bytes=memory.job_bytes(len(rows)) if len(sizes) > 1
+                    else job.est_bytes,
+                )
+            )
+    return out
 
 
 def _memory_hint(text, cat, diam, status, assignment, options):

@@ -94,8 +94,8 @@ def flux_factor(zeropoint):
 
     Examples
     --------
-    >>> round(flux_factor(23.9) * 1e6, 6)  # 23.9 AB mag = 1 microjansky
-    1.000000
+    >>> round(flux_factor(23.9) * 1e6, 3)  # 23.9 AB mag = 1 microjansky
+    1.0
     """
     return JANSKY_AB * 10.0 ** (-0.4 * float(zeropoint))
 

@@ -501,7 +501,14 @@ def _open_fits(path, **kwargs):
     if not os.path.exists(local):
         msg = "file does not exist"
         raise FileNotFoundError(msg)
-    return fits.open(local, lazy_load_hdus=True, **kwargs)
+    # astropy leaves the file open when the first header cannot be parsed
+    # (e.g. a corrupt NAXIS card): open it here so that it is always closed
+    fh = open(local, "rb")  # noqa: SIM115 - closed with the HDUList
+    try:
+        return fits.open(fh, lazy_load_hdus=True, **kwargs)
+    except BaseException:
+        fh.close()
+        raise
 
 
 def _file_size(path, hdul):

@@ -99,13 +99,17 @@ automodsumm_inherited_members = False
 REFERENCE_MODULES = {
     "cutana": "reference/cutana.rst",
     "cutana.cutout": "reference/cutout.rst",
+    "cutana.resample": "reference/resample.rst",
     "cutana.normalization": "reference/normalization.rst",
     "cutana.catalog": "reference/catalog.rst",
     "cutana.tiles": "reference/tiles.rst",
     "cutana.planner": "reference/planner.rst",
     "cutana.executor": "reference/executor.rst",
+    "cutana.processing": "reference/processing.rst",
     "cutana.pipeline": "reference/pipeline.rst",
     "cutana.io": "reference/io.rst",
+    "cutana.verify": "reference/verify.rst",
+    "cutana.cli": "reference/cli.rst",
     "cutana.exceptions": "reference/exceptions.rst",
     "cutana.bench": "reference/bench.rst",
 }
@@ -136,46 +140,49 @@ if not HAS_SPHINX_ASTROPY:
 
 
 def _setup_cli_help(app):
-    """Register ``.. cutana-help:: [SUBCOMMAND]``, the command's ``--help`` text."""
+    """Register ``.. cutana-help:: [SUBCOMMAND]``, the command's ``--help`` text.
+
+    With the option ``:parser: module.function``, the help of the
+    `argparse.ArgumentParser` that function returns is shown instead (for
+    example the benchmark harness behind ``cutana bench``).
+    """
     from docutils import nodes
+    from docutils.parsers.rst import directives
     from sphinx.util import logging
     from sphinx.util.docutils import SphinxDirective
 
     logger = logging.getLogger(__name__)
+
+    def _main_help(argv):
+        from cutana.cli import main
+
+        buffer = io.StringIO()
+        with contextlib.redirect_stdout(buffer), contextlib.suppress(SystemExit):
+            main(argv)
+        return buffer.getvalue()
+
+    def _parser_help(dotted):
+        module, _, name = dotted.rpartition(".")
+        return getattr(importlib.import_module(module), name)().format_help()
 
     class CutanaHelp(SphinxDirective):
         """Insert the output of ``cutana [SUBCOMMAND] --help`` as a literal block."""
 
         optional_arguments = 1
         has_content = False
+        option_spec = {"parser": directives.unchanged_required}
 
         def run(self):
             argv = [*self.arguments, "--help"]
-            try:
-                from cutana.cli import main
-            except ImportError as exc:
-                logger.warning(
-                    "cannot document 'cutana %s': %s",
-                    " ".join(argv),
-                    exc,
-                    location=self.get_location(),
-                )
-                return []
-            buffer = io.StringIO()
+            parser = self.options.get("parser")
+            what = parser or f"cutana {' '.join(argv)}"
             old_columns = os.environ.get("COLUMNS")
             os.environ["COLUMNS"] = "88"  # argparse wraps to this width
             try:
-                with (
-                    contextlib.redirect_stdout(buffer),
-                    contextlib.suppress(SystemExit),
-                ):
-                    main(argv)
+                text = _parser_help(parser) if parser else _main_help(argv)
             except Exception as exc:  # a broken parser must not crash the build
                 logger.warning(
-                    "'cutana %s' failed: %r",
-                    " ".join(argv),
-                    exc,
-                    location=self.get_location(),
+                    "cannot document %r: %r", what, exc, location=self.get_location()
                 )
                 return []
             finally:
@@ -183,12 +190,10 @@ def _setup_cli_help(app):
                     os.environ.pop("COLUMNS", None)
                 else:
                     os.environ["COLUMNS"] = old_columns
-            text = buffer.getvalue().rstrip()
+            text = text.rstrip()
             if not text:
                 logger.warning(
-                    "'cutana %s' printed nothing",
-                    " ".join(argv),
-                    location=self.get_location(),
+                    "%r printed nothing", what, location=self.get_location()
                 )
             node = nodes.literal_block(text, text)
             node["language"] = "text"

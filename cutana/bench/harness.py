@@ -63,9 +63,11 @@ import numpy as np
 
 __all__ = [
     "SCENARIOS",
+    "WORKLOAD",
     "ProcessTreeSampler",
     "Scenario",
     "astropy_baseline",
+    "build_parser",
     "compare_outputs",
     "environment",
     "main",
@@ -300,7 +302,9 @@ class ProcessTreeSampler:
         """
         t0 = time.perf_counter() if t0 is None else t0
         self._thread = threading.Thread(
-            target=self._run, args=(int(pid), t0), name="cutana-bench-sampler",
+            target=self._run,
+            args=(int(pid), t0),
+            name="cutana-bench-sampler",
             daemon=True,
         )
         self._thread.start()
@@ -444,7 +448,9 @@ def _read_rows(catalogue):
             raise ValueError(msg)
     files = []
     for value in table["fits_file_paths"]:
-        value = value if isinstance(value, (list, tuple)) else ast.literal_eval(str(value))
+        value = (
+            value if isinstance(value, (list, tuple)) else ast.literal_eval(str(value))
+        )
         files.append([str(v) for v in value])
     return (
         np.asarray(table["RA"], dtype=np.float64),
@@ -515,7 +521,9 @@ def astropy_baseline(
     Examples
     --------
     >>> from cutana.bench.harness import astropy_baseline
-    >>> result = astropy_baseline("survey/catalogue.csv", "astropy.zarr")  # doctest: +SKIP
+    >>> result = astropy_baseline(
+    ...     "survey/catalogue.csv", "astropy.zarr"
+    ... )  # doctest: +SKIP
     >>> result["seconds_per_cutout"]  # doctest: +SKIP
     """
     import zarr
@@ -575,7 +583,9 @@ def astropy_baseline(
                     yy = (np.arange(m) + 0.5) * ny / m - 0.5
                     xx = (np.arange(m) + 0.5) * nx / m - 0.5
                     grids[(ny, nx)] = np.array(np.meshgrid(yy, xx, indexing="ij"))
-                resampled = map_coordinates(image, grids[(ny, nx)], order=1, mode="nearest")
+                resampled = map_coordinates(
+                    image, grids[(ny, nx)], order=1, mode="nearest"
+                )
                 with np.errstate(invalid="ignore"):
                     value = stretch(interval(resampled, clip=True))
                 value[~np.isfinite(value)] = 0.0
@@ -665,7 +675,9 @@ def run_astropy(
     Examples
     --------
     >>> from cutana.bench.harness import run_astropy
-    >>> run = run_astropy("survey/catalogue.csv", "astropy.zarr", n_sources=200)  # doctest: +SKIP
+    >>> run = run_astropy(
+    ...     "survey/catalogue.csv", "astropy.zarr", n_sources=200
+    ... )  # doctest: +SKIP
     """
     spec = {
         "catalogue": str(Path(catalogue).resolve()),
@@ -681,8 +693,12 @@ def run_astropy(
         "sys.exit(_astropy_main(sys.argv[1:]))",
         json.dumps(spec),
     ]
-    run = _run_timed(command, env=_child_env(), cwd=str(Path(output).resolve().parent),
-                     timeout=timeout)
+    run = _run_timed(
+        command,
+        env=_child_env(),
+        cwd=str(Path(output).resolve().parent),
+        timeout=timeout,
+    )
     record = _last_json(run["stdout"], "astropy")
     out = {
         "tool": "astropy",
@@ -696,16 +712,24 @@ def run_astropy(
     }
     if run["returncode"] != 0 or record is None:
         out.update(
-            seconds=run["seconds"], n_sources=None, n_cutouts=0, extrapolated=False,
+            seconds=run["seconds"],
+            n_sources=None,
+            n_cutouts=0,
+            extrapolated=False,
             cutouts_per_second=math.nan,
-            error=("timed out" if run["timed_out"] else
-                   f"exit code {run['returncode']}: {run['stderr'][-2000:]}"),
+            error=(
+                "timed out"
+                if run["timed_out"]
+                else f"exit code {run['returncode']}: {run['stderr'][-2000:]}"
+            ),
         )
         return out
     n_total, n_cut = record["n_sources"], record["n_cutouts"]
     fixed = max(0.0, run["seconds"] - record["loop_seconds"])
     extrapolated = n_cut < n_total
-    seconds = fixed + record["seconds_per_cutout"] * n_total if n_cut else run["seconds"]
+    seconds = (
+        fixed + record["seconds_per_cutout"] * n_total if n_cut else run["seconds"]
+    )
     out.update(
         seconds=seconds,
         n_sources=n_total,
@@ -776,9 +800,15 @@ def run_cutana(
     Examples
     --------
     >>> from cutana.bench.harness import run_cutana
-    >>> run = run_cutana("survey/catalogue.csv", "cutana.zarr", workers=2)  # doctest: +SKIP
+    >>> run = run_cutana(
+    ...     "survey/catalogue.csv", "cutana.zarr", workers=2
+    ... )  # doctest: +SKIP
     """
-    if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1:
+    if (
+        isinstance(workers, bool)
+        or not isinstance(workers, (int, np.integer))
+        or workers < 1
+    ):
         msg = f"workers must be a positive integer, got {workers!r}"
         raise ValueError(msg)
     backend = backend or ("serial" if workers == 1 else "processes")
@@ -818,7 +848,9 @@ def run_cutana(
         "seconds": run["seconds"],
         "n_sources": n_rows,
         "n_cutouts": n_cut,
-        "cutouts_per_second": n_cut / run["seconds"] if run["seconds"] > 0 else math.nan,
+        "cutouts_per_second": n_cut / run["seconds"]
+        if run["seconds"] > 0
+        else math.nan,
         "peak_memory": run["peak_memory"],
         "memory_samples": run["memory_samples"],
         "returncode": run["returncode"],
@@ -882,7 +914,7 @@ def compare_outputs(astropy_output, cutana_output, *, statuses=(0,)):
         Zarr array written by `astropy_baseline` (its ``n`` rows are the
         first ``n`` catalogue rows).
     cutana_output : str or path-like
-        cutana Zarr output of the same catalogue.
+        The cutana Zarr output of the same catalogue.
     statuses : sequence of int, optional
         Compare only rows with these cutana status codes (default: complete
         cutouts; partial ones differ where NaN fill spreads differently).
@@ -890,7 +922,8 @@ def compare_outputs(astropy_output, cutana_output, *, statuses=(0,)):
     Returns
     -------
     agreement : dict
-        ``rows`` compared, ``pixels``, ``max_abs_diff``,
+        ``rows`` compared, ``pixels``, ``n_different`` (pixels that
+        differ), ``max_abs_diff``,
         ``fraction_equal`` and ``fraction_within_1`` (of the pixels).
 
     Examples
@@ -908,14 +941,21 @@ def compare_outputs(astropy_output, cutana_output, *, statuses=(0,)):
     status = np.asarray(out.status[:n])
     keep = np.isin(status, list(statuses))
     if not keep.any():
-        return {"rows": 0, "pixels": 0, "max_abs_diff": None,
-                "fraction_equal": None, "fraction_within_1": None}
+        return {
+            "rows": 0,
+            "pixels": 0,
+            "n_different": 0,
+            "max_abs_diff": None,
+            "fraction_equal": None,
+            "fraction_within_1": None,
+        }
     a = np.asarray(ref[:n])[keep].astype(np.int16)
     b = np.asarray(out.images[:n])[keep].astype(np.int16)
     diff = np.abs(a - b)
     return {
         "rows": int(keep.sum()),
         "pixels": int(diff.size),
+        "n_different": int(np.count_nonzero(diff)),
         "max_abs_diff": int(diff.max()),
         "fraction_equal": float(np.mean(diff == 0)),
         "fraction_within_1": float(np.mean(diff <= 1)),
@@ -1008,8 +1048,8 @@ def results_table(results):
     Examples
     --------
     >>> from cutana.bench.harness import results_table
-    >>> print(results_table({"scenarios": []}).splitlines()[0])
-    | scenario | tool | workers | sources | wall time (s) | cutouts/s | × Astropy | × ESA Cutana | peak memory (MB) | note |
+    >>> print(results_table({"scenarios": []}).splitlines()[0][:53])
+    | scenario | tool | workers | sources | wall time (s)
     """
     lines = [
         "| scenario | tool | workers | sources | wall time (s) | cutouts/s | × Astropy "
@@ -1034,9 +1074,11 @@ def results_table(results):
             peak = run.get("peak_memory")
             lines.append(
                 f"| {sc['name']} | {run['tool']} | {run['workers']} "
-                f"| {_fmt(run.get('n_sources'), 'd')} | {_fmt(run.get('seconds'), '.2f')} "
+                f"| {_fmt(run.get('n_sources'), 'd')} "
+                f"| {_fmt(run.get('seconds'), '.2f')} "
                 f"| {_fmt(run.get('cutouts_per_second'), ',.0f')} "
-                f"| {_fmt(run.get('vs_astropy'), '.1f')} | {_fmt(run.get('vs_esa'), '.2f')} "
+                f"| {_fmt(run.get('vs_astropy'), '.1f')} "
+                f"| {_fmt(run.get('vs_esa'), '.2f')} "
                 f"| {_fmt(peak / 1e6 if peak else None, ',.0f')} | {'; '.join(note)} |"
             )
         for text in sc.get("notes", []):
@@ -1122,7 +1164,8 @@ def _remove(path):
 def _check_workers(workers):
     workers = list(workers)
     if not workers or any(
-        isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w < 1 for w in workers
+        isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w < 1
+        for w in workers
     ):
         msg = f"workers must be a non-empty list of positive integers, got {workers!r}"
         raise ValueError(msg)
@@ -1208,7 +1251,11 @@ def run_benchmark(
         msg = f"unknown scenario {unknown[0]!r}; choose from {', '.join(SCENARIOS)}"
         raise ValueError(msg)
     workers = _check_workers(workers)
-    if isinstance(repeat, bool) or not isinstance(repeat, (int, np.integer)) or repeat < 1:
+    if (
+        isinstance(repeat, bool)
+        or not isinstance(repeat, (int, np.integer))
+        or repeat < 1
+    ):
         msg = f"repeat must be a positive integer, got {repeat!r}"
         raise ValueError(msg)
     timeout = timeout or (600.0 if quick else 7200.0)
@@ -1238,9 +1285,19 @@ def run_benchmark(
             sc = SCENARIOS[name]
             results["scenarios"].append(
                 _run_scenario(
-                    sc, quick, workers, tile_size, n_sources, astropy_subset,
-                    data_root / name, runs_root / name, esa_python, timeout, keep_data,
-                    repeat, log,
+                    sc,
+                    quick,
+                    workers,
+                    tile_size,
+                    n_sources,
+                    astropy_subset,
+                    data_root / name,
+                    runs_root / name,
+                    esa_python,
+                    timeout,
+                    keep_data,
+                    repeat,
+                    log,
                 )
             )
     finally:
@@ -1260,13 +1317,17 @@ def _resolve_esa(cutana_python):
     from .esa import DEFAULT_ESA_VENV, find_esa_python
 
     if cutana_python is None:
-        return None, ("ESA Cutana rows skipped: give --cutana-python PATH (or auto) "
-                      "for a Python where ESA Cutana is installed")
+        return None, (
+            "ESA Cutana rows skipped: give --cutana-python PATH (or auto) "
+            "for a Python where ESA Cutana is installed"
+        )
     if str(cutana_python) == "auto":
         python = find_esa_python()
         if python is None:
-            return None, (f"ESA Cutana rows skipped: no ESA Cutana environment at "
-                          f"{DEFAULT_ESA_VENV}")
+            return None, (
+                f"ESA Cutana rows skipped: no ESA Cutana environment at "
+                f"{DEFAULT_ESA_VENV}"
+            )
         return python, None
     if not os.path.exists(str(cutana_python)):
         msg = f"--cutana-python {str(cutana_python)!r} does not exist"
@@ -1297,22 +1358,41 @@ def _same_images(a, b, block=2048):
         return False
     n = x.images.shape[0]
     return all(
-        np.array_equal(np.asarray(x.images[i : i + block]), np.asarray(y.images[i : i + block]))
+        np.array_equal(
+            np.asarray(x.images[i : i + block]), np.asarray(y.images[i : i + block])
+        )
         for i in range(0, n, block)
     )
 
 
-def _run_scenario(sc, quick, workers, tile_size, n_sources, astropy_subset, data_dir,
-                  runs_dir, esa_python, timeout, keep_data, repeat, log):
+def _run_scenario(
+    sc,
+    quick,
+    workers,
+    tile_size,
+    n_sources,
+    astropy_subset,
+    data_dir,
+    runs_dir,
+    esa_python,
+    timeout,
+    keep_data,
+    repeat,
+    log,
+):
     tile, n, subset = sc.sizes(quick, tile_size=tile_size, n_sources=n_sources)
     if astropy_subset is not None:
         subset = n if int(astropy_subset) == 0 else min(int(astropy_subset), n)
-    log(f"\n== {sc.name}: {sc.n_tiles} tile(s) of {tile}x{tile} px x "
+    log(
+        f"\n== {sc.name}: {sc.n_tiles} tile(s) of {tile}x{tile} px x "
         f"{len(sc.bands)} band(s), {n} sources of {sc.size_range[0]}-"
-        f"{sc.size_range[1]} px -> {WORKLOAD['target_size']} px")
+        f"{sc.size_range[1]} px -> {WORKLOAD['target_size']} px"
+    )
     info, survey_seconds, reused = _survey(sc, data_dir, tile, n)
-    log(f"   survey: {info['bytes'] / 1e6:,.0f} MB of tiles "
-        f"{'reused' if reused else f'written in {survey_seconds:.1f} s'}")
+    log(
+        f"   survey: {info['bytes'] / 1e6:,.0f} MB of tiles "
+        f"{'reused' if reused else f'written in {survey_seconds:.1f} s'}"
+    )
     runs_dir.mkdir(parents=True, exist_ok=True)
     catalogue = info["catalogue"]
     record = {
@@ -1333,19 +1413,36 @@ def _run_scenario(sc, quick, workers, tile_size, n_sources, astropy_subset, data
     runs = record["runs"]
 
     astropy_out = runs_dir / "astropy.zarr"
-    run = _best_of(repeat, lambda: run_astropy(
-        catalogue, astropy_out, n_sources=subset, target_size=WORKLOAD["target_size"],
-        percentile=WORKLOAD["percentile"], timeout=timeout))
+    run = _best_of(
+        repeat,
+        lambda: run_astropy(
+            catalogue,
+            astropy_out,
+            n_sources=subset,
+            target_size=WORKLOAD["target_size"],
+            percentile=WORKLOAD["percentile"],
+            timeout=timeout,
+        ),
+    )
     runs.append(run)
     _log_run(log, run)
 
     cutana_outs = []
     for w in workers:
         out = runs_dir / f"cutana-w{w}.zarr"
-        run = _best_of(repeat, lambda: run_cutana(
-            catalogue, out, workers=w, target_size=WORKLOAD["target_size"],
-            normalize=WORKLOAD["cutana_normalize"], dtype=WORKLOAD["dtype"],
-            flux_conversion=WORKLOAD["flux_conversion"], timeout=timeout))
+        run = _best_of(
+            repeat,
+            lambda out=out, w=w: run_cutana(
+                catalogue,
+                out,
+                workers=w,
+                target_size=WORKLOAD["target_size"],
+                normalize=WORKLOAD["cutana_normalize"],
+                dtype=WORKLOAD["dtype"],
+                flux_conversion=WORKLOAD["flux_conversion"],
+                timeout=timeout,
+            ),
+        )
         runs.append(run)
         _log_run(log, run)
         if run["error"] is None:
@@ -1354,17 +1451,20 @@ def _run_scenario(sc, quick, workers, tile_size, n_sources, astropy_subset, data
     if cutana_outs and runs[0]["error"] is None:
         record["agreement"] = agr = compare_outputs(astropy_out, cutana_outs[0])
         if agr["rows"]:
-            text = (f"values: Astropy baseline vs cutana on {agr['rows']} complete "
-                    f"cutouts: max |diff| {agr['max_abs_diff']} (uint8), "
-                    f"{100 * agr['fraction_equal']:.3f} % of pixels equal, "
-                    f"{100 * agr['fraction_within_1']:.3f} % within 1")
+            text = (
+                f"values: Astropy baseline vs cutana on {agr['rows']} complete "
+                f"cutouts: {agr['n_different']:,} of {agr['pixels']:,} uint8 pixels "
+                f"differ, by at most {agr['max_abs_diff']}"
+            )
             record["notes"].append(text)
             log("   " + text)
     if len(cutana_outs) > 1:
         same = all(_same_images(cutana_outs[0], o) for o in cutana_outs[1:])
         record["workers_identical"] = same
-        text = (f"cutana outputs with {', '.join(str(w) for w in workers)} workers are "
-                f"{'byte-identical' if same else 'NOT identical'}")
+        text = (
+            f"cutana outputs with {', '.join(str(w) for w in workers)} workers are "
+            f"{'byte-identical' if same else 'NOT identical'}"
+        )
         record["notes"].append(text)
         log("   " + text)
     if not keep_data:
@@ -1375,13 +1475,19 @@ def _run_scenario(sc, quick, workers, tile_size, n_sources, astropy_subset, data
     if esa_python is not None:
         for w in workers:
             out = runs_dir / f"esa-w{w}"
-            run = _best_of(repeat, lambda: _run_esa(
-                esa_python, catalogue, out, w, info["bands"], timeout))
+            run = _best_of(
+                repeat,
+                lambda out=out, w=w: _run_esa(
+                    esa_python, catalogue, out, w, info["bands"], timeout
+                ),
+            )
             runs.append(run)
             _log_run(log, run)
             if not keep_data:
                 _remove(out)
-        versions = {r.get("version") for r in runs if r["tool"] == "esa-cutana"} - {None}
+        versions = {r.get("version") for r in runs if r["tool"] == "esa-cutana"} - {
+            None
+        }
         if versions:
             record["notes"].append(f"ESA Cutana {', '.join(sorted(versions))}")
     _ratios(runs)
@@ -1391,7 +1497,9 @@ def _run_scenario(sc, quick, workers, tile_size, n_sources, astropy_subset, data
 def _ratios(runs):
     """Add ``vs_astropy`` and ``vs_esa`` (same worker count) to each run."""
     base = next((r for r in runs if r["tool"] == "astropy" and not r["error"]), None)
-    esa = {r["workers"]: r for r in runs if r["tool"] == "esa-cutana" and not r["error"]}
+    esa = {
+        r["workers"]: r for r in runs if r["tool"] == "esa-cutana" and not r["error"]
+    }
     for r in runs:
         cps = r.get("cutouts_per_second")
         ok = not r["error"] and cps is not None and math.isfinite(cps)
@@ -1401,7 +1509,8 @@ def _ratios(runs):
         other = esa.get(r["workers"])
         r["vs_esa"] = (
             cps / other["cutouts_per_second"]
-            if ok and other is not None and r["tool"] == "cutana" else None
+            if ok and other is not None and r["tool"] == "cutana"
+            else None
         )
 
 
@@ -1411,11 +1520,15 @@ def _log_run(log, run):
         return
     extra = ""
     if run.get("extrapolated"):
-        extra = (f" (timed on {run['n_cutouts']} sources in "
-                 f"{run['measured_seconds']:.1f} s, extrapolated)")
-    log(f"   {run['tool']:<10s} w={run['workers']}: {run['seconds']:8.2f} s  "
+        extra = (
+            f" (timed on {run['n_cutouts']} sources in "
+            f"{run['measured_seconds']:.1f} s, extrapolated)"
+        )
+    log(
+        f"   {run['tool']:<10s} w={run['workers']}: {run['seconds']:8.2f} s  "
         f"{run['cutouts_per_second']:10,.0f} cutouts/s  peak "
-        f"{run['peak_memory'] / 1e6:,.0f} MB{extra}")
+        f"{run['peak_memory'] / 1e6:,.0f} MB{extra}"
+    )
 
 
 def _write_results(results, out_dir, plots, log):
@@ -1424,6 +1537,7 @@ def _write_results(results, out_dir, plots, log):
     md_path = out_dir / "results.md"
     table = results_table(results)
     env_text = _environment_text(results["environment"])
+    env_text += f"\nload average at the end: {results.get('load_average_end')}"
     settings = ", ".join(f"{k}={v}" for k, v in results["workload"].items())
     md = [
         "# cutana benchmark" + (" (quick)" if results["quick"] else ""),
@@ -1454,8 +1568,9 @@ def _write_results(results, out_dir, plots, log):
     files["json"] = str(json_path)
     files["markdown"] = str(md_path)
     results["files"] = files
-    json_path.write_text(json.dumps(results, indent=1, default=_json_default),
-                         encoding="utf-8")
+    json_path.write_text(
+        json.dumps(results, indent=1, default=_json_default), encoding="utf-8"
+    )
     return files
 
 
@@ -1516,33 +1631,75 @@ def build_parser():
         "Cutana on synthetic Euclid-like surveys (target 150 px, bilinear, flux "
         "conversion, uint8 Zarr), and write results.json, results.md and plots.",
     )
-    parser.add_argument("--quick", action="store_true",
-                        help="scaled-down sizes (a few minutes on two cores)")
-    parser.add_argument("--scenario", action="append", choices=list(SCENARIOS),
-                        metavar="NAME", help="scenario to run (repeatable; default: "
-                        f"all of {', '.join(SCENARIOS)})")
-    parser.add_argument("--workers", nargs="+", type=_positive_int, default=[1, 2],
-                        metavar="N", help="worker counts of cutana and ESA Cutana "
-                        "(default: 1 2)")
-    parser.add_argument("--out", default="cutana-bench", metavar="DIR",
-                        help="results folder (default: cutana-bench)")
-    parser.add_argument("--cutana-python", metavar="PATH",
-                        help="Python of an ESA Cutana environment, or 'auto' to look "
-                        "in /tmp/esa-cutana-venv (default: skip ESA Cutana)")
-    parser.add_argument("--keep-data", action="store_true",
-                        help="keep surveys and outputs in DIR/data and DIR/runs")
-    parser.add_argument("--tile-size", type=_positive_int, metavar="N",
-                        help="override every scenario's tile side in pixels")
-    parser.add_argument("--n-sources", type=_positive_int, metavar="N",
-                        help="override every scenario's number of sources")
-    parser.add_argument("--astropy-subset", type=_non_negative_int, metavar="N",
-                        help="sources the Astropy baseline is timed on, 0 for all "
-                        "(default: per scenario, 300 or fewer with --quick, 2000)")
-    parser.add_argument("--timeout", type=float, metavar="SECONDS",
-                        help="kill a run after this long (default 600 quick, 7200)")
-    parser.add_argument("--repeat", type=_positive_int, default=1, metavar="N",
-                        help="run each measurement N times and keep the fastest "
-                        "(default: 1)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="scaled-down sizes (a few minutes on two cores)",
+    )
+    parser.add_argument(
+        "--scenario",
+        action="append",
+        choices=list(SCENARIOS),
+        metavar="NAME",
+        help=f"scenario to run (repeatable; default: all of {', '.join(SCENARIOS)})",
+    )
+    parser.add_argument(
+        "--workers",
+        nargs="+",
+        type=_positive_int,
+        default=[1, 2],
+        metavar="N",
+        help="worker counts of cutana and ESA Cutana (default: 1 2)",
+    )
+    parser.add_argument(
+        "--out",
+        default="cutana-bench",
+        metavar="DIR",
+        help="results folder (default: cutana-bench)",
+    )
+    parser.add_argument(
+        "--cutana-python",
+        metavar="PATH",
+        help="Python of an ESA Cutana environment, or 'auto' to look "
+        "in /tmp/esa-cutana-venv (default: skip ESA Cutana)",
+    )
+    parser.add_argument(
+        "--keep-data",
+        action="store_true",
+        help="keep surveys and outputs in DIR/data and DIR/runs",
+    )
+    parser.add_argument(
+        "--tile-size",
+        type=_positive_int,
+        metavar="N",
+        help="override every scenario's tile side in pixels",
+    )
+    parser.add_argument(
+        "--n-sources",
+        type=_positive_int,
+        metavar="N",
+        help="override every scenario's number of sources",
+    )
+    parser.add_argument(
+        "--astropy-subset",
+        type=_non_negative_int,
+        metavar="N",
+        help="sources the Astropy baseline is timed on, 0 for all "
+        "(default: per scenario, 300 or fewer with --quick, 2000)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help="kill a run after this long (default 600 quick, 7200)",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="run each measurement N times and keep the fastest (default: 1)",
+    )
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     return parser
 
@@ -1601,14 +1758,16 @@ def main(argv=None):
     for note in results.get("notes", []):
         say(f"- {note}")
     say("")
-    for kind, path in results["files"].items():
+    for path in results["files"].values():
         if isinstance(path, list):
             for p in path:
                 say(f"wrote {p}")
         else:
             say(f"wrote {path}")
     say(f"load average at the end: {results.get('load_average_end')}")
-    say(f"total {time.perf_counter() - t0:.0f} s ({results['total_seconds']:.0f} s "
-        "measuring, the rest plotting and writing)")
+    say(
+        f"total {time.perf_counter() - t0:.0f} s ({results['total_seconds']:.0f} s "
+        "measuring, the rest plotting and writing)"
+    )
     failed = any(r["error"] for sc in results["scenarios"] for r in sc["runs"])
     return 1 if failed else 0

@@ -26,7 +26,11 @@ from pathlib import Path
 __all__ = ["plot_memory", "plot_results", "plot_scaling", "plot_throughput"]
 
 _COLOURS = {"astropy": "#7f7f7f", "cutana": "#1f77b4", "esa-cutana": "#d62728"}
-_LABELS = {"astropy": "Astropy Cutout2D loop", "cutana": "cutana", "esa-cutana": "ESA Cutana"}
+_LABELS = {
+    "astropy": "Astropy Cutout2D loop",
+    "cutana": "cutana",
+    "esa-cutana": "ESA Cutana",
+}
 
 
 def _figure(width, height):
@@ -104,19 +108,38 @@ def plot_throughput(results, path):
         shades[tool] = shades.get(tool, 0) + 1
         values = []
         for sc in scenarios:
-            run = next((r for r in sc["runs"] if (r["tool"], r["workers"]) == (tool, workers)
-                        and _good(r)), None)
+            run = next(
+                (
+                    r
+                    for r in sc["runs"]
+                    if (r["tool"], r["workers"]) == (tool, workers) and _good(r)
+                ),
+                None,
+            )
             values.append(run["cutouts_per_second"] if run else np.nan)
         alpha = 1.0 if shades[tool] == 1 else 0.6
         hatch = None if shades[tool] == 1 else "//"
-        bars = ax.bar(x - 0.4 + width * (k + 0.5), values, width,
-                      color=_COLOURS.get(tool, "k"), alpha=alpha, hatch=hatch,
-                      label=_label(tool, workers))
-        for bar, value in zip(bars, values):
+        bars = ax.bar(
+            x - 0.4 + width * (k + 0.5),
+            values,
+            width,
+            color=_COLOURS.get(tool, "k"),
+            alpha=alpha,
+            hatch=hatch,
+            label=_label(tool, workers),
+        )
+        for bar, value in zip(bars, values, strict=True):
             if np.isfinite(value):
-                ax.annotate(f"{value:,.0f}", (bar.get_x() + bar.get_width() / 2, value),
-                            ha="center", va="bottom", fontsize=7, rotation=90,
-                            xytext=(0, 2), textcoords="offset points")
+                ax.annotate(
+                    f"{value:,.0f}",
+                    (bar.get_x() + bar.get_width() / 2, value),
+                    ha="center",
+                    va="bottom",
+                    fontsize=7,
+                    rotation=90,
+                    xytext=(0, 2),
+                    textcoords="offset points",
+                )
     ax.set_yscale("log")
     ax.set_xticks(x, [sc["name"] for sc in scenarios])
     ax.set_ylabel("cutouts per second (whole run, log scale)")
@@ -151,30 +174,50 @@ def plot_scaling(results, path):
     rows, cols = _panels(len(scenarios))
     fig = _figure(4.2 * cols, 3.4 * rows)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    for ax, sc in zip(axes, scenarios):
-        workers = sorted({r["workers"] for r in sc["runs"] if r["tool"] != "astropy"} or {1})
+    for ax, sc in zip(axes, scenarios, strict=False):
+        workers = sorted(
+            {r["workers"] for r in sc["runs"] if r["tool"] != "astropy"} or {1}
+        )
         for tool in ("cutana", "esa-cutana"):
-            runs = sorted((r for r in sc["runs"] if r["tool"] == tool and _good(r)),
-                          key=lambda r: r["workers"])
+            runs = sorted(
+                (r for r in sc["runs"] if r["tool"] == tool and _good(r)),
+                key=lambda r: r["workers"],
+            )
             if not runs:
                 continue
-            ax.plot([r["workers"] for r in runs], [r["cutouts_per_second"] for r in runs],
-                    "o-", color=_COLOURS[tool], label=_LABELS[tool])
+            ax.plot(
+                [r["workers"] for r in runs],
+                [r["cutouts_per_second"] for r in runs],
+                "o-",
+                color=_COLOURS[tool],
+                label=_LABELS[tool],
+            )
             if tool == "cutana" and runs[0]["workers"] == 1:
                 base = runs[0]["cutouts_per_second"]
-                ax.plot(workers, [base * w for w in workers], ":", color=_COLOURS[tool],
-                        label="cutana, ideal")
-        base = next((r for r in sc["runs"] if r["tool"] == "astropy" and _good(r)), None)
+                ax.plot(
+                    workers,
+                    [base * w for w in workers],
+                    ":",
+                    color=_COLOURS[tool],
+                    label="cutana, ideal",
+                )
+        base = next(
+            (r for r in sc["runs"] if r["tool"] == "astropy" and _good(r)), None
+        )
         if base is not None:
-            ax.axhline(base["cutouts_per_second"], color=_COLOURS["astropy"], ls="--",
-                       label=_LABELS["astropy"])
+            ax.axhline(
+                base["cutouts_per_second"],
+                color=_COLOURS["astropy"],
+                ls="--",
+                label=_LABELS["astropy"],
+            )
         ax.set_xticks(workers)
         ax.set_xlabel("workers")
         ax.set_ylabel("cutouts per second")
         ax.set_ylim(bottom=0)
         ax.set_title(sc["name"], fontsize=10)
         ax.legend(fontsize=7)
-    for ax in axes[len(scenarios):]:
+    for ax in axes[len(scenarios) :]:
         ax.set_visible(False)
     fig.suptitle(f"{_title(results)}: scaling with workers")
     fig.savefig(path)
@@ -206,7 +249,7 @@ def plot_memory(results, path):
     fig = _figure(4.6 * cols, 3.4 * rows)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     styles = ["-", "--", ":", "-."]
-    for ax, sc in zip(axes, scenarios):
+    for ax, sc in zip(axes, scenarios, strict=False):
         seen = {}
         for run in sc["runs"]:
             samples = run.get("memory_samples") or []
@@ -217,15 +260,20 @@ def plot_memory(results, path):
             label = _label(run["tool"], run["workers"])
             if run.get("extrapolated"):
                 label += f" ({run['n_cutouts']} sources)"
-            ax.plot([t for t, _ in samples], [b / 1e6 for _, b in samples],
-                    styles[k % len(styles)], color=_COLOURS.get(run["tool"], "k"),
-                    label=label, lw=1.3)
+            ax.plot(
+                [t for t, _ in samples],
+                [b / 1e6 for _, b in samples],
+                styles[k % len(styles)],
+                color=_COLOURS.get(run["tool"], "k"),
+                label=label,
+                lw=1.3,
+            )
         ax.set_xlabel("time since start (s)")
         ax.set_ylabel("resident memory of process tree (MB)")
         ax.set_ylim(bottom=0)
         ax.set_title(f"{sc['name']} ({sc['n_sources']:,} sources)", fontsize=10)
         ax.legend(fontsize=7)
-    for ax in axes[len(scenarios):]:
+    for ax in axes[len(scenarios) :]:
         ax.set_visible(False)
     fig.suptitle(f"{_title(results)}: memory over time")
     fig.savefig(path)

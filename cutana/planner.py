@@ -137,6 +137,8 @@ class MemoryModel:
 SUB_BATCH = 64
 #: Hard cap on sources per job, so that progress and retries stay fine-grained.
 MAX_SOURCES_PER_JOB = 4096
+#: Jobs per worker the planner aims for, so that the last jobs end together.
+JOBS_PER_WORKER = 12
 #: Smallest job the planner makes for load balancing (unless a cap asks less).
 MIN_SOURCES_PER_JOB = 256
 #: Assumed resident size of a fresh worker (Python, numpy, astropy), bytes.
@@ -535,11 +537,11 @@ def make_plan(
         msg = f"max_sources_per_job must be a positive integer, got {max_sources_per_job!r}"
         raise ValueError(msg)
     per_job = int(min(cap, budget // per_source)) if budget > 0 else 0
-    # enough jobs to keep every worker busy and balanced (a few per worker),
+    # enough jobs to keep every worker busy and balanced (JOBS_PER_WORKER each),
     # but not so small that per-job overhead dominates
     n_todo = int(np.count_nonzero(status == Status.PENDING))
     if n_workers > 1 and n_todo:
-        balanced = max(MIN_SOURCES_PER_JOB, math.ceil(n_todo / (4 * n_workers)))
+        balanced = max(MIN_SOURCES_PER_JOB, math.ceil(n_todo / (JOBS_PER_WORKER * n_workers)))
         per_job = min(per_job, balanced) if per_job >= 1 else per_job
     if per_job < 1 and todo.any():
         need = parent_bytes + n_workers * (WORKER_BASE_BYTES + working + per_source)
@@ -557,6 +559,8 @@ def make_plan(
     tiles_sorted = tile[rows_sorted]
     starts = np.flatnonzero(np.r_[True, tiles_sorted[1:] != tiles_sorted[:-1]])
     ends = np.r_[starts[1:], len(rows_sorted)]
+    if not len(rows_sorted):  # nothing to cut: every row is bad or off-tile
+        starts = ends = np.zeros(0, dtype=np.int64)
     for a, b in zip(starts, ends):
         t = int(tiles_sorted[a])
         group = rows_sorted[a:b]

@@ -502,13 +502,24 @@ def _open_fits(path, **kwargs):
         msg = "file does not exist"
         raise FileNotFoundError(msg)
     # astropy leaves the file open when the first header cannot be parsed
-    # (e.g. a corrupt NAXIS card): open it here so that it is always closed
+    # (e.g. a corrupt NAXIS card): open it here so that it is always closed,
+    # also when astropy wraps it (gzip) and would not close it itself
     fh = open(local, "rb")  # noqa: SIM115 - closed with the HDUList
     try:
-        return fits.open(fh, lazy_load_hdus=True, **kwargs)
+        hdul = fits.open(fh, lazy_load_hdus=True, **kwargs)
     except BaseException:
         fh.close()
         raise
+    close = hdul.close
+
+    def close_file_too(*args, **kwargs):
+        try:
+            close(*args, **kwargs)
+        finally:
+            fh.close()
+
+    hdul.close = close_file_too
+    return hdul
 
 
 def _file_size(path, hdul):

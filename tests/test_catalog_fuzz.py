@@ -412,11 +412,6 @@ def _check_output(spec, out, report, fmt, data, wcs):
 # ----------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=IndexError,
-    reason="planner.make_plan indexes an empty array when no row is left to cut",
-)
 @pytest.mark.parametrize(
     "text",
     [

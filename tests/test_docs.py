@@ -52,8 +52,11 @@ def test_docs_build_without_warnings(tmp_path):
         sys.executable, "-m", "sphinx", "-W", "--keep-going", "-b", "html", "-q",
         "-d", str(tmp_path / "doctrees"), str(src), str(out),
     ]
+    # run outside the source tree: `python -m` puts the working folder first on
+    # sys.path, where an unbuilt `cutana/` would shadow the installed package
     proc = subprocess.run(
-        cmd, env=_env(), capture_output=True, text=True, timeout=600, check=False
+        cmd, env=_env(), capture_output=True, text=True, timeout=600, check=False,
+        cwd=str(tmp_path),
     )
     assert proc.returncode == 0, (
         f"sphinx-build failed ({proc.returncode}):\n{proc.stderr[-6000:]}"

@@ -322,13 +322,36 @@ class Executor:
             initargs=(os.getpid(), _create_time(os.getpid()), self.initializer),
         )
 
+    def warm_up(self):
+        """Start the worker processes now, without waiting for them.
+
+        With the ``processes`` backend, starting workers (and importing the
+        preloaded modules) takes about a second; calling this before
+        preparing the tasks lets that happen while the caller works. Other
+        backends ignore it.
+        """
+        if self.backend != "processes" or getattr(self, "_warm_pool", None) is not None:
+            return
+        pool = self._new_pool()
+        for _ in range(self.n_workers):
+            pool.submit(os.getpid)
+        self._warm_pool = pool
+
+    def close(self):
+        """Stop worker processes started by `warm_up` and never used."""
+        pool = getattr(self, "_warm_pool", None)
+        self._warm_pool = None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
     def _run_processes(self, func, queue, cost, on_done, failed):
         # When a worker dies, every task in flight fails with BrokenProcessPool
         # and nobody can tell which one killed it. Those tasks are not charged
         # an attempt; they are run again one at a time ("solo"), so that a task
         # that kills its worker again is identified and charged, and innocent
         # bystanders succeed.
-        pool = self._new_pool()
+        pool = getattr(self, "_warm_pool", None) or self._new_pool()
+        self._warm_pool = None
         in_flight = {}  # future -> _Pending
         used = 0
         try:

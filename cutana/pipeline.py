@@ -760,14 +760,28 @@ def make_cutouts(
         )
         raise ConfigError(msg)
 
+    opts.validate()
+    # worker processes start (and import cutana) while the catalogue is read
+    executor = Executor(
+        opts.backend,
+        opts.workers,
+        retries=1,
+        scheduler=opts.scheduler,
+        client=client,
+        preload=["cutana.pipeline"],
+    )
+    executor.warm_up()
     with MemorySampler() as sampler:
-        prepared = _prepare(catalog, opts, parent_bytes=sampler.sample())
-        runner = _Runner(prepared, output, progress, client)
-        runner.start(resume=bool(exists and resume), overwrite=bool(exists and overwrite))
         try:
-            runner.run()
+            prepared = _prepare(catalog, opts, parent_bytes=sampler.sample())
+            runner = _Runner(prepared, output, progress, client)
+            runner.start(
+                resume=bool(exists and resume), overwrite=bool(exists and overwrite)
+            )
+            runner.run(executor)
         finally:
             _SCRATCH.clear()
+            executor.close()
         runner.finish()
     report = runner.report(time.perf_counter() - t0, sampler)
     runner.close(report)
@@ -927,7 +941,7 @@ class _Runner:
         ]
 
     # -- the run -----------------------------------------------------------
-    def run(self):
+    def run(self, executor):
         if self.already_complete:
             return
         opts = self.p.options
@@ -968,15 +982,7 @@ class _Runner:
             self._bar = tqdm(total=total, unit="src", desc="cutting", smoothing=0.1)
         budget = plan.memory_limit - plan.memory.parent_bytes
         budget -= plan.n_workers * plan.memory.worker_bytes
-        executor = Executor(
-            opts.backend,
-            opts.workers,
-            memory_budget=max(0, budget),
-            retries=1,
-            scheduler=opts.scheduler,
-            client=self.client,
-            preload=["cutana.pipeline"],
-        )
+        executor.memory_budget = max(0, budget)
         try:
             executor.run(
                 _run_task,

@@ -79,13 +79,10 @@ import logging
 import math
 import os
 import shutil
-import subprocess
 import tempfile
-import threading
-import time
 from pathlib import Path
 
-import psutil
+from ._process import run_timed
 
 __all__ = [
     "DEFAULT_ESA_VENV",
@@ -444,125 +441,13 @@ def _clean_environment(tmpdir):
     return env
 
 
-def _tree_rss(root, is_worker):
-    """Sum the resident memory of a process tree and count ESA Cutana workers.
+def _is_esa_worker(proc):
+    """Whether a process is an ESA Cutana worker (runs ``cutana.cutout_process``).
 
-    Parameters
-    ----------
-    root : psutil.Process
-        Root of the tree (the driver process).
-    is_worker : dict
-        Cache of process id -> whether that process is an ESA Cutana worker
-        (runs ``cutana.cutout_process``), filled in as processes appear so
-        that a worker's command line is read only until it is recognised.
-
-    Returns
-    -------
-    rss : int
-        Total resident set size in bytes of the processes still alive
-        (pages shared between processes count once per process).
-    n_workers : int
-        Number of descendants that are ESA Cutana workers.
+    Only a positive answer counts: just after fork, before exec, a worker
+    still shows the driver's command line.
     """
-    try:
-        processes = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0, 0
-    total = 0
-    workers = 0
-    for proc in processes:
-        try:
-            total += proc.memory_info().rss
-            # Only a positive answer is cached: just after fork, before exec,
-            # a worker still shows the driver's command line.
-            if proc is not root and not is_worker.get(proc.pid, False):
-                is_worker[proc.pid] = _WORKER_MARKER in " ".join(proc.cmdline())
-        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
-            continue
-        workers += is_worker.get(proc.pid, False)
-    return total, workers
-
-
-def _kill_tree(pid):
-    """Kill a process tree started by `run_esa_cutana`, children first.
-
-    Parameters
-    ----------
-    pid : int
-        Process id of the root of the tree (the driver process).
-    """
-    try:
-        root = psutil.Process(pid)
-        children = root.children(recursive=True)
-    except psutil.NoSuchProcess:
-        return
-    for proc in [*children, root]:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            continue
-    # The root is reaped by its Popen (waiting here would hide its exit code).
-    psutil.wait_procs(children, timeout=10)
-
-
-class _TreeSampler:
-    """Sample the resident memory of a process tree in a background thread.
-
-    Parameters
-    ----------
-    interval : float
-        Seconds between samples.
-    """
-
-    def __init__(self, interval):
-        self.interval = float(interval)
-        self.samples = []
-        self.max_workers = 0
-        self._stop = threading.Event()
-        self._thread = None
-
-    def start(self, pid, t0):
-        """Start sampling the tree rooted at ``pid``, times relative to ``t0``.
-
-        Parameters
-        ----------
-        pid : int
-            Process id of the root of the tree.
-        t0 : float
-            `time.perf_counter` value that sample times are relative to.
-        """
-        self._thread = threading.Thread(
-            target=self._run, args=(pid, t0), name="esa-cutana-sampler", daemon=True
-        )
-        self._thread.start()
-
-    def stop(self):
-        """Stop sampling and wait for the sampling thread to end."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-
-    def _run(self, pid, t0):
-        """Sample until stopped or until the root process is gone.
-
-        Parameters
-        ----------
-        pid : int
-            Process id of the root of the tree.
-        t0 : float
-            `time.perf_counter` value that sample times are relative to.
-        """
-        try:
-            root = psutil.Process(pid)
-        except psutil.NoSuchProcess:
-            return
-        is_worker = {}
-        while not self._stop.is_set():
-            rss, n_workers = _tree_rss(root, is_worker)
-            if rss:
-                self.samples.append((time.perf_counter() - t0, rss))
-            self.max_workers = max(self.max_workers, n_workers)
-            self._stop.wait(self.interval)
+    return _WORKER_MARKER in " ".join(proc.cmdline())
 
 
 def _last_json_line(text):
@@ -746,31 +631,17 @@ def run_esa_cutana(
             run_tmp = os.path.join(tmp, "tmp")
             os.mkdir(run_tmp)
             env = _clean_environment(run_tmp)
-        stdout_path = os.path.join(tmp, "stdout.txt")
-        stderr_path = os.path.join(tmp, "stderr.txt")
         logger.info("running ESA Cutana: %s", " ".join(command))
-
-        sampler = _TreeSampler(sample_interval)
-        timed_out = False
-        with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
-            t0 = time.perf_counter()
-            proc = subprocess.Popen(command, stdout=out, stderr=err, env=env, cwd=tmp)
-            sampler.start(proc.pid, t0)
-            try:
-                returncode = proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                _kill_tree(proc.pid)
-                returncode = proc.wait()
-            seconds = time.perf_counter() - t0
-            sampler.stop()
-
-        stdout = Path(stdout_path).read_text(encoding="utf-8", errors="replace")
-        stderr = Path(stderr_path).read_text(encoding="utf-8", errors="replace")
+        run = run_timed(
+            command, env=env, cwd=tmp, timeout=timeout, interval=sample_interval,
+            is_worker=_is_esa_worker,
+        )
+    stdout, stderr = run["stdout"], run["stderr"]
+    seconds, returncode = run["seconds"], run["returncode"]
 
     record = _last_json_line(stdout)
     n_cutouts = int(record["n_cutouts"]) if record else 0
-    samples = sampler.samples
+    samples = run["memory_samples"]
     if returncode != 0:
         logger.warning("ESA Cutana exited with code %s: %s", returncode, stderr[-1000:])
     return {
@@ -780,9 +651,9 @@ def run_esa_cutana(
         "cutouts_per_second": n_cutouts / seconds if seconds > 0 else math.nan,
         "peak_memory": max((b for _, b in samples), default=0),
         "memory_samples": samples,
-        "max_worker_processes": sampler.max_workers,
+        "max_worker_processes": run["max_workers"],
         "returncode": returncode,
-        "timed_out": timed_out,
+        "timed_out": run["timed_out"],
         "stderr_tail": stderr[-4000:],
         "driver": record,
         "command": command,

@@ -51,15 +51,15 @@ import math
 import os
 import platform
 import shutil
-import subprocess
 import sys
-import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from ._process import ProcessTreeSampler
+from ._process import run_timed as _run_timed
 
 __all__ = [
     "SCENARIOS",
@@ -240,179 +240,6 @@ SCENARIOS = {
         ),
     )
 }
-
-
-# ----------------------------------------------------------------------------
-# measuring a process tree
-# ----------------------------------------------------------------------------
-
-
-class ProcessTreeSampler:
-    """Sample the resident memory of a process and all its descendants.
-
-    A background thread sums the resident set size (RSS) of the process
-    and of every descendant alive at that moment, every ``interval``
-    seconds. Pages shared between processes (a memory-mapped tile read by
-    several workers) count once per process, as in ESA Cutana's paper.
-
-    Parameters
-    ----------
-    interval : float, optional
-        Seconds between samples.
-
-    Attributes
-    ----------
-    samples : list of tuple
-        ``(seconds since start, bytes)``.
-    peak : int
-        Largest sample, bytes.
-
-    Examples
-    --------
-    >>> import os, time
-    >>> from cutana.bench.harness import ProcessTreeSampler
-    >>> sampler = ProcessTreeSampler(interval=0.01)
-    >>> sampler.start(os.getpid())
-    >>> time.sleep(0.05)
-    >>> sampler.stop()
-    >>> sampler.peak > 0
-    True
-    """
-
-    def __init__(self, interval=_SAMPLE_INTERVAL):
-        if not (isinstance(interval, (int, float)) and interval > 0):
-            msg = f"interval must be a positive number of seconds, got {interval!r}"
-            raise ValueError(msg)
-        self.interval = float(interval)
-        self.samples = []
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = None
-
-    def start(self, pid, t0=None):
-        """Start sampling the tree rooted at ``pid``.
-
-        Parameters
-        ----------
-        pid : int
-            Process id of the root of the tree.
-        t0 : float, optional
-            `time.perf_counter` value that sample times are relative to
-            (default: now).
-        """
-        t0 = time.perf_counter() if t0 is None else t0
-        self._thread = threading.Thread(
-            target=self._run,
-            args=(int(pid), t0),
-            name="cutana-bench-sampler",
-            daemon=True,
-        )
-        self._thread.start()
-
-    def stop(self):
-        """Stop sampling and wait for the sampling thread to end."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-
-    @staticmethod
-    def tree_rss(root):
-        """Summed RSS of a process and its live descendants.
-
-        Parameters
-        ----------
-        root : `psutil.Process`
-            The root of the tree.
-
-        Returns
-        -------
-        rss : int
-            Bytes; 0 when the root has exited.
-        """
-        import psutil
-
-        try:
-            procs = [root, *root.children(recursive=True)]
-        except psutil.Error:
-            return 0
-        total = 0
-        for proc in procs:
-            try:
-                total += proc.memory_info().rss
-            except psutil.Error:
-                continue
-        return total
-
-    def _run(self, pid, t0):
-        import psutil
-
-        try:
-            root = psutil.Process(pid)
-        except psutil.Error:
-            return
-        while True:  # at least one sample, however soon `stop` is called
-            rss = self.tree_rss(root)
-            if rss:
-                self.samples.append((time.perf_counter() - t0, rss))
-                self.peak = max(self.peak, rss)
-            if self._stop.wait(self.interval):
-                break
-
-
-def _kill_tree(pid):
-    """Kill the process tree started by `_run_timed` (children first)."""
-    import psutil
-
-    try:
-        root = psutil.Process(pid)
-        children = root.children(recursive=True)
-    except psutil.Error:
-        return
-    for proc in [*children, root]:
-        try:
-            proc.kill()
-        except psutil.Error:
-            continue
-    psutil.wait_procs(children, timeout=10)
-
-
-def _run_timed(command, *, env=None, cwd=None, timeout=None, interval=_SAMPLE_INTERVAL):
-    """Run a command, timed from outside, sampling its tree's memory.
-
-    Returns
-    -------
-    run : dict
-        ``seconds``, ``returncode``, ``timed_out``, ``stdout``, ``stderr``,
-        ``peak_memory`` and ``memory_samples``.
-    """
-    with tempfile.TemporaryDirectory(prefix="cutana-bench-") as tmp:
-        out_path = os.path.join(tmp, "stdout")
-        err_path = os.path.join(tmp, "stderr")
-        sampler = ProcessTreeSampler(interval)
-        timed_out = False
-        with open(out_path, "wb") as out, open(err_path, "wb") as err:
-            t0 = time.perf_counter()
-            proc = subprocess.Popen(command, stdout=out, stderr=err, env=env, cwd=cwd)
-            sampler.start(proc.pid, t0)
-            try:
-                returncode = proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                _kill_tree(proc.pid)
-                returncode = proc.wait()
-            seconds = time.perf_counter() - t0
-            sampler.stop()
-        stdout = Path(out_path).read_text(encoding="utf-8", errors="replace")
-        stderr = Path(err_path).read_text(encoding="utf-8", errors="replace")
-    return {
-        "seconds": seconds,
-        "returncode": returncode,
-        "timed_out": timed_out,
-        "stdout": stdout,
-        "stderr": stderr,
-        "peak_memory": int(sampler.peak),
-        "memory_samples": [(round(t, 3), int(b)) for t, b in sampler.samples],
-    }
 
 
 def _child_env():

@@ -17,7 +17,7 @@ from .cutout import *  # noqa: F401,F403
 from .cutout import __all__ as _cutout_all
 from .status import Status
 
-__all__ = [
+__all__ = [  # noqa: F405 - pipeline names are loaded lazily by __getattr__
     "__version__",
     "Status",
     "iter_cutouts",

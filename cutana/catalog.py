@@ -126,6 +126,26 @@ class Catalog:
     columns : dict
         The columns actually used, by role (``'id'``, ``'ra'``, ``'dec'``,
         ``'diameter_pixel'``, ``'diameter_arcsec'``, ``'files'``).
+
+    Examples
+    --------
+    A `Catalog` is made by `read_catalog`:
+
+    >>> import tempfile
+    >>> from cutana.bench.synthetic import make_demo_survey
+    >>> from cutana.catalog import read_catalog
+    >>> survey = make_demo_survey(tempfile.mkdtemp(), n_sources=40)
+    >>> cat = read_catalog(survey.catalogue_path)
+    >>> len(cat), int(cat.bad.sum()), len(cat.messages)
+    (40, 1, 1)
+    >>> cat.columns["id"], cat.columns["ra"], cat.columns["dec"]
+    ('SourceID', 'RA', 'Dec')
+    >>> cat.ra.dtype, cat.status.dtype
+    (dtype('float64'), dtype('int16'))
+    >>> len(cat.fits_file_paths[0])  # one tile file per band
+    4
+    >>> cat.diameter_pixels().shape
+    (40,)
     """
 
     source_id: np.ndarray

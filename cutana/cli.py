@@ -139,6 +139,14 @@ def build_parser():
     -------
     parser : `argparse.ArgumentParser`
         The parser with its sub-commands.
+
+    Examples
+    --------
+    >>> from cutana.cli import build_parser
+    >>> ns = build_parser().parse_args(
+    ...     ["run", "catalogue.csv", "--output", "out.zarr", "--size", "16"])
+    >>> ns.command, ns.catalogue, ns.output, ns.size
+    ('run', 'catalogue.csv', 'out.zarr', 16.0)
     """
     from . import __version__
 
@@ -251,6 +259,23 @@ def main(args=None):
     -------
     code : int
         The exit code (0, 1 or 2).
+
+    Examples
+    --------
+    Run on a small synthetic survey, then check the output (the reports go
+    to standard error):
+
+    >>> import os
+    >>> import tempfile
+    >>> from cutana.bench.synthetic import make_demo_survey
+    >>> from cutana.cli import main
+    >>> survey = make_demo_survey(tempfile.mkdtemp(), n_sources=40)
+    >>> out = os.path.join(tempfile.mkdtemp(), "out.zarr")
+    >>> main(["run", survey.catalogue_path, "--output", out, "--size", "16",
+    ...       "--memory-limit", "2GB", "--no-progress"])
+    0
+    >>> main(["verify", out])
+    0
     """
     argv = list(sys.argv[1:] if args is None else args)
     if argv[:1] == ["bench"]:

@@ -235,6 +235,32 @@ def cutout_wcs(wcs, origin_xy, shape, out_shape=None):
     -------
     cutout_wcs : `~astropy.wcs.WCS`
         A new WCS; ``wcs`` is not modified.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from astropy.wcs import WCS
+    >>> from cutana.cutout import cutout_wcs
+    >>> wcs = WCS(naxis=2)
+    >>> wcs.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    >>> wcs.wcs.crval = [150.0, 2.0]
+    >>> wcs.wcs.crpix = [50.5, 50.5]
+    >>> wcs.wcs.cdelt = [-1e-4, 1e-4]
+    >>> sub = cutout_wcs(wcs, (10, 20), (32, 32))
+    >>> sub.wcs.crpix.tolist(), sub.array_shape
+    ([40.5, 30.5], (32, 32))
+
+    Pixel ``(0, 0)`` of the cutout is pixel ``(10, 20)`` of the image:
+
+    >>> bool(np.allclose(sub.pixel_to_world_values(0, 0),
+    ...                  wcs.pixel_to_world_values(10, 20)))
+    True
+
+    Resampled to half the size, each output pixel covers two input pixels:
+
+    >>> half = cutout_wcs(wcs, (10, 20), (32, 32), out_shape=(16, 16))
+    >>> half.array_shape, half.wcs.get_pc().diagonal().tolist()
+    ((16, 16), [2.0, 2.0])
     """
     origin = np.asarray(origin_xy, dtype=np.float64)
     new = deepcopy(wcs)

@@ -23,7 +23,20 @@ __all__ = [
 
 
 class CutanaWarning(AstropyUserWarning):
-    """A warning issued by cutana (something odd, but the run can go on)."""
+    """A warning issued by cutana (something odd, but the run can go on).
+
+    Examples
+    --------
+    >>> import warnings
+    >>> from cutana.exceptions import CutanaWarning
+    >>> issubclass(CutanaWarning, UserWarning)
+    True
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     warnings.warn("tile header lacks MAGZERO", CutanaWarning)
+    >>> caught[0].category.__name__, str(caught[0].message)
+    ('CutanaWarning', 'tile header lacks MAGZERO')
+    """
 
 
 class CatalogError(ValueError):
@@ -31,7 +44,19 @@ class CatalogError(ValueError):
 
     Raised for file-level problems only (missing or unreadable file, no RA or
     Dec column, no size information at all). Problems with single rows never
-    raise: those rows get the status ``Status.BAD_ROW`` and a message.
+    raise: those rows get the status `cutana.Status.BAD_ROW` and a message.
+
+    Examples
+    --------
+    A missing catalogue is a `CatalogError`, which is also a `ValueError`:
+
+    >>> from cutana.catalog import read_catalog
+    >>> from cutana.exceptions import CatalogError
+    >>> try:
+    ...     read_catalog("no-such-catalogue.csv")
+    ... except ValueError as exc:
+    ...     print(type(exc).__name__, isinstance(exc, CatalogError))
+    CatalogError True
     """
 
 
@@ -39,9 +64,30 @@ class TileError(OSError):
     """A tile file cannot be opened or read.
 
     The message names the file and the reason. The sources that need the
-    tile get the status ``Status.TILE_ERROR``; other sources are unaffected.
+    tile get the status `cutana.Status.TILE_ERROR`; other sources are
+    unaffected.
+
+    Examples
+    --------
+    >>> from cutana.exceptions import TileError
+    >>> try:
+    ...     raise TileError("tile_01.fits: file is truncated")
+    ... except OSError as exc:  # a TileError is an OSError
+    ...     print(type(exc).__name__, exc)
+    TileError tile_01.fits: file is truncated
     """
 
 
 class ConfigError(ValueError):
-    """An option or configuration value is invalid (unknown key, bad value)."""
+    """An option or configuration value is invalid (unknown key, bad value).
+
+    Examples
+    --------
+    >>> from cutana.exceptions import ConfigError
+    >>> from cutana.pipeline import RunOptions
+    >>> try:
+    ...     RunOptions(dtype="int8", memory_limit="1GB").validate()
+    ... except ValueError as exc:  # a ConfigError is a ValueError
+    ...     print(type(exc).__name__, isinstance(exc, ConfigError))
+    ConfigError True
+    """

@@ -56,6 +56,17 @@ class TaskFailure:
         ``'ExceptionType: message'`` of the last attempt.
     attempts : int
         How many times the task was run.
+
+    Examples
+    --------
+    >>> from cutana._testing import fail_always
+    >>> from cutana.executor import Executor
+    >>> failures = Executor(backend="serial", retries=1).run(fail_always, ["a"])
+    >>> failure = failures[0]
+    >>> failure.task, failure.attempts
+    ('a', 2)
+    >>> failure.error
+    "RuntimeError: task 'a' always fails"
     """
 
     task: object
@@ -134,6 +145,14 @@ class MemorySampler:
     ----------
     interval : float, optional
         Seconds between samples.
+
+    Examples
+    --------
+    >>> from cutana.executor import MemorySampler
+    >>> with MemorySampler(interval=0.01) as sampler:
+    ...     buffer = bytearray(10**6)
+    >>> sampler.peak > 0, len(sampler.samples) >= 1
+    (True, True)
     """
 
     def __init__(self, interval=0.1):
@@ -214,6 +233,21 @@ class Executor:
     ------
     ValueError
         For an unknown backend or a worker count that is not positive.
+
+    Examples
+    --------
+    Results come back through the ``on_done`` callback; `run` returns the
+    tasks that failed:
+
+    >>> from cutana._testing import square
+    >>> from cutana.executor import Executor
+    >>> results = {}
+    >>> executor = Executor(backend="serial")
+    >>> def collect(task, result):
+    ...     results[task] = result
+    >>> failures = executor.run(square, [1, 2, 3], on_done=collect)
+    >>> results, failures
+    ({1: 1, 2: 4, 3: 9}, [])
     """
 
     def __init__(

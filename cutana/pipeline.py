@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from . import __version__
 from .catalog import read_catalog
 from .exceptions import ConfigError
 from .executor import BACKENDS, Executor, MemorySampler
@@ -80,6 +79,15 @@ class RunOptions:
     """The validated options of a run (what ``cutana run`` flags map to).
 
     See `make_cutouts` for the meaning of each field.
+
+    Examples
+    --------
+    >>> from cutana.pipeline import RunOptions
+    >>> options = RunOptions(size=16, memory_limit="2GB").validate()
+    >>> options.backend, options.resample, options.memory_limit
+    ('serial', 'none', 2000000000)
+    >>> "workers" in options.to_config()  # execution options never change the output
+    False
     """
 
     tiles: list | None = None
@@ -256,10 +264,28 @@ class RunReport:
     failures : list of str
         Jobs or tiles that failed, with the reason.
     messages : dict
-        Row → message for every row that is not `Status.OK`.
+        Row → message for every row that is not `cutana.Status.OK`.
     exit_code : int
         0 if every row got its final status, 1 if some sources could not be
         cut because a tile or job failed.
+
+    Examples
+    --------
+    >>> from cutana.pipeline import RunReport
+    >>> report = RunReport(output="out.zarr", n_rows=3, counts={"OK": 2, "BAD_ROW": 1},
+    ...                    seconds=0.5, cutouts_per_second=4.0, peak_memory=200_000_000,
+    ...                    messages={2: "row 2: dec is NaN"})
+    >>> print(report.summary())
+    output          out.zarr
+    rows            3
+      OK                       2  complete cutout
+      BAD_ROW                  1  invalid catalogue row
+    time            0.50 s
+    throughput      4 cutouts/s
+    peak memory     200 MB
+    row 2: row 2: dec is NaN
+    >>> report.exit_code
+    0
     """
 
     output: str
@@ -526,6 +552,16 @@ def plan_cutouts(catalog, **options):
     -------
     plan : `~cutana.planner.Plan`
         The plan; ``plan.summary()`` describes it with its memory estimate.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from cutana.bench.synthetic import make_demo_survey
+    >>> from cutana.pipeline import plan_cutouts
+    >>> survey = make_demo_survey(tempfile.mkdtemp(), n_sources=40)
+    >>> plan = plan_cutouts(survey.catalogue_path, size=16, memory_limit="2GB")
+    >>> plan.n_rows, len(plan.jobs) >= 1, plan.out_shape
+    (40, True, (16, 16))
     """
     return _prepare(catalog, RunOptions(**options)).plan
 
@@ -725,7 +761,7 @@ def make_cutouts(
 
     Returns
     -------
-    report : `RunReport`
+    report : `~cutana.pipeline.RunReport`
         Counts per status, time, throughput, peak memory, failures.
 
     Raises
@@ -738,10 +774,19 @@ def make_cutouts(
 
     Examples
     --------
+    >>> import os
+    >>> import tempfile
+    >>> import cutana
     >>> from cutana.bench.synthetic import make_demo_survey
-    >>> survey = make_demo_survey(str(tmp_path / "survey"))  # doctest: +SKIP
-    >>> report = make_cutouts(survey.catalogue_path, tmp_path / "out.zarr",
-    ...                       target_size=64, normalize="asinh", dtype="uint8")  # doctest: +SKIP
+    >>> from cutana.pipeline import make_cutouts
+    >>> survey = make_demo_survey(tempfile.mkdtemp(), n_sources=40)
+    >>> out = os.path.join(tempfile.mkdtemp(), "out.zarr")
+    >>> report = make_cutouts(survey.catalogue_path, out, size=16, memory_limit="2GB",
+    ...                       progress=False)
+    >>> report.exit_code, report.n_rows
+    (0, 40)
+    >>> cutana.open(out).images.shape
+    (40, 4, 16, 16)
     """
     t0 = time.perf_counter()
     opts = RunOptions(**options)
@@ -944,7 +989,6 @@ class _Runner:
     def run(self, executor):
         if self.already_complete:
             return
-        opts = self.p.options
         plan = self.plan
         cat = self.p.catalog
         if self.fmt == "fits":
@@ -1114,7 +1158,7 @@ class _Runner:
         if files is not None:
             if not hasattr(self, "files"):
                 self.files = {}
-            self.files.update({int(r): str(f) for r, f in zip(rows, files)})
+            self.files.update({int(r): str(f) for r, f in zip(rows, files, strict=False)})
 
     def _on_done(self, task, result):
         if isinstance(result, _OutputFull):
@@ -1192,7 +1236,7 @@ class _Runner:
     # -- report ------------------------------------------------------------------
     def _counts(self):
         values, counts = np.unique(self.status, return_counts=True)
-        return {Status(int(v)).name: int(c) for v, c in zip(values, counts)}
+        return {Status(int(v)).name: int(c) for v, c in zip(values, counts, strict=False)}
 
     def report(self, seconds, sampler):
         counts = self._counts()
@@ -1269,9 +1313,21 @@ def iter_cutouts(catalog, **options):
 
     Yields
     ------
-    batch : `CutoutBatch`
+    batch : `~cutana.pipeline.CutoutBatch`
         ``(n, C, H, W)`` images with their rows and metadata; rows that are
         not cut (bad rows, off-tile) are not yielded.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from cutana.bench.synthetic import make_demo_survey
+    >>> from cutana.pipeline import iter_cutouts
+    >>> survey = make_demo_survey(tempfile.mkdtemp(), n_sources=40)
+    >>> batch = next(iter_cutouts(survey.catalogue_path, size=16, memory_limit="2GB"))
+    >>> batch.images.shape[1:], len(batch.rows) == len(batch.images)
+    ((4, 16, 16), True)
+    >>> batch.bands
+    ('VIS', 'NIR-Y', 'NIR-J', 'NIR-H')
     """
     options = {k: v for k, v in options.items() if k not in ("workers", "backend")}
     prepared = _prepare(catalog, RunOptions(**options))

@@ -110,6 +110,14 @@ class MemoryModel:
     working_bytes : int
         Fixed working set of a job: one sub-batch of float32 intermediates
         and the tile pages it touches.
+
+    Examples
+    --------
+    >>> from cutana.planner import MemoryModel
+    >>> model = MemoryModel(parent_bytes=250_000_000, worker_bytes=160_000_000,
+    ...                     per_source_bytes=4_160, working_bytes=2_000_000)
+    >>> model.job_bytes(100)
+    2416000
     """
 
     parent_bytes: int
@@ -165,6 +173,15 @@ class Job:
         ``(ny, nx)`` of the box cut for each source, before resampling.
     est_bytes : int
         Estimated peak memory of the job in a worker.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from cutana.planner import Job
+    >>> job = Job(job_id=0, tile=1, rows=np.array([3, 7]), x=np.array([10.0, 200.5]),
+    ...           y=np.array([40.0, 81.5]), box=np.array([[16, 16], [16, 16]]))
+    >>> len(job), job.tile, job.rows.tolist()
+    (2, 1, [3, 7])
     """
 
     job_id: int
@@ -190,7 +207,7 @@ class Plan:
     n_rows : int
         Number of catalogue rows (the output has exactly this many).
     base_status : `~numpy.ndarray` of int16
-        Status of every row before cutting: `Status.PENDING` for rows in a
+        Status of every row before cutting: `cutana.Status.PENDING` for rows in a
         job, otherwise why the row gets no cutout (bad row, no overlap,
         tile error).
     messages : dict
@@ -208,6 +225,28 @@ class Plan:
         Worker processes the plan was sized for.
     memory : `MemoryModel`
         The memory model used to size the jobs.
+
+    Examples
+    --------
+    >>> import os
+    >>> import tempfile
+    >>> from cutana.bench.synthetic import make_demo_survey
+    >>> from cutana.pipeline import plan_cutouts
+    >>> from cutana.planner import Plan
+    >>> survey = make_demo_survey(tempfile.mkdtemp(), n_sources=40)
+    >>> plan = plan_cutouts(survey.catalogue_path, size=16, memory_limit="2GB")
+    >>> plan.n_rows, plan.n_channels, plan.out_shape
+    (40, 4, (16, 16))
+    >>> counts = plan.status_counts()
+    >>> plan.n_sources == counts["PENDING"]
+    True
+
+    A plan saved and loaded again is the same plan:
+
+    >>> path = os.path.join(tempfile.mkdtemp(), "plan.npz")
+    >>> plan.save(path)
+    >>> Plan.load(path).fingerprint() == plan.fingerprint()
+    True
     """
 
     jobs: list
@@ -243,7 +282,7 @@ class Plan:
             Status name → number of rows.
         """
         values, counts = np.unique(self.base_status, return_counts=True)
-        return {Status(int(v)).name: int(c) for v, c in zip(values, counts)}
+        return {Status(int(v)).name: int(c) for v, c in zip(values, counts, strict=False)}
 
     def summary(self):
         """A human-readable summary of the plan and its memory estimate.
@@ -400,7 +439,7 @@ class Plan:
                 est_bytes=int(est),
             )
             for i, (tile, est, a, b) in enumerate(
-                zip(header["job_tiles"], header["job_est_bytes"], bounds[:-1], bounds[1:])
+                zip(header["job_tiles"], header["job_est_bytes"], bounds[:-1], bounds[1:], strict=False)
             )
         ]
         return cls(
@@ -461,7 +500,7 @@ def make_plan(
         Box size in pixels of each source (rounded to whole pixels here,
         as `astropy.nddata.Cutout2D` rounds sizes).
     base_status : `~numpy.ndarray` of int16
-        Status of each row from validation; rows that are not `Status.OK`
+        Status of each row from validation; rows that are not `cutana.Status.OK`
         are not cut.
     messages : dict
         Row → message, extended here for rows that cannot be cut.
@@ -489,6 +528,27 @@ def make_plan(
     ------
     ValueError
         If the memory limit cannot hold even one source per worker.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> import numpy as np
+    >>> from cutana.bench.synthetic import make_demo_survey
+    >>> from cutana.catalog import read_catalog
+    >>> from cutana.planner import make_plan, parse_memory
+    >>> from cutana.tiles import TileIndex
+    >>> survey = make_demo_survey(tempfile.mkdtemp(), n_sources=40)
+    >>> cat = read_catalog(survey.catalogue_path, size=16)
+    >>> index = TileIndex.from_paths([p for paths in survey.tile_paths for p in paths])
+    >>> diameters = np.full(len(cat), 16.0)
+    >>> assignment = index.assign(cat.ra, cat.dec, diameters)
+    >>> plan = make_plan(index, assignment, diameters, cat.status, cat.messages,
+    ...                  out_shape=(16, 16), out_itemsize=4,
+    ...                  memory_limit=parse_memory("2GB"), max_sources_per_job=8)
+    >>> plan.n_rows, plan.n_channels, len(plan.jobs) >= 1
+    (40, 4, True)
+    >>> max(len(job) for job in plan.jobs) <= 8
+    True
     """
     n = len(base_status)
     status = np.asarray(base_status, dtype=np.int16).copy()
@@ -561,7 +621,7 @@ def make_plan(
     ends = np.r_[starts[1:], len(rows_sorted)]
     if not len(rows_sorted):  # nothing to cut: every row is bad or off-tile
         starts = ends = np.zeros(0, dtype=np.int64)
-    for a, b in zip(starts, ends):
+    for a, b in zip(starts, ends, strict=False):
         t = int(tiles_sorted[a])
         group = rows_sorted[a:b]
         n_jobs = math.ceil(len(group) / per_job)

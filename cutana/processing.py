@@ -66,6 +66,14 @@ class CutSettings:
         Extra parameters of the normalisation (percentile, a, contrast, ...).
     n_threads : int
         Threads of the compiled kernels inside one worker.
+
+    Examples
+    --------
+    >>> from cutana.processing import CutSettings
+    >>> settings = CutSettings(out_shape=(64, 64), resample="bilinear",
+    ...                        normalize="asinh", dtype="uint8")
+    >>> settings.out_shape, settings.dtype, settings.flux_conversion, settings.n_threads
+    ((64, 64), 'uint8', False, 1)
     """
 
     out_shape: tuple | None
@@ -161,6 +169,19 @@ class Scratch:
     and on virtual machines that is slower than the cutting itself; a
     worker therefore cuts every job into the same buffers. An array handed
     out is valid until the next `get` of the same name.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from cutana.processing import Scratch
+    >>> scratch = Scratch()
+    >>> a = scratch.get("block", (2, 3), np.float32)
+    >>> a.shape, a.dtype
+    ((2, 3), dtype('float32'))
+    >>> b = scratch.get("block", (6,), np.float32)  # same memory, reused
+    >>> bool(np.shares_memory(a, b))
+    True
+    >>> scratch.clear()
     """
 
     def __init__(self):
@@ -216,7 +237,28 @@ def cut_job(settings, tile, job, scratch=None):
     result : `~cutana.io.staging.JobResult`
         The cutouts ``(n, C, H, W)`` in the output dtype, with per-source
         status, box origin and size. A band that cannot be read marks the
-        job's sources `Status.TILE_ERROR` with a message; it does not raise.
+        job's sources `cutana.Status.TILE_ERROR` with a message; it does not
+        raise.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from cutana import Status
+    >>> from cutana.bench.synthetic import make_demo_survey
+    >>> from cutana.pipeline import plan_cutouts
+    >>> from cutana.processing import CutSettings, cut_job
+    >>> from cutana.tiles import TileIndex
+    >>> survey = make_demo_survey(tempfile.mkdtemp(), n_sources=40)
+    >>> paths = [p for tile_paths in survey.tile_paths for p in tile_paths]
+    >>> index = TileIndex.from_paths(paths)
+    >>> plan = plan_cutouts(survey.catalogue_path, tiles=paths, size=16,
+    ...                     memory_limit="2GB")
+    >>> job = plan.jobs[0]
+    >>> result = cut_job(CutSettings(out_shape=(16, 16)), index.tiles[job.tile], job)
+    >>> result.images.shape == (len(job), 4, 16, 16)
+    True
+    >>> bool(set(result.status.tolist()) <= {Status.OK, Status.PARTIAL_OVERLAP})
+    True
     """
     n = len(job)
     n_channels = len(tile.bands)

@@ -11,6 +11,17 @@ class Status(enum.IntEnum):
 
     The integer values are stored in the ``status`` array of every output and
     never change meaning between versions.
+
+    Examples
+    --------
+    >>> from cutana import Status
+    >>> from cutana.status import STATUS_DESCRIPTIONS
+    >>> int(Status.OK), int(Status.PARTIAL_OVERLAP), int(Status.PENDING)
+    (0, 1, -1)
+    >>> Status(2).name
+    'NO_OVERLAP'
+    >>> STATUS_DESCRIPTIONS[Status.BAD_ROW]
+    'invalid catalogue row'
     """
 
     #: A complete cutout, every pixel inside the tile.

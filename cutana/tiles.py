@@ -120,6 +120,23 @@ class BandFile:
         The HDU header as a string (`astropy.io.fits.Header.tostring`).
     compressed : bool
         Whether the HDU is a tile-compressed image (`~astropy.io.fits.CompImageHDU`).
+
+    Examples
+    --------
+    Band files are made by `TileIndex.from_paths`:
+
+    >>> import tempfile
+    >>> from cutana.bench.synthetic import make_demo_survey
+    >>> from cutana.tiles import TileIndex
+    >>> survey = make_demo_survey(tempfile.mkdtemp(), n_sources=40)
+    >>> index = TileIndex.from_paths(survey.paths)
+    >>> band = index.tiles[0].bands[0]
+    >>> band.band, band.hdu, band.shape, band.dtype, band.compressed
+    ('VIS', 0, (512, 512), '>f4', False)
+    >>> band.is_remote, band.zeropoint(), round(band.pixel_scale_arcsec(), 3)
+    (False, 24.6, 0.1)
+    >>> BandFile.from_dict(band.to_dict()) == band
+    True
     """
 
     band: str
@@ -260,6 +277,23 @@ class Tile:
         has no file for a band.
     shape : tuple of int
         ``(ny, nx)`` of the reference (first available) band.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from cutana.bench.synthetic import make_demo_survey
+    >>> from cutana.tiles import TileIndex
+    >>> survey = make_demo_survey(tempfile.mkdtemp(), n_sources=40)
+    >>> index = TileIndex.from_paths(survey.paths)
+    >>> tile = index.tiles[0]
+    >>> tile.key, tile.shape, len(tile.bands)
+    ('102000001', (512, 512), 4)
+    >>> [b.band for b in tile.bands]
+    ['VIS', 'NIR-Y', 'NIR-J', 'NIR-H']
+    >>> tile.reference is tile.bands[0], tile.missing_bands, tile.same_grid
+    (True, (), True)
+    >>> round(tile.pixel_scale_arcsec(), 3), tile.wcs().pixel_shape
+    (0.1, (512, 512))
     """
 
     key: str
@@ -346,6 +380,27 @@ class Assignment:
         be indexed (a tile error, not "no overlap"). All False otherwise.
     messages : dict
         Row to message for rows with ``file_error``.
+
+    Examples
+    --------
+    An assignment is made by `TileIndex.assign` (or
+    `TileIndex.assign_by_files`):
+
+    >>> import numpy as np
+    >>> from cutana.catalog import read_catalog
+    >>> import tempfile
+    >>> from cutana.bench.synthetic import make_demo_survey
+    >>> from cutana.tiles import TileIndex
+    >>> survey = make_demo_survey(tempfile.mkdtemp(), n_sources=40)
+    >>> index = TileIndex.from_paths(survey.paths)
+    >>> cat = read_catalog(survey.catalogue_path)
+    >>> a = index.assign(cat.ra, cat.dec, np.full(len(cat), 16.0))
+    >>> len(a), a.tile.dtype, a.x.dtype
+    (40, dtype('int32'), dtype('float64'))
+    >>> int((a.tile >= 0).sum()), int(a.inside.sum()), bool(a.file_error.any())
+    (38, 37, False)
+    >>> bool(np.isnan(a.x[a.tile < 0]).all())
+    True
     """
 
     tile: np.ndarray
@@ -745,6 +800,26 @@ class TileIndex:
     -----
     Build an index with `TileIndex.from_paths` (``--tiles``) or
     `TileIndex.from_file_lists` (ESA Cutana's ``fits_file_paths`` column).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from cutana.catalog import read_catalog
+    >>> import tempfile
+    >>> from cutana.bench.synthetic import make_demo_survey
+    >>> from cutana.tiles import TileIndex
+    >>> survey = make_demo_survey(tempfile.mkdtemp(), n_sources=40)
+    >>> index = TileIndex.from_paths(survey.paths)
+    >>> index
+    <TileIndex: 4 tile(s), bands ['VIS', 'NIR-Y', 'NIR-J', 'NIR-H'], 0 error(s)>
+    >>> len(index.tiles), index.bands, index.errors
+    (4, ['VIS', 'NIR-Y', 'NIR-J', 'NIR-H'], [])
+    >>> cat = read_catalog(survey.catalogue_path)
+    >>> a = index.assign(cat.ra, cat.dec, cat.diameter_pixels())
+    >>> bool((a.tile == np.asarray(survey.truth["tile"])).all())
+    True
+    >>> TileIndex.from_dict(index.to_dict()) == index
+    True
     """
 
     def __init__(self, tiles, bands, errors=(), file_lists=None):
@@ -1328,6 +1403,22 @@ class TilePixels:
         ``BLANK`` of integer images, if any.
     band : `BandFile`
         The band file.
+
+    Examples
+    --------
+    `TilePixels` objects are made by `open_pixels`:
+
+    >>> import tempfile
+    >>> from cutana.bench.synthetic import make_demo_survey
+    >>> from cutana.tiles import TileIndex
+    >>> survey = make_demo_survey(tempfile.mkdtemp(), n_sources=40)
+    >>> index = TileIndex.from_paths(survey.paths)
+    >>> px = open_pixels(index.tiles[0].bands[0])
+    >>> px.data.shape, px.bscale, px.bzero, px.blank, px.scaled
+    ((512, 512), 1.0, 0.0, None, False)
+    >>> px.close()
+    >>> px.data is None
+    True
     """
 
     def __init__(self, band, data, bscale, bzero, blank, hdul):
@@ -1385,8 +1476,17 @@ def open_pixels(band):
 
     Examples
     --------
-    >>> with open_pixels(tile.bands[0]) as px:  # doctest: +SKIP
+    >>> import tempfile
+    >>> from cutana.bench.synthetic import make_demo_survey
+    >>> from cutana.tiles import TileIndex
+    >>> survey = make_demo_survey(tempfile.mkdtemp(), n_sources=40)
+    >>> index = TileIndex.from_paths(survey.paths)
+    >>> with open_pixels(index.tiles[0].bands[0]) as px:
+    ...     print(px.data.dtype.byteorder, px.data.shape)
     ...     window = px.data[100:164, 200:264] * px.bscale + px.bzero
+    > (512, 512)
+    >>> window.shape, window.dtype.isnative
+    ((64, 64), True)
     """
     hdul = None
     try:

@@ -37,6 +37,22 @@ def verify(output, catalogue=None):
     -------
     problems : list of str
         One message per problem, naming the row and what is wrong.
+
+    Examples
+    --------
+    >>> import os
+    >>> import tempfile
+    >>> from cutana.bench.synthetic import make_demo_survey
+    >>> from cutana.pipeline import make_cutouts
+    >>> from cutana.verify import verify
+    >>> survey = make_demo_survey(tempfile.mkdtemp(), n_sources=40)
+    >>> out = os.path.join(tempfile.mkdtemp(), "out.zarr")
+    >>> report = make_cutouts(survey.catalogue_path, out, size=16, memory_limit="2GB",
+    ...                       progress=False)
+    >>> verify(out)
+    []
+    >>> len(verify(os.path.join(tempfile.mkdtemp(), "missing.zarr"))) >= 1
+    True
     """
     output = os.fspath(output)
     problems = verify_output(output)

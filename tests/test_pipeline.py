@@ -320,3 +320,16 @@ def test_bad_options_are_clear_errors(survey, tmp_path, options, match):
     """Test that invalid options raise ConfigError naming the option."""
     with pytest.raises((ConfigError, ValueError), match=match):
         cutana.make_cutouts(survey.catalogue_path, tmp_path / "x", progress=False, **options)
+
+
+def test_dask_backend_gives_identical_bytes(survey, zarr_run, tmp_path):
+    """Test that a Dask LocalCluster run writes exactly the bytes of a serial run."""
+    pytest.importorskip("distributed")
+    out, _ = zarr_run
+    out2 = tmp_path / "d.zarr"
+    report = cutana.make_cutouts(
+        survey.catalogue_path, out2, size=21, workers=2, backend="dask",
+        max_sources_per_job=9, progress=False,
+    )
+    assert report.exit_code == 0
+    assert _files_bytes(out) == _files_bytes(out2)

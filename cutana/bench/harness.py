@@ -135,6 +135,20 @@ class Scenario:
         The same with ``--quick``.
     seed : int
         Seed of the synthetic survey.
+
+    Examples
+    --------
+    >>> from cutana.bench.harness import SCENARIOS, Scenario
+    >>> list(SCENARIOS)
+    ['one-tile-many', 'eight-tiles-few', 'four-tiles-one-band', 'paper-workload']
+    >>> s = SCENARIOS["eight-tiles-few"]
+    >>> s.n_tiles, len(s.bands), s.size_range
+    (8, 4, (32, 128))
+    >>> tiny = Scenario(name="tiny", description="1 tile x 1 band", n_tiles=1,
+    ...                 bands=("VIS",), tile_size=512, n_sources=40,
+    ...                 quick_tile_size=256, quick_n_sources=10)
+    >>> tiny.sizes(), tiny.sizes(quick=True)
+    ((512, 40, 40), (256, 10, 10))
     """
 
     name: str

@@ -142,6 +142,22 @@ class Survey:
         Index of the image HDU in every tile file (0, or 1 when compressed).
     seed : int
         The seed the survey was made with.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from cutana.bench.synthetic import make_demo_survey
+    >>> survey = make_demo_survey(tempfile.mkdtemp(), n_sources=40)
+    >>> survey.bands
+    ['VIS', 'NIR-Y', 'NIR-J', 'NIR-H']
+    >>> len(survey.tile_paths), len(survey.paths), survey.grid_shape, survey.tile_shape
+    (4, 16, (2, 2), (512, 512))
+    >>> len(survey.truth) == survey.n_sources == 40
+    True
+    >>> sorted(set(survey.truth["category"].tolist()))
+    ['bad', 'edge', 'off', 'ok']
+    >>> survey.wcs(0).wcs.ctype[0]
+    'RA---TAN'
     """
 
     out_dir: str

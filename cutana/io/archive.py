@@ -59,6 +59,19 @@ class CutoutArchive:
         The run's configuration.
     attrs : dict
         All stored metadata.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from cutana.io import CutoutArchive, open_output, write_index
+    >>> out = tempfile.mkdtemp()
+    >>> _ = write_index(out, [0, 1], ["a", "b"], [2, 3], ["", ""], {},
+    ...                 ra=[1.0, 2.0], dec=[0.0, 0.0], meta={"bands": ["r"]})
+    >>> archive = open_output(out)
+    >>> isinstance(archive, CutoutArchive), len(archive), archive.bands
+    (True, 2, ['r'])
+    >>> archive.to_table()["status_name"].tolist()
+    ['NO_OVERLAP', 'BAD_ROW']
     """
 
     path = None
@@ -135,6 +148,32 @@ class ZarrArchive(CutoutArchive):
     ----------
     images : `zarr.Array`
         ``(N, C, H, W)`` cutouts, read lazily.
+
+    Examples
+    --------
+    >>> import os
+    >>> import tempfile
+    >>> import numpy as np
+    >>> from cutana.io import JobResult, ZarrWriter
+    >>> out = os.path.join(tempfile.mkdtemp(), "cutouts.zarr")
+    >>> writer = ZarrWriter.create(
+    ...     out, n_rows=3, bands=["r"], out_shape=(4, 4), dtype="uint8",
+    ...     source_id=["a", "b", "c"], ra=[1.0, 2.0, 3.0], dec=[0.0, 0.0, 0.0],
+    ...     tiles=[{"key": "t0", "paths": ["t0.fits"], "header": ""}])
+    >>> result = JobResult(
+    ...     job_id=0, rows=np.arange(3), images=np.ones((3, 1, 4, 4), np.uint8),
+    ...     status=np.zeros(3, np.int16), tile=0, origin=np.zeros((3, 2), int),
+    ...     box_shape=np.full((3, 2), 4))
+    >>> checksums = writer.write_chunks(
+    ...     range(writer.n_chunks), (np.zeros(3, int), np.arange(3)),
+    ...     np.full(3, -1), results={0: result})
+    >>> _ = writer.finalize(checksums)
+    >>> from cutana.io import ZarrArchive
+    >>> archive = ZarrArchive(out)
+    >>> len(archive), archive.bands, archive.out_shape, archive.images.shape
+    (3, ['r'], (4, 4), (3, 1, 4, 4))
+    >>> archive[2].shape, int(archive[2].sum()), archive.source_id.tolist()
+    ((1, 4, 4), 16, ['a', 'b', 'c'])
     """
 
     def __init__(self, path):
@@ -304,6 +343,26 @@ class FitsArchive(CutoutArchive):
     ----------
     path : str or path-like
         The folder holding ``index.ecsv``.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> import numpy as np
+    >>> from cutana.io import (FitsArchive, FitsWriter, JobResult,
+    ...                        fits_filenames, write_index)
+    >>> out = tempfile.mkdtemp()
+    >>> result = JobResult(
+    ...     job_id=0, rows=np.arange(2), images=np.ones((2, 1, 4, 4), np.uint8),
+    ...     status=np.zeros(2, np.int16), tile=0, origin=np.zeros((2, 2), int),
+    ...     box_shape=np.full((2, 2), 4))
+    >>> ids, ra, dec = ["a", "b"], [1.0, 2.0], [0.0, 0.0]
+    >>> files = FitsWriter.create(out, ["r"]).write_sources(
+    ...     result, ids, ra, dec, ["t0.fits"], None, fits_filenames(ids))
+    >>> _ = write_index(out, result.rows, ids, result.status, files, {},
+    ...                 ra=ra, dec=dec, meta={"bands": ["r"]})
+    >>> archive = FitsArchive(out)
+    >>> len(archive), archive.files.tolist(), archive[1].shape
+    (2, ['a.fits', 'b.fits'], (1, 4, 4))
     """
 
     def __init__(self, path):
@@ -419,9 +478,33 @@ def open_output(path):
 
     Examples
     --------
-    >>> import cutana  # doctest: +SKIP
-    >>> out = cutana.open("cutouts.zarr")  # doctest: +SKIP
-    >>> out[0].shape, out.wcs(0)  # doctest: +SKIP
+    A finished Zarr store of three 4x4 cutouts in one band:
+
+    >>> import os
+    >>> import tempfile
+    >>> import numpy as np
+    >>> from cutana.io import JobResult, ZarrWriter
+    >>> out = os.path.join(tempfile.mkdtemp(), "cutouts.zarr")
+    >>> writer = ZarrWriter.create(
+    ...     out, n_rows=3, bands=["r"], out_shape=(4, 4), dtype="uint8",
+    ...     source_id=["a", "b", "c"], ra=[1.0, 2.0, 3.0], dec=[0.0, 0.0, 0.0],
+    ...     tiles=[{"key": "t0", "paths": ["t0.fits"], "header": ""}])
+    >>> result = JobResult(
+    ...     job_id=0, rows=np.arange(3), images=np.ones((3, 1, 4, 4), np.uint8),
+    ...     status=np.zeros(3, np.int16), tile=0, origin=np.zeros((3, 2), int),
+    ...     box_shape=np.full((3, 2), 4))
+    >>> checksums = writer.write_chunks(
+    ...     range(writer.n_chunks), (np.zeros(3, int), np.arange(3)),
+    ...     np.full(3, -1), results={0: result})
+    >>> _ = writer.finalize(checksums)
+    >>> from cutana.io import open_output
+    >>> archive = open_output(out)  # also available as cutana.open
+    >>> type(archive).__name__, len(archive), archive.bands
+    ('ZarrArchive', 3, ['r'])
+    >>> archive[0].shape, archive.status.tolist()
+    ((1, 4, 4), [0, 0, 0])
+    >>> archive.to_table()["source_id"].tolist()
+    ['a', 'b', 'c']
     """
     path = os.fspath(path)
     if os.path.isfile(os.path.join(path, "zarr.json")):
@@ -627,6 +710,30 @@ def verify_output(path):
     -------
     problems : list of str
         One message per problem found; empty if the output is sound.
+
+    Examples
+    --------
+    A Zarr store of three rows that lie on no tile, checked before and after
+    its chunks are written:
+
+    >>> import os
+    >>> import tempfile
+    >>> import numpy as np
+    >>> from cutana.io import ZarrWriter, verify_output
+    >>> out = os.path.join(tempfile.mkdtemp(), "cutouts.zarr")
+    >>> writer = ZarrWriter.create(
+    ...     out, n_rows=3, bands=["r"], out_shape=(4, 4), dtype="uint8",
+    ...     source_id=["a", "b", "c"], ra=[1.0, 2.0, 3.0], dec=[0.0, 0.0, 0.0])
+    >>> len(verify_output(out)) > 0  # rows pending, not finalised
+    True
+    >>> no_job = (np.full(3, -1), np.zeros(3, int))
+    >>> checksums = writer.write_chunks(range(writer.n_chunks), no_job,
+    ...                                 np.full(3, 2))  # NO_OVERLAP
+    >>> _ = writer.finalize(checksums)
+    >>> verify_output(out)
+    []
+    >>> verify_output(tempfile.mkdtemp())  # doctest: +ELLIPSIS
+    ['... is not a cutana output (no zarr.json and no index.ecsv)']
     """
     path = os.fspath(path)
     problems = []

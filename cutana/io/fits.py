@@ -187,6 +187,27 @@ class FitsWriter:
         The output folder.
     bands : list of str
         Band names, in channel order; they become the ``EXTNAME`` values.
+
+    Examples
+    --------
+    >>> import os
+    >>> import tempfile
+    >>> import numpy as np
+    >>> from cutana.io import FitsWriter, JobResult, fits_filenames
+    >>> out = tempfile.mkdtemp()
+    >>> writer = FitsWriter.create(out, ["r"])
+    >>> result = JobResult(
+    ...     job_id=0, rows=np.arange(3), images=np.ones((3, 1, 4, 4), np.uint8),
+    ...     status=np.array([0, 0, 2], np.int16), tile=0,
+    ...     origin=np.zeros((3, 2), int), box_shape=np.full((3, 2), 4))
+    >>> ids = ["a", "b", "c"]
+    >>> written = writer.write_sources(
+    ...     result, ids, [1.0, 2.0, 3.0], [0.0, 0.0, 0.0], ["t0.fits"], None,
+    ...     fits_filenames(ids))
+    >>> written.tolist()  # row 2 (NO_OVERLAP) gets no file
+    ['a.fits', 'b.fits', '']
+    >>> sorted(name for name in os.listdir(out) if name.endswith(".fits"))
+    ['a.fits', 'b.fits']
     """
 
     def __init__(self, out_dir, bands):
@@ -478,6 +499,24 @@ def write_index(
     ValueError
         If the arrays' lengths differ, a status is unknown or a file name is
         unsafe.
+
+    Examples
+    --------
+    >>> import os
+    >>> import tempfile
+    >>> from astropy.table import Table
+    >>> from cutana.io import write_index
+    >>> out = tempfile.mkdtemp()
+    >>> path = write_index(
+    ...     out, [0, 1], ["a", "b"], [0, 3], ["a.fits", ""], {1: "ra is NaN"},
+    ...     meta={"bands": ["r"]})
+    >>> os.path.basename(path)
+    'index.ecsv'
+    >>> table = Table.read(path, format="ascii.ecsv")
+    >>> table.colnames
+    ['row', 'source_id', 'status', 'file', 'message']
+    >>> str(table["message"][1]), table.meta["bands"]
+    ('ra is NaN', ['r'])
     """
     rows = np.asarray(rows, dtype=np.int64)
     n = len(rows)

@@ -54,6 +54,24 @@ class LedgerState:
     skipped : list of int
         1-based numbers of other unreadable lines (ignored; their jobs or
         chunks are simply redone).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from cutana.io import Ledger, StagedJob
+    >>> out = tempfile.mkdtemp()
+    >>> with Ledger(out) as ledger:
+    ...     ledger.run_started("plan-1")
+    ...     ledger.job_staged(StagedJob(job_id=0, n=3, checksum="ab", path=""))
+    ...     ledger.chunks_written({0: "cd", 1: "ef"})
+    ...     ledger.run_finished("plan-1", report={"rows": 3})
+    >>> state = Ledger(out).read()
+    >>> state.fingerprint, state.jobs, state.chunks
+    ('plan-1', {0: {'checksum': 'ab', 'n': 3}}, {0: 'cd', 1: 'ef'})
+    >>> state.finished, state.report, state.n_records, state.truncated
+    (True, {'rows': 3}, 5, False)
+    >>> state.verified_jobs(out)  # the receipt names no staged files
+    set()
     """
 
     fingerprint: str | None = None

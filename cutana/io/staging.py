@@ -81,6 +81,17 @@ class JobResult:
     files : `~numpy.ndarray` or None, optional
         ``(n,)`` str file names written for the rows (FITS output; ``''``
         where no file was written), or `None`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from cutana.io import JobResult
+    >>> result = JobResult(
+    ...     job_id=0, rows=np.arange(3), images=np.ones((3, 1, 4, 4), np.uint8),
+    ...     status=np.zeros(3, np.int16), tile=0, origin=np.zeros((3, 2), int),
+    ...     box_shape=np.full((3, 2), 4))
+    >>> len(result), result.images.shape
+    (3, (3, 1, 4, 4))
     """
 
     job_id: int
@@ -111,6 +122,19 @@ class StagedJob:
         SHA-256 (hex) of the staged files, in a fixed order.
     path : str
         The staged job's folder.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> import numpy as np
+    >>> from cutana.io import JobResult, stage_job
+    >>> result = JobResult(
+    ...     job_id=0, rows=np.arange(3), images=np.ones((3, 1, 4, 4), np.uint8),
+    ...     status=np.zeros(3, np.int16), tile=0, origin=np.zeros((3, 2), int),
+    ...     box_shape=np.full((3, 2), 4))
+    >>> staged = stage_job(tempfile.mkdtemp(), result)
+    >>> staged.job_id, staged.n, len(staged.checksum)
+    (0, 3, 64)
     """
 
     job_id: int
@@ -131,6 +155,13 @@ def state_dir(out_dir):
     -------
     path : str
         ``OUT/.cutana`` (not created).
+
+    Examples
+    --------
+    >>> import os
+    >>> from cutana.io import state_dir
+    >>> state_dir("out") == os.path.join("out", ".cutana")
+    True
     """
     return os.path.join(os.fspath(out_dir), STATE_DIRNAME)
 
@@ -147,6 +178,13 @@ def staging_dir(out_dir):
     -------
     path : str
         The staging folder (not created).
+
+    Examples
+    --------
+    >>> import os
+    >>> from cutana.io import staging_dir
+    >>> staging_dir("out") == os.path.join("out", ".cutana", "staging")
+    True
     """
     return os.path.join(state_dir(out_dir), "staging")
 
@@ -276,6 +314,20 @@ def stage_job(out_dir, result, *, images=True):
     OSError
         If writing fails (e.g. a full disk); nothing is left under the final
         name in that case.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> import numpy as np
+    >>> from cutana.io import JobResult, list_staged, stage_job
+    >>> result = JobResult(
+    ...     job_id=0, rows=np.arange(3), images=np.ones((3, 1, 4, 4), np.uint8),
+    ...     status=np.zeros(3, np.int16), tile=0, origin=np.zeros((3, 2), int),
+    ...     box_shape=np.full((3, 2), 4))
+    >>> out = tempfile.mkdtemp()
+    >>> staged = stage_job(out, result)
+    >>> staged.n, list_staged(out)
+    (3, [0])
     """
     job_id, arrays = _validate(result)
     sdir = staging_dir(out_dir)
@@ -379,6 +431,22 @@ def verify_staged(out_dir, job_id, checksum):
     -------
     ok : bool
         `True` if every staged file is present and the checksum matches.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> import numpy as np
+    >>> from cutana.io import JobResult, stage_job, verify_staged
+    >>> result = JobResult(
+    ...     job_id=0, rows=np.arange(3), images=np.ones((3, 1, 4, 4), np.uint8),
+    ...     status=np.zeros(3, np.int16), tile=0, origin=np.zeros((3, 2), int),
+    ...     box_shape=np.full((3, 2), 4))
+    >>> out = tempfile.mkdtemp()
+    >>> staged = stage_job(out, result)
+    >>> verify_staged(out, 0, staged.checksum), verify_staged(out, 0, "0" * 64)
+    (True, False)
+    >>> verify_staged(out, 1, staged.checksum)  # not staged
+    False
     """
     path = _staged_path(out_dir, job_id)
     try:
@@ -417,6 +485,21 @@ def load_staged(out_dir, job_id, *, checksum=None, mmap=True):
         If the job has not been staged.
     ValueError
         If ``checksum`` is given and does not match.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> import numpy as np
+    >>> from cutana.io import JobResult, load_staged, stage_job
+    >>> result = JobResult(
+    ...     job_id=0, rows=np.arange(3), images=np.ones((3, 1, 4, 4), np.uint8),
+    ...     status=np.zeros(3, np.int16), tile=0, origin=np.zeros((3, 2), int),
+    ...     box_shape=np.full((3, 2), 4))
+    >>> out = tempfile.mkdtemp()
+    >>> staged = stage_job(out, result)
+    >>> loaded = load_staged(out, 0, checksum=staged.checksum)
+    >>> loaded.rows.tolist(), loaded.images.shape, loaded.tile
+    ([0, 1, 2], (3, 1, 4, 4), 0)
     """
     path = _staged_path(out_dir, job_id)
     if not os.path.isdir(path):
@@ -468,6 +551,23 @@ def list_staged(out_dir):
     -------
     job_ids : list of int
         The staged jobs (their checksums are not checked).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> import numpy as np
+    >>> from cutana.io import JobResult, list_staged, stage_job
+    >>> result = JobResult(
+    ...     job_id=0, rows=np.arange(3), images=np.ones((3, 1, 4, 4), np.uint8),
+    ...     status=np.zeros(3, np.int16), tile=0, origin=np.zeros((3, 2), int),
+    ...     box_shape=np.full((3, 2), 4))
+    >>> out = tempfile.mkdtemp()
+    >>> list_staged(out)
+    []
+    >>> result.job_id = 7
+    >>> _ = stage_job(out, result)
+    >>> list_staged(out)
+    [7]
     """
     sdir = staging_dir(out_dir)
     if not os.path.isdir(sdir):
@@ -489,6 +589,21 @@ def remove_staged(out_dir, job_id):
         The output folder.
     job_id : int
         The job; nothing happens if it is not staged.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> import numpy as np
+    >>> from cutana.io import JobResult, list_staged, remove_staged, stage_job
+    >>> result = JobResult(
+    ...     job_id=0, rows=np.arange(3), images=np.ones((3, 1, 4, 4), np.uint8),
+    ...     status=np.zeros(3, np.int16), tile=0, origin=np.zeros((3, 2), int),
+    ...     box_shape=np.full((3, 2), 4))
+    >>> out = tempfile.mkdtemp()
+    >>> _ = stage_job(out, result)
+    >>> remove_staged(out, 0)
+    >>> list_staged(out)
+    []
     """
     path = _staged_path(out_dir, job_id)
     if not os.path.isdir(path):
@@ -517,6 +632,18 @@ def clean_staging(out_dir):
     -------
     n_removed : int
         How many leftover folders were removed.
+
+    Examples
+    --------
+    >>> import os
+    >>> import tempfile
+    >>> from cutana.io import clean_staging, staging_dir
+    >>> out = tempfile.mkdtemp()
+    >>> clean_staging(out)  # nothing staged yet
+    0
+    >>> os.makedirs(os.path.join(staging_dir(out), ".tmp-job-000000-1-abcd"))
+    >>> clean_staging(out)
+    1
     """
     sdir = staging_dir(out_dir)
     if not os.path.isdir(sdir):
@@ -542,6 +669,24 @@ def remove_run_state(out_dir):
     ----------
     out_dir : str or path-like
         The output folder.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> import numpy as np
+    >>> from cutana.io import JobResult, remove_run_state, stage_job, state_dir
+    >>> result = JobResult(
+    ...     job_id=0, rows=np.arange(3), images=np.ones((3, 1, 4, 4), np.uint8),
+    ...     status=np.zeros(3, np.int16), tile=0, origin=np.zeros((3, 2), int),
+    ...     box_shape=np.full((3, 2), 4))
+    >>> import os
+    >>> out = tempfile.mkdtemp()
+    >>> _ = stage_job(out, result)
+    >>> os.path.isdir(state_dir(out))
+    True
+    >>> remove_run_state(out)
+    >>> os.path.isdir(state_dir(out)), os.path.isdir(out)
+    (False, True)
     """
     path = state_dir(out_dir)
     if os.path.isdir(path):

@@ -74,6 +74,16 @@ def choose_chunk_rows(n_rows, row_bytes, target=_TARGET_CHUNK_BYTES):
     -------
     chunk_rows : int
         Between 1 and ``max(n_rows, 1)``.
+
+    Examples
+    --------
+    >>> from cutana.io import choose_chunk_rows
+    >>> choose_chunk_rows(100_000, 3 * 64 * 64 * 4)  # 48 KiB rows: 2 MiB chunks
+    42
+    >>> choose_chunk_rows(10, 1000)  # never more than the rows there are
+    10
+    >>> choose_chunk_rows(10, 8 * 1024 * 1024)  # at least one row
+    1
     """
     rows = max(1, int(target // max(int(row_bytes), 1)))
     return int(min(rows, max(int(n_rows), 1)))
@@ -97,6 +107,21 @@ def chunk_digest(images, status, tile, origin, box_shape):
     -------
     checksum : str
         Hexadecimal SHA-256.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from cutana.io import chunk_digest
+    >>> images = np.zeros((2, 1, 4, 4), np.uint8)
+    >>> status, tile = np.zeros(2), np.zeros(2)
+    >>> origin, box_shape = np.zeros((2, 2)), np.full((2, 2), 4)
+    >>> digest = chunk_digest(images, status, tile, origin, box_shape)
+    >>> len(digest)
+    64
+    >>> digest == chunk_digest(images, status.astype("int16"), tile, origin, box_shape)
+    True
+    >>> digest == chunk_digest(images + 1, status, tile, origin, box_shape)
+    False
     """
     hasher = hashlib.sha256()
     for arr, dtype in (
@@ -197,6 +222,38 @@ class ZarrWriter:
         Rows per chunk.
     n_chunks : int
         Number of row chunks.
+
+    Examples
+    --------
+    A run of three 4x4 ``uint8`` cutouts in one band, staged as one job and
+    written in chunks of two rows:
+
+    >>> import os
+    >>> import tempfile
+    >>> import numpy as np
+    >>> from cutana.io import JobResult, ZarrWriter, stage_job
+    >>> out = os.path.join(tempfile.mkdtemp(), "cutouts.zarr")
+    >>> writer = ZarrWriter.create(
+    ...     out, n_rows=3, bands=["r"], out_shape=(4, 4), dtype="uint8",
+    ...     source_id=["a", "b", "c"], ra=[1.0, 2.0, 3.0], dec=[0.0, 0.0, 0.0],
+    ...     tiles=[{"key": "t0", "paths": ["t0.fits"], "header": ""}],
+    ...     chunk_rows=2)
+    >>> writer.n_rows, writer.chunk_rows, writer.n_chunks
+    (3, 2, 2)
+    >>> result = JobResult(
+    ...     job_id=0, rows=np.arange(3), images=np.ones((3, 1, 4, 4), np.uint8),
+    ...     status=np.zeros(3, np.int16), tile=0, origin=np.zeros((3, 2), int),
+    ...     box_shape=np.full((3, 2), 4))
+    >>> _ = stage_job(out, result)
+    >>> row_to_job = (np.zeros(3, int), np.arange(3))  # job 0, positions 0..2
+    >>> checksums = writer.write_chunks([0, 1], row_to_job, np.full(3, -1))
+    >>> sorted(checksums)
+    [0, 1]
+    >>> writer.finalize(checksums)["OK"]
+    3
+    >>> images, status, tile, origin, box_shape = writer.read_chunk(1)
+    >>> images.shape, status.tolist()
+    ((1, 1, 4, 4), [0])
     """
 
     def __init__(self, path, group):

@@ -1224,7 +1224,7 @@ class BatchCutout2D:
         return self[i].wcs
 
     def resample(self, target, method="bilinear", *, scale=None, dtype=np.float32,
-                 n_threads=1):
+                 n_threads=None):
         """Resample every cutout to one target grid, straight from ``data``.
 
         The compiled kernel reads each source's box (the requested box in
@@ -1245,8 +1245,8 @@ class BatchCutout2D:
             Factor applied to the pixel values (e.g. a flux conversion).
         dtype : `~numpy.dtype`, optional
             ``float32`` (default) or ``float64``.
-        n_threads : int, optional
-            Kernel threads.
+        n_threads : int or None, optional
+            Kernel threads (default: every core for outputs over 64 MB).
 
         Returns
         -------
@@ -1287,7 +1287,7 @@ class BatchCutout2D:
 
     def normalize(self, method="asinh", *, stack=None, percentile=99.8, a=None,
                   contrast=0.25, n_samples=1000, crop=None, dtype="float32",
-                  n_threads=1):
+                  n_threads=None):
         """Stretch every cutout (per cutout) into [0, 1] or an integer range.
 
         The definitions are astropy's: limits from
@@ -1315,8 +1315,8 @@ class BatchCutout2D:
             Compute the limits on the central crop (fraction or pixels).
         dtype : {'float32', 'uint8', 'uint16'}, optional
             Output type.
-        n_threads : int, optional
-            Kernel threads.
+        n_threads : int or None, optional
+            Kernel threads (default: every core for stacks over 64 MB).
 
         Returns
         -------

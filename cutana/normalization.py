@@ -84,7 +84,11 @@ def _check_method(method):
         raise ValueError(msg)
 
 
-def _check_n_threads(n_threads):
+def _check_n_threads(n_threads, nbytes=0):
+    if n_threads is None:
+        from .cutout import _THREADS_ABOVE_BYTES, _available_cores
+
+        return _available_cores() if nbytes > _THREADS_ABOVE_BYTES else 1
     if (
         isinstance(n_threads, bool)
         or not isinstance(n_threads, numbers.Integral)
@@ -216,7 +220,7 @@ def compute_limits(
     contrast=0.25,
     n_samples=1000,
     crop=None,
-    n_threads=1,
+    n_threads=None,
 ):
     """Compute the display limits of every cutout and band of a stack.
 
@@ -240,8 +244,10 @@ def compute_limits(
         (0, 1] of the height and width, or a size in pixels; a pair gives
         rows and columns separately. The region starts at
         ``(H - h) // 2, (W - w) // 2``.
-    n_threads : int, optional
+    n_threads : int or None, optional
         Number of threads, each working on a contiguous block of images.
+        `None` (default) uses every available core once the stack exceeds
+        64 MB, one thread below that.
 
     Returns
     -------
@@ -267,7 +273,7 @@ def compute_limits(
     if method == "none":
         msg = "method 'none' has no limits; choose a stretch such as 'linear'"
         raise ValueError(msg)
-    n_threads = _check_n_threads(n_threads)
+    n_threads = _check_n_threads(n_threads, getattr(stack, "nbytes", 0))
     interval, q_lo, q_hi, n_samples, contrast = _interval_params(
         method, percentile, contrast, n_samples
     )
@@ -311,7 +317,7 @@ def normalize(
     crop=None,
     dtype="float32",
     out=None,
-    n_threads=1,
+    n_threads=None,
 ):
     """Stretch every cutout and band of a stack, as `astropy.visualization` does.
 
@@ -341,9 +347,10 @@ def normalize(
         Output type.
     out : `~numpy.ndarray`, optional
         C-contiguous output of the stack's shape and ``dtype``.
-    n_threads : int, optional
+    n_threads : int or None, optional
         Number of threads, each working on a contiguous block of images;
-        the result does not depend on it.
+        the result does not depend on it. `None` (default) uses every
+        available core once the stack exceeds 64 MB, one thread below that.
 
     Returns
     -------
@@ -366,7 +373,7 @@ def normalize(
             [146, 182, 219, 255]]], dtype=uint8)
     """
     _check_method(method)
-    n_threads = _check_n_threads(n_threads)
+    n_threads = _check_n_threads(n_threads, getattr(stack, "nbytes", 0))
     try:
         out_dtype = np.dtype(dtype)
     except TypeError:

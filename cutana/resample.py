@@ -101,6 +101,13 @@ def _as_pairs(values, n, name):
     return np.ascontiguousarray(arr, dtype=np.int64)
 
 
+def _auto_threads(nbytes):
+    """Threads for a batch of ``nbytes`` output when the caller did not say."""
+    from .cutout import _THREADS_ABOVE_BYTES, _available_cores
+
+    return _available_cores() if nbytes > _THREADS_ABOVE_BYTES else 1
+
+
 def extract_resampled(
     data,
     starts,
@@ -112,7 +119,7 @@ def extract_resampled(
     scale=None,
     dtype=np.float32,
     out=None,
-    n_threads=1,
+    n_threads=None,
 ):
     """Extract N windows of a 2-D image and resample each to ``out_shape``.
 
@@ -143,9 +150,11 @@ def extract_resampled(
         Output dtype; the arithmetic is float64 either way.
     out : `~numpy.ndarray`, optional
         Preallocated C-contiguous ``(N, H, W)`` output of ``dtype``.
-    n_threads : int, optional
+    n_threads : int or None, optional
         Number of threads, each resampling a contiguous block of sources;
-        the result does not depend on it.
+        the result does not depend on it. `None` (default) uses one thread
+        for small batches and every available core once the output exceeds
+        64 MB.
 
     Returns
     -------
@@ -173,6 +182,10 @@ def extract_resampled(
     if method not in _METHOD_CODES:
         msg = f"method must be one of {RESAMPLE_METHODS}, got {method!r}"
         raise ValueError(msg)
+    if n_threads is None:
+        n_out = len(np.atleast_2d(np.asarray(starts)))
+        nbytes = n_out * int(np.prod(out_shape)) * np.dtype(dtype).itemsize
+        n_threads = _auto_threads(nbytes)
     if (
         isinstance(n_threads, bool)
         or not isinstance(n_threads, numbers.Integral)

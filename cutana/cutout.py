@@ -14,9 +14,7 @@ compiled kernel (:mod:`cutana._extract`) that copies all windows into an
 """
 
 import numbers
-import os
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from copy import deepcopy
 
 import numpy as np
@@ -39,6 +37,7 @@ from ._geometry import (
     BOX_PARTIAL,
     compute_boxes,
 )
+from ._threads import resolve_n_threads, run_chunks
 
 __all__ = [
     "BatchCutout2D",
@@ -398,13 +397,7 @@ def extract_stack(
     >>> overlap
     array([0, 1], dtype=int8)
     """
-    if (
-        not isinstance(n_threads, numbers.Integral)
-        or isinstance(n_threads, bool)
-        or n_threads < 1
-    ):
-        msg = f"n_threads must be a positive integer, got {n_threads!r}"
-        raise ValueError(msg)
+    n_threads = resolve_n_threads(n_threads)
     src_bytes, arr, col_stride = _byte_view(data)
     native = arr.dtype.newbyteorder("=")
     out_dtype = native if dtype is None else np.dtype(dtype)
@@ -444,11 +437,7 @@ def extract_stack(
                 order[lo:hi],
             )
 
-        if n_threads == 1 or n < 2 * n_threads:
-            return out, run_direct(0, n)
-        bounds = np.linspace(0, n, n_threads + 1).astype(int)
-        with ThreadPoolExecutor(n_threads) as pool:
-            parts = list(pool.map(run_direct, bounds[:-1], bounds[1:]))
+        parts = run_chunks(run_direct, n, n_threads if n >= 2 * n_threads else 1)
         # each part sets only its own windows and leaves the others at 0
         return out, np.maximum.reduce(parts)
 
@@ -476,14 +465,8 @@ def extract_stack(
                 _apply_fill(out[a:b], starts[a:b], filled, arr.shape, fill_value)
         return ov
 
-    if n_threads == 1 or n < 2 * n_threads:
-        overlap = run(0, n)
-    else:
-        bounds = np.linspace(0, n, n_threads + 1).astype(int)
-        with ThreadPoolExecutor(n_threads) as pool:
-            parts = list(pool.map(run, bounds[:-1], bounds[1:]))
-        overlap = np.concatenate(parts)
-    return out, overlap
+    parts = run_chunks(run, n, n_threads if n >= 2 * n_threads else 1)
+    return out, np.concatenate(parts)
 
 
 #: Rows per band of the read order (see `_read_order`).
@@ -542,18 +525,6 @@ def _apply_fill(block, starts, which, large, fill_value):
 # --------------------------------------------------------------------------
 # Cutout2D
 # --------------------------------------------------------------------------
-
-
-#: Stack size above which `BatchCutout2D` uses every core by default.
-_THREADS_ABOVE_BYTES = 64 * 10**6
-
-
-def _available_cores():
-    """Number of cores this process may run on."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def _raise_for_code(code, index=None):
@@ -1099,9 +1070,8 @@ class BatchCutout2D:
             return stack
         starts = boxes.start if self.mode != "trim" else boxes.large_start
         starts = np.where(ok[:, None], starts, -(1 << 40))  # failed rows: all fill
-        if n_threads is None:
-            nbytes = n * shape[0] * shape[1] * np.dtype(native).itemsize
-            n_threads = _available_cores() if nbytes > _THREADS_ABOVE_BYTES else 1
+        nbytes = n * shape[0] * shape[1] * np.dtype(native).itemsize
+        n_threads = resolve_n_threads(n_threads, nbytes)
         stack, _ = extract_stack(data, starts, shape, fill, n_threads=n_threads)
         return stack
 

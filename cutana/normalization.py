@@ -43,11 +43,11 @@ two differ by float32 rounding, about 1e-7).
 
 import logging
 import numbers
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from . import _normalize
+from ._threads import resolve_n_threads, run_chunks
 
 __all__ = [
     "DEFAULT_A",
@@ -82,21 +82,6 @@ def _check_method(method):
     if method not in NORMALIZATIONS:
         msg = f"method must be one of {NORMALIZATIONS}, got {method!r}"
         raise ValueError(msg)
-
-
-def _check_n_threads(n_threads, nbytes=0):
-    if n_threads is None:
-        from .cutout import _THREADS_ABOVE_BYTES, _available_cores
-
-        return _available_cores() if nbytes > _THREADS_ABOVE_BYTES else 1
-    if (
-        isinstance(n_threads, bool)
-        or not isinstance(n_threads, numbers.Integral)
-        or n_threads < 1
-    ):
-        msg = f"n_threads must be a positive integer, got {n_threads!r}"
-        raise ValueError(msg)
-    return int(n_threads)
 
 
 def _as_images(stack):
@@ -197,21 +182,6 @@ def _interval_params(method, percentile, contrast, n_samples):
     return _normalize.INTERVAL_PERCENTILE, lower / 100, upper / 100, 1000, 0.25
 
 
-def _run(func, n, n_threads):
-    """Run ``func(lo, hi)`` over contiguous, nearly equal chunks of
-    ``range(n)``, one per thread (in the calling thread when only one)."""
-    n_chunks = max(1, min(n_threads, n))
-    if n_chunks == 1:
-        func(0, n)
-        return
-    bounds = [n * k // n_chunks for k in range(n_chunks + 1)]
-    with ThreadPoolExecutor(n_chunks) as pool:
-        pairs = zip(bounds[:-1], bounds[1:], strict=True)
-        futures = [pool.submit(func, lo, hi) for lo, hi in pairs]
-        for future in futures:
-            future.result()
-
-
 def compute_limits(
     stack,
     method="linear",
@@ -273,7 +243,7 @@ def compute_limits(
     if method == "none":
         msg = "method 'none' has no limits; choose a stretch such as 'linear'"
         raise ValueError(msg)
-    n_threads = _check_n_threads(n_threads, getattr(stack, "nbytes", 0))
+    n_threads = resolve_n_threads(n_threads, getattr(stack, "nbytes", 0))
     interval, q_lo, q_hi, n_samples, contrast = _interval_params(
         method, percentile, contrast, n_samples
     )
@@ -302,7 +272,7 @@ def compute_limits(
                 vmax[start:stop],
             )
 
-    _run(work, len(images), n_threads)
+    run_chunks(work, len(images), n_threads)
     return vmin.reshape(lead), vmax.reshape(lead)
 
 
@@ -373,7 +343,7 @@ def normalize(
             [146, 182, 219, 255]]], dtype=uint8)
     """
     _check_method(method)
-    n_threads = _check_n_threads(n_threads, getattr(stack, "nbytes", 0))
+    n_threads = resolve_n_threads(n_threads, getattr(stack, "nbytes", 0))
     try:
         out_dtype = np.dtype(dtype)
     except TypeError:
@@ -437,5 +407,5 @@ def normalize(
                 c1,
             )
 
-    _run(work, len(images), n_threads)
+    run_chunks(work, len(images), n_threads)
     return out

@@ -28,12 +28,11 @@ window's first pixel), as `scipy.ndimage.zoom` does with ``grid_mode=True``.
     of a window is preserved (to float rounding).
 """
 
-import numbers
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from . import _extract
+from ._threads import resolve_n_threads, run_chunks
 
 __all__ = ["RESAMPLE_METHODS", "extract_resampled"]
 
@@ -99,13 +98,6 @@ def _as_pairs(values, n, name):
         msg = f"{name} must hold whole numbers of pixels"
         raise ValueError(msg)
     return np.ascontiguousarray(arr, dtype=np.int64)
-
-
-def _auto_threads(nbytes):
-    """Threads for a batch of ``nbytes`` output when the caller did not say."""
-    from .cutout import _THREADS_ABOVE_BYTES, _available_cores
-
-    return _available_cores() if nbytes > _THREADS_ABOVE_BYTES else 1
 
 
 def extract_resampled(
@@ -182,17 +174,9 @@ def extract_resampled(
     if method not in _METHOD_CODES:
         msg = f"method must be one of {RESAMPLE_METHODS}, got {method!r}"
         raise ValueError(msg)
-    if n_threads is None:
-        n_out = len(np.atleast_2d(np.asarray(starts)))
-        nbytes = n_out * int(np.prod(out_shape)) * np.dtype(dtype).itemsize
-        n_threads = _auto_threads(nbytes)
-    if (
-        isinstance(n_threads, bool)
-        or not isinstance(n_threads, numbers.Integral)
-        or n_threads < 1
-    ):
-        msg = f"n_threads must be a positive integer, got {n_threads!r}"
-        raise ValueError(msg)
+    n_out = len(np.atleast_2d(np.asarray(starts)))
+    nbytes = n_out * int(np.prod(out_shape)) * np.dtype(dtype).itemsize
+    n_threads = resolve_n_threads(n_threads, nbytes)
     out_dtype = np.dtype(dtype)
     if out_dtype.name not in ("float32", "float64"):
         msg = f"dtype must be float32 or float64, got {dtype!r}"
@@ -261,14 +245,5 @@ def extract_resampled(
             out[lo:hi],
         )
 
-    n_chunks = min(n_threads, n)
-    if n_chunks == 1:
-        run(0, n)
-    else:
-        bounds = [n * k // n_chunks for k in range(n_chunks + 1)]
-        with ThreadPoolExecutor(n_chunks) as pool:
-            pairs = zip(bounds[:-1], bounds[1:], strict=True)
-            futures = [pool.submit(run, lo, hi) for lo, hi in pairs]
-            for future in futures:
-                future.result()
+    run_chunks(run, n, n_threads)
     return out, overlap

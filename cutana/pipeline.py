@@ -610,6 +610,18 @@ class _AssembleTask:
 
 
 @dataclass
+class _CutDone:
+    """What a cut task hands back to the main process (small, picklable)."""
+
+    staged: object  # StagedJob, or None when every row went straight to the store
+    status: np.ndarray
+    messages: dict
+    checksums: dict  # chunks the worker wrote itself
+    staged_rows: np.ndarray  # rows in the staged copy, in its order
+    files: np.ndarray = None  # FITS file per row
+
+
+@dataclass
 class _OutputFull:
     """What a task returns when the output's file system is full."""
 
@@ -675,7 +687,7 @@ def _run_task_inner(task):
         staged = None
         if rest.any():
             staged = stage_job(task.out_dir, _subset(result, rest))
-        return staged, result.status, result.messages, checksums, result.rows[rest]
+        return _CutDone(staged, result.status, result.messages, checksums, result.rows[rest])
     writer = FitsWriter(task.out_dir, task.bands)
     result.files = writer.write_sources(
         result,
@@ -687,7 +699,7 @@ def _run_task_inner(task):
         task.files,
     )
     staged = stage_job(task.out_dir, result, images=False)
-    return staged, result.status, result.messages, {}, result.rows
+    return _CutDone(staged, result.status, result.messages, {}, result.rows, result.files)
 
 
 def _subset(result, keep):
@@ -1178,22 +1190,22 @@ class _Runner:
                         remove_staged(self.output, job_id)
                         self.job_chunks.pop(job_id)
             return ()
-        staged, status, messages, checksums, staged_rows = result
         job = task.job
-        if checksums:
-            self.checksums.update({int(k): v for k, v in checksums.items()})
-            self.ledger.chunks_written(checksums)
-            self.job_chunks[job.job_id].difference_update(int(k) for k in checksums)
-        if staged is not None:
-            self.ledger.job_staged(staged)
+        if result.checksums:
+            self.checksums.update({int(k): v for k, v in result.checksums.items()})
+            self.ledger.chunks_written(result.checksums)
+            self.job_chunks[job.job_id].difference_update(
+                int(k) for k in result.checksums
+            )
+        if result.staged is not None:
+            self.ledger.job_staged(result.staged)
         self.n_cut += len(job)
         if self._bar is not None:
             self._bar.update(len(job))
-        self._record(job.rows, status, messages)
+        self._record(job.rows, result.status, result.messages, result.files)
         if self.fmt == "fits":
-            self._record(job.rows, status, {}, load_staged(self.output, job.job_id).files)
             return ()
-        self.pos_in_job[staged_rows] = np.arange(len(staged_rows))
+        self.pos_in_job[result.staged_rows] = np.arange(len(result.staged_rows))
         return self._release_rows(job.rows)
 
     def _jobs_of_chunk(self, k):
@@ -1202,9 +1214,13 @@ class _Runner:
         return [int(j) for j in ids if j >= 0 and int(j) in self.job_chunks]
 
     def _release_rows(self, rows):
+        """Count rows as settled; assemble the chunks that became complete."""
         chunks, counts = np.unique(rows // self.writer.chunk_rows, return_counts=True)
         self.chunk_pending[chunks] -= counts
-        return self._ready_assembly_tasks()
+        ready = chunks[self.chunk_pending[chunks] == 0]
+        return self._assembly_tasks(
+            [int(k) for k in ready if int(k) not in self.chunks_submitted]
+        )
 
     def _on_failed(self, failure):
         task = failure.task

@@ -136,15 +136,33 @@ def _is_broken(pool):
 
 
 class MemorySampler:
-    """Sample the resident memory of this process and all its children.
+    """Sample the resident memory of a process and all its descendants.
 
-    Use as a context manager; ``peak`` is the largest sum of RSS seen and
-    ``samples`` the ``(seconds, bytes)`` series.
+    A background thread sums the resident set size (RSS) of the process
+    and of every descendant alive at that moment, every ``interval``
+    seconds. Pages shared between processes (a memory-mapped tile read by
+    several workers) count once per process, as in ESA Cutana's paper.
 
     Parameters
     ----------
     interval : float, optional
         Seconds between samples.
+    is_worker : callable, optional
+        ``is_worker(process) -> bool`` on `psutil.Process` descendants;
+        processes it recognises are counted into ``max_workers`` (a
+        recognised process stays recognised).
+
+    Attributes
+    ----------
+    samples : list of tuple
+        ``(seconds since start, bytes)``.
+    peak : int
+        Largest sample, bytes.
+    max_workers : int
+        Most recognised worker processes alive at one sample.
+
+    Used as a context manager it samples the calling process's own tree,
+    with one last sample taken on exit.
 
     Examples
     --------
@@ -155,53 +173,135 @@ class MemorySampler:
     (True, True)
     """
 
-    def __init__(self, interval=0.1):
-        self.interval = interval
-        self.peak = 0
+    def __init__(self, interval=0.1, is_worker=None):
+        if not (isinstance(interval, (int, float)) and interval > 0):
+            msg = f"interval must be a positive number of seconds, got {interval!r}"
+            raise ValueError(msg)
+        self.interval = float(interval)
         self.samples = []
+        self.peak = 0
+        self.max_workers = 0
+        self._is_worker = is_worker
+        self._workers = set()
         self._stop = threading.Event()
         self._thread = None
+        self._root = None
+        self._t0 = None
 
-    def sample(self):
-        """Take one sample now.
+    def start(self, pid=None, t0=None):
+        """Start sampling the tree rooted at ``pid``.
+
+        Parameters
+        ----------
+        pid : int, optional
+            Process id of the root of the tree (default: this process).
+        t0 : float, optional
+            `time.perf_counter` value that sample times are relative to
+            (default: now).
+        """
+        import psutil
+
+        t0 = time.perf_counter() if t0 is None else t0
+        self._t0 = t0
+        try:
+            self._root = psutil.Process(os.getpid() if pid is None else int(pid))
+        except psutil.Error:
+            self._root = None
+        self._thread = threading.Thread(
+            target=self._run,
+            args=(t0,),
+            name="cutana-memory",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def stop(self):
+        """Stop sampling and wait for the sampling thread to end."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    @staticmethod
+    def tree_rss(root):
+        """Summed RSS of a process and its live descendants.
+
+        Parameters
+        ----------
+        root : `psutil.Process`
+            The root of the tree.
 
         Returns
         -------
         rss : int
-            Summed resident bytes of the process tree.
+            Bytes; 0 when the root has exited.
         """
         import psutil
 
-        proc = psutil.Process()
-        total = 0
         try:
-            procs = [proc, *proc.children(recursive=True)]
-        except psutil.Error:  # pragma: no cover - process vanished
-            procs = [proc]
-        for p in procs:
+            procs = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return 0
+        total = 0
+        for proc in procs:
             try:
-                total += p.memory_info().rss
+                total += proc.memory_info().rss
             except psutil.Error:
                 continue
-        self.peak = max(self.peak, total)
         return total
 
-    def _run(self):
-        t0 = time.perf_counter()
-        while not self._stop.is_set():
-            self.samples.append((time.perf_counter() - t0, self.sample()))
-            self._stop.wait(self.interval)
+    def sample(self):
+        """Take one sample of the tree now (after `start`).
+
+        Returns
+        -------
+        rss : int
+            Summed resident bytes of the tree.
+        """
+        rss = self.tree_rss(self._root) if self._root is not None else 0
+        self.peak = max(self.peak, rss)
+        return rss
 
     def __enter__(self):
-        self._thread = threading.Thread(target=self._run, name="cutana-memory", daemon=True)
-        self._thread.start()
+        self.start()
         return self
 
     def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.samples.append((self.samples[-1][0] if self.samples else 0.0, self.sample()))
+        self.stop()
+        rss = self.sample()
+        if rss:
+            self.samples.append((time.perf_counter() - self._t0, rss))
         return False
+
+    def _run(self, t0):
+        root = self._root
+        if root is None:
+            return
+        while True:  # at least one sample, however soon `stop` is called
+            rss = self.tree_rss(root)
+            if rss:
+                self.samples.append((time.perf_counter() - t0, rss))
+                self.peak = max(self.peak, rss)
+            if self._is_worker is not None:
+                self.max_workers = max(self.max_workers, self._count_workers(root))
+            if self._stop.wait(self.interval):
+                break
+
+    def _count_workers(self, root):
+        import psutil
+
+        try:
+            procs = root.children(recursive=True)
+        except psutil.Error:
+            return 0
+        n = 0
+        for proc in procs:
+            try:
+                if proc.pid in self._workers or self._is_worker(proc):
+                    self._workers.add(proc.pid)
+                    n += 1
+            except psutil.Error:
+                continue
+        return n
 
 
 class Executor:

@@ -28,6 +28,10 @@ import numpy as np
 __all__ = ["extract_windows", "OVERLAP_FULL", "OVERLAP_PARTIAL", "OVERLAP_NONE"]
 
 cdef enum:
+    # rows ahead of the copy whose source bytes are prefetched
+    _PREFETCH_ROWS = 6
+
+cdef enum:
     _FULL = 0
     _PARTIAL = 1
     _NONE = 2
@@ -124,6 +128,76 @@ cdef extern from *:
     { CUTANA_PICK(32) }
     static inline void cutana_swap64(const uint8_t* src, uint8_t* dst, ptrdiff_t n)
     { CUTANA_PICK(64) }
+
+    /* Streaming (non-temporal) copies, for outputs far larger than the
+       caches: the stores bypass the cache, so the destination's lines are
+       neither read before being overwritten nor evict the source's lines.
+       The 32-byte-aligned body of the row is streamed, the unaligned head
+       and tail are copied normally; byte order is swapped while copying
+       when itemsize > 1 and swap is set. Returns 0 (nothing copied) when
+       the CPU lacks AVX2 or dst is not aligned to the item size: the caller
+       then copies the row the normal way. The caller must issue
+       cutana_store_fence() before other threads read the output. */
+    #if defined(CUTANA_X86_DISPATCH)
+    #include <immintrin.h>
+    __attribute__((target("avx2")))
+    static int cutana_copy_stream(const uint8_t* src, uint8_t* dst, ptrdiff_t n,
+                                  int itemsize, int swap)
+    {
+        __m256i mask;
+        ptrdiff_t nbytes = n * itemsize, head, o;
+        int shuffle = swap && itemsize > 1;
+        if (cutana_has_avx2 <= 0 || ((uintptr_t)dst) % itemsize) { return 0; }
+        if (itemsize == 2) {
+            mask = _mm256_setr_epi8(1,0,3,2,5,4,7,6,9,8,11,10,13,12,15,14,
+                                    1,0,3,2,5,4,7,6,9,8,11,10,13,12,15,14);
+        } else if (itemsize == 4) {
+            mask = _mm256_setr_epi8(3,2,1,0,7,6,5,4,11,10,9,8,15,14,13,12,
+                                    3,2,1,0,7,6,5,4,11,10,9,8,15,14,13,12);
+        } else {
+            mask = _mm256_setr_epi8(7,6,5,4,3,2,1,0,15,14,13,12,11,10,9,8,
+                                    7,6,5,4,3,2,1,0,15,14,13,12,11,10,9,8);
+        }
+        head = (ptrdiff_t)((32 - ((uintptr_t)dst & 31)) & 31);
+        if (head > nbytes) { head = nbytes; }
+        if (head > 0) {
+            if (!shuffle) { memcpy(dst, src, head); }
+            else if (itemsize == 2) { cutana_swap16(src, dst, head / 2); }
+            else if (itemsize == 4) { cutana_swap32(src, dst, head / 4); }
+            else { cutana_swap64(src, dst, head / 8); }
+        }
+        for (o = head; o + 32 <= nbytes; o += 32) {
+            __m256i v = _mm256_loadu_si256((const __m256i*)(src + o));
+            if (shuffle) { v = _mm256_shuffle_epi8(v, mask); }
+            _mm256_stream_si256((__m256i*)(dst + o), v);
+        }
+        if (o < nbytes) {
+            if (!shuffle) { memcpy(dst + o, src + o, nbytes - o); }
+            else if (itemsize == 2) { cutana_swap16(src + o, dst + o, (nbytes - o) / 2); }
+            else if (itemsize == 4) { cutana_swap32(src + o, dst + o, (nbytes - o) / 4); }
+            else { cutana_swap64(src + o, dst + o, (nbytes - o) / 8); }
+        }
+        return 1;
+    }
+    static void cutana_store_fence(void) { _mm_sfence(); }
+    #else
+    static int cutana_copy_stream(const uint8_t* src, uint8_t* dst, ptrdiff_t n,
+                                  int itemsize, int swap)
+    { (void)src; (void)dst; (void)n; (void)itemsize; (void)swap; return 0; }
+    static void cutana_store_fence(void) {}
+    #endif
+
+    /* Ask for the cache lines of [p, p + nbytes) ahead of use (a hint only:
+       it never faults and changes no result). */
+    static inline void cutana_prefetch(const uint8_t* p, ptrdiff_t nbytes) {
+    #if defined(__GNUC__) || defined(__clang__)
+        ptrdiff_t o;
+        for (o = 0; o < nbytes; o += 64) { __builtin_prefetch(p + o, 0, 0); }
+        if (nbytes > 0) { __builtin_prefetch(p + nbytes - 1, 0, 0); }
+    #else
+        (void)p; (void)nbytes;
+    #endif
+    }
     """
     uint16_t CUTANA_BSWAP16(uint16_t x) nogil
     uint32_t CUTANA_BSWAP32(uint32_t x) nogil
@@ -133,12 +207,23 @@ cdef extern from *:
     void cutana_swap16(const uint8_t* src, uint8_t* dst, Py_ssize_t n) noexcept nogil
     void cutana_swap32(const uint8_t* src, uint8_t* dst, Py_ssize_t n) noexcept nogil
     void cutana_swap64(const uint8_t* src, uint8_t* dst, Py_ssize_t n) noexcept nogil
+    int cutana_copy_stream(
+        const uint8_t* src, uint8_t* dst, Py_ssize_t n, int itemsize, int swap
+    ) noexcept nogil
+    void cutana_store_fence() noexcept nogil
+    void cutana_prefetch(const uint8_t* p, Py_ssize_t nbytes) noexcept nogil
 
 
 cdef inline void _copy_row(
-    const uint8_t* src, uint8_t* dst, Py_ssize_t n_items, int itemsize, bint swap
+    const uint8_t* src, uint8_t* dst, Py_ssize_t n_items, int itemsize, bint swap,
+    bint stream=False,
 ) noexcept nogil:
-    """Copy ``n_items`` items of ``itemsize`` bytes, swapping byte order if asked."""
+    """Copy ``n_items`` items of ``itemsize`` bytes, swapping byte order if asked.
+
+    With ``stream``, the stores bypass the cache where the CPU allows it.
+    """
+    if stream and cutana_copy_stream(src, dst, n_items, itemsize, swap):
+        return
     if not swap or itemsize == 1:
         memcpy(dst, src, n_items * itemsize)
     elif itemsize == 4:
@@ -160,12 +245,12 @@ cdef inline void _fill(
 
 cdef inline void _copy_row_strided(
     const uint8_t* src, Py_ssize_t src_stride, uint8_t* dst, Py_ssize_t n_items,
-    int itemsize, bint swap
+    int itemsize, bint swap, bint stream=False,
 ) noexcept nogil:
     """Like `_copy_row`, for source items ``src_stride`` bytes apart."""
     cdef Py_ssize_t k
     if src_stride == itemsize:
-        _copy_row(src, dst, n_items, itemsize, swap)
+        _copy_row(src, dst, n_items, itemsize, swap, stream)
         return
     for k in range(n_items):
         _copy_row(src + k * src_stride, dst + k * itemsize, 1, itemsize, swap)
@@ -185,11 +270,13 @@ cdef int _extract_one_strided(
     const uint8_t* fill,
     int itemsize,
     bint swap,
+    bint stream=False,
 ) noexcept nogil:
     """Copy one ``(ny, nx)`` window whose first pixel is ``(y0, x0)``.
 
-    Source pixels of one row are ``src_col_stride`` bytes apart. Returns
-    OVERLAP_FULL, OVERLAP_PARTIAL or OVERLAP_NONE.
+    Source pixels of one row are ``src_col_stride`` bytes apart; the source
+    bytes of the row `_PREFETCH_ROWS` ahead are prefetched while a row is
+    copied. Returns OVERLAP_FULL, OVERLAP_PARTIAL or OVERLAP_NONE.
     """
     cdef Py_ssize_t r, sy, cx0, cx1, n_left, n_mid, n_right
     cdef uint8_t* row
@@ -218,10 +305,13 @@ cdef int _extract_one_strided(
             all_in = False
             continue
         any_in = True
+        if r + _PREFETCH_ROWS < ny and sy + _PREFETCH_ROWS < src_ny:
+            cutana_prefetch(&src[sy + _PREFETCH_ROWS, (x0 + cx0) * src_col_stride],
+                            (n_mid - 1) * src_col_stride + itemsize)
         if n_left > 0:
             _fill(row, n_left, fill, itemsize)
         _copy_row_strided(&src[sy, (x0 + cx0) * src_col_stride], src_col_stride,
-                          row + cx0 * itemsize, n_mid, itemsize, swap)
+                          row + cx0 * itemsize, n_mid, itemsize, swap, stream)
         if n_right > 0:
             _fill(row + cx1 * itemsize, n_right, fill, itemsize)
 
@@ -247,13 +337,14 @@ cdef int _extract_one(
     const uint8_t* fill,
     int itemsize,
     bint swap,
+    bint stream=False,
 ) noexcept nogil:
     """Copy one ``(ny, nx)`` window of an image with contiguous rows.
 
     Returns OVERLAP_FULL, OVERLAP_PARTIAL or OVERLAP_NONE.
     """
     return _extract_one_strided(src, src_ny, src_nx, itemsize, y0, x0, ny, nx,
-                                dst, dst_row_stride, fill, itemsize, swap)
+                                dst, dst_row_stride, fill, itemsize, swap, stream)
 
 
 def _set_vector_swap(bint enabled):
@@ -282,6 +373,7 @@ def extract_windows(
     const uint8_t[::1] fill,
     Py_ssize_t col_stride=-1,
     const int64_t[::1] order=None,
+    bint stream=False,
 ):
     """Copy N windows of one shape out of a 2-D image, as raw bytes.
 
@@ -316,6 +408,10 @@ def extract_windows(
         Visiting windows sorted by position keeps the reads of neighbouring
         windows close in memory, which matters for large tiles; disjoint
         parts of one order can be run from several threads at once.
+    stream : bool, optional
+        Write the output with streaming (non-temporal) stores where the CPU
+        has them (AVX2): faster for outputs much larger than the caches,
+        slower for outputs read again soon. The result is the same.
 
     Returns
     -------
@@ -374,7 +470,9 @@ def extract_windows(
             ov[i] = <signed char> _extract_one_strided(
                 src, src_ny, src_nx, col_stride, corners[i, 0], corners[i, 1], ny, nx,
                 &out[i, 0, 0] if ny > 0 and nx > 0 else <uint8_t*> NULL,
-                row_stride, &fill[0], itemsize, swap,
+                row_stride, &fill[0], itemsize, swap, stream,
             )
+        if stream:
+            cutana_store_fence()
     return overlap
 include "_resample.pxi"

@@ -498,3 +498,60 @@ def test_swap_backends(swap_backend, dtype, window):
     data = _image(dtype, shape=(40, 70))
     data[1, :] = np.arange(70) * 1.5 if dtype[1] == "f" else np.arange(70)
     check(data, _starts(data.shape, window), window, 3)
+
+
+# --------------------------------------------------------------------------
+# streaming stores
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("order", ["<", ">"])
+@pytest.mark.parametrize("window", [(3, 1), (4, 5), (2, 33), (3, 70)])
+@pytest.mark.parametrize("offset", [0, 1, 8, 24, 40])
+def test_streaming_stores(swap_backend, dtype, order, window, offset):
+    """Test that streamed rows equal the reference at any output alignment.
+
+    Offsets move the output off the 32-byte boundary by whole items (the
+    streamed body starts after a normally copied head) or by a byte (the
+    rows are then copied the normal way).
+    """
+    data = _image(np.dtype(dtype).newbyteorder(order), shape=(30, 90), seed=4)
+    itemsize = data.dtype.itemsize
+    starts = _starts(data.shape, window, n=40, seed=5)
+    n, (ny, nx) = len(starts), window
+    nbytes = n * ny * nx * itemsize
+    raw = np.full(nbytes + 128, 0xCD, np.uint8)
+    base = -raw.ctypes.data % 64
+    out = raw[base + offset : base + offset + nbytes].reshape(n, ny, nx * itemsize)
+    fill = np.array([7], data.dtype.newbyteorder("=")).view(np.uint8)
+    overlap = _extract.extract_windows(
+        data.view(np.uint8).reshape(data.shape[0], -1),
+        data.shape[1],
+        itemsize,
+        not data.dtype.isnative and itemsize > 1,
+        starts,
+        out,
+        fill,
+        -1,
+        None,
+        True,
+    )
+    ref, ref_overlap = reference(data, starts, window, 7)
+    np.testing.assert_array_equal(out.view(ref.dtype).reshape(ref.shape), ref)
+    np.testing.assert_array_equal(overlap, ref_overlap)
+    # nothing written outside the output
+    assert np.all(raw[: base + offset] == 0xCD)
+    assert np.all(raw[base + offset + nbytes :] == 0xCD)
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_large_stack_is_streamed_and_aligned(monkeypatch, n_threads):
+    """Test that a stack above the streaming threshold is aligned and exact."""
+    import cutana.cutout
+
+    monkeypatch.setattr(cutana.cutout, "STREAM_ABOVE_BYTES", 0)
+    data = _image(">f4", shape=(200, 300))
+    starts = _starts(data.shape, (16, 16), n=400, seed=9)
+    stack, _ = check(data, starts, (16, 16), np.nan, n_threads=n_threads)
+    assert stack.ctypes.data % 64 == 0

@@ -104,7 +104,10 @@ class Boxes:
     @property
     def is_partial(self):
         """Boolean mask of boxes that overlap the image only in part."""
-        inside = _both((self.start >= 0) & (self.start + self.shape <= self._large))
+        inside = self.code == BOX_OK
+        for a in (0, 1):  # column by column, as in `compute_boxes`
+            start = self.start[:, a]
+            inside &= (start >= 0) & (start + self.shape[:, a] <= self._large[a])
         return (self.code == BOX_OK) & ~inside
 
     @property
@@ -248,23 +251,46 @@ def compute_boxes(
         raise ValueError(msg)
     pos = np.asarray(positions_yx, dtype=np.float64).reshape(-1, 2)
     n = len(pos)
+    # (N, 2) arrays are computed column by column (y, then x): a ufunc over
+    # an (N, 2) array and a (2,) row would run an inner loop of length 2
     shp = np.asarray(shapes, dtype=np.int64)
-    shp = np.broadcast_to(shp.reshape(-1, 2) if shp.ndim > 1 else shp, (n, 2))
-    large = np.asarray(large_shape, dtype=np.int64)
-
+    if shp.ndim > 1:
+        shp = np.ascontiguousarray(shp.reshape(-1, 2))
+        shp = np.broadcast_to(shp, (n, 2)) if len(shp) == 1 else shp
+    shape_cols = np.empty((n, 2), dtype=np.int64)
+    values = np.empty((n, 2), dtype=np.float64)
     finite = _both(np.isfinite(pos))
     safe = pos if finite.all() else np.where(finite[:, None], pos, 0.0)
+    for a in (0, 1):
+        shape_cols[:, a] = shp[..., a]
+        np.subtract(safe[:, a], shp[..., a] / 2.0, out=values[:, a])
+    shp = shape_cols
+    large = np.asarray(large_shape, dtype=np.int64)
     start, overflow = round_limits(
-        safe - shp / 2.0, limit_rounding_method, return_overflow=True
+        values, limit_rounding_method, return_overflow=True
     )
-    stop = start + shp
 
-    # (per-axis tests are combined column by column: much faster than
-    # ``.any(axis=1)`` on an (N, 2) array)
-    zero_size = _both(shp == 0)
-    no_overlap = _either(stop < 0) | (_either(stop == 0) & ~zero_size)
-    no_overlap |= _either(start >= large)
-    outside = _either(start < 0) | _either(stop > large)
+    zero_size = (shp[:, 0] == 0) & (shp[:, 1] == 0)
+    no_overlap = np.zeros(n, dtype=bool)
+    outside = np.zeros(n, dtype=bool)
+    stop = np.empty_like(start)
+    large_start = np.empty_like(start)
+    large_stop = np.empty_like(start)
+    small_start = np.empty_like(start)
+    small_stop = np.empty_like(start)
+    for a in (0, 1):
+        st, size, edge = start[:, a], shp[:, a], int(large[a])
+        sp = np.add(st, size, out=stop[:, a])
+        no_overlap |= (sp < 0) | ((sp == 0) & ~zero_size) | (st >= edge)
+        outside |= (st < 0) | (sp > edge)
+        np.maximum(st, 0, out=large_start[:, a])
+        np.minimum(sp, edge, out=large_stop[:, a])
+        if mode == "trim":
+            small_start[:, a] = 0
+            np.subtract(large_stop[:, a], large_start[:, a], out=small_stop[:, a])
+        else:
+            np.maximum(np.negative(st), 0, out=small_start[:, a])
+            np.minimum(edge - st, size, out=small_stop[:, a])
 
     code = np.full(n, BOX_OK, dtype=np.int8)
     if mode == "strict":
@@ -273,18 +299,9 @@ def compute_boxes(
     code[_either(overflow)] = BOX_OVERFLOW
     code[~finite] = BOX_NONFINITE
 
-    large_start = np.maximum(start, 0)
-    large_stop = np.minimum(stop, large)
-    if mode == "trim":
-        small_start = np.zeros_like(start)
-        small_stop = large_stop - large_start
-    else:
-        small_start = np.maximum(-start, 0)
-        small_stop = np.minimum(large - start, stop - start)
-
     return Boxes(
         start=start,
-        shape=np.ascontiguousarray(shp),
+        shape=shp,
         large_start=large_start,
         large_stop=large_stop,
         small_start=small_start,

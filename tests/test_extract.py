@@ -555,3 +555,26 @@ def test_large_stack_is_streamed_and_aligned(monkeypatch, n_threads):
     starts = _starts(data.shape, (16, 16), n=400, seed=9)
     stack, _ = check(data, starts, (16, 16), np.nan, n_threads=n_threads)
     assert stack.ctypes.data % 64 == 0
+
+
+@pytest.mark.parametrize(
+    "large", [(100, 100), (8000, 8000), (19200, 19200), (2**25, 12), (40, 10**6)]
+)
+def test_read_order_is_a_band_sweep(large):
+    """Test that the copy order is a permutation sweeping bands of rows."""
+    from cutana.cutout import _READ_BAND, _read_order
+
+    rng = np.random.default_rng(3)
+    window = (64, 48)
+    starts = np.column_stack(
+        [
+            rng.integers(-200, large[0] + 200, 3000),
+            rng.integers(-200, large[1] + 200, 3000),
+        ]
+    ).astype(np.int64)
+    starts[:5] = [[-(10**9), 0], [10**9, 0], [0, -(10**9)], [0, 10**9], [5, 5]]
+    order = _read_order(starts, window, large)
+    assert order.dtype == np.int64
+    np.testing.assert_array_equal(np.sort(order), np.arange(len(starts)))
+    band = np.clip(starts[order, 0], -_READ_BAND, large[0]) // _READ_BAND
+    assert np.all(np.diff(band) >= 0)

@@ -13,27 +13,38 @@ try:
 except ImportError:  # pragma: no cover - source tree without a build
     __version__ = "0.0.0"
 
-from .cutout import *  # noqa: F401,F403
-from .cutout import __all__ as _cutout_all
 from .status import Status
 
-__all__ = [  # noqa: F405 - pipeline names are loaded lazily by __getattr__
+#: Names of `cutana.cutout` offered here (see `__getattr__`).
+_CUTOUT_NAMES = (
+    "BatchCutout2D",
+    "Cutout2D",
+    "NoOverlapError",
+    "PartialOverlapError",
+    "cutout_wcs",
+    "extract_stack",
+)
+
+__all__ = [
     "__version__",
     "Status",
     "iter_cutouts",
     "make_cutouts",
     "open",
     "plan_cutouts",
-    *_cutout_all,
+    *_CUTOUT_NAMES,
 ]
 
-# The pipeline pulls in zarr, the tile index and the writers; load it only
-# when one of its names is first used, so that `import cutana` stays light.
+# Names are loaded when first used, so that `import cutana` stays light: the
+# cutout classes pull in astropy.nddata and astropy.coordinates, the pipeline
+# zarr, the tile index and the writers. The ``cutana`` command and worker
+# processes then import only what their job needs.
 _LAZY = {
     "make_cutouts": ("pipeline", "make_cutouts"),
     "iter_cutouts": ("pipeline", "iter_cutouts"),
     "plan_cutouts": ("pipeline", "plan_cutouts"),
     "open": ("io.archive", "open_output"),
+    **{name: ("cutout", name) for name in _CUTOUT_NAMES},
 }
 
 

@@ -117,6 +117,107 @@ cdef extern from *:
             out[k] = (uint16_t)(int)(v - CUTANA_MAGIC);
         }
     }
+    /* Linear stretch straight to uint8: rint(255 * clip((x - vmin) / div,
+       0, 1)) with a multiplication by 1 / div instead of the division. The
+       product is within a few ulp of the quotient, so the code can differ
+       only when 255 * u lies within ~1e-13 of a half-integer; if any pixel
+       comes within 1e-7 of one, the image is redone with the division.
+       Returns whether it was. Only built with AVX2 (chosen at run time):
+       without it, the caller takes the division path. */
+    #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+    #include <immintrin.h>
+    #define CUTANA_HAVE_LINEAR_U8 1
+    #define CUTANA_LINEAR_U8_BODY(LOAD8)                                        \
+        const __m256d vm = _mm256_set1_pd(vmin), inv = _mm256_set1_pd(1.0 / div); \
+        const __m256d zero = _mm256_setzero_pd(), one = _mm256_set1_pd(1.0);    \
+        const __m256d q = _mm256_set1_pd(255.0), lim = _mm256_set1_pd(0.4999999); \
+        const __m256d absmask = _mm256_castsi256_pd(                            \
+            _mm256_set1_epi64x(0x7fffffffffffffffLL));                          \
+        __m256d bad = zero, a, b, ra, rb;                                       \
+        Py_ssize_t k = 0;                                                       \
+        int near_tie;                                                           \
+        for (; k + 8 <= n; k += 8) {                                            \
+            LOAD8                                                               \
+            /* max(v, 0) gives 0 for NaN (second operand) */                    \
+            a = _mm256_mul_pd(_mm256_min_pd(_mm256_max_pd(                      \
+                _mm256_mul_pd(_mm256_sub_pd(a, vm), inv), zero), one), q);      \
+            b = _mm256_mul_pd(_mm256_min_pd(_mm256_max_pd(                      \
+                _mm256_mul_pd(_mm256_sub_pd(b, vm), inv), zero), one), q);      \
+            ra = _mm256_round_pd(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); \
+            rb = _mm256_round_pd(b, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); \
+            bad = _mm256_or_pd(bad, _mm256_cmp_pd(                              \
+                _mm256_and_pd(_mm256_sub_pd(a, ra), absmask), lim, _CMP_GT_OQ)); \
+            bad = _mm256_or_pd(bad, _mm256_cmp_pd(                              \
+                _mm256_and_pd(_mm256_sub_pd(b, rb), absmask), lim, _CMP_GT_OQ)); \
+            {                                                                   \
+                __m128i w = _mm_packs_epi32(_mm256_cvtpd_epi32(ra),             \
+                                            _mm256_cvtpd_epi32(rb));            \
+                _mm_storel_epi64((__m128i*)(out + k), _mm_packus_epi16(w, w));  \
+            }                                                                   \
+        }                                                                       \
+        near_tie = _mm256_movemask_pd(bad) != 0;                                \
+        for (; k < n; k++) {                                                    \
+            double v = ((double)x[k] - vmin) * (1.0 / div), t, c;               \
+            v = v > 0.0 ? v : 0.0;                                              \
+            v = v < 1.0 ? v : 1.0;                                              \
+            t = v * 255.0;                                                      \
+            c = (t + CUTANA_MAGIC) - CUTANA_MAGIC;                              \
+            near_tie |= fabs(t - c) > 0.4999999;                                \
+            out[k] = (uint8_t)(int)c;                                           \
+        }                                                                       \
+        if (near_tie) {                                                         \
+            for (k = 0; k < n; k++) {                                           \
+                double v = cutana_unit1((double)x[k], vmin, div) * 255.0;       \
+                out[k] = (uint8_t)(int)((v + CUTANA_MAGIC) - CUTANA_MAGIC);     \
+            }                                                                   \
+        }                                                                       \
+        return near_tie;
+    __attribute__((target("avx2")))
+    static int cutana_linear_u8_f32_avx2(const float* x, Py_ssize_t n, double vmin,
+                                         double div, uint8_t* out)
+    {
+        CUTANA_LINEAR_U8_BODY(
+            { __m256 f = _mm256_loadu_ps(x + k);
+              a = _mm256_cvtps_pd(_mm256_castps256_ps128(f));
+              b = _mm256_cvtps_pd(_mm256_extractf128_ps(f, 1)); })
+    }
+    __attribute__((target("avx2")))
+    static int cutana_linear_u8_f64_avx2(const double* x, Py_ssize_t n, double vmin,
+                                         double div, uint8_t* out)
+    {
+        CUTANA_LINEAR_U8_BODY(
+            { a = _mm256_loadu_pd(x + k); b = _mm256_loadu_pd(x + k + 4); })
+    }
+    static int cutana_avx2_state = -1;
+    static int cutana_has_avx2(void) {
+        if (cutana_avx2_state < 0) {
+            __builtin_cpu_init();
+            cutana_avx2_state = __builtin_cpu_supports("avx2") ? 1 : 0;
+        }
+        return cutana_avx2_state;
+    }
+    /* 1: done (the fast way or redone), 0: not available, use the division */
+    static int cutana_linear_u8_f32(const float* x, Py_ssize_t n, double vmin,
+                                    double div, uint8_t* out) {
+        if (!cutana_has_avx2()) return 0;
+        cutana_linear_u8_f32_avx2(x, n, vmin, div, out);
+        return 1;
+    }
+    static int cutana_linear_u8_f64(const double* x, Py_ssize_t n, double vmin,
+                                    double div, uint8_t* out) {
+        if (!cutana_has_avx2()) return 0;
+        cutana_linear_u8_f64_avx2(x, n, vmin, div, out);
+        return 1;
+    }
+    #else
+    static int cutana_has_avx2(void) { return 0; }
+    static int cutana_linear_u8_f32(const float* x, Py_ssize_t n, double vmin,
+                                    double div, uint8_t* out)
+    { (void)x; (void)n; (void)vmin; (void)div; (void)out; return 0; }
+    static int cutana_linear_u8_f64(const double* x, Py_ssize_t n, double vmin,
+                                    double div, uint8_t* out)
+    { (void)x; (void)n; (void)vmin; (void)div; (void)out; return 0; }
+    #endif
     static void cutana_to_f32(const double* u, Py_ssize_t n, float* out) {
         for (Py_ssize_t k = 0; k < n; k++) out[k] = (float)u[k];
     }
@@ -224,6 +325,10 @@ cdef extern from *:
     void cutana_quant_u8(const double* u, Py_ssize_t n, uint8_t* out) nogil
     void cutana_quant_u16(const double* u, Py_ssize_t n, uint16_t* out) nogil
     void cutana_to_f32(const double* u, Py_ssize_t n, float* out) nogil
+    int cutana_linear_u8_f32(const float* x, Py_ssize_t n, double vmin, double div,
+                             uint8_t* out) nogil
+    int cutana_linear_u8_f64(const double* x, Py_ssize_t n, double vmin, double div,
+                             uint8_t* out) nogil
     int cutana_quant1(double s, double q) nogil
     enum: CUTANA_LUT_MULTI
     Py_ssize_t cutana_lut_f32(
@@ -1095,7 +1200,7 @@ cdef void _stretch_lut(
 cdef void _stretch_image(
     const floating* img, Py_ssize_t npix, double vmin, double vmax,
     int stretch, double a, double norm, out_t* out, double* u, uint16_t* lut,
-    Py_ssize_t n_bins, const double* thr_b,
+    Py_ssize_t n_bins, const double* thr_b, bint fast_linear,
 ) noexcept nogil:
     """Scale, clip, stretch and quantise one image of ``npix`` pixels.
 
@@ -1120,7 +1225,10 @@ cdef void _stretch_image(
     div = vmax - vmin
     if div == 0:
         div = 1.0
-    if out_t is uint8_t and lut != NULL:
+    if (out_t is uint8_t and stretch == _STRETCH_LINEAR and fast_linear
+            and _linear_u8(img, npix, vmin, div, out)):
+        pass
+    elif out_t is uint8_t and lut != NULL:
         _stretch_lut(img, npix, vmin, div, stretch, a, norm, out, lut, n_bins,
                      thr_b, <Py_ssize_t*> u)
     else:
@@ -1147,6 +1255,18 @@ cdef void _stretch_image(
         for k in range(npix):
             if not isfinite(img[k]):
                 out[k] = 0
+
+
+cdef inline bint _linear_u8(
+    const floating* img, Py_ssize_t npix, double vmin, double div, out_t* out
+) noexcept nogil:
+    """The uint8 linear fast path; False when the CPU cannot run it."""
+    if out_t is not uint8_t:
+        return False
+    elif floating is float:
+        return cutana_linear_u8_f32(img, npix, vmin, div, out)
+    else:
+        return cutana_linear_u8_f64(img, npix, vmin, div, out)
 
 
 cdef double _norm_of(int stretch, double a) noexcept nogil:
@@ -1200,8 +1320,10 @@ def normalize_stack(
         As in `compute_limits`; negative ``r1`` / ``c1`` mean the full
         height / width.
     allow_lut : bool, optional
-        Use the exact lookup table for uint8 log and asinh output (testing
-        switch; the result is the same either way).
+        Use the exact fast paths for uint8 output: the lookup table for log
+        and asinh, a multiplication checked for near-ties instead of the
+        division for linear (testing switch; the result is the same either
+        way).
     """
     cdef Py_ssize_t n = data.shape[0]
     cdef Py_ssize_t npix = data.shape[1] * data.shape[2]
@@ -1276,7 +1398,8 @@ def normalize_stack(
                                 n_samples, contrast, r0, r1, c0, c1, &scratch,
                                 &vmin[i], &vmax[i])
                 _stretch_image(&data[i, 0, 0], npix, vmin[i], vmax[i], stretch,
-                               a, norm, &out[i, 0, 0], u, lut, n_bins, thr_b)
+                               a, norm, &out[i, 0, 0], u, lut, n_bins, thr_b,
+                               allow_lut)
         free(u)
         free(lut)
         if do_limits:

@@ -317,9 +317,18 @@ def main(args=None):
 
 
 def _cmd_run(ns, parser):
+    config = _load_config(ns.config, parser) if ns.config else {}
+    opts = _options(ns, config)
+    workers, backend = opts.get("workers", 1), opts.get("backend")
+    if backend == "processes" or (
+        backend is None and workers != 1 and not opts.get("scheduler")
+    ):
+        # worker processes import cutana while this process does the same
+        from .executor import WORKER_PRELOAD, start_forkserver
+
+        start_forkserver(WORKER_PRELOAD)
     from .pipeline import make_cutouts
 
-    config = _load_config(ns.config, parser) if ns.config else {}
     catalogue = ns.catalogue or config.get("catalogue")
     output = ns.output or config.get("output")
     resume = ns.resume if ns.resume is not None else bool(config.get("resume", False))
@@ -330,7 +339,7 @@ def _cmd_run(ns, parser):
         resume=resume,
         overwrite=overwrite,
         progress=False if ns.no_progress else None,
-        **_options(ns, config),
+        **opts,
     )
     print(report.summary(), file=sys.stderr)
     if ns.report_json:

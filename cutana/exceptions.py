@@ -9,7 +9,6 @@ here so that ``cutana.Cutout2D`` raises exactly what
 `astropy.nddata.Cutout2D` raises.
 """
 
-from astropy.nddata import NoOverlapError, PartialOverlapError
 from astropy.utils.exceptions import AstropyUserWarning
 
 __all__ = [
@@ -91,3 +90,14 @@ class ConfigError(ValueError):
     ...     print(type(exc).__name__, isinstance(exc, ConfigError))
     ConfigError True
     """
+
+
+def __getattr__(name):
+    # astropy's overlap errors, loaded on first use: importing astropy.nddata
+    # is slow, and the pipeline never raises them
+    if name in ("NoOverlapError", "PartialOverlapError"):
+        from astropy.nddata import utils
+
+        return getattr(utils, name)
+    msg = f"module {__name__!r} has no attribute {name!r}"
+    raise AttributeError(msg)

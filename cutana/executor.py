@@ -37,11 +37,52 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
-__all__ = ["BACKENDS", "Executor", "MemorySampler", "TaskFailure"]
+__all__ = [
+    "BACKENDS",
+    "WORKER_PRELOAD",
+    "Executor",
+    "MemorySampler",
+    "TaskFailure",
+    "start_forkserver",
+]
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("serial", "processes", "dask")
+
+#: Modules cutana's worker processes import before their first task (the
+#: cutting and writing code); see `start_forkserver`.
+WORKER_PRELOAD = ("cutana.pipeline",)
+
+
+def start_forkserver(preload=()):
+    """Start the ``forkserver`` of the ``processes`` backend now, without waiting.
+
+    Worker processes are forked from one server process that imports the
+    ``preload`` modules once. Starting it takes about a second (mostly
+    those imports); the ``cutana`` command calls this first thing, so that
+    the server imports while the command itself imports and reads the
+    catalogue. Later calls, and calls on systems without ``forkserver``,
+    do nothing.
+
+    Parameters
+    ----------
+    preload : sequence of str, optional
+        Modules the server imports before it forks workers.
+
+    Examples
+    --------
+    >>> from cutana.executor import start_forkserver
+    >>> from cutana.executor import WORKER_PRELOAD
+    >>> start_forkserver(WORKER_PRELOAD)  # returns at once
+    """
+    if os.name != "posix":
+        return
+    from multiprocessing import forkserver
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(list(preload))
+    forkserver.ensure_running()
 
 
 @dataclass
@@ -448,7 +489,7 @@ class Executor:
     def _new_pool(self):
         ctx = multiprocessing.get_context("forkserver" if os.name == "posix" else "spawn")
         if self.preload and os.name == "posix":
-            ctx.set_forkserver_preload(self.preload)
+            start_forkserver(self.preload)
         return ProcessPoolExecutor(
             max_workers=self.n_workers,
             mp_context=ctx,

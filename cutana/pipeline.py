@@ -24,7 +24,7 @@ import numpy as np
 
 from .catalog import read_catalog
 from .exceptions import ConfigError
-from .executor import BACKENDS, Executor, MemorySampler
+from .executor import BACKENDS, WORKER_PRELOAD, Executor, MemorySampler
 from .io import (
     FitsWriter,
     JobResult,
@@ -825,7 +825,7 @@ def make_cutouts(
         retries=1,
         scheduler=opts.scheduler,
         client=client,
-        preload=["cutana.pipeline"],
+        preload=list(WORKER_PRELOAD),
     )
     executor.warm_up()
     with MemorySampler() as sampler:

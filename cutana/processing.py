@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ._geometry import compute_boxes
-from .cutout import extract_stack
+from ._stack import extract_stack
 from .exceptions import TileError
 from .io.staging import JobResult
 from .normalization import normalize

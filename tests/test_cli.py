@@ -207,3 +207,28 @@ def test_module_entry_point(survey, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "OK" in proc.stderr
+
+
+def test_command_imports_stay_light(tmp_path):
+    """Test that the command and the pipeline do not load astropy.nddata.
+
+    The cutout classes (and so astropy.nddata and scipy) are loaded only
+    when first used, and then equal astropy's own names.
+    """
+    code = (
+        "import sys, cutana.cli, cutana.pipeline\n"
+        "heavy = [m for m in ('astropy.nddata', 'cutana.cutout') if m in sys.modules]\n"
+        "import cutana, cutana.exceptions, astropy.nddata\n"
+        "assert cutana.NoOverlapError is astropy.nddata.NoOverlapError\n"
+        "assert cutana.exceptions.PartialOverlapError is astropy.nddata.PartialOverlapError\n"
+        "assert issubclass(cutana.Cutout2D, astropy.nddata.Cutout2D)\n"
+        "assert all(getattr(cutana, name) is not None for name in cutana.__all__)\n"
+        "import cutana.cutout\n"
+        "assert set(cutana._CUTOUT_NAMES) == set(cutana.cutout.__all__)\n"
+        "print(heavy)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=str(tmp_path)
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"

@@ -548,9 +548,9 @@ def test_streaming_stores(swap_backend, dtype, order, window, offset):
 @pytest.mark.parametrize("n_threads", [1, 2])
 def test_large_stack_is_streamed_and_aligned(monkeypatch, n_threads):
     """Test that a stack above the streaming threshold is aligned and exact."""
-    import cutana.cutout
+    import cutana._stack
 
-    monkeypatch.setattr(cutana.cutout, "STREAM_ABOVE_BYTES", 0)
+    monkeypatch.setattr(cutana._stack, "STREAM_ABOVE_BYTES", 0)
     data = _image(">f4", shape=(200, 300))
     starts = _starts(data.shape, (16, 16), n=400, seed=9)
     stack, _ = check(data, starts, (16, 16), np.nan, n_threads=n_threads)
@@ -562,7 +562,7 @@ def test_large_stack_is_streamed_and_aligned(monkeypatch, n_threads):
 )
 def test_read_order_is_a_band_sweep(large):
     """Test that the copy order is a permutation sweeping bands of rows."""
-    from cutana.cutout import _READ_BAND, _read_order
+    from cutana._stack import _READ_BAND, _read_order
 
     rng = np.random.default_rng(3)
     window = (64, 48)

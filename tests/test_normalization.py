@@ -214,6 +214,51 @@ def test_uint8_lookup_table_equals_direct_evaluation(stretch, dtype):
         assert_array_equal(fast, slow)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_uint8_linear_fast_path_equals_division(dtype):
+    """Test that the multiply-and-check linear path gives the division's codes.
+
+    Besides random images, values are placed exactly on and one ulp around
+    the half-integer code boundaries, where a multiplication by 1 / (vmax -
+    vmin) could round the other way.
+    """
+    code = _normalize.STRETCH_LINEAR
+    for trial in range(12):
+        data = _images(
+            ["noise", "skewed", "galaxy", "ties"][trial % 4],
+            (3, 50, 61),
+            dtype,
+            seed=40 + trial,
+            nan_fraction=0.01,
+        )
+        fast = np.empty(data.shape, np.uint8)
+        slow = np.empty(data.shape, np.uint8)
+        vmin, vmax = np.empty(3), np.empty(3)
+        args = (True, _normalize.INTERVAL_PERCENTILE, 0.002, 0.998)
+        _normalize.normalize_stack(data, fast, code, 1.0, vmin, vmax, *args)
+        _normalize.normalize_stack(
+            data, slow, code, 1.0, vmin, vmax, *args, allow_lut=False
+        )
+        assert_array_equal(fast, slow)
+    # boundaries: (x - vmin) / (vmax - vmin) * 255 = k + 0.5, for odd spans
+    for lo, hi in [(0.0, 255.0), (-3.0, 7.0), (0.1, 0.7), (1e5, 1e5 + 3)]:
+        k = np.arange(-1, 257) + 0.5
+        x = lo + k * (hi - lo) / 255
+        x = np.concatenate([x, np.nextafter(x, -np.inf), np.nextafter(x, np.inf)])
+        data = np.resize(x.astype(dtype), (2, 40, 39))
+        fast = np.empty(data.shape, np.uint8)
+        slow = np.empty(data.shape, np.uint8)
+        vmin, vmax = np.full(2, lo), np.full(2, hi)
+        _normalize.normalize_stack(data, fast, code, 1.0, vmin, vmax, False)
+        _normalize.normalize_stack(
+            data, slow, code, 1.0, vmin, vmax, False, allow_lut=False
+        )
+        assert_array_equal(fast, slow)
+        # and the codes are astropy's: rint(255 * clip((x - lo) / (hi - lo)))
+        unit = np.clip((data.astype(np.float64) - lo) / (hi - lo), 0, 1)
+        assert_array_equal(fast, np.rint(unit * 255).astype(np.uint8))
+
+
 @pytest.mark.parametrize("method", ["linear", "asinh", "zscale"])
 def test_nan_and_inf_become_zero(method):
     """Test that non-finite pixels become 0 and do not affect the limits."""

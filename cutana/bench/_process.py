@@ -50,6 +50,9 @@ def run_timed(
 ):
     """Run a command, timed from outside, sampling its tree's memory.
 
+    Dirty pages are flushed to disk (``os.sync``) before the command starts,
+    outside the timing, so that no run pays for an earlier run's writes.
+
     Parameters
     ----------
     command : list of str
@@ -71,6 +74,10 @@ def run_timed(
         ``seconds``, ``returncode``, ``timed_out``, ``stdout``, ``stderr``,
         ``peak_memory``, ``memory_samples`` and ``max_workers``.
     """
+    # every tool starts with no dirty pages left over from earlier runs: the
+    # kernel would otherwise throttle its writes for the others' output
+    if hasattr(os, "sync"):
+        os.sync()
     with tempfile.TemporaryDirectory(prefix="cutana-bench-") as tmp:
         out_path = os.path.join(tmp, "stdout")
         err_path = os.path.join(tmp, "stderr")

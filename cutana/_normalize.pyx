@@ -271,6 +271,41 @@ cdef extern from *:
         CUTANA_LUT_LOOP(double)
     }
 
+    /* Number of NaN and infinite values of x[:n]: x - x is NaN exactly for
+       those; unordered compares count them four (two) at a time. */
+    static Py_ssize_t cutana_nonfinite_f32(const float* x, Py_ssize_t n) {
+        Py_ssize_t k = 0, bad = 0;
+    #if CUTANA_SSE2
+        __m128i acc = _mm_setzero_si128();
+        int lanes[4];
+        for (; k + 4 <= n; k += 4) {
+            __m128 v = _mm_loadu_ps(x + k);
+            __m128 d = _mm_sub_ps(v, v);
+            acc = _mm_sub_epi32(acc, _mm_castps_si128(_mm_cmpunord_ps(d, d)));
+        }
+        _mm_storeu_si128((__m128i*)lanes, acc);
+        bad = (Py_ssize_t)lanes[0] + lanes[1] + lanes[2] + lanes[3];
+    #endif
+        for (; k < n; k++) { float d = x[k] - x[k]; bad += d != d; }
+        return bad;
+    }
+    static Py_ssize_t cutana_nonfinite_f64(const double* x, Py_ssize_t n) {
+        Py_ssize_t k = 0, bad = 0;
+    #if CUTANA_SSE2
+        __m128i acc = _mm_setzero_si128();
+        long long lanes[2];
+        for (; k + 2 <= n; k += 2) {
+            __m128d v = _mm_loadu_pd(x + k);
+            __m128d d = _mm_sub_pd(v, v);
+            acc = _mm_sub_epi64(acc, _mm_castpd_si128(_mm_cmpunord_pd(d, d)));
+        }
+        _mm_storeu_si128((__m128i*)lanes, acc);
+        bad = (Py_ssize_t)(lanes[0] + lanes[1]);
+    #endif
+        for (; k < n; k++) { double d = x[k] - x[k]; bad += d != d; }
+        return bad;
+    }
+
     /* Append the finite values of x[:n] that are <= lo to low[n_low++] and
        those >= hi (hi > lo) to high[-(++n_high)]; NaN compares false. */
     #define CUTANA_FILTER_SCALAR(T)                                         \
@@ -339,6 +374,8 @@ cdef extern from *:
         const double* x, Py_ssize_t n, double vmin, double scale_b,
         const uint16_t* lut, Py_ssize_t n_bins, const double* thr_b,
         double eps_b, uint8_t* out, Py_ssize_t* pending) nogil
+    Py_ssize_t cutana_nonfinite_f32(const float* x, Py_ssize_t n) nogil
+    Py_ssize_t cutana_nonfinite_f64(const double* x, Py_ssize_t n) nogil
     void cutana_filter_f32(const float* x, Py_ssize_t n, float lo, float hi,
                            float* low, Py_ssize_t* n_low, float* high,
                            Py_ssize_t* n_high) nogil
@@ -552,13 +589,11 @@ cdef void _percentiles(
 
 
 cdef inline Py_ssize_t _count_nonfinite(const floating* v, Py_ssize_t n) noexcept nogil:
-    """Number of NaN and infinite values in ``v[:n]`` (a branch-free loop)."""
-    cdef Py_ssize_t k, bad = 0
-    cdef floating d
-    for k in range(n):
-        d = v[k] - v[k]  # 0 for finite values, NaN otherwise
-        bad += d != d
-    return bad
+    """Number of NaN and infinite values in ``v[:n]`` (a vector loop)."""
+    if floating is float:
+        return cutana_nonfinite_f32(v, n)
+    else:
+        return cutana_nonfinite_f64(v, n)
 
 
 cdef Py_ssize_t _gather_finite(

@@ -55,6 +55,10 @@ BACKENDS = ("serial", "processes", "dask")
 WORKER_PRELOAD = ("cutana.pipeline",)
 
 
+#: Environment variables that set the thread count of numpy's BLAS.
+_BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
 def start_forkserver(preload=()):
     """Start the ``forkserver`` of the ``processes`` backend now, without waiting.
 
@@ -82,7 +86,18 @@ def start_forkserver(preload=()):
 
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(list(preload))
-    forkserver.ensure_running()
+    # Workers are single-threaded by design (``--threads`` sets the kernels'
+    # threads): keep numpy's BLAS from starting a thread per core in each of
+    # them, unless the user chose otherwise. The server (and every worker)
+    # inherits the environment it is started with.
+    unset = [k for k in _BLAS_THREAD_VARIABLES if k not in os.environ]
+    for key in unset:
+        os.environ[key] = "1"
+    try:
+        forkserver.ensure_running()
+    finally:
+        for key in unset:
+            os.environ.pop(key, None)
 
 
 @dataclass

@@ -270,8 +270,9 @@ def cut_job(settings, tile, job, scratch=None):
         scratch = Scratch()  # private to this call
         images = np.zeros((n, n_channels) + out_shape, dtype=settings.dtype)
     else:
+        # every row of every channel is written below (a channel that fails
+        # is zeroed), so the reused buffer needs no clearing first
         images = scratch.get("images", (n, n_channels) + out_shape, settings.dtype)
-        images.fill(0)
     status = np.full(n, Status.OK, dtype=np.int16)
     messages = {}
 
@@ -285,6 +286,7 @@ def cut_job(settings, tile, job, scratch=None):
 
     for c, band in enumerate(tile.bands):
         if band is None:
+            images[:, c] = 0
             status[:] = Status.TILE_ERROR
             for r in job.rows:
                 messages[int(r)] = f"tile {tile.key} has no file for band {c}"
@@ -296,6 +298,7 @@ def cut_job(settings, tile, job, scratch=None):
             )
         except (OSError, ValueError, KeyError, EOFError, zlib.error) as exc:
             # EOFError, zlib.error: damaged data of a compressed tile
+            images[:, c] = 0
             status[:] = Status.TILE_ERROR
             reason = str(exc)
             if isinstance(exc, KeyError) and exc.args:

@@ -62,8 +62,7 @@ def _positive_float(text):
 
 def _add_run_options(p, *, with_output=True):
     """Options shared by ``run`` and ``plan``."""
-    from .normalization import NORMALIZATIONS
-    from .pipeline import DTYPES, FORMATS, RESAMPLE
+    from ._choices import DTYPES, FORMATS, NORMALIZATIONS, RESAMPLE
 
     p.add_argument("catalogue", help="source catalogue (CSV, ECSV, FITS, Parquet, VOTable)")
     if with_output:

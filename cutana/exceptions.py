@@ -15,8 +15,8 @@ __all__ = [
     "CatalogError",
     "ConfigError",
     "CutanaWarning",
-    "NoOverlapError",
-    "PartialOverlapError",
+    "NoOverlapError",  # noqa: F822 - loaded by __getattr__
+    "PartialOverlapError",  # noqa: F822 - loaded by __getattr__
     "TileError",
 ]
 

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from ._choices import DTYPES, FORMATS, RESAMPLE
 from .catalog import read_catalog
 from .exceptions import ConfigError
 from .executor import BACKENDS, WORKER_PRELOAD, Executor, MemorySampler
@@ -43,7 +44,6 @@ from .io import (
 from .normalization import NORMALIZATIONS
 from .planner import Plan, make_plan, parse_memory
 from .processing import CutSettings, Scratch, cut_job
-from .resample import RESAMPLE_METHODS
 from .status import STATUS_DESCRIPTIONS, Status
 from .tiles import TileIndex
 
@@ -59,9 +59,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("zarr", "fits")
-DTYPES = ("float32", "uint8", "uint16")
-RESAMPLE = ("none", *RESAMPLE_METHODS)
 _CHUNKS_PER_TASK = 8
 # what `ZarrWriter.create` puts into a store
 _ZARR_MEMBERS = frozenset(

@@ -112,10 +112,10 @@ def extract_stack(
     visited in bands of rows of the tile rather than in the given order:
     for a large tile and a random catalogue this makes the reads several
     times faster, and it changes nothing in the result. An output larger
-    than `STREAM_ABOVE_BYTES` that this function allocates is aligned to 64
-    bytes and written with streaming stores, which bypass the CPU caches:
-    such an output could not stay in them anyway, and the stores then
-    neither read the fresh memory first nor evict the tile's lines.
+    than 32 MiB that this function allocates is aligned to 64 bytes and
+    written with streaming stores, which bypass the CPU caches: such an
+    output could not stay in them anyway, and the stores then neither read
+    the fresh memory first nor evict the tile's lines.
 
     Examples
     --------

@@ -324,29 +324,6 @@ cdef int _extract_one_strided(
     return _NONE
 
 
-cdef int _extract_one(
-    const uint8_t[:, :] src,
-    Py_ssize_t src_ny,
-    Py_ssize_t src_nx,
-    int64_t y0,
-    int64_t x0,
-    Py_ssize_t ny,
-    Py_ssize_t nx,
-    uint8_t* dst,
-    Py_ssize_t dst_row_stride,
-    const uint8_t* fill,
-    int itemsize,
-    bint swap,
-    bint stream=False,
-) noexcept nogil:
-    """Copy one ``(ny, nx)`` window of an image with contiguous rows.
-
-    Returns OVERLAP_FULL, OVERLAP_PARTIAL or OVERLAP_NONE.
-    """
-    return _extract_one_strided(src, src_ny, src_nx, itemsize, y0, x0, ny, nx,
-                                dst, dst_row_stride, fill, itemsize, swap, stream)
-
-
 def _set_vector_swap(bint enabled):
     """Use (or stop using) the AVX2 byte-swap loops; for tests.
 

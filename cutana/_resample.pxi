@@ -1,7 +1,7 @@
 # Licensed under a 3-clause BSD style license - see LICENSE.rst
 #
 # Fused extraction + resampling, included at the end of _extract.pyx so that
-# it can reuse the window copy ``_extract_one`` (byte swapping and fill).
+# it can reuse the window copy ``_extract_one_strided`` (byte swapping and fill).
 #
 # For each of N sources the kernel copies the source's window (which may lie
 # partly or wholly outside the image) into a small native scratch buffer,
@@ -397,9 +397,9 @@ def resample_windows(
             for i in range(n):
                 ny = shapes[i, 0]
                 nx = shapes[i, 1]
-                ov = _extract_one(src, src_ny, src_nx, corners[i, 0],
-                                  corners[i, 1], ny, nx, raw, nx * itemsize,
-                                  zero, itemsize, swap)
+                ov = _extract_one_strided(src, src_ny, src_nx, itemsize,
+                                          corners[i, 0], corners[i, 1], ny, nx,
+                                          raw, nx * itemsize, zero, itemsize, swap)
                 ov_view[i] = <signed char> ov
                 _to_double(raw, win, ny * nx, kind, itemsize)
                 _prepare_window(win, ny, nx, corners[i, 0], corners[i, 1],

@@ -1,6 +1,7 @@
 # Licensed under a 3-clause BSD style license - see LICENSE.rst
 """
-Small picklable task functions for testing the executor and fault drills.
+Small picklable task functions for testing the executor and fault drills,
+and helpers the test modules share.
 
 They live in the package (not in ``tests/``) so that worker processes
 started by the executor can import them by name.
@@ -9,7 +10,14 @@ started by the executor can import them by name.
 import os
 import time
 
-__all__ = ["die_once", "fail_always", "fail_once", "record_concurrency", "square"]
+__all__ = [
+    "die_once",
+    "fail_always",
+    "fail_once",
+    "files_bytes",
+    "record_concurrency",
+    "square",
+]
 
 
 def square(x):
@@ -122,3 +130,27 @@ def record_concurrency(task):
     time.sleep(seconds)
     os.remove(path)
     return n
+
+
+def files_bytes(root):
+    """Every file below ``root``, as ``{relative path: bytes}``.
+
+    For comparing two outputs byte for byte.
+
+    Parameters
+    ----------
+    root : str or path-like
+        A folder.
+
+    Returns
+    -------
+    files : dict
+        Relative path to the file's contents.
+    """
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as fh:
+                out[os.path.relpath(path, root)] = fh.read()
+    return out

@@ -318,13 +318,13 @@ def main(args=None):
 def _cmd_run(ns, parser):
     config = _load_config(ns.config, parser) if ns.config else {}
     opts = _options(ns, config)
-    workers, backend = opts.get("workers", 1), opts.get("backend")
-    if backend == "processes" or (
-        backend is None and workers != 1 and not opts.get("scheduler")
-    ):
-        # worker processes import cutana while this process does the same
-        from .executor import WORKER_PRELOAD, start_forkserver
+    from .executor import WORKER_PRELOAD, default_backend, start_forkserver
 
+    backend = opts.get("backend") or default_backend(
+        opts.get("workers", 1), opts.get("scheduler")
+    )
+    if backend == "processes":
+        # worker processes import cutana while this process does the same
         start_forkserver(WORKER_PRELOAD)
     from .pipeline import make_cutouts
 

@@ -43,6 +43,7 @@ __all__ = [
     "Executor",
     "MemorySampler",
     "TaskFailure",
+    "default_backend",
     "start_forkserver",
 ]
 
@@ -53,6 +54,33 @@ BACKENDS = ("serial", "processes", "dask")
 #: Modules cutana's worker processes import before their first task (the
 #: cutting and writing code); see `start_forkserver`.
 WORKER_PRELOAD = ("cutana.pipeline",)
+
+
+def default_backend(workers, scheduler=None):
+    """The backend used when none is given.
+
+    Parameters
+    ----------
+    workers : int
+        Number of workers.
+    scheduler : str, optional
+        Address of a Dask scheduler.
+
+    Returns
+    -------
+    backend : str
+        ``'dask'`` with a scheduler, else ``'serial'`` for one worker and
+        ``'processes'`` for more.
+
+    Examples
+    --------
+    >>> from cutana.executor import default_backend
+    >>> default_backend(1), default_backend(2), default_backend(1, "tcp://h:8786")
+    ('serial', 'processes', 'dask')
+    """
+    if scheduler:
+        return "dask"
+    return "serial" if workers == 1 else "processes"
 
 
 #: Environment variables that set the thread count of numpy's BLAS.

@@ -25,7 +25,13 @@ import numpy as np
 from ._choices import DTYPES, FORMATS, RESAMPLE
 from .catalog import read_catalog
 from .exceptions import ConfigError
-from .executor import BACKENDS, WORKER_PRELOAD, Executor, MemorySampler
+from .executor import (
+    BACKENDS,
+    WORKER_PRELOAD,
+    Executor,
+    MemorySampler,
+    default_backend,
+)
 from .io import (
     FitsWriter,
     JobResult,
@@ -167,9 +173,7 @@ class RunOptions:
         if not _is_int(self.threads) or self.threads < 1:
             _bad("threads", self.threads, "a positive integer")
         if self.backend is None:
-            self.backend = "serial" if self.workers == 1 and not self.scheduler else (
-                "dask" if self.scheduler else "processes"
-            )
+            self.backend = default_backend(self.workers, self.scheduler)
         if self.backend not in BACKENDS:
             _bad("backend", self.backend, f"one of {', '.join(BACKENDS)}")
         if self.scheduler and self.backend != "dask":

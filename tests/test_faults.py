@@ -34,6 +34,7 @@ from astropy.io import fits
 from astropy.table import Table
 
 import cutana
+from cutana._testing import files_bytes
 from cutana.bench.synthetic import make_survey
 from cutana.cli import main
 from cutana.status import Status
@@ -84,20 +85,9 @@ def _cli(args):
     return code, err.getvalue()
 
 
-def _files_bytes(root):
-    """Every file below ``root`` (relative path -> bytes)."""
-    out = {}
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            path = os.path.join(dirpath, name)
-            with open(path, "rb") as fh:
-                out[os.path.relpath(path, root)] = fh.read()
-    return out
-
-
 def _assert_identical(out, clean):
     """Assert that two outputs hold the same files with the same bytes."""
-    got, ref = _files_bytes(out), _files_bytes(clean)
+    got, ref = files_bytes(out), files_bytes(clean)
     assert sorted(got) == sorted(ref), set(got) ^ set(ref)
     differ = [name for name in ref if got[name] != ref[name]]
     assert not differ, f"files differ from the clean run: {differ[:10]}"
@@ -344,14 +334,14 @@ def test_rerun_without_resume_refuses_and_keeps_output(survey, clean, tmp_path):
     """Test that running again into an existing output is refused, changing nothing."""
     out = tmp_path / "again.zarr"
     shutil.copytree(clean["serial"], out)
-    before = _files_bytes(out)
+    before = files_bytes(out)
     code, err = _cli(
         ["run", survey.catalogue_path, "-o", out, "--size", "15", "--no-progress"]
     )
     assert code == 2
     assert "already exists" in err and "--resume" in err and "--overwrite" in err
     assert "Traceback" not in err
-    assert _files_bytes(out) == before
+    assert files_bytes(out) == before
 
 
 # ----------------------------------------------------------------------------

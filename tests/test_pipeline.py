@@ -11,6 +11,7 @@ from astropy.nddata import Cutout2D as AstropyCutout2D
 from astropy.wcs import WCS
 
 import cutana
+from cutana._testing import files_bytes
 from cutana.bench.synthetic import make_survey
 from cutana.exceptions import ConfigError
 from cutana.status import Status
@@ -51,16 +52,6 @@ def _reference(path, ra, dec, size, mode="partial"):
 
 def _tile_paths(archive, i):
     return archive.attrs["tiles"][int(archive.tile[i])]["paths"]
-
-
-def _files_bytes(root):
-    out = {}
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            path = os.path.join(dirpath, name)
-            with open(path, "rb") as fh:
-                out[os.path.relpath(path, root)] = fh.read()
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +150,7 @@ def test_processes_and_serial_give_identical_bytes(survey, zarr_run, tmp_path):
         survey.catalogue_path, out2, size=21, workers=2, backend="processes",
         max_sources_per_job=7, progress=False,
     )
-    assert _files_bytes(out) == _files_bytes(out2)
+    assert files_bytes(out) == files_bytes(out2)
 
 
 def test_flux_conversion_and_weights(survey, zarr_run, tmp_path):
@@ -274,7 +265,7 @@ def test_resume_after_interruption_is_byte_identical(survey, zarr_run, tmp_path,
         survey.catalogue_path, out, size=21, resume=True, workers=2, progress=False
     )
     assert report.exit_code == 0
-    assert _files_bytes(clean) == _files_bytes(out)
+    assert files_bytes(clean) == files_bytes(out)
 
 
 def test_corrupt_tile_marks_only_its_sources(survey, tmp_path):
@@ -332,4 +323,4 @@ def test_dask_backend_gives_identical_bytes(survey, zarr_run, tmp_path):
         max_sources_per_job=9, progress=False,
     )
     assert report.exit_code == 0
-    assert _files_bytes(out) == _files_bytes(out2)
+    assert files_bytes(out) == files_bytes(out2)

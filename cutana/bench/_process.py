@@ -8,6 +8,7 @@ start to exit, and the summed resident memory of the process and all its
 descendants, sampled in a background thread.
 """
 
+import json
 import os
 import subprocess
 import tempfile
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from ..executor import MemorySampler as ProcessTreeSampler
 
-__all__ = ["ProcessTreeSampler", "kill_tree", "run_timed"]
+__all__ = ["ProcessTreeSampler", "kill_tree", "last_json_record", "run_timed"]
 
 _SAMPLE_INTERVAL = 0.1
 
@@ -109,3 +110,35 @@ def run_timed(
     }
 
 
+def last_json_record(text, tool):
+    """Find a driver's JSON record in its standard output.
+
+    Parameters
+    ----------
+    text : str
+        Standard output of the driver.
+    tool : str
+        The record's ``"tool"`` value.
+
+    Returns
+    -------
+    record : dict or None
+        The last line that is a JSON object with that ``"tool"``, or `None`
+        if there is none.
+
+    Examples
+    --------
+    >>> from cutana.bench._process import last_json_record
+    >>> last_json_record('log\n{"tool": "astropy", "n": 3}\n{"x"', "astropy")
+    {'tool': 'astropy', 'n': 3}
+    """
+    for line in reversed(text.splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and record.get("tool") == tool:
+                return record
+    return None

@@ -74,7 +74,6 @@ What to know when comparing with ESA Cutana 0.4.0:
   rounded up to about a second.
 """
 
-import json
 import logging
 import math
 import os
@@ -82,7 +81,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ._process import run_timed
+from ._process import last_json_record, run_timed
 
 __all__ = [
     "DEFAULT_ESA_VENV",
@@ -450,32 +449,6 @@ def _is_esa_worker(proc):
     return _WORKER_MARKER in " ".join(proc.cmdline())
 
 
-def _last_json_line(text):
-    """Find the driver's JSON record in its standard output.
-
-    Parameters
-    ----------
-    text : str
-        Standard output of the driver.
-
-    Returns
-    -------
-    record : dict or None
-        The last line that is a JSON object with ``"tool": "esa-cutana"``,
-        or `None` if there is none.
-    """
-    for line in reversed(text.splitlines()):
-        line = line.strip()
-        if line.startswith("{"):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and record.get("tool") == "esa-cutana":
-                return record
-    return None
-
-
 def run_esa_cutana(
     cutana_python,
     catalogue,
@@ -639,7 +612,7 @@ def run_esa_cutana(
     stdout, stderr = run["stdout"], run["stderr"]
     seconds, returncode = run["seconds"], run["returncode"]
 
-    record = _last_json_line(stdout)
+    record = last_json_record(stdout, "esa-cutana")
     n_cutouts = int(record["n_cutouts"]) if record else 0
     samples = run["memory_samples"]
     if returncode != 0:

@@ -58,7 +58,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._process import ProcessTreeSampler
+from ._process import ProcessTreeSampler, last_json_record
 from ._process import run_timed as _run_timed
 
 __all__ = [
@@ -465,19 +465,6 @@ def _astropy_main(argv):
     return 0
 
 
-def _last_json(text, tool):
-    for line in reversed(text.splitlines()):
-        line = line.strip()
-        if line.startswith("{"):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and record.get("tool") == tool:
-                return record
-    return None
-
-
 def run_astropy(
     catalogue, output, *, n_sources=None, target_size=150, percentile=99.8, timeout=None
 ):
@@ -540,7 +527,7 @@ def run_astropy(
         cwd=str(Path(output).resolve().parent),
         timeout=timeout,
     )
-    record = _last_json(run["stdout"], "astropy")
+    record = last_json_record(run["stdout"], "astropy")
     out = {
         "tool": "astropy",
         "workers": 1,

@@ -27,6 +27,7 @@ Backends
     single-threaded workers.
 """
 
+import gc
 import logging
 import multiprocessing
 import os
@@ -212,6 +213,9 @@ def _init_worker(parent_pid, parent_create_time, initializer=None, interval=0.5)
         ).start()
     if initializer is not None:
         initializer()
+    # the modules the server imported are never freed: keep the collector
+    # from walking their objects again and again while the worker cuts
+    gc.freeze()
 
 
 def _is_broken(pool):
@@ -511,6 +515,15 @@ class Executor:
     def _run_serial(self, func, queue, on_done, failed):
         if self.initializer is not None:
             self.initializer()
+        # objects that exist now (modules, the catalogue) outlive the run:
+        # the collector skips them until it ends (nothing is leaked)
+        gc.freeze()
+        try:
+            self._serial_loop(func, queue, on_done, failed)
+        finally:
+            gc.unfreeze()
+
+    def _serial_loop(self, func, queue, on_done, failed):
         while queue:
             pending = queue.popleft()
             while True:

@@ -222,19 +222,19 @@ def test_round_trip_row_order(tmp_path, dtype):
 @pytest.mark.parametrize(
     ("n_rows", "row_bytes", "expected"),
     [
-        (1000, 3 * 150 * 150, 31),  # ESA workload, uint8: 31 rows ~ 2 MiB
-        (1000, 4 * 64 * 64 * 4, 32),  # float32, 4 bands
+        (1000, 3 * 150 * 150, 62),  # 3-band 150 px uint8: 62 rows ~ 4 MiB
+        (1000, 4 * 64 * 64 * 4, 64),  # float32, 4 bands: 64 rows = 4 MiB
         (1000, 8 * 1024 * 1024, 1),  # huge rows: one per chunk
         (5, 1000, 5),  # small catalogue: one chunk
         (0, 1000, 1),
     ],
 )
 def test_choose_chunk_rows(n_rows, row_bytes, expected):
-    """Test that chunks hold 1-2 MiB of whole cutouts (or one cutout, or all)."""
+    """Test that chunks hold 2-4 MiB of whole cutouts (or one cutout, or all)."""
     rows = choose_chunk_rows(n_rows, row_bytes)
     assert rows == expected
-    if row_bytes <= 2 * 1024 * 1024 and n_rows >= 1000:
-        assert 1024 * 1024 <= rows * row_bytes <= 2 * 1024 * 1024
+    if row_bytes <= 4 * 1024 * 1024 and n_rows >= 1000:
+        assert 2 * 1024 * 1024 <= rows * row_bytes <= 4 * 1024 * 1024
 
 
 def test_chunking_is_shared(tmp_path):
@@ -264,8 +264,8 @@ def test_default_chunk_rows(tmp_path):
         ra=np.zeros(100),
         dec=np.zeros(100),
     )
-    assert writer.chunk_rows == 31
-    assert zarr.open_group(tmp_path / "s.zarr")["images"].chunks == (31, 3, 150, 150)
+    assert writer.chunk_rows == choose_chunk_rows(100, 3 * 150 * 150) == 62
+    assert zarr.open_group(tmp_path / "s.zarr")["images"].chunks == (62, 3, 150, 150)
 
 
 def test_two_runs_byte_identical(tmp_path):
@@ -290,6 +290,49 @@ def test_two_runs_byte_identical(tmp_path):
     # a finished store is a plain Zarr store: listing it warns about nothing
     names = sorted(name for name, _ in zarr.open_group(a, mode="r").members())
     assert "images" in names and ".cutana" not in names
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "float32"])
+def test_chunks_written_from_memory_equal_staged(tmp_path, dtype, monkeypatch):
+    """Test that chunks encoded straight from an in-memory job (one job holding
+    consecutive rows) are the bytes of the same chunks assembled from staging."""
+    n = 23
+    catalogue, jobs, base = _fake_run(n=n, dtype=dtype, job_size=n)
+    rng = np.random.default_rng(3)
+    job = JobResult(
+        job_id=0, rows=np.arange(n, dtype=np.int64), images=jobs[0].images[:0],
+        status=np.zeros(0, np.int16), tile=1, origin=np.zeros((0, 2), np.int64),
+        box_shape=np.zeros((0, 2), np.int64),
+    )
+    job.images = (rng.random((n, len(BANDS), *OUT_SHAPE)) * 250).astype(dtype)
+    job.status = rng.choice([Status.OK, Status.PARTIAL_OVERLAP], size=n).astype(np.int16)
+    job.origin = rng.integers(-3, 100, size=(n, 2))
+    job.box_shape = rng.integers(3, 9, size=(n, 2))
+    mapping = (np.zeros(n, np.int64), np.arange(n, dtype=np.int64))
+    trees, sums = [], []
+    for name, pinned in (("memory", {0: job}), ("staged", None)):
+        path = tmp_path / f"{name}.zarr"
+        writer = ZarrWriter.create(
+            path, n_rows=n, bands=BANDS, out_shape=OUT_SHAPE, dtype=dtype,
+            tiles=_tiles(), chunk_rows=5, **catalogue,
+        )
+        if pinned is None:
+            stage_job(path, job)
+            monkeypatch.undo()
+        else:  # no block is assembled: the chunks are views of the job
+            monkeypatch.setattr(ZarrWriter, "_empty_block", None)
+        sums.append(writer.write_chunks(range(writer.n_chunks), mapping, base,
+                                        results=pinned))
+        writer.finalize(sums[-1])
+        remove_run_state(path)
+        trees.append(_tree(path, skip=()))
+    assert sums[0] == sums[1]
+    assert trees[0] == trees[1]
+    out = open_output(tmp_path / "memory.zarr")
+    np.testing.assert_array_equal(out.images[:], job.images)
+    np.testing.assert_array_equal(out.status[:], job.status)
+    np.testing.assert_array_equal(out.origin[:], job.origin)
+    np.testing.assert_array_equal(out.box_shape[:], job.box_shape)
 
 
 def test_concurrent_write_chunks(tmp_path):
@@ -698,8 +741,11 @@ def test_leftovers_of_killed_writes_removed(tmp_path):
             os.path.dirname(writer._chunk_file("status", 1)), "1.ef56.partial"
         ),
         os.path.join(path, "zarr.json.0123.partial"),
+        # a store of an older cutana has nested chunk folders (c/1/0/0/0)
+        os.path.join(path, "images", "c", "1", "0", "0", "0.ab12.partial"),
     ]
     for leftover in leftovers:
+        os.makedirs(os.path.dirname(leftover), exist_ok=True)
         with open(leftover, "wb") as fh:
             fh.write(b"half a chunk")
     writer.write_chunks([1], _mapping(40, jobs), base)  # the redone chunk
@@ -740,11 +786,15 @@ def test_direct_chunk_encoding_equals_zarr(tmp_path, dtype):
     )
     sother[:] = status
     for k in range(w.n_chunks):
+        # the store's keys are flat (c.k.0.0.0), zarr's default nested (c/k/0/0/0)
         key = ref.metadata.encode_chunk_key((k, 0, 0, 0))
+        assert key == f"c.{k}.0.0.0"
         a = (tmp_path / "a.zarr" / "images" / key).read_bytes()
-        b = (tmp_path / "b.zarr" / key).read_bytes()
+        b_key = other.metadata.encode_chunk_key((k, 0, 0, 0))
+        b = (tmp_path / "b.zarr" / b_key).read_bytes()
         assert a == b
         key = sref.metadata.encode_chunk_key((k,))
+        s_key = sother.metadata.encode_chunk_key((k,))
         assert (tmp_path / "a.zarr" / "status" / key).read_bytes() == (
-            tmp_path / "s.zarr" / key
+            tmp_path / "s.zarr" / s_key
         ).read_bytes()

@@ -50,10 +50,15 @@ logger = logging.getLogger(__name__)
 #: Version of the store layout written by this module.
 FORMAT_VERSION = 1
 
-_TARGET_CHUNK_BYTES = 2 * 1024 * 1024
+#: Uncompressed bytes per chunk: every chunk is five files (images and four
+#: per-row arrays), whose creation costs more than their writing below ~4 MiB.
+_TARGET_CHUNK_BYTES = 4 * 1024 * 1024
 _META_CHUNK_ROWS = 1 << 16
 _ROW_ARRAYS = ("images", "origin", "box_shape", "tile", "status")  # write order
 _MAX_RUN_BYTES = 64 * 1024 * 1024
+#: Chunk keys ``c.<row chunk>.0...`` in the array's folder: one flat folder
+#: per array, so that writing a chunk creates no folders.
+_FLAT_KEYS = {"name": "default", "separator": "."}
 _JOB_CACHE = 64
 
 
@@ -67,8 +72,8 @@ def choose_chunk_rows(n_rows, row_bytes, target=_TARGET_CHUNK_BYTES):
     row_bytes : int
         Uncompressed bytes of one row (``C * H * W * itemsize``).
     target : int, optional
-        Target uncompressed chunk size in bytes (2 MiB), so that chunks hold
-        between 1 and 2 MiB when a row is smaller than 2 MiB.
+        Target uncompressed chunk size in bytes (4 MiB), so that chunks hold
+        between 2 and 4 MiB when a row is smaller than 4 MiB.
 
     Returns
     -------
@@ -78,8 +83,8 @@ def choose_chunk_rows(n_rows, row_bytes, target=_TARGET_CHUNK_BYTES):
     Examples
     --------
     >>> from cutana.io import choose_chunk_rows
-    >>> choose_chunk_rows(100_000, 3 * 64 * 64 * 4)  # 48 KiB rows: 2 MiB chunks
-    42
+    >>> choose_chunk_rows(100_000, 3 * 64 * 64 * 4)  # 48 KiB rows: 4 MiB chunks
+    85
     >>> choose_chunk_rows(10, 1000)  # never more than the rows there are
     10
     >>> choose_chunk_rows(10, 8 * 1024 * 1024)  # at least one row
@@ -437,6 +442,7 @@ class ZarrWriter:
             compressors=_compressor(dtype),
             config=full,
             dimension_names=("source", "band", "y", "x"),
+            chunk_key_encoding=_FLAT_KEYS,
         )
         # per-row metadata is tiny: stored uncompressed, so that its chunks
         # are plain little-endian bytes that write_chunks writes directly
@@ -450,6 +456,7 @@ class ZarrWriter:
                 compressors=None,
                 config=full,
                 dimension_names=("source",),
+                chunk_key_encoding=_FLAT_KEYS,
             )
         for name, dt in (("origin", "int64"), ("box_shape", "int32")):
             group.create_array(
@@ -461,6 +468,7 @@ class ZarrWriter:
                 compressors=None,
                 config=full,
                 dimension_names=("source", "axis"),
+                chunk_key_encoding=_FLAT_KEYS,
             )
         sid = group.create_array(
             "source_id",
@@ -469,6 +477,7 @@ class ZarrWriter:
             dtype=str,
             config=full,
             dimension_names=("source",),
+            chunk_key_encoding=_FLAT_KEYS,
         )
         arrays = {"source_id": (sid, source_id)}
         for name, values in (("ra", ra), ("dec", dec)):
@@ -480,6 +489,7 @@ class ZarrWriter:
                 fill_value=np.nan,
                 config=full,
                 dimension_names=("source",),
+                chunk_key_encoding=_FLAT_KEYS,
                 attributes={"unit": "deg"},
             )
             arrays[name] = (arr, values)
@@ -636,13 +646,18 @@ class ZarrWriter:
         for run in _runs(chunks, per_run):
             r0 = self.chunk_range(run[0])[0]
             r1 = self.chunk_range(run[-1])[1]
-            block = self._empty_block(r1 - r0)
+            block = self._view_of(r0, r1, row_to_job, pinned)
+            if block is None:
+                block = self._empty_block(r1 - r0)
+                for k in run:
+                    a, b = (r - r0 for r in self.chunk_range(k))
+                    part = tuple(arr[a:b] for arr in block)
+                    self._assemble(
+                        k, row_to_job, base_status, out_dir, cache, part, pinned
+                    )
             for k in run:
                 a, b = (r - r0 for r in self.chunk_range(k))
-                part = tuple(arr[a:b] for arr in block)
-                self._assemble(k, row_to_job, base_status, out_dir, cache, part, pinned)
-                checksums[k] = chunk_digest(*part)
-                self._remove_partials(k)
+                checksums[k] = chunk_digest(*(arr[a:b] for arr in block))
             # images straight to their chunk files; status last: a row that
             # shows a status has everything else written
             for name, data in sorted(
@@ -671,6 +686,48 @@ class ZarrWriter:
             np.full(m, -1, dtype=np.int32),
             np.zeros((m, 2), dtype=np.int64),
             np.zeros((m, 2), dtype=np.int32),
+        )
+
+    def _view_of(self, r0, r1, row_to_job, pinned):
+        """Rows ``r0:r1`` as views of one in-memory job, or `None`.
+
+        When every row of the range is a consecutive row of the same job
+        result in ``pinned`` (a worker writing the chunks only its own job
+        fills, the usual case), the chunks are encoded straight from the
+        job's arrays instead of being copied into a block first.
+        """
+        if not pinned:
+            return None
+        if callable(row_to_job):
+            jobs, pos = row_to_job(r0, r1)
+        else:
+            jobs, pos = (np.asarray(a)[r0:r1] for a in row_to_job)
+        jobs = np.asarray(jobs)
+        pos = np.asarray(pos)
+        m = r1 - r0
+        if jobs.shape != (m,) or pos.shape != (m,) or not m:
+            return None  # _assemble explains
+        res = pinned.get(int(jobs[0]))
+        if res is None or np.any(jobs != jobs[0]):
+            return None
+        p0 = int(pos[0])
+        if not 0 <= p0 <= len(res.rows) - m or np.any(pos != p0 + np.arange(m)):
+            return None
+        p = slice(p0, p0 + m)
+        if (
+            np.any(res.rows[p] != np.arange(r0, r1))
+            or res.images.dtype != self.dtype
+            or res.images.shape[1:] != (len(self.bands), *self.out_shape)
+        ):
+            return None
+        status = np.asarray(res.status[p], dtype=np.int16)
+        _check_statuses(status, r0, f"rows {r0}:{r1}")
+        return (
+            res.images[p],
+            status,
+            np.full(m, res.tile, dtype=np.int32),
+            np.asarray(res.origin[p], dtype=np.int64),
+            np.asarray(res.box_shape[p], dtype=np.int32),
         )
 
     def _assemble(self, chunk, row_to_job, base_status, out_dir, cache, block, pinned=None):
@@ -747,11 +804,7 @@ class ZarrWriter:
                 f"{int(status[row - r0])} is not a final status without a cutout"
             )
             raise ValueError(msg)
-        known = np.isin(status, [int(s) for s in Status if s != Status.PENDING])
-        if not np.all(known):
-            row = int(r0 + np.flatnonzero(~known)[0])
-            msg = f"chunk {chunk}: row {row} has unknown status {int(status[row - r0])}"
-            raise ValueError(msg)
+        _check_statuses(status, r0, f"chunk {chunk}")
 
     def _encoder(self, name):
         """How to encode chunks of array ``name`` directly, or `None`.
@@ -809,6 +862,7 @@ class ZarrWriter:
         cr = self.chunk_rows
         le = values.dtype.newbyteorder("<")
         fill = arr.metadata.fill_value
+        made = self.__dict__.setdefault("_folders", set())
         saved = numcodecs.blosc.use_threads
         numcodecs.blosc.use_threads = False  # one core per writer process
         try:
@@ -822,7 +876,10 @@ class ZarrWriter:
                 part = np.ascontiguousarray(part, dtype=le)
                 data = part.tobytes() if encoder == "raw" else encoder.encode(part)
                 path = self._chunk_file(name, k)
-                os.makedirs(os.path.dirname(path), exist_ok=True)
+                folder = os.path.dirname(path)
+                if folder not in made:  # folders only with '/' keys
+                    os.makedirs(folder, exist_ok=True)
+                    made.add(folder)
                 tmp = f"{path}.{os.getpid()}.partial"
                 with open(tmp, "wb") as fh:
                     fh.write(data)
@@ -831,18 +888,43 @@ class ZarrWriter:
             numcodecs.blosc.use_threads = saved
         return True
 
+    def _read_rows(self, name):
+        """Yield the values of per-row array ``name`` in blocks of rows.
+
+        Uncompressed chunks are read straight from their files (zarr's
+        per-chunk overhead would cost more than the reading); a missing
+        chunk file gives the fill value, as in zarr.
+        """
+        arr = self._array(name)
+        if self._encoder(name) != "raw":
+            for r0 in range(0, self.n_rows, 1 << 22):
+                yield arr[r0 : r0 + (1 << 22)]
+            return
+        dtype = arr.dtype.newbyteorder("<")
+        fill = arr.metadata.fill_value
+        for k in range(self.n_chunks):
+            r0, r1 = self.chunk_range(k)
+            try:
+                with open(self._chunk_file(name, k), "rb") as fh:
+                    raw = fh.read()
+            except FileNotFoundError:
+                yield np.full(r1 - r0, fill, dtype=dtype)
+                continue
+            values = np.frombuffer(raw, dtype=dtype)
+            if values.size < r1 - r0:
+                msg = (
+                    f"{self._chunk_file(name, k)} holds {values.size} values; "
+                    f"chunk {k} has {r1 - r0} rows"
+                )
+                raise ValueError(msg)
+            yield values[: r1 - r0]
+
     def _chunk_file(self, name, chunk):
         arr = self._array(name)
         coords = (chunk,) + (0,) * (arr.ndim - 1)
         return os.path.join(
             self.path, name, *arr.metadata.encode_chunk_key(coords).split("/")
         )
-
-    def _remove_partials(self, chunk):
-        """Remove temporary files a killed earlier write of this chunk left."""
-        for name in ("images", "origin", "box_shape"):
-            folder = os.path.dirname(self._chunk_file(name, chunk))
-            _sweep(folder)
 
     # -- reading back and finishing ---------------------------------------------
 
@@ -955,9 +1037,8 @@ class ZarrWriter:
         for k in range(self.n_chunks):
             digests[k] = np.frombuffer(bytes.fromhex(checksums[k]), dtype=np.uint8)
         counts = {s.name: 0 for s in Status}
-        status = self._array("status")
-        for r0 in range(0, self.n_rows, 1 << 22):
-            values, n = np.unique(status[r0 : r0 + (1 << 22)], return_counts=True)
+        for status in self._read_rows("status"):
+            values, n = np.unique(status, return_counts=True)
             for v, c in zip(values, n, strict=True):
                 counts[Status(int(v)).name] += int(c)
         if counts["PENDING"]:
@@ -973,6 +1054,7 @@ class ZarrWriter:
             fill_value=0,
             config={"write_empty_chunks": True},
             dimension_names=("chunk", "byte"),
+            chunk_key_encoding=_FLAT_KEYS,
             attributes={
                 "description": "SHA-256 of each row chunk (cutana.io.chunk_digest)"
             },
@@ -989,16 +1071,26 @@ class ZarrWriter:
         return counts
 
     def _sweep_all(self):
-        """Remove zarr's temporary ``*.partial`` files from flat folders."""
+        """Remove temporary ``*.partial`` files (of zarr, or of killed chunk
+        writes) from the store's folders."""
         _sweep(self.path)
         for entry in os.scandir(self.path):
             if entry.is_dir() and entry.name != STATE_DIRNAME:
-                _sweep(entry.path)
-                _sweep(os.path.join(entry.path, "c"))
+                for folder, _, _ in os.walk(entry.path):
+                    _sweep(folder)
 
 
 #: One reusable images block per process (see ``ZarrWriter._empty_block``).
 _BLOCK_BUFFER = {}
+
+
+def _check_statuses(status, r0, where):
+    """Raise if a status of rows ``r0, r0 + 1, ...`` is not a final status."""
+    known = np.isin(status, [int(s) for s in Status if s != Status.PENDING])
+    if not np.all(known):
+        row = int(r0 + np.flatnonzero(~known)[0])
+        msg = f"{where}: row {row} has unknown status {int(status[row - r0])}"
+        raise ValueError(msg)
 
 
 def _sweep(folder):

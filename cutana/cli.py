@@ -400,5 +400,30 @@ def _cmd_verify(ns):
     return EXIT_OK
 
 
+def run_command(argv=None):
+    """Run the ``cutana`` command and end the process with its exit code.
+
+    The entry point of the installed ``cutana`` script and of ``python -m
+    cutana.cli``. Once `main` has returned, everything the command wrote is
+    closed; the output streams and logging are flushed and the process
+    exits at once, without the interpreter's teardown of every imported
+    module (~0.15 s with astropy and zarr loaded). Call `main` instead to
+    run the command inside a Python process.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        Arguments (default: ``sys.argv[1:]``).
+    """
+    code = main(argv)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or broken pipe: nothing to flush
+            pass
+    logging.shutdown()
+    os._exit(int(code or 0))
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    run_command()

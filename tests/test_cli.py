@@ -207,6 +207,20 @@ def test_module_entry_point(survey, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "OK" in proc.stderr
+    # the process ends without the interpreter's teardown: the report's last
+    # line must still have been flushed, and the store finished
+    assert "peak memory" in proc.stderr and proc.stderr.endswith("\n")
+    from cutana.verify import verify
+
+    assert verify(out) == []
+    # a usage error still exits 2 with a message
+    bad = subprocess.run(
+        [sys.executable, "-m", "cutana.cli", "run", survey.catalogue_path, "-o",
+         str(tmp_path / "bad.zarr"), "--size", "-3"],
+        capture_output=True, text=True, env=env, cwd=str(tmp_path),
+    )
+    assert bad.returncode == 2
+    assert "size" in bad.stderr
 
 
 def test_command_imports_stay_light(tmp_path):

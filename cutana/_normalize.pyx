@@ -188,6 +188,53 @@ cdef extern from *:
         CUTANA_LINEAR_U8_BODY(
             { a = _mm256_loadu_pd(x + k); b = _mm256_loadu_pd(x + k + 4); })
     }
+    /* The same in single precision, 8 pixels at a time, when that is
+       accurate enough: t = (x - (float)vmin) * (float)(255 / div) is within
+       delta = 255 / div * |vmin - (float)vmin| + 255 * 4e-7 of the exact
+       255 * (x - vmin) / div wherever the result is not clipped. A pixel
+       whose t lies within delta (plus a margin) of a half-integer could
+       round the other way, so its group of 8 is recomputed exactly (the
+       division in float64); elsewhere rint(t) is the exact code. Returns 0
+       (nothing written) when delta is too large for this to pay off. */
+    __attribute__((target("avx2")))
+    static int cutana_linear_u8_f32_single(const float* x, Py_ssize_t n,
+                                           double vmin, double div, uint8_t* out)
+    {
+        const double scale = 255.0 / div;
+        const float vmf = (float)vmin, sf = (float)scale;
+        const double delta = scale * fabs(vmin - (double)vmf) + 255.0 * 4e-7;
+        if (!(delta < 1e-3) || !isfinite(vmf) || !(sf > 1e-30f) || !isfinite(sf))
+            return 0;
+        {
+            const __m256 vm = _mm256_set1_ps(vmf), vs = _mm256_set1_ps(sf);
+            const __m256 zero = _mm256_setzero_ps(), top = _mm256_set1_ps(255.0f);
+            const __m256 lim = _mm256_set1_ps((float)(0.5 - delta - 1e-6));
+            const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+            Py_ssize_t k = 0, j;
+            for (; k + 8 <= n; k += 8) {
+                __m256 t = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + k), vm), vs);
+                /* max(t, 0) gives 0 for NaN (second operand) */
+                t = _mm256_min_ps(_mm256_max_ps(t, zero), top);
+                __m256 r = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                __m256i q = _mm256_cvtps_epi32(r);
+                __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(q),
+                                            _mm256_extracti128_si256(q, 1));
+                _mm_storel_epi64((__m128i*)(out + k), _mm_packus_epi16(w, w));
+                if (_mm256_movemask_ps(_mm256_cmp_ps(
+                        _mm256_and_ps(_mm256_sub_ps(t, r), absmask), lim, _CMP_GT_OQ))) {
+                    for (j = k; j < k + 8; j++) {
+                        double v = cutana_unit1((double)x[j], vmin, div) * 255.0;
+                        out[j] = (uint8_t)(int)((v + CUTANA_MAGIC) - CUTANA_MAGIC);
+                    }
+                }
+            }
+            for (; k < n; k++) {
+                double v = cutana_unit1((double)x[k], vmin, div) * 255.0;
+                out[k] = (uint8_t)(int)((v + CUTANA_MAGIC) - CUTANA_MAGIC);
+            }
+        }
+        return 1;
+    }
     static int cutana_avx2_state = -1;
     static int cutana_has_avx2(void) {
         if (cutana_avx2_state < 0) {
@@ -200,7 +247,8 @@ cdef extern from *:
     static int cutana_linear_u8_f32(const float* x, Py_ssize_t n, double vmin,
                                     double div, uint8_t* out) {
         if (!cutana_has_avx2()) return 0;
-        cutana_linear_u8_f32_avx2(x, n, vmin, div, out);
+        if (!cutana_linear_u8_f32_single(x, n, vmin, div, out))
+            cutana_linear_u8_f32_avx2(x, n, vmin, div, out);
         return 1;
     }
     static int cutana_linear_u8_f64(const double* x, Py_ssize_t n, double vmin,
@@ -350,6 +398,81 @@ cdef extern from *:
     #endif
         for (; k < n; k++) CUTANA_FILTER_SCALAR(double)
     }
+
+    /* The filter of one row that also returns the number of non-finite
+       values in it: one pass over the pixels instead of two. */
+    #define CUTANA_FILTER_COUNT_AVX2(T, VEC, LANES, LOADU, SET1, SUB, CMP,     \
+                                     OR, MOVEMASK)                            \
+        const VEC vlo = SET1(lo), vhi = SET1(hi);                             \
+        Py_ssize_t k = 0, bad = 0;                                            \
+        for (; k + LANES <= n; k += LANES) {                                  \
+            VEC v = LOADU(x + k), d = SUB(v, v);                              \
+            int mask = MOVEMASK(OR(CMP(v, vlo, _CMP_LE_OQ),                   \
+                                   CMP(v, vhi, _CMP_GE_OQ)));                 \
+            bad += __builtin_popcount(MOVEMASK(CMP(d, d, _CMP_UNORD_Q)));     \
+            if (mask) {                                                       \
+                Py_ssize_t k0 = k, k1 = k + LANES;                            \
+                for (k = k0; k < k1; k++) CUTANA_FILTER_SCALAR(T)             \
+                k = k0;                                                       \
+            }                                                                 \
+        }                                                                     \
+        for (; k < n; k++) {                                                  \
+            T d = x[k] - x[k];                                                \
+            bad += d != d;                                                    \
+            CUTANA_FILTER_SCALAR(T)                                           \
+        }                                                                     \
+        return bad;
+    #if defined(CUTANA_HAVE_LINEAR_U8)
+    __attribute__((target("avx2")))
+    static Py_ssize_t cutana_filter_count_f32_avx2(
+        const float* x, Py_ssize_t n, float lo, float hi, float* low,
+        Py_ssize_t* n_low, float* high, Py_ssize_t* n_high)
+    {
+        CUTANA_FILTER_COUNT_AVX2(float, __m256, 8, _mm256_loadu_ps, _mm256_set1_ps,
+                                 _mm256_sub_ps, _mm256_cmp_ps, _mm256_or_ps,
+                                 _mm256_movemask_ps)
+    }
+    __attribute__((target("avx2")))
+    static Py_ssize_t cutana_filter_count_f64_avx2(
+        const double* x, Py_ssize_t n, double lo, double hi, double* low,
+        Py_ssize_t* n_low, double* high, Py_ssize_t* n_high)
+    {
+        CUTANA_FILTER_COUNT_AVX2(double, __m256d, 4, _mm256_loadu_pd,
+                                 _mm256_set1_pd, _mm256_sub_pd, _mm256_cmp_pd,
+                                 _mm256_or_pd, _mm256_movemask_pd)
+    }
+    #endif
+    static Py_ssize_t cutana_filter_count_f32(
+        const float* x, Py_ssize_t n, float lo, float hi, float* low,
+        Py_ssize_t* n_low, float* high, Py_ssize_t* n_high)
+    {
+    #if defined(CUTANA_HAVE_LINEAR_U8)
+        if (cutana_has_avx2())
+            return cutana_filter_count_f32_avx2(x, n, lo, hi, low, n_low, high, n_high);
+    #endif
+        cutana_filter_f32(x, n, lo, hi, low, n_low, high, n_high);
+        return cutana_nonfinite_f32(x, n);
+    }
+    static Py_ssize_t cutana_filter_count_f64(
+        const double* x, Py_ssize_t n, double lo, double hi, double* low,
+        Py_ssize_t* n_low, double* high, Py_ssize_t* n_high)
+    {
+    #if defined(CUTANA_HAVE_LINEAR_U8)
+        if (cutana_has_avx2())
+            return cutana_filter_count_f64_avx2(x, n, lo, hi, low, n_low, high, n_high);
+    #endif
+        cutana_filter_f64(x, n, lo, hi, low, n_low, high, n_high);
+        return cutana_nonfinite_f64(x, n);
+    }
+    /* For tests: use (1) or avoid (0) the AVX2 loops; returns the old state. */
+    static int cutana_set_vector_loops(int on) {
+        int previous = cutana_has_avx2();
+    #if defined(CUTANA_HAVE_LINEAR_U8)
+        cutana_avx2_state = (on && __builtin_cpu_supports("avx2")) ? 1 : 0;
+    #endif
+        (void)on;
+        return previous;
+    }
     """
     double cutana_unit1(double x, double vmin, double div) nogil
     void cutana_unit_f32(const float* x, Py_ssize_t n, double vmin, double div,
@@ -382,6 +505,13 @@ cdef extern from *:
     void cutana_filter_f64(const double* x, Py_ssize_t n, double lo, double hi,
                            double* low, Py_ssize_t* n_low, double* high,
                            Py_ssize_t* n_high) nogil
+    Py_ssize_t cutana_filter_count_f32(
+        const float* x, Py_ssize_t n, float lo, float hi, float* low,
+        Py_ssize_t* n_low, float* high, Py_ssize_t* n_high) nogil
+    Py_ssize_t cutana_filter_count_f64(
+        const double* x, Py_ssize_t n, double lo, double hi, double* low,
+        Py_ssize_t* n_low, double* high, Py_ssize_t* n_high) nogil
+    int cutana_set_vector_loops(int on) nogil
 
 
 __all__ = [
@@ -665,36 +795,33 @@ cdef void _extreme_ranks(
 
 cdef bint _percentiles_filtered(
     const floating* img, Py_ssize_t width, Py_ssize_t r0, Py_ssize_t r1,
-    Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t n, double q_lo, double q_hi,
+    Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t* n_finite, double q_lo, double q_hi,
     floating* buf, floating* probe, double* vmin, double* vmax,
 ) noexcept nogil:
-    """`_percentiles` of the ``n`` finite pixels of a region, for quantiles
-    near both ends, without copying the region.
+    """`_percentiles` of the finite pixels of a region, for quantiles near
+    both ends, without copying the region.
 
     Thresholds ``t_lo < t_hi`` placed with a probe of ``_N_PROBE`` pixels on
     a regular grid are expected to have a few times more pixels below
     (above) them than the order statistics needed; one pass collects those
     pixels into ``buf`` (low ones from the front, high ones from the back)
-    and the order statistics are selected among them. When a threshold
+    and counts the non-finite pixels, and the order statistics are selected
+    among the collected ones. The number of finite pixels is estimated from
+    the probe to place the thresholds; the pass then counts it exactly, and
+    the collected pixels are checked against that count. When a threshold
     turns out too tight (too few pixels collected), or the quantiles are not
     extreme enough for this to pay off, returns False and leaves the work
-    to `_percentiles`.
+    to `_percentiles`. ``n_finite[0]`` is set to the number of finite pixels
+    once the pass has been made (and left alone otherwise).
     """
     cdef Py_ssize_t npix = (r1 - r0) * (c1 - c0), w = c1 - c0
-    cdef double vi_lo = (n - 1) * q_lo
-    cdef double vi_hi = (n - 1) * q_hi
-    cdef Py_ssize_t p_lo, p_hi, need_lo, need_hi, m = 0, j, pos, r
+    cdef double vi_lo, vi_hi
+    cdef Py_ssize_t p_lo, p_hi, need_lo, need_hi, m = 0, j, pos, r, n, bad = 0
     cdef Py_ssize_t rank_lo, rank_hi, n_low = 0, n_high = 0
     cdef floating t_lo, t_hi, v, a0, a1, b0, b1
     cdef const floating* row
     cdef floating* high
-    if n < 4 * _N_PROBE or vi_lo >= n - 1 or vi_hi >= n - 1:
-        return False
-    p_lo = <Py_ssize_t> floor(vi_lo)
-    p_hi = <Py_ssize_t> floor(vi_hi)
-    need_lo = p_lo + 2   # order statistics 0 .. p_lo + 1
-    need_hi = n - p_hi   # order statistics p_hi .. n - 1
-    if 16 * need_lo > n or 16 * need_hi > n:
+    if npix < 4 * _N_PROBE:
         return False
     for j in range(_N_PROBE):
         pos = ((2 * j + 1) * npix) // (2 * _N_PROBE)
@@ -702,6 +829,16 @@ cdef bint _percentiles_filtered(
         probe[m] = v
         m += isfinite(v)
     if m < _N_PROBE // 4:
+        return False
+    # finite pixels, as the probe suggests (all of them when it saw no other)
+    n = (npix * m) // _N_PROBE
+    vi_lo = (n - 1) * q_lo
+    vi_hi = (n - 1) * q_hi
+    if n < 4 * _N_PROBE or vi_lo >= n - 1 or vi_hi >= n - 1:
+        return False
+    need_lo = (<Py_ssize_t> floor(vi_lo)) + 2   # order statistics 0 .. p_lo + 1
+    need_hi = n - (<Py_ssize_t> floor(vi_hi))   # order statistics p_hi .. n - 1
+    if 16 * need_lo > n or 16 * need_hi > n:
         return False
     rank_lo = _probe_rank(need_lo, n, m)
     rank_hi = m - 1 - _probe_rank(need_hi, n, m)
@@ -720,10 +857,23 @@ cdef bint _percentiles_filtered(
     for r in range(r0, r1):
         row = img + r * width + c0
         if floating is float:
-            cutana_filter_f32(row, w, t_lo, t_hi, buf, &n_low, high, &n_high)
+            bad += cutana_filter_count_f32(row, w, t_lo, t_hi, buf, &n_low, high,
+                                           &n_high)
         else:
-            cutana_filter_f64(row, w, t_lo, t_hi, buf, &n_low, high, &n_high)
-    if n_low < need_lo or n_high < need_hi:
+            bad += cutana_filter_count_f64(row, w, t_lo, t_hi, buf, &n_low, high,
+                                           &n_high)
+    # the exact count of finite pixels, and what it asks of the collection
+    n = npix - bad
+    n_finite[0] = n
+    if n < 2:
+        return False
+    vi_lo = (n - 1) * q_lo
+    vi_hi = (n - 1) * q_hi
+    if vi_lo >= n - 1 or vi_hi >= n - 1:
+        return False
+    p_lo = <Py_ssize_t> floor(vi_lo)
+    p_hi = <Py_ssize_t> floor(vi_hi)
+    if n_low < p_lo + 2 or n_high < n - p_hi:
         return False
     # the collected low values hold order statistics 0 .. n_low - 1, the
     # high ones n - n_high .. n - 1
@@ -1006,21 +1156,31 @@ cdef void _limits_one(
     const floating* img, Py_ssize_t width, int interval, double q_lo,
     double q_hi, Py_ssize_t n_samples, double contrast, Py_ssize_t r0,
     Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1, _Scratch* s,
-    double* vmin, double* vmax,
+    double* vmin, double* vmax, Py_ssize_t* n_finite,
 ) noexcept nogil:
-    """Limits of one image (NaN when it has no finite pixel in the region)."""
-    cdef Py_ssize_t n, r, cap = (r1 - r0) * (c1 - c0)
+    """Limits of one image (NaN when it has no finite pixel in the region).
+
+    ``n_finite[0]`` is set to the number of finite pixels of the region when
+    it was counted on the way (percentile limits), to -1 otherwise.
+    """
+    cdef Py_ssize_t n = -1, r, cap = (r1 - r0) * (c1 - c0)
+    n_finite[0] = -1
     if interval == _INTERVAL_PERCENTILE:
-        n = 0
-        for r in range(r0, r1):
-            n += (c1 - c0) - _count_nonfinite(img + r * width + c0, c1 - c0)
+        if _percentiles_filtered(
+            img, width, r0, r1, c0, c1, &n, q_lo, q_hi, <floating*> s.values,
+            (<floating*> s.values) + cap, vmin, vmax,
+        ):
+            n_finite[0] = n
+            return
+        if n < 0:  # the filter gave up before counting the finite pixels
+            n = 0
+            for r in range(r0, r1):
+                n += (c1 - c0) - _count_nonfinite(img + r * width + c0, c1 - c0)
+        n_finite[0] = n
         if n == 0:
             vmin[0] = nan("")
             vmax[0] = nan("")
-        elif not _percentiles_filtered(
-            img, width, r0, r1, c0, c1, n, q_lo, q_hi, <floating*> s.values,
-            (<floating*> s.values) + cap, vmin, vmax,
-        ):
+        else:
             n = _gather_finite(img, width, r0, r1, c0, c1, <floating*> s.values)
             _percentiles(<floating*> s.values, n, q_lo, q_hi, vmin, vmax)
     else:
@@ -1028,6 +1188,23 @@ cdef void _limits_one(
             cap = n_samples
         _zscale(img, width, r0, r1, c0, c1, n_samples, contrast,
                 <floating*> s.values, s.flags, s.flags + cap, vmin, vmax)
+
+
+def _set_vector_loops(bint enabled):
+    """Use (or stop using) the AVX2 loops (percentile filter, uint8 linear
+    stretch); for tests. Results are the same either way.
+
+    Parameters
+    ----------
+    enabled : bool
+        Whether to use the AVX2 loops when the CPU has AVX2.
+
+    Returns
+    -------
+    previous : bool
+        Whether they were in use before the call.
+    """
+    return bool(cutana_set_vector_loops(enabled))
 
 
 def _check_region(data, r0, r1, c0, c1):
@@ -1073,7 +1250,7 @@ def compute_limits(
         Output: the limits; NaN for an image without finite pixels.
     """
     cdef Py_ssize_t n = data.shape[0]
-    cdef Py_ssize_t i, width = data.shape[2]
+    cdef Py_ssize_t i, width = data.shape[2], finite
     cdef int status = 0
     cdef _Scratch scratch
     if vmin.shape[0] != n or vmax.shape[0] != n:
@@ -1098,7 +1275,7 @@ def compute_limits(
             for i in range(n):
                 _limits_one(&data[i, 0, 0], width, interval, q_lo, q_hi,
                             n_samples, contrast, r0, r1, c0, c1, &scratch,
-                            &vmin[i], &vmax[i])
+                            &vmin[i], &vmax[i], &finite)
             _scratch_free(&scratch)
     if status != 0:
         raise MemoryError("could not allocate scratch memory for the limits")
@@ -1235,9 +1412,10 @@ cdef void _stretch_lut(
 cdef void _stretch_image(
     const floating* img, Py_ssize_t npix, double vmin, double vmax,
     int stretch, double a, double norm, out_t* out, double* u, uint16_t* lut,
-    Py_ssize_t n_bins, const double* thr_b, bint fast_linear,
+    Py_ssize_t n_bins, const double* thr_b, bint fast_linear, bint all_finite,
 ) noexcept nogil:
-    """Scale, clip, stretch and quantise one image of ``npix`` pixels.
+    """Scale, clip, stretch and quantise one image of ``npix`` pixels
+    (``all_finite``: the image is known to hold no NaN or infinity).
 
     ``u`` is scratch for ``npix`` doubles: the image scaled to [0, 1] by the
     limits and clipped (astropy's ``BaseInterval.__call__`` operation by
@@ -1286,7 +1464,7 @@ cdef void _stretch_image(
         else:
             cutana_quant_u16(u, npix, out)
     # non-finite pixels become 0 (an infinite one was scaled like any other)
-    if _count_nonfinite(img, npix):
+    if not all_finite and _count_nonfinite(img, npix):
         for k in range(npix):
             if not isfinite(img[k]):
                 out[k] = 0
@@ -1370,6 +1548,8 @@ def normalize_stack(
     cdef double* u = NULL
     cdef _Scratch scratch
     cdef bint do_limits = compute and stretch != _STRETCH_NONE
+    cdef Py_ssize_t finite
+    cdef bint whole
     if (out.shape[0] != n or out.shape[1] != data.shape[1]
             or out.shape[2] != data.shape[2]):
         msg = "out must have the shape of data"
@@ -1405,6 +1585,8 @@ def normalize_stack(
         return
     if do_limits:
         _check_region(data, r0, r1, c0, c1)
+    # limits from the whole image count its finite pixels on the way
+    whole = r0 == 0 and c0 == 0 and r1 == data.shape[1] and c1 == data.shape[2]
     norm = _norm_of(stretch, a)
     if out_t is uint8_t and allow_lut and _use_lut(stretch, a, npix):
         n_bins = 1024
@@ -1428,13 +1610,14 @@ def normalize_stack(
                 _build_lut(lut, thr_b, n_bins, stretch, a, norm)
         if status == 0:
             for i in range(n):
+                finite = -1
                 if do_limits:
                     _limits_one(&data[i, 0, 0], width, interval, q_lo, q_hi,
                                 n_samples, contrast, r0, r1, c0, c1, &scratch,
-                                &vmin[i], &vmax[i])
+                                &vmin[i], &vmax[i], &finite)
                 _stretch_image(&data[i, 0, 0], npix, vmin[i], vmax[i], stretch,
                                a, norm, &out[i, 0, 0], u, lut, n_bins, thr_b,
-                               allow_lut)
+                               allow_lut, whole and finite == npix)
         free(u)
         free(lut)
         if do_limits:

@@ -92,22 +92,40 @@ def test_percentile_limits_equal_astropy(dtype, kind, percentile, shape):
         assert vmax[i] == ref[1]
 
 
-def test_percentile_limits_large_images_and_infinities():
-    """Test that the filtered selection path is exact, with infinities and NaN."""
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("vector", [True, False])
+def test_percentile_limits_large_images_and_infinities(dtype, vector):
+    """Test that the filtered selection path is exact, with infinities and NaN,
+    with and without the AVX2 filter (which also counts the finite pixels)."""
     rng = np.random.default_rng(2)
-    data = rng.normal(size=(6, 150, 150)).astype(np.float32)
+    data = rng.normal(size=(11, 150, 149)).astype(dtype)
     data[0, ::7, ::3] = np.inf
     data[1, ::5, ::2] = -np.inf
     data[2, :40] = np.nan
-    data[3] = np.sort(data[3].ravel()).reshape(150, 150)  # sorted, correlated
+    data[3] = np.sort(data[3].ravel()).reshape(150, 149)  # sorted, correlated
     data[4, :, :] = 0.0  # constant except a few values
     data[4, 3, :10] = np.arange(10)
     data[5, 75:, :] = 7.0  # half the image at one value
-    for percentile in (99.8, 99.0, 95.0):
-        vmin, vmax = compute_limits(data, "asinh", percentile=percentile)
-        for i in range(len(data)):
-            ref = PercentileInterval(percentile).get_limits(data[i])
-            assert (vmin[i], vmax[i]) == ref
+    data[6][rng.random((150, 149)) < 0.7] = np.nan  # mostly NaN
+    data[7].flat[::37] = np.nan  # NaN where the probe looks, finite elsewhere
+    data[8] = np.nan  # a single finite pixel, then none
+    data[8, 20, 30] = 3.5
+    data[9] = np.nan
+    data[10, :, :75] = np.nan  # NaN and +-inf on both sides of the limits
+    data[10, ::4, 75:] = np.inf
+    data[10, 1::4, 75:] = -np.inf
+    previous = _normalize._set_vector_loops(vector)
+    try:
+        for percentile in (99.8, 99.0, 95.0):
+            vmin, vmax = compute_limits(data, "asinh", percentile=percentile)
+            for i in range(len(data)):
+                if i == 9:  # no finite pixel
+                    assert np.isnan(vmin[i]) and np.isnan(vmax[i])
+                    continue
+                ref = PercentileInterval(percentile).get_limits(data[i])
+                assert (vmin[i], vmax[i]) == ref, i
+    finally:
+        _normalize._set_vector_loops(previous)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -241,7 +259,12 @@ def test_uint8_linear_fast_path_equals_division(dtype):
         )
         assert_array_equal(fast, slow)
     # boundaries: (x - vmin) / (vmax - vmin) * 255 = k + 0.5, for odd spans
-    for lo, hi in [(0.0, 255.0), (-3.0, 7.0), (0.1, 0.7), (1e5, 1e5 + 3)]:
+    # (float32 images are stretched in single precision when the limits allow
+    # it, with an exact redo of every group of pixels near a boundary; far
+    # from zero, as in the last two spans, that redo is frequent or the
+    # double-precision path is taken)
+    for lo, hi in [(0.0, 255.0), (-3.0, 7.0), (0.1, 0.7), (-0.123457, 1e-4),
+                   (1000.3, 1010.7), (1e5, 1e5 + 3)]:
         k = np.arange(-1, 257) + 0.5
         x = lo + k * (hi - lo) / 255
         x = np.concatenate([x, np.nextafter(x, -np.inf), np.nextafter(x, np.inf)])

@@ -16,7 +16,8 @@ Layout (Zarr format 3)::
 
 ``images``, ``status``, ``tile``, ``origin`` and ``box_shape`` share one row
 chunking, so each chunk of rows is written by one aligned call per array, by
-whichever process assembles it, with no lock on the store. The group
+whichever process assembles it, with no lock on the store. Chunk keys are
+flat (``images/c.12.0.0.0``): every array is a single folder. The group
 attributes hold ``cutana_version``, ``bands``, ``out_shape``, ``dtype``,
 ``config``, ``tiles`` (key, paths and FITS header per tile, from which
 `cutana.open` rebuilds each cutout's WCS) and ``status_codes``. Nothing in

@@ -335,6 +335,29 @@ def test_chunks_written_from_memory_equal_staged(tmp_path, dtype, monkeypatch):
     np.testing.assert_array_equal(out.box_shape[:], job.box_shape)
 
 
+@pytest.mark.parametrize("min_bytes", [0, 1 << 40])
+def test_file_series_writes_and_replaces(tmp_path, min_bytes):
+    """Test that FileSeries files hold their bytes, with or without the
+    page-cache advice, replace older files and fail without leftovers."""
+    from cutana.io._writeback import FileSeries
+
+    rng = np.random.default_rng(5)
+    blobs = [rng.integers(0, 256, int(n), dtype=np.uint8).tobytes()
+             for n in rng.integers(0, 3_000_000, 9)]
+    (tmp_path / "c.3").write_bytes(b"an older chunk")
+    with FileSeries(lag=2, min_bytes=min_bytes) as files:
+        for k, blob in enumerate(blobs):
+            path = str(tmp_path / f"c.{k}")
+            files.write(path + ".partial", path, blob)
+    for k, blob in enumerate(blobs):
+        assert (tmp_path / f"c.{k}").read_bytes() == blob
+    assert sorted(os.listdir(tmp_path)) == sorted(f"c.{k}" for k in range(9))
+    with pytest.raises(FileNotFoundError), FileSeries(min_bytes=min_bytes) as files:
+        missing = str(tmp_path / "no" / "c.0")
+        files.write(missing + ".partial", missing, b"x" * 10)
+    assert not (tmp_path / "no").exists()
+
+
 def test_concurrent_write_chunks(tmp_path):
     """Test that two processes writing disjoint chunks give the serial result."""
     serial, parallel = tmp_path / "serial.zarr", tmp_path / "parallel.zarr"

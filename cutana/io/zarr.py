@@ -42,6 +42,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from ..status import Status
+from ._writeback import FileSeries
 from .staging import STATE_DIRNAME, load_staged
 
 __all__ = ["ZarrWriter", "chunk_digest", "choose_chunk_rows"]
@@ -866,6 +867,9 @@ class ZarrWriter:
         made = self.__dict__.setdefault("_folders", set())
         saved = numcodecs.blosc.use_threads
         numcodecs.blosc.use_threads = False  # one core per writer process
+        # each file's writeback starts at once and its pages are dropped a
+        # few files later, for the next files to reuse (see FileSeries)
+        files = FileSeries()
         try:
             for k in run:
                 a, b = (r - r0 for r in self.chunk_range(k))
@@ -881,12 +885,10 @@ class ZarrWriter:
                 if folder not in made:  # folders only with '/' keys
                     os.makedirs(folder, exist_ok=True)
                     made.add(folder)
-                tmp = f"{path}.{os.getpid()}.partial"
-                with open(tmp, "wb") as fh:
-                    fh.write(data)
-                os.replace(tmp, path)
+                files.write(f"{path}.{os.getpid()}.partial", path, data)
         finally:
             numcodecs.blosc.use_threads = saved
+            files.close()
         return True
 
     def _read_rows(self, name):

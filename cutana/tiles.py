@@ -988,9 +988,12 @@ class TileIndex:
         """
         tuples = []
         seen = set()
+        done = set()  # ids of entries already looked at (rows share tuples)
         for entry in fits_file_paths:
-            if entry is None:
+            if entry is None or id(entry) in done:
                 continue
+            if isinstance(entry, tuple):
+                done.add(id(entry))  # immutable: the same object, the same key
             key = tuple(os.fspath(p) for p in entry)
             if key and key not in seen:
                 seen.add(key)
@@ -1236,8 +1239,14 @@ class TileIndex:
         messages = {}
         reasons = dict(self.errors)
         cache = {}
+        by_id = {}  # rows share tuple objects: look each one up once
         for i, entry in enumerate(file_tuples):
-            files = tuple(entry) if entry is not None else ()
+            if isinstance(entry, tuple) and id(entry) in by_id:
+                files = by_id[id(entry)]
+            else:
+                files = tuple(entry) if entry is not None else ()
+                if isinstance(entry, tuple):
+                    by_id[id(entry)] = files
             if not files:
                 continue
             if files not in cache:

@@ -47,6 +47,7 @@ from .io import (
     state_dir,
     write_index,
 )
+from .io.zarr import is_creation_leftover
 from .normalization import NORMALIZATIONS
 from .planner import Plan, make_plan, parse_memory
 from .processing import CutSettings, Scratch, cut_job
@@ -959,8 +960,11 @@ class _Runner:
 
     def _creation_interrupted(self):
         """Whether the output holds only what a run killed before its ledger left."""
-        names = set(os.listdir(self.output)) - {
-            os.path.basename(state_dir(self.output))
+        names = {
+            name
+            for name in os.listdir(self.output)
+            if name != os.path.basename(state_dir(self.output))
+            and not is_creation_leftover(name)  # zarr killed mid-write
         }
         if not names:
             return True

@@ -256,6 +256,30 @@ ZARR_DRILLS = [
 ]
 
 
+def test_resume_after_kill_inside_zarr_metadata_write(survey, clean, tmp_path):
+    """Test the deterministic form of the 'creation' drill: killed while zarr
+    wrote the group's metadata, the output holds only zarr's temporary file;
+    --resume (and --overwrite) start afresh, and nothing else is deleted."""
+    out = tmp_path / "killed_zarr"
+    out.mkdir()
+    leftover = out / "zarr.0123456789abcdef0123456789abcdef.partial"
+    leftover.write_bytes(b'{"zarr_format": 3, "node_')
+    args = [survey.catalogue_path, "-o", out, *RUN_ARGS, "--format", "zarr"]
+    code, err = _cli(["run", *args, "--resume"])
+    assert code == 0, err
+    assert not leftover.exists()
+    _assert_identical(out, clean["zarr"])
+    # a folder holding anything else is not taken for an interrupted creation
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "zarr.0123456789abcdef0123456789abcdef.partial").write_bytes(b"x")
+    (other / "notes.txt").write_text("mine")
+    for flag in ("--resume", "--overwrite"):
+        code, err = _cli(["run", survey.catalogue_path, "-o", other, *RUN_ARGS, flag])
+        assert code == 2, err
+        assert (other / "notes.txt").read_text() == "mine"
+
+
 @pytest.mark.parametrize(
     ("fmt", "kind", "k"),
     [("zarr", kind, k) for k, kind in enumerate(ZARR_DRILLS)]

@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import pathlib
+import re
 import shutil
 from collections import OrderedDict
 
@@ -181,6 +182,34 @@ def _is_store(path):
     return os.path.isfile(os.path.join(path, "zarr.json"))
 
 
+#: The temporary file zarr writes a group's metadata to before renaming it.
+_ZARR_PARTIAL = re.compile(r"zarr\.[0-9a-f]{32}\.partial")
+
+
+def is_creation_leftover(name):
+    """Whether ``name``, in a store's top folder, is the temporary metadata
+    file a write of zarr left when it was killed (``zarr.<uuid>.partial``).
+
+    Parameters
+    ----------
+    name : str
+        A file name.
+
+    Returns
+    -------
+    leftover : bool
+
+    Examples
+    --------
+    >>> from cutana.io.zarr import is_creation_leftover
+    >>> is_creation_leftover("zarr.0123456789abcdef0123456789abcdef.partial")
+    True
+    >>> is_creation_leftover("notes.txt")
+    False
+    """
+    return _ZARR_PARTIAL.fullmatch(name) is not None
+
+
 def _remove_output(path):
     """Delete an earlier output at ``path``, refusing anything that is not one."""
     if not os.path.exists(path):
@@ -190,7 +219,10 @@ def _remove_output(path):
             f"output {path} exists and is a file, not a Zarr store; not overwriting it"
         )
         raise FileExistsError(msg)
-    if not _is_store(path) and any(name != STATE_DIRNAME for name in os.listdir(path)):
+    if not _is_store(path) and any(
+        name != STATE_DIRNAME and not is_creation_leftover(name)
+        for name in os.listdir(path)
+    ):
         msg = (
             f"output {path} exists and is not a Zarr store; refusing to delete it "
             "with overwrite=True (choose another output path)"

@@ -53,8 +53,10 @@ logger = logging.getLogger(__name__)
 #: Version of the store layout written by this module.
 FORMAT_VERSION = 1
 
-#: Uncompressed bytes per chunk: every chunk is five files (images and four
-#: per-row arrays), whose creation costs more than their writing below ~4 MiB.
+#: Uncompressed bytes per chunk. Every chunk is five files (images and four
+#: per-row arrays), and creating a file costs 0.2-0.3 ms on ext4 right after
+#: an earlier output was deleted: larger chunks, fewer files (4 MiB: 186
+#: cutouts of 150 x 150 uint8 per chunk).
 _TARGET_CHUNK_BYTES = 4 * 1024 * 1024
 _META_CHUNK_ROWS = 1 << 16
 _ROW_ARRAYS = ("images", "origin", "box_shape", "tile", "status")  # write order

@@ -69,8 +69,8 @@ logger = logging.getLogger(__name__)
 _CHUNKS_PER_TASK = 8
 # what `ZarrWriter.create` puts into a store
 _ZARR_MEMBERS = frozenset(
-    ("zarr.json", "images", "status", "tile", "origin", "box_shape", "source_id",
-     "ra", "dec", "chunk_sha256")
+    ("zarr.json", "images", "status", "geometry", "tile", "origin", "box_shape",
+     "source_id", "ra", "dec", "chunk_sha256")
 )
 # options that change how a run executes but never what it writes
 _EXECUTION_OPTIONS = (

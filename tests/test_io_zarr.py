@@ -219,6 +219,49 @@ def test_round_trip_row_order(tmp_path, dtype):
     assert verify_output(path) == []
 
 
+def test_format_1_store_still_written_read_and_verified(tmp_path):
+    """Test that a store of format 1 (tile, origin and box_shape as three
+    arrays) is still written (a resumed run), read and verified."""
+    path = tmp_path / "v1.zarr"
+    n = 40
+    catalogue, jobs, base = _fake_run(n=n)
+    writer = ZarrWriter.create(
+        path, n_rows=n, bands=BANDS, out_shape=OUT_SHAPE, dtype="float32",
+        config={"size": 5, "resample": "none"}, tiles=_tiles(), chunk_rows=6,
+        **catalogue,
+    )
+    group = zarr.open_group(path, mode="r+")
+    del group["geometry"]
+    for name, shape, dt, fill in (
+        ("tile", (n,), "int32", -1),
+        ("origin", (n, 2), "int64", 0),
+        ("box_shape", (n, 2), "int32", 0),
+    ):
+        group.create_array(
+            name, shape=shape, chunks=(6, *shape[1:]), dtype=dt, fill_value=fill,
+            compressors=None, config={"write_empty_chunks": True},
+        )
+    for job in jobs:
+        stage_job(path, job)
+    resumed = ZarrWriter.open(path)
+    checksums = resumed.write_chunks(range(resumed.n_chunks), _mapping(n, jobs), base)
+    assert all(resumed.chunk_exists(k) for k in range(resumed.n_chunks))
+    resumed.finalize(checksums)
+    remove_run_state(path)
+    images, status, tile, origin, box = _expected(n, jobs, base, "float32")
+    stored = zarr.open_group(path, mode="r")
+    assert "geometry" not in stored
+    np.testing.assert_array_equal(stored["origin"][:], origin)
+    out = open_output(path)
+    np.testing.assert_array_equal(out.images[:], images)
+    np.testing.assert_array_equal(out.tile, tile)
+    np.testing.assert_array_equal(out.origin, origin)
+    np.testing.assert_array_equal(out.box_shape, box)
+    assert verify_output(path) == []
+    row = int(np.flatnonzero(tile >= 0)[0])
+    assert out.wcs(row) is not None
+
+
 @pytest.mark.parametrize(
     ("n_rows", "row_bytes", "expected"),
     [
@@ -243,8 +286,14 @@ def test_chunking_is_shared(tmp_path):
     writer, *_ = _run(path, n=40, chunk_rows=6)
     group = zarr.open_group(path, mode="r")
     assert writer.n_chunks == 7
-    for name in ("images", "status", "tile", "origin", "box_shape"):
+    for name in ("images", "status", "geometry"):
         assert group[name].chunks[0] == 6
+    assert group["geometry"].shape == (40, 5)
+    # per chunk: one file for the images, one for the status, one for the
+    # geometry (tile, origin and box shape together)
+    assert sorted(os.listdir(path / "geometry")) == sorted(
+        ["zarr.json"] + [f"c.{k}.0" for k in range(7)]
+    )
     assert group["images"].chunks == (6, len(BANDS), *OUT_SHAPE)
     assert writer.chunk_range(6) == (36, 40)
     np.testing.assert_array_equal(writer.chunk_of_row([0, 5, 6, 39]), [0, 0, 1, 6])
@@ -758,7 +807,7 @@ def test_leftovers_of_killed_writes_removed(tmp_path):
             os.path.dirname(writer._chunk_file("images", 1)), "0.ab12.partial"
         ),
         os.path.join(
-            os.path.dirname(writer._chunk_file("origin", 1)), "0.cd34.partial"
+            os.path.dirname(writer._chunk_file("geometry", 1)), "0.cd34.partial"
         ),
         os.path.join(
             os.path.dirname(writer._chunk_file("status", 1)), "1.ef56.partial"

@@ -18,7 +18,7 @@ from astropy.wcs import WCS, FITSFixedWarning
 from ..status import Status
 from .fits import INDEX_NAME, _check_name
 from .ledger import Ledger
-from .zarr import ZarrWriter, chunk_digest
+from .zarr import ZarrWriter, chunk_digest, split_geometry
 
 __all__ = [
     "CutoutArchive",
@@ -222,19 +222,37 @@ class ZarrArchive(CutoutArchive):
         return self._read("status")
 
     @cached_property
+    def _geometry(self):
+        """``(tile, origin, box_shape)`` of every row."""
+        if "geometry" in self._group:
+            return split_geometry(self._read("geometry"))
+        return tuple(self._read(n) for n in ("tile", "origin", "box_shape"))  # v1
+
+    def _geometry_of(self, i):
+        """``(tile, origin, box_shape)`` of row ``i`` (read alone)."""
+        if "geometry" in self._group:
+            tile, origin, box = split_geometry(self._array("geometry")[i])
+            return int(tile[0]), origin[0], box[0]
+        return (
+            int(self._array("tile")[i]),
+            self._array("origin")[i],
+            self._array("box_shape")[i],
+        )
+
+    @property
     def tile(self):
         """`~numpy.ndarray`: ``(N,)`` int32 tile index (-1: none)."""
-        return self._read("tile")
+        return self._geometry[0]
 
-    @cached_property
+    @property
     def origin(self):
         """`~numpy.ndarray`: ``(N, 2)`` ``(x0, y0)`` of each box in its tile."""
-        return self._read("origin")
+        return self._geometry[1]
 
-    @cached_property
+    @property
     def box_shape(self):
         """`~numpy.ndarray`: ``(N, 2)`` ``(ny, nx)`` of each box before resampling."""
-        return self._read("box_shape")
+        return self._geometry[2]
 
     def __len__(self):
         return int(self.images.shape[0])
@@ -311,13 +329,11 @@ class ZarrArchive(CutoutArchive):
         if not 0 <= band < len(self.bands):
             msg = f"band must be in [0, {len(self.bands)}), got {band!r}"
             raise IndexError(msg)
-        tile = int(self._array("tile")[i])
+        tile, origin, box = self._geometry_of(i)
         if tile < 0:
             status = Status(int(self._array("status")[i]))
             msg = f"row {i} has no cutout (status {status.name}), so it has no WCS"
             raise ValueError(msg)
-        origin = self._array("origin")[i]
-        box = self._array("box_shape")[i]
         return cutout_wcs(self.tile_wcs(tile, band), origin, box, self.out_shape)
 
 
@@ -547,13 +563,16 @@ def _verify_zarr(path, problems):
     expected = {
         "images": ((n, len(writer.bands), *writer.out_shape), writer.dtype),
         "status": ((n,), np.dtype("int16")),
-        "tile": ((n,), np.dtype("int32")),
-        "origin": ((n, 2), np.dtype("int64")),
-        "box_shape": ((n, 2), np.dtype("int32")),
         "ra": ((n,), np.dtype("float64")),
         "dec": ((n,), np.dtype("float64")),
         "source_id": ((n,), None),
     }
+    if "geometry" in group:
+        expected["geometry"] = ((n, 5), np.dtype("int64"))
+    else:  # a store of format 1
+        expected["tile"] = ((n,), np.dtype("int32"))
+        expected["origin"] = ((n, 2), np.dtype("int64"))
+        expected["box_shape"] = ((n, 2), np.dtype("int32"))
     for name, (shape, dtype) in expected.items():
         if name not in group:
             problems.append(f"array {name!r} is missing")
@@ -568,7 +587,7 @@ def _verify_zarr(path, problems):
         elif dtype is None and np.dtype(arr.dtype).kind not in "UOT":
             problems.append(f"array {name!r} has dtype {arr.dtype}, expected strings")
         if (
-            name in ("images", "status", "tile", "origin", "box_shape")
+            name in ("images", "status", "geometry", "tile", "origin", "box_shape")
             and arr.chunks[0] != writer.chunk_rows
         ):
             problems.append(
@@ -578,7 +597,10 @@ def _verify_zarr(path, problems):
     if problems:
         return
     _check_status(group["status"][:], problems)
-    tile = group["tile"][:]
+    tile = (
+        split_geometry(group["geometry"][:])[0] if "geometry" in group
+        else group["tile"][:]
+    )
     bad = np.flatnonzero((tile < -1) | (tile >= len(writer.attrs.get("tiles", []))))
     if len(bad):
         problems.append(

@@ -7,15 +7,15 @@ Layout (Zarr format 3)::
     OUT/                       the store (a group)
       images      (N, C, H, W)  cutouts, chunked (chunk_rows, C, H, W)
       status      (N,) int16    `~cutana.Status`; -1 (pending) until written
-      tile        (N,) int32    index into the ``tiles`` attribute; -1 if none
-      origin      (N, 2) int64  (x0, y0) of each box's first pixel in its tile
-      box_shape   (N, 2) int32  (ny, nx) of each box before resampling
+      geometry    (N, 5) int64  per row: tile (index into the ``tiles``
+                                attribute; -1 if none), x0, y0 (the box's
+                                first pixel in its tile), ny, nx (the box
+                                before resampling)
       source_id   (N,) str      catalogue ids
       ra, dec     (N,) float64  catalogue positions (degrees)
       chunk_sha256 (n_chunks, 32) uint8   written by `ZarrWriter.finalize`
 
-``images``, ``status``, ``tile``, ``origin`` and ``box_shape`` share one row
-chunking, so each chunk of rows is written by one aligned call per array, by
+``images``, ``status`` and ``geometry`` share one row chunking, so each chunk of rows is written by one aligned call per array, by
 whichever process assembles it, with no lock on the store. Chunk keys are
 flat (``images/c.12.0.0.0``): every array is a single folder. The group
 attributes hold ``cutana_version``, ``bands``, ``out_shape``, ``dtype``,
@@ -50,8 +50,10 @@ __all__ = ["ZarrWriter", "chunk_digest", "choose_chunk_rows"]
 
 logger = logging.getLogger(__name__)
 
-#: Version of the store layout written by this module.
-FORMAT_VERSION = 1
+#: Version of the store layout written by this module: 2 stores ``tile``,
+#: ``origin`` and ``box_shape`` together in ``geometry`` (one file per chunk
+#: instead of three); stores of version 1 are still read and resumed.
+FORMAT_VERSION = 2
 
 #: Uncompressed bytes per chunk. Every chunk is five files (images and four
 #: per-row arrays), and creating a file costs 0.2-0.3 ms on ext4 right after
@@ -59,7 +61,9 @@ FORMAT_VERSION = 1
 #: cutouts of 150 x 150 uint8 per chunk).
 _TARGET_CHUNK_BYTES = 4 * 1024 * 1024
 _META_CHUNK_ROWS = 1 << 16
-_ROW_ARRAYS = ("images", "origin", "box_shape", "tile", "status")  # write order
+_ROW_ARRAYS = ("images", "geometry", "status")  # write order
+#: The per-row arrays of a version-1 store, in place of ``geometry``.
+_V1_GEOMETRY = ("tile", "origin", "box_shape")
 _MAX_RUN_BYTES = 64 * 1024 * 1024
 #: Chunk keys ``c.<row chunk>.0...`` in the array's folder: one flat folder
 #: per array, so that writing a chunk creates no folders.
@@ -482,30 +486,29 @@ class ZarrWriter:
         )
         # per-row metadata is tiny: stored uncompressed, so that its chunks
         # are plain little-endian bytes that write_chunks writes directly
-        for name, dt, fill in (("status", "int16", -1), ("tile", "int32", -1)):
-            group.create_array(
-                name,
-                shape=(n_rows,),
-                chunks=(chunk_rows,),
-                dtype=dt,
-                fill_value=fill,
-                compressors=None,
-                config=full,
-                dimension_names=("source",),
-                chunk_key_encoding=_FLAT_KEYS,
-            )
-        for name, dt in (("origin", "int64"), ("box_shape", "int32")):
-            group.create_array(
-                name,
-                shape=(n_rows, 2),
-                chunks=(chunk_rows, 2),
-                dtype=dt,
-                fill_value=0,
-                compressors=None,
-                config=full,
-                dimension_names=("source", "axis"),
-                chunk_key_encoding=_FLAT_KEYS,
-            )
+        group.create_array(
+            "status",
+            shape=(n_rows,),
+            chunks=(chunk_rows,),
+            dtype="int16",
+            fill_value=-1,
+            compressors=None,
+            config=full,
+            dimension_names=("source",),
+            chunk_key_encoding=_FLAT_KEYS,
+        )
+        group.create_array(
+            "geometry",
+            shape=(n_rows, 5),
+            chunks=(chunk_rows, 5),
+            dtype="int64",
+            fill_value=-1,
+            compressors=None,
+            config=full,
+            dimension_names=("source", "field"),
+            chunk_key_encoding=_FLAT_KEYS,
+            attributes={"fields": list(GEOMETRY_FIELDS)},
+        )
         sid = group.create_array(
             "source_id",
             shape=(n_rows,),
@@ -678,7 +681,6 @@ class ZarrWriter:
             * self.out_shape[1]
         )
         per_run = max(1, _MAX_RUN_BYTES // max(1, row_bytes * self.chunk_rows))
-        names = ("images", "status", "tile", "origin", "box_shape")
         for run in _runs(chunks, per_run):
             r0 = self.chunk_range(run[0])[0]
             r1 = self.chunk_range(run[-1])[1]
@@ -696,13 +698,34 @@ class ZarrWriter:
                 checksums[k] = chunk_digest(*(arr[a:b] for arr in block))
             # images straight to their chunk files; status last: a row that
             # shows a status has everything else written
-            for name, data in sorted(
-                zip(names, block, strict=True), key=lambda item: item[0] == "status"
-            ):
+            for name, data in self._stored(block):
                 if not self._write_direct(name, run, r0, data):
                     self._array(name)[r0:r1] = data
         logger.debug("wrote %d chunks of %s", len(chunks), self.path)
         return checksums
+
+    @property
+    def _v1(self):
+        """Whether the store keeps tile, origin and box_shape apart (version 1)."""
+        v1 = self.__dict__.get("_is_v1")
+        if v1 is None:
+            v1 = self.__dict__["_is_v1"] = "geometry" not in self._group
+        return v1
+
+    def _stored(self, block):
+        """``(name, values)`` of the arrays to write for a block, status last."""
+        images, status, tile, origin, box = block
+        if self._v1:
+            return [("images", images), ("origin", origin), ("box_shape", box),
+                    ("tile", tile), ("status", status)]
+        geometry = np.empty((len(status), 5), dtype=np.int64)
+        geometry[:, 0] = tile
+        geometry[:, 1:3] = origin
+        geometry[:, 3:5] = box
+        return [("images", images), ("geometry", geometry), ("status", status)]
+
+    def _row_arrays(self):
+        return ("images", *_V1_GEOMETRY, "status") if self._v1 else _ROW_ARRAYS
 
     def _empty_block(self, m):
         """Zeroed ``(images, status, tile, origin, box_shape)`` for ``m`` rows."""
@@ -979,10 +1002,12 @@ class ZarrWriter:
             The stored rows of the chunk.
         """
         r0, r1 = self.chunk_range(chunk)
-        return tuple(
-            self._array(n)[r0:r1]
-            for n in ("images", "status", "tile", "origin", "box_shape")
-        )
+        images = self._array("images")[r0:r1]
+        status = self._array("status")[r0:r1]
+        if self._v1:
+            return (images, status, *(self._array(n)[r0:r1] for n in _V1_GEOMETRY))
+        tile, origin, box = split_geometry(self._array("geometry")[r0:r1])
+        return images, status, tile, origin, box
 
     def chunk_exists(self, chunk):
         """Whether every file of one chunk is present in the store.
@@ -998,7 +1023,9 @@ class ZarrWriter:
             Whether the files of every per-row array of the chunk exist.
         """
         chunk = self._check_chunk(chunk)
-        return all(os.path.isfile(self._chunk_file(n, chunk)) for n in _ROW_ARRAYS)
+        return all(
+            os.path.isfile(self._chunk_file(n, chunk)) for n in self._row_arrays()
+        )
 
     def verified_chunks(self, checksums, *, deep=False):
         """Return the recorded chunks that can be trusted on resume.
@@ -1119,6 +1146,43 @@ class ZarrWriter:
 
 #: One reusable images block per process (see ``ZarrWriter._empty_block``).
 _BLOCK_BUFFER = {}
+
+
+#: Columns of the ``geometry`` array.
+GEOMETRY_FIELDS = ("tile", "x0", "y0", "ny", "nx")
+
+
+def split_geometry(geometry):
+    """Split ``geometry`` rows into tile, origin and box shape.
+
+    Parameters
+    ----------
+    geometry : `~numpy.ndarray`
+        ``(n, 5)`` int64 rows ``(tile, x0, y0, ny, nx)``.
+
+    Returns
+    -------
+    tile : `~numpy.ndarray`
+        ``(n,)`` int32 tile index (-1: none).
+    origin : `~numpy.ndarray`
+        ``(n, 2)`` int64 ``(x0, y0)``.
+    box_shape : `~numpy.ndarray`
+        ``(n, 2)`` int32 ``(ny, nx)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from cutana.io.zarr import split_geometry
+    >>> tile, origin, box = split_geometry(np.array([[1, -3, 40, 64, 64]]))
+    >>> tile.tolist(), origin.tolist(), box.tolist()
+    ([1], [[-3, 40]], [[64, 64]])
+    """
+    geometry = np.asarray(geometry, dtype=np.int64).reshape(-1, 5)
+    return (
+        geometry[:, 0].astype(np.int32),
+        np.ascontiguousarray(geometry[:, 1:3]),
+        geometry[:, 3:5].astype(np.int32),
+    )
 
 
 def _check_statuses(status, r0, where):

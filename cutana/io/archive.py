@@ -222,15 +222,20 @@ class ZarrArchive(CutoutArchive):
         return self._read("status")
 
     @cached_property
+    def _has_geometry(self):
+        """Whether the store is of format 2 (one ``geometry`` array)."""
+        return "geometry" in self._group
+
+    @cached_property
     def _geometry(self):
         """``(tile, origin, box_shape)`` of every row."""
-        if "geometry" in self._group:
+        if self._has_geometry:
             return split_geometry(self._read("geometry"))
         return tuple(self._read(n) for n in ("tile", "origin", "box_shape"))  # v1
 
     def _geometry_of(self, i):
         """``(tile, origin, box_shape)`` of row ``i`` (read alone)."""
-        if "geometry" in self._group:
+        if self._has_geometry:
             tile, origin, box = split_geometry(self._array("geometry")[i])
             return int(tile[0]), origin[0], box[0]
         return (

@@ -442,28 +442,25 @@ cdef extern from *:
                                  _mm256_or_pd, _mm256_movemask_pd)
     }
     #endif
-    static Py_ssize_t cutana_filter_count_f32(
-        const float* x, Py_ssize_t n, float lo, float hi, float* low,
-        Py_ssize_t* n_low, float* high, Py_ssize_t* n_high)
-    {
     #if defined(CUTANA_HAVE_LINEAR_U8)
-        if (cutana_has_avx2())
-            return cutana_filter_count_f32_avx2(x, n, lo, hi, low, n_low, high, n_high);
+    #define CUTANA_FILTER_COUNT_VECTOR(SUFFIX)                                    \
+        if (cutana_has_avx2())                                                  \
+            return cutana_filter_count_##SUFFIX##_avx2(x, n, lo, hi, low, n_low,  \
+                                                       high, n_high);
+    #else
+    #define CUTANA_FILTER_COUNT_VECTOR(SUFFIX)
     #endif
-        cutana_filter_f32(x, n, lo, hi, low, n_low, high, n_high);
-        return cutana_nonfinite_f32(x, n);
-    }
-    static Py_ssize_t cutana_filter_count_f64(
-        const double* x, Py_ssize_t n, double lo, double hi, double* low,
-        Py_ssize_t* n_low, double* high, Py_ssize_t* n_high)
-    {
-    #if defined(CUTANA_HAVE_LINEAR_U8)
-        if (cutana_has_avx2())
-            return cutana_filter_count_f64_avx2(x, n, lo, hi, low, n_low, high, n_high);
-    #endif
-        cutana_filter_f64(x, n, lo, hi, low, n_low, high, n_high);
-        return cutana_nonfinite_f64(x, n);
-    }
+    #define CUTANA_FILTER_COUNT(T, SUFFIX)                                        \
+        static Py_ssize_t cutana_filter_count_##SUFFIX(                           \
+            const T* x, Py_ssize_t n, T lo, T hi, T* low, Py_ssize_t* n_low,      \
+            T* high, Py_ssize_t* n_high)                                          \
+        {                                                                         \
+            CUTANA_FILTER_COUNT_VECTOR(SUFFIX)                                    \
+            cutana_filter_##SUFFIX(x, n, lo, hi, low, n_low, high, n_high);       \
+            return cutana_nonfinite_##SUFFIX(x, n);                               \
+        }
+    CUTANA_FILTER_COUNT(float, f32)
+    CUTANA_FILTER_COUNT(double, f64)
     /* For tests: use (1) or avoid (0) the AVX2 loops; returns the old state. */
     static int cutana_set_vector_loops(int on) {
         int previous = cutana_has_avx2();

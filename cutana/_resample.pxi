@@ -120,8 +120,8 @@ cdef struct _Axis:
     Py_ssize_t* start   # (m,) first input index of each output sample
     Py_ssize_t* second  # (m,) second tap (bilinear)
     Py_ssize_t* count   # (m,) number of taps (area)
-    double* weight      # (m, maxtaps) tap weights
-    double* wa          # (m,) first and second bilinear weights, contiguous
+    double* weight      # (m, maxtaps) tap weights (area)
+    double* wa          # (m,) weights of the first and second bilinear taps
     double* wb
 
 
@@ -196,8 +196,6 @@ cdef void _axis_build(_Axis* ax, Py_ssize_t n, int method) noexcept nogil:
                 ax.start[j] = i0
                 ax.second[j] = i1
                 ax.count[j] = 2
-                ax.weight[j * ax.maxtaps] = 1.0 - t
-                ax.weight[j * ax.maxtaps + 1] = t
                 ax.wa[j] = 1.0 - t
                 ax.wb[j] = t
 
@@ -305,8 +303,8 @@ cdef void _resample_one(
                                        trow, W)
             elif method == _RS_BILINEAR:
                 for k in range(W):
-                    trow[k] = (ax.weight[k * mt_x] * row[ax.start[k]]
-                               + ax.weight[k * mt_x + 1] * row[ax.second[k]])
+                    trow[k] = (ax.wa[k] * row[ax.start[k]]
+                               + ax.wb[k] * row[ax.second[k]])
             else:
                 for k in range(W):
                     wx = ax.weight + k * mt_x
@@ -318,8 +316,8 @@ cdef void _resample_one(
         # vertical pass
         orow = out + j * W
         if method == _RS_BILINEAR:
-            wy0 = ay.weight[j * mt_y]
-            wy1 = ay.weight[j * mt_y + 1]
+            wy0 = ay.wa[j]
+            wy1 = ay.wb[j]
             row = tmp + ay.start[j] * W
             row1 = tmp + ay.second[j] * W
             if floating is float and vector:
@@ -445,9 +443,10 @@ def resample_windows(
     cdef signed char[::1] ov_view = overlap
     if n == 0 or H == 0 or W == 0:
         return overlap
-    # taps per output sample: ceil(n / m) + 1 covers every partial overlap
-    taps_y = (max_ny + H - 1) // H + 2 if method == _RS_AREA else 2
-    taps_x = (max_nx + W - 1) // W + 2 if method == _RS_AREA else 2
+    # area taps per output sample: ceil(n / m) + 1 covers every partial
+    # overlap (nearest and bilinear keep no tap table)
+    taps_y = (max_ny + H - 1) // H + 2 if method == _RS_AREA else 0
+    taps_x = (max_nx + W - 1) // W + 2 if method == _RS_AREA else 0
     ay.start = NULL
     ay.weight = NULL
     ax.start = NULL

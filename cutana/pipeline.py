@@ -12,7 +12,6 @@ steps together.
 
 import dataclasses
 import errno
-import json
 import logging
 import math
 import os
@@ -47,7 +46,7 @@ from .io import (
     state_dir,
     write_index,
 )
-from .io.zarr import is_creation_leftover
+from .io.zarr import creation_interrupted
 from .normalization import NORMALIZATIONS
 from .planner import Plan, make_plan, parse_memory
 from .processing import CutSettings, Scratch, cut_job
@@ -67,11 +66,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _CHUNKS_PER_TASK = 8
-# what `ZarrWriter.create` puts into a store
-_ZARR_MEMBERS = frozenset(
-    ("zarr.json", "images", "status", "geometry", "tile", "origin", "box_shape",
-     "source_id", "ra", "dec", "chunk_sha256")
-)
 # options that change how a run executes but never what it writes
 _EXECUTION_OPTIONS = (
     "workers", "threads", "memory_limit", "backend", "scheduler", "max_sources_per_job",
@@ -960,22 +954,10 @@ class _Runner:
 
     def _creation_interrupted(self):
         """Whether the output holds only what a run killed before its ledger left."""
-        names = {
-            name
-            for name in os.listdir(self.output)
-            if name != os.path.basename(state_dir(self.output))
-            and not is_creation_leftover(name)  # zarr killed mid-write
-        }
-        if not names:
-            return True
-        if self.fmt != "zarr" or "zarr.json" not in names or not names <= _ZARR_MEMBERS:
-            return False
-        try:
-            with open(os.path.join(self.output, "zarr.json"), "rb") as fh:
-                attrs = json.load(fh).get("attributes", {})
-        except (OSError, ValueError, AttributeError):
-            return True  # a group file cut short: the creation never finished
-        return isinstance(attrs, dict) and not attrs.get("complete", False)
+        if self.fmt == "zarr":
+            return creation_interrupted(self.output)
+        state = os.path.basename(state_dir(self.output))
+        return not set(os.listdir(self.output)) - {state}
 
     def _complete_output(self):
         try:

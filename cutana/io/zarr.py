@@ -15,9 +15,10 @@ Layout (Zarr format 3)::
       ra, dec     (N,) float64  catalogue positions (degrees)
       chunk_sha256 (n_chunks, 32) uint8   written by `ZarrWriter.finalize`
 
-``images``, ``status`` and ``geometry`` share one row chunking, so each chunk of rows is written by one aligned call per array, by
-whichever process assembles it, with no lock on the store. Chunk keys are
-flat (``images/c.12.0.0.0``): every array is a single folder. The group
+``images``, ``status`` and ``geometry`` share one row chunking, so each
+chunk of rows is written by one aligned call per array, by whichever process
+assembles it, with no lock on the store. Chunk keys are flat
+(``images/c.12.0.0.0``): every array is a single folder. The group
 attributes hold ``cutana_version``, ``bands``, ``out_shape``, ``dtype``,
 ``config``, ``tiles`` (key, paths and FITS header per tile, from which
 `cutana.open` rebuilds each cutout's WCS) and ``status_codes``. Nothing in
@@ -30,6 +31,7 @@ While a run is in progress the store also holds its bookkeeping folder
 """
 
 import hashlib
+import json
 import logging
 import math
 import os
@@ -64,6 +66,10 @@ _META_CHUNK_ROWS = 1 << 16
 _ROW_ARRAYS = ("images", "geometry", "status")  # write order
 #: The per-row arrays of a version-1 store, in place of ``geometry``.
 _V1_GEOMETRY = ("tile", "origin", "box_shape")
+#: What the top folder of a store (of either version) may hold.
+_STORE_MEMBERS = frozenset(
+    ("zarr.json", *_ROW_ARRAYS, *_V1_GEOMETRY, "source_id", "ra", "dec", "chunk_sha256")
+)
 _MAX_RUN_BYTES = 64 * 1024 * 1024
 #: Chunk keys ``c.<row chunk>.0...`` in the array's folder: one flat folder
 #: per array, so that writing a chunk creates no folders.
@@ -192,28 +198,58 @@ def _is_store(path):
 _ZARR_PARTIAL = re.compile(r"zarr\.[0-9a-f]{32}\.partial")
 
 
-def is_creation_leftover(name):
+def _is_creation_leftover(name):
     """Whether ``name``, in a store's top folder, is the temporary metadata
-    file a write of zarr left when it was killed (``zarr.<uuid>.partial``).
+    file a write of zarr left when it was killed (``zarr.<uuid>.partial``)."""
+    return _ZARR_PARTIAL.fullmatch(name) is not None
+
+
+def creation_interrupted(path):
+    """Whether the folder ``path`` holds only what a `ZarrWriter.create`
+    killed before it finished left behind.
+
+    That is: nothing (besides the run's bookkeeping folder and zarr's
+    temporary metadata files), or a store of cutana's arrays whose group
+    metadata is cut short or has no ``complete`` attribute set.
 
     Parameters
     ----------
-    name : str
-        A file name.
+    path : str or path-like
+        An existing folder.
 
     Returns
     -------
-    leftover : bool
+    interrupted : bool
 
     Examples
     --------
-    >>> from cutana.io.zarr import is_creation_leftover
-    >>> is_creation_leftover("zarr.0123456789abcdef0123456789abcdef.partial")
+    >>> import os, tempfile
+    >>> from cutana.io.zarr import creation_interrupted
+    >>> folder = tempfile.mkdtemp()
+    >>> leftover = "zarr.0123456789abcdef0123456789abcdef.partial"
+    >>> open(os.path.join(folder, leftover), "w").close()
+    >>> creation_interrupted(folder)
     True
-    >>> is_creation_leftover("notes.txt")
+    >>> open(os.path.join(folder, "notes.txt"), "w").close()
+    >>> creation_interrupted(folder)
     False
     """
-    return _ZARR_PARTIAL.fullmatch(name) is not None
+    path = os.fspath(path)
+    names = {
+        name
+        for name in os.listdir(path)
+        if name != STATE_DIRNAME and not _is_creation_leftover(name)
+    }
+    if not names:
+        return True
+    if "zarr.json" not in names or not names <= _STORE_MEMBERS:
+        return False
+    try:
+        with open(os.path.join(path, "zarr.json"), "rb") as fh:
+            attrs = json.load(fh).get("attributes", {})
+    except (OSError, ValueError, AttributeError):
+        return True  # a group file cut short: the creation never finished
+    return isinstance(attrs, dict) and not attrs.get("complete", False)
 
 
 def _remove_output(path):
@@ -226,7 +262,7 @@ def _remove_output(path):
         )
         raise FileExistsError(msg)
     if not _is_store(path) and any(
-        name != STATE_DIRNAME and not is_creation_leftover(name)
+        name != STATE_DIRNAME and not _is_creation_leftover(name)
         for name in os.listdir(path)
     ):
         msg = (

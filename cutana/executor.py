@@ -558,20 +558,39 @@ class Executor:
 
         With the ``processes`` backend, starting workers (and importing the
         preloaded modules) takes about a second; calling this before
-        preparing the tasks lets that happen while the caller works. Other
-        backends ignore it.
+        preparing the tasks lets that happen while the caller works: the
+        pool is created in a background thread (creating it waits until the
+        ``forkserver`` has imported its modules), and `run` takes it over.
+        Other backends ignore it.
         """
-        if self.backend != "processes" or getattr(self, "_warm_pool", None) is not None:
+        if self.backend != "processes" or getattr(self, "_warming", None) is not None:
             return
-        pool = self._new_pool()
-        for _ in range(self.n_workers):
-            pool.submit(os.getpid)
-        self._warm_pool = pool
+        if self.preload and os.name == "posix":
+            start_forkserver(self.preload)  # here: it sets the environment
+
+        def start():
+            pool = self._new_pool()
+            for _ in range(self.n_workers):
+                pool.submit(os.getpid)
+            self._warm_pool = pool
+
+        self._warm_pool = None
+        self._warming = threading.Thread(target=start, name="cutana-warm-up", daemon=True)
+        self._warming.start()
+
+    def _take_warm_pool(self):
+        """The pool started by `warm_up` (once it exists), or `None`."""
+        warming = getattr(self, "_warming", None)
+        if warming is None:
+            return None
+        warming.join()
+        self._warming = None
+        pool, self._warm_pool = self._warm_pool, None
+        return pool
 
     def close(self):
         """Stop worker processes started by `warm_up` and never used."""
-        pool = getattr(self, "_warm_pool", None)
-        self._warm_pool = None
+        pool = self._take_warm_pool()
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
 
@@ -581,8 +600,7 @@ class Executor:
         # an attempt; they are run again one at a time ("solo"), so that a task
         # that kills its worker again is identified and charged, and innocent
         # bystanders succeed.
-        pool = getattr(self, "_warm_pool", None) or self._new_pool()
-        self._warm_pool = None
+        pool = self._take_warm_pool() or self._new_pool()
         in_flight = {}  # future -> _Pending
         used = 0
         try:

@@ -36,6 +36,7 @@ from .io import (
     JobResult,
     Ledger,
     ZarrWriter,
+    choose_chunk_rows,
     clean_staging,
     fits_filenames,
     load_staged,
@@ -351,6 +352,7 @@ class _Prepared:
     options: RunOptions
     settings: CutSettings
     catalog_path: str | None = None
+    chunk_rows: int | None = None  # rows per chunk of a Zarr output
 
 
 def _prepare(catalog, options, *, parent_bytes=None):
@@ -431,6 +433,12 @@ def _prepare(catalog, options, *, parent_bytes=None):
             )
             raise ConfigError(msg)
     itemsize = np.dtype(options.dtype).itemsize
+    chunk_rows = None
+    if options.format == "zarr":
+        # jobs aligned with the store's chunks write them whole, unstaged
+        n_channels = max(1, len(index.bands))
+        row_bytes = n_channels * out_shape[0] * out_shape[1] * itemsize
+        chunk_rows = choose_chunk_rows(len(status), row_bytes)
     try:
         plan = make_plan(
             index,
@@ -445,6 +453,7 @@ def _prepare(catalog, options, *, parent_bytes=None):
             max_sources_per_job=options.max_sources_per_job,
             parent_bytes=parent_bytes,
             meta={"config": options.to_config(), "bands": list(index.bands)},
+            chunk_rows=chunk_rows,
         )
     except ValueError as exc:  # the memory limit cannot hold the largest cutout
         hint = _memory_hint(str(exc), cat, diam, status, assignment, options)
@@ -467,7 +476,7 @@ def _prepare(catalog, options, *, parent_bytes=None):
     path = None
     if isinstance(catalog, (str, os.PathLike)):
         path = os.path.abspath(os.fspath(catalog))
-    return _Prepared(cat, index, plan, options, settings, path)
+    return _Prepared(cat, index, plan, options, settings, path, chunk_rows)
 
 
 def _split_by_size(jobs, memory):
@@ -946,6 +955,7 @@ class _Runner:
                 tiles=[_tile_record(t) for t in self.p.index.tiles],
                 attrs={"catalogue": self.p.catalog_path},
                 overwrite=overwrite,
+                chunk_rows=self.p.chunk_rows,
             )
         else:
             self.writer = FitsWriter.create(

@@ -26,6 +26,7 @@ __all__ = [
     "Plan",
     "make_plan",
     "parse_memory",
+    "split_rows",
 ]
 
 _UNITS = {
@@ -487,6 +488,7 @@ def make_plan(
     max_sources_per_job=None,
     parent_bytes=None,
     meta=None,
+    chunk_rows=None,
 ):
     """Group sources into jobs sized from a memory budget.
 
@@ -518,6 +520,10 @@ def make_plan(
         Resident bytes of the main process, if measured.
     meta : dict, optional
         JSON-serialisable settings recorded in the plan (and fingerprint).
+    chunk_rows : int, optional
+        Rows per chunk of the output. Where the rows of a tile allow it, jobs
+        then start and end on chunk boundaries (within the memory budget),
+        so that a worker can write whole chunks itself; see `split_rows`.
 
     Returns
     -------
@@ -597,6 +603,7 @@ def make_plan(
         msg = f"max_sources_per_job must be a positive integer, got {max_sources_per_job!r}"
         raise ValueError(msg)
     per_job = int(min(cap, budget // per_source)) if budget > 0 else 0
+    largest = per_job  # what the budget and the cap allow; jobs aim smaller
     # enough jobs to keep every worker busy and balanced (JOBS_PER_WORKER each),
     # but not so small that per-job overhead dominates
     n_todo = int(np.count_nonzero(status == Status.PENDING))
@@ -625,7 +632,7 @@ def make_plan(
         t = int(tiles_sorted[a])
         group = rows_sorted[a:b]
         n_jobs = math.ceil(len(group) / per_job)
-        for part in np.array_split(group, n_jobs):
+        for part in split_rows(group, n_jobs, largest, chunk_rows):
             boxes = np.repeat(box_n[part][:, None], 2, axis=1)
             jobs.append(
                 Job(
@@ -651,3 +658,66 @@ def make_plan(
         memory=memory,
         meta=dict(meta or {}),
     )
+
+
+def split_rows(rows, n_parts, max_part, chunk_rows=None):
+    """Split sorted rows into consecutive parts, cut on chunk boundaries where possible.
+
+    Each cut is placed where the rows cross a multiple of ``chunk_rows``,
+    as near as possible to where `numpy.array_split` would cut, as long as
+    no part grows beyond ``max_part`` rows; where no such place exists, the
+    cut falls where `numpy.array_split` puts it (clipped to the same
+    bound). Without ``chunk_rows`` the parts are those of
+    `numpy.array_split`.
+
+    Parameters
+    ----------
+    rows : `~numpy.ndarray` of int
+        Row numbers, in increasing order.
+    n_parts : int
+        Number of parts, at least ``ceil(len(rows) / max_part)``.
+    max_part : int
+        Largest part allowed.
+    chunk_rows : int, optional
+        Rows per output chunk.
+
+    Returns
+    -------
+    parts : list of `~numpy.ndarray`
+        ``n_parts`` consecutive, non-empty slices of ``rows`` (fewer only
+        when there are fewer rows than parts).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from cutana.planner import split_rows
+    >>> [len(p) for p in split_rows(np.arange(1000), 3, 400)]
+    [334, 333, 333]
+    >>> [int(p[0]) for p in split_rows(np.arange(1000), 3, 400, chunk_rows=100)]
+    [0, 300, 700]
+    >>> [len(p) for p in split_rows(np.arange(1000), 3, 360, chunk_rows=100)]
+    [300, 360, 340]
+    """
+    rows = np.asarray(rows)
+    n = len(rows)
+    n_parts = max(1, min(int(n_parts), n))
+    if chunk_rows is None or chunk_rows <= 1 or n_parts == 1:
+        return np.array_split(rows, n_parts)
+    # positions i where rows[i] starts a new chunk
+    starts = np.flatnonzero(rows[1:] // chunk_rows != rows[:-1] // chunk_rows) + 1
+    q, r = divmod(n, n_parts)
+    cuts = [0]
+    for k in range(1, n_parts):
+        ideal = k * q + min(k, r)  # where numpy.array_split cuts
+        # every part non-empty, none above max_part, the rest still fits
+        lo = max(cuts[-1] + 1, n - (n_parts - k) * max_part)
+        hi = min(cuts[-1] + max_part, n - (n_parts - k))
+        cut = min(max(ideal, lo), hi)
+        j = np.searchsorted(starts, ideal)
+        near = [int(starts[i]) for i in (j - 1, j) if 0 <= i < len(starts)]
+        near = [c for c in near if lo <= c <= hi]
+        if near:
+            cut = min(near, key=lambda c: (abs(c - ideal), c))
+        cuts.append(cut)
+    cuts.append(n)
+    return [rows[a:b] for a, b in zip(cuts[:-1], cuts[1:], strict=True)]

@@ -129,3 +129,29 @@ def test_memory_sampler_sees_this_process():
     assert sampler.peak >= psutil.Process().memory_info().rss * 0.5
     assert sampler.peak >= 50_000_000
     assert len(sampler.samples) >= 1
+
+
+def test_warm_up_pool_is_taken_over_by_run():
+    """Workers started by ``warm_up`` run the tasks; ``close`` then has nothing left."""
+    ex = Executor("processes", 2)
+    ex.warm_up()
+    warming = ex._warming
+    ex.warm_up()  # a second call starts nothing more
+    assert ex._warming is warming
+    results = {}
+    failures = ex.run(_testing.square, list(range(8)),
+                      on_done=lambda t, r: results.__setitem__(t, r))
+    assert failures == []
+    assert results == {i: i * i for i in range(8)}
+    ex.close()
+    assert ex._take_warm_pool() is None
+
+
+def test_close_stops_a_pool_that_was_never_used():
+    """A warmed-up pool that no run took over is shut down by ``close``."""
+    ex = Executor("processes", 2)
+    ex.warm_up()
+    ex.close()
+    assert ex._take_warm_pool() is None
+    results, failures = _collect("processes", 2, _testing.square, [4])
+    assert results == {4: 16}

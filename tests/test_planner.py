@@ -1,0 +1,138 @@
+# Licensed under a 3-clause BSD style license - see LICENSE.rst
+"""Tests of how the planner slices a tile's sources into jobs."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import cutana
+from cutana import pipeline
+from cutana.bench.synthetic import make_survey
+from cutana.catalog import read_catalog
+from cutana.planner import make_plan, parse_memory, split_rows
+from cutana.status import Status
+from cutana.tiles import TileIndex
+from cutana.verify import verify
+
+
+@st.composite
+def _split_case(draw):
+    n = draw(st.integers(1, 400))
+    # increasing rows with gaps, as a tile's share of a catalogue
+    gaps = draw(st.lists(st.integers(1, 4), min_size=n, max_size=n))
+    rows = np.cumsum(gaps) - 1
+    max_part = draw(st.integers(1, n))
+    n_parts = draw(st.integers(-(-n // max_part), n))
+    chunk_rows = draw(st.sampled_from([None, 1, 2, 7, 32, 186]))
+    return rows, n_parts, max_part, chunk_rows
+
+
+@settings(max_examples=300, deadline=None)
+@given(_split_case())
+def test_split_rows_keeps_rows_and_bounds(case):
+    """Parts cover the rows in order, are non-empty, and none exceeds the bound."""
+    rows, n_parts, max_part, chunk_rows = case
+    parts = split_rows(rows, n_parts, max_part, chunk_rows)
+    assert len(parts) == n_parts
+    assert all(1 <= len(p) <= max_part for p in parts)
+    np.testing.assert_array_equal(np.concatenate(parts), rows)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 500), st.integers(1, 30))
+def test_split_rows_without_chunks_is_array_split(n, n_parts):
+    """Without chunk rows the parts are exactly numpy's."""
+    rows = np.arange(n) * 3
+    n_parts = min(n_parts, n)
+    expected = np.array_split(rows, n_parts)
+    got = split_rows(rows, n_parts, n)
+    assert [p.tolist() for p in got] == [e.tolist() for e in expected]
+
+
+@pytest.mark.parametrize(
+    ("n", "n_parts", "max_part", "chunk_rows"),
+    [(50_000, 24, 4096, 186), (50_000, 13, 4096, 186), (10_000, 7, 2000, 100), (999, 4, 400, 33)],
+)
+def test_split_rows_cuts_on_chunk_boundaries(n, n_parts, max_part, chunk_rows):
+    """Contiguous rows with room to move are cut only at multiples of the chunk rows."""
+    parts = split_rows(np.arange(n), n_parts, max_part, chunk_rows)
+    firsts = [int(p[0]) for p in parts]
+    assert all(f % chunk_rows == 0 for f in firsts)
+    # and stay near numpy's balanced cuts (within half a chunk)
+    balanced = [int(p[0]) for p in np.array_split(np.arange(n), n_parts)]
+    assert max(abs(a - b) for a, b in zip(firsts, balanced, strict=True)) <= chunk_rows // 2 + 1
+
+
+def test_split_rows_falls_back_when_no_boundary_fits():
+    """A bound too tight for any chunk boundary gives numpy's cuts, clipped to the bound."""
+    parts = split_rows(np.arange(1000), 3, 340, chunk_rows=100)
+    assert [len(p) for p in parts] == [334, 333, 333]
+
+
+@pytest.fixture(scope="module")
+def survey(tmp_path_factory):
+    """One tile, one band, 600 sources of one size."""
+    return make_survey(
+        tmp_path_factory.mktemp("survey"),
+        n_tiles=1,
+        bands=("VIS",),
+        tile_size=300,
+        n_sources=600,
+        edge_fraction=0.0,
+        off_tile_fraction=0.0,
+        bad_row_fraction=0.0,
+        size_range_pixels=(10, 10),
+        seed=5,
+    )
+
+
+def _plan(survey, **kwargs):
+    cat = read_catalog(survey.catalogue_path, size=10)
+    index = TileIndex.from_file_lists(cat.fits_file_paths)
+    diameters = np.full(len(cat), 10.0)
+    assignment, _ = index.assign_by_files(cat.fits_file_paths, cat.ra, cat.dec, diameters)
+    return make_plan(index, assignment, diameters, cat.status, cat.messages,
+                     out_shape=(10, 10), out_itemsize=4,
+                     memory_limit=parse_memory("2GB"), **kwargs)
+
+
+def test_make_plan_aligns_jobs_with_chunks(survey):
+    """Jobs of one tile start on chunk boundaries; the output is the same plan."""
+    plain = _plan(survey, max_sources_per_job=130)
+    aligned = _plan(survey, max_sources_per_job=130, chunk_rows=64)
+    assert len(aligned.jobs) == len(plain.jobs) == 5
+    assert all(len(j) <= 130 for j in aligned.jobs)
+    assert all(int(j.rows[0]) % 64 == 0 for j in aligned.jobs)
+    assert any(int(j.rows[0]) % 64 for j in plain.jobs)
+    assert aligned.output_fingerprint() == plain.output_fingerprint()
+    np.testing.assert_array_equal(
+        np.sort(np.concatenate([j.rows for j in aligned.jobs])),
+        np.flatnonzero(plain.base_status == Status.PENDING),
+    )
+
+
+def test_balanced_jobs_may_use_the_memory_bound_to_align(survey):
+    """With several workers jobs aim at a balanced size but may grow to a boundary."""
+    plan = _plan(survey, n_workers=2, chunk_rows=25)
+    sizes = [len(j) for j in plan.jobs]
+    assert all(int(j.rows[0]) % 25 == 0 for j in plan.jobs)
+    assert max(sizes) - min(sizes) <= 25
+
+
+def test_single_tile_zarr_run_stages_nothing(survey, tmp_path, monkeypatch):
+    """Every chunk of a one-tile catalogue is written whole by the job that cuts it."""
+    staged = []
+    real = pipeline.stage_job
+    monkeypatch.setattr(pipeline, "stage_job", lambda *a, **k: staged.append(1) or real(*a, **k))
+    out = tmp_path / "out.zarr"
+    # 64 KiB rows: 64 rows per 4 MiB chunk, about two chunks per job
+    report = cutana.make_cutouts(survey.catalogue_path, out, size=10, target_size=128,
+                                 resample="bilinear", progress=False,
+                                 max_sources_per_job=130)
+    assert report.exit_code == 0
+    assert staged == []
+    archive = cutana.open(out)
+    assert archive.images.chunks[0] == 64
+    assert (archive.status == Status.OK).all()
+    assert verify(out) == []

@@ -355,8 +355,11 @@ class _Prepared:
     chunk_rows: int | None = None  # rows per chunk of a Zarr output
 
 
-def _prepare(catalog, options, *, parent_bytes=None):
-    """Read, validate, index and plan (no pixel data)."""
+def _prepare(catalog, options, *, parent_bytes=None, chunked=True):
+    """Read, validate, index and plan (no pixel data).
+
+    With ``chunked`` (and Zarr output) the plan follows the store's chunks.
+    """
     options.validate()
     cat = read_catalog(catalog, size=options.size)
     try:
@@ -434,7 +437,7 @@ def _prepare(catalog, options, *, parent_bytes=None):
             raise ConfigError(msg)
     itemsize = np.dtype(options.dtype).itemsize
     chunk_rows = None
-    if options.format == "zarr":
+    if chunked and options.format == "zarr":
         # jobs aligned with the store's chunks write them whole, unstaged
         n_channels = max(1, len(index.bands))
         row_bytes = n_channels * out_shape[0] * out_shape[1] * itemsize
@@ -615,6 +618,29 @@ class _AssembleTask:
 
 
 @dataclass
+class _GroupTask:
+    """Jobs that fill the same chunks, cut one after the other by one worker.
+
+    The worker cuts every member into one block in memory and writes the
+    chunks itself: nothing is staged.
+    """
+
+    members: list  # _CutTask
+    out_dir: str
+    chunks: list = None
+    row_to_job: _Rows = None
+    base_status: _Rows = None
+
+
+@dataclass
+class _GroupDone:
+    """What a group task hands back: one `_CutDone` per member, and the chunks."""
+
+    done: list
+    checksums: dict
+
+
+@dataclass
 class _CutDone:
     """What a cut task hands back to the main process (small, picklable)."""
 
@@ -677,6 +703,8 @@ def _run_task_inner(task):
     if isinstance(task, _AssembleTask):
         writer = ZarrWriter.open(task.out_dir)
         return writer.write_chunks(task.chunks, task.row_to_job, task.base_status)
+    if isinstance(task, _GroupTask):
+        return _run_group(task)
     result = cut_job(task.settings, task.tile, task.job, scratch=_SCRATCH)
     if task.format == "zarr":
         checksums = {}
@@ -705,6 +733,42 @@ def _run_task_inner(task):
     )
     staged = stage_job(task.out_dir, result, images=False)
     return _CutDone(staged, result.status, result.messages, {}, result.rows, result.files)
+
+
+def _jobs_of(task):
+    """The plan jobs a task cuts (none for an assembly task)."""
+    if isinstance(task, _GroupTask):
+        return [m.job for m in task.members]
+    if isinstance(task, _CutTask):
+        return [task.job]
+    return []
+
+
+def _run_group(task):
+    """Cut a group's jobs into one block and write its chunks from memory."""
+    first = task.members[0]
+    n = sum(len(m.job) for m in task.members)
+    shape = (n, len(first.tile.bands), *first.settings.out_shape)
+    # the same buffer as single jobs use: a worker holds one block at a time
+    block = _SCRATCH.get("images", shape, first.settings.dtype)
+    results = {}
+    a = 0
+    for m in task.members:
+        b = a + len(m.job)
+        results[m.job.job_id] = cut_job(
+            m.settings, m.tile, m.job, scratch=_SCRATCH, out=block[a:b]
+        )
+        a = b
+    writer = ZarrWriter.open(task.out_dir)
+    checksums = writer.write_chunks(
+        task.chunks, task.row_to_job, task.base_status, results=results
+    )
+    empty = np.zeros(0, dtype=np.int64)
+    done = [
+        _CutDone(None, results[m.job.job_id].status, results[m.job.job_id].messages, {}, empty)
+        for m in task.members
+    ]
+    return _GroupDone(done, checksums)
 
 
 def _subset(result, keep):
@@ -1003,10 +1067,13 @@ class _Runner:
         if self.fmt == "fits":
             self.file_names = fits_filenames(cat.source_id)
         bands = tuple(self.p.index.bands)
+        group_of = {}
         if self.fmt == "zarr":
             self._setup_chunks()
-            owner = self._chunk_owners()
+            self.owner = self._chunk_owners()
+            group_of = {j: i for i, ids in enumerate(self._groups()) for j in ids}
         tasks = []
+        groups = {}
         for job in plan.jobs:
             if job.job_id in self.done_jobs:
                 continue
@@ -1023,12 +1090,21 @@ class _Runner:
                 task.ra = cat.ra[job.rows]
                 task.dec = cat.dec[job.rows]
                 task.files = self.file_names[job.rows]
+            elif job.job_id in group_of:
+                g = group_of[job.job_id]
+                if g not in groups:
+                    groups[g] = _GroupTask(members=[], out_dir=self.output)
+                    tasks.append(groups[g])
+                groups[g].members.append(task)
+                continue
             else:
-                self._add_direct_chunks(task, owner)
+                self._add_direct_chunks(task, self.owner)
             tasks.append(task)
+        for group in groups.values():
+            self._add_group_chunks(group)
         if self.fmt == "zarr":
             tasks = self._ready_assembly_tasks() + tasks
-        total = sum(len(t.job) for t in tasks if isinstance(t, _CutTask))
+        total = sum(len(j) for t in tasks for j in _jobs_of(t))
         if self.progress and total:
             from tqdm.auto import tqdm
 
@@ -1040,7 +1116,7 @@ class _Runner:
             executor.run(
                 _run_task,
                 tasks,
-                cost=lambda t: t.job.est_bytes if isinstance(t, _CutTask) else 0,
+                cost=lambda t: max((j.est_bytes for j in _jobs_of(t)), default=0),
                 on_done=self._on_done,
                 on_failed=self._on_failed,
             )
@@ -1137,6 +1213,64 @@ class _Runner:
         task.base_status = _Rows(lo, self.status[lo:hi].copy())
         self.chunks_submitted.update(direct)
 
+    def _groups(self):
+        """Pending jobs that fill the same chunks, to cut and write together.
+
+        Jobs linked by shared unwritten chunks form a group when the plan
+        sized each of them in memory for the whole group (jobs of one band,
+        see `cutana.planner.make_plan`) and no other job (e.g. one staged by
+        an interrupted run) has rows in those chunks.
+        """
+        cr = self.writer.chunk_rows
+        pending = [
+            j.job_id for j in self.plan.jobs
+            if j.job_id not in self.done_jobs and self.job_chunks[j.job_id]
+        ]
+        parent = {j: j for j in pending}
+
+        def find(j):
+            while parent[j] != j:
+                parent[j] = parent[parent[j]]
+                j = parent[j]
+            return j
+
+        first = {}
+        for j in pending:
+            for k in self.job_chunks[j]:
+                if k in first:
+                    parent[find(j)] = find(first[k])
+                else:
+                    first[k] = j
+        members = {}
+        for j in pending:
+            members.setdefault(find(j), []).append(j)
+        groups = []
+        for ids in members.values():
+            if len(ids) < 2:
+                continue
+            jobs = [self.plan.jobs[j] for j in ids]
+            n = sum(len(job) for job in jobs)
+            if self.plan.memory.job_bytes(n) > min(job.est_bytes for job in jobs):
+                continue  # not planned to be held at once
+            chunks = sorted(set().union(*(self.job_chunks[j] for j in ids)))
+            owners = np.concatenate(
+                [self.job_of_row[k * cr : (k + 1) * cr] for k in chunks]
+            )
+            if np.isin(owners[owners >= 0], ids, invert=True).any():
+                continue
+            groups.append(sorted(ids))
+        return groups
+
+    def _add_group_chunks(self, group):
+        """Let a group task write every chunk its jobs fill."""
+        chunks = sorted(set().union(*(self.job_chunks[m.job.job_id] for m in group.members)))
+        lo = self.writer.chunk_range(chunks[0])[0]
+        hi = self.writer.chunk_range(chunks[-1])[1]
+        group.chunks = chunks
+        group.row_to_job = _Rows(lo, self.job_of_row[lo:hi].copy(), self.pos_in_job[lo:hi].copy())
+        group.base_status = _Rows(lo, self.status[lo:hi].copy())
+        self.chunks_submitted.update(chunks)
+
     def _ready_assembly_tasks(self):
         ready = np.flatnonzero(self.chunk_pending == 0)
         return self._assembly_tasks([int(k) for k in ready if k not in self.chunks_submitted])
@@ -1187,6 +1321,16 @@ class _Runner:
                         remove_staged(self.output, job_id)
                         self.job_chunks.pop(job_id)
             return ()
+        if isinstance(task, _GroupTask):
+            self.checksums.update({int(k): v for k, v in result.checksums.items()})
+            self.ledger.chunks_written(result.checksums)
+            follow = []
+            for member, done in zip(task.members, result.done, strict=True):
+                self.job_chunks[member.job.job_id].difference_update(
+                    int(k) for k in result.checksums
+                )
+                follow += self._on_done(member, done)
+            return follow
         job = task.job
         if result.checksums:
             self.checksums.update({int(k): v for k, v in result.checksums.items()})
@@ -1225,6 +1369,17 @@ class _Runner:
             self.failures.append(f"writing chunks {task.chunks}: {failure.error}")
             self.chunks_submitted.difference_update(task.chunks)
             return ()
+        if isinstance(task, _GroupTask):
+            # run its jobs one by one (staged, each with its own attempts), so
+            # that one bad job cannot fail the others
+            logger.warning(
+                "jobs %s failed together (%s); running them one by one",
+                [m.job.job_id for m in task.members], failure.error,
+            )
+            self.chunks_submitted.difference_update(task.chunks)
+            for member in task.members:
+                self._add_direct_chunks(member, self.owner)
+            return list(task.members)
         job = task.job
         paths = ", ".join(b.path for b in task.tile.bands if b is not None)
         self.failures.append(
@@ -1343,7 +1498,7 @@ def iter_cutouts(catalog, **options):
     ('VIS', 'NIR-Y', 'NIR-J', 'NIR-H')
     """
     options = {k: v for k, v in options.items() if k not in ("workers", "backend")}
-    prepared = _prepare(catalog, RunOptions(**options))
+    prepared = _prepare(catalog, RunOptions(**options), chunked=False)
     cat = prepared.catalog
     for job in prepared.plan.jobs:
         result = cut_job(prepared.settings, prepared.index.tiles[job.tile], job)

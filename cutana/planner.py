@@ -173,7 +173,8 @@ class Job:
     box : `~numpy.ndarray` of int64, shape ``(n, 2)``
         ``(ny, nx)`` of the box cut for each source, before resampling.
     est_bytes : int
-        Estimated peak memory of the job in a worker.
+        Estimated peak memory of the job in a worker (of its whole band,
+        when the plan groups jobs in bands that fill output chunks together).
 
     Examples
     --------
@@ -521,9 +522,13 @@ def make_plan(
     meta : dict, optional
         JSON-serialisable settings recorded in the plan (and fingerprint).
     chunk_rows : int, optional
-        Rows per chunk of the output. Where the rows of a tile allow it, jobs
-        then start and end on chunk boundaries (within the memory budget),
-        so that a worker can write whole chunks itself; see `split_rows`.
+        Rows per chunk of the output. The rows are then cut into bands of
+        whole chunks (within the memory budget, see `split_rows`), with one
+        job per tile in each band, each sized in memory for its band: the
+        jobs of a band fill its chunks together, so that one worker can cut
+        them and write the chunks itself. When that would make the jobs
+        small (`MIN_BAND_JOB`), jobs go tile by tile, cut on chunk
+        boundaries where a tile's rows allow it.
 
     Returns
     -------
@@ -619,32 +624,26 @@ def make_plan(
         )
         raise ValueError(msg)
 
-    jobs = []
     rows_all = np.flatnonzero(todo)
-    order = np.lexsort((rows_all, tile[rows_all]))  # by tile, then row
-    rows_sorted = rows_all[order]
-    tiles_sorted = tile[rows_sorted]
-    starts = np.flatnonzero(np.r_[True, tiles_sorted[1:] != tiles_sorted[:-1]])
-    ends = np.r_[starts[1:], len(rows_sorted)]
-    if not len(rows_sorted):  # nothing to cut: every row is bad or off-tile
-        starts = ends = np.zeros(0, dtype=np.int64)
-    for a, b in zip(starts, ends, strict=False):
-        t = int(tiles_sorted[a])
-        group = rows_sorted[a:b]
-        n_jobs = math.ceil(len(group) / per_job)
-        for part in split_rows(group, n_jobs, largest, chunk_rows):
-            boxes = np.repeat(box_n[part][:, None], 2, axis=1)
-            jobs.append(
-                Job(
-                    job_id=len(jobs),
-                    tile=t,
-                    rows=part.astype(np.int64),
-                    x=np.asarray(assignment.x, dtype=np.float64)[part],
-                    y=np.asarray(assignment.y, dtype=np.float64)[part],
-                    box=boxes.astype(np.int64),
-                    est_bytes=memory.job_bytes(len(part)),
-                )
-            )
+    parts = None  # (tile, rows, rows its worker holds at once) per job
+    if chunk_rows is not None and len(rows_all):
+        parts = _band_parts(rows_all, tile, per_job, largest, chunk_rows)
+    if parts is None:
+        parts = _tile_parts(rows_all, tile, per_job, largest, chunk_rows)
+    x = np.asarray(assignment.x, dtype=np.float64)
+    y = np.asarray(assignment.y, dtype=np.float64)
+    jobs = [
+        Job(
+            job_id=i,
+            tile=t,
+            rows=part.astype(np.int64),
+            x=x[part],
+            y=y[part],
+            box=np.repeat(box_n[part][:, None], 2, axis=1).astype(np.int64),
+            est_bytes=memory.job_bytes(held),
+        )
+        for i, (t, part, held) in enumerate(parts)
+    ]
     return Plan(
         jobs=jobs,
         n_rows=n,
@@ -658,6 +657,57 @@ def make_plan(
         memory=memory,
         meta=dict(meta or {}),
     )
+
+
+#: Smallest mean job size of a plan in bands; below it jobs go tile by tile.
+MIN_BAND_JOB = 64
+
+
+def _tile_parts(rows_all, tile, per_job, largest, chunk_rows):
+    """Jobs tile by tile: each tile's rows in slices of about ``per_job``."""
+    order = np.lexsort((rows_all, tile[rows_all]))  # by tile, then row
+    rows_sorted = rows_all[order]
+    tiles_sorted = tile[rows_sorted]
+    starts = np.flatnonzero(np.r_[True, tiles_sorted[1:] != tiles_sorted[:-1]])
+    ends = np.r_[starts[1:], len(rows_sorted)]
+    if not len(rows_sorted):  # nothing to cut: every row is bad or off-tile
+        starts = ends = np.zeros(0, dtype=np.int64)
+    parts = []
+    for a, b in zip(starts, ends, strict=True):
+        group = rows_sorted[a:b]
+        n_jobs = math.ceil(len(group) / per_job)
+        for part in split_rows(group, n_jobs, largest, chunk_rows):
+            parts.append((int(tiles_sorted[a]), part, len(part)))
+    return parts
+
+
+def _band_parts(rows_all, tile, per_job, largest, chunk_rows):
+    """Jobs band by band: whole chunks of rows, then one job per tile in each.
+
+    The rows are cut into bands of whole output chunks holding about
+    ``per_job`` sources (at most ``largest``, and one chunk less, so that
+    every cut can move to a chunk boundary); a band's jobs (one per tile
+    it touches) fill its chunks together, so one worker can cut them one
+    after the other and write the chunks itself. Each job is sized in
+    memory for its whole band. `None` when a band cannot hold two chunks,
+    or when jobs would be smaller than `MIN_BAND_JOB` sources on average
+    (many tiles mixed in every chunk): tile by tile is then cheaper.
+    """
+    if largest < 2 * chunk_rows:
+        return None  # a band could not hold whole chunks
+    # room for each cut to move to the nearest chunk boundary
+    n_bands = math.ceil(len(rows_all) / min(per_job, largest - chunk_rows))
+    bands = split_rows(rows_all, n_bands, largest, chunk_rows)
+    parts = []
+    for band in bands:
+        t = tile[band]
+        order = np.argsort(t, kind="stable")  # by tile, then row
+        cuts = np.flatnonzero(np.diff(t[order])) + 1
+        for idx in np.split(order, cuts):
+            parts.append((int(t[idx[0]]), band[idx], len(band)))
+    if len(bands) > 1 and len(rows_all) < MIN_BAND_JOB * len(parts):
+        return None
+    return parts
 
 
 def split_rows(rows, n_parts, max_part, chunk_rows=None):

@@ -217,7 +217,7 @@ class Scratch:
         self._bufs.clear()
 
 
-def cut_job(settings, tile, job, scratch=None):
+def cut_job(settings, tile, job, scratch=None, out=None):
     """Cut every source of a job from every band of its tile.
 
     Parameters
@@ -231,6 +231,10 @@ def cut_job(settings, tile, job, scratch=None):
     scratch : `Scratch`, optional
         Reusable buffers; the result's ``images`` then lives in ``scratch``
         and is valid only until the next job cut with it.
+    out : `~numpy.ndarray`, optional
+        ``(n, C, H, W)`` array of the output dtype to cut into (it becomes
+        the result's ``images``), e.g. a slice of a larger block that
+        several jobs fill.
 
     Returns
     -------
@@ -266,7 +270,16 @@ def cut_job(settings, tile, job, scratch=None):
         out_shape = tuple(int(v) for v in settings.out_shape)
     else:
         out_shape = tuple(int(v) for v in job.box[0]) if n else (0, 0)
-    if scratch is None:
+    if out is not None:
+        if out.shape != (n, n_channels) + out_shape or out.dtype != np.dtype(settings.dtype):
+            msg = (
+                f"out has shape {out.shape} and dtype {out.dtype}; the job needs "
+                f"{(n, n_channels) + out_shape} of {np.dtype(settings.dtype)}"
+            )
+            raise ValueError(msg)
+        images = out  # every row of every channel is written below
+        scratch = Scratch() if scratch is None else scratch
+    elif scratch is None:
         scratch = Scratch()  # private to this call
         images = np.zeros((n, n_channels) + out_shape, dtype=settings.dtype)
     else:

@@ -22,6 +22,7 @@ import functools
 import glob
 import hashlib
 import logging
+import mmap
 import os
 import re
 import warnings
@@ -1497,6 +1498,9 @@ def open_pixels(band):
     >>> window.shape, window.dtype.isnative
     ((64, 64), True)
     """
+    pixels = _open_known_layout(band)
+    if pixels is not None:
+        return pixels
     hdul = None
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -1540,6 +1544,60 @@ def open_pixels(band):
             hdul.close()
         msg = f"{band.path}: cannot open pixels of HDU {band.hdu!r} ({_reason(exc)})"
         raise TileError(msg) from exc
-    return TilePixels(
-        band, data, bscale, bzero, None if blank is None else int(blank), hdul
-    )
+    blank = None if blank is None else int(blank)
+    if not remote and isinstance(data, np.ndarray):
+        _remember_layout(band, hdul, index, data, bscale, bzero, blank)
+    return TilePixels(band, data, bscale, bzero, blank, hdul)
+
+
+#: Where the image of a local, uncompressed band file lies, by
+#: ``(path, hdu, size, mtime)``: `open_pixels` maps it again without parsing
+#: the headers (a worker opens the same tiles for many jobs).
+_LAYOUTS = {}
+_MAX_LAYOUTS = 1024
+
+
+def _stat_key(band):
+    try:
+        st = os.stat(band.path)
+    except OSError:
+        return None
+    return (band.path, repr(band.hdu), st.st_size, st.st_mtime_ns)
+
+
+def _remember_layout(band, hdul, index, data, bscale, bzero, blank):
+    info = hdul.fileinfo(index)
+    if getattr(info["file"], "compression", None) or not _is_mapped(data):
+        return
+    key = _stat_key(band)
+    if key is None:
+        return
+    if len(_LAYOUTS) >= _MAX_LAYOUTS:
+        _LAYOUTS.clear()
+    _LAYOUTS[key] = (int(info["datLoc"]), data.dtype, data.shape, bscale, bzero, blank)
+
+
+def _is_mapped(data):
+    """Whether ``data`` is a view of a memory-mapped file."""
+    base = data
+    for _ in range(8):
+        if base is None or isinstance(base, (np.memmap, mmap.mmap)):
+            break
+        base = getattr(base, "base", None)
+    return isinstance(base, (np.memmap, mmap.mmap))
+
+
+def _open_known_layout(band):
+    """`TilePixels` of a file opened before and unchanged since, else `None`."""
+    if not _LAYOUTS or band.is_remote:
+        return None
+    key = _stat_key(band)
+    layout = _LAYOUTS.get(key)
+    if layout is None:
+        return None
+    offset, dtype, shape, bscale, bzero, blank = layout
+    try:
+        data = np.memmap(band.path, dtype=dtype, mode="r", offset=offset, shape=shape)
+    except (OSError, ValueError):
+        return None  # the slow path explains
+    return TilePixels(band, data, bscale, bzero, blank, None)

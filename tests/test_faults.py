@@ -735,3 +735,57 @@ def test_hostile_ids_stay_inside_output(tmp_path):
     for i in np.flatnonzero(cut)[:10]:
         with fits.open(out / files[i]) as hdul:
             assert hdul[1].header["ROW"] == i
+
+
+# ----------------------------------------------------------------------------
+# runs in bands (several tiles per chunk, chunks written from memory)
+# ----------------------------------------------------------------------------
+
+# 2 tiles in catalogue order, 16 KiB rows: 256-row chunks, each filled by
+# the two jobs (one per tile) of its band, cut and written by one worker
+BAND_ARGS = ["--workers", "2", "--size", "12", "--target-size", "64",
+             "--resample", "bilinear", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def band_survey(tmp_path_factory):
+    """2 tiles x 1 band, 1200 sources."""
+    return make_survey(
+        tmp_path_factory.mktemp("band_survey"),
+        **{**SURVEY, "bands": ("VIS",), "tile_size": 300, "n_sources": 1200},
+    )
+
+
+@pytest.fixture(scope="module")
+def band_clean(band_survey, tmp_path_factory):
+    out = tmp_path_factory.mktemp("band_clean") / "c.zarr"
+    code, err = _cli(["run", band_survey.catalogue_path, "-o", out, *BAND_ARGS])
+    assert code == 0, err
+    return out
+
+
+@pytest.mark.parametrize("k", [0, 1])
+def test_kill_band_run_then_resume(band_survey, band_clean, tmp_path, k):
+    """Test that a run in bands killed between chunk writes resumes byte-identical."""
+    rng = np.random.default_rng([RNG_SEED, k, 7])
+    images = cutana.open(band_clean).images
+    n_chunks = -(-images.shape[0] // images.chunks[0])
+    assert n_chunks >= 3
+    out = tmp_path / "killed_bands"
+    condition, when = _trigger("assembly", str(out), rng, n_chunks)
+    args = [band_survey.catalogue_path, "-o", out, *BAND_ARGS]
+    with open(tmp_path / "killed.log", "wb") as log:
+        proc = _spawn(args, log)
+        try:
+            hit = _wait_for(proc, condition)
+        finally:
+            kids = _kill_tree(proc)
+    _reap(kids)
+    events = _ledger_events(str(out)) or []
+    assert hit, f"the run ended before the kill ({when})"
+    assert "job_staged" not in events  # nothing staged: bands write chunks
+    code, err = _cli(["run", *args, "--resume"])
+    assert code == 0, f"resume after a kill {when} failed: {err}"
+    _assert_identical(out, band_clean)
+    code, err = _cli(["verify", out])
+    assert code == 0, err

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 import cutana
 from cutana import pipeline
+from cutana._testing import files_bytes
 from cutana.bench.synthetic import make_survey
 from cutana.catalog import read_catalog
 from cutana.planner import make_plan, parse_memory, split_rows
@@ -135,4 +136,121 @@ def test_single_tile_zarr_run_stages_nothing(survey, tmp_path, monkeypatch):
     archive = cutana.open(out)
     assert archive.images.chunks[0] == 64
     assert (archive.status == Status.OK).all()
+    assert verify(out) == []
+
+
+# ----------------------------------------------------------------------------
+# bands: several tiles filling the same chunks
+# ----------------------------------------------------------------------------
+
+BAND_RUN = {"size": 10, "target_size": 64, "resample": "bilinear", "progress": False,
+            "max_sources_per_job": 600}  # 16 KiB rows: 256 rows per chunk
+
+
+@pytest.fixture(scope="module")
+def two_tiles(tmp_path_factory):
+    """Two tiles, one band, 1200 sources of one size in catalogue order."""
+    return make_survey(
+        tmp_path_factory.mktemp("two"),
+        n_tiles=2,
+        bands=("VIS",),
+        tile_size=300,
+        n_sources=1200,
+        overlap_pixels=20,
+        edge_fraction=0.05,
+        off_tile_fraction=0.02,
+        bad_row_fraction=0.02,
+        size_range_pixels=(10, 10),
+        seed=9,
+    )
+
+
+def test_band_plan_fills_whole_chunks(two_tiles):
+    """Each band's jobs (one per tile) hold whole chunks that no other band touches."""
+    plan = cutana.plan_cutouts(two_tiles.catalogue_path, **{
+        k: v for k, v in BAND_RUN.items() if k != "progress"})
+    cr = 256
+    bands = {}
+    for job in plan.jobs:
+        bands.setdefault(job.est_bytes, []).append(job)
+    chunk_band = {}
+    for i, job in enumerate(plan.jobs):
+        for k in np.unique(job.rows // cr):
+            chunk_band.setdefault(int(k), set()).add(job.est_bytes)
+    # jobs of one band share their estimate: that of the whole band
+    assert all(len(v) == 1 for v in chunk_band.values())
+    assert len({job.tile for job in plan.jobs}) == 2
+    for est, jobs in bands.items():
+        n = sum(len(j) for j in jobs)
+        assert est == plan.memory.job_bytes(n)
+        assert n <= 600
+        assert len({j.tile for j in jobs}) == len(jobs)  # one job per tile
+    pending = np.flatnonzero(plan.base_status == Status.PENDING)
+    np.testing.assert_array_equal(np.sort(np.concatenate([j.rows for j in plan.jobs])), pending)
+
+
+def test_small_bands_fall_back_to_tiles(two_tiles, monkeypatch):
+    """When a band's jobs would be tiny, the plan goes tile by tile."""
+    from cutana import planner
+
+    monkeypatch.setattr(planner, "MIN_BAND_JOB", 10_000)
+    plan = cutana.plan_cutouts(two_tiles.catalogue_path, **{
+        k: v for k, v in BAND_RUN.items() if k != "progress"})
+    assert [j.tile for j in plan.jobs] == sorted(j.tile for j in plan.jobs)
+    assert all(j.est_bytes == plan.memory.job_bytes(len(j)) for j in plan.jobs)
+
+
+@pytest.fixture(scope="module")
+def tile_by_tile(two_tiles, tmp_path_factory):
+    """The same run planned tile by tile (staged and assembled)."""
+    from cutana import planner
+
+    out = tmp_path_factory.mktemp("tiles") / "tiles.zarr"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(planner, "MIN_BAND_JOB", 10_000)
+        report = cutana.make_cutouts(two_tiles.catalogue_path, out, **BAND_RUN)
+    assert report.exit_code == 0
+    return out
+
+
+def test_bands_are_written_from_memory_and_equal_staged_run(
+    two_tiles, tile_by_tile, tmp_path, monkeypatch
+):
+    """A band run stages nothing and writes the same bytes as the staged run."""
+    staged, groups = [], []
+    stage, group = pipeline.stage_job, pipeline._run_group
+    monkeypatch.setattr(pipeline, "stage_job", lambda *a, **k: staged.append(1) or stage(*a, **k))
+    monkeypatch.setattr(pipeline, "_run_group", lambda t: groups.append(t) or group(t))
+    out = tmp_path / "bands.zarr"
+    report = cutana.make_cutouts(two_tiles.catalogue_path, out, **BAND_RUN)
+    assert report.exit_code == 0
+    assert staged == []
+    assert len(groups) >= 2 and all(len(g.members) == 2 for g in groups)
+    assert files_bytes(out) == files_bytes(tile_by_tile)
+    assert verify(out) == []
+
+
+def test_failed_band_runs_its_jobs_alone(two_tiles, tile_by_tile, tmp_path, monkeypatch):
+    """A band whose cutting raises is split: only the bad job's rows fail."""
+    plan = cutana.plan_cutouts(two_tiles.catalogue_path, **{
+        k: v for k, v in BAND_RUN.items() if k != "progress"})
+    bad = plan.jobs[1]
+    cut = pipeline.cut_job
+
+    def flaky(settings, tile, job, *args, **kwargs):
+        if np.array_equal(job.rows, bad.rows):
+            raise RuntimeError("simulated crash in the kernel")
+        return cut(settings, tile, job, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "cut_job", flaky)
+    out = tmp_path / "failed.zarr"
+    report = cutana.make_cutouts(two_tiles.catalogue_path, out, **BAND_RUN)
+    assert report.exit_code == 1
+    assert any("simulated crash" in f for f in report.failures)
+    got, ref = cutana.open(out), cutana.open(tile_by_tile)
+    status = np.asarray(got.status)
+    assert (status[bad.rows] == Status.TILE_ERROR).all()
+    others = np.setdiff1d(np.arange(len(status)), bad.rows)
+    np.testing.assert_array_equal(status[others], np.asarray(ref.status)[others])
+    np.testing.assert_array_equal(got.images[others], ref.images[others])
     assert verify(out) == []

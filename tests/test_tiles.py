@@ -654,3 +654,33 @@ def test_open_pixels_errors(tmp_path):
     (tmp_path / "b.fits").write_bytes(b"junk")
     with pytest.raises(TileError, match=r"b\.fits: cannot open pixels"):
         open_pixels(band_b)
+
+
+def test_open_pixels_maps_known_files_again_without_headers(tmp_path, monkeypatch):
+    """A file opened before is mapped from its known layout; a changed file is read again."""
+    import cutana.tiles as tiles_module
+
+    make_tile(tmp_path / "a.fits")
+    band = TileIndex.from_paths(str(tmp_path / "a.fits")).tiles[0].bands[0]
+    with open_pixels(band) as px:
+        first = np.array(px.data)
+        scale = (px.bscale, px.bzero, px.blank)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("headers parsed again")
+
+    monkeypatch.setattr(tiles_module, "_open_fits", refuse)
+    with open_pixels(band) as px:
+        assert_array_equal(px.data, first)
+        assert px.data.dtype == first.dtype
+        assert (px.bscale, px.bzero, px.blank) == scale
+    monkeypatch.undo()
+    # a file changed since (here: truncated) is opened from its headers again
+    raw = (tmp_path / "a.fits").read_bytes()
+    (tmp_path / "a.fits").write_bytes(raw[: 2880 + 500])
+    monkeypatch.setattr(tiles_module, "_open_fits", refuse)
+    with pytest.raises(TileError, match="headers parsed again"):
+        open_pixels(band)
+    monkeypatch.undo()
+    with pytest.raises(TileError, match=r"a\.fits: file is truncated"):
+        open_pixels(band)

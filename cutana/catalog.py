@@ -216,7 +216,10 @@ class _Columns:
         None.
         """
         if name in self.overrides:
-            return self.overrides[name], None, None
+            values = self.overrides[name]
+            if isinstance(values, tuple):  # (values, mask)
+                return values[0], values[1], None
+            return values, None, None
         if self.kind == "table":
             col = self.obj[name]
             unit = getattr(col, "unit", None)
@@ -357,6 +360,39 @@ def _csv_text_column(path, name, nrows, kind, comments):
     return np.array(values, dtype=str) if values else np.zeros(0, dtype="<U1")
 
 
+def _csv_cells(path, name, nrows, comments):
+    """Column ``name`` of a CSV file as ``(object array of str, missing)``, or None.
+
+    Equal cells share one string. Empty cells are missing, as astropy's
+    reader masks them. None if the rows do not line up with ``nrows``.
+    """
+    shared = {}
+    values = []
+    try:
+        with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
+            header = None
+            for row in csv.reader(f):
+                if not row or (len(row) == 1 and not row[0].strip()):
+                    continue
+                if comments and row[0].lstrip().startswith("#"):
+                    continue
+                if header is None:
+                    header = [h.strip() for h in row]
+                    j = header.index(name)
+                    continue
+                cell = row[j].strip() if len(row) > j else ""
+                values.append(shared.setdefault(cell, cell))
+    except (OSError, csv.Error, ValueError):
+        return None
+    if header is None or len(values) != nrows:
+        logger.debug("CSV rows of %s do not line up; reading %s with the rest", path, name)
+        return None
+    cells = np.empty(nrows, dtype=object)
+    cells[:] = values
+    missing = cells == ""
+    return cells, (missing if missing.any() else None)
+
+
 def _read_parquet(path):
     """Read a Parquet file with pyarrow (list cells and strings kept intact)."""
     try:
@@ -410,15 +446,32 @@ def _load(catalog, id_column):
                 kwargs["fast_reader"] = False
             # reader warnings (e.g. a value too large for a float, read as
             # inf) are about values that row validation reports anyway
+            # ESA Cutana's file lists are long, repeated strings: read apart,
+            # as shared Python strings, not as a fixed-width text column
+            lists = COLUMN_ALIASES["files"][0] if fmt == "ascii.csv" else None
+            header = _csv_header(path) if lists else []
+            if header.count(lists) != 1 or "fast_reader" in kwargs:
+                lists = None
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                table = Table.read(path, **kwargs)
+                if lists:
+                    table = Table.read(path, exclude_names=[lists], **kwargs)
+                else:
+                    table = Table.read(path, **kwargs)
             for w in caught:
                 logger.info("catalogue %s: %s", path, w.message)
             for name in list(table.colnames):
                 if name.startswith("\ufeff"):  # byte-order mark of the first column
                     table.rename_column(name, name.lstrip("\ufeff"))
             cols = _Columns("table", table, list(table.colnames), len(table))
+            if lists:
+                cells = _csv_cells(path, lists, len(table), "comment" in kwargs)
+                if cells is None:  # rows do not line up: read it with the rest
+                    table = Table.read(path, **kwargs)
+                    cols = _Columns("table", table, list(table.colnames), len(table))
+                else:
+                    cols.names.insert(header.index(lists), lists)
+                    cols.overrides[lists] = cells
     except CatalogError:
         raise
     except Exception as exc:  # any reader failure is a file-level problem

@@ -545,3 +545,43 @@ def test_csv_with_byte_order_mark_and_comments(tmp_path):
     assert_array_equal(cat.source_id, ["007", "08"])
     assert_array_equal(cat.status, [OK, BAD])
     assert cat.messages[1].startswith("comments.csv row 1 column 'Dec'")
+
+
+@pytest.mark.parametrize("fallback", [False, True])
+def test_csv_file_lists_read_apart_equal_table_read(tmp_path, monkeypatch, fallback):
+    """The file-list column, read apart from the rest of a CSV, gives the same catalogue.
+
+    Compared with the same file read by astropy into a Table first (comments,
+    quoted lists, missing and broken cells, a file list repeated on many rows);
+    with ``fallback`` the column is read with the rest, as when rows do not
+    line up.
+    """
+    import cutana.catalog as catalog_module
+
+    calls = []
+    real = catalog_module._csv_cells
+    monkeypatch.setattr(
+        catalog_module, "_csv_cells",
+        lambda *a: calls.append(a[1]) or (None if fallback else real(*a)),
+    )
+    lines = ["# ESA Cutana-style catalogue", "SourceID,RA,Dec,fits_file_paths,diameter_pixel"]
+    cells = ['"[\'/t/a_VIS.fits\', \'/t/a_H.fits\']"', "/t/b.fits", "", "\"['/t/c.fits'\"",
+             "\"('/t/d.fits',)\""]
+    for i in range(40):
+        lines.append(f"{i},{150 + i * 1e-3},{2.0 - i * 1e-3},{cells[i % len(cells)]},{10 + i % 3}")
+    path = tmp_path / "cat.csv"
+    path.write_text("\n".join(lines) + "\n")
+    cat = read_catalog(str(path))
+    ref = read_catalog(Table.read(str(path), format="ascii.csv", comment=r"\s*#"))
+    assert cat.fits_file_paths == ref.fits_file_paths
+    assert cat.fits_file_paths[0] == ("/t/a_VIS.fits", "/t/a_H.fits")
+    assert cat.fits_file_paths[2] == ()
+    np.testing.assert_array_equal(cat.status, ref.status)
+    assert [m.split(" row ", 1)[1] for m in cat.messages.values()] == [
+        m.split(" row ", 1)[1] for m in ref.messages.values()
+    ]
+    assert "value is missing" in cat.messages[2]
+    np.testing.assert_array_equal(cat.source_id, ref.source_id)
+    np.testing.assert_array_equal(cat.ra, ref.ra)
+    assert list(cat.columns) == list(ref.columns)
+    assert calls == ["fits_file_paths"]

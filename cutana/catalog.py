@@ -325,22 +325,18 @@ def _int_text_is_exact(path, first_column):
                 return True
 
 
-def _csv_text_column(path, name, nrows, kind, comments):
-    """Column ``name`` of a CSV file as text, or None to keep the parsed values.
+def _csv_column(path, name, comments):
+    """The stripped cells of column ``name`` of a CSV file, read with `csv`.
 
-    The fast CSV reader turns the id ``007`` into the integer 7; ids must
-    stay as written, so a numeric id column is re-read as text with the
-    `csv` module unless a quick scan shows that no field can have changed.
+    Blank lines (and, with ``comments``, lines starting with ``#``) are
+    skipped as astropy skips them. None if the header does not name the
+    column exactly once or the file cannot be read.
     """
     try:
-        header = _csv_header(path)
-        if kind in "iu" and _int_text_is_exact(path, header[:1] == [name]):
-            return None
         with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
-            reader = csv.reader(f)
             header = None
             values = []
-            for row in reader:
+            for row in csv.reader(f):
                 if not row or (len(row) == 1 and not row[0].strip()):
                     continue
                 if comments and row[0].lstrip().startswith("#"):
@@ -354,7 +350,24 @@ def _csv_text_column(path, name, nrows, kind, comments):
                 values.append(row[j].strip() if len(row) > j else "")
     except (OSError, csv.Error):
         return None
-    if header is None or len(values) != nrows:
+    return None if header is None else values
+
+
+def _csv_text_column(path, name, nrows, kind, comments):
+    """Column ``name`` of a CSV file as text, or None to keep the parsed values.
+
+    The fast CSV reader turns the id ``007`` into the integer 7; ids must
+    stay as written, so a numeric id column is re-read as text with the
+    `csv` module unless a quick scan shows that no field can have changed.
+    """
+    try:
+        header = _csv_header(path)
+        if kind in "iu" and _int_text_is_exact(path, header[:1] == [name]):
+            return None
+    except OSError:
+        return None
+    values = _csv_column(path, name, comments)
+    if values is None or len(values) != nrows:
         logger.debug("CSV rows of %s do not line up; keeping parsed ids", path)
         return None
     return np.array(values, dtype=str) if values else np.zeros(0, dtype="<U1")
@@ -366,29 +379,13 @@ def _csv_cells(path, name, nrows, comments):
     Equal cells share one string. Empty cells are missing, as astropy's
     reader masks them. None if the rows do not line up with ``nrows``.
     """
-    shared = {}
-    values = []
-    try:
-        with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
-            header = None
-            for row in csv.reader(f):
-                if not row or (len(row) == 1 and not row[0].strip()):
-                    continue
-                if comments and row[0].lstrip().startswith("#"):
-                    continue
-                if header is None:
-                    header = [h.strip() for h in row]
-                    j = header.index(name)
-                    continue
-                cell = row[j].strip() if len(row) > j else ""
-                values.append(shared.setdefault(cell, cell))
-    except (OSError, csv.Error, ValueError):
-        return None
-    if header is None or len(values) != nrows:
+    values = _csv_column(path, name, comments)
+    if values is None or len(values) != nrows:
         logger.debug("CSV rows of %s do not line up; reading %s with the rest", path, name)
         return None
+    shared = {}
     cells = np.empty(nrows, dtype=object)
-    cells[:] = values
+    cells[:] = [shared.setdefault(v, v) for v in values]
     missing = cells == ""
     return cells, (missing if missing.any() else None)
 

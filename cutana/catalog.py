@@ -334,23 +334,24 @@ def _csv_column(path, name, comments):
     """
     try:
         with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
-            header = None
-            values = []
-            for row in csv.reader(f):
-                if not row or (len(row) == 1 and not row[0].strip()):
-                    continue
-                if comments and row[0].lstrip().startswith("#"):
-                    continue
-                if header is None:
-                    header = [h.strip() for h in row]
-                    if header.count(name) != 1:
-                        return None
-                    j = header.index(name)
-                    continue
-                values.append(row[j].strip() if len(row) > j else "")
+            rows = _csv_rows(f, comments)
+            header = [h.strip() for h in next(rows, [])]
+            if header.count(name) != 1:
+                return None
+            j = header.index(name)
+            return [row[j].strip() if len(row) > j else "" for row in rows]
     except (OSError, csv.Error):
         return None
-    return None if header is None else values
+
+
+def _csv_rows(f, comments):
+    """The rows of an open CSV file, without blank (and comment) lines."""
+    for row in csv.reader(f):
+        if not row or (len(row) == 1 and not row[0].strip()):
+            continue
+        if comments and row[0].lstrip().startswith("#"):
+            continue
+        yield row
 
 
 def _csv_text_column(path, name, nrows, kind, comments):
@@ -373,21 +374,66 @@ def _csv_text_column(path, name, nrows, kind, comments):
     return np.array(values, dtype=str) if values else np.zeros(0, dtype="<U1")
 
 
-def _csv_cells(path, name, nrows, comments):
-    """Column ``name`` of a CSV file as ``(object array of str, missing)``, or None.
+@dataclass
+class _SplitCSV:
+    """A CSV file without one column (as text), and that column's cells."""
 
-    Equal cells share one string. Empty cells are missing, as astropy's
-    reader masks them. None if the rows do not line up with ``nrows``.
+    text: str
+    cells: np.ndarray  # object array of str; equal cells share one string
+    missing: np.ndarray | None  # empty cells, as astropy's reader masks them
+    index: int  # position of the column in the header
+
+
+def _split_csv(path, name, comments):
+    """Split column ``name`` off a CSV file with the `csv` module, or None.
+
+    None when the header does not name the column exactly once, or the file
+    is not plain UTF-8 or cannot be parsed (astropy then reads the file
+    whole and reports what is wrong with it).
     """
-    values = _csv_column(path, name, comments)
-    if values is None or len(values) != nrows:
-        logger.debug("CSV rows of %s do not line up; reading %s with the rest", path, name)
-        return None
     shared = {}
-    cells = np.empty(nrows, dtype=object)
-    cells[:] = [shared.setdefault(v, v) for v in values]
-    missing = cells == ""
-    return cells, (missing if missing.any() else None)
+    cells = []
+    lines = []
+    out = _LineWriter(lines)
+    writer = csv.writer(out, lineterminator="\n")
+    try:
+        with open(path, newline="", encoding="utf-8-sig", errors="strict") as f:
+            rows = _csv_rows(f, comments)
+            row = next(rows, [])
+            header = [h.strip() for h in row]
+            if header.count(name) != 1:
+                return None
+            j = header.index(name)
+            writer.writerow(row[:j] + row[j + 1 :])
+            for row in rows:
+                cell = row[j].strip() if len(row) > j else ""
+                cells.append(shared.setdefault(cell, cell))
+                writer.writerow(row[:j] + row[j + 1 :])
+    except (OSError, csv.Error, UnicodeError):
+        return None
+    values = np.empty(len(cells), dtype=object)
+    values[:] = cells
+    missing = values == ""
+    return _SplitCSV("".join(lines), values, missing if missing.any() else None, j)
+
+
+class _LineWriter:
+    """A file-like ``write`` that appends to a list (joined once at the end)."""
+
+    def __init__(self, lines):
+        self.write = lines.append
+
+
+def _read_split(split):
+    """Read the rest of a split CSV with astropy, or None if it does not line up."""
+    try:
+        table = Table.read(split.text, format="ascii.csv")
+    except Exception:  # noqa: BLE001 - the whole file is read again and explains
+        return None
+    if len(table) != len(split.cells):
+        logger.debug("CSV rows do not line up after splitting; reading the file whole")
+        return None
+    return table
 
 
 def _read_parquet(path):
@@ -443,17 +489,21 @@ def _load(catalog, id_column):
                 kwargs["fast_reader"] = False
             # reader warnings (e.g. a value too large for a float, read as
             # inf) are about values that row validation reports anyway
-            # ESA Cutana's file lists are long, repeated strings: read apart,
-            # as shared Python strings, not as a fixed-width text column
+            # ESA Cutana's file lists are long, repeated strings: they are
+            # split off with the csv module into shared Python strings, and
+            # astropy reads the rest (a fixed-width text column of them, and
+            # its tokenizer, would hold several times the file in memory)
             lists = COLUMN_ALIASES["files"][0] if fmt == "ascii.csv" else None
-            header = _csv_header(path) if lists else []
-            if header.count(lists) != 1 or "fast_reader" in kwargs:
-                lists = None
+            split = None
+            if lists and "fast_reader" not in kwargs:
+                split = _split_csv(path, lists, "comment" in kwargs)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                if lists:
-                    table = Table.read(path, exclude_names=[lists], **kwargs)
-                else:
+                table = None
+                if split is not None:
+                    table = _read_split(split)
+                if table is None:  # not split, or astropy read it otherwise
+                    split = None
                     table = Table.read(path, **kwargs)
             for w in caught:
                 logger.info("catalogue %s: %s", path, w.message)
@@ -461,14 +511,9 @@ def _load(catalog, id_column):
                 if name.startswith("\ufeff"):  # byte-order mark of the first column
                     table.rename_column(name, name.lstrip("\ufeff"))
             cols = _Columns("table", table, list(table.colnames), len(table))
-            if lists:
-                cells = _csv_cells(path, lists, len(table), "comment" in kwargs)
-                if cells is None:  # rows do not line up: read it with the rest
-                    table = Table.read(path, **kwargs)
-                    cols = _Columns("table", table, list(table.colnames), len(table))
-                else:
-                    cols.names.insert(header.index(lists), lists)
-                    cols.overrides[lists] = cells
+            if split is not None:
+                cols.names.insert(split.index, lists)
+                cols.overrides[lists] = (split.cells, split.missing)
     except CatalogError:
         raise
     except Exception as exc:  # any reader failure is a file-level problem

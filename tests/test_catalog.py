@@ -559,16 +559,19 @@ def test_csv_file_lists_read_apart_equal_table_read(tmp_path, monkeypatch, fallb
     import cutana.catalog as catalog_module
 
     calls = []
-    real = catalog_module._csv_cells
+    real = catalog_module._split_csv
     monkeypatch.setattr(
-        catalog_module, "_csv_cells",
+        catalog_module, "_split_csv",
         lambda *a: calls.append(a[1]) or (None if fallback else real(*a)),
     )
     lines = ["# ESA Cutana-style catalogue", "SourceID,RA,Dec,fits_file_paths,diameter_pixel"]
     cells = ['"[\'/t/a_VIS.fits\', \'/t/a_H.fits\']"', "/t/b.fits", "", "\"['/t/c.fits'\"",
              "\"('/t/d.fits',)\""]
+    ids = ['"src,{}"', " s{} ", '"say ""{}"""', "{}"]
     for i in range(40):
-        lines.append(f"{i},{150 + i * 1e-3},{2.0 - i * 1e-3},{cells[i % len(cells)]},{10 + i % 3}")
+        sid = ids[i % len(ids)].format(i)
+        lines.append(f"{sid},{150 + i * 1e-3},{2.0 - i * 1e-3},{cells[i % len(cells)]},"
+                     f"{10 + i % 3 if i != 7 else ''}")
     path = tmp_path / "cat.csv"
     path.write_text("\n".join(lines) + "\n")
     cat = read_catalog(str(path))
@@ -585,3 +588,12 @@ def test_csv_file_lists_read_apart_equal_table_read(tmp_path, monkeypatch, fallb
     np.testing.assert_array_equal(cat.ra, ref.ra)
     assert list(cat.columns) == list(ref.columns)
     assert calls == ["fits_file_paths"]
+
+
+def test_csv_file_lists_of_a_non_utf8_file(tmp_path):
+    """A CSV that is not UTF-8 is left to astropy, whose error names the file."""
+    text = "SourceID,RA,Dec,fits_file_paths\n1,150.0,2.0,/t/caf\xe9.fits\n"
+    path = tmp_path / "latin1.csv"
+    path.write_bytes(text.encode("latin-1"))
+    with pytest.raises(CatalogError, match=r"latin1\.csv.*UnicodeDecodeError"):
+        read_catalog(str(path), size=10)

@@ -376,9 +376,9 @@ def _csv_text_column(path, name, nrows, kind, comments):
 
 @dataclass
 class _SplitCSV:
-    """A CSV file without one column (as text), and that column's cells."""
+    """A CSV file without one column (as lines), and that column's cells."""
 
-    text: str
+    lines: list  # the CSV lines without the column
     cells: np.ndarray  # object array of str; equal cells share one string
     missing: np.ndarray | None  # empty cells, as astropy's reader masks them
     index: int  # position of the column in the header
@@ -414,11 +414,11 @@ def _split_csv(path, name, comments):
     values = np.empty(len(cells), dtype=object)
     values[:] = cells
     missing = values == ""
-    return _SplitCSV("".join(lines), values, missing if missing.any() else None, j)
+    return _SplitCSV(lines, values, missing if missing.any() else None, j)
 
 
 class _LineWriter:
-    """A file-like ``write`` that appends to a list (joined once at the end)."""
+    """A file-like ``write`` that appends each line written to a list."""
 
     def __init__(self, lines):
         self.write = lines.append
@@ -427,7 +427,7 @@ class _LineWriter:
 def _read_split(split):
     """Read the rest of a split CSV with astropy, or None if it does not line up."""
     try:
-        table = Table.read(split.text, format="ascii.csv")
+        table = Table.read(split.lines, format="ascii.csv")
     except Exception:  # noqa: BLE001 - the whole file is read again and explains
         return None
     if len(table) != len(split.cells):

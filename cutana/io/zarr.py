@@ -57,10 +57,10 @@ logger = logging.getLogger(__name__)
 #: instead of three); stores of version 1 are still read and resumed.
 FORMAT_VERSION = 2
 
-#: Uncompressed bytes per chunk. Every chunk is five files (images and four
-#: per-row arrays), and creating a file costs 0.2-0.3 ms on ext4 right after
-#: an earlier output was deleted: larger chunks, fewer files (4 MiB: 186
-#: cutouts of 150 x 150 uint8 per chunk).
+#: Uncompressed bytes per chunk. Every chunk is three files (images,
+#: geometry and status), and creating a file costs 0.2-0.3 ms on ext4 right
+#: after an earlier output was deleted: larger chunks, fewer files (4 MiB:
+#: 186 cutouts of 150 x 150 uint8 per chunk).
 _TARGET_CHUNK_BYTES = 4 * 1024 * 1024
 _META_CHUNK_ROWS = 1 << 16
 _ROW_ARRAYS = ("images", "geometry", "status")  # write order
@@ -70,7 +70,9 @@ _V1_GEOMETRY = ("tile", "origin", "box_shape")
 _STORE_MEMBERS = frozenset(
     ("zarr.json", *_ROW_ARRAYS, *_V1_GEOMETRY, "source_id", "ra", "dec", "chunk_sha256")
 )
-_MAX_RUN_BYTES = 64 * 1024 * 1024
+#: Rows assembled at once by `ZarrWriter.write_chunks` (whole chunks, at
+#: least one): the block is kept for the next call, so it stays small.
+_MAX_RUN_BYTES = 16 * 1024 * 1024
 #: Chunk keys ``c.<row chunk>.0...`` in the array's folder: one flat folder
 #: per array, so that writing a chunk creates no folders.
 _FLAT_KEYS = {"name": "default", "separator": "."}

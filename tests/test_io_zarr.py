@@ -1,6 +1,7 @@
 # Licensed under a 3-clause BSD style license - see LICENSE.rst
 """Tests of staging, the Zarr writer and `cutana.io.open_output` on Zarr stores."""
 
+import hashlib
 import os
 import pickle
 from concurrent.futures import ProcessPoolExecutor
@@ -219,10 +220,12 @@ def test_round_trip_row_order(tmp_path, dtype):
     assert verify_output(path) == []
 
 
-def test_format_1_store_still_written_read_and_verified(tmp_path):
-    """Test that a store of format 1 (tile, origin and box_shape as three
-    arrays) is still written (a resumed run), read and verified."""
-    path = tmp_path / "v1.zarr"
+@pytest.mark.parametrize("version", [1, 2])
+def test_format_1_store_still_written_read_and_verified(tmp_path, version):
+    """Test that stores of format 1 (tile, origin and box_shape as three
+    arrays) and 2 (one geometry array), both with SHA-256 chunk checksums,
+    are still written (a resumed run), read and verified."""
+    path = tmp_path / f"v{version}.zarr"
     n = 40
     catalogue, jobs, base = _fake_run(n=n)
     writer = ZarrWriter.create(
@@ -231,12 +234,16 @@ def test_format_1_store_still_written_read_and_verified(tmp_path):
         **catalogue,
     )
     group = zarr.open_group(path, mode="r+")
-    del group["geometry"]
+    attrs = group.attrs.asdict()
+    del attrs["chunk_checksum"]  # before format 3: SHA-256
+    group.attrs.put({**attrs, "cutana_format": version})
+    if version == 1:
+        del group["geometry"]
     for name, shape, dt, fill in (
         ("tile", (n,), "int32", -1),
         ("origin", (n, 2), "int64", 0),
         ("box_shape", (n, 2), "int32", 0),
-    ):
+    ) if version == 1 else ():
         group.create_array(
             name, shape=shape, chunks=(6, *shape[1:]), dtype=dt, fill_value=fill,
             compressors=None, config={"write_empty_chunks": True},
@@ -250,8 +257,18 @@ def test_format_1_store_still_written_read_and_verified(tmp_path):
     remove_run_state(path)
     images, status, tile, origin, box = _expected(n, jobs, base, "float32")
     stored = zarr.open_group(path, mode="r")
-    assert "geometry" not in stored
-    np.testing.assert_array_equal(stored["origin"][:], origin)
+    assert ("geometry" not in stored) == (version == 1)
+    if version == 1:
+        np.testing.assert_array_equal(stored["origin"][:], origin)
+    assert "chunk_crc32c" not in stored
+    digests = stored["chunk_sha256"][:]
+    assert digests.shape == (resumed.n_chunks, 32)
+    for k in range(resumed.n_chunks):  # SHA-256 of the chunk's bytes, by hashlib
+        parts = (images[6 * k : 6 * k + 6], status[6 * k : 6 * k + 6].astype("<i2"),
+                 tile[6 * k : 6 * k + 6].astype("<i4"), origin[6 * k : 6 * k + 6],
+                 box[6 * k : 6 * k + 6].astype("<i4"))
+        expected = hashlib.sha256(b"".join(np.ascontiguousarray(p).tobytes() for p in parts))
+        assert bytes(digests[k]) == expected.digest()
     out = open_output(path)
     np.testing.assert_array_equal(out.images[:], images)
     np.testing.assert_array_equal(out.tile, tile)
@@ -870,3 +887,41 @@ def test_direct_chunk_encoding_equals_zarr(tmp_path, dtype):
         assert (tmp_path / "a.zarr" / "status" / key).read_bytes() == (
             tmp_path / "s.zarr" / s_key
         ).read_bytes()
+
+
+def test_format_3_checksums_are_crc32c(tmp_path):
+    """New stores record CRC-32C of each chunk's bytes; verify catches a changed chunk."""
+    import google_crc32c
+
+    path = tmp_path / "v3.zarr"
+    n = 40
+    catalogue, jobs, base = _fake_run(n=n)
+    writer = ZarrWriter.create(
+        path, n_rows=n, bands=BANDS, out_shape=OUT_SHAPE, dtype="float32",
+        config={"size": 5, "resample": "none"}, tiles=_tiles(), chunk_rows=6,
+        **catalogue,
+    )
+    assert writer.checksum == "crc32c"
+    for job in jobs:
+        stage_job(path, job)
+    checksums = writer.write_chunks(range(writer.n_chunks), _mapping(n, jobs), base)
+    writer.finalize(checksums)
+    remove_run_state(path)
+    images, status, tile, origin, box = _expected(n, jobs, base, "float32")
+    stored = zarr.open_group(path, mode="r")
+    assert "chunk_sha256" not in stored
+    digests = stored["chunk_crc32c"][:]
+    assert digests.shape == (writer.n_chunks, 4)
+    for k in range(writer.n_chunks):
+        sl = slice(6 * k, 6 * k + 6)
+        data = b"".join(np.ascontiguousarray(p).tobytes() for p in (
+            images[sl], status[sl].astype("<i2"), tile[sl].astype("<i4"), origin[sl],
+            box[sl].astype("<i4")))
+        assert bytes(digests[k]).hex() == f"{google_crc32c.value(data):08x}" == checksums[k]
+    assert verify_output(path) == []
+    # a chunk rewritten with other values no longer matches its checksum
+    arr = zarr.open_array(path / "images", mode="r+")
+    arr[0:6] = arr[0:6] + 1
+    problems = verify_output(path)
+    assert any("1 chunks do not match their checksum, e.g. chunks 0" in p
+               for p in problems), problems

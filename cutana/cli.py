@@ -415,6 +415,14 @@ def run_command(argv=None):
     argv : list of str, optional
         Arguments (default: ``sys.argv[1:]``).
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["run"]:
+        # like its workers, the process of a run needs no BLAS thread per
+        # core (numpy is not imported yet); idle ones spin and take CPU
+        from .executor import _BLAS_THREAD_VARIABLES
+
+        for key in _BLAS_THREAD_VARIABLES:
+            os.environ.setdefault(key, "1")
     code = main(argv)
     for stream in (sys.stdout, sys.stderr):
         try:

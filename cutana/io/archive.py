@@ -223,7 +223,7 @@ class ZarrArchive(CutoutArchive):
 
     @cached_property
     def _has_geometry(self):
-        """Whether the store is of format 2 (one ``geometry`` array)."""
+        """Whether the store is of format 2 or later (one ``geometry`` array)."""
         return "geometry" in self._group
 
     @cached_property

@@ -959,6 +959,16 @@ class _Runner:
         cat = self.p.catalog
         fingerprint = plan.fingerprint()
         ledger_path = os.path.join(state_dir(self.output), "ledger.jsonl")
+        if resume and os.path.exists(ledger_path):
+            early = Ledger(self.output).read()
+            if not (early.runs or early.jobs or early.chunks):
+                # killed between creating the ledger and recording the run's
+                # start: nothing was done, so the run starts afresh
+                logger.warning(
+                    "%s: interrupted before its run was recorded; starting afresh",
+                    self.output,
+                )
+                resume, overwrite = False, True
         if resume and not os.path.exists(ledger_path):
             if self._complete_output():
                 # a run killed while removing its bookkeeping left some behind

@@ -789,3 +789,30 @@ def test_kill_band_run_then_resume(band_survey, band_clean, tmp_path, k):
     _assert_identical(out, band_clean)
     code, err = _cli(["verify", out])
     assert code == 0, err
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "fits"])
+@pytest.mark.parametrize("ledger_text", [b"", b'{"event": "run_sta'])
+def test_resume_after_kill_before_the_run_was_recorded(
+    survey, clean, tmp_path, monkeypatch, fmt, ledger_text
+):
+    """Test the deterministic form of a kill between creating the ledger and
+    recording the run's start (an empty or cut-short ledger): --resume starts
+    afresh and ends byte-identical to a clean run."""
+    from cutana.io import Ledger
+
+    out = tmp_path / f"unrecorded_{fmt}"
+    args = [survey.catalogue_path, "-o", out, *RUN_ARGS, "--format", fmt]
+
+    def killed(self, fingerprint, **info):
+        raise KeyboardInterrupt  # stands for SIGKILL right before the record
+
+    monkeypatch.setattr(Ledger, "run_started", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _cli(["run", *args])
+    monkeypatch.undo()
+    ledger = out / ".cutana" / "ledger.jsonl"
+    ledger.write_bytes(ledger_text)
+    code, err = _cli(["run", *args, "--resume"])
+    assert code == 0, err
+    _assert_identical(out, clean[fmt])

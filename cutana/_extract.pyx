@@ -122,39 +122,6 @@ cdef extern from *:
     #define CUTANA_PICK(BITS) cutana_swap##BITS##_generic(src, dst, n);
     #endif
 
-    /* float32 items of the other byte order (big-endian FITS data on this
-       machine) to float64, times scale unless it is 1: the byte swap, the
-       conversion and the flux factor of a window row in one pass (the same
-       operations as swapping, converting and scaling one after the other,
-       so the same values). */
-    #define CUTANA_BE32F_LOOP(SCALED)                                       \
-        ptrdiff_t k;                                                        \
-        for (k = 0; k < n; k++) {                                           \
-            uint32_t v;                                                     \
-            float f;                                                        \
-            memcpy(&v, src + 4 * k, 4);                                     \
-            v = CUTANA_BSWAP32(v);                                          \
-            memcpy(&f, &v, 4);                                              \
-            dst[k] = SCALED ? (double) f * scale : (double) f;              \
-        }
-    static void cutana_be32f_generic(const uint8_t* src, double* dst, ptrdiff_t n,
-                                     double scale)
-    { if (scale != 1.0) { CUTANA_BE32F_LOOP(1) } else { CUTANA_BE32F_LOOP(0) } }
-    #if defined(CUTANA_X86_DISPATCH)
-    __attribute__((target("avx2")))
-    static void cutana_be32f_avx2(const uint8_t* src, double* dst, ptrdiff_t n,
-                                  double scale)
-    { if (scale != 1.0) { CUTANA_BE32F_LOOP(1) } else { CUTANA_BE32F_LOOP(0) } }
-    #endif
-    static inline void cutana_be32f_to_f64(const uint8_t* src, double* dst, ptrdiff_t n,
-                                           double scale)
-    {
-    #if defined(CUTANA_X86_DISPATCH)
-        if (cutana_has_avx2 > 0) { cutana_be32f_avx2(src, dst, n, scale); return; }
-    #endif
-        cutana_be32f_generic(src, dst, n, scale);
-    }
-
     static inline void cutana_swap16(const uint8_t* src, uint8_t* dst, ptrdiff_t n)
     { CUTANA_PICK(16) }
     static inline void cutana_swap32(const uint8_t* src, uint8_t* dst, ptrdiff_t n)
@@ -239,8 +206,6 @@ cdef extern from *:
     int cutana_set_avx2(int on) nogil
     void cutana_swap16(const uint8_t* src, uint8_t* dst, Py_ssize_t n) noexcept nogil
     void cutana_swap32(const uint8_t* src, uint8_t* dst, Py_ssize_t n) noexcept nogil
-    void cutana_be32f_to_f64(const uint8_t* src, double* dst, Py_ssize_t n,
-                             double scale) noexcept nogil
     void cutana_swap64(const uint8_t* src, uint8_t* dst, Py_ssize_t n) noexcept nogil
     int cutana_copy_stream(
         const uint8_t* src, uint8_t* dst, Py_ssize_t n, int itemsize, int swap

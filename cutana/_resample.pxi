@@ -406,9 +406,6 @@ def resample_windows(
     cdef uint8_t* have_row = NULL
     cdef _Axis ay, ax
     cdef bint has_scale = scale.shape[0] > 0
-    cdef bint be32f = swap and kind == _KIND_FLOAT and itemsize == 4
-    cdef Py_ssize_t r
-    cdef int64_t y0, x0
     if itemsize not in (1, 2, 4, 8):
         msg = f"itemsize must be 1, 2, 4 or 8, got {itemsize}"
         raise ValueError(msg)
@@ -472,25 +469,14 @@ def resample_windows(
             for i in range(n):
                 ny = shapes[i, 0]
                 nx = shapes[i, 1]
-                y0 = corners[i, 0]
-                x0 = corners[i, 1]
-                if (be32f and y0 >= 0 and x0 >= 0 and y0 + ny <= src_ny
-                        and x0 + nx <= src_nx):
-                    # byte-swapped float32 (FITS) inside the image: swap,
-                    # convert and scale each row in one pass
-                    ov = _FULL
-                    for r in range(ny):
-                        cutana_be32f_to_f64(&src[y0 + r, x0 * 4], win + r * nx, nx,
-                                            scale[i] if has_scale else 1.0)
-                else:
-                    ov = _extract_one_strided(src, src_ny, src_nx, itemsize,
-                                              y0, x0, ny, nx,
-                                              raw, nx * itemsize, zero, itemsize, swap)
-                    _to_double(raw, win, ny * nx, kind, itemsize)
-                    _prepare_window(win, ny, nx, y0, x0,
-                                    src_ny, src_nx, ov,
-                                    scale[i] if has_scale else 1.0, fill)
+                ov = _extract_one_strided(src, src_ny, src_nx, itemsize,
+                                          corners[i, 0], corners[i, 1], ny, nx,
+                                          raw, nx * itemsize, zero, itemsize, swap)
                 ov_view[i] = <signed char> ov
+                _to_double(raw, win, ny * nx, kind, itemsize)
+                _prepare_window(win, ny, nx, corners[i, 0], corners[i, 1],
+                                src_ny, src_nx, ov,
+                                scale[i] if has_scale else 1.0, fill)
                 _axis_build(&ay, ny, method)
                 _axis_build(&ax, nx, method)
                 _resample_one(win, ny, nx, &ay, &ax, method, tmp, have_row,

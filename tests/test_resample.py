@@ -362,9 +362,8 @@ def test_unsupported_data():
 @pytest.mark.parametrize("method", RESAMPLE_METHODS)
 @pytest.mark.parametrize("vector", [True, False])
 def test_big_endian_float32_windows_equal_native_float64(method, vector):
-    """Test that big-endian float32 windows, swapped, converted and scaled in
-    one pass when they lie inside the image, give the very bits of the same
-    values read as native float64 (the separate swap, convert, scale path).
+    """Test that big-endian float32 windows give the very bits of the same
+    values read as native float64 (byte swap and conversion change no value).
 
     Windows inside, across the edge and outside the image; NaN and
     infinities among the pixels; with and without a flux factor.

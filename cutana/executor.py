@@ -575,7 +575,9 @@ class Executor:
             self._warm_pool = pool
 
         self._warm_pool = None
-        self._warming = threading.Thread(target=start, name="cutana-warm-up", daemon=True)
+        self._warming = threading.Thread(
+            target=start, name="cutana-warm-up", daemon=True
+        )
         self._warming.start()
 
     def _take_warm_pool(self):

@@ -779,10 +779,10 @@ def _run_group(task):
         task.chunks, task.row_to_job, task.base_status, results=results
     )
     empty = np.zeros(0, dtype=np.int64)
-    done = [
-        _CutDone(None, results[m.job.job_id].status, results[m.job.job_id].messages, {}, empty)
-        for m in task.members
-    ]
+    done = []
+    for m in task.members:
+        result = results[m.job.job_id]
+        done.append(_CutDone(None, result.status, result.messages, {}, empty))
     return _GroupDone(done, checksums)
 
 
@@ -1289,11 +1289,15 @@ class _Runner:
 
     def _add_group_chunks(self, group):
         """Let a group task write every chunk its jobs fill."""
-        chunks = sorted(set().union(*(self.job_chunks[m.job.job_id] for m in group.members)))
+        chunks = sorted(
+            set().union(*(self.job_chunks[m.job.job_id] for m in group.members))
+        )
         lo = self.writer.chunk_range(chunks[0])[0]
         hi = self.writer.chunk_range(chunks[-1])[1]
         group.chunks = chunks
-        group.row_to_job = _Rows(lo, self.job_of_row[lo:hi].copy(), self.pos_in_job[lo:hi].copy())
+        group.row_to_job = _Rows(
+            lo, self.job_of_row[lo:hi].copy(), self.pos_in_job[lo:hi].copy()
+        )
         group.base_status = _Rows(lo, self.status[lo:hi].copy())
         self.chunks_submitted.update(chunks)
 

@@ -271,10 +271,11 @@ def cut_job(settings, tile, job, scratch=None, out=None):
     else:
         out_shape = tuple(int(v) for v in job.box[0]) if n else (0, 0)
     if out is not None:
-        if out.shape != (n, n_channels) + out_shape or out.dtype != np.dtype(settings.dtype):
+        need = (n, n_channels) + out_shape
+        if out.shape != need or out.dtype != np.dtype(settings.dtype):
             msg = (
                 f"out has shape {out.shape} and dtype {out.dtype}; the job needs "
-                f"{(n, n_channels) + out_shape} of {np.dtype(settings.dtype)}"
+                f"{need} of {np.dtype(settings.dtype)}"
             )
             raise ValueError(msg)
         images = out  # every row of every channel is written below

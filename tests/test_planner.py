@@ -1,5 +1,5 @@
 # Licensed under a 3-clause BSD style license - see LICENSE.rst
-"""Tests of how the planner slices a tile's sources into jobs."""
+"""Tests of how the planner slices sources into jobs and bands; runs in bands."""
 
 import numpy as np
 import pytest
@@ -174,7 +174,7 @@ def test_band_plan_fills_whole_chunks(two_tiles):
     for job in plan.jobs:
         bands.setdefault(job.est_bytes, []).append(job)
     chunk_band = {}
-    for i, job in enumerate(plan.jobs):
+    for job in plan.jobs:
         for k in np.unique(job.rows // cr):
             chunk_band.setdefault(int(k), set()).add(job.est_bytes)
     # jobs of one band share their estimate: that of the whole band
@@ -239,7 +239,8 @@ def test_failed_band_runs_its_jobs_alone(two_tiles, tile_by_tile, tmp_path, monk
 
     def flaky(settings, tile, job, *args, **kwargs):
         if np.array_equal(job.rows, bad.rows):
-            raise RuntimeError("simulated crash in the kernel")
+            msg = "simulated crash in the kernel"
+            raise RuntimeError(msg)
         return cut(settings, tile, job, *args, **kwargs)
 
     monkeypatch.setattr(pipeline, "cut_job", flaky)

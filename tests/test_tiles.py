@@ -667,7 +667,8 @@ def test_open_pixels_maps_known_files_again_without_headers(tmp_path, monkeypatc
         scale = (px.bscale, px.bzero, px.blank)
 
     def refuse(*args, **kwargs):
-        raise AssertionError("headers parsed again")
+        msg = "headers parsed again"
+        raise AssertionError(msg)
 
     monkeypatch.setattr(tiles_module, "_open_fits", refuse)
     with open_pixels(band) as px:

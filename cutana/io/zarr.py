@@ -1121,13 +1121,15 @@ class ZarrWriter:
             chunk = int(chunk)
             if not 0 <= chunk < self.n_chunks or not self.chunk_exists(chunk):
                 continue
-            if deep and chunk_digest(*self.read_chunk(chunk), self.checksum) != checksum:
-                logger.warning(
-                    "chunk %d of %s does not match its recorded checksum",
-                    chunk,
-                    self.path,
-                )
-                continue
+            if deep:
+                digest = chunk_digest(*self.read_chunk(chunk), self.checksum)
+                if digest != checksum:
+                    logger.warning(
+                        "chunk %d of %s does not match its recorded checksum",
+                        chunk,
+                        self.path,
+                    )
+                    continue
             ok.add(chunk)
         return ok
 

@@ -467,6 +467,8 @@ class Executor:
         self.client = client
         self.initializer = initializer
         self.preload = list(preload or [])
+        self._warming = None  # thread creating the pool of `warm_up`
+        self._warm_pool = None
 
     # ------------------------------------------------------------------
     def run(self, func, tasks, *, cost=None, on_done=None, on_failed=None):
@@ -563,7 +565,7 @@ class Executor:
         ``forkserver`` has imported its modules), and `run` takes it over.
         Other backends ignore it.
         """
-        if self.backend != "processes" or getattr(self, "_warming", None) is not None:
+        if self.backend != "processes" or self._warming is not None:
             return
         if self.preload and os.name == "posix":
             start_forkserver(self.preload)  # here: it sets the environment
@@ -574,7 +576,6 @@ class Executor:
                 pool.submit(os.getpid)
             self._warm_pool = pool
 
-        self._warm_pool = None
         self._warming = threading.Thread(
             target=start, name="cutana-warm-up", daemon=True
         )
@@ -582,7 +583,7 @@ class Executor:
 
     def _take_warm_pool(self):
         """The pool started by `warm_up` (once it exists), or `None`."""
-        warming = getattr(self, "_warming", None)
+        warming = self._warming
         if warming is None:
             return None
         warming.join()

@@ -29,7 +29,7 @@ from .normalization import normalize
 from .planner import SUB_BATCH
 from .resample import extract_resampled
 from .status import Status
-from .tiles import open_pixels
+from .tiles import mmap_of, open_pixels
 
 __all__ = ["CutSettings", "JANSKY_AB", "Scratch", "cut_job", "flux_factor"]
 
@@ -110,12 +110,8 @@ def flux_factor(zeropoint):
 
 def _release_pages(arr):
     """Tell the OS that the mapped pages behind ``arr`` may be dropped."""
-    base = arr
-    for _ in range(8):
-        if base is None or isinstance(base, mmap.mmap):
-            break
-        base = getattr(base, "base", None)
-    if isinstance(base, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
+    base = mmap_of(arr)
+    if base is not None and hasattr(mmap, "MADV_DONTNEED"):
         try:
             base.madvise(mmap.MADV_DONTNEED)
         except (OSError, ValueError):  # pragma: no cover - closed or unsupported

@@ -1567,7 +1567,7 @@ def _stat_key(band):
 
 def _remember_layout(band, hdul, index, data, bscale, bzero, blank):
     info = hdul.fileinfo(index)
-    if getattr(info["file"], "compression", None) or not _is_mapped(data):
+    if getattr(info["file"], "compression", None) or mmap_of(data) is None:
         return
     key = _stat_key(band)
     if key is None:
@@ -1577,14 +1577,32 @@ def _remember_layout(band, hdul, index, data, bscale, bzero, blank):
     _LAYOUTS[key] = (int(info["datLoc"]), data.dtype, data.shape, bscale, bzero, blank)
 
 
-def _is_mapped(data):
-    """Whether ``data`` is a view of a memory-mapped file."""
+def mmap_of(data):
+    """The `mmap.mmap` behind an array that views a memory-mapped file.
+
+    Parameters
+    ----------
+    data : `~numpy.ndarray`
+        An array, e.g. ``TilePixels.data`` or a view of it.
+
+    Returns
+    -------
+    mapping : `mmap.mmap` or None
+        The mapping, or `None` if the array is not backed by one.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from cutana.tiles import mmap_of
+    >>> mmap_of(np.zeros(3)) is None
+    True
+    """
     base = data
     for _ in range(8):
-        if base is None or isinstance(base, (np.memmap, mmap.mmap)):
+        if base is None or isinstance(base, mmap.mmap):
             break
         base = getattr(base, "base", None)
-    return isinstance(base, (np.memmap, mmap.mmap))
+    return base if isinstance(base, mmap.mmap) else None
 
 
 def _open_known_layout(band):

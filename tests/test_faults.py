@@ -147,6 +147,19 @@ def _kill_tree(proc):
     return kids
 
 
+def _run_killed(args, condition, log_path):
+    """Start ``cutana run ARGS``, SIGKILL it once ``condition()`` holds (or it
+    ends), and wait for its workers; return whether the condition was met."""
+    with open(log_path, "wb") as log:
+        proc = _spawn(args, log)
+        try:
+            hit = _wait_for(proc, condition)
+        finally:
+            kids = _kill_tree(proc)
+    _reap(kids)
+    return hit
+
+
 def _reap(kids, timeout=20.0):
     """Wait for orphaned workers to exit by themselves; kill and fail if not."""
     _, alive = psutil.wait_procs(kids, timeout=timeout)
@@ -293,13 +306,7 @@ def test_kill_main_process_then_resume(survey, clean, tmp_path, fmt, kind, k):
     n_chunks = -(-images.shape[0] // images.chunks[0])
     condition, when = _trigger(kind, str(out), rng, n_chunks)
     args = [survey.catalogue_path, "-o", out, *RUN_ARGS, "--format", fmt]
-    with open(tmp_path / "killed.log", "wb") as log:
-        proc = _spawn(args, log)
-        try:
-            hit = _wait_for(proc, condition)
-        finally:
-            kids = _kill_tree(proc)
-    _reap(kids)
+    hit = _run_killed(args, condition, tmp_path / "killed.log")
     events = _ledger_events(str(out)) or []
     print(
         f"killed {when}: hit={hit}, ledger {len(events)} records, "
@@ -774,13 +781,7 @@ def test_kill_band_run_then_resume(band_survey, band_clean, tmp_path, k):
     out = tmp_path / "killed_bands"
     condition, when = _trigger("assembly", str(out), rng, n_chunks)
     args = [band_survey.catalogue_path, "-o", out, *BAND_ARGS]
-    with open(tmp_path / "killed.log", "wb") as log:
-        proc = _spawn(args, log)
-        try:
-            hit = _wait_for(proc, condition)
-        finally:
-            kids = _kill_tree(proc)
-    _reap(kids)
+    hit = _run_killed(args, condition, tmp_path / "killed.log")
     events = _ledger_events(str(out)) or []
     assert hit, f"the run ended before the kill ({when})"
     assert "job_staged" not in events  # nothing staged: bands write chunks

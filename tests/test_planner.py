@@ -143,8 +143,9 @@ def test_single_tile_zarr_run_stages_nothing(survey, tmp_path, monkeypatch):
 # bands: several tiles filling the same chunks
 # ----------------------------------------------------------------------------
 
-BAND_RUN = {"size": 10, "target_size": 64, "resample": "bilinear", "progress": False,
-            "max_sources_per_job": 600}  # 16 KiB rows: 256 rows per chunk
+BAND_PLAN = {"size": 10, "target_size": 64, "resample": "bilinear",
+             "max_sources_per_job": 600}  # 16 KiB rows: 256 rows per chunk
+BAND_RUN = {**BAND_PLAN, "progress": False}
 
 
 @pytest.fixture(scope="module")
@@ -167,8 +168,7 @@ def two_tiles(tmp_path_factory):
 
 def test_band_plan_fills_whole_chunks(two_tiles):
     """Each band's jobs (one per tile) hold whole chunks that no other band touches."""
-    plan = cutana.plan_cutouts(two_tiles.catalogue_path, **{
-        k: v for k, v in BAND_RUN.items() if k != "progress"})
+    plan = cutana.plan_cutouts(two_tiles.catalogue_path, **BAND_PLAN)
     cr = 256
     bands = {}
     for job in plan.jobs:
@@ -194,8 +194,7 @@ def test_small_bands_fall_back_to_tiles(two_tiles, monkeypatch):
     from cutana import planner
 
     monkeypatch.setattr(planner, "MIN_BAND_JOB", 10_000)
-    plan = cutana.plan_cutouts(two_tiles.catalogue_path, **{
-        k: v for k, v in BAND_RUN.items() if k != "progress"})
+    plan = cutana.plan_cutouts(two_tiles.catalogue_path, **BAND_PLAN)
     assert [j.tile for j in plan.jobs] == sorted(j.tile for j in plan.jobs)
     assert all(j.est_bytes == plan.memory.job_bytes(len(j)) for j in plan.jobs)
 
@@ -232,8 +231,7 @@ def test_bands_are_written_from_memory_and_equal_staged_run(
 
 def test_failed_band_runs_its_jobs_alone(two_tiles, tile_by_tile, tmp_path, monkeypatch):
     """A band whose cutting raises is split: only the bad job's rows fail."""
-    plan = cutana.plan_cutouts(two_tiles.catalogue_path, **{
-        k: v for k, v in BAND_RUN.items() if k != "progress"})
+    plan = cutana.plan_cutouts(two_tiles.catalogue_path, **BAND_PLAN)
     bad = plan.jobs[1]
     cut = pipeline.cut_job
 

@@ -52,7 +52,7 @@ from .normalization import NORMALIZATIONS
 from .planner import Plan, make_plan, parse_memory
 from .processing import CutSettings, Scratch, cut_job
 from .status import STATUS_DESCRIPTIONS, Status
-from .tiles import TileIndex
+from .tiles import TileIndex, close_kept_maps
 
 __all__ = [
     "DTYPES",
@@ -475,6 +475,10 @@ def _prepare(catalog, options, *, parent_bytes=None, chunked=True):
         else tuple(options.channel_weights),
         norm_kwargs=options.norm_kwargs(),
         n_threads=options.threads,
+        # a worker keeps its tiles mapped between jobs in half the room the
+        # memory limit leaves (the rest is a margin for the estimates); a
+        # Dask cluster's workers watch their own memory
+        keep_bytes=plan.spare_worker_bytes // 2 if options.backend != "dask" else 0,
     )
     path = None
     if isinstance(catalog, (str, os.PathLike)):
@@ -1147,6 +1151,7 @@ class _Runner:
                 on_failed=self._on_failed,
             )
         finally:
+            close_kept_maps()  # those of jobs run in this process
             if self._bar is not None:
                 self._bar.close()
 
@@ -1530,14 +1535,17 @@ def iter_cutouts(catalog, **options):
     options = {k: v for k, v in options.items() if k not in ("workers", "backend")}
     prepared = _prepare(catalog, RunOptions(**options), chunked=False)
     cat = prepared.catalog
-    for job in prepared.plan.jobs:
-        result = cut_job(prepared.settings, prepared.index.tiles[job.tile], job)
-        yield CutoutBatch(
-            images=result.images,
-            rows=result.rows,
-            source_id=cat.source_id[result.rows],
-            ra=cat.ra[result.rows],
-            dec=cat.dec[result.rows],
-            status=result.status,
-            bands=tuple(prepared.index.bands),
-        )
+    try:
+        for job in prepared.plan.jobs:
+            result = cut_job(prepared.settings, prepared.index.tiles[job.tile], job)
+            yield CutoutBatch(
+                images=result.images,
+                rows=result.rows,
+                source_id=cat.source_id[result.rows],
+                ra=cat.ra[result.rows],
+                dec=cat.dec[result.rows],
+                status=result.status,
+                bands=tuple(prepared.index.bands),
+            )
+    finally:
+        close_kept_maps()

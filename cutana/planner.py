@@ -275,6 +275,34 @@ class Plan:
         workers = self.n_workers * self.memory.worker_bytes + sum(busiest)
         return int(self.memory.parent_bytes + workers)
 
+    @property
+    def spare_worker_bytes(self):
+        """Bytes each worker may hold beyond its jobs within the memory limit.
+
+        What the limit leaves once the main process, the idle workers and
+        ``n_workers`` of the largest jobs are counted, shared equally; 0
+        when nothing is left. Workers keep tile files mapped between jobs
+        within it (`cutana.tiles.open_pixels`).
+
+        Examples
+        --------
+        >>> from cutana.planner import Job, MemoryModel, Plan
+        >>> import numpy as np
+        >>> memory = MemoryModel(parent_bytes=100, worker_bytes=50,
+        ...                      per_source_bytes=1, working_bytes=0)
+        >>> job = Job(job_id=0, tile=0, rows=np.arange(3), x=np.zeros(3),
+        ...           y=np.zeros(3), box=np.ones((3, 2), int), est_bytes=200)
+        >>> plan = Plan(jobs=[job], n_rows=3, base_status=np.zeros(3, np.int16),
+        ...             messages={}, out_shape=None, n_channels=1, out_itemsize=4,
+        ...             memory_limit=1000, n_workers=2, memory=memory)
+        >>> plan.spare_worker_bytes  # (1000 - 100 - 2 * 50 - 2 * 200) / 2
+        200
+        """
+        largest = max((j.est_bytes for j in self.jobs), default=0)
+        free = self.memory_limit - self.memory.parent_bytes
+        free -= self.n_workers * (self.memory.worker_bytes + largest)
+        return max(0, int(free // max(1, self.n_workers)))
+
     def status_counts(self):
         """Counts of the rows' status before cutting, by status name.
 

@@ -66,6 +66,10 @@ class CutSettings:
         Extra parameters of the normalisation (percentile, a, contrast, ...).
     n_threads : int
         Threads of the compiled kernels inside one worker.
+    keep_bytes : int
+        Bytes of tile files a worker may keep mapped from one job to the
+        next (`cutana.tiles.open_pixels`); 0 maps every job afresh and
+        hands the pages back as the job goes.
 
     Examples
     --------
@@ -85,6 +89,7 @@ class CutSettings:
     channel_weights: tuple | None = None
     norm_kwargs: dict = field(default_factory=dict)
     n_threads: int = 1
+    keep_bytes: int = 0
 
 
 def flux_factor(zeropoint):
@@ -353,7 +358,7 @@ def _cut_band(
     direct = settings.resample == "none" or (
         same_size and tuple(job.box[0]) == tuple(out_shape)
     )
-    with open_pixels(band) as pixels:
+    with open_pixels(band, keep_bytes=settings.keep_bytes) as pixels:
         itemsize = np.dtype(pixels.data.dtype).itemsize
         touched = 0
         scale = factor * pixels.bscale
@@ -394,8 +399,11 @@ def _cut_band(
             )
             # windows are swept top to bottom, so neighbouring sub-batches share
             # tile pages: hand pages back only every RELEASE_BYTES of windows
+            if pixels.kept:  # its pages stay mapped for the next job
+                continue
             touched += int(np.sum(job.box[idx, 0] * job.box[idx, 1])) * itemsize
             if touched > RELEASE_BYTES:
                 _release_pages(pixels.data)
                 touched = 0
-        _release_pages(pixels.data)
+        if not pixels.kept:
+            _release_pages(pixels.data)

@@ -42,6 +42,7 @@ __all__ = [
     "Tile",
     "TileIndex",
     "TilePixels",
+    "close_kept_maps",
     "open_pixels",
 ]
 
@@ -1398,6 +1399,8 @@ class TilePixels:
         ``BLANK`` keyword of the header.
     hdul : `~astropy.io.fits.HDUList`
         The open file, closed by `TilePixels.close`.
+    kept : bool, optional
+        See Attributes.
 
     Attributes
     ----------
@@ -1413,6 +1416,10 @@ class TilePixels:
         ``BLANK`` of integer images, if any.
     band : `BandFile`
         The band file.
+    kept : bool
+        Whether ``data`` is a mapping kept open between calls of
+        `open_pixels` (``keep_bytes``): its pages stay mapped after
+        `close`, for the next job, and must not be handed back to the OS.
 
     Examples
     --------
@@ -1431,13 +1438,14 @@ class TilePixels:
     True
     """
 
-    def __init__(self, band, data, bscale, bzero, blank, hdul):
+    def __init__(self, band, data, bscale, bzero, blank, hdul, kept=False):
         self.band = band
         self.data = data
         self.bscale = bscale
         self.bzero = bzero
         self.blank = blank
         self._hdul = hdul
+        self.kept = kept
 
     @property
     def scaled(self):
@@ -1459,13 +1467,20 @@ class TilePixels:
         return False
 
 
-def open_pixels(band):
+def open_pixels(band, keep_bytes=0):
     """Open the pixels of a band file without reading or scaling them.
 
     Parameters
     ----------
     band : `BandFile`
         The band file to open.
+    keep_bytes : int, optional
+        Bytes of local, uncompressed band files this process may keep
+        mapped between calls: the files opened before whose images fit
+        together are not mapped afresh, so the pages a job touched stay
+        mapped for the next job of the same tile, which saves faulting
+        them in again (``pixels.kept`` is true). 0 (the default) maps every
+        call afresh. `close_kept_maps` drops them.
 
     Returns
     -------
@@ -1498,7 +1513,7 @@ def open_pixels(band):
     >>> window.shape, window.dtype.isnative
     ((64, 64), True)
     """
-    pixels = _open_known_layout(band)
+    pixels = _open_known_layout(band, keep_bytes)
     if pixels is not None:
         return pixels
     hdul = None
@@ -1555,6 +1570,9 @@ def open_pixels(band):
 #: the headers (a worker opens the same tiles for many jobs).
 _LAYOUTS = {}
 _MAX_LAYOUTS = 1024
+#: Mappings kept between jobs (``open_pixels(keep_bytes=...)``), by the
+#: same key as ``_LAYOUTS``.
+_KEPT = {}
 
 
 def _stat_key(band):
@@ -1605,17 +1623,41 @@ def mmap_of(data):
     return base if isinstance(base, mmap.mmap) else None
 
 
-def _open_known_layout(band):
+def _open_known_layout(band, keep_bytes=0):
     """`TilePixels` of a file opened before and unchanged since, else `None`."""
     if not _LAYOUTS or band.is_remote:
         return None
     key = _stat_key(band)
+    for old in [k for k in _KEPT if k[:2] == (band.path, repr(band.hdu)) and k != key]:
+        del _KEPT[old]  # the file changed since it was mapped
     layout = _LAYOUTS.get(key)
     if layout is None:
         return None
     offset, dtype, shape, bscale, bzero, blank = layout
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    keep = nbytes <= keep_bytes
+    data = _KEPT.get(key) if keep else None
+    if data is not None:
+        return TilePixels(band, data, bscale, bzero, blank, None, kept=True)
     try:
         data = np.memmap(band.path, dtype=dtype, mode="r", offset=offset, shape=shape)
     except (OSError, ValueError):
         return None  # the slow path explains
-    return TilePixels(band, data, bscale, bzero, blank, None)
+    if keep:
+        # the files kept stay kept: jobs cycle through the tiles, and
+        # replacing the least recently used would replace every one in turn
+        keep = sum(a.nbytes for a in _KEPT.values()) + nbytes <= keep_bytes
+        if keep:
+            _KEPT[key] = data
+    return TilePixels(band, data, bscale, bzero, blank, None, kept=keep)
+
+
+def close_kept_maps():
+    """Drop the tile mappings kept by `open_pixels` (``keep_bytes``).
+
+    Examples
+    --------
+    >>> from cutana.tiles import close_kept_maps
+    >>> close_kept_maps()
+    """
+    _KEPT.clear()

@@ -153,6 +153,59 @@ def test_processes_and_serial_give_identical_bytes(survey, zarr_run, tmp_path):
     assert files_bytes(out) == files_bytes(out2)
 
 
+def test_tile_maps_kept_between_jobs_change_no_byte(survey, zarr_run, tmp_path, monkeypatch):
+    """Test that tiles kept mapped between jobs give the bytes of tiles mapped per job."""
+    import cutana.processing
+    from cutana.planner import Plan
+
+    out, _ = zarr_run
+    opened = []
+    real_open = cutana.processing.open_pixels
+
+    def spy(band, keep_bytes=0):
+        px = real_open(band, keep_bytes=keep_bytes)
+        opened.append((keep_bytes, px.kept))
+        return px
+
+    monkeypatch.setattr(cutana.processing, "open_pixels", spy)
+    kept = tmp_path / "kept.zarr"
+    cutana.make_cutouts(
+        survey.catalogue_path, kept, size=21, max_sources_per_job=7, progress=False
+    )
+    # the default memory limit leaves room: most opens reuse a kept map
+    assert len({k for k, _ in opened}) == 1 and opened[0][0] > 0
+    assert sum(k for _, k in opened) > len(opened) // 2
+    assert files_bytes(out) == files_bytes(kept)
+
+    opened.clear()
+    monkeypatch.setattr(Plan, "spare_worker_bytes", property(lambda self: 0))
+    fresh = tmp_path / "fresh.zarr"
+    cutana.make_cutouts(
+        survey.catalogue_path, fresh, size=21, max_sources_per_job=7, progress=False
+    )
+    assert opened and not any(k for _, k in opened)
+    assert files_bytes(out) == files_bytes(fresh)
+
+
+@pytest.mark.parametrize(("backend", "workers"), [("processes", 2), ("serial", 1), ("dask", 2)])
+def test_workers_keep_tiles_in_half_the_spare_memory(survey, backend, workers):
+    """Test that kept tile maps get half of what the limit leaves beside the jobs."""
+    from cutana.pipeline import RunOptions, _prepare
+
+    prepared = _prepare(
+        survey.catalogue_path,
+        RunOptions(size=21, memory_limit="2GB", workers=workers, backend=backend),
+    )
+    plan = prepared.plan
+    largest = max(job.est_bytes for job in plan.jobs)
+    spare = (
+        2 * 10**9 - plan.memory.parent_bytes - workers * (plan.memory.worker_bytes + largest)
+    ) // workers
+    assert plan.n_workers == workers and plan.spare_worker_bytes == spare > 0
+    expected = 0 if backend == "dask" else spare // 2
+    assert prepared.settings.keep_bytes == expected
+
+
 def test_flux_conversion_and_weights(survey, zarr_run, tmp_path):
     """Test that flux conversion multiplies by 3631 * 10**(-0.4 * MAGZERO) and weights apply."""
     out, _ = zarr_run

@@ -656,6 +656,55 @@ def test_open_pixels_errors(tmp_path):
         open_pixels(band_b)
 
 
+def test_open_pixels_keeps_maps_within_keep_bytes(tmp_path):
+    """Files opened before stay mapped between calls while they fit in keep_bytes."""
+    from cutana.tiles import close_kept_maps
+
+    close_kept_maps()
+    a = make_tile(tmp_path / "a.fits", seed=1)
+    b = make_tile(tmp_path / "b.fits", seed=2)
+    band_a = TileIndex.from_paths(str(tmp_path / "a.fits")).tiles[0].bands[0]
+    band_b = TileIndex.from_paths(str(tmp_path / "b.fits")).tiles[0].bands[0]
+    nbytes = a.size * 4
+    room = nbytes + nbytes // 2  # one file, not two
+    try:
+        with open_pixels(band_a, keep_bytes=room) as px:  # headers parsed
+            assert not px.kept
+        with open_pixels(band_a, keep_bytes=room) as px:
+            assert px.kept
+            kept = px.data
+            assert_array_equal(px.data, a)
+        assert px.data is None  # closed, but the mapping is kept
+        with open_pixels(band_a, keep_bytes=room) as px:
+            assert px.kept and px.data is kept
+            assert _is_memory_mapped(px.data)
+            assert_array_equal(px.data[5:9, 7:30], a[5:9, 7:30])
+        # no room left for b: mapped afresh each time, a stays kept
+        for _ in range(2):
+            with open_pixels(band_b, keep_bytes=room) as px:
+                assert not px.kept
+                assert_array_equal(px.data, b)
+        with open_pixels(band_a, keep_bytes=room) as px:
+            assert px.kept and px.data is kept
+        with open_pixels(band_a) as px:  # keep_bytes=0: never kept
+            assert not px.kept and px.data is not kept
+        # a file changed since it was kept is mapped afresh, with its new values
+        changed = make_tile(tmp_path / "a.fits", seed=3)
+        os.utime(tmp_path / "a.fits", ns=(1, 1))
+        assert not np.array_equal(changed, a)
+        for _ in range(3):
+            with open_pixels(band_a, keep_bytes=room) as px:
+                assert px.data is not kept
+                assert_array_equal(px.data, changed)
+        assert px.kept
+        close_kept_maps()
+        with open_pixels(band_a, keep_bytes=room) as px:
+            assert px.kept and px.data is not kept
+            assert_array_equal(px.data, changed)
+    finally:
+        close_kept_maps()
+
+
 def test_open_pixels_maps_known_files_again_without_headers(tmp_path, monkeypatch):
     """A file opened before is mapped from its known layout; a changed file is read again."""
     import cutana.tiles as tiles_module

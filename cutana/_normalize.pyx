@@ -814,15 +814,26 @@ cdef bint _percentiles_filtered(
     cdef Py_ssize_t npix = (r1 - r0) * (c1 - c0), w = c1 - c0
     cdef double vi_lo, vi_hi
     cdef Py_ssize_t p_lo, p_hi, need_lo, need_hi, m = 0, j, pos, r, n, bad = 0
+    cdef Py_ssize_t col, prev
     cdef Py_ssize_t rank_lo, rank_hi, n_low = 0, n_high = 0
     cdef floating t_lo, t_hi, v, a0, a1, b0, b1
     cdef const floating* row
     cdef floating* high
     if npix < 4 * _N_PROBE:
         return False
+    # the probe walks the region in steps of about npix / _N_PROBE pixels,
+    # keeping its row and column (no division per pixel)
+    r = r0
+    col = 0
+    prev = 0
     for j in range(_N_PROBE):
         pos = ((2 * j + 1) * npix) // (2 * _N_PROBE)
-        v = img[(r0 + pos // w) * width + c0 + pos % w]
+        col += pos - prev
+        prev = pos
+        while col >= w:
+            col -= w
+            r += 1
+        v = img[r * width + c0 + col]
         probe[m] = v
         m += isfinite(v)
     if m < _N_PROBE // 4:

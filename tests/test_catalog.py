@@ -3,10 +3,13 @@
 
 import collections
 import os
+import tempfile
 
 import numpy as np
 import pytest
 from astropy.table import MaskedColumn, Table
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from numpy.testing import assert_array_equal
 
 from cutana.catalog import MAX_SIZE_ARCSEC, MAX_SIZE_PIXEL, Catalog, read_catalog
@@ -588,6 +591,89 @@ def test_csv_file_lists_read_apart_equal_table_read(tmp_path, monkeypatch, fallb
     np.testing.assert_array_equal(cat.ra, ref.ra)
     assert list(cat.columns) == list(ref.columns)
     assert calls == ["fits_file_paths"]
+
+
+_CELL_ATOMS = ["a", "1.5", "", " ", '"', '""', ",", "#", "\r\n", "\n", "'", "[", "]",
+               "\xe9", "x y", '"q"', '"a,b"', '"a""b"', "['/t/a.fits', '/t/b.fits']"]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n_before=st.integers(1, 4),
+    rows=st.lists(
+        st.tuples(
+            st.integers(-1, 1),
+            st.lists(
+                st.lists(st.sampled_from(_CELL_ATOMS), max_size=3),
+                min_size=6,
+                max_size=6,
+            ),
+        ),
+        max_size=6,
+    ),
+    end=st.sampled_from(["\n", "\r\n"]),
+    last_end=st.booleans(),
+    comments=st.booleans(),
+)
+def test_split_of_a_last_file_list_column_equals_csv_module(
+    n_before, rows, end, last_end, comments
+):
+    """Splitting lines at the last column's comma gives what the csv module gives.
+
+    Hostile lines (quotes, commas and line breaks inside fields, missing and
+    extra fields, blank and comment lines) go to the csv module alone, or
+    send the whole file to it; either way lines and cells are its own.
+    """
+    import cutana.catalog as catalog_module
+
+    header = [f"c{i}" for i in range(n_before)] + ["fits_file_paths"]
+    lines = [",".join(header)]
+    for extra, fields in rows:
+        k = len(header) + extra
+        lines.append(",".join("".join(f) for f in fields[:k]))
+    text = end.join(lines) + (end if last_end else "")
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "cat.csv")
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            f.write(text)
+        fast = catalog_module._split_csv(path, "fits_file_paths", comments)
+        real = catalog_module._split_last
+        catalog_module._split_last = lambda *args: False
+        try:
+            slow = catalog_module._split_csv(path, "fits_file_paths", comments)
+        finally:
+            catalog_module._split_last = real
+    assert (fast is None) == (slow is None)
+    if fast is not None:
+        assert fast.lines == slow.lines
+        assert list(fast.cells) == list(slow.cells)
+        assert fast.index == slow.index == n_before
+
+
+def test_split_of_a_last_file_list_column_is_taken(tmp_path):
+    """ESA Cutana's catalogues (file lists last, quoted or not) take the split."""
+    import cutana.catalog as catalog_module
+
+    path = tmp_path / "cat.csv"
+    path.write_text(
+        "SourceID,RA,Dec,diameter_pixel,fits_file_paths\n"
+        "a,1.5,2.5,10,['/t/a.fits']\n"
+        "b,1.5,2.5,10,\"['/t/a.fits', '/t/b.fits']\"\n"
+        "\"c,d\",1.5,2.5,10,\"['/t/a.fits', '/t/\"\"b\"\".fits']\"\n"
+    )
+    rows = []
+    real = catalog_module._split_last
+    with open(path, newline="", encoding="utf-8") as f:
+        next(f)
+        assert real(f, 4, False, rows, [], {})
+    split = catalog_module._split_csv(str(path), "fits_file_paths", False)
+    assert list(split.cells) == [
+        "['/t/a.fits']", "['/t/a.fits', '/t/b.fits']", "['/t/a.fits', '/t/\"b\".fits']"
+    ]
+    assert split.lines == [
+        "SourceID,RA,Dec,diameter_pixel\n", "a,1.5,2.5,10\n", "b,1.5,2.5,10\n",
+        '"c,d",1.5,2.5,10\n',
+    ]
 
 
 def test_csv_file_lists_of_a_non_utf8_file(tmp_path):

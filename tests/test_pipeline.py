@@ -153,8 +153,10 @@ def test_processes_and_serial_give_identical_bytes(survey, zarr_run, tmp_path):
     assert files_bytes(out) == files_bytes(out2)
 
 
-def test_tile_maps_kept_between_jobs_change_no_byte(survey, zarr_run, tmp_path, monkeypatch):
-    """Test that tiles kept mapped between jobs give the bytes of tiles mapped per job."""
+def test_tile_maps_kept_between_jobs_change_no_byte(
+    survey, zarr_run, tmp_path, monkeypatch
+):
+    """Test that tiles kept mapped between jobs give the bytes of fresh maps."""
     import cutana.processing
     from cutana.planner import Plan
 
@@ -187,7 +189,9 @@ def test_tile_maps_kept_between_jobs_change_no_byte(survey, zarr_run, tmp_path, 
     assert files_bytes(out) == files_bytes(fresh)
 
 
-@pytest.mark.parametrize(("backend", "workers"), [("processes", 2), ("serial", 1), ("dask", 2)])
+@pytest.mark.parametrize(
+    ("backend", "workers"), [("processes", 2), ("serial", 1), ("dask", 2)]
+)
 def test_workers_keep_tiles_in_half_the_spare_memory(survey, backend, workers):
     """Test that kept tile maps get half of what the limit leaves beside the jobs."""
     from cutana.pipeline import RunOptions, _prepare
@@ -198,9 +202,8 @@ def test_workers_keep_tiles_in_half_the_spare_memory(survey, backend, workers):
     )
     plan = prepared.plan
     largest = max(job.est_bytes for job in plan.jobs)
-    spare = (
-        2 * 10**9 - plan.memory.parent_bytes - workers * (plan.memory.worker_bytes + largest)
-    ) // workers
+    per_worker = plan.memory.worker_bytes + largest
+    spare = (2 * 10**9 - plan.memory.parent_bytes - workers * per_worker) // workers
     assert plan.n_workers == workers and plan.spare_worker_bytes == spare > 0
     expected = 0 if backend == "dask" else spare // 2
     assert prepared.settings.keep_bytes == expected

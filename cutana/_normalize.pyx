@@ -402,20 +402,26 @@ cdef extern from *:
     /* The filter of one row that also returns the number of non-finite
        values in it: one pass over the pixels instead of two. */
     #define CUTANA_FILTER_COUNT_AVX2(T, VEC, LANES, LOADU, SET1, SUB, CMP,     \
-                                     OR, MOVEMASK)                            \
+                                     MOVEMASK)                                \
         const VEC vlo = SET1(lo), vhi = SET1(hi);                             \
-        Py_ssize_t k = 0, bad = 0;                                            \
+        Py_ssize_t k = 0, bad = 0, nl = *n_low, nh = *n_high;                 \
         for (; k + LANES <= n; k += LANES) {                                  \
             VEC v = LOADU(x + k), d = SUB(v, v);                              \
-            int mask = MOVEMASK(OR(CMP(v, vlo, _CMP_LE_OQ),                   \
-                                   CMP(v, vhi, _CMP_GE_OQ)));                 \
+            unsigned ml = (unsigned)MOVEMASK(CMP(v, vlo, _CMP_LE_OQ));        \
+            unsigned mh = (unsigned)MOVEMASK(CMP(v, vhi, _CMP_GE_OQ));        \
             bad += __builtin_popcount(MOVEMASK(CMP(d, d, _CMP_UNORD_Q)));     \
-            if (mask) {                                                       \
-                Py_ssize_t k0 = k, k1 = k + LANES;                            \
-                for (k = k0; k < k1; k++) CUTANA_FILTER_SCALAR(T)             \
-                k = k0;                                                       \
+            /* the lanes flagged, in order (lo < hi: never both) */           \
+            for (; ml; ml &= ml - 1) {                                        \
+                T w = x[k + __builtin_ctz(ml)];                               \
+                if (isfinite(w)) low[nl++] = w;                               \
+            }                                                                 \
+            for (; mh; mh &= mh - 1) {                                        \
+                T w = x[k + __builtin_ctz(mh)];                               \
+                if (isfinite(w)) high[-(++nh)] = w;                           \
             }                                                                 \
         }                                                                     \
+        *n_low = nl;                                                          \
+        *n_high = nh;                                                         \
         for (; k < n; k++) {                                                  \
             T d = x[k] - x[k];                                                \
             bad += d != d;                                                    \
@@ -429,8 +435,7 @@ cdef extern from *:
         Py_ssize_t* n_low, float* high, Py_ssize_t* n_high)
     {
         CUTANA_FILTER_COUNT_AVX2(float, __m256, 8, _mm256_loadu_ps, _mm256_set1_ps,
-                                 _mm256_sub_ps, _mm256_cmp_ps, _mm256_or_ps,
-                                 _mm256_movemask_ps)
+                                 _mm256_sub_ps, _mm256_cmp_ps, _mm256_movemask_ps)
     }
     __attribute__((target("avx2")))
     static Py_ssize_t cutana_filter_count_f64_avx2(
@@ -439,7 +444,7 @@ cdef extern from *:
     {
         CUTANA_FILTER_COUNT_AVX2(double, __m256d, 4, _mm256_loadu_pd,
                                  _mm256_set1_pd, _mm256_sub_pd, _mm256_cmp_pd,
-                                 _mm256_or_pd, _mm256_movemask_pd)
+                                 _mm256_movemask_pd)
     }
     #endif
     #if defined(CUTANA_HAVE_LINEAR_U8)
@@ -862,14 +867,17 @@ cdef bint _percentiles_filtered(
     if not t_lo < t_hi:
         return False
     high = buf + npix  # high values go to buf[npix - 1], buf[npix - 2], ...
-    for r in range(r0, r1):
-        row = img + r * width + c0
+    # whole rows are one run of pixels: one pass over them all (the vector
+    # loop then has no short tail per row)
+    n = 1 if w == width else r1 - r0
+    for r in range(n):
+        row = img + (r0 + r) * width + c0
         if floating is float:
-            bad += cutana_filter_count_f32(row, w, t_lo, t_hi, buf, &n_low, high,
-                                           &n_high)
+            bad += cutana_filter_count_f32(row, npix // n, t_lo, t_hi, buf, &n_low,
+                                           high, &n_high)
         else:
-            bad += cutana_filter_count_f64(row, w, t_lo, t_hi, buf, &n_low, high,
-                                           &n_high)
+            bad += cutana_filter_count_f64(row, npix // n, t_lo, t_hi, buf, &n_low,
+                                           high, &n_high)
     # the exact count of finite pixels, and what it asks of the collection
     n = npix - bad
     n_finite[0] = n

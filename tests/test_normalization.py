@@ -11,6 +11,8 @@ numpy transcendental functions may differ in the last bit) may differ by one
 code in at most one pixel in 10,000.
 """
 
+import itertools
+
 import numpy as np
 import pytest
 from astropy.visualization import (
@@ -114,16 +116,18 @@ def test_percentile_limits_large_images_and_infinities(dtype, vector):
     data[10, :, :75] = np.nan  # NaN and +-inf on both sides of the limits
     data[10, ::4, 75:] = np.inf
     data[10, 1::4, 75:] = -np.inf
+    # whole images (one run of pixels) and a central crop (row by row)
+    crops = {None: np.s_[:, :], (140, 120): np.s_[5:145, 14:134]}
     previous = _normalize._set_vector_loops(vector)
     try:
-        for percentile in (99.8, 99.0, 95.0):
-            vmin, vmax = compute_limits(data, "asinh", percentile=percentile)
+        for percentile, crop in itertools.product((99.8, 99.0, 95.0), crops):
+            vmin, vmax = compute_limits(data, "asinh", percentile=percentile, crop=crop)
             for i in range(len(data)):
                 if i == 9:  # no finite pixel
                     assert np.isnan(vmin[i]) and np.isnan(vmax[i])
                     continue
-                ref = PercentileInterval(percentile).get_limits(data[i])
-                assert (vmin[i], vmax[i]) == ref, i
+                ref = PercentileInterval(percentile).get_limits(data[i][crops[crop]])
+                assert (vmin[i], vmax[i]) == ref, (i, crop)
     finally:
         _normalize._set_vector_loops(previous)
 

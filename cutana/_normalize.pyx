@@ -763,36 +763,82 @@ cdef inline Py_ssize_t _probe_rank(
     return <Py_ssize_t> (m * f + 3.0 * sqrt(m * f * (1.0 - f)) + 3.0)
 
 
+cdef inline void _insert_low(floating* keep, Py_ssize_t j, floating v) noexcept nogil:
+    """Insert ``v`` into ascending ``keep[:j + 1]`` (``keep[j]`` is dropped)."""
+    while j > 0 and keep[j - 1] > v:
+        keep[j] = keep[j - 1]
+        j -= 1
+    keep[j] = v
+
+
+cdef inline void _insert_high(floating* keep, Py_ssize_t j, floating v) noexcept nogil:
+    """Insert ``v`` into descending ``keep[:j + 1]`` (``keep[j]`` is dropped)."""
+    while j > 0 and keep[j - 1] < v:
+        keep[j] = keep[j - 1]
+        j -= 1
+    keep[j] = v
+
+
 cdef void _extreme_ranks(
     const floating* a, Py_ssize_t m, Py_ssize_t r_lo, Py_ssize_t r_hi,
     floating* lo, floating* hi,
 ) noexcept nogil:
-    """The ``r_lo``-th smallest and ``r_hi``-th largest (0-based, both < 64)
-    of ``a[:m]``, in one pass that keeps the few extreme values in order."""
+    """The ``r_lo``-th smallest and ``r_hi``-th largest (0-based, both < 64,
+    both < ``m``) of ``a[:m]``, in one pass that keeps the few extreme
+    values in order; past the first values, most are rejected by two
+    comparisons with thresholds held in registers."""
     cdef floating small[64]
     cdef floating large[64]
-    cdef Py_ssize_t i, j, n_small = 0, n_large = 0
-    cdef floating v
-    for i in range(m):
+    cdef Py_ssize_t i, start = (r_lo if r_lo > r_hi else r_hi) + 1
+    cdef floating v, t_small, t_large
+    for i in range(start):
+        _insert_low(small, i if i <= r_lo else r_lo, a[i])
+        _insert_high(large, i if i <= r_hi else r_hi, a[i])
+    t_small = small[r_lo]
+    t_large = large[r_hi]
+    for i in range(start, m):
         v = a[i]
-        if n_small <= r_lo or v < small[r_lo]:
-            j = n_small if n_small <= r_lo else r_lo
-            while j > 0 and small[j - 1] > v:
-                small[j] = small[j - 1]
-                j -= 1
-            small[j] = v
-            if n_small <= r_lo:
-                n_small += 1
-        if n_large <= r_hi or v > large[r_hi]:
-            j = n_large if n_large <= r_hi else r_hi
-            while j > 0 and large[j - 1] < v:
-                large[j] = large[j - 1]
-                j -= 1
-            large[j] = v
-            if n_large <= r_hi:
-                n_large += 1
-    lo[0] = small[r_lo]
-    hi[0] = large[r_hi]
+        if v < t_small:
+            _insert_low(small, r_lo, v)
+            t_small = small[r_lo]
+        elif v > t_large:
+            _insert_high(large, r_hi, v)
+            t_large = large[r_hi]
+    lo[0] = t_small
+    hi[0] = t_large
+
+
+cdef void _extreme_pair(
+    const floating* a, Py_ssize_t m, Py_ssize_t r, bint largest,
+    floating* first, floating* second,
+) noexcept nogil:
+    """The ``r``-th and ``r + 1``-th smallest (``largest``: largest) of
+    ``a[:m]`` (0-based; ``r + 2 <= 64``, ``r + 2 <= m``), keeping the
+    ``r + 2`` most extreme values in order in one pass: cheaper than a
+    selection for the few hundred values `_percentiles_filtered` collects."""
+    cdef floating keep[64]
+    cdef Py_ssize_t i, top = r + 1
+    cdef floating v, t
+    if largest:
+        for i in range(top + 1):
+            _insert_high(keep, i, a[i])
+        t = keep[top]
+        for i in range(top + 1, m):
+            v = a[i]
+            if v > t:
+                _insert_high(keep, top, v)
+                t = keep[top]
+    else:
+        for i in range(top + 1):
+            _insert_low(keep, i, a[i])
+        t = keep[top]
+        for i in range(top + 1, m):
+            v = a[i]
+            if v < t:
+                _insert_low(keep, top, v)
+                t = keep[top]
+    first[0] = keep[r]
+    second[0] = keep[top]
 
 
 cdef bint _percentiles_filtered(
@@ -893,10 +939,16 @@ cdef bint _percentiles_filtered(
         return False
     # the collected low values hold order statistics 0 .. n_low - 1, the
     # high ones n - n_high .. n - 1
-    _pair(buf, 0, n_low - 1, p_lo, &a0, &a1)
+    if p_lo + 2 <= 64:
+        _extreme_pair(buf, n_low, p_lo, False, &a0, &a1)
+    else:
+        _pair(buf, 0, n_low - 1, p_lo, &a0, &a1)
     vmin[0] = _lerp(a0, a1, vi_lo - floor(vi_lo))
     high = high - n_high
-    _pair(high, 0, n_high - 1, p_hi - (n - n_high), &b0, &b1)
+    if n - p_hi <= 64:  # p_hi + 1 and p_hi are the n - 2 - p_hi, n - 1 - p_hi largest
+        _extreme_pair(high, n_high, n - 2 - p_hi, True, &b1, &b0)
+    else:
+        _pair(high, 0, n_high - 1, p_hi - (n - n_high), &b0, &b1)
     vmax[0] = _lerp(b0, b1, vi_hi - floor(vi_hi))
     return True
 

@@ -45,7 +45,23 @@ cdef extern from *:
         const double* row, const int64_t* i0, const int64_t* i1,
         const double* wa, const double* wb, double* dst, ptrdiff_t n)
     {
-        ptrdiff_t k = 0;
+        ptrdiff_t k = 0, adjacent = n;
+        /* where the two taps are neighbours (all but the last samples, whose
+           taps are clamped to the last input pixel), each pair is one 16-byte
+           load, and the products are summed pairwise: the same two products
+           and one addition per sample as below */
+        while (adjacent > 0 && i1[adjacent - 1] != i0[adjacent - 1] + 1)
+            adjacent--;
+        for (; k + 4 <= adjacent; k += 4) {
+            __m256d x = _mm256_set_m128d(_mm_loadu_pd(row + i0[k + 2]),
+                                         _mm_loadu_pd(row + i0[k]));
+            __m256d y = _mm256_set_m128d(_mm_loadu_pd(row + i0[k + 3]),
+                                         _mm_loadu_pd(row + i0[k + 1]));
+            __m256d wa4 = _mm256_loadu_pd(wa + k), wb4 = _mm256_loadu_pd(wb + k);
+            _mm256_storeu_pd(dst + k, _mm256_hadd_pd(
+                _mm256_mul_pd(x, _mm256_unpacklo_pd(wa4, wb4)),
+                _mm256_mul_pd(y, _mm256_unpackhi_pd(wa4, wb4))));
+        }
         for (; k + 4 <= n; k += 4) {
             __m256d a = _mm256_set_pd(row[i0[k + 3]], row[i0[k + 2]],
                                       row[i0[k + 1]], row[i0[k]]);

@@ -205,8 +205,21 @@ def test_uint8_rounds_half_to_even():
 
 @pytest.mark.parametrize("stretch", ["log", "asinh"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_uint8_lookup_table_equals_direct_evaluation(stretch, dtype):
-    """Test that the uint8 lookup-table path gives the direct evaluation's codes."""
+@pytest.mark.parametrize("vector", [True, False])
+def test_uint8_lookup_table_equals_direct_evaluation(stretch, dtype, vector):
+    """Test that the uint8 lookup-table path gives the direct evaluation's codes.
+
+    With and without the AVX2 table loop (float32), on images whose pixel
+    count is and is not a multiple of its four lanes.
+    """
+    previous = _normalize._set_vector_loops(vector)
+    try:
+        _check_lookup_table(stretch, dtype)
+    finally:
+        _normalize._set_vector_loops(previous)
+
+
+def _check_lookup_table(stretch, dtype):
     rng = np.random.default_rng(6)
     code = _normalize.STRETCH_LOG if stretch == "log" else _normalize.STRETCH_ASINH
     # random a, and the ends of the range where the table is used
@@ -219,7 +232,7 @@ def test_uint8_lookup_table_equals_direct_evaluation(stretch, dtype):
             a = extremes[trial - 12]
         data = _images(
             ["noise", "skewed", "galaxy", "ties"][trial % 4],
-            (2, 64, 70),
+            (2, 64, 70) if trial % 2 else (2, 33, 37),
             dtype,
             seed=trial,
             nan_fraction=0.01,

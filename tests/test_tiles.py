@@ -422,6 +422,14 @@ def test_from_file_lists_and_assign_by_files(tmp_path):
     assert_array_equal(a.file_error, [False, True, False, False, False, True])
     assert "t1_nir.fits" in a.messages[1] and "cannot read FITS header" in a.messages[1]
     assert "not in this tile index" in a.messages[5]
+    assert list(a.messages) == [1, 5]  # in row order
+    # rows sharing one tuple object (as catalogues give them) are looked up once
+    shared = [rows[1], rows[0], rows[1], rows[5], rows[0], rows[1]]
+    b, _ = index.assign_by_files(shared)
+    assert_array_equal(b.tile, [-1, 0, -1, -1, 0, -1])
+    assert list(b.messages) == [0, 2, 3, 5]
+    assert b.messages[0] == b.messages[2] == a.messages[1]
+    assert b.messages[3] == a.messages[5]
     assert_allclose(a.x[[0, 2]], 39.5, atol=1e-6)
     assert_allclose(a.y[[0, 2]], 29.5, atol=1e-6)
     assert a.inside[0]

@@ -1505,6 +1505,8 @@ cdef bint _use_lut(int stretch, double a, Py_ssize_t npix) noexcept nogil:
     """Whether the lookup table pays off and is known to be exact."""
     if npix < 1024:
         return False
+    if stretch == _STRETCH_SQRT:  # the inverse, s * s, is exact to an ulp
+        return True
     if stretch == _STRETCH_LOG:
         return 1e-3 <= a <= 1e12
     if stretch == _STRETCH_ASINH:

@@ -203,7 +203,7 @@ def test_uint8_rounds_half_to_even():
     assert_array_equal(out.ravel(), np.round(np.arange(511.0) / 2).astype(np.uint8))
 
 
-@pytest.mark.parametrize("stretch", ["log", "asinh"])
+@pytest.mark.parametrize("stretch", ["log", "asinh", "sqrt"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("vector", [True, False])
 def test_uint8_lookup_table_equals_direct_evaluation(stretch, dtype, vector):
@@ -221,7 +221,11 @@ def test_uint8_lookup_table_equals_direct_evaluation(stretch, dtype, vector):
 
 def _check_lookup_table(stretch, dtype):
     rng = np.random.default_rng(6)
-    code = _normalize.STRETCH_LOG if stretch == "log" else _normalize.STRETCH_ASINH
+    code = {
+        "log": _normalize.STRETCH_LOG,
+        "asinh": _normalize.STRETCH_ASINH,
+        "sqrt": _normalize.STRETCH_SQRT,
+    }[stretch]
     # random a, and the ends of the range where the table is used
     extremes = [1e-3, 1e12] if stretch == "log" else [1e-8, 1e8]
     for trial in range(14):

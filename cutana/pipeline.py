@@ -1164,7 +1164,7 @@ class _Runner:
                 for task in self._assembly_tasks(missing):
                     self._on_done(task, _run_task(task))
             # rows finished by an earlier, interrupted run are only in the store
-            self.status = np.asarray(open_output(self.output).status, dtype=np.int16)
+            self.status = self.writer.read_status()
             self.writer.finalize(self.checksums, report={"counts": self._counts()})
         else:
             write_index(

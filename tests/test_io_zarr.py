@@ -200,6 +200,8 @@ def test_round_trip_row_order(tmp_path, dtype):
     np.testing.assert_array_equal(out.images[:], images)
     np.testing.assert_array_equal(out[7], images[7])
     np.testing.assert_array_equal(out.status, status)
+    assert writer.read_status().dtype == np.int16
+    np.testing.assert_array_equal(writer.read_status(), status)
     np.testing.assert_array_equal(out.tile, tile)
     np.testing.assert_array_equal(out.origin, origin)
     np.testing.assert_array_equal(out.box_shape, box)
@@ -686,6 +688,11 @@ def test_finalize_requires_every_chunk(tmp_path):
     """Test that finalize refuses a store with unwritten chunks."""
     path = tmp_path / "out.zarr"
     writer, *_, checksums = _run(path, chunk_order=[0, 1, 2])
+    # rows of unwritten chunks read as pending, as zarr reads them
+    stored = np.asarray(zarr.open_group(str(path), mode="r")["status"][:])
+    np.testing.assert_array_equal(writer.read_status(), stored)
+    assert (stored[writer.chunk_range(3)[0] :] == Status.PENDING).all()
+    assert (stored[: writer.chunk_range(3)[0]] != Status.PENDING).all()
     with pytest.raises(ValueError, match="4 of 7 chunks have no checksum"):
         writer.finalize(checksums)
     problems = verify_output(path)

@@ -1026,6 +1026,31 @@ class ZarrWriter:
             files.close()
         return True
 
+    def read_status(self):
+        """The ``status`` of every row, as stored now.
+
+        Read straight from the chunk files (a missing chunk gives -1,
+        pending), which is much faster than through zarr for many chunks.
+
+        Returns
+        -------
+        status : `~numpy.ndarray` of int16
+            ``(N,)`` statuses.
+
+        Examples
+        --------
+        >>> import tempfile, numpy as np
+        >>> from cutana.io.zarr import ZarrWriter
+        >>> writer = ZarrWriter.create(
+        ...     tempfile.mkdtemp() + "/out.zarr", n_rows=3, bands=["VIS"],
+        ...     out_shape=(2, 2), dtype="uint8", source_id=["a", "b", "c"],
+        ...     ra=np.zeros(3), dec=np.zeros(3), chunk_rows=2)
+        >>> writer.read_status().tolist()
+        [-1, -1, -1]
+        """
+        parts = [np.asarray(p, dtype=np.int16) for p in self._read_rows("status")]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int16)
+
     def _read_rows(self, name):
         """Yield the values of per-row array ``name`` in blocks of rows.
 

@@ -854,9 +854,16 @@ cdef void _extreme_ranks(
     cdef floating large[64]
     cdef Py_ssize_t i, start = (r_lo if r_lo > r_hi else r_hi) + 1
     cdef floating v, t_small, t_large
-    for i in range(start):
-        _insert_low(small, i if i <= r_lo else r_lo, a[i])
-        _insert_high(large, i if i <= r_hi else r_hi, a[i])
+    for i in range(start):  # fill both lists (the longer one decides)
+        v = a[i]
+        if i <= r_lo:
+            _insert_low(small, i, v)
+        elif v < small[r_lo]:
+            _insert_low(small, r_lo, v)
+        if i <= r_hi:
+            _insert_high(large, i, v)
+        elif v > large[r_hi]:
+            _insert_high(large, r_hi, v)
     t_small = small[r_lo]
     t_large = large[r_hi]
     for i in range(start, m):
@@ -864,7 +871,7 @@ cdef void _extreme_ranks(
         if v < t_small:
             _insert_low(small, r_lo, v)
             t_small = small[r_lo]
-        elif v > t_large:
+        if v > t_large:
             _insert_high(large, r_hi, v)
             t_large = large[r_hi]
     lo[0] = t_small
@@ -1319,6 +1326,19 @@ cdef void _limits_one(
             cap = n_samples
         _zscale(img, width, r0, r1, c0, c1, n_samples, contrast,
                 <floating*> s.values, s.flags, s.flags + cap, vmin, vmax)
+
+
+def _extreme_values(const double[::1] a, Py_ssize_t r_lo, Py_ssize_t r_hi):
+    """``(r_lo-th smallest, r_hi-th largest, (r_lo, r_lo + 1)-th smallest,
+    (r_hi, r_hi + 1)-th largest)`` of ``a`` by the one-pass helpers of the
+    percentile filter (0-based ranks below 62); for tests."""
+    cdef double lo, hi, s0, s1, l0, l1
+    if not (0 <= r_lo < 62 and 0 <= r_hi < 62 and a.shape[0] >= 64):
+        raise ValueError("ranks must be in [0, 62) and a hold at least 64 values")
+    _extreme_ranks(&a[0], a.shape[0], r_lo, r_hi, &lo, &hi)
+    _extreme_pair(&a[0], a.shape[0], r_lo, False, &s0, &s1)
+    _extreme_pair(&a[0], a.shape[0], r_hi, True, &l0, &l1)
+    return lo, hi, (s0, s1), (l0, l1)
 
 
 def _set_vector_loops(bint enabled):

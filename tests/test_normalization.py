@@ -94,6 +94,29 @@ def test_percentile_limits_equal_astropy(dtype, kind, percentile, shape):
         assert vmax[i] == ref[1]
 
 
+def test_one_pass_extreme_values_equal_sorting():
+    """Test the filter's one-pass order statistics against numpy.sort.
+
+    Ranks at both ends differ (as the floors of the two quantiles make
+    them), values repeat, and the extremes sit at the start, the end and
+    the middle of the array.
+    """
+    rng = np.random.default_rng(21)
+    for trial in range(300):
+        n = int(rng.integers(64, 400))
+        a = rng.normal(size=n)
+        if trial % 3 == 1:
+            a = np.round(a * 3)  # many ties
+        elif trial % 3 == 2:
+            a = np.sort(a)[:: 1 if trial % 2 else -1].copy()  # sorted either way
+        r_lo, r_hi = (int(r) for r in rng.integers(0, 62, 2))
+        lo, hi, low_pair, high_pair = _normalize._extreme_values(a, r_lo, r_hi)
+        s = np.sort(a)
+        assert lo == s[r_lo] and hi == s[n - 1 - r_hi], (trial, r_lo, r_hi)
+        assert low_pair == (s[r_lo], s[r_lo + 1])
+        assert high_pair == (s[n - 1 - r_hi], s[n - 2 - r_hi])
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("vector", [True, False])
 def test_percentile_limits_large_images_and_infinities(dtype, vector):

@@ -1566,6 +1566,11 @@ def open_pixels(band, keep_bytes=0):
     blank = None if blank is None else int(blank)
     if not remote and isinstance(data, np.ndarray):
         _remember_layout(band, hdul, index, data, bscale, bzero, blank)
+        if keep_bytes > 0:  # checked just now: map it to keep from the start
+            kept = _open_known_layout(band, keep_bytes)
+            if kept is not None and kept.kept:
+                hdul.close()
+                return kept
     return TilePixels(band, data, bscale, bzero, blank, hdul)
 
 

@@ -385,10 +385,11 @@ class _SplitCSV:
 
 
 def _split_csv(path, name, comments):
-    """Split column ``name`` off a CSV file with the `csv` module, or None.
+    """Split column ``name`` off a CSV file, or None.
 
     A last column (ESA Cutana's file lists) is split line by line with
-    `_split_last` first; the `csv` module reads the file when that cannot.
+    `_split_last`; the `csv` module reads the file when that cannot, or
+    when the column is not the last.
     None when the header does not name the column exactly once, or the file
     is not plain UTF-8 or cannot be parsed (astropy then reads the file
     whole and reports what is wrong with it).

@@ -112,7 +112,8 @@ def _add_run_options(p, *, with_output=True):
                    help="kernel threads per worker (default: 1)")
     g.add_argument("--memory-limit", metavar="SIZE",
                    help="memory budget of the whole run, e.g. 4GB (10^9 bytes) or "
-                   "4GiB (default: half the available memory)")
+                   "4GiB (default: half the available memory, within a container's "
+                   "memory limit)")
     g.add_argument("--backend", choices=("serial", "processes", "dask"),
                    help="where jobs run (default: serial for 1 worker, else processes)")
     g.add_argument("--scheduler", metavar="ADDRESS", help="Dask scheduler address")

@@ -49,7 +49,7 @@ from .io import (
 )
 from .io.zarr import creation_interrupted
 from .normalization import NORMALIZATIONS
-from .planner import Plan, make_plan, parse_memory
+from .planner import Plan, available_memory, make_plan, parse_memory
 from .processing import CutSettings, Scratch, cut_job
 from .status import STATUS_DESCRIPTIONS, Status
 from .tiles import TileIndex, close_kept_maps
@@ -176,9 +176,7 @@ class RunOptions:
             msg = "scheduler (--scheduler) is only used with backend='dask'"
             raise ConfigError(msg)
         if self.memory_limit is None:
-            import psutil
-
-            self.memory_limit = int(0.5 * psutil.virtual_memory().available)
+            self.memory_limit = int(0.5 * available_memory())
         else:
             try:
                 self.memory_limit = parse_memory(self.memory_limit)

@@ -24,10 +24,29 @@ __all__ = [
     "Job",
     "MemoryModel",
     "Plan",
+    "available_memory",
     "make_plan",
     "parse_memory",
     "split_rows",
 ]
+
+#: Limit, usage and statistics files of the process's memory cgroup, and
+#: the statistic of its reclaimable file pages: version 2, then version 1
+#: (a container's limit, which ``/proc/meminfo`` does not show).
+_CGROUP_FILES = (
+    (
+        "/sys/fs/cgroup/memory.max",
+        "/sys/fs/cgroup/memory.current",
+        "/sys/fs/cgroup/memory.stat",
+        "inactive_file",
+    ),
+    (
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+        "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+        "/sys/fs/cgroup/memory/memory.stat",
+        "total_inactive_file",
+    ),
+)
 
 _UNITS = {
     "": 1,
@@ -45,6 +64,64 @@ _UNITS = {
     "GIB": 2**30,
     "TIB": 2**40,
 }
+
+
+def _read_int(path):
+    try:
+        with open(path) as fh:
+            text = fh.read().strip()
+    except OSError:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return None  # e.g. "max": no limit
+
+
+def _read_stat(path, key):
+    try:
+        with open(path) as fh:
+            for line in fh:
+                name, _, value = line.partition(" ")
+                if name == key:
+                    return int(value)
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def available_memory():
+    """Bytes of memory this process can still use.
+
+    What the operating system reports as available, or, inside a container
+    whose memory cgroup sets a lower limit, that limit less the cgroup's
+    working set (its usage without the file pages it can reclaim; the limit
+    alone when the cgroup does not say), as the system's figure does not
+    know about the container.
+
+    Returns
+    -------
+    nbytes : int
+        Available bytes.
+
+    Examples
+    --------
+    >>> from cutana.planner import available_memory
+    >>> available_memory() > 0
+    True
+    """
+    import psutil
+
+    available = int(psutil.virtual_memory().available)
+    for limit_path, usage_path, stat_path, reclaimable in _CGROUP_FILES:
+        limit = _read_int(limit_path)
+        if limit is None or limit >= 1 << 60:  # none, or version 1's "unlimited"
+            continue
+        usage = _read_int(usage_path)
+        cache = _read_stat(stat_path, reclaimable)
+        used = 0 if usage is None or cache is None else max(0, usage - cache)
+        return max(0, min(available, limit - used))
+    return available
 
 
 def parse_memory(value):

@@ -253,3 +253,55 @@ def test_failed_band_runs_its_jobs_alone(two_tiles, tile_by_tile, tmp_path, monk
     np.testing.assert_array_equal(status[others], np.asarray(ref.status)[others])
     np.testing.assert_array_equal(got.images[others], ref.images[others])
     assert verify(out) == []
+
+
+def _cgroup(folder, limit, usage, stat):
+    """Fake cgroup files; `None` leaves a file out."""
+    paths = []
+    for name, text in (("max", limit), ("current", usage), ("stat", stat)):
+        path = folder / name
+        if text is not None:
+            path.write_text(text)
+        paths.append(str(path))
+    return tuple(paths)
+
+
+@pytest.mark.parametrize(
+    ("limit", "usage", "stat", "expected"),
+    [
+        # no limit ("max"), or no cgroup files at all: the system's figure
+        ("max\n", "5000\n", "inactive_file 1000\n", "system"),
+        (None, None, None, "system"),
+        # a limit: less the working set (usage without reclaimable file pages)
+        ("8000000\n", "3000000\n", "anon 1\ninactive_file 1000000\n", 6_000_000),
+        # no statistics: the limit alone (usage may be mostly page cache)
+        ("8000000\n", "3000000\n", None, 8_000_000),
+        # working set beyond the limit: nothing left
+        ("8000000\n", "9000000\n", "inactive_file 0\n", 0),
+    ],
+)
+def test_available_memory_respects_a_container_limit(
+    tmp_path, monkeypatch, limit, usage, stat, expected
+):
+    """Test that a memory cgroup's limit caps the memory the planner assumes."""
+    import psutil
+
+    from cutana import planner
+
+    files = (*_cgroup(tmp_path, limit, usage, stat), "inactive_file")
+    missing = tuple(str(tmp_path / f"none{i}") for i in range(3)) + ("x",)
+    monkeypatch.setattr(planner, "_CGROUP_FILES", (files, missing))
+    system = psutil.virtual_memory().available
+    got = planner.available_memory()
+    if expected == "system":
+        assert abs(got - system) < 256 * 2**20  # sampled twice
+    else:
+        assert got == expected
+
+
+def test_default_memory_limit_is_half_of_the_available_memory(monkeypatch):
+    """Test that the default --memory-limit is half of what the planner finds."""
+    monkeypatch.setattr(pipeline, "available_memory", lambda: 3_000_000_000)
+    options = pipeline.RunOptions(size=8)
+    options.validate()
+    assert options.memory_limit == 1_500_000_000

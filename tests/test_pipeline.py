@@ -172,9 +172,10 @@ def test_tile_maps_kept_between_jobs_change_no_byte(
     monkeypatch.setattr(cutana.processing, "open_pixels", spy)
     kept = tmp_path / "kept.zarr"
     cutana.make_cutouts(
-        survey.catalogue_path, kept, size=21, max_sources_per_job=7, progress=False
+        survey.catalogue_path, kept, size=21, max_sources_per_job=7, progress=False,
+        memory_limit="2GB",
     )
-    # the default memory limit leaves room: most opens reuse a kept map
+    # the memory limit leaves room: most opens reuse a kept map
     assert len({k for k, _ in opened}) == 1 and opened[0][0] > 0
     assert sum(k for _, k in opened) > len(opened) // 2
     assert files_bytes(out) == files_bytes(kept)
@@ -183,7 +184,8 @@ def test_tile_maps_kept_between_jobs_change_no_byte(
     monkeypatch.setattr(Plan, "spare_worker_bytes", property(lambda self: 0))
     fresh = tmp_path / "fresh.zarr"
     cutana.make_cutouts(
-        survey.catalogue_path, fresh, size=21, max_sources_per_job=7, progress=False
+        survey.catalogue_path, fresh, size=21, max_sources_per_job=7, progress=False,
+        memory_limit="2GB",
     )
     assert opened and not any(k for _, k in opened)
     assert files_bytes(out) == files_bytes(fresh)

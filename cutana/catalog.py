@@ -347,11 +347,15 @@ def _csv_column(path, name, comments):
 def _csv_rows(f, comments):
     """The rows of an open CSV file, without blank (and comment) lines."""
     for row in csv.reader(f):
-        if not row or (len(row) == 1 and not row[0].strip()):
-            continue
-        if comments and row[0].lstrip().startswith("#"):
-            continue
-        yield row
+        if not _skipped(row, comments):
+            yield row
+
+
+def _skipped(row, comments):
+    """Whether astropy skips a parsed CSV row: blank, or (``comments``) a comment."""
+    if not row or (len(row) == 1 and not row[0].strip()):
+        return True
+    return bool(comments) and row[0].lstrip().startswith("#")
 
 
 def _csv_text_column(path, name, nrows, kind, comments):
@@ -474,9 +478,7 @@ def _split_last(f, j, comments, lines, cells, shared):
         row = next(csv.reader([line]), [])
         if any("\n" in v or "\r" in v for v in row):
             return False  # a quoted field goes on
-        if not row or (len(row) == 1 and not row[0].strip()):
-            continue
-        if comments and row[0].lstrip().startswith("#"):
+        if _skipped(row, comments):
             continue
         cell = row[j].strip() if len(row) > j else ""
         cells.append(shared.setdefault(cell, cell))

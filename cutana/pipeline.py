@@ -1137,9 +1137,7 @@ class _Runner:
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=total, unit="src", desc="cutting", smoothing=0.1)
-        budget = plan.memory_limit - plan.memory.parent_bytes
-        budget -= plan.n_workers * plan.memory.worker_bytes
-        executor.memory_budget = max(0, budget)
+        executor.memory_budget = plan.job_budget
         try:
             executor.run(
                 _run_task,
@@ -1235,12 +1233,18 @@ class _Runner:
         ]
         if not direct:
             return
-        lo = self.writer.chunk_range(direct[0])[0]
-        hi = self.writer.chunk_range(direct[-1])[1]
         task.direct_chunks = direct
-        task.row_to_job = _Rows(lo, self.job_of_row[lo:hi].copy(), self.pos_in_job[lo:hi].copy())
-        task.base_status = _Rows(lo, self.status[lo:hi].copy())
-        self.chunks_submitted.update(direct)
+        task.row_to_job, task.base_status = self._take_chunks(direct)
+
+    def _take_chunks(self, chunks):
+        """Mark sorted ``chunks`` submitted; the owners and statuses of their rows."""
+        lo = self.writer.chunk_range(chunks[0])[0]
+        hi = self.writer.chunk_range(chunks[-1])[1]
+        self.chunks_submitted.update(chunks)
+        return (
+            _Rows(lo, self.job_of_row[lo:hi].copy(), self.pos_in_job[lo:hi].copy()),
+            _Rows(lo, self.status[lo:hi].copy()),
+        )
 
     def _groups(self):
         """Pending jobs that fill the same chunks, to cut and write together.
@@ -1295,14 +1299,8 @@ class _Runner:
         chunks = sorted(
             set().union(*(self.job_chunks[m.job.job_id] for m in group.members))
         )
-        lo = self.writer.chunk_range(chunks[0])[0]
-        hi = self.writer.chunk_range(chunks[-1])[1]
         group.chunks = chunks
-        group.row_to_job = _Rows(
-            lo, self.job_of_row[lo:hi].copy(), self.pos_in_job[lo:hi].copy()
-        )
-        group.base_status = _Rows(lo, self.status[lo:hi].copy())
-        self.chunks_submitted.update(chunks)
+        group.row_to_job, group.base_status = self._take_chunks(chunks)
 
     def _ready_assembly_tasks(self):
         ready = np.flatnonzero(self.chunk_pending == 0)
@@ -1310,19 +1308,15 @@ class _Runner:
 
     def _assembly_tasks(self, chunks):
         tasks = []
-        n = self.plan.n_rows
         for i in range(0, len(chunks), _CHUNKS_PER_TASK):
             group = sorted(chunks[i : i + _CHUNKS_PER_TASK])
-            lo = self.writer.chunk_range(group[0])[0]
-            hi = min(n, self.writer.chunk_range(group[-1])[1])
-            self.chunks_submitted.update(group)
+            row_to_job, base_status = self._take_chunks(group)
             tasks.append(
                 _AssembleTask(
                     out_dir=self.output,
                     chunks=group,
-                    row_to_job=_Rows(lo, self.job_of_row[lo:hi].copy(),
-                                     self.pos_in_job[lo:hi].copy()),
-                    base_status=_Rows(lo, self.status[lo:hi].copy()),
+                    row_to_job=row_to_job,
+                    base_status=base_status,
                 )
             )
         return tasks

@@ -353,6 +353,15 @@ class Plan:
         return int(self.memory.parent_bytes + workers)
 
     @property
+    def job_budget(self):
+        """Bytes the jobs in flight may hold together (0 if none).
+
+        The memory limit less the main process and the idle workers.
+        """
+        budget = self.memory_limit - self.memory.parent_bytes
+        return max(0, int(budget - self.n_workers * self.memory.worker_bytes))
+
+    @property
     def spare_worker_bytes(self):
         """Bytes each worker may hold beyond its jobs within the memory limit.
 
@@ -376,8 +385,7 @@ class Plan:
         200
         """
         largest = max((j.est_bytes for j in self.jobs), default=0)
-        free = self.memory_limit - self.memory.parent_bytes
-        free -= self.n_workers * (self.memory.worker_bytes + largest)
+        free = self.job_budget - self.n_workers * largest
         return max(0, int(free // max(1, self.n_workers)))
 
     def status_counts(self):

@@ -216,7 +216,8 @@ def _fsync_dir(path):
 
 
 class _CRC32C:
-    """CRC-32C (Castagnoli) with the `hashlib` interface used here."""
+    """CRC-32C (Castagnoli) with the `hashlib` interface (staged files and
+    `cutana.io.zarr.chunk_digest`)."""
 
     def __init__(self):
         self._crc = 0

@@ -42,14 +42,13 @@ import re
 import shutil
 from collections import OrderedDict
 
-import google_crc32c
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
 from ..status import Status
 from ._writeback import FileSeries
-from .staging import STATE_DIRNAME, load_staged
+from .staging import _CRC32C, STATE_DIRNAME, load_staged
 
 __all__ = ["ZarrWriter", "chunk_digest", "choose_chunk_rows"]
 
@@ -165,7 +164,7 @@ def chunk_digest(images, status, tile, origin, box_shape, algorithm="sha256"):
     if algorithm not in CHECKSUMS:
         msg = f"algorithm must be one of {', '.join(CHECKSUMS)}, got {algorithm!r}"
         raise ValueError(msg)
-    parts = []
+    hasher = _CRC32C() if algorithm == "crc32c" else hashlib.sha256()
     for arr, dtype in (
         (images, None),
         (status, "<i2"),
@@ -175,15 +174,7 @@ def chunk_digest(images, status, tile, origin, box_shape, algorithm="sha256"):
     ):
         arr = np.asarray(arr)
         dt = arr.dtype.newbyteorder("<") if dtype is None else np.dtype(dtype)
-        parts.append(np.ascontiguousarray(arr, dtype=dt))
-    if algorithm == "crc32c":
-        crc = 0
-        for part in parts:
-            crc = google_crc32c.extend(crc, part.reshape(-1).view(np.uint8))
-        return f"{crc:08x}"
-    hasher = hashlib.sha256()
-    for part in parts:
-        hasher.update(part.reshape(-1).view(np.uint8))
+        hasher.update(np.ascontiguousarray(arr, dtype=dt).reshape(-1).view(np.uint8))
     return hasher.hexdigest()
 
 

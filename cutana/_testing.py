@@ -15,6 +15,7 @@ __all__ = [
     "fail_always",
     "fail_once",
     "files_bytes",
+    "page_faults_of_reused_blocks",
     "record_concurrency",
     "square",
 ]
@@ -130,6 +131,40 @@ def record_concurrency(task):
     time.sleep(seconds)
     os.remove(path)
     return n
+
+
+def page_faults_of_reused_blocks(task):
+    """Minor page faults while a process allocates and frees a few large blocks.
+
+    Three blocks of ``nbytes`` are allocated, written and freed ``rounds``
+    times after one round to warm up, as a worker does with the compressed
+    chunks of each task. A process whose ``malloc`` reuses freed memory
+    faults (almost) never; one that hands it back to the system faults on
+    every page of every round.
+
+    Parameters
+    ----------
+    task : tuple
+        ``(nbytes, rounds)``.
+
+    Returns
+    -------
+    faults : int
+        Minor page faults of the timed rounds (``resource.getrusage``).
+    """
+    import resource
+
+    nbytes, rounds = task
+
+    def one_round():
+        blocks = [bytearray(nbytes) for _ in range(3)]  # zero-filled: written
+        del blocks
+
+    one_round()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(rounds):
+        one_round()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 
 def files_bytes(root):

@@ -88,6 +88,46 @@ cdef extern from *:
         for (; k < n; k++) dst[k] = (float)(w0 * r0[k] + w1 * r1[k]);
     }
     static int cutana_bilinear_avx2(void) { return cutana_has_avx2 > 0; }
+    /* float32 pixels (byte order swapped if asked) to float64, times scale
+       unless it is 1: the window copy, the conversion and the scaling of
+       a window inside the image in one pass, with the same operations. */
+    __attribute__((target("avx2")))
+    static void cutana_f32_to_f64_avx2(const uint8_t* src, double* dst,
+                                       ptrdiff_t n, int swap, double scale)
+    {
+        const __m256i mask = _mm256_setr_epi8(3,2,1,0,7,6,5,4,11,10,9,8,15,14,13,12,
+                                              3,2,1,0,7,6,5,4,11,10,9,8,15,14,13,12);
+        const __m256d s = _mm256_set1_pd(scale);
+        const int mul = scale != 1.0;
+        ptrdiff_t k = 0;
+        for (; k + 8 <= n; k += 8) {
+            __m256i v = _mm256_loadu_si256((const __m256i*)(src + 4 * k));
+            __m256 f;
+            __m256d a, b;
+            if (swap) v = _mm256_shuffle_epi8(v, mask);
+            f = _mm256_castsi256_ps(v);
+            a = _mm256_cvtps_pd(_mm256_castps256_ps128(f));
+            b = _mm256_cvtps_pd(_mm256_extractf128_ps(f, 1));
+            if (mul) { a = _mm256_mul_pd(a, s); b = _mm256_mul_pd(b, s); }
+            _mm256_storeu_pd(dst + k, a);
+            _mm256_storeu_pd(dst + k + 4, b);
+        }
+        for (; k < n; k++) {
+            uint32_t bits;
+            float f;
+            memcpy(&bits, src + 4 * k, 4);
+            if (swap) bits = CUTANA_BSWAP32(bits);
+            memcpy(&f, &bits, 4);
+            dst[k] = mul ? (double)f * scale : (double)f;
+        }
+    }
+    static int cutana_f32_to_f64(const uint8_t* src, double* dst, ptrdiff_t n,
+                                 int swap, double scale)
+    {
+        if (cutana_has_avx2 <= 0) return 0;
+        cutana_f32_to_f64_avx2(src, dst, n, swap, scale);
+        return 1;
+    }
     #else
     static void cutana_bilinear_h_avx2(
         const double* row, const int64_t* i0, const int64_t* i1,
@@ -96,6 +136,9 @@ cdef extern from *:
         const double* r0, const double* r1, double w0, double w1, float* dst,
         ptrdiff_t n) {}
     static int cutana_bilinear_avx2(void) { return 0; }
+    static int cutana_f32_to_f64(const uint8_t* src, double* dst, ptrdiff_t n,
+                                 int swap, double scale)
+    { (void)src; (void)dst; (void)n; (void)swap; (void)scale; return 0; }
     #endif
     """
     void cutana_bilinear_h_avx2(
@@ -105,6 +148,9 @@ cdef extern from *:
         const double* r0, const double* r1, double w0, double w1, float* dst,
         Py_ssize_t n) noexcept nogil
     int cutana_bilinear_avx2() noexcept nogil
+    int cutana_f32_to_f64(
+        const uint8_t* src, double* dst, Py_ssize_t n, int swap, double scale
+    ) noexcept nogil
 
 
 cdef enum:
@@ -214,6 +260,27 @@ cdef void _axis_build(_Axis* ax, Py_ssize_t n, int method) noexcept nogil:
                 ax.count[j] = 2
                 ax.wa[j] = 1.0 - t
                 ax.wb[j] = t
+
+
+cdef bint _read_f32_inside(
+    const uint8_t[:, :] src, Py_ssize_t src_ny, Py_ssize_t src_nx, int64_t y0,
+    int64_t x0, Py_ssize_t ny, Py_ssize_t nx, bint swap, double scale, double* win,
+) noexcept nogil:
+    """Read a float32 window lying wholly inside the image into float64 ``win``.
+
+    The copy, `_to_double` and `_prepare_window` of such a window in one
+    pass per row, with the same operations. Returns `False`, with nothing
+    read, for a window not wholly inside or without the AVX2 loop.
+    """
+    cdef Py_ssize_t r
+    if y0 < 0 or x0 < 0 or y0 + ny > src_ny or x0 + nx > src_nx:
+        return False
+    for r in range(ny):
+        if r + _PREFETCH_ROWS < ny:
+            cutana_prefetch(&src[y0 + r + _PREFETCH_ROWS, x0 * 4], nx * 4)
+        if not cutana_f32_to_f64(&src[y0 + r, x0 * 4], win + r * nx, nx, swap, scale):
+            return False  # no AVX2: known at the first row, nothing written
+    return True
 
 
 cdef void _to_double(
@@ -485,14 +552,20 @@ def resample_windows(
             for i in range(n):
                 ny = shapes[i, 0]
                 nx = shapes[i, 1]
-                ov = _extract_one_strided(src, src_ny, src_nx, itemsize,
-                                          corners[i, 0], corners[i, 1], ny, nx,
-                                          raw, nx * itemsize, zero, itemsize, swap)
+                if kind == _KIND_FLOAT and itemsize == 4 and _read_f32_inside(
+                        src, src_ny, src_nx, corners[i, 0], corners[i, 1], ny, nx,
+                        swap, scale[i] if has_scale else 1.0, win):
+                    ov = _FULL
+                else:
+                    ov = _extract_one_strided(src, src_ny, src_nx, itemsize,
+                                              corners[i, 0], corners[i, 1], ny, nx,
+                                              raw, nx * itemsize, zero, itemsize,
+                                              swap)
+                    _to_double(raw, win, ny * nx, kind, itemsize)
+                    _prepare_window(win, ny, nx, corners[i, 0], corners[i, 1],
+                                    src_ny, src_nx, ov,
+                                    scale[i] if has_scale else 1.0, fill)
                 ov_view[i] = <signed char> ov
-                _to_double(raw, win, ny * nx, kind, itemsize)
-                _prepare_window(win, ny, nx, corners[i, 0], corners[i, 1],
-                                src_ny, src_nx, ov,
-                                scale[i] if has_scale else 1.0, fill)
                 _axis_build(&ay, ny, method)
                 _axis_build(&ax, nx, method)
                 _resample_one(win, ny, nx, &ay, &ax, method, tmp, have_row,

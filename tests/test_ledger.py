@@ -63,6 +63,24 @@ def test_records_round_trip(tmp_path):
     ]
 
 
+def test_chunks_of_a_task_are_flushed_to_disk_once(tmp_path, monkeypatch):
+    """A task's chunk records go to disk with one ``fsync``, each a line of its own."""
+    with Ledger(tmp_path) as ledger:
+        ledger.run_started("plan-1")
+        calls = []
+        real_fsync = os.fsync
+        monkeypatch.setattr(os, "fsync", lambda fd: calls.append(fd) or real_fsync(fd))
+        ledger.chunks_written({k: f"c{k}" for k in (4, 2, 3, 0, 1)})
+        ledger.chunks_written({})  # nothing to record: no write, no flush
+    assert len(calls) == 1
+    state = Ledger(tmp_path).read()
+    assert state.chunks == {k: f"c{k}" for k in range(5)}
+    assert state.n_records == 6
+    with open(ledger.path) as fh:
+        chunks = [json.loads(line).get("chunk") for line in fh]
+    assert chunks == [None, 0, 1, 2, 3, 4]
+
+
 def test_missing_ledger_is_empty(tmp_path):
     """Test that reading a ledger that does not exist gives an empty state."""
     state = Ledger(tmp_path / "nothing").read()

@@ -198,15 +198,22 @@ class Ledger:
         record : dict
             A JSON-serialisable record with an ``"event"`` key.
         """
-        if "event" not in record:
-            msg = f"a ledger record needs an 'event' key, got {record!r}"
-            raise ValueError(msg)
+        self._append([record])
+
+    def _append(self, records):
+        """Append records with one write, then flush them to disk once."""
+        for record in records:
+            if "event" not in record:
+                msg = f"a ledger record needs an 'event' key, got {record!r}"
+                raise ValueError(msg)
+        if not records:
+            return
         self._open()
-        line = (
+        data = "".join(
             json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
             + "\n"
-        )
-        data = line.encode("ascii")
+            for record in records
+        ).encode("ascii")
         written = os.write(self._fd, data)
         if written != len(data):  # pragma: no cover - only on a full disk
             msg = f"short write to ledger {self.path} ({written} of {len(data)} bytes)"
@@ -259,12 +266,14 @@ class Ledger:
         checksum : str
             Checksum returned by `~cutana.io.ZarrWriter.write_chunks`.
         """
-        self.append(
-            {"event": "chunk_written", "chunk": int(chunk), "checksum": str(checksum)}
-        )
+        self.chunks_written({chunk: checksum})
 
     def chunks_written(self, checksums):
         """Record several written chunks, one record each, in index order.
+
+        The records are written and flushed to disk together (one ``fsync``
+        for a task's chunks rather than one per chunk); a crash can still
+        cut only the last line short.
 
         Parameters
         ----------
@@ -272,8 +281,12 @@ class Ledger:
             Chunk index to checksum, as returned by
             `~cutana.io.ZarrWriter.write_chunks`.
         """
-        for chunk in sorted(checksums):
-            self.chunk_written(chunk, checksums[chunk])
+        self._append(
+            [
+                {"event": "chunk_written", "chunk": int(k), "checksum": str(v)}
+                for k, v in sorted(checksums.items())
+            ]
+        )
 
     def run_finished(self, fingerprint, report=None):
         """Record the end of a run.

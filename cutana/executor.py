@@ -268,6 +268,55 @@ def _init_worker(parent_pid, parent_create_time, initializer=None, interval=0.5)
     gc.freeze()
 
 
+def _proc_tree(pid):
+    """Resident bytes of ``pid`` and each live descendant, from Linux's ``/proc``.
+
+    A process's children are read from ``/proc/PID/task/TID/children`` and
+    its resident size from ``/proc/PID/statm`` (as psutil reads it): a few
+    small files per process of the tree, where psutil's ``children()``
+    reads the status of every process on the system, which made sampling
+    every 0.1 s cost about 1 % of a run.
+
+    Parameters
+    ----------
+    pid : int
+        The root of the tree.
+
+    Returns
+    -------
+    rss : dict or None
+        Process id to resident bytes (empty if the root has exited), or
+        `None` where ``/proc`` has no ``children`` files (not Linux, or a
+        kernel without them): then use psutil.
+    """
+    if not _HAS_PROC_CHILDREN:
+        return None
+    rss = {}
+    todo = [int(pid)]
+    while todo:
+        p = todo.pop()
+        if p in rss:
+            continue
+        try:
+            with open(f"/proc/{p}/statm", "rb") as fh:
+                pages = int(fh.read().split()[1])
+            tids = os.listdir(f"/proc/{p}/task")
+        except (OSError, ValueError, IndexError):  # exited meanwhile
+            continue
+        rss[p] = pages * _PAGE_SIZE
+        for tid in tids:
+            try:
+                with open(f"/proc/{p}/task/{tid}/children", "rb") as fh:
+                    todo.extend(int(k) for k in fh.read().split())
+            except (OSError, ValueError):  # the thread exited meanwhile
+                continue
+    return rss
+
+
+_HAS_PROC_CHILDREN = os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if _HAS_PROC_CHILDREN else 4096
+
+
 def _is_broken(pool):
     """Whether a process pool has been marked broken."""
     return bool(getattr(pool, "_broken", False))
@@ -373,6 +422,9 @@ class MemorySampler:
         rss : int
             Bytes; 0 when the root has exited.
         """
+        fast = _proc_tree(root.pid)
+        if fast is not None:
+            return sum(fast.values())
         import psutil
 
         try:

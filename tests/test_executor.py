@@ -176,3 +176,44 @@ def test_workers_reuse_freed_memory():
     assert failures == []
     pages = 3 * nbytes // 4096 * rounds
     assert results[(nbytes, rounds)] < pages // 20
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="Linux /proc only")
+def test_proc_tree_equals_psutil_on_a_process_tree():
+    """The /proc reading of a process tree gives psutil's processes and sizes."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    from cutana.executor import MemorySampler, _proc_tree
+
+    hold = "import sys, time; b = bytearray({n}); sys.stdout.write('x\\n'); "
+    hold += "sys.stdout.flush(); time.sleep(60)"
+    child = (
+        "import subprocess, sys, time; b = bytearray(30_000_000); "
+        f"q = subprocess.Popen([sys.executable, '-c', {hold.format(n=20_000_000)!r}], "
+        "stdout=subprocess.PIPE); q.stdout.readline(); "
+        "sys.stdout.write('x\\n'); sys.stdout.flush(); time.sleep(60)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE)
+    try:
+        proc.stdout.readline()  # both processes hold their memory now
+        tree = _proc_tree(proc.pid)
+        root = psutil.Process(proc.pid)
+        expected = {p.pid: p.memory_info().rss for p in [root, *root.children(True)]}
+        if tree is None:
+            pytest.skip("this kernel has no /proc/PID/task/TID/children")
+        assert sorted(tree) == sorted(expected) and len(tree) == 2
+        for pid, rss in expected.items():
+            assert abs(tree[pid] - rss) <= 1 << 20  # the same statm, read apart
+        assert tree[proc.pid] > 30_000_000
+        total = sum(tree.values())
+        assert MemorySampler.tree_rss(root) == pytest.approx(total, rel=0.05)
+    finally:
+        for p in psutil.Process(proc.pid).children(recursive=True):
+            p.kill()
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+    assert _proc_tree(proc.pid) == {}

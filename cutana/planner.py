@@ -221,8 +221,12 @@ class MemoryModel:
 
 #: Sources cut together inside a job (the kernel's sub-batch).
 SUB_BATCH = 64
-#: Hard cap on sources per job, so that progress and retries stay fine-grained.
-MAX_SOURCES_PER_JOB = 4096
+#: Hard cap on sources per job (per band of output chunks, whose jobs one
+#: worker cuts together), so that progress and retries stay fine-grained.
+#: Each job of a band maps its tile's files once: on 8 tiles of 200,000
+#: random sources, bands of 8,192 rather than 4,096 sources took 2 workers
+#: 280,000 instead of 460,000 page faults and 7-8 % less time.
+MAX_SOURCES_PER_JOB = 8192
 #: Jobs per worker the planner aims for, so that the last jobs end together.
 JOBS_PER_WORKER = 12
 #: Smallest job the planner makes for load balancing (unless a cap asks less).

@@ -221,12 +221,16 @@ class MemoryModel:
 
 #: Sources cut together inside a job (the kernel's sub-batch).
 SUB_BATCH = 64
-#: Hard cap on sources per job (per band of output chunks, whose jobs one
-#: worker cuts together), so that progress and retries stay fine-grained.
-#: Each job of a band maps its tile's files once: on 8 tiles of 200,000
-#: random sources, bands of 8,192 rather than 4,096 sources took 2 workers
-#: 280,000 instead of 460,000 page faults and 7-8 % less time.
-MAX_SOURCES_PER_JOB = 8192
+#: Hard cap on sources per job, so that progress and retries stay fine-grained.
+MAX_SOURCES_PER_JOB = 4096
+#: Hard cap on sources per band of output chunks (whose jobs, one per tile,
+#: one worker cuts together) when no cap is given. Each job of a band maps
+#: its tile's files once, so larger bands map them less often: on 8 tiles
+#: of 200,000 random sources, bands of 8,192 rather than 4,096 sources took
+#: 2 workers 280,000 instead of 460,000 page faults and 7-8 % less time.
+#: A single tile's jobs keep the smaller cap: their output buffers are
+#: fresh memory, slow to touch first on virtual machines.
+MAX_SOURCES_PER_BAND = 2 * MAX_SOURCES_PER_JOB
 #: Jobs per worker the planner aims for, so that the last jobs end together.
 JOBS_PER_WORKER = 12
 #: Smallest job the planner makes for load balancing (unless a cap asks less).
@@ -633,7 +637,8 @@ def make_plan(
     n_workers : int, optional
         Worker processes that run jobs at the same time.
     max_sources_per_job : int, optional
-        Cap on sources per job (default `MAX_SOURCES_PER_JOB`).
+        Cap on sources per job, and per band of chunks (default
+        `MAX_SOURCES_PER_JOB`, and `MAX_SOURCES_PER_BAND` for bands).
     parent_bytes : int, optional
         Resident bytes of the main process, if measured.
     meta : dict, optional
@@ -724,14 +729,18 @@ def make_plan(
     if cap < 1:
         msg = f"max_sources_per_job must be a positive integer, got {max_sources_per_job!r}"
         raise ValueError(msg)
+    band_cap = MAX_SOURCES_PER_BAND if max_sources_per_job is None else cap
     per_job = int(min(cap, budget // per_source)) if budget > 0 else 0
     largest = per_job  # what the budget and the cap allow; jobs aim smaller
+    per_band = int(min(band_cap, budget // per_source)) if budget > 0 else 0
+    largest_band = per_band
     # enough jobs to keep every worker busy and balanced (JOBS_PER_WORKER each),
     # but not so small that per-job overhead dominates
     n_todo = int(np.count_nonzero(status == Status.PENDING))
     if n_workers > 1 and n_todo:
         balanced = max(MIN_SOURCES_PER_JOB, math.ceil(n_todo / (JOBS_PER_WORKER * n_workers)))
         per_job = min(per_job, balanced) if per_job >= 1 else per_job
+        per_band = min(per_band, balanced) if per_band >= 1 else per_band
     if per_job < 1 and todo.any():
         need = parent_bytes + n_workers * (WORKER_BASE_BYTES + working + per_source)
         msg = (
@@ -744,7 +753,9 @@ def make_plan(
     rows_all = np.flatnonzero(todo)
     parts = None  # (tile, rows, rows its worker holds at once) per job
     if chunk_rows is not None and len(rows_all):
-        parts = _band_parts(rows_all, tile, per_job, largest, chunk_rows)
+        parts = _band_parts(
+            rows_all, tile, (per_band, largest_band), (per_job, largest), chunk_rows
+        )
     if parts is None:
         parts = _tile_parts(rows_all, tile, per_job, largest, chunk_rows)
     x = np.asarray(assignment.x, dtype=np.float64)
@@ -798,7 +809,7 @@ def _tile_parts(rows_all, tile, per_job, largest, chunk_rows):
     return parts
 
 
-def _band_parts(rows_all, tile, per_job, largest, chunk_rows):
+def _band_parts(rows_all, tile, band_size, job_size, chunk_rows):
     """Jobs band by band: whole chunks of rows, then one job per tile in each.
 
     The rows are cut into bands of whole output chunks holding about
@@ -806,22 +817,28 @@ def _band_parts(rows_all, tile, per_job, largest, chunk_rows):
     every cut can move to a chunk boundary); a band's jobs (one per tile
     it touches) fill its chunks together, so one worker can cut them one
     after the other and write the chunks itself. Each job is sized in
-    memory for its whole band. `None` when a band cannot hold two chunks,
-    or when jobs would be smaller than `MIN_BAND_JOB` sources on average
-    (many tiles mixed in every chunk): tile by tile is then cheaper.
+    memory for its whole band. ``(per_job, largest)`` is ``band_size``
+    where bands mix tiles (two jobs or more a band on average: each job
+    maps its tile's files, so larger bands map them less often), else
+    ``job_size``. `None` when a band cannot hold two chunks, or when jobs
+    would be smaller than `MIN_BAND_JOB` sources on average (many tiles
+    mixed in every chunk): tile by tile is then cheaper.
     """
-    if largest < 2 * chunk_rows:
-        return None  # a band could not hold whole chunks
-    # room for each cut to move to the nearest chunk boundary
-    n_bands = math.ceil(len(rows_all) / min(per_job, largest - chunk_rows))
-    bands = split_rows(rows_all, n_bands, largest, chunk_rows)
-    parts = []
-    for band in bands:
-        t = tile[band]
-        order = np.argsort(t, kind="stable")  # by tile, then row
-        cuts = np.flatnonzero(np.diff(t[order])) + 1
-        for idx in np.split(order, cuts):
-            parts.append((int(t[idx[0]]), band[idx], len(band)))
+    for per_job, largest in (band_size, job_size):
+        if largest < 2 * chunk_rows:
+            return None  # a band could not hold whole chunks
+        # room for each cut to move to the nearest chunk boundary
+        n_bands = math.ceil(len(rows_all) / min(per_job, largest - chunk_rows))
+        bands = split_rows(rows_all, n_bands, largest, chunk_rows)
+        parts = []
+        for band in bands:
+            t = tile[band]
+            order = np.argsort(t, kind="stable")  # by tile, then row
+            cuts = np.flatnonzero(np.diff(t[order])) + 1
+            for idx in np.split(order, cuts):
+                parts.append((int(t[idx[0]]), band[idx], len(band)))
+        if len(parts) >= 2 * len(bands) or band_size == job_size:
+            break
     if len(bands) > 1 and len(rows_all) < MIN_BAND_JOB * len(parts):
         return None
     return parts

@@ -199,6 +199,27 @@ def test_small_bands_fall_back_to_tiles(two_tiles, monkeypatch):
     assert all(j.est_bytes == plan.memory.job_bytes(len(j)) for j in plan.jobs)
 
 
+def test_bands_that_mix_tiles_take_the_band_cap(survey, two_tiles, monkeypatch):
+    """Bands mixing tiles hold up to MAX_SOURCES_PER_BAND sources; one-tile
+    bands (jobs) stay within MAX_SOURCES_PER_JOB."""
+    from cutana import planner
+
+    monkeypatch.setattr(planner, "MAX_SOURCES_PER_JOB", 150)
+    monkeypatch.setattr(planner, "MAX_SOURCES_PER_BAND", 300)
+    opts = {"size": 10, "target_size": 128, "resample": "bilinear"}  # 64-row chunks
+    mixed = cutana.plan_cutouts(two_tiles.catalogue_path, **opts)
+    bands = {}
+    for job in mixed.jobs:
+        bands.setdefault(job.est_bytes, []).append(job)
+    sizes = [sum(len(j) for j in jobs) for jobs in bands.values()]
+    assert all(len(jobs) == 2 for jobs in bands.values())  # both tiles in each
+    assert max(sizes) > 150 and max(sizes) <= 300
+    single = cutana.plan_cutouts(survey.catalogue_path, **opts)
+    assert len({j.tile for j in single.jobs}) == 1
+    assert max(len(j) for j in single.jobs) <= 150
+    assert sum(len(j) for j in single.jobs) == 600
+
+
 @pytest.fixture(scope="module")
 def tile_by_tile(two_tiles, tmp_path_factory):
     """The same run planned tile by tile (staged and assembled)."""

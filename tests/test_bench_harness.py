@@ -225,3 +225,22 @@ def test_process_tree_sampler_samples_this_process():
     assert sampler.samples
     rss = psutil.Process().memory_info().rss
     assert 0.5 * rss < sampler.peak < 2 * rss
+
+
+def test_run_cutana_removes_an_old_output_before_timing(tmp_path, monkeypatch):
+    """An output left by an earlier repeat is gone before the timed command
+    starts (as the ESA Cutana runner does), not removed inside the timing."""
+    out = tmp_path / "o.zarr"
+    out.mkdir()
+    (out / "old").write_text("x")
+    seen = []
+
+    def fake_run_timed(command, **kwargs):
+        seen.append((out.exists(), "--output" in command))
+        return {"seconds": 1.0, "returncode": 1, "timed_out": False, "stdout": "",
+                "stderr": "not run", "peak_memory": 0, "memory_samples": []}
+
+    monkeypatch.setattr(harness, "_run_timed", fake_run_timed)
+    run = harness.run_cutana(tmp_path / "cat.csv", out, workers=1)
+    assert seen == [(False, True)]
+    assert run["error"].startswith("exit code 1")

@@ -217,7 +217,7 @@ def keep_freed_memory(keep_bytes=WORKER_HEAP_KEEP_BYTES):
     top of its heap back to the system once it exceeds twice that
     threshold. A worker that allocates and frees blocks of a few MB for
     every task, as the compressed chunks of an output are, then faults in
-    and zeroes the same amount of fresh memory again and again: about 7 %
+    and zeroes the same amount of fresh memory again and again: about 8 %
     of a worker's time on the paper workload. This sets both thresholds so
     that blocks up to ``keep_bytes`` come from the heap and up to
     ``keep_bytes`` of its free top stay in the process. Only cutana's own

@@ -818,7 +818,7 @@ def _band_parts(rows_all, tile, band_size, job_size, chunk_rows):
     it touches) fill its chunks together, so one worker can cut them one
     after the other and write the chunks itself. Each job is sized in
     memory for its whole band. ``(per_job, largest)`` is ``band_size``
-    where bands mix tiles (two jobs or more a band on average: each job
+    where bands mix tiles (two jobs or more per band on average: each job
     maps its tile's files, so larger bands map them less often), else
     ``job_size``. `None` when a band cannot hold two chunks, or when jobs
     would be smaller than `MIN_BAND_JOB` sources on average (many tiles

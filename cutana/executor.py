@@ -322,6 +322,26 @@ def _is_broken(pool):
     return bool(getattr(pool, "_broken", False))
 
 
+def _shutdown_broken(pool):
+    """Shut a broken pool down without waiting, and stop all its workers.
+
+    A pool that breaks (a worker died) terminates its other workers from
+    its manager thread. A worker it started while it was breaking (for a
+    task submitted then) can miss that and wait for tasks for ever, and
+    the interpreter's exit then waits for it too (CPython joins every
+    pool's workers at exit): a test run once hung that way. The workers
+    still alive are therefore terminated here as well.
+    """
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in procs:
+        try:
+            if proc.is_alive():
+                proc.terminate()
+        except (OSError, ValueError, AttributeError):  # already gone or closed
+            continue
+
+
 class MemorySampler:
     """Sample the resident memory of a process and all its descendants.
 
@@ -753,7 +773,7 @@ class Executor:
                     victims = broken + list(in_flight.values())
                     in_flight.clear()
                     used = 0
-                    pool.shutdown(wait=False, cancel_futures=True)
+                    _shutdown_broken(pool)
                     logger.warning("a worker process died; starting a new pool")
                     pool = self._new_pool()
                     reason = (
@@ -770,7 +790,10 @@ class Executor:
                             victim.solo = True
                             queue.appendleft(victim)
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            if _is_broken(pool):
+                _shutdown_broken(pool)
+            else:
+                pool.shutdown(wait=True, cancel_futures=True)
 
     def _retry_or_fail(self, pending, queue, failed):
         if pending.attempts <= self.retries:

@@ -56,6 +56,35 @@ def test_killed_worker_is_retried(tmp_path):
     assert sorted(results.values()) == list(range(6))
 
 
+def test_no_worker_outlives_a_run_whose_pools_broke(tmp_path):
+    """Workers of pools that broke (a worker killed) and of the last pool are
+    all gone once the run returns: none is left waiting for tasks, which
+    would make the interpreter's exit wait for it."""
+    import time
+    from multiprocessing import forkserver
+
+    import psutil
+
+    tasks = [(str(tmp_path / f"m{i}"), i) for i in range(8)]
+    results, failures = _collect("processes", 2, _testing.die_once, tasks)
+    assert failures == []
+    assert sorted(results.values()) == list(range(8))
+    server = psutil.Process(forkserver._forkserver._forkserver_pid)
+    deadline = time.monotonic() + 10
+    while True:
+        alive = []
+        for proc in server.children():
+            try:
+                if proc.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(proc.pid)
+            except psutil.NoSuchProcess:
+                continue
+        if not alive or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert alive == []
+
+
 def test_task_killing_its_worker_every_time_fails_alone(tmp_path):
     """Test that a task that always kills its worker fails, and bystanders succeed."""
     import os

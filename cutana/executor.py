@@ -442,22 +442,27 @@ class MemorySampler:
         rss : int
             Bytes; 0 when the root has exited.
         """
+        return sum(MemorySampler._tree(root).values())
+
+    @staticmethod
+    def _tree(root):
+        """Resident bytes of ``root`` and each live descendant, by pid."""
         fast = _proc_tree(root.pid)
         if fast is not None:
-            return sum(fast.values())
+            return fast
         import psutil
 
         try:
             procs = [root, *root.children(recursive=True)]
         except psutil.Error:
-            return 0
-        total = 0
+            return {}
+        rss = {}
         for proc in procs:
             try:
-                total += proc.memory_info().rss
+                rss[proc.pid] = proc.memory_info().rss
             except psutil.Error:
                 continue
-        return total
+        return rss
 
     def sample(self):
         """Take one sample of the tree now (after `start`).
@@ -487,27 +492,26 @@ class MemorySampler:
         if root is None:
             return
         while True:  # at least one sample, however soon `stop` is called
-            rss = self.tree_rss(root)
+            tree = self._tree(root)
+            rss = sum(tree.values())
             if rss:
                 self.samples.append((time.perf_counter() - t0, rss))
                 self.peak = max(self.peak, rss)
             if self._is_worker is not None:
-                self.max_workers = max(self.max_workers, self._count_workers(root))
+                descendants = [pid for pid in tree if pid != root.pid]
+                self.max_workers = max(self.max_workers, self._count_workers(descendants))
             if self._stop.wait(self.interval):
                 break
 
-    def _count_workers(self, root):
+    def _count_workers(self, pids):
+        """How many of the processes ``pids`` are (or were seen to be) workers."""
         import psutil
 
-        try:
-            procs = root.children(recursive=True)
-        except psutil.Error:
-            return 0
         n = 0
-        for proc in procs:
+        for pid in pids:
             try:
-                if proc.pid in self._workers or self._is_worker(proc):
-                    self._workers.add(proc.pid)
+                if pid in self._workers or self._is_worker(psutil.Process(pid)):
+                    self._workers.add(pid)
                     n += 1
             except psutil.Error:
                 continue

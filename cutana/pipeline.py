@@ -942,6 +942,7 @@ class _Runner:
         self.output = output
         self.client = client
         self.status = self.plan.base_status.copy()
+        self.geometry = None  # (N, 5) rows of the chunks written (Zarr)
         self.messages = dict(self.plan.messages)
         self.failures = [
             msg if str(msg).startswith(str(path)) else f"{path}: {msg}"
@@ -1007,9 +1008,12 @@ class _Runner:
             clean_staging(self.output)
             if self.fmt == "zarr":
                 self.writer = ZarrWriter.open(self.output)
-                self.checksums = {
-                    k: state.chunks[k] for k in self.writer.verified_chunks(state.chunks)
-                }
+                verified = self.writer.verified_chunks(
+                    state.chunks, rows=state.chunk_rows
+                )
+                self.checksums = {k: state.chunks[k] for k in verified}
+                if not self.writer.rows_in_chunks:
+                    self._keep_rows({k: state.chunk_rows[k] for k in verified})
             else:
                 self.writer = FitsWriter(self.output, tuple(self.p.index.bands))
             self.ledger = Ledger(self.output)
@@ -1159,8 +1163,11 @@ class _Runner:
             if missing:  # assembly failed twice in workers: last try here
                 for task in self._assembly_tasks(missing):
                     self._on_done(task, _run_task(task))
-            # rows finished by an earlier, interrupted run are only in the store
-            self.status = self.writer.read_status()
+            if self.writer.rows_in_chunks:
+                # rows finished by an earlier, interrupted run are only in the store
+                self.status = self.writer.read_status()
+            else:
+                self.writer.write_rows(self.status, self._geometry())
             self.writer.finalize(self.checksums, report={"counts": self._counts()})
         else:
             write_index(
@@ -1338,8 +1345,7 @@ class _Runner:
             )
             raise OSError(errno.ENOSPC, msg)
         if isinstance(task, _AssembleTask):
-            self.checksums.update({int(k): v for k, v in result.items()})
-            self.ledger.chunks_written(result)
+            self._chunks_written(result)
             for k in result:
                 for job_id in self._jobs_of_chunk(int(k)):
                     chunks = self.job_chunks[job_id]
@@ -1349,8 +1355,7 @@ class _Runner:
                         self.job_chunks.pop(job_id)
             return ()
         if isinstance(task, _GroupTask):
-            self.checksums.update({int(k): v for k, v in result.checksums.items()})
-            self.ledger.chunks_written(result.checksums)
+            self._chunks_written(result.checksums)
             follow = []
             for member, done in zip(task.members, result.done, strict=True):
                 self.job_chunks[member.job.job_id].difference_update(
@@ -1360,8 +1365,7 @@ class _Runner:
             return follow
         job = task.job
         if result.checksums:
-            self.checksums.update({int(k): v for k, v in result.checksums.items()})
-            self.ledger.chunks_written(result.checksums)
+            self._chunks_written(result.checksums)
             self.job_chunks[job.job_id].difference_update(
                 int(k) for k in result.checksums
             )
@@ -1375,6 +1379,31 @@ class _Runner:
             return ()
         self.pos_in_job[result.staged_rows] = np.arange(len(result.staged_rows))
         return self._release_rows(job.rows)
+
+    def _chunks_written(self, written):
+        """Keep and record the checksums (and rows) of chunks a task wrote."""
+        self.checksums.update({int(k): v for k, v in written.items()})
+        rows = getattr(written, "rows", {})
+        if self.writer.rows_in_chunks:  # the store holds them already
+            rows = {}
+        self.ledger.chunks_written(written, rows=rows)
+        self._keep_rows(rows)
+
+    def _geometry(self):
+        """``(N, 5)`` geometry of every row kept so far (tile -1: none yet)."""
+        if self.geometry is None:
+            self.geometry = np.zeros((self.plan.n_rows, 5), dtype=np.int64)
+            self.geometry[:, 0] = -1
+        return self.geometry
+
+    def _keep_rows(self, rows):
+        """Keep the status and geometry of written chunks' rows until the end."""
+        geometry = self._geometry()
+        cr = self.writer.chunk_rows
+        for k, (status, geo) in rows.items():
+            r0 = int(k) * cr
+            self.status[r0 : r0 + len(status)] = status
+            geometry[r0 : r0 + len(status)] = geo
 
     def _jobs_of_chunk(self, k):
         r0, r1 = self.writer.chunk_range(k)

@@ -15,6 +15,7 @@ from astropy.wcs import WCS
 
 from cutana import Status
 from cutana.io import (
+    ChunksWritten,
     JobResult,
     Ledger,
     ZarrWriter,
@@ -163,9 +164,34 @@ def _run(
         ledger.job_staged(stage_job(path, job))
     chunks = range(writer.n_chunks) if chunk_order is None else chunk_order
     checksums = writer.write_chunks(chunks, _mapping(n, jobs), base)
-    ledger.chunks_written(checksums)
+    ledger.chunks_written(checksums, rows=checksums.rows)
     ledger.close()
     return writer, catalogue, jobs, base, checksums
+
+
+def _old_layout(path, version):
+    """Turn a new, empty store into one of format 1, 2 or 3: the per-row
+    arrays chunked as ``images``, uncompressed, written with each chunk."""
+    group = zarr.open_group(path, mode="r+")
+    attrs = group.attrs.asdict()
+    n, cr = attrs["n_rows"], attrs["chunk_rows"]
+    if version < 3:
+        del attrs["chunk_checksum"]  # before format 3: SHA-256
+    del group["status"]
+    del group["geometry"]
+    arrays = [("status", (n,), "int16", -1)]
+    if version == 1:
+        arrays += [("tile", (n,), "int32", -1), ("origin", (n, 2), "int64", 0),
+                   ("box_shape", (n, 2), "int32", 0)]
+    else:
+        arrays += [("geometry", (n, 5), "int64", -1)]
+    for name, shape, dt, fill in arrays:
+        group.create_array(
+            name, shape=shape, chunks=(cr, *shape[1:]), dtype=dt, fill_value=fill,
+            compressors=None, config={"write_empty_chunks": True},
+            chunk_key_encoding={"name": "default", "separator": "."},
+        )
+    group.attrs.put({**attrs, "cutana_format": version})
 
 
 def _tree(path, skip=(".cutana",)):
@@ -222,46 +248,43 @@ def test_round_trip_row_order(tmp_path, dtype):
     assert verify_output(path) == []
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_format_1_store_still_written_read_and_verified(tmp_path, version):
     """Test that stores of format 1 (tile, origin and box_shape as three
     arrays) and 2 (one geometry array), both with SHA-256 chunk checksums,
+    and 3 (CRC-32C), all three writing the per-row arrays with each chunk,
     are still written (a resumed run), read and verified."""
     path = tmp_path / f"v{version}.zarr"
     n = 40
     catalogue, jobs, base = _fake_run(n=n)
-    writer = ZarrWriter.create(
+    ZarrWriter.create(
         path, n_rows=n, bands=BANDS, out_shape=OUT_SHAPE, dtype="float32",
         config={"size": 5, "resample": "none"}, tiles=_tiles(), chunk_rows=6,
         **catalogue,
     )
-    group = zarr.open_group(path, mode="r+")
-    attrs = group.attrs.asdict()
-    del attrs["chunk_checksum"]  # before format 3: SHA-256
-    group.attrs.put({**attrs, "cutana_format": version})
-    if version == 1:
-        del group["geometry"]
-    for name, shape, dt, fill in (
-        ("tile", (n,), "int32", -1),
-        ("origin", (n, 2), "int64", 0),
-        ("box_shape", (n, 2), "int32", 0),
-    ) if version == 1 else ():
-        group.create_array(
-            name, shape=shape, chunks=(6, *shape[1:]), dtype=dt, fill_value=fill,
-            compressors=None, config={"write_empty_chunks": True},
-        )
+    _old_layout(path, version)
     for job in jobs:
         stage_job(path, job)
     resumed = ZarrWriter.open(path)
+    assert resumed.rows_in_chunks
     checksums = resumed.write_chunks(range(resumed.n_chunks), _mapping(n, jobs), base)
     assert all(resumed.chunk_exists(k) for k in range(resumed.n_chunks))
+    # each chunk's rows are in the store as soon as it is written
+    images, status, tile, origin, box = _expected(n, jobs, base, "float32")
+    np.testing.assert_array_equal(resumed.read_status(), status)
+    assert len(os.listdir(path / "status")) == 1 + resumed.n_chunks
+    with pytest.raises(ValueError, match="stores status and geometry with each"):
+        resumed.write_rows(status, np.zeros((n, 5)))
     resumed.finalize(checksums)
     remove_run_state(path)
-    images, status, tile, origin, box = _expected(n, jobs, base, "float32")
     stored = zarr.open_group(path, mode="r")
     assert ("geometry" not in stored) == (version == 1)
     if version == 1:
         np.testing.assert_array_equal(stored["origin"][:], origin)
+    if version == 3:
+        assert "chunk_sha256" not in stored
+        assert verify_output(path) == []
+        return
     assert "chunk_crc32c" not in stored
     digests = stored["chunk_sha256"][:]
     assert digests.shape == (resumed.n_chunks, 32)
@@ -299,20 +322,25 @@ def test_choose_chunk_rows(n_rows, row_bytes, expected):
         assert 2 * 1024 * 1024 <= rows * row_bytes <= 4 * 1024 * 1024
 
 
-def test_chunking_is_shared(tmp_path):
-    """Test that every per-row array uses the same row chunks."""
+def test_chunking(tmp_path):
+    """Test that a chunk of cutouts is one file, and that status and geometry
+    are written once, at the end, in large chunks (format 4)."""
     path = tmp_path / "out.zarr"
-    writer, *_ = _run(path, n=40, chunk_rows=6)
+    writer, *_, checksums = _run(path, n=40, chunk_rows=6)
     group = zarr.open_group(path, mode="r")
     assert writer.n_chunks == 7
-    for name in ("images", "status", "geometry"):
-        assert group[name].chunks[0] == 6
-    assert group["geometry"].shape == (40, 5)
-    # per chunk: one file for the images, one for the status, one for the
-    # geometry (tile, origin and box shape together)
-    assert sorted(os.listdir(path / "geometry")) == sorted(
-        ["zarr.json"] + [f"c.{k}.0" for k in range(7)]
+    assert group["images"].chunks[0] == 6
+    assert group.attrs["cutana_format"] == 4 and not writer.rows_in_chunks
+    for name in ("status", "geometry"):
+        assert group[name].chunks[0] == 40  # one chunk of up to 65,536 rows
+        assert sorted(os.listdir(path / name)) == ["zarr.json"]  # not yet
+    assert sorted(os.listdir(path / "images")) == sorted(
+        ["zarr.json"] + [f"c.{k}.0.0.0" for k in range(7)]
     )
+    writer.finalize(checksums)
+    assert group["geometry"].shape == (40, 5)
+    assert sorted(os.listdir(path / "geometry")) == ["c.0.0", "zarr.json"]
+    assert sorted(os.listdir(path / "status")) == ["c.0", "zarr.json"]
     assert group["images"].chunks == (6, len(BANDS), *OUT_SHAPE)
     assert writer.chunk_range(6) == (36, 40)
     np.testing.assert_array_equal(writer.chunk_of_row([0, 5, 6, 39]), [0, 0, 1, 6])
@@ -347,7 +375,8 @@ def test_two_runs_byte_identical(tmp_path):
     )
     assert ca == cb
     wa.finalize(ca)
-    wb.finalize(Ledger(b).read().chunks)
+    state = Ledger(b).read()  # as a resumed run: rows from the ledger
+    wb.finalize(state.chunks, rows=state.chunk_rows)
     remove_run_state(a)
     remove_run_state(b)
     tree_a, tree_b = _tree(a, skip=()), _tree(b, skip=())
@@ -451,8 +480,11 @@ def test_concurrent_write_chunks(tmp_path):
             for chunks in ([0, 2, 4, 6], [1, 3, 5])
         ]
         results = [f.result() for f in futures]
-    cp = {**results[0], **results[1]}
+    cp = ChunksWritten()
+    for result in results:
+        cp.update(result)
     assert cp == cs
+    assert sorted(cp.rows) == list(range(7))
     ws.finalize(cs)
     wp.finalize(cp)
     ta, tb = _tree(serial), _tree(parallel)
@@ -671,15 +703,25 @@ def test_resume_trusts_only_verified_records(tmp_path):
     state = Ledger(path).read()
     assert state.chunks == checksums
     assert state.verified_jobs(path) == {j.job_id for j in jobs}
-    # lose chunk 2's status file and corrupt chunk 4's data
-    os.remove(writer._chunk_file("status", 2))
+    assert sorted(state.chunk_rows) == list(range(7))
+    for k, (status, geometry) in checksums.rows.items():
+        np.testing.assert_array_equal(state.chunk_rows[k][0], status)
+        np.testing.assert_array_equal(state.chunk_rows[k][1], geometry)
+    # lose chunk 2's file, corrupt chunk 4's data, and lose the rows of
+    # chunk 5's record (the store holds them only at the end)
+    os.remove(writer._chunk_file("images", 2))
     zarr.open_group(path)["images"][24] = 123.0
+    rows = {k: v for k, v in state.chunk_rows.items() if k != 5}
     reopened = ZarrWriter.open(path)
-    assert reopened.verified_chunks(state.chunks) == set(range(7)) - {2}
-    assert reopened.verified_chunks(state.chunks, deep=True) == set(range(7)) - {2, 4}
-    redo = reopened.write_chunks([2, 4], _mapping(40, jobs), base)
-    assert redo == {2: checksums[2], 4: checksums[4]}
-    counts = reopened.finalize(state.chunks)
+    assert reopened.verified_chunks(state.chunks, rows=rows) == set(range(7)) - {2, 5}
+    assert reopened.verified_chunks(state.chunks, rows=rows, deep=True) == (
+        set(range(7)) - {2, 4, 5}
+    )
+    rows[0] = (rows[0][0], rows[0][1] + 1)  # recorded rows that do not match
+    assert 0 not in reopened.verified_chunks(state.chunks, rows=rows, deep=True)
+    redo = reopened.write_chunks([2, 4, 5], _mapping(40, jobs), base)
+    assert redo == {2: checksums[2], 4: checksums[4], 5: checksums[5]}
+    counts = reopened.finalize(state.chunks, rows={**state.chunk_rows, **redo.rows})
     assert sum(counts.values()) == 40
     assert verify_output(path) == []
 
@@ -688,13 +730,17 @@ def test_finalize_requires_every_chunk(tmp_path):
     """Test that finalize refuses a store with unwritten chunks."""
     path = tmp_path / "out.zarr"
     writer, *_, checksums = _run(path, chunk_order=[0, 1, 2])
-    # rows of unwritten chunks read as pending, as zarr reads them
+    # every row reads as pending until the run ends and stores them
     stored = np.asarray(zarr.open_group(str(path), mode="r")["status"][:])
     np.testing.assert_array_equal(writer.read_status(), stored)
-    assert (stored[writer.chunk_range(3)[0] :] == Status.PENDING).all()
-    assert (stored[: writer.chunk_range(3)[0]] != Status.PENDING).all()
+    assert (stored == Status.PENDING).all()
     with pytest.raises(ValueError, match="4 of 7 chunks have no checksum"):
         writer.finalize(checksums)
+    all_sums = {**checksums, **{k: "00000000" for k in range(3, 7)}}
+    with pytest.raises(ValueError, match="4 of 7 chunks have no row status"):
+        writer.finalize(all_sums, rows=checksums.rows)
+    with pytest.raises(ValueError, match="40 rows are still pending"):
+        writer.finalize(all_sums)  # rows neither given nor stored
     problems = verify_output(path)
     assert any("pending" in p for p in problems)
     assert any("not been finalised" in p for p in problems)
@@ -787,6 +833,7 @@ def test_wcs_of_row_without_cutout(tmp_path):
     """Test that asking for the WCS of a row without a cutout names its status."""
     path = tmp_path / "out.zarr"
     writer, _, jobs, base, checksums = _run(path)
+    writer.finalize(checksums)
     out = open_output(path)
     row = int(np.flatnonzero(out.tile < 0)[0])
     with pytest.raises(ValueError, match=f"row {row} has no cutout"):
@@ -863,6 +910,8 @@ def test_direct_chunk_encoding_equals_zarr(tmp_path, dtype):
         source_id=[str(i) for i in range(n)], ra=np.zeros(n), dec=np.zeros(n),
         chunk_rows=5,
     )
+    _old_layout(tmp_path / "a.zarr", 3)  # where status is written per chunk
+    w = _Writer.open(tmp_path / "a.zarr")
     images = (rng.random((n, 2, 9, 7)) * 200).astype(dtype)
     assert w._write_direct("images", list(range(w.n_chunks)), 0, images)
     status = rng.integers(0, 4, n).astype(np.int16)

@@ -591,8 +591,9 @@ def _verify_zarr(path, problems):
             problems.append(f"array {name!r} has dtype {arr.dtype}, expected {dtype}")
         elif dtype is None and np.dtype(arr.dtype).kind not in "UOT":
             problems.append(f"array {name!r} has dtype {arr.dtype}, expected strings")
+        row_arrays = ("status", "geometry", "tile", "origin", "box_shape")
         if (
-            name in ("images", "status", "geometry", "tile", "origin", "box_shape")
+            (name == "images" or (name in row_arrays and writer.rows_in_chunks))
             and arr.chunks[0] != writer.chunk_rows
         ):
             problems.append(

@@ -13,11 +13,15 @@ if the staged files or chunks it names still exist and match its checksum
 (`LedgerState.verified_jobs`, `cutana.io.ZarrWriter.verified_chunks`).
 """
 
+import base64
 import datetime
 import json
 import logging
 import os
+import zlib
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from .staging import state_dir, verify_staged
 
@@ -43,6 +47,10 @@ class LedgerState:
         later record for the same job replaces an earlier one.
     chunks : dict
         Chunk index (int) to checksum (str) of written chunks.
+    chunk_rows : dict
+        Chunk index (int) to the ``(status, geometry)`` arrays of its rows,
+        for the written chunks whose record holds them (stores of format 4
+        keep them only here until the run ends).
     finished : bool
         Whether the latest run recorded ``run_finished``.
     report : dict or None
@@ -78,6 +86,7 @@ class LedgerState:
     runs: list = field(default_factory=list)
     jobs: dict = field(default_factory=dict)
     chunks: dict = field(default_factory=dict)
+    chunk_rows: dict = field(default_factory=dict)
     finished: bool = False
     report: dict | None = None
     n_records: int = 0
@@ -268,7 +277,7 @@ class Ledger:
         """
         self.chunks_written({chunk: checksum})
 
-    def chunks_written(self, checksums):
+    def chunks_written(self, checksums, rows=None):
         """Record several written chunks, one record each, in index order.
 
         The records are written and flushed to disk together (one ``fsync``
@@ -280,13 +289,19 @@ class Ledger:
         checksums : dict
             Chunk index to checksum, as returned by
             `~cutana.io.ZarrWriter.write_chunks`.
+        rows : dict, optional
+            Chunk index to the ``(status, geometry)`` of its rows
+            (`~cutana.io.ChunksWritten.rows`), kept in the record
+            (compressed) and read back as `LedgerState.chunk_rows`.
         """
-        self._append(
-            [
-                {"event": "chunk_written", "chunk": int(k), "checksum": str(v)}
-                for k, v in sorted(checksums.items())
-            ]
-        )
+        rows = rows or {}
+        records = []
+        for k, v in sorted(checksums.items()):
+            record = {"event": "chunk_written", "chunk": int(k), "checksum": str(v)}
+            if k in rows:
+                record["rows"] = encode_rows(*rows[k])
+            records.append(record)
+        self._append(records)
 
     def run_finished(self, fingerprint, report=None):
         """Record the end of a run.
@@ -395,13 +410,74 @@ def _apply(state, record):
             "n": int(record["n"]),
         }
     elif event == "chunk_written":
-        state.chunks[int(record["chunk"])] = str(record["checksum"])
+        chunk = int(record["chunk"])
+        checksum = str(record["checksum"])
+        rows = decode_rows(record["rows"]) if "rows" in record else None
+        state.chunks[chunk] = checksum
+        if rows is None:
+            state.chunk_rows.pop(chunk, None)
+        else:
+            state.chunk_rows[chunk] = rows
     elif event == "run_finished":
         state.finished = str(record["fingerprint"]) == state.fingerprint
         state.report = record.get("report")
     else:
         msg = f"unknown event {event!r}"
         raise ValueError(msg)
+
+
+def encode_rows(status, geometry):
+    """Encode the status and geometry of a chunk's rows as ASCII text.
+
+    Parameters
+    ----------
+    status : array-like
+        ``(m,)`` statuses (stored as little-endian int16).
+    geometry : array-like
+        ``(m, 5)`` geometry rows (stored as little-endian int64).
+
+    Returns
+    -------
+    text : str
+        Base64 of the zlib-compressed bytes; `decode_rows` reverses it.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from cutana.io.ledger import decode_rows, encode_rows
+    >>> status, geometry = decode_rows(encode_rows([0, 7], [[0, 1, 2, 3, 4]] * 2))
+    >>> status.tolist(), geometry[1].tolist()
+    ([0, 7], [0, 1, 2, 3, 4])
+    """
+    status = np.ascontiguousarray(status, dtype="<i2").reshape(-1)
+    geometry = np.ascontiguousarray(geometry, dtype="<i8").reshape(-1, 5)
+    if len(geometry) != len(status):
+        msg = f"{len(status)} statuses but {len(geometry)} geometry rows"
+        raise ValueError(msg)
+    raw = status.tobytes() + geometry.tobytes()
+    return base64.b64encode(zlib.compress(raw, 1)).decode("ascii")
+
+
+def decode_rows(text):
+    """Decode what `encode_rows` made: ``(status, geometry)`` arrays.
+
+    Raises
+    ------
+    ValueError
+        If ``text`` is not such an encoding.
+    """
+    try:
+        raw = zlib.decompress(base64.b64decode(text.encode("ascii"), validate=True))
+    except (zlib.error, ValueError, AttributeError) as exc:
+        msg = f"unreadable row status and geometry ({exc})"
+        raise ValueError(msg) from None
+    m, extra = divmod(len(raw), 42)  # 2 bytes of status + 40 of geometry
+    if extra:
+        msg = f"row status and geometry of {len(raw)} bytes (not 42 per row)"
+        raise ValueError(msg)
+    status = np.frombuffer(raw, dtype="<i2", count=m).astype(np.int16)
+    geometry = np.frombuffer(raw, dtype="<i8", offset=2 * m).reshape(m, 5)
+    return status, geometry.astype(np.int64)
 
 
 def _now():

@@ -17,10 +17,15 @@ Layout (Zarr format 3)::
                                 the `chunk_digest` of each chunk (stores of
                                 version 1 and 2: ``chunk_sha256``, 32 bytes)
 
-``images``, ``status`` and ``geometry`` share one row chunking, so each
-chunk of rows is written by one aligned call per array, by whichever process
-assembles it, with no lock on the store. Chunk keys are flat
-(``images/c.12.0.0.0``): every array is a single folder. The group
+Each chunk of ``images`` rows is written by one aligned call, by whichever
+process assembles it, with no lock on the store; `ZarrWriter.write_chunks`
+hands back the status and geometry of the chunk's rows with its checksum.
+The parent keeps those (the ledger records them with the checksum) and
+writes ``status`` and ``geometry`` whole when the run ends
+(`ZarrWriter.write_rows`), in chunks of 65,536 rows as ``source_id``: one
+file per chunk of cutouts rather than three. (In stores of versions 1 to 3
+they share the ``images`` row chunking and are written with each chunk.)
+Chunk keys are flat (``images/c.12.0.0.0``): every array is a single folder. The group
 attributes hold ``cutana_version``, ``bands``, ``out_shape``, ``dtype``,
 ``config``, ``tiles`` (key, paths and FITS header per tile, from which
 `cutana.open` rebuilds each cutout's WCS) and ``status_codes``. Nothing in
@@ -50,26 +55,27 @@ from ..status import Status
 from ._writeback import FileSeries
 from .staging import _CRC32C, STATE_DIRNAME, load_staged
 
-__all__ = ["ZarrWriter", "chunk_digest", "choose_chunk_rows"]
+__all__ = ["ChunksWritten", "ZarrWriter", "chunk_digest", "choose_chunk_rows"]
 
 logger = logging.getLogger(__name__)
 
 #: Version of the store layout written by this module: 2 stores ``tile``,
 #: ``origin`` and ``box_shape`` together in ``geometry`` (one file per chunk
 #: instead of three); 3 checksums chunks with CRC-32C (``chunk_crc32c``)
-#: instead of SHA-256 (``chunk_sha256``), 13 times faster here. Stores of
-#: versions 1 and 2 are still read, resumed and verified.
-FORMAT_VERSION = 3
+#: instead of SHA-256 (``chunk_sha256``), 13 times faster here; 4 writes
+#: ``status`` and ``geometry`` once, at the end, in large chunks, instead of
+#: one file of each per chunk of cutouts. Stores of versions 1 to 3 are
+#: still read, resumed and verified.
+FORMAT_VERSION = 4
 
 #: Chunk checksum algorithms: the store's ``chunk_checksum`` attribute
 #: (absent before version 3: SHA-256), the array that holds the digests
 #: once finalised, and the digest size in bytes.
 CHECKSUMS = {"sha256": ("chunk_sha256", 32), "crc32c": ("chunk_crc32c", 4)}
 
-#: Uncompressed bytes per chunk. Every chunk is three files (images,
-#: geometry and status), and creating a file costs 0.2-0.3 ms on ext4 right
-#: after an earlier output was deleted: larger chunks, fewer files (4 MiB:
-#: 186 cutouts of 150 x 150 uint8 per chunk).
+#: Uncompressed bytes per chunk. Creating a file costs 0.2-0.3 ms on ext4
+#: right after an earlier output was deleted: larger chunks, fewer files
+#: (4 MiB: 186 cutouts of 150 x 150 uint8 per chunk).
 _TARGET_CHUNK_BYTES = 4 * 1024 * 1024
 _META_CHUNK_ROWS = 1 << 16
 _ROW_ARRAYS = ("images", "geometry", "status")  # write order
@@ -176,6 +182,42 @@ def chunk_digest(images, status, tile, origin, box_shape, algorithm="sha256"):
         dt = arr.dtype.newbyteorder("<") if dtype is None else np.dtype(dtype)
         hasher.update(np.ascontiguousarray(arr, dtype=dt).reshape(-1).view(np.uint8))
     return hasher.hexdigest()
+
+
+class ChunksWritten(dict):
+    """Chunk index to checksum, of the chunks `ZarrWriter.write_chunks` wrote.
+
+    A `dict` of each chunk's `chunk_digest`, to record in the
+    `~cutana.io.Ledger`, which also holds in `rows` the status and geometry
+    of each chunk's rows: in a store of format 4 the parent keeps those
+    until the run ends and `ZarrWriter.write_rows` stores them.
+
+    Attributes
+    ----------
+    rows : dict
+        Chunk index to ``(status, geometry)``: the ``(m,)`` int16 statuses
+        and ``(m, 5)`` int64 geometry (`GEOMETRY_FIELDS`) of its ``m`` rows.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from cutana.io import ChunksWritten
+    >>> a = ChunksWritten({0: "00ff"})
+    >>> a.rows[0] = (np.zeros(2, np.int16), np.zeros((2, 5), np.int64))
+    >>> b = ChunksWritten()
+    >>> b.update(a)
+    >>> b, sorted(b.rows)
+    ({0: '00ff'}, [0])
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rows = {}
+
+    def update(self, other=(), /, **kwargs):
+        """Add the checksums of ``other`` (and its `rows` if it has them)."""
+        super().update(other, **kwargs)
+        self.rows.update(getattr(other, "rows", {}))
 
 
 def _compressor(dtype):
@@ -553,15 +595,13 @@ class ZarrWriter:
             dimension_names=("source", "band", "y", "x"),
             chunk_key_encoding=_FLAT_KEYS,
         )
-        # per-row metadata is tiny: stored uncompressed, so that its chunks
-        # are plain little-endian bytes that write_chunks writes directly
+        # per-row metadata: written whole when the run ends (write_rows)
         group.create_array(
             "status",
             shape=(n_rows,),
-            chunks=(chunk_rows,),
+            chunks=(meta_rows,),
             dtype="int16",
             fill_value=-1,
-            compressors=None,
             config=full,
             dimension_names=("source",),
             chunk_key_encoding=_FLAT_KEYS,
@@ -569,10 +609,9 @@ class ZarrWriter:
         group.create_array(
             "geometry",
             shape=(n_rows, 5),
-            chunks=(chunk_rows, 5),
+            chunks=(meta_rows, 5),
             dtype="int64",
             fill_value=-1,
-            compressors=None,
             config=full,
             dimension_names=("source", "field"),
             chunk_key_encoding=_FLAT_KEYS,
@@ -723,9 +762,11 @@ class ZarrWriter:
 
         Returns
         -------
-        checksums : dict
+        checksums : `ChunksWritten`
             Chunk index to the hexadecimal `chunk_digest` of the rows written,
-            to record in the `~cutana.io.Ledger`.
+            to record in the `~cutana.io.Ledger`, with the status and
+            geometry of the chunks' rows (in a store of format 4 only the
+            images are written; `write_rows` stores those at the end).
 
         Raises
         ------
@@ -738,11 +779,11 @@ class ZarrWriter:
         """
         out_dir = self.path if out_dir is None else os.fspath(out_dir)
         chunks = sorted({self._check_chunk(k) for k in chunk_indices})
+        checksums = ChunksWritten()
         if not chunks:
-            return {}
+            return checksums
         cache = OrderedDict()
         pinned = {int(k): v for k, v in (results or {}).items()}
-        checksums = {}
         row_bytes = (
             self.dtype.itemsize
             * len(self.bands)
@@ -762,12 +803,14 @@ class ZarrWriter:
                     self._assemble(
                         k, row_to_job, base_status, out_dir, cache, part, pinned
                     )
+            geometry = _join_geometry(*block[2:])
             for k in run:
                 a, b = (r - r0 for r in self.chunk_range(k))
                 checksums[k] = chunk_digest(*(arr[a:b] for arr in block), self.checksum)
+                checksums.rows[k] = (block[1][a:b].copy(), geometry[a:b].copy())
             # images straight to their chunk files; status last: a row that
             # shows a status has everything else written
-            for name, data in self._stored(block):
+            for name, data in self._stored(block, geometry):
                 if not self._write_direct(name, run, r0, data):
                     self._array(name)[r0:r1] = data
         logger.debug("wrote %d chunks of %s", len(chunks), self.path)
@@ -781,20 +824,70 @@ class ZarrWriter:
             v1 = self.__dict__["_is_v1"] = "geometry" not in self._group
         return v1
 
-    def _stored(self, block):
+    @property
+    def rows_in_chunks(self):
+        """Whether ``status`` and geometry are written with each chunk.
+
+        True for stores of format 1 to 3, which share the ``images`` row
+        chunking; a store of format 4 gets them from `write_rows` at the end.
+        """
+        return int(self.attrs["cutana_format"]) < 4
+
+    def _stored(self, block, geometry):
         """``(name, values)`` of the arrays to write for a block, status last."""
         images, status, tile, origin, box = block
+        if not self.rows_in_chunks:
+            return [("images", images)]
         if self._v1:
             return [("images", images), ("origin", origin), ("box_shape", box),
                     ("tile", tile), ("status", status)]
-        geometry = np.empty((len(status), 5), dtype=np.int64)
-        geometry[:, 0] = tile
-        geometry[:, 1:3] = origin
-        geometry[:, 3:5] = box
         return [("images", images), ("geometry", geometry), ("status", status)]
 
     def _row_arrays(self):
+        if not self.rows_in_chunks:
+            return ("images",)
         return ("images", *_V1_GEOMETRY, "status") if self._v1 else _ROW_ARRAYS
+
+    def write_rows(self, status, geometry):
+        """Store the status and geometry of every row (format 4, parent only).
+
+        Called once, when every chunk is written, with what `write_chunks`
+        handed back (`ChunksWritten.rows`); `finalize` does it itself when
+        given those.
+
+        Parameters
+        ----------
+        status : array-like
+            ``(N,)`` final `~cutana.Status` of every row.
+        geometry : array-like
+            ``(N, 5)`` ``(tile, x0, y0, ny, nx)`` of every row
+            (`GEOMETRY_FIELDS`).
+
+        Raises
+        ------
+        ValueError
+            If the store keeps them in its row chunks (format 1 to 3), the
+            shapes are wrong or a status is not a final one.
+        """
+        if self.rows_in_chunks:
+            msg = (
+                f"{self.path} (format {self.attrs['cutana_format']}) stores status "
+                "and geometry with each chunk; write_chunks wrote them"
+            )
+            raise ValueError(msg)
+        status = np.asarray(status)
+        geometry = np.asarray(geometry)
+        if status.shape != (self.n_rows,) or geometry.shape != (self.n_rows, 5):
+            msg = (
+                f"status and geometry must have shapes ({self.n_rows},) and "
+                f"({self.n_rows}, 5), got {status.shape} and {geometry.shape}"
+            )
+            raise ValueError(msg)
+        _check_statuses(status, 0, "status")
+        self.__dict__.pop("_row_blocks", None)
+        if self.n_rows:
+            self._array("geometry")[:] = geometry.astype(np.int64, copy=False)
+            self._array("status")[:] = status.astype(np.int16, copy=False)
 
     def _empty_block(self, m):
         """Zeroed ``(images, status, tile, origin, box_shape)`` for ``m`` rows."""
@@ -1097,11 +1190,28 @@ class ZarrWriter:
         """
         r0, r1 = self.chunk_range(chunk)
         images = self._array("images")[r0:r1]
+        if not self.rows_in_chunks:  # large chunks: decode each once
+            status = self._rows_block("status", r0, r1)
+            tile, origin, box = split_geometry(self._rows_block("geometry", r0, r1))
+            return images, status, tile, origin, box
         status = self._array("status")[r0:r1]
         if self._v1:
             return (images, status, *(self._array(n)[r0:r1] for n in _V1_GEOMETRY))
         tile, origin, box = split_geometry(self._array("geometry")[r0:r1])
         return images, status, tile, origin, box
+
+    def _rows_block(self, name, r0, r1):
+        """Rows ``r0:r1`` of per-row array ``name`` (format 4), through the
+        last of its chunks read, kept: consecutive chunks of cutouts lie in
+        the same chunk of rows."""
+        arr = self._array(name)
+        step = arr.chunks[0]
+        cached = self.__dict__.setdefault("_row_blocks", {}).get(name)
+        if cached is None or not cached[0] <= r0 < r1 <= cached[0] + len(cached[1]):
+            b0 = (r0 // step) * step
+            b1 = min(self.n_rows, max(r1, b0 + step))
+            cached = self._row_blocks[name] = (b0, arr[b0:b1])
+        return cached[1][r0 - cached[0] : r1 - cached[0]]
 
     def chunk_exists(self, chunk):
         """Whether every file of one chunk is present in the store.
@@ -1121,7 +1231,7 @@ class ZarrWriter:
             os.path.isfile(self._chunk_file(n, chunk)) for n in self._row_arrays()
         )
 
-    def verified_chunks(self, checksums, *, deep=False):
+    def verified_chunks(self, checksums, *, deep=False, rows=None):
         """Return the recorded chunks that can be trusted on resume.
 
         Parameters
@@ -1133,19 +1243,33 @@ class ZarrWriter:
             whole recorded part of the store). By default only the presence
             of every chunk file is checked: chunk files are replaced
             atomically, so a present file is a complete one.
+        rows : dict, optional
+            Chunk index to the recorded ``(status, geometry)`` of its rows
+            (``LedgerState.chunk_rows``). In a store of format 4 these are
+            not in the store until it is finalised, so a chunk without them
+            is not trusted.
 
         Returns
         -------
         chunks : set of int
             Chunks that need not be written again.
         """
+        rows = rows or {}
         ok = set()
         for chunk, checksum in checksums.items():
             chunk = int(chunk)
             if not 0 <= chunk < self.n_chunks or not self.chunk_exists(chunk):
                 continue
+            if not self.rows_in_chunks:
+                meta = rows.get(chunk)
+                r0, r1 = self.chunk_range(chunk)
+                if meta is None or len(meta[0]) != r1 - r0:
+                    continue
             if deep:
-                digest = chunk_digest(*self.read_chunk(chunk), self.checksum)
+                parts = self.read_chunk(chunk)
+                if not self.rows_in_chunks:
+                    parts = (parts[0], meta[0], *split_geometry(meta[1]))
+                digest = chunk_digest(*parts, self.checksum)
                 if digest != checksum:
                     logger.warning(
                         "chunk %d of %s does not match its recorded checksum",
@@ -1156,7 +1280,7 @@ class ZarrWriter:
             ok.add(chunk)
         return ok
 
-    def finalize(self, checksums, report=None):
+    def finalize(self, checksums, report=None, *, rows=None):
         """Finish the store once every chunk is written (parent only).
 
         Stores the chunk checksums in ``chunk_crc32c`` (``chunk_sha256`` in
@@ -1175,6 +1299,12 @@ class ZarrWriter:
             It must not hold times, rates or memory figures if two runs are
             to give byte-identical stores; record those in the ledger
             (`~cutana.io.Ledger.run_finished`) instead.
+        rows : dict, optional
+            Chunk index to the ``(status, geometry)`` of its rows, for every
+            chunk (`ChunksWritten.rows`, ``LedgerState.chunk_rows``): stored
+            first with `write_rows`, in a store of format 4 (ignored in
+            older ones). By default the ``rows`` of ``checksums`` if it is a
+            `ChunksWritten`; without any, `write_rows` must have stored them.
 
         Returns
         -------
@@ -1187,13 +1317,19 @@ class ZarrWriter:
             If a chunk has no checksum or a row is still pending.
         """
         _BLOCK_BUFFER.clear()
-        missing = [k for k in range(self.n_chunks) if k not in checksums]
-        if missing:
-            msg = (
-                f"{len(missing)} of {self.n_chunks} chunks have no checksum "
-                f"(first: {missing[:5]}); write them before finalising"
+        self._require_every_chunk(checksums, "checksum", "write them before finalising")
+        meta = getattr(checksums, "rows", None) if rows is None else rows
+        if meta and not self.rows_in_chunks:
+            self._require_every_chunk(
+                meta, "row status and geometry", "pass every chunk's rows"
             )
-            raise ValueError(msg)
+            order = range(self.n_chunks)
+            self.write_rows(
+                np.concatenate([meta[k][0] for k in order] or [np.zeros(0, np.int16)]),
+                np.concatenate(
+                    [meta[k][1] for k in order] or [np.zeros((0, 5), np.int64)]
+                ),
+            )
         name, size = CHECKSUMS[self.checksum]
         digests = np.zeros((self.n_chunks, size), dtype=np.uint8)
         for k in range(self.n_chunks):
@@ -1233,6 +1369,16 @@ class ZarrWriter:
         logger.info("finalised %s: %s", self.path, counts)
         return counts
 
+    def _require_every_chunk(self, mapping, what, hint):
+        """Raise if a chunk index is missing from ``mapping``."""
+        missing = [k for k in range(self.n_chunks) if k not in mapping]
+        if missing:
+            msg = (
+                f"{len(missing)} of {self.n_chunks} chunks have no {what} "
+                f"(first: {missing[:5]}); {hint}"
+            )
+            raise ValueError(msg)
+
     def _sweep_all(self):
         """Remove temporary ``*.partial`` files (of zarr, or of killed chunk
         writes) from the store's folders."""
@@ -1249,6 +1395,15 @@ _BLOCK_BUFFER = {}
 
 #: Columns of the ``geometry`` array.
 GEOMETRY_FIELDS = ("tile", "x0", "y0", "ny", "nx")
+
+
+def _join_geometry(tile, origin, box_shape):
+    """``(m, 5)`` int64 geometry rows from tile, origin and box shape."""
+    geometry = np.empty((len(tile), 5), dtype=np.int64)
+    geometry[:, 0] = tile
+    geometry[:, 1:3] = origin
+    geometry[:, 3:5] = box_shape
+    return geometry
 
 
 def split_geometry(geometry):

@@ -1661,6 +1661,7 @@ def normalize_stack(
     Py_ssize_t c0=0,
     Py_ssize_t c1=-1,
     bint allow_lut=True,
+    const Py_ssize_t[::1] rows=None,
 ):
     """Stretch every image of a stack into ``out``, image by image.
 
@@ -1672,6 +1673,7 @@ def normalize_stack(
         Output; stretched values in [0, 1] for float32, times 255 or 65535
         rounded to nearest (half to even) for uint8 and uint16; 0 for
         non-finite pixels and for images whose limits are not finite.
+        With ``rows``, shape ``(M, H, W)``.
     stretch : int
         One of the ``STRETCH_*`` codes. ``STRETCH_NONE`` copies the values
         (float32 output only; limits are neither computed nor used).
@@ -1690,6 +1692,10 @@ def normalize_stack(
         and asinh, a multiplication checked for near-ties instead of the
         division for linear (testing switch; the result is the same either
         way).
+    rows : memoryview of intp, shape ``(N,)``, optional
+        Write image ``i`` into ``out[rows[i]]`` (each in ``[0, M)``)
+        instead of ``out[i]``: e.g. straight into the rows of a larger
+        output, without a copy.
     """
     cdef Py_ssize_t n = data.shape[0]
     cdef Py_ssize_t npix = data.shape[1] * data.shape[2]
@@ -1701,9 +1707,17 @@ def normalize_stack(
     cdef double* u = NULL
     cdef _Scratch scratch
     cdef bint do_limits = compute and stretch != _STRETCH_NONE
-    cdef Py_ssize_t finite
+    cdef Py_ssize_t finite, dest
     cdef bint whole
-    if (out.shape[0] != n or out.shape[1] != data.shape[1]
+    if rows is not None:
+        if rows.shape[0] != n:
+            msg = f"rows must have {n} items, got {rows.shape[0]}"
+            raise ValueError(msg)
+        for i in range(n):
+            if not 0 <= rows[i] < out.shape[0]:
+                msg = f"rows[{i}] = {rows[i]} is not a row of out (0 to {out.shape[0] - 1})"
+                raise ValueError(msg)
+    if ((out.shape[0] != n and rows is None) or out.shape[1] != data.shape[1]
             or out.shape[2] != data.shape[2]):
         msg = "out must have the shape of data"
         raise ValueError(msg)
@@ -1768,8 +1782,9 @@ def normalize_stack(
                     _limits_one(&data[i, 0, 0], width, interval, q_lo, q_hi,
                                 n_samples, contrast, r0, r1, c0, c1, &scratch,
                                 &vmin[i], &vmax[i], &finite)
+                dest = i if rows is None else rows[i]
                 _stretch_image(&data[i, 0, 0], npix, vmin[i], vmax[i], stretch,
-                               a, norm, &out[i, 0, 0], u, lut, n_bins, thr_b,
+                               a, norm, &out[dest, 0, 0], u, lut, n_bins, thr_b,
                                allow_lut, whole and finite == npix)
         free(u)
         free(lut)

@@ -287,6 +287,7 @@ def normalize(
     crop=None,
     dtype="float32",
     out=None,
+    rows=None,
     n_threads=None,
 ):
     """Stretch every cutout and band of a stack, as `astropy.visualization` does.
@@ -316,7 +317,14 @@ def normalize(
     dtype : {'float32', 'uint8', 'uint16'}, optional
         Output type.
     out : `~numpy.ndarray`, optional
-        C-contiguous output of the stack's shape and ``dtype``.
+        C-contiguous output of the stack's shape and ``dtype``; with
+        ``rows``, of shape ``(M, H, W)``.
+    rows : array-like of int, optional
+        For an ``(N, H, W)`` stack and a given ``out``: write image ``i``
+        into ``out[rows[i]]`` (distinct rows in ``[0, M)``) instead of
+        ``out[i]``, e.g. straight into the rows of a larger array, without
+        the copy that ``big[rows] = normalize(stack, ...)`` makes. Returns
+        ``out``.
     n_threads : int or None, optional
         Number of threads, each working on a contiguous block of images;
         the result does not depend on it. `None` (default) uses every
@@ -370,6 +378,19 @@ def normalize(
     )
     images, lead, kernel_dtype = _as_images(stack)
     shape = lead + images.shape[1:]
+    if rows is not None:
+        rows = np.ascontiguousarray(rows, dtype=np.intp)
+        if out is None or len(lead) != 1 or rows.shape != lead:
+            msg = (
+                "rows needs an (N, H, W) stack, an out array and N rows, got a "
+                f"stack of shape {shape}, out {None if out is None else out.shape} "
+                f"and rows of shape {rows.shape}"
+            )
+            raise ValueError(msg)
+        shape = (len(out), *shape[1:])
+        if len(np.unique(rows)) != len(rows):
+            msg = "rows must be distinct"
+            raise ValueError(msg)
     if out is None:
         out = np.empty(shape, dtype=out_dtype)
     elif out.shape != shape or out.dtype != out_dtype or not out.flags.c_contiguous:
@@ -380,7 +401,7 @@ def normalize(
         raise ValueError(msg)
     if images.size == 0:
         return out
-    target = out.reshape(images.shape)
+    target = out if rows is not None else out.reshape(images.shape)
     r0, r1, c0, c1 = _crop_region(crop, images.shape[1:])
     vmin = np.empty(len(images))
     vmax = np.empty(len(images))
@@ -390,7 +411,7 @@ def normalize(
             stop = start + len(block)
             _normalize.normalize_stack(
                 block,
-                target[start:stop],
+                target if rows is not None else target[start:stop],
                 stretch,
                 float(a),
                 vmin[start:stop],
@@ -405,6 +426,7 @@ def normalize(
                 r1,
                 c0,
                 c1,
+                rows=None if rows is None else rows[start:stop],
             )
 
     run_chunks(work, len(images), n_threads)

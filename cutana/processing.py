@@ -358,6 +358,9 @@ def _cut_band(
     direct = settings.resample == "none" or (
         same_size and tuple(job.box[0]) == tuple(out_shape)
     )
+    n_channels = images.shape[1]
+    flat = images.view()
+    flat.shape = (-1, *images.shape[2:])  # raises rather than copy
     with open_pixels(band, keep_bytes=settings.keep_bytes) as pixels:
         itemsize = np.dtype(pixels.data.dtype).itemsize
         touched = 0
@@ -392,10 +395,11 @@ def _cut_band(
                         box = job.box[idx].astype(np.float64)
                         per *= box[:, 0] * box[:, 1] / (out_shape[0] * out_shape[1])
                     block += per.astype(np.float32)[:, None, None]
-            images[idx, c] = normalize(
-                block, settings.normalize, dtype=settings.dtype,
-                out=scratch.get("norm", block.shape, settings.dtype),
-                **settings.norm_kwargs,
+            # straight into the job's rows (image i of band c is row
+            # i * C + c of the flattened images): no copy through a buffer
+            normalize(
+                block, settings.normalize, dtype=settings.dtype, out=flat,
+                rows=idx * n_channels + c, **settings.norm_kwargs,
             )
             # windows are swept top to bottom, so neighbouring sub-batches share
             # tile pages: hand pages back only every RELEASE_BYTES of windows

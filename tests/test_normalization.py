@@ -448,6 +448,29 @@ def test_out_argument_and_empty_stack():
     assert vmin.shape == vmax.shape == (0, 3)
 
 
+@pytest.mark.parametrize("dtype", ["uint8", "float32"])
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_rows_write_into_a_larger_array(dtype, n_threads):
+    """Test that ``rows`` writes each image straight into its row of ``out``,
+    as assigning the normalised stack to those rows does, and nothing else."""
+    data = _images("noise", (70, 9, 7), np.float64)  # more than one block of 64
+    rows = np.random.default_rng(3).permutation(150)[:70]
+    expected = np.full((150, 9, 7), 7, dtype=dtype)
+    expected[rows] = normalize(data, "linear", dtype=dtype)
+    out = np.full((150, 9, 7), 7, dtype=dtype)
+    got = normalize(
+        data, "linear", dtype=dtype, out=out, rows=rows, n_threads=n_threads
+    )
+    assert got is out
+    assert_array_equal(out, expected)
+    with pytest.raises(ValueError, match="rows must be distinct"):
+        normalize(data[:2], "linear", dtype=dtype, out=out, rows=[3, 3])
+    with pytest.raises(ValueError, match="rows needs an"):
+        normalize(data[:2], "linear", dtype=dtype, rows=[0, 1])
+    with pytest.raises(ValueError, match=r"rows\[1\] = 150 is not a row of out"):
+        normalize(data[:2], "linear", dtype=dtype, out=out, rows=[0, 150])
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

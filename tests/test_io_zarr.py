@@ -741,6 +741,15 @@ def test_finalize_requires_every_chunk(tmp_path):
         writer.finalize(all_sums, rows=checksums.rows)
     with pytest.raises(ValueError, match="40 rows are still pending"):
         writer.finalize(all_sums)  # rows neither given nor stored
+    status, geometry = np.zeros(40, np.int16), np.zeros((40, 5), np.int64)
+    status[7] = Status.PENDING
+    with pytest.raises(ValueError, match=r"1 rows are still pending \(first: row 7\)"):
+        writer.write_rows(status, geometry)
+    status[7] = 99
+    with pytest.raises(ValueError, match="row 7 has unknown status 99"):
+        writer.write_rows(status, geometry)
+    with pytest.raises(ValueError, match=r"shapes \(40,\) and \(40, 5\)"):
+        writer.write_rows(status[:5], geometry)
     problems = verify_output(path)
     assert any("pending" in p for p in problems)
     assert any("not been finalised" in p for p in problems)

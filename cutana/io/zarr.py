@@ -883,6 +883,13 @@ class ZarrWriter:
                 f"({self.n_rows}, 5), got {status.shape} and {geometry.shape}"
             )
             raise ValueError(msg)
+        pending = np.flatnonzero(status == Status.PENDING)
+        if len(pending):
+            msg = (
+                f"{len(pending)} rows are still pending (first: row {pending[0]}); "
+                "every chunk's rows need their final status"
+            )
+            raise ValueError(msg)
         _check_statuses(status, 0, "status")
         self.__dict__.pop("_row_blocks", None)
         if self.n_rows:

@@ -81,6 +81,46 @@ def test_chunks_of_a_task_are_flushed_to_disk_once(tmp_path, monkeypatch):
     assert chunks == [None, 0, 1, 2, 3, 4]
 
 
+def test_chunk_records_keep_row_status_and_geometry(tmp_path, caplog):
+    """Test that a chunk record keeps its rows' status and geometry exactly,
+    that a record whose rows cannot be decoded is skipped (its chunk is then
+    written again), and that a later record of the chunk replaces them."""
+    rng = np.random.default_rng(5)
+    status = rng.integers(0, 5, 186).astype(np.int16)
+    geometry = rng.integers(-(2**40), 2**40, (186, 5))
+    with Ledger(tmp_path) as ledger:
+        ledger.run_started("plan-1")
+        ledger.chunks_written({3: "c3", 4: "c4"}, rows={3: (status, geometry)})
+    state = Ledger(tmp_path).read()
+    assert state.chunks == {3: "c3", 4: "c4"}
+    assert sorted(state.chunk_rows) == [3]  # chunk 4 was recorded without
+    got_status, got_geometry = state.chunk_rows[3]
+    assert got_status.dtype == np.int16 and got_geometry.dtype == np.int64
+    np.testing.assert_array_equal(got_status, status)
+    np.testing.assert_array_equal(got_geometry, geometry)
+    # damage the rows of chunk 3's record: the line is skipped, not trusted
+    path = os.path.join(tmp_path, ".cutana", "ledger.jsonl")
+    with open(path) as fh:
+        lines = fh.readlines()
+    record = json.loads(lines[1])
+    assert record["chunk"] == 3
+    record["rows"] = record["rows"][:-8] + "AAAAAAA="
+    lines[1] = json.dumps(record) + "\n"
+    with open(path, "w") as fh:
+        fh.writelines(lines)
+    with caplog.at_level(logging.WARNING, logger="cutana.io.ledger"):
+        state = Ledger(tmp_path).read()
+    assert state.chunks == {4: "c4"} and state.chunk_rows == {}
+    assert state.skipped == [2]
+    assert "unreadable row status and geometry" in caplog.text
+    # a later record of the same chunk without rows drops earlier ones
+    with Ledger(tmp_path) as ledger:
+        ledger.chunks_written({4: "d4"}, rows={4: (status, geometry)})
+        ledger.chunks_written({4: "e4"})
+    state = Ledger(tmp_path).read()
+    assert state.chunks == {4: "e4"} and state.chunk_rows == {}
+
+
 def test_missing_ledger_is_empty(tmp_path):
     """Test that reading a ledger that does not exist gives an empty state."""
     state = Ledger(tmp_path / "nothing").read()

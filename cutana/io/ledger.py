@@ -461,10 +461,23 @@ def encode_rows(status, geometry):
 def decode_rows(text):
     """Decode what `encode_rows` made: ``(status, geometry)`` arrays.
 
+    Parameters
+    ----------
+    text : str
+        The encoding of a ledger's chunk record (its ``rows`` field).
+
+    Returns
+    -------
+    status : `~numpy.ndarray`
+        ``(m,)`` int16 statuses.
+    geometry : `~numpy.ndarray`
+        ``(m, 5)`` int64 geometry rows.
+
     Raises
     ------
     ValueError
-        If ``text`` is not such an encoding.
+        If ``text`` is not such an encoding (a ledger line holding one is
+        skipped when read, and its chunk is written again).
     """
     try:
         raw = zlib.decompress(base64.b64decode(text.encode("ascii"), validate=True))

@@ -808,8 +808,9 @@ class ZarrWriter:
                 a, b = (r - r0 for r in self.chunk_range(k))
                 checksums[k] = chunk_digest(*(arr[a:b] for arr in block), self.checksum)
                 checksums.rows[k] = (block[1][a:b].copy(), geometry[a:b].copy())
-            # images straight to their chunk files; status last: a row that
-            # shows a status has everything else written
+            # images straight to their chunk files (in stores of format 1-3
+            # also the per-row arrays, status last: a row that shows a status
+            # has everything else written)
             for name, data in self._stored(block, geometry):
                 if not self._write_direct(name, run, r0, data):
                     self._array(name)[r0:r1] = data

@@ -134,6 +134,14 @@ def test_memory_budget_limits_tasks_in_flight(tmp_path):
     ex.run(_testing.record_concurrency, tasks, cost=lambda t: 80,
            on_done=lambda t, r: seen.append(r))
     assert max(seen) == 2
+    # with room for more, a task waits queued in the pool: still only one
+    # task runs per worker
+    ex = Executor("processes", 2, memory_budget=10_000)
+    seen.clear()
+    more = [(str(folder), f"u{i}", 0.2) for i in range(8)]
+    ex.run(_testing.record_concurrency, more, cost=lambda t: 80,
+           on_done=lambda t, r: seen.append(r))
+    assert len(seen) == 8 and max(seen) == 2
 
 
 @pytest.mark.parametrize(

@@ -239,6 +239,10 @@ MIN_SOURCES_PER_JOB = 256
 WORKER_BASE_BYTES = 160 * 10**6
 #: Assumed resident size of the main process beyond the catalogue arrays.
 PARENT_BASE_BYTES = 250 * 10**6
+#: Bytes the main process holds per catalogue row while a run goes on (the
+#: plan's arrays; for a Zarr output also each row's geometry, kept until
+#: the store is finished).
+PARENT_ROW_BYTES = 104
 
 
 @dataclass
@@ -717,7 +721,9 @@ def make_plan(
     )
     if parent_bytes is None:
         parent_bytes = PARENT_BASE_BYTES
-    parent_bytes = int(parent_bytes + n * 64)
+    # per row: the plan's arrays, and the status and geometry of written
+    # chunks that the parent keeps until the store is finished (40 bytes)
+    parent_bytes = int(parent_bytes + n * PARENT_ROW_BYTES)
     memory = MemoryModel(
         parent_bytes=parent_bytes,
         worker_bytes=WORKER_BASE_BYTES,

@@ -419,11 +419,12 @@ def run_command(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["run"]:
         # like its workers, the process of a run needs no BLAS thread per
-        # core (numpy is not imported yet); idle ones spin and take CPU
-        from .executor import _BLAS_THREAD_VARIABLES
+        # core (idle ones spin and take CPU) and no huge pages for its
+        # reused buffers; numpy, which reads these, is not imported yet
+        from .executor import WORKER_ENVIRONMENT
 
-        for key in _BLAS_THREAD_VARIABLES:
-            os.environ.setdefault(key, "1")
+        for key, value in WORKER_ENVIRONMENT.items():
+            os.environ.setdefault(key, value)
     code = main(argv)
     for stream in (sys.stdout, sys.stderr):
         try:

@@ -254,3 +254,36 @@ def test_proc_tree_equals_psutil_on_a_process_tree():
         proc.wait()
         proc.stdout.close()
     assert _proc_tree(proc.pid) == {}
+
+
+def test_workers_get_the_worker_environment():
+    """Test that worker processes run with `WORKER_ENVIRONMENT` (one BLAS
+    thread, no numpy huge pages) where the user set nothing, and with the
+    user's value where they did; checked in a fresh process, whose
+    forkserver starts with this environment."""
+    import subprocess
+    import sys
+
+    from cutana.executor import WORKER_ENVIRONMENT
+
+    code = (
+        "import os\n"
+        "from cutana.executor import Executor\n"
+        "got = []\n"
+        "Executor('processes', 1, preload=['cutana.executor']).run(\n"
+        "    os.getenv,\n"
+        "    ['NUMPY_MADVISE_HUGEPAGE', 'OMP_NUM_THREADS', 'MKL_NUM_THREADS'],\n"
+        "    on_done=lambda t, r: got.append((t, r)))\n"
+        "print(sorted(got))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in WORKER_ENVIRONMENT}
+    env["OMP_NUM_THREADS"] = "3"  # the user's choice
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True,
+        check=True, timeout=120,
+    ).stdout
+    assert out.strip() == str(
+        [("MKL_NUM_THREADS", "1"), ("NUMPY_MADVISE_HUGEPAGE", "0"),
+         ("OMP_NUM_THREADS", "3")]
+    )
+    assert WORKER_ENVIRONMENT["NUMPY_MADVISE_HUGEPAGE"] == "0"

@@ -17,12 +17,14 @@ Backends
     ``forkserver`` method. At most ``n_workers`` tasks run at once (one
     more, `QUEUED_TASKS`, waits in the pool, so that a worker goes on at
     once), and a new task is admitted only while the estimated bytes of the
-    tasks in flight, queued ones included, stay within the memory budget. A worker killed by the operating
-    system breaks the pool; the executor starts a new pool and retries the
-    tasks that were in flight. Workers exit by themselves within a second
-    when the main process dies (e.g. ``kill -9``), instead of waiting on the
-    task queue for ever. With glibc, workers keep freed heap memory for
-    reuse (`keep_freed_memory`) rather than handing it back after each task.
+    tasks in flight, queued ones included, stay within the memory budget.
+    A worker killed by the operating system breaks the pool; the executor
+    starts a new pool and retries the tasks that were in flight. Workers
+    exit by themselves within a second when the main process dies (e.g.
+    ``kill -9``), instead of waiting on the task queue for ever. With glibc,
+    workers keep freed heap memory for reuse (`keep_freed_memory`) rather
+    than handing it back after each task, and they run without numpy's
+    huge pages (`WORKER_ENVIRONMENT`).
 ``dask``
     A `distributed.Client`: an existing scheduler (``scheduler`` address or
     ``client``), or a `distributed.LocalCluster` with ``n_workers``

@@ -359,8 +359,10 @@ def _cut_band(
         same_size and tuple(job.box[0]) == tuple(out_shape)
     )
     n_channels = images.shape[1]
-    flat = images.view()
-    flat.shape = (-1, *images.shape[2:])  # raises rather than copy
+    if not images.flags.c_contiguous:  # reshaping would copy: writes lost
+        msg = "the job's images must be a C-contiguous array"
+        raise ValueError(msg)
+    flat = images.reshape(-1, *images.shape[2:])
     with open_pixels(band, keep_bytes=settings.keep_bytes) as pixels:
         itemsize = np.dtype(pixels.data.dtype).itemsize
         touched = 0

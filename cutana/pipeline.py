@@ -1398,6 +1398,8 @@ class _Runner:
 
     def _keep_rows(self, rows):
         """Keep the status and geometry of written chunks' rows until the end."""
+        if not rows:  # none (a store of format 1-3 holds them itself)
+            return
         geometry = self._geometry()
         cr = self.writer.chunk_rows
         for k, (status, geo) in rows.items():

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from ._choices import DTYPES, FORMATS, RESAMPLE
+from ._threads import available_cores
 from .catalog import read_catalog
 from .exceptions import ConfigError
 from .executor import (
@@ -596,6 +597,7 @@ class _CutTask:
     direct_chunks: list = None
     row_to_job: object = None
     base_status: object = None
+    background_writes: bool = False
 
 
 class _Rows:
@@ -617,6 +619,7 @@ class _AssembleTask:
     chunks: list
     row_to_job: _Rows
     base_status: _Rows
+    background_writes: bool = False
 
 
 @dataclass
@@ -632,6 +635,7 @@ class _GroupTask:
     chunks: list = None
     row_to_job: _Rows = None
     base_status: _Rows = None
+    background_writes: bool = False
 
 
 @dataclass
@@ -704,7 +708,10 @@ def _run_task(task):
 def _run_task_inner(task):
     if isinstance(task, _AssembleTask):
         writer = ZarrWriter.open(task.out_dir)
-        return writer.write_chunks(task.chunks, task.row_to_job, task.base_status)
+        return writer.write_chunks(
+            task.chunks, task.row_to_job, task.base_status,
+            background=task.background_writes,
+        )
     if isinstance(task, _GroupTask):
         return _run_group(task)
     result = cut_job(task.settings, task.tile, task.job, scratch=_SCRATCH)
@@ -716,7 +723,7 @@ def _run_task_inner(task):
             writer = ZarrWriter.open(task.out_dir)
             checksums = writer.write_chunks(
                 task.direct_chunks, task.row_to_job, task.base_status,
-                results={result.job_id: result},
+                results={result.job_id: result}, background=task.background_writes,
             )
             rest = ~np.isin(result.rows // writer.chunk_rows, task.direct_chunks)
         staged = None
@@ -778,7 +785,8 @@ def _run_group(task):
         a = b
     writer = ZarrWriter.open(task.out_dir)
     checksums = writer.write_chunks(
-        task.chunks, task.row_to_job, task.base_status, results=results
+        task.chunks, task.row_to_job, task.base_status, results=results,
+        background=task.background_writes,
     )
     empty = np.zeros(0, dtype=np.int64)
     done = []
@@ -932,6 +940,23 @@ def make_cutouts(
     return report
 
 
+def _core_to_spare(options):
+    """Whether the workers (times their threads) leave a core to spare for
+    writing their chunk files.
+
+    Then a background thread of the worker writes them (``O_DIRECT``) while
+    the worker compresses the next; it spends its time waiting for the
+    device. When the workers take every core, compressing and writing in
+    turn is as fast and leaves the writing to the page cache (paper
+    workload, two workers on two cores: 2.84 s against 2.94 s, less CPU
+    time but more waiting), and a Dask cluster's workers are not counted.
+    """
+    if options.backend == "dask":
+        return False
+    workers = options.workers if options.backend != "serial" else 1
+    return workers * options.threads < available_cores()
+
+
 class _Runner:
     """Bookkeeping of one run in the main process."""
 
@@ -955,6 +980,7 @@ class _Runner:
         self._bar = None
         self.already_complete = False
         self.staged_rows = {}
+        self.background_writes = _core_to_spare(prepared.options)
 
     # -- setup ------------------------------------------------------------
     def start(self, resume, overwrite):
@@ -1116,6 +1142,7 @@ class _Runner:
                 out_dir=self.output,
                 format=self.fmt,
                 bands=bands,
+                background_writes=self.background_writes,
             )
             if self.fmt == "fits":
                 task.ids = cat.source_id[job.rows]
@@ -1125,7 +1152,10 @@ class _Runner:
             elif job.job_id in group_of:
                 g = group_of[job.job_id]
                 if g not in groups:
-                    groups[g] = _GroupTask(members=[], out_dir=self.output)
+                    groups[g] = _GroupTask(
+                        members=[], out_dir=self.output,
+                        background_writes=self.background_writes,
+                    )
                     tasks.append(groups[g])
                 groups[g].members.append(task)
                 continue
@@ -1324,6 +1354,7 @@ class _Runner:
                     chunks=group,
                     row_to_job=row_to_job,
                     base_status=base_status,
+                    background_writes=self.background_writes,
                 )
             )
         return tasks

@@ -432,6 +432,21 @@ def test_chunks_written_from_memory_equal_staged(tmp_path, dtype, monkeypatch):
     np.testing.assert_array_equal(out.box_shape[:], job.box_shape)
 
 
+def _write_series(files, folder, blobs):
+    """Write ``blobs`` as ``folder/c.0``, ``c.1``, ... through ``files``."""
+    with files:
+        for k, blob in enumerate(blobs):
+            path = str(folder / f"c.{k}")
+            files.write(path + ".partial", path, blob)
+
+
+def _check_series(folder, blobs):
+    """Assert that ``folder`` holds exactly the files `_write_series` wrote."""
+    for k, blob in enumerate(blobs):
+        assert (folder / f"c.{k}").read_bytes() == blob
+    assert sorted(os.listdir(folder)) == sorted(f"c.{k}" for k in range(len(blobs)))
+
+
 @pytest.mark.parametrize("min_bytes", [0, 1 << 40])
 def test_file_series_writes_and_replaces(tmp_path, min_bytes):
     """Test that FileSeries files hold their bytes, with or without the
@@ -442,17 +457,132 @@ def test_file_series_writes_and_replaces(tmp_path, min_bytes):
     blobs = [rng.integers(0, 256, int(n), dtype=np.uint8).tobytes()
              for n in rng.integers(0, 3_000_000, 9)]
     (tmp_path / "c.3").write_bytes(b"an older chunk")
-    with FileSeries(lag=2, min_bytes=min_bytes) as files:
-        for k, blob in enumerate(blobs):
-            path = str(tmp_path / f"c.{k}")
-            files.write(path + ".partial", path, blob)
-    for k, blob in enumerate(blobs):
-        assert (tmp_path / f"c.{k}").read_bytes() == blob
-    assert sorted(os.listdir(tmp_path)) == sorted(f"c.{k}" for k in range(9))
+    _write_series(FileSeries(lag=2, min_bytes=min_bytes), tmp_path, blobs)
+    _check_series(tmp_path, blobs)
     with pytest.raises(FileNotFoundError), FileSeries(min_bytes=min_bytes) as files:
         missing = str(tmp_path / "no" / "c.0")
         files.write(missing + ".partial", missing, b"x" * 10)
     assert not (tmp_path / "no").exists()
+
+
+def _blobs(seed, sizes):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, int(n), dtype=np.uint8).tobytes() for n in sizes]
+
+
+def _o_direct_opens(monkeypatch, refuse=False):
+    """Count the files `os.open` opens with ``O_DIRECT`` (refused with EINVAL
+    when ``refuse``, as tmpfs does)."""
+    import errno
+
+    opened = []
+    real_open = os.open
+
+    def fake_open(path, flags, *args, **kwargs):
+        if flags & os.O_DIRECT:
+            if refuse:
+                raise OSError(errno.EINVAL, "Invalid argument", path)
+            opened.append(path)
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", fake_open)
+    return opened
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="needs O_DIRECT (Linux)")
+@pytest.mark.parametrize("refuse", [False, True])
+def test_file_series_background_thread(tmp_path, monkeypatch, refuse):
+    """Test that files handed to the writer thread hold their bytes (sizes on
+    and off the O_DIRECT alignment, below min_bytes written in the calling
+    thread), replace older files and leave nothing else; a file system that
+    refuses O_DIRECT gets ordinary writes."""
+    from cutana.io._writeback import ALIGN, FileSeries
+
+    sizes = [ALIGN, ALIGN + 1, 3 * ALIGN - 7, 10, 2_000_000, 1, 70_001, 5 * ALIGN]
+    blobs = _blobs(7, sizes)
+    (tmp_path / "c.2").write_bytes(b"an older chunk")
+    opened = _o_direct_opens(monkeypatch, refuse=refuse)
+    _write_series(FileSeries(min_bytes=64, direct=True), tmp_path, blobs)
+    _check_series(tmp_path, blobs)
+    # every file of min_bytes or more went through O_DIRECT (unless refused),
+    # possibly fewer when the thread was busy and the caller wrote one itself
+    big = [k for k, n in enumerate(sizes) if n >= 64]
+    assert len(opened) <= len(big)
+    assert not opened if refuse else opened
+    assert all(p.endswith(".partial") for p in opened)
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="needs O_DIRECT (Linux)")
+def test_file_series_busy_thread_and_errors(tmp_path, monkeypatch):
+    """Test that the caller writes a file itself while the thread is busy, and
+    that an error of the thread is raised by close (or a later write), with
+    the files after it not written."""
+    import threading
+
+    from cutana.io import _writeback
+    from cutana.io._writeback import DEPTH, FileSeries
+
+    blobs = _blobs(8, [100_000] * (DEPTH + 4))
+    release = threading.Event()
+    in_thread = []
+    real_write_file = FileSeries._write_file
+
+    def slow_write_file(self, tmp, path, buf, n):
+        in_thread.append(path)
+        release.wait(10)
+        return real_write_file(self, tmp, path, buf, n)
+
+    monkeypatch.setattr(FileSeries, "_write_file", slow_write_file)
+    files = FileSeries(min_bytes=0, direct=True)
+    real_close = files.close
+
+    def close():
+        release.set()  # every file handed over: let the thread go on
+        real_close()
+
+    files.close = close
+    _write_series(files, tmp_path, blobs)
+    _check_series(tmp_path, blobs)
+    # the thread took at most DEPTH files at a time; the caller wrote the rest
+    assert 1 <= len(in_thread) <= DEPTH
+    assert len(_writeback._BUFFERS) <= DEPTH  # buffers kept for the next series
+
+    monkeypatch.setattr(FileSeries, "_write_file", real_write_file)
+    missing = tmp_path / "no"
+    with pytest.raises(FileNotFoundError):
+        _write_series(FileSeries(min_bytes=0, direct=True), missing, blobs)
+    assert not missing.exists()
+
+
+def test_write_chunks_background_same_bytes(tmp_path, monkeypatch):
+    """Test that chunk files written by the background thread (every size of
+    file, min_bytes 0) are the bytes written without it."""
+    import functools
+
+    from cutana.io import zarr as zarr_module
+    from cutana.io._writeback import FileSeries
+
+    monkeypatch.setattr(
+        zarr_module, "FileSeries", functools.partial(FileSeries, min_bytes=0)
+    )
+    opened = _o_direct_opens(monkeypatch) if hasattr(os, "O_DIRECT") else None
+    trees = []
+    for background in (False, True):
+        path = tmp_path / f"b{background}.zarr"
+        catalogue, jobs, base = _fake_run(n=40, seed=3, dtype="uint8")
+        writer = ZarrWriter.create(
+            path, n_rows=40, bands=BANDS, out_shape=OUT_SHAPE, dtype="uint8",
+            config={"size": 5}, tiles=_tiles(), chunk_rows=6, **catalogue,
+        )
+        checksums = writer.write_chunks(
+            range(writer.n_chunks), _mapping(40, jobs), base,
+            results={j.job_id: j for j in jobs}, background=background,
+        )
+        trees.append((_tree(path), dict(checksums)))
+    assert trees[0] == trees[1]
+    assert any(name.startswith("images/") for name in trees[1][0])
+    if opened is not None:  # the thread wrote chunks of the second store only
+        assert opened and all("bTrue.zarr" in p for p in opened)
 
 
 def test_concurrent_write_chunks(tmp_path):

@@ -211,6 +211,33 @@ def test_workers_keep_tiles_in_half_the_spare_memory(survey, backend, workers):
     assert prepared.settings.keep_bytes == expected
 
 
+@pytest.mark.parametrize(
+    ("backend", "workers", "threads", "cores", "expected"),
+    [
+        ("serial", 1, 1, 2, True),
+        ("serial", 1, 1, 1, False),
+        ("serial", 1, 2, 2, False),
+        ("processes", 2, 1, 2, False),
+        ("processes", 2, 1, 3, True),
+        ("processes", 3, 1, 2, False),
+        ("dask", 1, 1, 8, False),
+    ],
+)
+def test_background_writes_only_with_a_core_to_spare(
+    monkeypatch, backend, workers, threads, cores, expected
+):
+    """Test the rule for writing chunk files from a background thread: the
+    workers times their threads leave a core; never for Dask."""
+    from cutana import pipeline
+    from cutana.pipeline import RunOptions
+
+    monkeypatch.setattr(pipeline, "available_cores", lambda: cores)
+    options = RunOptions(
+        size=21, workers=workers, threads=threads, backend=backend
+    ).validate()
+    assert pipeline._core_to_spare(options) is expected
+
+
 def test_flux_conversion_and_weights(survey, zarr_run, tmp_path):
     """Test that flux conversion multiplies by 3631 * 10**(-0.4 * MAGZERO) and weights apply."""
     out, _ = zarr_run

@@ -729,7 +729,8 @@ class ZarrWriter:
     # -- writing ---------------------------------------------------------------
 
     def write_chunks(
-        self, chunk_indices, row_to_job, base_status, out_dir=None, *, results=None
+        self, chunk_indices, row_to_job, base_status, out_dir=None, *, results=None,
+        background=False,
     ):
         """Assemble chunks of rows from staged jobs and write them.
 
@@ -759,6 +760,12 @@ class ZarrWriter:
             Job id to an in-memory `~cutana.io.JobResult`, used instead of
             that job's staged copy (a worker writes the chunks that only its
             own job fills straight from memory, without staging them).
+        background : bool, optional
+            Hand the chunk files to a background thread that writes them
+            with ``O_DIRECT`` while this one compresses the next (see
+            `cutana.io._writeback.FileSeries`): faster where a core is
+            spare for it. Either way, every file is written when this
+            returns, with the same bytes.
 
         Returns
         -------
@@ -812,7 +819,7 @@ class ZarrWriter:
             # also the per-row arrays, status last: a row that shows a status
             # has everything else written)
             for name, data in self._stored(block, geometry):
-                if not self._write_direct(name, run, r0, data):
+                if not self._write_direct(name, run, r0, data, background):
                     self._array(name)[r0:r1] = data
         logger.debug("wrote %d chunks of %s", len(chunks), self.path)
         return checksums
@@ -1076,8 +1083,9 @@ class ZarrWriter:
         cache[name] = enc
         return enc
 
-    def _write_direct(self, name, run, r0, values):
-        """Encode and write the chunks of a run of chunks of array ``name``.
+    def _write_direct(self, name, run, r0, values, background=False):
+        """Encode and write the chunks of a run of chunks of array ``name``
+        (``background``: see `write_chunks`).
 
         Returns `False` (nothing written) when the array's codec chain is not
         one this writer creates; the caller then writes through zarr.
@@ -1094,9 +1102,10 @@ class ZarrWriter:
         made = self.__dict__.setdefault("_folders", set())
         saved = numcodecs.blosc.use_threads
         numcodecs.blosc.use_threads = False  # one core per writer process
-        # each file's writeback starts at once and its pages are dropped a
-        # few files later, for the next files to reuse (see FileSeries)
-        files = FileSeries()
+        # written by a background thread with O_DIRECT, or here with each
+        # file's writeback started at once and its pages dropped a few files
+        # later, for the next files to reuse (see FileSeries)
+        files = FileSeries(direct=background)
         try:
             for k in run:
                 a, b = (r - r0 for r in self.chunk_range(k))

@@ -221,6 +221,9 @@ class MemoryModel:
 
 #: Sources cut together inside a job (the kernel's sub-batch).
 SUB_BATCH = 64
+#: Output chunk files a worker holds in aligned buffers for its writer
+#: thread (`cutana.io._writeback.DEPTH`), each of at most 4 MiB or one row.
+WRITE_BUFFERS = 2
 #: Hard cap on sources per job, so that progress and retries stay fine-grained.
 MAX_SOURCES_PER_JOB = 4096
 #: Hard cap on sources per band of output chunks (whose jobs, one per tile,
@@ -712,13 +715,14 @@ def make_plan(
     ] or [4]
     tile_item = max(itemsizes)
     out_px = (out_shape[0] * out_shape[1]) if out_shape is not None else max_box * max_box
-    per_source = n_channels * out_px * out_itemsize + 64  # + metadata
+    row_bytes = n_channels * out_px * out_itemsize
+    per_source = row_bytes + 64  # + metadata
     sub = SUB_BATCH
     working = n_channels * (
         sub * out_px * 4  # float32 intermediate of one sub-batch
         + sub * max_box * max_box * 8  # extracted windows (float64 worst case)
         + sub * _touched_bytes((max_box, max_box), tile_item)  # tile pages touched
-    )
+    ) + WRITE_BUFFERS * max(4 * 2**20, row_bytes)  # chunk files being written
     if parent_bytes is None:
         parent_bytes = PARENT_BASE_BYTES
     # per row: the plan's arrays, and the status and geometry of written

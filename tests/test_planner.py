@@ -326,3 +326,11 @@ def test_default_memory_limit_is_half_of_the_available_memory(monkeypatch):
     options = pipeline.RunOptions(size=8)
     options.validate()
     assert options.memory_limit == 1_500_000_000
+
+
+def test_write_buffers_match_the_writer():
+    """Test that the memory model counts the writer thread's buffers."""
+    from cutana.io._writeback import DEPTH
+    from cutana.planner import WRITE_BUFFERS
+
+    assert WRITE_BUFFERS == DEPTH

@@ -48,6 +48,7 @@ from .io import (
     state_dir,
     write_index,
 )
+from .io._writeback import release_buffers
 from .io.zarr import creation_interrupted
 from .normalization import NORMALIZATIONS
 from .planner import Plan, available_memory, make_plan, parse_memory
@@ -933,6 +934,7 @@ def make_cutouts(
             runner.run(executor)
         finally:
             _SCRATCH.clear()
+            release_buffers()  # this process's write buffers (serial backend)
             executor.close()
         runner.finish()
     report = runner.report(time.perf_counter() - t0, sampler)

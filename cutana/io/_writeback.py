@@ -38,7 +38,7 @@ import os
 import queue
 import threading
 
-__all__ = ["ALIGN", "DEPTH", "FileSeries"]
+__all__ = ["ALIGN", "DEPTH", "FileSeries", "release_buffers"]
 
 _FADVISE = hasattr(os, "posix_fadvise") and hasattr(os, "POSIX_FADV_DONTNEED")
 _DIRECT = hasattr(os, "O_DIRECT")
@@ -54,6 +54,18 @@ DEPTH = 2
 # aligned buffers kept between series (a fresh buffer's first touch is slow)
 _BUFFERS = []
 _BUFFERS_LOCK = threading.Lock()
+
+
+def release_buffers():
+    """Drop the aligned buffers kept for the next `FileSeries` of this process.
+
+    Examples
+    --------
+    >>> from cutana.io._writeback import release_buffers
+    >>> release_buffers()
+    """
+    with _BUFFERS_LOCK:
+        _BUFFERS.clear()
 
 
 def _padded(n):

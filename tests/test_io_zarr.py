@@ -514,9 +514,10 @@ def test_file_series_background_thread(tmp_path, monkeypatch, refuse):
 
 @pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="needs O_DIRECT (Linux)")
 def test_file_series_busy_thread_and_errors(tmp_path, monkeypatch):
-    """Test that the caller writes a file itself while the thread is busy, and
-    that an error of the thread is raised by close (or a later write), with
-    the files after it not written."""
+    """Test that the caller writes a file itself while the thread is busy,
+    that the aligned buffers are kept for the next series (and released),
+    and that an error of the thread (a missing folder) is raised by close or
+    a later write, with nothing written."""
     import threading
 
     from cutana.io import _writeback

@@ -1416,9 +1416,8 @@ class _Runner:
     def _chunks_written(self, written):
         """Keep and record the checksums (and rows) of chunks a task wrote."""
         self.checksums.update({int(k): v for k, v in written.items()})
-        rows = getattr(written, "rows", {})
-        if self.writer.rows_in_chunks:  # the store holds them already
-            rows = {}
+        # a store of format 1-3 holds the rows already
+        rows = {} if self.writer.rows_in_chunks else getattr(written, "rows", {})
         self.ledger.chunks_written(written, rows=rows)
         self._keep_rows(rows)
 

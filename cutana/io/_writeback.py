@@ -68,6 +68,13 @@ def release_buffers():
         _BUFFERS.clear()
 
 
+def _write_all(fd, view):
+    """Write all of ``view`` to ``fd`` (``os.write`` may write less)."""
+    done = 0
+    while done < len(view):
+        done += os.write(fd, view[done:])
+
+
 def _padded(n):
     return -(-n // ALIGN) * ALIGN
 
@@ -145,9 +152,7 @@ class FileSeries:
         advise = _FADVISE and len(view) >= self.min_bytes
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            done = 0
-            while done < len(view):
-                done += os.write(fd, view[done:])
+            _write_all(fd, view)
             if advise:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # start writeback
             os.replace(tmp, path)
@@ -246,9 +251,7 @@ class FileSeries:
         if not (self._direct_ok and self._write_direct(tmp, view, n)):
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
-                done = 0
-                while done < n:
-                    done += os.write(fd, view[done:n])
+                _write_all(fd, view[:n])
             finally:
                 os.close(fd)
         os.replace(tmp, path)
@@ -267,9 +270,7 @@ class FileSeries:
             self._direct_ok = False
             return False
         try:
-            done = 0
-            while done < size:
-                done += os.write(fd, view[done:size])
+            _write_all(fd, view[:size])
             os.ftruncate(fd, n)
         except OSError as exc:
             if exc.errno != errno.EINVAL:

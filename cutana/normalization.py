@@ -52,6 +52,7 @@ from ._threads import resolve_n_threads, run_chunks
 __all__ = [
     "DEFAULT_A",
     "NORMALIZATIONS",
+    "Normalizer",
     "OUTPUT_DTYPES",
     "compute_limits",
     "normalize",
@@ -352,82 +353,158 @@ def normalize(
     """
     _check_method(method)
     n_threads = resolve_n_threads(n_threads, getattr(stack, "nbytes", 0))
-    try:
-        out_dtype = np.dtype(dtype)
-    except TypeError:
-        out_dtype = None
-    if out_dtype is None or out_dtype.name not in OUTPUT_DTYPES:
-        msg = f"dtype must be one of {OUTPUT_DTYPES}, got {dtype!r}"
-        raise ValueError(msg)
-    out_dtype = np.dtype(out_dtype.name)  # native byte order
-    if method == "none" and out_dtype != np.float32:
-        msg = (
-            f"method 'none' cannot produce {out_dtype.name} output: integer "
-            "output needs a stretch to map the data to [0, 1]; choose one of "
-            f"{NORMALIZATIONS[1:]}, or dtype='float32'"
-        )
-        raise ValueError(msg)
-    if a is None:
-        a = DEFAULT_A.get(method, 1.0)
-    if method in DEFAULT_A and not (np.isscalar(a) and np.isfinite(a) and a > 0):
-        msg = f"a must be a finite number > 0 for the {method} stretch, got {a!r}"
-        raise ValueError(msg)
-    stretch = _STRETCH_CODES[method]
-    interval, q_lo, q_hi, n_samples, contrast = _interval_params(
-        method, percentile, contrast, n_samples
+    normalizer = Normalizer(
+        method, percentile=percentile, a=a, contrast=contrast, n_samples=n_samples,
+        crop=crop, dtype=dtype, n_threads=n_threads,
     )
-    images, lead, kernel_dtype = _as_images(stack)
-    shape = lead + images.shape[1:]
-    if rows is not None:
-        rows = np.ascontiguousarray(rows, dtype=np.intp)
-        if out is None or len(lead) != 1 or rows.shape != lead:
+    return normalizer(stack, out=out, rows=rows)
+
+
+class Normalizer:
+    """`normalize` prepared once, to stretch many stacks the same way.
+
+    The parameters are checked and converted here once; each call then
+    checks only its stack and goes to the kernel. Small stacks (a few
+    images, still in the processor's cache from the step that made them)
+    then cost about as much per image as large ones. The result is that of
+    `normalize` with the same parameters.
+
+    Parameters
+    ----------
+    method : str, optional
+        One of `NORMALIZATIONS` (see `normalize`).
+    percentile, a, contrast, n_samples, crop, dtype
+        As for `normalize`.
+    n_threads : int or None, optional
+        Number of threads of each call, each working on a contiguous block
+        of images. `None` (default) chooses per call as `normalize` does.
+
+    Raises
+    ------
+    ValueError
+        If a parameter is out of range, or ``method`` is ``'none'`` with an
+        integer ``dtype``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from cutana.normalization import Normalizer
+    >>> stretch = Normalizer("linear", percentile=100, dtype="uint8")
+    >>> stretch(np.linspace(0, 1, 8).reshape(1, 2, 4))
+    array([[[  0,  36,  73, 109],
+            [146, 182, 219, 255]]], dtype=uint8)
+    >>> out = np.zeros((3, 1, 2), np.uint8)
+    >>> stretch(np.array([[[2.0, 4.0]]]), out=out, rows=[2])[2]
+    array([[  0, 255]], dtype=uint8)
+    """
+
+    def __init__(self, method="none", *, percentile=99.8, a=None, contrast=0.25,
+                 n_samples=1000, crop=None, dtype="float32", n_threads=None):
+        _check_method(method)
+        self.n_threads = None if n_threads is None else resolve_n_threads(n_threads)
+        try:
+            out_dtype = np.dtype(dtype)
+        except TypeError:
+            out_dtype = None
+        if out_dtype is None or out_dtype.name not in OUTPUT_DTYPES:
+            msg = f"dtype must be one of {OUTPUT_DTYPES}, got {dtype!r}"
+            raise ValueError(msg)
+        self.dtype = np.dtype(out_dtype.name)  # native byte order
+        if method == "none" and self.dtype != np.float32:
             msg = (
-                "rows needs an (N, H, W) stack, an out array and N rows, got a "
-                f"stack of shape {shape}, out {None if out is None else out.shape} "
-                f"and rows of shape {rows.shape}"
+                f"method 'none' cannot produce {self.dtype.name} output: integer "
+                "output needs a stretch to map the data to [0, 1]; choose one of "
+                f"{NORMALIZATIONS[1:]}, or dtype='float32'"
             )
             raise ValueError(msg)
-        shape = (len(out), *shape[1:])
-        if len(np.unique(rows)) != len(rows):
-            msg = "rows must be distinct"
+        if a is None:
+            a = DEFAULT_A.get(method, 1.0)
+        if method in DEFAULT_A and not (np.isscalar(a) and np.isfinite(a) and a > 0):
+            msg = f"a must be a finite number > 0 for the {method} stretch, got {a!r}"
             raise ValueError(msg)
-    if out is None:
-        out = np.empty(shape, dtype=out_dtype)
-    elif out.shape != shape or out.dtype != out_dtype or not out.flags.c_contiguous:
-        msg = (
-            f"out must be a C-contiguous {out_dtype.name} array of shape {shape}, "
-            f"got {out.dtype} {out.shape}"
-        )
-        raise ValueError(msg)
-    if images.size == 0:
+        self.method = method
+        self._a = float(a)
+        self._stretch = _STRETCH_CODES[method]
+        self._interval = _interval_params(method, percentile, contrast, n_samples)
+        self._crop = crop
+        self._regions = {}  # image shape -> rows and columns of the crop
+
+    def __call__(self, stack, *, out=None, rows=None):
+        """Stretch every cutout and band of ``stack``.
+
+        Parameters
+        ----------
+        stack : array-like, shape ``(N, H, W)`` or ``(N, C, H, W)``
+            The cutouts; any numeric dtype and byte order.
+        out : `~numpy.ndarray`, optional
+            C-contiguous output of the stack's shape and the dtype; with
+            ``rows``, of shape ``(M, H, W)``.
+        rows : array-like of int, optional
+            As for `normalize`: write image ``i`` into ``out[rows[i]]``.
+
+        Returns
+        -------
+        out : `~numpy.ndarray`
+            The stretched stack.
+        """
+        n_threads = self.n_threads
+        if n_threads is None:
+            n_threads = resolve_n_threads(None, getattr(stack, "nbytes", 0))
+        images, lead, kernel_dtype = _as_images(stack)
+        shape = lead + images.shape[1:]
+        if rows is not None:
+            rows = np.ascontiguousarray(rows, dtype=np.intp)
+            if out is None or len(lead) != 1 or rows.shape != lead:
+                msg = (
+                    "rows needs an (N, H, W) stack, an out array and N rows, got a "
+                    f"stack of shape {shape}, out {None if out is None else out.shape} "
+                    f"and rows of shape {rows.shape}"
+                )
+                raise ValueError(msg)
+            shape = (len(out), *shape[1:])
+            ordered = np.sort(rows)
+            if (ordered[1:] == ordered[:-1]).any():
+                msg = "rows must be distinct"
+                raise ValueError(msg)
+        if out is None:
+            out = np.empty(shape, dtype=self.dtype)
+        elif (
+            out.shape != shape or out.dtype != self.dtype or not out.flags.c_contiguous
+        ):
+            msg = (
+                f"out must be a C-contiguous {self.dtype.name} array of shape {shape}, "
+                f"got {out.dtype} {out.shape}"
+            )
+            raise ValueError(msg)
+        if images.size == 0:
+            return out
+        target = out if rows is not None else out.reshape(images.shape)
+        region = self._regions.get(images.shape[1:])
+        if region is None:
+            region = self._regions[images.shape[1:]] = _crop_region(
+                self._crop, images.shape[1:]
+            )
+        vmin = np.empty(len(images))
+        vmax = np.empty(len(images))
+
+        def work(lo, hi):
+            for start, block in _blocks(images, kernel_dtype, lo, hi):
+                stop = start + len(block)
+                _normalize.normalize_stack(
+                    block,
+                    target if rows is not None else target[start:stop],
+                    self._stretch,
+                    self._a,
+                    vmin[start:stop],
+                    vmax[start:stop],
+                    True,
+                    *self._interval,
+                    *region,
+                    rows=None if rows is None else rows[start:stop],
+                )
+
+        if n_threads == 1:
+            work(0, len(images))
+        else:
+            run_chunks(work, len(images), n_threads)
         return out
-    target = out if rows is not None else out.reshape(images.shape)
-    r0, r1, c0, c1 = _crop_region(crop, images.shape[1:])
-    vmin = np.empty(len(images))
-    vmax = np.empty(len(images))
-
-    def work(lo, hi):
-        for start, block in _blocks(images, kernel_dtype, lo, hi):
-            stop = start + len(block)
-            _normalize.normalize_stack(
-                block,
-                target if rows is not None else target[start:stop],
-                stretch,
-                float(a),
-                vmin[start:stop],
-                vmax[start:stop],
-                True,
-                interval,
-                q_lo,
-                q_hi,
-                n_samples,
-                contrast,
-                r0,
-                r1,
-                c0,
-                c1,
-                rows=None if rows is None else rows[start:stop],
-            )
-
-    run_chunks(work, len(images), n_threads)
-    return out

@@ -15,6 +15,7 @@ This module reads pixels but knows nothing about output formats.
 """
 
 import logging
+import math
 import mmap
 import zlib
 from dataclasses import dataclass, field
@@ -25,9 +26,9 @@ from ._geometry import compute_boxes
 from ._stack import extract_stack
 from .exceptions import TileError
 from .io.staging import JobResult
-from .normalization import normalize
+from .normalization import Normalizer
 from .planner import SUB_BATCH
-from .resample import extract_resampled
+from .resample import Resampler
 from .status import Status
 from .tiles import mmap_of, open_pixels
 
@@ -206,7 +207,7 @@ class Scratch:
             A view of the named buffer, grown if needed.
         """
         dtype = np.dtype(dtype)
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        nbytes = math.prod(int(v) for v in shape) * dtype.itemsize
         buf = self._bufs.get(name)
         if buf is None or buf.nbytes < nbytes:
             buf = np.empty(max(nbytes, 1), dtype=np.uint8)
@@ -363,18 +364,27 @@ def _cut_band(
         msg = "the job's images must be a C-contiguous array"
         raise ValueError(msg)
     flat = images.reshape(-1, *images.shape[2:])
+    stretch = Normalizer(
+        settings.normalize, dtype=settings.dtype, n_threads=settings.n_threads,
+        **settings.norm_kwargs,
+    )
+    # the windows in cutting order, once: a sub-batch is then a slice
+    first_all = starts[order]
+    boxes = job.box[order]
+    # image i of band c is row i * C + c of the flattened images
+    rows = order * n_channels + c
     with open_pixels(band, keep_bytes=settings.keep_bytes) as pixels:
         itemsize = np.dtype(pixels.data.dtype).itemsize
         touched = 0
         scale = factor * pixels.bscale
         offset = factor * pixels.bzero
+        resample = None
         for lo in range(0, len(order), SUB_BATCH):
-            idx = order[lo : lo + SUB_BATCH]
-            sizes = (
-                np.broadcast_to(out_shape, (len(idx), 2)) if direct else job.box[idx]
-            )
-            data, first = _region(pixels.data, starts[idx], sizes, band.shape)
-            block = scratch.get("block", (len(idx), *out_shape), np.float32)
+            box = boxes[lo : lo + SUB_BATCH]
+            sizes = np.broadcast_to(out_shape, box.shape) if direct else box
+            first = first_all[lo : lo + SUB_BATCH]
+            data, first = _region(pixels.data, first, sizes, band.shape)
+            block = scratch.get("block", (len(box), *out_shape), np.float32)
             if direct:
                 block, _ = extract_stack(
                     data, first, out_shape, np.nan, dtype=np.float32, out=block,
@@ -385,29 +395,26 @@ def _cut_band(
                 if offset != 0.0:
                     block += np.float32(offset)
             else:
-                block, _ = extract_resampled(
-                    data, first, job.box[idx], out_shape,
-                    method=settings.resample, fill_value=np.nan, scale=scale,
-                    dtype=np.float32, out=block, n_threads=settings.n_threads,
-                )
+                if resample is None or data is not pixels.data:  # a part read
+                    resample = Resampler(
+                        data, out_shape, settings.resample, np.nan,
+                        dtype=np.float32, n_threads=settings.n_threads,
+                    )
+                resample(first, box, scale=scale, out=block)
                 if offset != 0.0:
                     # an 'area' pixel sums (ny * nx) / (H * W) input pixels
-                    per = np.full(len(idx), offset, dtype=np.float64)
+                    per = np.full(len(box), offset, dtype=np.float64)
                     if settings.resample == "area":
-                        box = job.box[idx].astype(np.float64)
-                        per *= box[:, 0] * box[:, 1] / (out_shape[0] * out_shape[1])
+                        area = box.astype(np.float64)
+                        per *= area[:, 0] * area[:, 1] / (out_shape[0] * out_shape[1])
                     block += per.astype(np.float32)[:, None, None]
-            # straight into the job's rows (image i of band c is row
-            # i * C + c of the flattened images): no copy through a buffer
-            normalize(
-                block, settings.normalize, dtype=settings.dtype, out=flat,
-                rows=idx * n_channels + c, **settings.norm_kwargs,
-            )
+            # straight into the job's rows: no copy through a buffer
+            stretch(block, out=flat, rows=rows[lo : lo + SUB_BATCH])
             # windows are swept top to bottom, so neighbouring sub-batches share
             # tile pages: hand pages back only every RELEASE_BYTES of windows
             if pixels.kept:  # its pages stay mapped for the next job
                 continue
-            touched += int(np.sum(job.box[idx, 0] * job.box[idx, 1])) * itemsize
+            touched += int(np.sum(box[:, 0] * box[:, 1])) * itemsize
             if touched > RELEASE_BYTES:
                 _release_pages(pixels.data)
                 touched = 0

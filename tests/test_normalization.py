@@ -26,7 +26,7 @@ from astropy.visualization import (
 from numpy.testing import assert_allclose, assert_array_equal
 
 from cutana import _normalize
-from cutana.normalization import NORMALIZATIONS, compute_limits, normalize
+from cutana.normalization import NORMALIZATIONS, Normalizer, compute_limits, normalize
 
 STRETCHES = {
     "linear": lambda a: LinearStretch(),
@@ -502,3 +502,50 @@ def test_invalid_stacks_and_limits_of_none():
         normalize(np.zeros((1, 2, 2), dtype=complex), "linear")
     with pytest.raises(ValueError, match="has no limits"):
         compute_limits(np.zeros((1, 2, 2)), "none")
+
+
+@pytest.mark.parametrize("method", ["linear", "asinh", "zscale"])
+@pytest.mark.parametrize("n_threads", [1, 2, None])
+def test_normalizer_reused_equals_astropy(method, n_threads):
+    """Test that one Normalizer, called on stacks of two image sizes with a
+    central crop (its crop region is kept per size) and with ``rows``, gives
+    astropy.visualization's values image by image."""
+    stretch = Normalizer(method, percentile=99.5, crop=0.5, n_threads=n_threads)
+    for seed, (h, w) in enumerate([(30, 40), (12, 10), (30, 40)]):
+        data = _images("galaxy", (5, h, w), np.float32, seed=seed, nan_fraction=0.02)
+        region = (
+            slice((h - round(h / 2)) // 2, (h - round(h / 2)) // 2 + round(h / 2)),
+            slice((w - round(w / 2)) // 2, (w - round(w / 2)) // 2 + round(w / 2)),
+        )
+        out = np.full((9, h, w), -1.0, np.float32)
+        rows = [8, 0, 3, 5, 1]
+        assert stretch(data, out=out, rows=rows) is out
+        for i, r in enumerate(rows):
+            ref = _astropy(data[i], method, percentile=99.5, region=region)
+            ref[~np.isfinite(data[i])] = 0.0
+            assert_allclose(out[r], ref, atol=2e-6)
+        assert (out[[2, 4, 6, 7]] == -1.0).all()  # the other rows untouched
+        assert_array_equal(
+            stretch(data), normalize(data, method, percentile=99.5, crop=0.5)
+        )
+
+
+def test_normalizer_checks_once_and_per_call():
+    """Test that a Normalizer checks its parameters when made and each stack
+    when called, with the messages of `normalize`."""
+    with pytest.raises(ValueError, match="method must be one of"):
+        Normalizer("gamma")
+    with pytest.raises(ValueError, match="a must be a finite number > 0"):
+        Normalizer("asinh", a=0)
+    with pytest.raises(ValueError, match="n_threads must be a positive integer"):
+        Normalizer("linear", n_threads=0)
+    with pytest.raises(ValueError, match="method 'none' cannot produce uint8"):
+        Normalizer("none", dtype="uint8")
+    stretch = Normalizer("linear", dtype="uint8", crop=20)
+    with pytest.raises(ValueError, match="larger than the image"):
+        stretch(np.zeros((2, 8, 8)))
+    out = np.zeros((4, 30, 30), np.uint8)
+    with pytest.raises(ValueError, match="rows must be distinct"):
+        stretch(np.zeros((2, 30, 30)), out=out, rows=[1, 1])
+    with pytest.raises(ValueError, match="out must be a C-contiguous uint8"):
+        stretch(np.zeros((2, 30, 30)), out=np.zeros((2, 30, 30), np.float32))

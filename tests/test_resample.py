@@ -15,7 +15,7 @@ import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 from scipy import ndimage
 
-from cutana.resample import RESAMPLE_METHODS, extract_resampled
+from cutana.resample import RESAMPLE_METHODS, Resampler, extract_resampled
 
 
 def _window(data, start, shape, fill):
@@ -394,3 +394,73 @@ def test_big_endian_float32_windows_equal_native_float64(method, vector):
                 assert got.tobytes() == ref.tobytes()  # bit for bit, NaN included
     finally:
         _extract._set_vector_swap(previous)
+
+
+@pytest.mark.parametrize("method", RESAMPLE_METHODS)
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_resampler_batches_equal_scipy(method, n_threads):
+    """Test that a prepared Resampler, called batch by batch on a big-endian
+    image with per-window scale factors, gives scipy's values window by window,
+    and the same bytes as one `extract_resampled` call."""
+    rng = np.random.default_rng(7)
+    data = rng.normal(size=(40, 50)).astype(">f4")
+    cases = list(_cases(11, 30))
+    starts = np.array([c[0] for c in cases], dtype=np.int64)
+    shapes = np.array([c[1] for c in cases], dtype=np.int64)
+    scale = rng.uniform(0.5, 2.0, len(cases))
+    resample = Resampler(data, (9, 13), method, -3.0, n_threads=n_threads)
+    out = np.empty((len(cases), 9, 13), np.float32)
+    overlaps = []
+    for lo in range(0, len(cases), 7):  # batches of 7, the last of 2
+        block, overlap = resample(
+            starts[lo : lo + 7], shapes[lo : lo + 7], scale=scale[lo : lo + 7]
+        )
+        out[lo : lo + 7] = block
+        overlaps.append(overlap)
+    whole, overlap = extract_resampled(
+        data, starts, shapes, (9, 13), method, -3.0, scale=scale, n_threads=1
+    )
+    assert_array_equal(out, whole)
+    assert_array_equal(np.concatenate(overlaps), overlap)
+    native = data.astype(np.float64)
+    for i, (start, shape, _) in enumerate(cases):
+        inside = np.isfinite(_window(native, start, shape, np.nan))
+        win = _window(native * scale[i], start, shape, -3.0)  # fill not scaled
+        if method == "bilinear":
+            gy, gx = np.meshgrid(_grid(shape[0], 9), _grid(shape[1], 13), indexing="ij")
+            ref = ndimage.map_coordinates(win, [gy, gx], order=1, mode="nearest")
+        elif method == "nearest":
+            iy = np.clip(np.floor(_grid(shape[0], 9) + 0.5), 0, shape[0] - 1)
+            ix = np.clip(np.floor(_grid(shape[1], 13) + 0.5), 0, shape[1] - 1)
+            ref = win[np.ix_(iy.astype(int), ix.astype(int))]
+        else:
+            ref = _overlap_matrix(shape[0], 9) @ win @ _overlap_matrix(shape[1], 13).T
+        assert_allclose(out[i], ref.astype(np.float32), rtol=1e-6, atol=1e-6)
+        # overlap: 0 inside, 1 partly, 2 not at all
+        assert overlap[i] == (0 if inside.all() else 2 if not inside.any() else 1)
+
+
+def test_resampler_checks_each_call():
+    """Test that a Resampler checks its arguments once and each call's windows."""
+    data = np.zeros((10, 10), np.float32)
+    with pytest.raises(ValueError, match="method must be one of"):
+        Resampler(data, (4, 4), "cubic")
+    with pytest.raises(ValueError, match="out_shape must be a pair"):
+        Resampler(data, (0, 4))
+    with pytest.raises(ValueError, match="dtype must be float32 or float64"):
+        Resampler(data, (4, 4), dtype=np.int16)
+    with pytest.raises(ValueError, match="n_threads must be a positive integer"):
+        Resampler(data, (4, 4), n_threads=0)
+    with pytest.raises(TypeError, match="unsupported dtype"):
+        Resampler(data.astype(np.complex64), (4, 4))
+    resample = Resampler(data, (4, 4))
+    with pytest.raises(ValueError, match="starts must have shape"):
+        resample([1, 2, 3], (2, 2))
+    with pytest.raises(ValueError, match="whole numbers of pixels"):
+        resample([[0.5, 1.0]], (2, 2))
+    with pytest.raises(ValueError, match="out must be a C-contiguous float32"):
+        resample([[0, 0]], (2, 2), out=np.empty((1, 4, 4), np.float64))
+    with pytest.raises(ValueError, match="scale must be a number or have shape"):
+        resample([[0, 0]], (2, 2), scale=[1.0, 2.0])
+    out, overlap = resample(np.empty((0, 2)), (2, 2))
+    assert out.shape == (0, 4, 4) and overlap.shape == (0,)

@@ -429,6 +429,39 @@ class Normalizer:
         self._crop = crop
         self._regions = {}  # image shape -> rows and columns of the crop
 
+    def region(self, shape):
+        """The part of an image of ``shape`` that the limits are computed from.
+
+        Parameters
+        ----------
+        shape : tuple of int
+            ``(H, W)`` of the images.
+
+        Returns
+        -------
+        r0, r1, c0, c1 : int
+            Rows ``r0:r1`` and columns ``c0:c1``: the central crop, or the
+            whole image without one.
+
+        Raises
+        ------
+        ValueError
+            If the crop does not fit in images of ``shape``.
+
+        Examples
+        --------
+        >>> from cutana.normalization import Normalizer
+        >>> Normalizer("linear", crop=0.5).region((100, 40))
+        (25, 75, 10, 30)
+        >>> Normalizer("linear", crop=(20, 10)).region((100, 40))
+        (40, 60, 15, 25)
+        """
+        shape = (int(shape[0]), int(shape[1]))
+        region = self._regions.get(shape)
+        if region is None:
+            region = self._regions[shape] = _crop_region(self._crop, shape)
+        return region
+
     def __call__(self, stack, *, out=None, rows=None):
         """Stretch every cutout and band of ``stack``.
 
@@ -479,11 +512,7 @@ class Normalizer:
         if images.size == 0:
             return out
         target = out if rows is not None else out.reshape(images.shape)
-        region = self._regions.get(images.shape[1:])
-        if region is None:
-            region = self._regions[images.shape[1:]] = _crop_region(
-                self._crop, images.shape[1:]
-            )
+        region = self.region(images.shape[1:])
         vmin = np.empty(len(images))
         vmax = np.empty(len(images))
 

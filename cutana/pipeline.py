@@ -50,7 +50,7 @@ from .io import (
 )
 from .io._writeback import release_buffers
 from .io.zarr import creation_interrupted
-from .normalization import NORMALIZATIONS
+from .normalization import NORMALIZATIONS, Normalizer
 from .planner import Plan, available_memory, make_plan, parse_memory
 from .processing import CutSettings, Scratch, cut_job
 from .status import STATUS_DESCRIPTIONS, Status
@@ -189,6 +189,13 @@ class RunOptions:
                 self.channel_weights = [float(w) for w in self.channel_weights]
             except (TypeError, ValueError):
                 _bad("channel_weights", self.channel_weights, "a list of numbers")
+        try:  # the stretch's parameters, and a crop that cannot fit the output
+            stretch = Normalizer(self.normalize, dtype=self.dtype, **self.norm_kwargs())
+            if self.crop is not None:  # without a target size: its form only
+                side = self.target_size or 2**31
+                stretch.region((side, side))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         return self
 
     def norm_kwargs(self):
@@ -463,6 +470,7 @@ def _prepare(catalog, options, *, parent_bytes=None, chunked=True):
         raise ConfigError(hint) from None
     if plan.out_shape is None:
         plan.jobs = _split_by_size(plan.jobs, plan.memory)
+    _check_crop(plan, options)
     settings = CutSettings(
         out_shape=plan.out_shape,
         resample=options.resample,
@@ -484,6 +492,26 @@ def _prepare(catalog, options, *, parent_bytes=None, chunked=True):
     if isinstance(catalog, (str, os.PathLike)):
         path = os.path.abspath(os.fspath(catalog))
     return _Prepared(cat, index, plan, options, settings, path, chunk_rows)
+
+
+def _check_crop(plan, options):
+    """A crop (``crop``) larger than the smallest cutouts of the plan is a usage
+    error, found before anything is cut (with a target size, `RunOptions.validate`
+    checks it)."""
+    if options.crop is None or options.normalize == "none" or not plan.jobs:
+        return
+    if plan.out_shape is not None:
+        height, width = plan.out_shape
+    else:
+        height, width = np.concatenate([job.box for job in plan.jobs]).min(axis=0)
+    try:
+        Normalizer(options.normalize, **options.norm_kwargs()).region((height, width))
+    except ValueError as exc:
+        msg = (
+            f"{exc}: the smallest cutouts are {height} x {width} pixels; give the "
+            "crop as a fraction (e.g. --crop 0.5) or choose a smaller one"
+        )
+        raise ConfigError(msg) from None
 
 
 def _split_by_size(jobs, memory):
@@ -844,9 +872,14 @@ def make_cutouts(
         The output. For ``format='zarr'`` this folder *is* the Zarr store;
         for ``'fits'`` it holds one file per source and ``index.ecsv``.
     resume : bool, optional
-        Finish an interrupted run into ``output``: jobs and chunks recorded
-        as complete in its ledger (and whose checksums match) are kept, the
-        rest is done. The result is identical to an uninterrupted run.
+        Finish an interrupted run into ``output``: what its ledger records
+        as complete is kept, the rest is done. The result is identical to an
+        uninterrupted run. Staged jobs are kept if their checksums match;
+        chunks and FITS files (written whole, under their final names only
+        once complete) if they are present: a missing one is cut again.
+        `cutana.io.verify_output` (``cutana verify``) also checks every
+        chunk's checksum. A finished output whose files were removed since
+        cannot be resumed (`~cutana.exceptions.ConfigError`).
     overwrite : bool, optional
         Replace an existing output (only a cutana output is ever removed).
         Without ``resume`` or ``overwrite`` an existing output is an error.
@@ -1047,10 +1080,17 @@ class _Runner:
             self.ledger = Ledger(self.output)
             needed = self._jobs_needed()
             self.done_jobs = state.verified_jobs(self.output, needed)
+            present = None if self.fmt == "zarr" else set(os.listdir(self.output))
             for job_id in sorted(self.done_jobs):
                 done = load_staged(self.output, job_id, mmap=True)
-                self._record(done.rows, done.status, done.messages,
-                             getattr(done, "files", None))
+                files = getattr(done, "files", None)
+                if present is not None and files is not None and (
+                    {str(f) for f in files if f} - present
+                ):
+                    # a FITS file of the job is gone since: the job is cut again
+                    self.done_jobs.discard(job_id)
+                    continue
+                self._record(done.rows, done.status, done.messages, files)
                 self.staged_rows[job_id] = np.asarray(done.rows)
             # jobs whose rows are all in written chunks are done too
             self.done_jobs |= set(range(len(plan.jobs))) - set(needed)
@@ -1103,6 +1143,21 @@ class _Runner:
         status = np.asarray(archive.status)
         if len(status) != self.plan.n_rows or (status == Status.PENDING).any():
             return False
+        # its run state is gone: what was removed since cannot be redone
+        if self.fmt == "zarr":
+            writer = ZarrWriter.open(self.output)
+            gone = (k for k in range(writer.n_chunks) if not writer.chunk_exists(k))
+            missing = [f"chunk {k}" for k in gone]
+        else:
+            present = set(os.listdir(self.output))
+            missing = [f for f in archive.files.tolist() if f and f not in present]
+        if missing:
+            msg = (
+                f"cannot resume {self.output!r}: its run finished, but "
+                f"{len(missing)} of its files were removed since ({missing[0]}, ...; "
+                "`cutana verify` lists them); start again with --overwrite"
+            )
+            raise ConfigError(msg)
         self.status = status.astype(np.int16)
         return True
 

@@ -242,9 +242,10 @@ def cut_job(settings, tile, job, scratch=None, out=None):
     -------
     result : `~cutana.io.staging.JobResult`
         The cutouts ``(n, C, H, W)`` in the output dtype, with per-source
-        status, box origin and size. A band that cannot be read marks the
-        job's sources `cutana.Status.TILE_ERROR` with a message; it does not
-        raise.
+        status, box origin and size. A band that cannot be read (or a
+        band the tile lacks) marks the job's sources
+        `cutana.Status.TILE_ERROR` with a message and leaves their images 0
+        in every band; it does not raise.
 
     Examples
     --------
@@ -302,31 +303,32 @@ def cut_job(settings, tile, job, scratch=None, out=None):
 
     for c, band in enumerate(tile.bands):
         if band is None:
-            images[:, c] = 0
-            status[:] = Status.TILE_ERROR
-            for r in job.rows:
-                messages[int(r)] = f"tile {tile.key} has no file for band {c}"
-            continue
-        try:
-            _cut_band(
-                settings, band, c, job, starts, order, same_size, out_shape, images,
-                scratch,
-            )
-        except (OSError, ValueError, KeyError, EOFError, zlib.error) as exc:
-            # EOFError, zlib.error: damaged data of a compressed tile
-            images[:, c] = 0
-            status[:] = Status.TILE_ERROR
-            reason = str(exc)
-            if isinstance(exc, KeyError) and exc.args:
-                reason = str(exc.args[0])  # without the quotes KeyError adds
-            text = (
-                reason
-                if isinstance(exc, TileError)  # already names the file
-                else f"{band.path}: {type(exc).__name__}: {reason}"
-            )
-            logger.warning("tile error: %s", text)
-            for r in job.rows:
-                messages[int(r)] = text
+            text = f"tile {tile.key} has no file for band {c}"
+        else:
+            try:
+                _cut_band(
+                    settings, band, c, job, starts, order, same_size, out_shape,
+                    images, scratch,
+                )
+                continue
+            except (OSError, ValueError, KeyError, EOFError, zlib.error) as exc:
+                # EOFError, zlib.error: damaged data of a compressed tile
+                reason = str(exc)
+                if isinstance(exc, KeyError) and exc.args:
+                    reason = str(exc.args[0])  # without the quotes KeyError adds
+                text = (
+                    reason
+                    if isinstance(exc, TileError)  # already names the file
+                    else f"{band.path}: {type(exc).__name__}: {reason}"
+                )
+                logger.warning("tile error: %s", text)
+        # a source missing a band is not cut at all: its row is filled in
+        # every band, as that of any source that could not be cut
+        images[...] = 0
+        status[:] = Status.TILE_ERROR
+        for r in job.rows:
+            messages[int(r)] = text
+        break
     return JobResult(
         job_id=job.job_id,
         rows=np.asarray(job.rows, dtype=np.int64),

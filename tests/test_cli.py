@@ -99,6 +99,7 @@ def test_existing_output_is_usage_error(survey, tmp_path, capsys):
         (["--resample", "bilinear"], "needs target_size"),
         (["--dtype", "uint8"], "needs a stretch"),
         (["--memory-limit", "12 parsecs"], "cannot parse memory size"),
+        (["--normalize", "linear", "--crop", "10"], "crop of 10 pixels is larger"),
     ],
 )
 def test_config_errors_exit_two(survey, tmp_path, capsys, extra, message):

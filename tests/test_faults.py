@@ -520,6 +520,8 @@ def _check_only_victim(
         assert os.path.basename(victim) in text, text
         assert reason in text, text
         assert "\n" not in text
+        # not cut: filled in every band, also those the tile could give
+        assert not np.any(got.images[r]), f"row {r} has pixels"
     # everything else is exactly the clean run
     rest = ~affected
     np.testing.assert_array_equal(status[rest], ref_status[rest])
@@ -817,3 +819,41 @@ def test_resume_after_kill_before_the_run_was_recorded(
     code, err = _cli(["run", *args, "--resume"])
     assert code == 0, err
     _assert_identical(out, clean[fmt])
+
+
+def test_resume_recuts_removed_fits_files(survey, clean, tmp_path):
+    """Test that --resume cuts again the FITS files of finished jobs that were
+    removed after the kill (the ledger still records their jobs), and ends
+    byte-identical to a clean run."""
+    out = tmp_path / "killed_fits"
+    args = [survey.catalogue_path, "-o", out, *RUN_ARGS, "--format", "fits"]
+    condition, when = _trigger("cutting", str(out), np.random.default_rng(5), 10)
+    assert _run_killed(args, condition, tmp_path / "killed.log"), when
+    written = sorted(p for p in out.glob("*.fits"))
+    assert written, "no file was written before the kill"
+    removed = written[:: max(1, len(written) // 3)]
+    for path in removed:
+        path.unlink()
+    code, err = _cli(["run", *args, "--resume"])
+    assert code == 0, err
+    assert all(path.exists() for path in removed)
+    _assert_identical(out, clean["fits"])
+    assert _cli(["verify", out])[0] == 0
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "fits"])
+def test_resume_of_finished_output_with_files_removed(clean, survey, tmp_path, fmt):
+    """Test that --resume of a finished output whose files were removed since
+    is a clear error (its run state is gone, so they cannot be redone), not
+    a success, and that it touches nothing."""
+    out = tmp_path / f"done_{fmt}"
+    shutil.copytree(clean[fmt], out)
+    args = [survey.catalogue_path, "-o", out, *RUN_ARGS, "--format", fmt]
+    assert _cli(["run", *args, "--resume"])[0] == 0  # intact: nothing to do
+    victim = sorted(out.glob("*.fits") if fmt == "fits" else out.glob("images/c*"))[1]
+    victim.unlink()
+    before = files_bytes(out)
+    code, err = _cli(["run", *args, "--resume"])
+    assert code == 2, err
+    assert "were removed since" in err and "--overwrite" in err
+    assert files_bytes(out) == before

@@ -390,12 +390,23 @@ def test_corrupt_tile_marks_only_its_sources(survey, tmp_path):
         ({"memory_limit": "lots"}, "cannot parse memory size"),
         ({"workers": 0}, "invalid workers"),
         ({"memory_limit": "1MB", "size": 21}, "too small"),
+        ({"normalize": "asinh", "stretch_a": -1.0}, "a must be a finite number > 0"),
+        ({"normalize": "zscale", "zscale_samples": 0}, "n_samples must be a positive"),
+        ({"normalize": "linear", "size": 21, "crop": 2.5}, "crop must be a fraction"),
+        ({"normalize": "linear", "size": 21, "crop": 30}, "smallest cutouts are 21 x 21"),
+        (
+            {"normalize": "log", "target_size": 16, "crop": 17},
+            r"crop of 17 pixels is larger than the image \(16 pixels\)",
+        ),
     ],
 )
 def test_bad_options_are_clear_errors(survey, tmp_path, options, match):
-    """Test that invalid options raise ConfigError naming the option."""
+    """Test that invalid options raise ConfigError naming the option, before
+    anything is written."""
+    out = tmp_path / "x"
     with pytest.raises((ConfigError, ValueError), match=match):
-        cutana.make_cutouts(survey.catalogue_path, tmp_path / "x", progress=False, **options)
+        cutana.make_cutouts(survey.catalogue_path, out, progress=False, **options)
+    assert not out.exists()
 
 
 def test_dask_backend_gives_identical_bytes(survey, zarr_run, tmp_path):

@@ -28,6 +28,7 @@ __all__ = [
     "make_plan",
     "parse_memory",
     "split_rows",
+    "working_dtype",
 ]
 
 #: Limit, usage and statistics files of the process's memory cgroup, and
@@ -221,6 +222,37 @@ class MemoryModel:
 
 #: Sources cut together inside a job (the kernel's sub-batch).
 SUB_BATCH = 64
+
+
+def working_dtype(tile_dtype):
+    """The float type a job cuts a band in, before it becomes the output.
+
+    Values are converted as astropy scales FITS images: float64 for tiles
+    of 32- or 64-bit integers or float64, whose values float32 would round;
+    float32 otherwise (8- and 16-bit integers, float32), so that a stretch
+    or a float32 output sees the values astropy would.
+
+    Parameters
+    ----------
+    tile_dtype : `~numpy.dtype`
+        dtype of the tile's pixels.
+
+    Returns
+    -------
+    dtype : `~numpy.dtype`
+        ``float32`` or ``float64``.
+
+    Examples
+    --------
+    >>> from cutana.planner import working_dtype
+    >>> [working_dtype(t).name for t in (">f4", ">i2", ">f8", ">i4", "u1")]
+    ['float32', 'float32', 'float64', 'float64', 'float32']
+    """
+    dtype = np.dtype(tile_dtype)
+    if dtype.itemsize >= 8 or (dtype.kind in "iu" and dtype.itemsize >= 4):
+        return np.dtype(np.float64)
+    return np.dtype(np.float32)
+
 #: Output chunk files a worker holds in aligned buffers for its writer
 #: thread (`cutana.io._writeback.DEPTH`), each of at most 4 MiB or one row.
 WRITE_BUFFERS = 2
@@ -707,19 +739,17 @@ def make_plan(
 
     # the largest box and output decide the per-source memory
     max_box = int(box_n[todo].max()) if todo.any() else 1
-    itemsizes = [
-        np.dtype(b.dtype).itemsize
-        for t in tile_index.tiles
-        for b in t.bands
-        if b is not None
-    ] or [4]
-    tile_item = max(itemsizes)
+    dtypes = [
+        np.dtype(b.dtype) for t in tile_index.tiles for b in t.bands if b is not None
+    ]
+    tile_item = max((d.itemsize for d in dtypes), default=4)
+    work_item = max((working_dtype(d).itemsize for d in dtypes), default=4)
     out_px = (out_shape[0] * out_shape[1]) if out_shape is not None else max_box * max_box
     row_bytes = n_channels * out_px * out_itemsize
     per_source = row_bytes + 64  # + metadata
     sub = SUB_BATCH
     working = n_channels * (
-        sub * out_px * 4  # float32 intermediate of one sub-batch
+        sub * out_px * work_item  # float intermediate of one sub-batch
         + sub * max_box * max_box * 8  # extracted windows (float64 worst case)
         + sub * _touched_bytes((max_box, max_box), tile_item)  # tile pages touched
     ) + WRITE_BUFFERS * max(4 * 2**20, row_bytes)  # chunk files being written

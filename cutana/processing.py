@@ -27,7 +27,7 @@ from ._stack import extract_stack
 from .exceptions import TileError
 from .io.staging import JobResult
 from .normalization import Normalizer
-from .planner import SUB_BATCH
+from .planner import SUB_BATCH, working_dtype
 from .resample import Resampler
 from .status import Status
 from .tiles import mmap_of, open_pixels
@@ -377,6 +377,7 @@ def _cut_band(
     rows = order * n_channels + c
     with open_pixels(band, keep_bytes=settings.keep_bytes) as pixels:
         itemsize = np.dtype(pixels.data.dtype).itemsize
+        work = working_dtype(pixels.data.dtype)
         touched = 0
         scale = factor * pixels.bscale
         offset = factor * pixels.bzero
@@ -386,21 +387,21 @@ def _cut_band(
             sizes = np.broadcast_to(out_shape, box.shape) if direct else box
             first = first_all[lo : lo + SUB_BATCH]
             data, first = _region(pixels.data, first, sizes, band.shape)
-            block = scratch.get("block", (len(box), *out_shape), np.float32)
+            block = scratch.get("block", (len(box), *out_shape), work)
             if direct:
                 block, _ = extract_stack(
-                    data, first, out_shape, np.nan, dtype=np.float32, out=block,
+                    data, first, out_shape, np.nan, dtype=work, out=block,
                     n_threads=settings.n_threads,
                 )
                 if scale != 1.0:
-                    block *= np.float32(scale)
+                    block *= work.type(scale)
                 if offset != 0.0:
-                    block += np.float32(offset)
+                    block += work.type(offset)
             else:
                 if resample is None or data is not pixels.data:  # a part read
                     resample = Resampler(
                         data, out_shape, settings.resample, np.nan,
-                        dtype=np.float32, n_threads=settings.n_threads,
+                        dtype=work, n_threads=settings.n_threads,
                     )
                 resample(first, box, scale=scale, out=block)
                 if offset != 0.0:
@@ -409,7 +410,7 @@ def _cut_band(
                     if settings.resample == "area":
                         area = box.astype(np.float64)
                         per *= area[:, 0] * area[:, 1] / (out_shape[0] * out_shape[1])
-                    block += per.astype(np.float32)[:, None, None]
+                    block += per.astype(work)[:, None, None]
             # straight into the job's rows: no copy through a buffer
             stretch(block, out=flat, rows=rows[lo : lo + SUB_BATCH])
             # windows are swept top to bottom, so neighbouring sub-batches share

@@ -420,3 +420,40 @@ def test_dask_backend_gives_identical_bytes(survey, zarr_run, tmp_path):
     )
     assert report.exit_code == 0
     assert files_bytes(out) == files_bytes(out2)
+
+
+@pytest.mark.parametrize("dtype", [">f8", ">i4"])
+def test_wide_tiles_are_stretched_from_their_own_values(tmp_path, dtype):
+    """Test that float64 and int32 tiles are cut and stretched from their
+    values as astropy reads them (float64), not rounded to float32 first:
+    log to uint16 equals astropy.visualization on astropy's Cutout2D."""
+    from astropy.visualization import LogStretch, PercentileInterval
+
+    wide = make_survey(
+        tmp_path / "survey", n_tiles=1, bands=["VIS"], tile_size=160,
+        n_sources=30, edge_fraction=0.0, off_tile_fraction=0.0,
+        bad_row_fraction=0.0, size_range_pixels=(12, 20), dtype=dtype, seed=8,
+    )
+    # values that float32 cannot hold: full float64 mantissas, or 30-bit integers
+    rng = np.random.default_rng(9)
+    with fits.open(wide.tile_paths[0][0], mode="update") as hdul:
+        hdu = next(h for h in hdul if h.data is not None)
+        shape = hdu.data.shape
+        if dtype == ">f8":
+            hdu.data = rng.lognormal(0.0, 1.0, shape).astype(dtype)
+        else:
+            hdu.data = rng.integers(2**29, 2**30, shape).astype(dtype)
+    out = tmp_path / "log.zarr"
+    cutana.make_cutouts(
+        wide.catalogue_path, out, size=17, normalize="log", dtype="uint16",
+        progress=False,
+    )
+    arch = cutana.open(out)
+    ok = np.flatnonzero(np.asarray(arch.status) == Status.OK)
+    assert len(ok) > 20
+    for i in ok:
+        ref = _reference(_tile_paths(arch, i)[0], arch.ra[i], arch.dec[i], 17).data
+        vmin, vmax = PercentileInterval(99.8).get_limits(ref)
+        scaled = np.clip((ref - vmin) / (vmax - vmin), 0, 1)
+        expect = np.round(LogStretch(1000.0)(scaled) * 65535)
+        np.testing.assert_array_equal(arch.images[i, 0], expect.astype(np.uint16))

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = [
+    "BOUNDARY_TOL",
     "BOX_OK",
     "BOX_NONFINITE",
     "BOX_NO_OVERLAP",
@@ -29,6 +30,12 @@ __all__ = [
     "compute_boxes",
     "round_limits",
 ]
+
+#: Pixel positions this close to a rounding boundary (a multiple of 0.5) are
+#: computed again source by source when the WCS has distortions: a vectorised
+#: ``all_world2pix`` can differ in the last bits from astropy's per-source
+#: call, and there that could move a box by a pixel.
+BOUNDARY_TOL = 1e-6
 
 #: The box was computed (for ``strict``, the box lies wholly in the image).
 BOX_OK = 0

@@ -180,7 +180,7 @@ def build_parser():
 
     p = sub.add_parser("demo", help="generate a small synthetic survey and run on it",
                        description="Generate a small synthetic Euclid-like survey "
-                       "(4 bands, 2 tiles) and cut it.")
+                       "(2 x 2 tiles, 4 bands) and cut it.")
     p.add_argument("--output", "-o", default="cutana-demo", help="output folder")
     p.add_argument("--workers", type=_positive_int, default=1, metavar="N")
     p.add_argument("--format", choices=("zarr", "fits"), default="zarr")

@@ -29,6 +29,7 @@ from astropy.wcs.utils import proj_plane_pixel_scales, skycoord_to_pixel
 
 from ._geometry import (
     _VECTOR_ROUNDING,
+    BOUNDARY_TOL,
     BOX_NO_OVERLAP,
     BOX_NONFINITE,
     BOX_OK,
@@ -58,9 +59,6 @@ _BOX_ZERO_SIZE_EDGE = 5
 #: ``'partial'`` mode needs filling and ``fill_value`` does not fit the dtype.
 _BOX_BAD_FILL = 6
 
-# Positions this close (in pixels) to a rounding boundary are recomputed per
-# source when the WCS has distortions (see `BatchCutout2D`).
-_BOUNDARY_TOL = 1e-6
 
 _FILL_DTYPE_MSG = (
     "fill_value is inconsistent with the data type of the input array (e.g., "
@@ -206,6 +204,29 @@ def _positions_to_xy(positions, wcs):
 # --------------------------------------------------------------------------
 
 
+def _scaled_sip(sip, scale, crpix):
+    """The SIP distortion of a pixel grid scaled by ``scale`` = ``(s_x, s_y)``.
+
+    With ``u = s_x u'`` and ``v = s_y v'`` (offsets from CRPIX), and the CD
+    matrix's columns multiplied by ``s_x`` and ``s_y``, a term
+    ``A_pq u^p v^q`` of the x distortion becomes ``A_pq s_x^p s_y^q / s_x``
+    in the new pixels (``/ s_y`` for y); the inverse polynomials, in the
+    same scaled intermediate coordinates, transform alike. Exact.
+    """
+
+    def scaled(coeffs, axis):
+        if coeffs is None:
+            return None
+        p = np.arange(coeffs.shape[0])[:, None]
+        q = np.arange(coeffs.shape[1])[None, :]
+        return coeffs * scale[0] ** p * scale[1] ** q / scale[axis]
+
+    return Sip(
+        scaled(sip.a, 0), scaled(sip.b, 1), scaled(sip.ap, 0), scaled(sip.bp, 1),
+        np.asarray(crpix, dtype=float),
+    )
+
+
 def cutout_wcs(wcs, origin_xy, shape, out_shape=None):
     """Build the WCS of a cutout, as `astropy.nddata.Cutout2D` does.
 
@@ -262,9 +283,6 @@ def cutout_wcs(wcs, origin_xy, shape, out_shape=None):
             wcs.sip.a, wcs.sip.b, wcs.sip.ap, wcs.sip.bp, wcs.sip.crpix - origin
         )
     if out_shape is not None and tuple(out_shape) != tuple(shape):
-        if wcs.sip is not None:
-            msg = "resampled cutouts of a WCS with SIP distortion are not supported"
-            raise NotImplementedError(msg)
         # input pixel p (0-based) = (q + 0.5) * s - 0.5 with s = n_in / n_out
         scale = np.array(
             [shape[1] / out_shape[1], shape[0] / out_shape[0]], dtype=float
@@ -279,6 +297,8 @@ def cutout_wcs(wcs, origin_xy, shape, out_shape=None):
             cdelt = new.wcs.cdelt.copy()
             new.wcs.pc = pc * scale[None, :]
             new.wcs.cdelt = cdelt
+        if wcs.sip is not None:
+            new.sip = _scaled_sip(wcs.sip, scale, new.wcs.crpix)
         shape = tuple(out_shape)
     new.array_shape = tuple(int(v) for v in shape)
     return new
@@ -492,7 +512,7 @@ class Cutout2D(_AstropyCutout2D):
             slices_large,
             slices_small,
             shape,
-            wcs,
+            None if wcs is None else deepcopy(wcs),  # as the caller's is now
         )
 
     def _set_state(
@@ -569,7 +589,7 @@ def _refine_sky_positions(xy, sky, wcs, shapes, limit_rounding_method):
     For a WCS with distortions, ``all_world2pix`` solves iteratively over all
     points at once, so a vectorised call can differ in the last bits from
     astropy's per-source call. That only matters where a box limit
-    ``position - size / 2`` lies within `_BOUNDARY_TOL` of a rounding
+    ``position - size / 2`` lies within `BOUNDARY_TOL` of a rounding
     boundary (a multiple of 0.5 covers ceil, floor, trunc and round); those
     few positions are recomputed exactly as astropy computes them. For a
     custom rounding callable every position is recomputed.
@@ -581,7 +601,7 @@ def _refine_sky_positions(xy, sky, wcs, shapes, limit_rounding_method):
     if known:
         limits = 2.0 * (xy - shapes[:, ::-1] / 2.0)
         dist = np.abs(limits - np.round(limits))
-        near = ~np.isfinite(limits).all(axis=1) | (dist < 2 * _BOUNDARY_TOL).any(axis=1)
+        near = ~np.isfinite(limits).all(axis=1) | (dist < 2 * BOUNDARY_TOL).any(axis=1)
         rows = np.flatnonzero(near)
     else:
         rows = np.arange(len(xy))
@@ -779,7 +799,8 @@ class BatchCutout2D:
             self._raise_for(int(bad[0]), status[bad[0]])
 
         self._source = data
-        self._wcs = wcs
+        # the cutouts' WCS derive from the parent's as it is now (as astropy's)
+        self._wcs = None if wcs is None else deepcopy(wcs)
         self._boxes = boxes
         self._originals = originals
         self._fill_value = fill_value

@@ -1015,6 +1015,7 @@ class _Runner:
         self._bar = None
         self.already_complete = False
         self.staged_rows = {}
+        self.files = {}  # row -> FITS file name of the rows written
         self.background_writes = _core_to_spare(prepared.options)
 
     # -- setup ------------------------------------------------------------
@@ -1421,8 +1422,6 @@ class _Runner:
         self.status[rows] = status
         self.messages.update({int(k): v for k, v in messages.items()})
         if files is not None:
-            if not hasattr(self, "files"):
-                self.files = {}
             self.files.update({int(r): str(f) for r, f in zip(rows, files, strict=False)})
 
     def _on_done(self, task, result):

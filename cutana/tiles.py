@@ -33,7 +33,7 @@ from astropy import units as u
 from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
 
-from ._geometry import BOX_OK, compute_boxes
+from ._geometry import BOUNDARY_TOL, BOX_OK, compute_boxes
 from .exceptions import TileError
 
 __all__ = [
@@ -1207,7 +1207,22 @@ class TileIndex:
         with warnings.catch_warnings(), np.errstate(invalid="ignore"):
             warnings.simplefilter("ignore", RuntimeWarning)
             px, py = wcs.all_world2pix(*_world_order(wcs, ra, dec), 0, quiet=True)
-        return np.asarray(px, dtype=np.float64), np.asarray(py, dtype=np.float64)
+            px = np.array(px, dtype=np.float64, ndmin=1)
+            py = np.array(py, dtype=np.float64, ndmin=1)
+            if wcs.has_distortion:
+                # the iterative solution over all positions can differ in the
+                # last bits from astropy's for one position; where that could
+                # move a box limit (position - size / 2, with a whole size: a
+                # position near a multiple of 0.5), solve source by source
+                near = np.flatnonzero(
+                    (np.abs(2 * px - np.round(2 * px)) < 2 * BOUNDARY_TOL)
+                    | (np.abs(2 * py - np.round(2 * py)) < 2 * BOUNDARY_TOL)
+                )
+                ra, dec = np.atleast_1d(ra), np.atleast_1d(dec)
+                for i in near:
+                    one = wcs.all_world2pix(*_world_order(wcs, ra[i], dec[i]), 0)
+                    px[i], py[i] = float(one[0]), float(one[1])
+        return px, py
 
     def assign_by_files(self, file_tuples, ra=None, dec=None, diameter_pix=None):
         """Map catalogue rows to tiles through their own ``fits_file_paths``.

@@ -1010,3 +1010,50 @@ def test_batch_masked_and_complex_data(mode):
         for i, a in enumerate(refs):
             np.testing.assert_array_equal(b.data.mask[i], np.ma.getmaskarray(a.data))
     check_batch(_image(np.complex128), XY, (2, 3), mode=mode, fill_value=1j)
+
+
+@pytest.mark.parametrize("kind", ["tan", "rotated", "sip"])
+@pytest.mark.parametrize("out_shape", [(45, 20), (12, 80)])
+def test_resampled_cutout_wcs_maps_like_the_parent(kind, out_shape):
+    """Test that the WCS of a resampled cutout (also with SIP distortion and
+    its inverse) gives at output pixel q the sky position that the parent
+    WCS gives at the input pixel q samples, p = origin + (q + 0.5) s - 0.5."""
+    from cutana.cutout import cutout_wcs
+
+    header = _header(kind)
+    if kind == "sip":  # with inverse polynomials, and third-order terms
+        header["A_ORDER"] = header["B_ORDER"] = 3
+        header["A_3_0"], header["B_0_3"] = 1e-6, -2e-6
+        header["AP_ORDER"] = header["BP_ORDER"] = 2
+        header["AP_2_0"], header["AP_1_1"] = -4e-4, 3e-4
+        header["BP_0_2"], header["BP_2_0"] = 1e-4, -3e-4
+    wcs = WCS(header)
+    origin, shape = np.array([7.0, 11.0]), (30, 40)  # (x0, y0), (ny, nx)
+    new = cutout_wcs(wcs, origin, shape, out_shape)
+    assert new.array_shape == out_shape
+    scale = np.array([shape[1] / out_shape[1], shape[0] / out_shape[0]])
+    qx, qy = np.meshgrid(np.arange(out_shape[1]), np.arange(out_shape[0]))
+    px = origin[0] + (qx + 0.5) * scale[0] - 0.5
+    py = origin[1] + (qy + 0.5) * scale[1] - 0.5
+    got = np.array(new.pixel_to_world_values(qx, qy))
+    want = np.array(wcs.pixel_to_world_values(px, py))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-11)
+    if kind == "sip":  # the inverse polynomials transform alike
+        p_inv = wcs.sip.foc2pix(wcs.sip.pix2foc(np.c_[px.ravel(), py.ravel()], 0), 0)
+        q_inv = new.sip.foc2pix(new.sip.pix2foc(np.c_[qx.ravel(), qy.ravel()], 0), 0)
+        np.testing.assert_allclose(
+            (q_inv + 0.5) * scale - 0.5 + origin, p_inv, rtol=0, atol=1e-9
+        )
+
+
+def test_cutout_wcs_is_taken_when_cut():
+    """Test that, as astropy's, a cutout's WCS is that of the parent when the
+    cutout was made, not after the caller changed the parent."""
+    wcs = _wcs("rotated")
+    one = Cutout2D(_image(), (20, 15), 9, wcs=wcs)
+    batch = BatchCutout2D(_image(), [(20, 15), (10, 5)], 9, wcs=wcs)
+    ref = AstropyCutout2D(_image(), (20, 15), 9, wcs=wcs)
+    wcs.wcs.crval = [0.0, 0.0]
+    for cut in (one, batch[0]):
+        np.testing.assert_array_equal(cut.wcs.wcs.crval, ref.wcs.wcs.crval)
+        np.testing.assert_array_equal(cut.wcs.wcs.crpix, ref.wcs.wcs.crpix)

@@ -457,3 +457,83 @@ def test_wide_tiles_are_stretched_from_their_own_values(tmp_path, dtype):
         scaled = np.clip((ref - vmin) / (vmax - vmin), 0, 1)
         expect = np.round(LogStretch(1000.0)(scaled) * 65535)
         np.testing.assert_array_equal(arch.images[i, 0], expect.astype(np.uint16))
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "fits"])
+def test_run_where_no_source_is_cut(survey, tmp_path, fmt):
+    """Test that a run in which no source can be cut (all off the tiles) is a
+    finished run with every row's status, in both formats, not a crash."""
+    from astropy.table import Table
+
+    far = tmp_path / "far.csv"
+    far_away = {"SourceID": ["a", "b"], "RA": [200.0, 201.0], "Dec": [10.0, 11.0]}
+    Table(far_away).write(far)
+    tiles = [p for paths in survey.tile_paths for p in paths]
+    out = tmp_path / f"none_{fmt}"
+    report = cutana.make_cutouts(
+        far, out, tiles=tiles, size=8, format=fmt, progress=False
+    )
+    assert report.exit_code == 0
+    assert report.counts == {"NO_OVERLAP": 2}
+    arch = cutana.open(out)
+    assert np.asarray(arch.status).tolist() == [Status.NO_OVERLAP] * 2
+    from cutana.io import verify_output
+
+    assert verify_output(out) == []
+
+
+def _sip_tile(path, shape=(260, 310)):
+    """A float32 tile with a SIP-distorted TAN WCS (with inverse terms)."""
+    h = fits.Header()
+    h["CTYPE1"], h["CTYPE2"] = "RA---TAN-SIP", "DEC--TAN-SIP"
+    h["CRVAL1"], h["CRVAL2"] = 10.0, 40.0
+    h["CRPIX1"], h["CRPIX2"] = shape[1] / 2 + 0.5, shape[0] / 2 - 0.25
+    h["CD1_1"], h["CD1_2"], h["CD2_1"], h["CD2_2"] = -5e-5, 1e-6, 2e-6, 5e-5
+    h["A_ORDER"] = h["B_ORDER"] = h["AP_ORDER"] = h["BP_ORDER"] = 2
+    h["A_2_0"], h["A_0_2"], h["A_1_1"] = 2e-5, -1e-5, 3e-6
+    h["B_2_0"], h["B_0_2"], h["B_1_1"] = -1e-5, 2e-5, 4e-6
+    h["AP_2_0"], h["AP_0_2"], h["AP_1_1"] = -2e-5, 1e-5, -3e-6
+    h["BP_2_0"], h["BP_0_2"], h["BP_1_1"] = 1e-5, -2e-5, -4e-6
+    data = np.random.default_rng(0).normal(size=shape).astype(">f4")
+    fits.PrimaryHDU(data, header=h).writeto(path)
+    return data, WCS(h)
+
+
+def test_sip_tile_boxes_and_resampled_wcs_equal_astropy(tmp_path):
+    """Test that on a SIP tile the pipeline's boxes are astropy's also for
+    sources whose box limit lies on a rounding boundary (where a vectorised
+    solution of the distortion can differ in the last bits), and that the
+    WCS of a resampled cutout places the sky where the tile's WCS does."""
+    from astropy.table import Table
+
+    data, wcs = _sip_tile(tmp_path / "t.fits")
+    rng = np.random.default_rng(4)
+    # sources at exact half-pixel positions, and random ones
+    xs = np.r_[np.arange(40.5, 270, 23.0), rng.uniform(20, 290, 20)]
+    ys = np.r_[np.arange(30.0, 240, 21.0)[: len(np.arange(40.5, 270, 23.0))],
+               rng.uniform(20, 240, 20)]
+    sky = wcs.pixel_to_world(xs, ys)
+    Table({"SourceID": [f"s{i}" for i in range(len(xs))], "RA": sky.ra.deg,
+           "Dec": sky.dec.deg}).write(tmp_path / "c.csv")
+    tiles = [str(tmp_path / "t.fits")]
+    out = tmp_path / "o.zarr"
+    cutana.make_cutouts(tmp_path / "c.csv", out, tiles=tiles, size=14, progress=False)
+    arch = cutana.open(out)
+    for i in np.flatnonzero(np.asarray(arch.status) == Status.OK):
+        ref = AstropyCutout2D(
+            data, SkyCoord(arch.ra[i], arch.dec[i], unit="deg"), 14, wcs=wcs,
+            mode="partial", fill_value=np.nan,
+        )
+        assert tuple(arch.origin[i]) == ref.origin_original, i
+        np.testing.assert_array_equal(arch.images[i, 0], ref.data)
+    resampled = tmp_path / "r.zarr"
+    cutana.make_cutouts(tmp_path / "c.csv", resampled, tiles=tiles, size=14,
+                        target_size=10, progress=False)
+    arch = cutana.open(resampled)
+    for i in np.flatnonzero(np.asarray(arch.status) == Status.OK)[:10]:
+        x0, y0 = arch.origin[i]
+        q = np.arange(10.0)
+        p = (q + 0.5) * 1.4 - 0.5  # 14 input pixels over 10 output pixels
+        got = arch.wcs(i).pixel_to_world_values(q, q[::-1])
+        want = wcs.pixel_to_world_values(x0 + p, y0 + p[::-1])
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-10)

@@ -36,6 +36,11 @@ __all__ = [
 #: ``all_world2pix`` can differ in the last bits from astropy's per-source
 #: call, and there that could move a box by a pixel.
 BOUNDARY_TOL = 1e-6
+#: astropy's message when the box limits cannot be rounded to numbers.
+ROUNDING_ERROR = (
+    "Limit rounding method must accept a single number as input and return a "
+    "single number."
+)
 
 #: The box was computed (for ``strict``, the box lies wholly in the image).
 BOX_OK = 0
@@ -203,11 +208,7 @@ def round_limits(values, limit_rounding_method=np.ceil, *, return_overflow=False
                 [min(max(v, -limit), limit) for v in flat], dtype=np.int64
             ).reshape(values.shape)
     except (TypeError, ValueError) as exc:
-        msg = (
-            "Limit rounding method must accept a single number as input and "
-            "return a single number."
-        )
-        raise ValueError(msg) from exc
+        raise ValueError(ROUNDING_ERROR) from exc
     if return_overflow:
         return result, overflow
     return result

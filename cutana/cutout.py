@@ -35,6 +35,7 @@ from ._geometry import (
     BOX_OK,
     BOX_OVERFLOW,
     BOX_PARTIAL,
+    ROUNDING_ERROR,
     compute_boxes,
 )
 from ._stack import _fill_bytes, extract_stack
@@ -478,6 +479,9 @@ class Cutout2D(_AstropyCutout2D):
             )
             raise ValueError(msg)
 
+        if any(np.ndim(v) != 0 for v in pos_check):  # e.g. a (2, 1) array
+            # where astropy's rounding of the box limits fails
+            raise ValueError(ROUNDING_ERROR)
         boxes = compute_boxes(
             data.shape,
             shape,

@@ -1057,3 +1057,14 @@ def test_cutout_wcs_is_taken_when_cut():
     for cut in (one, batch[0]):
         np.testing.assert_array_equal(cut.wcs.wcs.crval, ref.wcs.wcs.crval)
         np.testing.assert_array_equal(cut.wcs.wcs.crpix, ref.wcs.wcs.crpix)
+
+
+def test_position_of_arrays_raises_as_astropy():
+    """Test that a position of one-element arrays (shape (2, 1)) raises
+    astropy's ValueError, with its message."""
+    position = np.array([[5.0], [6.0]])
+    with pytest.raises(ValueError, match="Limit rounding method must accept") as ref:
+        AstropyCutout2D(_image(), position, 4)
+    with pytest.raises(ValueError) as got:
+        Cutout2D(_image(), position, 4)
+    assert str(got.value) == str(ref.value)

@@ -495,9 +495,8 @@ def _prepare(catalog, options, *, parent_bytes=None, chunked=True):
 
 
 def _check_crop(plan, options):
-    """A crop (``crop``) larger than the smallest cutouts of the plan is a usage
-    error, found before anything is cut (with a target size, `RunOptions.validate`
-    checks it)."""
+    """A crop (``crop``) larger than the plan's smallest cutouts is a usage
+    error, found before anything is cut."""
     if options.crop is None or options.normalize == "none" or not plan.jobs:
         return
     if plan.out_shape is not None:

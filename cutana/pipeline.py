@@ -189,6 +189,9 @@ class RunOptions:
                 self.channel_weights = [float(w) for w in self.channel_weights]
             except (TypeError, ValueError):
                 _bad("channel_weights", self.channel_weights, "a list of numbers")
+            if not all(math.isfinite(w) for w in self.channel_weights):
+                expected = "a list of finite numbers"
+                _bad("channel_weights", self.channel_weights, expected)
         try:  # the stretch's parameters, and a crop that cannot fit the output
             stretch = Normalizer(self.normalize, dtype=self.dtype, **self.norm_kwargs())
             if self.crop is not None:  # without a target size: its form only
@@ -481,6 +484,7 @@ def _prepare(catalog, options, *, parent_bytes=None, chunked=True):
         channel_weights=None
         if options.channel_weights is None
         else tuple(options.channel_weights),
+        band_names=tuple(index.bands),
         norm_kwargs=options.norm_kwargs(),
         n_threads=options.threads,
         # a worker keeps its tiles mapped between jobs in half the room the

@@ -71,6 +71,8 @@ class CutSettings:
         Bytes of tile files a worker may keep mapped from one job to the
         next (`cutana.tiles.open_pixels`); 0 maps every job afresh and
         hands the pages back as the job goes.
+    band_names : tuple of str
+        Names of the bands, in channel order (for messages).
 
     Examples
     --------
@@ -91,6 +93,7 @@ class CutSettings:
     norm_kwargs: dict = field(default_factory=dict)
     n_threads: int = 1
     keep_bytes: int = 0
+    band_names: tuple = ()
 
 
 def flux_factor(zeropoint):
@@ -303,7 +306,8 @@ def cut_job(settings, tile, job, scratch=None, out=None):
 
     for c, band in enumerate(tile.bands):
         if band is None:
-            text = f"tile {tile.key} has no file for band {c}"
+            name = settings.band_names[c] if c < len(settings.band_names) else c
+            text = f"tile {tile.key} has no file for band {name}"
         else:
             try:
                 _cut_band(

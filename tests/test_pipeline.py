@@ -392,6 +392,7 @@ def test_corrupt_tile_marks_only_its_sources(survey, tmp_path):
         ({"memory_limit": "1MB", "size": 21}, "too small"),
         ({"normalize": "asinh", "stretch_a": -1.0}, "a must be a finite number > 0"),
         ({"normalize": "zscale", "zscale_samples": 0}, "n_samples must be a positive"),
+        ({"size": 21, "channel_weights": [1.0, float("nan")]}, "finite numbers"),
         ({"normalize": "linear", "size": 21, "crop": 2.5}, "crop must be a fraction"),
         ({"normalize": "linear", "size": 21, "crop": 30}, "smallest cutouts are 21 x 21"),
         (
@@ -537,3 +538,25 @@ def test_sip_tile_boxes_and_resampled_wcs_equal_astropy(tmp_path):
         got = arch.wcs(i).pixel_to_world_values(q, q[::-1])
         want = wcs.pixel_to_world_values(x0 + p, y0 + p[::-1])
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-10)
+
+
+def test_tile_without_a_band_names_it(survey, tmp_path):
+    """Test that the sources of a tile lacking one band's file are TILE_ERROR,
+    filled in every band, with a message naming the band, and the others cut."""
+    copy = make_survey(tmp_path / "s", n_tiles=2, bands=BANDS, tile_size=120,
+                       n_sources=40, edge_fraction=0.0, off_tile_fraction=0.0,
+                       bad_row_fraction=0.0, size_range_pixels=(8, 12), seed=5)
+    gone = copy.tile_paths[1][1]
+    os.remove(gone)
+    tiles = [p for paths in copy.tile_paths for p in paths if p != gone]
+    out = tmp_path / "o.zarr"
+    report = cutana.make_cutouts(copy.catalogue_path, out, tiles=tiles, size=9,
+                                 progress=False)
+    arch = cutana.open(out)
+    status = np.asarray(arch.status)
+    failed = np.flatnonzero(status == Status.TILE_ERROR)
+    assert len(failed) and report.exit_code == 1
+    assert (status[status != Status.TILE_ERROR] <= Status.PARTIAL_OVERLAP).all()
+    for r in failed:
+        assert f"has no file for band {BANDS[1]}" in report.messages[int(r)]
+        assert not np.any(arch.images[r])

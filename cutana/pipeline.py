@@ -54,7 +54,7 @@ from .normalization import NORMALIZATIONS, Normalizer
 from .planner import Plan, available_memory, make_plan, parse_memory
 from .processing import CutSettings, Scratch, cut_job
 from .status import STATUS_DESCRIPTIONS, Status
-from .tiles import TileIndex, close_kept_maps
+from .tiles import TileIndex, close_kept_maps, missing_band_message
 
 __all__ = [
     "DTYPES",
@@ -423,6 +423,16 @@ def _prepare(catalog, options, *, parent_bytes=None, chunked=True):
         messages.setdefault(
             int(r), file_messages.get(int(r), f"tile files of row {r} could not be read")
         )
+    # a tile without a file for one of the bands cannot cut its sources
+    lacking = [t for t, tile in enumerate(index.tiles) if tile.missing_bands]
+    if lacking:
+        lack = ok & ~tile_err & np.isin(assignment.tile, lacking)
+        status[lack] = Status.TILE_ERROR
+        for r in np.flatnonzero(lack):
+            tile = index.tiles[int(assignment.tile[r])]
+            name = index.bands[tile.missing_bands[0]]
+            messages.setdefault(int(r), missing_band_message(tile, name))
+        tile_err |= lack
 
     # arcsec sizes depend on the pixel scale of the tile each source landed on
     if options.size is None and np.isfinite(cat.size_arcsec).any():

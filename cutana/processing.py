@@ -30,7 +30,7 @@ from .normalization import Normalizer
 from .planner import SUB_BATCH, working_dtype
 from .resample import Resampler
 from .status import Status
-from .tiles import mmap_of, open_pixels
+from .tiles import missing_band_message, mmap_of, open_pixels
 
 __all__ = ["CutSettings", "JANSKY_AB", "Scratch", "cut_job", "flux_factor"]
 
@@ -307,7 +307,7 @@ def cut_job(settings, tile, job, scratch=None, out=None):
     for c, band in enumerate(tile.bands):
         if band is None:
             name = settings.band_names[c] if c < len(settings.band_names) else c
-            text = f"tile {tile.key} has no file for band {name}"
+            text = missing_band_message(tile, name)
         else:
             try:
                 _cut_band(

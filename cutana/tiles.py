@@ -43,6 +43,7 @@ __all__ = [
     "TileIndex",
     "TilePixels",
     "close_kept_maps",
+    "missing_band_message",
     "open_pixels",
 ]
 
@@ -1674,6 +1675,31 @@ def _open_known_layout(band, keep_bytes=0):
         if keep:
             _KEPT[key] = data
     return TilePixels(band, data, bscale, bzero, blank, None, kept=keep)
+
+
+def missing_band_message(tile, band):
+    """Why the sources of ``tile`` are not cut when it has no file for ``band``.
+
+    Parameters
+    ----------
+    tile : `Tile`
+        The tile.
+    band : str
+        The band's name.
+
+    Returns
+    -------
+    message : str
+        The message recorded for each of the tile's sources.
+
+    Examples
+    --------
+    >>> from cutana.tiles import Tile, missing_band_message
+    >>> tile = Tile(key="102018211", bands=(None,), shape=(100, 100))
+    >>> missing_band_message(tile, "NIR-J")
+    'tile 102018211 has no file for band NIR-J'
+    """
+    return f"tile {tile.key} has no file for band {band}"
 
 
 def close_kept_maps():

@@ -3,7 +3,8 @@
 The FITS output: one file per source, and an index of every catalogue row.
 
 Each file holds an empty primary HDU with the source's keywords and one
-image HDU per band (``EXTNAME`` = band name) with the cutout's WCS and the
+image HDU per band, in band order (``EXTNAME`` = band name, upper-cased as
+astropy writes it), with the cutout's WCS and the
 keywords ``SRCID`` (source id), ``RA``, ``DEC`` (degrees), ``ROW``
 (catalogue row), ``STATUS`` (`~cutana.Status` code) and ``TILE`` (file name
 of that band's tile). Files are written to a temporary name and renamed into
@@ -186,7 +187,8 @@ class FitsWriter:
     out_dir : str or path-like
         The output folder.
     bands : list of str
-        Band names, in channel order; they become the ``EXTNAME`` values.
+        Band names, in channel order; they become the ``EXTNAME`` values
+        (upper-cased by astropy).
 
     Examples
     --------

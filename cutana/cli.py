@@ -244,7 +244,13 @@ def _options(args, config):
 
 def _setup_logging(verbose):
     level = logging.WARNING - 10 * min(verbose, 2)
+    root = logging.getLogger()
+    before = set(root.handlers)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # the handler made here also filters what libraries log at levels of
+    # their own (dask's distributed logs a local cluster's start at INFO)
+    for handler in set(root.handlers) - before:
+        handler.setLevel(level)
 
 
 def main(args=None):

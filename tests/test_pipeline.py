@@ -549,6 +549,7 @@ def test_tile_without_a_band_names_it(survey, tmp_path):
     gone = copy.tile_paths[1][1]
     os.remove(gone)
     tiles = [p for paths in copy.tile_paths for p in paths if p != gone]
+    plan = cutana.plan_cutouts(copy.catalogue_path, tiles=tiles, size=9)
     out = tmp_path / "o.zarr"
     report = cutana.make_cutouts(copy.catalogue_path, out, tiles=tiles, size=9,
                                  progress=False)
@@ -556,6 +557,11 @@ def test_tile_without_a_band_names_it(survey, tmp_path):
     status = np.asarray(arch.status)
     failed = np.flatnonzero(status == Status.TILE_ERROR)
     assert len(failed) and report.exit_code == 1
+    # the plan knows them already: no job cuts them
+    np.testing.assert_array_equal(
+        np.flatnonzero(plan.base_status == Status.TILE_ERROR), failed
+    )
+    assert not set(failed) & {int(r) for job in plan.jobs for r in job.rows}
     assert (status[status != Status.TILE_ERROR] <= Status.PARTIAL_OVERLAP).all()
     for r in failed:
         assert f"has no file for band {BANDS[1]}" in report.messages[int(r)]

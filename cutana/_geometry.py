@@ -28,6 +28,7 @@ __all__ = [
     "BOX_PARTIAL",
     "Boxes",
     "compute_boxes",
+    "near_rounding_boundary",
     "round_limits",
 ]
 
@@ -36,6 +37,34 @@ __all__ = [
 #: ``all_world2pix`` can differ in the last bits from astropy's per-source
 #: call, and there that could move a box by a pixel.
 BOUNDARY_TOL = 1e-6
+
+
+def near_rounding_boundary(values):
+    """Whether each value lies within `BOUNDARY_TOL` of a multiple of 0.5.
+
+    There a box limit's rounding (ceil, floor, trunc or round) can go either
+    way on a last-bit difference in the position.
+
+    Parameters
+    ----------
+    values : array-like
+        Box limits (or positions, for whole box sizes), in pixels.
+
+    Returns
+    -------
+    near : `~numpy.ndarray` of bool
+        Elementwise; False for NaN.
+
+    Examples
+    --------
+    >>> from cutana._geometry import near_rounding_boundary
+    >>> near_rounding_boundary([3.5, 3.5 + 1e-9, 3.25, float("nan")]).tolist()
+    [True, True, False, False]
+    """
+    twice = 2.0 * np.asarray(values, dtype=np.float64)
+    return np.abs(twice - np.round(twice)) < 2 * BOUNDARY_TOL
+
+
 #: astropy's message when the box limits cannot be rounded to numbers.
 ROUNDING_ERROR = (
     "Limit rounding method must accept a single number as input and return a "

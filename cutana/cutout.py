@@ -29,7 +29,6 @@ from astropy.wcs.utils import proj_plane_pixel_scales, skycoord_to_pixel
 
 from ._geometry import (
     _VECTOR_ROUNDING,
-    BOUNDARY_TOL,
     BOX_NO_OVERLAP,
     BOX_NONFINITE,
     BOX_OK,
@@ -37,6 +36,7 @@ from ._geometry import (
     BOX_PARTIAL,
     ROUNDING_ERROR,
     compute_boxes,
+    near_rounding_boundary,
 )
 from ._stack import _fill_bytes, extract_stack
 from ._threads import resolve_n_threads
@@ -603,9 +603,10 @@ def _refine_sky_positions(xy, sky, wcs, shapes, limit_rounding_method):
     except TypeError:  # unhashable callable
         known = False
     if known:
-        limits = 2.0 * (xy - shapes[:, ::-1] / 2.0)
-        dist = np.abs(limits - np.round(limits))
-        near = ~np.isfinite(limits).all(axis=1) | (dist < 2 * BOUNDARY_TOL).any(axis=1)
+        limits = xy - shapes[:, ::-1] / 2.0
+        near = ~np.isfinite(limits).all(axis=1) | near_rounding_boundary(limits).any(
+            axis=1
+        )
         rows = np.flatnonzero(near)
     else:
         rows = np.arange(len(xy))

@@ -33,7 +33,7 @@ from astropy import units as u
 from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
 
-from ._geometry import BOUNDARY_TOL, BOX_OK, compute_boxes
+from ._geometry import BOX_OK, compute_boxes, near_rounding_boundary
 from .exceptions import TileError
 
 __all__ = [
@@ -1216,8 +1216,7 @@ class TileIndex:
                 # move a box limit (position - size / 2, with a whole size: a
                 # position near a multiple of 0.5), solve source by source
                 near = np.flatnonzero(
-                    (np.abs(2 * px - np.round(2 * px)) < 2 * BOUNDARY_TOL)
-                    | (np.abs(2 * py - np.round(2 * py)) < 2 * BOUNDARY_TOL)
+                    near_rounding_boundary(px) | near_rounding_boundary(py)
                 )
                 ra, dec = np.atleast_1d(ra), np.atleast_1d(dec)
                 for i in near:

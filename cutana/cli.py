@@ -24,6 +24,7 @@ configuration error.
 import argparse
 import difflib
 import errno
+import gc
 import json
 import logging
 import os
@@ -322,6 +323,22 @@ def main(args=None):
     return EXIT_USAGE  # pragma: no cover
 
 
+def _import_pipeline():
+    """Import `cutana.pipeline` (and astropy and zarr with it) for a command.
+
+    The imports make some 150,000 objects and no garbage: the cyclic
+    collector is paused meanwhile, which saves about 50 ms of the 0.5 s.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        from . import pipeline
+    finally:
+        if enabled:
+            gc.enable()
+    return pipeline
+
+
 def _cmd_run(ns, parser):
     config = _load_config(ns.config, parser) if ns.config else {}
     opts = _options(ns, config)
@@ -333,7 +350,7 @@ def _cmd_run(ns, parser):
     if backend == "processes":
         # worker processes import cutana while this process does the same
         start_forkserver(WORKER_PRELOAD)
-    from .pipeline import make_cutouts
+    make_cutouts = _import_pipeline().make_cutouts
 
     catalogue = ns.catalogue or config.get("catalogue")
     output = ns.output or config.get("output")
@@ -355,7 +372,7 @@ def _cmd_run(ns, parser):
 
 
 def _cmd_plan(ns, parser):
-    from .pipeline import plan_cutouts
+    plan_cutouts = _import_pipeline().plan_cutouts
 
     config = _load_config(ns.config, parser) if ns.config else {}
     plan = plan_cutouts(ns.catalogue, **_options(ns, config))
@@ -364,8 +381,8 @@ def _cmd_plan(ns, parser):
 
 
 def _cmd_demo(ns):
+    make_cutouts = _import_pipeline().make_cutouts
     from .bench.synthetic import make_demo_survey
-    from .pipeline import make_cutouts
 
     survey_dir = os.path.join(ns.output, "survey")
     out_dir = os.path.join(ns.output, "cutouts")

@@ -1,6 +1,7 @@
 # Licensed under a 3-clause BSD style license - see LICENSE.rst
 """Tests of the ``cutana`` command: options, exit codes, config files."""
 
+import gc
 import os
 import shutil
 import subprocess
@@ -11,7 +12,7 @@ import pytest
 
 import cutana
 from cutana.bench.synthetic import make_survey
-from cutana.cli import build_parser, main
+from cutana.cli import _import_pipeline, build_parser, main
 from cutana.status import Status
 
 
@@ -247,3 +248,16 @@ def test_command_imports_stay_light(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_pipeline_import_leaves_the_collector_as_it_was(enabled):
+    # the commands import the pipeline with the cyclic collector paused
+    was = gc.isenabled()
+    (gc.enable if enabled else gc.disable)()
+    try:
+        module = _import_pipeline()
+        assert gc.isenabled() is enabled
+    finally:
+        (gc.enable if was else gc.disable)()
+    assert module is sys.modules["cutana.pipeline"]

@@ -977,6 +977,7 @@ def make_cutouts(
             runner.start(
                 resume=bool(exists and resume), overwrite=bool(exists and overwrite)
             )
+            _release_free_memory()  # what creating the store left behind
             runner.run(executor)
         finally:
             _SCRATCH.clear()

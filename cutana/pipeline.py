@@ -39,6 +39,7 @@ from .io import (
     ZarrWriter,
     choose_chunk_rows,
     clean_staging,
+    extension_names,
     fits_filenames,
     load_staged,
     open_output,
@@ -399,6 +400,12 @@ def _prepare(catalog, options, *, parent_bytes=None, chunked=True):
             f"{len(index.bands)} bands ({', '.join(index.bands)})"
         )
         raise ConfigError(msg)
+
+    if options.format == "fits":
+        try:
+            extension_names(index.bands)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
     status = np.asarray(cat.status, dtype=np.int16).copy()
     messages = dict(cat.messages)

@@ -261,3 +261,22 @@ def test_pipeline_import_leaves_the_collector_as_it_was(enabled):
     finally:
         (gc.enable if was else gc.disable)()
     assert module is sys.modules["cutana.pipeline"]
+
+
+def test_fits_run_refuses_bands_that_differ_only_in_case(tmp_path, capsys):
+    # FITS extension names are upper-cased: 'r' and 'R' would share one
+    survey = make_survey(
+        tmp_path / "s", n_tiles=1, bands=("r", "R"), tile_size=120, n_sources=12,
+        size_range_pixels=(8, 16),
+        off_tile_fraction=0.0, edge_fraction=0.0, seed=4,
+    )
+    args = ["run", survey.catalogue_path, "--size", "8", "--no-progress"]
+    fits_out = tmp_path / "fits"
+    assert main([*args, "-o", str(fits_out), "--format", "fits"]) == 2
+    err = capsys.readouterr().err
+    assert "bands 'r' and 'R' would both be the FITS extension 'R'" in err
+    assert not fits_out.exists() or not any(fits_out.glob("*.fits"))
+    # Zarr keeps them apart, and so does FITS with one of them
+    assert main([*args, "-o", str(tmp_path / "zarr")]) == 0
+    assert list(cutana.open(tmp_path / "zarr").bands) == ["r", "R"]
+    assert main([*args, "-o", str(fits_out), "--format", "fits", "--bands", "R"]) == 0

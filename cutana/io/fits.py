@@ -37,7 +37,13 @@ from astropy.wcs import WCS
 from ..status import Status
 from .staging import state_dir
 
-__all__ = ["FitsWriter", "INDEX_NAME", "fits_filenames", "write_index"]
+__all__ = [
+    "FitsWriter",
+    "INDEX_NAME",
+    "extension_names",
+    "fits_filenames",
+    "write_index",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -146,6 +152,51 @@ def _fits_text(value):
     return "".join(c if 32 <= ord(c) < 127 else f"\\x{ord(c):02x}" for c in text)
 
 
+def extension_names(bands):
+    """The ``EXTNAME`` of each band's image HDU in a FITS output.
+
+    FITS extension names are upper-cased (as astropy writes them), so two
+    bands that differ only in case would share one; that is an error.
+
+    Parameters
+    ----------
+    bands : sequence of str
+        Band names, in channel order.
+
+    Returns
+    -------
+    names : list of str
+        The extension names (printable ASCII, upper case).
+
+    Raises
+    ------
+    ValueError
+        If two bands would get the same extension name.
+
+    Examples
+    --------
+    >>> from cutana.io.fits import extension_names
+    >>> extension_names(["VIS", "nir-h"])
+    ['VIS', 'NIR-H']
+    >>> extension_names(["r", "R"])
+    Traceback (most recent call last):
+    ...
+    ValueError: bands 'r' and 'R' would both be the FITS extension 'R' ...
+    """
+    names = [_fits_text(b).upper() for b in bands]
+    first = {}
+    for band, name in zip(bands, names, strict=True):
+        if name in first:
+            msg = (
+                f"bands {first[name]!r} and {band!r} would both be the FITS extension "
+                f"{name!r} (extension names are upper-cased): keep one of them with "
+                "--bands, or write Zarr"
+            )
+            raise ValueError(msg)
+        first[name] = band
+    return names
+
+
 def _wcs_header(w):
     if w is None:
         return fits.Header()
@@ -218,6 +269,7 @@ class FitsWriter:
         if not self.bands:
             msg = "bands must name at least one band"
             raise ValueError(msg)
+        self._extnames = extension_names(self.bands)
         self._tmp_dir = os.path.join(state_dir(self.out_dir), "tmp")
         os.makedirs(self._tmp_dir, exist_ok=True)
 
@@ -411,7 +463,8 @@ class FitsWriter:
             for key, value in cards.items():
                 primary.header[key] = value
             hdus = [primary]
-            for c, band in enumerate(self.bands):
+            names = zip(self.bands, self._extnames, strict=True)
+            for c, (band, extname) in enumerate(names):
                 hdr = wcs_header.copy()
                 for key, value in cards.items():
                     hdr[key] = value
@@ -422,7 +475,7 @@ class FitsWriter:
                     fits.ImageHDU(
                         data=np.ascontiguousarray(images[k, c]),
                         header=hdr,
-                        name=_fits_text(band),
+                        name=extname,
                     )
                 )
             _fsync_write(

@@ -885,7 +885,9 @@ class TileIndex:
         (rounded) WCS and shape. If two files of one tile give the same band
         name but their file names give different ones (a science image and
         its RMS map, say), the file-name bands are used for them; otherwise
-        the later file is reported in ``errors``.
+        the file whose name gives that band (a science image beside a
+        background model, say), else the first, is used, and the others are
+        reported in ``errors``.
         """
         files, errors = _expand(paths)
         groups = {}
@@ -918,15 +920,23 @@ class TileIndex:
                     )
                     for r in dups:
                         r.band = r.name_band
+            # of several files for one band, the one whose name says the band
+            # (a science image among, say, background models), else the first
+            chosen = {}
+            for r in recs:
+                if r.band not in chosen or (
+                    r.name_band == r.band != chosen[r.band].name_band
+                ):
+                    chosen[r.band] = r
             by_band = {}
             for r in recs:
-                if r.band in by_band:
+                if chosen[r.band] is not r:
                     errors.append(
                         (
                             r.path,
                             f"{r.path}: tile {key!r} already has a file for band "
                             f"{r.band!r} "
-                            f"({by_band[r.band].path}); this one is ignored",
+                            f"({chosen[r.band].path}); this one is ignored",
                         )
                     )
                     continue

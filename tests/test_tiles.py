@@ -220,6 +220,30 @@ def test_duplicate_band_in_tile_is_an_error(tmp_path):
     assert "already has a file for band 'VIS'" in index.errors[0][1]
 
 
+def test_science_file_wins_over_a_background_model_of_its_band(tmp_path):
+    """Test that of two files claiming a band, the one whose name gives it is used.
+
+    A background model sorts before the science image (BGMOD < BGSUB) and
+    has the same FILTER; the science image must not be displaced, and the
+    band order must not depend on the model's presence.
+    """
+    for band, seed in (("VIS", 1), ("NIR-H", 2)):
+        make_tile(
+            tmp_path / f"EUC_MER_BGSUB-MOSAIC-{band}_TILE7-x.fits",
+            keywords={"FILTER": band}, band=None, seed=seed,
+        )
+    alone = TileIndex.from_paths(str(tmp_path / "*.fits"))
+    model = tmp_path / "EUC_MER_BGMOD-VIS_TILE7-x.fits"
+    make_tile(model, keywords={"FILTER": "VIS"}, band=None, seed=3)
+    index = TileIndex.from_paths(str(tmp_path / "*.fits"))
+    assert index.bands == alone.bands
+    assert len(index.tiles) == 1
+    vis = index.tiles[0].bands[index.bands.index("VIS")]
+    assert vis.path.endswith("EUC_MER_BGSUB-MOSAIC-VIS_TILE7-x.fits")
+    assert [e[0] for e in index.errors] == [str(model)]
+    assert "this one is ignored" in index.errors[0][1]
+
+
 def test_image_in_extension_and_hdu_option(tmp_path):
     """Test that the first 2-D image HDU is used, or the one named by hdu=."""
     path = tmp_path / "ext.fits"

@@ -27,6 +27,7 @@
 # allocated with malloc inside each call.
 
 from cython cimport floating
+from libc.math cimport NAN
 from libc.math cimport floor as _rs_floor
 from libc.stdlib cimport free as _rs_free
 from libc.stdlib cimport malloc as _rs_malloc
@@ -323,16 +324,84 @@ cdef void _to_double(
                 dst[k] = (<const uint64_t*> raw)[k]
 
 
+cdef void _mark_blank(
+    const uint8_t* raw, double* dst, Py_ssize_t n, int kind, int itemsize,
+    int64_t blank,
+) noexcept nogil:
+    """Set ``dst[k]`` to NaN where native integer item ``k`` equals ``blank``
+    (the FITS ``BLANK`` of integer images), comparing the stored integers."""
+    cdef Py_ssize_t k
+    cdef double nan = NAN
+    if kind == _KIND_INT:
+        if itemsize == 1:
+            for k in range(n):
+                if (<const signed char*> raw)[k] == blank:
+                    dst[k] = nan
+        elif itemsize == 2:
+            for k in range(n):
+                if (<const short*> raw)[k] == blank:
+                    dst[k] = nan
+        elif itemsize == 4:
+            for k in range(n):
+                if (<const int*> raw)[k] == blank:
+                    dst[k] = nan
+        else:
+            for k in range(n):
+                if (<const int64_t*> raw)[k] == blank:
+                    dst[k] = nan
+    elif kind == _KIND_UINT:
+        if itemsize == 1:
+            for k in range(n):
+                if (<const uint8_t*> raw)[k] == blank:
+                    dst[k] = nan
+        elif itemsize == 2:
+            for k in range(n):
+                if (<const uint16_t*> raw)[k] == blank:
+                    dst[k] = nan
+        elif itemsize == 4:
+            for k in range(n):
+                if (<const uint32_t*> raw)[k] == blank:
+                    dst[k] = nan
+        else:
+            for k in range(n):
+                if blank >= 0 and (<const uint64_t*> raw)[k] == <uint64_t> blank:
+                    dst[k] = nan
+
+
+cdef struct _Scaling:
+    # physical value of a stored one, as astropy computes it: stored * bscale
+    # + bzero, in float32 (``single``) or float64 arithmetic; then * factor
+    bint fits
+    bint single
+    double bscale
+    double bzero
+    float bscale32
+    float bzero32
+
+
+cdef inline double _physical(double v, const _Scaling* sc) noexcept nogil:
+    cdef float f
+    if sc.single:
+        f = (<float> v) * sc.bscale32
+        f = f + sc.bzero32
+        return f
+    return v * sc.bscale + sc.bzero
+
+
 cdef void _prepare_window(
     double* win, Py_ssize_t ny, Py_ssize_t nx, int64_t y0, int64_t x0,
     Py_ssize_t src_ny, Py_ssize_t src_nx, int overlap, double scale,
-    double fill,
+    double fill, const _Scaling* sc,
 ) noexcept nogil:
-    """Scale the pixels inside the image and write ``fill`` outside it."""
+    """Scale the pixels inside the image (FITS scaling ``sc``, then
+    ``scale``) and write ``fill`` outside it."""
     cdef Py_ssize_t r, c, n = ny * nx
     cdef double* row
     cdef bint row_out
     if overlap == _FULL:
+        if sc.fits:
+            for c in range(n):
+                win[c] = _physical(win[c], sc)
         if scale != 1.0:
             for c in range(n):
                 win[c] *= scale
@@ -343,8 +412,11 @@ cdef void _prepare_window(
         for c in range(nx):
             if row_out or x0 + c < 0 or x0 + c >= src_nx:
                 row[c] = fill
-            elif scale != 1.0:
-                row[c] *= scale
+            else:
+                if sc.fits:
+                    row[c] = _physical(row[c], sc)
+                if scale != 1.0:
+                    row[c] *= scale
 
 
 cdef void _resample_one(
@@ -440,6 +512,10 @@ def resample_windows(
     double fill,
     int method,
     floating[:, :, ::1] out,
+    double bscale=1.0,
+    double bzero=0.0,
+    blank=None,
+    bint single=False,
 ):
     """Extract N windows of any shapes out of a 2-D image and resample each.
 
@@ -469,6 +545,16 @@ def resample_windows(
         ``RESAMPLE_NEAREST``, ``RESAMPLE_BILINEAR`` or ``RESAMPLE_AREA``.
     out : memoryview of float32 or float64, shape ``(N, H, W)``
         Caller-allocated, C-contiguous output.
+    bscale, bzero : float, optional
+        FITS scaling of the stored values: a pixel inside the image is
+        ``stored * bscale + bzero`` (before ``scale``), computed as astropy
+        scales FITS data: in float32 arithmetic with ``single``, else in
+        float64.
+    blank : int, optional
+        FITS ``BLANK`` of an integer image: stored values equal to it are
+        NaN.
+    single : bool, optional
+        See ``bscale``.
 
     Returns
     -------
@@ -489,6 +575,17 @@ def resample_windows(
     cdef uint8_t* have_row = NULL
     cdef _Axis ay, ax
     cdef bint has_scale = scale.shape[0] > 0
+    cdef _Scaling sc
+    cdef bint has_blank = blank is not None and kind != _KIND_FLOAT
+    cdef int64_t blank_value = 0
+    sc.fits = bscale != 1.0 or bzero != 0.0
+    sc.single = single
+    sc.bscale = bscale
+    sc.bzero = bzero
+    sc.bscale32 = <float> bscale
+    sc.bzero32 = <float> bzero
+    if has_blank:
+        blank_value = blank
     if itemsize not in (1, 2, 4, 8):
         msg = f"itemsize must be 1, 2, 4 or 8, got {itemsize}"
         raise ValueError(msg)
@@ -552,9 +649,10 @@ def resample_windows(
             for i in range(n):
                 ny = shapes[i, 0]
                 nx = shapes[i, 1]
-                if kind == _KIND_FLOAT and itemsize == 4 and _read_f32_inside(
-                        src, src_ny, src_nx, corners[i, 0], corners[i, 1], ny, nx,
-                        swap, scale[i] if has_scale else 1.0, win):
+                if kind == _KIND_FLOAT and itemsize == 4 and not sc.fits and (
+                        _read_f32_inside(src, src_ny, src_nx, corners[i, 0],
+                                         corners[i, 1], ny, nx, swap,
+                                         scale[i] if has_scale else 1.0, win)):
                     ov = _FULL
                 else:
                     ov = _extract_one_strided(src, src_ny, src_nx, itemsize,
@@ -562,9 +660,11 @@ def resample_windows(
                                               raw, nx * itemsize, zero, itemsize,
                                               swap)
                     _to_double(raw, win, ny * nx, kind, itemsize)
+                    if has_blank:
+                        _mark_blank(raw, win, ny * nx, kind, itemsize, blank_value)
                     _prepare_window(win, ny, nx, corners[i, 0], corners[i, 1],
                                     src_ny, src_nx, ov,
-                                    scale[i] if has_scale else 1.0, fill)
+                                    scale[i] if has_scale else 1.0, fill, &sc)
                 ov_view[i] = <signed char> ov
                 _axis_build(&ay, ny, method)
                 _axis_build(&ax, nx, method)

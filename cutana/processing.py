@@ -345,6 +345,25 @@ def cut_job(settings, tile, job, scratch=None, out=None):
     )
 
 
+def _physical(block, pixels, blank, factor):
+    """Turn stored values extracted into ``block`` into physical ones, times
+    ``factor``, in place: ``BLANK`` becomes NaN, then ``BSCALE`` and
+    ``BZERO`` are applied in the block's float type, in astropy's order, and
+    the factor in float64."""
+    work = block.dtype.type
+    if blank is not None:
+        # exact: 8- and 16-bit stored values are cut in float32, wider ones
+        # in float64 (`working_dtype`)
+        block[block == work(blank)] = np.nan
+    if pixels.bscale != 1.0:
+        block *= work(pixels.bscale)
+    if pixels.bzero != 0.0:
+        block += work(pixels.bzero)
+    if factor != 1.0:
+        # one rounding of the exact product, as the resampling kernel does
+        np.multiply(block, factor, out=block, dtype=np.float64, casting="same_kind")
+
+
 def _cut_band(
     settings, band, c, job, starts, order, same_size, out_shape, images, scratch
 ):
@@ -362,8 +381,13 @@ def _cut_band(
     if settings.channel_weights is not None:
         factor *= float(settings.channel_weights[c])
 
+    # nearest to the same size copies the windows; bilinear and area are
+    # computed even then, as `BatchCutout2D.resample` does (a NaN reaches
+    # the neighbouring output pixel through a zero weight)
     direct = settings.resample == "none" or (
-        same_size and tuple(job.box[0]) == tuple(out_shape)
+        settings.resample == "nearest"
+        and same_size
+        and tuple(job.box[0]) == tuple(out_shape)
     )
     n_channels = images.shape[1]
     if not images.flags.c_contiguous:  # reshaping would copy: writes lost
@@ -383,8 +407,9 @@ def _cut_band(
         itemsize = np.dtype(pixels.data.dtype).itemsize
         work = working_dtype(pixels.data.dtype)
         touched = 0
-        scale = factor * pixels.bscale
-        offset = factor * pixels.bzero
+        # stored values become physical ones as astropy scales them (BLANK
+        # is NaN), before the flux factor and any resampling
+        blank = pixels.blank
         resample = None
         for lo in range(0, len(order), SUB_BATCH):
             box = boxes[lo : lo + SUB_BATCH]
@@ -397,24 +422,15 @@ def _cut_band(
                     data, first, out_shape, np.nan, dtype=work, out=block,
                     n_threads=settings.n_threads,
                 )
-                if scale != 1.0:
-                    block *= work.type(scale)
-                if offset != 0.0:
-                    block += work.type(offset)
+                _physical(block, pixels, blank, factor)
             else:
                 if resample is None or data is not pixels.data:  # a part read
                     resample = Resampler(
                         data, out_shape, settings.resample, np.nan,
                         dtype=work, n_threads=settings.n_threads,
+                        bscale=pixels.bscale, bzero=pixels.bzero, blank=blank,
                     )
-                resample(first, box, scale=scale, out=block)
-                if offset != 0.0:
-                    # an 'area' pixel sums (ny * nx) / (H * W) input pixels
-                    per = np.full(len(box), offset, dtype=np.float64)
-                    if settings.resample == "area":
-                        area = box.astype(np.float64)
-                        per *= area[:, 0] * area[:, 1] / (out_shape[0] * out_shape[1])
-                    block += per.astype(work)[:, None, None]
+                resample(first, box, scale=factor, out=block)
             # straight into the job's rows: no copy through a buffer
             stretch(block, out=flat, rows=rows[lo : lo + SUB_BATCH])
             # windows are swept top to bottom, so neighbouring sub-batches share

@@ -29,6 +29,9 @@ window's first pixel), as `scipy.ndimage.zoom` does with ``grid_mode=True``.
 """
 
 
+import math
+import operator
+
 import numpy as np
 
 from . import _extract
@@ -209,6 +212,14 @@ class Resampler:
     n_threads : int, optional
         Number of threads of each call, each resampling a contiguous block
         of windows (default 1).
+    bscale, bzero : float, optional
+        FITS scaling of raw stored values (``BSCALE``, ``BZERO``): a pixel
+        is ``stored * bscale + bzero`` before ``scale``, computed as astropy
+        scales FITS images (float32 arithmetic for 8- and 16-bit integers
+        and float32, float64 otherwise), and before resampling.
+    blank : int, optional
+        FITS ``BLANK`` of raw integer data: stored values equal to it are
+        NaN, as astropy makes them.
 
     Raises
     ------
@@ -226,10 +237,18 @@ class Resampler:
     >>> out, overlap = resample([[0, 0], [2, 2]], (2, 2))
     >>> out[:, 0, 0], overlap
     (array([10., 50.], dtype=float32), array([0, 0], dtype=int8))
+
+    Raw 16-bit FITS values with ``BZERO`` and a ``BLANK``, as astropy reads
+    them:
+
+    >>> stored = np.array([[-32768, -32767], [0, 5]], dtype=">i2")
+    >>> copy = Resampler(stored, (2, 2), "nearest", bzero=32768.0, blank=-32768)
+    >>> copy([[0, 0]], (2, 2))[0][0].tolist()
+    [[nan, 1.0], [32768.0, 32773.0]]
     """
 
     def __init__(self, data, out_shape, method="bilinear", fill_value=0.0, *,
-                 dtype=np.float32, n_threads=1):
+                 dtype=np.float32, n_threads=1, bscale=1.0, bzero=0.0, blank=None):
         if method not in _METHOD_CODES:
             msg = f"method must be one of {RESAMPLE_METHODS}, got {method!r}"
             raise ValueError(msg)
@@ -254,6 +273,16 @@ class Resampler:
         self._swap = not arr.dtype.isnative and arr.dtype.itemsize > 1
         self._code = _METHOD_CODES[method]
         self._fill = float(fill_value)
+        self._bscale = float(bscale)
+        self._bzero = float(bzero)
+        if not (math.isfinite(self._bscale) and math.isfinite(self._bzero)):
+            msg = f"bscale and bzero must be finite, got {bscale!r} and {bzero!r}"
+            raise ValueError(msg)
+        self._blank = None if blank is None else operator.index(blank)
+        # astropy scales 8- and 16-bit integer and float32 images in float32
+        self._single = arr.dtype.itemsize <= 2 or arr.dtype.kind == "f" and (
+            arr.dtype.itemsize == 4
+        )
 
     def __call__(self, starts, shapes, *, scale=None, out=None):
         """Extract and resample windows of the image.
@@ -326,4 +355,5 @@ class Resampler:
         return _extract.resample_windows(
             self._src, self._width, self._itemsize, self._swap, self._kind,
             starts, shapes, factors, self._fill, self._code, out,
+            self._bscale, self._bzero, self._blank, self._single,
         )

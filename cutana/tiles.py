@@ -1442,7 +1442,9 @@ class TilePixels:
         ``BSCALE`` and ``BZERO`` of the header (1 and 0 if absent). The
         physical value is ``data * bscale + bzero``; nothing is applied.
     blank : int or None
-        ``BLANK`` of integer images, if any.
+        The stored value read as NaN: the ``BLANK`` of an integer image,
+        where astropy applies it (not to pseudo-unsigned images, nor a
+        ``BLANK`` of 0).
     band : `BandFile`
         The band file.
     kept : bool
@@ -1494,6 +1496,29 @@ class TilePixels:
     def __exit__(self, *exc):
         self.close()
         return False
+
+
+def _nan_blank(blank, dtype, bscale, bzero):
+    """The stored value of an image that astropy reads as NaN, or None.
+
+    astropy applies ``BLANK`` to integer images that it turns into floats:
+    not to float images, not to "pseudo-unsigned" ones (``BSCALE`` 1,
+    ``BZERO`` 2**(bits - 1), or -128 for bytes), which it reads as
+    integers, not to a ``BLANK`` that is not an integer, and not to a
+    ``BLANK`` of 0 (astropy tests the keyword's truth).
+    """
+    if (
+        dtype.kind not in "iu"
+        or isinstance(blank, bool)
+        or not isinstance(blank, (int, np.integer))
+        or blank == 0
+    ):
+        return None
+    bits = 8 * dtype.itemsize
+    pseudo = -128.0 if bits == 8 else float(2 ** (bits - 1))
+    if bscale == 1.0 and bzero == pseudo:
+        return None
+    return int(blank)
 
 
 def open_pixels(band, keep_bytes=0):
@@ -1588,7 +1613,7 @@ def open_pixels(band, keep_bytes=0):
             hdul.close()
         msg = f"{band.path}: cannot open pixels of HDU {band.hdu!r} ({_reason(exc)})"
         raise TileError(msg) from exc
-    blank = None if blank is None else int(blank)
+    blank = _nan_blank(blank, np.dtype(data.dtype), bscale, bzero)
     if not remote and isinstance(data, np.ndarray):
         _remember_layout(band, hdul, index, data, bscale, bzero, blank)
         if keep_bytes > 0:  # checked just now: map it to keep from the start

@@ -460,6 +460,78 @@ def test_wide_tiles_are_stretched_from_their_own_values(tmp_path, dtype):
         np.testing.assert_array_equal(arch.images[i, 0], expect.astype(np.uint16))
 
 
+def _blank_tile(path, bscale, bzero):
+    """An int16 tile with BSCALE/BZERO and a block of BLANK pixels (raw values
+    written as they are), and its header."""
+    header = fits.Header()
+    header["CTYPE1"], header["CTYPE2"] = "RA---TAN", "DEC--TAN"
+    header["CRVAL1"], header["CRVAL2"] = 150.0, 2.0
+    header["CRPIX1"], header["CRPIX2"] = 30.5, 30.5
+    header["CDELT1"], header["CDELT2"] = -0.1 / 3600, 0.1 / 3600
+    header["BAND"], header["MAGZERO"] = "X", 24.0
+    raw = np.random.default_rng(5).integers(-32767, 32767, (60, 60)).astype(">i2")
+    raw[25:33, 20:31] = -32768
+    fits.PrimaryHDU(raw, header).writeto(path)
+    with fits.open(path, mode="update", do_not_scale_image_data=True) as hdul:
+        if bscale != 1.0 or bzero != 0.0:
+            hdul[0].header["BSCALE"] = bscale
+            hdul[0].header["BZERO"] = bzero
+        hdul[0].header["BLANK"] = -32768
+    return header
+
+
+@pytest.mark.parametrize(
+    ("bscale", "bzero"), [(1.0, 0.0), (0.01, 100.0), (1.0, 32768.0)]
+)
+def test_integer_tiles_are_scaled_as_astropy_reads_them(tmp_path, bscale, bzero):
+    """Test that BLANK pixels of integer tiles are NaN and BSCALE/BZERO are
+    applied as astropy applies them: unresampled cutouts equal astropy's
+    Cutout2D; resampled and flux-converted ones equal BatchCutout2D.resample
+    of astropy's values."""
+    from cutana import BatchCutout2D
+    from cutana.processing import flux_factor
+
+    tile = tmp_path / "tile.fits"
+    header = _blank_tile(tile, bscale, bzero)
+    wcs = WCS(header)
+    pix = np.array([[25.0, 29.0], [30.2, 26.7], [3.0, 57.0], [45.5, 12.5]])
+    ra, dec = wcs.all_pix2world(pix, 0).T
+    cat = tmp_path / "cat.csv"
+    rows = "".join(f"s{k},{float(ra[k])!r},{float(dec[k])!r}\n" for k in range(len(ra)))
+    cat.write_text("SourceID,RA,Dec\n" + rows)
+    with fits.open(tile) as hdul:
+        data = hdul[0].data  # astropy's values: float32, NaN where BLANK
+    # astropy reads pseudo-unsigned data (BZERO 32768) as uint16, BLANK kept
+    unsigned = bzero == 32768.0
+    assert data.dtype == (np.uint16 if unsigned else np.float32)
+    assert np.isnan(data).sum() == (0 if unsigned else 88)
+    positions = SkyCoord(ra, dec, unit="deg")
+    data = data.astype(np.float32)  # exact; Cutout2D fills NaN in floats only
+
+    plain = tmp_path / "plain.zarr"
+    cutana.make_cutouts(cat, plain, tiles=[str(tile)], size=9, progress=False)
+    got = cutana.open(plain).images[:, 0]
+    for k in range(len(ra)):
+        ref = AstropyCutout2D(data, positions[k], 9, wcs=wcs, mode="partial",
+                              fill_value=np.nan).data
+        np.testing.assert_array_equal(got[k], ref)
+    assert np.isnan(got[0]).sum() == (0 if unsigned else 72)
+
+    factor = flux_factor(24.0)
+    batch = BatchCutout2D(data, positions, 9, wcs=wcs, mode="partial",
+                          fill_value=np.nan)
+    for method, target in (
+        ("bilinear", 13), ("area", 5), ("nearest", 9), ("bilinear", 9), ("area", 9)
+    ):
+        out = tmp_path / f"{method}{target}.zarr"
+        cutana.make_cutouts(
+            cat, out, tiles=[str(tile)], size=9, target_size=target,
+            resample=method, flux_conversion=True, progress=False,
+        )
+        expect = batch.resample(target, method, scale=factor)
+        np.testing.assert_array_equal(cutana.open(out).images[:, 0], expect)
+
+
 @pytest.mark.parametrize("fmt", ["zarr", "fits"])
 def test_run_where_no_source_is_cut(survey, tmp_path, fmt):
     """Test that a run in which no source can be cut (all off the tiles) is a

@@ -765,3 +765,35 @@ def test_open_pixels_maps_known_files_again_without_headers(tmp_path, monkeypatc
     monkeypatch.undo()
     with pytest.raises(TileError, match=r"a\.fits: file is truncated"):
         open_pixels(band)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "keywords"),
+    [
+        (">i2", {"BLANK": -32768}),
+        (">i2", {"BLANK": -32768, "BSCALE": 0.01, "BZERO": 100.0}),
+        (">i2", {"BLANK": -32768, "BZERO": 32768.0}),  # pseudo-unsigned
+        (">i4", {"BLANK": 7, "BSCALE": 2.5}),
+        ("u1", {"BLANK": 0}),  # astropy ignores a BLANK of 0
+        ("u1", {"BLANK": 255}),
+    ],
+)
+def test_pixels_are_read_as_astropy_scales_them(tmp_path, dtype, keywords):
+    """Test that the raw pixels with the FITS scaling of `open_pixels`, cut
+    by the Resampler, are astropy's values (NaN where astropy puts it)."""
+    from cutana.resample import Resampler
+
+    raw = np.random.default_rng(2).integers(0, 120, (6, 7)).astype(dtype)
+    raw[1, 2:5] = keywords["BLANK"]
+    path = tmp_path / "t.fits"
+    fits.PrimaryHDU(raw, _wcs((150.0, 2.0), raw.shape).to_header()).writeto(path)
+    with fits.open(path, mode="update", do_not_scale_image_data=True) as hdul:
+        for key, value in keywords.items():
+            hdul[0].header[key] = value
+    expect = fits.getdata(path).astype(np.float64)
+    band = TileIndex.from_paths(str(path)).tiles[0].bands[0]
+    with open_pixels(band) as px:
+        copy = Resampler(px.data, raw.shape, "nearest", dtype=np.float64,
+                         bscale=px.bscale, bzero=px.bzero, blank=px.blank)
+        got = copy([[0, 0]], raw.shape)[0][0]
+    assert_array_equal(got, expect)

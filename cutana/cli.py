@@ -61,6 +61,18 @@ def _positive_float(text):
     return value
 
 
+def _non_negative_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        msg = f"expected a number >= 0, got {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+    if not value >= 0 or value == float("inf"):
+        msg = f"expected a number >= 0, got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
 def _add_run_options(p, *, with_output=True):
     """Options shared by ``run`` and ``plan``."""
     from ._choices import DTYPES, FORMATS, NORMALIZATIONS, RESAMPLE
@@ -88,11 +100,11 @@ def _add_run_options(p, *, with_output=True):
     g.add_argument("--normalize", choices=NORMALIZATIONS,
                    help="stretch applied per cutout and band (default: none)")
     g.add_argument("--dtype", choices=DTYPES, help="output data type (default: float32)")
-    g.add_argument("--percentile", type=_positive_float, metavar="P",
-                   help="percentile clip of the stretch (default: 99.8)")
+    g.add_argument("--percentile", type=_non_negative_float, metavar="P",
+                   help="percentile clip of the stretch, in [0, 100] (default: 99.8)")
     g.add_argument("--stretch-a", type=_positive_float, metavar="A",
                    help="softening of log (default 1000) and asinh (default 0.1)")
-    g.add_argument("--zscale-contrast", type=_positive_float, metavar="C",
+    g.add_argument("--zscale-contrast", type=_non_negative_float, metavar="C",
                    help="zscale contrast (default: 0.25)")
     g.add_argument("--zscale-samples", type=_positive_int, metavar="N",
                    help="zscale samples (default: 1000)")

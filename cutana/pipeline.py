@@ -165,8 +165,8 @@ class RunOptions:
             if not math.isfinite(size) or size <= 0 or round(size) < 1:
                 _bad("size", self.size, "a positive number of pixels")
             self.size = size
-        if not (0 < float(self.percentile) <= 100):
-            _bad("percentile", self.percentile, "a number in (0, 100]")
+        if not (0 <= float(self.percentile) <= 100):
+            _bad("percentile", self.percentile, "a number in [0, 100]")
         if not _is_int(self.workers) or self.workers < 1:
             _bad("workers", self.workers, "a positive integer")
         if not _is_int(self.threads) or self.threads < 1:

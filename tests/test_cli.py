@@ -280,3 +280,32 @@ def test_fits_run_refuses_bands_that_differ_only_in_case(tmp_path, capsys):
     assert main([*args, "-o", str(tmp_path / "zarr")]) == 0
     assert list(cutana.open(tmp_path / "zarr").bands) == ["r", "R"]
     assert main([*args, "-o", str(fits_out), "--format", "fits", "--bands", "R"]) == 0
+
+
+def test_zero_percentile_and_contrast_are_accepted_as_in_python(tmp_path, capsys):
+    # 0 is valid for both (astropy's PercentileInterval and ZScaleInterval)
+    survey = make_survey(
+        tmp_path / "s", n_tiles=1, bands=("VIS",), tile_size=120, n_sources=10,
+        size_range_pixels=(8, 16), seed=6,
+    )
+    base = ["run", survey.catalogue_path, "--size", "9", "--no-progress",
+            "--dtype", "uint8"]
+    for flags, kwargs in (
+        (["--normalize", "linear", "--percentile", "0"], {"percentile": 0}),
+        (["--normalize", "zscale", "--zscale-contrast", "0"], {"zscale_contrast": 0}),
+    ):
+        cli_out = tmp_path / f"cli{len(kwargs)}{flags[1]}"
+        assert main([*base, "-o", str(cli_out), *flags]) == 0
+        api_out = tmp_path / f"api{flags[1]}"
+        cutana.make_cutouts(
+            survey.catalogue_path, api_out, size=9, dtype="uint8",
+            normalize=flags[1], progress=False, **kwargs,
+        )
+        np.testing.assert_array_equal(
+            cutana.open(cli_out).images, cutana.open(api_out).images
+        )
+    capsys.readouterr()
+    out = tmp_path / "bad"
+    assert main([*base, "-o", str(out), "--normalize", "linear",
+                 "--percentile", "101"]) == 2
+    assert "percentile" in capsys.readouterr().err

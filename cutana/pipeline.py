@@ -12,6 +12,7 @@ steps together.
 
 import dataclasses
 import errno
+import json
 import logging
 import math
 import os
@@ -36,6 +37,7 @@ from .io import (
     FitsWriter,
     JobResult,
     Ledger,
+    ZarrArchive,
     ZarrWriter,
     choose_chunk_rows,
     clean_staging,
@@ -1148,6 +1150,23 @@ class _Runner:
                 self.output, tuple(self.p.index.bands), overwrite=overwrite
             )
 
+    def _check_same_options(self, stored):
+        """Refuse to resume a finished output made with other options."""
+        # both as JSON holds them (tuples become lists, etc.)
+        ours = json.loads(json.dumps(self.p.options.to_config(), default=str))
+        theirs = json.loads(json.dumps(dict(stored), default=str))
+        differ = sorted(k for k in ours.keys() | theirs.keys()
+                        if ours.get(k) != theirs.get(k))
+        if differ:
+            shown = ", ".join(
+                f"{k} {theirs.get(k)!r} (now {ours.get(k)!r})" for k in differ[:4]
+            )
+            msg = (
+                f"cannot resume {self.output!r}: it was finished with other "
+                f"options: {shown} (use --overwrite to start again)"
+            )
+            raise ConfigError(msg)
+
     def _creation_interrupted(self):
         """Whether the output holds only what a run killed before its ledger left."""
         if self.fmt == "zarr":
@@ -1160,11 +1179,20 @@ class _Runner:
             archive = open_output(self.output)
         except (OSError, ValueError, KeyError):
             return False
+        kind = "zarr" if isinstance(archive, ZarrArchive) else "fits"
+        if kind != self.fmt:
+            msg = (
+                f"cannot resume {self.output!r} as {self.fmt.upper()}: it is a "
+                f"finished {kind.upper()} output (use --format {kind}, or "
+                "--overwrite to start again)"
+            )
+            raise ConfigError(msg)
         if self.fmt == "zarr" and not archive.attrs.get("complete", False):
             return False
         status = np.asarray(archive.status)
         if len(status) != self.plan.n_rows or (status == Status.PENDING).any():
             return False
+        self._check_same_options(archive.config)
         # its run state is gone: what was removed since cannot be redone
         if self.fmt == "zarr":
             writer = ZarrWriter.open(self.output)

@@ -842,6 +842,29 @@ def test_resume_recuts_removed_fits_files(survey, clean, tmp_path):
 
 
 @pytest.mark.parametrize("fmt", ["zarr", "fits"])
+def test_resume_of_finished_output_with_other_options(clean, survey, tmp_path, fmt):
+    """Test that --resume of a finished output with options that change what
+    is written, or in the other format, is a clear error that touches
+    nothing; execution options (workers, job size) may differ."""
+    out = tmp_path / f"done_{fmt}"
+    shutil.copytree(clean[fmt], out)
+    before = files_bytes(out)
+    args = [survey.catalogue_path, "-o", out, *RUN_ARGS, "--format", fmt]
+    other = "zarr" if fmt == "fits" else "fits"
+    for extra, words in (
+        (["--normalize", "asinh", "--dtype", "uint8"], ["dtype", "normalize"]),
+        (["--bands", "VIS"], ["bands"]),
+        (["--format", other], [f"finished {fmt.upper()} output"]),
+    ):
+        code, err = _cli(["run", *args, *extra, "--resume"])
+        assert code == 2, err
+        assert all(w in err for w in words) and "--overwrite" in err, err
+        assert files_bytes(out) == before
+    assert _cli(["run", *args, "--workers", "1", "--resume"])[0] == 0
+    assert files_bytes(out) == before
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "fits"])
 def test_resume_of_finished_output_with_files_removed(clean, survey, tmp_path, fmt):
     """Test that --resume of a finished output whose files were removed since
     is a clear error (its run state is gone, so they cannot be redone), not

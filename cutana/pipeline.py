@@ -1093,6 +1093,8 @@ class _Runner:
             clean_staging(self.output)
             if self.fmt == "zarr":
                 self.writer = ZarrWriter.open(self.output)
+                # the same values (same catalogue): none of their chunks is lost
+                self.writer.write_catalogue_columns(cat.source_id, cat.ra, cat.dec)
                 verified = self.writer.verified_chunks(
                     state.chunks, rows=state.chunk_rows
                 )

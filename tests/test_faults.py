@@ -841,6 +841,24 @@ def test_resume_recuts_removed_fits_files(survey, clean, tmp_path):
     assert _cli(["verify", out])[0] == 0
 
 
+def test_resume_rewrites_removed_catalogue_columns(survey, clean, tmp_path):
+    """Test that --resume of a killed Zarr run writes the ids and positions
+    again when their chunks were removed after the kill (they are written
+    once, when the store is made, and missing chunks read as fill values),
+    and ends byte-identical to a clean run."""
+    out = tmp_path / "killed_zarr"
+    args = [survey.catalogue_path, "-o", out, *RUN_ARGS]
+    condition, when = _trigger("cutting", str(out), np.random.default_rng(6), 10)
+    assert _run_killed(args, condition, tmp_path / "killed.log"), when
+    removed = [out / "ra" / "c.0", out / "dec" / "c.0", out / "source_id" / "c.0"]
+    for path in removed:
+        path.unlink()
+    code, err = _cli(["run", *args, "--resume"])
+    assert code == 0, err
+    _assert_identical(out, clean["zarr"])
+    assert _cli(["verify", out])[0] == 0
+
+
 @pytest.mark.parametrize("fmt", ["zarr", "fits"])
 def test_resume_of_finished_output_with_other_options(clean, survey, tmp_path, fmt):
     """Test that --resume of a finished output with options that change what

@@ -343,6 +343,14 @@ def _remove_output(path):
     shutil.rmtree(path)
 
 
+def _write_catalogue_columns(group, n_rows, source_id, ra, dec):
+    """Write the ``source_id``, ``ra`` and ``dec`` arrays of a store, whole."""
+    if n_rows:
+        group["source_id"][:] = np.asarray(source_id, dtype=str)
+        group["ra"][:] = np.asarray(ra, dtype=np.float64)
+        group["dec"][:] = np.asarray(dec, dtype=np.float64)
+
+
 class ZarrWriter:
     """Create, fill and finalise the Zarr store of a run.
 
@@ -617,7 +625,7 @@ class ZarrWriter:
             chunk_key_encoding=_FLAT_KEYS,
             attributes={"fields": list(GEOMETRY_FIELDS)},
         )
-        sid = group.create_array(
+        group.create_array(
             "source_id",
             shape=(n_rows,),
             chunks=(meta_rows,),
@@ -626,9 +634,8 @@ class ZarrWriter:
             dimension_names=("source",),
             chunk_key_encoding=_FLAT_KEYS,
         )
-        arrays = {"source_id": (sid, source_id)}
-        for name, values in (("ra", ra), ("dec", dec)):
-            arr = group.create_array(
+        for name in ("ra", "dec"):
+            group.create_array(
                 name,
                 shape=(n_rows,),
                 chunks=(meta_rows,),
@@ -639,10 +646,7 @@ class ZarrWriter:
                 chunk_key_encoding=_FLAT_KEYS,
                 attributes={"unit": "deg"},
             )
-            arrays[name] = (arr, values)
-        if n_rows:
-            for arr, values in arrays.values():
-                arr[:] = values
+        _write_catalogue_columns(group, n_rows, source_id, ra, dec)
         group.update_attributes(group_attrs)
         logger.info(
             "created Zarr store %s: %d rows x %d bands x %s %s, %d rows per chunk",
@@ -654,6 +658,20 @@ class ZarrWriter:
             chunk_rows,
         )
         return cls(path, group)
+
+    def write_catalogue_columns(self, source_id, ra, dec):
+        """Write the ``source_id``, ``ra`` and ``dec`` arrays, whole.
+
+        `ZarrWriter.create` writes them; a resumed run writes them again
+        (the same values: its catalogue is checked to be the same), so that
+        none of their chunks can be missing from the finished store.
+
+        Parameters
+        ----------
+        source_id, ra, dec : array-like, shape ``(n_rows,)``
+            Catalogue ids and coordinates (deg).
+        """
+        _write_catalogue_columns(self._group, self.n_rows, source_id, ra, dec)
 
     @classmethod
     def open(cls, path):

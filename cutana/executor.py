@@ -345,21 +345,31 @@ def _is_broken(pool):
     return bool(getattr(pool, "_broken", False))
 
 
-def _shutdown_broken(pool):
-    """Shut a broken pool down without waiting, and stop all its workers.
+#: Seconds a pool's workers are given to exit once it is shut down.
+SHUTDOWN_GRACE = 10.0
 
-    A pool that breaks (a worker died) terminates its other workers from
-    its manager thread. A worker it started while it was breaking (for a
-    task submitted then) can miss that and wait for tasks for ever, and
-    the interpreter's exit then waits for it too (CPython joins every
-    pool's workers at exit): a test run once hung that way. The workers
-    still alive are therefore terminated here as well.
+
+def _shutdown_pool(pool, grace=SHUTDOWN_GRACE):
+    """Shut a pool down, give its workers ``grace`` seconds to exit, then
+    terminate those still alive.
+
+    A broken pool (a worker died) is shut down with ``grace=0``: it
+    terminates its other workers itself from its manager thread, but a
+    worker it started while it was breaking can miss that and wait for
+    tasks for ever (a test run once hung that way). A worker killed while
+    it held the lock of the pool's task queue (a SIGKILL as a run ends,
+    before the pool noticed) leaves the others blocked on that lock for
+    ever: ``shutdown(wait=True)`` would wait for them for ever, and so would
+    the interpreter's exit, which joins every pool's workers.
     """
     procs = list((getattr(pool, "_processes", None) or {}).values())
     pool.shutdown(wait=False, cancel_futures=True)
+    deadline = time.monotonic() + grace
     for proc in procs:
         try:
+            proc.join(max(0.0, deadline - time.monotonic()))
             if proc.is_alive():
+                logger.debug("worker %s did not exit; terminating it", proc.pid)
                 proc.terminate()
         except (OSError, ValueError, AttributeError):  # already gone or closed
             continue
@@ -744,7 +754,7 @@ class Executor:
         """Stop worker processes started by `warm_up` and never used."""
         pool = self._take_warm_pool()
         if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+            _shutdown_pool(pool)
 
     def _run_processes(self, func, queue, cost, on_done, failed):
         # When a worker dies, every task in flight fails with BrokenProcessPool
@@ -801,7 +811,7 @@ class Executor:
                     victims = broken + list(in_flight.values())
                     in_flight.clear()
                     used = 0
-                    _shutdown_broken(pool)
+                    _shutdown_pool(pool, grace=0.0)
                     logger.warning("a worker process died; starting a new pool")
                     pool = self._new_pool()
                     reason = (
@@ -818,10 +828,7 @@ class Executor:
                             victim.solo = True
                             queue.appendleft(victim)
         finally:
-            if _is_broken(pool):
-                _shutdown_broken(pool)
-            else:
-                pool.shutdown(wait=True, cancel_futures=True)
+            _shutdown_pool(pool, grace=0.0 if _is_broken(pool) else SHUTDOWN_GRACE)
 
     def _retry_or_fail(self, pending, queue, failed):
         if pending.attempts <= self.retries:

@@ -287,3 +287,27 @@ def test_workers_get_the_worker_environment():
          ("OMP_NUM_THREADS", "3")]
     )
     assert WORKER_ENVIRONMENT["NUMPY_MADVISE_HUGEPAGE"] == "0"
+
+
+def test_pool_shutdown_does_not_wait_for_ever_for_a_stuck_worker():
+    """A worker that never exits (here: busy for a minute; at the end of a
+    run: blocked on the task queue's lock that a killed worker held) is
+    given the grace period, then terminated, instead of being waited for."""
+    import multiprocessing
+    import time
+    from concurrent.futures import ProcessPoolExecutor
+
+    from cutana.executor import _shutdown_pool
+
+    ctx = multiprocessing.get_context("forkserver" if os.name == "posix" else "spawn")
+    pool = ProcessPoolExecutor(max_workers=1, mp_context=ctx)
+    assert pool.submit(os.getpid).result(timeout=60) > 0
+    busy = pool.submit(time.sleep, 60)
+    time.sleep(0.2)  # the worker has taken the task
+    (proc,) = pool._processes.values()
+    start = time.monotonic()
+    _shutdown_pool(pool, grace=0.5)
+    assert time.monotonic() - start < 10
+    proc.join(10)
+    assert not proc.is_alive()
+    assert not busy.done() or busy.exception() is not None  # never finished

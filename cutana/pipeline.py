@@ -1085,9 +1085,15 @@ class _Runner:
                     fingerprint = plan.fingerprint()
             state = Ledger(self.output).read()
             if state.fingerprint != fingerprint:
+                try:  # a store records its options from the start
+                    differ = self._differing_options(open_output(self.output).config)
+                except (OSError, ValueError, KeyError):
+                    differ = ""
                 msg = (
                     f"cannot resume {self.output!r}: the catalogue, tiles or options "
-                    "differ from the interrupted run (use --overwrite to start again)"
+                    "differ from the interrupted run"
+                    + (f" (options: {differ})" if differ else "")
+                    + " (use --overwrite to start again)"
                 )
                 raise ConfigError(msg)
             clean_staging(self.output)
@@ -1152,17 +1158,22 @@ class _Runner:
                 self.output, tuple(self.p.index.bands), overwrite=overwrite
             )
 
-    def _check_same_options(self, stored):
-        """Refuse to resume a finished output made with other options."""
+    def _differing_options(self, stored):
+        """``'name old (now new), ...'`` for the output options of this run
+        that differ from ``stored`` (an output's ``config``), or ``''``."""
         # both as JSON holds them (tuples become lists, etc.)
         ours = json.loads(json.dumps(self.p.options.to_config(), default=str))
         theirs = json.loads(json.dumps(dict(stored), default=str))
         differ = sorted(k for k in ours.keys() | theirs.keys()
                         if ours.get(k) != theirs.get(k))
-        if differ:
-            shown = ", ".join(
-                f"{k} {theirs.get(k)!r} (now {ours.get(k)!r})" for k in differ[:4]
-            )
+        return ", ".join(
+            f"{k} {theirs.get(k)!r} (now {ours.get(k)!r})" for k in differ[:4]
+        )
+
+    def _check_same_options(self, stored):
+        """Refuse to resume a finished output made with other options."""
+        shown = self._differing_options(stored)
+        if shown:
             msg = (
                 f"cannot resume {self.output!r}: it was finished with other "
                 f"options: {shown} (use --overwrite to start again)"

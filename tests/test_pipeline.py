@@ -345,6 +345,12 @@ def test_resume_after_interruption_is_byte_identical(survey, zarr_run, tmp_path,
     monkeypatch.setattr(pipeline._Runner, "_on_done", original)
     with pytest.raises(ConfigError, match="already exists"):
         cutana.make_cutouts(survey.catalogue_path, out, size=21, progress=False)
+    # other output options are refused, naming them
+    with pytest.raises(ConfigError, match=r"options: normalize 'none' \(now 'asinh'\)"):
+        cutana.make_cutouts(
+            survey.catalogue_path, out, size=21, normalize="asinh", resume=True,
+            progress=False,
+        )
     # resuming with other execution options keeps the interrupted run's jobs
     report = cutana.make_cutouts(
         survey.catalogue_path, out, size=21, resume=True, workers=2, progress=False

@@ -1,18 +1,28 @@
 # Licensed under a 3-clause BSD style license - see LICENSE.rst
 """
-Thread counts and chunked thread runs for the nogil kernels.
+Thread counts, chunked thread runs and output arrays for the nogil kernels.
 
 One place for the rules every batch function follows: ``n_threads`` is a
 positive integer, or `None` for "one thread for small batches, every
 available core above `THREADS_ABOVE_BYTES`"; work is split into contiguous,
-nearly equal chunks, one per thread, and results never depend on the split.
+nearly equal chunks, one per thread, and results never depend on the split;
+an ``out`` array given by the caller is C-contiguous, of the output's shape
+and dtype.
 """
 
 import numbers
 import os
 from concurrent.futures import ThreadPoolExecutor
 
-__all__ = ["THREADS_ABOVE_BYTES", "available_cores", "resolve_n_threads", "run_chunks"]
+import numpy as np
+
+__all__ = [
+    "THREADS_ABOVE_BYTES",
+    "available_cores",
+    "output_array",
+    "resolve_n_threads",
+    "run_chunks",
+]
 
 #: Output size above which `None` threads means every available core.
 THREADS_ABOVE_BYTES = 64 * 10**6
@@ -90,3 +100,36 @@ def run_chunks(func, n, n_threads):
     bounds = [n * k // n_chunks for k in range(n_chunks + 1)]
     with ThreadPoolExecutor(n_chunks) as pool:
         return list(pool.map(func, bounds[:-1], bounds[1:]))
+
+
+def output_array(out, shape, dtype):
+    """The caller's ``out`` array, checked, or a new one.
+
+    Parameters
+    ----------
+    out : `~numpy.ndarray` or None
+        The caller's output array, if any.
+    shape : tuple of int
+        The output's shape.
+    dtype : `~numpy.dtype`
+        The output's (native) dtype.
+
+    Returns
+    -------
+    out : `~numpy.ndarray`
+        ``out``, or a new uninitialised array.
+
+    Raises
+    ------
+    ValueError
+        If ``out`` is not a C-contiguous array of that shape and dtype.
+    """
+    if out is None:
+        return np.empty(shape, dtype=dtype)
+    if out.shape != shape or out.dtype != dtype or not out.flags.c_contiguous:
+        msg = (
+            f"out must be a C-contiguous {dtype.name} array of shape {shape}, "
+            f"got {out.dtype} {out.shape}"
+        )
+        raise ValueError(msg)
+    return out

@@ -49,28 +49,25 @@ def _positive_int(text):
     return value
 
 
-def _positive_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        msg = f"expected a positive number, got {text!r}"
-        raise argparse.ArgumentTypeError(msg) from None
-    if not value > 0 or value == float("inf"):
-        msg = f"expected a positive number, got {text!r}"
-        raise argparse.ArgumentTypeError(msg)
-    return value
+def _float_type(allow_zero):
+    """An argparse type: a finite number > 0, or >= 0 with ``allow_zero``."""
+    expected = "a number >= 0" if allow_zero else "a positive number"
+
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not (value >= 0 if allow_zero else value > 0) or value == float("inf"):
+            msg = f"expected {expected}, got {text!r}"
+            raise argparse.ArgumentTypeError(msg)
+        return value
+
+    return parse
 
 
-def _non_negative_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        msg = f"expected a number >= 0, got {text!r}"
-        raise argparse.ArgumentTypeError(msg) from None
-    if not value >= 0 or value == float("inf"):
-        msg = f"expected a number >= 0, got {text!r}"
-        raise argparse.ArgumentTypeError(msg)
-    return value
+_positive_float = _float_type(allow_zero=False)
+_non_negative_float = _float_type(allow_zero=True)
 
 
 def _add_run_options(p, *, with_output=True):

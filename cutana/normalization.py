@@ -47,7 +47,7 @@ import numbers
 import numpy as np
 
 from . import _normalize
-from ._threads import resolve_n_threads, run_chunks
+from ._threads import output_array, resolve_n_threads, run_chunks
 
 __all__ = [
     "DEFAULT_A",
@@ -499,16 +499,7 @@ class Normalizer:
             if (ordered[1:] == ordered[:-1]).any():
                 msg = "rows must be distinct"
                 raise ValueError(msg)
-        if out is None:
-            out = np.empty(shape, dtype=self.dtype)
-        elif (
-            out.shape != shape or out.dtype != self.dtype or not out.flags.c_contiguous
-        ):
-            msg = (
-                f"out must be a C-contiguous {self.dtype.name} array of shape {shape}, "
-                f"got {out.dtype} {out.shape}"
-            )
-            raise ValueError(msg)
+        out = output_array(out, shape, self.dtype)
         if images.size == 0:
             return out
         target = out if rows is not None else out.reshape(images.shape)

@@ -35,7 +35,7 @@ import operator
 import numpy as np
 
 from . import _extract
-from ._threads import resolve_n_threads, run_chunks
+from ._threads import output_array, resolve_n_threads, run_chunks
 
 __all__ = ["RESAMPLE_METHODS", "Resampler", "extract_resampled"]
 
@@ -328,16 +328,7 @@ class Resampler:
                 raise ValueError(msg)
             factors = np.ascontiguousarray(factors)
         shape = (n, *self.out_shape)
-        if out is None:
-            out = np.empty(shape, dtype=self.dtype)
-        elif (
-            out.shape != shape or out.dtype != self.dtype or not out.flags.c_contiguous
-        ):
-            msg = (
-                f"out must be a C-contiguous {self.dtype.name} array of shape "
-                f"{shape}, got {out.dtype} {out.shape}"
-            )
-            raise ValueError(msg)
+        out = output_array(out, shape, self.dtype)
         if n == 0:
             return out, np.empty(0, dtype=np.int8)
         if self.n_threads == 1:

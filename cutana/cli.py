@@ -18,7 +18,9 @@ defaults for the same options (keys are the option names, with ``-`` or
 Exit codes: 0 when every catalogue row got its final status (bad rows and
 sources off every tile are results, not failures), 1 when a tile or job
 failed so that some sources could not be cut, 2 for a usage or
-configuration error.
+configuration error; 130 when stopped by Ctrl-C (SIGINT) and 143 when
+stopped by SIGTERM, after its workers are stopped: ``--resume`` then
+finishes the run.
 """
 
 import argparse
@@ -28,6 +30,7 @@ import gc
 import json
 import logging
 import os
+import signal
 import sys
 
 __all__ = ["main", "build_parser"]
@@ -35,6 +38,18 @@ __all__ = ["main", "build_parser"]
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130, as a shell reports Ctrl-C
+EXIT_TERMINATED = 128 + signal.SIGTERM  # 143
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that a run stops as on Ctrl-C."""
+
+
+def _raise_terminated(signum, frame):
+    # a second SIGTERM during the clean-up ends the process at once
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise _Terminated
 
 
 def _positive_int(text):
@@ -164,7 +179,8 @@ def build_parser():
         prog="cutana",
         description="Exact, fast, memory-bounded astronomical image cutouts at survey scale.",
         epilog="Exit codes: 0 every row has its final status; 1 a tile or job failed; "
-        "2 usage or configuration error.",
+        "2 usage or configuration error; 130 stopped by Ctrl-C, 143 by SIGTERM "
+        "(finish the run with --resume).",
     )
     parser.add_argument("--version", action="version", version=f"cutana {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0,
@@ -274,7 +290,9 @@ def main(args=None):
     Returns
     -------
     code : int
-        The exit code (0, 1 or 2).
+        The exit code: 0, 1 or 2 (see the module's documentation), 130 if
+        stopped by Ctrl-C (`KeyboardInterrupt`), 143 if stopped by SIGTERM
+        (when run by `run_command`).
 
     Examples
     --------
@@ -305,21 +323,12 @@ def main(args=None):
     from .exceptions import CatalogError, ConfigError
 
     try:
-        if ns.command == "run":
-            return _cmd_run(ns, parser)
-        if ns.command == "plan":
-            return _cmd_plan(ns, parser)
-        if ns.command == "demo":
-            return _cmd_demo(ns)
-        if ns.command == "verify":
-            return _cmd_verify(ns)
-        if ns.command == "bench":
-            from .bench.harness import main as bench_main
-
-            return bench_main(ns.args)
+        return _command(ns, parser)
     except (ConfigError, CatalogError) as exc:
         print(f"cutana: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except (KeyboardInterrupt, _Terminated) as exc:
+        return _stopped(ns, exc)
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
             raise
@@ -329,7 +338,40 @@ def main(args=None):
         )
         print(f"cutana: error: {text}", file=sys.stderr)
         return EXIT_FAILED
+
+
+def _command(ns, parser):
+    """Run the command of parsed arguments ``ns``; return its exit code."""
+    if ns.command == "run":
+        return _cmd_run(ns, parser)
+    if ns.command == "plan":
+        return _cmd_plan(ns, parser)
+    if ns.command == "demo":
+        return _cmd_demo(ns)
+    if ns.command == "verify":
+        return _cmd_verify(ns)
+    if ns.command == "bench":
+        from .bench.harness import main as bench_main
+
+        return bench_main(ns.args)
     return EXIT_USAGE  # pragma: no cover
+
+
+def _stopped(ns, exc):
+    """Report a command stopped by Ctrl-C or SIGTERM; return its exit code."""
+    terminated = isinstance(exc, _Terminated)
+    text = "terminated (SIGTERM)" if terminated else "interrupted"
+    if ns.command == "run":
+        text += (
+            "; the cutouts written so far are kept: run the same command with "
+            "--resume to finish the run"
+        )
+    print(f"cutana: {text}", file=sys.stderr)
+    # free the stopped pool's queues (held by the traceback's frames), so
+    # that their semaphores are released before the process exits
+    exc.__traceback__ = None
+    gc.collect()
+    return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
 
 
 def _import_pipeline():
@@ -457,6 +499,8 @@ def run_command(argv=None):
 
         for key, value in WORKER_ENVIRONMENT.items():
             os.environ.setdefault(key, value)
+    # SIGTERM (a batch system's time limit, say) stops a run as Ctrl-C does
+    signal.signal(signal.SIGTERM, _raise_terminated)
     code = main(argv)
     for stream in (sys.stdout, sys.stderr):
         try:

@@ -36,6 +36,7 @@ import gc
 import logging
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from collections import deque
@@ -276,6 +277,9 @@ def keep_freed_memory(keep_bytes=WORKER_HEAP_KEEP_BYTES):
 
 def _init_worker(parent_pid, parent_create_time, initializer=None, interval=0.5):
     """Initializer of every pool worker: watch the parent, keep freed memory."""
+    # Ctrl-C reaches every process of the terminal's group: the parent stops
+    # the run and its workers, which would each print a traceback otherwise
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if parent_create_time is not None:
         threading.Thread(
             target=_watch_parent,
@@ -363,6 +367,7 @@ def _shutdown_pool(pool, grace=SHUTDOWN_GRACE):
     the interpreter's exit, which joins every pool's workers.
     """
     procs = list((getattr(pool, "_processes", None) or {}).values())
+    thread = getattr(pool, "_executor_manager_thread", None)  # shutdown forgets it
     pool.shutdown(wait=False, cancel_futures=True)
     deadline = time.monotonic() + grace
     for proc in procs:
@@ -373,6 +378,9 @@ def _shutdown_pool(pool, grace=SHUTDOWN_GRACE):
                 proc.terminate()
         except (OSError, ValueError, AttributeError):  # already gone or closed
             continue
+    # the pool's thread then frees its queues (and their semaphores)
+    if thread is not None:
+        thread.join(2.0)
 
 
 class MemorySampler:
@@ -765,6 +773,7 @@ class Executor:
         pool = self._take_warm_pool() or self._new_pool()
         in_flight = {}  # future -> _Pending
         used = 0
+        stopped = True  # until the loop ends normally
         try:
             while queue or in_flight:
                 # one task per worker, and QUEUED_TASKS more waiting in the pool
@@ -827,8 +836,14 @@ class Executor:
                             victim.attempts -= 1  # not charged: culprit unknown
                             victim.solo = True
                             queue.appendleft(victim)
+            stopped = False
         finally:
-            _shutdown_pool(pool, grace=0.0 if _is_broken(pool) else SHUTDOWN_GRACE)
+            # A run stopped by an exception (Ctrl-C, SIGTERM, a full disk)
+            # does not wait for the tasks in flight: their work is not
+            # recorded, and a worker stopped mid-task leaves nothing that
+            # --resume would take for done.
+            now = stopped or _is_broken(pool)
+            _shutdown_pool(pool, grace=0.0 if now else SHUTDOWN_GRACE)
 
     def _retry_or_fail(self, pending, queue, failed):
         if pending.attempts <= self.retries:

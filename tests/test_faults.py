@@ -361,6 +361,56 @@ def test_kill_worker_process(survey, clean, tmp_path):
     _assert_identical(out, clean["zarr"])
 
 
+@pytest.mark.parametrize(
+    ("sig", "expected", "group"),
+    [(signal.SIGINT, 130, True), (signal.SIGTERM, 143, False)],
+    ids=["ctrl-c", "sigterm"],
+)
+def test_stopped_run_says_how_to_resume(survey, clean, tmp_path, sig, expected, group):
+    """Test that Ctrl-C (SIGINT to the whole process group, as a terminal
+    sends it) or SIGTERM to the main process stops a run: its exit code,
+    one line naming --resume and no traceback, no worker left; the resumed
+    run is byte-identical to a clean one."""
+    out = tmp_path / "stopped.zarr"
+    log_path = tmp_path / "run.log"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
+    args = [survey.catalogue_path, "-o", out, *RUN_ARGS]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cutana.cli", "run", *map(str, args)],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            env=env,
+            cwd=ROOT,
+            start_new_session=True,  # its own group, as a terminal's job
+            # a shell's background job would ignore SIGINT: undo that
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+        kids = []
+        try:
+            hit = _wait_for(proc, lambda: _progress(str(out)) >= 1)
+            assert hit, "the run ended before it could be stopped"
+            kids = psutil.Process(proc.pid).children(recursive=True)
+            if group:
+                os.killpg(proc.pid, sig)
+            else:
+                proc.send_signal(sig)
+            code = proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:  # pragma: no cover - only on failure
+                kids = _kill_tree(proc)
+    _reap(kids)
+    log_text = log_path.read_text(errors="replace")
+    assert code == expected, log_text
+    assert "Traceback" not in log_text
+    assert "the same command with --resume" in log_text
+    assert _cli(["verify", out])[0] == 1  # incomplete
+    code, err = _cli(["run", *args, "--resume"])
+    assert code == 0, err
+    _assert_identical(out, clean["zarr"])
+
+
 def test_rerun_without_resume_refuses_and_keeps_output(survey, clean, tmp_path):
     """Test that running again into an existing output is refused, changing nothing."""
     out = tmp_path / "again.zarr"

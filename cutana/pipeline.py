@@ -1064,6 +1064,10 @@ class _Runner:
                 self.already_complete = True
                 return
             if not self._creation_interrupted():
+                if self.fmt == "zarr" and os.path.isfile(
+                    os.path.join(self.output, "zarr.json")
+                ):
+                    self._open_writer()  # says what is damaged, if anything
                 msg = (
                     f"cannot resume {self.output!r}: it holds no cutana run state "
                     "(use --overwrite to start again)"
@@ -1098,7 +1102,7 @@ class _Runner:
                 raise ConfigError(msg)
             clean_staging(self.output)
             if self.fmt == "zarr":
-                self.writer = ZarrWriter.open(self.output)
+                self.writer = self._open_writer()
                 # the same values (same catalogue): none of their chunks is lost
                 self.writer.write_catalogue_columns(cat.source_id, cat.ra, cat.dec)
                 verified = self.writer.verified_chunks(
@@ -1180,6 +1184,15 @@ class _Runner:
             )
             raise ConfigError(msg)
 
+    def _open_writer(self):
+        """The writer of the Zarr store being resumed, or a `ConfigError`
+        saying why it cannot be resumed (it is damaged)."""
+        try:
+            return ZarrWriter.open(self.output)
+        except (OSError, ValueError) as exc:
+            msg = f"cannot resume {self.output!r}: {exc} (--overwrite starts again)"
+            raise ConfigError(msg) from None
+
     def _creation_interrupted(self):
         """Whether the output holds only what a run killed before its ledger left."""
         if self.fmt == "zarr":
@@ -1208,7 +1221,7 @@ class _Runner:
         self._check_same_options(archive.config)
         # its run state is gone: what was removed since cannot be redone
         if self.fmt == "zarr":
-            writer = ZarrWriter.open(self.output)
+            writer = self._open_writer()
             gone = (k for k in range(writer.n_chunks) if not writer.chunk_exists(k))
             missing = [f"chunk {k}" for k in gone]
         else:

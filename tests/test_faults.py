@@ -411,6 +411,27 @@ def test_stopped_run_says_how_to_resume(survey, clean, tmp_path, sig, expected, 
     _assert_identical(out, clean["zarr"])
 
 
+@pytest.mark.parametrize("state", ["killed", "finished"])
+def test_resume_of_store_with_array_metadata_removed(survey, clean, tmp_path, state):
+    """Test that --resume of a Zarr store whose array metadata was removed
+    (``images/zarr.json``) stops with exit 2 naming the file, without a
+    traceback, and changes nothing."""
+    out = tmp_path / f"{state}.zarr"
+    args = [survey.catalogue_path, "-o", out, *RUN_ARGS]
+    if state == "killed":
+        condition, when = _trigger("cutting", str(out), np.random.default_rng(7), 10)
+        assert _run_killed(args, condition, tmp_path / "killed.log"), when
+    else:
+        shutil.copytree(clean["zarr"], out)
+    (out / "images" / "zarr.json").unlink()
+    before = files_bytes(out)
+    code, err = _cli(["run", *args, "--resume"])
+    assert code == 2, err
+    assert "images/zarr.json" in err and "--overwrite" in err
+    assert "Traceback" not in err
+    assert files_bytes(out) == before
+
+
 def test_rerun_without_resume_refuses_and_keeps_output(survey, clean, tmp_path):
     """Test that running again into an existing output is refused, changing nothing."""
     out = tmp_path / "again.zarr"
@@ -857,11 +878,14 @@ def test_resume_after_kill_before_the_run_was_recorded(
     out = tmp_path / f"unrecorded_{fmt}"
     args = [survey.catalogue_path, "-o", out, *RUN_ARGS, "--format", fmt]
 
+    class Killed(BaseException):
+        """Stands for SIGKILL (which the command, unlike Ctrl-C, cannot catch)."""
+
     def killed(self, fingerprint, **info):
-        raise KeyboardInterrupt  # stands for SIGKILL right before the record
+        raise Killed  # right before the record
 
     monkeypatch.setattr(Ledger, "run_started", killed)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Killed):
         _cli(["run", *args])
     monkeypatch.undo()
     ledger = out / ".cutana" / "ledger.jsonl"

@@ -264,6 +264,19 @@ def _is_store(path):
     return os.path.isfile(os.path.join(path, "zarr.json"))
 
 
+def _missing_arrays(path):
+    """The arrays of the store at ``path`` whose metadata file is missing."""
+
+    def present(name):
+        return os.path.isfile(os.path.join(path, name, "zarr.json"))
+
+    names = ("images", "status", "source_id", "ra", "dec")
+    missing = [name for name in names if not present(name)]
+    if not present("geometry") and not all(map(present, _V1_GEOMETRY)):
+        missing.insert(1, "geometry")
+    return missing
+
+
 #: The temporary file zarr writes a group's metadata to before renaming it.
 _ZARR_PARTIAL = re.compile(r"zarr\.[0-9a-f]{32}\.partial")
 
@@ -424,6 +437,11 @@ class ZarrWriter:
                 f"{self.path} is not a complete cutana Zarr store (its creation was "
                 "interrupted or it was made by another program); rerun with overwrite"
             )
+            raise ValueError(msg)
+        missing = _missing_arrays(self.path)
+        if missing:
+            names = ", ".join(f"{name}/zarr.json" for name in missing)
+            msg = f"{self.path} is damaged: the metadata of arrays ({names}) is gone"
             raise ValueError(msg)
         self.attrs = attrs
         self.n_rows = int(attrs["n_rows"])

@@ -1224,6 +1224,13 @@ class _Runner:
             writer = self._open_writer()
             gone = (k for k in range(writer.n_chunks) if not writer.chunk_exists(k))
             missing = [f"chunk {k}" for k in gone]
+            if not writer.rows_in_chunks:  # status and geometry, written last
+                gone = writer.missing_chunks(("status", "geometry"))
+                missing += [f"a chunk of {name!r}" for name in gone]
+            if not missing:
+                # the same values (same catalogue): a removed chunk is back
+                cat = self.p.catalog
+                writer.write_catalogue_columns(cat.source_id, cat.ra, cat.dec)
         else:
             present = set(os.listdir(self.output))
             missing = [f for f in archive.files.tolist() if f and f not in present]

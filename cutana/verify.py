@@ -83,7 +83,8 @@ def verify(output, catalogue=None):
     differ = np.flatnonzero(ids != cat.source_id.astype(str))
     for r in differ[:20]:
         problems.append(
-            f"row {r}: source_id {ids[r]!r} but the catalogue has {cat.source_id[r]!r}"
+            f"row {r}: source_id {str(ids[r])!r} but the catalogue has "
+            f"{str(cat.source_id[r])!r}"
         )
     bad = np.asarray(cat.status) == Status.BAD_ROW
     marked_ok = np.flatnonzero(bad & (status != Status.BAD_ROW))

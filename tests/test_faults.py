@@ -933,6 +933,40 @@ def test_resume_rewrites_removed_catalogue_columns(survey, clean, tmp_path):
     assert _cli(["verify", out])[0] == 0
 
 
+def test_finished_store_with_removed_row_chunks(survey, clean, tmp_path):
+    """Test that `cutana verify` names the per-row arrays of a finished Zarr
+    store whose chunks were removed (they would read as fill values: NaN
+    positions, empty ids, no tile); that --resume writes ids and positions
+    again (byte-identical to the clean run), and refuses, changing nothing,
+    when the geometry, which only the run knew, is gone."""
+    out = tmp_path / "done.zarr"
+    shutil.copytree(clean["zarr"], out)
+    args = [survey.catalogue_path, "-o", out, *RUN_ARGS, "--resume"]
+    for name in ("ra", "source_id"):
+        (out / name / "c.0").unlink()
+    assert _cli(["verify", out])[0] == 1
+    problems = _verify_text(out)
+    assert "array 'ra': 1 of its 1 chunks are missing" in problems
+    assert "array 'source_id'" in problems
+    code, err = _cli(["run", *args])
+    assert code == 0, err
+    _assert_identical(out, clean["zarr"])
+    (out / "geometry" / "c.0.0").unlink()
+    assert "array 'geometry'" in _verify_text(out)
+    before = files_bytes(out)
+    code, err = _cli(["run", *args])
+    assert code == 2
+    assert "'geometry'" in err and "--overwrite" in err
+    assert files_bytes(out) == before
+
+
+def _verify_text(out):
+    """The problems `cutana verify` prints (standard output)."""
+    from cutana.verify import verify
+
+    return "\n".join(verify(out))
+
+
 @pytest.mark.parametrize("fmt", ["zarr", "fits"])
 def test_resume_of_finished_output_with_other_options(clean, survey, tmp_path, fmt):
     """Test that --resume of a finished output with options that change what

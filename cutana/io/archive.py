@@ -602,6 +602,15 @@ def _verify_zarr(path, problems):
             )
     if problems:
         return
+    # a removed chunk of a per-row array reads as its fill value (NaN
+    # positions, empty ids, -1 geometry): count their chunk files
+    per_row = ["source_id", "ra", "dec"]
+    if writer.attrs.get("complete") and not writer.rows_in_chunks:
+        per_row += ["status", "geometry"]  # written once every chunk is
+    for name, gone in writer.missing_chunks(per_row).items():
+        problems.append(
+            f"array {name!r}: {gone} of its {group[name].nchunks} chunks are missing"
+        )
     _check_status(group["status"][:], problems)
     tile = (
         split_geometry(group["geometry"][:])[0] if "geometry" in group

@@ -691,6 +691,34 @@ class ZarrWriter:
         """
         _write_catalogue_columns(self._group, self.n_rows, source_id, ra, dec)
 
+    def missing_chunks(self, names):
+        """Count the chunks of arrays ``names`` that have no file.
+
+        Every chunk written gets a file; a removed one reads as the array's
+        fill value (NaN positions, empty ids), so its absence is the only
+        trace of the loss.
+
+        Parameters
+        ----------
+        names : iterable of str
+            Array names, e.g. ``("source_id", "ra", "dec")``; names of
+            arrays the store does not have are skipped.
+
+        Returns
+        -------
+        missing : dict
+            ``{name: number of chunks without a file}``, for the arrays
+            with at least one.
+        """
+        missing = {}
+        for name in names:
+            if name in self._group:
+                arr = self._group[name]
+                gone = arr.nchunks - arr.nchunks_initialized
+                if gone > 0:
+                    missing[name] = int(gone)
+        return missing
+
     @classmethod
     def open(cls, path):
         """Open an existing store for writing (workers, resumed runs).

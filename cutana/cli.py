@@ -124,7 +124,8 @@ def _add_run_options(p, *, with_output=True):
                    help="compute stretch limits on the central crop (fraction "
                    "<= 1 of the size, or pixels)")
     g.add_argument("--flux-conversion", action="store_true", default=None,
-                   help="convert pixel values to Jansky with the header zero point")
+                   help="convert pixel values to Jansky with the header zero point "
+                   "(not those of flag, mask and PSF planes)")
     g.add_argument("--zeropoint-keyword", metavar="KEY",
                    help="header keyword of the AB zero point (default: MAGZERO)")
     g.add_argument("--channel-weights", nargs="+", type=float, metavar="W",

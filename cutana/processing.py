@@ -17,6 +17,7 @@ This module reads pixels but knows nothing about output formats.
 import logging
 import math
 import mmap
+import re
 import zlib
 from dataclasses import dataclass, field
 
@@ -32,7 +33,15 @@ from .resample import Resampler
 from .status import Status
 from .tiles import missing_band_message, mmap_of, open_pixels
 
-__all__ = ["CutSettings", "JANSKY_AB", "Scratch", "cut_job", "flux_factor"]
+__all__ = [
+    "CutSettings",
+    "JANSKY_AB",
+    "NOT_FLUX_PLANES",
+    "Scratch",
+    "converts_flux",
+    "cut_job",
+    "flux_factor",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +50,10 @@ RELEASE_BYTES = 32 * 2**20
 
 #: Flux density of magnitude 0 in the AB system, in Jansky.
 JANSKY_AB = 3631.0
+
+#: Last word of the name of a band whose pixels are not fluxes (bit masks,
+#: normalised PSF images): flux conversion leaves them as stored.
+NOT_FLUX_PLANES = frozenset(("FLAG", "FLAGS", "MASK", "BPM", "PSF"))
 
 
 @dataclass(frozen=True)
@@ -58,7 +71,8 @@ class CutSettings:
     dtype : str
         Output dtype: ``'float32'``, ``'uint8'`` or ``'uint16'``.
     flux_conversion : bool
-        Whether to convert pixel values to Jansky from the zero point.
+        Whether to convert pixel values to Jansky from the zero point (of
+        every band but flag, mask and PSF planes: `converts_flux`).
     zeropoint_keyword : str
         Header keyword holding the AB zero point.
     channel_weights : tuple of float or None
@@ -94,6 +108,37 @@ class CutSettings:
     n_threads: int = 1
     keep_bytes: int = 0
     band_names: tuple = ()
+
+
+def converts_flux(band_name):
+    """Whether flux conversion applies to the band ``band_name``.
+
+    It does to every band but flag, mask and PSF planes: those whose name
+    ends in one of `NOT_FLUX_PLANES` (as its last word, after ``-``, ``_``
+    or ``.``, in any case), such as the ``VIS-FLAG`` plane of the Euclid file
+    ``EUC_MER_MOSAIC-VIS-FLAG_TILE...``. Their values are bits or a
+    normalised profile: a factor would change their meaning, and their
+    files need no zero point.
+
+    Parameters
+    ----------
+    band_name : str
+        A band name of the tile index.
+
+    Returns
+    -------
+    converts : bool
+
+    Examples
+    --------
+    >>> from cutana.processing import converts_flux
+    >>> converts_flux("VIS"), converts_flux("VIS-RMS"), converts_flux("VIS-FLAG")
+    (True, True, False)
+    >>> converts_flux("r_mask"), converts_flux("PSF")
+    (False, False)
+    """
+    word = re.split(r"[-_.]", str(band_name).strip().upper())[-1]
+    return word not in NOT_FLUX_PLANES
 
 
 def flux_factor(zeropoint):
@@ -369,7 +414,8 @@ def _cut_band(
 ):
     """Cut one band of a job into ``images[:, c]``."""
     factor = 1.0
-    if settings.flux_conversion:
+    names = settings.band_names
+    if settings.flux_conversion and (c >= len(names) or converts_flux(names[c])):
         zp = band.zeropoint(settings.zeropoint_keyword)
         if zp is None:
             msg = (

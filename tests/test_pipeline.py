@@ -538,6 +538,56 @@ def test_integer_tiles_are_scaled_as_astropy_reads_them(tmp_path, bscale, bzero)
         np.testing.assert_array_equal(cutana.open(out).images[:, 0], expect)
 
 
+def test_flux_conversion_leaves_flag_planes_as_stored(tmp_path):
+    """Test that --flux-conversion converts a tile's science and RMS planes
+    (each with its own zero point) to Jansky and cuts its flag plane, which
+    has no zero point, as stored: each equals astropy's Cutout2D of its
+    file, times the factor of its zero point for the fluxes."""
+    from cutana.processing import flux_factor
+
+    rng = np.random.default_rng(11)
+    wcs = WCS(naxis=2)
+    wcs.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    wcs.wcs.crval = [150.0, 2.0]
+    wcs.wcs.crpix = [30.5, 30.5]
+    wcs.wcs.cdelt = [-0.1 / 3600, 0.1 / 3600]
+    planes = {  # band: (values, zero point or None)
+        "VIS": (rng.normal(10.0, 3.0, (60, 60)).astype(np.float32), 24.5),
+        "VIS-RMS": (rng.uniform(0.5, 2.0, (60, 60)).astype(np.float32), 23.0),
+        "VIS-FLAG": (rng.integers(0, 2**20, (60, 60)).astype(np.int32), None),
+    }
+    for band, (values, zp) in planes.items():
+        header = wcs.to_header()
+        header["FILTER"] = "VIS"
+        if zp is not None:
+            header["MAGZERO"] = zp
+        name = f"EUC_MER_BGSUB-MOSAIC-{band}_TILE5-x.fits"
+        fits.PrimaryHDU(values, header=header).writeto(tmp_path / name)
+    pix = np.array([[20.0, 31.0], [40.4, 27.6], [3.0, 55.0]])
+    ra, dec = wcs.all_pix2world(pix, 0).T
+    cat = tmp_path / "cat.csv"
+    rows = "".join(f"s{k},{float(ra[k])!r},{float(dec[k])!r}\n" for k in range(len(ra)))
+    cat.write_text("SourceID,RA,Dec\n" + rows)
+    out = tmp_path / "out.zarr"
+    report = cutana.make_cutouts(
+        cat, out, tiles=[str(tmp_path / "*.fits")], size=11, flux_conversion=True,
+        progress=False,
+    )
+    assert report.exit_code == 0
+    archive = cutana.open(out)
+    assert sorted(archive.bands) == sorted(planes)
+    positions = SkyCoord(ra, dec, unit="deg")
+    for c, band in enumerate(archive.bands):
+        values, zp = planes[band]
+        data = values.astype(np.float32)
+        for k in range(len(ra)):
+            ref = AstropyCutout2D(data, positions[k], 11, wcs=wcs, mode="partial",
+                                  fill_value=np.nan).data
+            if zp is not None:
+                ref = (ref.astype(np.float64) * flux_factor(zp)).astype(np.float32)
+            np.testing.assert_array_equal(archive.images[k, c], ref, err_msg=band)
+
+
 @pytest.mark.parametrize("fmt", ["zarr", "fits"])
 def test_run_where_no_source_is_cut(survey, tmp_path, fmt):
     """Test that a run in which no source can be cut (all off the tiles) is a

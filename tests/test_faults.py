@@ -405,6 +405,8 @@ def test_stopped_run_says_how_to_resume(survey, clean, tmp_path, sig, expected, 
     assert code == expected, log_text
     assert "Traceback" not in log_text
     assert "the same command with --resume" in log_text
+    # the workers ended their tasks and exited: nothing of theirs is left
+    assert "leaked" not in log_text, log_text
     assert _cli(["verify", out])[0] == 1  # incomplete
     code, err = _cli(["run", *args, "--resume"])
     assert code == 0, err

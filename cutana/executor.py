@@ -352,6 +352,10 @@ def _is_broken(pool):
 #: Seconds a pool's workers are given to exit once it is shut down.
 SHUTDOWN_GRACE = 10.0
 
+#: Seconds the workers of a stopped run (Ctrl-C, SIGTERM, an error) get to
+#: end their task and exit before they are terminated.
+STOP_GRACE = 1.0
+
 
 def _shutdown_pool(pool, grace=SHUTDOWN_GRACE):
     """Shut a pool down, give its workers ``grace`` seconds to exit, then
@@ -839,11 +843,15 @@ class Executor:
             stopped = False
         finally:
             # A run stopped by an exception (Ctrl-C, SIGTERM, a full disk)
-            # does not wait for the tasks in flight: their work is not
+            # does not wait long for the tasks in flight: their work is not
             # recorded, and a worker stopped mid-task leaves nothing that
-            # --resume would take for done.
-            now = stopped or _is_broken(pool)
-            _shutdown_pool(pool, grace=0.0 if now else SHUTDOWN_GRACE)
+            # --resume would take for done. A worker that ends its task
+            # within STOP_GRACE exits by itself, releasing what it holds.
+            if _is_broken(pool):
+                grace = 0.0
+            else:
+                grace = STOP_GRACE if stopped else SHUTDOWN_GRACE
+            _shutdown_pool(pool, grace=grace)
 
     def _retry_or_fail(self, pending, queue, failed):
         if pending.attempts <= self.retries:

@@ -24,7 +24,7 @@ import numpy as np
 
 from ._choices import DTYPES, FORMATS, RESAMPLE
 from ._threads import available_cores
-from .catalog import read_catalog
+from .catalog import COLUMN_ALIASES, read_catalog
 from .exceptions import ConfigError
 from .executor import (
     BACKENDS,
@@ -274,7 +274,9 @@ class RunReport:
     failures : list of str
         Jobs or tiles that failed, with the reason.
     messages : dict
-        Row → message for every row that is not `cutana.Status.OK`.
+        Row → message for every row that got no cutout (bad rows, sources
+        on no tile, tile errors); rows cut at a tile edge
+        (`cutana.Status.PARTIAL_OVERLAP`) have their status only.
     exit_code : int
         0 if every row got its final status, 1 if some sources could not be
         cut because a tile or job failed.
@@ -374,7 +376,9 @@ def _prepare(catalog, options, *, parent_bytes=None, chunked=True):
     With ``chunked`` (and Zarr output) the plan follows the store's chunks.
     """
     options.validate()
-    cat = read_catalog(catalog, size=options.size)
+    # with --tiles a file-list column is not used, so not checked either
+    files_column = False if options.tiles else None
+    cat = read_catalog(catalog, size=options.size, files_column=files_column)
     try:
         if options.tiles:
             index = TileIndex.from_paths(options.tiles, bands=options.bands)
@@ -394,7 +398,13 @@ def _prepare(catalog, options, *, parent_bytes=None, chunked=True):
         problems = "; ".join(
             m if str(m).startswith(str(p)) else f"{p}: {m}" for p, m in index.errors[:5]
         )
-        msg = f"none of the tiles given could be indexed{': ' + problems if problems else ''}"
+        if problems or options.tiles:
+            msg = f"none of the tiles given could be indexed{': ' + problems if problems else ''}"
+        else:  # every file-list cell is empty or not a list of paths
+            msg = (
+                f"no tiles: no row of {cat.source} names a tile file in its "
+                f"'{COLUMN_ALIASES['files'][0]}' cell; give --tiles PATH_OR_GLOB..."
+            )
         raise ConfigError(msg)
     if options.channel_weights is not None and len(options.channel_weights) != len(index.bands):
         msg = (

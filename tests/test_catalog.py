@@ -1,6 +1,7 @@
 # Licensed under a 3-clause BSD style license - see LICENSE.rst
 """Tests of cutana.catalog: formats, aliases, validation, file lists."""
 
+import ast
 import collections
 import os
 import tempfile
@@ -88,6 +89,84 @@ def test_formats_read_the_same(tmp_path, kind):
         assert cat.source == f"<{kind}>"
     else:
         assert cat.source == source
+
+
+@pytest.mark.parametrize("kind", ["ecsv", "fits", "parquet"])
+def test_masks_and_units_written_by_astropy(tmp_path, kind):
+    """Test that masked cells and angle units of a table file written by
+    astropy are read as astropy reads the file back (Parquet keeps them in
+    extra columns and in its metadata)."""
+    t = Table()
+    t["SourceID"] = MaskedColumn(["a", "b", "c", "d"], mask=[0, 0, 1, 0])
+    ra = np.deg2rad([150.0, 150.1, 150.2, 150.3])
+    t["RA"] = MaskedColumn(ra, mask=[0, 1, 0, 0], unit="rad")
+    t["Dec"] = MaskedColumn(np.deg2rad([1.0, 1.1, 1.2, 1.3]), unit="rad")
+    t["diameter_pixel"] = MaskedColumn([16, 16, 16, 16], mask=[0, 0, 0, 1])
+    path = _write(t, tmp_path / f"cat.{kind}")
+    back = Table.read(path)
+    assert back["RA"].unit == "rad"
+    assert list(np.ma.getmaskarray(back["RA"])) == [False, True, False, False]
+    cat = read_catalog(path)
+    assert_array_equal(cat.status, [0, 3, 3, 3])
+    assert cat.source_id[0] == "a"
+    np.testing.assert_allclose(cat.ra[[0, 2, 3]], [150.0, 150.2, 150.3], rtol=1e-14)
+    np.testing.assert_allclose(cat.dec, [1.0, 1.1, 1.2, 1.3], rtol=1e-14)
+    assert "'RA'" in cat.messages[1]
+    assert "'SourceID'" in cat.messages[2]
+    assert "'diameter_pixel'" in cat.messages[3]
+
+
+@pytest.mark.parametrize("files", [True, False])
+def test_csv_lines_as_astropy_reads_them(tmp_path, files):
+    """Test CSV details as astropy's reader has them, with and without a
+    file-list column: a quoted first field starting with '#' is data, not a
+    comment; a byte-order mark may precede a first comment line; a quoted
+    field may follow blanks after its comma."""
+    tail = ',"/d/x.fits"' if files else ""
+    head = ",fits_file_paths" if files else ""
+    texts = {
+        "hash.csv": (
+            f"# made by hand\nSourceID,RA,Dec,diameter_pixel{head}\n"
+            f"A,150.0,2.0,16{tail}\n\"#B\",150.1,2.0,16{tail}\n"
+            f"C,150.2,2.0,16{tail}\n"
+        ),
+        "bom.csv": (
+            f"\ufeff# made by hand\nSourceID,RA,Dec,diameter_pixel{head}\n"
+            f"A,150.0,2.0,16{tail}\n"
+        ),
+        "blanks.csv": (
+            f"SourceID, RA, Dec, diameter_pixel{head.replace(',', ', ')}\n"
+            + (", \"['/d/0.fits']\"" if files else "").join(("0, 150.0, 2.0, 16", "\n"))
+            + (", \"['/d/1.fits', '/d/y.fits']\"" if files else "").join(
+                ("1, 150.1, 2.0, 16", "\n")
+            )
+        ),
+    }
+    for name, text in texts.items():
+        path = tmp_path / name
+        path.write_text(text, encoding="utf-8")
+        comment = r"\ufeff?\s*#" if name != "blanks.csv" else None
+        ref = Table.read(path, format="ascii.csv", comment=comment)
+        cat = read_catalog(path)
+        assert_array_equal(cat.source_id, np.asarray(ref["SourceID"], dtype=str))
+        assert_array_equal(cat.ra, np.asarray(ref["RA"], dtype=float))
+        assert_array_equal(cat.status, 0)
+        if files:
+            expect = [
+                tuple(ast.literal_eval(v)) if v.startswith("[") else (v,)
+                for v in map(str, ref["fits_file_paths"])
+            ]
+            assert cat.fits_file_paths == expect
+
+
+def test_overlong_file_list_is_named(tmp_path):
+    """Test that a file-list cell too long to be parsed says so."""
+    paths = [f"/data/tile_{i:06d}/{'x' * 90}.fits" for i in range(1000)]
+    t = Table({"SourceID": ["a"], "RA": [1.0], "Dec": [1.0], "diameter_pixel": [16],
+               "fits_file_paths": [str(paths)]})
+    cat = read_catalog(_write(t, tmp_path / "cat.csv"))
+    assert cat.status[0] == Status.BAD_ROW
+    assert "longer than a file list may be (100,000)" in cat.messages[0]
 
 
 @pytest.mark.parametrize(

@@ -538,6 +538,35 @@ def test_integer_tiles_are_scaled_as_astropy_reads_them(tmp_path, bscale, bzero)
         np.testing.assert_array_equal(cutana.open(out).images[:, 0], expect)
 
 
+def test_file_lists_are_ignored_with_tiles(survey, tmp_path):
+    """Test that with --tiles the catalogue's file-list column is neither
+    used nor checked (empty or invalid cells do not make bad rows, and
+    `verify` agrees), and that without tiles a column naming no file at all
+    is a usage error saying so."""
+    from astropy.table import Table
+
+    from cutana.verify import verify
+
+    table = Table.read(survey.catalogue_path, format="ascii.csv")
+    table["fits_file_paths"] = ["", "[]", "()"] * (len(table) // 3) + [""] * (
+        len(table) % 3
+    )
+    cat = tmp_path / "no_files.csv"
+    table.write(cat, format="ascii.csv")
+    tiles = [p for paths in survey.tile_paths for p in paths]
+    ref = tmp_path / "ref.zarr"
+    cutana.make_cutouts(
+        survey.catalogue_path, ref, tiles=tiles, size=15, progress=False
+    )
+    out = tmp_path / "out.zarr"
+    cutana.make_cutouts(cat, out, tiles=tiles, size=15, progress=False)
+    np.testing.assert_array_equal(cutana.open(out).status, cutana.open(ref).status)
+    np.testing.assert_array_equal(cutana.open(out).images, cutana.open(ref).images)
+    assert verify(out) == []
+    with pytest.raises(ConfigError, match=r"no row of .*no_files.csv names a tile"):
+        cutana.make_cutouts(cat, tmp_path / "none.zarr", size=15, progress=False)
+
+
 def test_flux_conversion_leaves_flag_planes_as_stored(tmp_path):
     """Test that --flux-conversion converts a tile's science and RMS planes
     (each with its own zero point) to Jansky and cuts its flag plane, which

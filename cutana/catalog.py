@@ -614,7 +614,14 @@ def _load(catalog, id_column):
     except Exception as exc:  # any reader failure is a file-level problem
         how = f"as {fmt}" if fmt else "in any format astropy knows"
         reason = " ".join(str(exc).split())
-        msg = f"cannot read catalogue {path!r} {how}: {type(exc).__name__}: {reason}"
+        if fmt is None and "could not be identified" in reason:
+            # astropy's message goes on with its table of every format
+            endings = ", ".join(e for e, _ in _FORMATS if e.count(".") == 1)
+            reason = f"its format could not be identified; name it {endings}"
+            msg = f"cannot read catalogue {path!r}: {reason}"
+        else:
+            kind = type(exc).__name__
+            msg = f"cannot read catalogue {path!r} {how}: {kind}: {reason}"
         raise CatalogError(msg) from exc
 
     if fmt == "ascii.csv":

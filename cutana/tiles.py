@@ -280,6 +280,10 @@ class Tile:
         has no file for a band.
     shape : tuple of int
         ``(ny, nx)`` of the reference (first available) band.
+    problems : tuple of (str, str)
+        ``(band, reason)`` for each band whose file the index left out
+        (e.g. on another pixel grid than the reference band's), so that
+        `missing_band_message` can say why.
 
     Examples
     --------
@@ -302,6 +306,7 @@ class Tile:
     key: str
     bands: tuple
     shape: tuple = field(default=None, compare=False)
+    problems: tuple = field(default=(), compare=False)
 
     def __post_init__(self):
         object.__setattr__(self, "bands", tuple(self.bands))
@@ -326,23 +331,11 @@ class Tile:
     def same_grid(self):
         """True if all band files share the reference band's shape and WCS."""
         ref = self.reference
-        ref_wcs = ref.wcs()
-        for band in self.bands:
-            if band is None or band is ref:
-                continue
-            if tuple(band.shape) != tuple(ref.shape):
-                return False
-            w = band.wcs()
-            if not (
-                np.allclose(w.wcs.crval, ref_wcs.wcs.crval, rtol=0, atol=1e-10)
-                and np.allclose(w.wcs.crpix, ref_wcs.wcs.crpix, rtol=0, atol=1e-6)
-                and np.allclose(
-                    w.pixel_scale_matrix, ref_wcs.pixel_scale_matrix, rtol=1e-9, atol=0
-                )
-                and list(w.wcs.ctype) == list(ref_wcs.wcs.ctype)
-            ):
-                return False
-        return True
+        return all(
+            _grid_difference(ref, band) is None
+            for band in self.bands
+            if band is not None and band is not ref
+        )
 
     def pixel_scale_arcsec(self):
         """Return the mean pixel scale of the reference band in arcsec per pixel.
@@ -956,7 +949,8 @@ class TileIndex:
                 by_band[b].band_file() if b in by_band else None for b in bands
             )
             if any(e is not None for e in entries):
-                tiles.append(Tile(key=key, bands=entries))
+                entries, problems = _one_grid(key, entries, bands, errors)
+                tiles.append(Tile(key=key, bands=entries, problems=problems))
             else:
                 logger.debug("tile %s has none of the bands %s; skipped", key, bands)
         logger.info(
@@ -1064,7 +1058,8 @@ class TileIndex:
                 key = f"{key}#{n}"
             keys.add(key)
             file_lists[files] = len(tiles)
-            tiles.append(Tile(key=key, bands=entries))
+            entries, problems = _one_grid(key, entries, bands, errors)
+            tiles.append(Tile(key=key, bands=entries, problems=problems))
         logger.info(
             "indexed %d tile(s) from %d file list(s); %d file error(s)",
             len(tiles),
@@ -1342,6 +1337,7 @@ class TileIndex:
                 {
                     "key": t.key,
                     "bands": [None if b is None else b.to_dict() for b in t.bands],
+                    "problems": [list(p) for p in t.problems],
                 }
                 for t in self.tiles
             ],
@@ -1380,6 +1376,7 @@ class TileIndex:
                 bands=tuple(
                     None if b is None else BandFile.from_dict(b) for b in t["bands"]
                 ),
+                problems=tuple(tuple(p) for p in t.get("problems", ())),
             )
             for t in d["tiles"]
         ]
@@ -1711,6 +1708,58 @@ def _open_known_layout(band, keep_bytes=0):
     return TilePixels(band, data, bscale, bzero, blank, None, kept=keep)
 
 
+def _grid_difference(ref, band):
+    """How the pixel grid of `BandFile` ``band`` differs from ``ref``'s, or None.
+
+    Every band of a tile is cut at the same pixels, those of the reference
+    band: the shapes must be equal, and so the WCS (reference pixel and
+    value, pixel scale matrix, projection).
+    """
+    if tuple(band.shape) != tuple(ref.shape):
+        return f"its shape {tuple(band.shape)} is not {tuple(ref.shape)}"
+    w, r = band.wcs(), ref.wcs()
+    if list(w.wcs.ctype) != list(r.wcs.ctype):
+        return f"its projection {list(w.wcs.ctype)} is not {list(r.wcs.ctype)}"
+    if not np.allclose(w.wcs.crpix, r.wcs.crpix, rtol=0, atol=1e-6):
+        return f"its CRPIX {w.wcs.crpix.tolist()} is not {r.wcs.crpix.tolist()}"
+    if not np.allclose(w.wcs.crval, r.wcs.crval, rtol=0, atol=1e-10):
+        return f"its CRVAL {w.wcs.crval.tolist()} is not {r.wcs.crval.tolist()}"
+    if not np.allclose(w.pixel_scale_matrix, r.pixel_scale_matrix, rtol=1e-9, atol=0):
+        return "its pixel scale or orientation differs"
+    return None
+
+
+def _one_grid(key, entries, bands, errors):
+    """A tile's band files without those on another pixel grid.
+
+    A file whose grid differs from the reference band's (the first) is left
+    out, with an entry in ``errors``; the tile's sources then get
+    ``TILE_ERROR`` for lack of that band, with the reason. Returns
+    ``(entries, problems)`` for `Tile`.
+    """
+    ref = next((e for e in entries if e is not None), None)
+    kept, problems = [], []
+    for entry, band in zip(entries, bands, strict=True):
+        why = None
+        if entry is not None and entry is not ref:
+            try:
+                why = _grid_difference(ref, entry)
+            except Exception as exc:  # noqa: BLE001 - an unreadable WCS differs too
+                why = f"its WCS cannot be compared: {exc}"
+        if why is None:
+            kept.append(entry)
+            continue
+        text = (
+            f"{entry.path}: not on the pixel grid of {ref.path} ({why}), though "
+            f"both are tile {key}; every band of a tile is cut at the same pixels, "
+            f"so band {band} is not cut there"
+        )
+        errors.append((entry.path, text))
+        problems.append((str(band), text))
+        kept.append(None)
+    return tuple(kept), tuple(problems)
+
+
 def missing_band_message(tile, band):
     """Why the sources of ``tile`` are not cut when it has no file for ``band``.
 
@@ -1733,6 +1782,9 @@ def missing_band_message(tile, band):
     >>> missing_band_message(tile, "NIR-J")
     'tile 102018211 has no file for band NIR-J'
     """
+    for name, reason in tile.problems:
+        if name == str(band):
+            return f"tile {tile.key}: {reason}"
     return f"tile {tile.key} has no file for band {band}"
 
 

@@ -266,6 +266,29 @@ def test_hostile_ids_never_escape(tmp_path):
     )
 
 
+def test_srcid_gives_back_every_id(tmp_path):
+    """Test that SRCID tells ids apart that plain escaping would merge (a
+    literal backslash sequence and the character it names, trailing blanks,
+    which FITS drops) and decodes back to each id."""
+    import codecs
+
+    ids = ["\u00e9", "\\xe9", "a\tb", "a\\x09b", "trail ", "trail", " lead", "日本"]
+    n = len(ids)
+    job = JobResult(
+        job_id=0, rows=np.arange(n), images=np.zeros((n, 1, 3, 3), np.float32),
+        status=np.zeros(n, np.int16), tile=0, origin=np.zeros((n, 2), int),
+        box_shape=np.full((n, 2), 3),
+    )
+    out = tmp_path / "out"
+    writer = FitsWriter.create(out, ["b"])
+    files = fits_filenames(ids)
+    zeros = np.zeros(n)
+    writer.write_sources(job, ids, zeros, zeros, ["t.fits"], [None] * n, files)
+    srcids = [fits.getval(out / f, "SRCID", ext=0) for f in files]
+    assert len(set(srcids)) == n
+    assert [codecs.decode(v, "unicode_escape") for v in srcids] == ids
+
+
 def test_unsafe_file_names_refused(tmp_path):
     """Test that file names not made by fits_filenames are refused before writing."""
     job = JobResult(

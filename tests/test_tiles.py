@@ -208,6 +208,41 @@ def test_same_header_band_uses_file_names(tmp_path):
     assert len(index.tiles) == 1
 
 
+@pytest.mark.parametrize("lists", [False, True])
+def test_band_on_another_pixel_grid_is_left_out(tmp_path, lists):
+    """Test that a band file of a tile whose pixel grid differs from the
+    reference band's (shifted reference pixel, other shape) is left out with
+    the reason, instead of being cut at the reference band's pixels: the
+    tile's sources then get TILE_ERROR saying why."""
+    from cutana.tiles import missing_band_message
+
+    g = make_tile(tmp_path / "g.fits", tileid="7", band="g")
+    make_tile(tmp_path / "r.fits", tileid="7", band="r", crval=(150.0001, 2.0))
+    make_tile(tmp_path / "i.fits", tileid="7", band="i", shape=(50, 80))
+    make_tile(tmp_path / "z.fits", tileid="7", band="z")  # same grid as g
+    paths = [str(tmp_path / f"{b}.fits") for b in "grzi"]
+    if lists:
+        index = TileIndex.from_file_lists([tuple(paths)])
+    else:
+        index = TileIndex.from_paths(paths)
+    assert len(index.tiles) == 1
+    tile = index.tiles[0]
+    got = {name: tile.bands[k] for k, name in enumerate(index.bands)}
+    assert got["g"] is not None and got["z"] is not None
+    assert got["r"] is None and got["i"] is None
+    assert g.shape == (60, 80)
+    reasons = dict(index.errors)
+    assert "not on the pixel grid of" in reasons[paths[1]]
+    assert "CRVAL" in reasons[paths[1]]
+    assert "its shape (50, 80) is not (60, 80)" in reasons[paths[3]]
+    text = missing_band_message(tile, "r")
+    assert text.startswith("tile 7: ") and "so band r is not cut there" in text
+    assert missing_band_message(tile, "z") == "tile 7 has no file for band z"
+    # the reason survives the index's serialisation (it goes to the workers)
+    again = TileIndex.from_dict(index.to_dict())
+    assert missing_band_message(again.tiles[0], "r") == text
+
+
 def test_duplicate_band_in_tile_is_an_error(tmp_path):
     """Test that a second file of the same band and tile is reported, not used."""
     make_tile(tmp_path / "a.fits", tileid="7", band="VIS")

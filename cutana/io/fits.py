@@ -5,7 +5,8 @@ The FITS output: one file per source, and an index of every catalogue row.
 Each file holds an empty primary HDU with the source's keywords and one
 image HDU per band, in band order (``EXTNAME`` = band name, upper-cased as
 astropy writes it), with the cutout's WCS and the
-keywords ``SRCID`` (source id), ``RA``, ``DEC`` (degrees), ``ROW``
+keywords ``SRCID`` (source id, in printable ASCII: ``codecs.decode(value,
+"unicode_escape")`` gives it back), ``RA``, ``DEC`` (degrees), ``ROW``
 (catalogue row), ``STATUS`` (`~cutana.Status` code) and ``TILE`` (file name
 of that band's tile). Files are written to a temporary name and renamed into
 place, so a file under its final name is always complete.
@@ -147,9 +148,28 @@ def _check_name(name):
 
 
 def _fits_text(value):
-    """Make a string safe for a FITS header value (printable ASCII)."""
-    text = str(value).encode("ascii", "backslashreplace").decode("ascii")
-    return "".join(c if 32 <= ord(c) < 127 else f"\\x{ord(c):02x}" for c in text)
+    r"""Make a string safe for a FITS header value (printable ASCII), reversibly.
+
+    Backslashes are doubled; characters outside printable ASCII, and blanks
+    at the end (which FITS does not keep), become Python escapes (``\xe9``,
+    ``\u65e5``, ``\x20``), so that ``codecs.decode(text, "unicode_escape")``
+    gives the string back.
+
+    Examples
+    --------
+    >>> import codecs
+    >>> from cutana.io.fits import _fits_text
+    >>> [_fits_text(v) for v in ("é", "\\xe9", "a\tb", "trail ")]
+    ['\\xe9', '\\\\xe9', 'a\\x09b', 'trail\\x20']
+    >>> codecs.decode(_fits_text("a\\b é "), "unicode_escape")
+    'a\\b é '
+    """
+    text = str(value)
+    kept = text.rstrip(" ")
+    text = kept.replace("\\", "\\\\").encode("ascii", "backslashreplace")
+    text = text.decode("ascii")
+    text = "".join(c if 32 <= ord(c) < 127 else f"\\x{ord(c):02x}" for c in text)
+    return text + "\\x20" * (len(str(value)) - len(kept))
 
 
 def extension_names(bands):

@@ -85,6 +85,19 @@ _positive_float = _float_type(allow_zero=False)
 _non_negative_float = _float_type(allow_zero=True)
 
 
+def _crop(text):
+    """``--crop``: a whole number stays an int (pixels), as in a config file
+    or a keyword (``crop=1`` is one pixel, ``crop=1.0`` the whole image)."""
+    try:
+        value = int(text)
+    except ValueError:
+        return _positive_float(text)
+    if value < 1:
+        msg = f"expected a positive number, got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
 def _add_run_options(p, *, with_output=True):
     """Options shared by ``run`` and ``plan``."""
     from ._choices import DTYPES, FORMATS, NORMALIZATIONS, RESAMPLE
@@ -120,9 +133,9 @@ def _add_run_options(p, *, with_output=True):
                    help="zscale contrast (default: 0.25)")
     g.add_argument("--zscale-samples", type=_positive_int, metavar="N",
                    help="zscale samples (default: 1000)")
-    g.add_argument("--crop", type=_positive_float, metavar="F",
-                   help="compute stretch limits on the central crop (fraction "
-                   "<= 1 of the size, or pixels)")
+    g.add_argument("--crop", type=_crop, metavar="F",
+                   help="compute stretch limits on the central crop (a fraction "
+                   "<= 1 of the size such as 0.5, or a whole number of pixels)")
     g.add_argument("--flux-conversion", action="store_true", default=None,
                    help="convert pixel values to Jansky with the header zero point "
                    "(not those of flag, mask and PSF planes)")
@@ -391,9 +404,23 @@ def _import_pipeline():
     return pipeline
 
 
+def _writable_file(path, option):
+    """A usage error unless a file can be written at ``path`` (checked
+    before the run, so that the report is not lost after it)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    writable = os.path.isdir(folder) and os.access(folder, os.W_OK)
+    if os.path.isdir(path) or not writable:
+        from .exceptions import ConfigError
+
+        msg = f"{option} {path!r}: cannot write a file there"
+        raise ConfigError(msg)
+
+
 def _cmd_run(ns, parser):
     config = _load_config(ns.config, parser) if ns.config else {}
     opts = _options(ns, config)
+    if ns.report_json:
+        _writable_file(ns.report_json, "--report-json")
     from .executor import WORKER_PRELOAD, default_backend, start_forkserver
 
     backend = opts.get("backend") or default_backend(
@@ -438,6 +465,9 @@ def _cmd_demo(ns):
 
     survey_dir = os.path.join(ns.output, "survey")
     out_dir = os.path.join(ns.output, "cutouts")
+    if os.path.exists(ns.output) and not os.path.isdir(ns.output):
+        print(f"cutana: error: {ns.output!r} is a file, not a folder", file=sys.stderr)
+        return EXIT_USAGE
     if os.path.exists(ns.output) and os.listdir(ns.output) and not ns.overwrite:
         print(f"cutana: error: {ns.output!r} exists; pass --overwrite to replace it",
               file=sys.stderr)

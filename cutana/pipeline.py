@@ -15,6 +15,7 @@ import errno
 import json
 import logging
 import math
+import numbers
 import os
 import sys
 import time
@@ -130,6 +131,30 @@ class RunOptions:
         ConfigError
             Naming the option and the bad value.
         """
+        # what the command's parser checks, for values from a config file or
+        # keywords: one type per option, so that equal options compare equal
+        self.tiles = _path_list("tiles", self.tiles)
+        self.bands = _path_list("bands", self.bands)
+        if not isinstance(self.flux_conversion, bool | np.bool_):
+            _bad("flux_conversion", self.flux_conversion, "true or false")
+        self.flux_conversion = bool(self.flux_conversion)
+        if not isinstance(self.zeropoint_keyword, str) or not self.zeropoint_keyword:
+            _bad("zeropoint_keyword", self.zeropoint_keyword, "a header keyword")
+        self.percentile = _number("percentile", self.percentile)
+        self.zscale_contrast = _number("zscale_contrast", self.zscale_contrast)
+        if self.stretch_a is not None:
+            self.stretch_a = _number("stretch_a", self.stretch_a)
+        if not _is_int(self.zscale_samples) or self.zscale_samples < 1:
+            _bad("zscale_samples", self.zscale_samples, "a positive integer")
+        if self.max_sources_per_job is not None and (
+            not _is_int(self.max_sources_per_job) or self.max_sources_per_job < 1
+        ):
+            _bad("max_sources_per_job", self.max_sources_per_job, "a positive integer")
+        if self.crop is not None and (
+            isinstance(self.crop, bool | str)
+            or np.asarray(self.crop).dtype.kind not in "iuf"
+        ):
+            _bad("crop", self.crop, "a fraction in (0, 1] or a number of pixels")
         if self.target_size is not None:
             if not _is_int(self.target_size) or self.target_size < 1:
                 _bad("target_size", self.target_size, "a positive integer")
@@ -246,6 +271,27 @@ class RunOptions:
 
 def _is_int(value):
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _number(name, value):
+    """``value`` as a float, or a `ConfigError` naming option ``name``."""
+    if isinstance(value, bool | str) or not isinstance(value, numbers.Real):
+        _bad(name, value, "a number")
+    return float(value)
+
+
+def _path_list(name, value):
+    """A list of str from one path (or name) or a sequence of them, or None."""
+    if value is None:
+        return None
+    if isinstance(value, str | os.PathLike):
+        return [os.fspath(value)]
+    if isinstance(value, list | tuple) and all(
+        isinstance(v, str | os.PathLike) for v in value
+    ):
+        return [os.fspath(v) for v in value]
+    _bad(name, value, "a path or name, or a list of them")
+    return None  # pragma: no cover - _bad raises
 
 
 def _bad(name, value, expected):
@@ -635,7 +681,15 @@ def plan_cutouts(catalog, **options):
     >>> plan.n_rows, len(plan.jobs) >= 1, plan.out_shape
     (40, True, (16, 16))
     """
-    return _prepare(catalog, RunOptions(**options)).plan
+    # the memory this process holds now stands for a run's main process, as
+    # `make_cutouts` measures it at the same point
+    sampler = MemorySampler()
+    sampler.start()
+    try:
+        parent_bytes = sampler.sample() or None
+    finally:
+        sampler.stop()
+    return _prepare(catalog, RunOptions(**options), parent_bytes=parent_bytes).plan
 
 
 # ----------------------------------------------------------------------------

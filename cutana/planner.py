@@ -168,8 +168,8 @@ def parse_memory(value):
         except ValueError:
             msg = f"cannot parse memory size {value!r}: {number!r} is not a number"
             raise ValueError(msg) from None
-    if not math.isfinite(nbytes) or nbytes <= 0:
-        msg = f"memory size must be positive, got {value!r}"
+    if not math.isfinite(nbytes) or nbytes < 1:
+        msg = f"memory size must be at least one byte, got {value!r}"
         raise ValueError(msg)
     return int(nbytes)
 

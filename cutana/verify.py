@@ -75,18 +75,30 @@ def verify(output, catalogue=None):
     except CatalogError as exc:
         problems.append(f"{source}: {exc}")
         return problems
-    status = np.asarray(archive.status)
+    try:
+        status = np.asarray(archive.status)
+        ids = np.asarray(archive.source_id).astype(str)
+        ra, dec = np.asarray(archive.ra), np.asarray(archive.dec)
+    except Exception as exc:  # noqa: BLE001 - a damaged chunk (reported above)
+        problems.append(f"{output}: cannot read its rows: {type(exc).__name__}: {exc}")
+        return problems
     if len(cat) != len(status):
         problems.append(
             f"{output}: {len(status)} rows, but the catalogue {source} has {len(cat)}"
         )
         return problems
-    ids = np.asarray(archive.source_id).astype(str)
     differ = np.flatnonzero(ids != cat.source_id.astype(str))
     for r in differ[:20]:
         problems.append(
             f"row {r}: source_id {str(ids[r])!r} but the catalogue has "
             f"{str(cat.source_id[r])!r}"
+        )
+    # positions are the catalogue's, as read and checked (NaN where invalid)
+    moved = np.flatnonzero(~(_same(ra, cat.ra) & _same(dec, cat.dec)))
+    for r in moved[:20]:
+        problems.append(
+            f"row {r}: position ({float(ra[r])!r}, {float(dec[r])!r}) but the "
+            f"catalogue has ({float(cat.ra[r])!r}, {float(cat.dec[r])!r})"
         )
     bad = np.asarray(cat.status) == Status.BAD_ROW
     marked_ok = np.flatnonzero(bad & (status != Status.BAD_ROW))
@@ -98,9 +110,14 @@ def verify(output, catalogue=None):
     wrongly_bad = np.flatnonzero(~bad & (status == Status.BAD_ROW))
     for r in wrongly_bad[:20]:
         problems.append(f"row {r}: status BAD_ROW but the catalogue row is valid")
-    n_more = len(differ) + len(marked_ok) + len(wrongly_bad) - min(20, len(differ)) - min(
-        20, len(marked_ok)
-    ) - min(20, len(wrongly_bad))
+    listed = (differ, moved, marked_ok, wrongly_bad)
+    n_more = sum(max(0, len(rows) - 20) for rows in listed)
     if n_more > 0:
         problems.append(f"... and {n_more} more row problems")
     return problems
+
+
+def _same(a, b):
+    """Element-wise equality of two float arrays, NaN equal to NaN."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return (a == b) | (np.isnan(a) & np.isnan(b))

@@ -139,6 +139,60 @@ def test_config_file_equivalent_to_flags(survey, tmp_path):
     assert cutana.open(a).images.dtype == np.uint16
 
 
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ('flux_conversion = "false"', "invalid flux_conversion: 'false'; expected"),
+        ('normalize = "linear"\npercentile = "abc"', "invalid percentile: 'abc'"),
+        ('normalize = "asinh"\nstretch_a = "x"', "invalid stretch_a: 'x'"),
+        ("tiles = 5", "invalid tiles: 5"),
+        ("zeropoint_keyword = 5", "invalid zeropoint_keyword: 5"),
+        ('normalize = "zscale"\nzscale_samples = 10.5', "invalid zscale_samples: 10.5"),
+        ("max_sources_per_job = 2.5", "invalid max_sources_per_job: 2.5"),
+        ('normalize = "linear"\ncrop = "half"', "invalid crop: 'half'"),
+    ],
+)
+def test_config_file_values_are_checked(survey, tmp_path, capsys, toml, message):
+    """Test that values of a config file that the command's parser would refuse
+    are usage errors naming the option and value (not a traceback, a silent
+    truth value or a rounded number), and that nothing is written."""
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(f"size = 9\n{toml}\n")
+    out = tmp_path / "x"
+    code = main(["run", survey.catalogue_path, "-o", str(out), "--config", str(cfg),
+                 "--no-progress"])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_options_compare_equal_from_flags_file_and_keywords(survey, tmp_path):
+    """Test that an option given as a flag, in a config file or as a keyword
+    is recorded as the same value (a whole-number percentile, one band or
+    tile glob as a string, a whole-number crop in pixels), so that one form
+    can resume a run started with another."""
+    tiles = os.path.join(os.path.dirname(survey.catalogue_path), "*.fits")
+    flag = tmp_path / "flag.zarr"
+    assert main(["run", survey.catalogue_path, "-o", str(flag), "--size", "15",
+                 "--normalize", "linear", "--percentile", "95", "--crop", "5",
+                 "--bands", "VIS", "--tiles", tiles, "--no-progress"]) == 0
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(f'size = 15\nnormalize = "linear"\npercentile = 95\ncrop = 5\n'
+                   f'bands = "VIS"\ntiles = "{tiles}"\n')
+    file = tmp_path / "file.zarr"
+    assert main(["run", survey.catalogue_path, "-o", str(file), "--config", str(cfg),
+                 "--no-progress"]) == 0
+    api = tmp_path / "api.zarr"
+    cutana.make_cutouts(survey.catalogue_path, api, size=15, normalize="linear",
+                        percentile=95, crop=5, bands="VIS", tiles=tiles, progress=False)
+    configs = [cutana.open(out).config for out in (flag, file, api)]
+    assert configs[0] == configs[1] == configs[2]
+    assert configs[0]["crop"] == 5 and isinstance(configs[0]["crop"], int)
+    expected = cutana.open(flag).images[:]
+    for out in (file, api):
+        np.testing.assert_array_equal(cutana.open(out).images[:], expected)
+
+
 def test_config_file_typo_suggests_name(survey, tmp_path, capsys):
     """Test that an unknown config key is an error suggesting the closest option."""
     cfg = tmp_path / "run.toml"
@@ -178,6 +232,46 @@ def test_verify_detects_tampering(survey, tmp_path, capsys):
     data[len(data) // 2] ^= 0xFF
     chunk.write_bytes(bytes(data))
     assert main(["verify", str(out)]) == 1
+
+
+@pytest.mark.parametrize(("array", "where", "problem"), [
+    ("status", 5, "the per-row arrays cannot be read"),  # inside the compressed header
+    ("ra", None, "position ("),  # a value, in the middle of the chunk
+])
+def test_verify_reports_damaged_row_arrays(survey, tmp_path, capsys, array, where,
+                                           problem):
+    """Test that a damaged chunk of a per-row array is a listed problem: an
+    undecodable one without a traceback, a changed position against the
+    catalogue's."""
+    out = tmp_path / "o.zarr"
+    assert main(["run", survey.catalogue_path, "-o", str(out), "--size", "15",
+                 "--no-progress"]) == 0
+    chunk = out / array / "c.0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2 if where is None else where] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(["verify", str(out)]) == 1
+    assert problem in capsys.readouterr().out
+
+
+def test_unwritable_report_json_is_refused_before_the_run(survey, tmp_path, capsys):
+    """Test that --report-json in a missing folder is a usage error found
+    before anything is cut, not a traceback after the run."""
+    out = tmp_path / "o.zarr"
+    code = main(["run", survey.catalogue_path, "-o", str(out), "--size", "15",
+                 "--no-progress", "--report-json", str(tmp_path / "no" / "r.json")])
+    assert code == 2
+    assert "--report-json" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_demo_into_a_file_is_a_usage_error(tmp_path, capsys):
+    """Test that `cutana demo --output FILE` exits 2 naming the file."""
+    path = tmp_path / "afile"
+    path.write_text("x")
+    assert main(["demo", "--output", str(path)]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
 
 
 def test_verify_detects_bad_row_marked_ok(survey, tmp_path):

@@ -397,7 +397,7 @@ def test_corrupt_tile_marks_only_its_sources(survey, tmp_path):
         ({"workers": 0}, "invalid workers"),
         ({"memory_limit": "1MB", "size": 21}, "too small"),
         ({"normalize": "asinh", "stretch_a": -1.0}, "a must be a finite number > 0"),
-        ({"normalize": "zscale", "zscale_samples": 0}, "n_samples must be a positive"),
+        ({"normalize": "zscale", "zscale_samples": 0}, "invalid zscale_samples: 0"),
         ({"size": 21, "channel_weights": [1.0, float("nan")]}, "finite numbers"),
         ({"normalize": "linear", "size": 21, "crop": 2.5}, "crop must be a fraction"),
         ({"normalize": "linear", "size": 21, "crop": 30}, "smallest cutouts are 21 x 21"),

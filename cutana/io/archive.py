@@ -611,11 +611,19 @@ def _verify_zarr(path, problems):
         problems.append(
             f"array {name!r}: {gone} of its {group[name].nchunks} chunks are missing"
         )
-    _check_status(group["status"][:], problems)
-    tile = (
-        split_geometry(group["geometry"][:])[0] if "geometry" in group
-        else group["tile"][:]
-    )
+    try:
+        status = group["status"][:]
+        tile = (
+            split_geometry(group["geometry"][:])[0] if "geometry" in group
+            else group["tile"][:]
+        )
+        for name in ("source_id", "ra", "dec"):
+            group[name][:]  # decodes (a damaged chunk may not)
+    except Exception as exc:  # noqa: BLE001 - any decoding error is damage
+        kind = type(exc).__name__
+        problems.append(f"the per-row arrays cannot be read: {kind}: {exc}")
+        return
+    _check_status(status, problems)
     bad = np.flatnonzero((tile < -1) | (tile >= len(writer.attrs.get("tiles", []))))
     if len(bad):
         problems.append(

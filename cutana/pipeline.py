@@ -21,6 +21,11 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None
+
 import numpy as np
 
 from ._choices import DTYPES, FORMATS, RESAMPLE
@@ -1032,34 +1037,85 @@ def make_cutouts(
         raise ConfigError(msg)
 
     opts.validate()
-    # worker processes start (and import cutana) while the catalogue is read
-    executor = Executor(
-        opts.backend,
-        opts.workers,
-        retries=1,
-        scheduler=opts.scheduler,
-        client=client,
-        preload=list(WORKER_PRELOAD),
-    )
-    executor.warm_up()
-    with MemorySampler() as sampler:
-        try:
-            prepared = _prepare(catalog, opts, parent_bytes=sampler.sample())
-            _release_free_memory()  # what reading the catalogue left behind
-            runner = _Runner(prepared, output, progress, client)
-            runner.start(
-                resume=bool(exists and resume), overwrite=bool(exists and overwrite)
-            )
-            _release_free_memory()  # what creating the store left behind
-            runner.run(executor)
-        finally:
-            _SCRATCH.clear()
-            release_buffers()  # this process's write buffers (serial backend)
-            executor.close()
-        runner.finish()
-    report = runner.report(time.perf_counter() - t0, sampler)
-    runner.close(report)
+    lock = _OutputLock(output)
+    lock.acquire()  # before anything reads or changes the output
+    try:
+        # worker processes start (and import cutana) while the catalogue is read
+        executor = Executor(
+            opts.backend,
+            opts.workers,
+            retries=1,
+            scheduler=opts.scheduler,
+            client=client,
+            preload=list(WORKER_PRELOAD),
+        )
+        executor.warm_up()
+        with MemorySampler() as sampler:
+            try:
+                prepared = _prepare(catalog, opts, parent_bytes=sampler.sample())
+                _release_free_memory()  # what reading the catalogue left behind
+                runner = _Runner(prepared, output, progress, client)
+                runner.start(
+                    resume=bool(exists and resume), overwrite=bool(exists and overwrite)
+                )
+                lock.acquire()  # the folder just made (or made anew)
+                _release_free_memory()  # what creating the store left behind
+                runner.run(executor)
+            finally:
+                _SCRATCH.clear()
+                release_buffers()  # this process's write buffers (serial backend)
+                executor.close()
+            runner.finish()
+        report = runner.report(time.perf_counter() - t0, sampler)
+        runner.close(report)
+    finally:
+        lock.release()
     return report
+
+
+class _OutputLock:
+    """An exclusive lock on a run's output folder while the run writes it.
+
+    Two runs writing one output at once (a ``--resume`` started while the
+    first run still goes on, say) would take each other's staged jobs and
+    chunks for their own. The lock is ``flock`` on the folder, which the
+    system drops when the process ends, however it ends; a second run that
+    finds it taken stops with a usage error. Where the file system has no
+    such locks, runs go on without one.
+    """
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        self.fd = None
+
+    def acquire(self):
+        """Lock the folder if it exists and is not locked by this object yet
+        (again if it was removed and made anew since)."""
+        if fcntl is None or not os.path.isdir(self.path):
+            return
+        if self.fd is not None:
+            if os.fstat(self.fd).st_ino == os.stat(self.path).st_ino:
+                return
+            self.release()
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
+                msg = (
+                    f"output {self.path!r} is being written by another cutana run "
+                    "right now: wait for it to end, or stop it, before running again"
+                )
+                raise ConfigError(msg) from None
+            return  # no locks on this file system
+        self.fd = fd
+
+    def release(self):
+        """Unlock the folder."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 def _core_to_spare(options):

@@ -434,6 +434,29 @@ def test_resume_of_store_with_array_metadata_removed(survey, clean, tmp_path, st
     assert files_bytes(out) == before
 
 
+def test_second_run_on_an_output_being_written_is_refused(survey, clean, tmp_path):
+    """Test that --resume or --overwrite of an output that another run is
+    still writing stops with a usage error and leaves that run alone: it
+    finishes byte-identical to a clean run."""
+    out = tmp_path / "busy.zarr"
+    args = [survey.catalogue_path, "-o", out, *RUN_ARGS]
+    log_path = tmp_path / "run.log"
+    with open(log_path, "wb") as log:
+        proc = _spawn(args, log)
+        try:
+            assert _wait_for(proc, lambda: _progress(str(out)) >= 1), "run ended early"
+            for flag in ("--resume", "--overwrite"):
+                code, err = _cli(["run", *args, flag])
+                assert code == 2, err
+                assert "being written by another cutana run" in err
+            code = proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:  # pragma: no cover - only on failure
+                _reap(_kill_tree(proc))
+    assert code == 0, log_path.read_text(errors="replace")
+    _assert_identical(out, clean["zarr"])
+
+
 def test_rerun_without_resume_refuses_and_keeps_output(survey, clean, tmp_path):
     """Test that running again into an existing output is refused, changing nothing."""
     out = tmp_path / "again.zarr"

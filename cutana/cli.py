@@ -331,9 +331,18 @@ def main(args=None):
         from .bench.harness import main as bench_main
 
         return bench_main(argv[1:])
-    parser = build_parser()
-    ns = parser.parse_args(argv)
-    _setup_logging(ns.verbose)
+    ns = None
+    try:  # a Ctrl-C may come at any time, also while modules are imported
+        parser = build_parser()
+        ns = parser.parse_args(argv)
+        _setup_logging(ns.verbose)
+        return _checked_command(ns, parser)
+    except (KeyboardInterrupt, _Terminated) as exc:
+        return _stopped(ns, exc)
+
+
+def _checked_command(ns, parser):
+    """`_command`, with its usage errors and a full disk reported in one line."""
     from .exceptions import CatalogError, ConfigError
 
     try:
@@ -341,8 +350,6 @@ def main(args=None):
     except (ConfigError, CatalogError) as exc:
         print(f"cutana: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (KeyboardInterrupt, _Terminated) as exc:
-        return _stopped(ns, exc)
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
             raise
@@ -375,7 +382,7 @@ def _stopped(ns, exc):
     """Report a command stopped by Ctrl-C or SIGTERM; return its exit code."""
     terminated = isinstance(exc, _Terminated)
     text = "terminated (SIGTERM)" if terminated else "interrupted"
-    if ns.command == "run":
+    if getattr(ns, "command", None) == "run":
         text += (
             "; the cutouts written so far are kept: run the same command with "
             "--resume to finish the run"

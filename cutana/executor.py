@@ -60,8 +60,9 @@ logger = logging.getLogger(__name__)
 BACKENDS = ("serial", "processes", "dask")
 
 #: Modules cutana's worker processes import before their first task (the
-#: cutting and writing code); see `start_forkserver`.
-WORKER_PRELOAD = ("cutana.pipeline",)
+#: cutting and writing code), first making the worker server ignore Ctrl-C
+#: (`cutana._ignore_sigint`); see `start_forkserver`.
+WORKER_PRELOAD = ("cutana._ignore_sigint", "cutana.pipeline")
 
 #: Tasks the ``processes`` backend hands to its pool beyond one per worker,
 #: memory budget permitting: a worker that finishes a task starts a queued
@@ -217,7 +218,14 @@ def _watch_parent(pid, create_time, interval):
     while True:
         time.sleep(interval)
         try:
-            alive = psutil.Process(pid).create_time() == create_time
+            parent = psutil.Process(pid)
+            # a parent that has exited but is not reaped yet is a zombie (its
+            # own parent may be waiting for the output pipes this worker
+            # holds open: waiting for it to go would wait for ever)
+            alive = (
+                parent.create_time() == create_time
+                and parent.status() != psutil.STATUS_ZOMBIE
+            )
         except psutil.NoSuchProcess:
             alive = False
         except psutil.Error:  # pragma: no cover - e.g. access denied: keep going
@@ -342,6 +350,19 @@ def _proc_tree(pid):
 
 _HAS_PROC_CHILDREN = os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if _HAS_PROC_CHILDREN else 4096
+
+
+def _stop_behind(exc):
+    """The interrupt (Ctrl-C, SIGTERM: not an `Exception`) that ``exc`` was
+    raised while handling, if any: a clean-up that fails during an interrupt
+    must not turn it into a task error, which would be retried."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if not isinstance(exc, Exception):
+            return exc
+        exc = exc.__context__
+    return None
 
 
 def _is_broken(pool):
@@ -706,6 +727,9 @@ class Executor:
                 except (MemoryError, KeyboardInterrupt):
                     raise
                 except Exception as exc:  # noqa: BLE001 - recorded and retried
+                    stop = _stop_behind(exc)
+                    if stop is not None:
+                        raise stop from None
                     pending.errors.append(_describe(exc))
                     if pending.attempts <= self.retries:
                         continue
@@ -757,7 +781,8 @@ class Executor:
         warming = self._warming
         if warming is None:
             return None
-        warming.join()
+        if warming.ident is not None:  # (a Ctrl-C can stop it from starting)
+            warming.join()
         self._warming = None
         pool, self._warm_pool = self._warm_pool, None
         return pool

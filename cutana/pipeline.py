@@ -1049,23 +1049,27 @@ def make_cutouts(
             client=client,
             preload=list(WORKER_PRELOAD),
         )
-        executor.warm_up()
-        with MemorySampler() as sampler:
-            try:
-                prepared = _prepare(catalog, opts, parent_bytes=sampler.sample())
-                _release_free_memory()  # what reading the catalogue left behind
-                runner = _Runner(prepared, output, progress, client)
-                runner.start(
-                    resume=bool(exists and resume), overwrite=bool(exists and overwrite)
-                )
-                lock.acquire()  # the folder just made (or made anew)
-                _release_free_memory()  # what creating the store left behind
-                runner.run(executor)
-            finally:
-                _SCRATCH.clear()
-                release_buffers()  # this process's write buffers (serial backend)
-                executor.close()
-            runner.finish()
+        try:
+            executor.warm_up()
+            with MemorySampler() as sampler:
+                try:
+                    prepared = _prepare(catalog, opts, parent_bytes=sampler.sample())
+                    _release_free_memory()  # what reading the catalogue left behind
+                    runner = _Runner(prepared, output, progress, client)
+                    runner.start(
+                        resume=bool(exists and resume),
+                        overwrite=bool(exists and overwrite),
+                    )
+                    lock.acquire()  # the folder just made (or made anew)
+                    _release_free_memory()  # what creating the store left behind
+                    runner.run(executor)
+                finally:
+                    _SCRATCH.clear()
+                    release_buffers()  # this process's write buffers (serial)
+                    executor.close()
+                runner.finish()
+        finally:
+            executor.close()  # also if stopped before the cutting began
         report = runner.report(time.perf_counter() - t0, sampler)
         runner.close(report)
     finally:

@@ -403,3 +403,18 @@ def test_zero_percentile_and_contrast_are_accepted_as_in_python(tmp_path, capsys
     assert main([*base, "-o", str(out), "--normalize", "linear",
                  "--percentile", "101"]) == 2
     assert "percentile" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["run", "plan", "verify"])
+def test_interrupt_before_the_command_starts(tmp_path, capsys, monkeypatch, command):
+    """Test that a Ctrl-C while the command is still being set up (building
+    its parser, importing modules) ends it with 130 and one line, not a
+    traceback."""
+    import cutana.cli as cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert main([command, "x.csv", "-o", str(tmp_path / "o")]) == 130
+    assert capsys.readouterr().err == "cutana: interrupted\n"

@@ -311,3 +311,63 @@ def test_pool_shutdown_does_not_wait_for_ever_for_a_stuck_worker():
     proc.join(10)
     assert not proc.is_alive()
     assert not busy.done() or busy.exception() is not None  # never finished
+
+
+def test_error_while_stopping_is_not_taken_for_a_task_error():
+    """An error raised while a task handles a Ctrl-C (a clean-up failing half
+    way) stops a serial run with the Ctrl-C: it is not retried as a task
+    error, which would swallow the interrupt."""
+    calls = []
+
+    def task(x):
+        calls.append(x)
+        try:
+            raise KeyboardInterrupt
+        finally:
+            msg = "cannot join thread before it is started"
+            raise RuntimeError(msg)
+
+    with pytest.raises(KeyboardInterrupt):
+        Executor("serial", retries=1).run(task, [1, 2])
+    assert calls == [1]
+
+
+def test_close_after_a_warm_up_stopped_before_its_thread_started():
+    """`close` after a Ctrl-C that came between making the warm-up thread
+    and starting it returns without a pool (it used to raise)."""
+    import threading
+
+    ex = Executor("processes", 2)
+    ex._warming = threading.Thread(target=lambda: None)  # made, never started
+    ex.close()
+    assert ex._take_warm_pool() is None
+
+
+def test_workers_leave_when_their_parent_is_a_zombie():
+    """A worker's parent watch ends the worker when the parent has exited
+    but is not reaped yet (its own parent may wait for the pipes the worker
+    holds open, which would wait for ever)."""
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    parent = subprocess.Popen([sys.executable, "-c", "pass"])
+    create_time = psutil.Process(parent.pid).create_time()
+    deadline = time.monotonic() + 30
+    while psutil.Process(parent.pid).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    code = (
+        "from cutana.executor import _watch_parent; "
+        f"_watch_parent({parent.pid}, {create_time!r}, 0.05)"
+    )
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    try:
+        watcher = subprocess.run([sys.executable, "-c", code], env=env, timeout=60)
+        assert watcher.returncode == 1
+    finally:
+        parent.wait()

@@ -1123,3 +1123,17 @@ def test_format_3_checksums_are_crc32c(tmp_path):
     problems = verify_output(path)
     assert any("1 chunks do not match their checksum, e.g. chunks 0" in p
                for p in problems), problems
+
+
+def test_closing_a_file_series_whose_writer_never_started():
+    """Closing a series whose writer thread was made but never started (a
+    Ctrl-C between the two) returns without error (it raised RuntimeError,
+    which took the interrupt's place)."""
+    import threading
+
+    from cutana.io._writeback import FileSeries
+
+    series = FileSeries(direct=True)
+    series._thread = threading.Thread(target=lambda: None)
+    series.close()
+    assert series._thread is None

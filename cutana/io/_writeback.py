@@ -178,8 +178,11 @@ class FileSeries:
         """
         try:
             if self._thread is not None:
-                self._todo.put(None)
-                self._thread.join()
+                # (an interrupt can come between making the thread and
+                # starting it: there is nothing to wait for then)
+                if self._thread.ident is not None:
+                    self._todo.put(None)
+                    self._thread.join()
                 self._thread = None
                 with _BUFFERS_LOCK:
                     _BUFFERS.extend(self._buffers)

@@ -102,9 +102,11 @@ def _add_run_options(p, *, with_output=True):
     """Options shared by ``run`` and ``plan``."""
     from ._choices import DTYPES, FORMATS, NORMALIZATIONS, RESAMPLE
 
-    p.add_argument("catalogue", help="source catalogue (CSV, ECSV, FITS, Parquet, VOTable)")
+    # both may come from --config instead (checked once it is read)
+    p.add_argument("catalogue", nargs="?", metavar="CATALOGUE",
+                   help="source catalogue (CSV, ECSV, FITS, Parquet, VOTable)")
     if with_output:
-        p.add_argument("--output", "-o", required=True, help="output folder")
+        p.add_argument("--output", "-o", metavar="OUT", help="output folder")
     g = p.add_argument_group("tiles and sizes")
     g.add_argument(
         "--tiles", nargs="+", metavar="PATH_OR_GLOB",
@@ -203,8 +205,10 @@ def build_parser():
     sub.required = True
 
     p = sub.add_parser("run", help="cut every catalogue source out of the tiles",
+                       usage="cutana run CATALOGUE --output OUT [options]",
                        description="Cut every catalogue source out of the tiles and "
-                       "write one Zarr store or a folder of FITS files.")
+                       "write one Zarr store or a folder of FITS files. CATALOGUE "
+                       "and OUT may come from the --config file instead.")
     _add_run_options(p)
     p.add_argument("--resume", action="store_true", default=None,
                    help="finish an interrupted run into --output")
@@ -214,6 +218,7 @@ def build_parser():
     p.add_argument("--report-json", metavar="FILE", help="also write the run report as JSON")
 
     p = sub.add_parser("plan", help="print the plan and memory estimate, cut nothing",
+                       usage="cutana plan CATALOGUE [options]",
                        description="Read the catalogue and tile headers, plan the jobs "
                        "and print the plan with its memory estimate.")
     _add_run_options(p, with_output=False)
@@ -426,6 +431,8 @@ def _writable_file(path, option):
 def _cmd_run(ns, parser):
     config = _load_config(ns.config, parser) if ns.config else {}
     opts = _options(ns, config)
+    catalogue = _required(ns, config, "catalogue")
+    output = _required(ns, config, "output")
     if ns.report_json:
         _writable_file(ns.report_json, "--report-json")
     from .executor import WORKER_PRELOAD, default_backend, start_forkserver
@@ -438,8 +445,6 @@ def _cmd_run(ns, parser):
         start_forkserver(WORKER_PRELOAD)
     make_cutouts = _import_pipeline().make_cutouts
 
-    catalogue = ns.catalogue or config.get("catalogue")
-    output = ns.output or config.get("output")
     resume = ns.resume if ns.resume is not None else bool(config.get("resume", False))
     overwrite = ns.overwrite if ns.overwrite is not None else bool(config.get("overwrite", False))
     report = make_cutouts(
@@ -457,11 +462,24 @@ def _cmd_run(ns, parser):
     return report.exit_code
 
 
+def _required(ns, config, name):
+    """The catalogue or output: from the command line, else the config file."""
+    value = getattr(ns, name, None) or config.get(name)
+    if not value:
+        from .exceptions import ConfigError
+
+        flag = "CATALOGUE" if name == "catalogue" else "--output OUT"
+        msg = f"the {name} is required: give {flag}, or {name!r} in the --config file"
+        raise ConfigError(msg)
+    return value
+
+
 def _cmd_plan(ns, parser):
     plan_cutouts = _import_pipeline().plan_cutouts
 
     config = _load_config(ns.config, parser) if ns.config else {}
-    plan = plan_cutouts(ns.catalogue, **_options(ns, config))
+    catalogue = _required(ns, config, "catalogue")
+    plan = plan_cutouts(catalogue, **_options(ns, config))
     print(plan.summary())
     return EXIT_OK
 

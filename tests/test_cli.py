@@ -418,3 +418,23 @@ def test_interrupt_before_the_command_starts(tmp_path, capsys, monkeypatch, comm
     monkeypatch.setattr(cli, "build_parser", interrupted)
     assert main([command, "x.csv", "-o", str(tmp_path / "o")]) == 130
     assert capsys.readouterr().err == "cutana: interrupted\n"
+
+
+def test_catalogue_and_output_from_the_config_file(survey, tmp_path, capsys):
+    """Test that the config file may give the catalogue and the output (the
+    command line wins), and that a run given neither is a usage error."""
+    out = tmp_path / "o.zarr"
+    cfg = tmp_path / "run.toml"
+    cat = survey.catalogue_path
+    cfg.write_text(f"catalogue = '{cat}'\noutput = '{out}'\nsize = 9\n")
+    assert main(["run", "--config", str(cfg), "--no-progress"]) == 0
+    assert cutana.open(out).images.shape[0] == survey.n_sources
+    assert main(["plan", "--config", str(cfg)]) == 0
+    other = tmp_path / "other.zarr"
+    assert main(["run", "--config", str(cfg), "-o", str(other), "--no-progress"]) == 0
+    assert other.exists()
+    capsys.readouterr()
+    assert main(["run", "--size", "9"]) == 2
+    assert "the catalogue is required" in capsys.readouterr().err
+    assert main(["run", survey.catalogue_path, "--size", "9"]) == 2
+    assert "the output is required" in capsys.readouterr().err

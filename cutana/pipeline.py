@@ -290,11 +290,11 @@ def _path_list(name, value):
     if value is None:
         return None
     if isinstance(value, str | os.PathLike):
-        return [os.fspath(value)]
-    if isinstance(value, list | tuple) and all(
+        return [str(os.fspath(value))]
+    if isinstance(value, list | tuple | np.ndarray) and all(
         isinstance(v, str | os.PathLike) for v in value
     ):
-        return [os.fspath(v) for v in value]
+        return [str(os.fspath(v)) for v in value]
     _bad(name, value, "a path or name, or a list of them")
     return None  # pragma: no cover - _bad raises
 

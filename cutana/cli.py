@@ -46,10 +46,31 @@ class _Terminated(BaseException):
     """SIGTERM, raised in the main thread so that a run stops as on Ctrl-C."""
 
 
-def _raise_terminated(signum, frame):
-    # a second SIGTERM during the clean-up ends the process at once
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    raise _Terminated
+#: The stop signal the command received, if any (see `_on_stop_signal`).
+_RECEIVED = []
+
+
+def _on_stop_signal(signum, frame):
+    """Handler of SIGTERM (and SIGINT) while the ``cutana`` command runs.
+
+    It raises `_Terminated` (`KeyboardInterrupt`) in the main thread and
+    records the signal: an exception raised while Python compiles a module
+    being imported can be lost, and `_import_pipeline` then raises it again.
+    """
+    _RECEIVED.append(signum)
+    if signum == signal.SIGTERM:
+        # a second SIGTERM during the clean-up ends the process at once
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise _Terminated
+    raise KeyboardInterrupt
+
+
+def _raise_if_stopped():
+    """Raise the stop a signal asked for if it got lost (see `_on_stop_signal`)."""
+    if signal.SIGTERM in _RECEIVED:
+        raise _Terminated
+    if _RECEIVED:
+        raise KeyboardInterrupt
 
 
 def _positive_int(text):
@@ -413,6 +434,7 @@ def _import_pipeline():
     finally:
         if enabled:
             gc.enable()
+    _raise_if_stopped()
     return pipeline
 
 
@@ -556,7 +578,9 @@ def run_command(argv=None):
         for key, value in WORKER_ENVIRONMENT.items():
             os.environ.setdefault(key, value)
     # SIGTERM (a batch system's time limit, say) stops a run as Ctrl-C does
-    signal.signal(signal.SIGTERM, _raise_terminated)
+    signal.signal(signal.SIGTERM, _on_stop_signal)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _on_stop_signal)  # (not if ignored)
     code = main(argv)
     for stream in (sys.stdout, sys.stderr):
         try:

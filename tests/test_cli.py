@@ -438,3 +438,20 @@ def test_catalogue_and_output_from_the_config_file(survey, tmp_path, capsys):
     assert "the catalogue is required" in capsys.readouterr().err
     assert main(["run", survey.catalogue_path, "--size", "9"]) == 2
     assert "the output is required" in capsys.readouterr().err
+
+
+def test_a_stop_lost_while_importing_is_raised_again(monkeypatch):
+    """Test that a stop signal whose exception got lost while a module was
+    compiled is raised again once the pipeline is imported."""
+    import signal
+
+    import cutana.cli as cli
+
+    monkeypatch.setattr(cli, "_RECEIVED", [signal.SIGTERM])
+    with pytest.raises(cli._Terminated):
+        cli._import_pipeline()
+    monkeypatch.setattr(cli, "_RECEIVED", [signal.SIGINT])
+    with pytest.raises(KeyboardInterrupt):
+        cli._import_pipeline()
+    monkeypatch.setattr(cli, "_RECEIVED", [])
+    assert cli._import_pipeline().make_cutouts is cutana.make_cutouts

@@ -766,9 +766,14 @@ class Executor:
             start_forkserver(self.preload)  # here: it sets the environment
 
         def start():
-            pool = self._new_pool()
-            for _ in range(self.n_workers):
-                pool.submit(os.getpid)
+            try:
+                pool = self._new_pool()
+                for _ in range(self.n_workers):
+                    pool.submit(os.getpid)
+            except Exception as exc:  # noqa: BLE001 - `run` makes its own pool then
+                # (e.g. the worker server killed by a SIGTERM to the group)
+                logger.debug("warming up the workers failed: %s", exc)
+                return
             self._warm_pool = pool
 
         self._warming = threading.Thread(

@@ -371,3 +371,23 @@ def test_workers_leave_when_their_parent_is_a_zombie():
         assert watcher.returncode == 1
     finally:
         parent.wait()
+
+
+def test_failed_warm_up_is_quiet_and_leaves_no_pool(monkeypatch):
+    """A warm-up whose pool cannot be made (its worker server killed by a
+    SIGTERM to the group, say) prints no thread traceback; `run` makes its
+    own pool and `close` has nothing to stop."""
+    import threading
+
+    hooked = []
+    monkeypatch.setattr(threading, "excepthook", hooked.append)
+    ex = Executor("processes", 2)
+
+    def broken():
+        msg = "unexpected EOF"
+        raise EOFError(msg)
+
+    monkeypatch.setattr(ex, "_new_pool", broken)
+    ex.warm_up()
+    assert ex._take_warm_pool() is None
+    assert hooked == []

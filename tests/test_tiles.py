@@ -219,7 +219,8 @@ def test_band_on_another_pixel_grid_is_left_out(tmp_path, lists):
     g = make_tile(tmp_path / "g.fits", tileid="7", band="g")
     make_tile(tmp_path / "r.fits", tileid="7", band="r", crval=(150.0001, 2.0))
     make_tile(tmp_path / "i.fits", tileid="7", band="i", shape=(50, 80))
-    make_tile(tmp_path / "z.fits", tileid="7", band="z")  # same grid as g
+    # the same grid as g, to 4e-5 pixel (CRVAL written with fewer digits)
+    make_tile(tmp_path / "z.fits", tileid="7", band="z", crval=(150.0 + 1e-9, 2.0))
     paths = [str(tmp_path / f"{b}.fits") for b in "grzi"]
     if lists:
         index = TileIndex.from_file_lists([tuple(paths)])

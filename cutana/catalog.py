@@ -537,10 +537,10 @@ def _read_parquet(path):
             f"reading the Parquet catalogue {path!r} needs pyarrow: pip install pyarrow"
         )
         raise CatalogError(msg) from exc
-    table = pq.read_table(path)
-    if b"table_meta_yaml" in (table.schema.metadata or {}):
+    if b"table_meta_yaml" in (pq.read_schema(path).metadata or {}):
         table = Table.read(path, format="parquet")
         return _Columns("table", table, list(table.colnames), len(table))
+    table = pq.read_table(path)
     return _Columns(
         "arrow", table, [str(n) for n in table.column_names], table.num_rows
     )

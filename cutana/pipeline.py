@@ -149,21 +149,18 @@ class RunOptions:
         self.zscale_contrast = _number("zscale_contrast", self.zscale_contrast)
         if self.stretch_a is not None:
             self.stretch_a = _number("stretch_a", self.stretch_a)
-        if not _is_int(self.zscale_samples) or self.zscale_samples < 1:
-            _bad("zscale_samples", self.zscale_samples, "a positive integer")
-        if self.max_sources_per_job is not None and (
-            not _is_int(self.max_sources_per_job) or self.max_sources_per_job < 1
-        ):
-            _bad("max_sources_per_job", self.max_sources_per_job, "a positive integer")
+        self.zscale_samples = _positive_int("zscale_samples", self.zscale_samples)
+        if self.max_sources_per_job is not None:
+            self.max_sources_per_job = _positive_int(
+                "max_sources_per_job", self.max_sources_per_job
+            )
         if self.crop is not None and (
             isinstance(self.crop, bool | str)
             or np.asarray(self.crop).dtype.kind not in "iuf"
         ):
             _bad("crop", self.crop, "a fraction in (0, 1] or a number of pixels")
         if self.target_size is not None:
-            if not _is_int(self.target_size) or self.target_size < 1:
-                _bad("target_size", self.target_size, "a positive integer")
-            self.target_size = int(self.target_size)
+            self.target_size = _positive_int("target_size", self.target_size)
         if self.resample is None:
             self.resample = "bilinear" if self.target_size is not None else "none"
         if self.resample not in RESAMPLE:
@@ -199,10 +196,8 @@ class RunOptions:
             self.size = size
         if not (0 <= float(self.percentile) <= 100):
             _bad("percentile", self.percentile, "a number in [0, 100]")
-        if not _is_int(self.workers) or self.workers < 1:
-            _bad("workers", self.workers, "a positive integer")
-        if not _is_int(self.threads) or self.threads < 1:
-            _bad("threads", self.threads, "a positive integer")
+        self.workers = _positive_int("workers", self.workers)
+        self.threads = _positive_int("threads", self.threads)
         if self.backend is None:
             self.backend = default_backend(self.workers, self.scheduler)
         if self.backend not in BACKENDS:
@@ -276,6 +271,13 @@ class RunOptions:
 
 def _is_int(value):
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _positive_int(name, value):
+    """``value`` as an int >= 1, or a `ConfigError` naming option ``name``."""
+    if not _is_int(value) or value < 1:
+        _bad(name, value, "a positive integer")
+    return int(value)
 
 
 def _number(name, value):
@@ -686,14 +688,11 @@ def plan_cutouts(catalog, **options):
     >>> plan.n_rows, len(plan.jobs) >= 1, plan.out_shape
     (40, True, (16, 16))
     """
+    import psutil
+
     # the memory this process holds now stands for a run's main process, as
     # `make_cutouts` measures it at the same point
-    sampler = MemorySampler()
-    sampler.start()
-    try:
-        parent_bytes = sampler.sample() or None
-    finally:
-        sampler.stop()
+    parent_bytes = MemorySampler.tree_rss(psutil.Process()) or None
     return _prepare(catalog, RunOptions(**options), parent_bytes=parent_bytes).plan
 
 

@@ -36,6 +36,7 @@ import numpy as np
 
 from . import _extract
 from ._threads import output_array, resolve_n_threads, run_chunks
+from .planner import working_dtype
 
 __all__ = ["RESAMPLE_METHODS", "Resampler", "extract_resampled"]
 
@@ -280,9 +281,7 @@ class Resampler:
             raise ValueError(msg)
         self._blank = None if blank is None else operator.index(blank)
         # astropy scales 8- and 16-bit integer and float32 images in float32
-        self._single = arr.dtype.itemsize <= 2 or arr.dtype.kind == "f" and (
-            arr.dtype.itemsize == 4
-        )
+        self._single = working_dtype(arr.dtype) == np.float32
 
     def __call__(self, starts, shapes, *, scale=None, out=None):
         """Extract and resample windows of the image.

@@ -119,5 +119,4 @@ def verify(output, catalogue=None):
 
 def _same(a, b):
     """Element-wise equality of two float arrays, NaN equal to NaN."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    return (a == b) | (np.isnan(a) & np.isnan(b))
+    return np.isclose(a, b, rtol=0, atol=0, equal_nan=True)

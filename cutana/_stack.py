@@ -44,7 +44,7 @@ def _byte_view(data):
     if arr.size == 0:
         return np.zeros((ny, nx * itemsize), np.uint8), arr, itemsize
     col_stride = arr.strides[1] if nx > 1 else itemsize
-    if col_stride == itemsize:
+    if col_stride == itemsize and (nx > 1 or itemsize > 1 or arr.strides[1] == 1):
         return arr.view(np.uint8), arr, itemsize
     if col_stride < 0:
         arr = np.ascontiguousarray(arr)

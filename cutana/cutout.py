@@ -34,6 +34,7 @@ from ._geometry import (
     BOX_OK,
     BOX_OVERFLOW,
     BOX_PARTIAL,
+    DISTORTION_TOL,
     ROUNDING_ERROR,
     compute_boxes,
     near_rounding_boundary,
@@ -59,6 +60,9 @@ _MODES = ("partial", "trim", "strict")
 _BOX_ZERO_SIZE_EDGE = 5
 #: ``'partial'`` mode needs filling and ``fill_value`` does not fit the dtype.
 _BOX_BAD_FILL = 6
+#: ``'partial'`` mode with a negative size: astropy's ``np.zeros(size)``, to
+#: be filled, raises ValueError.
+_BOX_NEGATIVE_SIZE = 7
 
 
 _FILL_DTYPE_MSG = (
@@ -120,19 +124,26 @@ def _sizes_to_shapes(size, n, wcs):
     """
     if np.isscalar(size) or (isinstance(size, u.Quantity) and size.ndim == 0):
         return np.broadcast_to(_size_to_shape(size, wcs), (n, 2)).astype(np.int64)
+    # a list of N sizes, one per source, each as astropy takes one
+    per_source = isinstance(size, (list, tuple)) and len(size) == n and n != 2
     if isinstance(size, (list, tuple)) and any(isinstance(s, u.Quantity) for s in size):
-        if len(size) <= 2 and not (len(size) == n and n != 2):
+        if len(size) <= 2 and not per_source:
             # one astropy size, possibly mixing numbers and Quantities
             return np.broadcast_to(_size_to_shape(size, wcs), (n, 2)).astype(np.int64)
-        size = u.Quantity(size)
+        try:
+            size = u.Quantity(size)
+        except (u.UnitsError, TypeError, ValueError):  # e.g. pixels and arcsec
+            return _shapes_one_by_one(size, wcs)
     if isinstance(size, u.Quantity):
         arr = size
     else:
         try:
             arr = np.asarray(size)
-        except ValueError:  # ragged mixture such as (3 * u.pix, 4)
+        except (ValueError, TypeError):  # ragged mixture such as (3 * u.pix, 4)
             arr = None
         if arr is None or arr.dtype == object:
+            if per_source:  # e.g. [(3 * u.arcsec, 4), (5 * u.arcsec, 6), ...]
+                return _shapes_one_by_one(size, wcs)
             return np.broadcast_to(_size_to_shape(size, wcs), (n, 2)).astype(np.int64)
     if arr.ndim == 1 and (len(arr) <= 2 and not (len(arr) == n and n != 2)):
         return np.broadcast_to(_size_to_shape(size, wcs), (n, 2)).astype(np.int64)
@@ -165,6 +176,14 @@ def _sizes_to_shapes(size, n, wcs):
         return out
     msg = "shape can contain Quantities with only pixel or angular units"
     raise ValueError(msg)
+
+
+def _shapes_one_by_one(sizes, wcs):
+    """`_sizes_to_shapes` of N sizes of mixed kinds, converted one by one."""
+    shapes = np.empty((len(sizes), 2), dtype=np.int64)
+    for i, one in enumerate(sizes):
+        shapes[i] = _size_to_shape(one, wcs)
+    return shapes
 
 
 def _positions_to_xy(positions, wcs):
@@ -333,6 +352,9 @@ def _raise_for_code(code, index=None):
             "refused by astropy.nddata.Cutout2D with a ValueError; cutana does the same"
         )
         raise ValueError(msg)
+    if code == _BOX_NEGATIVE_SIZE:
+        msg = f"{prefix}negative dimensions are not allowed"
+        raise ValueError(msg)
 
 
 def _zero_size_edge(boxes):
@@ -350,6 +372,18 @@ def _zero_size_edge(boxes):
     return (boxes.code == BOX_OK) & zero & ((stop[:, 0] == 0) | (stop[:, 1] == 0))
 
 
+def _check_wcs(wcs):
+    """Raise astropy's error for a ``wcs`` its `Cutout2D` could not shift.
+
+    The cutouts' WCS are built when first asked for; astropy's `Cutout2D`
+    builds its WCS at once (``wcs.wcs.crpix -= origin``), so a WCS that is
+    not 2-D, or an object that is not a WCS, fails there. This does the same
+    on a copy of CRPIX, to fail in the same way at the same time.
+    """
+    crpix = np.array(wcs.wcs.crpix, dtype=np.float64)
+    crpix -= (0.0, 0.0)
+
+
 class _LazyWCS:
     """Descriptor that builds a cutout's WCS on first access."""
 
@@ -361,8 +395,9 @@ class _LazyWCS:
             if parent is None:
                 obj.__dict__["_wcs"] = None
             else:
+                shape = obj.__dict__.get("_wcs_shape", obj.data.shape)
                 obj.__dict__["_wcs"] = cutout_wcs(
-                    parent, obj._origin_original_true, obj.data.shape
+                    parent, obj._origin_original_true, shape
                 )
         return obj.__dict__["_wcs"]
 
@@ -508,6 +543,8 @@ class Cutout2D(_AstropyCutout2D):
             new_pos = [p + s.start for p, s in zip(new_pos, slices_small, strict=True)]
         if copy:
             cutout = np.copy(cutout)
+        if wcs is not None:
+            _check_wcs(wcs)
 
         self._set_state(
             cutout,
@@ -550,6 +587,7 @@ class Cutout2D(_AstropyCutout2D):
             self.origin_original[1] - self.slices_cutout[0].start,
         )
         self.__dict__["_parent_wcs"] = parent_wcs
+        self.__dict__["_wcs_shape"] = data.shape  # (the data may be replaced)
         self.__dict__.pop("_wcs", None)
 
     @classmethod
@@ -592,11 +630,12 @@ def _refine_sky_positions(xy, sky, wcs, shapes, limit_rounding_method):
 
     For a WCS with distortions, ``all_world2pix`` solves iteratively over all
     points at once, so a vectorised call can differ in the last bits from
-    astropy's per-source call. That only matters where a box limit
-    ``position - size / 2`` lies within `BOUNDARY_TOL` of a rounding
-    boundary (a multiple of 0.5 covers ceil, floor, trunc and round); those
-    few positions are recomputed exactly as astropy computes them. For a
-    custom rounding callable every position is recomputed.
+    astropy's per-source call (by up to its convergence tolerance). That
+    only matters where a box limit ``position - size / 2`` lies within
+    `DISTORTION_TOL` of a rounding boundary (a multiple of 0.5 covers ceil,
+    floor, trunc and round); those few positions are recomputed exactly as
+    astropy computes them. For a custom rounding callable every position is
+    recomputed.
     """
     try:
         known = _VECTOR_ROUNDING.get(limit_rounding_method) is not None
@@ -604,10 +643,8 @@ def _refine_sky_positions(xy, sky, wcs, shapes, limit_rounding_method):
         known = False
     if known:
         limits = xy - shapes[:, ::-1] / 2.0
-        near = ~np.isfinite(limits).all(axis=1) | near_rounding_boundary(limits).any(
-            axis=1
-        )
-        rows = np.flatnonzero(near)
+        near = near_rounding_boundary(limits, DISTORTION_TOL).any(axis=1)
+        rows = np.flatnonzero(near | ~np.isfinite(limits).all(axis=1))
     else:
         rows = np.arange(len(xy))
     for i in rows:
@@ -623,6 +660,29 @@ def _kernel_supports(data):
         and data.dtype.kind in "biuf"
         and data.dtype.itemsize in (1, 2, 4, 8)
     )
+
+
+def _stack_type(source):
+    """The type a stack of cutouts of ``source`` needs for its rows to be
+    the cutouts astropy makes: ``source``'s own ndarray subclass (a
+    `~astropy.units.Quantity` keeps its unit), or `numpy.ndarray`."""
+    if isinstance(source, (np.ma.MaskedArray, np.memmap)):
+        return None  # (masked views inside, filled at the edge; memmap views)
+    return type(source) if isinstance(source, np.ndarray) else np.ndarray
+
+
+def _as_subclass_of(stack, source):
+    """``stack`` viewed as ``source``'s ndarray subclass, with its attributes
+    (a unit), where that subclass can hold a stack (`numpy.matrix` cannot)."""
+    kind = _stack_type(source)
+    if kind is None or kind is np.ndarray:
+        return stack
+    try:
+        out = stack.view(kind)
+        out.__array_finalize__(source)
+    except (TypeError, ValueError):
+        return stack
+    return out
 
 
 class BatchCutout2D:
@@ -706,7 +766,7 @@ class BatchCutout2D:
     distortions (SIP, lookup tables), ``all_world2pix`` iterates over all
     positions at once, and its result can differ in the last bits from
     astropy's one-source call. cutana therefore recomputes, source by
-    source, the few positions whose box limits lie within 1e-6 pixel of a
+    source, the few positions whose box limits lie within 1e-3 pixel of a
     rounding boundary, and ``b[i]`` reports the per-source position, so that
     boxes and attributes are exactly astropy's.
 
@@ -746,7 +806,9 @@ class BatchCutout2D:
             raise ValueError(msg)
         if wcs is None:
             wcs = getattr(data, "wcs", None)
-        self._sky = positions if isinstance(positions, SkyCoord) else None
+        self._sky = None
+        if isinstance(positions, SkyCoord):  # (one source of a scalar: sky[0])
+            self._sky = positions.reshape((1,)) if positions.isscalar else positions
         xy, originals = _positions_to_xy(positions, wcs)
         n = len(xy)
         shapes = _sizes_to_shapes(size, n, wcs)
@@ -770,6 +832,8 @@ class BatchCutout2D:
         )
         status = boxes.code.copy()
         status[_zero_size_edge(boxes)] = _BOX_ZERO_SIZE_EDGE
+        if mode == "partial":
+            status[(status == BOX_OK) & (shapes < 0).any(axis=1)] = _BOX_NEGATIVE_SIZE
 
         # the fill value, converted as astropy converts it when filling
         dtype = np.dtype(getattr(data, "dtype", np.float64))
@@ -802,6 +866,8 @@ class BatchCutout2D:
         bad = np.flatnonzero(status != BOX_OK)
         if errors == "raise" and len(bad):
             self._raise_for(int(bad[0]), status[bad[0]])
+        if wcs is not None and n:
+            _check_wcs(wcs)
 
         self._source = data
         # the cutouts' WCS derive from the parent's as it is now (as astropy's)
@@ -861,7 +927,7 @@ class BatchCutout2D:
         nbytes = n * shape[0] * shape[1] * np.dtype(native).itemsize
         n_threads = resolve_n_threads(n_threads, nbytes)
         stack, _ = extract_stack(data, starts, shape, fill, n_threads=n_threads)
-        return stack
+        return _as_subclass_of(stack, data)
 
     # -- container protocol -------------------------------------------------
 
@@ -886,7 +952,7 @@ class BatchCutout2D:
         if self.status[i] != BOX_OK:
             self._raise_for(i, self.status[i])
         large, small = self._boxes.slices(i)
-        if self._data is not None and not isinstance(self._source, np.ma.MaskedArray):
+        if self._data is not None and type(self._data) is _stack_type(self._source):
             cut = self._data[i]
             if self._copy:
                 cut = cut.copy()

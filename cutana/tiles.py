@@ -33,7 +33,7 @@ from astropy import units as u
 from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
 
-from ._geometry import BOX_OK, compute_boxes, near_rounding_boundary
+from ._geometry import BOX_OK, DISTORTION_TOL, compute_boxes, near_rounding_boundary
 from .exceptions import TileError
 
 __all__ = [
@@ -1216,12 +1216,14 @@ class TileIndex:
             px = np.array(px, dtype=np.float64, ndmin=1)
             py = np.array(py, dtype=np.float64, ndmin=1)
             if wcs.has_distortion:
-                # the iterative solution over all positions can differ in the
-                # last bits from astropy's for one position; where that could
-                # move a box limit (position - size / 2, with a whole size: a
-                # position near a multiple of 0.5), solve source by source
+                # the iterative solution over all positions can differ from
+                # astropy's for one position (by up to its tolerance); where
+                # that could move a box limit (position - size / 2, with a
+                # whole size: a position near a multiple of 0.5), solve
+                # source by source
                 near = np.flatnonzero(
-                    near_rounding_boundary(px) | near_rounding_boundary(py)
+                    near_rounding_boundary(px, DISTORTION_TOL)
+                    | near_rounding_boundary(py, DISTORTION_TOL)
                 )
                 ra, dec = np.atleast_1d(ra), np.atleast_1d(dec)
                 for i in near:

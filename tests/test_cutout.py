@@ -8,6 +8,7 @@ types and dtypes), or the exceptions are compared by type.
 """
 
 import math
+import re
 import warnings
 
 import numpy as np
@@ -906,6 +907,137 @@ def test_batch_skycoord_sip_matches_per_source(size, mode):
         np.testing.assert_array_equal(b.data[i] if b.shape else b[i].data, ref.data)
     # the case is only meaningful if vectorised and per-source values differ
     assert n_diff > 0
+
+
+def _strong_sip_wcs():
+    """A SIP WCS whose iterative inverse converges slowly (strong terms)."""
+    h = fits.Header()
+    cards = dict(
+        NAXIS=2, NAXIS1=600, NAXIS2=600, CTYPE1="RA---TAN-SIP", CTYPE2="DEC--TAN-SIP",
+        CRVAL1=10.0, CRVAL2=-30.0, CRPIX1=30.3, CRPIX2=22.7,
+        CD1_1=-2e-4, CD1_2=1e-5, CD2_1=1.2e-5, CD2_2=2e-4,
+        A_ORDER=2, B_ORDER=2, A_2_0=2e-4, A_1_1=-1e-4, A_0_2=3e-5,
+        B_2_0=1e-5, B_1_1=2e-4, B_0_2=-1e-4, AP_ORDER=2, BP_ORDER=2,
+        AP_2_0=-2e-4, AP_1_1=1e-4, AP_0_2=-3e-5, BP_2_0=-1e-5, BP_1_1=-2e-4,
+        BP_0_2=1e-4,
+    )  # fmt: skip
+    for key, value in cards.items():
+        h[key] = value
+    return WCS(h)
+
+
+def test_batch_skycoord_sip_near_boundary():
+    """Test SIP SkyCoord batches whose box limits lie a few 1e-6 pixel from a
+    rounding boundary: the vectorised solution differs from astropy's
+    per-source one by more than that, and every box must still be astropy's."""
+    wcs = _strong_sip_wcs()
+    rng = np.random.default_rng(1)
+    n = 300
+    px = np.round(rng.uniform(0, 300, n)) + 0.5 + rng.uniform(-8e-6, 8e-6, n)
+    py = np.round(rng.uniform(0, 300, n)) + rng.uniform(-8e-6, 8e-6, n)
+    sky = wcs.pixel_to_world(px, py)
+    data = _image(shape=(600, 600))
+    b = BatchCutout2D(data, sky, 3, wcs=wcs)
+    xv, yv = skycoord_to_pixel(sky, wcs, mode="all")
+    gap = 0.0
+    for i in range(n):
+        ref = AstropyCutout2D(data, sky[i], 3, wcs=wcs)
+        x1, y1 = ref.input_position_original
+        gap = max(gap, abs(float(x1) - xv[i]), abs(float(y1) - yv[i]))
+        assert_same_cutout(b[i], ref)
+        np.testing.assert_array_equal(b.data[i], ref.data)
+    # meaningful only where the two solutions differ by more than 1e-6 pixel
+    assert gap > 1e-6
+
+
+def test_batch_scalar_skycoord_with_sip():
+    """Test a scalar SkyCoord with a SIP WCS, on a rounding boundary."""
+    wcs = _strong_sip_wcs()
+    sky = wcs.pixel_to_world(18.0, 8.0)
+    data = _image(shape=(600, 600))
+    b = BatchCutout2D(data, sky, 3, wcs=wcs)
+    assert len(b) == 1
+    assert_same_cutout(b[0], AstropyCutout2D(data, sky, 3, wcs=wcs))
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.bool_, np.float32])
+def test_batch_one_column_with_a_stride(dtype):
+    """Test one-column images whose column stride is not the item size."""
+    base = (np.arange(28 * 3) % 7).astype(dtype).reshape(28, 3)
+    for data in (base[:, ::3], np.broadcast_to(base[:, :1], (28, 1))):
+        check_batch(data, [(0, 5), (0, 20)], 3, mode="partial", fill_value=0)
+
+
+@pytest.mark.parametrize(
+    "wcs",
+    [WCS(naxis=3), WCS(naxis=1), "not a wcs"],
+    ids=["3-D", "1-D", "str"],
+)
+def test_unusable_wcs_fails_at_construction(wcs):
+    """Test that a WCS astropy's Cutout2D cannot shift fails at once, as there."""
+    data = _image()
+    with pytest.raises(Exception) as ref:
+        AstropyCutout2D(data, (5, 5), 3, wcs=wcs)
+    with pytest.raises(type(ref.value), match=re.escape(str(ref.value))):
+        Cutout2D(data, (5, 5), 3, wcs=wcs)
+    with pytest.raises(type(ref.value), match=re.escape(str(ref.value))):
+        BatchCutout2D(data, [(5, 5)], 3, wcs=wcs)
+
+
+def test_wcs_keeps_the_cut_shape_when_data_is_replaced():
+    """Test that a cutout's WCS has the shape cut, as astropy's, when
+    ``data`` is replaced before the WCS is first read."""
+    data = _image()
+    wcs = _wcs("tan")
+    ours = Cutout2D(data, (5, 5), 3, wcs=wcs)
+    ref = AstropyCutout2D(data, (5, 5), 3, wcs=wcs)
+    ours.data = ours.data[:1]
+    assert ours.wcs.array_shape == ref.wcs.array_shape == (3, 3)
+
+
+def test_batch_negative_size_in_partial_mode():
+    """Test that a negative size in mode 'partial' raises at once, naming the
+    source, with astropy's error."""
+    data = _image()
+    with pytest.raises(ValueError) as ref:
+        AstropyCutout2D(data, (5, 5), -1, mode="partial")
+    with pytest.raises(ValueError, match=rf"source 1: {ref.value}"):
+        BatchCutout2D(data, [(5, 5)] * 3, [3, -1, 5], mode="partial")
+    b = BatchCutout2D(data, [(5, 5)] * 3, [3, -1, 5], mode="partial", errors="mask")
+    assert b.status.tolist()[0] == b.status.tolist()[2] == 0
+    with pytest.raises(ValueError, match=str(ref.value)):
+        b[1]
+
+
+def test_batch_keeps_the_array_subclass():
+    """Test that cutouts of a Quantity keep its unit, as astropy's."""
+    q = _image() * u.Jy
+    b = BatchCutout2D(q, [(3, 4), (10, 8)], 3)
+    for i, p in enumerate([(3, 4), (10, 8)]):
+        ref = AstropyCutout2D(q, p, 3)
+        assert type(b[i].data) is type(ref.data) is u.Quantity
+        assert b[i].data.unit == ref.data.unit
+        np.testing.assert_array_equal(b[i].data.value, ref.data.value)
+    assert b.data.unit == u.Jy
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    [
+        [3 * u.pix, 2 * u.arcsec, 4 * u.pix],
+        [3, 4 * u.pix, 5],
+        [(3 * u.arcsec, 4), (5 * u.arcsec, 6), (1 * u.arcsec, 2)],
+    ],
+    ids=["pix-arcsec", "number-pix", "tuples"],
+)
+def test_batch_sizes_of_mixed_kinds(sizes):
+    """Test per-source sizes of mixed kinds, each as astropy takes one."""
+    wcs = _wcs("tan")
+    data = _image()
+    xy = [(8, 9), (12, 10), (15, 14)]
+    b = BatchCutout2D(data, xy, sizes, wcs=wcs, mode="partial")
+    for i, (p, s) in enumerate(zip(xy, sizes, strict=True)):
+        assert_same_cutout(b[i], AstropyCutout2D(data, p, s, wcs=wcs, mode="partial"))
 
 
 # --------------------------------------------------------------------------

@@ -601,6 +601,40 @@ def test_assign_matches_brute_force(tmp_path, centre):
     assert_array_equal(got.tile[-3:], [-1, -1, -1])
 
 
+def test_assign_with_sip_near_rounding_boundaries(tmp_path):
+    """Test that with a SIP tile the boxes of sources a few 1e-6 pixel from a
+    rounding boundary are astropy's per-source ones (the vectorised inverse of
+    the distortion differs from the per-source one by more than that)."""
+    from astropy.coordinates import SkyCoord
+    from astropy.nddata import Cutout2D
+
+    h = fits.Header()
+    cards = dict(
+        CTYPE1="RA---TAN-SIP", CTYPE2="DEC--TAN-SIP", CRVAL1=10.0, CRVAL2=-30.0,
+        CRPIX1=30.3, CRPIX2=22.7, CD1_1=-2e-4, CD1_2=1e-5, CD2_1=1.2e-5, CD2_2=2e-4,
+        A_ORDER=2, B_ORDER=2, A_2_0=2e-4, A_1_1=-1e-4, A_0_2=3e-5, B_2_0=1e-5,
+        B_1_1=2e-4, B_0_2=-1e-4, AP_ORDER=2, BP_ORDER=2, AP_2_0=-2e-4, AP_1_1=1e-4,
+        AP_0_2=-3e-5, BP_2_0=-1e-5, BP_1_1=-2e-4, BP_0_2=1e-4, TILEID="S",
+    )  # fmt: skip
+    for key, value in cards.items():
+        h[key] = value
+    data = np.zeros((320, 320), np.float32)
+    fits.PrimaryHDU(data, h).writeto(tmp_path / "sip.fits")
+    index = TileIndex.from_paths(str(tmp_path / "sip.fits"))
+    wcs = index.tiles[0].wcs()
+    rng = np.random.default_rng(1)
+    n = 300
+    px = np.round(rng.uniform(5, 300, n)) + 0.5 + rng.uniform(-8e-6, 8e-6, n)
+    py = np.round(rng.uniform(5, 300, n)) + rng.uniform(-8e-6, 8e-6, n)
+    ra, dec = wcs.all_pix2world(px, py, 0)
+    got = index.assign(ra, dec, 3)
+    for i in range(n):
+        sky = SkyCoord(ra[i], dec[i], unit="deg")
+        ref = Cutout2D(data, sky, 3, wcs=wcs, mode="partial")
+        (y0, _), (x0, _) = ref.bbox_original
+        assert (math.ceil(got.x[i] - 1.5), math.ceil(got.y[i] - 1.5)) == (x0, y0), i
+
+
 def test_assign_scalar_size_and_empty(tmp_path):
     """Test assign() with one size for all sources and with no sources."""
     make_tile(tmp_path / "a.fits", (150.0, 2.0), tileid="A")

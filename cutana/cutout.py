@@ -24,7 +24,7 @@ from astropy.io.fits.hdu.compressed import CompImageSection
 from astropy.io.fits.hdu.image import Section
 from astropy.nddata import Cutout2D as _AstropyCutout2D
 from astropy.nddata import NoOverlapError, PartialOverlapError
-from astropy.wcs import Sip
+from astropy.wcs import NoConvergence, Sip
 from astropy.wcs.utils import proj_plane_pixel_scales, skycoord_to_pixel
 
 from ._geometry import (
@@ -63,6 +63,9 @@ _BOX_BAD_FILL = 6
 #: ``'partial'`` mode with a negative size: astropy's ``np.zeros(size)``, to
 #: be filled, raises ValueError.
 _BOX_NEGATIVE_SIZE = 7
+#: A SkyCoord position whose pixel position ``all_world2pix`` cannot find
+#: (astropy's `Cutout2D` raises its `~astropy.wcs.NoConvergence`).
+_BOX_NO_CONVERGENCE = 8
 
 
 _FILL_DTYPE_MSG = (
@@ -186,6 +189,20 @@ def _shapes_one_by_one(sizes, wcs):
     return shapes
 
 
+def _sky_to_xy_one_by_one(sky, wcs):
+    """`_positions_to_xy` of a SkyCoord source by source: ``(xy, errors)``,
+    with the `~astropy.wcs.NoConvergence` of each source that raised it."""
+    sky = sky.reshape((1,)) if sky.isscalar else sky
+    xy = np.full((len(sky), 2), np.nan)
+    errors = {}
+    for i in range(len(sky)):
+        try:
+            xy[i] = [float(v) for v in skycoord_to_pixel(sky[i], wcs, mode="all")]
+        except NoConvergence as exc:
+            errors[i] = exc
+    return xy, errors
+
+
 def _positions_to_xy(positions, wcs):
     """Convert N positions to a float64 ``(N, 2)`` array of ``(x, y)`` pixels.
 
@@ -196,10 +213,14 @@ def _positions_to_xy(positions, wcs):
         if wcs is None:
             msg = "wcs must be input if position is a SkyCoord"
             raise ValueError(msg)
-        xp, yp = skycoord_to_pixel(positions, wcs, mode="all")
+        try:
+            xp, yp = skycoord_to_pixel(positions, wcs, mode="all")
+        except NoConvergence:
+            # some position cannot be solved: solve each, as astropy would,
+            # to know which (their positions are NaN, their errors kept)
+            return _sky_to_xy_one_by_one(positions, wcs)
         xy = np.column_stack([np.atleast_1d(xp), np.atleast_1d(yp)]).astype(np.float64)
-        originals = None
-        return xy, originals
+        return xy, None
     if isinstance(positions, np.ndarray):
         if positions.ndim == 1 and positions.shape == (2,):
             positions = positions[None, :]
@@ -744,13 +765,15 @@ class BatchCutout2D:
         position, 2 = no overlap, 3 = partial overlap in ``'strict'`` mode,
         4 = position too far out for 64-bit integers, 5 = a ``(0, 0)`` size
         at index 0, 6 = ``fill_value`` does not fit the dtype where filling
-        is needed.
+        is needed, 7 = a negative size in ``'partial'`` mode, 8 = no pixel
+        position for a `~astropy.coordinates.SkyCoord` (``all_world2pix``
+        does not converge).
     partial : `~numpy.ndarray` of bool, shape ``(N,)``
         Cutouts that overlap the edge of ``data`` (filled or trimmed).
 
     Raises
     ------
-    ValueError, OverflowError, NoOverlapError, PartialOverlapError
+    ValueError, OverflowError, NoOverlapError, PartialOverlapError, NoConvergence
         As `~astropy.nddata.Cutout2D` would for the first failing source,
         with ``errors='raise'``; the message names the source's index.
 
@@ -810,6 +833,10 @@ class BatchCutout2D:
         if isinstance(positions, SkyCoord):  # (one source of a scalar: sky[0])
             self._sky = positions.reshape((1,)) if positions.isscalar else positions
         xy, originals = _positions_to_xy(positions, wcs)
+        # SkyCoord positions without a pixel position: {source: NoConvergence}
+        self._unsolved = originals if isinstance(originals, dict) else {}
+        if self._unsolved:
+            originals = None
         n = len(xy)
         shapes = _sizes_to_shapes(size, n, wcs)
         if not isinstance(data, (Section, CompImageSection)):
@@ -820,7 +847,7 @@ class BatchCutout2D:
         # per-source pixel positions, exactly as astropy's per-source call
         # computes them, where a last-bit difference could change a box
         self._exact_sky = self._sky is not None and _has_distortion(wcs)
-        if self._exact_sky and n:
+        if self._exact_sky and n and not self._unsolved:  # (else solved one by one)
             _refine_sky_positions(xy, self._sky, wcs, shapes, limit_rounding_method)
 
         boxes = compute_boxes(
@@ -834,6 +861,7 @@ class BatchCutout2D:
         status[_zero_size_edge(boxes)] = _BOX_ZERO_SIZE_EDGE
         if mode == "partial":
             status[(status == BOX_OK) & (shapes < 0).any(axis=1)] = _BOX_NEGATIVE_SIZE
+        status[list(self._unsolved)] = _BOX_NO_CONVERGENCE
 
         # the fill value, converted as astropy converts it when filling
         dtype = np.dtype(getattr(data, "dtype", np.float64))
@@ -885,6 +913,17 @@ class BatchCutout2D:
 
     def _raise_for(self, i, code):
         """Raise astropy's exception for source ``i``, naming the index."""
+        if code == _BOX_NO_CONVERGENCE:
+            exc = self._unsolved[i]
+            msg = f"source {i}: {exc.args[0] if exc.args else exc}"
+            raise NoConvergence(
+                msg,
+                best_solution=exc.best_solution,
+                accuracy=exc.accuracy,
+                niter=exc.niter,
+                divergent=exc.divergent,
+                slow_conv=exc.slow_conv,
+            ) from exc
         if code == _BOX_BAD_FILL:
             exc = self._fill_error
             args = (f"source {i}: {exc.args[0] if exc.args else exc}", *exc.args[1:])

@@ -1227,7 +1227,9 @@ class TileIndex:
                 )
                 ra, dec = np.atleast_1d(ra), np.atleast_1d(dec)
                 for i in near:
-                    one = wcs.all_world2pix(*_world_order(wcs, ra[i], dec[i]), 0)
+                    one = wcs.all_world2pix(
+                        *_world_order(wcs, ra[i], dec[i]), 0, quiet=True
+                    )
                     px[i], py[i] = float(one[0]), float(one[1])
         return px, py
 

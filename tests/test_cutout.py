@@ -950,6 +950,31 @@ def test_batch_skycoord_sip_near_boundary():
     assert gap > 1e-6
 
 
+@pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")  # (astropy's)
+def test_batch_names_the_source_whose_position_does_not_converge():
+    """Test a SIP batch with one source far off the image, whose pixel
+    position astropy cannot solve: that source fails as in astropy (named),
+    the others are cut."""
+    from astropy.wcs import NoConvergence
+
+    wcs = _strong_sip_wcs()
+    data = _image(shape=(600, 600))
+    c0 = wcs.pixel_to_world(10, 10)
+    ra = [c0.ra.deg, c0.ra.deg + 180, c0.ra.deg]
+    dec = [c0.dec.deg, -c0.dec.deg, c0.dec.deg + 1e-3]
+    sky = SkyCoord(ra, dec, unit="deg")
+    with pytest.raises(NoConvergence):
+        AstropyCutout2D(data, sky[1], 3, wcs=wcs)
+    with pytest.raises(NoConvergence, match="^source 1: "):
+        BatchCutout2D(data, sky, 3, wcs=wcs)
+    b = BatchCutout2D(data, sky, 3, wcs=wcs, errors="mask")
+    assert b.status.tolist() == [0, 8, 0]
+    for i in (0, 2):
+        assert_same_cutout(b[i], AstropyCutout2D(data, sky[i], 3, wcs=wcs))
+    with pytest.raises(NoConvergence, match="^source 1: "):
+        b[1]
+
+
 def test_batch_scalar_skycoord_with_sip():
     """Test a scalar SkyCoord with a SIP WCS, on a rounding boundary."""
     wcs = _strong_sip_wcs()

@@ -474,19 +474,22 @@ def _prepare(catalog, options, *, parent_bytes=None, chunked=True):
 
     status = np.asarray(cat.status, dtype=np.int16).copy()
     messages = dict(cat.messages)
-    diam = _diameters(cat, index, options)
-    bad_size = (status == Status.OK) & ~(np.isfinite(diam) & (np.round(diam) >= 1))
-    status[bad_size] = Status.BAD_ROW
-    for r in np.flatnonzero(bad_size):
-        messages.setdefault(int(r), f"{cat.source} row {r}: no usable size")
+    # a size in arcsec becomes pixels in the tile a source lands on, which
+    # the tile index weighs with the box the source gets in each tile
+    pix, arcsec = _diameters(cat, index, options, tile=False)
+    usable = (np.isfinite(pix) & (np.round(pix) >= 1)) | (
+        ~np.isfinite(pix) & np.isfinite(arcsec) & (arcsec > 0)
+    )
+    _bad_size(status, messages, (status == Status.OK) & ~usable, cat.source)
 
     ok = status == Status.OK
+    pix, arcsec = np.where(ok, pix, 1.0), np.where(ok, arcsec, np.nan)
     if options.tiles or cat.fits_file_paths is None:
-        assignment = index.assign(cat.ra, cat.dec, np.where(ok, diam, 1.0))
+        assignment = index.assign(cat.ra, cat.dec, pix, arcsec)
         file_error = np.zeros(len(cat), dtype=bool)
     else:
         assignment, file_error = index.assign_by_files(
-            cat.fits_file_paths, cat.ra, cat.dec, np.where(ok, diam, 1.0)
+            cat.fits_file_paths, cat.ra, cat.dec, pix, arcsec
         )
     tile_err = ok & file_error
     status[tile_err] = Status.TILE_ERROR
@@ -507,13 +510,14 @@ def _prepare(catalog, options, *, parent_bytes=None, chunked=True):
         tile_err |= lack
 
     # arcsec sizes depend on the pixel scale of the tile each source landed on
-    if options.size is None and np.isfinite(cat.size_arcsec).any():
-        diam = _diameters(cat, index, options, tile=assignment.tile)
+    diam = _diameters(cat, index, options, tile=assignment.tile)
+    on_tile = (status == Status.OK) & (np.asarray(assignment.tile) >= 0)
+    _bad_size(status, messages, on_tile & ~(np.round(diam) >= 1), cat.source)
 
     if options.target_size is not None:
         out_shape = (options.target_size, options.target_size)
     else:
-        cut = ok & ~tile_err & (np.asarray(assignment.tile) >= 0)
+        cut = (status == Status.OK) & (np.asarray(assignment.tile) >= 0)
         sizes = np.unique(np.round(diam[cut])) if cut.any() else np.array([])
         if len(sizes) <= 1:
             n = int(sizes[0]) if len(sizes) else int(np.round(options.size or 1))
@@ -644,14 +648,30 @@ def _memory_hint(text, cat, diam, status, assignment, options):
     return f"{text} (the largest cutout is {diam[r]:.0f} pixels, from {where})"
 
 
+def _bad_size(status, messages, rows, source):
+    """Make ``rows`` bad rows for want of a size (in place)."""
+    status[rows] = Status.BAD_ROW
+    for r in np.flatnonzero(rows):
+        messages.setdefault(int(r), f"{source} row {r}: no usable size")
+
+
 def _diameters(cat, index, options, tile=None):
-    """Box diameter in pixels per row (NaN where unknown)."""
+    """Box diameter in pixels per row (NaN where unknown).
+
+    A size in arcsec is converted with the pixel scale of the row's tile
+    (``tile``: per row, -1 for none, which takes the first tile's), or, with
+    ``tile=False``, not at all: then ``(pixels, arcsec)`` are returned, the
+    arcsec only where the pixels are unknown.
+    """
     n = len(cat)
     if options.size is not None:
-        return np.full(n, float(options.size))
+        diam = np.full(n, float(options.size))
+        return (diam, np.full(n, np.nan)) if tile is False else diam
     diam = np.asarray(cat.size_pixel, dtype=np.float64).copy()
     arcsec = np.asarray(cat.size_arcsec, dtype=np.float64)
     use = ~np.isfinite(diam) & np.isfinite(arcsec)
+    if tile is False:
+        return diam, np.where(use, arcsec, np.nan)
     if use.any():
         scales = np.array([t.pixel_scale_arcsec() for t in index.tiles])
         if tile is None:

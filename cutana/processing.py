@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._geometry import compute_boxes
+from ._geometry import BOX_OK, compute_boxes
 from ._stack import extract_stack
 from .exceptions import TileError
 from .io.staging import JobResult
@@ -345,6 +345,11 @@ def cut_job(settings, tile, job, scratch=None, out=None):
     starts = boxes.start
     partial = boxes.is_partial
     status[partial] = Status.PARTIAL_OVERLAP
+    # (the planner gives a job only sources whose box meets the tile)
+    missed = boxes.code != BOX_OK
+    status[missed] = Status.NO_OVERLAP
+    for r in np.flatnonzero(missed).tolist():
+        messages[int(job.rows[r])] = "the cutout does not overlap its tile"
     origin = np.ascontiguousarray(starts[:, ::-1])
     order = np.lexsort((job.x, job.y))  # sweep the tile top to bottom
     same_size = bool(np.all(job.box == job.box[:1])) if n else True
@@ -378,6 +383,8 @@ def cut_job(settings, tile, job, scratch=None, out=None):
         for r in job.rows:
             messages[int(r)] = text
         break
+    if missed.any():
+        images[missed] = 0  # as the rows of sources that are not cut
     return JobResult(
         job_id=job.job_id,
         rows=np.asarray(job.rows, dtype=np.int64),

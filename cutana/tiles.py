@@ -1107,7 +1107,7 @@ class TileIndex:
             scale[t] = max(q.to_value(u.deg) for q in wcs.proj_plane_pixel_scales())
         return ra, dec, radius, scale
 
-    def assign(self, ra, dec, diameter_pix):
+    def assign(self, ra, dec, diameter_pix, diameter_arcsec=None):
         """Choose the tile of every source.
 
         Parameters
@@ -1118,7 +1118,13 @@ class TileIndex:
         diameter_pix : float or array-like
             Cutout diameter in pixels, one for all or one per source; the box
             is ``round(diameter)`` pixels wide, as in `~astropy.nddata.Cutout2D`.
-            Non-finite diameters count as 0 (only the position matters).
+            Non-finite diameters count as 0 (only the position matters),
+            unless ``diameter_arcsec`` gives them.
+        diameter_arcsec : float or array-like, optional
+            Cutout diameter in arcseconds, for the sources whose
+            ``diameter_pix`` is not finite: in each tile, the box is that
+            diameter over the tile's pixel scale (`Tile.pixel_scale_arcsec`)
+            wide, so a source is placed by the box it gets in that tile.
 
         Returns
         -------
@@ -1150,9 +1156,9 @@ class TileIndex:
             )
             raise ValueError(msg)
         n = len(ra)
-        diameter = np.broadcast_to(np.asarray(diameter_pix, dtype=np.float64), (n,))
-        size = np.where(np.isfinite(diameter) & (diameter > 0), np.round(diameter), 0.0)
-        size = np.minimum(size, 2**31).astype(np.int64)
+        diameter, arcsec = _diameter_arrays(n, diameter_pix, diameter_arcsec)
+        size = _box_sizes(diameter)
+        widest = float(np.max(arcsec, initial=0.0, where=np.isfinite(arcsec)))
 
         tile = np.full(n, -1, dtype=np.int32)
         x = np.full(n, np.nan)
@@ -1168,8 +1174,10 @@ class TileIndex:
         sorted_dec = dec[by_dec]
         sorted_vec = _unit_vectors(ra[by_dec], sorted_dec)
         c_ra, c_dec, radius, scale = self.footprints()
-        half_diag = float(size.max()) * np.sqrt(0.5) + 1.0
         for t, tl in enumerate(self.tiles):
+            tile_scale = tl.pixel_scale_arcsec() if widest > 0 else 1.0
+            widest_box = max(float(size.max()), np.round(widest / tile_scale))
+            half_diag = widest_box * np.sqrt(0.5) + 1.0
             reach_deg = (radius[t] + half_diag * scale[t]) * (1 + 1e-9) + 1e-9
             lo = np.searchsorted(sorted_dec, c_dec[t] - reach_deg, side="left")
             hi = np.searchsorted(sorted_dec, c_dec[t] + reach_deg, side="right")
@@ -1183,7 +1191,8 @@ class TileIndex:
                 continue
             px, py = self._world_to_pixel(tl, ra[cand], dec[cand])
             ny, nx = tl.shape
-            sizes = np.repeat(size[cand, None], 2, axis=1)
+            box = _box_sizes(diameter[cand], arcsec[cand], tile_scale)
+            sizes = np.repeat(box[:, None], 2, axis=1)
             boxes = compute_boxes(
                 (ny, nx), sizes, np.column_stack([py, px]), mode="partial"
             )
@@ -1233,7 +1242,9 @@ class TileIndex:
                     px[i], py[i] = float(one[0]), float(one[1])
         return px, py
 
-    def assign_by_files(self, file_tuples, ra=None, dec=None, diameter_pix=None):
+    def assign_by_files(
+        self, file_tuples, ra=None, dec=None, diameter_pix=None, diameter_arcsec=None
+    ):
         """Map catalogue rows to tiles through their own ``fits_file_paths``.
 
         Parameters
@@ -1247,6 +1258,9 @@ class TileIndex:
         diameter_pix : float or array-like, optional
             Cutout diameter in pixels (needed with ``ra``/``dec``; 0 if not
             given).
+        diameter_arcsec : float or array-like, optional
+            Cutout diameter in arcseconds where ``diameter_pix`` is not
+            finite, over the pixel scale of the row's tile (as in `assign`).
 
         Returns
         -------
@@ -1306,14 +1320,15 @@ class TileIndex:
             ra = np.asarray(ra, dtype=np.float64)
             dec = np.asarray(dec, dtype=np.float64)
             dia = 0.0 if diameter_pix is None else diameter_pix
-            dia = np.broadcast_to(np.asarray(dia, dtype=np.float64), (n,))
-            size = np.where(np.isfinite(dia) & (dia > 0), np.round(dia), 0.0)
-            size = np.minimum(size, 2**31).astype(np.int64)
+            dia, arcsec = _diameter_arrays(n, dia, diameter_arcsec)
             for t in np.unique(tile[tile >= 0]).tolist():
                 rows = np.flatnonzero(tile == t)
                 tl = self.tiles[t]
                 px, py = self._world_to_pixel(tl, ra[rows], dec[rows])
-                sizes = np.repeat(size[rows, None], 2, axis=1)
+                by_scale = np.isfinite(arcsec[rows]).any()
+                scale = tl.pixel_scale_arcsec() if by_scale else 1.0
+                size = _box_sizes(dia[rows], arcsec[rows], scale)
+                sizes = np.repeat(size[:, None], 2, axis=1)
                 boxes = compute_boxes(
                     tl.shape, sizes, np.column_stack([py, px]), mode="partial"
                 )
@@ -1387,6 +1402,27 @@ class TileIndex:
         errors = [tuple(e) for e in d.get("errors", [])]
         file_lists = {tuple(k): int(v) for k, v in d.get("file_lists", [])}
         return cls(tiles, d["bands"], errors, file_lists)
+
+
+def _diameter_arrays(n, diameter_pix, diameter_arcsec):
+    """``(pixels, arcsec)`` float64 arrays of length ``n``: the arcsec ones
+    only where the pixel ones are not finite (NaN elsewhere)."""
+    pix = np.broadcast_to(np.asarray(diameter_pix, dtype=np.float64), (n,))
+    if diameter_arcsec is None:
+        return pix, np.full(n, np.nan)
+    arcsec = np.broadcast_to(np.asarray(diameter_arcsec, dtype=np.float64), (n,))
+    return pix, np.where(np.isfinite(pix), np.nan, arcsec)
+
+
+def _box_sizes(diameter_pix, diameter_arcsec=None, scale_arcsec=1.0):
+    """Whole box sizes in pixels: ``round(diameter_pix)``, or where that is
+    not finite ``round(diameter_arcsec / scale_arcsec)``; 0 where neither is
+    a positive number (only the position matters then)."""
+    dia = diameter_pix
+    if diameter_arcsec is not None:
+        dia = np.where(np.isfinite(dia), dia, diameter_arcsec / scale_arcsec)
+    size = np.where(np.isfinite(dia) & (dia > 0), np.round(dia), 0.0)
+    return np.minimum(size, 2**31).astype(np.int64)
 
 
 def _unit_vectors(ra, dec):

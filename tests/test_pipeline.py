@@ -640,6 +640,110 @@ def test_run_where_no_source_is_cut(survey, tmp_path, fmt):
     assert verify_output(out) == []
 
 
+def _scaled_tile(path, scale_arcsec, n, seed=0):
+    """A float32 TAN tile of ``n`` x ``n`` pixels of ``scale_arcsec``, centred
+    on (150, 2); returns its data and WCS."""
+    w = WCS(naxis=2)
+    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    w.wcs.crval = [150.0, 2.0]
+    w.wcs.crpix = [(n + 1) / 2, (n + 1) / 2]
+    w.wcs.cdelt = [-scale_arcsec / 3600, scale_arcsec / 3600]
+    header = w.to_header()
+    header["BAND"] = "r"
+    data = np.random.default_rng(seed).normal(size=(n, n)).astype(np.float32)
+    fits.writeto(path, data, header)
+    return data, w
+
+
+@pytest.mark.parametrize("lists", [False, True], ids=["tiles", "file-lists"])
+def test_arcsec_sizes_place_sources_by_each_tiles_scale(tmp_path, lists):
+    """Test sizes in arcsec with tiles of different pixel scales: a source is
+    placed by the box it gets in each tile (6" is 6 pixels of a coarse tile,
+    60 of a fine one), and its status and pixels are astropy's ``Cutout2D``
+    with ``6 * u.arcsec`` on the tile chosen."""
+    from astropy import units as u
+    from astropy.nddata import NoOverlapError
+    from astropy.table import Table
+
+    coarse = _scaled_tile(tmp_path / "coarse.fits", 1.0, 110)
+    fine = _scaled_tile(tmp_path / "fine.fits", 0.1, 1000, seed=1)
+    paths = [str(tmp_path / "coarse.fits"), str(tmp_path / "fine.fits")]
+    cosd = np.cos(np.deg2rad(2.0))
+    # C: whole in both (the fine one, deeper, wins); A: whole in the coarse
+    # tile only; B: beyond both
+    dra = np.array([1.0, 48.0, -60.0])  # (B: 5" beyond the coarse tile's edge)
+    ra = 150.0 + dra / 3600 / cosd
+    names = ["C", "A", "B"]
+    columns = {"SourceID": names, "RA": ra, "Dec": [2.0] * 3,
+               "diameter_arcsec": [6.0] * 3}  # fmt: skip
+    options = {"format": "fits", "progress": False}
+    if lists:  # (one band: a list names one file)
+        columns["fits_file_paths"] = [str(paths[1:]), str(paths[:1]), str(paths[:1])]
+    else:
+        options["tiles"] = paths
+    Table(columns).write(tmp_path / "c.csv")
+    out = tmp_path / "out"
+    cutana.make_cutouts(tmp_path / "c.csv", out, **options)
+    arch = cutana.open(out)
+    want_tile = ["fine", "coarse", None]
+    for i, name in enumerate(names):
+        sky = SkyCoord(ra[i], 2.0, unit="deg")
+        refs = {}
+        for label, (data, w) in (("coarse", coarse), ("fine", fine)):
+            try:
+                refs[label] = AstropyCutout2D(
+                    data, sky, 6 * u.arcsec, wcs=w, mode="partial", fill_value=np.nan
+                )
+            except NoOverlapError:
+                pass
+        if want_tile[i] is None:
+            assert not refs, name
+            assert arch.status[i] == Status.NO_OVERLAP, name
+            continue
+        ref = refs[want_tile[i]]
+        assert arch.status[i] == Status.OK, name
+        np.testing.assert_array_equal(arch[i][0], ref.data)
+
+
+def test_cut_job_marks_a_box_that_misses_its_tile(tmp_path):
+    """Test that a source whose box does not meet its tile (which the planner
+    does not give a job) gets NO_OVERLAP, with its row zeroed, not OK."""
+    from cutana.planner import Job
+    from cutana.processing import CutSettings, cut_job
+    from cutana.tiles import TileIndex
+
+    _scaled_tile(tmp_path / "t.fits", 1.0, 40)
+    index = TileIndex.from_paths(str(tmp_path / "t.fits"))
+    job = Job(
+        job_id=0, tile=0, rows=np.array([7, 9]), x=np.array([20.0, 90.0]),
+        y=np.array([20.0, 20.0]), box=np.array([[6, 6], [6, 6]]),
+    )  # fmt: skip
+    result = cut_job(CutSettings(out_shape=(6, 6)), index.tiles[0], job)
+    assert result.status.tolist() == [Status.OK, Status.NO_OVERLAP]
+    assert not result.images[1].any()
+    assert "does not overlap" in result.messages[9]
+
+
+def test_verify_accepts_fits_cutouts_of_catalogue_sizes(tmp_path):
+    """Test that ``verify`` passes a FITS output whose cutouts have the sizes
+    of the catalogue's size column (they differ from row to row)."""
+    from astropy.table import Table
+
+    from cutana.io import verify_output
+
+    data, w = _scaled_tile(tmp_path / "t.fits", 0.1, 100)
+    Table({"SourceID": ["a", "b"], "RA": [150.0, 150.0], "Dec": [2.0, 2.0],
+           "diameter_pixel": [9.0, 15.0]}).write(tmp_path / "c.csv")  # fmt: skip
+    out = tmp_path / "out"
+    cutana.make_cutouts(tmp_path / "c.csv", out, tiles=[str(tmp_path / "t.fits")],
+                        format="fits", progress=False)  # fmt: skip
+    arch = cutana.open(out)
+    for i, size in enumerate([9, 15]):
+        ref = AstropyCutout2D(data, SkyCoord(150, 2, unit="deg"), size, wcs=w)
+        np.testing.assert_array_equal(arch[i][0], ref.data)
+    assert verify_output(out) == []
+
+
 def _sip_tile(path, shape=(260, 310)):
     """A float32 tile with a SIP-distorted TAN WCS (with inverse terms)."""
     h = fits.Header()

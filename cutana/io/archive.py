@@ -702,13 +702,16 @@ def _verify_fits(path, problems):
         bad = np.flatnonzero(sel)
         if len(bad):
             problems.append(f"{len(bad)} rows {label}, e.g. rows {_listed(bad)}")
+    # cutouts of one shape, unless their sizes came from the catalogue
+    config = archive.config or {}
+    one_shape = config.get("target_size") is not None or config.get("size") is not None
     shape = None
     bad_files = []
     for i in np.flatnonzero(has_file).tolist():
         name = archive.files[i]
         try:
             this = _fits_file_shape(path, name, archive.bands)
-            if shape is None:
+            if shape is None or not one_shape:
                 shape = this
             elif this != shape:
                 msg = f"shape {this} differs from {shape}"
@@ -746,7 +749,8 @@ def verify_output(path):
     ``chunk_crc32c`` or ``chunk_sha256`` once finalised, or in the ledger).
     For a FITS folder: the index lists every row with a known status, and
     every row with a cutout has a readable file with one HDU per band, all
-    of one shape.
+    of one shape (and all files of one shape, unless the cutouts' sizes
+    came from the catalogue's size column).
 
     Parameters
     ----------

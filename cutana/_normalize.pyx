@@ -1578,6 +1578,7 @@ cdef void _stretch_image(
     """
     cdef Py_ssize_t k
     cdef double div
+    cdef bint wide
     if stretch == _STRETCH_NONE:
         if out_t is float:
             for k in range(npix):
@@ -1591,10 +1592,13 @@ cdef void _stretch_image(
     div = vmax - vmin
     if div == 0:
         div = 1.0
-    if (out_t is uint8_t and stretch == _STRETCH_LINEAR and fast_linear
+    # the fast paths scale by 1 / div (times the table's bins): not for limits
+    # so close (below ~1e-300 apart) that this overflows
+    wide = isfinite(32768.0 / div)
+    if (out_t is uint8_t and stretch == _STRETCH_LINEAR and fast_linear and wide
             and _linear_u8(img, npix, vmin, div, out)):
         pass
-    elif out_t is uint8_t and lut != NULL:
+    elif out_t is uint8_t and lut != NULL and wide:
         _stretch_lut(img, npix, vmin, div, stretch, a, norm, out, lut, n_bins,
                      thr_b, <Py_ssize_t*> u)
     else:

@@ -13,10 +13,11 @@
 # * pixel centres are aligned: output pixel j of m samples input coordinate
 #   c = (j + 0.5) * n / m - 0.5 of n (scipy.ndimage.zoom(grid_mode=True));
 # * 'nearest' takes input pixel floor(c + 0.5), clamped to [0, n - 1];
-# * 'bilinear' interpolates linearly between floor(c) and floor(c) + 1 with c
-#   clamped to [0, n - 1] first, i.e. the window is extended by repeating its
-#   edge pixels (scipy.ndimage.map_coordinates(order=1, mode='nearest') on
-#   the same coordinates). As in scipy, both taps are used even when one has
+# * 'bilinear' interpolates linearly between pixels floor(c) and
+#   floor(c) + 1, each clamped to [0, n - 1], i.e. the window is extended by
+#   repeating its edge pixels (scipy.ndimage.map_coordinates(order=1,
+#   mode='nearest') on the same coordinates: outside the window both taps
+#   are the edge pixel). As in scipy, both taps are used even when one has
 #   weight 0, so a NaN next to an exact sample position propagates;
 # * 'area' gives output pixel j the overlap-weighted *sum* of the input
 #   pixels over [j * n / m, (j + 1) * n / m) (input pixel i covering
@@ -47,12 +48,14 @@ cdef extern from *:
         const double* wa, const double* wb, double* dst, ptrdiff_t n)
     {
         ptrdiff_t k = 0, adjacent = n;
-        /* where the two taps are neighbours (all but the last samples, whose
-           taps are clamped to the last input pixel), each pair is one 16-byte
-           load, and the products are summed pairwise: the same two products
-           and one addition per sample as below */
+        /* where the two taps are neighbours (all but the first and last
+           samples, whose taps are clamped to the edge pixel), each pair is
+           one 16-byte load, and the products are summed pairwise: the same
+           two products and one addition per sample as below */
         while (adjacent > 0 && i1[adjacent - 1] != i0[adjacent - 1] + 1)
             adjacent--;
+        for (; k < adjacent && i1[k] != i0[k] + 1; k++)
+            dst[k] = wa[k] * row[i0[k]] + wb[k] * row[i1[k]];
         for (; k + 4 <= adjacent; k += 4) {
             __m256d x = _mm256_set_m128d(_mm_loadu_pd(row + i0[k + 2]),
                                          _mm_loadu_pd(row + i0[k]));
@@ -249,13 +252,19 @@ cdef void _axis_build(_Axis* ax, Py_ssize_t n, int method) noexcept nogil:
                 ax.start[j] = i0
                 ax.count[j] = 1
             else:
-                if c < 0:
-                    c = 0.0
-                if c > n - 1:
-                    c = <double> (n - 1)
+                # taps floor(c) and floor(c) + 1, each clamped to the window
+                # (outside it both are the edge pixel, as in scipy)
                 i0 = <Py_ssize_t> _rs_floor(c)
                 t = c - i0
-                i1 = i0 + 1 if i0 < n - 1 else i0
+                i1 = i0 + 1
+                if i0 < 0:
+                    i0 = 0
+                if i0 > n - 1:
+                    i0 = n - 1
+                if i1 < 0:
+                    i1 = 0
+                if i1 > n - 1:
+                    i1 = n - 1
                 ax.start[j] = i0
                 ax.second[j] = i1
                 ax.count[j] = 2

@@ -16,8 +16,9 @@ window's first pixel), as `scipy.ndimage.zoom` does with ``grid_mode=True``.
 ``'nearest'``
     The input pixel ``floor(c + 0.5)``, clipped to ``[0, n - 1]``.
 ``'bilinear'``
-    Linear interpolation in each axis, with ``c`` clipped to ``[0, n - 1]``:
-    the window's edge pixels extend outward, exactly
+    Linear interpolation in each axis between pixels ``floor(c)`` and
+    ``floor(c) + 1``, each clipped to ``[0, n - 1]``: the window's edge
+    pixels extend outward, exactly
     ``scipy.ndimage.map_coordinates(window, coords, order=1, mode='nearest')``.
     The window is the source's box, including any fill; pixels beyond it
     are never read, so neighbouring sources do not leak in.

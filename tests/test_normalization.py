@@ -359,6 +359,19 @@ def test_degenerate_images():
     assert vmin[1] == vmax[1] == 4.5
 
 
+@pytest.mark.parametrize("method", ["linear", "sqrt", "log", "asinh"])
+@pytest.mark.parametrize("span", [7e-310, 1e-305], ids=["subnormal", "tiny"])
+@pytest.mark.parametrize("shape", [(4, 8), (100, 100)], ids=["small", "table"])
+def test_uint8_of_limits_a_tiny_span_apart(method, span, shape):
+    """Test uint8 output of images whose limits are less than ~1e-300 apart
+    (the fast paths' 1 / (vmax - vmin) overflows there) against astropy."""
+    image = np.linspace(0.0, span, shape[0] * shape[1]).reshape(shape)
+    ref = np.round(255 * _astropy(image, method, percentile=100.0))
+    out = normalize(image[None], method, percentile=100.0, dtype="uint8")[0]
+    assert_array_equal(out, ref.astype(np.uint8))
+    assert len(np.unique(out)) > 2
+
+
 def test_none_passes_values_through():
     """Test that 'none' returns the values as float32, NaN included."""
     data = _images("skewed", (2, 3, 5, 6), np.float64, seed=8, nan_fraction=0.1)

@@ -225,6 +225,31 @@ def test_nan_fill_spreads_like_scipy():
     assert np.isnan(out[0]).any() and np.isfinite(out[0]).any()
 
 
+@pytest.mark.parametrize("vector", [True, False], ids=["avx2", "portable"])
+@pytest.mark.parametrize("line", [1, -2], ids=["second", "last-but-one"])
+def test_nan_beside_the_edge_stays_there_when_upsampling(vector, line):
+    """Test upsampling a window whose second (or last but one) row and
+    column are NaN: outputs outside the edge pixels' centres take the edge
+    pixel alone, as in scipy, so the edge rows and columns stay finite."""
+    data = np.arange(36.0).reshape(6, 6)
+    data[line, :] = np.nan
+    data[:, line] = np.nan
+    gy, gx = np.meshgrid(_grid(6, 8), _grid(6, 8), indexing="ij")
+    ref = ndimage.map_coordinates(data, [gy, gx], order=1, mode="nearest")
+    from cutana import _extract
+
+    saved = _extract._set_vector_swap(vector)
+    try:
+        out, _ = extract_resampled(
+            data, [(0, 0)], (6, 6), (8, 8), "bilinear", np.nan, dtype=np.float64
+        )
+    finally:
+        _extract._set_vector_swap(saved)
+    assert_allclose(out[0], ref, rtol=1e-12, atol=1e-12, equal_nan=True)
+    edge = 0 if line == 1 else -1
+    assert np.isfinite(out[0][edge, edge])
+
+
 def test_varying_window_shapes_and_memory_layouts():
     """Test per-source window shapes and a non-contiguous, memory-mapped-like image."""
     data = np.random.default_rng(3).normal(size=(60, 80))

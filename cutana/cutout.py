@@ -206,8 +206,10 @@ def _sky_to_xy_one_by_one(sky, wcs):
 def _positions_to_xy(positions, wcs):
     """Convert N positions to a float64 ``(N, 2)`` array of ``(x, y)`` pixels.
 
-    Returns the array and a per-source list of the positions as astropy's
-    `~astropy.nddata.Cutout2D` would store them (``input_position_original``).
+    Returns the array, a per-source list of the positions as astropy's
+    `~astropy.nddata.Cutout2D` would store them (``input_position_original``;
+    `None` for a SkyCoord), and ``{source: NoConvergence}`` of the SkyCoord
+    positions ``all_world2pix`` cannot solve (NaN in the array).
     """
     if isinstance(positions, SkyCoord):
         if wcs is None:
@@ -218,16 +220,17 @@ def _positions_to_xy(positions, wcs):
         except NoConvergence:
             # some position cannot be solved: solve each, as astropy would,
             # to know which (their positions are NaN, their errors kept)
-            return _sky_to_xy_one_by_one(positions, wcs)
+            xy, unsolved = _sky_to_xy_one_by_one(positions, wcs)
+            return xy, None, unsolved
         xy = np.column_stack([np.atleast_1d(xp), np.atleast_1d(yp)]).astype(np.float64)
-        return xy, None
+        return xy, None, {}
     if isinstance(positions, np.ndarray):
         if positions.ndim == 1 and positions.shape == (2,):
             positions = positions[None, :]
         if positions.ndim != 2 or positions.shape[1] != 2:
             msg = f"positions must have shape (N, 2) of (x, y), got {positions.shape}"
             raise ValueError(msg)
-        return np.asarray(positions, dtype=np.float64), positions
+        return np.asarray(positions, dtype=np.float64), positions, {}
     positions = list(positions)
     if len(positions) == 2 and all(isinstance(v, numbers.Real) for v in positions):
         positions = [tuple(positions)]
@@ -237,7 +240,7 @@ def _positions_to_xy(positions, wcs):
             msg = f"position {i} must be an (x, y) pair, got {pos!r}"
             raise ValueError(msg)
         xy[i] = pos
-    return xy, positions
+    return xy, positions, {}
 
 
 # --------------------------------------------------------------------------
@@ -650,8 +653,8 @@ def _refine_sky_positions(xy, sky, wcs, shapes, limit_rounding_method):
     """Recompute, source by source, positions that sit on a rounding boundary.
 
     For a WCS with distortions, ``all_world2pix`` solves iteratively over all
-    points at once, so a vectorised call can differ in the last bits from
-    astropy's per-source call (by up to its convergence tolerance). That
+    points at once, so a vectorised call can differ slightly from astropy's
+    per-source call (by up to its convergence tolerance). That
     only matters where a box limit ``position - size / 2`` lies within
     `DISTORTION_TOL` of a rounding boundary (a multiple of 0.5 covers ceil,
     floor, trunc and round); those few positions are recomputed exactly as
@@ -787,7 +790,7 @@ class BatchCutout2D:
 
     For `~astropy.coordinates.SkyCoord` positions and a WCS with
     distortions (SIP, lookup tables), ``all_world2pix`` iterates over all
-    positions at once, and its result can differ in the last bits from
+    positions at once, and its result can differ slightly from
     astropy's one-source call. cutana therefore recomputes, source by
     source, the few positions whose box limits lie within 1e-3 pixel of a
     rounding boundary, and ``b[i]`` reports the per-source position, so that
@@ -832,11 +835,8 @@ class BatchCutout2D:
         self._sky = None
         if isinstance(positions, SkyCoord):  # (one source of a scalar: sky[0])
             self._sky = positions.reshape((1,)) if positions.isscalar else positions
-        xy, originals = _positions_to_xy(positions, wcs)
-        # SkyCoord positions without a pixel position: {source: NoConvergence}
-        self._unsolved = originals if isinstance(originals, dict) else {}
-        if self._unsolved:
-            originals = None
+        # (SkyCoord positions without a pixel position: {source: NoConvergence})
+        xy, originals, self._unsolved = _positions_to_xy(positions, wcs)
         n = len(xy)
         shapes = _sizes_to_shapes(size, n, wcs)
         if not isinstance(data, (Section, CompImageSection)):

@@ -1103,12 +1103,17 @@ cdef void _zscale(
     const floating* img, Py_ssize_t width, Py_ssize_t r0, Py_ssize_t r1,
     Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t n_samples, double contrast,
     floating* samples, uint8_t* bad, uint8_t* grown,
-    double* vmin, double* vmax,
+    double* vmin, double* vmax, uint8_t* unsure,
 ) noexcept nogil:
     """`astropy.visualization.ZScaleInterval.get_limits` on the finite pixels
     of ``img[r0:r1, c0:c1]``; NaN limits when there is no finite pixel.
 
     ``samples``, ``bad`` and ``grown`` hold at least ``n_samples`` items.
+    ``unsure[0]`` is set to 1 when the samples kept in some iteration, not
+    all equal, lie exactly on the fitted line (mostly equal samples): there
+    astropy's least-squares fit leaves residuals of rounding size, and which
+    of them it rejects (often all, falling back to the extreme samples) is
+    decided by rounding; the caller then asks astropy. 0 otherwise.
     """
     cdef Py_ssize_t r, c, n_finite = 0, stride, counter, npix = 0, i, j, w
     cdef Py_ssize_t minpix, ngrow, half, ngood, last_ngood, lo, hi, center
@@ -1120,6 +1125,7 @@ cdef void _zscale(
     cdef double lo_lim, hi_lim
     cdef bint have_fit = False
 
+    unsure[0] = 0
     for r in range(r0, r1):
         n_finite += (c1 - c0) - _count_nonfinite(img + r * width + c0, c1 - c0)
     if n_finite == 0:
@@ -1207,6 +1213,8 @@ cdef void _zscale(
                 flat = samples[i] - (slope * i + intercept) - mean
                 var += flat * flat
         threshold = _ZS_KREJ * sqrt(var / n_fit)
+        if var == 0 and samples[0] != samples[npix - 1]:
+            unsure[0] = 1
         for i in range(npix):
             flat = samples[i] - (slope * i + intercept)
             if flat < -threshold or flat > threshold:
@@ -1294,15 +1302,17 @@ cdef void _limits_one(
     const floating* img, Py_ssize_t width, int interval, double q_lo,
     double q_hi, Py_ssize_t n_samples, double contrast, Py_ssize_t r0,
     Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1, _Scratch* s,
-    double* vmin, double* vmax, Py_ssize_t* n_finite,
+    double* vmin, double* vmax, Py_ssize_t* n_finite, uint8_t* unsure,
 ) noexcept nogil:
     """Limits of one image (NaN when it has no finite pixel in the region).
 
     ``n_finite[0]`` is set to the number of finite pixels of the region when
-    it was counted on the way (percentile limits), to -1 otherwise.
+    it was counted on the way (percentile limits), to -1 otherwise;
+    ``unsure[0]`` as `_zscale` sets it (0 for percentile limits).
     """
     cdef Py_ssize_t n = -1, r, cap = (r1 - r0) * (c1 - c0)
     n_finite[0] = -1
+    unsure[0] = 0
     if interval == _INTERVAL_PERCENTILE:
         if _percentiles_filtered(
             img, width, r0, r1, c0, c1, &n, q_lo, q_hi, <floating*> s.values,
@@ -1325,7 +1335,7 @@ cdef void _limits_one(
         if n_samples < cap:
             cap = n_samples
         _zscale(img, width, r0, r1, c0, c1, n_samples, contrast,
-                <floating*> s.values, s.flags, s.flags + cap, vmin, vmax)
+                <floating*> s.values, s.flags, s.flags + cap, vmin, vmax, unsure)
 
 
 def _extreme_values(const double[::1] a, Py_ssize_t r_lo, Py_ssize_t r_hi):
@@ -1378,6 +1388,7 @@ def compute_limits(
     Py_ssize_t c1,
     double[::1] vmin,
     double[::1] vmax,
+    uint8_t[::1] unsure=None,
 ):
     """Per-image display limits of a stack.
 
@@ -1399,13 +1410,21 @@ def compute_limits(
         determine the limits.
     vmin, vmax : memoryview of float64, shape ``(N,)``
         Output: the limits; NaN for an image without finite pixels.
+    unsure : memoryview of uint8, shape ``(N,)``, optional
+        Output: 1 for the images whose zscale limits astropy's rounding
+        decides (see `_zscale`), else 0.
     """
     cdef Py_ssize_t n = data.shape[0]
     cdef Py_ssize_t i, width = data.shape[2], finite
     cdef int status = 0
     cdef _Scratch scratch
+    cdef uint8_t flag
+    cdef bint flags = unsure is not None
     if vmin.shape[0] != n or vmax.shape[0] != n:
         msg = f"vmin and vmax must have {n} items"
+        raise ValueError(msg)
+    if flags and unsure.shape[0] != n:
+        msg = f"unsure must have {n} items"
         raise ValueError(msg)
     if interval not in (_INTERVAL_PERCENTILE, _INTERVAL_ZSCALE):
         msg = f"unknown interval code {interval}"
@@ -1426,7 +1445,9 @@ def compute_limits(
             for i in range(n):
                 _limits_one(&data[i, 0, 0], width, interval, q_lo, q_hi,
                             n_samples, contrast, r0, r1, c0, c1, &scratch,
-                            &vmin[i], &vmax[i], &finite)
+                            &vmin[i], &vmax[i], &finite, &flag)
+                if flags:
+                    unsure[i] = flag
             _scratch_free(&scratch)
     if status != 0:
         raise MemoryError("could not allocate scratch memory for the limits")
@@ -1666,6 +1687,7 @@ def normalize_stack(
     Py_ssize_t c1=-1,
     bint allow_lut=True,
     const Py_ssize_t[::1] rows=None,
+    uint8_t[::1] unsure=None,
 ):
     """Stretch every image of a stack into ``out``, image by image.
 
@@ -1700,6 +1722,9 @@ def normalize_stack(
         Write image ``i`` into ``out[rows[i]]`` (each in ``[0, M)``)
         instead of ``out[i]``: e.g. straight into the rows of a larger
         output, without a copy.
+    unsure : memoryview of uint8, shape ``(N,)``, optional
+        As in `compute_limits` (when ``compute``): the caller stretches
+        these images again with astropy's limits.
     """
     cdef Py_ssize_t n = data.shape[0]
     cdef Py_ssize_t npix = data.shape[1] * data.shape[2]
@@ -1713,6 +1738,11 @@ def normalize_stack(
     cdef bint do_limits = compute and stretch != _STRETCH_NONE
     cdef Py_ssize_t finite, dest
     cdef bint whole
+    cdef uint8_t flag = 0
+    cdef bint flags = unsure is not None
+    if flags and unsure.shape[0] != n:
+        msg = f"unsure must have {n} items"
+        raise ValueError(msg)
     if rows is not None:
         if rows.shape[0] != n:
             msg = f"rows must have {n} items, got {rows.shape[0]}"
@@ -1785,7 +1815,9 @@ def normalize_stack(
                 if do_limits:
                     _limits_one(&data[i, 0, 0], width, interval, q_lo, q_hi,
                                 n_samples, contrast, r0, r1, c0, c1, &scratch,
-                                &vmin[i], &vmax[i], &finite)
+                                &vmin[i], &vmax[i], &finite, &flag)
+                if flags:
+                    unsure[i] = flag
                 dest = i if rows is None else rows[i]
                 _stretch_image(&data[i, 0, 0], npix, vmin[i], vmax[i], stretch,
                                a, norm, &out[dest, 0, 0], u, lut, n_bins, thr_b,

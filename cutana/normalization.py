@@ -183,6 +183,30 @@ def _interval_params(method, percentile, contrast, n_samples):
     return _normalize.INTERVAL_PERCENTILE, lower / 100, upper / 100, 1000, 0.25
 
 
+def _unsure_flags(interval, n):
+    """Per-image flags for the kernel to mark zscale limits that astropy's
+    rounding decides, or `None` for percentile limits."""
+    if interval != _normalize.INTERVAL_ZSCALE:
+        return None
+    return np.zeros(n, dtype=np.uint8)
+
+
+def _astropy_zscale(image, region, n_samples, contrast):
+    """astropy's `~astropy.visualization.ZScaleInterval` limits of the
+    ``(r0, r1, c0, c1)`` region of one image.
+
+    For the rare images whose samples are mostly equal: astropy's
+    least-squares fit leaves residuals of rounding size there, and which it
+    rejects is decided by rounding; only astropy itself gives its limits.
+    """
+    from astropy.visualization import ZScaleInterval
+
+    r0, r1, c0, c1 = region
+    zscale = ZScaleInterval(n_samples=n_samples, contrast=contrast)
+    lo, hi = zscale.get_limits(image[r0:r1, c0:c1])
+    return float(lo), float(hi)
+
+
 def compute_limits(
     stack,
     method="linear",
@@ -253,7 +277,8 @@ def compute_limits(
     vmax = np.full(len(images), np.nan)
     if images.size == 0:
         return vmin.reshape(lead), vmax.reshape(lead)
-    r0, r1, c0, c1 = _crop_region(crop, images.shape[1:])
+    region = _crop_region(crop, images.shape[1:])
+    unsure = _unsure_flags(interval, len(images))
 
     def work(lo, hi):
         for start, block in _blocks(images, kernel_dtype, lo, hi):
@@ -265,15 +290,16 @@ def compute_limits(
                 q_hi,
                 n_samples,
                 contrast,
-                r0,
-                r1,
-                c0,
-                c1,
+                *region,
                 vmin[start:stop],
                 vmax[start:stop],
+                None if unsure is None else unsure[start:stop],
             )
 
     run_chunks(work, len(images), n_threads)
+    for i in np.flatnonzero(unsure) if unsure is not None else ():
+        image = np.asarray(images[i], dtype=kernel_dtype)
+        vmin[i], vmax[i] = _astropy_zscale(image, region, n_samples, contrast)
     return vmin.reshape(lead), vmax.reshape(lead)
 
 
@@ -506,6 +532,9 @@ class Normalizer:
         region = self.region(images.shape[1:])
         vmin = np.empty(len(images))
         vmax = np.empty(len(images))
+        unsure = None
+        if self._stretch != _normalize.STRETCH_NONE:
+            unsure = _unsure_flags(self._interval[0], len(images))
 
         def work(lo, hi):
             for start, block in _blocks(images, kernel_dtype, lo, hi):
@@ -521,10 +550,27 @@ class Normalizer:
                     *self._interval,
                     *region,
                     rows=None if rows is None else rows[start:stop],
+                    unsure=None if unsure is None else unsure[start:stop],
                 )
 
         if n_threads == 1:
             work(0, len(images))
         else:
             run_chunks(work, len(images), n_threads)
+        for i in np.flatnonzero(unsure) if unsure is not None else ():
+            # stretched again with astropy's own limits (see _astropy_zscale)
+            image = np.ascontiguousarray(images[i : i + 1], dtype=kernel_dtype)
+            n_samples, contrast = self._interval[3:5]
+            limits = _astropy_zscale(image[0], region, n_samples, contrast)
+            vmin[i], vmax[i] = limits
+            _normalize.normalize_stack(
+                image,
+                target if rows is not None else target[i : i + 1],
+                self._stretch,
+                self._a,
+                vmin[i : i + 1],
+                vmax[i : i + 1],
+                False,
+                rows=None if rows is None else rows[i : i + 1],
+            )
         return out

@@ -19,6 +19,7 @@ from astropy.visualization import (
     AsinhStretch,
     LinearStretch,
     LogStretch,
+    ManualInterval,
     PercentileInterval,
     SqrtStretch,
     ZScaleInterval,
@@ -168,6 +169,34 @@ def test_zscale_limits_match_astropy(dtype, kind, n_samples, contrast):
     for i in range(len(data)):
         ref = ZScaleInterval(n_samples=n_samples, contrast=contrast).get_limits(data[i])
         assert_allclose((vmin[i], vmax[i]), ref, rtol=1e-7, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_zscale_of_mostly_equal_samples_is_astropys(dtype):
+    """Test images whose pixels are mostly one value: astropy's fit leaves
+    rounding-size residuals there, which decide what it rejects (often all:
+    then the limits are the extreme samples); limits and uint8 codes must
+    be astropy's (to float rounding, as elsewhere), in ``compute_limits``,
+    ``normalize`` and crops."""
+    rng = np.random.default_rng(5)
+    images = np.stack([
+        np.where(rng.random((40, 44)) < equal, 5.0, rng.normal(5.0, 1.0, (40, 44)))
+        for equal in (0.8, 0.85, 0.9, 0.95) for _ in range(6)
+    ]).astype(dtype)  # fmt: skip
+    vmin, vmax = compute_limits(images, "zscale")
+    out = normalize(images, "zscale", dtype="uint8")
+    cropped = normalize(images, "zscale", dtype="uint8", crop=0.5)
+    fallback = 0
+    for i, image in enumerate(images):
+        lo, hi = ZScaleInterval().get_limits(image)
+        assert_allclose((vmin[i], vmax[i]), (lo, hi), rtol=1e-7, atol=0)
+        fallback += (lo, hi) == (image.min(), image.max())
+        ref = np.round(255 * ManualInterval(lo, hi)(image.astype(np.float64)))
+        assert np.abs(out[i] - ref).max() <= 1
+        lo, hi = ZScaleInterval().get_limits(image[10:30, 11:33])
+        ref = np.round(255 * ManualInterval(lo, hi)(image.astype(np.float64)))
+        assert np.abs(cropped[i] - ref).max() <= 1
+    assert fallback > 0  # the case astropy's rounding decides occurred
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -66,6 +66,8 @@ _BOX_NEGATIVE_SIZE = 7
 #: A SkyCoord position whose pixel position ``all_world2pix`` cannot find
 #: (astropy's `Cutout2D` raises its `~astropy.wcs.NoConvergence`).
 _BOX_NO_CONVERGENCE = 8
+#: A size astropy's `Cutout2D` refuses (not finite, too large): its error.
+_BOX_BAD_SIZE = 9
 
 
 _FILL_DTYPE_MSG = (
@@ -124,15 +126,23 @@ def _sizes_to_shapes(size, n, wcs):
     array-like (or `~astropy.units.Quantity`) of shape ``(N,)`` (square) or
     ``(N, 2)``. A length-2 sequence is always read as one ``(ny, nx)`` size,
     as astropy reads it, even when N is 2.
+
+    Returns the shapes and ``{source: exception}`` for the N sizes astropy
+    would refuse (not finite, too large): the error astropy's `Cutout2D`
+    raises for that size (their shapes are 0).
     """
+
+    def one(size):
+        return np.broadcast_to(_size_to_shape(size, wcs), (n, 2)).astype(np.int64), {}
+
     if np.isscalar(size) or (isinstance(size, u.Quantity) and size.ndim == 0):
-        return np.broadcast_to(_size_to_shape(size, wcs), (n, 2)).astype(np.int64)
+        return one(size)
     # a list of N sizes, one per source, each as astropy takes one
     per_source = isinstance(size, (list, tuple)) and len(size) == n and n != 2
     if isinstance(size, (list, tuple)) and any(isinstance(s, u.Quantity) for s in size):
         if len(size) <= 2 and not per_source:
             # one astropy size, possibly mixing numbers and Quantities
-            return np.broadcast_to(_size_to_shape(size, wcs), (n, 2)).astype(np.int64)
+            return one(size)
         try:
             size = u.Quantity(size)
         except (u.UnitsError, TypeError, ValueError):  # e.g. pixels and arcsec
@@ -147,9 +157,10 @@ def _sizes_to_shapes(size, n, wcs):
         if arr is None or arr.dtype == object:
             if per_source:  # e.g. [(3 * u.arcsec, 4), (5 * u.arcsec, 6), ...]
                 return _shapes_one_by_one(size, wcs)
-            return np.broadcast_to(_size_to_shape(size, wcs), (n, 2)).astype(np.int64)
+            return one(size)
     if arr.ndim == 1 and (len(arr) <= 2 and not (len(arr) == n and n != 2)):
-        return np.broadcast_to(_size_to_shape(size, wcs), (n, 2)).astype(np.int64)
+        return one(size)
+    given = arr  # each source's size as given, for its error
     if arr.ndim == 1 and len(arr) == n:
         arr = arr[:, None] * np.ones((1, 2))
     if arr.ndim != 2 or arr.shape != (n, 2):
@@ -160,33 +171,42 @@ def _sizes_to_shapes(size, n, wcs):
         raise ValueError(msg)
     if not isinstance(arr, u.Quantity):
         values = np.asarray(arr, dtype=np.float64)
-        if not np.all(np.isfinite(values)):
-            bad = int(np.flatnonzero(~np.isfinite(values).all(axis=1))[0])
-            msg = f"size of source {bad} is not finite: {arr[bad]!r}"
-            raise ValueError(msg)
-        return np.round(values).astype(np.int64)
-    if arr.unit == u.pixel:
-        return np.round(arr.value).astype(np.int64)
-    if arr.unit.physical_type == "angle":
+    elif arr.unit == u.pixel:
+        values = np.asarray(arr.value, dtype=np.float64)
+    elif arr.unit.physical_type == "angle":
         if wcs is None:
             msg = "wcs must be input if any element of size has angular units"
             raise ValueError(msg)
         # astropy takes the unit of the first axis it converts (axis 0)
         pixel_scales = u.Quantity(proj_plane_pixel_scales(wcs), wcs.wcs.cunit[0])
-        out = np.empty((n, 2), dtype=np.int64)
+        values = np.empty((n, 2))
         for axis in (0, 1):
-            out[:, axis] = np.round((arr[:, axis] / pixel_scales[axis]).decompose())
-        return out
-    msg = "shape can contain Quantities with only pixel or angular units"
-    raise ValueError(msg)
+            values[:, axis] = (arr[:, axis] / pixel_scales[axis]).decompose().value
+    else:
+        msg = "shape can contain Quantities with only pixel or angular units"
+        raise ValueError(msg)
+    # sizes astropy cannot turn into integers (NaN, infinite, beyond int64)
+    errors = {}
+    for i in np.flatnonzero(~(np.abs(values) < 2.0**62).all(axis=1)).tolist():
+        try:
+            _size_to_shape(given[i], wcs)
+        except (ValueError, OverflowError) as exc:
+            errors[i] = exc
+    if errors:  # (a new array: values may be the caller's sizes)
+        values = np.where(np.isin(np.arange(n), list(errors))[:, None], 0.0, values)
+    return np.round(values).astype(np.int64), errors
 
 
 def _shapes_one_by_one(sizes, wcs):
     """`_sizes_to_shapes` of N sizes of mixed kinds, converted one by one."""
-    shapes = np.empty((len(sizes), 2), dtype=np.int64)
+    shapes = np.zeros((len(sizes), 2), dtype=np.int64)
+    errors = {}
     for i, one in enumerate(sizes):
-        shapes[i] = _size_to_shape(one, wcs)
-    return shapes
+        try:
+            shapes[i] = _size_to_shape(one, wcs)
+        except (ValueError, OverflowError, TypeError) as exc:
+            errors[i] = exc
+    return shapes, errors
 
 
 def _sky_to_xy_one_by_one(sky, wcs):
@@ -770,7 +790,7 @@ class BatchCutout2D:
         at index 0, 6 = ``fill_value`` does not fit the dtype where filling
         is needed, 7 = a negative size in ``'partial'`` mode, 8 = no pixel
         position for a `~astropy.coordinates.SkyCoord` (``all_world2pix``
-        does not converge).
+        does not converge), 9 = a size that is not finite or too large.
     partial : `~numpy.ndarray` of bool, shape ``(N,)``
         Cutouts that overlap the edge of ``data`` (filled or trimmed).
 
@@ -838,7 +858,7 @@ class BatchCutout2D:
         # (SkyCoord positions without a pixel position: {source: NoConvergence})
         xy, originals, self._unsolved = _positions_to_xy(positions, wcs)
         n = len(xy)
-        shapes = _sizes_to_shapes(size, n, wcs)
+        shapes, self._size_errors = _sizes_to_shapes(size, n, wcs)
         if not isinstance(data, (Section, CompImageSection)):
             data = np.asanyarray(data)
         if len(data.shape) != 2:
@@ -862,6 +882,7 @@ class BatchCutout2D:
         if mode == "partial":
             status[(status == BOX_OK) & (shapes < 0).any(axis=1)] = _BOX_NEGATIVE_SIZE
         status[list(self._unsolved)] = _BOX_NO_CONVERGENCE
+        status[list(self._size_errors)] = _BOX_BAD_SIZE
 
         # the fill value, converted as astropy converts it when filling
         dtype = np.dtype(getattr(data, "dtype", np.float64))
@@ -913,6 +934,10 @@ class BatchCutout2D:
 
     def _raise_for(self, i, code):
         """Raise astropy's exception for source ``i``, naming the index."""
+        if code == _BOX_BAD_SIZE:
+            exc = self._size_errors[i]
+            msg = f"source {i}: {exc.args[0] if exc.args else exc}"
+            raise type(exc)(msg) from exc
         if code == _BOX_NO_CONVERGENCE:
             exc = self._unsolved[i]
             msg = f"source {i}: {exc.args[0] if exc.args else exc}"

@@ -1034,6 +1034,35 @@ def test_batch_negative_size_in_partial_mode():
         b[1]
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, 1e19])
+@pytest.mark.parametrize("mode", ["trim", "partial"])
+def test_batch_sizes_astropy_refuses_fail_their_source(bad, mode):
+    """Test per-source sizes astropy cannot turn into pixels (NaN, infinite,
+    beyond int64): each fails its own source with astropy's exception, in
+    source order, and the caller's array of sizes is left as it was."""
+    data = _image()
+    xy = [(5, 5), (500, 500), (6, 6), (7, 7)]  # source 1 is off the image
+    sizes = np.array([3.0, 4.0, bad, 5.0])
+    given = sizes.copy()
+    kinds = []
+    for p, s in zip(xy, sizes, strict=True):
+        try:
+            AstropyCutout2D(data, p, s, mode=mode)
+            kinds.append(None)
+        except Exception as exc:  # noqa: BLE001 - compared below
+            kinds.append((type(exc), str(exc)))
+    assert kinds[0] is None and kinds[3] is None and kinds[2] is not None
+    with pytest.raises(kinds[1][0], match=r"^source 1: "):
+        BatchCutout2D(data, xy, sizes, mode=mode)
+    b = BatchCutout2D(data, xy, sizes, mode=mode, errors="mask")
+    assert b.status.tolist() == [0, 2, 9, 0]
+    with pytest.raises(kinds[2][0], match=re.escape(f"source 2: {kinds[2][1]}")):
+        b[2]
+    for i in (0, 3):
+        assert_same_cutout(b[i], AstropyCutout2D(data, xy[i], sizes[i], mode=mode))
+    np.testing.assert_array_equal(sizes, given)
+
+
 def test_batch_keeps_the_array_subclass():
     """Test that cutouts of a Quantity keep its unit, as astropy's."""
     q = _image() * u.Jy

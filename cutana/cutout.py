@@ -250,6 +250,10 @@ def _positions_to_xy(positions, wcs):
         if positions.ndim != 2 or positions.shape[1] != 2:
             msg = f"positions must have shape (N, 2) of (x, y), got {positions.shape}"
             raise ValueError(msg)
+        if positions.dtype.kind not in "biuf":
+            for i, pos in enumerate(positions):
+                if not all(isinstance(v, numbers.Real) for v in pos):
+                    _check_numbers(i, tuple(pos))
         return np.asarray(positions, dtype=np.float64), positions, {}
     positions = list(positions)
     if len(positions) == 2 and all(isinstance(v, numbers.Real) for v in positions):
@@ -259,8 +263,23 @@ def _positions_to_xy(positions, wcs):
         if len(pos) != 2:
             msg = f"position {i} must be an (x, y) pair, got {pos!r}"
             raise ValueError(msg)
+        if not all(isinstance(v, numbers.Real) for v in pos):
+            _check_numbers(i, pos)
         xy[i] = pos
     return xy, positions, {}
+
+
+def _check_numbers(i, pos):
+    """Raise astropy's error, naming source ``i``, for a position ``pos``
+    that is not a pair of real numbers (text, complex numbers), as its
+    `Cutout2D` raises it; numpy numbers and 0-d arrays pass."""
+    try:
+        Cutout2D(np.zeros((1, 1)), pos, 1, mode="partial")
+    except (NoOverlapError, PartialOverlapError):
+        pass  # (numbers after all: the box is for later)
+    except (TypeError, ValueError) as exc:
+        msg = f"source {i}: {exc.args[0] if exc.args else exc}"
+        raise type(exc)(msg) from exc
 
 
 # --------------------------------------------------------------------------
@@ -558,8 +577,9 @@ class Cutout2D(_AstropyCutout2D):
             )
             raise ValueError(msg)
 
-        if any(np.ndim(v) != 0 for v in pos_check):  # e.g. a (2, 1) array
-            # where astropy's rounding of the box limits fails
+        if any(np.ndim(v) != 0 or np.iscomplexobj(v) for v in pos_check):
+            # e.g. a (2, 1) array, or a complex number: where astropy's
+            # rounding of the box limits fails
             raise ValueError(ROUNDING_ERROR)
         boxes = compute_boxes(
             data.shape,

@@ -1063,6 +1063,25 @@ def test_batch_sizes_astropy_refuses_fail_their_source(bad, mode):
     np.testing.assert_array_equal(sizes, given)
 
 
+@pytest.mark.parametrize(
+    "position", [(3 + 0j, 4), ("3", "4"), (3, b"4")], ids=["complex", "text", "bytes"]
+)
+def test_positions_that_are_not_real_numbers(position):
+    """Test positions holding complex numbers or text: astropy's error, in
+    Cutout2D and (naming the source) in BatchCutout2D, from a list or an
+    array of positions."""
+    data = _image()
+    with pytest.raises(Exception) as ref:
+        AstropyCutout2D(data, position, 3)
+    with pytest.raises(type(ref.value), match=re.escape(str(ref.value))):
+        Cutout2D(data, position, 3)
+    listed = [(5, 5), position]
+    expected = re.escape(f"source 1: {ref.value}")
+    for positions in (listed, np.array(listed, dtype=object)):
+        with pytest.raises(type(ref.value), match=expected):
+            BatchCutout2D(data, positions, 3)
+
+
 def test_batch_keeps_the_array_subclass():
     """Test that cutouts of a Quantity keep its unit, as astropy's."""
     q = _image() * u.Jy

@@ -1109,11 +1109,12 @@ cdef void _zscale(
     of ``img[r0:r1, c0:c1]``; NaN limits when there is no finite pixel.
 
     ``samples``, ``bad`` and ``grown`` hold at least ``n_samples`` items.
-    ``unsure[0]`` is set to 1 when the samples kept in some iteration, not
-    all equal, lie exactly on the fitted line (mostly equal samples): there
-    astropy's least-squares fit leaves residuals of rounding size, and which
-    of them it rejects (often all, falling back to the extreme samples) is
-    decided by rounding; the caller then asks astropy. 0 otherwise.
+    ``unsure[0]`` is set to 1 when the samples kept in some iteration lie
+    exactly on the fitted line (all or most samples equal): there astropy's
+    least-squares fit leaves residuals and a slope of rounding size, and its
+    limits (which samples it rejects, often all, falling back to the extreme
+    samples; or limits a rounding apart, even inverted) are decided by
+    rounding; the caller then asks astropy. 0 otherwise.
     """
     cdef Py_ssize_t r, c, n_finite = 0, stride, counter, npix = 0, i, j, w
     cdef Py_ssize_t minpix, ngrow, half, ngood, last_ngood, lo, hi, center
@@ -1213,7 +1214,7 @@ cdef void _zscale(
                 flat = samples[i] - (slope * i + intercept) - mean
                 var += flat * flat
         threshold = _ZS_KREJ * sqrt(var / n_fit)
-        if var == 0 and samples[0] != samples[npix - 1]:
+        if var == 0:
             unsure[0] = 1
         for i in range(npix):
             flat = samples[i] - (slope * i + intercept)

@@ -199,6 +199,28 @@ def test_zscale_of_mostly_equal_samples_is_astropys(dtype):
     assert fallback > 0  # the case astropy's rounding decides occurred
 
 
+@pytest.mark.parametrize("value", [1000.0, 3.3, -7.1])
+def test_zscale_of_a_constant_image_is_astropys(value):
+    """Test zscale of a constant image (NaN pixels aside): astropy's fit of
+    equal samples has a slope of rounding size, so its limits are the value
+    give or take ~1e-12 (sometimes inverted), and the stretch follows them
+    (computed in float64)."""
+    images = np.full((6, 21, 21), value)
+    images[1, 3] = np.nan
+    images[2] = np.nan
+    images[3, :, :5] = np.nan
+    vmin, vmax = compute_limits(images, "zscale")
+    out = normalize(images, "zscale", dtype="uint8")
+    for i, image in enumerate(images):
+        if not np.isfinite(image).any():
+            assert np.isnan(vmin[i]) and not out[i].any()
+            continue
+        lo, hi = ZScaleInterval().get_limits(image)
+        assert (vmin[i], vmax[i]) == (lo, hi)
+        ref = np.round(255 * ManualInterval(lo, hi)(image))
+        assert_array_equal(out[i], np.nan_to_num(ref).astype(np.uint8))
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize(
     ("method", "a"),

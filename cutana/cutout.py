@@ -143,10 +143,11 @@ def _sizes_to_shapes(size, n, wcs):
         if len(size) <= 2 and not per_source:
             # one astropy size, possibly mixing numbers and Quantities
             return one(size)
-        try:
-            size = u.Quantity(size)
-        except (u.UnitsError, TypeError, ValueError):  # e.g. pixels and arcsec
+        if len({getattr(s, "unit", None) for s in size}) > 1:
+            # e.g. pixels and arcsec, or arcsec and deg: each in its own unit,
+            # as astropy converts it (one unit could round differently)
             return _shapes_one_by_one(size, wcs)
+        size = u.Quantity(size)
     if isinstance(size, u.Quantity):
         arr = size
     else:
@@ -901,8 +902,9 @@ class BatchCutout2D:
         status[_zero_size_edge(boxes)] = _BOX_ZERO_SIZE_EDGE
         if mode == "partial":
             status[(status == BOX_OK) & (shapes < 0).any(axis=1)] = _BOX_NEGATIVE_SIZE
-        status[list(self._unsolved)] = _BOX_NO_CONVERGENCE
+        # (astropy solves a position before it looks at the size)
         status[list(self._size_errors)] = _BOX_BAD_SIZE
+        status[list(self._unsolved)] = _BOX_NO_CONVERGENCE
 
         # the fill value, converted as astropy converts it when filling
         dtype = np.dtype(getattr(data, "dtype", np.float64))
@@ -985,6 +987,9 @@ class BatchCutout2D:
         if n == 0:
             return np.empty((0, 0, 0), dtype=native)
         shapes = boxes.out_shape[ok] if ok.any() else boxes.shape
+        # (a negative size gives an empty cutout in 'trim' and 'strict' mode,
+        # as slicing gives; 'partial' refuses it, see _BOX_NEGATIVE_SIZE)
+        shapes = np.maximum(shapes, 0)
         if not np.all(shapes == shapes[0]):
             return None
         shape = tuple(int(v) for v in shapes[0])
@@ -1040,6 +1045,8 @@ class BatchCutout2D:
             cut = self._data[i]
             if self._copy:
                 cut = cut.copy()
+            if self.mode == "partial" and self.partial[i]:
+                cut = cut.view(np.ndarray)  # astropy fills a new plain array
         else:
             # (astropy's cutouts of a masked array are masked views inside
             # and plain filled arrays at the edge: cut them the same way)

@@ -1082,6 +1082,50 @@ def test_positions_that_are_not_real_numbers(position):
             BatchCutout2D(data, positions, 3)
 
 
+@pytest.mark.parametrize("size", [-1, (-1, -1), [-2, -2, -2], (-1, 3)], ids=repr)
+@pytest.mark.parametrize("mode", ["trim", "strict"])
+def test_batch_negative_sizes_give_empty_cutouts(size, mode):
+    """Test negative sizes in 'trim' and 'strict' mode: empty cutouts, as
+    astropy's slicing gives."""
+    check_batch(_image(), [(5, 5), (6, 7), (8, 9)], size, mode=mode)
+
+
+def test_batch_angles_in_several_units():
+    """Test per-source angular sizes in different units: each converted in
+    its own unit, as astropy converts it (one common unit can round a size
+    of k + 0.5 pixels the other way)."""
+    wcs = WCS(naxis=2)
+    wcs.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    wcs.wcs.crval = [150.0, 2.0]
+    wcs.wcs.crpix = [20.5, 15.25]
+    wcs.wcs.cdelt = [-1e-4, 1.3e-4]
+    data = _image(shape=(40, 40))
+    xy = [(20, 20)] * 3
+    for middle in (900 * u.mas, 0.045 * u.arcmin, 1620 * u.mas):  # k + 0.5 px
+        sizes = [0.0003 * u.deg, middle, 0.0004 * u.deg]
+        b = BatchCutout2D(data, xy, sizes, wcs=wcs)
+        for i, (p, s) in enumerate(zip(xy, sizes, strict=True)):
+            assert_same_cutout(b[i], AstropyCutout2D(data, p, s, wcs=wcs))
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")  # (astropy's)
+def test_batch_position_failing_before_its_bad_size():
+    """Test a SkyCoord source astropy cannot solve that also has a bad size:
+    astropy solves the position first, so NoConvergence (status 8) wins."""
+    from astropy.wcs import NoConvergence
+
+    wcs = _strong_sip_wcs()
+    data = _image(shape=(600, 600))
+    c0 = wcs.pixel_to_world(10, 10)
+    ra = [c0.ra.deg, c0.ra.deg + 180, c0.ra.deg]
+    dec = [c0.dec.deg, -c0.dec.deg, c0.dec.deg + 1e-3]
+    sky = SkyCoord(ra, dec, unit="deg")
+    with pytest.raises(NoConvergence, match="^source 1: "):
+        BatchCutout2D(data, sky, [3, np.nan, np.inf], wcs=wcs)
+    b = BatchCutout2D(data, sky, [3, np.nan, np.inf], wcs=wcs, errors="mask")
+    assert b.status.tolist() == [0, 8, 9]
+
+
 def test_batch_keeps_the_array_subclass():
     """Test that cutouts of a Quantity keep its unit, as astropy's."""
     q = _image() * u.Jy
@@ -1092,6 +1136,11 @@ def test_batch_keeps_the_array_subclass():
         assert b[i].data.unit == ref.data.unit
         np.testing.assert_array_equal(b[i].data.value, ref.data.value)
     assert b.data.unit == u.Jy
+    # filled at the edge ('partial'): astropy's is a new plain array
+    for p in [(0, 0), (10, 8)]:
+        ref = AstropyCutout2D(q, p, 4, mode="partial")
+        got = BatchCutout2D(q, [(0, 0), (10, 8)], 4, mode="partial")[p != (0, 0)]
+        assert type(got.data) is type(ref.data)
 
 
 @pytest.mark.parametrize(

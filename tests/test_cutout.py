@@ -973,6 +973,11 @@ def test_batch_names_the_source_whose_position_does_not_converge():
         assert_same_cutout(b[i], AstropyCutout2D(data, sky[i], 3, wcs=wcs))
     with pytest.raises(NoConvergence, match="^source 1: "):
         b[1]
+    # with a bad size too: astropy solves the position first (status 8)
+    with pytest.raises(NoConvergence, match="^source 1: "):
+        BatchCutout2D(data, sky, [3, np.nan, np.inf], wcs=wcs)
+    b = BatchCutout2D(data, sky, [3, np.nan, np.inf], wcs=wcs, errors="mask")
+    assert b.status.tolist() == [0, 8, 9]
 
 
 def test_batch_scalar_skycoord_with_sip():
@@ -1106,24 +1111,6 @@ def test_batch_angles_in_several_units():
         b = BatchCutout2D(data, xy, sizes, wcs=wcs)
         for i, (p, s) in enumerate(zip(xy, sizes, strict=True)):
             assert_same_cutout(b[i], AstropyCutout2D(data, p, s, wcs=wcs))
-
-
-@pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")  # (astropy's)
-def test_batch_position_failing_before_its_bad_size():
-    """Test a SkyCoord source astropy cannot solve that also has a bad size:
-    astropy solves the position first, so NoConvergence (status 8) wins."""
-    from astropy.wcs import NoConvergence
-
-    wcs = _strong_sip_wcs()
-    data = _image(shape=(600, 600))
-    c0 = wcs.pixel_to_world(10, 10)
-    ra = [c0.ra.deg, c0.ra.deg + 180, c0.ra.deg]
-    dec = [c0.dec.deg, -c0.dec.deg, c0.dec.deg + 1e-3]
-    sky = SkyCoord(ra, dec, unit="deg")
-    with pytest.raises(NoConvergence, match="^source 1: "):
-        BatchCutout2D(data, sky, [3, np.nan, np.inf], wcs=wcs)
-    b = BatchCutout2D(data, sky, [3, np.nan, np.inf], wcs=wcs, errors="mask")
-    assert b.status.tolist() == [0, 8, 9]
 
 
 def test_batch_keeps_the_array_subclass():

@@ -63,9 +63,12 @@ _BOX_BAD_FILL = 6
 #: ``'partial'`` mode with a negative size: astropy's ``np.zeros(size)``, to
 #: be filled, raises ValueError.
 _BOX_NEGATIVE_SIZE = 7
-#: A SkyCoord position whose pixel position ``all_world2pix`` cannot find
-#: (astropy's `Cutout2D` raises its `~astropy.wcs.NoConvergence`).
+#: A source without a pixel position: a SkyCoord ``all_world2pix`` cannot
+#: solve (astropy's `Cutout2D` raises `~astropy.wcs.NoConvergence`), or a
+#: masked position (`numpy.ma.MaskError`).
 _BOX_NO_CONVERGENCE = 8
+#: astropy's error for a masked position (numpy's, when it rounds the box).
+_MASKED_POSITION = "Cannot convert masked element to a Python int."
 #: A size astropy's `Cutout2D` refuses (not finite, too large): its error.
 _BOX_BAD_SIZE = 9
 
@@ -229,8 +232,10 @@ def _positions_to_xy(positions, wcs):
 
     Returns the array, a per-source list of the positions as astropy's
     `~astropy.nddata.Cutout2D` would store them (``input_position_original``;
-    `None` for a SkyCoord), and ``{source: NoConvergence}`` of the SkyCoord
-    positions ``all_world2pix`` cannot solve (NaN in the array).
+    `None` for a SkyCoord), and ``{source: exception}`` of the positions
+    without a pixel position: SkyCoords ``all_world2pix`` cannot solve
+    (`~astropy.wcs.NoConvergence`, NaN in the array) and masked pixel
+    positions (`numpy.ma.MaskError`).
     """
     if isinstance(positions, SkyCoord):
         if wcs is None:
@@ -255,7 +260,11 @@ def _positions_to_xy(positions, wcs):
             for i, pos in enumerate(positions):
                 if not all(isinstance(v, numbers.Real) for v in pos):
                     _check_numbers(i, tuple(pos))
-        return np.asarray(positions, dtype=np.float64), positions, {}
+        # masked positions fail their source, as astropy's rounding of them
+        masked = np.flatnonzero(np.ma.getmaskarray(positions).any(axis=1))
+        failed = {int(i): np.ma.MaskError(_MASKED_POSITION) for i in masked}
+        xy = np.asarray(np.ma.getdata(positions), dtype=np.float64)
+        return xy, positions, failed
     positions = list(positions)
     if len(positions) == 2 and all(isinstance(v, numbers.Real) for v in positions):
         positions = [tuple(positions)]
@@ -562,7 +571,8 @@ class Cutout2D(_AstropyCutout2D):
             msg = "Valid modes are 'partial', 'trim', and 'strict'."
             raise ValueError(msg)
         pos_check = (pos_yx,) if np.isscalar(pos_yx) else pos_yx
-        if any(~np.isfinite(pos_check)):
+        masked = np.ma.is_masked(position)  # (astropy fails when rounding it)
+        if not masked and any(~np.isfinite(pos_check)):
             msg = "Input position contains invalid values (NaNs or infs)."
             raise ValueError(msg)
         if len(data.shape) != 2:
@@ -582,6 +592,8 @@ class Cutout2D(_AstropyCutout2D):
             # e.g. a (2, 1) array, or a complex number: where astropy's
             # rounding of the box limits fails
             raise ValueError(ROUNDING_ERROR)
+        if masked:
+            raise np.ma.MaskError(_MASKED_POSITION)
         boxes = compute_boxes(
             data.shape,
             shape,
@@ -810,8 +822,9 @@ class BatchCutout2D:
         4 = position too far out for 64-bit integers, 5 = a ``(0, 0)`` size
         at index 0, 6 = ``fill_value`` does not fit the dtype where filling
         is needed, 7 = a negative size in ``'partial'`` mode, 8 = no pixel
-        position for a `~astropy.coordinates.SkyCoord` (``all_world2pix``
-        does not converge), 9 = a size that is not finite or too large.
+        position (``all_world2pix`` does not converge for a
+        `~astropy.coordinates.SkyCoord`, or the position is masked), 9 = a
+        size that is not finite or too large.
     partial : `~numpy.ndarray` of bool, shape ``(N,)``
         Cutouts that overlap the edge of ``data`` (filled or trimmed).
 
@@ -876,7 +889,7 @@ class BatchCutout2D:
         self._sky = None
         if isinstance(positions, SkyCoord):  # (one source of a scalar: sky[0])
             self._sky = positions.reshape((1,)) if positions.isscalar else positions
-        # (SkyCoord positions without a pixel position: {source: NoConvergence})
+        # (positions without a pixel position: {source: exception})
         xy, originals, self._unsolved = _positions_to_xy(positions, wcs)
         n = len(xy)
         shapes, self._size_errors = _sizes_to_shapes(size, n, wcs)
@@ -963,6 +976,8 @@ class BatchCutout2D:
         if code == _BOX_NO_CONVERGENCE:
             exc = self._unsolved[i]
             msg = f"source {i}: {exc.args[0] if exc.args else exc}"
+            if not isinstance(exc, NoConvergence):  # a masked position
+                raise type(exc)(msg) from exc
             raise NoConvergence(
                 msg,
                 best_solution=exc.best_solution,

@@ -1113,6 +1113,24 @@ def test_batch_angles_in_several_units():
             assert_same_cutout(b[i], AstropyCutout2D(data, p, s, wcs=wcs))
 
 
+def test_masked_positions_fail_as_astropy_rounds_them():
+    """Test masked positions: astropy's MaskError (raised where it rounds the
+    box), in Cutout2D and, naming the source, in BatchCutout2D; the other
+    sources of the batch are cut (status 8 for the masked one)."""
+    data = _image()
+    pos = np.ma.masked_array([[3, 4], [5, 6], [7, 8]], mask=[[0, 0], [0, 1], [0, 0]])
+    with pytest.raises(np.ma.MaskError) as ref:
+        AstropyCutout2D(data, pos[1], 3)
+    with pytest.raises(np.ma.MaskError, match=re.escape(str(ref.value))):
+        Cutout2D(data, pos[1], 3)
+    with pytest.raises(np.ma.MaskError, match=re.escape(f"source 1: {ref.value}")):
+        BatchCutout2D(data, pos, 3)
+    b = BatchCutout2D(data, pos, 3, errors="mask")
+    assert b.status.tolist() == [0, 8, 0]
+    for i in (0, 2):
+        assert_same_cutout(b[i], AstropyCutout2D(data, pos[i], 3))
+
+
 def test_batch_keeps_the_array_subclass():
     """Test that cutouts of a Quantity keep its unit, as astropy's."""
     q = _image() * u.Jy

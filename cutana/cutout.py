@@ -150,7 +150,10 @@ def _sizes_to_shapes(size, n, wcs):
             # e.g. pixels and arcsec, or arcsec and deg: each in its own unit,
             # as astropy converts it (one unit could round differently)
             return _shapes_one_by_one(size, wcs)
-        size = u.Quantity(size)
+        try:
+            size = u.Quantity(size)
+        except (u.UnitsError, TypeError, ValueError):  # e.g. ragged (ny, nx) pairs
+            return _shapes_one_by_one(size, wcs)
     if isinstance(size, u.Quantity):
         arr = size
     else:

@@ -1154,8 +1154,9 @@ def test_batch_keeps_the_array_subclass():
         [3 * u.pix, 2 * u.arcsec, 4 * u.pix],
         [3, 4 * u.pix, 5],
         [(3 * u.arcsec, 4), (5 * u.arcsec, 6), (1 * u.arcsec, 2)],
+        [3 * u.pix, [4, 5] * u.pix, 6 * u.pix],
     ],
-    ids=["pix-arcsec", "number-pix", "tuples"],
+    ids=["pix-arcsec", "number-pix", "tuples", "ragged-pix"],
 )
 def test_batch_sizes_of_mixed_kinds(sizes):
     """Test per-source sizes of mixed kinds, each as astropy takes one."""

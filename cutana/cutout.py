@@ -142,6 +142,11 @@ def _sizes_to_shapes(size, n, wcs):
         return one(size)
     # a list of N sizes, one per source, each as astropy takes one
     per_source = isinstance(size, (list, tuple)) and len(size) == n and n != 2
+    if per_source and any(type(s) is np.ndarray and s.ndim == 0 for s in size):
+        # e.g. a 0-d array, which astropy refuses (`len()` of it)
+        return _shapes_one_by_one(size, wcs)
+    if isinstance(size, np.ndarray) and size.ndim == 0:
+        return one(size)  # (refused as astropy refuses it)
     if isinstance(size, (list, tuple)) and any(isinstance(s, u.Quantity) for s in size):
         if len(size) <= 2 and not per_source:
             # one astropy size, possibly mixing numbers and Quantities

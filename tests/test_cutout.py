@@ -1113,6 +1113,22 @@ def test_batch_angles_in_several_units():
             assert_same_cutout(b[i], AstropyCutout2D(data, p, s, wcs=wcs))
 
 
+def test_zero_dimensional_array_sizes_are_refused_as_astropy():
+    """Test a 0-d array as the size (astropy takes ``len()`` of it): one for
+    all sources, or one source's in a list (that source fails, status 9)."""
+    data = _image()
+    xy = [(5, 5), (8, 8), (10, 10)]
+    with pytest.raises(TypeError) as ref:
+        AstropyCutout2D(data, xy[0], np.array(3))
+    with pytest.raises(TypeError, match=re.escape(str(ref.value))):
+        BatchCutout2D(data, xy, np.array(3))
+    with pytest.raises(TypeError, match=re.escape(f"source 0: {ref.value}")):
+        BatchCutout2D(data, xy, [np.array(3), 4, 5])
+    b = BatchCutout2D(data, xy, [np.array(3), 4, 5], errors="mask")
+    assert b.status.tolist() == [9, 0, 0]
+    assert_same_cutout(b[1], AstropyCutout2D(data, xy[1], 4))
+
+
 def test_masked_positions_fail_as_astropy_rounds_them():
     """Test masked positions: astropy's MaskError (raised where it rounds the
     box), in Cutout2D and, naming the source, in BatchCutout2D; the other

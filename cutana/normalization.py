@@ -195,9 +195,9 @@ def _astropy_zscale(image, region, n_samples, contrast):
     """astropy's `~astropy.visualization.ZScaleInterval` limits of the
     ``(r0, r1, c0, c1)`` region of one image.
 
-    For the rare images whose samples are mostly equal: astropy's
-    least-squares fit leaves residuals of rounding size there, and which it
-    rejects is decided by rounding; only astropy itself gives its limits.
+    For the rare images whose samples are all or mostly equal: astropy's
+    least-squares fit leaves residuals and a slope of rounding size there,
+    which decide its limits; only astropy itself gives them.
     """
     from astropy.visualization import ZScaleInterval
 

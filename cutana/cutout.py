@@ -281,10 +281,15 @@ def _positions_to_xy(positions, wcs):
         if len(pos) != 2:
             msg = f"position {i} must be an (x, y) pair, got {pos!r}"
             raise ValueError(msg)
-        if not all(isinstance(v, numbers.Real) for v in pos):
-            _check_numbers(i, pos)
+        if not (type(pos[0]) in _PLAIN_NUMBERS and type(pos[1]) in _PLAIN_NUMBERS):
+            if not all(isinstance(v, numbers.Real) for v in pos):
+                _check_numbers(i, pos)
         xy[i] = pos
     return xy, positions, {}
+
+
+#: Types of position values taken as they are (the rest are checked, once).
+_PLAIN_NUMBERS = frozenset((float, int, np.float64, np.float32, np.int64, np.int32))
 
 
 def _check_numbers(i, pos):

@@ -468,7 +468,7 @@ def _split_last(f, j, comments, lines, cells, shared):
         )
         cell = seen.get(raw) if len(parts) > j else None
         if cell is not None and plain:
-            if not (comments and prefix.lstrip().startswith("#")):
+            if not (comments and _is_comment(prefix)):
                 cells.append(cell)
                 lines.append(prefix + "\n")
             continue
@@ -484,7 +484,7 @@ def _split_last(f, j, comments, lines, cells, shared):
                 and '"' not in quoted[1:-1].replace('""', "")
             )
         ):
-            if comments and prefix.lstrip().startswith("#"):
+            if comments and _is_comment(prefix):
                 continue
             cell = quoted[1:-1].replace('""', '"') if quoted[:1] == '"' else raw
             cell = seen[raw] = shared.setdefault(cell.strip(), cell.strip())

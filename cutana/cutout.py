@@ -204,8 +204,9 @@ def _sizes_to_shapes(size, n, wcs):
             _size_to_shape(given[i], wcs)
         except (ValueError, OverflowError) as exc:
             errors[i] = exc
-    if errors:  # (a new array: values may be the caller's sizes)
-        values = np.where(np.isin(np.arange(n), list(errors))[:, None], 0.0, values)
+    if errors:  # (a copy: values may be the caller's sizes)
+        values = values.copy()
+        values[list(errors)] = 0.0
     return np.round(values).astype(np.int64), errors
 
 
@@ -268,11 +269,12 @@ def _positions_to_xy(positions, wcs):
             for i, pos in enumerate(positions):
                 if not all(isinstance(v, numbers.Real) for v in pos):
                     _check_numbers(i, tuple(pos))
+        if not np.ma.isMaskedArray(positions):
+            return np.asarray(positions, dtype=np.float64), positions, {}
         # masked positions fail their source, as astropy's rounding of them
         masked = np.flatnonzero(np.ma.getmaskarray(positions).any(axis=1))
         failed = {int(i): np.ma.MaskError(_MASKED_POSITION) for i in masked}
-        xy = np.asarray(np.ma.getdata(positions), dtype=np.float64)
-        return xy, positions, failed
+        return np.asarray(positions.data, dtype=np.float64), positions, failed
     positions = list(positions)
     if len(positions) == 2 and all(isinstance(v, numbers.Real) for v in positions):
         positions = [tuple(positions)]
@@ -301,8 +303,22 @@ def _check_numbers(i, pos):
     except (NoOverlapError, PartialOverlapError):
         pass  # (numbers after all: the box is for later)
     except (TypeError, ValueError) as exc:
-        msg = f"source {i}: {exc.args[0] if exc.args else exc}"
-        raise type(exc)(msg) from exc
+        raise _naming_source(i, exc) from exc
+
+
+def _naming_source(i, exc):
+    """A copy of exception ``exc`` whose message starts ``source i: ``."""
+    args = (f"source {i}: {exc.args[0] if exc.args else exc}", *exc.args[1:])
+    if isinstance(exc, NoConvergence):  # (its solution goes with it)
+        return NoConvergence(
+            *args,
+            best_solution=exc.best_solution,
+            accuracy=exc.accuracy,
+            niter=exc.niter,
+            divergent=exc.divergent,
+            slow_conv=exc.slow_conv,
+        )
+    return type(exc)(*args)
 
 
 # --------------------------------------------------------------------------
@@ -982,27 +998,13 @@ class BatchCutout2D:
 
     def _raise_for(self, i, code):
         """Raise astropy's exception for source ``i``, naming the index."""
-        if code == _BOX_BAD_SIZE:
-            exc = self._size_errors[i]
-            msg = f"source {i}: {exc.args[0] if exc.args else exc}"
-            raise type(exc)(msg) from exc
-        if code == _BOX_NO_CONVERGENCE:
-            exc = self._unsolved[i]
-            msg = f"source {i}: {exc.args[0] if exc.args else exc}"
-            if not isinstance(exc, NoConvergence):  # a masked position
-                raise type(exc)(msg) from exc
-            raise NoConvergence(
-                msg,
-                best_solution=exc.best_solution,
-                accuracy=exc.accuracy,
-                niter=exc.niter,
-                divergent=exc.divergent,
-                slow_conv=exc.slow_conv,
-            ) from exc
-        if code == _BOX_BAD_FILL:
-            exc = self._fill_error
-            args = (f"source {i}: {exc.args[0] if exc.args else exc}", *exc.args[1:])
-            raise type(exc)(*args) from exc
+        exc = {
+            _BOX_BAD_SIZE: self._size_errors.get(i),
+            _BOX_NO_CONVERGENCE: self._unsolved.get(i),
+            _BOX_BAD_FILL: self._fill_error,
+        }.get(code)
+        if exc is not None:
+            raise _naming_source(i, exc) from exc
         _raise_for_code(code, index=i)
 
     # -- extraction --------------------------------------------------------

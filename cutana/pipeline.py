@@ -476,14 +476,14 @@ def _prepare(catalog, options, *, parent_bytes=None, chunked=True):
     messages = dict(cat.messages)
     # a size in arcsec becomes pixels in the tile a source lands on, which
     # the tile index weighs with the box the source gets in each tile
-    pix, arcsec = _diameters(cat, index, options, tile=False)
-    usable = (np.isfinite(pix) & (np.round(pix) >= 1)) | (
-        ~np.isfinite(pix) & np.isfinite(arcsec) & (arcsec > 0)
+    size_pix, size_arcsec = _size_columns(cat, options)
+    usable = (np.isfinite(size_pix) & (np.round(size_pix) >= 1)) | (
+        np.isfinite(size_arcsec) & (size_arcsec > 0)
     )
     _bad_size(status, messages, (status == Status.OK) & ~usable, cat.source)
 
     ok = status == Status.OK
-    pix, arcsec = np.where(ok, pix, 1.0), np.where(ok, arcsec, np.nan)
+    pix, arcsec = np.where(ok, size_pix, 1.0), np.where(ok, size_arcsec, np.nan)
     if options.tiles or cat.fits_file_paths is None:
         assignment = index.assign(cat.ra, cat.dec, pix, arcsec)
         file_error = np.zeros(len(cat), dtype=bool)
@@ -510,7 +510,7 @@ def _prepare(catalog, options, *, parent_bytes=None, chunked=True):
         tile_err |= lack
 
     # arcsec sizes depend on the pixel scale of the tile each source landed on
-    diam = _diameters(cat, index, options, tile=assignment.tile)
+    diam = _diameters(size_pix, size_arcsec, index, assignment.tile)
     on_tile = (status == Status.OK) & (np.asarray(assignment.tile) >= 0)
     _bad_size(status, messages, on_tile & ~(np.round(diam) >= 1), cat.source)
 
@@ -655,32 +655,28 @@ def _bad_size(status, messages, rows, source):
         messages.setdefault(int(r), f"{source} row {r}: no usable size")
 
 
-def _diameters(cat, index, options, tile=None):
-    """Box diameter in pixels per row (NaN where unknown).
-
-    A size in arcsec is converted with the pixel scale of the row's tile
-    (``tile``: per row, -1 for none, which takes the first tile's), or, with
-    ``tile=False``, not at all: then ``(pixels, arcsec)`` are returned, the
-    arcsec only where the pixels are unknown.
-    """
+def _size_columns(cat, options):
+    """Per row, the box diameter in pixels (``--size``, or the catalogue's;
+    NaN where unknown) and, where that is unknown, in arcsec (NaN elsewhere)."""
     n = len(cat)
     if options.size is not None:
-        diam = np.full(n, float(options.size))
-        return (diam, np.full(n, np.nan)) if tile is False else diam
-    diam = np.asarray(cat.size_pixel, dtype=np.float64).copy()
+        return np.full(n, float(options.size)), np.full(n, np.nan)
+    pix = np.asarray(cat.size_pixel, dtype=np.float64)
     arcsec = np.asarray(cat.size_arcsec, dtype=np.float64)
-    use = ~np.isfinite(diam) & np.isfinite(arcsec)
-    if tile is False:
-        return diam, np.where(use, arcsec, np.nan)
-    if use.any():
-        scales = np.array([t.pixel_scale_arcsec() for t in index.tiles])
-        if tile is None:
-            scale = np.full(n, scales[0])
-        else:
-            tile = np.asarray(tile)
-            scale = np.where(tile >= 0, scales[np.clip(tile, 0, None)], scales[0])
-        diam[use] = arcsec[use] / scale[use]
-    return diam
+    return pix, np.where(np.isfinite(pix), np.nan, arcsec)
+
+
+def _diameters(pix, arcsec, index, tile):
+    """Box diameter in pixels per row: ``pix``, or where ``arcsec`` is given
+    (`_size_columns`) that over the pixel scale of the row's tile (``tile``:
+    per row, -1 for none, which takes the first tile's)."""
+    use = np.isfinite(arcsec)
+    if not use.any():
+        return pix
+    scales = np.array([t.pixel_scale_arcsec() for t in index.tiles])
+    tile = np.asarray(tile)
+    scale = np.where(tile >= 0, scales[np.clip(tile, 0, None)], scales[0])
+    return np.where(use, arcsec / scale, pix)
 
 
 def plan_cutouts(catalog, **options):

@@ -1174,9 +1174,10 @@ class TileIndex:
         sorted_dec = dec[by_dec]
         sorted_vec = _unit_vectors(ra[by_dec], sorted_dec)
         c_ra, c_dec, radius, scale = self.footprints()
+        widest_pix = float(size.max())
         for t, tl in enumerate(self.tiles):
             tile_scale = tl.pixel_scale_arcsec() if widest > 0 else 1.0
-            widest_box = max(float(size.max()), np.round(widest / tile_scale))
+            widest_box = max(widest_pix, np.round(widest / tile_scale))
             half_diag = widest_box * np.sqrt(0.5) + 1.0
             reach_deg = (radius[t] + half_diag * scale[t]) * (1 + 1e-9) + 1e-9
             lo = np.searchsorted(sorted_dec, c_dec[t] - reach_deg, side="left")

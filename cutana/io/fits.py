@@ -164,12 +164,12 @@ def _fits_text(value):
     >>> codecs.decode(_fits_text("a\\b é "), "unicode_escape")
     'a\\b é '
     """
-    text = str(value)
-    kept = text.rstrip(" ")
+    value = str(value)
+    kept = value.rstrip(" ")
     text = kept.replace("\\", "\\\\").encode("ascii", "backslashreplace")
     text = text.decode("ascii")
     text = "".join(c if 32 <= ord(c) < 127 else f"\\x{ord(c):02x}" for c in text)
-    return text + "\\x20" * (len(str(value)) - len(kept))
+    return text + "\\x20" * (len(value) - len(kept))
 
 
 def extension_names(bands):

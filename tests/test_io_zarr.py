@@ -30,6 +30,7 @@ from cutana.io import (
     verify_output,
     verify_staged,
 )
+from cutana.io._writeback import FileSeries
 
 BANDS = ["g", "r"]
 OUT_SHAPE = (5, 4)
@@ -557,9 +558,12 @@ def test_file_series_busy_thread_and_errors(tmp_path, monkeypatch):
     assert not missing.exists()
 
 
-def test_write_chunks_background_same_bytes(tmp_path, monkeypatch):
+@pytest.mark.parametrize("version", [4, 3])
+def test_write_chunks_background_same_bytes(tmp_path, monkeypatch, version):
     """Test that chunk files written by the background thread (every size of
-    file, min_bytes 0) are the bytes written without it."""
+    file, min_bytes 0) are the bytes written without it, in runs of two
+    chunks that share the thread (and, in a store of format 3, per-row
+    arrays written after each run's images)."""
     import functools
 
     from cutana.io import zarr as zarr_module
@@ -568,6 +572,8 @@ def test_write_chunks_background_same_bytes(tmp_path, monkeypatch):
     monkeypatch.setattr(
         zarr_module, "FileSeries", functools.partial(FileSeries, min_bytes=0)
     )
+    # chunks of 6 rows of 2 x 5 x 4 bytes: two chunks per run
+    monkeypatch.setattr(zarr_module, "_MAX_RUN_BYTES", 2 * 6 * 40)
     opened = _o_direct_opens(monkeypatch) if hasattr(os, "O_DIRECT") else None
     trees = []
     for background in (False, True):
@@ -577,6 +583,9 @@ def test_write_chunks_background_same_bytes(tmp_path, monkeypatch):
             path, n_rows=40, bands=BANDS, out_shape=OUT_SHAPE, dtype="uint8",
             config={"size": 5}, tiles=_tiles(), chunk_rows=6, **catalogue,
         )
+        if version != 4:
+            _old_layout(path, version)
+            writer = ZarrWriter.open(path)
         checksums = writer.write_chunks(
             range(writer.n_chunks), _mapping(40, jobs), base,
             results={j.job_id: j for j in jobs}, background=background,
@@ -584,6 +593,8 @@ def test_write_chunks_background_same_bytes(tmp_path, monkeypatch):
         trees.append((_tree(path), dict(checksums)))
     assert trees[0] == trees[1]
     assert any(name.startswith("images/") for name in trees[1][0])
+    if version == 3:
+        assert any(name.startswith("status/") for name in trees[1][0])
     if opened is not None:  # the thread wrote chunks of the second store only
         assert opened and all("bTrue.zarr" in p for p in opened)
 
@@ -1055,9 +1066,10 @@ def test_direct_chunk_encoding_equals_zarr(tmp_path, dtype):
     _old_layout(tmp_path / "a.zarr", 3)  # where status is written per chunk
     w = _Writer.open(tmp_path / "a.zarr")
     images = (rng.random((n, 2, 9, 7)) * 200).astype(dtype)
-    assert w._write_direct("images", list(range(w.n_chunks)), 0, images)
     status = rng.integers(0, 4, n).astype(np.int16)
-    assert w._write_direct("status", list(range(w.n_chunks)), 0, status)
+    with FileSeries() as files:
+        assert w._write_direct("images", list(range(w.n_chunks)), 0, images, files)
+        assert w._write_direct("status", list(range(w.n_chunks)), 0, status, files)
     ref = _zarr.open_array(tmp_path / "a.zarr" / "images", mode="r")
     np.testing.assert_array_equal(ref[:], images)
     other = _zarr.create_array(

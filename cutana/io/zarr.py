@@ -862,29 +862,50 @@ class ZarrWriter:
             * self.out_shape[1]
         )
         per_run = max(1, _MAX_RUN_BYTES // max(1, row_bytes * self.chunk_rows))
-        for run in _runs(chunks, per_run):
-            r0 = self.chunk_range(run[0])[0]
-            r1 = self.chunk_range(run[-1])[1]
-            block = self._view_of(r0, r1, row_to_job, pinned)
-            if block is None:
-                block = self._empty_block(r1 - r0)
+        # the files are written by a background thread with O_DIRECT, or here
+        # with each file's writeback started at once and its pages dropped a
+        # few files later, for the next files to reuse (see FileSeries). One
+        # series takes all the image chunks: its thread goes on with a run's
+        # last files while the next run is compressed, and is waited for once
+        images = FileSeries(direct=background)
+        try:
+            for run in _runs(chunks, per_run):
+                r0 = self.chunk_range(run[0])[0]
+                r1 = self.chunk_range(run[-1])[1]
+                block = self._view_of(r0, r1, row_to_job, pinned)
+                if block is None:
+                    block = self._empty_block(r1 - r0)
+                    for k in run:
+                        a, b = (r - r0 for r in self.chunk_range(k))
+                        part = tuple(arr[a:b] for arr in block)
+                        self._assemble(
+                            k, row_to_job, base_status, out_dir, cache, part, pinned
+                        )
+                geometry = _join_geometry(*block[2:])
                 for k in run:
                     a, b = (r - r0 for r in self.chunk_range(k))
-                    part = tuple(arr[a:b] for arr in block)
-                    self._assemble(
-                        k, row_to_job, base_status, out_dir, cache, part, pinned
+                    checksums[k] = chunk_digest(
+                        *(arr[a:b] for arr in block), self.checksum
                     )
-            geometry = _join_geometry(*block[2:])
-            for k in run:
-                a, b = (r - r0 for r in self.chunk_range(k))
-                checksums[k] = chunk_digest(*(arr[a:b] for arr in block), self.checksum)
-                checksums.rows[k] = (block[1][a:b].copy(), geometry[a:b].copy())
-            # images straight to their chunk files (in stores of format 1-3
-            # also the per-row arrays, status last: a row that shows a status
-            # has everything else written)
-            for name, data in self._stored(block, geometry):
-                if not self._write_direct(name, run, r0, data, background):
-                    self._array(name)[r0:r1] = data
+                    checksums.rows[k] = (block[1][a:b].copy(), geometry[a:b].copy())
+                # images straight to their chunk files (in stores of format 1-3
+                # also the per-row arrays, status last, each after the run's
+                # images are written: a row that shows a status has everything
+                # else written)
+                for name, data in self._stored(block, geometry):
+                    if name == "images":
+                        files = images
+                    else:
+                        images.close()
+                        files = FileSeries(direct=background)
+                    try:
+                        if not self._write_direct(name, run, r0, data, files):
+                            self._array(name)[r0:r1] = data
+                    finally:
+                        if files is not images:
+                            files.close()
+        finally:
+            images.close()
         logger.debug("wrote %d chunks of %s", len(chunks), self.path)
         return checksums
 
@@ -1147,9 +1168,10 @@ class ZarrWriter:
         cache[name] = enc
         return enc
 
-    def _write_direct(self, name, run, r0, values, background=False):
-        """Encode and write the chunks of a run of chunks of array ``name``
-        (``background``: see `write_chunks`).
+    def _write_direct(self, name, run, r0, values, files):
+        """Encode the chunks of a run of chunks of array ``name`` and write
+        them through ``files``, a `~cutana.io._writeback.FileSeries` (which
+        may write them after this returns, until it is closed).
 
         Returns `False` (nothing written) when the array's codec chain is not
         one this writer creates; the caller then writes through zarr.
@@ -1166,10 +1188,6 @@ class ZarrWriter:
         made = self.__dict__.setdefault("_folders", set())
         saved = numcodecs.blosc.use_threads
         numcodecs.blosc.use_threads = False  # one core per writer process
-        # written by a background thread with O_DIRECT, or here with each
-        # file's writeback started at once and its pages dropped a few files
-        # later, for the next files to reuse (see FileSeries)
-        files = FileSeries(direct=background)
         try:
             for k in run:
                 a, b = (r - r0 for r in self.chunk_range(k))
@@ -1188,7 +1206,6 @@ class ZarrWriter:
                 files.write(f"{path}.{os.getpid()}.partial", path, data)
         finally:
             numcodecs.blosc.use_threads = saved
-            files.close()
         return True
 
     def read_status(self):

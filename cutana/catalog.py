@@ -237,13 +237,36 @@ class _Columns:
         if self.kind == "arrow":
             col = self.obj.column(name)
             mask = np.asarray(col.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+            kind = _exact_kind(col.type) if mask.any() else ""
+            if kind:
+                # pyarrow gives integers with nulls as float64, which rounds
+                # ids beyond 2**53 (Euclid's OBJECT_IDs): fill them instead
+                col = col.fill_null(False if kind == "b" else 0)
             values = np.asarray(col.to_numpy(zero_copy_only=False))
             return values, (mask if mask.any() else None), None
         # pandas DataFrame: positional access, the name may be any hashable
         series = self.obj.iloc[:, self.names.index(name)]
         mask = np.asarray(series.isna().to_numpy(), dtype=bool)
-        values = series.to_numpy()
+        numpy_dtype = getattr(series.dtype, "numpy_dtype", None)
+        if mask.any() and numpy_dtype is not None and numpy_dtype.kind in "iub":
+            # a nullable integer column (Int64, ...): not through float64
+            values = series.to_numpy(dtype=numpy_dtype, na_value=numpy_dtype.type(0))
+        else:
+            values = series.to_numpy()
         return values, (mask if mask.any() else None), None
+
+
+def _exact_kind(arrow_type):
+    """``'i'``, ``'u'`` or ``'b'`` for Arrow integer and boolean types, else ''."""
+    import pyarrow as pa
+
+    if pa.types.is_signed_integer(arrow_type):
+        return "i"
+    if pa.types.is_unsigned_integer(arrow_type):
+        return "u"
+    if pa.types.is_boolean(arrow_type):
+        return "b"
+    return ""
 
 
 def _format_of(path):
@@ -691,9 +714,14 @@ def _resolve(names, role, override, source, *, required, keyword=None):
         f"columns present: {', '.join(map(repr, names)) or 'none'}"
     )
     if hint is not None:
-        msg += f". Did you mean {hint!r}? Pass {keyword}={hint!r} to use it"
+        flag = "--" + keyword.replace("_", "-")
+        msg += (
+            f". Did you mean {hint!r}? Pass {keyword}={hint!r} ({flag} {hint} on the "
+            "command line) to use it"
+        )
     else:
-        msg += f". Pass {keyword}=NAME to name the column"
+        flag = "--" + keyword.replace("_", "-")
+        msg += f". Pass {keyword}=NAME ({flag} NAME on the command line) to name it"
     raise CatalogError(msg)
 
 

@@ -144,6 +144,14 @@ def _add_run_options(p, *, with_output=True):
     g.add_argument("--resample", choices=RESAMPLE,
                    help="resampling to --target-size (default: bilinear with "
                    "--target-size, else none)")
+    g = p.add_argument_group("catalogue columns (default: the usual names, any case)")
+    g.add_argument("--id-column", metavar="NAME",
+                   help="source id column (default: SourceID, source_id, object_id "
+                   "or id)")
+    g.add_argument("--ra-column", metavar="NAME",
+                   help="right ascension column, degrees or a unit (default: RA)")
+    g.add_argument("--dec-column", metavar="NAME",
+                   help="declination column, degrees or a unit (default: Dec)")
     g = p.add_argument_group("values")
     g.add_argument("--normalize", choices=NORMALIZATIONS,
                    help="stretch applied per cutout and band (default: none)")
@@ -190,6 +198,7 @@ _RUN_KEYS = (
     "percentile", "stretch_a", "zscale_contrast", "zscale_samples", "crop",
     "flux_conversion", "zeropoint_keyword", "channel_weights", "format", "workers",
     "threads", "memory_limit", "backend", "scheduler", "max_sources_per_job",
+    "id_column", "ra_column", "dec_column",
 )
 _CONFIG_ONLY = ("catalogue", "output", "resume", "overwrite")
 
@@ -278,16 +287,25 @@ def _load_config(path, parser):
         parser.error(f"config file {path!r} does not exist")
     except tomllib.TOMLDecodeError as exc:
         parser.error(f"config file {path!r} is not valid TOML: {exc}")
-    if "run" in data and isinstance(data["run"], dict):
-        data = {**{k: v for k, v in data.items() if k != "run"}, **data["run"]}
+    # (label, key, value): keys of a [run] table are labelled run.KEY
+    table = data.get("run") if isinstance(data.get("run"), dict) else None
+    items = [(k, k, v) for k, v in data.items() if table is None or k != "run"]
+    items += [(f"run.{k}", k, v) for k, v in (table or {}).items()]
     known = set(_RUN_KEYS) | set(_CONFIG_ONLY)
     out = {}
-    for key, value in data.items():
+    given = {}  # option -> the label of the key that set it
+    for label, key, value in items:
         name = key.replace("-", "_")
         if name not in known:
             close = difflib.get_close_matches(name, sorted(known), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             parser.error(f"config file {path!r}: unknown key {key!r}{hint}")
+        if name in given:
+            parser.error(
+                f"config file {path!r}: keys {given[name]!r} and {label!r} both "
+                f"set {name!r}; keep one"
+            )
+        given[name] = label
         out[name] = value
     return out
 

@@ -11,6 +11,7 @@ steps together.
 """
 
 import dataclasses
+import difflib
 import errno
 import json
 import logging
@@ -19,7 +20,7 @@ import numbers
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 try:
     import fcntl
@@ -82,6 +83,8 @@ _CHUNKS_PER_TASK = 8
 _EXECUTION_OPTIONS = (
     "workers", "threads", "memory_limit", "backend", "scheduler", "max_sources_per_job",
 )
+# the catalogue's columns, by name, where they are not under the usual names
+_COLUMN_OPTIONS = ("id_column", "ra_column", "dec_column")
 
 
 @dataclass
@@ -122,6 +125,9 @@ class RunOptions:
     backend: str | None = None
     scheduler: str | None = None
     max_sources_per_job: int | None = None
+    id_column: str | None = None
+    ra_column: str | None = None
+    dec_column: str | None = None
 
     def validate(self):
         """Check every option and fill defaults that depend on others.
@@ -140,6 +146,10 @@ class RunOptions:
         # keywords: one type per option, so that equal options compare equal
         self.tiles = _path_list("tiles", self.tiles)
         self.bands = _path_list("bands", self.bands)
+        for name in _COLUMN_OPTIONS:
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, str) and value.strip()):
+                _bad(name, value, "a column name")
         if not isinstance(self.flux_conversion, bool | np.bool_):
             _bad("flux_conversion", self.flux_conversion, "true or false")
         self.flux_conversion = bool(self.flux_conversion)
@@ -188,6 +198,8 @@ class RunOptions:
             _bad("format", self.format, f"one of {', '.join(FORMATS)}")
         if self.size is not None:
             try:
+                if isinstance(self.size, bool | np.bool_):
+                    raise TypeError
                 size = float(self.size)
             except (TypeError, ValueError):
                 size = float("nan")
@@ -214,6 +226,8 @@ class RunOptions:
                 raise ConfigError(str(exc)) from None
         if self.channel_weights is not None:
             try:
+                if any(isinstance(w, bool | np.bool_) for w in self.channel_weights):
+                    raise TypeError
                 self.channel_weights = [float(w) for w in self.channel_weights]
             except (TypeError, ValueError):
                 _bad("channel_weights", self.channel_weights, "a list of numbers")
@@ -266,7 +280,47 @@ class RunOptions:
         config = asdict(self)
         for key in _EXECUTION_OPTIONS:
             config.pop(key, None)
+        for key in _COLUMN_OPTIONS:  # given only when the names are not the usual
+            if config[key] is None:
+                del config[key]
         return config
+
+    @classmethod
+    def from_keywords(cls, options):
+        """`RunOptions` from keyword arguments, with a `ConfigError` naming
+        an unknown one (and the closest known name).
+
+        Parameters
+        ----------
+        options : dict
+            Option name to value, as `make_cutouts` takes them.
+
+        Returns
+        -------
+        options : `RunOptions`
+            Not validated yet.
+
+        Raises
+        ------
+        ConfigError
+            For a name that is not an option.
+
+        Examples
+        --------
+        >>> from cutana.pipeline import RunOptions
+        >>> RunOptions.from_keywords({"sise": 16})
+        Traceback (most recent call last):
+        ...
+        cutana.exceptions.ConfigError: unknown option 'sise'; did you mean 'size'?
+        """
+        known = [f.name for f in fields(cls)]
+        for name in options:
+            if name not in known:
+                close = difflib.get_close_matches(str(name), known, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                msg = f"unknown option {name!r}{hint}"
+                raise ConfigError(msg)
+        return cls(**options)
 
 
 def _is_int(value):
@@ -431,7 +485,10 @@ def _prepare(catalog, options, *, parent_bytes=None, chunked=True):
     options.validate()
     # with --tiles a file-list column is not used, so not checked either
     files_column = False if options.tiles else None
-    cat = read_catalog(catalog, size=options.size, files_column=files_column)
+    cat = read_catalog(
+        catalog, size=options.size, files_column=files_column,
+        **{name: getattr(options, name) for name in _COLUMN_OPTIONS},
+    )
     try:
         if options.tiles:
             index = TileIndex.from_paths(options.tiles, bands=options.bands)
@@ -709,7 +766,8 @@ def plan_cutouts(catalog, **options):
     # the memory this process holds now stands for a run's main process, as
     # `make_cutouts` measures it at the same point
     parent_bytes = MemorySampler.tree_rss(psutil.Process()) or None
-    return _prepare(catalog, RunOptions(**options), parent_bytes=parent_bytes).plan
+    options = RunOptions.from_keywords(options)
+    return _prepare(catalog, options, parent_bytes=parent_bytes).plan
 
 
 # ----------------------------------------------------------------------------
@@ -1003,7 +1061,9 @@ def make_cutouts(
         ``flux_conversion``, ``zeropoint_keyword``, ``channel_weights``,
         ``format`` ('zarr', 'fits'), ``workers``, ``threads``,
         ``memory_limit`` (e.g. '4GB'), ``backend`` ('serial', 'processes',
-        'dask'), ``scheduler``, ``max_sources_per_job``.
+        'dask'), ``scheduler``, ``max_sources_per_job``; ``id_column``,
+        ``ra_column`` and ``dec_column`` name the catalogue's columns where
+        they are not under the usual names (see `cutana.read_catalog`).
 
     Returns
     -------
@@ -1035,7 +1095,7 @@ def make_cutouts(
     (40, 4, 16, 16)
     """
     t0 = time.perf_counter()
-    opts = RunOptions(**options)
+    opts = RunOptions.from_keywords(options)
     output = os.fspath(output)
     if resume and overwrite:
         msg = "resume and overwrite exclude each other"
@@ -1863,7 +1923,7 @@ def iter_cutouts(catalog, **options):
     ('VIS', 'NIR-Y', 'NIR-J', 'NIR-H')
     """
     options = {k: v for k, v in options.items() if k not in ("workers", "backend")}
-    prepared = _prepare(catalog, RunOptions(**options), chunked=False)
+    prepared = _prepare(catalog, RunOptions.from_keywords(options), chunked=False)
     cat = prepared.catalog
     try:
         for job in prepared.plan.jobs:

@@ -499,6 +499,45 @@ def test_fits_file_paths_list_cells(tmp_path):
         assert "column 'fits_file_paths'" in cat.messages[2]
 
 
+@pytest.mark.parametrize("kind", ["DataFrame", "parquet"])
+def test_nullable_integer_ids_beyond_2_53_stay_exact(tmp_path, kind):
+    """Test that 64-bit ids in a nullable integer column with a missing value
+    (pandas ``Int64``, a Parquet column with nulls) are read exactly, as
+    from an astropy masked column, not rounded through float64 (where the
+    two ids below are equal and the second became a duplicate)."""
+    pd = pytest.importorskip("pandas")
+    pytest.importorskip("pyarrow")
+    ids = [-528456789012345678, -528456789012345677, None]
+    df = pd.DataFrame(
+        {
+            "SourceID": pd.array(ids, dtype="Int64"),
+            "RA": [150.0, 150.01, 150.02],
+            "Dec": [2.0, 2.0, 2.0],
+            "diameter_pixel": pd.array([16, None, 16], dtype="Int64"),
+            "flag": pd.array([True, None, False], dtype="boolean"),
+        }
+    )
+    source = df
+    if kind == "parquet":
+        source = tmp_path / "cat.parquet"
+        df.to_parquet(source)
+    reference = Table(
+        {
+            "SourceID": MaskedColumn([ids[0], ids[1], 0], mask=[0, 0, 1]),
+            "RA": df["RA"].to_numpy(),
+            "Dec": df["Dec"].to_numpy(),
+            "diameter_pixel": MaskedColumn([16, 0, 16], mask=[0, 1, 0]),
+        }
+    )
+    cat, ref = read_catalog(source), read_catalog(reference)
+    assert list(cat.source_id[:2]) == [str(i) for i in ids[:2]]
+    assert_array_equal(cat.source_id, ref.source_id)
+    assert_array_equal(cat.status, [OK, BAD, BAD])
+    assert_array_equal(cat.status, ref.status)
+    assert "column 'diameter_pixel': value is missing" in cat.messages[1]
+    assert "column 'SourceID': value is missing" in cat.messages[2]
+
+
 def test_angle_units_are_converted():
     """Test that RA/Dec columns with angular units are converted to degrees."""
     t = Table({"ra": [np.pi / 2], "dec": [0.5]})

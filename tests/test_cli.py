@@ -150,6 +150,8 @@ def test_config_file_equivalent_to_flags(survey, tmp_path):
         ('normalize = "zscale"\nzscale_samples = 10.5', "invalid zscale_samples: 10.5"),
         ("max_sources_per_job = 2.5", "invalid max_sources_per_job: 2.5"),
         ('normalize = "linear"\ncrop = "half"', "invalid crop: 'half'"),
+        ("channel_weights = [true]", "invalid channel_weights: [True]"),
+        ('dec_column = ""', "invalid dec_column: ''"),
     ],
 )
 def test_config_file_values_are_checked(survey, tmp_path, capsys, toml, message):
@@ -201,6 +203,103 @@ def test_config_file_typo_suggests_name(survey, tmp_path, capsys):
         main(["run", survey.catalogue_path, "-o", str(tmp_path / "x"), "--config", str(cfg)])
     assert exc.value.code == 2
     assert "did you mean 'normalize'" in capsys.readouterr().err
+
+
+def test_size_true_is_not_one_pixel(survey, tmp_path, capsys):
+    """Test that a size of ``true`` (config file) or ``True`` (keyword) is a
+    usage error, as ``--size true`` is, not cutouts of one pixel."""
+    from cutana.exceptions import ConfigError
+
+    cfg = tmp_path / "run.toml"
+    cfg.write_text("size = true\n")
+    out = tmp_path / "x"
+    code = main(["run", survey.catalogue_path, "-o", str(out), "--config", str(cfg),
+                 "--no-progress"])
+    assert code == 2
+    assert "invalid size: True; expected a positive number" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="invalid size: True"):
+        cutana.make_cutouts(survey.catalogue_path, out, size=True, progress=False)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("toml", "keys"),
+    [
+        ("target_size = 10\ntarget-size = 12", "'target_size' and 'target-size'"),
+        ("target-size = 12\ntarget_size = 10", "'target-size' and 'target_size'"),
+        ("target_size = 10\n[run]\ntarget_size = 12",
+         "'target_size' and 'run.target_size'"),
+    ],
+)
+def test_config_file_option_set_twice(survey, tmp_path, capsys, toml, keys):
+    """Test that an option set twice in a config file (both spellings, or at
+    the top level and in ``[run]``) is a usage error naming both keys, as
+    TOML itself refuses a key written twice (the last one had won)."""
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(f"size = 9\n{toml}\n")
+    out = tmp_path / "x"
+    with pytest.raises(SystemExit) as exc:
+        main(["run", survey.catalogue_path, "-o", str(out), "--config", str(cfg)])
+    assert exc.value.code == 2
+    assert f"keys {keys} both set 'target_size'" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_column_options_name_other_columns(survey, tmp_path, capsys):
+    """Test that --id-column/--ra-column/--dec-column (also as config keys
+    and keywords) read a catalogue whose columns have other names, which
+    the error for such a catalogue suggests, with the output of the
+    catalogue under the usual names."""
+    from astropy.table import Table
+
+    table = Table.read(survey.catalogue_path, format="ascii.csv")
+    table.rename_columns(["SourceID", "RA", "Dec"], ["NAME", "ALPHA", "DELTA"])
+    renamed = tmp_path / "renamed.csv"
+    table.write(renamed, format="ascii.csv")
+    reference = tmp_path / "ref.zarr"
+    assert main(["run", survey.catalogue_path, "-o", str(reference), "--size", "11",
+                 "--no-progress"]) == 0
+    tiles = os.path.join(os.path.dirname(survey.catalogue_path), "*.fits")
+    assert main(["run", str(renamed), "-o", str(tmp_path / "no"), "--size", "11",
+                 "--tiles", tiles, "--no-progress"]) == 2
+    assert "(--ra-column ALPHA on the command line)" in capsys.readouterr().err
+    flag = tmp_path / "flag.zarr"
+    assert main(["run", str(renamed), "-o", str(flag), "--size", "11", "--tiles",
+                 tiles, "--id-column", "NAME", "--ra-column", "ALPHA",
+                 "--dec-column", "DELTA", "--no-progress"]) == 0
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('id-column = "NAME"\nra_column = "ALPHA"\ndec_column = "DELTA"\n')
+    file = tmp_path / "file.zarr"
+    assert main(["run", str(renamed), "-o", str(file), "--size", "11", "--tiles",
+                 tiles, "--config", str(cfg), "--no-progress"]) == 0
+    api = tmp_path / "api.zarr"
+    cutana.make_cutouts(renamed, api, size=11, tiles=tiles, id_column="NAME",
+                        ra_column="ALPHA", dec_column="DELTA", progress=False)
+    ref = cutana.open(reference)
+    for out in (flag, file, api):
+        got = cutana.open(out)
+        np.testing.assert_array_equal(got.images[:], ref.images[:])
+        np.testing.assert_array_equal(got.status[:], ref.status[:])
+        np.testing.assert_array_equal(got.source_id[:], ref.source_id[:])
+        assert got.config["ra_column"] == "ALPHA"
+    assert "ra_column" not in ref.config  # the usual names: as before
+
+
+@pytest.mark.parametrize("entry", ["make_cutouts", "plan_cutouts", "iter_cutouts"])
+def test_unknown_keyword_suggests_the_option(survey, tmp_path, entry):
+    """Test that a misspelt keyword of the Python API is a ConfigError with
+    the closest option, as for a config file (it was a TypeError of an
+    internal class)."""
+    from cutana.exceptions import ConfigError
+
+    call = getattr(cutana, entry)
+    args = (survey.catalogue_path, tmp_path / "x") if entry == "make_cutouts" else (
+        survey.catalogue_path,)
+    match = r"unknown option 'sise'; did you mean 'size'\?"
+    with pytest.raises(ConfigError, match=match):
+        result = call(*args, sise=16)
+        next(iter(result))
+    assert not (tmp_path / "x").exists()
 
 
 def test_flags_override_config(survey, tmp_path):

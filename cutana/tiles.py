@@ -95,6 +95,45 @@ def _lonlat(wcs, world):
     return (world[1], world[0]) if wcs.wcs.lng == 1 else (world[0], world[1])
 
 
+def _frame_of(wcs):
+    """The celestial frame of ``wcs`` when it is not ICRS, else None.
+
+    None also for a WCS whose frame astropy cannot name: its coordinates
+    are then taken as they are.
+    """
+    from astropy.coordinates import ICRS
+    from astropy.wcs.utils import wcs_to_celestial_frame
+
+    try:
+        frame = wcs_to_celestial_frame(wcs)
+    except ValueError:
+        return None
+    return None if isinstance(frame, ICRS) else frame
+
+
+def _icrs_to(frame, ra, dec):
+    """ICRS ``ra``, ``dec`` (degrees) as longitude and latitude (degrees) in
+    ``frame`` (None: ICRS), converted as `~astropy.wcs.utils.skycoord_to_pixel`
+    converts a `~astropy.coordinates.SkyCoord`: for FK5 and FK4 tiles (e.g.
+    headers with ``EQUINOX`` and no ``RADESYS``) and Galactic ones."""
+    if frame is None:
+        return ra, dec
+    from astropy.coordinates import SkyCoord
+
+    sph = SkyCoord(ra, dec, unit="deg", frame="icrs").transform_to(frame).spherical
+    return sph.lon.to_value(u.deg), sph.lat.to_value(u.deg)
+
+
+def _to_icrs(frame, lon, lat):
+    """The inverse of `_icrs_to`: ``frame`` longitude and latitude to ICRS."""
+    if frame is None:
+        return lon, lat
+    from astropy.coordinates import SkyCoord
+
+    sph = SkyCoord(lon, lat, unit="deg", frame=frame).icrs.spherical
+    return sph.lon.to_value(u.deg), sph.lat.to_value(u.deg)
+
+
 # --------------------------------------------------------------------------
 # band files and tiles
 # --------------------------------------------------------------------------
@@ -1076,7 +1115,7 @@ class TileIndex:
         Returns
         -------
         ra, dec : `~numpy.ndarray` of float64
-            Centre of each tile (degrees).
+            Centre of each tile (degrees, ICRS whatever the tile's frame).
         radius : `~numpy.ndarray` of float64
             Largest angular distance from the centre to the tile's outer
             pixel edges (degrees).
@@ -1087,10 +1126,11 @@ class TileIndex:
         ra, dec, radius, scale = (np.full(n, np.nan) for _ in range(4))
         for t, tile in enumerate(self.tiles):
             wcs = tile.wcs()
+            frame = _frame_of(wcs)
             ny, nx = tile.shape
-            lon, lat = _lonlat(
+            lon, lat = _to_icrs(frame, *_lonlat(
                 wcs, wcs.all_pix2world((nx - 1) / 2.0, (ny - 1) / 2.0, 0)
-            )
+            ))
             # 17 points along each outer pixel edge
             along_x = np.linspace(-0.5, nx - 0.5, 17)
             along_y = np.linspace(-0.5, ny - 0.5, 17)
@@ -1100,7 +1140,7 @@ class TileIndex:
             ey = np.concatenate(
                 [np.full(17, -0.5), np.full(17, ny - 0.5), along_y, along_y]
             )
-            blon, blat = _lonlat(wcs, wcs.all_pix2world(ex, ey, 0))
+            blon, blat = _to_icrs(frame, *_lonlat(wcs, wcs.all_pix2world(ex, ey, 0)))
             dist = _angular_distance(float(lon), float(lat), blon, blat)
             ra[t], dec[t] = float(lon), float(lat)
             radius[t] = float(np.nanmax(dist))
@@ -1113,8 +1153,9 @@ class TileIndex:
         Parameters
         ----------
         ra, dec : array-like
-            Source coordinates in degrees (ICRS or whatever frame the tiles'
-            WCS use).
+            ICRS source coordinates in degrees; converted to a tile's frame
+            where it has another, as astropy's ``Cutout2D`` converts a
+            `~astropy.coordinates.SkyCoord`.
         diameter_pix : float or array-like
             Cutout diameter in pixels, one for all or one per source; the box
             is ``round(diameter)`` pixels wide, as in `~astropy.nddata.Cutout2D`.
@@ -1218,8 +1259,9 @@ class TileIndex:
 
     @staticmethod
     def _world_to_pixel(tile, ra, dec):
-        """0-based pixel ``(x, y)`` of sky positions in ``tile``'s reference WCS."""
+        """0-based pixel ``(x, y)`` of ICRS positions in ``tile``'s reference WCS."""
         wcs = tile.wcs()
+        ra, dec = _icrs_to(_frame_of(wcs), ra, dec)
         with warnings.catch_warnings(), np.errstate(invalid="ignore"):
             warnings.simplefilter("ignore", RuntimeWarning)
             px, py = wcs.all_world2pix(*_world_order(wcs, ra, dec), 0, quiet=True)
@@ -1769,6 +1811,22 @@ def _grid_difference(ref, band):
         return f"its CRVAL {w.wcs.crval.tolist()} is not {r.wcs.crval.tolist()}"
     if not np.allclose(w.pixel_scale_matrix, r.pixel_scale_matrix, rtol=1e-7, atol=0):
         return "its pixel scale or orientation differs"
+    # distortions (SIP, PV terms, lookup tables) and the frame: 5 x 5 pixels
+    # over the tile must map to the same sky, to a thousandth of a pixel
+    fw, fr = _frame_of(w), _frame_of(r)
+    if fw is not fr and (fw is None or fr is None or not fw.is_equivalent_frame(fr)):
+        return f"its celestial frame {fw or 'ICRS'} is not {fr or 'ICRS'}"
+    ny, nx = ref.shape
+    gx, gy = (g.ravel() for g in np.meshgrid(np.linspace(0, nx - 1, 5),
+                                             np.linspace(0, ny - 1, 5)))
+    with warnings.catch_warnings(), np.errstate(invalid="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        known = np.isfinite(r.all_pix2world(gx, gy, 0)).all(axis=0)
+        bx, by = r.all_world2pix(*w.all_pix2world(gx, gy, 0), 0, quiet=True)
+    off = np.hypot(bx - gx, by - gy)[known]
+    if not np.all(off <= 1e-3):
+        worst = float(np.max(np.where(np.isfinite(off), off, np.inf)))
+        return f"its distortion differs: pixels map up to {worst:.3g} pixels apart"
     return None
 
 

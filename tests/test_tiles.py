@@ -635,6 +635,75 @@ def test_assign_with_sip_near_rounding_boundaries(tmp_path):
         assert (math.ceil(got.x[i] - 1.5), math.ceil(got.y[i] - 1.5)) == (x0, y0), i
 
 
+@pytest.mark.parametrize(
+    "cards",
+    [
+        {"EQUINOX": 2000.0},  # no RADESYS: FK5 (J2000), as wcslib reads it
+        {"RADESYS": "FK4", "EQUINOX": 1950.0},
+        {"CTYPE1": "GLON-TAN", "CTYPE2": "GLAT-TAN"},
+        {"RADESYS": "ICRS"},
+    ],
+    ids=["fk5", "fk4", "galactic", "icrs"],
+)
+def test_assign_converts_icrs_to_the_tiles_frame(tmp_path, cards):
+    """Test that catalogue (ICRS) positions are converted to the frame of a
+    tile's WCS before they become pixels, as astropy's ``Cutout2D`` does
+    with a `SkyCoord`: sources on a Galactic or FK4 tile were all off it,
+    and on an FK5 tile the 0.02 arcsec frame offset moved boxes by a pixel."""
+    from astropy.coordinates import SkyCoord
+    from astropy.nddata import Cutout2D
+
+    shape = (400, 400)
+    w = _wcs((150.0, 2.0), shape, scale=0.05 / 3600.0)
+    h = w.to_header()
+    for key in ("RADESYS", "EQUINOX", "MJDREF", "DATEREF"):
+        h.remove(key, ignore_missing=True)
+    h.update(cards)
+    h["TILEID"] = "F"
+    data = np.zeros(shape, np.float32)
+    fits.PrimaryHDU(data, h).writeto(tmp_path / "f.fits")
+    index = TileIndex.from_paths(str(tmp_path / "f.fits"))
+    wcs = index.tiles[0].wcs()
+    rng = np.random.default_rng(3)
+    n = 200
+    px, py = rng.uniform(20, 380, n), rng.uniform(20, 380, n)
+    icrs = wcs.pixel_to_world(px, py).icrs  # positions on the tile, in ICRS
+    ra, dec = icrs.ra.deg, icrs.dec.deg
+    got = index.assign(ra, dec, 11)
+    assert_array_equal(got.tile, 0)
+    assert got.inside.all()
+    for i in range(n):
+        sky = SkyCoord(ra[i], dec[i], unit="deg")
+        ref = Cutout2D(data, sky, 11, wcs=wcs, mode="partial")
+        (y0, _), (x0, _) = ref.bbox_original
+        assert (math.ceil(got.x[i] - 5.5), math.ceil(got.y[i] - 5.5)) == (x0, y0), i
+
+
+def test_band_with_other_distortion_is_left_out(tmp_path):
+    """Test that a band file whose SIP distortion differs from the reference
+    band's (same CRPIX, CRVAL and CD) is left out with the reason, not cut
+    at the reference band's pixels under the reference band's WCS."""
+    sip = dict(
+        CTYPE1="RA---TAN-SIP", CTYPE2="DEC--TAN-SIP", CRVAL1=10.0, CRVAL2=-30.0,
+        CRPIX1=150.5, CRPIX2=150.5, CD1_1=-2e-5, CD1_2=0.0, CD2_1=0.0, CD2_2=2e-5,
+        A_ORDER=2, B_ORDER=2, A_2_0=4e-5, B_0_2=-3e-5, TILEID="7",
+    )  # fmt: skip
+    for band, factor in (("g", 1.0), ("r", 10.0), ("i", 1.0)):
+        h = fits.Header()
+        h.update(sip)
+        h["A_2_0"] = sip["A_2_0"] * factor
+        h["BAND"] = band
+        fits.PrimaryHDU(np.zeros((300, 300), np.float32), h).writeto(
+            tmp_path / f"{band}.fits"
+        )
+    paths = [str(tmp_path / f"{b}.fits") for b in "gri"]
+    index = TileIndex.from_paths(paths)
+    tile = index.tiles[0]
+    got = {name: tile.bands[k] for k, name in enumerate(index.bands)}
+    assert got["g"] is not None and got["i"] is not None and got["r"] is None
+    assert "its distortion differs: pixels map up to" in dict(index.errors)[paths[1]]
+
+
 def test_assign_scalar_size_and_empty(tmp_path):
     """Test assign() with one size for all sources and with no sources."""
     make_tile(tmp_path / "a.fits", (150.0, 2.0), tileid="A")

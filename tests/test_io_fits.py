@@ -179,7 +179,7 @@ def test_headers_and_wcs_match_cutout2d(tmp_path, wcs_mode):
         ids,
         [150.1, 150.2, 150.3],
         [2.2, 2.3, 2.4],
-        ["/tiles/T1_VIS.fits", "s3://bucket/T1_H.fits"],
+        [f"/tiles/{'deep/' * 20}T1_VIS.fits", "s3://bucket/T1_H.fits"],
         wcs_arg,
         files,
         header={"BUNIT": "Jy"},
@@ -196,7 +196,10 @@ def test_headers_and_wcs_match_cutout2d(tmp_path, wcs_mode):
                 assert h["RA"] == [150.1, 150.2, 150.3][k]
                 assert h["ROW"] == 2 * k
                 assert h["STATUS"] == job.status[k]
-                assert h["TILE"] == ["T1_VIS.fits", "T1_H.fits"][b]
+                # the whole path: tiles of two folders may share a file name
+                assert h["TILE"] == [
+                    f"/tiles/{'deep/' * 20}T1_VIS.fits", "s3://bucket/T1_H.fits"
+                ][b]
                 assert h["BUNIT"] == "Jy"
                 np.testing.assert_array_equal(hdu.data, c.data * (b + 1))
                 got = WCS(h).pixel_to_world(pix[:, 0], pix[:, 1])

@@ -441,12 +441,9 @@ class FitsWriter:
                 f"got {len(tile_paths)}"
             )
             raise ValueError(msg)
-        tile_names = [
-            _fits_text(posixpath.basename(str(p).replace("\\", "/")))
-            if p is not None
-            else ""
-            for p in tile_paths
-        ]
+        # the whole path (tiles of different folders may share a file name;
+        # a long one takes CONTINUE cards)
+        tile_names = [_fits_text(p) if p is not None else "" for p in tile_paths]
         per_source = not isinstance(wcs, (WCS, fits.Header)) and wcs is not None
         if per_source:
             wcs = list(wcs)

@@ -563,6 +563,7 @@ class _Record:
 
     path: str
     band: str
+    named: bool  # band from a header keyword or the file name
     name_band: str
     key: str
     hdu: int | str
@@ -768,6 +769,7 @@ def _read_record(path, hdu=None):
         raise TileError(msg)
 
     name_band = _band_from_name(path)
+    named = band is not None or name_band is not None  # not just the file's stem
     if band is None:
         band = name_band if name_band is not None else _stem(path)
     if tile_id is None:
@@ -776,6 +778,7 @@ def _read_record(path, hdu=None):
     return _Record(
         path=path,
         band=band,
+        named=named,
         name_band=name_band,
         key=tile_id,
         hdu=hdu_id,
@@ -784,6 +787,31 @@ def _read_record(path, hdu=None):
         header=text,
         compressed=compressed,
     )
+
+
+def _warn_band_order(tuples, records, names):
+    """Warn when file lists name their bands in another order than the
+    first: bands are positional, so such files fill the channel of their
+    position, not of their band."""
+    first = {}  # position -> the band named first there
+    moved, example = 0, None
+    for files in tuples:
+        for pos, path in enumerate(files):
+            rec = records.get(path)
+            if rec is None or not rec.named:
+                continue
+            if first.setdefault(pos, rec.band) != rec.band:
+                moved += 1
+                example = example or (path, rec.band, pos, names[pos])
+                break
+    if moved:
+        path, band, pos, name = example
+        logger.warning(
+            "%d of %d tile file lists hold a band at another position than the "
+            "first list, e.g. %s (band %s) at position %d, which is channel %s: "
+            "bands are positional (as in ESA Cutana), so its pixels go to "
+            "channel %s", moved, len(tuples), path, band, pos, name, name,
+        )
 
 
 def _closest_hint(name, choices):
@@ -1065,6 +1093,7 @@ class TileIndex:
         for pos in range(n_pos):
             if names[pos] is None:
                 names[pos] = f"band{pos}"
+        _warn_band_order(tuples, records, names)
         for pos in range(n_pos):
             if names[pos] in names[:pos]:
                 names[pos] = f"{names[pos]}[{pos}]"

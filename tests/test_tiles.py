@@ -515,6 +515,33 @@ def test_file_lists_same_band_is_positional(tmp_path):
         TileIndex.from_file_lists([(a, b)], bands=["NIR"])
 
 
+def test_file_lists_in_another_band_order_warn(tmp_path, caplog):
+    """Test that file lists naming their bands in another order than the
+    first list are cut by position, as documented and as ESA Cutana does,
+    with a warning naming a file and its channel (it was silent)."""
+    files = {}
+    for t in range(3):
+        for band in ("VIS", "NIR"):
+            files[t, band] = str(tmp_path / f"t{t}_{band}.fits")
+            make_tile(files[t, band], crval=(150.0, 2.0 + 0.01 * t), band=band)
+    stems = [str(tmp_path / f"s{k}.fits") for k in range(2)]
+    for k, path in enumerate(stems):  # bands known only by their file's stem
+        make_tile(path, band=None, seed=k)
+    lists = [(files[0, "VIS"], files[0, "NIR"]), (files[1, "VIS"], files[1, "NIR"])]
+    with caplog.at_level("WARNING", logger="cutana.tiles"):
+        TileIndex.from_file_lists([*lists, (stems[0], stems[1]), (stems[1], stems[0])])
+    assert not caplog.records
+    swapped = (files[2, "NIR"], files[2, "VIS"])
+    with caplog.at_level("WARNING", logger="cutana.tiles"):
+        index = TileIndex.from_file_lists([*lists, swapped])
+    assert index.bands == ["VIS", "NIR"]
+    assert [b.path for b in index.tiles[2].bands] == list(swapped)  # by position
+    (record,) = caplog.records
+    text = record.getMessage()
+    assert text.startswith("1 of 3 tile file lists hold a band at another position")
+    assert f"{files[2, 'NIR']} (band NIR) at position 0, which is channel VIS" in text
+
+
 # --------------------------------------------------------------------------
 # assignment
 # --------------------------------------------------------------------------

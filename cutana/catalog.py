@@ -713,14 +713,13 @@ def _resolve(names, role, override, source, *, required, keyword=None):
         f"(looked for {', '.join(COLUMN_ALIASES[role])}, in any case); "
         f"columns present: {', '.join(map(repr, names)) or 'none'}"
     )
+    flag = "--" + keyword.replace("_", "-")  # the option of `cutana run`
     if hint is not None:
-        flag = "--" + keyword.replace("_", "-")
         msg += (
             f". Did you mean {hint!r}? Pass {keyword}={hint!r} ({flag} {hint} on the "
             "command line) to use it"
         )
     else:
-        flag = "--" + keyword.replace("_", "-")
         msg += f". Pass {keyword}=NAME ({flag} NAME on the command line) to name it"
     raise CatalogError(msg)
 

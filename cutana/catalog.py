@@ -23,6 +23,7 @@ import difflib
 import logging
 import numbers
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 
@@ -85,6 +86,8 @@ _FORMATS = (
 
 # longest text of a fits_file_paths cell that is parsed as a Python literal
 _MAX_LITERAL = 100_000
+# a quote, blanks or none, a quote: where two string literals may touch
+_QUOTE_QUOTE = re.compile(r"['\"]\s*['\"]")
 
 
 # --------------------------------------------------------------------------
@@ -840,7 +843,33 @@ def _files_problem(value, masked):
             f"value of {len(value.strip()):,} characters is longer than a file "
             f"list may be ({_MAX_LITERAL:,})"
         )
+    if isinstance(value, str) and _adjacent_strings(value.strip()):
+        return (
+            f"value {_show(value)} has no comma between its paths (as numpy "
+            "prints an array); write a list such as ['a.fits', 'b.fits']"
+        )
     return f"value {_show(value)} is not a file path or a list of file paths"
+
+
+def _adjacent_strings(text):
+    """Whether ``text`` holds two string literals with no comma between them,
+    which Python (and so `ast.literal_eval`) joins into one: a file list
+    printed by numpy, ``['a.fits' 'b.fits']``."""
+    import io
+    import tokenize
+
+    if not _QUOTE_QUOTE.search(text):
+        return False  # the usual cell: no quote followed by a quote
+    try:
+        tokens = [
+            t for t in tokenize.generate_tokens(io.StringIO(text).readline)
+            if t.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.COMMENT)
+        ]
+    except (tokenize.TokenError, SyntaxError):
+        return False
+    return any(
+        a.type == b.type == tokenize.STRING for a, b in zip(tokens, tokens[1:], strict=False)
+    )
 
 
 def _parse_files(value, folder):
@@ -856,7 +885,7 @@ def _parse_files(value, folder):
         if not text:
             return None
         if text[0] in "[(":
-            if len(text) > _MAX_LITERAL:
+            if len(text) > _MAX_LITERAL or _adjacent_strings(text):
                 return None
             try:
                 value = ast.literal_eval(text)

@@ -293,6 +293,12 @@ _BAD_CASES = {
         "is not a file path",
     ),
     "files_syntax": ("fits_file_paths", "\"['a.fits'\"", "is not a file path"),
+    # numpy's print of an array: Python would join the two paths into one
+    "files_no_comma": (
+        "fits_file_paths",
+        "\"['a.fits' 'b.fits']\"",
+        "has no comma between its paths (as numpy prints an array)",
+    ),
     "files_missing": ("fits_file_paths", "", "value is missing"),
 }
 

@@ -867,9 +867,8 @@ def _adjacent_strings(text):
         ]
     except (tokenize.TokenError, SyntaxError):
         return False
-    return any(
-        a.type == b.type == tokenize.STRING for a, b in zip(tokens, tokens[1:], strict=False)
-    )
+    kinds = [t.type for t in tokens]
+    return any(a == b == tokenize.STRING for a, b in zip(kinds, kinds[1:], strict=False))
 
 
 def _parse_files(value, folder):

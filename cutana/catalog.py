@@ -868,7 +868,8 @@ def _adjacent_strings(text):
     except (tokenize.TokenError, SyntaxError):
         return False
     kinds = [t.type for t in tokens]
-    return any(a == b == tokenize.STRING for a, b in zip(kinds, kinds[1:], strict=False))
+    pairs = zip(kinds, kinds[1:], strict=False)
+    return any(a == b == tokenize.STRING for a, b in pairs)
 
 
 def _parse_files(value, folder):

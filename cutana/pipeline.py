@@ -1214,6 +1214,24 @@ def _core_to_spare(options):
     return workers * options.threads < available_cores()
 
 
+def _tile_changes(old, new):
+    """`` (tiles: ...)`` saying which rows' tiles could be read by one run and
+    not the other (a tile repaired or broken since), or ``''``."""
+    if old is None or old.n_rows != new.n_rows:
+        return ""
+    was = np.asarray(old.base_status) == Status.TILE_ERROR
+    now = np.asarray(new.base_status) == Status.TILE_ERROR
+    parts = []
+    for rows, text in ((was & ~now, "could not be read then and can now"),
+                       (now & ~was, "could be read then and cannot now")):
+        if rows.any():
+            first = int(np.flatnonzero(rows)[0])
+            parts.append(
+                f"the tiles of {int(rows.sum())} rows (row {first}, ...) {text}"
+            )
+    return f" (tiles: {'; '.join(parts)})" if parts else ""
+
+
 class _Runner:
     """Bookkeeping of one run in the main process."""
 
@@ -1261,6 +1279,14 @@ class _Runner:
                 # a run killed while removing its bookkeeping left some behind
                 remove_run_state(self.output)
                 self.already_complete = True
+                failed = int(np.count_nonzero(self.status == Status.TILE_ERROR))
+                if failed:
+                    logger.warning(
+                        "%s: its run had finished; its %d TILE_ERROR rows are final "
+                        "(--resume finishes interrupted runs, it does not cut failed "
+                        "sources again): once their tiles are fixed, run again with "
+                        "--overwrite", self.output, failed,
+                    )
                 return
             if not self._creation_interrupted():
                 if self.fmt == "zarr" and os.path.isfile(
@@ -1280,12 +1306,13 @@ class _Runner:
             resume, overwrite = False, True
         if resume:
             saved = os.path.join(state_dir(self.output), "plan.npz")
-            if os.path.exists(saved):
-                old = Plan.load(saved)
-                if old.output_fingerprint() == plan.output_fingerprint():
-                    # keep the interrupted run's jobs, whatever the new job sizes
-                    self.plan = plan = old
-                    fingerprint = plan.fingerprint()
+            old = Plan.load(saved) if os.path.exists(saved) else None
+            if old is not None and (
+                old.output_fingerprint() == plan.output_fingerprint()
+            ):
+                # keep the interrupted run's jobs, whatever the new job sizes
+                self.plan = plan = old
+                fingerprint = plan.fingerprint()
             state = Ledger(self.output).read()
             if state.fingerprint != fingerprint:
                 try:  # a store records its options from the start
@@ -1296,6 +1323,7 @@ class _Runner:
                     f"cannot resume {self.output!r}: the catalogue, tiles or options "
                     "differ from the interrupted run"
                     + (f" (options: {differ})" if differ else "")
+                    + _tile_changes(old, plan)
                     + " (use --overwrite to start again)"
                 )
                 raise ConfigError(msg)

@@ -359,6 +359,62 @@ def test_resume_after_interruption_is_byte_identical(survey, zarr_run, tmp_path,
     assert files_bytes(clean) == files_bytes(out)
 
 
+def test_resume_after_a_tile_is_repaired_says_what_to_do(
+    survey, tmp_path, monkeypatch, caplog
+):
+    """Test that --resume with a tile that could not be read before and can
+    now says so: a finished run's TILE_ERROR rows are final (a warning says
+    to run again with --overwrite), and an interrupted run is refused
+    naming the rows whose tiles changed (it said only that the catalogue,
+    tiles or options differ)."""
+    import shutil
+
+    from cutana import pipeline
+
+    dst = tmp_path / "tiles"
+    shutil.copytree(os.path.dirname(survey.tile_paths[0][0]), dst)
+    victim = dst / os.path.basename(survey.tile_paths[1][0])
+    kept = tmp_path / "kept.fits"
+    shutil.move(victim, kept)
+    opts = dict(size=21, tiles=[str(dst / "*.fits")], max_sources_per_job=5,
+                progress=False)
+    done = tmp_path / "done.zarr"
+    assert cutana.make_cutouts(survey.catalogue_path, done, **opts).exit_code == 1
+    failed = np.asarray(cutana.open(done).status) == Status.TILE_ERROR
+    assert failed.any()
+
+    calls = {"n": 0}
+    original = pipeline._Runner._on_done
+
+    def crashing(self, task, result):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # the process dies after one result
+        return original(self, task, result)
+
+    stopped = tmp_path / "stopped.zarr"
+    monkeypatch.setattr(pipeline._Runner, "_on_done", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        cutana.make_cutouts(survey.catalogue_path, stopped, **opts)
+    monkeypatch.setattr(pipeline._Runner, "_on_done", original)
+
+    shutil.copy(kept, victim)  # the tile is back
+    with caplog.at_level("WARNING", logger="cutana.pipeline"):
+        report = cutana.make_cutouts(survey.catalogue_path, done, resume=True, **opts)
+    assert report.exit_code == 1
+    after = np.asarray(cutana.open(done).status) == Status.TILE_ERROR
+    np.testing.assert_array_equal(after, failed)
+    assert f"its {int(failed.sum())} TILE_ERROR rows are final" in caplog.text
+    assert "run again with --overwrite" in caplog.text
+    first = int(np.flatnonzero(failed)[0])
+    with pytest.raises(ConfigError) as exc:
+        cutana.make_cutouts(survey.catalogue_path, stopped, resume=True, **opts)
+    assert (
+        f"(tiles: the tiles of {int(failed.sum())} rows (row {first}, ...) could not "
+        "be read then and can now)" in str(exc.value)
+    )
+
+
 def test_corrupt_tile_marks_only_its_sources(survey, tmp_path):
     """Test that a truncated tile fails only its own sources, with TILE_ERROR and exit 1."""
     import shutil

@@ -33,6 +33,8 @@ import os
 import signal
 import sys
 
+from . import _stop
+
 __all__ = ["main", "build_parser"]
 
 EXIT_OK = 0
@@ -46,31 +48,25 @@ class _Terminated(BaseException):
     """SIGTERM, raised in the main thread so that a run stops as on Ctrl-C."""
 
 
-#: The stop signal the command received, if any (see `_on_stop_signal`).
-_RECEIVED = []
-
-
 def _on_stop_signal(signum, frame):
     """Handler of SIGTERM (and SIGINT) while the ``cutana`` command runs.
 
     It raises `_Terminated` (`KeyboardInterrupt`) in the main thread and
-    records the signal: an exception raised while Python compiles a module
-    being imported can be lost, and `_import_pipeline` then raises it again.
+    records the request in `cutana._stop`: an exception raised while Python
+    runs a finaliser or compiles a module being imported is lost, and
+    `_import_pipeline` and the executor, between tasks, then raise it again.
     """
-    _RECEIVED.append(signum)
+    stop = _Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+    _stop.request(stop)
     if signum == signal.SIGTERM:
         # a second SIGTERM during the clean-up ends the process at once
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        raise _Terminated
-    raise KeyboardInterrupt
+    raise stop
 
 
 def _raise_if_stopped():
     """Raise the stop a signal asked for if it got lost (see `_on_stop_signal`)."""
-    if signal.SIGTERM in _RECEIVED:
-        raise _Terminated
-    if _RECEIVED:
-        raise KeyboardInterrupt
+    _stop.raise_requested()
 
 
 def _positive_int(text):

@@ -44,6 +44,8 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
+from ._stop import raise_requested as _raise_lost_stop
+
 __all__ = [
     "BACKENDS",
     "WORKER_PRELOAD",
@@ -719,6 +721,7 @@ class Executor:
 
     def _serial_loop(self, func, queue, on_done, failed):
         while queue:
+            _raise_lost_stop()  # a stop whose exception got lost (see cutana._stop)
             pending = queue.popleft()
             while True:
                 pending.attempts += 1
@@ -834,6 +837,7 @@ class Executor:
                     in_flight[fut] = pending
                     used += c
                 done, _ = wait(list(in_flight), return_when=FIRST_COMPLETED)
+                _raise_lost_stop()  # a stop whose exception got lost (see cutana._stop)
                 broken = []
                 for fut in done:
                     pending = in_flight.pop(fut)
@@ -928,6 +932,7 @@ class Executor:
             submit_some()
             while pending_of:
                 fut = next(ac)
+                _raise_lost_stop()  # a stop whose exception got lost (see cutana._stop)
                 pending = pending_of.pop(fut.key)
                 try:
                     result = fut.result()

@@ -542,15 +542,52 @@ def test_catalogue_and_output_from_the_config_file(survey, tmp_path, capsys):
 def test_a_stop_lost_while_importing_is_raised_again(monkeypatch):
     """Test that a stop signal whose exception got lost while a module was
     compiled is raised again once the pipeline is imported."""
-    import signal
-
     import cutana.cli as cli
+    from cutana import _stop
 
-    monkeypatch.setattr(cli, "_RECEIVED", [signal.SIGTERM])
+    monkeypatch.setattr(_stop, "_REQUESTED", [cli._Terminated])
     with pytest.raises(cli._Terminated):
         cli._import_pipeline()
-    monkeypatch.setattr(cli, "_RECEIVED", [signal.SIGINT])
+    monkeypatch.setattr(_stop, "_REQUESTED", [KeyboardInterrupt])
     with pytest.raises(KeyboardInterrupt):
         cli._import_pipeline()
-    monkeypatch.setattr(cli, "_RECEIVED", [])
+    monkeypatch.setattr(_stop, "_REQUESTED", [])
     assert cli._import_pipeline().make_cutouts is cutana.make_cutouts
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_stop_lost_during_the_run_stops_it_between_tasks(
+    survey, tmp_path, monkeypatch, capsys, workers
+):
+    """Test that a SIGTERM whose exception got lost mid-run (Python drops
+    one raised while a finaliser runs) stops the run at the next task, with
+    exit 143 and an output that --resume finishes: it had run to the end
+    with exit 0."""
+    import cutana.cli as cli
+    from cutana import _stop, pipeline
+
+    monkeypatch.setattr(_stop, "_REQUESTED", [])
+    calls = {"n": 0}
+    original = pipeline._Runner._on_done
+
+    def lose_a_stop(self, task, result):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            _stop.request(cli._Terminated)  # the handler ran, its raise was lost
+        return original(self, task, result)
+
+    monkeypatch.setattr(pipeline._Runner, "_on_done", lose_a_stop)
+    out = tmp_path / "o.zarr"
+    args = ["run", survey.catalogue_path, "-o", str(out), "--size", "11",
+            "--max-sources-per-job", "4", "--workers", str(workers), "--no-progress"]
+    assert main(args) == cli.EXIT_TERMINATED
+    assert "terminated (SIGTERM)" in capsys.readouterr().err
+    assert calls["n"] < 6  # stopped within the tasks in flight, not at the end
+    monkeypatch.setattr(_stop, "_REQUESTED", [])
+    monkeypatch.setattr(pipeline._Runner, "_on_done", original)
+    assert main([*args, "--resume"]) == 0
+    clean = tmp_path / "clean.zarr"
+    assert main([*args[:3], str(clean), *args[4:]]) == 0
+    got, ref = cutana.open(out), cutana.open(clean)
+    np.testing.assert_array_equal(got.images[:], ref.images[:])
+    np.testing.assert_array_equal(got.status[:], ref.status[:])

@@ -237,7 +237,7 @@ def _fsync_write(hdul, final, tmp_dir):
     )
     try:
         with open(tmp, "wb") as fh:
-            hdul.writeto(fh)
+            hdul.writeto(fh, output_verify="ignore")
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, final)
@@ -480,11 +480,12 @@ class FitsWriter:
             for key, value in cards.items():
                 primary.header[key] = value
             hdus = [primary]
+            base = wcs_header  # a new header per source: filled once, copied per band
+            for key, value in cards.items():
+                base[key] = value
             names = zip(self.bands, self._extnames, strict=True)
             for c, (band, extname) in enumerate(names):
-                hdr = wcs_header.copy()
-                for key, value in cards.items():
-                    hdr[key] = value
+                hdr = base.copy()
                 hdr["TILE"] = (tile_names[c], f"tile file of band {_fits_text(band)}")
                 for key, value in extra.items():
                     hdr[key] = value

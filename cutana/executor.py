@@ -149,14 +149,38 @@ def start_forkserver(preload=()):
     # them, and numpy from asking for huge pages (WORKER_ENVIRONMENT), unless
     # the user chose otherwise. The server (and every worker) inherits the
     # environment it is started with.
-    unset = [k for k in WORKER_ENVIRONMENT if k not in os.environ]
-    for key in unset:
-        os.environ[key] = WORKER_ENVIRONMENT[key]
+    env = {k: v for k, v in WORKER_ENVIRONMENT.items() if k not in os.environ}
+    env.update(_server_import_path())
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     try:
         forkserver.ensure_running()
     finally:
-        for key in unset:
-            os.environ.pop(key, None)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _server_import_path():
+    """Environment for the forkserver to import cutana from where this
+    process did.
+
+    The server runs ``python -c ...``, which puts its working folder first on
+    ``sys.path`` (Python 3.11 does not pass this process's ``sys.path`` on).
+    A run started in a folder holding another ``cutana/`` (an unbuilt source
+    checkout, say) had the server preload that package, which its forked
+    workers then kept, and every job failed. The server starts without that
+    entry (``PYTHONSAFEPATH``) and with the folder this process imported
+    cutana from first (``PYTHONPATH``).
+    """
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.environ.get("PYTHONPATH")
+    return {
+        "PYTHONSAFEPATH": "1",
+        "PYTHONPATH": root if not path else root + os.pathsep + path,
+    }
 
 
 @dataclass
@@ -744,7 +768,7 @@ class Executor:
     # ------------------------------------------------------------------
     def _new_pool(self):
         ctx = multiprocessing.get_context("forkserver" if os.name == "posix" else "spawn")
-        if self.preload and os.name == "posix":
+        if os.name == "posix":  # (started with cutana's import path; see there)
             start_forkserver(self.preload)
         return ProcessPoolExecutor(
             max_workers=self.n_workers,

@@ -289,6 +289,38 @@ def test_workers_get_the_worker_environment():
     assert WORKER_ENVIRONMENT["NUMPY_MADVISE_HUGEPAGE"] == "0"
 
 
+def test_workers_import_cutana_from_where_the_main_process_did(tmp_path):
+    """Test that workers import the cutana the main process imported, also
+    when the working folder holds another ``cutana/`` (an unbuilt source
+    checkout, say): the forkserver's ``python -c`` put that folder first on
+    its path, and every task failed. Checked in a fresh process, whose
+    forkserver starts in that folder."""
+    import subprocess
+    import sys
+
+    work = tmp_path / "work"
+    (work / "cutana").mkdir(parents=True)
+    # a package without the modules the tasks need
+    (work / "cutana" / "__init__.py").write_text("# not the cutana being run\n")
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import os\n"
+        "from cutana import _testing\n"
+        "from cutana.executor import Executor\n"
+        "if __name__ == '__main__':\n"
+        f"    os.chdir({str(work)!r})\n"
+        "    got = []\n"
+        "    failures = Executor('processes', 2, preload=['cutana.executor']).run(\n"
+        "        _testing.square, [2, 3], on_done=lambda t, r: got.append(r))\n"
+        "    print(sorted(got), len(failures))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True,
+        check=False, timeout=120, cwd=str(tmp_path),
+    )
+    assert proc.stdout.strip() == "[4, 9] 0", proc.stderr[-2000:]
+
+
 def test_pool_shutdown_does_not_wait_for_ever_for_a_stuck_worker():
     """A worker that never exits (here: busy for a minute; at the end of a
     run: blocked on the task queue's lock that a killed worker held) is

@@ -71,7 +71,10 @@ def verify(output, catalogue=None):
     # a run given tiles neither used nor checked a file-list column
     files_column = False if archive.config.get("tiles") else None
     try:
-        cat = read_catalog(source, size=size, files_column=files_column)
+        # the columns the run was told to read (see --id-column etc.)
+        names = ("id_column", "ra_column", "dec_column")
+        columns = {k: archive.config.get(k) for k in names}
+        cat = read_catalog(source, size=size, files_column=files_column, **columns)
     except CatalogError as exc:
         problems.append(f"{source}: {exc}")
         return problems

@@ -283,6 +283,7 @@ def test_column_options_name_other_columns(survey, tmp_path, capsys):
         np.testing.assert_array_equal(got.source_id[:], ref.source_id[:])
         assert got.config["ra_column"] == "ALPHA"
     assert "ra_column" not in ref.config  # the usual names: as before
+    assert main(["verify", str(flag)]) == 0  # reads the catalogue as the run did
 
 
 @pytest.mark.parametrize("entry", ["make_cutouts", "plan_cutouts", "iter_cutouts"])

@@ -415,6 +415,53 @@ def test_resume_after_a_tile_is_repaired_says_what_to_do(
     )
 
 
+def test_verify_of_an_interrupted_run_says_it_is_unfinished(
+    survey, zarr_run, tmp_path, monkeypatch
+):
+    """Test that `cutana verify` of an interrupted run says that the run is
+    not finished, and checks its written chunks against the ledger's
+    statuses: it reported every written chunk as not matching its
+    checksum (the store's statuses are written only at the end)."""
+    from cutana import pipeline
+    from cutana.verify import verify
+
+    # chunks of one row, written by the job that cuts it: some are written
+    # before the interruption
+    monkeypatch.setattr(pipeline, "choose_chunk_rows", lambda n, row_bytes: 1)
+    calls = {"n": 0}
+    original = pipeline._Runner._on_done
+
+    def crashing(self, task, result):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt  # the process dies after 5 results
+        return original(self, task, result)
+
+    monkeypatch.setattr(pipeline._Runner, "_on_done", crashing)
+    out = tmp_path / "r.zarr"
+    with pytest.raises(KeyboardInterrupt):
+        cutana.make_cutouts(
+            survey.catalogue_path, out, size=21, max_sources_per_job=4, progress=False
+        )
+    monkeypatch.setattr(pipeline._Runner, "_on_done", original)
+    assert any(name.startswith("c.") for name in os.listdir(out / "images"))
+    problems = verify(out)
+    assert any("has not been finalised" in p and "--resume" in p for p in problems)
+    assert not any("do not match their checksum" in p for p in problems), problems
+    # a written chunk that changes since is still caught
+    chunk = sorted(n for n in os.listdir(out / "images") if n.startswith("c."))[0]
+    data = bytearray((out / "images" / chunk).read_bytes())
+    data[-1] ^= 0xFF
+    (out / "images" / chunk).write_bytes(bytes(data))
+    assert any("1 chunks do not match their checksum" in p for p in verify(out))
+    (out / "images" / chunk).unlink()
+    report = cutana.make_cutouts(
+        survey.catalogue_path, out, size=21, resume=True, progress=False
+    )
+    assert report.exit_code == 0
+    assert verify(out) == []
+
+
 def test_corrupt_tile_marks_only_its_sources(survey, tmp_path):
     """Test that a truncated tile fails only its own sources, with TILE_ERROR and exit 1."""
     import shutil

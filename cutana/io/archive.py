@@ -647,8 +647,12 @@ def _verify_zarr(path, problems):
         if k in checksums and checksums[k] != value:
             problems.append(f"chunk {k}: the ledger and {name} disagree")
         checksums.setdefault(k, value)
-    if not writer.attrs.get("complete"):
-        problems.append("the run has not been finalised (attribute complete is false)")
+    complete = bool(writer.attrs.get("complete"))
+    if not complete:
+        problems.append(
+            "the run has not been finalised (attribute complete is false): "
+            "finish it with `cutana run ... --resume`"
+        )
     missing = [k for k in range(writer.n_chunks) if k not in checksums]
     if missing:
         problems.append(
@@ -664,7 +668,13 @@ def _verify_zarr(path, problems):
             absent.append(k)
             continue
         try:
-            digest = chunk_digest(*writer.read_chunk(k), writer.checksum)
+            parts = writer.read_chunk(k)
+            if not writer.rows_in_chunks and not complete and k in ledger.chunk_rows:
+                # format 4: an unfinished run's statuses and geometry are in
+                # the ledger, and reach the store only when it is finalised
+                status_k, geometry_k = ledger.chunk_rows[k]
+                parts = (parts[0], status_k, *split_geometry(geometry_k))
+            digest = chunk_digest(*parts, writer.checksum)
         except (RuntimeError, ValueError, OSError) as exc:  # undecodable chunk
             logger.info("chunk %d of %s cannot be read: %s", k, path, exc)
             digest = None

@@ -131,7 +131,9 @@ def _add_run_options(p, *, with_output=True):
         "fits_file_paths column)",
     )
     g.add_argument("--bands", nargs="+", metavar="BAND",
-                   help="bands to cut, in channel order (default: all, in order found)")
+                   help="bands to cut, in channel order (default: all; with "
+                   "--tiles in the order of their file names, else of each row's "
+                   "fits_file_paths)")
     g.add_argument("--size", type=_positive_float, metavar="N",
                    help="cutout size in pixels for every source (overrides "
                    "diameter_pixel / diameter_arcsec columns)")
@@ -142,12 +144,14 @@ def _add_run_options(p, *, with_output=True):
                    "--target-size, else none)")
     g = p.add_argument_group("catalogue columns (default: the usual names, any case)")
     g.add_argument("--id-column", metavar="NAME",
-                   help="source id column (default: SourceID, source_id, object_id "
-                   "or id)")
+                   help="source id column (default: SourceID, source_id, "
+                   "object_id, objectid or id)")
     g.add_argument("--ra-column", metavar="NAME",
-                   help="right ascension column, degrees or a unit (default: RA)")
+                   help="right ascension column, degrees or a unit (default: RA, "
+                   "RA_deg, RAJ2000, ALPHA_J2000, ...)")
     g.add_argument("--dec-column", metavar="NAME",
-                   help="declination column, degrees or a unit (default: Dec)")
+                   help="declination column, degrees or a unit (default: Dec, "
+                   "Dec_deg, DEJ2000, DELTA_J2000, ...)")
     g = p.add_argument_group("values")
     g.add_argument("--normalize", choices=NORMALIZATIONS,
                    help="stretch applied per cutout and band (default: none)")
@@ -162,7 +166,8 @@ def _add_run_options(p, *, with_output=True):
                    help="zscale samples (default: 1000)")
     g.add_argument("--crop", type=_crop, metavar="F",
                    help="compute stretch limits on the central crop (a fraction "
-                   "<= 1 of the size such as 0.5, or a whole number of pixels)")
+                   "<= 1 of the size such as 0.5, or a whole number of pixels: "
+                   "1.0 is the whole image, 1 one pixel)")
     g.add_argument("--flux-conversion", action="store_true", default=None,
                    help="convert pixel values to Jansky with the header zero point "
                    "(not those of flag, mask and PSF planes)")

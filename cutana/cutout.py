@@ -1245,7 +1245,8 @@ class BatchCutout2D:
         Parameters
         ----------
         method : {'none', 'linear', 'sqrt', 'log', 'asinh', 'zscale'}, optional
-            The stretch.
+            The stretch (default 'asinh', the usual choice for cutouts
+            of a survey; `cutana.normalization.normalize` defaults to 'none').
         stack : `~numpy.ndarray`, optional
             The stack to normalise, e.g. from `resample`; default `data`.
         percentile : float, optional

@@ -256,11 +256,17 @@ def build_parser():
 
     p = sub.add_parser("demo", help="generate a small synthetic survey and run on it",
                        description="Generate a small synthetic Euclid-like survey "
-                       "(2 x 2 tiles, 4 bands) and cut it.")
-    p.add_argument("--output", "-o", default="cutana-demo", help="output folder")
-    p.add_argument("--workers", type=_positive_int, default=1, metavar="N")
-    p.add_argument("--format", choices=("zarr", "fits"), default="zarr")
-    p.add_argument("--n-sources", type=_positive_int, default=400, metavar="N")
+                       "(2 x 2 tiles, 4 bands) in OUTPUT/survey and cut it into "
+                       "OUTPUT/cutouts: 64 x 64 pixels (bilinear), flux conversion, "
+                       "asinh stretch, uint8.")
+    p.add_argument("--output", "-o", default="cutana-demo",
+                   help="output folder (default: cutana-demo)")
+    p.add_argument("--workers", type=_positive_int, default=1, metavar="N",
+                   help="worker processes (default: 1)")
+    p.add_argument("--format", choices=("zarr", "fits"), default="zarr",
+                   help="output format (default: zarr)")
+    p.add_argument("--n-sources", type=_positive_int, default=400, metavar="N",
+                   help="sources in the catalogue (default: 400)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing demo")
 
     p = sub.add_parser("verify", help="check an output against its catalogue and ledger",

@@ -1112,9 +1112,14 @@ def make_cutouts(
         raise ConfigError(msg)
 
     opts.validate()
+    # workers in another working folder (a Dask cluster's) write here too
+    output = os.path.abspath(output)
+    own_client = client is None and opts.backend == "dask" and bool(opts.scheduler)
+    if own_client:  # reached now: an unreachable one is a usage error
+        client = _connect(opts.scheduler)
     lock = _OutputLock(output)
-    lock.acquire()  # before anything reads or changes the output
     try:
+        lock.acquire()  # before anything reads or changes the output
         # worker processes start (and import cutana) while the catalogue is read
         executor = Executor(
             opts.backend,
@@ -1149,7 +1154,24 @@ def make_cutouts(
         runner.close(report)
     finally:
         lock.release()
+        if own_client:
+            client.close()
     return report
+
+
+def _connect(scheduler):
+    """A `distributed.Client` of the Dask scheduler at ``scheduler``, or a
+    `ConfigError` saying it cannot be reached (before anything is written)."""
+    try:
+        from distributed import Client
+    except ImportError as exc:  # pragma: no cover - optional dependency
+        msg = "the dask backend needs dask[distributed]: pip install 'cutana[dask]'"
+        raise ConfigError(msg) from exc
+    try:
+        return Client(scheduler)
+    except (OSError, TimeoutError, ValueError) as exc:
+        msg = f"cannot reach the Dask scheduler {scheduler!r} (--scheduler): {exc}"
+        raise ConfigError(msg) from None
 
 
 class _OutputLock:

@@ -503,22 +503,28 @@ def _expand(paths):
             found = sorted(glob.glob(os.path.expanduser(local)))
             if not found:
                 errors.append((entry, f"{entry}: no file matches this pattern"))
-            out.extend(found)
+            out.extend(_absolute(found))
         elif os.path.isdir(local):
             found = sorted(
                 os.path.join(local, n) for n in os.listdir(local) if _is_fits_name(n)
             )
             if not found:
                 errors.append((entry, f"{entry}: folder holds no FITS file"))
-            out.extend(found)
+            out.extend(_absolute(found))
         else:
-            out.append(entry)
+            out.extend(_absolute([entry]) if entry == local else [entry])
     seen, unique = set(), []
     for p in out:
         if p not in seen:
             seen.add(p)
             unique.append(p)
     return unique, errors
+
+
+def _absolute(paths):
+    """Local paths made absolute, so that workers in another working folder
+    (those of a Dask cluster, say) open the same files."""
+    return [os.path.abspath(os.path.expanduser(p)) for p in paths]
 
 
 def _stem(path):

@@ -532,6 +532,63 @@ def test_dask_backend_gives_identical_bytes(survey, zarr_run, tmp_path):
     assert files_bytes(out) == files_bytes(out2)
 
 
+def test_unreachable_dask_scheduler_is_a_usage_error(survey, tmp_path):
+    """Test that a --scheduler that cannot be reached is a ConfigError (exit
+    2) before anything is written: it was a traceback with exit 1, and a
+    half-made store that a plain rerun refused."""
+    pytest.importorskip("distributed")
+    import dask
+
+    out = tmp_path / "o.zarr"
+    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
+        with pytest.raises(ConfigError, match="cannot reach the Dask scheduler"):
+            cutana.make_cutouts(
+                survey.catalogue_path, out, size=21, backend="dask",
+                scheduler="tcp://127.0.0.1:1", progress=False,
+            )
+    assert not out.exists()
+
+
+def test_relative_output_and_tiles_reach_workers_in_another_folder(
+    survey, tmp_path, monkeypatch
+):
+    """Test that a relative output and relative --tiles are made absolute
+    before tasks go to workers, which may run in another working folder (a
+    Dask cluster's): workers there staged their jobs in their own folder,
+    and the run failed. Here the main process changes folder once the
+    tasks are made, as the workers' folder would differ."""
+    import shutil
+
+    from cutana import pipeline
+
+    here = tmp_path / "here"
+    shutil.copytree(os.path.dirname(survey.tile_paths[0][0]), here / "tiles")
+    clean = tmp_path / "clean.zarr"
+    cutana.make_cutouts(
+        survey.catalogue_path, clean, size=21, tiles=[str(here / "tiles" / "*.fits")],
+        progress=False,
+    )
+    monkeypatch.chdir(here)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    original = pipeline._Runner.run
+
+    def run_elsewhere(self, executor):
+        os.chdir(elsewhere)  # as a worker in another folder
+        return original(self, executor)
+
+    monkeypatch.setattr(pipeline._Runner, "run", run_elsewhere)
+    report = cutana.make_cutouts(
+        survey.catalogue_path, "o.zarr", size=21, tiles=["tiles/*.fits"],
+        max_sources_per_job=9, progress=False,
+    )
+    assert report.exit_code == 0
+    assert os.listdir(elsewhere) == []
+    got, ref = cutana.open(here / "o.zarr"), cutana.open(clean)
+    np.testing.assert_array_equal(got.images[:], ref.images[:])
+    np.testing.assert_array_equal(got.status[:], ref.status[:])
+
+
 @pytest.mark.parametrize("dtype", [">f8", ">i4"])
 def test_wide_tiles_are_stretched_from_their_own_values(tmp_path, dtype):
     """Test that float64 and int32 tiles are cut and stretched from their

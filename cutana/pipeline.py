@@ -20,6 +20,7 @@ import numbers
 import os
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 
 try:
@@ -1957,8 +1958,11 @@ def iter_cutouts(catalog, **options):
     Yields
     ------
     batch : `~cutana.pipeline.CutoutBatch`
-        ``(n, C, H, W)`` images with their rows and metadata; rows that are
-        not cut (bad rows, off-tile) are not yielded.
+        ``(n, C, H, W)`` images with their rows and metadata. Rows that are
+        not cut (bad rows, off-tile) are not yielded; nor are the rows of
+        tiles that cannot be read, which a `RuntimeWarning` counts. A tile
+        that fails while its batch is cut gives that batch with status
+        ``TILE_ERROR`` and zero images.
 
     Examples
     --------
@@ -1975,6 +1979,16 @@ def iter_cutouts(catalog, **options):
     options = {k: v for k, v in options.items() if k not in ("workers", "backend")}
     prepared = _prepare(catalog, RunOptions.from_keywords(options), chunked=False)
     cat = prepared.catalog
+    plan = prepared.plan
+    failed = np.flatnonzero(np.asarray(plan.base_status) == Status.TILE_ERROR)
+    if len(failed):  # not silently: make_cutouts reports them, exit 1
+        first = int(failed[0])
+        warnings.warn(
+            f"{len(failed)} rows are not yielded because their tiles cannot be "
+            f"read, e.g. row {first}: {plan.messages.get(first, 'tile error')}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     try:
         for job in prepared.plan.jobs:
             result = cut_job(prepared.settings, prepared.index.tiles[job.tile], job)

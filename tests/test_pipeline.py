@@ -322,6 +322,35 @@ def test_existing_output_refused_then_overwritten(survey, tmp_path):
     assert report.exit_code == 0
 
 
+def test_iter_cutouts_warns_of_rows_of_unreadable_tiles(survey, tmp_path):
+    """Test that `iter_cutouts` warns of the rows it does not yield because
+    their tile cannot be read (make_cutouts gives them TILE_ERROR and exit
+    1): a training loop lost them without a sign."""
+    import shutil
+
+    dst = tmp_path / "tiles"
+    shutil.copytree(os.path.dirname(survey.tile_paths[0][0]), dst)
+    victim = dst / os.path.basename(survey.tile_paths[1][0])
+    with open(victim, "r+b") as fh:
+        fh.truncate(1000)  # not even a whole header
+    opts = dict(size=21, tiles=[str(dst / "*.fits")])
+    report = cutana.make_cutouts(survey.catalogue_path, tmp_path / "o.zarr",
+                                 progress=False, **opts)
+    failed = np.flatnonzero(
+        np.asarray(cutana.open(tmp_path / "o.zarr").status) == Status.TILE_ERROR
+    )
+    assert report.exit_code == 1 and len(failed)
+    with pytest.warns(RuntimeWarning) as caught:
+        rows = np.concatenate([b.rows for b in cutana.iter_cutouts(
+            survey.catalogue_path, **opts)])
+    (warning,) = [w for w in caught if "not yielded" in str(w.message)]
+    assert str(warning.message).startswith(
+        f"{len(failed)} rows are not yielded because their tiles cannot be read, "
+        f"e.g. row {failed[0]}: "
+    )
+    assert not np.isin(failed, rows).any()
+
+
 def test_resume_after_interruption_is_byte_identical(survey, zarr_run, tmp_path, monkeypatch):
     """Test that a run interrupted mid-way and resumed equals an uninterrupted run."""
     from cutana import pipeline

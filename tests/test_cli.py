@@ -334,6 +334,37 @@ def test_verify_detects_tampering(survey, tmp_path, capsys):
     assert main(["verify", str(out)]) == 1
 
 
+@pytest.mark.parametrize("damage", ["other_file", "shared_file", "status"])
+def test_verify_checks_fits_files_against_the_index(survey, tmp_path, capsys, damage):
+    """Test that ``cutana verify`` of a FITS output checks each file's ROW,
+    STATUS and SRCID against ``index.ecsv``, and that no two rows name one
+    file: a file replaced by another row's, two rows sharing a file and a
+    status changed in the index all passed."""
+    import shutil
+
+    from astropy.table import Table
+
+    out = tmp_path / "f"
+    assert main(["run", survey.catalogue_path, "-o", str(out), "--size", "15",
+                 "--format", "fits", "--no-progress"]) == 0
+    assert main(["verify", str(out)]) == 0
+    index = Table.read(out / "index.ecsv", format="ascii.ecsv")
+    a, b = [int(r) for r in np.flatnonzero(np.asarray(index["status"]) == 0)[:2]]
+    words = "are not the index's"
+    if damage == "other_file":
+        shutil.copy(out / index["file"][b], out / index["file"][a])
+    else:
+        if damage == "shared_file":
+            index["file"][a] = index["file"][b]
+            words = f"all name the file {index['file'][b]}"
+        else:
+            index["status"][a] = 1
+        index.write(out / "index.ecsv", format="ascii.ecsv", overwrite=True)
+    capsys.readouterr()
+    assert main(["verify", str(out)]) == 1
+    assert words in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(("array", "where", "problem"), [
     ("status", 5, "the per-row arrays cannot be read"),  # inside the compressed header
     ("ra", None, "position ("),  # a value, in the middle of the chunk

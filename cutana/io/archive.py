@@ -16,7 +16,7 @@ from astropy.table import Table
 from astropy.wcs import WCS, FITSFixedWarning
 
 from ..status import Status
-from .fits import INDEX_NAME, _check_name
+from .fits import INDEX_NAME, _check_name, _fits_text
 from .ledger import Ledger
 from .zarr import CHECKSUMS, ZarrWriter, chunk_digest, split_geometry
 
@@ -717,10 +717,17 @@ def _verify_fits(path, problems):
     one_shape = config.get("target_size") is not None or config.get("size") is not None
     shape = None
     bad_files = []
+    names, counts = np.unique(archive.files[has_file], return_counts=True)
+    for name in names[counts > 1][:_MAX_LISTED]:
+        rows = np.flatnonzero(archive.files == name)
+        problems.append(f"rows {_listed(rows)} all name the file {name}")
+    ids = np.asarray(archive.source_id).astype(str)
     for i in np.flatnonzero(has_file).tolist():
         name = archive.files[i]
         try:
-            this = _fits_file_shape(path, name, archive.bands)
+            this = _fits_file_shape(
+                path, name, archive.bands, (i, int(archive.status[i]), ids[i])
+            )
             if shape is None or not one_shape:
                 shape = this
             elif this != shape:
@@ -735,12 +742,24 @@ def _verify_fits(path, problems):
         )
 
 
-def _fits_file_shape(path, name, bands):
-    """Open one cutout file and return its ``(C, H, W)``; raise if it is wrong."""
+def _fits_file_shape(path, name, bands, listed=None):
+    """Open one cutout file and return its ``(C, H, W)``; raise if it is wrong
+    (also if its ``ROW``, ``STATUS`` and ``SRCID`` are not ``listed``, the
+    index's ``(row, status, source id)``)."""
     _check_name(name)
     with fits.open(os.path.join(path, name)) as hdul:
         names = [hdu.name for hdu in hdul[1:]]
         shapes = {None if hdu.data is None else hdu.data.shape for hdu in hdul[1:]}
+        head = hdul[0].header
+        found = (head.get("ROW"), head.get("STATUS"), head.get("SRCID"))
+    if listed is not None:
+        row, status, srcid = listed
+        if found != (row, status, _fits_text(srcid)):
+            msg = (
+                f"its ROW, STATUS, SRCID {found} are not the index's "
+                f"{(row, status, _fits_text(srcid))}"
+            )
+            raise ValueError(msg)
     if bands and [b.upper() for b in bands] != names:
         msg = f"band HDUs {names} do not match the bands {list(bands)}"
         raise ValueError(msg)
@@ -758,9 +777,10 @@ def verify_output(path):
     chunk present and matching the checksum recorded for it (in the store's
     ``chunk_crc32c`` or ``chunk_sha256`` once finalised, or in the ledger).
     For a FITS folder: the index lists every row with a known status, and
-    every row with a cutout has a readable file with one HDU per band, all
-    of one shape (and all files of one shape, unless the cutouts' sizes
-    came from the catalogue's size column).
+    every row with a cutout has a readable file of its own with one HDU per
+    band, all of one shape (and all files of one shape, unless the cutouts'
+    sizes came from the catalogue's size column), whose ``ROW``, ``STATUS``
+    and ``SRCID`` are the index's.
 
     Parameters
     ----------

@@ -334,6 +334,25 @@ def test_verify_detects_tampering(survey, tmp_path, capsys):
     assert main(["verify", str(out)]) == 1
 
 
+def test_verify_checks_the_recorded_status_counts(survey, tmp_path, capsys):
+    """Test that ``cutana verify`` compares a finished store's
+    ``status_counts`` attribute with its status array (an edited count
+    passed)."""
+    import json
+
+    out = tmp_path / "o.zarr"
+    assert main(["run", survey.catalogue_path, "-o", str(out), "--size", "15",
+                 "--no-progress"]) == 0
+    meta = json.loads((out / "zarr.json").read_text())
+    counts = meta["attributes"]["status_counts"]
+    counts["OK"] += 1
+    counts["BAD_ROW"] -= 1
+    (out / "zarr.json").write_text(json.dumps(meta))
+    capsys.readouterr()
+    assert main(["verify", str(out)]) == 1
+    assert "the attribute status_counts" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("damage", ["other_file", "shared_file", "status"])
 def test_verify_checks_fits_files_against_the_index(survey, tmp_path, capsys, damage):
     """Test that ``cutana verify`` of a FITS output checks each file's ROW,

@@ -624,6 +624,18 @@ def _verify_zarr(path, problems):
         problems.append(f"the per-row arrays cannot be read: {kind}: {exc}")
         return
     _check_status(status, problems)
+    recorded = writer.attrs.get("status_counts")
+    if writer.attrs.get("complete") and isinstance(recorded, dict):
+        values, counts = np.unique(status, return_counts=True)
+        names = {s.value: s.name for s in Status}
+        actual = {names.get(int(v), str(int(v))): int(c) for v, c in zip(
+            values, counts, strict=True)}
+        listed = {k: int(v) for k, v in recorded.items() if v}
+        if listed != actual:
+            problems.append(
+                f"the attribute status_counts {listed} disagrees with the status "
+                f"array {actual}"
+            )
     bad = np.flatnonzero((tile < -1) | (tile >= len(writer.attrs.get("tiles", []))))
     if len(bad):
         problems.append(

@@ -170,6 +170,12 @@ class RunOptions:
             or np.asarray(self.crop).dtype.kind not in "iuf"
         ):
             _bad("crop", self.crop, "a fraction in (0, 1] or a number of pixels")
+        if _is_int(self.crop) and 0 < self.crop < 3:  # (1.0 is the whole image)
+            logger.warning(
+                "crop=%d takes the stretch limits from the central %d x %d "
+                "pixel(s) of each cutout; give 1.0 for the whole cutout",
+                self.crop, self.crop, self.crop,
+            )
         if self.target_size is not None:
             self.target_size = _positive_int("target_size", self.target_size)
         if self.resample is None:

@@ -1016,3 +1016,18 @@ def test_tile_without_a_band_names_it(survey, tmp_path):
     for r in failed:
         assert f"has no file for band {BANDS[1]}" in report.messages[int(r)]
         assert not np.any(arch.images[r])
+
+
+def test_crop_of_one_or_two_pixels_warns(caplog):
+    """Test that a whole-number crop of 1 or 2 pixels, which takes the
+    stretch limits from as many pixels (``1.0`` is the whole cutout), is
+    warned of; other crops are not."""
+    from cutana.pipeline import RunOptions
+
+    for crop, warned in ((1, True), (2, True), (1.0, False), (0.5, False), (5, False)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="cutana.pipeline"):
+            options = RunOptions(size=16, normalize="linear", crop=crop)
+            options.memory_limit = "1GB"
+            options.validate()
+        assert ("give 1.0 for the whole cutout" in caplog.text) is warned, crop

@@ -162,6 +162,9 @@ class BandFile:
         The HDU header as a string (`astropy.io.fits.Header.tostring`).
     compressed : bool
         Whether the HDU is a tile-compressed image (`~astropy.io.fits.CompImageHDU`).
+    primary_header : str
+        The primary header as a string when the image is in an extension
+        (keywords such as the zero point may be there), else ``''``.
 
     Examples
     --------
@@ -188,6 +191,7 @@ class BandFile:
     dtype: str
     header: str
     compressed: bool = False
+    primary_header: str = ""
 
     def fits_header(self):
         """Return the header as a new `~astropy.io.fits.Header`.
@@ -240,9 +244,15 @@ class BandFile:
         ------
         TileError
             If the keyword is present but not a finite number.
+
+        Notes
+        -----
+        The image HDU's header is looked at first, then, for an image in an
+        extension, the primary header (as for the band and tile keywords).
         """
-        header = _parse_header(self.header)
-        raw = header.get(keyword)
+        raw = _parse_header(self.header).get(keyword)
+        if raw is None and self.primary_header:
+            raw = _parse_header(self.primary_header).get(keyword)
         if raw is None or isinstance(raw, fits.card.Undefined):
             return None
         try:
@@ -278,6 +288,7 @@ class BandFile:
             "dtype": self.dtype,
             "header": self.header,
             "compressed": bool(self.compressed),
+            "primary_header": self.primary_header,
         }
 
     @classmethod
@@ -302,6 +313,7 @@ class BandFile:
             dtype=d["dtype"],
             header=d["header"],
             compressed=bool(d["compressed"]),
+            primary_header=d.get("primary_header", ""),
         )
 
 
@@ -577,6 +589,7 @@ class _Record:
     dtype: str
     header: str
     compressed: bool
+    primary_header: str = ""
 
     def band_file(self, band=None):
         return BandFile(
@@ -587,6 +600,7 @@ class _Record:
             dtype=self.dtype,
             header=self.header,
             compressed=self.compressed,
+            primary_header=self.primary_header,
         )
 
 
@@ -731,6 +745,7 @@ def _read_record(path, hdu=None):
                     else np.dtype(code).newbyteorder(">").str
                 )
                 text = header.tostring()
+                primary_text = primary.tostring() if index != 0 else ""
                 band = _header_value([header, primary], _BAND_KEYWORDS)
                 tile_id = _header_value([header, primary], ("TILEID",))
                 hdu_id = index if hdu is None or isinstance(hdu, int) else hdu
@@ -792,6 +807,7 @@ def _read_record(path, hdu=None):
         dtype=dtype,
         header=text,
         compressed=compressed,
+        primary_header=primary_text,
     )
 
 

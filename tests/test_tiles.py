@@ -443,6 +443,45 @@ def test_band_file_helpers(tmp_path):
     assert header["BAND"] == "VIS"
 
 
+def test_zero_point_in_the_primary_header_of_an_extension_image(tmp_path):
+    """Test that the zero point of an image in an extension is also looked
+    for in the primary header, as its band and tile keywords are (an
+    empty primary holding MAGZERO, the usual multi-extension layout, made
+    every source a TILE_ERROR under flux conversion); the image's own
+    header comes first."""
+    from astropy.coordinates import SkyCoord
+    from astropy.nddata import Cutout2D
+
+    import cutana
+
+    data = np.random.default_rng(2).normal(100, 10, (60, 80)).astype(">f4")
+    wcs = _wcs((150.0, 2.0), data.shape)
+    primary = fits.PrimaryHDU()
+    primary.header.update({"MAGZERO": 25.0, "ZPALT": 23.0, "BAND": "VIS"})
+    image = fits.ImageHDU(data, wcs.to_header(), name="SCI")
+    image.header["ZPALT"] = 24.0
+    fits.HDUList([primary, image]).writeto(tmp_path / "mef.fits")
+    band = TileIndex.from_paths(str(tmp_path / "mef.fits")).tiles[0].bands[0]
+    assert band.hdu == 1 and band.zeropoint() == 25.0
+    assert band.zeropoint("ZPALT") == 24.0  # the image's own header first
+    assert BandFile.from_dict(band.to_dict()) == band
+    make_tile(tmp_path / "plain.fits")  # the image in the primary: no copy
+    plain = TileIndex.from_paths(str(tmp_path / "plain.fits")).tiles[0].bands[0]
+    assert plain.primary_header == ""
+
+    cat = tmp_path / "cat.csv"
+    sky = wcs.pixel_to_world(40.2, 30.7)
+    cat.write_text(f"SourceID,RA,Dec\na,{float(sky.ra.deg)!r},{float(sky.dec.deg)!r}\n")
+    out = tmp_path / "o.zarr"
+    report = cutana.make_cutouts(cat, out, size=9, tiles=[str(tmp_path / "mef.fits")],
+                                 flux_conversion=True, progress=False)
+    assert report.exit_code == 0 and report.counts == {"OK": 1}
+    ref = Cutout2D(data, SkyCoord(sky.ra, sky.dec), 9, wcs=wcs, mode="partial")
+    expected = ref.data.astype(np.float64) * 3631 * 10 ** (-0.4 * 25.0)
+    got = cutana.open(out).images[0, 0]
+    np.testing.assert_array_equal(got, expected.astype(np.float32))
+
+
 # --------------------------------------------------------------------------
 # ESA Cutana file lists
 # --------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from .status import Status
 
 __all__ = [
     "COLUMN_ALIASES",
+    "COLUMN_OPTIONS",
     "MAX_SIZE_ARCSEC",
     "MAX_SIZE_PIXEL",
     "Catalog",
@@ -62,6 +63,10 @@ COLUMN_ALIASES = {
     "diameter_arcsec": ("diameter_arcsec",),
     "files": ("fits_file_paths",),
 }
+
+#: The keywords of `read_catalog` that name its columns where they are not
+#: under the usual names (`COLUMN_ALIASES`).
+COLUMN_OPTIONS = ("id_column", "ra_column", "dec_column")
 
 #: Largest accepted cutout diameter in pixels.
 MAX_SIZE_PIXEL = 100_000

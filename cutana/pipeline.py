@@ -32,7 +32,7 @@ import numpy as np
 
 from ._choices import DTYPES, FORMATS, RESAMPLE
 from ._threads import available_cores
-from .catalog import COLUMN_ALIASES, read_catalog
+from .catalog import COLUMN_ALIASES, COLUMN_OPTIONS, read_catalog
 from .exceptions import ConfigError
 from .executor import (
     BACKENDS,
@@ -84,8 +84,6 @@ _CHUNKS_PER_TASK = 8
 _EXECUTION_OPTIONS = (
     "workers", "threads", "memory_limit", "backend", "scheduler", "max_sources_per_job",
 )
-# the catalogue's columns, by name, where they are not under the usual names
-_COLUMN_OPTIONS = ("id_column", "ra_column", "dec_column")
 
 
 @dataclass
@@ -147,7 +145,7 @@ class RunOptions:
         # keywords: one type per option, so that equal options compare equal
         self.tiles = _path_list("tiles", self.tiles)
         self.bands = _path_list("bands", self.bands)
-        for name in _COLUMN_OPTIONS:
+        for name in COLUMN_OPTIONS:
             value = getattr(self, name)
             if value is not None and not (isinstance(value, str) and value.strip()):
                 _bad(name, value, "a column name")
@@ -287,7 +285,7 @@ class RunOptions:
         config = asdict(self)
         for key in _EXECUTION_OPTIONS:
             config.pop(key, None)
-        for key in _COLUMN_OPTIONS:  # given only when the names are not the usual
+        for key in COLUMN_OPTIONS:  # given only when the names are not the usual
             if config[key] is None:
                 del config[key]
         return config
@@ -494,7 +492,7 @@ def _prepare(catalog, options, *, parent_bytes=None, chunked=True):
     files_column = False if options.tiles else None
     cat = read_catalog(
         catalog, size=options.size, files_column=files_column,
-        **{name: getattr(options, name) for name in _COLUMN_OPTIONS},
+        **{name: getattr(options, name) for name in COLUMN_OPTIONS},
     )
     try:
         if options.tiles:

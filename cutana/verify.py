@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 
-from .catalog import read_catalog
+from .catalog import COLUMN_OPTIONS, read_catalog
 from .exceptions import CatalogError
 from .io.archive import open_output, verify_output
 from .status import Status
@@ -72,8 +72,7 @@ def verify(output, catalogue=None):
     files_column = False if archive.config.get("tiles") else None
     try:
         # the columns the run was told to read (see --id-column etc.)
-        names = ("id_column", "ra_column", "dec_column")
-        columns = {k: archive.config.get(k) for k in names}
+        columns = {k: archive.config.get(k) for k in COLUMN_OPTIONS}
         cat = read_catalog(source, size=size, files_column=files_column, **columns)
     except CatalogError as exc:
         problems.append(f"{source}: {exc}")

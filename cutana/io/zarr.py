@@ -867,8 +867,7 @@ class ZarrWriter:
         # few files later, for the next files to reuse (see FileSeries). One
         # series takes all the image chunks: its thread goes on with a run's
         # last files while the next run is compressed, and is waited for once
-        images = FileSeries(direct=background)
-        try:
+        with FileSeries(direct=background) as images:
             for run in _runs(chunks, per_run):
                 r0 = self.chunk_range(run[0])[0]
                 r1 = self.chunk_range(run[-1])[1]
@@ -894,18 +893,13 @@ class ZarrWriter:
                 # else written)
                 for name, data in self._stored(block, geometry):
                     if name == "images":
-                        files = images
+                        written = self._write_direct(name, run, r0, data, images)
                     else:
                         images.close()
-                        files = FileSeries(direct=background)
-                    try:
-                        if not self._write_direct(name, run, r0, data, files):
-                            self._array(name)[r0:r1] = data
-                    finally:
-                        if files is not images:
-                            files.close()
-        finally:
-            images.close()
+                        with FileSeries(direct=background) as files:
+                            written = self._write_direct(name, run, r0, data, files)
+                    if not written:
+                        self._array(name)[r0:r1] = data
         logger.debug("wrote %d chunks of %s", len(chunks), self.path)
         return checksums
 

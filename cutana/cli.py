@@ -242,7 +242,9 @@ def build_parser():
                        "and OUT may come from the --config file instead.")
     _add_run_options(p)
     p.add_argument("--resume", action="store_true", default=None,
-                   help="finish an interrupted run into --output")
+                   help="finish an interrupted run into --output; of a finished "
+                   "run, cut the sources it could not cut (TILE_ERROR) whose tiles "
+                   "can be read now")
     p.add_argument("--overwrite", action="store_true", default=None,
                    help="replace an existing --output")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -42,6 +42,7 @@ from .executor import (
     default_backend,
 )
 from .io import (
+    ChunksWritten,
     FitsWriter,
     JobResult,
     Ledger,
@@ -62,7 +63,7 @@ from .io import (
 from .io._writeback import release_buffers
 from .io.zarr import creation_interrupted
 from .normalization import NORMALIZATIONS, Normalizer
-from .planner import Plan, available_memory, make_plan, parse_memory
+from .planner import Job, Plan, available_memory, make_plan, parse_memory
 from .processing import CutSettings, Scratch, cut_job
 from .status import STATUS_DESCRIPTIONS, Status
 from .tiles import TileIndex, close_kept_maps, missing_band_message
@@ -821,6 +822,18 @@ class _AssembleTask:
 
 
 @dataclass
+class _PatchTask:
+    """Rewrite written chunks of a finished store with rows cut again."""
+
+    out_dir: str
+    chunks: list
+    row_to_job: _Rows
+    status: _Rows
+    tile_map: np.ndarray
+    background_writes: bool = False
+
+
+@dataclass
 class _GroupTask:
     """Jobs that fill the same chunks, cut one after the other by one worker.
 
@@ -912,6 +925,12 @@ def _run_task_inner(task):
         )
     if isinstance(task, _GroupTask):
         return _run_group(task)
+    if isinstance(task, _PatchTask):
+        writer = ZarrWriter.open(task.out_dir)
+        return writer.patch_chunks(
+            task.chunks, task.row_to_job, task.status, tile_map=task.tile_map,
+            background=task.background_writes,
+        )
     result = cut_job(task.settings, task.tile, task.job, scratch=_SCRATCH)
     if task.format == "zarr":
         checksums = {}
@@ -1048,7 +1067,9 @@ def make_cutouts(
         once complete) if they are present: a missing one is cut again.
         `cutana.io.verify_output` (``cutana verify``) also checks every
         chunk's checksum. A finished output whose files were removed since
-        cannot be resumed (`~cutana.exceptions.ConfigError`).
+        cannot be resumed (`~cutana.exceptions.ConfigError`). Resuming a
+        finished output cuts its ``TILE_ERROR`` and ``NO_OVERLAP`` rows that
+        the tiles as they are now can cut, and keeps every other row.
     overwrite : bool, optional
         Replace an existing output (only a cutana output is ever removed).
         Without ``resume`` or ``overwrite`` an existing output is an error.
@@ -1284,6 +1305,7 @@ class _Runner:
         self.staged_rows = {}
         self.files = {}  # row -> FITS file name of the rows written
         self.background_writes = _core_to_spare(prepared.options)
+        self.repair = None  # a finished run's failed rows to cut again
 
     # -- setup ------------------------------------------------------------
     def start(self, resume, overwrite):
@@ -1303,17 +1325,11 @@ class _Runner:
                 resume, overwrite = False, True
         if resume and not os.path.exists(ledger_path):
             if self._complete_output():
-                # a run killed while removing its bookkeeping left some behind
+                # a run killed while removing its bookkeeping (or a repair,
+                # below) left some behind
                 remove_run_state(self.output)
                 self.already_complete = True
-                failed = int(np.count_nonzero(self.status == Status.TILE_ERROR))
-                if failed:
-                    logger.warning(
-                        "%s: its run had finished; its %d TILE_ERROR rows are final "
-                        "(--resume finishes interrupted runs, it does not cut failed "
-                        "sources again): once their tiles are fixed, run again with "
-                        "--overwrite", self.output, failed,
-                    )
+                self.repair = _Repair.plan(self)
                 return
             if not self._creation_interrupted():
                 if self.fmt == "zarr" and os.path.isfile(
@@ -1467,7 +1483,10 @@ class _Runner:
                 "--overwrite to start again)"
             )
             raise ConfigError(msg)
-        if self.fmt == "zarr" and not archive.attrs.get("complete", False):
+        attrs = archive.attrs if self.fmt == "zarr" else {}
+        if self.fmt == "zarr" and not (
+            attrs.get("complete", False) or attrs.get("repairing", False)
+        ):
             return False
         status = np.asarray(archive.status)
         if len(status) != self.plan.n_rows or (status == Status.PENDING).any():
@@ -1513,6 +1532,8 @@ class _Runner:
     # -- the run -----------------------------------------------------------
     def run(self, executor):
         if self.already_complete:
+            if self.repair is not None:
+                self.repair.run(executor)
             return
         plan = self.plan
         cat = self.p.catalog
@@ -1560,19 +1581,23 @@ class _Runner:
             self._add_group_chunks(group)
         if self.fmt == "zarr":
             tasks = self._ready_assembly_tasks() + tasks
+        self._execute(executor, tasks, "cutting", self._on_done, self._on_failed)
+
+    def _execute(self, executor, tasks, desc, on_done, on_failed):
+        """Run the tasks within the plan's memory budget, with a progress bar."""
         total = sum(len(j) for t in tasks for j in _jobs_of(t))
         if self.progress and total:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=total, unit="src", desc="cutting", smoothing=0.1)
-        executor.memory_budget = plan.job_budget
+            self._bar = tqdm(total=total, unit="src", desc=desc, smoothing=0.1)
+        executor.memory_budget = self.plan.job_budget
         try:
             executor.run(
                 _run_task,
                 tasks,
                 cost=lambda t: max((j.est_bytes for j in _jobs_of(t)), default=0),
-                on_done=self._on_done,
-                on_failed=self._on_failed,
+                on_done=on_done,
+                on_failed=on_failed,
             )
         finally:
             close_kept_maps()  # those of jobs run in this process
@@ -1581,6 +1606,8 @@ class _Runner:
 
     def finish(self):
         if self.already_complete:
+            if self.repair is not None:
+                self.repair.finish()
             return
         if self.fmt == "zarr":
             missing = [k for k in range(self.writer.n_chunks) if k not in self.checksums]
@@ -1594,24 +1621,30 @@ class _Runner:
                 self.writer.write_rows(self.status, self._geometry())
             self.writer.finalize(self.checksums, report={"counts": self._counts()})
         else:
-            write_index(
-                self.output,
-                np.arange(self.plan.n_rows),
-                self.p.catalog.source_id,
-                self.status,
-                [self.files.get(r, "") for r in range(self.plan.n_rows)],
-                self.messages,
-                ra=self.p.catalog.ra,
-                dec=self.p.catalog.dec,
-                meta={
-                    "bands": list(self.p.index.bands),
-                    "config": self.p.options.to_config(),
-                    "catalogue": self.p.catalog_path,
-                },
-            )
+            self._write_index()
+
+    def _write_index(self):
+        """Write the ``index.ecsv`` of a FITS output."""
+        write_index(
+            self.output,
+            np.arange(self.plan.n_rows),
+            self.p.catalog.source_id,
+            self.status,
+            [self.files.get(r, "") for r in range(self.plan.n_rows)],
+            self.messages,
+            ra=self.p.catalog.ra,
+            dec=self.p.catalog.dec,
+            meta={
+                "bands": list(self.p.index.bands),
+                "config": self.p.options.to_config(),
+                "catalogue": self.p.catalog_path,
+            },
+        )
 
     def close(self, report):
         if self.already_complete:
+            if self.repair is not None:
+                remove_run_state(self.output)  # the repair's staged jobs
             return
         self.ledger.run_finished(self.plan.fingerprint(), report.to_dict())
         self.ledger.close()
@@ -1861,6 +1894,19 @@ class _Runner:
                 self._add_direct_chunks(member, self.owner)
             return list(task.members)
         job = task.job
+        self._job_failed(task, failure)
+        if self.fmt == "zarr":
+            self.job_of_row[job.rows] = -1
+            self.job_chunks.pop(job.job_id, None)
+            if task.direct_chunks:
+                self.chunks_submitted.difference_update(task.direct_chunks)
+            return self._release_rows(job.rows)
+        return ()
+
+    def _job_failed(self, task, failure):
+        """Record a cut task that failed after its last attempt: its rows are
+        TILE_ERROR, with a message naming the tile and the error."""
+        job = task.job
         paths = ", ".join(b.path for b in task.tile.bands if b is not None)
         self.failures.append(
             f"job {job.job_id} (tile {task.tile.key}: {paths}): {failure.error}"
@@ -1873,13 +1919,6 @@ class _Runner:
             )
         if self._bar is not None:
             self._bar.update(len(job))
-        if self.fmt == "zarr":
-            self.job_of_row[job.rows] = -1
-            self.job_chunks.pop(job.job_id, None)
-            if task.direct_chunks:
-                self.chunks_submitted.difference_update(task.direct_chunks)
-            return self._release_rows(job.rows)
-        return ()
 
     # -- report ------------------------------------------------------------------
     def _counts(self):
@@ -1904,6 +1943,187 @@ class _Runner:
             exit_code=1 if failed else 0,
             memory_samples=[(round(t, 3), int(b)) for t, b in sampler.samples],
         )
+
+
+class _Repair:
+    """Cut again the rows a finished run could not cut (``--resume``).
+
+    A finished run keeps its ``TILE_ERROR`` rows (a tile that could not be
+    read, a job that failed twice) and its ``NO_OVERLAP`` rows. When it is
+    resumed, the tiles are indexed and the catalogue is planned anew, as for
+    any run; the rows of those two kinds that the new plan puts in a job are
+    cut, and the chunks (or FITS files) that hold them are written again,
+    with every other row as it was. Rows that still cannot be cut get the
+    new plan's status and message. Rows that were cut are never cut again.
+
+    Until it is finalised, the store says it is being repaired (attributes
+    ``complete`` false and ``repairing`` true); a repair that is stopped is
+    done again by the next ``--resume``.
+    """
+
+    def __init__(self, runner, jobs, status):
+        self.r = runner
+        self.jobs = jobs
+        self.old = runner.status.copy()  # as stored
+        self.status = status  # of the rows not cut again
+        self.remaining = len(jobs)
+        self.patched = ChunksWritten()
+        self.writer = None
+        self.tile_map = None
+        self.stored = None
+        self.job_of_row = None
+        self.pos = None
+
+    @classmethod
+    def plan(cls, runner):
+        """The repair of a finished output, or `None` if nothing changes."""
+        old = runner.status
+        base = np.asarray(runner.plan.base_status)
+        redo = np.isin(old, (Status.TILE_ERROR, Status.NO_OVERLAP))
+        jobs = []
+        for job in runner.plan.jobs:
+            keep = redo[job.rows]
+            if keep.any():
+                jobs.append(Job(
+                    job_id=len(jobs), tile=job.tile, rows=job.rows[keep],
+                    x=job.x[keep], y=job.y[keep], box=job.box[keep],
+                    est_bytes=job.est_bytes,
+                ))
+        status = old.copy()
+        settle = redo & (base != Status.PENDING)  # in no job: the new plan's
+        status[settle] = base[settle]
+        failed = np.flatnonzero(old == Status.TILE_ERROR)
+        if not jobs and np.array_equal(status, old):
+            if len(failed):
+                first = int(failed[0])
+                logger.warning(
+                    "%s: its run had finished; its %d TILE_ERROR rows still cannot "
+                    "be cut (row %d: %s)", runner.output, len(failed), first,
+                    runner.messages.get(first, "tile error"),
+                )
+            return None
+        n_jobs = sum(len(job) for job in jobs)
+        logger.warning(
+            "%s: its run had finished with %d TILE_ERROR rows; cutting the %d "
+            "TILE_ERROR or NO_OVERLAP rows that the tiles can cut now",
+            runner.output, len(failed), n_jobs,
+        )
+        return cls(runner, jobs, status)
+
+    def run(self, executor):
+        r = self.r
+        cat = r.p.catalog
+        bands = tuple(r.p.index.bands)
+        r.status = self.status.copy()
+        if r.fmt == "zarr":
+            self.writer = r.writer = r._open_writer()
+            self.stored = self.writer.stored_rows()
+            self.tile_map = self.writer.start_repair(
+                [_tile_record(t) for t in r.p.index.tiles]
+            )
+            self.job_of_row = np.full(r.plan.n_rows, -1, dtype=np.int64)
+            self.pos = np.full(r.plan.n_rows, -1, dtype=np.int64)
+        else:
+            r.writer = FitsWriter(r.output, bands)
+            stored = open_output(r.output).files.tolist()
+            r.files = {i: f for i, f in enumerate(stored) if f}
+            names = fits_filenames(cat.source_id)
+        clean_staging(r.output)
+        tasks = []
+        for job in self.jobs:
+            task = _CutTask(
+                settings=r.p.settings, tile=r.p.index.tiles[job.tile], job=job,
+                out_dir=r.output, format=r.fmt, bands=bands,
+                background_writes=r.background_writes,
+            )
+            if r.fmt == "fits":
+                task.ids = cat.source_id[job.rows]
+                task.ra = cat.ra[job.rows]
+                task.dec = cat.dec[job.rows]
+                task.files = names[job.rows]
+            tasks.append(task)
+        if not tasks and r.fmt == "zarr":  # statuses to change only
+            tasks = self._patch_tasks()
+        r._execute(executor, tasks, "cutting again", self._on_done, self._on_failed)
+
+    def _on_done(self, task, result):
+        r = self.r
+        if isinstance(result, _OutputFull):
+            msg = (
+                f"no space left on the device of {r.output!r} ({result.message}); "
+                "free some space, then run again with --resume"
+            )
+            raise OSError(errno.ENOSPC, msg)
+        if isinstance(task, _PatchTask):
+            self.patched.update(result)
+            return ()
+        job = task.job
+        r.n_cut += len(job)
+        if r._bar is not None:
+            r._bar.update(len(job))
+        r._record(job.rows, result.status, result.messages, result.files)
+        if r.fmt == "zarr":
+            self.job_of_row[result.staged_rows] = job.job_id
+            self.pos[result.staged_rows] = np.arange(len(result.staged_rows))
+        return self._job_settled()
+
+    def _on_failed(self, failure):
+        r = self.r
+        task = failure.task
+        if isinstance(task, _PatchTask):
+            # those chunks keep what they held, and their rows their status
+            r.failures.append(f"writing chunks {task.chunks} again: {failure.error}")
+            for k in task.chunks:
+                a, b = self.writer.chunk_range(k)
+                r.status[a:b] = self.old[a:b]
+            return ()
+        r._job_failed(task, failure)
+        return self._job_settled()
+
+    def _job_settled(self):
+        """After the last job, the tasks that write the changed chunks."""
+        self.remaining -= 1
+        if self.remaining or self.r.fmt != "zarr":
+            return ()
+        return self._patch_tasks()
+
+    def _patch_tasks(self):
+        r = self.r
+        writer = self.writer
+        changed = (r.status != self.old) | (self.job_of_row >= 0)
+        chunks = np.unique(np.flatnonzero(changed) // writer.chunk_rows).tolist()
+        tasks = []
+        for i in range(0, len(chunks), _CHUNKS_PER_TASK):
+            group = chunks[i : i + _CHUNKS_PER_TASK]
+            lo = writer.chunk_range(group[0])[0]
+            hi = writer.chunk_range(group[-1])[1]
+            tasks.append(_PatchTask(
+                out_dir=r.output,
+                chunks=group,
+                row_to_job=_Rows(lo, self.job_of_row[lo:hi], self.pos[lo:hi]),
+                status=_Rows(lo, r.status[lo:hi].copy()),
+                tile_map=self.tile_map,
+                background_writes=r.background_writes,
+            ))
+        return tasks
+
+    def finish(self):
+        r = self.r
+        if r.fmt != "zarr":
+            r._write_index()
+            return
+        writer = self.writer
+        status, geometry = self.stored
+        for k, (rows_status, rows_geometry) in self.patched.rows.items():
+            a, b = writer.chunk_range(k)
+            status[a:b] = rows_status
+            geometry[a:b] = rows_geometry
+        r.status = status
+        checksums = writer.stored_checksums()
+        checksums.update(self.patched)
+        if not writer.rows_in_chunks:
+            writer.write_rows(status, geometry)
+        writer.finalize(dict(checksums), report={"counts": r._counts()})
 
 
 def _tile_record(tile):

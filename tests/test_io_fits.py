@@ -2,6 +2,7 @@
 """Tests of the FITS writer, safe file names and the FITS index."""
 
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -426,3 +427,36 @@ def test_fits_job_staging_keeps_files(tmp_path):
     assert back.files.tolist() == ["a.fits", ""]
     assert back.images.shape == (2, 0, 0, 0)
     assert back.messages == {9: "no overlap"}
+
+
+@pytest.mark.parametrize("length", [20, 55, 60, 68, 69, 120])
+def test_long_tile_paths_and_ids_are_written_whole(tmp_path, length):
+    """Test that a tile path or source id too long for its comment on one
+    card (51 to 68 characters) is written whole, without the comment, and
+    without astropy's VerifyWarning (an error under -W error, which failed
+    every job), and a longer one over CONTINUE cards with it."""
+    source_id = "S" * length
+    tile = "/" + "d" * (length - 6) + ".fits"
+    job = JobResult(
+        job_id=0, rows=np.arange(1), images=np.ones((1, 1, 3, 3), np.float32),
+        status=np.zeros(1, np.int16), tile=0, origin=np.zeros((1, 2), int),
+        box_shape=np.full((1, 2), 3),
+    )
+    writer = FitsWriter.create(tmp_path / "out", ["VIS"])
+    files = fits_filenames([source_id])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        writer.write_sources(job, [source_id], [1.0], [2.0], [tile], [None], files)
+    with fits.open(tmp_path / "out" / files[0]) as hdul:
+        header = hdul[1].header
+        assert header["TILE"] == tile
+        assert header["SRCID"] == source_id
+        assert hdul[0].header["SRCID"] == source_id
+        # a comment is whole or left out, never cut; kept on short values
+        # and on CONTINUE cards
+        keep = length < 40 or length > 68
+        assert header.comments["TILE"] in ("", "tile file of band VIS")
+        assert header.comments["SRCID"] in ("", "source id")
+        if keep:
+            assert header.comments["TILE"] == "tile file of band VIS"
+            assert header.comments["SRCID"] == "source id"

@@ -1149,3 +1149,88 @@ def test_closing_a_file_series_whose_writer_never_started():
     series._thread = threading.Thread(target=lambda: None)
     series.close()
     assert series._thread is None
+
+
+@pytest.mark.parametrize("version", [1, 2, 3, 4])
+def test_patch_chunks_replaces_some_rows_and_keeps_the_others(tmp_path, version):
+    """Test that `ZarrWriter.patch_chunks` rewrites a finished store's chunks
+    with the rows of newly staged jobs (their tile numbers mapped to the
+    store's by `start_repair`) and new statuses for rows without a cutout,
+    keeps every other row byte for byte, and that the store verifies once
+    finalised with the stored checksums of the other chunks (every format)."""
+    path = tmp_path / "out.zarr"
+    n = 40
+    catalogue, jobs, base = _fake_run(n=n)
+    writer = ZarrWriter.create(
+        path, n_rows=n, bands=BANDS, out_shape=OUT_SHAPE, dtype="float32",
+        config={"size": 5}, tiles=_tiles(), chunk_rows=6, **catalogue,
+    )
+    if version != 4:
+        _old_layout(path, version)
+        writer = ZarrWriter.open(path)
+    for job in jobs:
+        stage_job(path, job)
+    written = writer.write_chunks(range(writer.n_chunks), _mapping(n, jobs), base)
+    writer.finalize(written)
+    remove_run_state(path)
+    images, status, tile, origin, box = _expected(n, jobs, base, "float32")
+
+    # the new run's index: the store's tiles 2, 0 and a new one
+    records = [_tiles()[2], _tiles()[0], {**_tiles()[1], "key": "new"}]
+    writer = ZarrWriter.open(path)
+    tile_map = writer.start_repair(records)
+    assert tile_map.tolist() == [2, 0, 3]
+    assert writer.attrs["complete"] is False and writer.attrs["repairing"] is True
+    rng = np.random.default_rng(7)
+    redo = [np.array([2, 3, 9]), np.array([10, 30])]
+    new_jobs = []
+    for job_id, rows in enumerate(redo):
+        m = len(rows)
+        new_jobs.append(JobResult(
+            job_id=job_id, rows=rows, tile=2 - job_id,
+            images=rng.normal(size=(m, len(BANDS), *OUT_SHAPE)).astype("float32"),
+            status=np.full(m, Status.OK, np.int16),
+            origin=rng.integers(0, 50, size=(m, 2)), box_shape=np.full((m, 2), 5),
+        ))
+        stage_job(path, new_jobs[-1])
+    kept = status.copy()
+    settled = int(np.flatnonzero((tile < 0) & (status == Status.NO_OVERLAP))[0])
+    kept[settled] = Status.TILE_ERROR  # a row without a cutout gets another status
+    for job in new_jobs:
+        images[job.rows] = job.images
+        status[job.rows] = job.status
+        tile[job.rows] = tile_map[job.tile]
+        origin[job.rows] = job.origin
+        box[job.rows] = job.box_shape
+    status[settled] = Status.TILE_ERROR
+    chunks = sorted({int(r) // 6 for r in np.r_[redo[0], redo[1], settled]})
+    with pytest.raises(ValueError, match="without a cutout"):
+        wrong = kept.copy()
+        wrong[settled] = Status.OK
+        writer.patch_chunks(chunks, _mapping(n, new_jobs), wrong, tile_map=tile_map)
+    before = _tree(path)
+    mapping = _mapping(n, new_jobs)
+    patched = writer.patch_chunks(chunks, mapping, kept, tile_map=tile_map)
+    assert sorted(patched) == chunks
+    after = _tree(path)
+    untouched = [k for k in range(writer.n_chunks) if k not in chunks]
+    for k in untouched:
+        name = os.path.relpath(writer._chunk_file("images", k), path)
+        assert after[name] == before[name]
+
+    checksums = writer.stored_checksums()
+    assert len(checksums) == writer.n_chunks
+    checksums.update(patched)
+    if version == 4:
+        _, geometry = writer.stored_rows()
+        for k, (rows_status, rows_geometry) in patched.rows.items():
+            geometry[6 * k : 6 * k + len(rows_status)] = rows_geometry
+        writer.write_rows(status, geometry)
+    writer.finalize(checksums)
+    assert "repairing" not in zarr.open_group(path, mode="r").attrs
+    out = open_output(path)
+    np.testing.assert_array_equal(out.images[:], images)
+    np.testing.assert_array_equal(out.status, status)
+    np.testing.assert_array_equal(out.tile, tile)
+    np.testing.assert_array_equal(out.origin, origin)
+    assert verify_output(path) == []

@@ -13,6 +13,7 @@ from astropy.wcs import WCS
 import cutana
 from cutana._testing import files_bytes
 from cutana.bench.synthetic import make_survey
+from cutana.catalog import read_catalog
 from cutana.exceptions import ConfigError
 from cutana.status import Status
 
@@ -388,23 +389,135 @@ def test_resume_after_interruption_is_byte_identical(survey, zarr_run, tmp_path,
     assert files_bytes(clean) == files_bytes(out)
 
 
-def test_resume_after_a_tile_is_repaired_says_what_to_do(
-    survey, tmp_path, monkeypatch, caplog
-):
-    """Test that --resume with a tile that could not be read before and can
-    now says so: a finished run's TILE_ERROR rows are final (a warning says
-    to run again with --overwrite), and an interrupted run is refused
-    naming the rows whose tiles changed (it said only that the catalogue,
-    tiles or options differ)."""
+def _survey_without_a_band_file(survey, tmp_path):
+    """The survey's tiles in a folder of their own, one band file moved away."""
     import shutil
-
-    from cutana import pipeline
 
     dst = tmp_path / "tiles"
     shutil.copytree(os.path.dirname(survey.tile_paths[0][0]), dst)
     victim = dst / os.path.basename(survey.tile_paths[1][0])
     kept = tmp_path / "kept.fits"
     shutil.move(victim, kept)
+    return dst, victim, kept
+
+
+@pytest.mark.parametrize(("fmt", "backend"), [
+    ("zarr", "serial"), ("zarr", "processes"), ("fits", "serial"),
+])
+def test_resume_cuts_a_finished_runs_failed_rows_once_their_tile_is_back(
+    survey, tmp_path, caplog, fmt, backend
+):
+    """Test that --resume of a finished run whose tile could not be read cuts
+    the TILE_ERROR rows once the tile is back, as a run that had the tile
+    from the start cuts them (values as astropy's Cutout2D, WCS, status),
+    leaves every other row as it was, and gives a store that verifies;
+    while the tile is still missing it says so and changes nothing."""
+    import shutil
+
+    dst, victim, kept = _survey_without_a_band_file(survey, tmp_path)
+    opts = dict(size=21, tiles=[str(dst / "*.fits")], max_sources_per_job=5,
+                progress=False, format=fmt, backend=backend,
+                workers=2 if backend == "processes" else 1)
+    out = tmp_path / "out"
+    assert cutana.make_cutouts(survey.catalogue_path, out, **opts).exit_code == 1
+    before = np.asarray(cutana.open(out).status)
+    failed = before == Status.TILE_ERROR
+    assert failed.any()
+
+    with caplog.at_level("WARNING", logger="cutana.pipeline"):
+        report = cutana.make_cutouts(survey.catalogue_path, out, resume=True, **opts)
+    assert report.exit_code == 1
+    assert f"its {int(failed.sum())} TILE_ERROR rows still cannot be cut" in caplog.text
+    np.testing.assert_array_equal(cutana.open(out).status, before)
+    cut = np.isin(before, (Status.OK, Status.PARTIAL_OVERLAP))
+    old = cutana.open(out)
+    old_images = {i: np.array(old[i]) for i in np.flatnonzero(cut)}
+
+    shutil.copy(kept, victim)  # the tile is back
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="cutana.pipeline"):
+        report = cutana.make_cutouts(survey.catalogue_path, out, resume=True, **opts)
+    assert report.exit_code == 0, report.failures
+    assert "cutting the" in caplog.text
+    clean = tmp_path / "clean"
+    cutana.make_cutouts(survey.catalogue_path, clean, **opts)
+    a, b = cutana.open(clean), cutana.open(out)
+    np.testing.assert_array_equal(b.status, a.status)
+    assert not (np.asarray(b.status) == Status.TILE_ERROR).any()
+    for i in np.flatnonzero(np.isin(a.status, (Status.OK, Status.PARTIAL_OVERLAP))):
+        np.testing.assert_array_equal(np.asarray(b[i]), np.asarray(a[i]))
+    for i in old_images:  # rows cut then are as they were
+        np.testing.assert_array_equal(np.asarray(b[i]), old_images[i])
+    cat = read_catalog(survey.catalogue_path)
+    repaired = np.flatnonzero(failed & (np.asarray(b.status) == Status.OK))
+    assert len(repaired)
+    c = [band in victim.name for band in b.bands].index(True)
+    for i in repaired[:5]:  # against astropy: the band of the file put back
+        ref = _reference(victim, cat.ra[i], cat.dec[i], 21)
+        np.testing.assert_array_equal(np.asarray(b[i])[c], ref.data.astype(np.float32))
+        if fmt == "zarr":  # the tile it names is the one put back (listed anew)
+            assert _tile_paths(b, i)[c] == str(victim)
+            np.testing.assert_allclose(b.wcs(i).wcs.crpix, ref.wcs.wcs.crpix)
+    from cutana.verify import verify
+
+    assert verify(out, survey.catalogue_path) == []
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="cutana.pipeline"):
+        report = cutana.make_cutouts(survey.catalogue_path, out, resume=True, **opts)
+    assert report.exit_code == 0 and "cutting" not in caplog.text
+    np.testing.assert_array_equal(cutana.open(out).status, a.status)
+
+
+def test_a_stopped_repair_is_finished_by_the_next_resume(survey, tmp_path, monkeypatch):
+    """Test that a --resume that cuts a finished run's failed rows again and
+    is stopped after rewriting the chunks, before storing the new statuses,
+    leaves a store that says it is unfinished, and that the next --resume
+    finishes it as a run that had every tile from the start."""
+    import shutil
+
+    from cutana import pipeline
+    from cutana.verify import verify
+
+    dst, victim, kept = _survey_without_a_band_file(survey, tmp_path)
+    opts = dict(size=21, tiles=[str(dst / "*.fits")], max_sources_per_job=5,
+                progress=False)
+    out = tmp_path / "out.zarr"
+    assert cutana.make_cutouts(survey.catalogue_path, out, **opts).exit_code == 1
+    shutil.copy(kept, victim)
+    original = pipeline._Repair.finish
+
+    def stopped(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline._Repair, "finish", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        cutana.make_cutouts(survey.catalogue_path, out, resume=True, **opts)
+    monkeypatch.setattr(pipeline._Repair, "finish", original)
+    assert cutana.open(out).attrs.get("repairing") is True
+    problems = verify(out, survey.catalogue_path)
+    assert any("has not been finalised" in p for p in problems)
+
+    report = cutana.make_cutouts(survey.catalogue_path, out, resume=True, **opts)
+    assert report.exit_code == 0
+    clean = tmp_path / "clean.zarr"
+    cutana.make_cutouts(survey.catalogue_path, clean, **opts)
+    a, b = cutana.open(clean), cutana.open(out)
+    np.testing.assert_array_equal(b.status, a.status)
+    np.testing.assert_array_equal(b.images[:], a.images[:])
+    assert verify(out, survey.catalogue_path) == []
+
+
+def test_resume_of_an_interrupted_run_whose_tile_is_back_names_the_rows(
+    survey, tmp_path, monkeypatch
+):
+    """Test that --resume of an interrupted run whose tile could not be read
+    then and can now is refused, naming the rows whose tiles changed (it
+    said only that the catalogue, tiles or options differ)."""
+    import shutil
+
+    from cutana import pipeline
+
+    dst, victim, kept = _survey_without_a_band_file(survey, tmp_path)
     opts = dict(size=21, tiles=[str(dst / "*.fits")], max_sources_per_job=5,
                 progress=False)
     done = tmp_path / "done.zarr"
@@ -428,13 +541,6 @@ def test_resume_after_a_tile_is_repaired_says_what_to_do(
     monkeypatch.setattr(pipeline._Runner, "_on_done", original)
 
     shutil.copy(kept, victim)  # the tile is back
-    with caplog.at_level("WARNING", logger="cutana.pipeline"):
-        report = cutana.make_cutouts(survey.catalogue_path, done, resume=True, **opts)
-    assert report.exit_code == 1
-    after = np.asarray(cutana.open(done).status) == Status.TILE_ERROR
-    np.testing.assert_array_equal(after, failed)
-    assert f"its {int(failed.sum())} TILE_ERROR rows are final" in caplog.text
-    assert "run again with --overwrite" in caplog.text
     first = int(np.flatnonzero(failed)[0])
     with pytest.raises(ConfigError) as exc:
         cutana.make_cutouts(survey.catalogue_path, stopped, resume=True, **opts)

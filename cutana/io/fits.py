@@ -147,6 +147,29 @@ def _check_name(name):
     return name
 
 
+def _text_card(text, comment):
+    """``(text, comment)`` for a string keyword, or ``(text,)`` when the
+    comment would not fit on the value's one 80-character card.
+
+    astropy truncates such a comment with a ``VerifyWarning`` (values of
+    51 to 68 characters with a 20-character comment, file paths say); a
+    longer value is continued over ``CONTINUE`` cards, with room for the
+    comment.
+
+    Examples
+    --------
+    >>> from cutana.io.fits import _text_card
+    >>> _text_card("t.fits", "tile file")
+    ('t.fits', 'tile file')
+    >>> _text_card("/data/" + "x" * 50 + ".fits", "tile file")[1:]
+    ()
+    """
+    quoted = max(len(text.replace("'", "''")) + 2, 20)  # as astropy pads it
+    if quoted <= 70 and 10 + quoted + 3 + len(comment) > 80:
+        return (text,)
+    return (text, comment)
+
+
 def _fits_text(value):
     r"""Make a string safe for a FITS header value (printable ASCII), reversibly.
 
@@ -468,7 +491,7 @@ class FitsWriter:
                 w = wcs
             wcs_header = _wcs_header(w)
             cards = {
-                "SRCID": (_fits_text(source_id[k]), "source id"),
+                "SRCID": _text_card(_fits_text(source_id[k]), "source id"),
                 "RA": (float(ra[k]), "[deg] source right ascension"),
                 "DEC": (float(dec[k]), "[deg] source declination"),
                 "ROW": (int(result.rows[k]), "row in the catalogue (0-based)"),
@@ -486,7 +509,9 @@ class FitsWriter:
             names = zip(self.bands, self._extnames, strict=True)
             for c, (band, extname) in enumerate(names):
                 hdr = base.copy()
-                hdr["TILE"] = (tile_names[c], f"tile file of band {_fits_text(band)}")
+                hdr["TILE"] = _text_card(
+                    tile_names[c], f"tile file of band {_fits_text(band)}"
+                )
                 for key, value in extra.items():
                     hdr[key] = value
                 hdus.append(

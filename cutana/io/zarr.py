@@ -880,28 +880,194 @@ class ZarrWriter:
                         self._assemble(
                             k, row_to_job, base_status, out_dir, cache, part, pinned
                         )
-                geometry = _join_geometry(*block[2:])
-                for k in run:
-                    a, b = (r - r0 for r in self.chunk_range(k))
-                    checksums[k] = chunk_digest(
-                        *(arr[a:b] for arr in block), self.checksum
-                    )
-                    checksums.rows[k] = (block[1][a:b].copy(), geometry[a:b].copy())
-                # images straight to their chunk files (in stores of format 1-3
-                # also the per-row arrays, status last, each after the run's
-                # images are written: a row that shows a status has everything
-                # else written)
-                for name, data in self._stored(block, geometry):
-                    if name == "images":
-                        written = self._write_direct(name, run, r0, data, images)
-                    else:
-                        images.close()
-                        with FileSeries(direct=background) as files:
-                            written = self._write_direct(name, run, r0, data, files)
-                    if not written:
-                        self._array(name)[r0:r1] = data
+                self._write_block(run, r0, block, images, checksums, background)
         logger.debug("wrote %d chunks of %s", len(chunks), self.path)
         return checksums
+
+    def _write_block(self, run, r0, block, images, checksums, background):
+        """Write a run of consecutive chunks from ``block`` (its rows from
+        ``r0``), and add their checksums and rows to ``checksums``."""
+        r1 = self.chunk_range(run[-1])[1]
+        geometry = _join_geometry(*block[2:])
+        for k in run:
+            a, b = (r - r0 for r in self.chunk_range(k))
+            checksums[k] = chunk_digest(*(arr[a:b] for arr in block), self.checksum)
+            checksums.rows[k] = (block[1][a:b].copy(), geometry[a:b].copy())
+        # images straight to their chunk files (in stores of format 1-3
+        # also the per-row arrays, status last, each after the run's
+        # images are written: a row that shows a status has everything
+        # else written)
+        for name, data in self._stored(block, geometry):
+            if name == "images":
+                written = self._write_direct(name, run, r0, data, images)
+            else:
+                images.close()
+                with FileSeries(direct=background) as files:
+                    written = self._write_direct(name, run, r0, data, files)
+            if not written:
+                self._array(name)[r0:r1] = data
+
+    def patch_chunks(
+        self, chunk_indices, row_to_job, status, out_dir=None, *, tile_map=None,
+        background=False,
+    ):
+        """Rewrite written chunks with some of their rows replaced.
+
+        The rows that belong to a staged job get that job's cutout, status
+        and geometry; the others keep their stored cutout and geometry, and
+        get ``status``. This is how a finished run's failed rows are cut
+        again (``cutana run --resume``). Several processes may call this at
+        once for disjoint sets of chunks; each chunk file is replaced
+        atomically.
+
+        Parameters
+        ----------
+        chunk_indices : iterable of int
+            The chunks to rewrite, all written before.
+        row_to_job : tuple of two arrays, or callable
+            As for `write_chunks`: ``(job_id, position)`` of each row, job
+            -1 for the rows that keep their cutout.
+        status : array-like or callable
+            ``(N,)`` int16 status of the rows that keep their cutout (their
+            stored one, or a new final status such as ``NO_OVERLAP``), or a
+            callable ``f(r0, r1)`` returning it.
+        out_dir : str or path-like, optional
+            The output holding the staging folder; by default the store.
+        tile_map : array-like of int, optional
+            The store's tile number of each tile number of the staged jobs
+            (when the jobs were planned with another tile index); by default
+            the same numbers.
+        background : bool, optional
+            As for `write_chunks`.
+
+        Returns
+        -------
+        checksums : `ChunksWritten`
+            As for `write_chunks`.
+
+        Raises
+        ------
+        ValueError
+            If a staged job does not hold the row the mapping names, or a row
+            without a job would show a cutout it does not have (``OK`` or
+            ``PARTIAL_OVERLAP`` for a row whose stored tile is -1).
+        """
+        out_dir = self.path if out_dir is None else os.fspath(out_dir)
+        chunks = sorted({self._check_chunk(k) for k in chunk_indices})
+        checksums = ChunksWritten()
+        if not chunks:
+            return checksums
+        tile_map = None if tile_map is None else np.asarray(tile_map, dtype=np.int64)
+        cache = OrderedDict()
+        with FileSeries(direct=background) as images:
+            for k in chunks:
+                r0, r1 = self.chunk_range(k)
+                stored = self.read_chunk(k)
+                block = tuple(np.array(a) for a in stored)  # writable copies
+                block[1][:] = status(r0, r1) if callable(status) else (
+                    np.asarray(status)[r0:r1]
+                )
+                if callable(row_to_job):
+                    jobs, pos = row_to_job(r0, r1)
+                else:
+                    jobs, pos = (np.asarray(a)[r0:r1] for a in row_to_job)
+                jobs = np.asarray(jobs, dtype=np.int64)
+                pos = np.asarray(pos, dtype=np.int64)
+                for job_id in np.unique(jobs[jobs >= 0]).tolist():
+                    sel = np.flatnonzero(jobs == job_id)
+                    res = _cached_job(cache, out_dir, int(job_id))
+                    p = pos[sel]
+                    if p.min() < 0 or p.max() >= len(res.rows) or np.any(
+                        res.rows[p] != r0 + sel
+                    ):
+                        msg = (
+                            f"chunk {k}: staged job {job_id} does not hold the rows "
+                            f"the mapping assigns to it (e.g. row {int(r0 + sel[0])})"
+                        )
+                        raise ValueError(msg)
+                    block[0][sel] = res.images[p]
+                    block[1][sel] = res.status[p]
+                    tile = int(res.tile)
+                    block[2][sel] = tile if tile_map is None else int(tile_map[tile])
+                    block[3][sel] = res.origin[p]
+                    block[4][sel] = res.box_shape[p]
+                cut = (block[1] == Status.OK) | (block[1] == Status.PARTIAL_OVERLAP)
+                if np.any(cut & (block[2] < 0)):
+                    row = int(r0 + np.flatnonzero(cut & (block[2] < 0))[0])
+                    msg = (
+                        f"chunk {k}: row {row} would have status "
+                        f"{int(block[1][row - r0])} without a cutout"
+                    )
+                    raise ValueError(msg)
+                _check_statuses(block[1], r0, f"chunk {k}")
+                self._write_block([k], r0, block, images, checksums, background)
+        logger.debug("rewrote %d chunks of %s", len(chunks), self.path)
+        return checksums
+
+    def start_repair(self, tiles):
+        """Open a finished store for `patch_chunks` (parent only).
+
+        Marks the store unfinished (``complete`` false, ``repairing`` true)
+        until `finalize`, and adds the tiles the store does not list yet.
+
+        Parameters
+        ----------
+        tiles : list of dict
+            The records (``key``, ``paths``, ``header``) of the tiles the
+            jobs were planned with.
+
+        Returns
+        -------
+        tile_map : `~numpy.ndarray` of int64
+            The store's tile number of each of ``tiles``.
+        """
+        stored = list(self.attrs.get("tiles", []))
+        where = {
+            (t.get("key"), tuple(t.get("paths") or ())): i for i, t in enumerate(stored)
+        }
+        tile_map = np.empty(len(tiles), dtype=np.int64)
+        for i, record in enumerate(tiles):
+            key = (record["key"], tuple(record["paths"]))
+            if key not in where:
+                where[key] = len(stored)
+                stored.append(_jsonable(record, "tiles"))
+            tile_map[i] = where[key]
+        self._group.update_attributes(
+            {"complete": False, "repairing": True, "tiles": stored}
+        )
+        self.attrs = self._group.attrs.asdict()
+        return tile_map
+
+    def stored_checksums(self):
+        """The checksum of every chunk of a finalised store.
+
+        Returns
+        -------
+        checksums : dict
+            Chunk index to hexadecimal checksum, as `finalize` stored them
+            (empty when the store has not been finalised).
+        """
+        name, _ = CHECKSUMS[self.checksum]
+        if name not in self._group:
+            return {}
+        digests = self._group[name][:]
+        return {k: bytes(digests[k]).hex() for k in range(len(digests))}
+
+    def stored_rows(self):
+        """The stored status and geometry of every row (finalised store).
+
+        Returns
+        -------
+        status : `~numpy.ndarray` of int16
+            ``(N,)`` statuses.
+        geometry : `~numpy.ndarray` of int64
+            ``(N, 5)`` `GEOMETRY_FIELDS` of every row.
+        """
+        status = self.read_status()
+        if self._v1:
+            parts = [np.asarray(self._array(n)[:]) for n in _V1_GEOMETRY]
+            return status, _join_geometry(*parts)
+        return status, np.asarray(self._array("geometry")[:], dtype=np.int64)
 
     @property
     def _v1(self):
@@ -1457,6 +1623,8 @@ class ZarrWriter:
         if report is not None:
             new["report"] = _jsonable(report, "report")
         self._group.update_attributes(new)
+        if "repairing" in self._group.attrs:
+            del self._group.attrs["repairing"]
         self.attrs = self._group.attrs.asdict()
         logger.info("finalised %s: %s", self.path, counts)
         return counts

@@ -1958,12 +1958,14 @@ class _Repair:
 
     Until it is finalised, the store says it is being repaired (attributes
     ``complete`` false and ``repairing`` true); a repair that is stopped is
-    done again by the next ``--resume``.
+    done again by the next ``--resume``, which then checksums every chunk
+    anew (the stopped one may have rewritten some).
     """
 
-    def __init__(self, runner, jobs, status):
+    def __init__(self, runner, jobs, status, stopped=False):
         self.r = runner
         self.jobs = jobs
+        self.stopped = stopped  # a repair of this store was stopped
         self.old = runner.status.copy()  # as stored
         self.status = status  # of the rows not cut again
         self.remaining = len(jobs)
@@ -1993,7 +1995,10 @@ class _Repair:
         settle = redo & (base != Status.PENDING)  # in no job: the new plan's
         status[settle] = base[settle]
         failed = np.flatnonzero(old == Status.TILE_ERROR)
-        if not jobs and np.array_equal(status, old):
+        stopped = runner.fmt == "zarr" and bool(
+            runner._open_writer().attrs.get("repairing", False)
+        )
+        if not jobs and np.array_equal(status, old) and not stopped:
             if len(failed):
                 first = int(failed[0])
                 logger.warning(
@@ -2003,12 +2008,18 @@ class _Repair:
                 )
             return None
         n_jobs = sum(len(job) for job in jobs)
-        logger.warning(
-            "%s: its run had finished with %d TILE_ERROR rows; cutting the %d "
-            "TILE_ERROR or NO_OVERLAP rows that the tiles can cut now",
-            runner.output, len(failed), n_jobs,
-        )
-        return cls(runner, jobs, status)
+        if stopped:
+            logger.warning(
+                "%s: finishing its repair, which was stopped (%d rows to cut)",
+                runner.output, n_jobs,
+            )
+        else:
+            logger.warning(
+                "%s: its run had finished with %d TILE_ERROR rows; cutting the %d "
+                "TILE_ERROR or NO_OVERLAP rows that the tiles can cut now",
+                runner.output, len(failed), n_jobs,
+            )
+        return cls(runner, jobs, status, stopped)
 
     def run(self, executor):
         r = self.r
@@ -2119,11 +2130,17 @@ class _Repair:
             status[a:b] = rows_status
             geometry[a:b] = rows_geometry
         r.status = status
-        checksums = writer.stored_checksums()
-        checksums.update(self.patched)
         if not writer.rows_in_chunks:
             writer.write_rows(status, geometry)
-        writer.finalize(dict(checksums), report={"counts": r._counts()})
+        if self.stopped:  # what the stopped repair rewrote is not known
+            checksums = {
+                k: writer.chunk_checksum(k)
+                for k in range(writer.n_chunks) if k not in self.patched
+            }
+        else:
+            checksums = writer.stored_checksums()
+        checksums.update(self.patched)
+        writer.finalize(checksums, report={"counts": r._counts()})
 
 
 def _tile_record(tile):

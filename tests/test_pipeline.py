@@ -468,9 +468,13 @@ def test_resume_cuts_a_finished_runs_failed_rows_once_their_tile_is_back(
     np.testing.assert_array_equal(cutana.open(out).status, a.status)
 
 
-def test_a_stopped_repair_is_finished_by_the_next_resume(survey, tmp_path, monkeypatch):
+@pytest.mark.parametrize("where", ["finish", "finalize"])
+def test_a_stopped_repair_is_finished_by_the_next_resume(
+    survey, tmp_path, monkeypatch, where
+):
     """Test that a --resume that cuts a finished run's failed rows again and
-    is stopped after rewriting the chunks, before storing the new statuses,
+    is stopped after rewriting the chunks, before storing the new statuses
+    (``finish``) or after storing them, before the checksums (``finalize``),
     leaves a store that says it is unfinished, and that the next --resume
     finishes it as a run that had every tile from the start."""
     import shutil
@@ -484,15 +488,16 @@ def test_a_stopped_repair_is_finished_by_the_next_resume(survey, tmp_path, monke
     out = tmp_path / "out.zarr"
     assert cutana.make_cutouts(survey.catalogue_path, out, **opts).exit_code == 1
     shutil.copy(kept, victim)
-    original = pipeline._Repair.finish
+    owner = pipeline._Repair if where == "finish" else pipeline.ZarrWriter
+    original = getattr(owner, where)
 
-    def stopped(self):
+    def stopped(self, *args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline._Repair, "finish", stopped)
+    monkeypatch.setattr(owner, where, stopped)
     with pytest.raises(KeyboardInterrupt):
         cutana.make_cutouts(survey.catalogue_path, out, resume=True, **opts)
-    monkeypatch.setattr(pipeline._Repair, "finish", original)
+    monkeypatch.setattr(owner, where, original)
     assert cutana.open(out).attrs.get("repairing") is True
     problems = verify(out, survey.catalogue_path)
     assert any("has not been finalised" in p for p in problems)

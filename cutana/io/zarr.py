@@ -1038,6 +1038,21 @@ class ZarrWriter:
         self.attrs = self._group.attrs.asdict()
         return tile_map
 
+    def chunk_checksum(self, chunk):
+        """The checksum of one chunk as it is stored now (read back whole).
+
+        Parameters
+        ----------
+        chunk : int
+            Chunk index.
+
+        Returns
+        -------
+        checksum : str
+            Hexadecimal `chunk_digest` of the chunk's rows.
+        """
+        return chunk_digest(*self.read_chunk(chunk), self.checksum)
+
     def stored_checksums(self):
         """The checksum of every chunk of a finalised store.
 

@@ -391,6 +391,32 @@ def _stop_behind(exc):
     return None
 
 
+def _check_workers_start(pool, n):
+    """Raise a `ConfigError` if the pool's workers exit as they start.
+
+    A worker started by ``forkserver`` (or ``spawn``) first imports the
+    ``__main__`` script of the process that made the pool. A script that
+    calls cutana at its top level, not under ``if __name__ == "__main__":``,
+    then runs again in every worker, which dies; every job would fail, one
+    pool after another.
+    """
+    from .exceptions import ConfigError
+
+    probes = [pool.submit(os.getpid) for _ in range(n)]
+    try:
+        for probe in probes:
+            probe.result()
+    except BrokenProcessPool:
+        _shutdown_pool(pool, grace=0.0)
+        msg = (
+            "the worker processes exit as they start (their error is printed above). "
+            "Each one imports the script that started cutana: a script must call "
+            "cutana under `if __name__ == \"__main__\":` to run it with workers "
+            "(or use backend='serial')"
+        )
+        raise ConfigError(msg) from None
+
+
 def _is_broken(pool):
     """Whether a process pool has been marked broken."""
     return bool(getattr(pool, "_broken", False))
@@ -832,6 +858,7 @@ class Executor:
         # that kills its worker again is identified and charged, and innocent
         # bystanders succeed.
         pool = self._take_warm_pool() or self._new_pool()
+        _check_workers_start(pool, self.n_workers)
         in_flight = {}  # future -> _Pending
         used = 0
         stopped = True  # until the loop ends normally

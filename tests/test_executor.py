@@ -321,6 +321,32 @@ def test_workers_import_cutana_from_where_the_main_process_did(tmp_path):
     assert proc.stdout.strip() == "[4, 9] 0", proc.stderr[-2000:]
 
 
+def test_a_script_without_a_main_guard_is_told_why_its_workers_die(tmp_path):
+    """Test that a script that calls cutana with workers at its top level
+    (not under ``if __name__ == "__main__":``, so that every worker runs it
+    again as it starts, and dies) stops with a usage error that says so,
+    instead of every job failing in one new pool after another."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "run.py"
+    script.write_text(
+        "from cutana import _testing\n"
+        "from cutana.executor import Executor\n"
+        "Executor('processes', 2, preload=['cutana.executor']).run(\n"
+        "    _testing.square, [2, 3, 4])\n"
+        "print('finished')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True,
+        check=False, timeout=120, cwd=str(tmp_path),
+    )
+    assert proc.returncode == 1
+    assert "finished" not in proc.stdout
+    assert "ConfigError: the worker processes exit as they start" in proc.stderr
+    assert 'under `if __name__ == "__main__":`' in proc.stderr
+
+
 def test_pool_shutdown_does_not_wait_for_ever_for_a_stuck_worker():
     """A worker that never exits (here: busy for a minute; at the end of a
     run: blocked on the task queue's lock that a killed worker held) is

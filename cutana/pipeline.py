@@ -61,6 +61,7 @@ from .io import (
     write_index,
 )
 from .io._writeback import release_buffers
+from .io.staging import REPAIR_MARKER
 from .io.zarr import creation_interrupted
 from .normalization import NORMALIZATIONS, Normalizer
 from .planner import Job, Plan, available_memory, make_plan, parse_memory
@@ -830,6 +831,7 @@ class _PatchTask:
     row_to_job: _Rows
     status: _Rows
     tile_map: np.ndarray
+    clear: _Rows = None
     background_writes: bool = False
 
 
@@ -929,7 +931,7 @@ def _run_task_inner(task):
         writer = ZarrWriter.open(task.out_dir)
         return writer.patch_chunks(
             task.chunks, task.row_to_job, task.status, tile_map=task.tile_map,
-            background=task.background_writes,
+            clear=task.clear, background=task.background_writes,
         )
     result = cut_job(task.settings, task.tile, task.job, scratch=_SCRATCH)
     if task.format == "zarr":
@@ -1327,9 +1329,14 @@ class _Runner:
             if self._complete_output():
                 # a run killed while removing its bookkeeping (or a repair,
                 # below) left some behind
+                marker = os.path.join(state_dir(self.output), REPAIR_MARKER)
+                stopped = self.fmt == "fits" and os.path.exists(marker)
                 remove_run_state(self.output)
                 self.already_complete = True
-                self.repair = _Repair.plan(self)
+                # a tile that cannot be read now matters only to rows that
+                # still need it, which stay TILE_ERROR (exit 1)
+                self.failures = []
+                self.repair = _Repair.plan(self, stopped)
                 return
             if not self._creation_interrupted():
                 if self.fmt == "zarr" and os.path.isfile(
@@ -1454,6 +1461,30 @@ class _Runner:
             )
             raise ConfigError(msg)
 
+    def _check_same_catalogue(self, archive):
+        """Refuse to resume a finished output of another catalogue.
+
+        Its ids and positions are compared with the catalogue's, where the
+        output still holds them (a removed chunk of them reads as empty).
+        """
+        cat = self.p.catalog
+        stored = np.char.strip(np.asarray(archive.source_id).astype(str))
+        ids = np.char.strip(np.asarray(cat.source_id).astype(str))
+        ra, dec = np.asarray(archive.ra), np.asarray(archive.dec)
+        held = stored != ""
+        differ = held & (stored != ids)
+        placed = np.isfinite(ra) & np.isfinite(dec)
+        differ |= placed & ((ra != cat.ra) | (dec != cat.dec))
+        if differ.any():
+            r = int(np.flatnonzero(differ)[0])
+            msg = (
+                f"cannot resume {self.output!r}: it was finished with another "
+                f"catalogue (row {r}: source {ids[r]!r} at ({cat.ra[r]!r}, "
+                f"{cat.dec[r]!r}), was {stored[r]!r} at ({ra[r]!r}, {dec[r]!r})); "
+                "use --overwrite to start again"
+            )
+            raise ConfigError(msg)
+
     def _open_writer(self):
         """The writer of the Zarr store being resumed, or a `ConfigError`
         saying why it cannot be resumed (it is damaged)."""
@@ -1492,6 +1523,7 @@ class _Runner:
         if len(status) != self.plan.n_rows or (status == Status.PENDING).any():
             return False
         self._check_same_options(archive.config)
+        self._check_same_catalogue(archive)
         # its run state is gone: what was removed since cannot be redone
         if self.fmt == "zarr":
             writer = self._open_writer()
@@ -1977,8 +2009,9 @@ class _Repair:
         self.pos = None
 
     @classmethod
-    def plan(cls, runner):
-        """The repair of a finished output, or `None` if nothing changes."""
+    def plan(cls, runner, stopped=False):
+        """The repair of a finished output, or `None` if nothing changes
+        (``stopped``: a FITS output's repair was stopped)."""
         old = runner.status
         base = np.asarray(runner.plan.base_status)
         redo = np.isin(old, (Status.TILE_ERROR, Status.NO_OVERLAP))
@@ -1991,11 +2024,18 @@ class _Repair:
                     x=job.x[keep], y=job.y[keep], box=job.box[keep],
                     est_bytes=job.est_bytes,
                 ))
+        in_job = np.zeros(len(old), dtype=bool)
+        for job in jobs:
+            in_job[job.rows] = True
+        # rows in no job get the new plan's status (NO_OVERLAP, say), unless
+        # it is a tile error: a final status stays while its tile is unreadable
         status = old.copy()
-        settle = redo & (base != Status.PENDING)  # in no job: the new plan's
+        new = (base != Status.PENDING) & (base != Status.TILE_ERROR)
+        settle = redo & ~in_job & new
         status[settle] = base[settle]
+        runner.messages = cls._messages(runner, base, ~(in_job | settle))
         failed = np.flatnonzero(old == Status.TILE_ERROR)
-        stopped = runner.fmt == "zarr" and bool(
+        stopped = stopped or runner.fmt == "zarr" and bool(
             runner._open_writer().attrs.get("repairing", False)
         )
         if not jobs and np.array_equal(status, old) and not stopped:
@@ -2021,6 +2061,26 @@ class _Repair:
             )
         return cls(runner, jobs, status, stopped)
 
+    @staticmethod
+    def _messages(runner, base, keep):
+        """The messages of a repaired output's rows: the stored one (a FITS
+        index holds them) of a row that keeps its status, unless the new
+        plan gives it the same status and a message, and the new plan's for
+        the others (their jobs add theirs)."""
+        stored = {}
+        if runner.fmt == "fits":
+            table = open_output(runner.output).table
+            if "message" in table.colnames:
+                column = table["message"]
+                values = column.filled("") if hasattr(column, "filled") else column
+                stored = {i: str(m) for i, m in enumerate(values) if str(m)}
+        old = runner.status
+        messages = {r: m for r, m in stored.items() if keep[r]}
+        for r, m in runner.messages.items():
+            if not keep[r] or base[r] == old[r]:
+                messages[r] = m
+        return messages
+
     def run(self, executor):
         r = self.r
         cat = r.p.catalog
@@ -2036,6 +2096,9 @@ class _Repair:
             self.pos = np.full(r.plan.n_rows, -1, dtype=np.int64)
         else:
             r.writer = FitsWriter(r.output, bands)
+            os.makedirs(state_dir(r.output), exist_ok=True)
+            with open(os.path.join(state_dir(r.output), REPAIR_MARKER), "w") as fh:
+                fh.write("a --resume that cuts failed sources again is under way\n")
             stored = open_output(r.output).files.tolist()
             r.files = {i: f for i, f in enumerate(stored) if f}
             names = fits_filenames(cat.source_id)
@@ -2102,6 +2165,13 @@ class _Repair:
         r = self.r
         writer = self.writer
         changed = (r.status != self.old) | (self.job_of_row >= 0)
+        clear = None
+        if self.stopped:
+            # the stopped repair may have written cutouts of rows that are
+            # not cut now (their tile broke again): those are dropped
+            clear = np.isin(self.old, (Status.TILE_ERROR, Status.NO_OVERLAP))
+            clear &= self.job_of_row < 0
+            changed |= clear
         chunks = np.unique(np.flatnonzero(changed) // writer.chunk_rows).tolist()
         tasks = []
         for i in range(0, len(chunks), _CHUNKS_PER_TASK):
@@ -2114,6 +2184,7 @@ class _Repair:
                 row_to_job=_Rows(lo, self.job_of_row[lo:hi], self.pos[lo:hi]),
                 status=_Rows(lo, r.status[lo:hi].copy()),
                 tile_map=self.tile_map,
+                clear=None if clear is None else _Rows(lo, clear[lo:hi]),
                 background_writes=r.background_writes,
             ))
         return tasks
@@ -2122,6 +2193,13 @@ class _Repair:
         r = self.r
         if r.fmt != "zarr":
             r._write_index()
+            if self.stopped:  # files the stopped repair wrote of rows not cut now
+                names = fits_filenames(r.p.catalog.source_id)
+                redo = np.isin(self.old, (Status.TILE_ERROR, Status.NO_OVERLAP))
+                for i in np.flatnonzero(redo).tolist():
+                    path = os.path.join(r.output, str(names[i]))
+                    if i not in r.files and os.path.exists(path):
+                        os.remove(path)
             return
         writer = self.writer
         status, geometry = self.stored

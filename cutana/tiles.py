@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from astropy import units as u
 from astropy.io import fits
-from astropy.wcs import WCS, FITSFixedWarning
+from astropy.wcs import WCS
 
 from ._geometry import BOX_OK, DISTORTION_TOL, compute_boxes, near_rounding_boundary
 from .exceptions import TileError
@@ -68,8 +68,22 @@ _DICT_VERSION = 1
 
 @functools.lru_cache(maxsize=1024)
 def _parse_header(text):
-    """The `~astropy.io.fits.Header` of a header string (cached, shared)."""
-    return fits.Header.fromstring(text)
+    """The `~astropy.io.fits.Header` of a header string (cached, shared).
+
+    Its cards are all parsed here, quietly: what astropy warns of in a
+    header (a card it cannot parse, say) was logged when its file was
+    indexed, and parsing it again (in a worker process, or once the cache
+    has let it go) must not warn, nor fail where warnings are errors.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        header = fits.Header.fromstring(text)
+        for card in header.cards:
+            try:
+                card.value  # noqa: B018 - parsed now, not later
+            except Exception:  # noqa: BLE001, S110 - unparsable: as astropy leaves it
+                pass
+    return header
 
 
 @functools.lru_cache(maxsize=1024)
@@ -77,8 +91,9 @@ def _celestial_wcs(text):
     """The celestial `~astropy.wcs.WCS` of a header string (cached, shared)."""
     header = _parse_header(text)
     with warnings.catch_warnings():
-        # header fix-ups (DATE-OBS, RADESYS...) are routine for survey tiles
-        warnings.simplefilter("ignore", FITSFixedWarning)
+        # header fix-ups (DATE-OBS, RADESYS...) are routine for survey tiles,
+        # and what else WCS warns of was logged when the file was indexed
+        warnings.simplefilter("ignore")
         wcs = WCS(header).celestial
     if wcs.naxis == 2 and header.get("NAXIS1") is not None and header.get("NAXIS2"):
         wcs.pixel_shape = (int(header["NAXIS1"]), int(header["NAXIS2"]))

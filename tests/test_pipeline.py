@@ -2,6 +2,7 @@
 """End-to-end tests of the pipeline against astropy's own Cutout2D."""
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -509,6 +510,201 @@ def test_a_stopped_repair_is_finished_by_the_next_resume(
     a, b = cutana.open(clean), cutana.open(out)
     np.testing.assert_array_equal(b.status, a.status)
     np.testing.assert_array_equal(b.images[:], a.images[:])
+    assert verify(out, survey.catalogue_path) == []
+
+
+def test_resume_of_a_finished_run_keeps_final_rows_of_a_tile_broken_since(
+    survey, tmp_path
+):
+    """Test that --resume of a finished run whose tile cannot be read now
+    changes no row (a NO_OVERLAP row of that tile became TILE_ERROR) and
+    exits 0: every row has its final status."""
+    import shutil
+
+    from cutana._testing import files_bytes
+
+    src = os.path.dirname(survey.tile_paths[0][0])
+    dst = tmp_path / "tiles"
+    shutil.copytree(src, dst)
+    cat = tmp_path / "cat.csv"
+    text = Path(survey.catalogue_path).read_text()
+    cat.write_text(text.replace(src, str(dst)))
+    for fmt in ("zarr", "fits"):
+        out = tmp_path / fmt
+        opts = dict(size=21, format=fmt, progress=False)
+        assert cutana.make_cutouts(cat, out, **opts).exit_code == 0
+        status = np.asarray(cutana.open(out).status)
+        assert (status == Status.NO_OVERLAP).any()
+        before = files_bytes(out)
+        tile = dst / os.path.basename(survey.tile_paths[1][0])
+        data = tile.read_bytes()
+        tile.write_bytes(b"not a FITS header" + data[17:])
+        try:
+            report = cutana.make_cutouts(cat, out, resume=True, **opts)
+        finally:
+            tile.write_bytes(data)
+        assert report.exit_code == 0
+        np.testing.assert_array_equal(cutana.open(out).status, status)
+        assert files_bytes(out) == before
+
+
+def test_resume_of_a_finished_run_keeps_the_messages_of_the_rows_it_keeps(
+    survey, tmp_path
+):
+    """Test that the index of a repaired FITS output keeps the message of a
+    row that is not cut again, rather than the new plan's (here: the rows
+    of a tile broken since, which keep their OK without a message)."""
+    import shutil
+
+    from astropy.table import Table
+
+    dst, victim, kept = _survey_without_a_band_file(survey, tmp_path)
+    opts = dict(size=21, tiles=[str(dst / "*.fits")], format="fits", progress=False)
+    out = tmp_path / "out"
+    assert cutana.make_cutouts(survey.catalogue_path, out, **opts).exit_code == 1
+    before = Table.read(out / "index.ecsv")
+    shutil.copy(kept, victim)  # the tile is back, another one breaks
+    other = dst / os.path.basename(survey.tile_paths[0][1])
+    other.write_bytes(b"broken")
+    report = cutana.make_cutouts(survey.catalogue_path, out, resume=True, **opts)
+    after = Table.read(out / "index.ecsv")
+    unchanged = np.asarray(before["status"]) != Status.TILE_ERROR
+    assert report.exit_code == 0
+    for name in ("status", "message"):
+        a = before[name][unchanged]
+        b = after[name][unchanged]
+        assert [str(v) for v in a] == [str(v) for v in b], name
+    assert (np.asarray(after["status"])[~unchanged] == Status.OK).any()
+
+
+def test_repair_gives_the_wcs_of_a_tile_replaced_with_another_header(
+    survey, tmp_path
+):
+    """Test that rows cut by --resume from a tile file put back with another
+    header (CRPIX moved) get that header's WCS, while rows cut before keep
+    theirs (the store lists the tile's new header as a tile of its own: the
+    tile's key and paths are those of the broken tile it had listed)."""
+    dst, victim, kept = _survey_without_a_band_file(survey, tmp_path)
+    with fits.open(kept) as hdul:  # no zero point: a tile error at cutting
+        del hdul[survey.hdu].header["MAGZERO"]
+        hdul.writeto(victim)
+    opts = dict(size=21, tiles=[str(dst / "*.fits")], flux_conversion=True,
+                progress=False)
+    out = tmp_path / "out.zarr"
+    assert cutana.make_cutouts(survey.catalogue_path, out, **opts).exit_code == 1
+    failed = np.asarray(cutana.open(out).status) == Status.TILE_ERROR
+    assert failed.any()
+    sibling = dst / os.path.basename(survey.tile_paths[1][1])
+    for src, path in ((kept, victim), (sibling, sibling)):  # both bands of it
+        with fits.open(src) as hdul:
+            hdu = hdul[survey.hdu]
+            hdu.header["CRPIX1"] += 7
+            hdu.header["CRPIX2"] += 3
+            hdul.writeto(path, overwrite=True)
+    assert cutana.make_cutouts(
+        survey.catalogue_path, out, resume=True, **opts
+    ).exit_code == 0
+    b = cutana.open(out)
+    cat = read_catalog(survey.catalogue_path)
+    c = [band in victim.name for band in b.bands].index(True)
+    repaired = np.flatnonzero(failed & (np.asarray(b.status) == Status.OK))
+    assert len(repaired)
+    jy = 3631.0 * 10 ** (-0.4 * fits.getheader(victim, survey.hdu)["MAGZERO"])
+    for i in repaired[:5]:
+        ref = _reference(victim, cat.ra[i], cat.dec[i], 21)
+        np.testing.assert_allclose(np.asarray(b[i])[c], ref.data * jy, rtol=1e-6)
+        np.testing.assert_allclose(b.wcs(i).wcs.crpix, ref.wcs.wcs.crpix)
+
+
+def test_resume_of_a_finished_run_with_another_catalogue_is_refused(
+    survey, zarr_run, tmp_path
+):
+    """Test that --resume of a finished output with a catalogue of the same
+    length but other ids or positions is a usage error (it overwrote the
+    stored ids and positions and cut the failed rows at the new ones)."""
+    import shutil
+
+    out = tmp_path / "out.zarr"
+    shutil.copytree(zarr_run[0], out)
+    text = Path(survey.catalogue_path).read_text()
+    first = text.splitlines()[1].split(",")[0]
+    for changed in (text.replace(first, first + "x", 1),):
+        cat = tmp_path / "other.csv"
+        cat.write_text(changed)
+        with pytest.raises(ConfigError, match="finished with another catalogue"):
+            cutana.make_cutouts(cat, out, resume=True, size=21, progress=False)
+    assert list(cutana.open(out).source_id) == list(cutana.open(zarr_run[0]).source_id)
+
+
+def test_a_stopped_repair_whose_tile_broke_again_drops_what_it_wrote(
+    survey, tmp_path, monkeypatch
+):
+    """Test that when a repair is stopped after rewriting chunks and the
+    tile breaks again before the next --resume, the rows it could not cut
+    now hold no pixels (as any TILE_ERROR row), not those written then."""
+    import shutil
+
+    from cutana import pipeline
+    from cutana.verify import verify
+
+    dst, victim, kept = _survey_without_a_band_file(survey, tmp_path)
+    opts = dict(size=21, tiles=[str(dst / "*.fits")], max_sources_per_job=5,
+                progress=False)
+    out = tmp_path / "out.zarr"
+    assert cutana.make_cutouts(survey.catalogue_path, out, **opts).exit_code == 1
+    failed = np.asarray(cutana.open(out).status) == Status.TILE_ERROR
+    shutil.copy(kept, victim)
+
+    def stopped(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline._Repair, "finish", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        cutana.make_cutouts(survey.catalogue_path, out, resume=True, **opts)
+    monkeypatch.undo()
+    assert np.nansum(np.abs(cutana.open(out).images[:][failed])) > 0  # written then
+    os.remove(victim)  # broken again
+    report = cutana.make_cutouts(survey.catalogue_path, out, resume=True, **opts)
+    assert report.exit_code == 1
+    a = cutana.open(out)
+    np.testing.assert_array_equal(np.asarray(a.status) == Status.TILE_ERROR, failed)
+    assert not np.any(a.images[:][failed])
+    assert verify(out, survey.catalogue_path) == []
+
+
+def test_a_stopped_fits_repair_says_so_and_is_finished_by_the_next_resume(
+    survey, tmp_path, monkeypatch
+):
+    """Test that a FITS output whose repair (--resume of its finished run)
+    was stopped before its index was written fails `cutana verify` (it
+    passed, with files the index did not list), and that the next --resume,
+    with the tile broken again, removes the files written then."""
+    import shutil
+
+    from cutana import pipeline
+    from cutana.verify import verify
+
+    dst, victim, kept = _survey_without_a_band_file(survey, tmp_path)
+    opts = dict(size=21, tiles=[str(dst / "*.fits")], format="fits", progress=False)
+    out = tmp_path / "out"
+    assert cutana.make_cutouts(survey.catalogue_path, out, **opts).exit_code == 1
+    listed = {f for f in os.listdir(out) if f.endswith(".fits")}
+    shutil.copy(kept, victim)
+
+    def stopped(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline._Repair, "finish", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        cutana.make_cutouts(survey.catalogue_path, out, resume=True, **opts)
+    monkeypatch.undo()
+    assert {f for f in os.listdir(out) if f.endswith(".fits")} > listed
+    assert any("was stopped" in p for p in verify(out, survey.catalogue_path))
+    os.remove(victim)
+    assert cutana.make_cutouts(
+        survey.catalogue_path, out, resume=True, **opts
+    ).exit_code == 1
+    assert {f for f in os.listdir(out) if f.endswith(".fits")} == listed
     assert verify(out, survey.catalogue_path) == []
 
 
@@ -1142,3 +1338,48 @@ def test_crop_of_one_or_two_pixels_warns(caplog):
             options.memory_limit = "1GB"
             options.validate()
         assert ("give 1.0 for the whole cutout" in caplog.text) is warned, crop
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "fits"])
+def test_a_tile_header_with_a_card_astropy_cannot_parse_is_cut_quietly(
+    tmp_path, fmt
+):
+    """Test that a tile whose header holds a card astropy warns about (no
+    value indicator) is cut by worker processes under ``-W error`` as
+    without it (its header was parsed again, unguarded, in each worker:
+    every job failed), with no warning printed, and that the output's WCS
+    reads back quietly (pytest turns warnings into errors here)."""
+    import subprocess
+    import sys
+
+    from astropy.table import Table
+
+    data, w = _scaled_tile(tmp_path / "t.fits", 0.1, 100)
+    raw = bytearray((tmp_path / "t.fits").read_bytes())
+    with fits.open(tmp_path / "t.fits") as hdul:
+        header = hdul[0].header
+        header["MAGZERO"] = 25.0
+        header["PLACEHOL"] = "x"
+        hdul.writeto(tmp_path / "t2.fits")
+    raw = bytearray((tmp_path / "t2.fits").read_bytes())
+    at = raw.index(b"PLACEHOL")
+    raw[at : at + 80] = b"NOEQUALS  a card with no value indicator".ljust(80)
+    (tmp_path / "t.fits").write_bytes(bytes(raw))
+    ra, dec = [150.0, 150.0005, 149.9995], [2.0, 2.0003, 1.9996]
+    Table({"SourceID": ["a", "b", "c"], "RA": ra, "Dec": dec}).write(tmp_path / "c.csv")
+    out = tmp_path / "out"
+    cat = str(tmp_path / "c.csv")
+    proc = subprocess.run(
+        [sys.executable, "-W", "error", "-m", "cutana.cli", "run", cat,
+         "--output", str(out), "--tiles", str(tmp_path / "t.fits"), "--size", "9",
+         "--workers", "2", "--format", fmt, "--flux-conversion", "--no-progress"],
+        capture_output=True, text=True, check=False, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Warning" not in proc.stderr
+    archive = cutana.open(out)
+    jy = 3631.0 * 10 ** (-0.4 * 25.0)
+    for i in range(3):
+        ref = AstropyCutout2D(data, SkyCoord(ra[i], dec[i], unit="deg"), 9, wcs=w)
+        np.testing.assert_allclose(np.asarray(archive[i])[0], ref.data * jy, rtol=1e-6)
+        np.testing.assert_allclose(archive.wcs(i).wcs.crpix, ref.wcs.wcs.crpix)

@@ -19,6 +19,7 @@ from astropy.wcs import WCS, FITSFixedWarning
 from ..status import Status
 from .fits import INDEX_NAME, _check_name, _fits_text
 from .ledger import Ledger
+from .staging import REPAIR_MARKER, state_dir
 from .zarr import CHECKSUMS, ZarrWriter, chunk_digest, split_geometry
 
 __all__ = [
@@ -37,11 +38,11 @@ _MAX_LISTED = 10
 
 def _wcs_from_header(text):
     """Celestial WCS of a FITS header string."""
-    header = fits.Header.fromstring(text)
     with warnings.catch_warnings():
-        # a tile header's harmless fixes (e.g. DATE-OBS format) are not news here
-        warnings.simplefilter("ignore", FITSFixedWarning)
-        return WCS(header).celestial
+        # a tile header's harmless fixes (e.g. DATE-OBS format), or a card
+        # astropy cannot parse, were news when the tile was indexed, not here
+        warnings.simplefilter("ignore")
+        return WCS(fits.Header.fromstring(text)).celestial
 
 
 class CutoutArchive:
@@ -711,6 +712,11 @@ def _verify_fits(path, problems):
     except (OSError, ValueError, KeyError) as exc:
         problems.append(f"cannot read {INDEX_NAME}: {exc}")
         return
+    if os.path.exists(os.path.join(state_dir(path), REPAIR_MARKER)):
+        problems.append(
+            "a --resume that cuts the failed sources of this run again was "
+            "stopped: finish it with `cutana run ... --resume`"
+        )
     n = len(archive.status)
     rows = np.asarray(archive.table["row"])
     if not np.array_equal(rows, np.arange(n)):

@@ -45,6 +45,9 @@ logger = logging.getLogger(__name__)
 
 #: Name of the bookkeeping folder inside an output.
 STATE_DIRNAME = ".cutana"
+#: File in the bookkeeping folder of a FITS output while a ``--resume``
+#: cuts the failed sources of its finished run again.
+REPAIR_MARKER = "repairing"
 
 # files of a staged job, in checksum order
 _ARRAYS = ("rows", "status", "origin", "box_shape", "images")

@@ -909,7 +909,7 @@ class ZarrWriter:
 
     def patch_chunks(
         self, chunk_indices, row_to_job, status, out_dir=None, *, tile_map=None,
-        background=False,
+        clear=None, background=False,
     ):
         """Rewrite written chunks with some of their rows replaced.
 
@@ -937,6 +937,9 @@ class ZarrWriter:
             The store's tile number of each tile number of the staged jobs
             (when the jobs were planned with another tile index); by default
             the same numbers.
+        clear : array-like of bool or callable, optional
+            ``(N,)`` rows without a job whose stored cutout is dropped (zero
+            images, tile -1, zero origin and shape), or ``f(r0, r1)``.
         background : bool, optional
             As for `write_chunks`.
 
@@ -967,6 +970,15 @@ class ZarrWriter:
                 block[1][:] = status(r0, r1) if callable(status) else (
                     np.asarray(status)[r0:r1]
                 )
+                if clear is not None:
+                    drop = np.asarray(
+                        clear(r0, r1) if callable(clear) else np.asarray(clear)[r0:r1],
+                        dtype=bool,
+                    )
+                    block[0][drop] = 0
+                    block[2][drop] = -1
+                    block[3][drop] = 0
+                    block[4][drop] = 0
                 if callable(row_to_job):
                     jobs, pos = row_to_job(r0, r1)
                 else:
@@ -1014,20 +1026,22 @@ class ZarrWriter:
         ----------
         tiles : list of dict
             The records (``key``, ``paths``, ``header``) of the tiles the
-            jobs were planned with.
+            jobs were planned with; one that differs from every stored
+            record (also in its header: the file was replaced) is added.
 
         Returns
         -------
         tile_map : `~numpy.ndarray` of int64
             The store's tile number of each of ``tiles``.
         """
+        def identity(t):  # a tile whose header changed is another tile
+            return (t.get("key"), tuple(t.get("paths") or ()), t.get("header"))
+
         stored = list(self.attrs.get("tiles", []))
-        where = {
-            (t.get("key"), tuple(t.get("paths") or ())): i for i, t in enumerate(stored)
-        }
+        where = {identity(t): i for i, t in enumerate(stored)}
         tile_map = np.empty(len(tiles), dtype=np.int64)
         for i, record in enumerate(tiles):
-            key = (record["key"], tuple(record["paths"]))
+            key = identity(_jsonable(record, "tiles"))
             if key not in where:
                 where[key] = len(stored)
                 stored.append(_jsonable(record, "tiles"))

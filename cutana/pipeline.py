@@ -1477,11 +1477,12 @@ class _Runner:
         differ |= placed & ((ra != cat.ra) | (dec != cat.dec))
         if differ.any():
             r = int(np.flatnonzero(differ)[0])
+            now = f"{str(ids[r])!r} at ({float(cat.ra[r])}, {float(cat.dec[r])})"
+            was = f"{str(stored[r])!r} at ({float(ra[r])}, {float(dec[r])})"
             msg = (
                 f"cannot resume {self.output!r}: it was finished with another "
-                f"catalogue (row {r}: source {ids[r]!r} at ({cat.ra[r]!r}, "
-                f"{cat.dec[r]!r}), was {stored[r]!r} at ({ra[r]!r}, {dec[r]!r})); "
-                "use --overwrite to start again"
+                f"catalogue (row {r}: source {now}, was {was}); use --overwrite "
+                "to start again"
             )
             raise ConfigError(msg)
 

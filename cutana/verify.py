@@ -59,7 +59,9 @@ def verify(output, catalogue=None):
     try:
         archive = open_output(output)
     except (OSError, ValueError, KeyError) as exc:
-        return [*problems, f"{output}: cannot be opened: {exc}"]
+        why = f"{output}: cannot be opened: {exc}"
+        # (verify_output has said it already when it is not an output at all)
+        return problems if any(str(exc) in p for p in problems) else [*problems, why]
     source = catalogue or archive.attrs.get("catalogue")
     if not source:
         problems.append(f"{output}: no catalogue recorded; pass one to check against")

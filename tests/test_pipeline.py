@@ -1373,7 +1373,7 @@ def test_a_tile_header_with_a_card_astropy_cannot_parse_is_cut_quietly(
         [sys.executable, "-W", "error", "-m", "cutana.cli", "run", cat,
          "--output", str(out), "--tiles", str(tmp_path / "t.fits"), "--size", "9",
          "--workers", "2", "--format", fmt, "--flux-conversion", "--no-progress"],
-        capture_output=True, text=True, check=False, timeout=300,
+        capture_output=True, text=True, check=False, timeout=300, cwd=str(tmp_path),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Warning" not in proc.stderr
@@ -1383,3 +1383,30 @@ def test_a_tile_header_with_a_card_astropy_cannot_parse_is_cut_quietly(
         ref = AstropyCutout2D(data, SkyCoord(ra[i], dec[i], unit="deg"), 9, wcs=w)
         np.testing.assert_allclose(np.asarray(archive[i])[0], ref.data * jy, rtol=1e-6)
         np.testing.assert_allclose(archive.wcs(i).wcs.crpix, ref.wcs.wcs.crpix)
+
+
+def test_fits_images_have_a_shape_and_read_rows_without_a_cutout_as_zeros(
+    survey, zarr_run, tmp_path
+):
+    """Test that ``cutana.open(FITS).images`` of cutouts of one size has the
+    ``shape`` and ``dtype`` of the Zarr store of the same run and reads the
+    same rows, zeros for rows without a cutout (``.shape`` failed, and a
+    slice over such a row raised), while cutouts of catalogue sizes have no
+    common shape."""
+    out = tmp_path / "fits"
+    cutana.make_cutouts(
+        survey.catalogue_path, out, size=21, format="fits", progress=False
+    )
+    z, f = cutana.open(zarr_run[0]), cutana.open(out)
+    assert f.images.shape == z.images.shape
+    assert f.images.dtype == z.images.dtype
+    no_cutout = np.flatnonzero(~np.isin(f.status, (Status.OK, Status.PARTIAL_OVERLAP)))
+    assert len(no_cutout)
+    np.testing.assert_array_equal(f.images[0 : len(f)], z.images[:])
+    np.testing.assert_array_equal(f.images[int(no_cutout[0])], 0)
+    with pytest.raises(ValueError, match="has no cutout file"):
+        f[int(no_cutout[0])]
+    varied = tmp_path / "varied"
+    cutana.make_cutouts(survey.catalogue_path, varied, format="fits", progress=False)
+    with pytest.raises(AttributeError, match="no common shape"):
+        cutana.open(varied).images.shape  # noqa: B018

@@ -345,7 +345,12 @@ class ZarrArchive(CutoutArchive):
 
 
 class _FitsImages:
-    """Lazy ``(N, C, H, W)``-like access to the cutouts of a FITS output."""
+    """Lazy ``(N, C, H, W)``-like access to the cutouts of a FITS output.
+
+    When the cutouts share one size (``--size`` or ``--target-size``), it
+    has a ``shape`` and ``dtype``, and rows without a cutout read as zeros,
+    as in a Zarr store; otherwise such rows raise `ValueError`.
+    """
 
     def __init__(self, archive):
         self._archive = archive
@@ -353,10 +358,46 @@ class _FitsImages:
     def __len__(self):
         return len(self._archive)
 
+    @cached_property
+    def _one(self):
+        """``(shape, dtype)`` of one cutout when all share it, else `None`."""
+        config = self._archive.config or {}
+        if config.get("target_size") is None and config.get("size") is None:
+            return None
+        has = np.flatnonzero(self._archive.files != "")
+        if not len(has):
+            return None
+        first = self._archive[int(has[0])]
+        return first.shape, first.dtype
+
+    def _need_one(self, what):
+        if self._one is None:
+            msg = (
+                f"the cutouts of {self._archive.path} have no common {what}: their "
+                "sizes come from the catalogue (read them one by one)"
+            )
+            raise AttributeError(msg)
+        return self._one
+
+    @property
+    def shape(self):
+        """``(N, C, H, W)``."""
+        return (len(self), *self._need_one("shape")[0])
+
+    @property
+    def dtype(self):
+        """The cutouts' dtype."""
+        return self._need_one("dtype")[1]
+
+    def _row(self, j):
+        if self._one is not None and not self._archive.files[j]:
+            return np.zeros(*self._one)
+        return self._archive[j]
+
     def __getitem__(self, i):
         if isinstance(i, slice):
-            return np.stack([self._archive[j] for j in range(*i.indices(len(self)))])
-        return self._archive[i]
+            return np.stack([self._row(j) for j in range(*i.indices(len(self)))])
+        return self._row(self._archive._row(i))
 
 
 class FitsArchive(CutoutArchive):

@@ -801,6 +801,23 @@ def _angle_factor(unit, name):
         return 1.0
 
 
+def _size_kind(unit, kind, name):
+    """What a size column holds, ``'pixel'`` or ``'arcsec'``, and the factor
+    from its values to that: its own unit when it is an angle or pixels
+    (an ECSV, FITS or VOTable column's), else ``kind``, which its name says."""
+    if unit is not None:
+        try:
+            unit = u.Unit(unit)
+            if unit.is_equivalent(u.arcsec):
+                return "arcsec", float(unit.to(u.arcsec))
+            if unit.is_equivalent(u.pix):
+                return "pixel", float(unit.to(u.pix))
+        except (u.UnitsError, ValueError, TypeError):
+            pass
+        logger.debug("size column %r has unit %s; taken as %ss", name, unit, kind)
+    return kind, 1.0
+
+
 def _show(value, limit=60):
     """Short text of a cell value for a message."""
     if isinstance(value, bytes):
@@ -1117,9 +1134,9 @@ def read_catalog(
                     out,
                     name,
                     lambda i, v=values: (
-                        f"value {_show(v[i])} is outside [0, 360) and cannot be "
-                        "wrapped "
-                        "(RA in [-360, 360] is taken modulo 360)"
+                        f"value {_show(v[i])} is outside [-360, 360] (an RA in "
+                        "that range is wrapped into [0, 360); one beyond it is "
+                        "taken for an error)"
                     ),
                 )
         values = np.where(finite & ~out, values, np.nan)
@@ -1136,10 +1153,14 @@ def read_catalog(
     else:
         has_size = np.zeros(n, dtype=bool)
         absent = []
-        for name, unit in size_cols:
-            raw, mask, _ = cols.get(name)
+        for name, named in size_cols:
+            raw, mask, column_unit = cols.get(name)
             _one_per_row(raw, name, source)
             values, problem = _to_float(raw, mask)
+            unit, factor = _size_kind(column_unit, named, name)
+            if factor != 1.0:
+                with np.errstate(invalid="ignore", over="ignore"):
+                    values = values * factor
             limit = MAX_SIZE_PIXEL if unit == "pixel" else MAX_SIZE_ARCSEC
             report(
                 problem == _NOT_NUMBER,
@@ -1178,11 +1199,12 @@ def read_catalog(
             )
             valid = given & ~nonpos & ~infinite & ~big & ~tiny
             has_size |= valid
-            clean = np.where(valid, values, np.nan)
+            # (two columns of one kind, by their units: the first one given)
             if unit == "pixel":
-                size_pixel = clean
+                size_pixel = np.where(np.isnan(size_pixel) & valid, values, size_pixel)
             else:
-                size_arcsec = clean
+                fill = np.isnan(size_arcsec) & valid
+                size_arcsec = np.where(fill, values, size_arcsec)
             absent.append((name, values, problem))
         lacking = ~has_size
         for _name, values, problem in absent:

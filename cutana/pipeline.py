@@ -518,9 +518,15 @@ def _prepare(catalog, options, *, parent_bytes=None, chunked=True):
         if problems or options.tiles:
             msg = f"none of the tiles given could be indexed{': ' + problems if problems else ''}"
         else:  # every file-list cell is empty or not a list of paths
+            column = COLUMN_ALIASES["files"][0]
+            why = next(
+                (f" (row {r}: {m})" for r, m in sorted(cat.messages.items())
+                 if column in str(m)),
+                "",
+            )  # fmt: skip
             msg = (
                 f"no tiles: no row of {cat.source} names a tile file in its "
-                f"'{COLUMN_ALIASES['files'][0]}' cell; give --tiles PATH_OR_GLOB..."
+                f"'{column}' cell{why}; give --tiles PATH_OR_GLOB..."
             )
         raise ConfigError(msg)
     if options.channel_weights is not None and len(options.channel_weights) != len(index.bands):
@@ -576,7 +582,15 @@ def _prepare(catalog, options, *, parent_bytes=None, chunked=True):
     # arcsec sizes depend on the pixel scale of the tile each source landed on
     diam = _diameters(size_pix, size_arcsec, index, assignment.tile)
     on_tile = (status == Status.OK) & (np.asarray(assignment.tile) >= 0)
-    _bad_size(status, messages, on_tile & ~(np.round(diam) >= 1), cat.source)
+    small = on_tile & ~(np.round(diam) >= 1)
+    for r in np.flatnonzero(small & np.isfinite(size_arcsec)).tolist():
+        scale = size_arcsec[r] / diam[r] if diam[r] > 0 else float("nan")
+        messages.setdefault(r, (
+            f"{cat.source} row {r}: a diameter of {size_arcsec[r]:g} arcsec is "
+            f"{diam[r]:.3g} pixels of its tile ({scale:.3g} arcsec/pixel), "
+            "which rounds to 0"
+        ))
+    _bad_size(status, messages, small, cat.source)
 
     if options.target_size is not None:
         out_shape = (options.target_size, options.target_size)

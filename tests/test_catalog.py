@@ -268,7 +268,7 @@ _BAD_CASES = {
     "ra_nan": ("RA", "nan", "value nan is not finite"),
     "ra_text": ("RA", "abc", "value 'abc' is not a number"),
     "ra_missing": ("RA", "", "value is missing"),
-    "ra_range": ("RA", "400.5", "value 400.5 is outside [0, 360)"),
+    "ra_range": ("RA", "400.5", "value 400.5 is outside [-360, 360]"),
     "dec_inf": ("Dec", "inf", "value inf is not finite"),
     "dec_range": ("Dec", "95.2", "value 95.2 is outside [-90, 90]"),
     "dec_range_low": ("Dec", "-90.5", "value -90.5 is outside [-90, 90]"),
@@ -358,7 +358,7 @@ def test_ra_wrapping():
     assert_array_equal(cat.status, [OK] * 6 + [BAD] * 2)
     assert np.isnan(cat.ra[6:]).all()
     assert (cat.ra[:6] >= 0).all() and (cat.ra[:6] < 360).all()
-    assert "value 361.0 is outside [0, 360)" in cat.messages[6]
+    assert "value 361.0 is outside [-360, 360]" in cat.messages[6]
     assert "value -361.0" in cat.messages[7]
 
 

@@ -1410,3 +1410,56 @@ def test_fits_images_have_a_shape_and_read_rows_without_a_cutout_as_zeros(
     cutana.make_cutouts(survey.catalogue_path, varied, format="fits", progress=False)
     with pytest.raises(AttributeError, match="no common shape"):
         cutana.open(varied).images.shape  # noqa: B018
+
+
+def test_size_columns_are_read_in_their_own_units(tmp_path):
+    """Test that a size column's unit (ECSV, FITS, VOTable) is honoured: a
+    ``diameter_arcsec`` in arcmin and a ``diameter_pixel`` in arcsec give the
+    cutouts astropy's ``Cutout2D`` gives for those angular sizes (the values
+    were taken as arcsec and pixels: 2 x 2 cutouts for 0.2')."""
+    from astropy import units as u
+    from astropy.table import QTable
+
+    data, w = _scaled_tile(tmp_path / "t.fits", 0.1, 300)
+    ra, dec = [150.0, 150.0003], [2.0, 1.9998]
+    for column, size in (("diameter_arcsec", 0.2 * u.arcmin),
+                         ("diameter_pixel", 7.0 * u.arcsec)):  # fmt: skip
+        cat = tmp_path / f"{column}.ecsv"
+        QTable({"SourceID": ["a", "b"], "RA": ra, "Dec": dec,
+                column: [size.value] * 2 * size.unit}).write(cat)  # fmt: skip
+        out = tmp_path / column
+        report = cutana.make_cutouts(
+            cat, out, tiles=[str(tmp_path / "t.fits")], format="fits", progress=False
+        )
+        assert report.counts == {"OK": 2}
+        archive = cutana.open(out)
+        for i in range(2):
+            pos = SkyCoord(ra[i], dec[i], unit="deg")
+            ref = AstropyCutout2D(data, pos, size, wcs=w)
+            np.testing.assert_array_equal(np.asarray(archive[i])[0], ref.data)
+
+
+def test_messages_of_a_size_under_a_pixel_and_of_numpy_printed_file_lists(tmp_path):
+    """Test that a row whose size in arcsec is under half a pixel of its tile
+    says so, with the scale (it said only "no usable size"), and that a
+    catalogue none of whose file-list cells can be read says why for its
+    first row (numpy's print of an array has no commas)."""
+    from astropy.table import Table
+
+    _scaled_tile(tmp_path / "t.fits", 0.1, 200)
+    Table({"SourceID": ["a", "b"], "RA": [150.0, 150.0], "Dec": [2.0, 2.0003],
+           "diameter_arcsec": [0.04, 3.0]}).write(tmp_path / "tiny.csv")  # fmt: skip
+    report = cutana.make_cutouts(
+        tmp_path / "tiny.csv", tmp_path / "out", tiles=[str(tmp_path / "t.fits")],
+        format="fits", progress=False,
+    )
+    assert report.counts == {"OK": 1, "BAD_ROW": 1}
+    assert (
+        "a diameter of 0.04 arcsec is 0.4 pixels of its tile (0.1 arcsec/pixel), "
+        "which rounds to 0" in report.messages[0]
+    )
+    lists = str(np.array([str(tmp_path / "t.fits"), str(tmp_path / "t.fits")]))
+    Table({"SourceID": ["a"], "RA": [150.0], "Dec": [2.0], "diameter_pixel": [9],
+           "fits_file_paths": [lists]}).write(tmp_path / "np.csv")  # fmt: skip
+    with pytest.raises(ConfigError, match=r"\(row 0: .*has no comma between its paths"):
+        cutana.make_cutouts(tmp_path / "np.csv", tmp_path / "o2", progress=False)

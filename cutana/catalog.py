@@ -998,7 +998,9 @@ def read_catalog(
     size_column : str, optional
         The size column to use instead of ``diameter_pixel`` /
         ``diameter_arcsec``. Its values are diameters in arcseconds if its
-        name ends in ``arcsec`` (any case), in pixels otherwise.
+        name ends in ``arcsec`` (any case), in pixels otherwise; a size
+        column with a unit of its own (ECSV, FITS, VOTable) is read in that
+        unit, an angle or pixels, whatever its name.
     files_column : str or False, optional
         The column of per-source tile files (default ``fits_file_paths`` if
         present). Pass False to ignore such a column (for example when the

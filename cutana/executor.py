@@ -407,12 +407,11 @@ def _check_workers_start(pool, n):
         for probe in probes:
             probe.result()
     except BrokenProcessPool:
-        _shutdown_pool(pool, grace=0.0)
         msg = (
-            "the worker processes exit as they start (their error is printed above). "
-            "Each one imports the script that started cutana: a script must call "
-            "cutana under `if __name__ == \"__main__\":` to run it with workers "
-            "(or use backend='serial')"
+            "the worker processes exit as they start (their error, if any, is "
+            "printed above). Each one imports the script that started cutana: a "
+            "script must call cutana under `if __name__ == \"__main__\":` to run "
+            "it with workers (or use backend='serial')"
         )
         raise ConfigError(msg) from None
 
@@ -858,11 +857,11 @@ class Executor:
         # that kills its worker again is identified and charged, and innocent
         # bystanders succeed.
         pool = self._take_warm_pool() or self._new_pool()
-        _check_workers_start(pool, self.n_workers)
         in_flight = {}  # future -> _Pending
         used = 0
         stopped = True  # until the loop ends normally
         try:
+            _check_workers_start(pool, self.n_workers)
             while queue or in_flight:
                 # one task per worker, and QUEUED_TASKS more waiting in the pool
                 while queue and len(in_flight) < self.n_workers + QUEUED_TASKS:

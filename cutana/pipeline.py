@@ -1346,6 +1346,8 @@ class _Runner:
                 marker = os.path.join(state_dir(self.output), REPAIR_MARKER)
                 stopped = self.fmt == "fits" and os.path.exists(marker)
                 remove_run_state(self.output)
+                if stopped:  # still unfinished until this repair ends
+                    _mark_repair(self.output)
                 self.already_complete = True
                 # a tile that cannot be read now matters only to rows that
                 # still need it, which stay TILE_ERROR (exit 1)
@@ -1482,17 +1484,23 @@ class _Runner:
         output still holds them (a removed chunk of them reads as empty).
         """
         cat = self.p.catalog
-        stored = np.char.strip(np.asarray(archive.source_id).astype(str))
-        ids = np.char.strip(np.asarray(cat.source_id).astype(str))
         ra, dec = np.asarray(archive.ra), np.asarray(archive.dec)
-        held = stored != ""
-        differ = held & (stored != ids)
         placed = np.isfinite(ra) & np.isfinite(dec)
-        differ |= placed & ((ra != cat.ra) | (dec != cat.dec))
+        differ = placed & ((ra != cat.ra) | (dec != cat.dec))
+        step = 1 << 20  # ids in blocks: text copies of them are large
+        def text(ids, a, b):
+            return np.char.strip(np.asarray(ids[a:b]).astype(str))
+
+        for a in range(0, len(ra), step):
+            stored = text(archive.source_id, a, a + step)
+            ids = text(cat.source_id, a, a + step)
+            differ[a : a + step] |= (stored != "") & (stored != ids)
         if differ.any():
             r = int(np.flatnonzero(differ)[0])
-            now = f"{str(ids[r])!r} at ({float(cat.ra[r])}, {float(cat.dec[r])})"
-            was = f"{str(stored[r])!r} at ({float(ra[r])}, {float(dec[r])})"
+            stored = str(text(archive.source_id, r, r + 1)[0])
+            ids = {r: str(text(cat.source_id, r, r + 1)[0])}
+            now = f"{ids[r]!r} at ({float(cat.ra[r])}, {float(cat.dec[r])})"
+            was = f"{stored!r} at ({float(ra[r])}, {float(dec[r])})"
             msg = (
                 f"cannot resume {self.output!r}: it was finished with another "
                 f"catalogue (row {r}: source {now}, was {was}); use --overwrite "
@@ -1992,6 +2000,14 @@ class _Runner:
         )
 
 
+def _mark_repair(output):
+    """Mark a FITS output as being repaired (`_Repair`) until its run state
+    is removed."""
+    os.makedirs(state_dir(output), exist_ok=True)
+    with open(os.path.join(state_dir(output), REPAIR_MARKER), "w") as fh:
+        fh.write("a --resume that cuts failed sources again is under way\n")
+
+
 class _Repair:
     """Cut again the rows a finished run could not cut (``--resume``).
 
@@ -2017,6 +2033,7 @@ class _Repair:
         self.status = status  # of the rows not cut again
         self.remaining = len(jobs)
         self.patched = ChunksWritten()
+        self.unwritten = []  # chunks of rewriting tasks that failed
         self.writer = None
         self.tile_map = None
         self.stored = None
@@ -2111,9 +2128,7 @@ class _Repair:
             self.pos = np.full(r.plan.n_rows, -1, dtype=np.int64)
         else:
             r.writer = FitsWriter(r.output, bands)
-            os.makedirs(state_dir(r.output), exist_ok=True)
-            with open(os.path.join(state_dir(r.output), REPAIR_MARKER), "w") as fh:
-                fh.write("a --resume that cuts failed sources again is under way\n")
+            _mark_repair(r.output)
             stored = open_output(r.output).files.tolist()
             r.files = {i: f for i, f in enumerate(stored) if f}
             names = fits_filenames(cat.source_id)
@@ -2160,14 +2175,23 @@ class _Repair:
         r = self.r
         task = failure.task
         if isinstance(task, _PatchTask):
-            # those chunks keep what they held, and their rows their status
+            # some of its chunks may be written: the store stays unfinished
+            # for the next --resume, which checksums what they hold
             r.failures.append(f"writing chunks {task.chunks} again: {failure.error}")
-            for k in task.chunks:
-                a, b = self.writer.chunk_range(k)
-                r.status[a:b] = self.old[a:b]
+            self.unwritten += task.chunks
             return ()
         r._job_failed(task, failure)
         return self._job_settled()
+
+    def _warn_of_failed_rows(self):
+        r = self.r
+        failed = np.flatnonzero(r.status == Status.TILE_ERROR)
+        if len(failed):
+            first = int(failed[0])
+            logger.warning(
+                "%s: %d rows are still TILE_ERROR (row %d: %s)", r.output,
+                len(failed), first, r.messages.get(first, "tile error"),
+            )
 
     def _job_settled(self):
         """After the last job, the tasks that write the changed chunks."""
@@ -2206,6 +2230,7 @@ class _Repair:
 
     def finish(self):
         r = self.r
+        self._warn_of_failed_rows()
         if r.fmt != "zarr":
             r._write_index()
             if self.stopped:  # files the stopped repair wrote of rows not cut now
@@ -2217,6 +2242,13 @@ class _Repair:
                         os.remove(path)
             return
         writer = self.writer
+        if self.unwritten:
+            logger.warning(
+                "%s: chunks %s could not be written again; the store stays "
+                "unfinished (run again with --resume)", r.output, self.unwritten[:8],
+            )
+            r.status = self.old.copy()  # what the store still says
+            return
         status, geometry = self.stored
         for k, (rows_status, rows_geometry) in self.patched.rows.items():
             a, b = writer.chunk_range(k)

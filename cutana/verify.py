@@ -61,7 +61,8 @@ def verify(output, catalogue=None):
     except (OSError, ValueError, KeyError) as exc:
         why = f"{output}: cannot be opened: {exc}"
         # (verify_output has said it already when it is not an output at all)
-        return problems if any(str(exc) in p for p in problems) else [*problems, why]
+        said = str(exc) and any(str(exc) in p for p in problems)
+        return problems if said else [*problems, why]
     source = catalogue or archive.attrs.get("catalogue")
     if not source:
         problems.append(f"{output}: no catalogue recorded; pass one to check against")

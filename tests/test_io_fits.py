@@ -432,7 +432,7 @@ def test_fits_job_staging_keeps_files(tmp_path):
 @pytest.mark.parametrize("length", [20, 55, 60, 68, 69, 120])
 def test_long_tile_paths_and_ids_are_written_whole(tmp_path, length):
     """Test that a tile path or source id too long for its comment on one
-    card (51 to 68 characters) is written whole, without the comment, and
+    card (about 45 to 68 characters) is written whole, without the comment, and
     without astropy's VerifyWarning (an error under -W error, which failed
     every job), and a longer one over CONTINUE cards with it."""
     source_id = "S" * length

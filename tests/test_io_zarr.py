@@ -1204,11 +1204,11 @@ def test_patch_chunks_replaces_some_rows_and_keeps_the_others(tmp_path, version)
         box[job.rows] = job.box_shape
     status[settled] = Status.TILE_ERROR
     chunks = sorted({int(r) // 6 for r in np.r_[redo[0], redo[1], settled]})
+    before = _tree(path)
     with pytest.raises(ValueError, match="without a cutout"):
         wrong = kept.copy()
         wrong[settled] = Status.OK
         writer.patch_chunks(chunks, _mapping(n, new_jobs), wrong, tile_map=tile_map)
-    before = _tree(path)
     mapping = _mapping(n, new_jobs)
     patched = writer.patch_chunks(chunks, mapping, kept, tile_map=tile_map)
     assert sorted(patched) == chunks

@@ -627,8 +627,10 @@ def test_resume_of_a_finished_run_with_another_catalogue_is_refused(
     out = tmp_path / "out.zarr"
     shutil.copytree(zarr_run[0], out)
     text = Path(survey.catalogue_path).read_text()
-    first = text.splitlines()[1].split(",")[0]
-    for changed in (text.replace(first, first + "x", 1),):
+    line = text.splitlines()[1]
+    first, ra = line.split(",")[:2]
+    moved = line.replace(f",{ra},", f",{float(ra) + 1e-4!r},", 1)
+    for changed in (text.replace(first, first + "x", 1), text.replace(line, moved, 1)):
         cat = tmp_path / "other.csv"
         cat.write_text(changed)
         with pytest.raises(ConfigError, match="finished with another catalogue"):
@@ -694,6 +696,9 @@ def test_a_stopped_fits_repair_says_so_and_is_finished_by_the_next_resume(
     def stopped(self):
         raise KeyboardInterrupt
 
+    def stopped_run(self, executor):
+        raise KeyboardInterrupt
+
     monkeypatch.setattr(pipeline._Repair, "finish", stopped)
     with pytest.raises(KeyboardInterrupt):
         cutana.make_cutouts(survey.catalogue_path, out, resume=True, **opts)
@@ -701,10 +706,57 @@ def test_a_stopped_fits_repair_says_so_and_is_finished_by_the_next_resume(
     assert {f for f in os.listdir(out) if f.endswith(".fits")} > listed
     assert any("was stopped" in p for p in verify(out, survey.catalogue_path))
     os.remove(victim)
+    monkeypatch.setattr(pipeline._Repair, "run", stopped_run)  # stopped again, early
+    with pytest.raises(KeyboardInterrupt):
+        cutana.make_cutouts(survey.catalogue_path, out, resume=True, **opts)
+    monkeypatch.undo()
+    assert any("was stopped" in p for p in verify(out, survey.catalogue_path))
     assert cutana.make_cutouts(
         survey.catalogue_path, out, resume=True, **opts
     ).exit_code == 1
     assert {f for f in os.listdir(out) if f.endswith(".fits")} == listed
+    assert verify(out, survey.catalogue_path) == []
+
+
+def test_a_repair_whose_chunk_writing_fails_leaves_the_store_unfinished(
+    survey, tmp_path, monkeypatch
+):
+    """Test that when the task that writes a repair's chunks fails after
+    writing one (twice: it is retried), the store is left unfinished, not
+    finalised with that chunk's old checksum (verify failed for good), and
+    the next --resume finishes it as a clean run."""
+    import shutil
+
+    from cutana.io.zarr import ZarrWriter
+    from cutana.verify import verify
+
+    dst, victim, kept = _survey_without_a_band_file(survey, tmp_path)
+    opts = dict(size=21, tiles=[str(dst / "*.fits")], progress=False)
+    out = tmp_path / "out.zarr"
+    assert cutana.make_cutouts(survey.catalogue_path, out, **opts).exit_code == 1
+    shutil.copy(kept, victim)
+    original = ZarrWriter._write_block
+
+    def written_then_failed(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        msg = "disk trouble"
+        raise OSError(msg)
+
+    monkeypatch.setattr(ZarrWriter, "_write_block", written_then_failed)
+    report = cutana.make_cutouts(survey.catalogue_path, out, resume=True, **opts)
+    monkeypatch.undo()
+    assert report.exit_code == 1
+    assert cutana.open(out).attrs.get("repairing") is True
+    problems = verify(out, survey.catalogue_path)
+    assert any("has not been finalised" in p for p in problems)
+    assert cutana.make_cutouts(
+        survey.catalogue_path, out, resume=True, **opts
+    ).exit_code == 0
+    clean = tmp_path / "clean.zarr"
+    cutana.make_cutouts(survey.catalogue_path, clean, **opts)
+    np.testing.assert_array_equal(cutana.open(out).status, cutana.open(clean).status)
+    a, b = cutana.open(out), cutana.open(clean)
+    np.testing.assert_array_equal(a.images[:], b.images[:])
     assert verify(out, survey.catalogue_path) == []
 
 
@@ -1406,6 +1458,17 @@ def test_fits_images_have_a_shape_and_read_rows_without_a_cutout_as_zeros(
     np.testing.assert_array_equal(f.images[int(no_cutout[0])], 0)
     with pytest.raises(ValueError, match="has no cutout file"):
         f[int(no_cutout[0])]
+    from astropy.table import Table
+
+    Table({"SourceID": ["a", "b"], "RA": [0.0, 1.0], "Dec": [0.0, 0.0]}).write(
+        tmp_path / "off.csv"
+    )  # on no tile: no file at all
+    off = tmp_path / "off"
+    cutana.make_cutouts(tmp_path / "off.csv", off, size=21, format="fits",
+                        tiles=[survey.tile_paths[0][0]], progress=False)  # fmt: skip
+    empty = cutana.open(off).images
+    assert empty.shape == (2, 1, 21, 21) and empty.dtype == np.float32
+    np.testing.assert_array_equal(empty[0:2], 0)
     varied = tmp_path / "varied"
     cutana.make_cutouts(survey.catalogue_path, varied, format="fits", progress=False)
     with pytest.raises(AttributeError, match="no common shape"):

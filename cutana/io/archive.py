@@ -362,11 +362,13 @@ class _FitsImages:
     def _one(self):
         """``(shape, dtype)`` of one cutout when all share it, else `None`."""
         config = self._archive.config or {}
-        if config.get("target_size") is None and config.get("size") is None:
+        side = config.get("target_size") or config.get("size")
+        if side is None:
             return None
         has = np.flatnonzero(self._archive.files != "")
-        if not len(has):
-            return None
+        if not len(has):  # no file to look at: as the options made them
+            shape = (len(self._archive.bands), int(side), int(side))
+            return shape, np.dtype(config.get("dtype", "float32"))
         first = self._archive[int(has[0])]
         return first.shape, first.dtype
 

@@ -151,10 +151,10 @@ def _text_card(text, comment):
     """``(text, comment)`` for a string keyword, or ``(text,)`` when the
     comment would not fit on the value's one 80-character card.
 
-    astropy truncates such a comment with a ``VerifyWarning`` (values of
-    51 to 68 characters with a 20-character comment, file paths say); a
-    longer value is continued over ``CONTINUE`` cards, with room for the
-    comment.
+    astropy truncates such a comment with a ``VerifyWarning`` (values from
+    about 65 characters less the comment's length up to 68, file paths
+    say); a longer value is continued over ``CONTINUE`` cards, with room for
+    the comment.
 
     Examples
     --------

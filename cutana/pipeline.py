@@ -2016,13 +2016,16 @@ class _Repair:
     resumed, the tiles are indexed and the catalogue is planned anew, as for
     any run; the rows of those two kinds that the new plan puts in a job are
     cut, and the chunks (or FITS files) that hold them are written again,
-    with every other row as it was. Rows that still cannot be cut get the
-    new plan's status and message. Rows that were cut are never cut again.
+    with every other row as it was. Rows that still cannot be cut keep their
+    status, unless the new plan gives them another final one than a tile
+    error (``NO_OVERLAP`` for a source off a tile that can be read now).
+    Rows that were cut are never cut again.
 
     Until it is finalised, the store says it is being repaired (attributes
-    ``complete`` false and ``repairing`` true); a repair that is stopped is
-    done again by the next ``--resume``, which then checksums every chunk
-    anew (the stopped one may have rewritten some).
+    ``complete`` false and ``repairing`` true; a FITS folder has the file
+    ``.cutana/repairing``); a repair that is stopped, or whose chunks could
+    not all be written, is done again by the next ``--resume``, which then
+    checksums every chunk anew (the stopped one may have rewritten some).
     """
 
     def __init__(self, runner, jobs, status, stopped=False):

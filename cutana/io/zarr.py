@@ -917,8 +917,10 @@ class ZarrWriter:
         and geometry; the others keep their stored cutout and geometry, and
         get ``status``. This is how a finished run's failed rows are cut
         again (``cutana run --resume``). Several processes may call this at
-        once for disjoint sets of chunks; each chunk file is replaced
-        atomically.
+        once for disjoint sets of chunks. Each file is replaced atomically,
+        but a chunk spans several files in stores of format 1 to 3, and a
+        call writes chunk after chunk: until every call has returned, the
+        caller keeps the store unfinished (`start_repair`).
 
         Parameters
         ----------

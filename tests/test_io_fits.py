@@ -460,3 +460,57 @@ def test_long_tile_paths_and_ids_are_written_whole(tmp_path, length):
         if keep:
             assert header.comments["TILE"] == "tile file of band VIS"
             assert header.comments["SRCID"] == "source id"
+
+
+@pytest.mark.parametrize("syncfs", [True, False])
+def test_a_job_s_files_appear_only_once_all_are_on_disk(
+    tmp_path, monkeypatch, syncfs
+):
+    """Test that a job's FITS files are renamed to their names only after
+    every one of them is written and flushed (one syncfs on Linux, else a
+    fsync each): a failure while writing the third file leaves no file of
+    the job and no temporary file; a job that succeeds leaves them all."""
+    from cutana.io import fits as fits_module
+
+    if not syncfs:
+        monkeypatch.setattr(fits_module, "_syncfs", lambda: None)
+    synced = []
+    real_sync = fits_module._sync_files
+    monkeypatch.setattr(
+        fits_module, "_sync_files",
+        lambda paths, folder: (synced.append(len(paths)), real_sync(paths, folder)),
+    )
+    n = 4
+    job = JobResult(
+        job_id=0, rows=np.arange(n), images=np.ones((n, 1, 3, 3), np.float32),
+        status=np.zeros(n, np.int16), tile=0, origin=np.zeros((n, 2), int),
+        box_shape=np.full((n, 2), 3),
+    )
+    ids = [f"s{i}" for i in range(n)]
+    files = fits_filenames(ids)
+    writer = FitsWriter.create(tmp_path / "out", ["VIS"])
+    calls = {"n": 0}
+    real_writeto = fits.HDUList.writeto
+
+    def failing(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            msg = "disk trouble"
+            raise OSError(msg)
+        return real_writeto(self, *args, **kwargs)
+
+    monkeypatch.setattr(fits.HDUList, "writeto", failing)
+    zeros = np.zeros(n)
+    with pytest.raises(OSError, match="disk trouble"):
+        writer.write_sources(job, ids, zeros, zeros, ["t.fits"], None, files)
+    assert not [f for f in os.listdir(tmp_path / "out") if f.endswith(".fits")]
+    assert not os.listdir(writer._tmp_dir)
+    assert synced == []
+    monkeypatch.setattr(fits.HDUList, "writeto", real_writeto)
+    written = writer.write_sources(
+        job, ids, np.zeros(n), np.zeros(n), ["t.fits"], None, files
+    )
+    assert sorted(os.listdir(tmp_path / "out")) == sorted([*written, ".cutana"])
+    assert synced == [n]
+    for name in written:
+        np.testing.assert_array_equal(fits.getdata(tmp_path / "out" / name, 1), 1)

@@ -1543,8 +1543,15 @@ class _Runner:
         ):
             return False
         status = np.asarray(archive.status)
-        if len(status) != self.plan.n_rows or (status == Status.PENDING).any():
+        if (status == Status.PENDING).any():
             return False
+        if len(status) != self.plan.n_rows:
+            msg = (
+                f"cannot resume {self.output!r}: it was finished with a catalogue "
+                f"of {len(status)} rows, and {self.p.catalog.source} has "
+                f"{self.plan.n_rows} (use --overwrite to start again)"
+            )
+            raise ConfigError(msg)
         self._check_same_options(archive.config)
         self._check_same_catalogue(archive)
         # its run state is gone: what was removed since cannot be redone

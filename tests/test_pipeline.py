@@ -635,6 +635,9 @@ def test_resume_of_a_finished_run_with_another_catalogue_is_refused(
         cat.write_text(changed)
         with pytest.raises(ConfigError, match="finished with another catalogue"):
             cutana.make_cutouts(cat, out, resume=True, size=21, progress=False)
+    cat.write_text("\n".join(text.splitlines()[:-1]) + "\n")  # a row less
+    with pytest.raises(ConfigError, match="finished with a catalogue of 80 rows"):
+        cutana.make_cutouts(cat, out, resume=True, size=21, progress=False)
     assert list(cutana.open(out).source_id) == list(cutana.open(zarr_run[0]).source_id)
 
 

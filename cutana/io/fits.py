@@ -258,10 +258,11 @@ class _FileBatch:
     """Files written under temporary names and renamed to their own once
     all are on disk, so that a file under its final name is complete.
 
-    On Linux one ``syncfs`` flushes them all (a ``fsync`` per file took 1.8
-    ms of the 3 to 3.5 ms that a cutout file took); elsewhere each file is
-    synced. If anything fails (or the batch is left by an exception), the
-    temporary files are removed and no file is renamed.
+    On Linux one ``syncfs`` flushes them all (a ``fsync`` per file took
+    about 0.7 s of the 7 s that 2,000 paper-workload cutout files took);
+    elsewhere each file is synced. If anything fails (or the batch is left
+    by an exception), the temporary files are removed and no file is
+    renamed.
     """
 
     def __init__(self, tmp_dir):

@@ -1322,6 +1322,7 @@ class _Runner:
         self.files = {}  # row -> FITS file name of the rows written
         self.background_writes = _core_to_spare(prepared.options)
         self.repair = None  # a finished run's failed rows to cut again
+        self.archive = None  # the output, when it is a finished one
 
     # -- setup ------------------------------------------------------------
     def start(self, resume, overwrite):
@@ -1577,6 +1578,7 @@ class _Runner:
             )
             raise ConfigError(msg)
         self.status = status.astype(np.int16)
+        self.archive = archive  # the finished output, for a repair
         return True
 
     def _jobs_needed(self):
@@ -1855,13 +1857,17 @@ class _Runner:
         if files is not None:
             self.files.update({int(r): str(f) for r, f in zip(rows, files, strict=False)})
 
-    def _on_done(self, task, result):
+    def _raise_if_full(self, result):
+        """Stop the run when a task found the output's file system full."""
         if isinstance(result, _OutputFull):
             msg = (
                 f"no space left on the device of {self.output!r} ({result.message}); "
                 "free some space, then finish the run with --resume"
             )
             raise OSError(errno.ENOSPC, msg)
+
+    def _on_done(self, task, result):
+        self._raise_if_full(result)
         if isinstance(task, _AssembleTask):
             self._chunks_written(result)
             for k in result:
@@ -2078,7 +2084,7 @@ class _Repair:
         runner.messages = cls._messages(runner, base, ~(in_job | settle))
         failed = np.flatnonzero(old == Status.TILE_ERROR)
         stopped = stopped or runner.fmt == "zarr" and bool(
-            runner._open_writer().attrs.get("repairing", False)
+            runner.archive.attrs.get("repairing", False)
         )
         if not jobs and np.array_equal(status, old) and not stopped:
             if len(failed):
@@ -2111,7 +2117,7 @@ class _Repair:
         the others (their jobs add theirs)."""
         stored = {}
         if runner.fmt == "fits":
-            table = open_output(runner.output).table
+            table = runner.archive.table
             if "message" in table.colnames:
                 column = table["message"]
                 values = column.filled("") if hasattr(column, "filled") else column
@@ -2139,7 +2145,7 @@ class _Repair:
         else:
             r.writer = FitsWriter(r.output, bands)
             _mark_repair(r.output)
-            stored = open_output(r.output).files.tolist()
+            stored = r.archive.files.tolist()
             r.files = {i: f for i, f in enumerate(stored) if f}
             names = fits_filenames(cat.source_id)
         clean_staging(r.output)
@@ -2162,12 +2168,7 @@ class _Repair:
 
     def _on_done(self, task, result):
         r = self.r
-        if isinstance(result, _OutputFull):
-            msg = (
-                f"no space left on the device of {r.output!r} ({result.message}); "
-                "free some space, then run again with --resume"
-            )
-            raise OSError(errno.ENOSPC, msg)
+        r._raise_if_full(result)
         if isinstance(task, _PatchTask):
             self.patched.update(result)
             return ()

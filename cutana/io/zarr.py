@@ -962,16 +962,12 @@ class ZarrWriter:
         checksums = ChunksWritten()
         if not chunks:
             return checksums
-        tile_map = None if tile_map is None else np.asarray(tile_map, dtype=np.int64)
         cache = OrderedDict()
         with FileSeries(direct=background) as images:
             for k in chunks:
                 r0, r1 = self.chunk_range(k)
                 stored = self.read_chunk(k)
                 block = tuple(np.array(a) for a in stored)  # writable copies
-                block[1][:] = status(r0, r1) if callable(status) else (
-                    np.asarray(status)[r0:r1]
-                )
                 if clear is not None:
                     drop = np.asarray(
                         clear(r0, r1) if callable(clear) else np.asarray(clear)[r0:r1],
@@ -981,39 +977,9 @@ class ZarrWriter:
                     block[2][drop] = -1
                     block[3][drop] = 0
                     block[4][drop] = 0
-                if callable(row_to_job):
-                    jobs, pos = row_to_job(r0, r1)
-                else:
-                    jobs, pos = (np.asarray(a)[r0:r1] for a in row_to_job)
-                jobs = np.asarray(jobs, dtype=np.int64)
-                pos = np.asarray(pos, dtype=np.int64)
-                for job_id in np.unique(jobs[jobs >= 0]).tolist():
-                    sel = np.flatnonzero(jobs == job_id)
-                    res = _cached_job(cache, out_dir, int(job_id))
-                    p = pos[sel]
-                    if p.min() < 0 or p.max() >= len(res.rows) or np.any(
-                        res.rows[p] != r0 + sel
-                    ):
-                        msg = (
-                            f"chunk {k}: staged job {job_id} does not hold the rows "
-                            f"the mapping assigns to it (e.g. row {int(r0 + sel[0])})"
-                        )
-                        raise ValueError(msg)
-                    block[0][sel] = res.images[p]
-                    block[1][sel] = res.status[p]
-                    tile = int(res.tile)
-                    block[2][sel] = tile if tile_map is None else int(tile_map[tile])
-                    block[3][sel] = res.origin[p]
-                    block[4][sel] = res.box_shape[p]
-                cut = (block[1] == Status.OK) | (block[1] == Status.PARTIAL_OVERLAP)
-                if np.any(cut & (block[2] < 0)):
-                    row = int(r0 + np.flatnonzero(cut & (block[2] < 0))[0])
-                    msg = (
-                        f"chunk {k}: row {row} would have status "
-                        f"{int(block[1][row - r0])} without a cutout"
-                    )
-                    raise ValueError(msg)
-                _check_statuses(block[1], r0, f"chunk {k}")
+                self._assemble(
+                    k, row_to_job, status, out_dir, cache, block, tile_map=tile_map
+                )
                 self._write_block([k], r0, block, images, checksums, background)
         logger.debug("rewrote %d chunks of %s", len(chunks), self.path)
         return checksums
@@ -1043,10 +1009,11 @@ class ZarrWriter:
         where = {identity(t): i for i, t in enumerate(stored)}
         tile_map = np.empty(len(tiles), dtype=np.int64)
         for i, record in enumerate(tiles):
-            key = identity(_jsonable(record, "tiles"))
+            record = _jsonable(record, "tiles")
+            key = identity(record)
             if key not in where:
                 where[key] = len(stored)
-                stored.append(_jsonable(record, "tiles"))
+                stored.append(record)
             tile_map[i] = where[key]
         self._group.update_attributes(
             {"complete": False, "repairing": True, "tiles": stored}
@@ -1242,8 +1209,14 @@ class ZarrWriter:
             np.asarray(res.box_shape[p], dtype=np.int32),
         )
 
-    def _assemble(self, chunk, row_to_job, base_status, out_dir, cache, block, pinned=None):
-        """Fill ``block`` (the chunk's rows, zeroed) from staged jobs."""
+    def _assemble(
+        self, chunk, row_to_job, base_status, out_dir, cache, block, pinned=None,
+        tile_map=None,
+    ):
+        """Fill ``block`` (the chunk's rows: zeroed, or as stored for
+        `patch_chunks`) from staged jobs; the other rows get ``base_status``
+        and keep what ``block`` holds. ``tile_map`` maps the jobs' tile
+        numbers to the store's."""
         images, status, tile, origin, box = block
         r0, r1 = self.chunk_range(chunk)
         m = r1 - r0
@@ -1301,13 +1274,12 @@ class ZarrWriter:
                 p = slice(int(p[0]), int(p[-1]) + 1)
             images[sel] = res.images[p]
             status[sel] = res.status[p]
-            tile[sel] = res.tile
+            tile[sel] = res.tile if tile_map is None else tile_map[int(res.tile)]
             origin[sel] = res.origin[p]
             box[sel] = res.box_shape[p]
-        no_job = ~has_job
-        bad = no_job & (
-            (status < 0) | (status == Status.OK) | (status == Status.PARTIAL_OVERLAP)
-        )
+        # a row of no job may show a cutout only if the block holds one
+        cut = (status == Status.OK) | (status == Status.PARTIAL_OVERLAP)
+        bad = ~has_job & ((status < 0) | (cut & (tile < 0)))
         if np.any(bad):
             row = int(r0 + np.flatnonzero(bad)[0])
             msg = (

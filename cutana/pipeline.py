@@ -1198,7 +1198,34 @@ def make_cutouts(
         lock.release()
         if own_client:
             client.close()
+    if runner.repair_next:
+        # the interrupted run is finished: cut the rows of the tiles that can
+        # be read since, as for any finished run resumed
+        again = make_cutouts(
+            catalog,
+            output,
+            resume=True,
+            progress=progress,
+            client=None if own_client else client,
+            **options,
+        )
+        return _joined(report, again)
     return report
+
+
+def _joined(first, then):
+    """The report of a run finished (``first``) and then resumed (``then``)."""
+    seconds = first.seconds + then.seconds
+    cut = first.cutouts_per_second * first.seconds
+    cut += then.cutouts_per_second * then.seconds
+    later = [(round(t + first.seconds, 3), b) for t, b in then.memory_samples]
+    return dataclasses.replace(
+        then,
+        seconds=seconds,
+        cutouts_per_second=cut / seconds if seconds > 0 else 0.0,
+        peak_memory=max(first.peak_memory, then.peak_memory),
+        memory_samples=first.memory_samples + later,
+    )
 
 
 def _connect(scheduler):
@@ -1278,6 +1305,82 @@ def _core_to_spare(options):
     return workers * options.threads < available_cores()
 
 
+def _save_tiles(output, index):
+    """Record the tiles a run's plan numbers (``OUT/.cutana/tiles.json``)."""
+    path = os.path.join(state_dir(output), "tiles.json")
+    with open(path, "w") as fh:
+        json.dump({"bands": list(index.bands),
+                   "tiles": [_tile_record(t) for t in index.tiles]}, fh)
+
+
+def _load_tiles(output):
+    """The tiles recorded by `_save_tiles`, or None (none, or unreadable)."""
+    try:
+        with open(os.path.join(state_dir(output), "tiles.json")) as fh:
+            saved = json.load(fh)
+        return list(saved["bands"]), list(saved["tiles"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _readable_since(old, new, old_tiles, index):
+    """What an interrupted run needs to be finished on its own plan although
+    a tile it could not read can be read now; or None.
+
+    A tile file put back or mended after a run was interrupted changes the
+    plan: the rows the interrupted run's plan ``old`` gave ``TILE_ERROR``
+    are planned in jobs now, and the tiles may be numbered otherwise. When
+    every other row is planned as before (same status, tile, position and
+    box) and each tile ``old`` numbers (``old_tiles``, from `_load_tiles`)
+    is in the new ``index`` with the same files, the interrupted run is
+    finished with ``old`` and its tiles, and those rows are cut afterwards,
+    as a finished run's are (`_Repair`).
+
+    Returns ``(readable, tiles)``: a boolean mask of the rows readable
+    since, and a `TileIndex` of ``index``'s tiles in ``old``'s numbering.
+    None when nothing is readable since or more differs (the run is then
+    refused).
+    """
+    if old is None or old_tiles is None or old.n_rows != new.n_rows:
+        return None
+    bands, records = old_tiles
+    readable = (np.asarray(old.base_status) == Status.TILE_ERROR) & (
+        np.asarray(new.base_status) != Status.TILE_ERROR
+    )
+    if list(bands) != list(index.bands) or not readable.any():
+        return None
+    used = {job.tile for job in old.jobs}
+    number = {tile.key: n for n, tile in enumerate(index.tiles)}
+    tiles, renumber = [], {}
+    for t, record in enumerate(records):
+        n = number.get(record["key"])
+        if n is None:
+            return None
+        tile = index.tiles[n]
+        paths = [None if b is None else b.path for b in tile.bands]
+        was = record["paths"]
+        if len(was) != len(paths) or any(
+            p is not None and p != q for p, q in zip(was, paths, strict=True)
+        ):
+            return None  # another file for a band
+        if t in used and _tile_record(tile) != record:
+            return None  # a tile cut from: its files and header as they were
+        tiles.append(tile)
+        renumber[n] = t
+    # the new plan in the old numbering; a tile new to the index gets a
+    # number of its own, which differs from every old one
+    jobs = [
+        dataclasses.replace(job, tile=renumber.get(job.tile, -2 - job.tile))
+        for job in new.jobs
+    ]
+    kept = ~readable
+    if old.output_fingerprint(kept) != dataclasses.replace(
+        new, jobs=jobs
+    ).output_fingerprint(kept):
+        return None
+    return readable, TileIndex(tiles, index.bands, index.errors, index.file_lists)
+
+
 def _tile_changes(old, new):
     """`` (tiles: ...)`` saying which rows' tiles could be read by one run and
     not the other (a tile repaired or broken since), or ``''``."""
@@ -1322,6 +1425,9 @@ class _Runner:
         self.files = {}  # row -> FITS file name of the rows written
         self.background_writes = _core_to_spare(prepared.options)
         self.repair = None  # a finished run's failed rows to cut again
+        # an interrupted run resumed with a tile readable now that it could
+        # not read: its output is resumed again once finished (_readable_since)
+        self.repair_next = False
         self.archive = None  # the output, when it is a finished one
 
     # -- setup ------------------------------------------------------------
@@ -1380,6 +1486,29 @@ class _Runner:
                 # keep the interrupted run's jobs, whatever the new job sizes
                 self.plan = plan = old
                 fingerprint = plan.fingerprint()
+            elif (
+                found := _readable_since(
+                    old, plan, _load_tiles(self.output), self.p.index
+                )
+            ) is not None:
+                # a tile put back or mended since: the interrupted run is
+                # finished as planned, on its tiles, then its TILE_ERROR rows
+                # are cut (make_cutouts resumes the finished output once more)
+                readable, index = found
+                self.p = dataclasses.replace(self.p, index=index)
+                logger.warning(
+                    "%s: the tiles of %d rows (row %d, ...) that the interrupted "
+                    "run could not read can be read now; they are cut once the "
+                    "rest of the run is finished",
+                    self.output,
+                    int(readable.sum()),
+                    int(np.flatnonzero(readable)[0]),
+                )
+                self.plan = plan = old
+                self.status = plan.base_status.copy()
+                self.messages = dict(plan.messages)
+                fingerprint = plan.fingerprint()
+                self.repair_next = True
             state = Ledger(self.output).read()
             if state.fingerprint != fingerprint:
                 try:  # a store records its options from the start
@@ -1431,6 +1560,7 @@ class _Runner:
             raise ConfigError(str(exc)) from None
         os.makedirs(state_dir(self.output), exist_ok=True)
         plan.save(os.path.join(state_dir(self.output), "plan.npz"))
+        _save_tiles(self.output, self.p.index)
         self.ledger = Ledger(self.output)
         self.ledger.run_started(fingerprint)
 

@@ -492,13 +492,19 @@ class Plan:
                 h.update(np.ascontiguousarray(arr).tobytes())
         return h.hexdigest()
 
-    def output_fingerprint(self):
+    def output_fingerprint(self, rows=None):
         """A SHA-256 digest of what the output holds, independent of job sizes.
 
         Two plans with the same output fingerprint write identical outputs,
         even if they slice the sources into jobs differently (e.g. for
         another memory limit or worker count); a resumed run keeps the
         interrupted run's jobs when the fingerprints agree.
+
+        Parameters
+        ----------
+        rows : array-like of bool, optional
+            Digest only these rows (a mask of ``n_rows``), with the output's
+            shape and options; by default all.
 
         Returns
         -------
@@ -514,7 +520,8 @@ class Plan:
             "meta": self.meta,
         }
         h.update(json.dumps(header, sort_keys=True).encode())
-        h.update(np.ascontiguousarray(self.base_status).tobytes())
+        keep = slice(None) if rows is None else np.asarray(rows, dtype=bool)
+        h.update(np.ascontiguousarray(self.base_status[keep]).tobytes())
         tile = np.full(self.n_rows, -1, dtype=np.int64)
         xy = np.full((self.n_rows, 2), np.nan)
         box = np.zeros((self.n_rows, 2), dtype=np.int64)
@@ -524,7 +531,7 @@ class Plan:
             xy[job.rows, 1] = job.y
             box[job.rows] = job.box
         for arr in (tile, xy, box):
-            h.update(arr.tobytes())
+            h.update(np.ascontiguousarray(arr[keep]).tobytes())
         return h.hexdigest()
 
     def _header(self):

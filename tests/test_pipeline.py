@@ -763,46 +763,115 @@ def test_a_repair_whose_chunk_writing_fails_leaves_the_store_unfinished(
     assert verify(out, survey.catalogue_path) == []
 
 
-def test_resume_of_an_interrupted_run_whose_tile_is_back_names_the_rows(
-    survey, tmp_path, monkeypatch
-):
-    """Test that --resume of an interrupted run whose tile could not be read
-    then and can now is refused, naming the rows whose tiles changed (it
-    said only that the catalogue, tiles or options differ)."""
-    import shutil
-
+def _interrupted(monkeypatch, after, *args, **kwargs):
+    """Run `cutana.make_cutouts` and stop it (KeyboardInterrupt) once it has
+    handled ``after`` results."""
     from cutana import pipeline
-
-    dst, victim, kept = _survey_without_a_band_file(survey, tmp_path)
-    opts = dict(size=21, tiles=[str(dst / "*.fits")], max_sources_per_job=5,
-                progress=False)
-    done = tmp_path / "done.zarr"
-    assert cutana.make_cutouts(survey.catalogue_path, done, **opts).exit_code == 1
-    failed = np.asarray(cutana.open(done).status) == Status.TILE_ERROR
-    assert failed.any()
 
     calls = {"n": 0}
     original = pipeline._Runner._on_done
 
     def crashing(self, task, result):
         calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt  # the process dies after one result
+        if calls["n"] == after + 1:
+            raise KeyboardInterrupt  # the process dies
         return original(self, task, result)
 
-    stopped = tmp_path / "stopped.zarr"
     monkeypatch.setattr(pipeline._Runner, "_on_done", crashing)
     with pytest.raises(KeyboardInterrupt):
-        cutana.make_cutouts(survey.catalogue_path, stopped, **opts)
+        cutana.make_cutouts(*args, **kwargs)
     monkeypatch.setattr(pipeline._Runner, "_on_done", original)
 
+
+@pytest.mark.parametrize(("given", "fmt"), [
+    ("tiles", "zarr"), ("files", "zarr"), ("files", "fits"),
+])
+def test_resume_of_an_interrupted_run_cuts_the_rows_of_a_tile_back_since(
+    survey, tmp_path, monkeypatch, caplog, given, fmt
+):
+    """Test that --resume of an interrupted run whose tile could not be read
+    then and can now finishes the run and cuts that tile's rows too, as a
+    run that had the tile from the start (status, values, WCS), and gives an
+    output that verifies. It was refused, and only --overwrite, which cuts
+    every row again, could cut them. With catalogue file lists the tiles are
+    numbered otherwise once the tile is back (it is the first named)."""
+    import shutil
+
+    from cutana.verify import verify
+
+    src = os.path.dirname(survey.tile_paths[0][0])
+    dst = tmp_path / "tiles"
+    shutil.copytree(src, dst)
+    # the tile the catalogue names first: the index numbers it 0 when
+    # its files can be read
+    listed = next(f for f in read_catalog(survey.catalogue_path).fits_file_paths if f)
+    victim = dst / os.path.basename(listed[0])
+    kept = tmp_path / "kept.fits"
+    shutil.move(victim, kept)
+    cat = tmp_path / "cat.csv"
+    cat.write_text(Path(survey.catalogue_path).read_text().replace(src, str(dst)))
+    opts = dict(size=21, max_sources_per_job=5, progress=False, format=fmt)
+    if given == "tiles":
+        opts["tiles"] = [str(dst / "*.fits")]
+    out = tmp_path / "out"
+    _interrupted(monkeypatch, 2, cat, out, **opts)
+
     shutil.copy(kept, victim)  # the tile is back
+    with caplog.at_level("WARNING", logger="cutana.pipeline"):
+        report = cutana.make_cutouts(cat, out, resume=True, **opts)
+    assert report.exit_code == 0, report.failures
+    assert "that the interrupted run could not read can be read now" in caplog.text
+    clean = tmp_path / "clean"
+    assert cutana.make_cutouts(cat, clean, **opts).counts == report.counts
+    a, b = cutana.open(clean), cutana.open(out)
+    np.testing.assert_array_equal(b.status, a.status)
+    assert not (np.asarray(b.status) == Status.TILE_ERROR).any()
+    cut = np.flatnonzero(np.isin(a.status, (Status.OK, Status.PARTIAL_OVERLAP)))
+    for i in cut:
+        np.testing.assert_array_equal(np.asarray(b[i]), np.asarray(a[i]))
+        if fmt == "zarr":
+            np.testing.assert_array_equal(b.wcs(i).wcs.crpix, a.wcs(i).wcs.crpix)
+    rows = read_catalog(cat)
+    c = [band in victim.name for band in b.bands].index(True)
+    if given == "files":  # each source is cut from its own files
+        on_victim = [i for i in cut if str(victim) in rows.fits_file_paths[i]]
+    else:  # from the tile it lies deepest in
+        on_victim = [i for i in cut if _tile_paths(b, i)[c] == str(victim)]
+    assert on_victim
+    for i in on_victim[:5]:  # against astropy: the band of the file put back
+        ref = _reference(victim, rows.ra[i], rows.dec[i], 21)
+        np.testing.assert_array_equal(np.asarray(b[i])[c], ref.data.astype(np.float32))
+    assert verify(out, cat) == []
+
+
+def test_resume_of_an_interrupted_run_whose_tile_broke_since_names_the_rows(
+    survey, tmp_path, monkeypatch
+):
+    """Test that --resume of an interrupted run whose tile could be read
+    then and cannot now is refused, naming the rows whose tiles changed (it
+    said only that the catalogue, tiles or options differ)."""
+    import shutil
+
+    dst = tmp_path / "tiles"
+    shutil.copytree(os.path.dirname(survey.tile_paths[0][0]), dst)
+    opts = dict(size=21, tiles=[str(dst / "*.fits")], max_sources_per_job=5,
+                progress=False)
+    done = tmp_path / "done.zarr"
+    assert cutana.make_cutouts(survey.catalogue_path, done, **opts).exit_code == 0
+    stopped = tmp_path / "stopped.zarr"
+    _interrupted(monkeypatch, 1, survey.catalogue_path, stopped, **opts)
+
+    victim = dst / os.path.basename(survey.tile_paths[1][0])
+    victim.unlink()  # the tile is gone since
+    broken = tmp_path / "broken.zarr"
+    assert cutana.make_cutouts(survey.catalogue_path, broken, **opts).exit_code == 1
+    failed = np.asarray(cutana.open(broken).status) == Status.TILE_ERROR
     first = int(np.flatnonzero(failed)[0])
     with pytest.raises(ConfigError) as exc:
         cutana.make_cutouts(survey.catalogue_path, stopped, resume=True, **opts)
     assert (
-        f"(tiles: the tiles of {int(failed.sum())} rows (row {first}, ...) could not "
-        "be read then and can now)" in str(exc.value)
+        f"(tiles: the tiles of {int(failed.sum())} rows (row {first}, ...) could "
+        "be read then and cannot now)" in str(exc.value)
     )
 
 

@@ -1234,3 +1234,50 @@ def test_patch_chunks_replaces_some_rows_and_keeps_the_others(tmp_path, version)
     np.testing.assert_array_equal(out.tile, tile)
     np.testing.assert_array_equal(out.origin, origin)
     assert verify_output(path) == []
+
+
+_STOPPED_WORKER = """
+import multiprocessing, os, signal, sys
+import numpy as np
+
+def work(path):
+    from numcodecs import Blosc
+    from cutana.io.zarr import ZarrWriter
+
+    ZarrWriter.open(path)  # as a worker does before it writes chunks
+    Blosc(cname="lz4", clevel=1, shuffle=Blosc.BITSHUFFLE).encode(
+        np.arange(4096, dtype=np.uint8))
+    os.kill(os.getpid(), signal.SIGKILL)  # stopped before its clean-up
+
+if __name__ == "__main__":
+    proc = multiprocessing.get_context("forkserver").Process(
+        target=work, args=(sys.argv[1],))
+    proc.start()
+    proc.join()
+    print(proc.exitcode)
+"""
+
+
+def test_a_worker_stopped_after_compressing_leaves_no_semaphore(tmp_path):
+    """Test that a worker process that opened a store and compressed a chunk
+    leaves nothing to multiprocessing's resource tracker when it is killed:
+    numcodecs' Blosc made a named semaphore on its first use, and a run
+    stopped (Ctrl-C, SIGTERM) while its workers were in long jobs printed a
+    warning about leaked semaphore objects."""
+    import subprocess
+    import sys
+
+    import cutana
+
+    writer, *_ = _run(tmp_path / "out.zarr")
+    script = tmp_path / "stopped_worker.py"
+    script.write_text(_STOPPED_WORKER)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(cutana.__file__)))
+    env = dict(os.environ, PYTHONPATH=root)
+    done = subprocess.run(
+        [sys.executable, str(script), writer.path], cwd=tmp_path, env=env,
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(-9)]  # killed, as a terminated worker
+    assert "leaked" not in done.stderr, done.stderr

@@ -220,6 +220,29 @@ class ChunksWritten(dict):
         self.rows.update(getattr(other, "rows", {}))
 
 
+def _blosc_thread_lock():
+    """Give numcodecs' Blosc a thread lock instead of the process-shared
+    lock it makes on its first use.
+
+    That lock (a named semaphore under the ``forkserver`` start method) is
+    registered with multiprocessing's resource tracker, which prints a
+    warning about "leaked semaphore objects" whenever a worker process that
+    compressed a chunk is stopped before its own clean-up runs: a run
+    stopped by Ctrl-C or SIGTERM while its workers were in the middle of
+    jobs longer than `cutana.executor.STOP_GRACE`. Blosc needs the lock only
+    between threads of one process (each process has its own Blosc state).
+    Nothing changes once numcodecs has made its lock, or in a numcodecs
+    without this one.
+    """
+    import threading
+
+    import numcodecs.blosc
+
+    if getattr(numcodecs.blosc, "_MUTEX_IS_INIT", None) is False:
+        numcodecs.blosc._MUTEX = threading.Lock()
+        numcodecs.blosc._MUTEX_IS_INIT = True
+
+
 def _compressor(dtype):
     """Blosc LZ4 for ``images``: bit-shuffled for 8- and 16-bit integers.
 
@@ -429,6 +452,7 @@ class ZarrWriter:
     """
 
     def __init__(self, path, group):
+        _blosc_thread_lock()  # before the first chunk is read or written
         self.path = os.fspath(path)
         self._group = group
         attrs = group.attrs.asdict()

@@ -37,6 +37,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 import time
 from collections import deque
@@ -391,6 +392,19 @@ def _stop_behind(exc):
     return None
 
 
+def _main_script():
+    """The script a worker imports as it starts (``__main__``'s file), or
+    None when this process runs the ``cutana`` command or has no script."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    spec = getattr(main, "__spec__", None)
+    if path is None or (spec is not None and spec.name.split(".")[0] == "cutana"):
+        return None
+    if os.path.splitext(os.path.basename(path))[0] in ("cutana", "cutana-script"):
+        return None  # the installed command
+    return path
+
+
 def _check_workers_start(pool, n):
     """Raise a `ConfigError` if the pool's workers exit as they start.
 
@@ -398,7 +412,9 @@ def _check_workers_start(pool, n):
     ``__main__`` script of the process that made the pool. A script that
     calls cutana at its top level, not under ``if __name__ == "__main__":``,
     then runs again in every worker, which dies; every job would fail, one
-    pool after another.
+    pool after another. The error says so when a script started cutana;
+    otherwise (the ``cutana`` command) it names the other usual cause, a
+    worker killed for lack of memory.
     """
     from .exceptions import ConfigError
 
@@ -407,12 +423,22 @@ def _check_workers_start(pool, n):
         for probe in probes:
             probe.result()
     except BrokenProcessPool:
+        script = _main_script()
         msg = (
             "the worker processes exit as they start (their error, if any, is "
-            "printed above). Each one imports the script that started cutana: a "
-            "script must call cutana under `if __name__ == \"__main__\":` to run "
-            "it with workers (or use backend='serial')"
+            "printed above"
         )
+        if script is None:
+            msg += (
+                "; a worker killed for lack of memory prints none): check the "
+                "memory free, or run with fewer --workers or --backend serial"
+            )
+        else:
+            msg += (
+                f"). Each one imports the script that started cutana ({script}): "
+                "a script must call cutana under `if __name__ == \"__main__\":` "
+                "to run it with workers (or use backend='serial')"
+            )
         raise ConfigError(msg) from None
 
 

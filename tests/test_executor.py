@@ -347,6 +347,56 @@ def test_a_script_without_a_main_guard_is_told_why_its_workers_die(tmp_path):
     assert 'under `if __name__ == "__main__":`' in proc.stderr
 
 
+@pytest.mark.parametrize("script", [None, "/home/me/run.py"])
+def test_workers_that_exit_as_they_start_are_explained(monkeypatch, script):
+    """Test that workers dying as they start (here: at once) stop the run
+    with a usage error that blames a missing ``__main__`` guard only when a
+    script started cutana; under the ``cutana`` command (no script) it
+    names a worker killed for lack of memory, the usual cause there."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from cutana import executor
+    from cutana.exceptions import ConfigError
+
+    monkeypatch.setattr(executor, "_main_script", lambda: script)
+    ctx = multiprocessing.get_context("forkserver" if os.name == "posix" else "spawn")
+    pool = ProcessPoolExecutor(1, mp_context=ctx, initializer=os._exit, initargs=(3,))
+    try:
+        with pytest.raises(ConfigError) as exc:
+            executor._check_workers_start(pool, 1)
+    finally:
+        pool.shutdown(wait=True)
+    text = str(exc.value)
+    assert text.startswith("the worker processes exit as they start")
+    if script is None:
+        assert "lack of memory" in text and "__main__" not in text
+    else:
+        assert f"({script})" in text and 'if __name__ == "__main__":' in text
+
+
+def test_main_script_is_none_under_the_cutana_command(monkeypatch):
+    """Test that `_main_script` names a user's script, and no script for the
+    installed ``cutana`` command or ``python -m cutana.cli``."""
+    import sys
+    import types
+
+    from cutana.executor import _main_script
+
+    def main(path, spec=None):
+        module = types.ModuleType("__main__")
+        module.__file__ = path
+        module.__spec__ = spec and types.SimpleNamespace(name=spec)
+        monkeypatch.setitem(sys.modules, "__main__", module)
+
+    main("/home/me/run.py")
+    assert _main_script() == "/home/me/run.py"
+    main("/usr/local/bin/cutana")
+    assert _main_script() is None
+    main("/site-packages/cutana/cli.py", "cutana.cli")
+    assert _main_script() is None
+
+
 def test_pool_shutdown_does_not_wait_for_ever_for_a_stuck_worker():
     """A worker that never exits (here: busy for a minute; at the end of a
     run: blocked on the task queue's lock that a killed worker held) is

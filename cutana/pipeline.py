@@ -13,6 +13,7 @@ steps together.
 import dataclasses
 import difflib
 import errno
+import hashlib
 import json
 import logging
 import math
@@ -1305,72 +1306,111 @@ def _core_to_spare(options):
     return workers * options.threads < available_cores()
 
 
+def _tile_state(tile):
+    """What a run records about a tile it numbers: its key, and each band
+    file's path and a digest of its header (None for a missing band)."""
+    return {
+        "key": tile.key,
+        "paths": [None if b is None else b.path for b in tile.bands],
+        "headers": [
+            None if b is None else hashlib.sha256(b.header.encode()).hexdigest()
+            for b in tile.bands
+        ],
+    }
+
+
 def _save_tiles(output, index):
     """Record the tiles a run's plan numbers (``OUT/.cutana/tiles.json``)."""
     path = os.path.join(state_dir(output), "tiles.json")
     with open(path, "w") as fh:
         json.dump({"bands": list(index.bands),
-                   "tiles": [_tile_record(t) for t in index.tiles]}, fh)
+                   "tiles": [_tile_state(t) for t in index.tiles]}, fh)
 
 
 def _load_tiles(output):
-    """The tiles recorded by `_save_tiles`, or None (none, or unreadable)."""
+    """The tiles recorded by `_save_tiles`: ``(bands, records)``, or None
+    (none, as in a run of an older version, or unreadable)."""
     try:
         with open(os.path.join(state_dir(output), "tiles.json")) as fh:
             saved = json.load(fh)
-        return list(saved["bands"]), list(saved["tiles"])
+        bands, records = list(saved["bands"]), list(saved["tiles"])
+        for record in records:
+            if not {"key", "paths", "headers"} <= set(record):
+                return None
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    return bands, records
 
 
-def _readable_since(old, new, old_tiles, index):
-    """What an interrupted run needs to be finished on its own plan although
-    a tile it could not read can be read now; or None.
+def _tiles_then(saved, index, used):
+    """The tiles of ``index`` in the numbering of an interrupted run, and
+    what changed since in the tiles it cut from.
+
+    ``saved`` is what `_load_tiles` read, ``used`` the numbers of the tiles
+    of its plan's jobs. Returns ``(tiles, why)``: the list of ``index``'s
+    tiles in the saved order (None when one is not in ``index`` any more
+    or has another file for a band), and ``''`` or the first change in a
+    tile of ``used`` (another file for a band, or a file whose header
+    differs: cutting on would mix two versions of a tile in one output). A
+    band file new since (put back) is not a change.
+    """
+    bands, records = saved
+    if list(bands) != list(index.bands):
+        return None, ""
+    by_key = {tile.key: tile for tile in index.tiles}
+    tiles = []
+    for t, record in enumerate(records):
+        tile = by_key.get(record["key"])
+        if tile is None:
+            if t in used:
+                return None, f"tile {record['key']} is not among the tiles now"
+            return None, ""
+        now = _tile_state(tile)
+        then = zip(record["paths"], record["headers"], now["paths"], now["headers"],
+                   strict=True)  # fmt: skip
+        for path, header, path_now, header_now in then:
+            if path is None:
+                continue  # a band file new since
+            if path != path_now:
+                why = f"tile {tile.key} has another file for a band: {path_now}"
+                return None, why if t in used else ""
+            if t in used and header != header_now:
+                return None, f"{path} has changed since (its header differs)"
+        tiles.append(tile)
+    return tiles, ""
+
+
+def _readable_since(old, new, tiles, index):
+    """The rows an interrupted run could not cut that it can now, when
+    that is all that differs; or None.
 
     A tile file put back or mended after a run was interrupted changes the
     plan: the rows the interrupted run's plan ``old`` gave ``TILE_ERROR``
     are planned in jobs now, and the tiles may be numbered otherwise. When
     every other row is planned as before (same status, tile, position and
-    box) and each tile ``old`` numbers (``old_tiles``, from `_load_tiles`)
-    is in the new ``index`` with the same files, the interrupted run is
+    box) and its tiles are as they were (``tiles``, ``index``'s tiles in
+    ``old``'s numbering, from `_tiles_then`), the interrupted run is
     finished with ``old`` and its tiles, and those rows are cut afterwards,
     as a finished run's are (`_Repair`).
 
-    Returns ``(readable, tiles)``: a boolean mask of the rows readable
-    since, and a `TileIndex` of ``index``'s tiles in ``old``'s numbering.
-    None when nothing is readable since or more differs (the run is then
-    refused).
+    Returns ``(readable, index)``: a boolean mask of the rows readable
+    since, and a `TileIndex` of ``tiles``. None when nothing is readable
+    since or more differs (the run is then refused).
     """
-    if old is None or old_tiles is None or old.n_rows != new.n_rows:
+    if old is None or tiles is None or old.n_rows != new.n_rows:
         return None
-    bands, records = old_tiles
     readable = (np.asarray(old.base_status) == Status.TILE_ERROR) & (
         np.asarray(new.base_status) != Status.TILE_ERROR
     )
-    if list(bands) != list(index.bands) or not readable.any():
+    if not readable.any():
         return None
-    used = {job.tile for job in old.jobs}
-    number = {tile.key: n for n, tile in enumerate(index.tiles)}
-    tiles, renumber = [], {}
-    for t, record in enumerate(records):
-        n = number.get(record["key"])
-        if n is None:
-            return None
-        tile = index.tiles[n]
-        paths = [None if b is None else b.path for b in tile.bands]
-        was = record["paths"]
-        if len(was) != len(paths) or any(
-            p is not None and p != q for p, q in zip(was, paths, strict=True)
-        ):
-            return None  # another file for a band
-        if t in used and _tile_record(tile) != record:
-            return None  # a tile cut from: its files and header as they were
-        tiles.append(tile)
-        renumber[n] = t
+    number = {id(tile): t for t, tile in enumerate(tiles)}
     # the new plan in the old numbering; a tile new to the index gets a
     # number of its own, which differs from every old one
     jobs = [
-        dataclasses.replace(job, tile=renumber.get(job.tile, -2 - job.tile))
+        dataclasses.replace(
+            job, tile=number.get(id(index.tiles[job.tile]), -2 - job.tile)
+        )
         for job in new.jobs
     ]
     kept = ~readable
@@ -1480,16 +1520,20 @@ class _Runner:
         if resume:
             saved = os.path.join(state_dir(self.output), "plan.npz")
             old = Plan.load(saved) if os.path.exists(saved) else None
-            if old is not None and (
+            tiles, why = None, ""
+            saved_tiles = _load_tiles(self.output)
+            if old is not None and saved_tiles is not None:
+                used = {job.tile for job in old.jobs}
+                tiles, why = _tiles_then(saved_tiles, self.p.index, used)
+            # (a tile the interrupted run cut from has changed: refused below)
+            if not why and old is not None and (
                 old.output_fingerprint() == plan.output_fingerprint()
             ):
                 # keep the interrupted run's jobs, whatever the new job sizes
                 self.plan = plan = old
                 fingerprint = plan.fingerprint()
-            elif (
-                found := _readable_since(
-                    old, plan, _load_tiles(self.output), self.p.index
-                )
+            elif not why and (
+                found := _readable_since(old, plan, tiles, self.p.index)
             ) is not None:
                 # a tile put back or mended since: the interrupted run is
                 # finished as planned, on its tiles, then its TILE_ERROR rows
@@ -1510,7 +1554,7 @@ class _Runner:
                 fingerprint = plan.fingerprint()
                 self.repair_next = True
             state = Ledger(self.output).read()
-            if state.fingerprint != fingerprint:
+            if why or state.fingerprint != fingerprint:
                 try:  # a store records its options from the start
                     differ = self._differing_options(open_output(self.output).config)
                 except (OSError, ValueError, KeyError):
@@ -1518,6 +1562,7 @@ class _Runner:
                 msg = (
                     f"cannot resume {self.output!r}: the catalogue, tiles or options "
                     "differ from the interrupted run"
+                    + (f" ({why})" if why else "")
                     + (f" (options: {differ})" if differ else "")
                     + _tile_changes(old, plan)
                     + " (use --overwrite to start again)"

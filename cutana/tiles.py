@@ -979,12 +979,13 @@ class TileIndex:
         name (Euclid ``...MOSAIC-<band>_TILE...``, else the name without
         ending). Files of one sky tile are grouped by the ``TILEID`` keyword,
         else by ``TILE<digits>`` in the file name, else by an identical
-        (rounded) WCS and shape. If two files of one tile give the same band
-        name but their file names give different ones (a science image and
-        its RMS map, say), the file-name bands are used for them; otherwise
-        the file whose name gives that band (a science image beside a
-        background model, say), else the first, is used, and the others are
-        reported in ``errors``.
+        (rounded) WCS and shape; the tiles are in the order of their keys.
+        If two files of one tile give the same band name but their file
+        names give different ones (a science image and its RMS map, say),
+        the file-name bands are used for them; otherwise the file whose
+        name gives that band (a science image beside a background model,
+        say), else the first, is used, and the others are reported in
+        ``errors``.
         """
         files, errors = _expand(paths)
         groups = {}
@@ -1048,7 +1049,10 @@ class TileIndex:
         else:
             bands = found
         tiles = []
-        for key, by_band in members.items():
+        # in the order of their keys, not of their first file: a tile's number
+        # (and which of two tiles a source lying equally deep in both goes
+        # to) then does not depend on which of its files can be read
+        for key, by_band in sorted(members.items()):
             entries = tuple(
                 by_band[b].band_file() if b in by_band else None for b in bands
             )

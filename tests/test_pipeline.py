@@ -802,10 +802,11 @@ def test_resume_of_an_interrupted_run_cuts_the_rows_of_a_tile_back_since(
     src = os.path.dirname(survey.tile_paths[0][0])
     dst = tmp_path / "tiles"
     shutil.copytree(src, dst)
-    # the tile the catalogue names first: the index numbers it 0 when
-    # its files can be read
+    # the tile the catalogue names first, or the tile of the first file:
+    # the index numbers it 0 when its files can be read
     listed = next(f for f in read_catalog(survey.catalogue_path).fits_file_paths if f)
-    victim = dst / os.path.basename(listed[0])
+    first = listed[0] if given == "files" else sorted(os.listdir(dst))[0]
+    victim = dst / os.path.basename(first)
     kept = tmp_path / "kept.fits"
     shutil.move(victim, kept)
     cat = tmp_path / "cat.csv"
@@ -842,6 +843,41 @@ def test_resume_of_an_interrupted_run_cuts_the_rows_of_a_tile_back_since(
         ref = _reference(victim, rows.ra[i], rows.dec[i], 21)
         np.testing.assert_array_equal(np.asarray(b[i])[c], ref.data.astype(np.float32))
     assert verify(out, cat) == []
+
+
+@pytest.mark.parametrize("back", [False, True])
+def test_resume_of_an_interrupted_run_whose_tile_changed_since_is_refused(
+    survey, tmp_path, monkeypatch, back
+):
+    """Test that --resume of an interrupted run is refused, naming the file,
+    when a band file (not the first) of a tile it cut from has another
+    header since (here another MAGZERO, with --flux-conversion), also when
+    a band file it could not read is put back at the same time: it cut on,
+    mixing two zero points in one tile's cutouts. The output is unchanged."""
+    import shutil
+
+    from cutana._testing import files_bytes
+
+    dst = tmp_path / "tiles"
+    shutil.copytree(os.path.dirname(survey.tile_paths[0][0]), dst)
+    names = sorted(n for n in os.listdir(dst) if n.endswith(".fits"))
+    kept = tmp_path / "kept.fits"
+    if back:  # the first file of one tile is missing, and put back later
+        shutil.move(dst / names[0], kept)
+    opts = dict(size=21, tiles=[str(dst / "*.fits")], max_sources_per_job=5,
+                progress=False, flux_conversion=True)
+    out = tmp_path / "out.zarr"
+    _interrupted(monkeypatch, 2, survey.catalogue_path, out, **opts)
+    if back:
+        shutil.move(kept, dst / names[0])
+    changed = dst / names[-1]  # the last band of the other tile
+    with fits.open(changed, mode="update") as hdul:
+        hdul[0].header["MAGZERO"] = hdul[0].header["MAGZERO"] + 1
+    before = files_bytes(out)
+    with pytest.raises(ConfigError) as exc:
+        cutana.make_cutouts(survey.catalogue_path, out, resume=True, **opts)
+    assert f"({changed} has changed since (its header differs))" in str(exc.value)
+    assert files_bytes(out) == before
 
 
 def test_resume_of_an_interrupted_run_whose_tile_broke_since_names_the_rows(

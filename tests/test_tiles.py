@@ -147,12 +147,33 @@ def test_group_by_wcs(tmp_path):
     keys = [t.key for t in index.tiles]
     assert all(k.startswith("wcs-") for k in keys)
     assert len(set(keys)) == 3
-    first = index.tiles[0]
-    assert [os.path.basename(b.path) for b in first.bands] == ["a_g.fits", "a_r.fits"]
-    assert index.tiles[1].bands[1] is None
-    assert index.tiles[1].missing_bands == (1,)
-    assert index.tiles[2].bands[0] is None
-    assert index.tiles[2].shape == (61, 80)
+    assert keys == sorted(keys)  # tiles in the order of their keys
+    tiles = {os.path.basename(t.reference.path): t for t in index.tiles}
+    assert [os.path.basename(b.path) for b in tiles["a_g.fits"].bands] == [
+        "a_g.fits", "a_r.fits"
+    ]
+    assert tiles["b_g.fits"].bands[1] is None
+    assert tiles["b_g.fits"].missing_bands == (1,)
+    assert tiles["c_r.fits"].bands[0] is None
+    assert tiles["c_r.fits"].shape == (61, 80)
+
+
+def test_tiles_are_numbered_whatever_files_are_missing(tmp_path):
+    """Test that the tiles are in the order of their keys, also when the
+    first file of a tile is missing: a tile's number (and which of two
+    overlapping tiles a source equally deep in both goes to) then does not
+    change when a band file is put back, which an interrupted run resumed
+    since relies on. The tile was listed after all others."""
+    for tile, ra in (("102000001", 10.0), ("102000002", 10.02)):
+        for band in ("NIR-H", "VIS"):
+            make_tile(tmp_path / f"EUC_MER_BGSUB-MOSAIC-{band}_TILE{tile}.fits",
+                      (ra, 0.0), band=band, tileid=tile)
+    paths = sorted(str(p) for p in tmp_path.iterdir())
+    whole = TileIndex.from_paths(paths)
+    assert [t.key for t in whole.tiles] == ["102000001", "102000002"]
+    lacking = TileIndex.from_paths(paths[1:])  # NIR-H of the first tile
+    assert [t.key for t in lacking.tiles] == ["102000001", "102000002"]
+    assert lacking.tiles[0].missing_bands == (0,)
 
 
 @pytest.mark.parametrize(

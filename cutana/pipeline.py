@@ -1372,7 +1372,10 @@ def _tiles_then(saved, index, used):
             if path is None:
                 continue  # a band file new since
             if path != path_now:
-                why = f"tile {tile.key} has another file for a band: {path_now}"
+                why = (
+                    f"{path} cannot be read now" if path_now is None
+                    else f"tile {tile.key} has another file for a band: {path_now}"
+                )
                 return None, why if t in used else ""
             if t in used and header != header_now:
                 return None, f"{path} has changed since (its header differs)"

@@ -584,7 +584,13 @@ def test_fits_files_are_the_bytes_astropy_writes(
             tiles, wcs_arg, fits_filenames(ids))
     extra = {"BUNIT": "Jy", "MAGZERO": (23.9, "zero point"), "LONGTEXT": "y" * 90}
     fast = FitsWriter(tmp_path / "fast", [f"b{k}" for k in range(bands)])
+    built = []  # HDU lists astropy builds: the layout's, and the clashing files'
+    real = FitsWriter._source_hdul
+    monkeypatch.setattr(FitsWriter, "_source_hdul",
+                        lambda self, *a: built.append(1) or real(self, *a))
     fast.write_sources(*args, header=extra)
+    assert len(built) == (4 if wcs_mode == "clashing" else 1)
+    monkeypatch.setattr(FitsWriter, "_source_hdul", real)
     monkeypatch.setattr(fits_io._Layout, "make", classmethod(lambda *a: None))
     slow = FitsWriter(tmp_path / "slow", [f"b{k}" for k in range(bands)])
     slow.write_sources(*args, header=extra)

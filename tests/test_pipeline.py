@@ -909,6 +909,7 @@ def test_resume_of_an_interrupted_run_whose_tile_broke_since_names_the_rows(
         f"(tiles: the tiles of {int(failed.sum())} rows (row {first}, ...) could "
         "be read then and cannot now)" in str(exc.value)
     )
+    assert f"({victim} cannot be read now)" in str(exc.value)
 
 
 def test_verify_of_an_interrupted_run_says_it_is_unfinished(

@@ -393,7 +393,10 @@ class _Layout:
         blank = np.zeros((len(writer.bands), *shape), dtype=dtype)
         hdul = writer._source_hdul(blank, fits.Header(), {}, tile_names, extra)
         images = [[c.image for c in hdu.header.cards] for hdu in hdul]
-        n_head = len(fits.ImageHDU(data=blank[0]).header)
+        plain = [c.image for c in fits.ImageHDU(data=blank[0]).header.cards]
+        n_head = len(plain)
+        if any(band[:n_head] != plain for band in images[1:]):
+            return None  # extra keywords astropy placed among its own
         reserved = set(_HDU_KEYWORDS)
         for hdu in hdul:
             reserved.update(hdu.header.keys())

@@ -1424,9 +1424,13 @@ def _readable_since(old, new, tiles, index):
     return readable, TileIndex(tiles, index.bands, index.errors, index.file_lists)
 
 
-def _tile_changes(old, new):
+def _tile_changes(old, new, *, broken_only=False):
     """`` (tiles: ...)`` saying which rows' tiles could be read by one run and
-    not the other (a tile repaired or broken since), or ``''``."""
+    not the other (a tile repaired or broken since), or ``''``.
+
+    With ``broken_only``, only the rows whose tiles cannot be read now: a
+    tile put back is no reason for a refusal given for another (it is
+    resumed when it is all that differs, `_readable_since`)."""
     if old is None or old.n_rows != new.n_rows:
         return ""
     was = np.asarray(old.base_status) == Status.TILE_ERROR
@@ -1434,6 +1438,8 @@ def _tile_changes(old, new):
     parts = []
     for rows, text in ((was & ~now, "could not be read then and can now"),
                        (now & ~was, "could be read then and cannot now")):
+        if broken_only and text.startswith("could not"):
+            continue
         if rows.any():
             first = int(np.flatnonzero(rows)[0])
             parts.append(
@@ -1567,7 +1573,7 @@ class _Runner:
                     "differ from the interrupted run"
                     + (f" ({why})" if why else "")
                     + (f" (options: {differ})" if differ else "")
-                    + _tile_changes(old, plan)
+                    + _tile_changes(old, plan, broken_only=bool(why))
                     + " (use --overwrite to start again)"
                 )
                 raise ConfigError(msg)

@@ -877,6 +877,8 @@ def test_resume_of_an_interrupted_run_whose_tile_changed_since_is_refused(
     with pytest.raises(ConfigError) as exc:
         cutana.make_cutouts(survey.catalogue_path, out, resume=True, **opts)
     assert f"({changed} has changed since (its header differs))" in str(exc.value)
+    # the file put back is not given as a reason
+    assert "can now" not in str(exc.value)
     assert files_bytes(out) == before
 
 

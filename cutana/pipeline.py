@@ -2230,6 +2230,8 @@ class _Repair:
         self.jobs = jobs
         self.stopped = stopped  # a repair of this store was stopped
         self.old = runner.status.copy()  # as stored
+        # the rows a repair may cut again (and a stopped one may have written)
+        self.redo = np.isin(self.old, (Status.TILE_ERROR, Status.NO_OVERLAP))
         self.status = status  # of the rows not cut again
         self.remaining = len(jobs)
         self.patched = ChunksWritten()
@@ -2239,6 +2241,7 @@ class _Repair:
         self.stored = None
         self.job_of_row = None
         self.pos = None
+        self.names = None  # FITS file names of the catalogue rows
 
     @classmethod
     def plan(cls, runner, stopped=False):
@@ -2331,7 +2334,7 @@ class _Repair:
             _mark_repair(r.output)
             stored = r.archive.files.tolist()
             r.files = {i: f for i, f in enumerate(stored) if f}
-            names = fits_filenames(cat.source_id)
+            names = self.names = fits_filenames(cat.source_id)
         clean_staging(r.output)
         tasks = []
         for job in self.jobs:
@@ -2403,8 +2406,7 @@ class _Repair:
         if self.stopped:
             # the stopped repair may have written cutouts of rows that are
             # not cut now (their tile broke again): those are dropped
-            clear = np.isin(self.old, (Status.TILE_ERROR, Status.NO_OVERLAP))
-            clear &= self.job_of_row < 0
+            clear = self.redo & (self.job_of_row < 0)
             changed |= clear
         chunks = np.unique(np.flatnonzero(changed) // writer.chunk_rows).tolist()
         tasks = []
@@ -2429,10 +2431,8 @@ class _Repair:
         if r.fmt != "zarr":
             r._write_index()
             if self.stopped:  # files the stopped repair wrote of rows not cut now
-                names = fits_filenames(r.p.catalog.source_id)
-                redo = np.isin(self.old, (Status.TILE_ERROR, Status.NO_OVERLAP))
-                for i in np.flatnonzero(redo).tolist():
-                    path = os.path.join(r.output, str(names[i]))
+                for i in np.flatnonzero(self.redo).tolist():
+                    path = os.path.join(r.output, str(self.names[i]))
                     if i not in r.files and os.path.exists(path):
                         os.remove(path)
             return

@@ -2505,13 +2505,18 @@ class CutoutBatch:
     bands: tuple
 
 
-def iter_cutouts(catalog, **options):
+def iter_cutouts(catalog, *, batch_size=None, **options):
     """Yield batches of cutouts in memory, without writing anything.
 
     Parameters
     ----------
     catalog : str, path-like, `~astropy.table.Table` or `pandas.DataFrame`
         The sources, as for `make_cutouts`.
+    batch_size : int, optional
+        Cutouts per batch: every batch but the last then holds exactly this
+        many, and a batch may hold cutouts of several jobs (tiles). By
+        default a batch is one job of the plan, whose size the memory
+        budget sets. Memory holds one job and one batch at most.
     **options
         The options of `make_cutouts` (format, workers and backend are
         ignored: batches are cut in this process, one job at a time).
@@ -2536,10 +2541,20 @@ def iter_cutouts(catalog, **options):
     ((4, 16, 16), True)
     >>> batch.bands
     ('VIS', 'NIR-Y', 'NIR-J', 'NIR-H')
+    >>> sizes = [len(b.rows) for b in iter_cutouts(survey.catalogue_path, size=16,
+    ...                                            batch_size=16)]
+    >>> sizes[:-1] == [16] * (len(sizes) - 1) and 0 < sizes[-1] <= 16
+    True
     """
+    if batch_size is not None and (
+        isinstance(batch_size, bool)
+        or not isinstance(batch_size, numbers.Integral)
+        or batch_size < 1
+    ):
+        msg = f"batch_size must be a whole number >= 1, got {batch_size!r}"
+        raise ConfigError(msg)
     options = {k: v for k, v in options.items() if k not in ("workers", "backend")}
     prepared = _prepare(catalog, RunOptions.from_keywords(options), chunked=False)
-    cat = prepared.catalog
     plan = prepared.plan
     failed = np.flatnonzero(np.asarray(plan.base_status) == Status.TILE_ERROR)
     if len(failed):  # not silently: make_cutouts reports them, exit 1
@@ -2550,6 +2565,13 @@ def iter_cutouts(catalog, **options):
             RuntimeWarning,
             stacklevel=2,
         )
+    batches = _job_batches(prepared)
+    return batches if batch_size is None else _rebatched(batches, int(batch_size))
+
+
+def _job_batches(prepared):
+    """`iter_cutouts`: one batch per job of the plan."""
+    cat = prepared.catalog
     try:
         for job in prepared.plan.jobs:
             result = cut_job(prepared.settings, prepared.index.tiles[job.tile], job)
@@ -2564,3 +2586,38 @@ def iter_cutouts(catalog, **options):
             )
     finally:
         close_kept_maps()
+
+
+def _rebatched(batches, size):
+    """Batches of ``size`` cutouts (the last may hold fewer) made of
+    ``batches``, in their order: a job's batch is cut into pieces, and
+    pieces of consecutive jobs are joined."""
+    names = [f.name for f in fields(CutoutBatch) if f.name != "bands"]
+    held, n_held = [], 0
+    try:
+        for batch in batches:
+            start = 0
+            while start < len(batch.rows):
+                take = min(size - n_held, len(batch.rows) - start)
+                held.append(CutoutBatch(
+                    **{k: getattr(batch, k)[start : start + take] for k in names},
+                    bands=batch.bands,
+                ))
+                n_held += take
+                start += take
+                if n_held == size:
+                    yield _joined_batch(held, names)
+                    held, n_held = [], 0
+        if n_held:
+            yield _joined_batch(held, names)
+    finally:
+        batches.close()  # (a caller that stops early: the tiles' maps)
+
+
+def _joined_batch(parts, names):
+    """One `CutoutBatch` of ``parts``, in their order (copies: a batch does
+    not keep the job it came from alive)."""
+    return CutoutBatch(
+        **{k: np.concatenate([getattr(p, k) for p in parts]) for k in names},
+        bands=parts[0].bands,
+    )

@@ -311,6 +311,45 @@ def test_iter_cutouts_yields_same_images(survey, zarr_run):
     assert seen == int(np.isin(np.asarray(arch.status), [0, 1]).sum())
 
 
+@pytest.mark.parametrize("batch_size", [1, 7, 1000])
+def test_iter_cutouts_batch_size_gives_batches_of_that_size(
+    survey, zarr_run, batch_size
+):
+    """Test that `iter_cutouts(batch_size=n)` yields the cutouts of the job
+    batches, in their order, in batches of exactly n (the last fewer), each
+    equal to what the Zarr run wrote."""
+    out, _ = zarr_run
+    arch = cutana.open(out)
+    jobs = list(cutana.iter_cutouts(survey.catalogue_path, size=21))
+    assert len({len(b.rows) for b in jobs}) > 1  # the jobs differ in size
+    batches = list(cutana.iter_cutouts(survey.catalogue_path, size=21,
+                                       batch_size=batch_size))
+    total = sum(len(b.rows) for b in jobs)
+    sizes = [len(b.rows) for b in batches]
+    assert sizes == [batch_size] * (total // batch_size) + (
+        [total % batch_size] if total % batch_size else [])
+    for name in ("rows", "images", "source_id", "ra", "dec", "status"):
+        np.testing.assert_array_equal(
+            np.concatenate([getattr(b, name) for b in batches]),
+            np.concatenate([getattr(b, name) for b in jobs]),
+        )
+    for batch in batches:
+        assert batch.bands == jobs[0].bands
+        assert len(batch.images) == len(batch.rows) == len(batch.status)
+        for k, r in enumerate(batch.rows):
+            np.testing.assert_array_equal(batch.images[k], arch.images[r])
+            assert batch.source_id[k] == arch.source_id[r]
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True, "8"])
+def test_iter_cutouts_refuses_a_bad_batch_size(survey, bad):
+    """Test that a batch size that is not a whole number >= 1 is a
+    ConfigError naming it, before anything is read."""
+    match = rf"batch_size must be a whole number >= 1, got {bad!r}"
+    with pytest.raises(ConfigError, match=match):
+        cutana.iter_cutouts(survey.catalogue_path, size=21, batch_size=bad)
+
+
 def test_existing_output_refused_then_overwritten(survey, tmp_path):
     """Test that an existing output is refused without --overwrite and replaced with it."""
     out = tmp_path / "o.zarr"

@@ -2520,6 +2520,8 @@ def iter_cutouts(catalog, *, batch_size=None, **options):
     **options
         The options of `make_cutouts` (format, workers and backend are
         ignored: batches are cut in this process, one job at a time).
+        The catalogue is read and the plan made by the call, which raises
+        what they raise; each batch is cut when it is taken.
 
     Yields
     ------

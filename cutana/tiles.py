@@ -33,6 +33,7 @@ from astropy import units as u
 from astropy.io import fits
 from astropy.wcs import WCS
 
+from ._astropy_log import astropy_log_kept
 from ._geometry import BOX_OK, DISTORTION_TOL, compute_boxes, near_rounding_boundary
 from .exceptions import TileError
 
@@ -86,15 +87,31 @@ def _parse_header(text):
     return header
 
 
+#: What astropy logged (not warned) while making the WCS of a header string,
+#: by the header's `_text_key`, one line per message: e.g. that a header has
+#: SIP coefficients but no ``-SIP`` in its CTYPE. `_read_record` reports it
+#: with the file's name (`_report_wcs_notes`).
+_WCS_NOTES = {}
+_NOTE_TEXTS = {}
+
+
+def _text_key(text):
+    """A short key of a header string."""
+    return hashlib.sha1(text.encode("utf-8", "surrogateescape")).digest()
+
+
 @functools.lru_cache(maxsize=1024)
 def _celestial_wcs(text):
     """The celestial `~astropy.wcs.WCS` of a header string (cached, shared)."""
     header = _parse_header(text)
-    with warnings.catch_warnings():
+    # (what astropy logs of it has no file name: `_read_record` adds it)
+    with astropy_log_kept() as notes, warnings.catch_warnings():
         # header fix-ups (DATE-OBS, RADESYS...) are routine for survey tiles,
         # and what else WCS warns of was logged when the file was indexed
         warnings.simplefilter("ignore")
         wcs = WCS(header).celestial
+    if notes:  # (tiles share them: each message is kept once)
+        _WCS_NOTES[_text_key(text)] = tuple(_NOTE_TEXTS.setdefault(n, n) for n in notes)
     if wcs.naxis == 2 and header.get("NAXIS1") is not None and header.get("NAXIS2"):
         wcs.pixel_shape = (int(header["NAXIS1"]), int(header["NAXIS2"]))
     return wcs
@@ -605,6 +622,7 @@ class _Record:
     header: str
     compressed: bool
     primary_header: str = ""
+    wcs_notes: tuple = ()  # what astropy logged of the file's WCS
 
     def band_file(self, band=None):
         return BandFile(
@@ -823,7 +841,28 @@ def _read_record(path, hdu=None):
         header=text,
         compressed=compressed,
         primary_header=primary_text,
+        wcs_notes=_WCS_NOTES.get(_text_key(text), ()),
     )
+
+
+def _report_wcs_notes(records):
+    """Report once what astropy logged of the WCS of the files indexed
+    (each file at INFO level, all of them in one warning), with the files'
+    names: astropy prints such a message, without them, for each file (say
+    SIP coefficients under a CTYPE without ``-SIP``, which astropy applies,
+    as `~astropy.nddata.Cutout2D` does)."""
+    noted = [r for r in records if r.wcs_notes]
+    for r in noted:
+        for note in r.wcs_notes:
+            logger.info("%s: astropy.wcs: %s", r.path, note)
+    if noted:
+        first = noted[0].wcs_notes[0]
+        short = ". ".join(first.split(". ")[:2]).rstrip(".")
+        logger.warning(
+            "astropy.wcs reports on the WCS of %d tile file(s), e.g. %s: %s "
+            "(cutana uses the WCS as astropy makes it; each file is listed "
+            "at INFO level)", len(noted), noted[0].path, short,
+        )
 
 
 def _warn_band_order(tuples, records, names):
@@ -996,6 +1035,7 @@ class TileIndex:
                 errors.append((path, str(exc)))
                 continue
             groups.setdefault(rec.key, []).append(rec)
+        _report_wcs_notes([r for recs in groups.values() for r in recs])
 
         found = []
         members = {}
@@ -1124,6 +1164,7 @@ class TileIndex:
                 except TileError as exc:
                     failed[path] = str(exc)
                     errors.append((path, str(exc)))
+        _report_wcs_notes(records.values())
 
         n_pos = max((len(t) for t in tuples), default=0)
         names = [None] * n_pos

@@ -212,6 +212,41 @@ def test_headers_and_wcs_match_cutout2d(tmp_path, wcs_mode):
     assert os.listdir(out / ".cutana" / "tmp") == []
 
 
+def test_sip_tile_without_sip_ctype_writes_quietly(tmp_path):
+    """Test that the cutouts of a tile whose SIP coefficients lie under a
+    CTYPE without "-SIP" get astropy's consistent header (CTYPE with the
+    suffix, the distortion kept, Cutout2D's WCS) without astropy logging its
+    dozen lines for every file, as it did (indexing reports it once)."""
+    from astropy import log
+
+    header = _tile_wcs().to_header()
+    for key, value in {"A_ORDER": 2, "B_ORDER": 2, "A_2_0": 3e-5, "B_0_2": -2e-5,
+                       "A_1_1": 1e-5}.items():
+        header[key] = value
+    with log.log_to_list():  # (astropy's note on making it: not the writer's)
+        wcs = WCS(header)
+    assert wcs.sip is not None and wcs.wcs.ctype[0] == "RA---TAN"
+    data = np.random.default_rng(2).normal(size=(40, 60)).astype(np.float32)
+    positions = [(30.2, 20.7), (10.4, 8.9), (50.0, 30.3)]
+    cutouts, job = _job(data, wcs, positions, (7, 6), bands=1)
+    out = tmp_path / "out"
+    writer = FitsWriter.create(out, ["VIS"])
+    files = fits_filenames(np.array(["a", "b", "c"]))
+    with log.log_to_list() as records:
+        writer.write_sources(job, ["a", "b", "c"], [150.1] * 3, [2.2] * 3,
+                             ["/tiles/T.fits"], wcs, files)
+    assert not [r for r in records if "SIP" in str(r.msg)]
+    pix = np.array([[0, 0], [5, 6], [2.5, 3.25], [-1.0, 8.0]])
+    for k, c in enumerate(cutouts):
+        h = fits.getheader(out / files[k], 1)
+        assert (h["CTYPE1"], h["CTYPE2"]) == ("RA---TAN-SIP", "DEC--TAN-SIP")
+        got = WCS(h).pixel_to_world(pix[:, 0], pix[:, 1])
+        exp = c.wcs.pixel_to_world(pix[:, 0], pix[:, 1])
+        np.testing.assert_allclose(got.ra.deg, exp.ra.deg, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(got.dec.deg, exp.dec.deg, rtol=0, atol=1e-12)
+        np.testing.assert_array_equal(fits.getdata(out / files[k], 1), c.data)
+
+
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
 def test_dtypes_round_trip(tmp_path, dtype):
     """Test that integer and float cutouts keep their values and dtype."""

@@ -602,6 +602,49 @@ def test_file_lists_in_another_band_order_warn(tmp_path, caplog):
     assert f"{files[2, 'NIR']} (band NIR) at position 0, which is channel VIS" in text
 
 
+#: SIP coefficients, for a header whose CTYPE lacks "-SIP"
+_SIP_CARDS = {"A_ORDER": 2, "B_ORDER": 2, "A_2_0": 1e-6, "B_0_2": 1e-6}
+
+
+@pytest.mark.parametrize("lists", [False, True])
+def test_what_astropy_logs_of_a_wcs_is_one_warning_naming_a_file(
+    tmp_path, caplog, lists
+):
+    """Test that what astropy logs (rather than warns) of the WCS of tile
+    files, SIP coefficients under a CTYPE without "-SIP" here, is one
+    warning that counts the files and names one, and one INFO line per
+    file: astropy printed a dozen lines per file, naming none."""
+    from astropy import log
+
+    paths = [str(tmp_path / f"t{k}.fits") for k in range(3)]
+    for k, path in enumerate(paths):
+        make_tile(path, (150.0, 2.0 + 0.01 * k), band="VIS", seed=k,
+                  keywords=_SIP_CARDS if k < 2 else None)
+    with log.log_to_list() as astropy_records, caplog.at_level(
+        "INFO", logger="cutana.tiles"
+    ):
+        if lists:
+            index = TileIndex.from_file_lists([(p,) for p in paths])
+        else:
+            index = TileIndex.from_paths(paths)
+    assert not [r for r in astropy_records if "SIP" in str(r.msg)]
+    (warning,) = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.getMessage().startswith(
+        f"astropy.wcs reports on the WCS of 2 tile file(s), e.g. {paths[0]}: "
+        "Inconsistent SIP distortion information is present"
+    )
+    noted = [
+        r.getMessage().split(": astropy.wcs: ")
+        for r in caplog.records
+        if r.levelname == "INFO" and ": astropy.wcs: " in r.getMessage()
+    ]
+    assert sorted(path for path, _ in noted) == paths[:2]
+    assert all(note.startswith("Inconsistent SIP") for _, note in noted)
+    # the WCS is astropy's, with the distortion
+    sip = {t.bands[0].path: t.wcs().sip is not None for t in index.tiles}
+    assert sip == {paths[0]: True, paths[1]: True, paths[2]: False}
+
+
 # --------------------------------------------------------------------------
 # assignment
 # --------------------------------------------------------------------------

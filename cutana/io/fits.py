@@ -35,6 +35,7 @@ from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS
 
+from .._astropy_log import astropy_log_kept
 from ..status import Status
 from .staging import state_dir
 
@@ -246,7 +247,11 @@ def _wcs_header(w):
     if isinstance(w, fits.Header):
         return w.copy()
     if isinstance(w, WCS):
-        return w.to_header(relax=True)
+        # a tile's SIP coefficients under a CTYPE without "-SIP": astropy
+        # adds the suffix (the header is then consistent), and says so for
+        # every file, which indexing has reported once
+        with astropy_log_kept():
+            return w.to_header(relax=True)
     msg = (
         "wcs entries must be astropy WCS objects, FITS headers or None, "
         f"got {type(w).__name__}"

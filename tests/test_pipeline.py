@@ -350,6 +350,50 @@ def test_iter_cutouts_refuses_a_bad_batch_size(survey, bad):
         cutana.iter_cutouts(survey.catalogue_path, size=21, batch_size=bad)
 
 
+@pytest.mark.parametrize("fmt", ["zarr", "fits"])
+def test_sip_terms_under_a_plain_tan_ctype_are_astropy_s_and_quiet(tmp_path, fmt):
+    """Test a tile whose SIP terms lie under a CTYPE without "-SIP": the
+    cutouts and `wcs(i)` are astropy's Cutout2D ones (distortion applied),
+    and astropy's note on the header is not printed for the run, nor for
+    reading back (the run warns once, with the file's name)."""
+    from astropy import log
+
+    header = fits.Header()
+    for key, value in dict(
+        CTYPE1="RA---TAN", CTYPE2="DEC--TAN", CRVAL1=150.0, CRVAL2=2.0,
+        CRPIX1=40.5, CRPIX2=30.5, CD1_1=-2.8e-5, CD1_2=2e-6, CD2_1=1e-6,
+        CD2_2=2.8e-5, A_ORDER=2, B_ORDER=2, A_2_0=4e-5, A_0_2=-1e-5, B_1_1=3e-5,
+    ).items():
+        header[key] = value
+    data = np.random.default_rng(3).normal(size=(60, 80)).astype(">f4")
+    tile = tmp_path / "sip.fits"
+    fits.PrimaryHDU(data, header).writeto(tile)
+    with log.log_to_list():
+        wcs = WCS(header)
+    assert wcs.sip is not None
+    ra, dec = wcs.all_pix2world([20.3, 41.8, 70.2], [15.6, 30.1, 44.4], 0)
+    cat = tmp_path / "cat.csv"
+    rows = [f"s{i},{float(ra[i])!r},{float(dec[i])!r}\n" for i in range(3)]
+    cat.write_text("id,ra,dec\n" + "".join(rows))
+    out = tmp_path / ("o.zarr" if fmt == "zarr" else "o")
+    with log.log_to_list() as records:
+        report = cutana.make_cutouts(cat, out, tiles=[str(tile)], size=9,
+                                     format=fmt, progress=False)
+        arch = cutana.open(out)
+        wcs_back = [arch.wcs(i) for i in range(3)]
+    assert report.exit_code == 0
+    assert not [r for r in records if "SIP" in str(r.msg)]
+    pix = np.array([[0.0, 0.0], [4.0, 4.0], [8.5, 1.25]])
+    for i in range(3):
+        ref = AstropyCutout2D(data, SkyCoord(ra[i], dec[i], unit="deg"), 9,
+                              wcs=wcs, mode="partial", fill_value=np.nan)
+        np.testing.assert_array_equal(np.asarray(arch[i])[0], ref.data)
+        got = wcs_back[i].pixel_to_world(pix[:, 0], pix[:, 1])
+        exp = ref.wcs.pixel_to_world(pix[:, 0], pix[:, 1])
+        np.testing.assert_allclose(got.ra.deg, exp.ra.deg, rtol=0, atol=1e-11)
+        np.testing.assert_allclose(got.dec.deg, exp.dec.deg, rtol=0, atol=1e-11)
+
+
 def test_existing_output_refused_then_overwritten(survey, tmp_path):
     """Test that an existing output is refused without --overwrite and replaced with it."""
     out = tmp_path / "o.zarr"

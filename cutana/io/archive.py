@@ -16,6 +16,7 @@ from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS, FITSFixedWarning
 
+from .._astropy_log import astropy_log_kept
 from ..status import Status
 from .fits import INDEX_NAME, _check_name, _fits_text
 from .ledger import Ledger
@@ -38,9 +39,10 @@ _MAX_LISTED = 10
 
 def _wcs_from_header(text):
     """Celestial WCS of a FITS header string."""
-    with warnings.catch_warnings():
-        # a tile header's harmless fixes (e.g. DATE-OBS format), or a card
-        # astropy cannot parse, were news when the tile was indexed, not here
+    with warnings.catch_warnings(), astropy_log_kept():
+        # a tile header's harmless fixes (e.g. DATE-OBS format), a card
+        # astropy cannot parse, or what astropy logs of it (SIP terms under a
+        # CTYPE without "-SIP") were news when the tile was indexed, not here
         warnings.simplefilter("ignore")
         return WCS(fits.Header.fromstring(text)).celestial
 

@@ -512,7 +512,11 @@ def _prepare(catalog, options, *, parent_bytes=None, chunked=True):
         raise
     except ValueError as exc:  # e.g. a band asked for that no tile has
         raise ConfigError(str(exc)) from None
-    if not index.tiles:
+    # tile files that rows name and that cannot be read are those rows'
+    # TILE_ERROR (a --resume cuts them once they can be read), even when no
+    # file can be read: only tiles matched by --tiles need one to place rows
+    named = not options.tiles and cat.fits_file_paths is not None and index.errors
+    if not index.tiles and not named:
         problems = "; ".join(
             m if str(m).startswith(str(p)) else f"{p}: {m}" for p, m in index.errors[:5]
         )
@@ -597,7 +601,23 @@ def _prepare(catalog, options, *, parent_bytes=None, chunked=True):
         out_shape = (options.target_size, options.target_size)
     else:
         cut = (status == Status.OK) & (np.asarray(assignment.tile) >= 0)
-        sizes = np.unique(np.round(diam[cut])) if cut.any() else np.array([])
+        # rows of tiles that cannot be read now count when their size is in
+        # pixels: a --resume cuts them into this output once they can be
+        in_pixels = np.isfinite(size_pix) & ~np.isfinite(size_arcsec)
+        waiting = (status == Status.TILE_ERROR) & np.isfinite(diam)
+        sized = cut | (waiting & in_pixels)
+        sizes = np.unique(np.round(diam[sized])) if sized.any() else np.array([])
+        if not len(sizes) and options.size is None and options.format == "zarr" and (
+            status == Status.TILE_ERROR
+        ).any():
+            first = int(np.flatnonzero(status == Status.TILE_ERROR)[0])
+            msg = (
+                "the cutout size is not known: no row can be cut now, and the "
+                f"sizes of the rows whose tiles cannot be read (e.g. row {first}: "
+                f"{messages.get(first, 'tile error')}) are angles, which need "
+                "their tile's pixel scale; give --size N or --target-size N"
+            )
+            raise ConfigError(msg)
         if len(sizes) <= 1:
             n = int(sizes[0]) if len(sizes) else int(np.round(options.size or 1))
             out_shape = (n, n)
@@ -752,6 +772,8 @@ def _diameters(pix, arcsec, index, tile):
     use = np.isfinite(arcsec)
     if not use.any():
         return pix
+    if not index.tiles:  # no tile could be read: no pixel scale
+        return np.where(use, np.nan, pix)
     scales = np.array([t.pixel_scale_arcsec() for t in index.tiles])
     tile = np.asarray(tile)
     scale = np.where(tile >= 0, scales[np.clip(tile, 0, None)], scales[0])

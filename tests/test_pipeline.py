@@ -631,6 +631,72 @@ def test_resume_of_a_finished_run_keeps_final_rows_of_a_tile_broken_since(
         assert files_bytes(out) == before
 
 
+@pytest.mark.parametrize("fmt", ["zarr", "fits"])
+def test_file_lists_none_of_which_can_be_read_are_tile_errors(survey, tmp_path, fmt):
+    """Test that when no tile file that the rows' file lists name can be
+    read, their rows are TILE_ERROR naming the file and the run exits 1
+    (it stopped with a usage error and no output), in an output whose
+    cutouts have the rows' size in pixels; and that --resume cuts them, as a
+    run with the files does, once the files are there."""
+    import shutil
+
+    from astropy.table import Table
+
+    from cutana.verify import verify
+
+    src = os.path.dirname(survey.tile_paths[0][0])
+    dst = tmp_path / "tiles"  # not there yet
+    table = Table.read(survey.catalogue_path, format="ascii.csv")
+    table["fits_file_paths"] = [str(v).replace(src, str(dst))
+                                for v in table["fits_file_paths"]]
+    table["diameter_pixel"] = 19
+    del table["diameter_arcsec"]
+    cat = tmp_path / "cat.csv"
+    table.write(cat, format="ascii.csv")
+    out = tmp_path / "out"
+    report = cutana.make_cutouts(cat, out, format=fmt, progress=False)
+    assert report.exit_code == 1
+    got = cutana.open(out)
+    status = np.asarray(got.status)
+    assert set(status.tolist()) == {Status.TILE_ERROR, Status.BAD_ROW}
+    first = int(np.flatnonzero(status == Status.TILE_ERROR)[0])
+    assert str(dst) in report.messages[first]
+    assert "does not exist" in report.messages[first]
+    if fmt == "zarr":
+        assert got.images.shape[2:] == (19, 19)
+    assert verify(out, cat) == []
+
+    shutil.copytree(src, dst)
+    assert cutana.make_cutouts(cat, out, format=fmt, progress=False,
+                               resume=True).exit_code == 0
+    clean = tmp_path / "clean"
+    assert cutana.make_cutouts(cat, clean, format=fmt, progress=False).exit_code == 0
+    a, b = cutana.open(clean), cutana.open(out)
+    np.testing.assert_array_equal(b.status, a.status)
+    for i in np.flatnonzero(np.isin(a.status, (Status.OK, Status.PARTIAL_OVERLAP))):
+        np.testing.assert_array_equal(np.asarray(b[i]), np.asarray(a[i]))
+    assert verify(out, cat) == []
+
+
+def test_angular_sizes_of_rows_of_unreadable_tiles_need_a_size(survey, tmp_path):
+    """Test that a Zarr run whose rows cannot be cut, because their tiles
+    cannot be read, and whose sizes are angles (the tile's pixel scale
+    would give their size in pixels), asks for --size: the store would
+    hold cutouts of a size no --resume could fill."""
+    from astropy.table import Table
+
+    table = Table.read(survey.catalogue_path, format="ascii.csv")
+    table["fits_file_paths"] = [str(tmp_path / "absent.fits")] * len(table)
+    del table["diameter_pixel"]
+    cat = tmp_path / "cat.csv"
+    table.write(cat, format="ascii.csv")
+    with pytest.raises(ConfigError, match=r"the cutout size is not known: .*"
+                       r"absent\.fits: file does not exist.*give --size N"):
+        cutana.make_cutouts(cat, tmp_path / "out.zarr", progress=False)
+    report = cutana.make_cutouts(cat, tmp_path / "out.zarr", size=15, progress=False)
+    assert report.exit_code == 1
+
+
 def test_resume_of_a_finished_run_keeps_the_messages_of_the_rows_it_keeps(
     survey, tmp_path
 ):

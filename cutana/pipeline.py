@@ -33,7 +33,7 @@ import numpy as np
 
 from ._choices import DTYPES, FORMATS, RESAMPLE
 from ._threads import available_cores
-from .catalog import COLUMN_ALIASES, COLUMN_OPTIONS, read_catalog
+from .catalog import COLUMN_ALIASES, COLUMN_OPTIONS, MAX_SIZE_PIXEL, read_catalog
 from .exceptions import ConfigError
 from .executor import (
     BACKENDS,
@@ -591,11 +591,21 @@ def _prepare(catalog, options, *, parent_bytes=None, chunked=True):
     for r in np.flatnonzero(small & np.isfinite(size_arcsec)).tolist():
         scale = size_arcsec[r] / diam[r] if diam[r] > 0 else float("nan")
         messages.setdefault(r, (
-            f"{cat.source} row {r}: a diameter of {size_arcsec[r]:g} arcsec is "
+            f"{_size_origin(cat, options, r, size_arcsec, value=False)}: a "
+            f"diameter of {size_arcsec[r]:g} arcsec is "
             f"{diam[r]:.3g} pixels of its tile ({scale:.3g} arcsec/pixel), "
             "which rounds to 0"
         ))
     _bad_size(status, messages, small, cat.source)
+    # an angle is checked against MAX_SIZE_ARCSEC when read; in pixels of its
+    # tile it may still exceed what a size in pixels may be
+    huge = on_tile & np.isfinite(size_arcsec) & (np.round(diam) > MAX_SIZE_PIXEL)
+    for r in np.flatnonzero(huge).tolist():
+        messages.setdefault(r, (
+            f"{_size_origin(cat, options, r, size_arcsec)}: {diam[r]:.0f} pixels "
+            f"of its tile, more than {MAX_SIZE_PIXEL}"
+        ))
+    _bad_size(status, messages, huge, cat.source)
 
     if options.target_size is not None:
         out_shape = (options.target_size, options.target_size)
@@ -656,6 +666,13 @@ def _prepare(catalog, options, *, parent_bytes=None, chunked=True):
     except ValueError as exc:  # the memory limit cannot hold the largest cutout
         hint = _memory_hint(str(exc), cat, diam, status, assignment, options)
         raise ConfigError(hint) from None
+    # rows whose cutout alone the memory limit cannot hold (others fit):
+    # name the catalogue value the planner's message comes from
+    for r in np.flatnonzero(
+        (status == Status.OK) & (np.asarray(plan.base_status) == Status.BAD_ROW)
+    ).tolist():
+        origin = _size_origin(cat, options, r, size_arcsec)
+        plan.messages[r] = f"{origin}: {plan.messages[r]}"
     if plan.out_shape is None:
         plan.jobs = _split_by_size(plan.jobs, plan.memory)
     _check_crop(plan, options)
@@ -737,14 +754,26 @@ def _memory_hint(text, cat, diam, status, assignment, options):
         return text
     rows = np.flatnonzero(cut)
     r = int(rows[np.argmax(diam[rows])])
+    where = _size_origin(cat, options, r)
+    return f"{text} (the largest cutout is {diam[r]:.0f} pixels, from {where})"
+
+
+def _size_origin(cat, options, r, size_arcsec=None, *, value=True):
+    """Where row ``r``'s size comes from: ``--size``, or its catalogue cell
+    (the angle's column where ``size_arcsec`` says the size is an angle,
+    with the ``value``)."""
     if options.size is not None:
-        where = "--size"
-    else:
+        return "--size"
+    if size_arcsec is None:
         names = [cat.columns.get(k) for k in ("diameter_pixel", "diameter_arcsec")]
-        where = f"{cat.source} row {r} column " + " or ".join(
+        return f"{cat.source} row {r} column " + " or ".join(
             repr(c) for c in names if c
         )
-    return f"{text} (the largest cutout is {diam[r]:.0f} pixels, from {where})"
+    angle = np.isfinite(size_arcsec[r])
+    column = cat.columns.get("diameter_arcsec" if angle else "diameter_pixel")
+    cell = f"{cat.source} row {r} column {column!r}"
+    number = size_arcsec[r] if angle else cat.size_pixel[r]
+    return f"{cell} (value {float(number):g})" if value else cell
 
 
 def _bad_size(status, messages, rows, source):

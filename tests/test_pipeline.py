@@ -1762,6 +1762,49 @@ def test_size_columns_are_read_in_their_own_units(tmp_path):
             np.testing.assert_array_equal(np.asarray(archive[i])[0], ref.data)
 
 
+@pytest.mark.parametrize("fmt", ["zarr", "fits"])
+def test_sizes_too_large_for_pixels_or_memory_are_bad_rows(tmp_path, fmt):
+    """Test that a row whose angle is more pixels of its tile than a size may
+    be, or whose cutout alone the memory limit cannot hold, is a bad row
+    naming its column and value, and the other rows are cut as astropy cuts
+    them (the first stopped the run with a memory error; the second too,
+    though the size is allowed); one --size too large for the limit is
+    still the caller's error."""
+    from astropy.table import Table
+
+    data, wcs = _scaled_tile(tmp_path / "t.fits", 0.1, 200)
+    Table({"SourceID": ["a", "huge", "b", "big"], "RA": [150.0] * 4,
+           "Dec": [2.0, 2.0, 2.0003, 2.0],
+           "diameter_arcsec": [3.0, 30000.0, 2.4, 8000.0],
+           }).write(tmp_path / "c.csv")  # fmt: skip
+    opts = dict(tiles=[str(tmp_path / "t.fits")], format=fmt, progress=False,
+                memory_limit="2GB", target_size=24 if fmt == "zarr" else None)
+    report = cutana.make_cutouts(tmp_path / "c.csv", tmp_path / "out", **opts)
+    assert report.exit_code == 0
+    assert report.counts == {"OK": 2, "BAD_ROW": 2}
+    assert report.messages[1] == (
+        f"{tmp_path / 'c.csv'} row 1 column 'diameter_arcsec' (value 30000): 300000 "
+        "pixels of its tile, more than 100000"
+    )
+    assert report.messages[3].startswith(
+        f"{tmp_path / 'c.csv'} row 3 column 'diameter_arcsec' (value 8000): a cutout "
+        "of 80000 x 80000 pixels needs at least "
+    )
+    assert "more than the memory limit 2.0 GB; cutouts up to 30 pixels are cut" in (
+        report.messages[3])
+    if fmt == "fits":  # unresampled: astropy's cutouts
+        out = cutana.open(tmp_path / "out")
+        for i, size in ((0, 30), (2, 24)):
+            ref = AstropyCutout2D(data, SkyCoord(150.0, [2.0, 2.0, 2.0003][i],
+                                                 unit="deg"), size, wcs=wcs,
+                                  mode="partial", fill_value=np.nan)
+            np.testing.assert_array_equal(np.asarray(out[i])[0], ref.data)
+    with pytest.raises(ConfigError, match=r"memory limit 2\.0 GB is too small .* "
+                       r"\(the largest cutout is 80000 pixels, from --size\)"):
+        cutana.make_cutouts(tmp_path / "c.csv", tmp_path / "o2", **{
+            **opts, "size": 80000})
+
+
 def test_messages_of_a_size_under_a_pixel_and_of_numpy_printed_file_lists(tmp_path):
     """Test that a row whose size in arcsec is under half a pixel of its tile
     says so, with the scale (it said only "no usable size"), and that a

@@ -573,6 +573,34 @@ def _prepare(catalog, options, *, parent_bytes=None, chunked=True):
         messages.setdefault(
             int(r), file_messages.get(int(r), f"tile files of row {r} could not be read")
         )
+    # a file list shorter than the bands need names no file for the last
+    # ones: its rows are bad rows (the catalogue's error; no --resume mends it)
+    short = _short_lists(index) if not options.tiles else {}
+    column = cat.columns.get("files") or COLUMN_ALIASES["files"][0]
+    if short:
+        bad = ok & ~tile_err & np.isin(assignment.tile, list(short))
+        status[bad] = Status.BAD_ROW
+        for r in np.flatnonzero(bad).tolist():
+            n_files, name = short[int(assignment.tile[r])]
+            messages[r] = (
+                f"{cat.source} row {r} column {column!r}: it lists {n_files} "
+                f"file(s), none for band {name} (the bands are "
+                f"{', '.join(index.bands)})"
+            )
+        ok &= ~bad
+    if tile_err.any() and not options.tiles:
+        # (a list naming no file for any band asked, with --bands, is no tile)
+        failed = {p for p, _ in index.errors}
+        for r in np.flatnonzero(tile_err).tolist():
+            files = tuple(cat.fits_file_paths[r] or ())
+            if files and not failed.intersection(files):
+                status[r] = Status.BAD_ROW
+                messages[r] = (
+                    f"{cat.source} row {r} column {column!r}: it lists "
+                    f"{len(files)} file(s), none for the bands asked "
+                    f"({', '.join(index.bands)})"
+                )
+        tile_err &= status == Status.TILE_ERROR
     # a tile without a file for one of the bands cannot cut its sources
     lacking = [t for t, tile in enumerate(index.tiles) if tile.missing_bands]
     if lacking:
@@ -745,6 +773,21 @@ def _split_by_size(jobs, memory):
                 )
             )
     return out
+
+
+def _short_lists(index):
+    """Tiles of an index built from file lists whose list names no file for
+    a band (it is shorter), as tile -> (number of files, first such band)."""
+    listed = {t: len(files) for files, t in index.file_lists.items() if t >= 0}
+    short = {}
+    for t, n_files in listed.items():
+        tile = index.tiles[t]
+        left_out = {name for name, _ in tile.problems}  # (another pixel grid)
+        names = [index.bands[i] for i in tile.missing_bands]
+        names = [name for name in names if name not in left_out]
+        if names:
+            short[t] = (n_files, names[0])
+    return short
 
 
 def _memory_hint(text, cat, diam, status, assignment, options):

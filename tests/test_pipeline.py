@@ -1,6 +1,7 @@
 # Licensed under a 3-clause BSD style license - see LICENSE.rst
 """End-to-end tests of the pipeline against astropy's own Cutout2D."""
 
+import ast
 import os
 from pathlib import Path
 
@@ -676,6 +677,46 @@ def test_file_lists_none_of_which_can_be_read_are_tile_errors(survey, tmp_path, 
     for i in np.flatnonzero(np.isin(a.status, (Status.OK, Status.PARTIAL_OVERLAP))):
         np.testing.assert_array_equal(np.asarray(b[i]), np.asarray(a[i]))
     assert verify(out, cat) == []
+
+
+@pytest.mark.parametrize("bands", [None, "last"])
+def test_a_file_list_shorter_than_the_bands_is_a_bad_row(survey, tmp_path, bands):
+    """Test that a row whose file list names fewer files than the bands need
+    (no file for the last band) is a bad row naming the column, and the run
+    exits 0: it was a TILE_ERROR ("a band file could not be indexed" with
+    --bands) that exited 1 though every file can be read, and that no
+    --resume could mend. The other rows are as in a run without that row's
+    fault."""
+    from astropy.table import Table
+
+    table = Table.read(survey.catalogue_path, format="ascii.csv")
+    lists = [str(v) for v in table["fits_file_paths"]]
+    good = [i for i, v in enumerate(lists) if v.startswith("[")]
+    r = good[3]
+    paths = ast.literal_eval(lists[r])
+    table["fits_file_paths"] = lists
+    table["fits_file_paths"][r] = str(paths[:-1])
+    cat = tmp_path / "cat.csv"
+    table.write(cat, format="ascii.csv")
+    opts = dict(size=15, progress=False)
+    if bands:
+        opts["bands"] = [BANDS[-1]]
+    report = cutana.make_cutouts(cat, tmp_path / "out.zarr", **opts)
+    assert report.exit_code == 0
+    got = cutana.open(tmp_path / "out.zarr")
+    assert got.status[r] == Status.BAD_ROW
+    why = (f"none for band {BANDS[-1]} (the bands are {', '.join(BANDS)})"
+           if bands is None else f"none for the bands asked ({BANDS[-1]})")
+    assert report.messages[r] == (
+        f"{cat} row {r} column 'fits_file_paths': it lists {len(paths) - 1} "
+        f"file(s), {why}"
+    )
+    ref = cutana.make_cutouts(survey.catalogue_path, tmp_path / "ref.zarr", **opts)
+    assert ref.exit_code == 0
+    want = np.asarray(cutana.open(tmp_path / "ref.zarr").status).copy()
+    assert want[r] in (Status.OK, Status.PARTIAL_OVERLAP)
+    want[r] = Status.BAD_ROW
+    np.testing.assert_array_equal(got.status, want)
 
 
 def test_angular_sizes_of_rows_of_unreadable_tiles_need_a_size(survey, tmp_path):

@@ -600,6 +600,28 @@ def test_no_ra_column_suggests_closest(tmp_path):
     assert "Did you mean 'R_A'? Pass ra_column='R_A'" in text
 
 
+def test_columns_differing_only_in_case_warn_and_can_be_chosen(tmp_path, caplog):
+    """Test that columns whose names differ only in case ('ra' and 'RA') are
+    a warning naming both and the one used (the first, silently, before),
+    and that ra_column chooses the other without a warning."""
+    path = tmp_path / "c.csv"
+    path.write_text("SourceID,ra,RA,Dec\na,150.0,10.0,2.0\n")
+    with caplog.at_level("WARNING", logger="cutana.catalog"):
+        cat = read_catalog(path, size=4)
+    assert cat.ra.tolist() == [150.0]
+    (record,) = caplog.records
+    assert record.getMessage() == (
+        f"catalogue {str(path)!r} has columns 'ra' and 'RA', which differ only in "
+        "case; using 'ra' (pass ra_column=NAME, or --ra-column NAME on the command "
+        "line, to choose)"
+    )
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="cutana.catalog"):
+        cat = read_catalog(path, size=4, ra_column="RA")
+    assert cat.ra.tolist() == [10.0]
+    assert not caplog.records
+
+
 def test_no_dec_column_raises():
     """Test that a missing Dec column is a CatalogError."""
     t = Table({"ra": [1.0], "latitude": [2.0]})

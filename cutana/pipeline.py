@@ -485,10 +485,11 @@ class _Prepared:
     chunk_rows: int | None = None  # rows per chunk of a Zarr output
 
 
-def _prepare(catalog, options, *, parent_bytes=None, chunked=True):
+def _prepare(catalog, options, *, parent_bytes=None, chunked=True, batches=False):
     """Read, validate, index and plan (no pixel data).
 
-    With ``chunked`` (and Zarr output) the plan follows the store's chunks.
+    With ``chunked`` (and Zarr output) the plan follows the store's chunks;
+    ``batches``: for `iter_cutouts`, whose batches hold one size.
     """
     options.validate()
     # with --tiles a file-list column is not used, so not checked either
@@ -661,6 +662,13 @@ def _prepare(catalog, options, *, parent_bytes=None, chunked=True):
             out_shape = (n, n)
         elif options.format == "fits":
             out_shape = None
+        elif batches:
+            msg = (
+                f"cutout sizes vary ({int(sizes.min())}..{int(sizes.max())} px) but "
+                "a batch of iter_cutouts holds one size: give target_size=N (with "
+                "resample) or size=N"
+            )
+            raise ConfigError(msg)
         else:
             msg = (
                 f"cutout sizes vary ({int(sizes.min())}..{int(sizes.max())} px) but the "
@@ -2650,7 +2658,9 @@ def iter_cutouts(catalog, *, batch_size=None, **options):
         msg = f"batch_size must be a whole number >= 1, got {batch_size!r}"
         raise ConfigError(msg)
     options = {k: v for k, v in options.items() if k not in ("workers", "backend")}
-    prepared = _prepare(catalog, RunOptions.from_keywords(options), chunked=False)
+    prepared = _prepare(
+        catalog, RunOptions.from_keywords(options), chunked=False, batches=True
+    )
     plan = prepared.plan
     failed = np.flatnonzero(np.asarray(plan.base_status) == Status.TILE_ERROR)
     if len(failed):  # not silently: make_cutouts reports them, exit 1
@@ -2661,6 +2671,12 @@ def iter_cutouts(catalog, *, batch_size=None, **options):
             RuntimeWarning,
             stacklevel=2,
         )
+    if batch_size is not None and plan.out_shape is None:
+        msg = (
+            "batch_size needs cutouts of one size, and these vary: give "
+            "target_size=N (with resample) or size=N"
+        )
+        raise ConfigError(msg)
     batches = _job_batches(prepared)
     return batches if batch_size is None else _rebatched(batches, int(batch_size))
 

@@ -342,6 +342,21 @@ def test_iter_cutouts_batch_size_gives_batches_of_that_size(
             assert batch.source_id[k] == arch.source_id[r]
 
 
+def test_iter_cutouts_of_varying_sizes_asks_for_one_size(survey):
+    """Test that iter_cutouts over sources of varying sizes says that a batch
+    holds one size (it spoke of the Zarr output and --format fits, though
+    it writes nothing), that format='fits' still gives batches of one size
+    each, and that batch_size then asks for one size."""
+    with pytest.raises(ConfigError, match=r"^cutout sizes vary \(12\.\.30 px\) but a "
+                       r"batch of iter_cutouts holds one size: give target_size=N"):
+        cutana.iter_cutouts(survey.catalogue_path)
+    batches = list(cutana.iter_cutouts(survey.catalogue_path, format="fits"))
+    assert len({b.images.shape[2:] for b in batches}) > 1
+    assert all(b.images.shape[2] == b.images.shape[3] for b in batches)
+    with pytest.raises(ConfigError, match=r"^batch_size needs cutouts of one size"):
+        cutana.iter_cutouts(survey.catalogue_path, format="fits", batch_size=8)
+
+
 @pytest.mark.parametrize("bad", [0, -3, 2.5, True, "8"])
 def test_iter_cutouts_refuses_a_bad_batch_size(survey, bad):
     """Test that a batch size that is not a whole number >= 1 is a

@@ -10,6 +10,7 @@ the output must have one row per catalogue row, the same ids in the same
 order, and a row is ``BAD_ROW`` exactly when the catalogue row is invalid.
 """
 
+import logging
 import os
 
 import numpy as np
@@ -21,6 +22,8 @@ from .status import Status
 
 __all__ = ["verify"]
 
+logger = logging.getLogger(__name__)
+
 
 def verify(output, catalogue=None):
     """Check an output; return the list of problems (empty when all is well).
@@ -31,7 +34,8 @@ def verify(output, catalogue=None):
         The output of a run (Zarr store or FITS folder).
     catalogue : str or path-like, optional
         The catalogue to check against; by default the one recorded in the
-        output when it was written.
+        output when it was written. An output made from an in-memory table
+        records none: it is then checked without one, with a warning.
 
     Returns
     -------
@@ -64,8 +68,12 @@ def verify(output, catalogue=None):
         said = str(exc) and any(str(exc) in p for p in problems)
         return problems if said else [*problems, why]
     source = catalogue or archive.attrs.get("catalogue")
-    if not source:
-        problems.append(f"{output}: no catalogue recorded; pass one to check against")
+    if not source:  # (a run given a Table or DataFrame: not a problem)
+        logger.warning(
+            "%s: checked without its catalogue, which it does not record (the run "
+            "was given a table in memory); pass the catalogue to check against it",
+            output,
+        )
         return problems
     if not os.path.exists(source):
         problems.append(f"{output}: its catalogue {source} no longer exists")

@@ -334,6 +334,35 @@ def test_verify_detects_tampering(survey, tmp_path, capsys):
     assert main(["verify", str(out)]) == 1
 
 
+@pytest.mark.parametrize("fmt", ["zarr", "fits"])
+def test_verify_of_an_output_made_from_a_table_in_memory(
+    survey, tmp_path, caplog, fmt
+):
+    """Test that ``cutana verify`` of a complete output made from a Table in
+    memory (which records no catalogue) exits 0 with a warning that the
+    catalogue was not checked (it failed, "no catalogue recorded"), still
+    finds a damaged chunk, and checks against a catalogue given."""
+    from astropy.table import Table
+
+    import cutana
+
+    table = Table.read(survey.catalogue_path, format="ascii.csv")
+    out = tmp_path / "o"
+    cutana.make_cutouts(table, out, size=15, format=fmt, progress=False)
+    with caplog.at_level("WARNING", logger="cutana.verify"):
+        assert main(["verify", str(out)]) == 0
+    assert f"{out}: checked without its catalogue, which it does not record" in (
+        caplog.text)
+    assert main(["verify", str(out), "--catalogue", survey.catalogue_path]) == 0
+    if fmt == "zarr":
+        chunk = next(p for p in (out / "images").rglob("*")
+                     if p.is_file() and p.name != "zarr.json")
+        data = bytearray(chunk.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        chunk.write_bytes(bytes(data))
+        assert main(["verify", str(out)]) == 1
+
+
 def test_verify_checks_the_recorded_status_counts(survey, tmp_path, capsys):
     """Test that ``cutana verify`` compares a finished store's
     ``status_counts`` attribute with its status array (an edited count

@@ -516,7 +516,7 @@ def _prepare(catalog, options, *, parent_bytes=None, chunked=True, batches=False
     # tile files that rows name and that cannot be read are those rows'
     # TILE_ERROR (a --resume cuts them once they can be read), even when no
     # file can be read: only tiles matched by --tiles need one to place rows
-    named = not options.tiles and cat.fits_file_paths is not None and index.errors
+    named = not options.tiles and cat.fits_file_paths is not None and bool(index.errors)
     if not index.tiles and not named:
         problems = "; ".join(
             m if str(m).startswith(str(p)) else f"{p}: {m}" for p, m in index.errors[:5]
@@ -589,12 +589,16 @@ def _prepare(catalog, options, *, parent_bytes=None, chunked=True, batches=False
                 f"{', '.join(index.bands)})"
             )
         ok &= ~bad
-    if tile_err.any() and not options.tiles:
-        # (a list naming no file for any band asked, with --bands, is no tile)
-        failed = {p for p, _ in index.errors}
+    # a list naming no file for any band asked (--bands) is no tile at all
+    failed = {p for p, _ in index.errors}
+    empty = {
+        files for files, t in index.file_lists.items()
+        if t < 0 and files and not failed.intersection(files)
+    }
+    if empty and tile_err.any():
         for r in np.flatnonzero(tile_err).tolist():
             files = tuple(cat.fits_file_paths[r] or ())
-            if files and not failed.intersection(files):
+            if files in empty:
                 status[r] = Status.BAD_ROW
                 messages[r] = (
                     f"{cat.source} row {r} column {column!r}: it lists "

@@ -704,15 +704,10 @@ def _prepare(catalog, options, *, parent_bytes=None, chunked=True, batches=False
             chunk_rows=chunk_rows,
         )
     except ValueError as exc:  # the memory limit cannot hold the largest cutout
-        hint = _memory_hint(str(exc), cat, diam, status, assignment, options)
+        hint = _memory_hint(
+            str(exc), cat, diam, status, assignment, options, size_arcsec
+        )
         raise ConfigError(hint) from None
-    # rows whose cutout alone the memory limit cannot hold (others fit):
-    # name the catalogue value the planner's message comes from
-    for r in np.flatnonzero(
-        (status == Status.OK) & (np.asarray(plan.base_status) == Status.BAD_ROW)
-    ).tolist():
-        origin = _size_origin(cat, options, r, size_arcsec)
-        plan.messages[r] = f"{origin}: {plan.messages[r]}"
     if plan.out_shape is None:
         plan.jobs = _split_by_size(plan.jobs, plan.memory)
     _check_crop(plan, options)
@@ -802,28 +797,24 @@ def _short_lists(index):
     return short
 
 
-def _memory_hint(text, cat, diam, status, assignment, options):
-    """A planner error, naming the row with the largest cutout."""
+def _memory_hint(text, cat, diam, status, assignment, options, size_arcsec):
+    """A planner error, naming the row with the largest cutout (and the
+    column and value its size comes from)."""
     cut = (status == Status.OK) & (np.asarray(assignment.tile) >= 0) & np.isfinite(diam)
     if not cut.any():
         return text
     rows = np.flatnonzero(cut)
     r = int(rows[np.argmax(diam[rows])])
-    where = _size_origin(cat, options, r)
+    where = _size_origin(cat, options, r, size_arcsec)
     return f"{text} (the largest cutout is {diam[r]:.0f} pixels, from {where})"
 
 
-def _size_origin(cat, options, r, size_arcsec=None, *, value=True):
+def _size_origin(cat, options, r, size_arcsec, *, value=True):
     """Where row ``r``'s size comes from: ``--size``, or its catalogue cell
-    (the angle's column where ``size_arcsec`` says the size is an angle,
-    with the ``value``)."""
+    (the angle's column where ``size_arcsec`` says the size is an angle),
+    with its ``value``."""
     if options.size is not None:
         return "--size"
-    if size_arcsec is None:
-        names = [cat.columns.get(k) for k in ("diameter_pixel", "diameter_arcsec")]
-        return f"{cat.source} row {r} column " + " or ".join(
-            repr(c) for c in names if c
-        )
     angle = np.isfinite(size_arcsec[r])
     column = cat.columns.get("diameter_arcsec" if angle else "diameter_pixel")
     cell = f"{cat.source} row {r} column {column!r}"

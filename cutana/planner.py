@@ -744,64 +744,34 @@ def make_plan(
     todo &= tile >= 0
     status[todo] = Status.PENDING
 
+    # the largest box and output decide the per-source memory
+    max_box = int(box_n[todo].max()) if todo.any() else 1
     dtypes = [
         np.dtype(b.dtype) for t in tile_index.tiles for b in t.bands if b is not None
     ]
     tile_item = max((d.itemsize for d in dtypes), default=4)
     work_item = max((working_dtype(d).itemsize for d in dtypes), default=4)
+    out_px = (out_shape[0] * out_shape[1]) if out_shape is not None else max_box * max_box
+    row_bytes = n_channels * out_px * out_itemsize
+    per_source = row_bytes + 64  # + metadata
+    sub = SUB_BATCH
+    working = n_channels * (
+        sub * out_px * work_item  # float intermediate of one sub-batch
+        + sub * max_box * max_box * 8  # extracted windows (float64 worst case)
+        + sub * _touched_bytes((max_box, max_box), tile_item)  # tile pages touched
+    ) + WRITE_BUFFERS * max(4 * 2**20, row_bytes)  # chunk files being written
     if parent_bytes is None:
         parent_bytes = PARENT_BASE_BYTES
     # per row: the plan's arrays, and the status and geometry of written
     # chunks that the parent keeps until the store is finished (40 bytes)
     parent_bytes = int(parent_bytes + n * PARENT_ROW_BYTES)
-
-    def model(max_box):
-        """Memory per source and per worker, and each worker's budget for
-        its sources, when the largest box is ``max_box``."""
-        out_px = (out_shape[0] * out_shape[1]) if out_shape is not None else max_box**2
-        row_bytes = n_channels * out_px * out_itemsize
-        per_source = row_bytes + 64  # + metadata
-        sub = SUB_BATCH
-        working = n_channels * (
-            sub * out_px * work_item  # float intermediate of one sub-batch
-            + sub * max_box * max_box * 8  # extracted windows (float64 worst case)
-            + sub * _touched_bytes((max_box, max_box), tile_item)  # tile pages touched
-        ) + WRITE_BUFFERS * max(4 * 2**20, row_bytes)  # chunk files being written
-        budget = (
-            (memory_limit - parent_bytes) / max(1, n_workers) - WORKER_BASE_BYTES - working
-        )
-        return per_source, working, budget
-
-    # the largest box and output decide the per-source memory; boxes beyond
-    # what the limit can hold at all are bad rows when smaller ones fit (one
-    # size too large for the limit, e.g. --size, is the caller's error below)
-    max_box = int(box_n[todo].max()) if todo.any() else 1
-    per_source, working, budget = model(max_box)
-    if budget < per_source and todo.any():
-        sizes = np.unique(box_n[todo])
-        fits = [int(b) for b in sizes if model(int(b))[2] >= model(int(b))[0]]
-        if fits:
-            too_big = todo & (box_n > max(fits))
-            status[too_big] = Status.BAD_ROW
-            for r in np.flatnonzero(too_big).tolist():
-                need = parent_bytes + n_workers * (
-                    WORKER_BASE_BYTES + sum(model(int(box_n[r]))[:2])
-                )
-                messages[r] = (
-                    f"a cutout of {box_n[r]} x {box_n[r]} pixels needs at least "
-                    f"{_fmt_bytes(need)} with {n_workers} worker(s), more than the "
-                    f"memory limit {_fmt_bytes(memory_limit)}; cutouts up to "
-                    f"{max(fits)} pixels are cut"
-                )
-            todo &= ~too_big
-            max_box = max(fits)
-            per_source, working, budget = model(max_box)
     memory = MemoryModel(
         parent_bytes=parent_bytes,
         worker_bytes=WORKER_BASE_BYTES,
         per_source_bytes=int(per_source),
         working_bytes=int(working),
     )
+    budget = (memory_limit - parent_bytes) / max(1, n_workers) - WORKER_BASE_BYTES - working
     cap = MAX_SOURCES_PER_JOB if max_sources_per_job is None else int(max_sources_per_job)
     if cap < 1:
         msg = f"max_sources_per_job must be a positive integer, got {max_sources_per_job!r}"

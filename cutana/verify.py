@@ -121,13 +121,42 @@ def verify(output, catalogue=None):
             f"invalid ({cat.messages.get(int(r), 'bad row')})"
         )
     wrongly_bad = np.flatnonzero(~bad & (status == Status.BAD_ROW))
+    note = ""
+    if len(wrongly_bad):
+        wrongly_bad, note = _not_bad_with_tiles(wrongly_bad, source, archive)
     for r in wrongly_bad[:20]:
-        problems.append(f"row {r}: status BAD_ROW but the catalogue row is valid")
+        problems.append(f"row {r}: status BAD_ROW but the catalogue row is valid{note}")
     listed = (differ, moved, marked_ok, wrongly_bad)
     n_more = sum(max(0, len(rows) - 20) for rows in listed)
     if n_more > 0:
         problems.append(f"... and {n_more} more row problems")
     return problems
+
+
+def _not_bad_with_tiles(rows, source, archive):
+    """Of ``rows``, BAD_ROW in the output though their catalogue rows are
+    valid, those that the run's plan does not make bad either; with a note
+    for the problems when it cannot be made.
+
+    Some rows are bad for what only the tiles tell: a size in arcsec that is
+    no pixel of the row's tile, or more than a size may be, or a file list
+    that names no file for a band. The run's options (its ``config``) plan
+    it again, from the catalogue and the tiles' headers.
+    """
+    from .pipeline import plan_cutouts
+
+    quiet = logging.getLogger("cutana")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # the run has said what planning says
+    try:
+        plan = plan_cutouts(source, **archive.config)
+    except Exception as exc:  # noqa: BLE001 - tiles gone or changed, say
+        note = f" (and planning the run again with its tiles failed: {exc})"
+        return rows, note
+    finally:
+        quiet.setLevel(level)
+    base = np.asarray(plan.base_status)
+    return rows[base[rows] != Status.BAD_ROW], ""
 
 
 def _same(a, b):

@@ -363,6 +363,25 @@ def test_verify_of_an_output_made_from_a_table_in_memory(
         assert main(["verify", str(out)]) == 1
 
 
+def test_verify_finds_a_bad_row_that_neither_catalogue_nor_tiles_explain(
+    survey, tmp_path
+):
+    """Test that ``cutana verify`` still reports a BAD_ROW row whose
+    catalogue row is valid when planning the run again with its tiles does
+    not make it bad either (it now asks the tiles before it reports)."""
+    import zarr
+
+    from cutana.verify import verify
+
+    out = tmp_path / "o.zarr"
+    assert main(["run", survey.catalogue_path, "-o", str(out), "--size", "15",
+                 "--no-progress"]) == 0
+    status = zarr.open_array(out / "status", mode="r+")
+    r = int(np.flatnonzero(status[:] == 0)[0])
+    status[r] = 3  # BAD_ROW
+    assert f"row {r}: status BAD_ROW but the catalogue row is valid" in verify(out)
+
+
 def test_verify_checks_the_recorded_status_counts(survey, tmp_path, capsys):
     """Test that ``cutana verify`` compares a finished store's
     ``status_counts`` attribute with its status array (an edited count

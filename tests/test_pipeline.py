@@ -732,6 +732,9 @@ def test_a_file_list_shorter_than_the_bands_is_a_bad_row(survey, tmp_path, bands
     assert want[r] in (Status.OK, Status.PARTIAL_OVERLAP)
     want[r] = Status.BAD_ROW
     np.testing.assert_array_equal(got.status, want)
+    from cutana.verify import verify
+
+    assert verify(tmp_path / "out.zarr") == []  # the tiles tell why it is bad
 
 
 def test_angular_sizes_of_rows_of_unreadable_tiles_need_a_size(survey, tmp_path):
@@ -1819,35 +1822,31 @@ def test_size_columns_are_read_in_their_own_units(tmp_path):
 
 
 @pytest.mark.parametrize("fmt", ["zarr", "fits"])
-def test_sizes_too_large_for_pixels_or_memory_are_bad_rows(tmp_path, fmt):
+def test_an_angle_of_too_many_pixels_is_a_bad_row(tmp_path, fmt):
     """Test that a row whose angle is more pixels of its tile than a size may
-    be, or whose cutout alone the memory limit cannot hold, is a bad row
-    naming its column and value, and the other rows are cut as astropy cuts
-    them (the first stopped the run with a memory error; the second too,
-    though the size is allowed); one --size too large for the limit is
-    still the caller's error."""
+    be is a bad row naming its column and value, the other rows are cut as
+    astropy cuts them, and the output verifies (the run stopped with a
+    memory error); and that a size the memory limit cannot hold names the
+    row, column and value, or --size (an execution option must not change
+    what is written, so that is no bad row)."""
     from astropy.table import Table
 
+    from cutana.verify import verify
+
     data, wcs = _scaled_tile(tmp_path / "t.fits", 0.1, 200)
-    Table({"SourceID": ["a", "huge", "b", "big"], "RA": [150.0] * 4,
-           "Dec": [2.0, 2.0, 2.0003, 2.0],
-           "diameter_arcsec": [3.0, 30000.0, 2.4, 8000.0],
+    Table({"SourceID": ["a", "huge", "b"], "RA": [150.0] * 3,
+           "Dec": [2.0, 2.0, 2.0003], "diameter_arcsec": [3.0, 30000.0, 2.4],
            }).write(tmp_path / "c.csv")  # fmt: skip
     opts = dict(tiles=[str(tmp_path / "t.fits")], format=fmt, progress=False,
                 memory_limit="2GB", target_size=24 if fmt == "zarr" else None)
     report = cutana.make_cutouts(tmp_path / "c.csv", tmp_path / "out", **opts)
     assert report.exit_code == 0
-    assert report.counts == {"OK": 2, "BAD_ROW": 2}
+    assert report.counts == {"OK": 2, "BAD_ROW": 1}
     assert report.messages[1] == (
         f"{tmp_path / 'c.csv'} row 1 column 'diameter_arcsec' (value 30000): 300000 "
         "pixels of its tile, more than 100000"
     )
-    assert report.messages[3].startswith(
-        f"{tmp_path / 'c.csv'} row 3 column 'diameter_arcsec' (value 8000): a cutout "
-        "of 80000 x 80000 pixels needs at least "
-    )
-    assert "more than the memory limit 2.0 GB; cutouts up to 30 pixels are cut" in (
-        report.messages[3])
+    assert verify(tmp_path / "out") == []
     if fmt == "fits":  # unresampled: astropy's cutouts
         out = cutana.open(tmp_path / "out")
         for i, size in ((0, 30), (2, 24)):
@@ -1855,9 +1854,15 @@ def test_sizes_too_large_for_pixels_or_memory_are_bad_rows(tmp_path, fmt):
                                                  unit="deg"), size, wcs=wcs,
                                   mode="partial", fill_value=np.nan)
             np.testing.assert_array_equal(np.asarray(out[i])[0], ref.data)
+    Table({"SourceID": ["a", "big"], "RA": [150.0] * 2, "Dec": [2.0] * 2,
+           "diameter_arcsec": [3.0, 8000.0]}).write(tmp_path / "c2.csv")  # fmt: skip
+    with pytest.raises(ConfigError, match=r"memory limit 2\.0 GB is too small .* "
+                       r"\(the largest cutout is 80000 pixels, from .*c2\.csv row 1 "
+                       r"column 'diameter_arcsec' \(value 8000\)\)"):
+        cutana.make_cutouts(tmp_path / "c2.csv", tmp_path / "o2", **opts)
     with pytest.raises(ConfigError, match=r"memory limit 2\.0 GB is too small .* "
                        r"\(the largest cutout is 80000 pixels, from --size\)"):
-        cutana.make_cutouts(tmp_path / "c.csv", tmp_path / "o2", **{
+        cutana.make_cutouts(tmp_path / "c.csv", tmp_path / "o3", **{
             **opts, "size": 80000})
 
 

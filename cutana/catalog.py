@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from astropy import units as u
-from astropy.table import Table
+from astropy.table import Table, vstack
 
 from .exceptions import CatalogError, ConfigError
 from .status import Status
@@ -542,10 +542,36 @@ class _LineWriter:
         self.write = lines.append
 
 
+#: Lines of a split CSV that astropy reads at once (`_read_split`).
+_SPLIT_LINES = 500_000
+
+
 def _read_split(split):
-    """Read the rest of a split CSV with astropy, or None if it does not line up."""
+    """Read the rest of a split CSV with astropy, or None if it does not line up.
+
+    More than `_SPLIT_LINES` lines are read part by part and the parts
+    stacked: astropy's tokenizer and its columns hold several times the text
+    while it reads, so that one read of 2,000,000 lines took 700 MB beyond
+    them. Parts whose columns do not stack as one read would type them (a
+    column of numbers in one part, of text in another) are read again at
+    once.
+    """
+    lines = split.lines
     try:
-        table = Table.read(split.lines, format="ascii.csv")
+        table = None
+        if len(lines) - 1 > _SPLIT_LINES:
+            parts = [
+                Table.read([lines[0], *lines[lo : lo + _SPLIT_LINES]],
+                           format="ascii.csv")
+                for lo in range(1, len(lines), _SPLIT_LINES)
+            ]
+            try:
+                table = vstack(parts, join_type="exact", metadata_conflicts="silent")
+            except Exception:  # noqa: BLE001 - e.g. numbers and text: read at once
+                table = None
+            del parts
+        if table is None:
+            table = Table.read(lines, format="ascii.csv")
     except Exception:  # noqa: BLE001 - the whole file is read again and explains
         return None
     if len(table) != len(split.cells):

@@ -739,6 +739,48 @@ def test_csv_file_lists_read_apart_equal_table_read(tmp_path, monkeypatch, fallb
     assert calls == ["fits_file_paths"]
 
 
+@pytest.mark.parametrize("case", ["same", "int_then_float", "text_later", "masked_later"])
+def test_a_split_csv_read_in_parts_equals_one_read(tmp_path, monkeypatch, case):
+    """Test that the rest of a split CSV read by astropy in parts of a few
+    lines (as catalogues of more than 500,000 rows are, to bound memory)
+    gives the catalogue one read gives: also when a column is integers in
+    one part and floats in another, when text in a later part makes a
+    column text (the parts do not stack: it is read at once), and when a
+    later part has empty cells (masked)."""
+    import cutana.catalog as catalog_module
+
+    lines = ["SourceID,RA,Dec,diameter_pixel,fits_file_paths"]
+    for i in range(40):
+        size = 10 + i % 3
+        if case == "int_then_float" and i >= 25:
+            size = f"{size}.5"
+        if case == "text_later" and i == 33:
+            size = "big"
+        if case == "masked_later" and i in (30, 31):
+            size = ""
+        lines.append(f"s{i},{150 + i * 1e-3},{2.0 - i * 1e-3},{size},"
+                     f"\"['/t/a{i % 3}_VIS.fits', '/t/a{i % 3}_H.fits']\"")
+    path = tmp_path / "cat.csv"
+    path.write_text("\n".join(lines) + "\n")
+    ref = read_catalog(str(path))  # one read
+    reads = []
+    real = Table.read
+    monkeypatch.setattr(catalog_module, "_SPLIT_LINES", 7)
+    monkeypatch.setattr(catalog_module.Table, "read", lambda *a, **k: reads.append(
+        len(a[0]) if isinstance(a[0], list) else a[0]) or real(*a, **k))
+    cat = read_catalog(str(path))
+    parts = [7 + 1] * 5 + [5 + 1]  # each part with the header line
+    assert reads == (parts + [41] if case == "text_later" else parts)
+    np.testing.assert_array_equal(cat.source_id, ref.source_id)
+    np.testing.assert_array_equal(cat.ra, ref.ra)
+    np.testing.assert_array_equal(cat.size_pixel, ref.size_pixel)
+    np.testing.assert_array_equal(cat.status, ref.status)
+    assert cat.messages == ref.messages
+    assert cat.fits_file_paths == ref.fits_file_paths
+    if case == "masked_later":
+        assert "value is missing" in cat.messages[30]
+
+
 _CELL_ATOMS = ["a", "1.5", "", " ", '"', '""', ",", "#", "\r\n", "\n", "'", "[", "]",
                "\xe9", "x y", '"q"', '"a,b"', '"a""b"', "['/t/a.fits', '/t/b.fits']"]
 

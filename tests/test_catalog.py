@@ -739,7 +739,9 @@ def test_csv_file_lists_read_apart_equal_table_read(tmp_path, monkeypatch, fallb
     assert calls == ["fits_file_paths"]
 
 
-@pytest.mark.parametrize("case", ["same", "int_then_float", "text_later", "masked_later"])
+@pytest.mark.parametrize(
+    "case", ["same", "int_then_float", "text_later", "masked_later"]
+)
 def test_a_split_csv_read_in_parts_equals_one_read(tmp_path, monkeypatch, case):
     """Test that the rest of a split CSV read by astropy in parts of a few
     lines (as catalogues of more than 500,000 rows are, to bound memory)

@@ -740,14 +740,14 @@ def _resolve(names, role, override, source, *, required, keyword=None):
         if alias in lower:
             found = lower[alias]
             if len(found) > 1:  # 'RA' and 'ra': which one is meant?
-                flag = "--" + keyword.replace("_", "-")
                 what = (
                     f"{len(found)} columns named {found[0]!r}; using the first "
                     "(rename the others to choose)"
                     if len(set(found)) < len(found)
                     else f"columns {' and '.join(map(repr, found))}, which differ "
                     f"only in case; using {found[0]!r} (pass {keyword}=NAME, or "
-                    f"{flag} NAME on the command line, to choose)"
+                    f"--{keyword.replace('_', '-')} NAME on the command line, to "
+                    "choose)"
                 )
                 logger.warning("catalogue %r has %s", source, what)
             return found[0]

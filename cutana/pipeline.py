@@ -576,35 +576,27 @@ def _prepare(catalog, options, *, parent_bytes=None, chunked=True, batches=False
         )
     # a file list shorter than the bands need names no file for the last
     # ones: its rows are bad rows (the catalogue's error; no --resume mends it)
-    short = _short_lists(index) if not options.tiles else {}
+    short_tiles, empty = _short_lists(index)
     column = cat.columns.get("files") or COLUMN_ALIASES["files"][0]
-    if short:
-        bad = ok & ~tile_err & np.isin(assignment.tile, list(short))
-        status[bad] = Status.BAD_ROW
+
+    def short(r, n_files, what):
+        status[r] = Status.BAD_ROW
+        messages[r] = (
+            f"{cat.source} row {r} column {column!r}: it lists {n_files} "
+            f"file(s), none for {what}"
+        )
+
+    if short_tiles:
+        bad = ok & ~tile_err & np.isin(assignment.tile, list(short_tiles))
         for r in np.flatnonzero(bad).tolist():
-            n_files, name = short[int(assignment.tile[r])]
-            messages[r] = (
-                f"{cat.source} row {r} column {column!r}: it lists {n_files} "
-                f"file(s), none for band {name} (the bands are "
-                f"{', '.join(index.bands)})"
-            )
+            n_files, name = short_tiles[int(assignment.tile[r])]
+            short(r, n_files, f"band {name} (the bands are {', '.join(index.bands)})")
         ok &= ~bad
-    # a list naming no file for any band asked (--bands) is no tile at all
-    failed = {p for p, _ in index.errors}
-    empty = {
-        files for files, t in index.file_lists.items()
-        if t < 0 and files and not failed.intersection(files)
-    }
-    if empty and tile_err.any():
+    if empty and tile_err.any():  # (such a list is no tile: its rows failed)
         for r in np.flatnonzero(tile_err).tolist():
             files = tuple(cat.fits_file_paths[r] or ())
             if files in empty:
-                status[r] = Status.BAD_ROW
-                messages[r] = (
-                    f"{cat.source} row {r} column {column!r}: it lists "
-                    f"{len(files)} file(s), none for the bands asked "
-                    f"({', '.join(index.bands)})"
-                )
+                short(r, len(files), f"the bands asked ({', '.join(index.bands)})")
         tile_err &= status == Status.TILE_ERROR
     # a tile without a file for one of the bands cannot cut its sources
     lacking = [t for t, tile in enumerate(index.tiles) if tile.missing_bands]
@@ -646,14 +638,14 @@ def _prepare(catalog, options, *, parent_bytes=None, chunked=True, batches=False
         cut = (status == Status.OK) & (np.asarray(assignment.tile) >= 0)
         # rows of tiles that cannot be read now count when their size is in
         # pixels: a --resume cuts them into this output once they can be
+        waiting = status == Status.TILE_ERROR
         in_pixels = np.isfinite(size_pix) & ~np.isfinite(size_arcsec)
-        waiting = (status == Status.TILE_ERROR) & np.isfinite(diam)
         sized = cut | (waiting & in_pixels)
         sizes = np.unique(np.round(diam[sized])) if sized.any() else np.array([])
         if not len(sizes) and options.size is None and options.format == "zarr" and (
-            status == Status.TILE_ERROR
-        ).any():
-            first = int(np.flatnonzero(status == Status.TILE_ERROR)[0])
+            waiting.any()
+        ):
+            first = int(np.flatnonzero(waiting)[0])
             msg = (
                 "the cutout size is not known: no row can be cut now, and the "
                 f"sizes of the rows whose tiles cannot be read (e.g. row {first}: "
@@ -783,18 +775,25 @@ def _split_by_size(jobs, memory):
 
 
 def _short_lists(index):
-    """Tiles of an index built from file lists whose list names no file for
-    a band (it is shorter), as tile -> (number of files, first such band)."""
-    listed = {t: len(files) for files, t in index.file_lists.items() if t >= 0}
-    short = {}
-    for t, n_files in listed.items():
+    """The file lists of an index (built from them) that name no file for a
+    band, being shorter: ``(tiles, empty)``, the tiles of those that name
+    files for some bands, as tile -> (number of files, first band without
+    one), and the set of those that name none for any band asked (they
+    make no tile, though none of their files failed)."""
+    failed = {p for p, _ in index.errors}
+    tiles, empty = {}, set()
+    for files, t in index.file_lists.items():
+        if t < 0:
+            if files and not failed.intersection(files):
+                empty.add(files)
+            continue
         tile = index.tiles[t]
         left_out = {name for name, _ in tile.problems}  # (another pixel grid)
         names = [index.bands[i] for i in tile.missing_bands]
         names = [name for name in names if name not in left_out]
         if names:
-            short[t] = (n_files, names[0])
-    return short
+            tiles[t] = (len(files), names[0])
+    return tiles, empty
 
 
 def _memory_hint(text, cat, diam, status, assignment, options, size_arcsec):

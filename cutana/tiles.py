@@ -87,34 +87,26 @@ def _parse_header(text):
     return header
 
 
-#: What astropy logged (not warned) while making the WCS of a header string,
-#: by the header's `_text_key`, one line per message: e.g. that a header has
-#: SIP coefficients but no ``-SIP`` in its CTYPE. `_read_record` reports it
-#: with the file's name (`_report_wcs_notes`).
-_WCS_NOTES = {}
-_NOTE_TEXTS = {}
-
-
-def _text_key(text):
-    """A short key of a header string."""
-    return hashlib.sha1(text.encode("utf-8", "surrogateescape")).digest()
-
-
 @functools.lru_cache(maxsize=1024)
-def _celestial_wcs(text):
-    """The celestial `~astropy.wcs.WCS` of a header string (cached, shared)."""
+def _wcs_and_notes(text):
+    """The celestial `~astropy.wcs.WCS` of a header string, and what astropy
+    logged (not warned) while making it, one line per message: e.g. that
+    the header has SIP coefficients but no ``-SIP`` in its CTYPE, which
+    `_read_record` reports with the file's name (cached, shared)."""
     header = _parse_header(text)
-    # (what astropy logs of it has no file name: `_read_record` adds it)
     with astropy_log_kept() as notes, warnings.catch_warnings():
         # header fix-ups (DATE-OBS, RADESYS...) are routine for survey tiles,
         # and what else WCS warns of was logged when the file was indexed
         warnings.simplefilter("ignore")
         wcs = WCS(header).celestial
-    if notes:  # (tiles share them: each message is kept once)
-        _WCS_NOTES[_text_key(text)] = tuple(_NOTE_TEXTS.setdefault(n, n) for n in notes)
     if wcs.naxis == 2 and header.get("NAXIS1") is not None and header.get("NAXIS2"):
         wcs.pixel_shape = (int(header["NAXIS1"]), int(header["NAXIS2"]))
-    return wcs
+    return wcs, tuple(notes)
+
+
+def _celestial_wcs(text):
+    """The celestial `~astropy.wcs.WCS` of a header string (cached, shared)."""
+    return _wcs_and_notes(text)[0]
 
 
 def _world_order(wcs, lon, lat):
@@ -798,7 +790,7 @@ def _read_record(path, hdu=None):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            wcs = _celestial_wcs(text)
+            wcs, notes = _wcs_and_notes(text)
         except Exception as exc:  # invalid WCS keywords raise many exception types
             msg = f"{path}: invalid WCS ({_reason(exc)})"
             raise TileError(msg) from exc
@@ -841,7 +833,7 @@ def _read_record(path, hdu=None):
         header=text,
         compressed=compressed,
         primary_header=primary_text,
-        wcs_notes=_WCS_NOTES.get(_text_key(text), ()),
+        wcs_notes=notes,
     )
 
 

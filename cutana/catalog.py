@@ -20,6 +20,7 @@ header lines or comments precede it in the file.
 import ast
 import csv
 import difflib
+import itertools
 import logging
 import numbers
 import os
@@ -298,16 +299,58 @@ def _starts_with_comment(path):
     return False
 
 
-def _has_nul(path, block=1 << 24):
-    """True if a file holds a NUL byte (the fast CSV reader cuts text there)."""
+def _holds(path, byte, block=1 << 24):
+    """True if a file holds ``byte`` (e.g. NUL, where the fast CSV reader cuts text)."""
     try:
         with open(path, "rb") as f:
             while chunk := f.read(block):
-                if b"\0" in chunk:
+                if byte in chunk:
                     return True
     except OSError:
         return False
     return False
+
+
+#: A CSV file of more than `_CSV_PARTS` times this many bytes (without a
+#: file-list column) is read by astropy in parts of about this size.
+_CSV_PART_BYTES = 8 * 2**20
+_CSV_PARTS = 4
+
+
+def _read_csv_parts(path, kwargs):
+    """Read a large CSV file with astropy in parts, or None (then read it whole).
+
+    astropy's tokenizer and its columns hold several times the text while it
+    reads: a CSV of 2,000,000 rows (116 MB) read at once peaked at 720 MB
+    beyond the interpreter, in parts of 8 MB at 400 MB. astropy reads the
+    parts (``fast_reader={'chunk_size': ..., 'chunk_generator': True}``),
+    which are then stacked. A file with a quote is read whole, as a quoted
+    line break could fall at a part's end; so are parts that do not stack as
+    one read would type them (numbers in one part, text in another).
+    """
+    try:
+        if os.path.getsize(path) <= _CSV_PARTS * _CSV_PART_BYTES or _holds(path, b'"'):
+            return None
+        from astropy.io import ascii
+
+        options = {k: v for k, v in kwargs.items() if k != "format"}
+        if "comment" in options:  # astropy's C reader takes no regex
+            with open(path, "rb") as f:
+                if f.read(3) == b"\xef\xbb\xbf":
+                    return None
+            options["comment"] = "#"  # also after blanks, as the regex
+        parts = list(ascii.read(
+            path, format="csv", guess=False,
+            fast_reader={"chunk_size": _CSV_PART_BYTES, "chunk_generator": True},
+            **options,
+        ))  # fmt: skip
+        parts = [p for p in parts if len(p)] or parts[:1]  # (types of no rows)
+        if len(parts) == 1:
+            return parts[0]
+        return vstack(parts, join_type="exact", metadata_conflicts="silent")
+    except Exception:  # noqa: BLE001 - read whole: astropy explains what is wrong
+        logger.debug("catalogue %s: not read in parts", path, exc_info=True)
+        return None
 
 
 def _csv_header(path):
@@ -423,18 +466,21 @@ def _csv_text_column(path, name, nrows, kind, comments):
 class _SplitCSV:
     """A CSV file without one column (as lines), and that column's cells."""
 
-    lines: list  # the CSV lines without the column
+    lines: list  # the CSV lines without the column (those `_Parts` left)
     cells: np.ndarray  # object array of str; equal cells share one string
     missing: np.ndarray | None  # empty cells, as astropy's reader masks them
     index: int  # position of the column in the header
 
 
-def _split_csv(path, name, comments):
+def _split_csv(path, name, comments, reader=None):
     """Split column ``name`` off a CSV file, or None.
 
     A last column (ESA Cutana's file lists) is split line by line with
     `_split_last`; the `csv` module reads the file when that cannot, or
     when the column is not the last.
+    With a ``reader`` (`_Parts`), astropy reads the other columns part by part
+    while the file is split, so that the lines of a large catalogue are
+    never all held at once; the lines left are returned.
     None when the header does not name the column exactly once, or the file
     is not plain UTF-8 or cannot be parsed (astropy then reads the file
     whole and reports what is wrong with it).
@@ -443,6 +489,8 @@ def _split_csv(path, name, comments):
         shared = {}
         cells = []
         lines = []
+        if reader is not None:
+            reader.clear()
         writer = csv.writer(_LineWriter(lines), lineterminator="\n")
         try:
             with open(path, newline="", encoding="utf-8-sig", errors="strict") as f:
@@ -456,22 +504,26 @@ def _split_csv(path, name, comments):
                 if fast:
                     if j == 0 or j != len(row) - 1:
                         continue
-                    if not _split_last(f, j, comments, lines, cells, shared):
+                    if not _split_last(f, j, comments, lines, cells, shared, reader):
                         continue  # a line it cannot split alone: the csv module
                     break
                 for row in rows:
                     cell = row[j].strip() if len(row) > j else ""
                     cells.append(shared.setdefault(cell, cell))
                     writer.writerow(row[:j] + row[j + 1 :])
+                    if reader is not None:
+                        reader.take(lines)
         except (OSError, csv.Error, UnicodeError):
             return None
+    if reader is not None and reader.failed:
+        return None
     values = np.empty(len(cells), dtype=object)
     values[:] = cells
     missing = values == ""
     return _SplitCSV(lines, values, missing if missing.any() else None, j)
 
 
-def _split_last(f, j, comments, lines, cells, shared):
+def _split_last(f, j, comments, lines, cells, shared, reader=None):
     """`_split_csv` of the lines after the header when the column is the last.
 
     Each line is split at its ``j``-th comma with `str.split`, which is
@@ -487,7 +539,7 @@ def _split_last(f, j, comments, lines, cells, shared):
     """
     writer = csv.writer(_LineWriter(lines), lineterminator="\n")
     seen = {}  # raw cell -> its value: file lists repeat from row to row
-    for line in f:
+    for line in _in_blocks(f, lines, reader):
         text = line.rstrip("\r\n")
         parts = text.split(",", j)
         raw = parts[-1]
@@ -542,42 +594,100 @@ class _LineWriter:
         self.write = lines.append
 
 
-#: Lines of a split CSV that astropy reads at once (`_read_split`).
+#: Lines of a CSV file split at a time (`_in_blocks`).
+_BLOCK_LINES = 65536
+
+
+def _in_blocks(f, lines, reader):
+    """The lines of ``f``, handing ``lines`` to ``reader`` after each block."""
+    for block in iter(lambda: list(itertools.islice(f, _BLOCK_LINES)), []):
+        yield from block
+        if reader is not None:
+            reader.take(lines)
+
+
+#: Lines of a split CSV that astropy reads at once (`_Parts`).
 _SPLIT_LINES = 500_000
 
 
-def _read_split(split):
-    """Read the rest of a split CSV with astropy, or None if it does not line up.
+class _Parts:
+    """The rest of a split CSV, read by astropy `_SPLIT_LINES` lines at a time.
 
-    More than `_SPLIT_LINES` lines are read part by part and the parts
-    stacked: astropy's tokenizer and its columns hold several times the text
-    while it reads, so that one read of 2,000,000 lines took 700 MB beyond
-    them. Parts whose columns do not stack as one read would type them (a
-    column of numbers in one part, of text in another) are read again at
-    once.
+    astropy's tokenizer and its columns hold several times the text while
+    it reads, so that one read of 2,000,000 lines took 700 MB beyond them;
+    parts are read while the file is split (`_split_csv`), so that only a
+    part's lines are held at once, then stacked (`stack`).
     """
-    lines = split.lines
-    try:
-        table = None
-        if len(lines) - 1 > _SPLIT_LINES:
-            parts = [
-                Table.read([lines[0], *lines[lo : lo + _SPLIT_LINES]],
-                           format="ascii.csv")
-                for lo in range(1, len(lines), _SPLIT_LINES)
-            ]
+
+    def __init__(self):
+        self.clear()
+
+    def clear(self):
+        self.tables = []
+        self.failed = False
+        self.several = False  # whether more than one part was read
+
+    def take(self, lines):
+        """Read whole parts of ``lines`` (the header first) and drop them."""
+        while len(lines) - 1 >= _SPLIT_LINES and not self.failed:
             try:
-                table = vstack(parts, join_type="exact", metadata_conflicts="silent")
-            except Exception:  # noqa: BLE001 - e.g. numbers and text: read at once
-                table = None
-            del parts
-        if table is None:
-            table = Table.read(lines, format="ascii.csv")
-    except Exception:  # noqa: BLE001 - the whole file is read again and explains
+                self.tables.append(
+                    Table.read(lines[: _SPLIT_LINES + 1], format="ascii.csv")
+                )
+            except Exception:  # noqa: BLE001 - astropy reads the file whole and explains
+                self.failed = True
+            del lines[1 : _SPLIT_LINES + 1]
+
+    def stack(self, split):
+        """The table of all parts and the lines left, or None if not lined up.
+
+        Parts whose columns do not stack as one read would type them (a
+        column of numbers in one part, of text in another) give None too:
+        the file is then split again and read at once.
+        """
+        try:
+            if len(split.lines) > 1 or not self.tables:
+                self.tables.append(Table.read(split.lines, format="ascii.csv"))
+            split.lines = None
+            self.several = len(self.tables) > 1
+            if not self.several:
+                table = self.tables[0]
+            else:
+                table = vstack(
+                    self.tables, join_type="exact", metadata_conflicts="silent"
+                )
+        except Exception:  # noqa: BLE001 - numbers and text, or a line astropy refuses
+            return None
+        finally:
+            self.tables = []
+        if len(table) != len(split.cells):
+            logger.debug("CSV rows do not line up after splitting")
+            return None
+        return table
+
+
+def _read_split(path, name, comments):
+    """Split column ``name`` off a CSV file and read the rest with astropy.
+
+    Returns ``(split, table)``, or None when the file is not split (see
+    `_split_csv`) or does not line up (astropy then reads it whole and
+    explains). More than `_SPLIT_LINES` lines are read in parts (`_Parts`);
+    parts that do not stack are read again at once.
+    """
+    reader = _Parts()
+    split = _split_csv(path, name, comments, reader)
+    if split is None:
         return None
-    if len(table) != len(split.cells):
-        logger.debug("CSV rows do not line up after splitting; reading the file whole")
-        return None
-    return table
+    table = reader.stack(split)
+    if table is None and reader.several:
+        split = _split_csv(path, name, comments)  # again, all lines held
+        try:
+            table = Table.read(split.lines, format="ascii.csv") if split else None
+        except Exception:  # noqa: BLE001 - the whole file is read again and explains
+            table = None
+        if table is not None and len(table) != len(split.cells):
+            table = None
+    return None if table is None else (split, table)
 
 
 def _read_parquet(path):
@@ -635,7 +745,7 @@ def _load(catalog, id_column):
             kwargs = {} if fmt is None else {"format": fmt}
             if fmt == "ascii.csv" and _starts_with_comment(path):
                 kwargs["comment"] = r"\ufeff?\s*#"  # the first line may hold a BOM
-            if fmt == "ascii.csv" and _has_nul(path):
+            if fmt == "ascii.csv" and _holds(path, b"\0"):
                 # astropy's C reader ends a field at NUL ('a\0b' -> 'a'),
                 # which would merge distinct ids; the Python reader keeps it
                 kwargs["fast_reader"] = False
@@ -647,15 +757,16 @@ def _load(catalog, id_column):
             # its tokenizer, would hold several times the file in memory)
             lists = COLUMN_ALIASES["files"][0] if fmt == "ascii.csv" else None
             split = None
-            if lists and "fast_reader" not in kwargs:
-                split = _split_csv(path, lists, "comment" in kwargs)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 table = None
-                if split is not None:
-                    table = _read_split(split)
+                if lists and "fast_reader" not in kwargs:
+                    read = _read_split(path, lists, "comment" in kwargs)
+                    if read is not None:
+                        split, table = read
+                if table is None and fmt == "ascii.csv" and "fast_reader" not in kwargs:
+                    table = _read_csv_parts(path, kwargs)
                 if table is None:  # not split, or astropy read it otherwise
-                    split = None
                     table = Table.read(path, **kwargs)
             for w in caught:
                 logger.info("catalogue %s: %s", path, w.message)
@@ -892,6 +1003,35 @@ def _ids(values, mask):
         return text, np.zeros(0, dtype=bool)
     missing = np.strings.str_len(np.strings.strip(text)) == 0
     return text, missing
+
+
+def _duplicates(ids, missing, block=1 << 20):
+    """Rows whose id an earlier row has (missing ids aside), and that row.
+
+    Returns a boolean array and, for the rows it flags, the first row of
+    their id.
+
+    The ids are sorted once (stably, so the first of equal ids is the
+    earliest row) and compared in blocks: `numpy.unique` with its index and
+    inverse held three copies of the ids at once, 250 MB for 2,000,000 ids
+    of 12 characters.
+    """
+    n = len(ids)
+    rows = np.flatnonzero(~missing) if missing.any() else None
+    order = np.argsort(ids if rows is None else ids[rows], kind="stable")
+    if rows is not None:
+        order = rows[order]
+    new = np.ones(len(order), dtype=bool)  # the first of its id in sorted order
+    for lo in range(0, len(order) - 1, block):
+        sorted_ids = ids[order[lo : lo + block + 1]]
+        new[lo + 1 : lo + len(sorted_ids)] = sorted_ids[1:] != sorted_ids[:-1]
+    dup = np.zeros(n, dtype=bool)
+    first_of = np.full(n, -1, dtype=np.int64)
+    if not new.all():
+        first = order[new][np.cumsum(new) - 1]  # per sorted row, its id's first row
+        first_of[order] = first
+        dup[order] = first != order
+    return dup, first_of
 
 
 def _files_problem(value, masked):
@@ -1273,15 +1413,7 @@ def read_catalog(
             ),
         )
         if n:
-            present = np.flatnonzero(~missing)
-            _, first, inverse = np.unique(
-                ids[present], return_index=True, return_inverse=True
-            )
-            first_row = present[first][inverse.ravel()]
-            dup = np.zeros(n, dtype=bool)
-            dup[present] = first_row != present
-            first_of = np.full(n, -1, dtype=np.int64)
-            first_of[present] = first_row
+            dup, first_of = _duplicates(ids, missing)
             report(
                 dup,
                 id_name,

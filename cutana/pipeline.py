@@ -83,6 +83,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _CHUNKS_PER_TASK = 8
+_INT32 = np.iinfo(np.int32)
 # options that change how a run executes but never what it writes
 _EXECUTION_OPTIONS = (
     "workers", "threads", "memory_limit", "backend", "scheduler", "max_sources_per_job",
@@ -485,9 +486,12 @@ class _Prepared:
     chunk_rows: int | None = None  # rows per chunk of a Zarr output
 
 
-def _prepare(catalog, options, *, parent_bytes=None, chunked=True, batches=False):
+def _prepare(catalog, options, *, measure_parent=None, chunked=True, batches=False):
     """Read, validate, index and plan (no pixel data).
 
+    ``measure_parent()`` gives the bytes the run's processes hold once the
+    catalogue is read (the plan's ``parent_bytes``: the catalogue's arrays
+    grow with it, and the workers' memory is what the limit leaves).
     With ``chunked`` (and Zarr output) the plan follows the store's chunks;
     ``batches``: for `iter_cutouts`, whose batches hold one size.
     """
@@ -679,6 +683,10 @@ def _prepare(catalog, options, *, parent_bytes=None, chunked=True, batches=False
         n_channels = max(1, len(index.bands))
         row_bytes = n_channels * out_shape[0] * out_shape[1] * itemsize
         chunk_rows = choose_chunk_rows(len(status), row_bytes)
+    parent_bytes = None
+    if measure_parent is not None:
+        _release_free_memory()  # what reading the catalogue left behind
+        parent_bytes = measure_parent()
     try:
         plan = make_plan(
             index,
@@ -881,11 +889,13 @@ def plan_cutouts(catalog, **options):
     """
     import psutil
 
-    # the memory this process holds now stands for a run's main process, as
-    # `make_cutouts` measures it at the same point
-    parent_bytes = MemorySampler.tree_rss(psutil.Process()) or None
+    # the memory this process holds once the catalogue is read stands for a
+    # run's main process, as `make_cutouts` measures it at the same point
     options = RunOptions.from_keywords(options)
-    return _prepare(catalog, options, parent_bytes=parent_bytes).plan
+    return _prepare(
+        catalog, options,
+        measure_parent=lambda: MemorySampler.tree_rss(psutil.Process()) or None,
+    ).plan
 
 
 # ----------------------------------------------------------------------------
@@ -1272,14 +1282,15 @@ def make_cutouts(
             executor.warm_up()
             with MemorySampler() as sampler:
                 try:
-                    prepared = _prepare(catalog, opts, parent_bytes=sampler.sample())
-                    _release_free_memory()  # what reading the catalogue left behind
+                    prepared = _prepare(catalog, opts, measure_parent=sampler.sample)
+                    _release_free_memory()  # what planning left behind
                     runner = _Runner(prepared, output, progress, client)
                     runner.start(
                         resume=bool(exists and resume),
                         overwrite=bool(exists and overwrite),
                     )
                     lock.acquire()  # the folder just made (or made anew)
+                    runner.drop_catalogue_columns()
                     _release_free_memory()  # what creating the store left behind
                     runner.run(executor)
                 finally:
@@ -1714,6 +1725,20 @@ class _Runner:
         self.ledger = Ledger(self.output)
         self.ledger.run_started(fingerprint)
 
+    def drop_catalogue_columns(self):
+        """Free the catalogue's per-row columns once a Zarr store holds them.
+
+        After `start` a Zarr run reads them no more (a FITS run names its
+        files and fills its headers from them until its index is written),
+        and they grow with the catalogue: 90 bytes per row with ids of 12
+        characters, which the main process would hold through the run.
+        """
+        if self.fmt == "zarr":
+            self.p.catalog = dataclasses.replace(
+                self.p.catalog, source_id=None, ra=None, dec=None, size_pixel=None,
+                size_arcsec=None, fits_file_paths=None,
+            )
+
     def _create_output(self, plan, cat, overwrite):
         if self.fmt == "zarr":
             self.writer = ZarrWriter.create(
@@ -1998,8 +2023,10 @@ class _Runner:
     def _setup_chunks(self):
         plan = self.plan
         n = plan.n_rows
-        self.job_of_row = np.full(n, -1, dtype=np.int64)
-        self.pos_in_job = np.full(n, -1, dtype=np.int64)
+        # int32 (job ids and positions are far below 2**31): these arrays,
+        # and their slices each chunk task holds, grow with the catalogue
+        self.job_of_row = np.full(n, -1, dtype=np.int32)
+        self.pos_in_job = np.full(n, -1, dtype=np.int32)
         for job in plan.jobs:
             self.job_of_row[job.rows] = job.job_id
             self.pos_in_job[job.rows] = np.arange(len(job))
@@ -2193,9 +2220,13 @@ class _Runner:
         self._keep_rows(rows)
 
     def _geometry(self):
-        """``(N, 5)`` geometry of every row kept so far (tile -1: none yet)."""
+        """``(N, 5)`` geometry of every row kept so far (tile -1: none yet).
+
+        Kept as int32 (half the memory of the store's int64) unless a value
+        does not fit, which `_keep_rows` sees.
+        """
         if self.geometry is None:
-            self.geometry = np.zeros((self.plan.n_rows, 5), dtype=np.int64)
+            self.geometry = np.zeros((self.plan.n_rows, 5), dtype=np.int32)
             self.geometry[:, 0] = -1
         return self.geometry
 
@@ -2208,6 +2239,10 @@ class _Runner:
         for k, (status, geo) in rows.items():
             r0 = int(k) * cr
             self.status[r0 : r0 + len(status)] = status
+            if geometry.dtype != np.int64 and len(geo) and not (
+                _INT32.min <= np.min(geo) and np.max(geo) <= _INT32.max
+            ):  # a tile of more than 2**31 pixels a side
+                geometry = self.geometry = geometry.astype(np.int64)
             geometry[r0 : r0 + len(status)] = geo
 
     def _jobs_of_chunk(self, k):
@@ -2423,8 +2458,8 @@ class _Repair:
             self.tile_map = self.writer.start_repair(
                 [_tile_record(t) for t in r.p.index.tiles]
             )
-            self.job_of_row = np.full(r.plan.n_rows, -1, dtype=np.int64)
-            self.pos = np.full(r.plan.n_rows, -1, dtype=np.int64)
+            self.job_of_row = np.full(r.plan.n_rows, -1, dtype=np.int32)
+            self.pos = np.full(r.plan.n_rows, -1, dtype=np.int32)
         else:
             r.writer = FitsWriter(r.output, bands)
             _mark_repair(r.output)

@@ -274,9 +274,11 @@ MIN_SOURCES_PER_JOB = 256
 WORKER_BASE_BYTES = 160 * 10**6
 #: Assumed resident size of the main process beyond the catalogue arrays.
 PARENT_BASE_BYTES = 250 * 10**6
-#: Bytes the main process holds per catalogue row while a run goes on (the
-#: plan's arrays; for a Zarr output also each row's geometry, kept until
-#: the store is finished).
+#: Bytes the main process adds per catalogue row once the catalogue is read
+#: (measured then) while a run goes on: the plan's arrays (40), and for a
+#: Zarr output each row's job and place in it, the copies the chunk tasks
+#: hold, and each row's status and geometry, kept until the store is
+#: finished (38).
 PARENT_ROW_BYTES = 104
 
 
@@ -686,7 +688,9 @@ def make_plan(
         Cap on sources per job, and per band of chunks (default
         `MAX_SOURCES_PER_JOB`, and `MAX_SOURCES_PER_BAND` for bands).
     parent_bytes : int, optional
-        Resident bytes of the main process, if measured.
+        Resident bytes of the main process, if measured (once the catalogue
+        is read: its arrays are part of it). What each row adds after that
+        (`PARENT_ROW_BYTES`) is added to it.
     meta : dict, optional
         JSON-serialisable settings recorded in the plan (and fingerprint).
     chunk_rows : int, optional

@@ -739,6 +739,19 @@ def test_csv_file_lists_read_apart_equal_table_read(tmp_path, monkeypatch, fallb
     assert calls == ["fits_file_paths"]
 
 
+def _size_cell(case, i, later):
+    """Row ``i``'s size cell in the read-in-parts tests: from row ``later``
+    on, floats after integers, a text cell or empty cells."""
+    size = 10 + i % 3
+    if case == "int_then_float" and i >= later:
+        return f"{size}.5"
+    if case == "text_later" and i == later + 8:
+        return "big"
+    if case == "masked_later" and i in (later + 5, later + 6):
+        return ""
+    return size
+
+
 @pytest.mark.parametrize(
     "case", ["same", "int_then_float", "text_later", "masked_later"]
 )
@@ -753,13 +766,7 @@ def test_a_split_csv_read_in_parts_equals_one_read(tmp_path, monkeypatch, case):
 
     lines = ["SourceID,RA,Dec,diameter_pixel,fits_file_paths"]
     for i in range(40):
-        size = 10 + i % 3
-        if case == "int_then_float" and i >= 25:
-            size = f"{size}.5"
-        if case == "text_later" and i == 33:
-            size = "big"
-        if case == "masked_later" and i in (30, 31):
-            size = ""
+        size = _size_cell(case, i, 25)
         lines.append(f"s{i},{150 + i * 1e-3},{2.0 - i * 1e-3},{size},"
                      f"\"['/t/a{i % 3}_VIS.fits', '/t/a{i % 3}_H.fits']\"")
     path = tmp_path / "cat.csv"
@@ -768,11 +775,19 @@ def test_a_split_csv_read_in_parts_equals_one_read(tmp_path, monkeypatch, case):
     reads = []
     real = Table.read
     monkeypatch.setattr(catalog_module, "_SPLIT_LINES", 7)
+    monkeypatch.setattr(catalog_module, "_BLOCK_LINES", 3)
     monkeypatch.setattr(catalog_module.Table, "read", lambda *a, **k: reads.append(
         len(a[0]) if isinstance(a[0], list) else a[0]) or real(*a, **k))
+    held = []  # lines waiting when a part may be read: they never pile up
+    real_take = catalog_module._Parts.take
+    monkeypatch.setattr(
+        catalog_module._Parts, "take",
+        lambda self, lines: held.append(len(lines)) or real_take(self, lines),
+    )
     cat = read_catalog(str(path))
     parts = [7 + 1] * 5 + [5 + 1]  # each part with the header line
     assert reads == (parts + [41] if case == "text_later" else parts)
+    assert len(held) >= 40 // 3 and max(held) <= 1 + 7 + 3 - 1
     np.testing.assert_array_equal(cat.source_id, ref.source_id)
     np.testing.assert_array_equal(cat.ra, ref.ra)
     np.testing.assert_array_equal(cat.size_pixel, ref.size_pixel)
@@ -782,6 +797,81 @@ def test_a_split_csv_read_in_parts_equals_one_read(tmp_path, monkeypatch, case):
     if case == "masked_later":
         assert "value is missing" in cat.messages[30]
 
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["same", "int_then_float", "text_later", "masked_later", "comments", "quoted"],
+)
+def test_a_large_csv_read_in_parts_equals_one_read(tmp_path, monkeypatch, case):
+    """Test that a large CSV (no file lists) read by astropy in parts of a
+    few hundred bytes gives the catalogue one read gives: also when a column
+    is integers in one part and floats in another, when text in a later part
+    makes it text (read whole), with empty cells in a later part, with
+    comment lines; a file with a quote is read whole."""
+    import cutana.catalog as catalog_module
+
+    lines = ["# a comment"] if case == "comments" else []
+    lines.append("SourceID,RA,Dec,diameter_pixel")
+    for i in range(60):
+        size = _size_cell(case, i, 45)
+        sid = f'"s,{i}"' if case == "quoted" and i == 3 else f"s{i:03d}"
+        lines.append(f"{sid},{150 + i * 1e-3},{2.0 - i * 1e-3},{size}")
+        if case == "comments" and i % 17 == 5:
+            lines.append("# another comment")
+    path = tmp_path / "cat.csv"
+    path.write_text("\n".join(lines) + "\n")
+    ref = read_catalog(str(path))  # one read
+    monkeypatch.setattr(catalog_module, "_CSV_PART_BYTES", 300)
+    monkeypatch.setattr(catalog_module, "_CSV_PARTS", 1)
+    stacked = []
+    real_vstack = catalog_module.vstack
+    monkeypatch.setattr(
+        catalog_module, "vstack",
+        lambda tables, **k: stacked.append(len(tables)) or real_vstack(tables, **k),
+    )
+    cat = read_catalog(str(path))
+    # parts were read (and stacked, or refused as text_later), except with a quote
+    assert stacked == ([] if case == "quoted" else [stacked[0]]) and (
+        case == "quoted" or stacked[0] >= len(path.read_bytes()) // 300
+    )
+    np.testing.assert_array_equal(cat.source_id, ref.source_id)
+    np.testing.assert_array_equal(cat.ra, ref.ra)
+    np.testing.assert_array_equal(cat.dec, ref.dec)
+    np.testing.assert_array_equal(cat.size_pixel, ref.size_pixel)
+    np.testing.assert_array_equal(cat.status, ref.status)
+    assert cat.messages == ref.messages
+    if case == "masked_later":
+        assert "value is missing" in cat.messages[50]
+    if case == "text_later":
+        assert "big" in cat.messages[53]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    ids=st.lists(
+        st.sampled_from(["a", "b", "c", "ab", "", " ", "7", "a "]), max_size=40
+    ),
+    block=st.integers(1, 9),
+)
+def test_duplicate_ids_are_the_rows_after_the_first_of_their_id(ids, block):
+    """Test `_duplicates` (sorted once, compared in blocks) against a
+    first-seen dictionary: which rows repeat an earlier row's id, and which
+    row that is; missing (blank) ids are neither."""
+    from cutana.catalog import _duplicates
+
+    values = np.array(ids, dtype=str) if ids else np.zeros(0, dtype="<U1")
+    missing = np.array([not v.strip() for v in ids], dtype=bool)
+    dup, first_of = _duplicates(values, missing, block=block)
+    first = {}
+    for i, v in enumerate(ids):
+        if not v.strip():
+            assert not dup[i]
+            continue
+        first.setdefault(v, i)
+        assert dup[i] == (first[v] != i)
+        if dup[i]:
+            assert first_of[i] == first[v]
 
 _CELL_ATOMS = ["a", "1.5", "", " ", '"', '""', ",", "#", "\r\n", "\n", "'", "[", "]",
                "\xe9", "x y", '"q"', '"a,b"', '"a""b"', "['/t/a.fits', '/t/b.fits']"]

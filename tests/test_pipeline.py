@@ -214,6 +214,120 @@ def test_workers_keep_tiles_in_half_the_spare_memory(survey, backend, workers):
     assert prepared.settings.keep_bytes == expected
 
 
+def test_main_process_memory_is_measured_once_the_catalogue_is_read(
+    survey, tmp_path, monkeypatch
+):
+    """Test that the plan's main-process memory is sampled after the catalogue
+    is read (its arrays grow with the catalogue; a sample taken before gave
+    the workers room the main process then held), and that only what the
+    run adds per row is estimated on top of it."""
+    from cutana import pipeline
+    from cutana.executor import MemorySampler
+    from cutana.planner import PARENT_ROW_BYTES
+
+    events = []
+    real_read, real_plan, real_sample = (
+        pipeline.read_catalog, pipeline.make_plan, MemorySampler.sample
+    )
+
+    def read(*args, **kwargs):
+        cat = real_read(*args, **kwargs)
+        events.append(("read", len(cat)))
+        return cat
+
+    def sample(self):
+        rss = real_sample(self)
+        events.append(("sample", rss))
+        return rss
+
+    def plan(*args, **kwargs):
+        events.append(("plan", kwargs["parent_bytes"]))
+        return real_plan(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "read_catalog", read)
+    monkeypatch.setattr(pipeline, "make_plan", plan)
+    monkeypatch.setattr(MemorySampler, "sample", sample)
+    cutana.make_cutouts(
+        survey.catalogue_path, tmp_path / "out.zarr", size=21, progress=False,
+        memory_limit="2GB",
+    )
+    kinds = [kind for kind, _ in events]
+    assert kinds.index("read") < kinds.index("sample") < kinds.index("plan")
+    measured = events[kinds.index("sample")][1]
+    assert measured > 0 and events[kinds.index("plan")][1] == measured
+
+    # plan_cutouts measures at the same point; the plan adds the rows' bytes
+    events.clear()
+    measured = []
+    monkeypatch.setattr(
+        MemorySampler, "tree_rss",
+        staticmethod(lambda root: measured.append(1) or 10**8),
+    )
+    plan = pipeline.plan_cutouts(survey.catalogue_path, size=21, memory_limit="2GB")
+    assert measured == [1] and [k for k, _ in events] == ["read", "plan"]
+    assert plan.memory.parent_bytes == 10**8 + plan.n_rows * PARENT_ROW_BYTES
+
+
+def test_a_zarr_run_frees_the_catalogue_columns_its_store_holds(
+    survey, tmp_path, monkeypatch
+):
+    """Test that once the store holds ids and positions, a Zarr run's main
+    process no longer keeps the catalogue's per-row columns (they grow with
+    the catalogue); a FITS run, which names files from them, keeps them."""
+    from cutana import pipeline
+
+    seen = {}
+    real_run = pipeline._Runner.run
+
+    def run(self, executor):
+        cat = self.p.catalog
+        seen[self.fmt] = [
+            cat.source_id is None, cat.ra is None, cat.size_pixel is None
+        ]
+        return real_run(self, executor)
+
+    monkeypatch.setattr(pipeline._Runner, "run", run)
+    zarr_out, fits_out = tmp_path / "out.zarr", tmp_path / "out_fits"
+    for out, fmt in ((zarr_out, "zarr"), (fits_out, "fits")):
+        cutana.make_cutouts(
+            survey.catalogue_path, out, size=21, format=fmt, progress=False
+        )
+    assert seen == {"zarr": [True] * 3, "fits": [False] * 3}
+    cat = read_catalog(survey.catalogue_path)
+    zarr, fits_index = cutana.open(zarr_out), cutana.open(fits_out)
+    for archive in (zarr, fits_index):
+        np.testing.assert_array_equal(np.asarray(archive.source_id), cat.source_id)
+    np.testing.assert_array_equal(np.asarray(zarr.ra), cat.ra)
+    np.testing.assert_array_equal(
+        np.asarray(zarr.status), np.asarray(fits_index.status)
+    )
+
+def test_geometry_kept_in_int32_unless_a_value_needs_int64():
+    """Test that the main process keeps written rows' geometry in int32 (half
+    the memory per row) and switches to int64 when a value does not fit."""
+    from types import SimpleNamespace
+
+    from cutana.pipeline import _Runner
+
+    runner = SimpleNamespace(
+        geometry=None, plan=SimpleNamespace(n_rows=6),
+        writer=SimpleNamespace(chunk_rows=3), status=np.full(6, -1, dtype=np.int16),
+    )
+    runner._geometry = lambda: _Runner._geometry(runner)
+    small = np.array([[0, 10, 20, 5, 5], [1, -3, 4, 5, 5], [0, 7, 8, 5, 5]])
+    _Runner._keep_rows(runner, {1: (np.array([0, 1, 0]), small)})
+    assert runner.geometry.dtype == np.int32
+    assert runner.geometry[3:].tolist() == small.tolist()
+    assert runner.geometry[:3, 0].tolist() == [-1, -1, -1]
+    assert runner.status.tolist() == [-1, -1, -1, 0, 1, 0]
+
+    big = np.array([[2, 3 * 2**31, -(2**40), 5, 5]] * 3)
+    _Runner._keep_rows(runner, {0: (np.array([1, 1, 1]), big)})
+    assert runner.geometry.dtype == np.int64
+    assert runner.geometry[:3].tolist() == big.tolist()
+    assert runner.geometry[3:].tolist() == small.tolist()
+
+
 @pytest.mark.parametrize(
     ("backend", "workers", "threads", "cores", "expected"),
     [

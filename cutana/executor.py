@@ -607,17 +607,26 @@ class MemorySampler:
                 continue
         return rss
 
-    def sample(self):
+    def sample(self, exclude=()):
         """Take one sample of the tree now (after `start`).
+
+        Parameters
+        ----------
+        exclude : collection of int, optional
+            Process ids whose memory the returned bytes leave out (the
+            sample, and ``peak``, still count them).
 
         Returns
         -------
         rss : int
-            Summed resident bytes of the tree.
+            Summed resident bytes of the tree, less those of ``exclude``.
         """
-        rss = self.tree_rss(self._root) if self._root is not None else 0
+        if self._root is None:
+            return 0
+        tree = self._tree(self._root)
+        rss = sum(tree.values())
         self.peak = max(self.peak, rss)
-        return rss
+        return rss - sum(tree.get(pid, 0) for pid in exclude)
 
     def __enter__(self):
         self.start()
@@ -858,6 +867,19 @@ class Executor:
             target=start, name="cutana-warm-up", daemon=True
         )
         self._warming.start()
+
+    def worker_pids(self):
+        """Process ids of the workers `warm_up` has started so far.
+
+        Returns
+        -------
+        pids : set of int
+            Empty for the other backends, or before the workers exist.
+        """
+        pool = self._warm_pool
+        if pool is None:
+            return set()
+        return set(getattr(pool, "_processes", None) or ())
 
     def _take_warm_pool(self):
         """The pool started by `warm_up` (once it exists), or `None`."""

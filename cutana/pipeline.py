@@ -687,6 +687,8 @@ def _prepare(catalog, options, *, measure_parent=None, chunked=True, batches=Fal
     if measure_parent is not None:
         _release_free_memory()  # what reading the catalogue left behind
         parent_bytes = measure_parent()
+        if options.format == "zarr":  # the run frees them before cutting
+            parent_bytes = max(0, parent_bytes - _freed_bytes(cat))
     try:
         plan = make_plan(
             index,
@@ -733,6 +735,25 @@ def _prepare(catalog, options, *, measure_parent=None, chunked=True, batches=Fal
     if isinstance(catalog, (str, os.PathLike)):
         path = os.path.abspath(os.fspath(catalog))
     return _Prepared(cat, index, plan, options, settings, path, chunk_rows)
+
+
+#: The catalogue columns a Zarr run frees once its store holds them
+#: (`_Runner.drop_catalogue_columns`).
+_FREED_COLUMNS = (
+    "source_id", "ra", "dec", "size_pixel", "size_arcsec", "fits_file_paths",
+)
+
+
+def _freed_bytes(cat):
+    """Bytes of `_FREED_COLUMNS` (a list's pointers; its tuples are shared)."""
+    total = 0
+    for name in _FREED_COLUMNS:
+        value = getattr(cat, name)
+        if isinstance(value, np.ndarray):
+            total += value.nbytes
+        elif value is not None:
+            total += 8 * len(value)
+    return total
 
 
 def _check_crop(plan, options):
@@ -1282,7 +1303,11 @@ def make_cutouts(
             executor.warm_up()
             with MemorySampler() as sampler:
                 try:
-                    prepared = _prepare(catalog, opts, measure_parent=sampler.sample)
+                    # the workers' own memory is the plan's to estimate
+                    prepared = _prepare(
+                        catalog, opts,
+                        measure_parent=lambda: sampler.sample(executor.worker_pids()),
+                    )
                     _release_free_memory()  # what planning left behind
                     runner = _Runner(prepared, output, progress, client)
                     runner.start(
@@ -1735,8 +1760,7 @@ class _Runner:
         """
         if self.fmt == "zarr":
             self.p.catalog = dataclasses.replace(
-                self.p.catalog, source_id=None, ra=None, dec=None, size_pixel=None,
-                size_arcsec=None, fits_file_paths=None,
+                self.p.catalog, **dict.fromkeys(_FREED_COLUMNS)
             )
 
     def _create_output(self, plan, cat, overwrite):

@@ -271,7 +271,11 @@ JOBS_PER_WORKER = 12
 #: Smallest job the planner makes for load balancing (unless a cap asks less).
 MIN_SOURCES_PER_JOB = 256
 #: Assumed resident size of a fresh worker (Python, numpy, astropy), bytes.
-WORKER_BASE_BYTES = 160 * 10**6
+#: A worker forked from the ``forkserver`` holds about 64 MB when it starts
+#: (the server's modules); what its jobs add is estimated apart (a worker
+#: of the 200,000-source survey peaked at 240 MB with jobs estimated at
+#: 192 MB), and the parent's measure leaves the workers out.
+WORKER_BASE_BYTES = 100 * 10**6
 #: Assumed resident size of the main process beyond the catalogue arrays.
 PARENT_BASE_BYTES = 250 * 10**6
 #: Bytes the main process adds per catalogue row once the catalogue is read

@@ -170,6 +170,45 @@ def test_memory_sampler_sees_this_process():
     assert len(sampler.samples) >= 1
 
 
+def test_a_sample_can_leave_processes_out(monkeypatch):
+    """Test that ``sample(exclude)`` leaves the given processes' memory out of
+    what it returns (the plan estimates the workers' own), while the peak
+    counts the whole tree."""
+    sampler = MemorySampler()
+    sampler.start()
+    sampler.stop()
+    sampler.peak = 0
+    root = os.getpid()
+    monkeypatch.setattr(
+        MemorySampler, "_tree", staticmethod(lambda r: {root: 100, 7: 10, 8: 20})
+    )
+    assert sampler.sample() == 130
+    assert sampler.sample(exclude={7, 9}) == 120 and sampler.peak == 130
+
+
+def test_worker_pids_are_the_warmed_up_workers():
+    """Test that ``worker_pids`` names the processes ``warm_up`` started: live
+    descendants of this process, which then run its tasks."""
+    import time
+
+    import psutil
+
+    ex = Executor("processes", 2)
+    assert ex.worker_pids() == set()
+    ex.warm_up()
+    ex._warming.join()
+    deadline = time.monotonic() + 60
+    while len(ex.worker_pids()) < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pids = ex.worker_pids()
+    descendants = {p.pid for p in psutil.Process().children(recursive=True)}
+    assert 1 <= len(pids) <= 2 and pids <= descendants
+    results = {}
+    ex.run(_testing.square, [3], on_done=lambda t, r: results.__setitem__(t, r))
+    assert results == {3: 9}
+    ex.close()
+    assert Executor("serial", 1).worker_pids() == set()
+
 def test_warm_up_pool_is_taken_over_by_run():
     """Workers started by ``warm_up`` run the tasks; ``close`` then has nothing left."""
     ex = Executor("processes", 2)

@@ -270,12 +270,13 @@ MAX_SOURCES_PER_BAND = 2 * MAX_SOURCES_PER_JOB
 JOBS_PER_WORKER = 12
 #: Smallest job the planner makes for load balancing (unless a cap asks less).
 MIN_SOURCES_PER_JOB = 256
-#: Assumed resident size of a fresh worker (Python, numpy, astropy), bytes.
-#: A worker forked from the ``forkserver`` holds about 64 MB when it starts
-#: (the server's modules); what its jobs add is estimated apart (a worker
-#: of the 200,000-source survey peaked at 240 MB with jobs estimated at
-#: 192 MB), and the parent's measure leaves the workers out.
-WORKER_BASE_BYTES = 100 * 10**6
+#: Assumed resident size of a worker beside its jobs (Python, numpy,
+#: astropy, and what running jobs leaves), bytes. A worker forked from the
+#: ``forkserver`` holds about 64 MB when it starts; assuming 100 MB, a run
+#: of the 200,000-source survey at ``--memory-limit 600MB`` had workers
+#: peak at 193-197 MB, with their working memory and jobs estimated at
+#: 88 MB. The parent's measure leaves the workers out.
+WORKER_BASE_BYTES = 130 * 10**6
 #: Assumed resident size of the main process beyond the catalogue arrays.
 PARENT_BASE_BYTES = 250 * 10**6
 #: Bytes the main process adds per catalogue row once the catalogue is read

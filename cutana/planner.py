@@ -283,7 +283,7 @@ PARENT_BASE_BYTES = 250 * 10**6
 #: (measured then) while a run goes on: the plan's arrays (40), and for a
 #: Zarr output each row's job and place in it, the copies the chunk tasks
 #: hold, and each row's status and geometry, kept until the store is
-#: finished (38).
+#: finished (38); the rest is a margin.
 PARENT_ROW_BYTES = 104
 
 

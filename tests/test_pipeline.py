@@ -313,6 +313,7 @@ def test_a_zarr_run_frees_the_catalogue_columns_its_store_holds(
         np.asarray(zarr.status), np.asarray(fits_index.status)
     )
 
+
 def test_geometry_kept_in_int32_unless_a_value_needs_int64():
     """Test that the main process keeps written rows' geometry in int32 (half
     the memory per row) and switches to int64 when a value does not fit."""

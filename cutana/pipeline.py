@@ -65,7 +65,7 @@ from .io._writeback import release_buffers
 from .io.staging import REPAIR_MARKER
 from .io.zarr import creation_interrupted
 from .normalization import NORMALIZATIONS, Normalizer
-from .planner import Job, Plan, available_memory, make_plan, parse_memory
+from .planner import SERVER_BYTES, Job, Plan, available_memory, make_plan, parse_memory
 from .processing import CutSettings, Scratch, cut_job
 from .status import STATUS_DESCRIPTIONS, Status
 from .tiles import TileIndex, close_kept_maps, missing_band_message
@@ -910,13 +910,19 @@ def plan_cutouts(catalog, **options):
     """
     import psutil
 
-    # the memory this process holds once the catalogue is read stands for a
-    # run's main process, as `make_cutouts` measures it at the same point
     options = RunOptions.from_keywords(options)
-    return _prepare(
-        catalog, options,
-        measure_parent=lambda: MemorySampler.tree_rss(psutil.Process()) or None,
-    ).plan
+
+    def measure():
+        # the memory this process holds once the catalogue is read stands
+        # for a run's main process, as `make_cutouts` measures it at the
+        # same point; a run's worker server is measured with it
+        root = psutil.Process()
+        rss = MemorySampler.tree_rss(root)
+        if options.backend == "processes" and not root.children():
+            rss += SERVER_BYTES
+        return rss or None
+
+    return _prepare(catalog, options, measure_parent=measure).plan
 
 
 # ----------------------------------------------------------------------------

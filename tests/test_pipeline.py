@@ -271,12 +271,31 @@ def test_main_process_memory_is_measured_once_the_catalogue_is_read(
         staticmethod(lambda root: measured.append(1) or 10**8),
     )
     plan = pipeline.plan_cutouts(
-        survey.catalogue_path, size=21, memory_limit="2GB", format="fits"
+        survey.catalogue_path, size=21, memory_limit="2GB", format="fits",
+        backend="serial",
     )
     assert measured == [1] and [k for k, _ in events] == ["read", "plan"]
     assert plan.memory.parent_bytes == 10**8 + plan.n_rows * PARENT_ROW_BYTES
-    plan = pipeline.plan_cutouts(survey.catalogue_path, size=21, memory_limit="2GB")
-    assert plan.memory.parent_bytes == 10**8 - freed + plan.n_rows * PARENT_ROW_BYTES
+    rows = plan.n_rows * PARENT_ROW_BYTES
+    plan = pipeline.plan_cutouts(
+        survey.catalogue_path, size=21, memory_limit="2GB", backend="serial"
+    )
+    assert plan.memory.parent_bytes == 10**8 - freed + rows
+    # a run of the processes backend also measures its worker server, which
+    # plan_cutouts adds where this process has none
+    import psutil
+
+    from cutana.planner import SERVER_BYTES
+
+    for children, server in (([], SERVER_BYTES), ([psutil.Process()], 0)):
+        monkeypatch.setattr(
+            psutil.Process, "children", lambda self, kids=children: kids
+        )
+        plan = pipeline.plan_cutouts(
+            survey.catalogue_path, size=21, memory_limit="2GB",
+            backend="processes", workers=2,
+        )
+        assert plan.memory.parent_bytes == 10**8 + server - freed + rows
 
 
 def test_a_zarr_run_frees_the_catalogue_columns_its_store_holds(

@@ -298,16 +298,17 @@ def _starts_with_comment(path):
     return False
 
 
-def _holds(path, byte, block=1 << 24):
-    """True if a file holds ``byte`` (e.g. NUL, where the fast CSV reader cuts text)."""
+def _holds(path, *marks, block=1 << 24):
+    """Which of the bytes ``marks`` a file holds, found in one pass (e.g. NUL,
+    where the fast CSV reader cuts text, and a quote), as a set."""
+    found = set()
     try:
         with open(path, "rb") as f:
-            while chunk := f.read(block):
-                if byte in chunk:
-                    return True
+            while len(found) < len(marks) and (chunk := f.read(block)):
+                found.update(m for m in marks if m in chunk)
     except OSError:
-        return False
-    return False
+        pass
+    return found
 
 
 #: A CSV file of more than `_CSV_PARTS` times this many bytes (without a
@@ -316,19 +317,20 @@ _CSV_PART_BYTES = 8 * 2**20
 _CSV_PARTS = 4
 
 
-def _read_csv_parts(path, kwargs):
+def _read_csv_parts(path, kwargs, quoted):
     """Read a large CSV file with astropy in parts, or None (then read it whole).
 
     astropy's tokenizer and its columns hold several times the text while it
     reads: a CSV of 2,000,000 rows (116 MB) read at once peaked at 720 MB
     beyond the interpreter, in parts of 8 MB at 400 MB. astropy reads the
     parts (``fast_reader={'chunk_size': ..., 'chunk_generator': True}``),
-    which are then stacked. A file with a quote is read whole, as a quoted
-    line break could fall at a part's end; so are parts that do not stack as
-    one read would type them (numbers in one part, text in another).
+    which are then stacked. A file with a quote (``quoted``) is read whole,
+    as a quoted line break could fall at a part's end; so are parts that do
+    not stack as one read would type them (numbers in one part, text in
+    another).
     """
     try:
-        if os.path.getsize(path) <= _CSV_PARTS * _CSV_PART_BYTES or _holds(path, b'"'):
+        if quoted or os.path.getsize(path) <= _CSV_PARTS * _CSV_PART_BYTES:
             return None
         from astropy.io import ascii
 
@@ -736,7 +738,9 @@ def _load(catalog, id_column):
             kwargs = {} if fmt is None else {"format": fmt}
             if fmt == "ascii.csv" and _starts_with_comment(path):
                 kwargs["comment"] = r"\ufeff?\s*#"  # the first line may hold a BOM
-            if fmt == "ascii.csv" and _holds(path, b"\0"):
+            # one pass over the file for the bytes that change how it is read
+            marks = _holds(path, b"\0", b'"') if fmt == "ascii.csv" else set()
+            if b"\0" in marks:
                 # astropy's C reader ends a field at NUL ('a\0b' -> 'a'),
                 # which would merge distinct ids; the Python reader keeps it
                 kwargs["fast_reader"] = False
@@ -756,7 +760,7 @@ def _load(catalog, id_column):
                     if read is not None:
                         split, table = read
                 if table is None and fmt == "ascii.csv" and "fast_reader" not in kwargs:
-                    table = _read_csv_parts(path, kwargs)
+                    table = _read_csv_parts(path, kwargs, quoted=b'"' in marks)
                 if table is None:  # not split, or astropy read it otherwise
                     table = Table.read(path, **kwargs)
             for w in caught:

@@ -2377,7 +2377,13 @@ class _Repair:
     with every other row as it was. Rows that still cannot be cut keep their
     status, unless the new plan gives them another final one than a tile
     error (``NO_OVERLAP`` for a source off a tile that can be read now).
-    Rows that were cut are never cut again.
+
+    A ``PARTIAL_OVERLAP`` row is cut again when the new plan puts it on
+    another tile than the one it was cut from: a tile that could not be read
+    (so the row was cut from a neighbour, at its edge) and can be now, or a
+    tile added since, holds it better, as a new run would cut it. If that
+    cut fails, the row keeps its cutout. Every other row that was cut is
+    never cut again.
 
     Until it is finalised, the store says it is being repaired (attributes
     ``complete`` false and ``repairing`` true; a FITS folder has the file
@@ -2386,14 +2392,17 @@ class _Repair:
     checksums every chunk anew (the stopped one may have rewritten some).
     """
 
-    def __init__(self, runner, jobs, status, stopped=False):
+    def __init__(self, runner, jobs, status, stopped=False, kept_messages=None):
         self.r = runner
         self.jobs = jobs
         self.stopped = stopped  # a repair of this store was stopped
         self.old = runner.status.copy()  # as stored
-        # the rows a repair may cut again (and a stopped one may have written)
+        # the rows without a cutout that a repair may cut (and a stopped one
+        # may have written); PARTIAL_OVERLAP rows cut again keep theirs until
+        # they are replaced
         self.redo = np.isin(self.old, (Status.TILE_ERROR, Status.NO_OVERLAP))
         self.status = status  # of the rows not cut again
+        self.kept_messages = kept_messages  # of the rows that keep their cutout
         self.remaining = len(jobs)
         self.patched = ChunksWritten()
         self.unwritten = []  # chunks of rewriting tasks that failed
@@ -2411,6 +2420,8 @@ class _Repair:
         old = runner.status
         base = np.asarray(runner.plan.base_status)
         redo = np.isin(old, (Status.TILE_ERROR, Status.NO_OVERLAP))
+        moved = cls._partial_on_another_tile(runner)
+        redo |= moved
         jobs = []
         for job in runner.plan.jobs:
             keep = redo[job.rows]
@@ -2429,7 +2440,10 @@ class _Repair:
         new = (base != Status.PENDING) & (base != Status.TILE_ERROR)
         settle = redo & ~in_job & new
         status[settle] = base[settle]
-        runner.messages = cls._messages(runner, base, ~(in_job | settle))
+        stored = cls._stored_messages(runner)
+        runner.messages = cls._messages(runner, stored, base, ~(in_job | settle))
+        kept_messages = {int(i): stored[int(i)] for i in np.flatnonzero(moved)
+                         if int(i) in stored}
         failed = np.flatnonzero(old == Status.TILE_ERROR)
         stopped = stopped or runner.fmt == "zarr" and bool(
             runner.archive.attrs.get("repairing", False)
@@ -2452,24 +2466,80 @@ class _Repair:
         else:
             logger.warning(
                 "%s: its run had finished with %d TILE_ERROR rows; cutting the %d "
-                "TILE_ERROR or NO_OVERLAP rows that the tiles can cut now",
+                "TILE_ERROR or NO_OVERLAP rows that the tiles can cut now, and "
+                "PARTIAL_OVERLAP rows that another tile holds now",
                 runner.output, len(failed), n_jobs,
             )
-        return cls(runner, jobs, status, stopped)
+        return cls(runner, jobs, status, stopped, kept_messages)
 
     @staticmethod
-    def _messages(runner, base, keep):
-        """The messages of a repaired output's rows: the stored one (a FITS
-        index holds them) of a row that keeps its status, unless the new
-        plan gives it the same status and a message, and the new plan's for
-        the others (their jobs add theirs)."""
-        stored = {}
-        if runner.fmt == "fits":
-            table = runner.archive.table
-            if "message" in table.colnames:
-                column = table["message"]
-                values = column.filled("") if hasattr(column, "filled") else column
-                stored = {i: str(m) for i, m in enumerate(values) if str(m)}
+    def _partial_on_another_tile(runner):
+        """The ``PARTIAL_OVERLAP`` rows the new plan cuts from another tile
+        than the one their cutout came from (boolean mask).
+
+        A Zarr store records each row's tile (the key, band files and header
+        of each tile it numbers); a FITS file, each band's tile file
+        (``TILE``), which is compared for the bands both tiles have.
+        """
+        old = runner.status
+        moved = np.zeros(len(old), dtype=bool)
+        partial = old == Status.PARTIAL_OVERLAP
+        if not partial.any():
+            return moved
+        planned = np.full(len(old), -1, dtype=np.int64)
+        for job in runner.plan.jobs:
+            planned[job.rows] = job.tile
+        rows = np.flatnonzero(partial & (planned >= 0))
+        if not len(rows):
+            return moved
+        tiles = runner.p.index.tiles
+        if runner.fmt == "zarr":
+            def identity(t):  # as ZarrWriter.start_repair tells tiles apart
+                return (t.get("key"), tuple(t.get("paths") or ()), t.get("header"))
+
+            stored = [identity(t) for t in runner.archive.tiles]
+            was = np.asarray(runner.archive.tile)[rows]
+            now = planned[rows]
+            for a, b in set(zip(was.tolist(), now.tolist(), strict=True)):
+                same = 0 <= a < len(stored) and stored[a] == identity(
+                    _tile_record(tiles[b])
+                )
+                if not same:
+                    moved[rows[(was == a) & (now == b)]] = True
+            return moved
+        for i in rows.tolist():
+            paths = [None if b is None else b.path for b in tiles[planned[i]].bands]
+            try:
+                then = runner.archive.tile_files(i)
+            except (OSError, ValueError):  # no file to keep: cut it again
+                moved[i] = True
+                continue
+            both = len(then) == len(paths) and [
+                (a, b) for a, b in zip(then, paths, strict=True)
+                if a is not None and b is not None
+            ]
+            moved[i] = not both or any(a != b for a, b in both)
+        return moved
+
+    @staticmethod
+    def _stored_messages(runner):
+        """The messages an output stores (a FITS index holds them; a Zarr
+        store, none), by row."""
+        if runner.fmt != "fits":
+            return {}
+        table = runner.archive.table
+        if "message" not in table.colnames:
+            return {}
+        column = table["message"]
+        values = column.filled("") if hasattr(column, "filled") else column
+        return {i: str(m) for i, m in enumerate(values) if str(m)}
+
+    @staticmethod
+    def _messages(runner, stored, base, keep):
+        """The messages of a repaired output's rows: the ``stored`` one of a
+        row that keeps its status, unless the new plan gives it the same
+        status and a message, and the new plan's for the others (their jobs
+        add theirs)."""
         old = runner.status
         messages = {r: m for r, m in stored.items() if keep[r]}
         for r, m in runner.messages.items():
@@ -2540,6 +2610,14 @@ class _Repair:
             self.unwritten += task.chunks
             return ()
         r._job_failed(task, failure)
+        # a PARTIAL_OVERLAP row cut again from another tile keeps its cutout
+        rows = task.job.rows
+        kept = rows[self.old[rows] == Status.PARTIAL_OVERLAP]
+        r.status[kept] = Status.PARTIAL_OVERLAP
+        for i in kept.tolist():
+            r.messages.pop(i, None)
+            if i in self.kept_messages:
+                r.messages[i] = self.kept_messages[i]
         return self._job_settled()
 
     def _warn_of_failed_rows(self):

@@ -713,6 +713,124 @@ def test_resume_cuts_a_finished_runs_failed_rows_once_their_tile_is_back(
     np.testing.assert_array_equal(cutana.open(out).status, a.status)
 
 
+def _survey_with_an_unreadable_tile(survey, tmp_path):
+    """The survey's tiles in a folder of their own, with every band file of
+    the second tile unreadable: its sources lie on no tile, or at the edge
+    of the first. Returns the folder and a function that mends the tile."""
+    import shutil
+
+    dst = tmp_path / "tiles"
+    shutil.copytree(os.path.dirname(survey.tile_paths[0][0]), dst)
+    broken = [dst / os.path.basename(f) for f in survey.tile_paths[1]]
+    for path in broken:
+        path.write_bytes(b"x" * 2880 * 3)
+
+    def mend():
+        for f, path in zip(survey.tile_paths[1], broken, strict=True):
+            shutil.copy(f, path)
+
+    return dst, broken, mend
+
+
+@pytest.mark.parametrize(("fmt", "backend"), [
+    ("zarr", "serial"), ("zarr", "processes"), ("fits", "serial"),
+])
+def test_resume_cuts_partial_rows_again_from_a_tile_readable_since(
+    survey, tmp_path, caplog, fmt, backend
+):
+    """Test that --resume of a finished run that could not read a tile cuts
+    again the PARTIAL_OVERLAP rows it cut at the edge of a neighbouring tile
+    once that tile can be read, so that the output equals a run that had the
+    tile from the start (statuses, values, and for Zarr the tile each row
+    names), while every row cut complete then keeps its cutout."""
+    from cutana.verify import verify
+
+    dst, broken, mend = _survey_with_an_unreadable_tile(survey, tmp_path)
+    opts = dict(size=21, tiles=[str(dst / "*.fits")], max_sources_per_job=5,
+                progress=False, format=fmt, backend=backend,
+                workers=2 if backend == "processes" else 1)
+    out = tmp_path / "out"
+    assert cutana.make_cutouts(survey.catalogue_path, out, **opts).exit_code == 1
+    old = cutana.open(out)
+    before = np.asarray(old.status)
+    kept = {i: np.array(old[i]) for i in np.flatnonzero(before == Status.OK)}
+    mend()
+    clean = tmp_path / "clean"
+    assert cutana.make_cutouts(survey.catalogue_path, clean, **opts).exit_code == 0
+    a = cutana.open(clean)
+    moved = (before == Status.PARTIAL_OVERLAP) & (np.asarray(a.status) == Status.OK)
+    assert moved.sum() >= 2  # the case under test happens on this survey
+
+    with caplog.at_level("WARNING", logger="cutana.pipeline"):
+        report = cutana.make_cutouts(survey.catalogue_path, out, resume=True, **opts)
+    assert report.exit_code == 0, report.failures
+    assert "PARTIAL_OVERLAP rows that another tile holds now" in caplog.text
+    b = cutana.open(out)
+    np.testing.assert_array_equal(b.status, a.status)
+    cat = read_catalog(survey.catalogue_path)
+    for i in np.flatnonzero(np.isin(a.status, (Status.OK, Status.PARTIAL_OVERLAP))):
+        np.testing.assert_array_equal(np.asarray(b[i]), np.asarray(a[i]))
+    for i in np.flatnonzero(moved):  # against astropy, on the tile mended
+        for path in broken:
+            c = [band in path.name for band in b.bands].index(True)
+            ref = _reference(path, cat.ra[i], cat.dec[i], 21, mode="strict")
+            np.testing.assert_array_equal(
+                np.asarray(b[i])[c], ref.data.astype(np.float32)
+            )
+        named = _tile_paths(b, i) if fmt == "zarr" else b.tile_files(i)
+        assert sorted(named) == sorted(str(p) for p in broken)
+    for i, image in kept.items():  # rows cut complete then are as they were
+        np.testing.assert_array_equal(np.asarray(b[i]), image)
+    assert verify(out, survey.catalogue_path) == []
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="cutana.pipeline"):
+        report = cutana.make_cutouts(survey.catalogue_path, out, resume=True, **opts)
+    assert report.exit_code == 0 and "cutting" not in caplog.text
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "fits"])
+def test_a_partial_row_keeps_its_cutout_when_cutting_it_again_fails(
+    survey, tmp_path, monkeypatch, fmt
+):
+    """Test that when the job that cuts PARTIAL_OVERLAP rows again from a
+    tile readable since fails twice, those rows keep their status and the
+    cutout they had, the rows that had none are TILE_ERROR naming the
+    error, and the run exits 1."""
+    from cutana import pipeline
+
+    dst, broken, mend = _survey_with_an_unreadable_tile(survey, tmp_path)
+    opts = dict(size=21, tiles=[str(dst / "*.fits")], progress=False, format=fmt)
+    out = tmp_path / "out"
+    assert cutana.make_cutouts(survey.catalogue_path, out, **opts).exit_code == 1
+    old = cutana.open(out)
+    before = np.asarray(old.status)
+    partial = np.flatnonzero(before == Status.PARTIAL_OVERLAP)
+    images = {i: np.array(old[i]) for i in partial}
+    mend()
+    original = pipeline.cut_job
+
+    def failing(settings, tile, job, **kwargs):
+        if any(b is not None and b.path == str(broken[0]) for b in tile.bands):
+            msg = "disk error (injected)"
+            raise OSError(msg)
+        return original(settings, tile, job, **kwargs)
+
+    monkeypatch.setattr(pipeline, "cut_job", failing)
+    report = cutana.make_cutouts(survey.catalogue_path, out, resume=True, **opts)
+    assert report.exit_code == 1
+    assert any("disk error (injected)" in f for f in report.failures)
+    b = cutana.open(out)
+    status = np.asarray(b.status)
+    np.testing.assert_array_equal(status[partial], Status.PARTIAL_OVERLAP)
+    for i in partial:
+        np.testing.assert_array_equal(np.asarray(b[i]), images[i])
+        assert "injected" not in report.messages.get(int(i), "")
+    errors = np.flatnonzero(status == Status.TILE_ERROR)
+    assert len(errors)
+    assert (before[errors] == Status.NO_OVERLAP).all()
+    assert all("disk error (injected)" in report.messages[int(i)] for i in errors)
+
+
 @pytest.mark.parametrize("where", ["finish", "finalize"])
 def test_a_stopped_repair_is_finished_by_the_next_resume(
     survey, tmp_path, monkeypatch, where

@@ -431,6 +431,8 @@ class FitsArchive(CutoutArchive):
     >>> archive = FitsArchive(out)
     >>> len(archive), archive.files.tolist(), archive[1].shape
     (2, ['a.fits', 'b.fits'], (1, 4, 4))
+    >>> archive.tile_files(1)
+    ['t0.fits']
     """
 
     def __init__(self, path):
@@ -485,6 +487,31 @@ class FitsArchive(CutoutArchive):
         """
         with fits.open(self._file(i)) as hdul:
             return np.stack([np.asarray(hdu.data) for hdu in hdul[1:]])
+
+    def tile_files(self, i):
+        """Return the tile file each band of cutout ``i`` was cut from.
+
+        Parameters
+        ----------
+        i : int
+            Row.
+
+        Returns
+        -------
+        paths : list of str or None
+            One per band HDU: its ``TILE`` keyword, the path of the tile's
+            file (`None` for a band the tile has no file for).
+
+        Raises
+        ------
+        ValueError
+            If the row has no cutout file.
+        OSError
+            If the file cannot be read.
+        """
+        with fits.open(self._file(i)) as hdul:
+            found = [hdu.header.get("TILE", "") for hdu in hdul[1:]]
+        return [codecs.decode(t, "unicode_escape") if t else None for t in found]
 
     def wcs(self, i, band=0):
         """Return the WCS of cutout ``i`` from its file.

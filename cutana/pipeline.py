@@ -1527,7 +1527,10 @@ def _readable_since(old, new, tiles, index):
 
     A tile file put back or mended after a run was interrupted changes the
     plan: the rows the interrupted run's plan ``old`` gave ``TILE_ERROR``
-    are planned in jobs now, and the tiles may be numbered otherwise. When
+    are planned in jobs now, and the tiles may be numbered otherwise. A tile
+    whose files could not be read at all (matched by ``--tiles``), or that
+    is new, was not indexed then: the rows the new plan puts on it lay on no
+    tile, or on another (at its edge), and are readable since too. When
     every other row is planned as before (same status, tile, position and
     box) and its tiles are as they were (``tiles``, ``index``'s tiles in
     ``old``'s numbering, from `_tiles_then`), the interrupted run is
@@ -1543,8 +1546,6 @@ def _readable_since(old, new, tiles, index):
     readable = (np.asarray(old.base_status) == Status.TILE_ERROR) & (
         np.asarray(new.base_status) != Status.TILE_ERROR
     )
-    if not readable.any():
-        return None
     number = {id(tile): t for t, tile in enumerate(tiles)}
     # the new plan in the old numbering; a tile new to the index gets a
     # number of its own, which differs from every old one
@@ -1554,6 +1555,13 @@ def _readable_since(old, new, tiles, index):
         )
         for job in new.jobs
     ]
+    for job in jobs:
+        if job.tile < -1:
+            # a tile whose files could not be read then (so that it was not
+            # indexed): its rows lay on no tile, or at a neighbour's edge
+            readable[job.rows] = True
+    if not readable.any():
+        return None
     kept = ~readable
     if old.output_fingerprint(kept) != dataclasses.replace(
         new, jobs=jobs
@@ -1683,14 +1691,15 @@ class _Runner:
                 found := _readable_since(old, plan, tiles, self.p.index)
             ) is not None:
                 # a tile put back or mended since: the interrupted run is
-                # finished as planned, on its tiles, then its TILE_ERROR rows
-                # are cut (make_cutouts resumes the finished output once more)
+                # finished as planned, on its tiles, then the rows of that
+                # tile are cut (make_cutouts resumes the finished output once
+                # more)
                 readable, index = found
                 self.p = dataclasses.replace(self.p, index=index)
                 logger.warning(
                     "%s: the tiles of %d rows (row %d, ...) that the interrupted "
-                    "run could not read can be read now; they are cut once the "
-                    "rest of the run is finished",
+                    "run could not read (or did not have) can be read now; they "
+                    "are cut once the rest of the run is finished",
                     self.output,
                     int(readable.sum()),
                     int(np.flatnonzero(readable)[0]),

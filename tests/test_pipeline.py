@@ -1292,7 +1292,9 @@ def test_resume_of_an_interrupted_run_cuts_the_rows_of_a_tile_back_since(
     with caplog.at_level("WARNING", logger="cutana.pipeline"):
         report = cutana.make_cutouts(cat, out, resume=True, **opts)
     assert report.exit_code == 0, report.failures
-    assert "that the interrupted run could not read can be read now" in caplog.text
+    assert "that the interrupted run could not read (or did not have) can be read now" in (
+        caplog.text
+    )
     clean = tmp_path / "clean"
     assert cutana.make_cutouts(cat, clean, **opts).counts == report.counts
     a, b = cutana.open(clean), cutana.open(out)
@@ -1314,6 +1316,51 @@ def test_resume_of_an_interrupted_run_cuts_the_rows_of_a_tile_back_since(
         ref = _reference(victim, rows.ra[i], rows.dec[i], 21)
         np.testing.assert_array_equal(np.asarray(b[i])[c], ref.data.astype(np.float32))
     assert verify(out, cat) == []
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "fits"])
+def test_resume_of_an_interrupted_run_cuts_the_rows_of_a_tile_unreadable_then(
+    survey, tmp_path, monkeypatch, caplog, fmt
+):
+    """Test that --resume of an interrupted run, one of whose tiles (all its
+    band files, matched by --tiles) could not be read, so that its sources
+    lay on no tile or at the edge of another, finishes the run once the tile
+    can be read and cuts those rows from it, as a run that had the tile from
+    the start (status, values); a row cut complete from the other tile keeps
+    its cutout. It was refused as a run with other tiles."""
+    from cutana.verify import verify
+
+    dst, broken, mend = _survey_with_an_unreadable_tile(survey, tmp_path)
+    opts = dict(size=21, tiles=[str(dst / "*.fits")], max_sources_per_job=5,
+                progress=False, format=fmt)
+    out = tmp_path / "out"
+    _interrupted(monkeypatch, 2, survey.catalogue_path, out, **opts)
+    mend()
+    with caplog.at_level("WARNING", logger="cutana.pipeline"):
+        report = cutana.make_cutouts(survey.catalogue_path, out, resume=True, **opts)
+    assert report.exit_code == 0, report.failures
+    assert "can be read now" in caplog.text
+    clean = tmp_path / "clean"
+    assert cutana.make_cutouts(survey.catalogue_path, clean, **opts).exit_code == 0
+    a, b = cutana.open(clean), cutana.open(out)
+    np.testing.assert_array_equal(b.status, a.status)
+    cat = read_catalog(survey.catalogue_path)
+    mended = 0
+    for i in np.flatnonzero(np.isin(a.status, (Status.OK, Status.PARTIAL_OVERLAP))):
+        then = _tile_paths(b, i) if fmt == "zarr" else b.tile_files(i)
+        now = _tile_paths(a, i) if fmt == "zarr" else a.tile_files(i)
+        if then == now:
+            np.testing.assert_array_equal(np.asarray(b[i]), np.asarray(a[i]))
+            mended += str(broken[0]) in then
+            continue
+        assert b.status[i] == Status.OK  # complete from the other tile
+        for c, path in enumerate(then):
+            ref = _reference(path, cat.ra[i], cat.dec[i], 21, mode="strict")
+            np.testing.assert_array_equal(
+                np.asarray(b[i])[c], ref.data.astype(np.float32)
+            )
+    assert mended
+    assert verify(out, survey.catalogue_path) == []
 
 
 @pytest.mark.parametrize("back", [False, True])

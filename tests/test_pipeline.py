@@ -1292,9 +1292,8 @@ def test_resume_of_an_interrupted_run_cuts_the_rows_of_a_tile_back_since(
     with caplog.at_level("WARNING", logger="cutana.pipeline"):
         report = cutana.make_cutouts(cat, out, resume=True, **opts)
     assert report.exit_code == 0, report.failures
-    assert "that the interrupted run could not read (or did not have) can be read now" in (
-        caplog.text
-    )
+    said = "that the interrupted run could not read (or did not have) can be read now"
+    assert said in caplog.text
     clean = tmp_path / "clean"
     assert cutana.make_cutouts(cat, clean, **opts).counts == report.counts
     a, b = cutana.open(clean), cutana.open(out)

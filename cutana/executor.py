@@ -892,6 +892,33 @@ class Executor:
         pool, self._warm_pool = self._warm_pool, None
         return pool
 
+    def resize(self, n_workers):
+        """Run with ``n_workers`` workers from now on.
+
+        For a plan that holds fewer workers than were asked for (see
+        `cutana.planner.make_plan`): workers `warm_up` started for another
+        count are stopped first, and `run` starts its own.
+
+        Parameters
+        ----------
+        n_workers : int
+            A positive number of workers.
+
+        Examples
+        --------
+        >>> from cutana.executor import Executor
+        >>> executor = Executor("processes", 2)
+        >>> executor.resize(1)
+        >>> executor.n_workers
+        1
+        """
+        if not isinstance(n_workers, int) or n_workers < 1:
+            msg = f"n_workers must be a positive integer, got {n_workers!r}"
+            raise ValueError(msg)
+        if n_workers != self.n_workers:
+            self.close()
+            self.n_workers = n_workers
+
     def close(self):
         """Stop worker processes started by `warm_up` and never used."""
         pool = self._take_warm_pool()

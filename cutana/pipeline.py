@@ -65,7 +65,15 @@ from .io._writeback import release_buffers
 from .io.staging import REPAIR_MARKER
 from .io.zarr import creation_interrupted
 from .normalization import NORMALIZATIONS, Normalizer
-from .planner import SERVER_BYTES, Job, Plan, available_memory, make_plan, parse_memory
+from .planner import (
+    SERVER_BYTES,
+    Job,
+    Plan,
+    _fmt_bytes,
+    available_memory,
+    make_plan,
+    parse_memory,
+)
 from .processing import CutSettings, Scratch, cut_job
 from .status import STATUS_DESCRIPTIONS, Status
 from .tiles import TileIndex, close_kept_maps, missing_band_message
@@ -704,12 +712,23 @@ def _prepare(catalog, options, *, measure_parent=None, chunked=True, batches=Fal
             parent_bytes=parent_bytes,
             meta={"config": options.to_config(), "bands": list(index.bands)},
             chunk_rows=chunk_rows,
+            # worker processes are started for the plan: as many as fit
+            fit_workers=options.backend == "processes",
         )
     except ValueError as exc:  # the memory limit cannot hold the largest cutout
         hint = _memory_hint(
             str(exc), cat, diam, status, assignment, options, size_arcsec
         )
         raise ConfigError(hint) from None
+    if plan.workers_asked:
+        logger.warning(
+            "memory limit %s holds %d of the %d workers asked for (each needs "
+            "about %s and its jobs, beside the main process's %s): running %d",
+            _fmt_bytes(plan.memory_limit), plan.n_workers, plan.workers_asked,
+            _fmt_bytes(plan.memory.worker_bytes + plan.memory.working_bytes),
+            _fmt_bytes(plan.memory.parent_bytes), plan.n_workers,
+        )
+        options.workers = plan.n_workers
     if plan.out_shape is None:
         plan.jobs = _split_by_size(plan.jobs, plan.memory)
     _check_crop(plan, options)
@@ -1287,6 +1306,9 @@ def make_cutouts(
         )
         raise ConfigError(msg)
 
+    # with a memory limit, worker processes start once the plan knows how
+    # many the limit holds; without one, while the catalogue is read
+    warm_early = opts.memory_limit is None
     opts.validate()
     # workers in another working folder (a Dask cluster's) write here too
     output = os.path.abspath(output)
@@ -1306,7 +1328,8 @@ def make_cutouts(
             preload=list(WORKER_PRELOAD),
         )
         try:
-            executor.warm_up()
+            if warm_early:
+                executor.warm_up()
             with MemorySampler() as sampler:
                 try:
                     # the workers' own memory is the plan's to estimate
@@ -1314,6 +1337,9 @@ def make_cutouts(
                         catalog, opts,
                         measure_parent=lambda: sampler.sample(executor.worker_pids()),
                     )
+                    if opts.backend == "processes":
+                        executor.resize(prepared.plan.n_workers)
+                        executor.warm_up()  # (started already without a limit)
                     _release_free_memory()  # what planning left behind
                     runner = _Runner(prepared, output, progress, client)
                     runner.start(

@@ -364,6 +364,9 @@ class Plan:
         Worker processes the plan was sized for.
     memory : `MemoryModel`
         The memory model used to size the jobs.
+    workers_asked : int or None
+        The workers asked for, when the memory limit holds only
+        ``n_workers`` of them (see `make_plan`); `None` otherwise.
 
     Examples
     --------
@@ -399,6 +402,9 @@ class Plan:
     n_workers: int
     memory: MemoryModel
     meta: dict = field(default_factory=dict)
+    #: the workers asked for, when the memory limit holds fewer (`make_plan`
+    #: with ``fit_workers``); not saved
+    workers_asked: int | None = field(default=None, compare=False)
 
     @property
     def n_sources(self):
@@ -477,7 +483,9 @@ class Plan:
             f"({min(sizes) if sizes else 0}..{max(sizes) if sizes else 0} sources each)",
             f"output              {self.n_channels} channel(s), {shape} px, "
             f"{self.out_itemsize} byte(s)/px",
-            f"workers             {self.n_workers}",
+            f"workers             {self.n_workers}"
+            + (f" ({self.workers_asked} asked; the memory limit holds "
+               f"{self.n_workers})" if self.workers_asked else ""),
             f"memory limit        {_fmt_bytes(self.memory_limit)}",
             f"estimated peak      {_fmt_bytes(self.peak_bytes)} "
             f"(main {_fmt_bytes(self.memory.parent_bytes)}, "
@@ -670,6 +678,7 @@ def make_plan(
     parent_bytes=None,
     meta=None,
     chunk_rows=None,
+    fit_workers=False,
 ):
     """Group sources into jobs sized from a memory budget.
 
@@ -712,6 +721,10 @@ def make_plan(
         them and write the chunks itself. When that would make the jobs
         small (`MIN_BAND_JOB`), jobs go tile by tile, cut on chunk
         boundaries where a tile's rows allow it.
+    fit_workers : bool, optional
+        When the memory limit cannot hold ``n_workers`` workers with one
+        source each, plan for as many as it holds (``plan.n_workers``; the
+        count asked for is ``plan.workers_asked``) instead of raising.
 
     Returns
     -------
@@ -721,7 +734,8 @@ def make_plan(
     Raises
     ------
     ValueError
-        If the memory limit cannot hold even one source per worker.
+        If the memory limit cannot hold even one source per worker (with
+        ``fit_workers``: for one worker).
 
     Examples
     --------
@@ -786,7 +800,14 @@ def make_plan(
         per_source_bytes=int(per_source),
         working_bytes=int(working),
     )
-    budget = (memory_limit - parent_bytes) / max(1, n_workers) - WORKER_BASE_BYTES - working
+    def room(workers):  # bytes of jobs each worker may hold
+        return (memory_limit - parent_bytes) / max(1, workers) - WORKER_BASE_BYTES - working
+
+    asked = n_workers
+    if fit_workers and todo.any():
+        while n_workers > 1 and room(n_workers) < per_source:
+            n_workers -= 1
+    budget = room(n_workers)
     cap = MAX_SOURCES_PER_JOB if max_sources_per_job is None else int(max_sources_per_job)
     if cap < 1:
         msg = f"max_sources_per_job must be a positive integer, got {max_sources_per_job!r}"
@@ -807,8 +828,8 @@ def make_plan(
         need = parent_bytes + n_workers * (WORKER_BASE_BYTES + working + per_source)
         msg = (
             f"memory limit {_fmt_bytes(memory_limit)} is too small for {n_workers} "
-            f"worker(s): at least {_fmt_bytes(need)} is needed; raise --memory-limit "
-            "or use fewer --workers"
+            f"worker(s): at least {_fmt_bytes(need)} is needed; raise --memory-limit"
+            + (" or use fewer --workers" if n_workers > 1 else "")
         )
         raise ValueError(msg)
 
@@ -846,6 +867,7 @@ def make_plan(
         n_workers=int(n_workers),
         memory=memory,
         meta=dict(meta or {}),
+        workers_asked=int(asked) if asked != n_workers else None,
     )
 
 

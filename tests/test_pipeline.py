@@ -298,6 +298,45 @@ def test_main_process_memory_is_measured_once_the_catalogue_is_read(
         assert plan.memory.parent_bytes == 10**8 + server - freed + rows
 
 
+def test_a_memory_limit_that_holds_fewer_workers_runs_as_many_as_it_holds(
+    survey, zarr_run, tmp_path, monkeypatch, caplog
+):
+    """Test that a processes run whose memory limit holds one of the two
+    workers asked for (beside the main process, as measured) starts one
+    worker, says so, and writes the same output; it was refused as a usage
+    error. With a limit, the workers start once the plan is made."""
+    from cutana.executor import Executor, MemorySampler
+
+    monkeypatch.setattr(MemorySampler, "sample", lambda self, exclude=(): 10**8)
+    monkeypatch.setattr(MemorySampler, "tree_rss", staticmethod(lambda root: 10**8))
+    model = cutana.plan_cutouts(
+        survey.catalogue_path, size=21, memory_limit="4GB", backend="serial"
+    ).memory
+    one = model.worker_bytes + model.working_bytes + model.per_source_bytes
+    limit = int(model.parent_bytes + 1.5 * one)
+    pools = []
+    new_pool = Executor._new_pool
+
+    def spy(self):
+        pools.append(self.n_workers)
+        return new_pool(self)
+
+    monkeypatch.setattr(Executor, "_new_pool", spy)
+    out = tmp_path / "out.zarr"
+    opts = dict(size=21, workers=2, backend="processes", memory_limit=limit,
+                progress=False)
+    with caplog.at_level("WARNING", logger="cutana.pipeline"):
+        report = cutana.make_cutouts(survey.catalogue_path, out, **opts)
+    assert report.exit_code == 0
+    assert "holds 1 of the 2 workers asked for" in caplog.text
+    assert pools and set(pools) == {1}
+    clean, _ = zarr_run
+    assert files_bytes(clean) == files_bytes(out)
+    with pytest.raises(ConfigError, match="too small for 1 worker"):
+        cutana.make_cutouts(survey.catalogue_path, tmp_path / "o2", **{
+            **opts, "memory_limit": int(model.parent_bytes + 0.5 * one)})
+
+
 def test_a_zarr_run_frees_the_catalogue_columns_its_store_holds(
     survey, tmp_path, monkeypatch
 ):

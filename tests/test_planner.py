@@ -93,9 +93,38 @@ def _plan(survey, **kwargs):
     index = TileIndex.from_file_lists(cat.fits_file_paths)
     diameters = np.full(len(cat), 10.0)
     assignment, _ = index.assign_by_files(cat.fits_file_paths, cat.ra, cat.dec, diameters)
+    kwargs.setdefault("memory_limit", parse_memory("2GB"))
     return make_plan(index, assignment, diameters, cat.status, cat.messages,
-                     out_shape=(10, 10), out_itemsize=4,
-                     memory_limit=parse_memory("2GB"), **kwargs)
+                     out_shape=(10, 10), out_itemsize=4, **kwargs)
+
+
+@pytest.mark.parametrize("asked", [2, 3, 5])
+def test_make_plan_fits_as_many_workers_as_the_memory_limit_holds(survey, asked):
+    """Test that with ``fit_workers`` a memory limit that holds only k of the
+    workers asked for (each with its base, working memory and one source,
+    beside the main process) gives a plan for k workers whose estimated
+    peak is within the limit, and says so; that without it, such a limit is
+    an error; and that a limit too small for one worker is an error that
+    does not suggest fewer workers."""
+    given = dict(n_workers=asked, parent_bytes=100 * 2**20)
+    m = _plan(survey, **given).memory
+    one = m.worker_bytes + m.working_bytes + m.per_source_bytes
+    for holds in range(1, asked + 1):
+        limit = m.parent_bytes + holds * one + one // 2  # not holds + 1
+        plan = _plan(survey, memory_limit=limit, fit_workers=True, **given)
+        assert plan.n_workers == holds
+        assert plan.peak_bytes <= limit
+        assert plan.n_sources == 600
+        if holds < asked:
+            assert plan.workers_asked == asked
+            assert f"workers             {holds} ({asked} asked" in plan.summary()
+            with pytest.raises(ValueError, match=f"too small for {asked} worker"):
+                _plan(survey, memory_limit=limit, **given)
+        else:
+            assert plan.workers_asked is None
+    with pytest.raises(ValueError, match=r"too small for 1 worker\(s\): .* needed; "
+                       r"raise --memory-limit$"):
+        _plan(survey, memory_limit=m.parent_bytes + one // 2, fit_workers=True, **given)
 
 
 def test_make_plan_aligns_jobs_with_chunks(survey):

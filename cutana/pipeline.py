@@ -2437,7 +2437,9 @@ class _Repair:
         # they are replaced
         self.redo = np.isin(self.old, (Status.TILE_ERROR, Status.NO_OVERLAP))
         self.status = status  # of the rows not cut again
-        self.kept_messages = kept_messages  # of the rows that keep their cutout
+        # stored messages of the rows cut again that keep their cutout if
+        # that fails
+        self.kept_messages = dict(kept_messages or {})
         self.remaining = len(jobs)
         self.patched = ChunksWritten()
         self.unwritten = []  # chunks of rewriting tasks that failed

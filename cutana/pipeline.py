@@ -2058,7 +2058,21 @@ class _Runner:
             self._write_index()
 
     def _write_index(self):
-        """Write the ``index.ecsv`` of a FITS output."""
+        """Write the ``index.ecsv`` of a FITS output.
+
+        Its metadata list the tiles of the run (key and band files), after
+        those a repaired output listed already (`_Repair` tells from them
+        which tiles are new to the output).
+        """
+        listed = []
+        if self.archive is not None:
+            listed = list(self.archive.attrs.get("tiles") or [])
+        known = {_tile_identity(t) for t in listed}
+        for tile in self.p.index.tiles:
+            record = _tile_record(tile)
+            if _tile_identity(record) not in known:
+                known.add(_tile_identity(record))
+                listed.append({"key": record["key"], "paths": record["paths"]})
         write_index(
             self.output,
             np.arange(self.plan.n_rows),
@@ -2072,6 +2086,7 @@ class _Runner:
                 "bands": list(self.p.index.bands),
                 "config": self.p.options.to_config(),
                 "catalogue": self.p.catalog_path,
+                "tiles": listed,
             },
         )
 
@@ -2413,12 +2428,13 @@ class _Repair:
     status, unless the new plan gives them another final one than a tile
     error (``NO_OVERLAP`` for a source off a tile that can be read now).
 
-    A ``PARTIAL_OVERLAP`` row is cut again when the new plan puts it on
-    another tile than the one it was cut from: a tile that could not be read
-    (so the row was cut from a neighbour, at its edge) and can be now, or a
-    tile added since, holds it better, as a new run would cut it. If that
-    cut fails, the row keeps its cutout. Every other row that was cut is
-    never cut again.
+    A row that was cut (``OK`` or ``PARTIAL_OVERLAP``) is cut again when
+    the new plan puts it on a tile new to the output, one that could not be
+    read then (so the row was cut from a neighbour, maybe at its edge) or
+    was added since, as a run that had the tile from the start cuts it;
+    while the tile it was cut from can still be read (a row whose tile broke
+    since keeps its cutout). If that cut fails, the row keeps its cutout.
+    Every other row that was cut is never cut again.
 
     Until it is finalised, the store says it is being repaired (attributes
     ``complete`` false and ``repairing`` true; a FITS folder has the file
@@ -2433,7 +2449,7 @@ class _Repair:
         self.stopped = stopped  # a repair of this store was stopped
         self.old = runner.status.copy()  # as stored
         # the rows without a cutout that a repair may cut (and a stopped one
-        # may have written); PARTIAL_OVERLAP rows cut again keep theirs until
+        # may have written); rows cut again from a new tile keep theirs until
         # they are replaced
         self.redo = np.isin(self.old, (Status.TILE_ERROR, Status.NO_OVERLAP))
         self.status = status  # of the rows not cut again
@@ -2457,7 +2473,7 @@ class _Repair:
         old = runner.status
         base = np.asarray(runner.plan.base_status)
         redo = np.isin(old, (Status.TILE_ERROR, Status.NO_OVERLAP))
-        moved = cls._partial_on_another_tile(runner)
+        moved = cls._cut_on_a_new_tile(runner)
         redo |= moved
         jobs = []
         for job in runner.plan.jobs:
@@ -2504,58 +2520,56 @@ class _Repair:
             logger.warning(
                 "%s: its run had finished with %d TILE_ERROR rows; cutting the %d "
                 "TILE_ERROR or NO_OVERLAP rows that the tiles can cut now, and "
-                "PARTIAL_OVERLAP rows that another tile holds now",
+                "rows that a tile new to the output holds",
                 runner.output, len(failed), n_jobs,
             )
         return cls(runner, jobs, status, stopped, kept_messages)
 
     @staticmethod
-    def _partial_on_another_tile(runner):
-        """The ``PARTIAL_OVERLAP`` rows the new plan cuts from another tile
-        than the one their cutout came from (boolean mask).
+    def _cut_on_a_new_tile(runner):
+        """The rows that were cut (``OK`` or ``PARTIAL_OVERLAP``) and that
+        the new plan puts on a tile new to the output, while the tile they
+        were cut from can still be read (boolean mask).
 
-        A Zarr store records each row's tile (the key, band files and header
-        of each tile it numbers); a FITS file, each band's tile file
-        (``TILE``), which is compared for the bands both tiles have.
+        A tile is new to the output when the output does not list it (its
+        key and band files): a Zarr store lists the tiles it numbers; a FITS
+        output, those of its runs in ``index.ecsv`` (an output of an older
+        version lists none: none of its rows is cut again). The tile a row
+        was cut from is the store's tile of the row, or the ``TILE`` files
+        of its FITS file. A row whose tile cannot be read now keeps its
+        cutout, whatever the new plan gives it.
         """
         old = runner.status
         moved = np.zeros(len(old), dtype=bool)
-        partial = old == Status.PARTIAL_OVERLAP
-        if not partial.any():
+        listed = runner.archive.attrs.get("tiles")
+        if not listed:
             return moved
+        listed = {_tile_identity(t) for t in listed}
+        tiles = runner.p.index.tiles
+        now = [_tile_identity(_tile_record(t)) for t in tiles]
+        readable = set(now)
         planned = np.full(len(old), -1, dtype=np.int64)
         for job in runner.plan.jobs:
-            planned[job.rows] = job.tile
-        rows = np.flatnonzero(partial & (planned >= 0))
+            if now[job.tile] not in listed:
+                planned[job.rows] = job.tile
+        cut = np.isin(old, (Status.OK, Status.PARTIAL_OVERLAP))
+        rows = np.flatnonzero(cut & (planned >= 0))
         if not len(rows):
             return moved
-        tiles = runner.p.index.tiles
         if runner.fmt == "zarr":
-            def identity(t):  # as ZarrWriter.start_repair tells tiles apart
-                return (t.get("key"), tuple(t.get("paths") or ()), t.get("header"))
-
-            stored = [identity(t) for t in runner.archive.tiles]
+            stored = [_tile_identity(t) for t in runner.archive.tiles]
             was = np.asarray(runner.archive.tile)[rows]
-            now = planned[rows]
-            for a, b in set(zip(was.tolist(), now.tolist(), strict=True)):
-                same = 0 <= a < len(stored) and stored[a] == identity(
-                    _tile_record(tiles[b])
-                )
-                if not same:
-                    moved[rows[(was == a) & (now == b)]] = True
+            for t in np.unique(was).tolist():
+                if 0 <= t < len(stored) and stored[t] in readable:
+                    moved[rows[was == t]] = True
             return moved
+        paths = {identity[1]: identity for identity in readable}
         for i in rows.tolist():
-            paths = [None if b is None else b.path for b in tiles[planned[i]].bands]
             try:
-                then = runner.archive.tile_files(i)
-            except (OSError, ValueError):  # no file to keep: cut it again
-                moved[i] = True
+                then = tuple(runner.archive.tile_files(i))
+            except (OSError, ValueError):  # cannot tell: the file stays
                 continue
-            both = len(then) == len(paths) and [
-                (a, b) for a, b in zip(then, paths, strict=True)
-                if a is not None and b is not None
-            ]
-            moved[i] = not both or any(a != b for a, b in both)
+            moved[i] = then in paths
         return moved
 
     @staticmethod
@@ -2647,10 +2661,10 @@ class _Repair:
             self.unwritten += task.chunks
             return ()
         r._job_failed(task, failure)
-        # a PARTIAL_OVERLAP row cut again from another tile keeps its cutout
+        # a row cut again from a tile new to the output keeps its cutout
         rows = task.job.rows
-        kept = rows[self.old[rows] == Status.PARTIAL_OVERLAP]
-        r.status[kept] = Status.PARTIAL_OVERLAP
+        kept = rows[np.isin(self.old[rows], (Status.OK, Status.PARTIAL_OVERLAP))]
+        r.status[kept] = self.old[kept]
         for i in kept.tolist():
             r.messages.pop(i, None)
             if i in self.kept_messages:
@@ -2737,6 +2751,12 @@ class _Repair:
             checksums = writer.stored_checksums()
         checksums.update(self.patched)
         writer.finalize(checksums, report={"counts": r._counts()})
+
+
+def _tile_identity(record):
+    """A tile as `_Repair` tells tiles apart: its key and band files (a
+    tile whose header changed since is the same tile)."""
+    return (record.get("key"), tuple(record.get("paths") or ()))
 
 
 def _tile_record(tile):

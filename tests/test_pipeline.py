@@ -752,6 +752,18 @@ def test_resume_cuts_a_finished_runs_failed_rows_once_their_tile_is_back(
     np.testing.assert_array_equal(cutana.open(out).status, a.status)
 
 
+@pytest.fixture(scope="module")
+def overlapping(tmp_path_factory):
+    """The survey of `survey` with tiles that overlap by 100 of 240 pixels:
+    many cutouts lie whole on both tiles."""
+    return make_survey(
+        tmp_path_factory.mktemp("overlapping"), n_tiles=2, bands=BANDS,
+        tile_size=240, n_sources=80, overlap_pixels=100, edge_fraction=0.1,
+        off_tile_fraction=0.05, bad_row_fraction=0.05, size_range_pixels=(12, 30),
+        seed=3,
+    )
+
+
 def _survey_with_an_unreadable_tile(survey, tmp_path):
     """The survey's tiles in a folder of their own, with every band file of
     the second tile unreadable: its sources lie on no tile, or at the edge
@@ -774,76 +786,90 @@ def _survey_with_an_unreadable_tile(survey, tmp_path):
 @pytest.mark.parametrize(("fmt", "backend"), [
     ("zarr", "serial"), ("zarr", "processes"), ("fits", "serial"),
 ])
-def test_resume_cuts_partial_rows_again_from_a_tile_readable_since(
-    survey, tmp_path, caplog, fmt, backend
+def test_resume_cuts_rows_again_from_a_tile_readable_since(
+    overlapping, tmp_path, caplog, fmt, backend
 ):
-    """Test that --resume of a finished run that could not read a tile cuts
-    again the PARTIAL_OVERLAP rows it cut at the edge of a neighbouring tile
-    once that tile can be read, so that the output equals a run that had the
-    tile from the start (statuses, values, and for Zarr the tile each row
-    names), while every row cut complete then keeps its cutout."""
+    """Test that --resume of a finished run that could not read a tile (so
+    that the sources it holds best were cut from the neighbouring tile,
+    partly or completely) cuts those rows again once that tile can be read,
+    so that the output equals a run that had the tile from the start
+    (statuses, values, and the tile each row names), and that every other
+    row keeps its cutout. Before, a PARTIAL_OVERLAP row kept the cutout from
+    the neighbour's edge."""
     from cutana.verify import verify
 
-    dst, broken, mend = _survey_with_an_unreadable_tile(survey, tmp_path)
+    dst, broken, mend = _survey_with_an_unreadable_tile(overlapping, tmp_path)
     opts = dict(size=21, tiles=[str(dst / "*.fits")], max_sources_per_job=5,
                 progress=False, format=fmt, backend=backend,
                 workers=2 if backend == "processes" else 1)
     out = tmp_path / "out"
-    assert cutana.make_cutouts(survey.catalogue_path, out, **opts).exit_code == 1
+    assert cutana.make_cutouts(overlapping.catalogue_path, out, **opts).exit_code == 1
     old = cutana.open(out)
     before = np.asarray(old.status)
-    kept = {i: np.array(old[i]) for i in np.flatnonzero(before == Status.OK)}
+    cut = np.flatnonzero(np.isin(before, (Status.OK, Status.PARTIAL_OVERLAP)))
+    then = {i: np.array(old[i]) for i in cut}
     mend()
     clean = tmp_path / "clean"
-    assert cutana.make_cutouts(survey.catalogue_path, clean, **opts).exit_code == 0
+    assert cutana.make_cutouts(overlapping.catalogue_path, clean, **opts).exit_code == 0
     a = cutana.open(clean)
-    moved = (before == Status.PARTIAL_OVERLAP) & (np.asarray(a.status) == Status.OK)
-    assert moved.sum() >= 2  # the case under test happens on this survey
+
+    def tile_of(archive, i):
+        paths = _tile_paths(archive, i) if fmt == "zarr" else archive.tile_files(i)
+        return sorted(paths)
+
+    mended = sorted(str(p) for p in broken)
+    moved = [i for i in cut if tile_of(a, i) == mended]
+    # the case under test happens on this survey: rows cut partly and
+    # completely from the neighbour
+    assert {int(before[i]) for i in moved} == {Status.OK, Status.PARTIAL_OVERLAP}
 
     with caplog.at_level("WARNING", logger="cutana.pipeline"):
-        report = cutana.make_cutouts(survey.catalogue_path, out, resume=True, **opts)
+        report = cutana.make_cutouts(
+            overlapping.catalogue_path, out, resume=True, **opts
+        )
     assert report.exit_code == 0, report.failures
-    assert "PARTIAL_OVERLAP rows that another tile holds now" in caplog.text
+    assert "rows that a tile new to the output holds" in caplog.text
     b = cutana.open(out)
     np.testing.assert_array_equal(b.status, a.status)
-    cat = read_catalog(survey.catalogue_path)
+    cat = read_catalog(overlapping.catalogue_path)
     for i in np.flatnonzero(np.isin(a.status, (Status.OK, Status.PARTIAL_OVERLAP))):
         np.testing.assert_array_equal(np.asarray(b[i]), np.asarray(a[i]))
-    for i in np.flatnonzero(moved):  # against astropy, on the tile mended
+        assert tile_of(b, i) == tile_of(a, i)
+    for i in moved:  # against astropy, on the tile mended
         for path in broken:
             c = [band in path.name for band in b.bands].index(True)
             ref = _reference(path, cat.ra[i], cat.dec[i], 21, mode="strict")
             np.testing.assert_array_equal(
                 np.asarray(b[i])[c], ref.data.astype(np.float32)
             )
-        named = _tile_paths(b, i) if fmt == "zarr" else b.tile_files(i)
-        assert sorted(named) == sorted(str(p) for p in broken)
-    for i, image in kept.items():  # rows cut complete then are as they were
-        np.testing.assert_array_equal(np.asarray(b[i]), image)
-    assert verify(out, survey.catalogue_path) == []
+    for i in set(cut) - set(moved):  # the other rows cut then are as they were
+        np.testing.assert_array_equal(np.asarray(b[i]), then[i])
+    assert verify(out, overlapping.catalogue_path) == []
     caplog.clear()
     with caplog.at_level("WARNING", logger="cutana.pipeline"):
-        report = cutana.make_cutouts(survey.catalogue_path, out, resume=True, **opts)
+        report = cutana.make_cutouts(
+            overlapping.catalogue_path, out, resume=True, **opts
+        )
     assert report.exit_code == 0 and "cutting" not in caplog.text
 
 
 @pytest.mark.parametrize("fmt", ["zarr", "fits"])
-def test_a_partial_row_keeps_its_cutout_when_cutting_it_again_fails(
-    survey, tmp_path, monkeypatch, fmt
+def test_a_row_keeps_its_cutout_when_cutting_it_again_fails(
+    overlapping, tmp_path, monkeypatch, fmt
 ):
-    """Test that when the job that cuts PARTIAL_OVERLAP rows again from a
-    tile readable since fails twice, those rows keep their status and the
-    cutout they had, the rows that had none are TILE_ERROR naming the
-    error, and the run exits 1."""
+    """Test that when the job that cuts rows again from a tile readable
+    since fails twice, the rows cut then keep their status and the cutout
+    they had, the rows that had none are TILE_ERROR naming the error, and
+    the run exits 1."""
     from cutana import pipeline
 
-    dst, broken, mend = _survey_with_an_unreadable_tile(survey, tmp_path)
+    dst, broken, mend = _survey_with_an_unreadable_tile(overlapping, tmp_path)
     opts = dict(size=21, tiles=[str(dst / "*.fits")], progress=False, format=fmt)
     out = tmp_path / "out"
-    assert cutana.make_cutouts(survey.catalogue_path, out, **opts).exit_code == 1
+    assert cutana.make_cutouts(overlapping.catalogue_path, out, **opts).exit_code == 1
     old = cutana.open(out)
     before = np.asarray(old.status)
-    partial = np.flatnonzero(before == Status.PARTIAL_OVERLAP)
+    partial = np.flatnonzero(np.isin(before, (Status.OK, Status.PARTIAL_OVERLAP)))
     images = {i: np.array(old[i]) for i in partial}
     mend()
     original = pipeline.cut_job
@@ -855,12 +881,12 @@ def test_a_partial_row_keeps_its_cutout_when_cutting_it_again_fails(
         return original(settings, tile, job, **kwargs)
 
     monkeypatch.setattr(pipeline, "cut_job", failing)
-    report = cutana.make_cutouts(survey.catalogue_path, out, resume=True, **opts)
+    report = cutana.make_cutouts(overlapping.catalogue_path, out, resume=True, **opts)
     assert report.exit_code == 1
     assert any("disk error (injected)" in f for f in report.failures)
     b = cutana.open(out)
     status = np.asarray(b.status)
-    np.testing.assert_array_equal(status[partial], Status.PARTIAL_OVERLAP)
+    np.testing.assert_array_equal(status[partial], before[partial])
     for i in partial:
         np.testing.assert_array_equal(np.asarray(b[i]), images[i])
         assert "injected" not in report.messages.get(int(i), "")
@@ -1358,47 +1384,41 @@ def test_resume_of_an_interrupted_run_cuts_the_rows_of_a_tile_back_since(
 
 @pytest.mark.parametrize("fmt", ["zarr", "fits"])
 def test_resume_of_an_interrupted_run_cuts_the_rows_of_a_tile_unreadable_then(
-    survey, tmp_path, monkeypatch, caplog, fmt
+    overlapping, tmp_path, monkeypatch, caplog, fmt
 ):
     """Test that --resume of an interrupted run, one of whose tiles (all its
     band files, matched by --tiles) could not be read, so that its sources
-    lay on no tile or at the edge of another, finishes the run once the tile
-    can be read and cuts those rows from it, as a run that had the tile from
-    the start (status, values); a row cut complete from the other tile keeps
-    its cutout. It was refused as a run with other tiles."""
+    lay on no tile or on another, finishes the run once the tile can be read
+    and cuts those rows from it, as a run that had the tile from the start
+    (status, values, the tile each row names). It was refused as a run with
+    other tiles."""
     from cutana.verify import verify
 
-    dst, broken, mend = _survey_with_an_unreadable_tile(survey, tmp_path)
+    dst, broken, mend = _survey_with_an_unreadable_tile(overlapping, tmp_path)
     opts = dict(size=21, tiles=[str(dst / "*.fits")], max_sources_per_job=5,
                 progress=False, format=fmt)
     out = tmp_path / "out"
-    _interrupted(monkeypatch, 2, survey.catalogue_path, out, **opts)
+    _interrupted(monkeypatch, 2, overlapping.catalogue_path, out, **opts)
     mend()
     with caplog.at_level("WARNING", logger="cutana.pipeline"):
-        report = cutana.make_cutouts(survey.catalogue_path, out, resume=True, **opts)
+        report = cutana.make_cutouts(
+            overlapping.catalogue_path, out, resume=True, **opts
+        )
     assert report.exit_code == 0, report.failures
     assert "can be read now" in caplog.text
     clean = tmp_path / "clean"
-    assert cutana.make_cutouts(survey.catalogue_path, clean, **opts).exit_code == 0
+    assert cutana.make_cutouts(overlapping.catalogue_path, clean, **opts).exit_code == 0
     a, b = cutana.open(clean), cutana.open(out)
     np.testing.assert_array_equal(b.status, a.status)
-    cat = read_catalog(survey.catalogue_path)
     mended = 0
     for i in np.flatnonzero(np.isin(a.status, (Status.OK, Status.PARTIAL_OVERLAP))):
+        np.testing.assert_array_equal(np.asarray(b[i]), np.asarray(a[i]))
         then = _tile_paths(b, i) if fmt == "zarr" else b.tile_files(i)
         now = _tile_paths(a, i) if fmt == "zarr" else a.tile_files(i)
-        if then == now:
-            np.testing.assert_array_equal(np.asarray(b[i]), np.asarray(a[i]))
-            mended += str(broken[0]) in then
-            continue
-        assert b.status[i] == Status.OK  # complete from the other tile
-        for c, path in enumerate(then):
-            ref = _reference(path, cat.ra[i], cat.dec[i], 21, mode="strict")
-            np.testing.assert_array_equal(
-                np.asarray(b[i])[c], ref.data.astype(np.float32)
-            )
+        assert then == now
+        mended += str(broken[0]) in then
     assert mended
-    assert verify(out, survey.catalogue_path) == []
+    assert verify(out, overlapping.catalogue_path) == []
 
 
 @pytest.mark.parametrize("back", [False, True])

@@ -2528,48 +2528,55 @@ class _Repair:
     @staticmethod
     def _cut_on_a_new_tile(runner):
         """The rows that were cut (``OK`` or ``PARTIAL_OVERLAP``) and that
-        the new plan puts on a tile new to the output, while the tile they
-        were cut from can still be read (boolean mask).
+        the new plan puts on another tile than the one they were cut from,
+        while that one can still be read (boolean mask).
 
-        A tile is new to the output when the output does not list it (its
-        key and band files): a Zarr store lists the tiles it numbers; a FITS
-        output, those of its runs in ``index.ecsv`` (an output of an older
-        version lists none: none of its rows is cut again). The tile a row
-        was cut from is the store's tile of the row, or the ``TILE`` files
-        of its FITS file. A row whose tile cannot be read now keeps its
-        cutout, whatever the new plan gives it.
+        Tiles are told apart by their key and band files (a tile whose
+        header changed since is the same tile). With the same tiles a plan
+        puts every row where it was; another tile holds a row better when it
+        is new to the output: one that could not be read then, or was added
+        since. A row whose tile cannot be read now keeps its cutout,
+        whatever the new plan gives it. A Zarr store records each row's
+        tile; a FITS file, its ``TILE`` files, which are read for the rows
+        the new plan puts on a tile the output does not list (``tiles`` of
+        ``index.ecsv``; an output of an older version lists none, and none
+        of its rows is cut again).
         """
         old = runner.status
         moved = np.zeros(len(old), dtype=bool)
-        listed = runner.archive.attrs.get("tiles")
-        if not listed:
-            return moved
-        listed = {_tile_identity(t) for t in listed}
-        tiles = runner.p.index.tiles
-        now = [_tile_identity(_tile_record(t)) for t in tiles]
+        now = [_tile_identity(_tile_record(t)) for t in runner.p.index.tiles]
         readable = set(now)
+        listed = None  # FITS: only rows on a tile it does not list are read
+        if runner.fmt == "fits":
+            records = runner.archive.attrs.get("tiles") or []
+            listed = {_tile_identity(t) for t in records}
+            if not listed:
+                return moved
         planned = np.full(len(old), -1, dtype=np.int64)
         for job in runner.plan.jobs:
-            if now[job.tile] not in listed:
+            if listed is None or now[job.tile] not in listed:
                 planned[job.rows] = job.tile
         cut = np.isin(old, (Status.OK, Status.PARTIAL_OVERLAP))
         rows = np.flatnonzero(cut & (planned >= 0))
         if not len(rows):
             return moved
         if runner.fmt == "zarr":
+            # (a repair that was stopped has listed the new tiles already)
             stored = [_tile_identity(t) for t in runner.archive.tiles]
             was = np.asarray(runner.archive.tile)[rows]
-            for t in np.unique(was).tolist():
-                if 0 <= t < len(stored) and stored[t] in readable:
-                    moved[rows[was == t]] = True
+            on = planned[rows]
+            for t, n in set(zip(was.tolist(), on.tolist(), strict=True)):
+                other = 0 <= t < len(stored) and stored[t] != now[n]
+                if other and stored[t] in readable:
+                    moved[rows[(was == t) & (on == n)]] = True
             return moved
-        paths = {identity[1]: identity for identity in readable}
+        paths = {identity[1] for identity in readable}
         for i in rows.tolist():
             try:
                 then = tuple(runner.archive.tile_files(i))
             except (OSError, ValueError):  # cannot tell: the file stays
                 continue
-            moved[i] = then in paths
+            moved[i] = then in paths and then != now[planned[i]][1]
         return moved
 
     @staticmethod

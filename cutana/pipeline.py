@@ -2576,7 +2576,9 @@ class _Repair:
                 then = tuple(runner.archive.tile_files(i))
             except (OSError, ValueError):  # cannot tell: the file stays
                 continue
-            moved[i] = then in paths and then != now[planned[i]][1]
+            # (its tile may be the new one, if a repair that was stopped
+            # wrote the file again but not the index: it is cut once more)
+            moved[i] = then in paths
         return moved
 
     @staticmethod

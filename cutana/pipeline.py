@@ -2563,7 +2563,7 @@ class _Repair:
         if runner.fmt == "zarr":
             # (a repair that was stopped has listed the new tiles already)
             stored = [_tile_identity(t) for t in runner.archive.tiles]
-            was = np.asarray(runner.archive.tile)[rows]
+            was = runner.archive.tile_numbers()[rows]
             on = planned[rows]
             for t, n in set(zip(was.tolist(), on.tolist(), strict=True)):
                 other = 0 <= t < len(stored) and stored[t] != now[n]

@@ -282,6 +282,10 @@ def test_format_1_store_still_written_read_and_verified(tmp_path, version):
     assert ("geometry" not in stored) == (version == 1)
     if version == 1:
         np.testing.assert_array_equal(stored["origin"][:], origin)
+    # the tiles of the rows alone, as the whole geometry gives them
+    numbers = open_output(path).tile_numbers()
+    assert numbers.dtype == np.int32
+    np.testing.assert_array_equal(numbers, tile)
     if version == 3:
         assert "chunk_sha256" not in stored
         assert verify_output(path) == []

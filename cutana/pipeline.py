@@ -2563,12 +2563,17 @@ class _Repair:
         if runner.fmt == "zarr":
             # (a repair that was stopped has listed the new tiles already)
             stored = [_tile_identity(t) for t in runner.archive.tiles]
-            was = runner.archive.tile_numbers()[rows]
-            on = planned[rows]
-            for t, n in set(zip(was.tolist(), on.tolist(), strict=True)):
+            was = runner.archive.tile_numbers()[rows].astype(np.int64)
+            # one decision per (stored tile, planned tile) pair of the rows
+            pairs, which = np.unique(
+                was * len(now) + planned[rows], return_inverse=True
+            )
+            decided = np.zeros(len(pairs), dtype=bool)
+            for k, pair in enumerate(pairs.tolist()):
+                t, n = divmod(pair, len(now))
                 other = 0 <= t < len(stored) and stored[t] != now[n]
-                if other and stored[t] in readable:
-                    moved[rows[(was == t) & (on == n)]] = True
+                decided[k] = other and stored[t] in readable
+            moved[rows] = decided[which.ravel()]
             return moved
         paths = {identity[1] for identity in readable}
         for i in rows.tolist():

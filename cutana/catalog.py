@@ -345,10 +345,7 @@ def _read_csv_parts(path, kwargs, quoted):
             fast_reader={"chunk_size": _CSV_PART_BYTES, "chunk_generator": True},
             **options,
         ))  # fmt: skip
-        parts = [p for p in parts if len(p)] or parts[:1]  # (types of no rows)
-        if len(parts) == 1:
-            return parts[0]
-        return vstack(parts, join_type="exact", metadata_conflicts="silent")
+        return _stacked([p for p in parts if len(p)] or parts[:1])  # (types of no rows)
     except Exception:  # noqa: BLE001 - read whole: astropy explains what is wrong
         logger.debug("catalogue %s: not read in parts", path, exc_info=True)
         return None
@@ -599,6 +596,14 @@ class _LineWriter:
         self.write = lines.append
 
 
+def _stacked(tables):
+    """The tables read of the parts of one CSV file, as one table (astropy's
+    `~astropy.table.vstack`, which refuses columns typed otherwise)."""
+    if len(tables) == 1:
+        return tables[0]
+    return vstack(tables, join_type="exact", metadata_conflicts="silent")
+
+
 #: Lines of a split CSV that astropy reads at once (`_Parts`).
 _SPLIT_LINES = 500_000
 
@@ -643,12 +648,7 @@ class _Parts:
                 self.tables.append(Table.read(split.lines, format="ascii.csv"))
             split.lines = None
             self.several = len(self.tables) > 1
-            if not self.several:
-                table = self.tables[0]
-            else:
-                table = vstack(
-                    self.tables, join_type="exact", metadata_conflicts="silent"
-                )
+            table = _stacked(self.tables)
         except Exception:  # noqa: BLE001 - numbers and text, or a line astropy refuses
             return None
         finally:
@@ -674,12 +674,7 @@ def _read_split(path, name, comments):
     table = reader.stack(split)
     if table is None and reader.several:
         split = _split_csv(path, name, comments)  # again, all lines held
-        try:
-            table = Table.read(split.lines, format="ascii.csv") if split else None
-        except Exception:  # noqa: BLE001 - the whole file is read again and explains
-            table = None
-        if table is not None and len(table) != len(split.cells):
-            table = None
+        table = _Parts().stack(split) if split else None
     return None if table is None else (split, table)
 
 

@@ -1474,8 +1474,7 @@ def _tile_state(tile):
     """What a run records about a tile it numbers: its key, and each band
     file's path and a digest of its header (None for a missing band)."""
     return {
-        "key": tile.key,
-        "paths": [None if b is None else b.path for b in tile.bands],
+        **_tile_listing(tile),
         "headers": [
             None if b is None else hashlib.sha256(b.header.encode()).hexdigest()
             for b in tile.bands
@@ -2069,10 +2068,10 @@ class _Runner:
             listed = list(self.archive.attrs.get("tiles") or [])
         known = {_tile_identity(t) for t in listed}
         for tile in self.p.index.tiles:
-            record = _tile_record(tile)
+            record = _tile_listing(tile)
             if _tile_identity(record) not in known:
                 known.add(_tile_identity(record))
-                listed.append({"key": record["key"], "paths": record["paths"]})
+                listed.append(record)
         write_index(
             self.output,
             np.arange(self.plan.n_rows),
@@ -2544,7 +2543,7 @@ class _Repair:
         """
         old = runner.status
         moved = np.zeros(len(old), dtype=bool)
-        now = [_tile_identity(_tile_record(t)) for t in runner.p.index.tiles]
+        now = [_tile_identity(_tile_listing(t)) for t in runner.p.index.tiles]
         readable = set(now)
         listed = None  # FITS: only rows on a tile it does not list are read
         if runner.fmt == "fits":
@@ -2767,6 +2766,13 @@ class _Repair:
         writer.finalize(checksums, report={"counts": r._counts()})
 
 
+def _tile_listing(tile):
+    """A tile as outputs list it: its key, and each band file's path (None
+    for a missing band)."""
+    paths = [None if b is None else b.path for b in tile.bands]
+    return {"key": tile.key, "paths": paths}
+
+
 def _tile_identity(record):
     """A tile as `_Repair` tells tiles apart: its key and band files (a
     tile whose header changed since is the same tile)."""
@@ -2776,11 +2782,7 @@ def _tile_identity(record):
 def _tile_record(tile):
     """What the output stores about a tile to rebuild cutout WCS."""
     first = next(b for b in tile.bands if b is not None)
-    return {
-        "key": tile.key,
-        "paths": [None if b is None else b.path for b in tile.bands],
-        "header": first.header,
-    }
+    return {**_tile_listing(tile), "header": first.header}
 
 
 # ----------------------------------------------------------------------------

@@ -156,6 +156,37 @@ def test_percentile_limits_large_images_and_infinities(dtype, vector):
         _normalize._set_vector_loops(previous)
 
 
+@pytest.mark.parametrize("shape", [(23, 25), (32, 32), (41, 39), (64, 64), (100, 90)])
+@pytest.mark.parametrize("vector", [True, False])
+def test_percentile_limits_small_images(shape, vector):
+    """Test that the filtered selection path is exact on the small images,
+    whose probe is smaller (it grows as the square root of the pixels):
+    noise, ties, sorted pixels, NaN and infinities."""
+    ny, nx = shape
+    rng = np.random.default_rng(5)
+    data = rng.normal(size=(9, ny, nx)).astype(np.float32)
+    data[1] = np.round(data[1] * 2) / 2  # ties at the limits
+    data[2] = np.sort(data[2].ravel()).reshape(ny, nx)
+    data[3, : ny // 3] = np.nan
+    data[4].flat[::5] = np.inf
+    data[4].flat[1::7] = -np.inf
+    data[5][rng.random((ny, nx)) < 0.8] = np.nan  # few finite pixels
+    data[6] = 1.0  # constant but for a few values
+    data[6, 1, :5] = np.arange(5)
+    data[7] = rng.standard_cauchy(size=(ny, nx))  # far tails
+    data[8].flat[3::11] = np.nan  # NaN spread over the image
+    crops = {None: np.s_[:, :], (ny - 4, nx - 6): np.s_[2 : ny - 2, 3 : nx - 3]}
+    previous = _normalize._set_vector_loops(vector)
+    try:
+        for percentile, crop in itertools.product((99.8, 99.0, 95.0), crops):
+            vmin, vmax = compute_limits(data, "asinh", percentile=percentile, crop=crop)
+            for i in range(len(data)):
+                ref = PercentileInterval(percentile).get_limits(data[i][crops[crop]])
+                assert (vmin[i], vmax[i]) == ref, (i, percentile, crop)
+    finally:
+        _normalize._set_vector_loops(previous)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("kind", ["noise", "ties", "skewed", "galaxy"])
 @pytest.mark.parametrize(

@@ -822,13 +822,15 @@ cdef double _PROBE_PER_ROOT = 7.0
 
 
 cdef inline Py_ssize_t _probe_size(Py_ssize_t npix) noexcept nogil:
-    """Pixels `_percentiles_filtered` probes in a region of ``npix``.
+    """Pixels `_percentiles_filtered` probes in a region of ``npix``, or 0
+    when the region is too small for the filter (under 512 pixels: a probe
+    of `_MIN_PROBE` needs four pixels of the region each).
 
     Probing costs in proportion to the probe, collecting in proportion to
     ``npix`` over the probe (a larger probe places tighter thresholds), so
-    the probe grows as the square root of ``npix``: the best size of the
-    paper workload's 150 x 150 cutouts is about 1024, of 64 x 64 ones 256
-    to 512, of 40 x 40 ones 128 to 256.
+    the probe grows as the square root of ``npix``, up to `_N_PROBE`: the
+    best size of the paper workload's 150 x 150 cutouts is about 1024, of
+    64 x 64 ones 256 to 512, of 40 x 40 ones 128 to 256.
     """
     cdef Py_ssize_t k = <Py_ssize_t> (_PROBE_PER_ROOT * sqrt(<double> npix))
     if k > _N_PROBE:

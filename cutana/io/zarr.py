@@ -1290,11 +1290,13 @@ class ZarrWriter:
                     f"{self.dtype}"
                 )
                 raise ValueError(msg)
-            if sel[-1] - sel[0] == len(sel) - 1 and p[-1] - p[0] == len(p) - 1 and (
-                np.all(np.diff(p) == 1)
-            ):
-                # consecutive rows of one job (the usual case): plain slices
+            # consecutive rows as plain slices, of the chunk and of the job
+            # apart: a job's rows in a chunk it shares with other tiles'
+            # jobs are still consecutive rows of the job, which are then
+            # copied straight into their rows instead of gathered first
+            if sel[-1] - sel[0] == len(sel) - 1:
                 sel = slice(int(sel[0]), int(sel[-1]) + 1)
+            if p[-1] - p[0] == len(p) - 1 and np.all(np.diff(p) == 1):
                 p = slice(int(p[0]), int(p[-1]) + 1)
             images[sel] = res.images[p]
             status[sel] = res.status[p]

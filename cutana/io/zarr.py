@@ -379,6 +379,12 @@ def _remove_output(path):
     shutil.rmtree(path)
 
 
+def _chunks_label(run):
+    """How errors name a run of consecutive chunks: ``chunk 3`` or
+    ``chunks 3-5``."""
+    return f"chunk {run[0]}" if len(run) == 1 else f"chunks {run[0]}-{run[-1]}"
+
+
 def _write_catalogue_columns(group, n_rows, source_id, ra, dec):
     """Write the ``source_id``, ``ra`` and ``dec`` arrays of a store, whole."""
     if n_rows:
@@ -897,13 +903,13 @@ class ZarrWriter:
                 r1 = self.chunk_range(run[-1])[1]
                 block = self._view_of(r0, r1, row_to_job, pinned)
                 if block is None:
+                    # the run's rows at once: a chunk that jobs of several
+                    # tiles fill costs a few array operations per job
                     block = self._empty_block(r1 - r0)
-                    for k in run:
-                        a, b = (r - r0 for r in self.chunk_range(k))
-                        part = tuple(arr[a:b] for arr in block)
-                        self._assemble(
-                            k, row_to_job, base_status, out_dir, cache, part, pinned
-                        )
+                    self._assemble(
+                        (r0, r1), _chunks_label(run), row_to_job, base_status,
+                        out_dir, cache, block, pinned,
+                    )
                 self._write_block(run, r0, block, images, checksums, background)
         logger.debug("wrote %d chunks of %s", len(chunks), self.path)
         return checksums
@@ -1002,7 +1008,8 @@ class ZarrWriter:
                     block[3][drop] = 0
                     block[4][drop] = 0
                 self._assemble(
-                    k, row_to_job, status, out_dir, cache, block, tile_map=tile_map
+                    (r0, r1), _chunks_label([k]), row_to_job, status, out_dir, cache,
+                    block, tile_map=tile_map,
                 )
                 self._write_block([k], r0, block, images, checksums, background)
         logger.debug("rewrote %d chunks of %s", len(chunks), self.path)
@@ -1234,15 +1241,16 @@ class ZarrWriter:
         )
 
     def _assemble(
-        self, chunk, row_to_job, base_status, out_dir, cache, block, pinned=None,
-        tile_map=None,
+        self, rows, label, row_to_job, base_status, out_dir, cache, block,
+        pinned=None, tile_map=None,
     ):
-        """Fill ``block`` (the chunk's rows: zeroed, or as stored for
-        `patch_chunks`) from staged jobs; the other rows get ``base_status``
-        and keep what ``block`` holds. ``tile_map`` maps the jobs' tile
-        numbers to the store's."""
+        """Fill ``block`` (rows ``rows[0]:rows[1]`` of whole chunks, named
+        ``label`` in errors: zeroed, or as stored for `patch_chunks`) from
+        staged jobs; the other rows get ``base_status`` and keep what
+        ``block`` holds. ``tile_map`` maps the jobs' tile numbers to the
+        store's."""
         images, status, tile, origin, box = block
-        r0, r1 = self.chunk_range(chunk)
+        r0, r1 = rows
         m = r1 - r0
         if callable(row_to_job):
             jobs, pos = row_to_job(r0, r1)
@@ -1259,7 +1267,7 @@ class ZarrWriter:
         base = np.asarray(base)
         if jobs.shape != (m,) or pos.shape != (m,) or base.shape != (m,):
             msg = (
-                f"chunk {chunk}: the row mapping must give {m} rows for rows "
+                f"{label}: the row mapping must give {m} rows for rows "
                 f"{r0}:{r1}, got job_id {jobs.shape}, position {pos.shape}, "
                 f"base_status {base.shape}"
             )
@@ -1276,7 +1284,7 @@ class ZarrWriter:
             if p.min() < 0 or p.max() >= n or np.any(res.rows[p] != r0 + sel):
                 bad = int(r0 + sel[0])
                 msg = (
-                    f"chunk {chunk}: staged job {job_id} ({n} rows) does not hold the "
+                    f"{label}: staged job {job_id} ({n} rows) does not hold the "
                     f"rows the mapping assigns to it (e.g. row {bad})"
                 )
                 raise ValueError(msg)
@@ -1290,10 +1298,10 @@ class ZarrWriter:
                     f"{self.dtype}"
                 )
                 raise ValueError(msg)
-            # consecutive rows as plain slices, of the chunk and of the job
-            # apart: a job's rows in a chunk it shares with other tiles'
-            # jobs are still consecutive rows of the job, which are then
-            # copied straight into their rows instead of gathered first
+            # consecutive rows as plain slices, of the block and of the job
+            # apart: a job's rows in chunks it shares with other tiles' jobs
+            # are still consecutive rows of the job, which are then copied
+            # straight into their rows instead of gathered first
             if sel[-1] - sel[0] == len(sel) - 1:
                 sel = slice(int(sel[0]), int(sel[-1]) + 1)
             if p[-1] - p[0] == len(p) - 1 and np.all(np.diff(p) == 1):
@@ -1309,12 +1317,12 @@ class ZarrWriter:
         if np.any(bad):
             row = int(r0 + np.flatnonzero(bad)[0])
             msg = (
-                f"chunk {chunk}: row {row} belongs to no staged job and its base "
+                f"{label}: row {row} belongs to no staged job and its base "
                 "status "
                 f"{int(status[row - r0])} is not a final status without a cutout"
             )
             raise ValueError(msg)
-        _check_statuses(status, r0, f"chunk {chunk}")
+        _check_statuses(status, r0, label)
 
     def _encoder(self, name):
         """How to encode chunks of array ``name`` directly, or `None`.

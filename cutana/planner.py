@@ -253,8 +253,9 @@ def working_dtype(tile_dtype):
         return np.dtype(np.float64)
     return np.dtype(np.float32)
 
-#: Output chunk files a worker holds in aligned buffers for its writer
-#: thread (`cutana.io._writeback.DEPTH`), each of at most 4 MiB or one row.
+#: Output chunk files a worker holds for its writer thread
+#: (`cutana.io._writeback.DEPTH`), each of at most 4 MiB or one row, twice:
+#: in an aligned buffer, and as the encoded chunk the thread copies into it.
 WRITE_BUFFERS = 2
 #: Hard cap on sources per job, so that progress and retries stay fine-grained.
 MAX_SOURCES_PER_JOB = 4096
@@ -788,7 +789,7 @@ def make_plan(
         sub * out_px * work_item  # float intermediate of one sub-batch
         + sub * max_box * max_box * 8  # extracted windows (float64 worst case)
         + sub * _touched_bytes((max_box, max_box), tile_item)  # tile pages touched
-    ) + WRITE_BUFFERS * max(4 * 2**20, row_bytes)  # chunk files being written
+    ) + 2 * WRITE_BUFFERS * max(4 * 2**20, row_bytes)  # chunk files being written
     if parent_bytes is None:
         parent_bytes = PARENT_BASE_BYTES
     # per row: the plan's arrays, and the status and geometry of written

@@ -563,6 +563,54 @@ def test_file_series_busy_thread_and_errors(tmp_path, monkeypatch):
     assert not missing.exists()
 
 
+@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="needs O_DIRECT (Linux)")
+def test_file_series_thread_copies_bytes_and_caller_copies_the_rest(
+    tmp_path, monkeypatch
+):
+    """Test that the writer thread copies a `bytes` into its aligned buffer
+    itself, and that a buffer its owner may change (a bytearray, an array)
+    is copied by the caller: changed after `write` returns, while the thread
+    is held back, its file still holds what was written."""
+    import threading
+
+    from cutana.io._writeback import FileSeries
+
+    release = threading.Event()
+    copied_by = []
+    real_fill = FileSeries._fill
+    real_write_file = FileSeries._write_file
+
+    def fill(self, buf, view):
+        copied_by.append((len(view), threading.current_thread().name))
+        return real_fill(self, buf, view)
+
+    def held_write_file(self, tmp, path, buf, n):
+        release.wait(10)
+        return real_write_file(self, tmp, path, buf, n)
+
+    monkeypatch.setattr(FileSeries, "_fill", fill)
+    monkeypatch.setattr(FileSeries, "_write_file", held_write_file)
+    frozen, mutable = _blobs(9, [50_000, 60_000])
+    changing = bytearray(mutable)
+    array = np.frombuffer(mutable, dtype=np.uint8).copy()
+    files = FileSeries(min_bytes=0, direct=True)
+    paths = [str(tmp_path / f"c.{k}") for k in range(3)]
+    files.write(paths[0] + ".partial", paths[0], frozen)
+    files.write(paths[1] + ".partial", paths[1], changing)
+    changing[:] = b"x" * len(changing)  # changed before the thread copies
+    release.set()
+    files.write(paths[2] + ".partial", paths[2], array)
+    array[:] = 0
+    files.close()
+    assert [(tmp_path / f"c.{k}").read_bytes() for k in range(3)] == [
+        frozen, mutable, mutable
+    ]
+    assert (len(frozen), "cutana-writer") in copied_by  # the bytes: by the thread
+    # the bytearray (and the array, unless the caller wrote it itself)
+    assert (len(mutable), threading.current_thread().name) in copied_by
+    assert (len(mutable), "cutana-writer") not in copied_by
+
+
 @pytest.mark.parametrize("version", [4, 3])
 def test_write_chunks_background_same_bytes(tmp_path, monkeypatch, version):
     """Test that chunk files written by the background thread (every size of

@@ -146,7 +146,7 @@ class FileSeries:
         """
         view = memoryview(data).cast("B")
         if self.direct and len(view) >= self.min_bytes and self._hand_over(
-            tmp, path, view
+            tmp, path, view, type(data) is bytes
         ):
             return
         advise = _FADVISE and len(view) >= self.min_bytes
@@ -198,10 +198,13 @@ class FileSeries:
             self._raised = True
             raise self._error
 
-    def _hand_over(self, tmp, path, view):
-        """Copy ``view`` into an aligned buffer for the thread to write; False
-        (the caller writes the file) while the thread is busy with `DEPTH`
-        files."""
+    def _hand_over(self, tmp, path, view, frozen):
+        """Hand ``view`` to the thread, which writes it from an aligned
+        buffer; False (the caller writes the file) while the thread is busy
+        with `DEPTH` files. The thread copies a ``frozen`` view (of a
+        `bytes`, which nobody can change) into the buffer itself, which
+        takes that copy off the calling thread; any other view is copied
+        here, before its owner can change it."""
         if self._thread is None:
             self._todo = queue.Queue()
             self._free = queue.Queue()
@@ -223,14 +226,23 @@ class FileSeries:
         except queue.Empty:
             return False
         n = len(view)
+        if not frozen:
+            buf = self._fill(buf, view)
+            view = None
+        self._todo.put((tmp, path, buf, view, n))
+        return True
+
+    def _fill(self, buf, view):
+        """``buf`` (or a larger aligned buffer in its place) holding ``view``
+        at its start; returns the buffer."""
+        n = len(view)
         if buf is None or len(buf) < _padded(n):
             if buf is not None:
                 self._buffers.remove(buf)
             buf = mmap.mmap(-1, _padded(n))  # page-aligned
             self._buffers.append(buf)
         buf[:n] = view
-        self._todo.put((tmp, path, buf, n))
-        return True
+        return buf
 
     def _run(self):
         """The writer thread: write the files handed over, in order."""
@@ -238,13 +250,17 @@ class FileSeries:
             item = self._todo.get()
             if item is None:
                 return
-            tmp, path, buf, n = item
+            tmp, path, buf, view, n = item
+            item = None
             try:
                 if self._error is None:
+                    if view is not None:
+                        buf = self._fill(buf, view)
                     self._write_file(tmp, path, buf, n)
             except BaseException as exc:  # noqa: BLE001 - raised by write/close
                 self._error = exc
             finally:
+                view = None  # the caller's bytes, no longer needed
                 self._free.put(buf)
 
     def _write_file(self, tmp, path, buf, n):

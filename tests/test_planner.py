@@ -65,6 +65,39 @@ def test_split_rows_cuts_on_chunk_boundaries(n, n_parts, max_part, chunk_rows):
     assert max(abs(a - b) for a, b in zip(firsts, balanced, strict=True)) <= chunk_rows // 2 + 1
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.floats(0.05, 20.0), min_size=1, max_size=12),
+    st.integers(1, 600),
+    st.sampled_from([None, 1, 8, 50]),
+)
+def test_split_rows_aims_at_the_weights(weights, n, chunk_rows):
+    """With weights each cut aims at its share of the rows: exactly there
+    without chunks, else on a chunk boundary less than a chunk away (the
+    bound being all the rows); the parts cover the rows in order."""
+    rows = np.arange(n) * 2 + 5
+    k = len(weights)
+    parts = split_rows(rows, k, n, chunk_rows, weights)
+    np.testing.assert_array_equal(np.concatenate(parts), rows)
+    if k > n:  # one row per part: nothing to aim at
+        assert len(parts) == n
+        return
+    assert len(parts) == k
+    assert all(len(p) for p in parts)
+    cuts = np.cumsum([len(p) for p in parts])[:-1]
+    aims = [round(n * sum(weights[:i]) / sum(weights)) for i in range(1, k)]
+    prev = 0
+    for i, (c, a) in enumerate(zip(cuts.tolist(), aims, strict=True), start=1):
+        # the aim, moved only as far as keeps every part non-empty
+        clamped = min(max(a, prev + 1), n - (k - i))
+        if chunk_rows in (None, 1):
+            assert c == clamped
+        else:  # or the nearest chunk boundary, less than a chunk away
+            on_boundary = rows[c] // chunk_rows != rows[c - 1] // chunk_rows
+            assert c == clamped or (on_boundary and abs(c - a) <= chunk_rows)
+        prev = c
+
+
 def test_split_rows_falls_back_when_no_boundary_fits():
     """A bound too tight for any chunk boundary gives numpy's cuts, clipped to the bound."""
     parts = split_rows(np.arange(1000), 3, 340, chunk_rows=100)
@@ -148,6 +181,31 @@ def test_balanced_jobs_may_use_the_memory_bound_to_align(survey):
     sizes = [len(j) for j in plan.jobs]
     assert all(int(j.rows[0]) % 25 == 0 for j in plan.jobs)
     assert max(sizes) - min(sizes) <= 25
+
+
+def test_last_bands_are_cut_smaller_with_several_workers(survey):
+    """With 2 workers the last 2 bands of whole chunks are each cut into
+    `TAPER` parts (so that the workers end together); with 1 worker all
+    bands are of one size. Both plans cut every row once."""
+    from cutana.planner import TAPER
+
+    opts = dict(chunk_rows=10, max_sources_per_job=100)
+    one = _plan(survey, n_workers=1, **opts)
+    two = _plan(survey, n_workers=2, **opts)
+    for plan in (one, two):
+        assert all(int(j.rows[0]) % 10 == 0 for j in plan.jobs)
+        np.testing.assert_array_equal(
+            np.concatenate([j.rows for j in plan.jobs]),
+            np.flatnonzero(plan.base_status == Status.PENDING),
+        )
+    sizes = [len(j) for j in one.jobs]
+    assert len(sizes) == 7 and max(sizes) - min(sizes) <= 10
+    tapered = [len(j) for j in two.jobs]
+    assert len(tapered) == 7 - 2 + 2 * TAPER
+    head, tail = tapered[:5], tapered[5:]
+    assert min(head) >= 80 and max(tail) <= 30
+    # the tail holds the rows of 2 bands
+    assert abs(sum(tail) - 2 * 600 / 7) <= 10
 
 
 def test_single_tile_zarr_run_stages_nothing(survey, tmp_path, monkeypatch):

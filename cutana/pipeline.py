@@ -66,6 +66,8 @@ from .io.staging import REPAIR_MARKER
 from .io.zarr import creation_interrupted
 from .normalization import NORMALIZATIONS, Normalizer
 from .planner import (
+    FITS_ROW_BYTES,
+    PARENT_ROW_BYTES,
     SERVER_BYTES,
     Job,
     Plan,
@@ -714,6 +716,8 @@ def _prepare(catalog, options, *, measure_parent=None, chunked=True, batches=Fal
             chunk_rows=chunk_rows,
             # worker processes are started for the plan: as many as fit
             fit_workers=options.backend == "processes",
+            parent_row_bytes=PARENT_ROW_BYTES
+            + (FITS_ROW_BYTES if options.format == "fits" else 0),
         )
     except ValueError as exc:  # the memory limit cannot hold the largest cutout
         hint = _memory_hint(
@@ -1642,7 +1646,12 @@ class _Runner:
         self._bar = None
         self.already_complete = False
         self.staged_rows = {}
-        self.files = {}  # row -> FITS file name of the rows written
+        # per row, the FITS file name a job recorded ('' for none written),
+        # None before: an object array holds them in 8 bytes a row beside
+        # the names, where a dict took some 110 bytes more
+        self.files = None
+        if self.fmt == "fits":
+            self.files = np.full(self.plan.n_rows, None, dtype=object)
         self.background_writes = _core_to_spare(prepared.options)
         self.repair = None  # a finished run's failed rows to cut again
         # an interrupted run resumed with a tile readable now that it could
@@ -2077,7 +2086,7 @@ class _Runner:
             np.arange(self.plan.n_rows),
             self.p.catalog.source_id,
             self.status,
-            [self.files.get(r, "") for r in range(self.plan.n_rows)],
+            ["" if f is None else f for f in self.files.tolist()],
             self.messages,
             ra=self.p.catalog.ra,
             dec=self.p.catalog.dec,
@@ -2241,7 +2250,7 @@ class _Runner:
         self.status[rows] = status
         self.messages.update({int(k): v for k, v in messages.items()})
         if files is not None:
-            self.files.update({int(r): str(f) for r, f in zip(rows, files, strict=False)})
+            self.files[np.asarray(rows)] = [str(f) for f in files]
 
     def _raise_if_full(self, result):
         """Stop the run when a task found the output's file system full."""
@@ -2628,7 +2637,7 @@ class _Repair:
             r.writer = FitsWriter(r.output, bands)
             _mark_repair(r.output)
             stored = r.archive.files.tolist()
-            r.files = {i: f for i, f in enumerate(stored) if f}
+            r.files = np.array([f or None for f in stored], dtype=object)
             names = self.names = fits_filenames(cat.source_id)
         clean_staging(r.output)
         tasks = []
@@ -2736,7 +2745,7 @@ class _Repair:
             if self.stopped:  # files the stopped repair wrote of rows not cut now
                 for i in np.flatnonzero(self.redo).tolist():
                     path = os.path.join(r.output, str(self.names[i]))
-                    if i not in r.files and os.path.exists(path):
+                    if r.files[i] is None and os.path.exists(path):
                         os.remove(path)
             return
         writer = self.writer

@@ -292,6 +292,13 @@ SERVER_BYTES = 100 * 10**6
 #: hold, and each row's status and geometry, kept until the store is
 #: finished (38); the rest is a margin.
 PARENT_ROW_BYTES = 104
+#: What a FITS output's main process adds per row beyond `PARENT_ROW_BYTES`:
+#: each row's file name (`cutana.io.fits_filenames`, a text array of 4
+#: bytes a character, and the set of names it checks for collisions while it
+#: derives them), then the name each job records (a pointer and a string).
+#: On the 200,000-source survey (names of 15 characters) the main process
+#: grew by 9 MB while the run went on; this allows for names of about 25.
+FITS_ROW_BYTES = 200
 
 
 @dataclass
@@ -680,6 +687,7 @@ def make_plan(
     meta=None,
     chunk_rows=None,
     fit_workers=False,
+    parent_row_bytes=None,
 ):
     """Group sources into jobs sized from a memory budget.
 
@@ -726,6 +734,9 @@ def make_plan(
         When the memory limit cannot hold ``n_workers`` workers with one
         source each, plan for as many as it holds (``plan.n_workers``; the
         count asked for is ``plan.workers_asked``) instead of raising.
+    parent_row_bytes : int, optional
+        Bytes the main process adds per row while the run goes on (default
+        `PARENT_ROW_BYTES`; a FITS output adds `FITS_ROW_BYTES` to it).
 
     Returns
     -------
@@ -794,7 +805,9 @@ def make_plan(
         parent_bytes = PARENT_BASE_BYTES
     # per row: the plan's arrays, and the status and geometry of written
     # chunks that the parent keeps until the store is finished (40 bytes)
-    parent_bytes = int(parent_bytes + n * PARENT_ROW_BYTES)
+    if parent_row_bytes is None:
+        parent_row_bytes = PARENT_ROW_BYTES
+    parent_bytes = int(parent_bytes + n * parent_row_bytes)
     memory = MemoryModel(
         parent_bytes=parent_bytes,
         worker_bytes=WORKER_BASE_BYTES,

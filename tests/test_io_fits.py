@@ -416,6 +416,76 @@ def test_index_and_reader(tmp_path):
     assert len(problems) == 1 and "row 2" in problems[0]
 
 
+def _index_inputs(n):
+    """Index columns of ``n`` rows: odd ids and messages, NaN positions."""
+    odd = ["a b", "é", "", '"q"', "x,y", "#7"]
+    ids = np.array([odd[i % 6] + str(i) for i in range(n)])
+    status = np.array([int(list(Status)[i % len(Status)]) for i in range(n)])
+    files = [f"{i}.fits" if i % 3 else "" for i in range(n)]
+    reasons = ["off the tile", 'a "quoted" reason', "ü"]
+    messages = {i: reasons[i % 3] for i in range(0, n, 4)}
+    ra = np.where(np.arange(n) % 5 == 0, np.nan, np.linspace(0.5, 359.5, n))
+    dec = np.linspace(-89.5, 89.5, n)
+    return ids, status, files, messages, ra, dec
+
+
+@pytest.mark.parametrize("n", [0, 5, 23])
+def test_index_written_in_parts_is_one_astropy_write(tmp_path, monkeypatch, n):
+    """Test that an index written 5 rows at a time holds the same bytes as
+    astropy's ECSV writer gives for the whole table at once."""
+    from cutana.io import fits as fits_io
+
+    monkeypatch.setattr(fits_io, "INDEX_PART_ROWS", 5)
+    ids, status, files, messages, ra, dec = _index_inputs(n)
+    path = write_index(tmp_path, np.arange(n), ids, status, files, messages,
+                       ra=ra, dec=dec, meta={"bands": ["vis", "y"]})
+    written = Table.read(path, format="ascii.ecsv")
+    assert written.meta["bands"] == ["vis", "y"]
+    whole = Table({
+        "row": np.arange(n),
+        "source_id": ids.astype(str),
+        "status": status.astype(np.int16),
+        "ra": ra,
+        "dec": dec,
+        "file": np.array(files, dtype=str),
+        "message": np.array([messages.get(i, "") for i in range(n)], dtype=str),
+    })
+    whole["status"].description = written["status"].description
+    whole["ra"].unit = whole["dec"].unit = "deg"
+    whole.meta.update(written.meta)
+    whole.write(tmp_path / "whole.ecsv", format="ascii.ecsv")
+    with open(path, "rb") as a, open(tmp_path / "whole.ecsv", "rb") as b:
+        assert a.read() == b.read()
+    assert written["source_id"].tolist() == ids.tolist()
+    # (astropy reads an empty text as masked)
+    got = [m or "" for m in written["message"].tolist()]
+    assert got == [messages.get(i, "") for i in range(n)]
+
+
+def test_index_parts_with_another_header_are_written_whole(tmp_path, monkeypatch):
+    """Test that when a part's ECSV header differs from the empty table's,
+    the index is written in one piece, as astropy writes it."""
+    from cutana.io import fits as fits_io
+
+    real = fits_io._ecsv_text
+
+    def numbered(table):  # a header that names the part's length
+        first, rest = real(table).split("\n", 1)
+        return f"{first}\n# rows: {len(table)}\n{rest}"
+
+    monkeypatch.setattr(fits_io, "INDEX_PART_ROWS", 5)
+    monkeypatch.setattr(fits_io, "_ecsv_text", numbered)
+    ids, status, files, messages, ra, dec = _index_inputs(12)
+    path = write_index(tmp_path, np.arange(12), ids, status, files, messages)
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    assert text.split("\n")[1] == "# rows: 12"
+    assert text.count("# rows") == 1
+    table = Table.read(text.replace("# rows: 12\n", ""), format="ascii.ecsv")
+    assert table["row"].tolist() == list(range(12))
+    assert "ra" not in table.colnames
+
+
 def test_create_refuses_and_overwrites_safely(tmp_path):
     """Test that an old output needs overwrite, and overwrite keeps foreign files."""
     out = tmp_path / "out"

@@ -228,7 +228,7 @@ def test_main_process_memory_is_measured_once_the_catalogue_is_read(
     of it."""
     from cutana import pipeline
     from cutana.executor import MemorySampler
-    from cutana.planner import PARENT_ROW_BYTES
+    from cutana.planner import FITS_ROW_BYTES, PARENT_ROW_BYTES
 
     events = []
     real_read, real_plan, real_sample = (
@@ -279,7 +279,9 @@ def test_main_process_memory_is_measured_once_the_catalogue_is_read(
         backend="serial",
     )
     assert measured == [1] and [k for k, _ in events] == ["read", "plan"]
-    assert plan.memory.parent_bytes == 10**8 + plan.n_rows * PARENT_ROW_BYTES
+    # (a FITS run's main process also holds each row's file name)
+    per_row = PARENT_ROW_BYTES + FITS_ROW_BYTES
+    assert plan.memory.parent_bytes == 10**8 + plan.n_rows * per_row
     rows = plan.n_rows * PARENT_ROW_BYTES
     plan = pipeline.plan_cutouts(
         survey.catalogue_path, size=21, memory_limit="2GB", backend="serial"

@@ -208,6 +208,30 @@ def test_last_bands_are_cut_smaller_with_several_workers(survey):
     assert abs(sum(tail) - 2 * 600 / 7) <= 10
 
 
+@pytest.mark.parametrize("fmt", ["zarr", "fits"])
+def test_fits_runs_count_the_file_names_per_row(survey, monkeypatch, fmt):
+    """Test that a FITS run's plan counts FITS_ROW_BYTES per row in the main
+    process beside PARENT_ROW_BYTES (a Zarr run's does not), and that the
+    parent's estimate grows by that much per row."""
+    from cutana import pipeline
+    from cutana.planner import FITS_ROW_BYTES, PARENT_ROW_BYTES
+
+    seen = {}
+    real = pipeline.make_plan
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "make_plan", spy)
+    cutana.plan_cutouts(survey.catalogue_path, size=10, format=fmt, memory_limit="2GB")
+    expected = PARENT_ROW_BYTES + (FITS_ROW_BYTES if fmt == "fits" else 0)
+    assert seen["parent_row_bytes"] == expected
+    given = 10**8
+    plan = _plan(survey, parent_bytes=given, parent_row_bytes=expected)
+    assert plan.memory.parent_bytes == given + 600 * expected
+
+
 def test_single_tile_zarr_run_stages_nothing(survey, tmp_path, monkeypatch):
     """Every chunk of a one-tile catalogue is written whole by the job that cuts it."""
     staged = []

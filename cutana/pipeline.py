@@ -2249,8 +2249,9 @@ class _Runner:
     def _record(self, rows, status, messages, files=None):
         self.status[rows] = status
         self.messages.update({int(k): v for k, v in messages.items()})
-        if files is not None:
-            self.files[np.asarray(rows)] = [str(f) for f in files]
+        if files is not None:  # (as many as both hold, as zip pairs them)
+            names = [str(f) for f in files][: len(rows)]
+            self.files[np.asarray(rows)[: len(names)]] = names
 
     def _raise_if_full(self, result):
         """Stop the run when a task found the output's file system full."""

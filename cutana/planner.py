@@ -964,7 +964,8 @@ def _band_parts(rows_all, tile, band_size, job_size, chunk_rows, n_workers=1):
                 parts.append((int(t[idx[0]]), band[idx], len(band)))
         if len(parts) >= 2 * len(bands) or band_size == job_size:
             break
-    jobs_per_band = len(parts) / len(bands)  # (mean job of an untapered band:)
+    # the mean job of an untapered band (the taper's small bands aside)
+    jobs_per_band = len(parts) / len(bands)
     if len(bands) > 1 and len(rows_all) / n_bands / jobs_per_band < MIN_BAND_JOB:
         return None
     return parts

@@ -614,10 +614,12 @@ def test_file_series_thread_copies_bytes_and_caller_copies_the_rest(
 @pytest.mark.parametrize("version", [4, 3])
 def test_write_chunks_background_same_bytes(tmp_path, monkeypatch, version):
     """Test that chunk files written by the background thread (every size of
-    file, min_bytes 0) are the bytes written without it, in runs of two
-    chunks that share the thread (and, in a store of format 3, per-row
-    arrays written after each run's images)."""
+    file, min_bytes 0), with a helper thread compressing every other chunk,
+    are the bytes written without them, in runs of two chunks that share
+    the thread (and, in a store of format 3, per-row arrays written after
+    each run's images)."""
     import functools
+    import threading
 
     from cutana.io import zarr as zarr_module
     from cutana.io._writeback import FileSeries
@@ -625,6 +627,22 @@ def test_write_chunks_background_same_bytes(tmp_path, monkeypatch, version):
     monkeypatch.setattr(
         zarr_module, "FileSeries", functools.partial(FileSeries, min_bytes=0)
     )
+    encoded_by = []
+    real_encoder = ZarrWriter._encoder
+
+    class Spy:
+        def __init__(self, codec):
+            self.codec = codec
+
+        def encode(self, part):
+            encoded_by.append(threading.current_thread().name)
+            return self.codec.encode(part)
+
+    def encoder(self, name):
+        codec = real_encoder(self, name)
+        return codec if codec in (None, "raw") else Spy(codec)
+
+    monkeypatch.setattr(ZarrWriter, "_encoder", encoder)
     # chunks of 6 rows of 2 x 5 x 4 bytes: two chunks per run
     monkeypatch.setattr(zarr_module, "_MAX_RUN_BYTES", 2 * 6 * 40)
     opened = _o_direct_opens(monkeypatch) if hasattr(os, "O_DIRECT") else None
@@ -642,14 +660,36 @@ def test_write_chunks_background_same_bytes(tmp_path, monkeypatch, version):
         checksums = writer.write_chunks(
             range(writer.n_chunks), _mapping(40, jobs), base,
             results={j.job_id: j for j in jobs}, background=background,
+            helper=background,
         )
         trees.append((_tree(path), dict(checksums)))
+        here = threading.current_thread().name
+        by_helper = [t for t in encoded_by if t.startswith("cutana-encode")]
+        # with the helper, one chunk of each run of two is compressed there
+        assert len(by_helper) == (encoded_by.count(here) - 1 if background else 0)
+        encoded_by.clear()
     assert trees[0] == trees[1]
     assert any(name.startswith("images/") for name in trees[1][0])
     if version == 3:
         assert any(name.startswith("status/") for name in trees[1][0])
     if opened is not None:  # the thread wrote chunks of the second store only
         assert opened and all("bTrue.zarr" in p for p in opened)
+
+
+def _pairs():
+    from cutana.io.zarr import _encode_pairs
+
+    return list(_encode_pairs([0, 1, 2], lambda k: k, lambda v: 2 * v, True))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_encode_helper_pairs_in_order_and_after_fork():
+    """Test that the helper's encodings come back in order, and that a
+    child forked after the helper started makes its own (the parent's
+    thread does not exist there: work handed to it would wait for ever)."""
+    assert _pairs() == [(0, 0), (1, 2), (2, 4)]
+    with get_context("fork").Pool(1) as pool:
+        assert pool.apply_async(_pairs).get(timeout=60) == [(0, 0), (1, 2), (2, 4)]
 
 
 def test_concurrent_write_chunks(tmp_path):

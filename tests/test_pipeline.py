@@ -431,6 +431,51 @@ def test_background_writes_only_with_a_core_to_spare(
     assert pipeline._core_to_spare(options) is expected
 
 
+@pytest.mark.parametrize(("limit", "cores", "expected"), [
+    (None, 2, True),  # a core and memory to spare
+    (None, 1, False),  # no core to spare
+    ("tight", 2, False),  # the limit leaves no room for the helper
+])
+def test_helper_compresses_only_with_a_core_and_memory_to_spare(
+    survey, zarr_run, tmp_path, monkeypatch, limit, cores, expected
+):
+    """Test that chunks are compressed with a helper thread only when a core
+    is spare and the plan leaves each worker HELPER_SPARE_BYTES beyond its
+    jobs, and that the store holds the same bytes either way."""
+    from cutana import pipeline
+    from cutana.io.zarr import ZarrWriter
+
+    monkeypatch.setattr(pipeline, "available_cores", lambda: cores)
+    helpers = []
+    real = ZarrWriter.write_chunks
+
+    def spy(self, *args, **kwargs):
+        helpers.append(kwargs.get("helper"))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(ZarrWriter, "write_chunks", spy)
+    opts = dict(size=21, backend="serial")
+    if limit == "tight":  # the plan's own estimate, and a little to spare
+        plan = cutana.plan_cutouts(survey.catalogue_path, memory_limit="2GB", **opts)
+        opts["memory_limit"] = plan.peak_bytes + pipeline.HELPER_SPARE_BYTES // 2
+    out = tmp_path / "h.zarr"
+    report = cutana.make_cutouts(survey.catalogue_path, out, progress=False, **opts)
+    assert report.exit_code == 0
+    assert helpers and set(helpers) == {expected}
+    base, _ = zarr_run
+    assert _tree_bytes(out / "images") == _tree_bytes(base / "images")
+
+
+def _tree_bytes(folder):
+    """Every chunk file under ``folder``, by relative path, with its bytes."""
+    import pathlib
+
+    return {
+        str(path.relative_to(folder)): path.read_bytes()
+        for path in pathlib.Path(folder).rglob("c*") if path.is_file()
+    }
+
+
 def test_flux_conversion_and_weights(survey, zarr_run, tmp_path):
     """Test that flux conversion multiplies by 3631 * 10**(-0.4 * MAGZERO) and weights apply."""
     out, _ = zarr_run

@@ -89,6 +89,38 @@ _STORE_MEMBERS = frozenset(
 #: Rows assembled at once by `ZarrWriter.write_chunks` (whole chunks, at
 #: least one): the block is kept for the next call, so it stays small.
 _MAX_RUN_BYTES = 16 * 1024 * 1024
+
+_HELPER = []  # the thread of `_encode_pairs`, made on first use
+if hasattr(os, "register_at_fork"):
+    # a forked child has none of its parent's threads: it makes its own helper
+    os.register_at_fork(after_in_child=_HELPER.clear)
+
+
+def _encode_pairs(keys, chunk, encode, helper):
+    """``(key, encode(chunk(key)))`` for each of ``keys``, in order.
+
+    With ``helper``, a second thread encodes every other chunk while this
+    one encodes the one before it: numcodecs' Blosc releases the GIL while
+    it compresses, and each chunk is compressed alone, so the bytes are
+    those of one thread. (Blosc's own threads would place a chunk's
+    compressed blocks in the order they finish: other bytes from run to
+    run.) At most two encoded chunks are held at once.
+    """
+    if not helper:
+        for k in keys:
+            yield k, encode(chunk(k))
+        return
+    if not _HELPER:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _HELPER.append(ThreadPoolExecutor(1, thread_name_prefix="cutana-encode"))
+    keys = list(keys)
+    for i in range(0, len(keys), 2):
+        pair = keys[i : i + 2]
+        later = _HELPER[0].submit(encode, chunk(pair[1])) if len(pair) > 1 else None
+        yield pair[0], encode(chunk(pair[0]))
+        if later is not None:
+            yield pair[1], later.result()
 #: Chunk keys ``c.<row chunk>.0...`` in the array's folder: one flat folder
 #: per array, so that writing a chunk creates no folders.
 _FLAT_KEYS = {"name": "default", "separator": "."}
@@ -824,7 +856,7 @@ class ZarrWriter:
 
     def write_chunks(
         self, chunk_indices, row_to_job, base_status, out_dir=None, *, results=None,
-        background=False,
+        background=False, helper=False,
     ):
         """Assemble chunks of rows from staged jobs and write them.
 
@@ -860,6 +892,10 @@ class ZarrWriter:
             `cutana.io._writeback.FileSeries`): faster where a core is
             spare for it. Either way, every file is written when this
             returns, with the same bytes.
+        helper : bool, optional
+            Compress every other chunk in a second thread meanwhile, with
+            the same bytes (for a core to spare, and memory for two more
+            chunks and that thread's heap).
 
         Returns
         -------
@@ -910,11 +946,13 @@ class ZarrWriter:
                         (r0, r1), _chunks_label(run), row_to_job, base_status,
                         out_dir, cache, block, pinned,
                     )
-                self._write_block(run, r0, block, images, checksums, background)
+                self._write_block(
+                    run, r0, block, images, checksums, background, helper
+                )
         logger.debug("wrote %d chunks of %s", len(chunks), self.path)
         return checksums
 
-    def _write_block(self, run, r0, block, images, checksums, background):
+    def _write_block(self, run, r0, block, images, checksums, background, helper):
         """Write a run of consecutive chunks from ``block`` (its rows from
         ``r0``), and add their checksums and rows to ``checksums``."""
         r1 = self.chunk_range(run[-1])[1]
@@ -929,17 +967,17 @@ class ZarrWriter:
         # else written)
         for name, data in self._stored(block, geometry):
             if name == "images":
-                written = self._write_direct(name, run, r0, data, images)
+                written = self._write_direct(name, run, r0, data, images, helper)
             else:
                 images.close()
                 with FileSeries(direct=background) as files:
-                    written = self._write_direct(name, run, r0, data, files)
+                    written = self._write_direct(name, run, r0, data, files, helper)
             if not written:
                 self._array(name)[r0:r1] = data
 
     def patch_chunks(
         self, chunk_indices, row_to_job, status, out_dir=None, *, tile_map=None,
-        clear=None, background=False,
+        clear=None, background=False, helper=False,
     ):
         """Rewrite written chunks with some of their rows replaced.
 
@@ -972,7 +1010,7 @@ class ZarrWriter:
         clear : array-like of bool or callable, optional
             ``(N,)`` rows without a job whose stored cutout is dropped (zero
             images, tile -1, zero origin and shape), or ``f(r0, r1)``.
-        background : bool, optional
+        background, helper : bool, optional
             As for `write_chunks`.
 
         Returns
@@ -1011,7 +1049,9 @@ class ZarrWriter:
                     (r0, r1), _chunks_label([k]), row_to_job, status, out_dir, cache,
                     block, tile_map=tile_map,
                 )
-                self._write_block([k], r0, block, images, checksums, background)
+                self._write_block(
+                    [k], r0, block, images, checksums, background, helper
+                )
         logger.debug("rewrote %d chunks of %s", len(chunks), self.path)
         return checksums
 
@@ -1365,10 +1405,12 @@ class ZarrWriter:
         cache[name] = enc
         return enc
 
-    def _write_direct(self, name, run, r0, values, files):
+    def _write_direct(self, name, run, r0, values, files, helper=False):
         """Encode the chunks of a run of chunks of array ``name`` and write
         them through ``files``, a `~cutana.io._writeback.FileSeries` (which
-        may write them after this returns, until it is closed).
+        may write them after this returns, until it is closed). With
+        ``helper``, a second thread encodes every other chunk
+        (`_encode_pairs`).
 
         Returns `False` (nothing written) when the array's codec chain is not
         one this writer creates; the caller then writes through zarr.
@@ -1384,17 +1426,21 @@ class ZarrWriter:
         fill = arr.metadata.fill_value
         made = self.__dict__.setdefault("_folders", set())
         saved = numcodecs.blosc.use_threads
-        numcodecs.blosc.use_threads = False  # one core per writer process
+        # no threads of Blosc's own (see `_encode_pairs`)
+        numcodecs.blosc.use_threads = False
+
+        def chunk(k):
+            a, b = (r - r0 for r in self.chunk_range(k))
+            part = values[a:b]
+            if b - a < cr:  # the last chunk is stored whole, padded with fill
+                full = np.full((cr, *values.shape[1:]), fill, dtype=values.dtype)
+                full[: b - a] = part
+                part = full
+            return np.ascontiguousarray(part, dtype=le)
+
+        encode = (lambda part: part.tobytes()) if encoder == "raw" else encoder.encode
         try:
-            for k in run:
-                a, b = (r - r0 for r in self.chunk_range(k))
-                part = values[a:b]
-                if b - a < cr:  # the last chunk is stored whole, padded with fill
-                    full = np.full((cr, *values.shape[1:]), fill, dtype=values.dtype)
-                    full[: b - a] = part
-                    part = full
-                part = np.ascontiguousarray(part, dtype=le)
-                data = part.tobytes() if encoder == "raw" else encoder.encode(part)
+            for k, data in _encode_pairs(run, chunk, encode, helper and len(run) > 1):
                 path = self._chunk_file(name, k)
                 folder = os.path.dirname(path)
                 if folder not in made:  # folders only with '/' keys

@@ -121,6 +121,8 @@ def _encode_pairs(keys, chunk, encode, helper):
         yield pair[0], encode(chunk(pair[0]))
         if later is not None:
             yield pair[1], later.result()
+
+
 #: Chunk keys ``c.<row chunk>.0...`` in the array's folder: one flat folder
 #: per array, so that writing a chunk creates no folders.
 _FLAT_KEYS = {"name": "default", "separator": "."}

@@ -463,17 +463,7 @@ def test_helper_compresses_only_with_a_core_and_memory_to_spare(
     assert report.exit_code == 0
     assert helpers and set(helpers) == {expected}
     base, _ = zarr_run
-    assert _tree_bytes(out / "images") == _tree_bytes(base / "images")
-
-
-def _tree_bytes(folder):
-    """Every chunk file under ``folder``, by relative path, with its bytes."""
-    import pathlib
-
-    return {
-        str(path.relative_to(folder)): path.read_bytes()
-        for path in pathlib.Path(folder).rglob("c*") if path.is_file()
-    }
+    assert files_bytes(out / "images") == files_bytes(base / "images")
 
 
 def test_flux_conversion_and_weights(survey, zarr_run, tmp_path):

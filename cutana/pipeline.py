@@ -2630,12 +2630,7 @@ class _Repair:
         store, none), by row."""
         if runner.fmt != "fits":
             return {}
-        table = runner.archive.table
-        if "message" not in table.colnames:
-            return {}
-        column = table["message"]
-        values = column.filled("") if hasattr(column, "filled") else column
-        return {i: str(m) for i, m in enumerate(values) if str(m)}
+        return dict(runner.archive.messages)
 
     @staticmethod
     def _messages(runner, stored, base, keep):

@@ -21,6 +21,7 @@ from cutana.io import (
     fits_filenames,
     load_staged,
     open_output,
+    read_index,
     stage_job,
     verify_output,
     write_index,
@@ -273,11 +274,9 @@ def test_dtypes_round_trip(tmp_path, dtype):
         np.testing.assert_array_equal(data, images[k, 0])
 
 
-def test_hostile_ids_never_escape(tmp_path):
-    """Test that writing cutouts of hostile ids creates files only inside the folder."""
-    n = len(HOSTILE)
-    out = tmp_path / "deep" / "out"
-    job = JobResult(
+def _ones_job(n):
+    """A job of ``n`` complete 2 x 2 cutouts of ones, in one band."""
+    return JobResult(
         job_id=0,
         rows=np.arange(n),
         images=np.ones((n, 1, 2, 2), np.float32),
@@ -286,6 +285,13 @@ def test_hostile_ids_never_escape(tmp_path):
         origin=np.zeros((n, 2), int),
         box_shape=np.full((n, 2), 2),
     )
+
+
+def test_hostile_ids_never_escape(tmp_path):
+    """Test that writing cutouts of hostile ids creates files only inside the folder."""
+    n = len(HOSTILE)
+    out = tmp_path / "deep" / "out"
+    job = _ones_job(n)
     writer = FitsWriter.create(out, ["b"])
     files = fits_filenames(HOSTILE)
     writer.write_sources(
@@ -484,6 +490,89 @@ def test_index_parts_with_another_header_are_written_whole(tmp_path, monkeypatch
     table = Table.read(text.replace("# rows: 12\n", ""), format="ascii.ecsv")
     assert table["row"].tolist() == list(range(12))
     assert "ra" not in table.colnames
+
+
+def _astropy_index(path):
+    """The columns of an index as one astropy read of the whole file gives
+    them: masked (empty) text ``''``, and messages of the rows with one."""
+    table = Table.read(path, format="ascii.ecsv")
+    columns = {}
+    for name in table.colnames:
+        col = table[name]
+        columns[name] = (
+            np.asarray(col.filled("")) if hasattr(col, "filled") else np.asarray(col)
+        )
+    text = columns.pop("message")
+    messages = {i: str(m) for i, m in enumerate(text.tolist()) if m}
+    return table.meta, columns, messages
+
+
+@pytest.mark.parametrize(
+    ("n", "extra"),
+    [(0, {}), (5, {}), (23, {}), (23, {7: "two\nlines"}), (23, {9: "a \0 b"})],
+)
+def test_index_read_in_parts_is_one_astropy_read(tmp_path, monkeypatch, n, extra):
+    """Test that `read_index`, reading 5 rows at a time, gives the columns,
+    messages and metadata of one astropy read of the whole index, also
+    with a message going on to the next line (then read whole) or a NUL."""
+    from cutana.io import fits as fits_io
+
+    monkeypatch.setattr(fits_io, "INDEX_PART_ROWS", 5)
+    ids, status, files, messages, ra, dec = _index_inputs(n)
+    messages.update(extra)
+    path = write_index(tmp_path, np.arange(n), ids, status, files, messages,
+                       ra=ra, dec=dec, meta={"bands": ["vis", "y"]})
+    lines_read = []
+    real_read = Table.read
+
+    def spy(source, **kw):
+        lines_read.append(len(source) if isinstance(source, list) else source)
+        return real_read(source, **kw)
+
+    monkeypatch.setattr(fits_io.Table, "read", spy)
+    index = read_index(tmp_path)
+    monkeypatch.setattr(fits_io.Table, "read", real_read)
+    meta, columns, stored = _astropy_index(path)
+    assert index.meta == dict(meta)
+    assert index.meta["bands"] == ["vis", "y"]
+    assert list(index.columns) == list(columns)
+    assert len(index) == n
+    for name, values in columns.items():
+        np.testing.assert_array_equal(index.columns[name], values, err_msg=name)
+    assert index.columns["status"].dtype == np.int16
+    assert index.messages == stored == messages
+    if "\n" in "".join(extra.values()):  # an odd line: the file read whole
+        assert lines_read[-1] == path
+    else:  # the header's lines, and at most 5 data lines each time
+        with open(path, encoding="utf-8") as fh:
+            header = sum(1 for line in fh if line[0] == "#") + 1
+        assert all(k - header <= 5 for k in lines_read)
+        assert sum(k - header for k in lines_read) == n
+        assert len(lines_read) == max(1, -(-n // 5))
+
+
+def test_overwrite_reads_the_index_in_parts(tmp_path, monkeypatch):
+    """Test that replacing a FITS output removes the files its index lists
+    (read in parts), also one without cutana's keyword, and keeps a foreign
+    one."""
+    from cutana.io import fits as fits_io
+
+    monkeypatch.setattr(fits_io, "INDEX_PART_ROWS", 2)
+    out = tmp_path / "out"
+    writer = FitsWriter.create(out, ["b"])
+    n = 5
+    job = _ones_job(n)
+    ids = np.array([f"s{i}" for i in range(n)])
+    names = writer.write_sources(
+        job, ids, np.zeros(n), np.zeros(n), ["t.fits"], None, fits_filenames(ids)
+    )
+    write_index(out, np.arange(n), ids, np.zeros(n), names, {})
+    fits.PrimaryHDU().writeto(out / "foreign.fits")
+    # a listed file is ours by the index alone (its header says nothing)
+    fits.PrimaryHDU().writeto(out / names[3], overwrite=True)
+    assert len(os.listdir(out)) == n + 3  # the files, the index, the state
+    FitsWriter.create(out, ["b"], overwrite=True)
+    assert sorted(os.listdir(out)) == [".cutana", "foreign.fits"]
 
 
 def test_create_refuses_and_overwrites_safely(tmp_path):

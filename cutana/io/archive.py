@@ -18,7 +18,7 @@ from astropy.wcs import WCS, FITSFixedWarning
 
 from .._astropy_log import astropy_log_kept
 from ..status import Status
-from .fits import INDEX_NAME, _check_name, _fits_text
+from .fits import INDEX_NAME, _check_name, _fits_text, read_index
 from .ledger import Ledger
 from .staging import REPAIR_MARKER, state_dir
 from .zarr import CHECKSUMS, ZarrWriter, chunk_digest, split_geometry
@@ -454,25 +454,21 @@ class FitsArchive(CutoutArchive):
 
     def __init__(self, path):
         self.path = os.fspath(path)
-        table = Table.read(os.path.join(self.path, INDEX_NAME), format="ascii.ecsv")
-        self.table = table
-        self.attrs = dict(table.meta)
+        index = read_index(self.path)  # (in parts: bounded memory)
+        columns = index.columns
+        self.attrs = index.meta
         self.bands = list(self.attrs.get("bands", []))
         self.config = self.attrs.get("config", {})
-        self.source_id = _filled(table["source_id"], "").astype(str)
-        self.status = np.asarray(table["status"], dtype=np.int16)
-        self.files = _filled(table["file"], "").astype(str)
-        n = len(table)
-        self.ra = (
-            np.asarray(table["ra"], dtype=np.float64)
-            if "ra" in table.colnames
-            else np.full(n, np.nan)
-        )
-        self.dec = (
-            np.asarray(table["dec"], dtype=np.float64)
-            if "dec" in table.colnames
-            else np.full(n, np.nan)
-        )
+        #: ``(N,)`` the ``row`` column of the index (``0 .. N-1`` as written).
+        self.rows = columns["row"]
+        self.source_id = columns["source_id"]
+        self.status = columns["status"]
+        self.files = columns["file"]
+        n = len(index)
+        self.ra = columns.get("ra", np.full(n, np.nan))
+        self.dec = columns.get("dec", np.full(n, np.nan))
+        #: Position in the index to message, for the rows that have one.
+        self.messages = index.messages
         self.images = _FitsImages(self)
 
     def _file(self, i):
@@ -559,12 +555,6 @@ def _as_unicode(arr):
         width = int(np.strings.str_len(arr).max()) if arr.size else 0
         return arr.astype(f"<U{max(width, 1)}")
     return arr.astype(str)
-
-
-def _filled(col, value):
-    if hasattr(col, "filled"):
-        return np.asarray(col.filled(value))
-    return np.asarray(col)
 
 
 def open_output(path):
@@ -807,7 +797,7 @@ def _verify_fits(path, problems):
             "stopped: finish it with `cutana run ... --resume`"
         )
     n = len(archive.status)
-    rows = np.asarray(archive.table["row"])
+    rows = archive.rows
     if not np.array_equal(rows, np.arange(n)):
         problems.append(f"{INDEX_NAME} does not list rows 0..{n - 1} in order")
     _check_status(archive.status, problems)

@@ -551,6 +551,37 @@ def test_index_read_in_parts_is_one_astropy_read(tmp_path, monkeypatch, n, extra
         assert len(lines_read) == max(1, -(-n // 5))
 
 
+def test_index_that_astropy_refuses_is_read_whole_for_the_error(tmp_path, monkeypatch):
+    """Test that a line astropy cannot parse, in the second part of an index,
+    gets astropy's error for the whole file: it names the line in the file,
+    not in the part."""
+    from astropy.io.ascii import InconsistentTableError
+
+    from cutana.io import fits as fits_io
+
+    monkeypatch.setattr(fits_io, "INDEX_PART_ROWS", 5)
+    ids, status, files, messages, ra, dec = _index_inputs(12)
+    path = write_index(tmp_path, np.arange(12), ids, status, files, messages)
+    with open(path, encoding="utf-8") as fh:
+        lines = fh.readlines()
+    data = next(i for i, line in enumerate(lines) if line[0] != "#") + 1
+    lines[data + 7] = "7 only-two\n"
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.writelines(lines)
+    with pytest.raises(InconsistentTableError) as whole:
+        Table.read(path, format="ascii.ecsv")
+    assert "data line 7" in str(whole.value)
+    with pytest.raises(InconsistentTableError) as ours:
+        read_index(tmp_path)
+    assert str(ours.value) == str(whole.value)
+    with pytest.raises(ValueError, match="data line 7"):
+        open_output(tmp_path)
+    assert any(
+        p.startswith(f"cannot read {INDEX_NAME}") and "data line 7" in p
+        for p in verify_output(tmp_path)
+    )
+
+
 def test_overwrite_reads_the_index_in_parts(tmp_path, monkeypatch):
     """Test that replacing a FITS output removes the files its index lists
     (read in parts), also one without cutana's keyword, and keeps a foreign

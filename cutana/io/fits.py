@@ -59,7 +59,7 @@ INDEX_NAME = "index.ecsv"
 #: Rows of ``index.ecsv`` that astropy formats at once: its writer holds
 #: about 1.3 kB per row while it formats them (1.26 GB for 1,000,000 rows
 #: written at once), so that a large catalogue's index is written in parts.
-#: Its reader holds about 1.6 kB per row: the index is read in parts too.
+#: Its reader holds about 1.2 kB per row: the index is read in parts too.
 INDEX_PART_ROWS = 50_000
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
@@ -953,11 +953,12 @@ _INDEX_DTYPES = {
 def read_index(out_dir):
     """Read the ``index.ecsv`` of a FITS output, `INDEX_PART_ROWS` rows at a time.
 
-    astropy's ECSV reader holds about 1.6 kB per row while it reads (316 MB
+    astropy's ECSV reader holds about 1.2 kB per row while it reads (235 MB
     for the index of 200,000 rows read at once). Each part of the data
     lines is read as a whole ECSV text behind the file's header, and only
     its columns' arrays are kept. A file with a quoted value that goes on
-    to the next line (an odd number of quotes in a line) is read at once.
+    to the next line (an odd number of quotes in a line), or that astropy
+    cannot parse, is read at once (so that astropy's error names the line).
 
     Parameters
     ----------
@@ -990,29 +991,34 @@ def read_index(out_dir):
     ['r']
     """
     path = os.path.join(os.fspath(out_dir), INDEX_NAME)
-    header, parts = [], []
+    header, parts, lines = [], [], []
     with open(path, encoding="utf-8", newline="") as fh:
         for line in fh:
             header.append(line)
             if not line.startswith("#"):
                 break  # the column names
-        lines = []
-        for line in fh:
-            if line.count('"') % 2:
-                return _index_columns([Table.read(path, format="ascii.ecsv")])
-            lines.append(line)
-            if len(lines) == INDEX_PART_ROWS:
-                parts.append(_index_part(header, lines))
-                lines = []
-        if lines or not parts:
-            parts.append(_index_part(header, lines))
-    return _index_columns(parts)
+        try:
+            for line in fh:
+                if line.count('"') % 2:
+                    break  # a value goes on to the next line
+                lines.append(line)
+                if len(lines) == INDEX_PART_ROWS:
+                    parts.append(_index_part(header, lines))
+                    lines = []
+            else:
+                if lines or not parts:
+                    parts.append(_index_part(header, lines))
+                return _joined_parts(parts)
+        except ValueError:  # (astropy's errors) the whole file says where
+            pass
+    del parts, lines
+    return _table_columns(Table.read(path, format="ascii.ecsv"))
 
 
 def _index_part(header, lines):
     """`IndexColumns` of the data ``lines`` of an index behind its ``header``."""
     table = Table.read(header + lines, format="ascii.ecsv")
-    part = _index_columns([table])
+    part = _table_columns(table)
     # a table's columns and the table refer to each other: only the cyclic
     # collector frees them (see `_write_index_parts`)
     del table
@@ -1020,38 +1026,38 @@ def _index_part(header, lines):
     return part
 
 
-def _index_columns(parts):
-    """One `IndexColumns` of the tables or `IndexColumns` ``parts``, in order."""
-    tables = [p for p in parts if not isinstance(p, IndexColumns)]
-    if tables:  # (each table alone, from `_index_part` or a whole read)
-        (table,) = tables
-        missing = [c for c in ("row", "source_id", "status", "file")
-                   if c not in table.colnames]
-        if missing:
-            msg = f"{INDEX_NAME} has no column {missing[0]!r}"
-            raise ValueError(msg)
-        columns = {
-            name: _filled_column(table[name], dtype)
-            for name, dtype in _INDEX_DTYPES.items()
-            if name in table.colnames
-        }
-        messages = {}
-        if "message" in table.colnames:
-            text = _filled_column(table["message"], str)
-            messages = {int(i): str(text[i]) for i in np.flatnonzero(text != "")}
-        return IndexColumns(dict(table.meta), columns, messages)
-    first = parts[0]
+def _table_columns(table):
+    """`IndexColumns` of an index read as an astropy ``table``."""
+    needed = ("row", "source_id", "status", "file")
+    missing = [c for c in needed if c not in table.colnames]
+    if missing:
+        msg = f"{INDEX_NAME} has no column {missing[0]!r}"
+        raise ValueError(msg)
+    columns = {
+        name: _filled_column(table[name], dtype)
+        for name, dtype in _INDEX_DTYPES.items()
+        if name in table.colnames
+    }
+    messages = {}
+    if "message" in table.colnames:
+        text = _filled_column(table["message"], str)
+        messages = {int(i): str(text[i]) for i in np.flatnonzero(text != "")}
+    return IndexColumns(dict(table.meta), columns, messages)
+
+
+def _joined_parts(parts):
+    """One `IndexColumns` of the `IndexColumns` ``parts``, in order."""
     if len(parts) == 1:
-        return first
+        return parts[0]
     columns = {
         name: np.concatenate([p.columns[name] for p in parts])
-        for name in first.columns
+        for name in parts[0].columns
     }
     messages, offset = {}, 0
     for p in parts:
         messages.update({offset + i: m for i, m in p.messages.items()})
         offset += len(p)
-    return IndexColumns(first.meta, columns, messages)
+    return IndexColumns(parts[0].meta, columns, messages)
 
 
 def _filled_column(col, dtype):

@@ -334,6 +334,30 @@ def test_verify_detects_tampering(survey, tmp_path, capsys):
     assert main(["verify", str(out)]) == 1
 
 
+def test_verify_of_the_folder_above_an_output_names_it(survey, tmp_path, capsys):
+    """Test that ``cutana verify`` and ``cutana.open`` of a folder that is
+    no output, but holds outputs (as ``cutana demo --output DIR`` leaves
+    ``DIR/cutouts``), name the outputs inside it."""
+    top = tmp_path / "top"
+    (top / "notes").mkdir(parents=True)
+    assert main(["verify", str(top)]) == 1
+    alone = f"{top} is not a cutana output (no zarr.json and no index.ecsv)"
+    assert capsys.readouterr().out.strip() == alone
+    for name, fmt in [("b.zarr", "zarr"), ("a", "fits")]:
+        assert main(["run", survey.catalogue_path, "-o", str(top / name),
+                     "--size", "15", "--format", fmt, "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["verify", str(top)]) == 1
+    both = f"{alone}, but {top / 'a'}, {top / 'b.zarr'} are"
+    assert capsys.readouterr().out.strip() == both
+    shutil.rmtree(top / "a")
+    with pytest.raises(FileNotFoundError) as exc:
+        cutana.open(top)
+    assert str(exc.value) == f"{alone}, but {top / 'b.zarr'} is"
+    with pytest.raises(FileNotFoundError, match="^[^,]*$"):
+        cutana.open(tmp_path / "nowhere")
+
+
 @pytest.mark.parametrize("fmt", ["zarr", "fits"])
 def test_verify_of_an_output_made_from_a_table_in_memory(
     survey, tmp_path, caplog, fmt

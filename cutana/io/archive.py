@@ -613,8 +613,7 @@ def open_output(path):
         return ZarrArchive(path)
     if os.path.isfile(os.path.join(path, INDEX_NAME)):
         return FitsArchive(path)
-    msg = f"{path} is not a cutana output (no zarr.json and no {INDEX_NAME})"
-    raise FileNotFoundError(msg)
+    raise FileNotFoundError(_not_an_output(path))
 
 
 def _listed(rows):
@@ -923,7 +922,29 @@ def verify_output(path):
     elif os.path.isfile(os.path.join(path, INDEX_NAME)):
         _verify_fits(path, problems)
     else:
-        problems.append(
-            f"{path} is not a cutana output (no zarr.json and no {INDEX_NAME})"
-        )
+        problems.append(_not_an_output(path))
     return problems
+
+
+def _not_an_output(path):
+    """Why ``path`` is not a cutana output, naming the outputs one folder
+    down if there are any (``cutana demo --output DIR`` writes its cutouts
+    to ``DIR/cutouts``)."""
+    msg = f"{path} is not a cutana output (no zarr.json and no {INDEX_NAME})"
+    try:
+        entries = sorted(os.scandir(path), key=lambda e: e.name)
+    except OSError:  # not a folder, or not readable: nothing to suggest
+        return msg
+    inside = [
+        e.path for e in entries
+        if e.is_dir() and any(
+            os.path.isfile(os.path.join(e.path, name))
+            for name in ("zarr.json", INDEX_NAME)
+        )
+    ]
+    if len(inside) == 1:
+        msg += f", but {inside[0]} is"
+    elif inside:
+        more = ", ..." if len(inside) > 3 else ""
+        msg += f", but {', '.join(inside[:3])}{more} are"
+    return msg

@@ -2,6 +2,7 @@
 """Tests of the FITS writer, safe file names and the FITS index."""
 
 import os
+import threading
 import warnings
 
 import numpy as np
@@ -584,8 +585,8 @@ def test_index_that_astropy_refuses_is_read_whole_for_the_error(tmp_path, monkey
 
 def test_overwrite_reads_the_index_in_parts(tmp_path, monkeypatch):
     """Test that replacing a FITS output removes the files its index lists
-    (read in parts), also one without cutana's keyword, and keeps a foreign
-    one."""
+    (read in parts), also one without cutana's keyword, by a pool of
+    threads in batches, and keeps a foreign one."""
     from cutana.io import fits as fits_io
 
     monkeypatch.setattr(fits_io, "INDEX_PART_ROWS", 2)
@@ -602,8 +603,20 @@ def test_overwrite_reads_the_index_in_parts(tmp_path, monkeypatch):
     # a listed file is ours by the index alone (its header says nothing)
     fits.PrimaryHDU().writeto(out / names[3], overwrite=True)
     assert len(os.listdir(out)) == n + 3  # the files, the index, the state
+    monkeypatch.setattr(fits_io, "_REMOVE_BATCH", 2)
+    removed, real_remove = [], os.remove
+
+    def spy(path):
+        removed.append((os.path.basename(path), threading.current_thread().name))
+        real_remove(path)
+
+    monkeypatch.setattr(os, "remove", spy)
     FitsWriter.create(out, ["b"], overwrite=True)
+    monkeypatch.setattr(os, "remove", real_remove)
     assert sorted(os.listdir(out)) == [".cutana", "foreign.fits"]
+    files = {name: thread for name, thread in removed if name.endswith(".fits")}
+    assert sorted(files) == sorted(names)  # in batches of 2, by the pool
+    assert "MainThread" not in files.values()
 
 
 def test_create_refuses_and_overwrites_safely(tmp_path):

@@ -349,6 +349,48 @@ def _scaled_sip(sip, scale, crpix):
     )
 
 
+def _resample_scale(shape, out_shape):
+    """``(sx, sy)`` input pixels per output pixel of a resampled cutout."""
+    return np.array([shape[1] / out_shape[1], shape[0] / out_shape[0]], dtype=float)
+
+
+def _cutout_crpix(crpix, origin_xy, shape, out_shape=None):
+    """The reference pixel of a cutout's WCS (`cutout_wcs`), from the image's.
+
+    Parameters
+    ----------
+    crpix : array-like of float
+        ``(2,)`` FITS ``CRPIX`` (1-based) of the whole image.
+    origin_xy : tuple of int
+        ``(x, y)`` of the cutout's first pixel in the image.
+    shape : tuple of int
+        ``(ny, nx)`` of the cutout as extracted.
+    out_shape : tuple of int, optional
+        ``(ny, nx)`` after resampling with aligned pixel centres.
+
+    Returns
+    -------
+    crpix : `~numpy.ndarray`
+        ``(2,)`` the cutout's ``CRPIX``, the very values `cutout_wcs` gives.
+
+    Examples
+    --------
+    >>> from cutana.cutout import _cutout_crpix
+    >>> _cutout_crpix([50.5, 50.5], (10, 20), (32, 32)).tolist()
+    [40.5, 30.5]
+    >>> _cutout_crpix([50.5, 50.5], (10, 20), (32, 32), (16, 16)).tolist()
+    [20.5, 15.5]
+    """
+    crpix = np.asarray(crpix, dtype=np.float64)
+    crpix = crpix - np.asarray(origin_xy, dtype=np.float64)
+    if out_shape is not None and tuple(out_shape) != tuple(shape):
+        # input pixel p (0-based) = (q + 0.5) * s - 0.5 with s = n_in / n_out
+        # FITS CRPIX is 1-based: p1 = p + 1, q1 = q + 1
+        # p1 = (q1 - 0.5) * s + 0.5  ->  q1 = (p1 - 0.5) / s + 0.5
+        crpix = (crpix - 0.5) / _resample_scale(shape, out_shape) + 0.5
+    return crpix
+
+
 def cutout_wcs(wcs, origin_xy, shape, out_shape=None):
     """Build the WCS of a cutout, as `astropy.nddata.Cutout2D` does.
 
@@ -399,19 +441,13 @@ def cutout_wcs(wcs, origin_xy, shape, out_shape=None):
     """
     origin = np.asarray(origin_xy, dtype=np.float64)
     new = deepcopy(wcs)
-    new.wcs.crpix -= origin
+    new.wcs.crpix = _cutout_crpix(wcs.wcs.crpix, origin, shape, out_shape)
     if wcs.sip is not None:
         new.sip = Sip(
             wcs.sip.a, wcs.sip.b, wcs.sip.ap, wcs.sip.bp, wcs.sip.crpix - origin
         )
     if out_shape is not None and tuple(out_shape) != tuple(shape):
-        # input pixel p (0-based) = (q + 0.5) * s - 0.5 with s = n_in / n_out
-        scale = np.array(
-            [shape[1] / out_shape[1], shape[0] / out_shape[0]], dtype=float
-        )
-        # FITS CRPIX is 1-based: p1 = p + 1, q1 = q + 1
-        # p1 = (q1 - 0.5) * s + 0.5  ->  q1 = (p1 - 0.5) / s + 0.5
-        new.wcs.crpix = (new.wcs.crpix - 0.5) / scale + 0.5
+        scale = _resample_scale(shape, out_shape)
         if new.wcs.has_cd():
             new.wcs.cd = new.wcs.cd * scale[None, :]
         else:

@@ -765,6 +765,73 @@ def _sip_wcs():
     return WCS(header)
 
 
+def _cd_wcs():
+    """A tile WCS with a CD matrix (rotated), far from its reference pixel."""
+    w = WCS(naxis=2)
+    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    w.wcs.crval = [10.0, -45.0]
+    w.wcs.crpix = [-1234.25, 9876.5]
+    w.wcs.cd = [[-2.7e-5, 1.1e-6], [1.3e-6, 2.7e-5]]
+    return w
+
+
+def _astropy_wcs_text(wcs, origin, shape, out_shape):
+    from cutana.cutout import cutout_wcs
+    from cutana.io.fits import _wcs_header
+
+    header = _wcs_header(cutout_wcs(wcs, origin, shape, out_shape))
+    return header.tostring(endcard=False, padding=False)
+
+
+@pytest.mark.parametrize("kind", ["pc", "sip", "cd"])
+@pytest.mark.parametrize("resampled", [False, True])
+def test_cutout_headers_are_astropys(kind, resampled, monkeypatch):
+    """Test that the WCS header texts `_CutoutHeaders` makes (astropy's for
+    the first two cutouts of a shape, the first one's text with wcslib's
+    CRPIX cards for the next) equal astropy's for every cutout: PC, CD and
+    SIP tile WCS, extracted and resampled shapes, origins off the tile."""
+    from cutana.io import fits as fits_io
+
+    wcs = {"pc": _tile_wcs, "sip": _sip_wcs, "cd": _cd_wcs}[kind]()
+    headers = fits_io._CutoutHeaders(wcs)
+    made = []
+    real = headers._astropy
+    monkeypatch.setattr(headers, "_astropy", lambda w: made.append(1) or real(w))
+    rng = np.random.default_rng(11)
+    shapes = [(9, 8), (33, 33), (128, 128), (1, 1)]
+    for _ in range(120):
+        shape = shapes[int(rng.integers(len(shapes)))]
+        origin = (int(rng.integers(-200, 20000)), int(rng.integers(-200, 20000)))
+        out = (16, 16) if resampled else shape
+        text, keys = headers.text(origin, shape, out)
+        assert text == _astropy_wcs_text(wcs, origin, shape, out)
+        assert keys == {c[:8].strip() for c in _cards(text)}
+    assert len(made) == 2 * len(shapes)  # astropy made only the first two
+
+
+def _cards(text):
+    return [text[i : i + 80] for i in range(0, len(text), 80)]
+
+
+def test_cutout_headers_that_differ_are_made_by_astropy(monkeypatch):
+    """Test that when the second cutout of a shape, made both ways, differs
+    (here: a spoilt CRPIX card), astropy makes every header of that shape."""
+    from cutana.io import fits as fits_io
+
+    wcs = _sip_wcs()
+    headers = fits_io._CutoutHeaders(wcs)
+    real = fits_io._CutoutHeaders._with_crpix
+    monkeypatch.setattr(
+        fits_io._CutoutHeaders, "_with_crpix",
+        staticmethod(lambda *a: real(*a).replace("CRPIX1  =", "CRPIX1  = 1 ")[:-3]),
+    )
+    for k in range(6):
+        origin, shape = (k * 7 - 3, 5 - k), (9, 8)
+        text, _ = headers.text(origin, shape, shape)
+        assert text == _astropy_wcs_text(wcs, origin, shape, shape)
+    assert list(headers._shapes.values()) == [None]
+
+
 @pytest.mark.parametrize(
     ("dtype", "wcs_mode", "bands"),
     [

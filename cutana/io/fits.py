@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from astropy.io import fits
 from astropy.table import Table
-from astropy.wcs import WCS
+from astropy.wcs import WCS, WCSHDO_P14, WCSHDO_all
 
 from .._astropy_log import astropy_log_kept
 from ..status import Status
@@ -69,6 +69,9 @@ INDEX_PART_ROWS = 50_000
 #: one thread, 104 with 2, 67 with 4, 51 with 8).
 REMOVE_THREADS = 8
 _REMOVE_BATCH = 4096  # (paths held at once)
+
+#: The header flags astropy's ``WCS.to_header(relax=True)`` gives wcslib.
+_WCSHDO = WCSHDO_P14 | WCSHDO_all
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 _MAX_STEM = 80
@@ -433,11 +436,11 @@ class _Layout:
             frozenset(reserved),
         )
 
-    def file(self, images, wcs_header, cards):
-        """The bytes of one source's file, or None when ``wcs_header`` holds
-        a keyword that astropy would merge with another card (then
+    def file(self, images, wcs_text, keys, cards):
+        """The bytes of one source's file, or None when the WCS header (its
+        card images ``wcs_text`` and its ``keys``, upper case) holds a
+        keyword that astropy would merge with another card (then
         ``FitsWriter._source_hdul`` builds the file)."""
-        keys = {key.upper() for key in wcs_header.keys()}
         if (
             images.shape[1:] != self.shape
             or images.dtype != self.dtype
@@ -450,7 +453,6 @@ class _Layout:
             fits.Card(key, *(value if isinstance(value, tuple) else (value,))).image
             for key, value in cards.items()
         )
-        wcs_text = wcs_header.tostring(endcard=False, padding=False)
         end = "END".ljust(80)
         parts = [_padded((self.primary + own + end).encode("ascii"), b" ")]
         for c, (head, tail) in enumerate(zip(self.head, self.tail, strict=True)):
@@ -464,6 +466,75 @@ class _Layout:
         if self.stored == "uint16":
             return (image ^ np.uint16(0x8000)).astype(">u2").tobytes()
         return np.ascontiguousarray(image, dtype=self.stored).tobytes()
+
+
+class _CutoutHeaders:
+    """The WCS header texts of a tile's cutouts, for `_Layout.file`.
+
+    A cutout's WCS (`cutana.cutout.cutout_wcs`) and its header, made by
+    astropy, take about 0.35 ms, most of what a FITS file costs beyond
+    writing it. Cutouts of one shape (extracted and written) have the same
+    header but for their reference pixel: astropy makes the header of the
+    first cutout of each shape, and the next ones take its text with their
+    own ``CRPIX1`` and ``CRPIX2`` cards, which wcslib writes from that
+    cutout's WCS given their reference pixel (computed as
+    `cutana.cutout.cutout_wcs` computes it), as it wrote the first one's
+    for astropy. The second cutout of each shape is made both ways: if the
+    texts differ (another astropy, say), astropy makes every header of
+    that shape.
+    """
+
+    _CARDS = ("CRPIX1  ", "CRPIX2  ")
+
+    def __init__(self, tile_wcs):
+        self.tile_wcs = tile_wcs
+        # (shape, out shape) -> [WCS, card images, keys, CRPIX card indices,
+        # checked]; None where astropy makes every header
+        self._shapes = {}
+
+    def text(self, origin, shape, out_shape):
+        """``(card images, upper-case keywords)`` of a cutout's WCS header."""
+        from ..cutout import _cutout_crpix, cutout_wcs
+
+        shape, out_shape = tuple(int(v) for v in shape), tuple(out_shape)
+        key = (shape, out_shape)
+        known = self._shapes.get(key, False)
+        if known:
+            w, cards, keys, where, checked = known
+            crpix = self.tile_wcs.wcs.crpix
+            w.wcs.crpix = _cutout_crpix(crpix, origin, shape, out_shape)
+            text = self._with_crpix(w, cards, where)
+            if text is not None and checked:
+                return text, keys
+        w = cutout_wcs(self.tile_wcs, origin, shape, out_shape)
+        made, keys = self._astropy(w)
+        if known is False:  # the first of its shape
+            cards = [made[i : i + 80] for i in range(0, len(made), 80)]
+            where = [i for i, c in enumerate(cards) if c[:8] in self._CARDS]
+            good = len(where) == 2
+            self._shapes[key] = [w, cards, keys, where, False] if good else None
+        elif known:  # the second: both ways alike, or astropy from now on
+            self._shapes[key] = None if text != made else [*known[:4], True]
+        return made, keys
+
+    @staticmethod
+    def _astropy(w):
+        header = _wcs_header(w)
+        keys = frozenset(key.upper() for key in header.keys())
+        return header.tostring(endcard=False, padding=False), keys
+
+    @staticmethod
+    def _with_crpix(w, cards, where):
+        """``cards`` with the CRPIX cards wcslib writes for ``w``, or None."""
+        raw = w.wcs.to_header(_WCSHDO)
+        found = {raw[i : i + 8]: raw[i : i + 80] for i in range(0, len(raw), 80)}
+        cards = list(cards)
+        for i in where:
+            card = found.get(cards[i][:8])
+            if card is None:
+                return None
+            cards[i] = card
+        return "".join(cards)
 
 
 class FitsWriter:
@@ -674,19 +745,13 @@ class FitsWriter:
         written = np.full(n, "", dtype=object)
         status = np.asarray(result.status)
         layout = _Layout.make(self, images.shape[2:], images.dtype, tile_names, extra)
+        headers = _CutoutHeaders(tile_wcs) if layout is not None else None
         # (renamed to their names once all are on disk)
         with _FileBatch(self._tmp_dir) as batch:
             for k in range(n):
                 if int(status[k]) not in _WRITTEN:
                     continue
                 name = _check_name(files[k])
-                if per_source:
-                    w = wcs[k]
-                elif tile_wcs is not None:
-                    origin, box = result.origin[k], result.box_shape[k]
-                    w = cutout_wcs(tile_wcs, origin, box, images.shape[2:])
-                else:
-                    w = wcs
                 cards = {
                     "SRCID": _text_card(_fits_text(source_id[k]), "source id"),
                     "RA": (float(ra[k]), "[deg] source right ascension"),
@@ -694,13 +759,26 @@ class FitsWriter:
                     "ROW": (int(result.rows[k]), "row in the catalogue (0-based)"),
                     "STATUS": (int(status[k]), Status(int(status[k])).name),
                 }
-                wcs_header = _wcs_header(w)
-                content = None if layout is None else layout.file(
-                    images[k], wcs_header, cards
-                )
+                if per_source:
+                    w = wcs[k]
+                elif tile_wcs is not None:
+                    w = (result.origin[k], result.box_shape[k], images.shape[2:])
+                else:
+                    w = wcs
+                content = None
+                if layout is not None:
+                    if isinstance(w, tuple):  # a cutout of the tile
+                        text, keys = headers.text(*w)
+                    else:
+                        wcs_header = _wcs_header(w)
+                        text = wcs_header.tostring(endcard=False, padding=False)
+                        keys = {key.upper() for key in wcs_header.keys()}
+                    content = layout.file(images[k], text, keys, cards)
                 if content is None:  # keywords astropy would merge: astropy writes
+                    if isinstance(w, tuple):
+                        w = cutout_wcs(tile_wcs, *w)
                     content = self._source_hdul(
-                        images[k], wcs_header, cards, tile_names, extra
+                        images[k], _wcs_header(w), cards, tile_names, extra
                     )
                 batch.write(content, os.path.join(self.out_dir, name))
                 written[k] = name

@@ -1019,10 +1019,9 @@ class IndexColumns:
     meta : dict
         The table's metadata (``bands``, ``config``, ``tiles``, ...).
     columns : dict
-        Column name to ``(N,)`` array, for every column but ``message``:
-        ``row`` (int64), ``source_id`` and ``file`` (str, ``''`` where
-        empty), ``status`` (int16), ``ra`` and ``dec`` (float64) where the
-        index has them.
+        Column name to ``(N,)`` array: ``row`` (int64), ``source_id`` and
+        ``file`` (str, ``''`` where empty), ``status`` (int16), and ``ra``
+        and ``dec`` (float64) where the index has them.
     messages : dict
         Position in the index to message, for the rows that have one.
     """
@@ -1035,7 +1034,8 @@ class IndexColumns:
         return len(self.columns["row"])
 
 
-#: dtypes of the index columns `read_index` keeps (others: as astropy reads).
+#: The columns `read_index` keeps as arrays, and their dtypes (the
+#: ``message`` column is kept as a dict; any other is left out).
 _INDEX_DTYPES = {
     "row": np.int64, "source_id": str, "status": np.int16, "ra": np.float64,
     "dec": np.float64, "file": str,

@@ -953,6 +953,16 @@ def plan_cutouts(catalog, **options):
 # ----------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Writes:
+    """How a worker writes its chunk files: `ZarrWriter.write_chunks`'s
+    ``background`` (files written by a thread, `_core_to_spare`) and
+    ``helper`` (every other chunk compressed by a thread, `_helper_fits`)."""
+
+    background: bool = False
+    helper: bool = False
+
+
 @dataclass
 class _CutTask:
     settings: CutSettings
@@ -968,8 +978,7 @@ class _CutTask:
     direct_chunks: list = None
     row_to_job: object = None
     base_status: object = None
-    background_writes: bool = False
-    encode_helper: bool = False
+    writes: _Writes = _Writes()
 
 
 class _Rows:
@@ -991,8 +1000,7 @@ class _AssembleTask:
     chunks: list
     row_to_job: _Rows
     base_status: _Rows
-    background_writes: bool = False
-    encode_helper: bool = False
+    writes: _Writes = _Writes()
 
 
 @dataclass
@@ -1005,8 +1013,7 @@ class _PatchTask:
     status: _Rows
     tile_map: np.ndarray
     clear: _Rows = None
-    background_writes: bool = False
-    encode_helper: bool = False
+    writes: _Writes = _Writes()
 
 
 @dataclass
@@ -1022,8 +1029,7 @@ class _GroupTask:
     chunks: list = None
     row_to_job: _Rows = None
     base_status: _Rows = None
-    background_writes: bool = False
-    encode_helper: bool = False
+    writes: _Writes = _Writes()
 
 
 @dataclass
@@ -1098,7 +1104,7 @@ def _run_task_inner(task):
         writer = ZarrWriter.open(task.out_dir)
         return writer.write_chunks(
             task.chunks, task.row_to_job, task.base_status,
-            background=task.background_writes, helper=task.encode_helper,
+            **dataclasses.asdict(task.writes),
         )
     if isinstance(task, _GroupTask):
         return _run_group(task)
@@ -1106,8 +1112,7 @@ def _run_task_inner(task):
         writer = ZarrWriter.open(task.out_dir)
         return writer.patch_chunks(
             task.chunks, task.row_to_job, task.status, tile_map=task.tile_map,
-            clear=task.clear, background=task.background_writes,
-            helper=task.encode_helper,
+            clear=task.clear, **dataclasses.asdict(task.writes),
         )
     result = cut_job(task.settings, task.tile, task.job, scratch=_SCRATCH)
     if task.format == "zarr":
@@ -1118,8 +1123,7 @@ def _run_task_inner(task):
             writer = ZarrWriter.open(task.out_dir)
             checksums = writer.write_chunks(
                 task.direct_chunks, task.row_to_job, task.base_status,
-                results={result.job_id: result}, background=task.background_writes,
-                helper=task.encode_helper,
+                results={result.job_id: result}, **dataclasses.asdict(task.writes),
             )
             rest = ~np.isin(result.rows // writer.chunk_rows, task.direct_chunks)
         staged = None
@@ -1182,7 +1186,7 @@ def _run_group(task):
     writer = ZarrWriter.open(task.out_dir)
     checksums = writer.write_chunks(
         task.chunks, task.row_to_job, task.base_status, results=results,
-        background=task.background_writes, helper=task.encode_helper,
+        **dataclasses.asdict(task.writes),
     )
     empty = np.zeros(0, dtype=np.int64)
     done = []
@@ -1677,8 +1681,8 @@ class _Runner:
         self.files = None
         if self.fmt == "fits":
             self.files = np.full(self.plan.n_rows, None, dtype=object)
-        self.background_writes = _core_to_spare(prepared.options)
-        self.encode_helper = _helper_fits(self.background_writes, self.plan)
+        background = _core_to_spare(prepared.options)
+        self.writes = _Writes(background, _helper_fits(background, self.plan))
         self.repair = None  # a finished run's failed rows to cut again
         # an interrupted run resumed with a tile readable now that it could
         # not read: its output is resumed again once finished (_readable_since)
@@ -2025,8 +2029,7 @@ class _Runner:
                 out_dir=self.output,
                 format=self.fmt,
                 bands=bands,
-                background_writes=self.background_writes,
-                encode_helper=self.encode_helper,
+                writes=self.writes,
             )
             if self.fmt == "fits":
                 task.ids = cat.source_id[job.rows]
@@ -2038,8 +2041,7 @@ class _Runner:
                 if g not in groups:
                     groups[g] = _GroupTask(
                         members=[], out_dir=self.output,
-                        background_writes=self.background_writes,
-                        encode_helper=self.encode_helper,
+                        writes=self.writes,
                     )
                     tasks.append(groups[g])
                 groups[g].members.append(task)
@@ -2268,8 +2270,7 @@ class _Runner:
                     chunks=group,
                     row_to_job=row_to_job,
                     base_status=base_status,
-                    background_writes=self.background_writes,
-                    encode_helper=self.encode_helper,
+                    writes=self.writes,
                 )
             )
         return tasks
@@ -2670,8 +2671,7 @@ class _Repair:
             task = _CutTask(
                 settings=r.p.settings, tile=r.p.index.tiles[job.tile], job=job,
                 out_dir=r.output, format=r.fmt, bands=bands,
-                background_writes=r.background_writes,
-                encode_helper=r.encode_helper,
+                writes=r.writes,
             )
             if r.fmt == "fits":
                 task.ids = cat.source_id[job.rows]
@@ -2759,8 +2759,7 @@ class _Repair:
                 status=_Rows(lo, r.status[lo:hi].copy()),
                 tile_map=self.tile_map,
                 clear=None if clear is None else _Rows(lo, clear[lo:hi]),
-                background_writes=r.background_writes,
-                encode_helper=r.encode_helper,
+                writes=r.writes,
             ))
         return tasks
 

@@ -1440,9 +1440,12 @@ class ZarrWriter:
                 part = full
             return np.ascontiguousarray(part, dtype=le)
 
-        encode = (lambda part: part.tobytes()) if encoder == "raw" else encoder.encode
+        raw = encoder == "raw"
+        encode = (lambda part: part.tobytes()) if raw else encoder.encode
+        # (a copy of raw bytes holds the GIL: no helper for it)
+        helper = helper and not raw and len(run) > 1
         try:
-            for k, data in _encode_pairs(run, chunk, encode, helper and len(run) > 1):
+            for k, data in _encode_pairs(run, chunk, encode, helper):
                 path = self._chunk_file(name, k)
                 folder = os.path.dirname(path)
                 if folder not in made:  # folders only with '/' keys

@@ -582,6 +582,116 @@ def _band_from_name(path):
     return match.group(1) if match else None
 
 
+def _bands_from_stems(groups):
+    """Band names for files that name none, when their whole names do not
+    line up as bands across tiles (tile key -> `_Record` list, changed in
+    place).
+
+    A file with no band keyword and no Euclid name is its own band, named
+    after the file: ``field1.fits`` and ``field2.fits`` of two tiles would be
+    two bands, each missing from the other tile, and no source could be
+    cut. When no file of any tile names its band, there are several tiles,
+    and their file names do not give every tile the same bands:
+
+    - files alone on their tile are one band, named after the start (else
+      the end) their names share, without separators and digits
+      (``field1``, ``field2``: ``field``), else ``image``; unless two of
+      them have their centres within half an image of each other (then
+      they are bands of one field on different pixel grids, not tiles);
+    - otherwise names are split into words at ``-``, ``_``, ``.`` and
+      blanks; where the names of a tile's files have as many words, the
+      words that differ between them are the band (``T0_g``, ``T0_r``;
+      ``T1_g``, ``T1_r``: ``g``, ``r``), if that gives each tile one file
+      per band and all tiles no more bands than the largest tile has files.
+      The file of a tile with one file (its others unreadable, say) takes
+      the one band that is a word of its name (``T2_r``: ``r``).
+
+    Otherwise the names stay as they are.
+    """
+    recs = [r for group in groups.values() for r in group]
+    if len(groups) < 2 or not recs or any(r.named for r in recs):
+        return
+    if len({frozenset(r.band for r in group) for group in groups.values()}) == 1:
+        return  # the names already give every tile the same bands
+    sizes = {len(group) for group in groups.values()}
+    if sizes == {1}:
+        if _one_field(recs):
+            return  # images of one field: bands on other grids, not tiles
+        band = _shared_name([r.band for r in recs])
+        logger.info(
+            "%d tiles of one file each, none naming its band: band %r for all",
+            len(recs), band,
+        )
+        for r in recs:
+            r.band = band
+        return
+    derived, single = {}, []
+    for key, group in groups.items():
+        if len(group) == 1:
+            single.append(key)
+            continue
+        words = [_words(r.band) for r in group]
+        if len({len(w) for w in words}) != 1:
+            return
+        differ = [k for k in range(len(words[0])) if len({w[k] for w in words}) > 1]
+        names = ["_".join(w[k] for k in differ) for w in words]
+        if len(set(names)) != len(names) or "" in names:
+            return
+        derived[key] = names
+    known = {n for names in derived.values() for n in names}
+    if len(known) > max(sizes):
+        return
+    for key in single:  # a tile with one file (its others unreadable, say)
+        hits = known.intersection(_words(groups[key][0].band))
+        if len(hits) != 1:
+            return
+        derived[key] = [hits.pop()]
+    logger.info(
+        "no tile file names its band: bands %s from the parts of the file "
+        "names that differ within a tile", sorted(known),
+    )
+    for key, names in derived.items():
+        for r, name in zip(groups[key], names, strict=True):
+            r.band = name
+
+
+def _one_field(recs):
+    """Whether the centre of one file's image lies within half an image
+    (the smaller's shorter side) of another's (`_bands_from_stems`)."""
+    from astropy.coordinates import SkyCoord
+
+    centres, half = [], []
+    for r in recs:
+        w = _celestial_wcs(r.header)
+        ny, nx = r.shape
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            centres.append(w.pixel_to_world((nx - 1) / 2, (ny - 1) / 2).icrs)
+        scale = min(q.to_value(u.deg) for q in w.proj_plane_pixel_scales())
+        half.append(0.5 * min(nx, ny) * scale)
+    sky = SkyCoord(
+        [c.ra.deg for c in centres], [c.dec.deg for c in centres], unit="deg"
+    )
+    i, j, sep, _ = sky.search_around_sky(sky, max(half) * u.deg)
+    half = np.asarray(half)
+    close = (i < j) & (sep.deg < np.minimum(half[i], half[j]))
+    return bool(close.any())
+
+
+def _words(stem):
+    """The words of a file name without ending (`_bands_from_stems`)."""
+    return re.split(r"[-_.\s]+", stem)
+
+
+def _shared_name(stems):
+    """What file names without ending share, as a band name (see
+    `_bands_from_stems`)."""
+    strip = "-_. \t0123456789"
+    start = os.path.commonprefix(stems).rstrip(strip)
+    end = os.path.commonprefix([s[::-1] for s in stems])[::-1].lstrip(strip)
+    return start or end or "image"
+
+
 def _wcs_fingerprint(wcs, shape):
     """A key identifying a pixel grid on the sky (rounded WCS + shape)."""
     values = (
@@ -1008,9 +1118,15 @@ class TileIndex:
         Only headers are read. The band of a file comes from its ``BAND``,
         ``FILTER`` or ``FILTNAME`` keyword (in that order), else from its
         name (Euclid ``...MOSAIC-<band>_TILE...``, else the name without
-        ending). Files of one sky tile are grouped by the ``TILEID`` keyword,
-        else by ``TILE<digits>`` in the file name, else by an identical
-        (rounded) WCS and shape; the tiles are in the order of their keys.
+        ending). When no file names its band either way and the names
+        without ending do not give every tile the same bands, files alone on
+        their tile are one band (``field1.fits``, ``field2.fits``: band
+        ``field``), and the parts of the names that differ between the files
+        of one tile are the bands (``T0_g.fits``, ``T0_r.fits``, ``T1_g.fits``,
+        ``T1_r.fits``: bands ``g`` and ``r``). Files of one sky tile are
+        grouped by the ``TILEID`` keyword, else by ``TILE<digits>`` in the
+        file name, else by an identical (rounded) WCS and shape; the tiles
+        are in the order of their keys.
         If two files of one tile give the same band name but their file
         names give different ones (a science image and its RMS map, say),
         the file-name bands are used for them; otherwise the file whose
@@ -1028,6 +1144,7 @@ class TileIndex:
                 continue
             groups.setdefault(rec.key, []).append(rec)
         _report_wcs_notes([r for recs in groups.values() for r in recs])
+        _bands_from_stems(groups)
 
         found = []
         members = {}

@@ -84,6 +84,46 @@ def test_run_with_tiles_glob_and_fits(survey, tmp_path):
     assert (out / "index.ecsv").exists()
 
 
+def test_run_on_tiles_that_name_no_band(tmp_path):
+    """Test that --tiles matching several single-band tiles written by astropy
+    with a bare WCS (no band keyword, no Euclid name) cuts every source
+    that lies on one, as astropy's Cutout2D of its tile does."""
+    from astropy.coordinates import SkyCoord
+    from astropy.io import fits
+    from astropy.nddata import Cutout2D
+    from astropy.table import Table
+    from astropy.wcs import WCS
+
+    rng = np.random.default_rng(5)
+    tiles = []
+    for t in range(3):
+        w = WCS(naxis=2)
+        w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+        w.wcs.crval = [150.0 + 0.01 * t, 2.0]
+        w.wcs.crpix = [40.5, 30.5]
+        w.wcs.cdelt = [-0.2 / 3600, 0.2 / 3600]
+        data = rng.normal(size=(60, 80)).astype(">f4")
+        path = tmp_path / f"field{t}.fits"
+        fits.PrimaryHDU(data, header=w.to_header()).writeto(path)
+        tiles.append((w, data))
+    # sources well inside each tile (8 px from the edges)
+    on = (0, 1, 2, 2)
+    sky = [tiles[t][0].pixel_to_world(*rng.uniform((8, 8), (71, 51))) for t in on]
+    Table({"id": [1, 2, 3, 4], "ra": [s.ra.deg for s in sky],
+           "dec": [s.dec.deg for s in sky]}).write(tmp_path / "cat.csv")
+    out = tmp_path / "o.zarr"
+    code = main(["run", str(tmp_path / "cat.csv"), "-o", str(out), "--tiles",
+                 str(tmp_path / "field*.fits"), "--size", "9", "--no-progress"])
+    assert code == 0
+    result = cutana.open(out)
+    assert result.bands == ["field"]
+    assert np.asarray(result.status).tolist() == [0, 0, 0, 0]
+    for i, t in enumerate(on):
+        w, data = tiles[t]
+        ref = Cutout2D(data, SkyCoord(sky[i]), 9, wcs=w)
+        np.testing.assert_array_equal(np.asarray(result[i])[0], ref.data)
+
+
 def test_existing_output_is_usage_error(survey, tmp_path, capsys):
     """Test that writing into an existing output without --resume exits 2."""
     out = tmp_path / "o.zarr"

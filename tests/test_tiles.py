@@ -158,6 +158,75 @@ def test_group_by_wcs(tmp_path):
     assert tiles["c_r.fits"].shape == (61, 80)
 
 
+def test_tiles_of_one_unnamed_file_each_are_one_band(tmp_path):
+    """Test that tiles of one file each, none naming its band (no keyword, no
+    Euclid name), are one band named after what their file names share,
+    so that every tile has it, instead of one band per file that every
+    other tile lacks."""
+    for t in range(3):
+        make_tile(tmp_path / f"field{t}.fits", (150.0, 2.0 + 0.01 * t), band=None)
+    index = TileIndex.from_paths(str(tmp_path / "field*.fits"))
+    assert index.errors == []
+    assert index.bands == ["field"]
+    assert len(index.tiles) == 3
+    assert sorted(os.path.basename(t.bands[0].path) for t in index.tiles) == [
+        "field0.fits", "field1.fits", "field2.fits"
+    ]
+    for tile in index.tiles:
+        assert tile.missing_bands == () and tile.bands[0].band == "field"
+    # names that share nothing give the band 'image'; one tile keeps its name
+    os.rename(tmp_path / "field1.fits", tmp_path / "other.fits")
+    index = TileIndex.from_paths(str(tmp_path / "*.fits"))
+    assert index.bands == ["image"] and len(index.tiles) == 3
+    assert TileIndex.from_paths(str(tmp_path / "other.fits")).bands == ["other"]
+
+
+def test_unnamed_images_of_one_field_stay_bands(tmp_path):
+    """Test that single files whose images share a centre (bands of one field
+    on other pixel grids, not tiles of one band) keep their names as bands."""
+    make_tile(tmp_path / "img_g.fits", band=None)
+    make_tile(tmp_path / "img_r.fits", (150.0 + 2e-4, 2.0), band=None,
+              shape=(30, 40), scale=2 * SCALE)
+    index = TileIndex.from_paths(str(tmp_path / "img_*.fits"))
+    assert len(index.tiles) == 2
+    assert index.bands == ["img_g", "img_r"]
+
+
+@pytest.mark.parametrize(
+    ("names", "expected"),
+    [
+        # the words that differ within a tile are the band
+        ({"A": ("T0_g", "T0_r"), "B": ("T1_g", "T1_r")}, "g r g r"),
+        ({"A": ("deep.3.r.sci", "deep.3.i.sci"), "B": ("deep.4.r.sci", "deep.4.i.sci")},
+         "r i r i"),
+        # a tile of one file (its other unreadable, say) takes its band's word
+        ({"A": ("T0_g", "T0_r"), "B": ("T1_r",)}, "g r r"),
+        # names that do not split alike stay whole
+        ({"A": ("T0_g", "T0_r"), "B": ("T1_x", "T1_y")}, None),
+        ({"A": ("T0_g", "T0_g_rms"), "B": ("T1_g", "T1_g_rms")}, None),
+        ({"A": ("T0_g", "T0_r"), "B": ("T1_z",)}, None),
+    ],
+)
+def test_unnamed_bands_from_what_differs_within_a_tile(tmp_path, names, expected):
+    """Test that when no file names its band and the file names do not give
+    every tile the same bands, the words of the names that differ between a
+    tile's files are the bands, if that lines the tiles up; otherwise each
+    file's name without ending stays its band."""
+    stems = [stem for group in names.values() for stem in group]
+    for t, (sky, group) in enumerate(names.items()):
+        for k, stem in enumerate(group):
+            make_tile(tmp_path / f"{stem}.fits", (150.0, 2.0 + 0.01 * t), band=None,
+                      tileid=sky, seed=k)
+    index = TileIndex.from_paths(str(tmp_path / "*.fits"))
+    assert index.errors == []
+    assert len(index.tiles) == 2
+    got = {os.path.basename(b.path)[:-5]: b.band
+           for t in index.tiles for b in t.bands if b is not None}
+    want = stems if expected is None else expected.split()
+    assert got == dict(zip(stems, want, strict=True))
+    assert sorted(index.bands) == sorted(set(want))
+
+
 def test_tiles_are_numbered_whatever_files_are_missing(tmp_path):
     """Test that the tiles are in the order of their keys, also when the
     first file of a tile is missing: a tile's number (and which of two

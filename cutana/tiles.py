@@ -657,16 +657,20 @@ def _bands_from_stems(groups):
 
 def _one_field(recs):
     """Whether the centre of one file's image lies within half an image
-    (the smaller's shorter side) of another's (`_bands_from_stems`)."""
+    (the smaller's shorter side) of another's (`_bands_from_stems`); also
+    when a centre cannot be placed in ICRS."""
     from astropy.coordinates import SkyCoord
 
     centres, half = [], []
     for r in recs:
         w = _celestial_wcs(r.header)
         ny, nx = r.shape
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            centres.append(w.pixel_to_world((nx - 1) / 2, (ny - 1) / 2).icrs)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                centres.append(w.pixel_to_world((nx - 1) / 2, (ny - 1) / 2).icrs)
+        except Exception:  # noqa: BLE001 - a frame astropy cannot convert
+            return True
         scale = min(q.to_value(u.deg) for q in w.proj_plane_pixel_scales())
         half.append(0.5 * min(nx, ny) * scale)
     sky = SkyCoord(

@@ -262,6 +262,14 @@ def extension_names(bands):
     return names
 
 
+def _wcs_text(w):
+    """``(card images, upper-case keywords)`` of `_wcs_header` ``(w)``, for
+    `_Layout.file`."""
+    header = _wcs_header(w)
+    keys = frozenset(key.upper() for key in header.keys())
+    return header.tostring(endcard=False, padding=False), keys
+
+
 def _wcs_header(w):
     if w is None:
         return fits.Header()
@@ -507,7 +515,7 @@ class _CutoutHeaders:
             if text is not None and checked:
                 return text, keys
         w = cutout_wcs(self.tile_wcs, origin, shape, out_shape)
-        made, keys = self._astropy(w)
+        made, keys = _wcs_text(w)
         if known is False:  # the first of its shape
             cards = [made[i : i + 80] for i in range(0, len(made), 80)]
             where = [i for i, c in enumerate(cards) if c[:8] in self._CARDS]
@@ -516,12 +524,6 @@ class _CutoutHeaders:
         elif known:  # the second: both ways alike, or astropy from now on
             self._shapes[key] = None if text != made else [*known[:4], True]
         return made, keys
-
-    @staticmethod
-    def _astropy(w):
-        header = _wcs_header(w)
-        keys = frozenset(key.upper() for key in header.keys())
-        return header.tostring(endcard=False, padding=False), keys
 
     @staticmethod
     def _with_crpix(w, cards, where):
@@ -770,9 +772,7 @@ class FitsWriter:
                     if isinstance(w, tuple):  # a cutout of the tile
                         text, keys = headers.text(*w)
                     else:
-                        wcs_header = _wcs_header(w)
-                        text = wcs_header.tostring(endcard=False, padding=False)
-                        keys = {key.upper() for key in wcs_header.keys()}
+                        text, keys = _wcs_text(w)
                     content = layout.file(images[k], text, keys, cards)
                 if content is None:  # keywords astropy would merge: astropy writes
                     if isinstance(w, tuple):

@@ -2021,11 +2021,16 @@ def _grid_difference(ref, band):
     Every band of a tile is cut at the same pixels, those of the reference
     band: the shapes must be equal, and so the WCS (reference pixel and
     value, pixel scale matrix, projection), to a thousandth of a pixel
-    (headers written with fewer digits still agree).
+    (headers written with fewer digits still agree). Files whose WCS
+    headers are the same (as astropy writes them) share the grid without
+    the comparison of distortions, which cannot place every pixel where a
+    distortion cannot be inverted (strong TPV or SIP terms at the corners).
     """
     if tuple(band.shape) != tuple(ref.shape):
         return f"its shape {tuple(band.shape)} is not {tuple(ref.shape)}"
     w, r = band.wcs(), ref.wcs()
+    if _wcs_header_text(w) == _wcs_header_text(r):
+        return None
     if list(w.wcs.ctype) != list(r.wcs.ctype):
         return f"its projection {list(w.wcs.ctype)} is not {list(r.wcs.ctype)}"
     if not np.allclose(w.wcs.crpix, r.wcs.crpix, rtol=0, atol=1e-3):
@@ -2052,6 +2057,13 @@ def _grid_difference(ref, band):
         worst = float(np.max(np.where(np.isfinite(off), off, np.inf)))
         return f"its distortion differs: pixels map up to {worst:.3g} pixels apart"
     return None
+
+
+def _wcs_header_text(wcs):
+    """The WCS header astropy writes for ``wcs`` (SIP and PV terms too)."""
+    with astropy_log_kept(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return wcs.to_header(relax=True).tostring()
 
 
 def _one_grid(key, entries, bands, errors):

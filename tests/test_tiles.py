@@ -903,6 +903,27 @@ def test_band_with_other_distortion_is_left_out(tmp_path):
     assert "its distortion differs: pixels map up to" in dict(index.errors)[paths[1]]
 
 
+def test_bands_with_one_strongly_distorted_wcs_share_the_grid(tmp_path):
+    """Test that band files with the same TPV WCS, whose inverse wcslib
+    cannot find at some corners, are one pixel grid (both bands cut), not
+    'distortion differs'."""
+    tpv = dict(
+        CTYPE1="RA---TPV", CTYPE2="DEC--TPV", CRVAL1=150.0, CRVAL2=2.0,
+        CRPIX1=200.3, CRPIX2=199.3, CDELT1=-0.2 / 3600, CDELT2=0.2 / 3600,
+        PV1_0=0.0, PV1_1=1.0, PV1_2=0.0, PV1_4=2e-3, PV1_5=-1e-3,
+        PV2_0=0.0, PV2_1=1.0, PV2_2=0.0, PV2_4=2e-3, PV2_5=-1e-3, TILEID="7",
+    )  # fmt: skip
+    for band, dtype in (("g", np.float32), ("r", np.int16)):
+        h = fits.Header()
+        h.update(tpv)
+        h["BAND"] = band
+        path = tmp_path / f"{band}.fits"
+        fits.PrimaryHDU(np.zeros((400, 400), dtype), h).writeto(path)
+    index = TileIndex.from_paths(str(tmp_path / "*.fits"))
+    assert index.errors == []
+    assert [b.band for b in index.tiles[0].bands] == ["g", "r"]
+
+
 def test_assign_scalar_size_and_empty(tmp_path):
     """Test assign() with one size for all sources and with no sources."""
     make_tile(tmp_path / "a.fits", (150.0, 2.0), tileid="A")

@@ -122,7 +122,9 @@ class Catalog:
     fits_file_paths : list of tuple of str, or None
         Per row, the tile files of the source, one per band (ESA Cutana's
         ``fits_file_paths`` column; relative paths resolved against the
-        catalogue's folder), or None when the catalogue has no such column.
+        catalogue's folder, or against the working directory when only
+        there is such a file), or None when the catalogue has no such
+        column.
         Rows whose cell is invalid hold an empty tuple.
     status : `~numpy.ndarray` of int16
         `~cutana.Status.OK` or `~cutana.Status.BAD_ROW` per row.
@@ -1062,8 +1064,11 @@ def _adjacent_strings(text):
     return any(a == b == tokenize.STRING for a, b in pairs)
 
 
-def _parse_files(value, folder):
-    """One ``fits_file_paths`` cell as a tuple of paths, or None if invalid."""
+def _parse_files(value, folder, resolved=None):
+    """One ``fits_file_paths`` cell as a tuple of paths, or None if invalid.
+
+    ``resolved`` (a dict) keeps the relative paths already resolved.
+    """
     if value is None:
         return None
     if isinstance(value, bytes):
@@ -1095,11 +1100,29 @@ def _parse_files(value, folder):
             return None
         p = p.strip()
         if folder is not None and "://" not in p:
-            p = os.path.expanduser(p)
-            if not os.path.isabs(p):
-                p = os.path.normpath(os.path.join(folder, p))
+            if resolved is None:
+                p = _resolve_relative(os.path.expanduser(p), folder)
+            elif p in resolved:
+                p = resolved[p]
+            else:
+                p = resolved[p] = _resolve_relative(os.path.expanduser(p), folder)
         paths.append(p)
     return tuple(paths)
+
+
+def _resolve_relative(path, folder):
+    """A relative tile path of a catalogue file, made absolute.
+
+    Against the catalogue's folder; but when no file is there and one is
+    at the path taken from the working directory, as ESA Cutana reads it,
+    that one.
+    """
+    if os.path.isabs(path):
+        return path
+    beside = os.path.normpath(os.path.join(folder, path))
+    if not os.path.exists(beside) and os.path.exists(path):
+        return os.path.abspath(path)
+    return beside
 
 
 def _one_per_row(values, name, source):
@@ -1209,8 +1232,11 @@ def read_catalog(
       paths.
 
     Invalid RA, Dec and size values become NaN. Relative paths in
-    ``fits_file_paths`` are resolved against the catalogue file's folder
-    (for an in-memory table they are kept as given); URLs are kept as given.
+    ``fits_file_paths`` are resolved against the catalogue file's folder;
+    a path that names no file there but one in the working directory (as
+    ESA Cutana, which opens the paths as given, reads it) is resolved
+    against the working directory. For an in-memory table paths are kept as
+    given; URLs are kept as given.
     Without an id column, the id of each row is its row number.
 
     Examples
@@ -1419,6 +1445,7 @@ def read_catalog(
     if files_name is not None:
         raw, mask, _ = cols.get(files_name)
         cache = {}
+        resolved = {}
         files = []
         bad_files = np.zeros(n, dtype=bool)
         # object cells may be arrays (Parquet lists); a 2-D column (FITS
@@ -1430,9 +1457,9 @@ def read_catalog(
             elif isinstance(cell, str):
                 parsed = cache.get(cell, False)
                 if parsed is False:
-                    parsed = cache[cell] = _parse_files(cell, folder)
+                    parsed = cache[cell] = _parse_files(cell, folder, resolved)
             else:
-                parsed = _parse_files(cell, folder)
+                parsed = _parse_files(cell, folder, resolved)
             if parsed is None:
                 bad_files[i] = True
                 files.append(())

@@ -482,6 +482,33 @@ def test_fits_file_paths_forms(tmp_path):
     assert ignored.fits_file_paths is None
 
 
+def test_fits_file_paths_relative_to_the_working_directory(tmp_path, monkeypatch):
+    """Test that a relative path naming a file only from the working
+    directory (as ESA Cutana opens it) is taken from there, and one naming
+    a file beside the catalogue from the catalogue's folder."""
+    sub = tmp_path / "cats"
+    (sub / "data").mkdir(parents=True)
+    (tmp_path / "data").mkdir()
+    for folder in (tmp_path / "data", sub / "data"):
+        (folder / "both.fits").write_bytes(b"")
+    (tmp_path / "data" / "here.fits").write_bytes(b"")
+    path = sub / "cutana.csv"
+    path.write_text(
+        "SourceID,RA,Dec,diameter_pixel,fits_file_paths\n"
+        "1,1,1,10,\"['data/here.fits', 'data/both.fits']\"\n"
+        "2,1,1,10,data/nowhere.fits\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    cat = read_catalog(path)
+    assert cat.fits_file_paths == [
+        (str(tmp_path / "data" / "here.fits"), str(sub / "data" / "both.fits")),
+        (str(sub / "data" / "nowhere.fits"),),
+    ]
+    # from another working directory, the catalogue's folder as before
+    monkeypatch.chdir(sub)
+    assert read_catalog(path).fits_file_paths[0][0] == str(sub / "data" / "here.fits")
+
+
 def test_fits_file_paths_list_cells(tmp_path):
     """Test that real list cells (Parquet, DataFrame) are read as tuples."""
     pd = pytest.importorskip("pandas")

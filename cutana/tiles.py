@@ -590,28 +590,36 @@ def _bands_from_stems(groups):
     A file with no band keyword and no Euclid name is its own band, named
     after the file: ``field1.fits`` and ``field2.fits`` of two tiles would be
     two bands, each missing from the other tile, and no source could be
-    cut. When no file of any tile names its band, there are several tiles,
-    and their file names do not give every tile the same bands:
+    cut; ``g/T0.fits`` and ``r/T0.fits`` would be two files of one band.
+    When no file of any tile names its band, and either there are several
+    tiles whose file names do not give every tile the same bands, or two
+    files of one tile have the same name:
 
     - files alone on their tile are one band, named after the start (else
       the end) their names share, without separators and digits
       (``field1``, ``field2``: ``field``), else ``image``; unless two of
       them have their centres within half an image of each other (then
       they are bands of one field on different pixel grids, not tiles);
-    - otherwise names are split into words at ``-``, ``_``, ``.`` and
-      blanks; where the names of a tile's files have as many words, the
-      words that differ between them are the band (``T0_g``, ``T0_r``;
-      ``T1_g``, ``T1_r``: ``g``, ``r``), if that gives each tile one file
-      per band and all tiles no more bands than the largest tile has files.
-      The file of a tile with one file (its others unreadable, say) takes
-      the one band that is a word of its name (``T2_r``: ``r``).
+    - otherwise the band of a file is what is left of its path (from the
+      folder all files share, without ending) once the start and the end
+      that all files of its tile share are taken off, cut at ``/``, ``_``,
+      ``.`` or blanks (``T0_g``, ``T0_NIR-H``: ``g``, ``NIR-H``; ``g/T0``,
+      ``r/T0``: ``g``, ``r``), else also at ``-`` (``T0-g``, ``T0-r``), if
+      that gives each tile distinct bands and all tiles no more bands than
+      the largest tile has files. The file of a tile with one file (its
+      others unreadable, say) takes the one band that is a word of its
+      name (``T2_r``: ``r``).
 
     Otherwise the names stay as they are.
     """
     recs = [r for group in groups.values() for r in group]
-    if len(groups) < 2 or not recs or any(r.named for r in recs):
+    if not recs or any(r.named for r in recs):
         return
-    if len({frozenset(r.band for r in group) for group in groups.values()}) == 1:
+    same_name = any(len({r.band for r in g}) < len(g) for g in groups.values())
+    if not same_name and (
+        len(groups) < 2
+        or len({frozenset(r.band for r in g) for g in groups.values()}) == 1
+    ):
         return  # the names already give every tile the same bands
     sizes = {len(group) for group in groups.values()}
     if sizes == {1}:
@@ -625,34 +633,70 @@ def _bands_from_stems(groups):
         for r in recs:
             r.band = band
         return
+    names = _relative_names(recs)
+    for separators in ("/_. \t", "/_. \t-"):
+        derived = _differing_parts(groups, names, separators)
+        if derived is not None:
+            break
+    else:
+        return
+    logger.info(
+        "no tile file names its band: bands %s from the parts of the file "
+        "names that differ within a tile",
+        sorted({b for bands in derived.values() for b in bands}),
+    )
+    for key, bands in derived.items():
+        for r, band in zip(groups[key], bands, strict=True):
+            r.band = band
+
+
+def _relative_names(recs):
+    """Each file's path from the folder all of them share, without ending
+    (`_bands_from_stems`; by record identity)."""
+    folders = [re.split(r"/+", r.path.replace(os.sep, "/"))[:-1] for r in recs]
+    shared = 0
+    while all(len(f) > shared for f in folders) and len(
+        {f[shared] for f in folders}
+    ) == 1:
+        shared += 1
+    return {
+        id(r): "/".join([*f[shared:], r.band])
+        for r, f in zip(recs, folders, strict=True)
+    }
+
+
+def _differing_parts(groups, names, separators):
+    """Per tile key, the bands of its files from what their names do not
+    share, cut at ``separators``; None if they do not make consistent
+    bands (`_bands_from_stems`)."""
+
+    def trim_start(text):  # up to and including its last separator
+        cut = max(text.rfind(c) for c in separators)
+        return text[: cut + 1]
+
     derived, single = {}, []
     for key, group in groups.items():
         if len(group) == 1:
             single.append(key)
             continue
-        words = [_words(r.band) for r in group]
-        if len({len(w) for w in words}) != 1:
-            return
-        differ = [k for k in range(len(words[0])) if len({w[k] for w in words}) > 1]
-        names = ["_".join(w[k] for k in differ) for w in words]
-        if len(set(names)) != len(names) or "" in names:
-            return
-        derived[key] = names
-    known = {n for names in derived.values() for n in names}
-    if len(known) > max(sizes):
-        return
+        full = [names[id(r)] for r in group]
+        start = len(trim_start(os.path.commonprefix(full)))
+        tails = [n[start:][::-1] for n in full]
+        end = len(trim_start(os.path.commonprefix(tails)))
+        parts = [t[end:][::-1].strip(separators) for t in tails]
+        if len(set(parts)) != len(parts) or "" in parts:
+            return None
+        derived[key] = parts
+    known = {b for bands in derived.values() for b in bands}
+    if len(known) > max(len(g) for g in groups.values()):
+        return None
     for key in single:  # a tile with one file (its others unreadable, say)
-        hits = known.intersection(_words(groups[key][0].band))
+        words = re.split("[" + re.escape(separators) + "]+", names[id(groups[key][0])])
+        hits = known.intersection(words)
         if len(hits) != 1:
-            return
+            return None
         derived[key] = [hits.pop()]
-    logger.info(
-        "no tile file names its band: bands %s from the parts of the file "
-        "names that differ within a tile", sorted(known),
-    )
-    for key, names in derived.items():
-        for r, name in zip(groups[key], names, strict=True):
-            r.band = name
+    return derived
 
 
 def _one_field(recs):
@@ -680,11 +724,6 @@ def _one_field(recs):
     half = np.asarray(half)
     close = (i < j) & (sep.deg < np.minimum(half[i], half[j]))
     return bool(close.any())
-
-
-def _words(stem):
-    """The words of a file name without ending (`_bands_from_stems`)."""
-    return re.split(r"[-_.\s]+", stem)
 
 
 def _shared_name(stems):
@@ -1123,11 +1162,13 @@ class TileIndex:
         ``FILTER`` or ``FILTNAME`` keyword (in that order), else from its
         name (Euclid ``...MOSAIC-<band>_TILE...``, else the name without
         ending). When no file names its band either way and the names
-        without ending do not give every tile the same bands, files alone on
-        their tile are one band (``field1.fits``, ``field2.fits``: band
-        ``field``), and the parts of the names that differ between the files
-        of one tile are the bands (``T0_g.fits``, ``T0_r.fits``, ``T1_g.fits``,
-        ``T1_r.fits``: bands ``g`` and ``r``). Files of one sky tile are
+        without ending do not give every tile the same bands (or give two
+        files of one tile the same band), files alone on their tile are one
+        band (``field1.fits``, ``field2.fits``: band ``field``), and the
+        parts of the paths that differ between the files of one tile are the
+        bands (``T0_g.fits``, ``T0_r.fits``, ``T1_g.fits``, ``T1_r.fits``:
+        bands ``g`` and ``r``; ``T0_NIR-H.fits``: ``NIR-H``; ``g/T0.fits``,
+        ``r/T0.fits``: ``g`` and ``r``). Files of one sky tile are
         grouped by the ``TILEID`` keyword, else by ``TILE<digits>`` in the
         file name, else by an identical (rounded) WCS and shape; the tiles
         are in the order of their keys.

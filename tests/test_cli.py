@@ -124,6 +124,52 @@ def test_run_on_tiles_that_name_no_band(tmp_path):
         np.testing.assert_array_equal(np.asarray(result[i])[0], ref.data)
 
 
+@pytest.mark.parametrize("pattern", ["{band}/T{t}.fits", "sim_{band}_{t}.fits"])
+def test_run_on_band_files_that_name_no_band(tmp_path, pattern):
+    """Test that --tiles over band files that name no band, in one folder per
+    band or with a hyphenated band in the name, cuts every band of every
+    tile as astropy's Cutout2D of that band's file does."""
+    from astropy.coordinates import SkyCoord
+    from astropy.io import fits
+    from astropy.nddata import Cutout2D
+    from astropy.table import Table
+    from astropy.wcs import WCS
+
+    rng = np.random.default_rng(7)
+    bands = ("VIS", "NIR-H")
+    tiles = []
+    for t in range(2):
+        w = WCS(naxis=2)
+        w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+        w.wcs.crval = [150.0 + 0.01 * t, 2.0]
+        w.wcs.crpix = [40.5, 30.5]
+        w.wcs.cdelt = [-0.2 / 3600, 0.2 / 3600]
+        data = {}
+        for band in bands:
+            path = tmp_path / pattern.format(band=band, t=t)
+            path.parent.mkdir(exist_ok=True)
+            data[band] = rng.normal(size=(60, 80)).astype(">f4")
+            fits.PrimaryHDU(data[band], header=w.to_header()).writeto(path)
+        tiles.append((w, data))
+    on = (0, 1, 1)
+    sky = [tiles[t][0].pixel_to_world(*rng.uniform((8, 8), (71, 51))) for t in on]
+    Table({"id": [1, 2, 3], "ra": [s.ra.deg for s in sky],
+           "dec": [s.dec.deg for s in sky]}).write(tmp_path / "cat.csv")
+    out = tmp_path / "o.zarr"
+    glob = str(tmp_path / pattern.format(band="*", t="*"))
+    code = main(["run", str(tmp_path / "cat.csv"), "-o", str(out), "--tiles", glob,
+                 "--size", "9", "--bands", *bands, "--no-progress"])
+    assert code == 0
+    result = cutana.open(out)
+    assert result.bands == list(bands)
+    assert np.asarray(result.status).tolist() == [0, 0, 0]
+    for i, t in enumerate(on):
+        w, data = tiles[t]
+        for c, band in enumerate(bands):
+            ref = Cutout2D(data[band], SkyCoord(sky[i]), 9, wcs=w)
+            np.testing.assert_array_equal(np.asarray(result[i])[c], ref.data)
+
+
 def test_existing_output_is_usage_error(survey, tmp_path, capsys):
     """Test that writing into an existing output without --resume exits 2."""
     out = tmp_path / "o.zarr"

@@ -195,21 +195,28 @@ def test_unnamed_images_of_one_field_stay_bands(tmp_path):
 @pytest.mark.parametrize(
     ("names", "expected"),
     [
-        # the words that differ within a tile are the band
+        # what differs within a tile is the band
         ({"A": ("T0_g", "T0_r"), "B": ("T1_g", "T1_r")}, "g r g r"),
         ({"A": ("deep.3.r.sci", "deep.3.i.sci"), "B": ("deep.4.r.sci", "deep.4.i.sci")},
          "r i r i"),
+        ({"A": ("T0_g", "T0_g_rms"), "B": ("T1_g", "T1_g_rms")}, "g g_rms g g_rms"),
+        # band names with a hyphen stay whole, but a hyphen can also separate
+        ({"A": ("T0_VIS", "T0_NIR-H"), "B": ("T1_VIS", "T1_NIR-H")},
+         "VIS NIR-H VIS NIR-H"),
+        ({"A": ("sim_NIR-Y_0", "sim_NIR-H_0"), "B": ("sim_NIR-Y_1", "sim_NIR-H_1")},
+         "NIR-Y NIR-H NIR-Y NIR-H"),
+        ({"A": ("T0-g", "T0-r"), "B": ("T1-g", "T1-r")}, "g r g r"),
         # a tile of one file (its other unreadable, say) takes its band's word
         ({"A": ("T0_g", "T0_r"), "B": ("T1_r",)}, "g r r"),
-        # names that do not split alike stay whole
+        # names that do not line up stay whole
         ({"A": ("T0_g", "T0_r"), "B": ("T1_x", "T1_y")}, None),
-        ({"A": ("T0_g", "T0_g_rms"), "B": ("T1_g", "T1_g_rms")}, None),
         ({"A": ("T0_g", "T0_r"), "B": ("T1_z",)}, None),
+        ({"A": ("T0", "T0_g"), "B": ("T1", "T1_g")}, None),
     ],
 )
 def test_unnamed_bands_from_what_differs_within_a_tile(tmp_path, names, expected):
     """Test that when no file names its band and the file names do not give
-    every tile the same bands, the words of the names that differ between a
+    every tile the same bands, the parts of the names that differ between a
     tile's files are the bands, if that lines the tiles up; otherwise each
     file's name without ending stays its band."""
     stems = [stem for group in names.values() for stem in group]
@@ -225,6 +232,26 @@ def test_unnamed_bands_from_what_differs_within_a_tile(tmp_path, names, expected
     want = stems if expected is None else expected.split()
     assert got == dict(zip(stems, want, strict=True))
     assert sorted(index.bands) == sorted(set(want))
+
+
+@pytest.mark.parametrize("n_tiles", [1, 2])
+def test_unnamed_bands_from_folders(tmp_path, n_tiles):
+    """Test that band files of the same name in one folder per band
+    (``g/T0.fits``, ``r/T0.fits``) are bands named after their folders, and
+    all of them are kept, also for a single tile."""
+    for band in ("g", "r"):
+        (tmp_path / band).mkdir()
+        for t in range(n_tiles):
+            make_tile(tmp_path / band / f"T{t}.fits", (150.0, 2.0 + 0.01 * t),
+                      band=None, seed=t)
+    index = TileIndex.from_paths(str(tmp_path / "*" / "*.fits"))
+    assert index.errors == []
+    assert index.bands == ["g", "r"] and len(index.tiles) == n_tiles
+    got = sorted([b.path for b in tile.bands] for tile in index.tiles)
+    assert got == [
+        [str(tmp_path / band / f"T{t}.fits") for band in ("g", "r")]
+        for t in range(n_tiles)
+    ]
 
 
 def test_tiles_are_numbered_whatever_files_are_missing(tmp_path):

@@ -84,6 +84,18 @@ def test_run_with_tiles_glob_and_fits(survey, tmp_path):
     assert (out / "index.ecsv").exists()
 
 
+def _bare_wcs(t):
+    """The WCS of tile ``t`` of 60 x 80 pixels, 0.01 deg apart in RA."""
+    from astropy.wcs import WCS
+
+    w = WCS(naxis=2)
+    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    w.wcs.crval = [150.0 + 0.01 * t, 2.0]
+    w.wcs.crpix = [40.5, 30.5]
+    w.wcs.cdelt = [-0.2 / 3600, 0.2 / 3600]
+    return w
+
+
 def test_run_on_tiles_that_name_no_band(tmp_path):
     """Test that --tiles matching several single-band tiles written by astropy
     with a bare WCS (no band keyword, no Euclid name) cuts every source
@@ -92,16 +104,11 @@ def test_run_on_tiles_that_name_no_band(tmp_path):
     from astropy.io import fits
     from astropy.nddata import Cutout2D
     from astropy.table import Table
-    from astropy.wcs import WCS
 
     rng = np.random.default_rng(5)
     tiles = []
     for t in range(3):
-        w = WCS(naxis=2)
-        w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
-        w.wcs.crval = [150.0 + 0.01 * t, 2.0]
-        w.wcs.crpix = [40.5, 30.5]
-        w.wcs.cdelt = [-0.2 / 3600, 0.2 / 3600]
+        w = _bare_wcs(t)
         data = rng.normal(size=(60, 80)).astype(">f4")
         path = tmp_path / f"field{t}.fits"
         fits.PrimaryHDU(data, header=w.to_header()).writeto(path)
@@ -133,17 +140,12 @@ def test_run_on_band_files_that_name_no_band(tmp_path, pattern):
     from astropy.io import fits
     from astropy.nddata import Cutout2D
     from astropy.table import Table
-    from astropy.wcs import WCS
 
     rng = np.random.default_rng(7)
     bands = ("VIS", "NIR-H")
     tiles = []
     for t in range(2):
-        w = WCS(naxis=2)
-        w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
-        w.wcs.crval = [150.0 + 0.01 * t, 2.0]
-        w.wcs.crpix = [40.5, 30.5]
-        w.wcs.cdelt = [-0.2 / 3600, 0.2 / 3600]
+        w = _bare_wcs(t)
         data = {}
         for band in bands:
             path = tmp_path / pattern.format(band=band, t=t)

@@ -491,6 +491,11 @@ class Plan:
             f"({min(sizes) if sizes else 0}..{max(sizes) if sizes else 0} sources each)",
             f"output              {self.n_channels} channel(s), {shape} px, "
             f"{self.out_itemsize} byte(s)/px",
+            *(
+                [f"bands               {', '.join(map(str, self.meta['bands']))}"]
+                if self.meta.get("bands")
+                else []
+            ),
             f"workers             {self.n_workers}"
             + (f" ({self.workers_asked} asked; the memory limit holds "
                f"{self.n_workers})" if self.workers_asked else ""),

@@ -407,6 +407,16 @@ def test_plan_prints_summary_without_cutting(survey, tmp_path, capsys):
     assert code == 0
     out = capsys.readouterr().out
     assert "jobs" in out and "estimated peak" in out and "2.0 GB" in out
+    assert "bands               VIS\n" in out
+
+
+def test_plan_prints_bands_in_channel_order(tmp_path, capsys):
+    """Test that ``cutana plan`` names the bands in channel order."""
+    two = make_survey(tmp_path, n_tiles=1, bands=("VIS", "NIR-H"), tile_size=64,
+                      n_sources=5, size_range_pixels=(8, 12), seed=2)
+    for order in (["VIS", "NIR-H"], ["NIR-H", "VIS"]):
+        assert main(["plan", two.catalogue_path, "--size", "9", "--bands", *order]) == 0
+        assert f"bands               {order[0]}, {order[1]}\n" in capsys.readouterr().out
 
 
 def test_verify_detects_tampering(survey, tmp_path, capsys):

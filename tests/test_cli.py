@@ -416,7 +416,8 @@ def test_plan_prints_bands_in_channel_order(tmp_path, capsys):
                       n_sources=5, size_range_pixels=(8, 12), seed=2)
     for order in (["VIS", "NIR-H"], ["NIR-H", "VIS"]):
         assert main(["plan", two.catalogue_path, "--size", "9", "--bands", *order]) == 0
-        assert f"bands               {order[0]}, {order[1]}\n" in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert f"bands               {order[0]}, {order[1]}\n" in out
 
 
 def test_verify_detects_tampering(survey, tmp_path, capsys):

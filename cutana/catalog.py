@@ -24,6 +24,7 @@ import logging
 import numbers
 import os
 import re
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 
@@ -217,6 +218,7 @@ class _Columns:
         self.names = names
         self.nrows = nrows
         self.overrides = {}  # name -> values replacing the table's column
+        self.malformed = {}  # row -> why it could not be read (CSV)
 
     def get(self, name):
         """Return ``(values, mask, unit)`` of column ``name``.
@@ -440,6 +442,48 @@ def _is_comment(line):
 def _blank(row):
     """Whether a parsed CSV row is blank (astropy skips it)."""
     return not row or (len(row) == 1 and not row[0].strip())
+
+
+def _blank_long_rows(path, comments):
+    """A copy of a CSV file with its rows of more fields than the header
+    blank, and why each was blanked (data row -> text); None if it has no
+    such row, or more of them than of other rows (a header that lacks a
+    name, say: the file as a whole is then reported).
+
+    astropy's reader refuses a whole file for one such row (a comma too
+    many, a field not quoted); the other rows are read as before, in their
+    places. The copy is a temporary file the caller removes.
+    """
+    try:
+        with open(path, newline="", encoding="utf-8-sig", errors="strict") as f:
+            rows = _csv_rows(f, comments)
+            header = next(rows, None)
+            if not header:
+                return None
+            n = len(header)
+            malformed = {}
+            with tempfile.NamedTemporaryFile(
+                "w", suffix=".csv", newline="", encoding="utf-8", delete=False
+            ) as copy:
+                writer = csv.writer(copy, lineterminator="\n")
+                writer.writerow(header)
+                i = -1
+                for i, row in enumerate(rows):
+                    if len(row) > n:
+                        text = ",".join(row)
+                        text = text if len(text) <= 80 else text[:77] + "..."
+                        malformed[i] = (
+                            f"has {len(row)} fields where the header names {n} "
+                            f"columns, so it is not read: {text!r}"
+                        )
+                        row = [""] * n
+                    writer.writerow(row)
+    except (OSError, csv.Error, UnicodeError):
+        return None
+    if not malformed or 2 * len(malformed) > i + 1:
+        os.unlink(copy.name)
+        return None
+    return copy.name, malformed
 
 
 def _csv_text_column(path, name, nrows, kind, comments):
@@ -703,8 +747,13 @@ def _read_parquet(path):
     )
 
 
-def _load(catalog, id_column):
-    """Open ``catalog`` as `_Columns`; return ``(columns, source, label, folder)``."""
+def _load(catalog, id_column, _rewritten=False):
+    """Open ``catalog`` as `_Columns`; return ``(columns, source, label, folder)``.
+
+    A CSV file that astropy refuses for rows with more fields than its
+    header is read again with those rows blank (`_blank_long_rows`); they
+    are in ``columns.malformed``.
+    """
     if isinstance(catalog, Table):
         cols = _Columns("table", catalog, list(catalog.colnames), len(catalog))
         return cols, "<Table>", "<Table>", None
@@ -772,6 +821,19 @@ def _load(catalog, id_column):
     except CatalogError:
         raise
     except Exception as exc:  # any reader failure is a file-level problem
+        if fmt == "ascii.csv" and not _rewritten:
+            blanked = _blank_long_rows(path, _starts_with_comment(path))
+            if blanked is not None:
+                copy, malformed = blanked
+                try:
+                    cols = _load(copy, id_column, _rewritten=True)[0]
+                except CatalogError:
+                    cols = None  # refused for more than those rows: as it was
+                finally:
+                    os.unlink(copy)
+                if cols is not None:
+                    cols.malformed = malformed
+                    return cols, path, label, os.path.dirname(os.path.abspath(path))
         how = f"as {fmt}" if fmt else "in any format astropy knows"
         reason = " ".join(str(exc).split())
         if fmt is None and "could not be identified" in reason:
@@ -1228,6 +1290,9 @@ def read_catalog(
       column are fine when the other size column gives a size);
     - the id is empty or missing, or repeats an earlier row's id (the first
       occurrence stays valid);
+    - (CSV) the line has more fields than the header names columns, which
+      astropy's reader refuses the whole file for; none of its values is
+      read (unless most lines have too many: the file is then refused);
     - the ``fits_file_paths`` cell is missing or is not a path or a list of
       paths.
 
@@ -1471,6 +1536,8 @@ def read_catalog(
             lambda i, raw=raw, m=mask: _files_problem(raw[i], m is not None and m[i]),
         )
 
+    for i, text in cols.malformed.items():
+        problems[i] = [text]  # not "value is missing" in every column
     status = np.full(n, Status.OK, dtype=np.int16)
     messages = {}
     for i in sorted(problems):

@@ -509,6 +509,56 @@ def test_fits_file_paths_relative_to_the_working_directory(tmp_path, monkeypatch
     assert read_catalog(path).fits_file_paths[0][0] == str(sub / "data" / "here.fits")
 
 
+@pytest.mark.parametrize("lists", [False, True])
+def test_rows_with_more_fields_than_the_header_are_bad_rows(tmp_path, monkeypatch,
+                                                           lists):
+    """Test that a CSV row with more fields than its header (which astropy
+    refuses the whole file for) is a bad row naming its row and field
+    counts, and every other row is read as astropy reads the file without
+    it: ids as written, values, file lists and places."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    header = "SourceID,RA,Dec,diameter_pixel"
+    good = ["007,10.5,-1.25,12", "x y,11.0,2.0,8", "3,12.0,3.5,9"]
+    long = "9,13.0,4.0,10,oops"
+    if lists:
+        header += ",fits_file_paths"
+        good = [g + f for g, f in zip(good, [",a.fits", ",\"['b.fits', 'c.fits']\"",
+                                             ",d.fits"], strict=True)]
+        long += ",e.fits"
+    path = tmp_path / "cat.csv"
+    path.write_text("\n".join([header, good[0], long, good[1], good[2]]) + "\n")
+    cat = read_catalog(path)
+    assert_array_equal(cat.status, [OK, BAD, OK, OK])
+    assert list(cat.messages) == [1]
+    assert cat.messages[1].startswith(
+        f"cat.csv row 1 has {6 if lists else 5} fields where the header names "
+        f"{5 if lists else 4} columns"
+    )
+    # the reference: the file without that row, as read alone
+    ref_path = tmp_path / "ref.csv"
+    ref_path.write_text("\n".join([header, *good]) + "\n")
+    ref = read_catalog(ref_path)
+    keep = [0, 2, 3]
+    assert list(cat.source_id[keep]) == list(ref.source_id) == ["007", "x y", "3"]
+    assert_array_equal(cat.ra[keep], ref.ra)
+    assert_array_equal(cat.dec[keep], ref.dec)
+    assert_array_equal(cat.size_pixel[keep], ref.size_pixel)
+    if lists:
+        assert [cat.fits_file_paths[i] for i in keep] == ref.fits_file_paths
+    assert os.listdir(scratch) == []  # the copy read in its place is gone
+
+
+def test_a_header_short_of_a_name_is_still_a_file_error(tmp_path):
+    """Test that when most rows have more fields than the header (a header
+    that lacks a name), the file is refused as a whole, as astropy does."""
+    path = tmp_path / "cat.csv"
+    path.write_text("id,ra,dec\n1,10,1,12\n2,11,2,12\n3,12,3\n")
+    with pytest.raises(CatalogError, match="cannot read catalogue"):
+        read_catalog(path, size=10)
+
+
 def test_fits_file_paths_list_cells(tmp_path):
     """Test that real list cells (Parquet, DataFrame) are read as tuples."""
     pd = pytest.importorskip("pandas")

@@ -496,7 +496,10 @@ class _Prepared:
     chunk_rows: int | None = None  # rows per chunk of a Zarr output
 
 
-def _prepare(catalog, options, *, measure_parent=None, chunked=True, batches=False):
+def _prepare(
+    catalog, options, *, measure_parent=None, chunked=True, batches=False,
+    progress=False,
+):
     """Read, validate, index and plan (no pixel data).
 
     ``measure_parent()`` gives the bytes the run's processes hold once the
@@ -504,6 +507,7 @@ def _prepare(catalog, options, *, measure_parent=None, chunked=True, batches=Fal
     grow with it, and the workers' memory is what the limit leaves).
     With ``chunked`` (and Zarr output) the plan follows the store's chunks;
     ``batches``: for `iter_cutouts`, whose batches hold one size.
+    ``progress``: a progress bar while tile headers are read, if slow.
     """
     options.validate()
     # with --tiles a file-list column is not used, so not checked either
@@ -514,9 +518,13 @@ def _prepare(catalog, options, *, measure_parent=None, chunked=True, batches=Fal
     )
     try:
         if options.tiles:
-            index = TileIndex.from_paths(options.tiles, bands=options.bands)
+            index = TileIndex.from_paths(
+                options.tiles, bands=options.bands, progress=progress
+            )
         elif cat.fits_file_paths is not None:
-            index = TileIndex.from_file_lists(cat.fits_file_paths, bands=options.bands)
+            index = TileIndex.from_file_lists(
+                cat.fits_file_paths, bands=options.bands, progress=progress
+            )
         else:
             msg = (
                 f"no tiles: give --tiles PATH_OR_GLOB... or a 'fits_file_paths' column "
@@ -1350,6 +1358,7 @@ def make_cutouts(
                     prepared = _prepare(
                         catalog, opts,
                         measure_parent=lambda: sampler.sample(executor.worker_pids()),
+                        progress=sys.stderr.isatty() if progress is None else progress,
                     )
                     if opts.backend == "processes":
                         executor.resize(prepared.plan.n_workers)

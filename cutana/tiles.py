@@ -582,6 +582,23 @@ def _band_from_name(path):
     return match.group(1) if match else None
 
 
+#: Seconds of reading tile headers after which `TileIndex.from_paths` and
+#: `TileIndex.from_file_lists` show their progress bar, when asked to.
+INDEX_PROGRESS_DELAY = 1.0
+
+
+def _indexing(paths, progress):
+    """``paths``, with a progress bar over them if ``progress``."""
+    if not progress or not paths:
+        return paths
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        paths, desc="indexing tiles", unit="file", delay=INDEX_PROGRESS_DELAY,
+        leave=False,
+    )
+
+
 def _bands_from_stems(groups):
     """Band names for files that name none, when their whole names do not
     line up as bands across tiles (tile key -> `_Record` list, changed in
@@ -1131,7 +1148,7 @@ class TileIndex:
     # ---- construction
 
     @classmethod
-    def from_paths(cls, paths, *, bands=None, hdu=None):
+    def from_paths(cls, paths, *, bands=None, hdu=None, progress=False):
         """Index tile files given as paths, globs, folders or fsspec URLs.
 
         Parameters
@@ -1145,6 +1162,9 @@ class TileIndex:
         hdu : int or str, optional
             The image HDU to use in every file; by default the first HDU
             holding a 2-D image.
+        progress : bool, optional
+            Show a progress bar (tqdm) over the files when reading their
+            headers takes longer than `INDEX_PROGRESS_DELAY` seconds.
 
         Returns
         -------
@@ -1181,7 +1201,7 @@ class TileIndex:
         """
         files, errors = _expand(paths)
         groups = {}
-        for path in files:
+        for path in _indexing(files, progress):
             try:
                 rec = _read_record(path, hdu)
             except TileError as exc:
@@ -1264,7 +1284,7 @@ class TileIndex:
         return cls(tiles, bands, errors)
 
     @classmethod
-    def from_file_lists(cls, fits_file_paths, *, bands=None):
+    def from_file_lists(cls, fits_file_paths, *, bands=None, progress=False):
         """Index the per-source tile files of an ESA Cutana catalogue.
 
         Parameters
@@ -1276,6 +1296,9 @@ class TileIndex:
         bands : list of str, optional
             Bands to use, by name, in channel order; by default all
             positions.
+        progress : bool, optional
+            Show a progress bar (tqdm) over the files when reading their
+            headers takes longer than `INDEX_PROGRESS_DELAY` seconds.
 
         Returns
         -------
@@ -1309,15 +1332,13 @@ class TileIndex:
                 tuples.append(key)
 
         records, errors, failed = {}, [], {}
-        for files in tuples:
-            for path in files:
-                if path in records or path in failed:
-                    continue
-                try:
-                    records[path] = _read_record(path)
-                except TileError as exc:
-                    failed[path] = str(exc)
-                    errors.append((path, str(exc)))
+        paths = dict.fromkeys(p for files in tuples for p in files)
+        for path in _indexing(paths, progress):
+            try:
+                records[path] = _read_record(path)
+            except TileError as exc:
+                failed[path] = str(exc)
+                errors.append((path, str(exc)))
         _report_wcs_notes(records.values())
 
         n_pos = max((len(t) for t in tuples), default=0)

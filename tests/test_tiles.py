@@ -254,6 +254,34 @@ def test_unnamed_bands_from_folders(tmp_path, n_tiles):
     ]
 
 
+def test_indexing_progress_bar(tmp_path, monkeypatch, capsys):
+    """Test that indexing shows a progress bar over the files when asked
+    (and the headers take longer than the delay, here 0 s), not otherwise,
+    and indexes the same either way."""
+    import cutana.tiles as tiles_module
+
+    monkeypatch.setattr(tiles_module, "INDEX_PROGRESS_DELAY", 0.0)
+    paths = []
+    for t in range(3):
+        for band in ("g", "r"):
+            paths.append(str(tmp_path / f"T{t}_{band}.fits"))
+            make_tile(paths[-1], (150.0, 2.0 + 0.01 * t), band=band, tileid=f"T{t}")
+    lists = [tuple(paths[2 * t : 2 * t + 2]) for t in range(3)]
+    for make in (
+        lambda progress: TileIndex.from_paths(paths, progress=progress),
+        lambda progress: TileIndex.from_file_lists(lists, progress=progress),
+    ):
+        quiet = make(False)
+        assert "indexing tiles" not in capsys.readouterr().err
+        shown = make(True)
+        err = capsys.readouterr().err
+        assert "indexing tiles" in err and "/6 " in err
+        assert [[b.path for b in t.bands] for t in shown.tiles] == [
+            [b.path for b in t.bands] for t in quiet.tiles
+        ]
+        assert shown.bands == quiet.bands == ["g", "r"]
+
+
 def test_tiles_are_numbered_whatever_files_are_missing(tmp_path):
     """Test that the tiles are in the order of their keys, also when the
     first file of a tile is missing: a tile's number (and which of two

@@ -321,7 +321,37 @@ _CSV_PART_BYTES = 8 * 2**20
 _CSV_PARTS = 4
 
 
-def _read_csv_parts(path, kwargs, quoted):
+#: Seconds of reading a catalogue file after which `read_catalog` shows its
+#: progress bar, when asked to.
+READ_PROGRESS_DELAY = 1.0
+
+
+class _Progress:
+    """A progress bar (tqdm) over the bytes of a CSV catalogue, shown once
+    reading it takes longer than `READ_PROGRESS_DELAY`; without ``path``
+    (not asked for, or not a file) it does nothing."""
+
+    def __init__(self, path=None):
+        self.bar = None
+        if path is not None:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(
+                total=os.path.getsize(path), unit="B", unit_scale=True,
+                desc="reading catalogue", delay=READ_PROGRESS_DELAY, leave=False,
+            )
+
+    def at(self, position):
+        """The file has been read up to byte ``position``."""
+        if self.bar is not None:
+            self.bar.update(max(0, min(position, self.bar.total) - self.bar.n))
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _read_csv_parts(path, kwargs, quoted, progress=None):
     """Read a large CSV file with astropy in parts, or None (then read it whole).
 
     astropy's tokenizer and its columns hold several times the text while it
@@ -344,11 +374,15 @@ def _read_csv_parts(path, kwargs, quoted):
                 if f.read(3) == b"\xef\xbb\xbf":
                     return None
             options["comment"] = "#"  # also after blanks, as the regex
-        parts = list(ascii.read(
+        parts = []
+        for part in ascii.read(
             path, format="csv", guess=False,
             fast_reader={"chunk_size": _CSV_PART_BYTES, "chunk_generator": True},
             **options,
-        ))  # fmt: skip
+        ):  # fmt: skip
+            parts.append(part)
+            if progress is not None:
+                progress.at(len(parts) * _CSV_PART_BYTES)
         return _stacked([p for p in parts if len(p)] or parts[:1])  # (types of no rows)
     except Exception:  # noqa: BLE001 - read whole: astropy explains what is wrong
         logger.debug("catalogue %s: not read in parts", path, exc_info=True)
@@ -538,6 +572,8 @@ def _split_csv(path, name, comments, reader=None):
         writer = csv.writer(_LineWriter(lines), lineterminator="\n")
         try:
             with open(path, newline="", encoding="utf-8-sig", errors="strict") as f:
+                if reader is not None:
+                    reader.file = f
                 rows = _csv_rows(f, comments)
                 row = next(rows, [])
                 header = [h.strip() for h in row]
@@ -663,7 +699,9 @@ class _Parts:
     part's lines are held at once, then stacked (`stack`).
     """
 
-    def __init__(self):
+    def __init__(self, progress=None):
+        self.progress = progress  # a `_Progress`, or None
+        self.file = None  # the text file being split, for its position
         self.clear()
 
     def clear(self):
@@ -673,6 +711,8 @@ class _Parts:
 
     def take(self, lines):
         """Read whole parts of ``lines`` (the header first) and drop them."""
+        if len(lines) - 1 >= _SPLIT_LINES and self.progress and self.file:
+            self.progress.at(self.file.buffer.tell())
         while len(lines) - 1 >= _SPLIT_LINES and not self.failed:
             try:
                 self.tables.append(
@@ -705,7 +745,7 @@ class _Parts:
         return table
 
 
-def _read_split(path, name, comments):
+def _read_split(path, name, comments, progress=None):
     """Split column ``name`` off a CSV file and read the rest with astropy.
 
     Returns ``(split, table)``, or None when the file is not split (see
@@ -713,7 +753,7 @@ def _read_split(path, name, comments):
     explains). More than `_SPLIT_LINES` lines are read in parts (`_Parts`);
     parts that do not stack are read again at once.
     """
-    reader = _Parts()
+    reader = _Parts(progress)
     split = _split_csv(path, name, comments, reader)
     if split is None:
         return None
@@ -747,8 +787,10 @@ def _read_parquet(path):
     )
 
 
-def _load(catalog, id_column, _rewritten=False):
+def _load(catalog, id_column, _rewritten=False, progress=False):
     """Open ``catalog`` as `_Columns`; return ``(columns, source, label, folder)``.
+
+    With ``progress``, a progress bar over a CSV file's bytes (`_Progress`).
 
     A CSV file that astropy refuses for rows with more fields than its
     header is read again with those rows blank (`_blank_long_rows`); they
@@ -777,6 +819,7 @@ def _load(catalog, id_column, _rewritten=False):
         msg = f"catalogue {path!r} is a folder, not a table file"
         raise CatalogError(msg)
     fmt = _format_of(path)
+    bar = _Progress(path if progress and fmt == "ascii.csv" else None)
     try:
         if fmt == "parquet":
             cols = _read_parquet(path)
@@ -802,11 +845,11 @@ def _load(catalog, id_column, _rewritten=False):
                 warnings.simplefilter("always")
                 table = None
                 if lists and "fast_reader" not in kwargs:
-                    read = _read_split(path, lists, "comment" in kwargs)
+                    read = _read_split(path, lists, "comment" in kwargs, bar)
                     if read is not None:
                         split, table = read
                 if table is None and fmt == "ascii.csv" and "fast_reader" not in kwargs:
-                    table = _read_csv_parts(path, kwargs, quoted=b'"' in marks)
+                    table = _read_csv_parts(path, kwargs, b'"' in marks, bar)
                 if table is None:  # not split, or astropy read it otherwise
                     table = Table.read(path, **kwargs)
             for w in caught:
@@ -845,6 +888,8 @@ def _load(catalog, id_column, _rewritten=False):
             kind = type(exc).__name__
             msg = f"cannot read catalogue {path!r} {how}: {kind}: {reason}"
         raise CatalogError(msg) from exc
+    finally:
+        bar.close()
 
     if fmt == "ascii.csv":
         # keep ids exactly as written (leading zeros, signs) when the fast
@@ -1228,6 +1273,7 @@ def read_catalog(
     dec_column=None,
     size_column=None,
     files_column=None,
+    progress=False,
 ) -> Catalog:
     """Read and validate a source catalogue.
 
@@ -1258,6 +1304,9 @@ def read_catalog(
         The column of per-source tile files (default ``fits_file_paths`` if
         present). Pass False to ignore such a column (for example when the
         tiles are given separately).
+    progress : bool, optional
+        Show a progress bar (tqdm) over the bytes of a CSV file when reading
+        it takes longer than `READ_PROGRESS_DELAY` seconds.
 
     Returns
     -------
@@ -1317,7 +1366,7 @@ def read_catalog(
     """
     if size is not None:
         size = _check_size_value(size)
-    cols, source, label, folder = _load(catalog, id_column)
+    cols, source, label, folder = _load(catalog, id_column, progress=progress)
     names, n = cols.names, cols.nrows
 
     ra_name = _resolve(names, "ra", ra_column, source, required=True)

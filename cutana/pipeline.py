@@ -507,13 +507,14 @@ def _prepare(
     grow with it, and the workers' memory is what the limit leaves).
     With ``chunked`` (and Zarr output) the plan follows the store's chunks;
     ``batches``: for `iter_cutouts`, whose batches hold one size.
-    ``progress``: a progress bar while tile headers are read, if slow.
+    ``progress``: progress bars while the catalogue and the tile headers
+    are read, if slow.
     """
     options.validate()
     # with --tiles a file-list column is not used, so not checked either
     files_column = False if options.tiles else None
     cat = read_catalog(
-        catalog, size=options.size, files_column=files_column,
+        catalog, size=options.size, files_column=files_column, progress=progress,
         **{name: getattr(options, name) for name in COLUMN_OPTIONS},
     )
     try:

@@ -923,6 +923,46 @@ def test_a_large_csv_read_in_parts_equals_one_read(tmp_path, monkeypatch, case):
         assert "big" in cat.messages[53]
 
 
+@pytest.mark.parametrize("lists", [True, False])
+def test_reading_progress_bar(tmp_path, monkeypatch, capsys, lists):
+    """Test that reading a large CSV in parts (with file lists split off, or
+    without, read by astropy in parts) shows a progress bar over its bytes
+    when asked (past the delay, here 0 s), not otherwise, and reads the
+    same catalogue either way."""
+    import cutana.catalog as catalog_module
+
+    monkeypatch.setattr(catalog_module, "READ_PROGRESS_DELAY", 0.0)
+    monkeypatch.setattr(catalog_module, "_SPLIT_LINES", 7)
+    monkeypatch.setattr(catalog_module, "_CSV_PART_BYTES", 300)
+    monkeypatch.setattr(catalog_module, "_CSV_PARTS", 1)
+    lines = ["SourceID,RA,Dec,diameter_pixel" + (",fits_file_paths" if lists else "")]
+    for i in range(40):
+        lines.append(f"s{i},{150 + i * 1e-3},{2.0 - i * 1e-3},{10 + i % 5}"
+                     + (f",\"['/t/a{i % 3}_VIS.fits', '/t/a{i % 3}_H.fits']\""
+                        if lists else ""))
+    path = tmp_path / "cat.csv"
+    path.write_text("\n".join(lines) + "\n")
+    quiet = read_catalog(str(path))
+    assert "reading catalogue" not in capsys.readouterr().err
+    positions = []
+    real_at = catalog_module._Progress.at
+    monkeypatch.setattr(
+        catalog_module._Progress, "at",
+        lambda self, pos: positions.append(pos) or real_at(self, pos),
+    )
+    shown = read_catalog(str(path), progress=True)
+    assert "reading catalogue" in capsys.readouterr().err
+    # moved on part by part (astropy's parts of 300 bytes: within the file;
+    # the split lines: as far as the file's buffer has read, here all of it)
+    assert len(positions) >= 2 and positions == sorted(positions)
+    assert 0 < positions[0] <= path.stat().st_size
+    if not lists:
+        assert positions[1] < path.stat().st_size
+    for name in ("source_id", "ra", "dec", "size_pixel", "status"):
+        np.testing.assert_array_equal(getattr(shown, name), getattr(quiet, name))
+    assert shown.fits_file_paths == quiet.fits_file_paths
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     ids=st.lists(

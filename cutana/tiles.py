@@ -651,7 +651,7 @@ def _bands_from_stems(groups):
             r.band = band
         return
     names = _relative_names(recs)
-    for separators in ("/_. \t", "/_. \t-"):
+    for separators in _BAND_SEPARATORS:
         derived = _differing_parts(groups, names, separators)
         if derived is not None:
             break
@@ -665,6 +665,12 @@ def _bands_from_stems(groups):
     for key, bands in derived.items():
         for r, band in zip(groups[key], bands, strict=True):
             r.band = band
+
+
+#: Where the parts of file names that name bands are cut (`_differing_parts`):
+#: first at ``/``, ``_``, ``.`` and blanks (``NIR-H`` stays whole), else also
+#: at ``-``.
+_BAND_SEPARATORS = ("/_. \t", "/_. \t-")
 
 
 def _relative_names(recs):
@@ -1027,6 +1033,30 @@ def _report_wcs_notes(records):
         )
 
 
+def _unnamed_positions(tuples, records, n_pos):
+    """Band names for the positions of file lists whose files name no band
+    (`TileIndex.from_file_lists`): what differs between the paths of the
+    first list with a readable file at every position (``T0_g.fits``,
+    ``T0_r.fits``: ``g``, ``r``), as `_bands_from_stems` reads them; None
+    when some file names its band, or when no start or end that the paths
+    share (up to a separator) can be taken off to leave distinct names."""
+    if n_pos < 2 or any(r.named for r in records.values()):
+        return None
+    for files in tuples:
+        if len(files) == n_pos and all(p in records for p in files):
+            recs = [records[p] for p in files]
+            break
+    else:
+        return None
+    names = _relative_names(recs)
+    whole = [names[id(r)] for r in recs]
+    for separators in _BAND_SEPARATORS:
+        parts = _differing_parts({0: recs}, names, separators)
+        if parts is not None and parts[0] != whole:  # a shared start or end
+            return parts[0]
+    return None
+
+
 def _warn_band_order(tuples, records, names):
     """Warn when file lists name their bands in another order than the
     first: bands are positional, so such files fill the channel of their
@@ -1314,9 +1344,13 @@ class TileIndex:
         Notes
         -----
         Bands are positional: the n-th file of every tuple is band n. Band
-        names come from the headers of the first tuple that has a readable
-        file at each position; if two positions give the same name, the
-        later one is called ``'NAME[position]'``.
+        names come from the headers (or Euclid file names) of the first
+        tuple that has a readable file at each position; if two positions
+        give the same name, the later one is called ``'NAME[position]'``.
+        When no file names its band, they are what differs between the
+        paths of the first complete tuple (``T0_g.fits``, ``T0_r.fits``, or
+        ``g/T0.fits``, ``r/T0.fits``: ``g``, ``r``), else the file names
+        without ending.
         """
         tuples = []
         seen = set()
@@ -1342,7 +1376,7 @@ class TileIndex:
         _report_wcs_notes(records.values())
 
         n_pos = max((len(t) for t in tuples), default=0)
-        names = [None] * n_pos
+        names = _unnamed_positions(tuples, records, n_pos) or [None] * n_pos
         for files in tuples:
             for pos, path in enumerate(files):
                 if names[pos] is None and path in records:

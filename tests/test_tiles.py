@@ -699,6 +699,36 @@ def test_file_lists_same_band_is_positional(tmp_path):
         TileIndex.from_file_lists([(a, b)], bands=["NIR"])
 
 
+@pytest.mark.parametrize(
+    ("pattern", "expected"),
+    [
+        ("T{t}_{band}.fits", ["VIS", "NIR-H"]),
+        ("{band}/T{t}.fits", ["VIS", "NIR-H"]),
+        ("T{t}-{band}.fits", ["VIS", "NIR-H"]),
+        ("img{t}{band}.fits", ["img0VIS", "img0NIR-H"]),  # no separator: as named
+    ],
+)
+def test_file_lists_of_unnamed_files_name_bands_by_what_differs(tmp_path, pattern,
+                                                                expected):
+    """Test that when no file of the lists names its band, the positions are
+    named after what differs between the paths of a list (not after the
+    first list's file names), and --bands picks by those names."""
+    lists = []
+    for t in range(2):
+        files = []
+        for band in ("VIS", "NIR-H"):
+            path = tmp_path / pattern.format(t=t, band=band)
+            path.parent.mkdir(exist_ok=True)
+            make_tile(path, (150.0, 2.0 + 0.01 * t), band=None)
+            files.append(str(path))
+        lists.append(tuple(files))
+    index = TileIndex.from_file_lists(lists)
+    assert index.bands == expected
+    assert [[b.path for b in t.bands] for t in index.tiles] == [list(f) for f in lists]
+    picked = TileIndex.from_file_lists(lists, bands=[expected[1]])
+    assert [[b.path for b in t.bands] for t in picked.tiles] == [[f[1]] for f in lists]
+
+
 def test_file_lists_in_another_band_order_warn(tmp_path, caplog):
     """Test that file lists naming their bands in another order than the
     first list are cut by position, as documented and as ESA Cutana does,

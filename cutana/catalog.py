@@ -488,33 +488,34 @@ def _blank_long_rows(path, comments):
     many, a field not quoted); the other rows are read as before, in their
     places. The copy is a temporary file the caller removes.
     """
+    malformed, n_rows = {}, 0
     try:
-        with open(path, newline="", encoding="utf-8-sig", errors="strict") as f:
+        copy = tempfile.NamedTemporaryFile(  # noqa: SIM115 - removed below or by the caller
+            "w", suffix=".csv", newline="", encoding="utf-8", delete=False
+        )
+    except OSError:
+        return None
+    try:
+        with copy, open(path, newline="", encoding="utf-8-sig", errors="strict") as f:
             rows = _csv_rows(f, comments)
             header = next(rows, None)
-            if not header:
-                return None
-            n = len(header)
-            malformed = {}
-            with tempfile.NamedTemporaryFile(
-                "w", suffix=".csv", newline="", encoding="utf-8", delete=False
-            ) as copy:
-                writer = csv.writer(copy, lineterminator="\n")
-                writer.writerow(header)
-                i = -1
-                for i, row in enumerate(rows):
-                    if len(row) > n:
-                        text = ",".join(row)
-                        text = text if len(text) <= 80 else text[:77] + "..."
-                        malformed[i] = (
-                            f"has {len(row)} fields where the header names {n} "
-                            f"columns, so it is not read: {text!r}"
-                        )
-                        row = [""] * n
-                    writer.writerow(row)
+            n = len(header or ())
+            writer = csv.writer(copy, lineterminator="\n")
+            writer.writerow(header or ())
+            for i, row in enumerate(rows):
+                n_rows += 1
+                if len(row) > n:
+                    text = ",".join(row)
+                    text = text if len(text) <= 80 else text[:77] + "..."
+                    malformed[i] = (
+                        f"has {len(row)} fields where the header names {n} "
+                        f"columns, so it is not read: {text!r}"
+                    )
+                    row = [""] * n
+                writer.writerow(row)
     except (OSError, csv.Error, UnicodeError):
-        return None
-    if not malformed or 2 * len(malformed) > i + 1:
+        malformed = {}
+    if not malformed or 2 * len(malformed) > n_rows:
         os.unlink(copy.name)
         return None
     return copy.name, malformed

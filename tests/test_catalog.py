@@ -550,13 +550,18 @@ def test_rows_with_more_fields_than_the_header_are_bad_rows(tmp_path, monkeypatc
     assert os.listdir(scratch) == []  # the copy read in its place is gone
 
 
-def test_a_header_short_of_a_name_is_still_a_file_error(tmp_path):
+def test_a_header_short_of_a_name_is_still_a_file_error(tmp_path, monkeypatch):
     """Test that when most rows have more fields than the header (a header
-    that lacks a name), the file is refused as a whole, as astropy does."""
+    that lacks a name), the file is refused as a whole, as astropy does,
+    and no copy of it is left behind."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     path = tmp_path / "cat.csv"
     path.write_text("id,ra,dec\n1,10,1,12\n2,11,2,12\n3,12,3\n")
     with pytest.raises(CatalogError, match="cannot read catalogue"):
         read_catalog(path, size=10)
+    assert os.listdir(scratch) == []
 
 
 def test_fits_file_paths_list_cells(tmp_path):

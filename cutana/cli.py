@@ -255,6 +255,9 @@ def build_parser():
                        description="Read the catalogue and tile headers, plan the jobs "
                        "and print the plan with its memory estimate.")
     _add_run_options(p, with_output=False)
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar while a large catalogue or many tile "
+                   "headers are read")
 
     p = sub.add_parser("demo", help="generate a small synthetic survey and run on it",
                        description="Generate a small synthetic Euclid-like survey "
@@ -528,7 +531,9 @@ def _cmd_plan(ns, parser):
 
     config = _load_config(ns.config, parser) if ns.config else {}
     catalogue = _required(ns, config, "catalogue")
-    plan = plan_cutouts(catalogue, **_options(ns, config))
+    plan = plan_cutouts(
+        catalogue, progress=False if ns.no_progress else None, **_options(ns, config)
+    )
     print(plan.summary())
     return EXIT_OK
 

@@ -915,13 +915,16 @@ def _diameters(pix, arcsec, index, tile):
     return np.where(use, arcsec / scale, pix)
 
 
-def plan_cutouts(catalog, **options):
+def plan_cutouts(catalog, *, progress=None, **options):
     """Plan a run without cutting anything (what ``cutana plan`` prints).
 
     Parameters
     ----------
     catalog : str, path-like, `~astropy.table.Table` or `pandas.DataFrame`
         The source catalogue.
+    progress : bool, optional
+        Show progress bars while a large catalogue or many tile headers are
+        read (default: when standard error is a terminal).
     **options
         The options of `make_cutouts` (``output`` is not needed).
 
@@ -954,7 +957,8 @@ def plan_cutouts(catalog, **options):
             rss += SERVER_BYTES
         return rss or None
 
-    return _prepare(catalog, options, measure_parent=measure).plan
+    progress = sys.stderr.isatty() if progress is None else progress
+    return _prepare(catalog, options, measure_parent=measure, progress=progress).plan
 
 
 # ----------------------------------------------------------------------------

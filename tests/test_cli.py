@@ -410,6 +410,29 @@ def test_plan_prints_summary_without_cutting(survey, tmp_path, capsys):
     assert "bands               VIS\n" in out
 
 
+def test_plan_progress_bars(survey, monkeypatch, capsys):
+    """Test that planning shows its reading bars when asked (past their
+    delays, here 0 s) and ``cutana plan --no-progress`` shows none."""
+    import cutana.catalog as catalog_module
+    import cutana.tiles as tiles_module
+    from cutana.pipeline import plan_cutouts
+
+    monkeypatch.setattr(catalog_module, "READ_PROGRESS_DELAY", 0.0)
+    monkeypatch.setattr(tiles_module, "INDEX_PROGRESS_DELAY", 0.0)
+    plan_cutouts(survey.catalogue_path, size=15, progress=True)
+    err = capsys.readouterr().err
+    assert "reading catalogue" in err and "indexing tiles" in err
+    plan_cutouts(survey.catalogue_path, size=15, progress=False)
+    assert "reading catalogue" not in capsys.readouterr().err
+    # the command: bars on a terminal, unless --no-progress
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main(["plan", survey.catalogue_path, "--size", "15"]) == 0
+    assert "indexing tiles" in capsys.readouterr().err
+    assert main(["plan", survey.catalogue_path, "--size", "15", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "reading catalogue" not in err and "indexing tiles" not in err
+
+
 def test_plan_prints_bands_in_channel_order(tmp_path, capsys):
     """Test that ``cutana plan`` names the bands in channel order."""
     two = make_survey(tmp_path, n_tiles=1, bands=("VIS", "NIR-H"), tile_size=64,

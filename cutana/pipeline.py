@@ -957,8 +957,15 @@ def plan_cutouts(catalog, *, progress=None, **options):
             rss += SERVER_BYTES
         return rss or None
 
-    progress = sys.stderr.isatty() if progress is None else progress
-    return _prepare(catalog, options, measure_parent=measure, progress=progress).plan
+    return _prepare(
+        catalog, options, measure_parent=measure, progress=_show_progress(progress)
+    ).plan
+
+
+def _show_progress(progress):
+    """Whether to show progress bars: ``progress``, by default (None) when
+    standard error is a terminal."""
+    return sys.stderr.isatty() if progress is None else bool(progress)
 
 
 # ----------------------------------------------------------------------------
@@ -1318,6 +1325,7 @@ def make_cutouts(
     """
     t0 = time.perf_counter()
     opts = RunOptions.from_keywords(options)
+    show = _show_progress(progress)
     output = os.fspath(output)
     if resume and overwrite:
         msg = "resume and overwrite exclude each other"
@@ -1363,13 +1371,13 @@ def make_cutouts(
                     prepared = _prepare(
                         catalog, opts,
                         measure_parent=lambda: sampler.sample(executor.worker_pids()),
-                        progress=sys.stderr.isatty() if progress is None else progress,
+                        progress=show,
                     )
                     if opts.backend == "processes":
                         executor.resize(prepared.plan.n_workers)
                         executor.warm_up()  # (started already without a limit)
                     _release_free_memory()  # what planning left behind
-                    runner = _Runner(prepared, output, progress, client)
+                    runner = _Runner(prepared, output, show, client)
                     runner.start(
                         resume=bool(exists and resume),
                         overwrite=bool(exists and overwrite),
@@ -1682,7 +1690,7 @@ class _Runner:
             msg if str(msg).startswith(str(path)) else f"{path}: {msg}"
             for path, msg in prepared.index.errors
         ]
-        self.progress = sys.stderr.isatty() if progress is None else progress
+        self.progress = progress
         self.n_cut = 0
         self.checksums = {}
         self.done_jobs = set()

@@ -457,6 +457,80 @@ def test_text_column_becomes_per_row_bad_rows(tmp_path):
     assert "column 'dec': value 'north' is not a number" in cat.messages[2]
 
 
+def _sexagesimal_text(value, hours, form, rng):
+    """``value`` (degrees) written sexagesimal in one of four forms."""
+    sign = "-" if value < 0 else rng.choice(["", "+"])
+    a = abs(value) / (15.0 if hours else 1.0)
+    d = int(a)
+    m = int((a - d) * 60)
+    s = (a - d - m / 60) * 3600
+    if form == 0:
+        return f"{sign}{d:02d}:{m:02d}:{s:07.4f}"
+    if form == 1:
+        return f" {sign}{d} {m} {s:.3f} "
+    if form == 2:
+        return f"{sign}{d}:{m + s / 60:.6f}"
+    unit = "hms" if hours else "dms"
+    return f"{sign}{d}{unit[0]}{m}{unit[1]}{s:.3f}{unit[2]}"
+
+
+def test_sexagesimal_coordinates_as_skycoord_reads_them(tmp_path):
+    """Test that sexagesimal RA (hours) and Dec (degrees) in a CSV, in four
+    written forms, give the degrees `SkyCoord` gives for the same text."""
+    from astropy import units as u
+    from astropy.coordinates import SkyCoord
+
+    rng = np.random.default_rng(7)
+    n = 400
+    ra = rng.uniform(0, 360, n)
+    dec = rng.uniform(-90, 90, n)
+    forms = rng.integers(0, 4, n)
+    ra_text = [_sexagesimal_text(v, True, f, rng) for v, f in zip(ra, forms, strict=True)]
+    dec_text = [_sexagesimal_text(v, False, f, rng) for v, f in zip(dec, forms, strict=True)]
+    dec_text[:2] = ["-00:30:00", "+00 00 01.5"]  # signs of a zero first field
+    dec[:2] = [-0.5, 1.5 / 3600]
+    path = tmp_path / "sexagesimal.csv"
+    Table({"id": np.arange(n), "ra": ra_text, "dec": dec_text}).write(path)
+    cat = read_catalog(path, size=8)
+    ref = SkyCoord(ra_text, dec_text, unit=(u.hourangle, u.deg))
+    assert_array_equal(cat.status, [OK] * n)
+    assert_array_equal(cat.ra, ref.ra.deg)
+    assert_array_equal(cat.dec, ref.dec.deg)
+    assert cat.dec[0] == -0.5
+    # within the rounding of the written seconds
+    np.testing.assert_allclose(cat.ra, ra, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(cat.dec, dec, rtol=0, atol=1e-5)
+
+
+def test_sexagesimal_in_a_column_with_a_unit(tmp_path):
+    """Test that the column's own angular unit is the first field's unit,
+    and that numbers and sexagesimal text mix in one column."""
+    t = Table({"ra": ["150:30:00", "10.5"], "dec": ["-02:30:00", "1"]})
+    t["ra"].unit = "deg"
+    cat = read_catalog(_write(t, tmp_path / "units.ecsv"), size=4)
+    assert_array_equal(cat.status, [OK, OK])
+    assert_array_equal(cat.ra, [150.5, 10.5])
+    assert_array_equal(cat.dec, [-2.5, 1.0])
+
+
+def test_bad_sexagesimal_values_give_astropys_reason(tmp_path):
+    """Test that text astropy cannot read as an angle is a bad row, with
+    astropy's reason when it looks like an angle."""
+    path = tmp_path / "bad.csv"
+    path.write_text(
+        "id,ra,dec\na,12:61:00,1\nb,150:00:00,1\nc,10:00:00,+91:00:00\n"
+        "d,1:2:3:4,1\ne,north,1\n"
+    )
+    cat = read_catalog(path, size=4)
+    assert_array_equal(cat.status, [BAD] * 5)
+    assert "value '12:61:00' is not a number, nor an angle" in cat.messages[0]
+    assert "'minute'" in cat.messages[0]
+    assert "read in hours" in cat.messages[1]
+    assert "column 'dec': value 91.0 is outside [-90, 90]" in cat.messages[2]
+    assert "value '1:2:3:4' is not a number, nor an angle" in cat.messages[3]
+    assert cat.messages[4].endswith("column 'ra': value 'north' is not a number")
+
+
 def test_fits_file_paths_forms(tmp_path):
     """Test list literals, tuples, single paths and relative paths."""
     sub = tmp_path / "cats"

@@ -485,8 +485,13 @@ def test_sexagesimal_coordinates_as_skycoord_reads_them(tmp_path):
     ra = rng.uniform(0, 360, n)
     dec = rng.uniform(-90, 90, n)
     forms = rng.integers(0, 4, n)
-    ra_text = [_sexagesimal_text(v, True, f, rng) for v, f in zip(ra, forms, strict=True)]
-    dec_text = [_sexagesimal_text(v, False, f, rng) for v, f in zip(dec, forms, strict=True)]
+    pairs = zip(ra, dec, forms, strict=True)
+    ra_text, dec_text = zip(
+        *[(_sexagesimal_text(r, True, f, rng), _sexagesimal_text(d, False, f, rng))
+          for r, d, f in pairs],
+        strict=True,
+    )
+    ra_text, dec_text = list(ra_text), list(dec_text)
     dec_text[:2] = ["-00:30:00", "+00 00 01.5"]  # signs of a zero first field
     dec[:2] = [-0.5, 1.5 / 3600]
     path = tmp_path / "sexagesimal.csv"

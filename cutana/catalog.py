@@ -24,6 +24,7 @@ import logging
 import numbers
 import os
 import re
+import sys
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -927,6 +928,57 @@ def _closest(names, candidates):
     return best if best_ratio >= 0.6 else None
 
 
+def _skycoord_column(cols, ra_column, dec_column, source):
+    """The positions of a `~astropy.coordinates.SkyCoord` column of an
+    astropy table, as ICRS ``<name>.ra`` and ``<name>.dec`` columns of
+    ``cols`` (``cols.overrides``); returns their names, or ``(None, None)``.
+
+    The column is the one ``ra_column`` names, else the table's only
+    SkyCoord column when the table has no RA or Dec column of its own (an
+    ECSV or FITS table written from one with a SkyCoord column is read back
+    with it). Coordinates in another frame are transformed to ICRS.
+    """
+    if cols.kind != "table":
+        return None, None
+    coords = sys.modules.get("astropy.coordinates")
+    if coords is None:  # (never imported: no SkyCoord column can exist)
+        return None, None
+    table = cols.obj  # (without a split-off column that `cols.names` lists)
+    sky = [n for n in table.colnames if isinstance(table[n], coords.SkyCoord)]
+    if ra_column is not None:
+        if ra_column not in sky:
+            return None, None
+        name = ra_column
+    else:
+        if not sky:
+            return None, None
+        lower = {n.lower().strip() for n in cols.names}
+        has = [any(a in lower for a in COLUMN_ALIASES[r]) for r in ("ra", "dec")]
+        if has[0] or has[1] or dec_column is not None:
+            return None, None  # the table names its RA and Dec (or tries to)
+        if len(sky) > 1:
+            msg = (
+                f"catalogue {source!r} has no RA or Dec column but "
+                f"{len(sky)} SkyCoord columns ({', '.join(map(repr, sky))}): pass "
+                "ra_column=NAME (--ra-column NAME on the command line) to choose one"
+            )
+            raise CatalogError(msg)
+        name = sky[0]
+    try:
+        icrs = cols.obj[name].icrs
+    except Exception as exc:  # noqa: BLE001 - astropy says what the frame lacks
+        msg = (
+            f"catalogue {source!r}: the positions of SkyCoord column {name!r} "
+            f"cannot be transformed to ICRS: {exc}"
+        )
+        raise CatalogError(msg) from exc
+    ra_name, dec_name = f"{name}.ra", f"{name}.dec"
+    cols.overrides[ra_name] = np.atleast_1d(icrs.ra.deg).astype(np.float64)
+    cols.overrides[dec_name] = np.atleast_1d(icrs.dec.deg).astype(np.float64)
+    logger.debug("catalogue %s: positions from SkyCoord column %r", source, name)
+    return ra_name, dec_name
+
+
 def _resolve(names, role, override, source, *, required, keyword=None):
     """Find the column of ``role`` among ``names``; raise or return None."""
     keyword = keyword or f"{role}_column"
@@ -1399,7 +1451,10 @@ def read_catalog(
         id ``SourceID``, ``source_id``, ``object_id``, ``objectid``, ``id``;
         RA ``RA``, ``ra_deg``, ``RIGHT_ASCENSION`` (and ``RAJ2000``,
         ``ALPHA_J2000``); Dec ``Dec``, ``dec_deg``, ``DECLINATION`` (and
-        ``DEJ2000``, ``DELTA_J2000``).
+        ``DEJ2000``, ``DELTA_J2000``). Without RA and Dec columns, an
+        astropy table's only `~astropy.coordinates.SkyCoord` column gives
+        the positions (in ICRS, from any frame astropy transforms);
+        ``ra_column`` may name one of several.
     size_column : str, optional
         The size column to use instead of ``diameter_pixel`` /
         ``diameter_arcsec``. Its values are diameters in arcseconds if its
@@ -1485,8 +1540,10 @@ def read_catalog(
     cols, source, label, folder = _load(catalog, id_column, progress=progress)
     names, n = cols.names, cols.nrows
 
-    ra_name = _resolve(names, "ra", ra_column, source, required=True)
-    dec_name = _resolve(names, "dec", dec_column, source, required=True)
+    ra_name, dec_name = _skycoord_column(cols, ra_column, dec_column, source)
+    if ra_name is None:
+        ra_name = _resolve(names, "ra", ra_column, source, required=True)
+        dec_name = _resolve(names, "dec", dec_column, source, required=True)
     id_name = _resolve(names, "id", id_column, source, required=False)
     files_name = None
     if files_column is not False:

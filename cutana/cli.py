@@ -147,11 +147,14 @@ def _add_run_options(p, *, with_output=True):
                    help="source id column (default: SourceID, source_id, "
                    "object_id, objectid or id)")
     g.add_argument("--ra-column", metavar="NAME",
-                   help="right ascension column, degrees or a unit (default: RA, "
-                   "RA_deg, RAJ2000, ALPHA_J2000, ...)")
+                   help="right ascension column: degrees, its own unit or "
+                   "sexagesimal hours (10:00:00.5), or a SkyCoord column "
+                   "(default: RA, RA_deg, RAJ2000, ALPHA_J2000, ..., else the "
+                   "only SkyCoord column)")
     g.add_argument("--dec-column", metavar="NAME",
-                   help="declination column, degrees or a unit (default: Dec, "
-                   "Dec_deg, DEJ2000, DELTA_J2000, ...)")
+                   help="declination column: degrees, its own unit or "
+                   "sexagesimal degrees (-02:10:00) (default: Dec, Dec_deg, "
+                   "DEJ2000, DELTA_J2000, ...)")
     g = p.add_argument_group("values")
     g.add_argument("--normalize", choices=NORMALIZATIONS,
                    help="stretch applied per cutout and band (default: none)")

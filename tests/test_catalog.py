@@ -536,6 +536,46 @@ def test_bad_sexagesimal_values_give_astropys_reason(tmp_path):
     assert cat.messages[4].endswith("column 'ra': value 'north' is not a number")
 
 
+@pytest.mark.parametrize("kind", ["ecsv", "fits", "table"])
+def test_skycoord_column(tmp_path, kind):
+    """Test that a SkyCoord column (written by astropy to ECSV or FITS and
+    read back as one, or in memory) gives the positions, in ICRS, when the
+    table has no RA or Dec column."""
+    from astropy import units as u
+    from astropy.coordinates import SkyCoord
+    from astropy.table import QTable
+
+    rng = np.random.default_rng(5)
+    sky = SkyCoord(rng.uniform(0, 360, 20) * u.deg, rng.uniform(-90, 90, 20) * u.deg,
+                   frame="galactic")
+    t = QTable({"id": np.arange(20), "where": sky})
+    src = t if kind == "table" else _write(t, tmp_path / f"sky.{kind}")
+    cat = read_catalog(src, size=8)
+    assert_array_equal(cat.status, [OK] * 20)
+    np.testing.assert_allclose(cat.ra, sky.icrs.ra.deg, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(cat.dec, sky.icrs.dec.deg, rtol=0, atol=1e-9)
+    assert (cat.columns["ra"], cat.columns["dec"]) == ("where.ra", "where.dec")
+
+
+def test_skycoord_column_choice():
+    """Test that RA and Dec columns win over a SkyCoord column, that
+    ra_column picks one of several SkyCoord columns, and that several
+    without a choice are refused, naming them."""
+    from astropy import units as u
+    from astropy.coordinates import SkyCoord
+    from astropy.table import QTable
+
+    a = SkyCoord([10, 20] * u.deg, [1, 2] * u.deg)
+    b = SkyCoord([30, 40] * u.deg, [-3, -4] * u.deg)
+    t = QTable({"id": [1, 2], "ra": [5.0, 6.0], "dec": [7.0, 8.0], "a": a})
+    assert_array_equal(read_catalog(t, size=4).ra, [5.0, 6.0])
+    t = QTable({"id": [1, 2], "a": a, "b": b})
+    cat = read_catalog(t, size=4, ra_column="b")
+    np.testing.assert_allclose(cat.dec, [-3.0, -4.0], rtol=0, atol=1e-12)
+    with pytest.raises(CatalogError, match="2 SkyCoord columns \\('a', 'b'\\)"):
+        read_catalog(t, size=4)
+
+
 def test_fits_file_paths_forms(tmp_path):
     """Test list literals, tuples, single paths and relative paths."""
     sub = tmp_path / "cats"

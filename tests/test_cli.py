@@ -172,32 +172,57 @@ def test_run_on_band_files_that_name_no_band(tmp_path, pattern):
             np.testing.assert_array_equal(np.asarray(result[i])[c], ref.data)
 
 
+def _one_tile_and_sources(tmp_path, seed):
+    """A 60 x 80 tile ``t.fits`` of noise and 5 sky positions well inside it:
+    ``(wcs, data, skycoord)``."""
+    from astropy.io import fits
+
+    rng = np.random.default_rng(seed)
+    w = _bare_wcs(0)
+    data = rng.normal(size=(60, 80)).astype(">f4")
+    fits.PrimaryHDU(data, header=w.to_header()).writeto(tmp_path / "t.fits")
+    return w, data, w.pixel_to_world(*rng.uniform((8, 8), (71, 51), (5, 2)).T)
+
+
+def _assert_cut_as_cutout2d(tmp_path, catalogue, w, data, positions):
+    """Run ``cutana run`` on ``catalogue`` over ``t.fits`` (9 px cutouts) and
+    check every cutout against astropy's Cutout2D at ``positions``."""
+    from astropy.nddata import Cutout2D
+
+    out = tmp_path / "o.zarr"
+    code = main(["run", str(catalogue), "-o", str(out), "--tiles",
+                 str(tmp_path / "t.fits"), "--size", "9", "--no-progress"])
+    assert code == 0
+    result = cutana.open(out)
+    assert np.asarray(result.status).tolist() == [0] * len(positions)
+    for i, where in enumerate(positions):
+        ref = Cutout2D(data, where, 9, wcs=w)
+        np.testing.assert_array_equal(np.asarray(result[i])[0], ref.data)
+
+
 def test_run_on_sexagesimal_coordinates(tmp_path):
     """Test that a catalogue of sexagesimal RA and Dec is cut where
     astropy's SkyCoord of the same text places the sources."""
     from astropy import units as u
     from astropy.coordinates import SkyCoord
-    from astropy.io import fits
-    from astropy.nddata import Cutout2D
     from astropy.table import Table
 
-    rng = np.random.default_rng(3)
-    w = _bare_wcs(0)
-    data = rng.normal(size=(60, 80)).astype(">f4")
-    fits.PrimaryHDU(data, header=w.to_header()).writeto(tmp_path / "t.fits")
-    sky = w.pixel_to_world(*rng.uniform((8, 8), (71, 51), (5, 2)).T)
+    w, data, sky = _one_tile_and_sources(tmp_path, seed=3)
     ra = sky.ra.to_string(u.hourangle, sep=":", precision=3)
     dec = sky.dec.to_string(u.deg, sep=" ", precision=2, alwayssign=True)
     Table({"id": np.arange(5), "ra": ra, "dec": dec}).write(tmp_path / "cat.csv")
-    out = tmp_path / "o.zarr"
-    code = main(["run", str(tmp_path / "cat.csv"), "-o", str(out), "--tiles",
-                 str(tmp_path / "t.fits"), "--size", "9", "--no-progress"])
-    assert code == 0
-    result = cutana.open(out)
-    assert np.asarray(result.status).tolist() == [0] * 5
-    for i, where in enumerate(SkyCoord(ra, dec, unit=(u.hourangle, u.deg))):
-        ref = Cutout2D(data, where, 9, wcs=w)
-        np.testing.assert_array_equal(np.asarray(result[i])[0], ref.data)
+    _assert_cut_as_cutout2d(tmp_path, tmp_path / "cat.csv", w, data,
+                            SkyCoord(ra, dec, unit=(u.hourangle, u.deg)))
+
+
+def test_run_on_a_skycoord_column(tmp_path):
+    """Test that an ECSV catalogue whose positions are a SkyCoord column in
+    galactic coordinates is cut where astropy's Cutout2D places them."""
+    from astropy.table import QTable
+
+    w, data, sky = _one_tile_and_sources(tmp_path, seed=4)
+    QTable({"name": list("abcde"), "pos": sky.galactic}).write(tmp_path / "cat.ecsv")
+    _assert_cut_as_cutout2d(tmp_path, tmp_path / "cat.ecsv", w, data, sky.galactic)
 
 
 def test_existing_output_is_usage_error(survey, tmp_path, capsys):

@@ -69,7 +69,6 @@ from .planner import (
     FITS_ROW_BYTES,
     PARENT_ROW_BYTES,
     SERVER_BYTES,
-    Job,
     Plan,
     _fmt_bytes,
     available_memory,
@@ -727,6 +726,7 @@ def _prepare(
             fit_workers=options.backend == "processes",
             parent_row_bytes=PARENT_ROW_BYTES
             + (FITS_ROW_BYTES if options.format == "fits" else 0),
+            band_xy=index.band_positions(assignment.tile, cat.ra, cat.dec),
         )
     except ValueError as exc:  # the memory limit cannot hold the largest cutout
         hint = _memory_hint(
@@ -821,13 +821,9 @@ def _split_by_size(jobs, memory):
             keep = np.all(job.box == size, axis=1) if len(sizes) > 1 else slice(None)
             rows = job.rows[keep]
             out.append(
-                dataclasses.replace(
-                    job,
+                job.subset(
+                    keep,
                     job_id=len(out),
-                    rows=rows,
-                    x=job.x[keep],
-                    y=job.y[keep],
-                    box=job.box[keep],
                     est_bytes=memory.job_bytes(len(rows)) if len(sizes) > 1
                     else job.est_bytes,
                 )
@@ -849,7 +845,7 @@ def _short_lists(index):
                 empty.add(files)
             continue
         tile = index.tiles[t]
-        left_out = {name for name, _ in tile.problems}  # (another pixel grid)
+        left_out = {name for name, _ in tile.problems}  # (a WCS not compared)
         names = [index.bands[i] for i in tile.missing_bands]
         names = [name for name in names if name not in left_out]
         if names:
@@ -1159,6 +1155,10 @@ def _run_task_inner(task):
         [None if b is None else b.path for b in task.tile.bands],
         task.tile.wcs(),
         task.files,
+        band_wcs=[
+            b.wcs() if c in task.tile.own_grid and b is not None else None
+            for c, b in enumerate(task.tile.bands)
+        ] if task.tile.own_grid else None,
     )
     staged = stage_job(task.out_dir, result, images=False)
     return _CutDone(staged, result.status, result.messages, {}, result.rows, result.files)
@@ -2540,11 +2540,7 @@ class _Repair:
         for job in runner.plan.jobs:
             keep = redo[job.rows]
             if keep.any():
-                jobs.append(Job(
-                    job_id=len(jobs), tile=job.tile, rows=job.rows[keep],
-                    x=job.x[keep], y=job.y[keep], box=job.box[keep],
-                    est_bytes=job.est_bytes,
-                ))
+                jobs.append(job.subset(keep, job_id=len(jobs)))
         in_job = np.zeros(len(old), dtype=bool)
         for job in jobs:
             in_job[job.rows] = True
@@ -2837,9 +2833,15 @@ def _tile_identity(record):
 
 
 def _tile_record(tile):
-    """What the output stores about a tile to rebuild cutout WCS."""
+    """What the output stores about a tile to rebuild cutout WCS: the first
+    band's header, and for a tile with bands on pixel grids of their own
+    (`~cutana.tiles.Tile.own_grid`) every band's header and which those are."""
     first = next(b for b in tile.bands if b is not None)
-    return {**_tile_listing(tile), "header": first.header}
+    record = {**_tile_listing(tile), "header": first.header}
+    if tile.own_grid:
+        record["headers"] = [None if b is None else b.header for b in tile.bands]
+        record["own_grid"] = list(tile.own_grid)
+    return record
 
 
 # ----------------------------------------------------------------------------

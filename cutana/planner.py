@@ -11,6 +11,7 @@ same inputs, and can be saved and loaded, so that a run can be resumed or
 shipped to a cluster.
 """
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -320,6 +321,10 @@ class Job:
     est_bytes : int
         Estimated peak memory of the job in a worker (of its whole band,
         when the plan groups jobs in bands that fill output chunks together).
+    band_xy : `~numpy.ndarray` of float64, shape ``(n, C, 2)``, or None
+        For a tile with band files on pixel grids of their own
+        (`~cutana.tiles.Tile.own_grid`): each source's ``(x, y)`` in each
+        such band's file (NaN for the other bands); None otherwise.
 
     Examples
     --------
@@ -338,9 +343,45 @@ class Job:
     y: np.ndarray
     box: np.ndarray
     est_bytes: int = 0
+    band_xy: np.ndarray = None
 
     def __len__(self):
         return len(self.rows)
+
+    def subset(self, keep, **changes):
+        """Return the job of the sources ``keep`` selects (a mask or indices).
+
+        Parameters
+        ----------
+        keep : array-like of bool or int
+            Which of the job's sources to keep.
+        **changes
+            Other fields to change (``job_id``, ``est_bytes``).
+
+        Returns
+        -------
+        job : `Job`
+            The job with the selected rows, positions and boxes.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from cutana.planner import Job
+        >>> job = Job(job_id=0, tile=1, rows=np.array([3, 7]), x=np.array([1.0, 2.0]),
+        ...           y=np.array([4.0, 5.0]), box=np.array([[8, 8], [9, 9]]))
+        >>> part = job.subset(np.array([False, True]), job_id=5)
+        >>> part.job_id, part.rows.tolist(), part.box.tolist()
+        (5, [7], [[9, 9]])
+        """
+        return dataclasses.replace(
+            self,
+            rows=self.rows[keep],
+            x=self.x[keep],
+            y=self.y[keep],
+            box=self.box[keep],
+            band_xy=None if self.band_xy is None else self.band_xy[keep],
+            **changes,
+        )
 
 
 @dataclass
@@ -609,7 +650,18 @@ class Plan:
                 x=cat("x", np.float64),
                 y=cat("y", np.float64),
                 box=cat("box", np.int64, 2),
+                **self._band_xy_arrays(),
             )
+
+    def _band_xy_arrays(self):
+        """`Job.band_xy` of the jobs that have it, for `save`: ``band_xy``
+        (their rows, concatenated) and ``band_xy_jobs`` (which jobs)."""
+        which = [j.job_id for j in self.jobs if j.band_xy is not None]
+        if not which:
+            return {}
+        parts = [j.band_xy for j in self.jobs if j.band_xy is not None]
+        return {"band_xy": np.concatenate(parts).astype(np.float64),
+                "band_xy_jobs": np.array(which, dtype=np.int64)}
 
     @classmethod
     def load(cls, path):
@@ -631,6 +683,13 @@ class Plan:
             bounds = np.concatenate([[0], np.cumsum(counts)])
             arrays = {k: npz[k] for k in ("rows", "x", "y", "box")}
             base_status = npz["base_status"]
+            band_xy = {}
+            if "band_xy_jobs" in npz.files:
+                at = 0
+                for job_id in npz["band_xy_jobs"].tolist():
+                    n = int(counts[job_id])
+                    band_xy[job_id] = npz["band_xy"][at : at + n]
+                    at += n
         jobs = [
             Job(
                 job_id=i,
@@ -640,6 +699,7 @@ class Plan:
                 y=arrays["y"][a:b],
                 box=arrays["box"][a:b],
                 est_bytes=int(est),
+                band_xy=band_xy.get(i),
             )
             for i, (tile, est, a, b) in enumerate(
                 zip(header["job_tiles"], header["job_est_bytes"], bounds[:-1], bounds[1:], strict=False)
@@ -693,6 +753,7 @@ def make_plan(
     chunk_rows=None,
     fit_workers=False,
     parent_row_bytes=None,
+    band_xy=None,
 ):
     """Group sources into jobs sized from a memory budget.
 
@@ -742,6 +803,10 @@ def make_plan(
     parent_row_bytes : int, optional
         Bytes the main process adds per row while the run goes on (default
         `PARENT_ROW_BYTES`; a FITS output adds `FITS_ROW_BYTES` to it).
+    band_xy : `~numpy.ndarray`, shape ``(N, C, 2)``, optional
+        Each row's position in the band files on pixel grids of their own
+        (`~cutana.tiles.TileIndex.band_positions`); the jobs of such tiles
+        carry their rows' positions (`Job.band_xy`).
 
     Returns
     -------
@@ -863,6 +928,7 @@ def make_plan(
         parts = _tile_parts(rows_all, tile, per_job, largest, chunk_rows)
     x = np.asarray(assignment.x, dtype=np.float64)
     y = np.asarray(assignment.y, dtype=np.float64)
+    own = {k for k, tl in enumerate(tile_index.tiles) if tl.own_grid}
     jobs = [
         Job(
             job_id=i,
@@ -872,6 +938,7 @@ def make_plan(
             y=y[part],
             box=np.repeat(box_n[part][:, None], 2, axis=1).astype(np.int64),
             est_bytes=memory.job_bytes(held),
+            band_xy=band_xy[part] if band_xy is not None and t in own else None,
         )
         for i, (t, part, held) in enumerate(parts)
     ]

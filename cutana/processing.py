@@ -353,6 +353,9 @@ def cut_job(settings, tile, job, scratch=None, out=None):
     origin = np.ascontiguousarray(starts[:, ::-1])
     order = np.lexsort((job.x, job.y))  # sweep the tile top to bottom
     same_size = bool(np.all(job.box == job.box[:1])) if n else True
+    band_starts, band_origin = _own_grid_boxes(
+        settings, tile, job, missed, status, messages, origin
+    )
 
     for c, band in enumerate(tile.bands):
         if band is None:
@@ -361,8 +364,8 @@ def cut_job(settings, tile, job, scratch=None, out=None):
         else:
             try:
                 _cut_band(
-                    settings, band, c, job, starts, order, same_size, out_shape,
-                    images, scratch,
+                    settings, band, c, job, band_starts.get(c, starts), order,
+                    same_size, out_shape, images, scratch,
                 )
                 continue
             except (OSError, ValueError, KeyError, EOFError, zlib.error) as exc:
@@ -394,7 +397,49 @@ def cut_job(settings, tile, job, scratch=None, out=None):
         origin=origin.astype(np.int64),
         box_shape=np.asarray(job.box, dtype=np.int64),
         messages=messages,
+        band_origin=band_origin,
     )
+
+
+def _own_grid_boxes(settings, tile, job, missed, status, messages, origin):
+    """The boxes of a job's sources in the band files of its tile that are
+    on pixel grids of their own (`~cutana.tiles.Tile.own_grid`).
+
+    A source's box in such a band has the reference band's size, placed at
+    the source's position in that file (``job.band_xy``) by astropy's
+    rounding rules. A box that leaves that file's pixels makes the source
+    `~cutana.Status.PARTIAL_OVERLAP` (the band is filled there); one that
+    misses the file also gets a message. ``status`` and ``messages`` are
+    changed in place. Returns ``(starts, band_origin)``: band index ->
+    ``(n, 2)`` ``(y0, x0)`` first pixels, and the ``(n, C, 2)`` ``(x0, y0)``
+    origins of every band (`JobResult.band_origin`), or ``({}, None)``.
+    """
+    own = [c for c in tile.own_grid if tile.bands[c] is not None]
+    if not own or job.band_xy is None or not len(job):
+        return {}, None
+    names = settings.band_names
+    band_origin = np.repeat(origin[:, None, :], len(tile.bands), axis=1)
+    starts = {}
+    for c in own:
+        band = tile.bands[c]
+        xy = job.band_xy[:, c]
+        placed = np.all(np.isfinite(xy), axis=1)
+        # (a source its WCS cannot place gets the box of position 0, 0,
+        # which is then not written: the source misses the band)
+        yx = np.where(placed[:, None], xy[:, ::-1], 0.0)
+        boxes = compute_boxes(band.shape, job.box, yx, "partial")
+        off = ((boxes.code != BOX_OK) | ~placed) & ~missed
+        partial = (boxes.is_partial | off) & ~missed
+        status[partial & (status == Status.OK)] = Status.PARTIAL_OVERLAP
+        name = names[c] if c < len(names) else c
+        for r in np.flatnonzero(off).tolist():
+            text = f"band {name}: the cutout does not overlap {band.path}"
+            row = int(job.rows[r])
+            messages[row] = f"{messages[row]}; {text}" if row in messages else text
+        # a box that misses the file is cut wholly outside it: all fill
+        starts[c] = np.where(off[:, None], -np.asarray(job.box), boxes.start)
+        band_origin[:, c] = boxes.start[:, ::-1]
+    return starts, band_origin
 
 
 def _physical(block, pixels, blank, factor):

@@ -46,6 +46,7 @@ __all__ = [
     "close_kept_maps",
     "missing_band_message",
     "open_pixels",
+    "sky_to_pixel",
 ]
 
 logger = logging.getLogger(__name__)
@@ -357,8 +358,13 @@ class Tile:
         ``(ny, nx)`` of the reference (first available) band.
     problems : tuple of (str, str)
         ``(band, reason)`` for each band whose file the index left out
-        (e.g. on another pixel grid than the reference band's), so that
+        (e.g. one whose WCS cannot be read), so that
         `missing_band_message` can say why.
+    own_grid : tuple of int
+        Indices of the bands whose files are on a pixel grid of their own
+        (another shape, pixel scale or WCS than the reference band's):
+        their cutouts are cut at each source's own position in that file
+        (`TileIndex.band_pixels`), with the reference band's box size.
 
     Examples
     --------
@@ -382,6 +388,7 @@ class Tile:
     bands: tuple
     shape: tuple = field(default=None, compare=False)
     problems: tuple = field(default=(), compare=False)
+    own_grid: tuple = field(default=(), compare=False)
 
     def __post_init__(self):
         object.__setattr__(self, "bands", tuple(self.bands))
@@ -1301,8 +1308,10 @@ class TileIndex:
                 by_band[b].band_file() if b in by_band else None for b in bands
             )
             if any(e is not None for e in entries):
-                entries, problems = _one_grid(key, entries, bands, errors)
-                tiles.append(Tile(key=key, bands=entries, problems=problems))
+                entries, problems, own = _one_grid(key, entries, bands, errors)
+                tiles.append(
+                    Tile(key=key, bands=entries, problems=problems, own_grid=own)
+                )
             else:
                 logger.debug("tile %s has none of the bands %s; skipped", key, bands)
         logger.info(
@@ -1417,8 +1426,8 @@ class TileIndex:
                 key = f"{key}#{n}"
             keys.add(key)
             file_lists[files] = len(tiles)
-            entries, problems = _one_grid(key, entries, bands, errors)
-            tiles.append(Tile(key=key, bands=entries, problems=problems))
+            entries, problems, own = _one_grid(key, entries, bands, errors)
+            tiles.append(Tile(key=key, bands=entries, problems=problems, own_grid=own))
         logger.info(
             "indexed %d tile(s) from %d file list(s); %d file error(s)",
             len(tiles),
@@ -1580,30 +1589,64 @@ class TileIndex:
     @staticmethod
     def _world_to_pixel(tile, ra, dec):
         """0-based pixel ``(x, y)`` of ICRS positions in ``tile``'s reference WCS."""
-        wcs = tile.wcs()
-        ra, dec = _icrs_to(_frame_of(wcs), ra, dec)
-        with warnings.catch_warnings(), np.errstate(invalid="ignore"):
-            warnings.simplefilter("ignore", RuntimeWarning)
-            px, py = wcs.all_world2pix(*_world_order(wcs, ra, dec), 0, quiet=True)
-            px = np.array(px, dtype=np.float64, ndmin=1)
-            py = np.array(py, dtype=np.float64, ndmin=1)
-            if wcs.has_distortion:
-                # the iterative solution over all positions can differ from
-                # astropy's for one position (by up to its tolerance); where
-                # that could move a box limit (position - size / 2, with a
-                # whole size: a position near a multiple of 0.5), solve
-                # source by source
-                near = np.flatnonzero(
-                    near_rounding_boundary(px, DISTORTION_TOL)
-                    | near_rounding_boundary(py, DISTORTION_TOL)
-                )
-                ra, dec = np.atleast_1d(ra), np.atleast_1d(dec)
-                for i in near:
-                    one = wcs.all_world2pix(
-                        *_world_order(wcs, ra[i], dec[i]), 0, quiet=True
-                    )
-                    px[i], py[i] = float(one[0]), float(one[1])
-        return px, py
+        return sky_to_pixel(tile.wcs(), ra, dec)
+
+    def band_positions(self, tile, ra, dec):
+        """Return every row's position in the band files on grids of their own.
+
+        Parameters
+        ----------
+        tile : array-like of int
+            Tile of each row (`Assignment.tile`; -1: none).
+        ra, dec : array-like
+            ICRS positions in degrees.
+
+        Returns
+        -------
+        band_xy : `~numpy.ndarray` of float64, shape ``(N, C, 2)``, or None
+            ``(x, y)`` of each row in each band of its tile that is on a
+            pixel grid of its own (`Tile.own_grid`, `band_pixels`), NaN
+            elsewhere; None when no tile has such a band.
+        """
+        if not any(t.own_grid for t in self.tiles):
+            return None
+        tile = np.asarray(tile)
+        ra, dec = np.asarray(ra, dtype=np.float64), np.asarray(dec, dtype=np.float64)
+        out = np.full((len(tile), len(self.bands), 2), np.nan)
+        for k, tl in enumerate(self.tiles):
+            rows = np.flatnonzero(tile == k) if tl.own_grid else ()
+            if not len(rows):
+                continue
+            for c in tl.own_grid:
+                x, y = self.band_pixels(k, c, ra[rows], dec[rows])
+                out[rows, c, 0], out[rows, c, 1] = x, y
+        return out
+
+    def band_pixels(self, tile, band, ra, dec):
+        """Return the pixel positions of sources in one band file of a tile.
+
+        For a band on the reference band's grid these are the tile's pixel
+        positions (`assign`); for one on a grid of its own
+        (`Tile.own_grid`) they are the positions in that file, where its
+        cutouts are cut.
+
+        Parameters
+        ----------
+        tile : int
+            Index of the tile.
+        band : int
+            Index of the band.
+        ra, dec : array-like
+            ICRS positions in degrees.
+
+        Returns
+        -------
+        x, y : `~numpy.ndarray` of float64
+            0-based pixel positions (NaN where the WCS cannot place one).
+        """
+        tl = self.tiles[tile]
+        entry = tl.bands[band] or tl.reference
+        return sky_to_pixel(entry.wcs(), ra, dec)
 
     def assign_by_files(
         self, file_tuples, ra=None, dec=None, diameter_pix=None, diameter_arcsec=None
@@ -1720,6 +1763,7 @@ class TileIndex:
                     "key": t.key,
                     "bands": [None if b is None else b.to_dict() for b in t.bands],
                     "problems": [list(p) for p in t.problems],
+                    "own_grid": list(t.own_grid),
                 }
                 for t in self.tiles
             ],
@@ -1759,12 +1803,54 @@ class TileIndex:
                     None if b is None else BandFile.from_dict(b) for b in t["bands"]
                 ),
                 problems=tuple(tuple(p) for p in t.get("problems", ())),
+                own_grid=tuple(t.get("own_grid", ())),
             )
             for t in d["tiles"]
         ]
         errors = [tuple(e) for e in d.get("errors", [])]
         file_lists = {tuple(k): int(v) for k, v in d.get("file_lists", [])}
         return cls(tiles, d["bands"], errors, file_lists)
+
+
+def sky_to_pixel(wcs, ra, dec):
+    """Return the 0-based pixel ``(x, y)`` of ICRS positions in ``wcs``.
+
+    Parameters
+    ----------
+    wcs : `~astropy.wcs.WCS`
+        A celestial WCS, in any frame astropy transforms ICRS to.
+    ra, dec : array-like
+        Positions in degrees (ICRS).
+
+    Returns
+    -------
+    x, y : `~numpy.ndarray` of float64
+        Positions as `~astropy.wcs.utils.skycoord_to_pixel` gives them
+        (``all_world2pix``, distortions included).
+    """
+    ra, dec = _icrs_to(_frame_of(wcs), ra, dec)
+    with warnings.catch_warnings(), np.errstate(invalid="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        px, py = wcs.all_world2pix(*_world_order(wcs, ra, dec), 0, quiet=True)
+        px = np.array(px, dtype=np.float64, ndmin=1)
+        py = np.array(py, dtype=np.float64, ndmin=1)
+        if wcs.has_distortion:
+            # the iterative solution over all positions can differ from
+            # astropy's for one position (by up to its tolerance); where
+            # that could move a box limit (position - size / 2, with a
+            # whole size: a position near a multiple of 0.5), solve
+            # source by source
+            near = np.flatnonzero(
+                near_rounding_boundary(px, DISTORTION_TOL)
+                | near_rounding_boundary(py, DISTORTION_TOL)
+            )
+            ra, dec = np.atleast_1d(ra), np.atleast_1d(dec)
+            for i in near:
+                one = wcs.all_world2pix(
+                    *_world_order(wcs, ra[i], dec[i]), 0, quiet=True
+                )
+                px[i], py[i] = float(one[0]), float(one[1])
+    return px, py
 
 
 def _diameter_arrays(n, diameter_pix, diameter_arcsec):
@@ -2114,8 +2200,9 @@ def _open_known_layout(band, keep_bytes=0):
 def _grid_difference(ref, band):
     """How the pixel grid of `BandFile` ``band`` differs from ``ref``'s, or None.
 
-    Every band of a tile is cut at the same pixels, those of the reference
-    band: the shapes must be equal, and so the WCS (reference pixel and
+    Bands on one grid are cut at the same pixels, those of the reference
+    band; a band on another grid at its own (`Tile.own_grid`). One grid
+    means equal shapes and the same WCS (reference pixel and
     value, pixel scale matrix, projection), to a thousandth of a pixel
     (headers written with fewer digits still agree). Files whose WCS
     headers are the same (as astropy writes them) share the grid without
@@ -2163,34 +2250,42 @@ def _wcs_header_text(wcs):
 
 
 def _one_grid(key, entries, bands, errors):
-    """A tile's band files without those on another pixel grid.
+    """A tile's band files, and which of them are on a pixel grid of their own.
 
-    A file whose grid differs from the reference band's (the first) is left
+    A file whose grid differs from the reference band's (the first) is
+    kept: its cutouts are cut at each source's own position in it
+    (`TileIndex.band_pixels`), as ESA Cutana cuts every file of a source.
+    A file whose WCS cannot be compared with the reference band's is left
     out, with an entry in ``errors``; the tile's sources then get
     ``TILE_ERROR`` for lack of that band, with the reason. Returns
-    ``(entries, problems)`` for `Tile`.
+    ``(entries, problems, own_grid)`` for `Tile`.
     """
     ref = next((e for e in entries if e is not None), None)
-    kept, problems = [], []
-    for entry, band in zip(entries, bands, strict=True):
+    kept, problems, own = [], [], []
+    for c, (entry, band) in enumerate(zip(entries, bands, strict=True)):
         why = None
         if entry is not None and entry is not ref:
             try:
-                why = _grid_difference(ref, entry)
-            except Exception as exc:  # noqa: BLE001 - an unreadable WCS differs too
+                if _grid_difference(ref, entry) is not None:
+                    own.append(c)
+                    logger.info(
+                        "tile %s: band %s (%s) is on a pixel grid of its own; its "
+                        "cutouts are cut at each source's position in it",
+                        key, band, entry.path,
+                    )
+            except Exception as exc:  # noqa: BLE001 - an unreadable WCS
                 why = f"its WCS cannot be compared: {exc}"
         if why is None:
             kept.append(entry)
             continue
         text = (
-            f"{entry.path}: not on the pixel grid of {ref.path} ({why}), though "
-            f"both are tile {key}; every band of a tile is cut at the same pixels, "
-            f"so band {band} is not cut there"
+            f"{entry.path}: {why}, so its pixels cannot be placed on the sky "
+            f"against {ref.path} (tile {key}); band {band} is not cut there"
         )
         errors.append((entry.path, text))
         problems.append((str(band), text))
         kept.append(None)
-    return tuple(kept), tuple(problems)
+    return tuple(kept), tuple(problems), tuple(own)
 
 
 def missing_band_message(tile, band):

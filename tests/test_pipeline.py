@@ -10,6 +10,7 @@ import pytest
 from astropy.coordinates import SkyCoord
 from astropy.io import fits
 from astropy.nddata import Cutout2D as AstropyCutout2D
+from astropy.nddata import NoOverlapError
 from astropy.wcs import WCS
 
 import cutana
@@ -2343,3 +2344,112 @@ def test_messages_of_a_size_under_a_pixel_and_of_numpy_printed_file_lists(tmp_pa
            "fits_file_paths": [lists]}).write(tmp_path / "np.csv")  # fmt: skip
     with pytest.raises(ConfigError, match=r"\(row 0: .*has no comma between its paths"):
         cutana.make_cutouts(tmp_path / "np.csv", tmp_path / "o2", progress=False)
+
+
+def _two_grid_tile(tmp_path, seed=0):
+    """One tile in two band files on different pixel grids: VIS at 0.1″ per
+    pixel (300 x 300) and NIR-H at 0.3″ (90 x 90, rotated 7°, offset so that
+    part of VIS lies outside it). Returns ``{band: (path, data, wcs)}``."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for band, scale, n, crval, rot in (
+        ("VIS", 0.1, 300, (150.0, 2.0), 0.0),
+        ("NIR-H", 0.3, 90, (150.0008, 2.0003), 7.0),
+    ):
+        w = WCS(naxis=2)
+        w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+        w.wcs.crval = crval
+        w.wcs.crpix = [(n + 1) / 2, (n + 1) / 2]
+        c, s = np.cos(np.radians(rot)), np.sin(np.radians(rot))
+        w.wcs.cd = np.array([[-c, s], [s, c]]) * scale / 3600
+        data = (rng.normal(size=(n, n)) * 10 + 100).astype(">f4")
+        header = w.to_header()
+        header["BAND"], header["TILEID"] = band, "5"
+        path = tmp_path / f"T5_{band}.fits"
+        fits.PrimaryHDU(data, header=header).writeto(path)
+        out[band] = (str(path), data, w)
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "fits"])
+def test_bands_on_their_own_pixel_grids(tmp_path, fmt):
+    """Test that a band on another pixel grid than the reference band's is
+    cut at each source's own position in its file, with the reference
+    band's size in pixels (as ESA Cutana cuts every file of a source): every
+    band's cutout and WCS equal astropy's Cutout2D of that band's file, a
+    source leaving one band's file is PARTIAL_OVERLAP, and 2 worker
+    processes write the same bytes as 1."""
+    bands = _two_grid_tile(tmp_path)
+    rng = np.random.default_rng(1)
+    vis_wcs = bands["VIS"][2]
+    sky = vis_wcs.pixel_to_world(*rng.uniform(-5, 305, (60, 2)).T)
+    from astropy.table import Table
+
+    Table({"id": np.arange(60), "ra": sky.ra.deg, "dec": sky.dec.deg}).write(
+        tmp_path / "cat.csv"
+    )
+    outs = []
+    for workers in (1, 2):
+        out = tmp_path / f"out{workers}.{fmt}"
+        cutana.make_cutouts(
+            tmp_path / "cat.csv", out, tiles=str(tmp_path / "T5_*.fits"),
+            bands=["VIS", "NIR-H"], size=15, format=fmt, workers=workers,
+            backend="serial" if workers == 1 else "processes", progress=False,
+        )
+        outs.append(out)
+    assert files_bytes(outs[0]) == files_bytes(outs[1])
+    result = cutana.open(outs[0])
+    status = np.asarray(result.status)
+    n_partial_nir = 0
+    for i in range(60):
+        refs = []
+        for c, band in enumerate(("VIS", "NIR-H")):
+            _, data, w = bands[band]
+            try:
+                ref = AstropyCutout2D(data, sky[i], 15, wcs=w, mode="partial",
+                                      fill_value=np.nan)
+            except NoOverlapError:  # off this band's file: all filled
+                ref = None
+            inside = ref is not None and np.isfinite(ref.data).all()
+            refs.append(inside)
+            n_partial_nir += c == 1 and not inside
+            if fmt == "zarr":
+                got, got_wcs = np.asarray(result[i])[c], result.wcs(i, c)
+            else:
+                with fits.open(Path(outs[0]) / result.files[i]) as hdul:
+                    got, got_wcs = hdul[c + 1].data, WCS(hdul[c + 1].header)
+            if ref is None:
+                assert np.isnan(got).all()
+                continue
+            np.testing.assert_array_equal(got, ref.data)
+            corners = ([0, 14, 3], [0, 14, 9])
+            np.testing.assert_allclose(
+                got_wcs.pixel_to_world_values(*corners),
+                ref.wcs.pixel_to_world_values(*corners), rtol=0, atol=1e-10,
+            )
+        ok = all(refs)
+        assert status[i] == (Status.OK if ok else Status.PARTIAL_OVERLAP), i
+    assert 0 < n_partial_nir < 60  # the test covers both cases
+
+
+def test_plan_of_bands_on_their_own_grids_saves_their_positions(tmp_path):
+    """Test that the jobs of a tile with a band on a grid of its own carry
+    each source's position in that band's file (its WCS's), and that a saved
+    plan gives them back."""
+    from astropy.table import Table
+
+    from cutana.pipeline import plan_cutouts
+    from cutana.planner import Plan
+
+    bands = _two_grid_tile(tmp_path)
+    ra, dec = np.array([150.0, 150.0003]), np.array([2.0, 2.0001])
+    Table({"id": [1, 2], "ra": ra, "dec": dec}).write(tmp_path / "cat.csv")
+    plan = plan_cutouts(tmp_path / "cat.csv", tiles=str(tmp_path / "T5_*.fits"),
+                        bands=["VIS", "NIR-H"], size=9, progress=False)
+    (job,) = plan.jobs
+    x, y = bands["NIR-H"][2].all_world2pix(ra[job.rows], dec[job.rows], 0)
+    np.testing.assert_allclose(job.band_xy[:, 1], np.c_[x, y], rtol=0, atol=1e-9)
+    assert np.isnan(job.band_xy[:, 0]).all()
+    plan.save(tmp_path / "plan.npz")
+    again = Plan.load(tmp_path / "plan.npz")
+    np.testing.assert_array_equal(again.jobs[0].band_xy, job.band_xy)

@@ -354,14 +354,12 @@ def test_same_header_band_uses_file_names(tmp_path):
 
 
 @pytest.mark.parametrize("lists", [False, True])
-def test_band_on_another_pixel_grid_is_left_out(tmp_path, lists):
-    """Test that a band file of a tile whose pixel grid differs from the
-    reference band's (shifted reference pixel, other shape) is left out with
-    the reason, instead of being cut at the reference band's pixels: the
-    tile's sources then get TILE_ERROR saying why."""
-    from cutana.tiles import missing_band_message
-
-    g = make_tile(tmp_path / "g.fits", tileid="7", band="g")
+def test_bands_on_other_pixel_grids_are_kept(tmp_path, lists):
+    """Test that band files of a tile whose pixel grid differs from the
+    reference band's (shifted reference pixel, other shape) are kept as
+    bands on grids of their own, whose pixel positions come from their own
+    WCS, while a file on the same grid to 4e-5 pixel shares the grid."""
+    make_tile(tmp_path / "g.fits", tileid="7", band="g")
     make_tile(tmp_path / "r.fits", tileid="7", band="r", crval=(150.0001, 2.0))
     make_tile(tmp_path / "i.fits", tileid="7", band="i", shape=(50, 80))
     # the same grid as g, to 4e-5 pixel (CRVAL written with fewer digits)
@@ -371,22 +369,38 @@ def test_band_on_another_pixel_grid_is_left_out(tmp_path, lists):
         index = TileIndex.from_file_lists([tuple(paths)])
     else:
         index = TileIndex.from_paths(paths)
+    assert index.errors == []
     assert len(index.tiles) == 1
     tile = index.tiles[0]
-    got = {name: tile.bands[k] for k, name in enumerate(index.bands)}
-    assert got["g"] is not None and got["z"] is not None
-    assert got["r"] is None and got["i"] is None
-    assert g.shape == (60, 80)
-    reasons = dict(index.errors)
-    assert "not on the pixel grid of" in reasons[paths[1]]
-    assert "CRVAL" in reasons[paths[1]]
-    assert "its shape (50, 80) is not (60, 80)" in reasons[paths[3]]
-    text = missing_band_message(tile, "r")
-    assert text.startswith("tile 7: ") and "so band r is not cut there" in text
-    assert missing_band_message(tile, "z") == "tile 7 has no file for band z"
-    # the reason survives the index's serialisation (it goes to the workers)
+    assert all(b is not None for b in tile.bands)
+    assert sorted(index.bands[c] for c in tile.own_grid) == ["i", "r"]
+    # positions in each band's own file, as astropy's WCS gives them
+    from astropy.wcs import WCS
+
+    ra, dec = np.array([150.001, 149.999]), np.array([2.0005, 1.9995])
+    for c, name in enumerate(index.bands):
+        x, y = index.band_pixels(0, c, ra, dec)
+        ref = WCS(fits.getheader(tmp_path / f"{name}.fits")).all_world2pix(ra, dec, 0)
+        assert_allclose(x, ref[0], rtol=0, atol=1e-9)
+        assert_allclose(y, ref[1], rtol=0, atol=1e-9)
+    xy = index.band_positions(np.array([0, -1]), ra, dec)
+    r = index.bands.index("r")
+    one = np.ravel(index.band_pixels(0, r, ra[:1], dec[:1]))
+    assert_allclose(xy[0, r], one, rtol=0, atol=0)
+    assert np.isnan(xy[1]).all() and np.isnan(xy[0, index.bands.index("z")]).all()
+    # which bands are on grids of their own survives the serialisation
     again = TileIndex.from_dict(index.to_dict())
-    assert missing_band_message(again.tiles[0], "r") == text
+    assert again.tiles[0].own_grid == tile.own_grid
+
+
+def test_no_band_positions_without_other_grids(tmp_path):
+    """Test that an index whose tiles share one grid per tile gives no
+    band positions (jobs then carry none)."""
+    make_tile(tmp_path / "g.fits", tileid="7", band="g")
+    make_tile(tmp_path / "r.fits", tileid="7", band="r")
+    index = TileIndex.from_paths(str(tmp_path / "*.fits"))
+    assert index.tiles[0].own_grid == ()
+    assert index.band_positions(np.array([0]), [150.0], [2.0]) is None
 
 
 def test_duplicate_band_in_tile_is_an_error(tmp_path):
@@ -963,10 +977,10 @@ def test_assign_converts_icrs_to_the_tiles_frame(tmp_path, cards):
         assert (math.ceil(got.x[i] - 5.5), math.ceil(got.y[i] - 5.5)) == (x0, y0), i
 
 
-def test_band_with_other_distortion_is_left_out(tmp_path):
+def test_band_with_other_distortion_is_on_its_own_grid(tmp_path):
     """Test that a band file whose SIP distortion differs from the reference
-    band's (same CRPIX, CRVAL and CD) is left out with the reason, not cut
-    at the reference band's pixels under the reference band's WCS."""
+    band's (same CRPIX, CRVAL and CD) is a band on a grid of its own, not
+    cut at the reference band's pixels under the reference band's WCS."""
     sip = dict(
         CTYPE1="RA---TAN-SIP", CTYPE2="DEC--TAN-SIP", CRVAL1=10.0, CRVAL2=-30.0,
         CRPIX1=150.5, CRPIX2=150.5, CD1_1=-2e-5, CD1_2=0.0, CD2_1=0.0, CD2_2=2e-5,
@@ -983,9 +997,8 @@ def test_band_with_other_distortion_is_left_out(tmp_path):
     paths = [str(tmp_path / f"{b}.fits") for b in "gri"]
     index = TileIndex.from_paths(paths)
     tile = index.tiles[0]
-    got = {name: tile.bands[k] for k, name in enumerate(index.bands)}
-    assert got["g"] is not None and got["i"] is not None and got["r"] is None
-    assert "its distortion differs: pixels map up to" in dict(index.errors)[paths[1]]
+    assert index.errors == []
+    assert [index.bands[c] for c in tile.own_grid] == ["r"]
 
 
 def test_bands_with_one_strongly_distorted_wcs_share_the_grid(tmp_path):

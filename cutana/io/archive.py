@@ -37,6 +37,22 @@ _KNOWN = np.array(sorted(int(s) for s in Status if s != Status.PENDING), dtype=n
 _MAX_LISTED = 10
 
 
+def _own_grid_origin(wcs, ra, dec, box):
+    """``(x0, y0)`` of the box of a source at ``ra``, ``dec`` in a band file
+    on a pixel grid of its own, placed as the worker placed it
+    (`cutana.tiles.sky_to_pixel`, then astropy's rounding)."""
+    from .._geometry import compute_boxes
+    from ..tiles import sky_to_pixel
+
+    x, y = sky_to_pixel(wcs, np.atleast_1d(float(ra)), np.atleast_1d(float(dec)))
+    if not (np.isfinite(x[0]) and np.isfinite(y[0])):
+        msg = "the cutout's position cannot be placed in this band's file"
+        raise ValueError(msg)
+    ny, nx = (int(v) for v in box)
+    start = compute_boxes((ny, nx), (ny, nx), [[y[0], x[0]]], "partial").start[0]
+    return np.array([start[1], start[0]], dtype=np.int64)
+
+
 def _wcs_from_header(text):
     """Celestial WCS of a FITS header string."""
     with warnings.catch_warnings(), astropy_log_kept():
@@ -360,7 +376,12 @@ class ZarrArchive(CutoutArchive):
             status = Status(int(self._array("status")[i]))
             msg = f"row {i} has no cutout (status {status.name}), so it has no WCS"
             raise ValueError(msg)
-        return cutout_wcs(self.tile_wcs(tile, band), origin, box, self.out_shape)
+        wcs = self.tile_wcs(tile, band)
+        if band in self.tiles[tile].get("own_grid", ()):
+            origin = _own_grid_origin(
+                wcs, self._array("ra")[i], self._array("dec")[i], box
+            )
+        return cutout_wcs(wcs, origin, box, self.out_shape)
 
 
 class _FitsImages:

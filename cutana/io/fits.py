@@ -446,9 +446,9 @@ class _Layout:
 
     def file(self, images, wcs_text, keys, cards):
         """The bytes of one source's file, or None when the WCS header (its
-        card images ``wcs_text`` and its ``keys``, upper case) holds a
-        keyword that astropy would merge with another card (then
-        ``FitsWriter._source_hdul`` builds the file)."""
+        card images ``wcs_text``, or a list of them per band, and its
+        ``keys``, upper case) holds a keyword that astropy would merge with
+        another card (then ``FitsWriter._source_hdul`` builds the file)."""
         if (
             images.shape[1:] != self.shape
             or images.dtype != self.dtype
@@ -463,8 +463,9 @@ class _Layout:
         )
         end = "END".ljust(80)
         parts = [_padded((self.primary + own + end).encode("ascii"), b" ")]
+        texts = [wcs_text] * len(self.head) if isinstance(wcs_text, str) else wcs_text
         for c, (head, tail) in enumerate(zip(self.head, self.tail, strict=True)):
-            text = head + wcs_text + own + tail + end
+            text = head + texts[c] + own + tail + end
             parts.append(_padded(text.encode("ascii"), b" "))
             parts.append(_padded(self._data(images[c]), b"\0"))
         return b"".join(parts)
@@ -656,7 +657,8 @@ class FitsWriter:
         return n
 
     def write_sources(
-        self, result, source_id, ra, dec, tile_paths, wcs, files, *, header=None
+        self, result, source_id, ra, dec, tile_paths, wcs, files, *, header=None,
+        band_wcs=None,
     ):
         """Write the files of one job's sources.
 
@@ -684,6 +686,11 @@ class FitsWriter:
             ``(n,)`` file names of the job's rows, from `fits_filenames`.
         header : dict, optional
             Further keywords for every band HDU (e.g. ``{"BUNIT": "Jy"}``).
+        band_wcs : sequence, optional
+            Per band, the WCS of a band file on a pixel grid of its own
+            (`~cutana.tiles.Tile.own_grid`), or `None` for a band on the
+            tile's grid (``wcs``). Such a band's cutout WCS is derived from
+            its own file's WCS at ``result.band_origin``.
 
         Returns
         -------
@@ -748,6 +755,13 @@ class FitsWriter:
         status = np.asarray(result.status)
         layout = _Layout.make(self, images.shape[2:], images.dtype, tile_names, extra)
         headers = _CutoutHeaders(tile_wcs) if layout is not None else None
+        own = []  # (band, its WCS, its `_CutoutHeaders`) of bands on own grids
+        if band_wcs is not None and tile_wcs is not None:
+            own = [(c, w, _CutoutHeaders(w)) for c, w in enumerate(band_wcs)
+                   if w is not None]
+            if own and result.band_origin is None:
+                msg = f"job {result.job_id}: band_wcs needs result.band_origin"
+                raise ValueError(msg)
         # (renamed to their names once all are on disk)
         with _FileBatch(self._tmp_dir) as batch:
             for k in range(n):
@@ -773,12 +787,26 @@ class FitsWriter:
                         text, keys = headers.text(*w)
                     else:
                         text, keys = _wcs_text(w)
+                    if own:  # bands on grids of their own: their own WCS
+                        text, keys = [text] * len(self.bands), set(keys)
+                        for c, _, band_headers in own:
+                            text[c], more = band_headers.text(
+                                result.band_origin[k, c], *w[1:]
+                            )
+                            keys |= more
                     content = layout.file(images[k], text, keys, cards)
                 if content is None:  # keywords astropy would merge: astropy writes
-                    if isinstance(w, tuple):
-                        w = cutout_wcs(tile_wcs, *w)
+                    wcs_header = _wcs_header(
+                        cutout_wcs(tile_wcs, *w) if isinstance(w, tuple) else w
+                    )
+                    if own:
+                        wcs_header = [wcs_header] * len(self.bands)
+                        for c, band_wcs_c, _ in own:
+                            wcs_header[c] = _wcs_header(cutout_wcs(
+                                band_wcs_c, result.band_origin[k, c], *w[1:]
+                            ))
                     content = self._source_hdul(
-                        images[k], _wcs_header(w), cards, tile_names, extra
+                        images[k], wcs_header, cards, tile_names, extra
                     )
                 batch.write(content, os.path.join(self.out_dir, name))
                 written[k] = name
@@ -787,19 +815,22 @@ class FitsWriter:
 
     def _source_hdul(self, images, wcs_header, cards, tile_names, extra):
         """The HDU list of one source's file: an empty primary HDU and one
-        image HDU per band, each with the cutout's WCS and ``cards``."""
+        image HDU per band, each with the cutout's WCS (``wcs_header``, or
+        a list of headers per band) and ``cards``."""
         primary = fits.PrimaryHDU()
         primary.header["CUTANAV"] = (_cutana_version(), "cutana version")
         primary.header["NBANDS"] = (len(self.bands), "number of band HDUs")
         for key, value in cards.items():
             primary.header[key] = value
         hdus = [primary]
-        base = wcs_header  # a new header per source: filled once, copied per band
-        for key, value in cards.items():
-            base[key] = value
+        # a new header per source: filled once, copied per band
+        bases = wcs_header if isinstance(wcs_header, list) else [wcs_header]
+        for base in {id(b): b for b in bases}.values():
+            for key, value in cards.items():
+                base[key] = value
         names = zip(self.bands, self._extnames, strict=True)
         for c, (band, extname) in enumerate(names):
-            hdr = base.copy()
+            hdr = bases[c if len(bases) > 1 else 0].copy()
             comment = f"tile file of band {_fits_text(band)}"
             hdr["TILE"] = _text_card(tile_names[c], comment)
             for key, value in extra.items():

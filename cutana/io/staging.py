@@ -84,6 +84,13 @@ class JobResult:
     files : `~numpy.ndarray` or None, optional
         ``(n,)`` str file names written for the rows (FITS output; ``''``
         where no file was written), or `None`.
+    band_origin : `~numpy.ndarray` or None, optional
+        ``(n, C, 2)`` int64 ``(x0, y0)`` of each box in each band's own
+        file, for a tile with bands on pixel grids of their own
+        (`~cutana.tiles.Tile.own_grid`; ``origin`` for the other bands), or
+        `None`. Not staged: the FITS writer uses it in the worker, and a
+        Zarr output rebuilds it from the positions
+        (`~cutana.tiles.TileIndex.band_pixels`).
 
     Examples
     --------
@@ -106,6 +113,7 @@ class JobResult:
     box_shape: np.ndarray
     messages: dict = field(default_factory=dict)
     files: np.ndarray | None = None
+    band_origin: np.ndarray | None = None
 
     def __len__(self):
         return len(self.rows)

@@ -733,6 +733,14 @@ def _one_field(recs):
     """Whether the centre of one file's image lies within half an image
     (the smaller's shorter side) of another's (`_bands_from_stems`); also
     when a centre cannot be placed in ICRS."""
+    close = _close_centres(recs)
+    return close is None or bool(close.any())
+
+
+def _close_centres(recs):
+    """``(n, n)`` bool: whether the centres of two files' images lie within
+    half an image (the smaller's shorter side) of each other (False on the
+    diagonal); None when a centre cannot be placed in ICRS."""
     from astropy.coordinates import SkyCoord
 
     centres, half = [], []
@@ -744,7 +752,7 @@ def _one_field(recs):
                 warnings.simplefilter("ignore")
                 centres.append(w.pixel_to_world((nx - 1) / 2, (ny - 1) / 2).icrs)
         except Exception:  # noqa: BLE001 - a frame astropy cannot convert
-            return True
+            return None
         scale = min(q.to_value(u.deg) for q in w.proj_plane_pixel_scales())
         half.append(0.5 * min(nx, ny) * scale)
     sky = SkyCoord(
@@ -752,8 +760,45 @@ def _one_field(recs):
     )
     i, j, sep, _ = sky.search_around_sky(sky, max(half) * u.deg)
     half = np.asarray(half)
-    close = (i < j) & (sep.deg < np.minimum(half[i], half[j]))
-    return bool(close.any())
+    keep = (i != j) & (sep.deg < np.minimum(half[i], half[j]))
+    close = np.zeros((len(recs), len(recs)), dtype=bool)
+    close[i[keep], j[keep]] = True
+    return close
+
+
+def _join_fields(groups):
+    """Join the files of one field on different pixel grids into one tile
+    (tile key -> `_Record` list, changed in place).
+
+    Files with no tile id are grouped by their pixel grid (``wcs-...``
+    keys), so that the bands of one field on grids of their own (``g`` at
+    0.2″ and ``r`` at 0.3″ per pixel, say) would be tiles of one band each,
+    each missing the other's band. Two such groups are one tile when their
+    bands differ and their images' centres lie within half an image of each
+    other (`_one_field`); the tile keeps the key of the group whose files
+    came first, and the files their order.
+    """
+    keys = [k for k in groups if k.startswith("wcs-")]  # in the files' order
+    if len(keys) < 2:
+        return
+    close = _close_centres([groups[k][0] for k in keys])
+    if close is None:
+        return  # (a centre that cannot be placed: the grids stay apart)
+    for k, key in enumerate(keys):
+        if key not in groups:
+            continue
+        for m in np.flatnonzero(close[k, k + 1 :]).tolist():
+            other = keys[k + 1 + m]
+            if other not in groups:
+                continue
+            mine = {r.band for r in groups[key]}
+            if mine & {r.band for r in groups[other]}:
+                continue
+            logger.info(
+                "files %s and %s are one field on different pixel grids: one tile",
+                [r.path for r in groups[key]], [r.path for r in groups[other]],
+            )
+            groups[key].extend(groups.pop(other))
 
 
 def _shared_name(stems):
@@ -1227,8 +1272,10 @@ class TileIndex:
         bands ``g`` and ``r``; ``T0_NIR-H.fits``: ``NIR-H``; ``g/T0.fits``,
         ``r/T0.fits``: ``g`` and ``r``). Files of one sky tile are
         grouped by the ``TILEID`` keyword, else by ``TILE<digits>`` in the
-        file name, else by an identical (rounded) WCS and shape; the tiles
-        are in the order of their keys.
+        file name, else by an identical (rounded) WCS and shape, where
+        groups of other bands whose images' centres lie within half an
+        image of each other are one field on different pixel grids, so one
+        tile (`Tile.own_grid`); the tiles are in the order of their keys.
         If two files of one tile give the same band name but their file
         names give different ones (a science image and its RMS map, say),
         the file-name bands are used for them; otherwise the file whose
@@ -1247,6 +1294,7 @@ class TileIndex:
             groups.setdefault(rec.key, []).append(rec)
         _report_wcs_notes([r for recs in groups.values() for r in recs])
         _bands_from_stems(groups)
+        _join_fields(groups)
 
         found = []
         members = {}

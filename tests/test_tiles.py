@@ -183,13 +183,32 @@ def test_tiles_of_one_unnamed_file_each_are_one_band(tmp_path):
 
 def test_unnamed_images_of_one_field_stay_bands(tmp_path):
     """Test that single files whose images share a centre (bands of one field
-    on other pixel grids, not tiles of one band) keep their names as bands."""
+    on other pixel grids, not tiles of one band) keep their names as bands,
+    of one tile whose second band is on a grid of its own."""
     make_tile(tmp_path / "img_g.fits", band=None)
     make_tile(tmp_path / "img_r.fits", (150.0 + 2e-4, 2.0), band=None,
               shape=(30, 40), scale=2 * SCALE)
     index = TileIndex.from_paths(str(tmp_path / "img_*.fits"))
-    assert len(index.tiles) == 2
     assert index.bands == ["img_g", "img_r"]
+    assert len(index.tiles) == 1 and index.tiles[0].own_grid == (1,)
+
+
+@pytest.mark.parametrize("order", ["gr", "rg"])
+def test_bands_of_one_field_on_other_grids_are_one_tile(tmp_path, order):
+    """Test that band files with no tile id, of one field on different pixel
+    grids, are one tile (bands in the files' order), while files of other
+    bands whose fields lie apart stay tiles of their own."""
+    make_tile(tmp_path / "g.fits", band="g")
+    make_tile(tmp_path / "r.fits", (150.0 + 2e-4, 2.0), band="r",
+              shape=(30, 40), scale=2 * SCALE)
+    make_tile(tmp_path / "i.fits", (151.0, 2.0), band="i")  # another field
+    index = TileIndex.from_paths([str(tmp_path / f"{b}.fits") for b in order + "i"])
+    assert index.errors == []
+    assert index.bands == [*order, "i"]
+    assert len(index.tiles) == 2
+    joined = next(t for t in index.tiles if t.bands[0] is not None)
+    assert [b.band for b in joined.bands[:2]] == list(order)
+    assert joined.own_grid == (1,) and joined.bands[2] is None
 
 
 @pytest.mark.parametrize(

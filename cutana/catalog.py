@@ -965,7 +965,7 @@ def _skycoord_column(cols, ra_column, dec_column, source):
             raise CatalogError(msg)
         name = sky[0]
     try:
-        icrs = cols.obj[name].icrs
+        icrs = table[name].icrs
     except Exception as exc:  # noqa: BLE001 - astropy says what the frame lacks
         msg = (
             f"catalogue {source!r}: the positions of SkyCoord column {name!r} "
@@ -1174,7 +1174,7 @@ def _read_sexagesimal(raw, values, problem, unit, role):
                 default = u.Unit(unit)
         except (ValueError, TypeError):
             pass
-    texts = [str(raw[i]) for i in rows.tolist()]
+    texts = _text(np.asarray(raw)[rows]).tolist()  # (bytes of FITS tables too)
     degrees, reasons = _sexagesimal(texts, default)
     good = np.isfinite(degrees)
     values[rows[good]] = degrees[good]

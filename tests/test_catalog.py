@@ -507,12 +507,14 @@ def test_sexagesimal_coordinates_as_skycoord_reads_them(tmp_path):
     np.testing.assert_allclose(cat.dec, dec, rtol=0, atol=1e-5)
 
 
-def test_sexagesimal_in_a_column_with_a_unit(tmp_path):
+@pytest.mark.parametrize("kind", ["ecsv", "fits"])
+def test_sexagesimal_in_a_column_with_a_unit(tmp_path, kind):
     """Test that the column's own angular unit is the first field's unit,
-    and that numbers and sexagesimal text mix in one column."""
+    that numbers and sexagesimal text mix in one column, and that a FITS
+    table's text (bytes) is read too."""
     t = Table({"ra": ["150:30:00", "10.5"], "dec": ["-02:30:00", "1"]})
     t["ra"].unit = "deg"
-    cat = read_catalog(_write(t, tmp_path / "units.ecsv"), size=4)
+    cat = read_catalog(_write(t, tmp_path / f"units.{kind}"), size=4)
     assert_array_equal(cat.status, [OK, OK])
     assert_array_equal(cat.ra, [150.5, 10.5])
     assert_array_equal(cat.dec, [-2.5, 1.0])

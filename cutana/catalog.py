@@ -935,8 +935,9 @@ def _skycoord_column(cols, ra_column, dec_column, source):
 
     The column is the one ``ra_column`` names, else the table's only
     SkyCoord column when the table has no RA or Dec column of its own (an
-    ECSV or FITS table written from one with a SkyCoord column is read back
-    with it). Coordinates in another frame are transformed to ICRS.
+    ECSV, FITS or Parquet table written from one with a SkyCoord column is
+    read back with it). Coordinates in another frame are transformed to
+    ICRS.
     """
     if cols.kind != "table":
         return None, None

@@ -538,7 +538,7 @@ def test_bad_sexagesimal_values_give_astropys_reason(tmp_path):
     assert cat.messages[4].endswith("column 'ra': value 'north' is not a number")
 
 
-@pytest.mark.parametrize("kind", ["ecsv", "fits", "table"])
+@pytest.mark.parametrize("kind", ["ecsv", "fits", "parquet", "table"])
 def test_skycoord_column(tmp_path, kind):
     """Test that a SkyCoord column (written by astropy to ECSV or FITS and
     read back as one, or in memory) gives the positions, in ICRS, when the
@@ -551,6 +551,8 @@ def test_skycoord_column(tmp_path, kind):
     sky = SkyCoord(rng.uniform(0, 360, 20) * u.deg, rng.uniform(-90, 90, 20) * u.deg,
                    frame="galactic")
     t = QTable({"id": np.arange(20), "where": sky})
+    if kind == "parquet":
+        pytest.importorskip("pyarrow")
     src = t if kind == "table" else _write(t, tmp_path / f"sky.{kind}")
     cat = read_catalog(src, size=8)
     assert_array_equal(cat.status, [OK] * 20)

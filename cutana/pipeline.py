@@ -720,7 +720,8 @@ def _prepare(
             n_workers=options.workers if options.backend != "serial" else 1,
             max_sources_per_job=options.max_sources_per_job,
             parent_bytes=parent_bytes,
-            meta={"config": options.to_config(), "bands": list(index.bands)},
+            meta={"config": options.to_config(), "bands": list(index.bands),
+                  **_own_grid_meta(index)},
             chunk_rows=chunk_rows,
             # worker processes are started for the plan: as many as fit
             fit_workers=options.backend == "processes",
@@ -894,6 +895,14 @@ def _size_columns(cat, options):
     pix = np.asarray(cat.size_pixel, dtype=np.float64)
     arcsec = np.asarray(cat.size_arcsec, dtype=np.float64)
     return pix, np.where(np.isfinite(pix), np.nan, arcsec)
+
+
+def _own_grid_meta(index):
+    """``{"own_grid": bands}``: the bands on a pixel grid of their own in
+    some tile (`~cutana.tiles.Tile.own_grid`), for the plan's summary; empty
+    when there are none."""
+    own = {c for t in index.tiles for c in t.own_grid}
+    return {"own_grid": [index.bands[c] for c in sorted(own)]} if own else {}
 
 
 def _diameters(pix, arcsec, index, tile):

@@ -537,6 +537,12 @@ class Plan:
                 if self.meta.get("bands")
                 else []
             ),
+            *(
+                [f"own pixel grid      {', '.join(map(str, self.meta['own_grid']))} "
+                 "(cut at each source's position in its own file)"]
+                if self.meta.get("own_grid")
+                else []
+            ),
             f"workers             {self.n_workers}"
             + (f" ({self.workers_asked} asked; the memory limit holds "
                f"{self.n_workers})" if self.workers_asked else ""),
@@ -565,6 +571,8 @@ class Plan:
             h.update(np.int64([job.job_id, job.tile]).tobytes())
             for arr in (job.rows, job.x, job.y, job.box):
                 h.update(np.ascontiguousarray(arr).tobytes())
+            if job.band_xy is not None:  # (bands on grids of their own)
+                h.update(np.ascontiguousarray(job.band_xy).tobytes())
         return h.hexdigest()
 
     def output_fingerprint(self, rows=None):

@@ -2450,6 +2450,10 @@ def test_plan_of_bands_on_their_own_grids_saves_their_positions(tmp_path):
     x, y = bands["NIR-H"][2].all_world2pix(ra[job.rows], dec[job.rows], 0)
     np.testing.assert_allclose(job.band_xy[:, 1], np.c_[x, y], rtol=0, atol=1e-9)
     assert np.isnan(job.band_xy[:, 0]).all()
+    assert "own pixel grid      NIR-H (cut at each source's" in plan.summary()
     plan.save(tmp_path / "plan.npz")
     again = Plan.load(tmp_path / "plan.npz")
     np.testing.assert_array_equal(again.jobs[0].band_xy, job.band_xy)
+    assert again.fingerprint() == plan.fingerprint()
+    again.jobs[0].band_xy[0, 1, 0] += 1.0  # another position: another output
+    assert again.fingerprint() != plan.fingerprint()

@@ -633,6 +633,7 @@ def _prepare(
 
     # arcsec sizes depend on the pixel scale of the tile each source landed on
     diam = _diameters(size_pix, size_arcsec, index, assignment.tile)
+    _warn_angles_on_own_grids(index, assignment.tile, ok & np.isfinite(size_arcsec))
     on_tile = (status == Status.OK) & (np.asarray(assignment.tile) >= 0)
     small = on_tile & ~(np.round(diam) >= 1)
     for r in np.flatnonzero(small & np.isfinite(size_arcsec)).tolist():
@@ -895,6 +896,32 @@ def _size_columns(cat, options):
     pix = np.asarray(cat.size_pixel, dtype=np.float64)
     arcsec = np.asarray(cat.size_arcsec, dtype=np.float64)
     return pix, np.where(np.isfinite(pix), np.nan, arcsec)
+
+
+def _warn_angles_on_own_grids(index, tile, angular):
+    """Warn once when sources with sizes in arcseconds (``angular``) lie on
+    a tile with a band on a pixel grid of its own: their boxes have the
+    reference band's number of pixels in every band, so such a band's
+    cutout covers another part of the sky (ESA Cutana converts the angle
+    with each file's own pixel scale)."""
+    tile = np.asarray(tile)
+    for k, tl in enumerate(index.tiles):
+        if not tl.own_grid or not np.any(angular & (tile == k)):
+            continue
+        ref = tl.pixel_scale_arcsec()
+        c = tl.own_grid[0]
+        own = tl.bands[c].pixel_scale_arcsec()
+        logger.warning(
+            "tile %s: sizes in arcseconds become pixels at the pixel scale of "
+            "its band %s (%.3g arcsec/pixel), and band %s (%.3g arcsec/pixel, "
+            "a pixel grid of its own) is cut with as many pixels, so its "
+            "cutouts span %.3g times the angle (ESA Cutana converts the angle "
+            "with each file's own scale); to cut the same angle in band %s, "
+            "cut it in a run of its own (--bands %s)",
+            tl.key, index.bands[next(i for i, b in enumerate(tl.bands) if b)],
+            ref, index.bands[c], own, own / ref, index.bands[c], index.bands[c],
+        )
+        return
 
 
 def _own_grid_meta(index):

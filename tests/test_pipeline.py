@@ -2457,3 +2457,31 @@ def test_plan_of_bands_on_their_own_grids_saves_their_positions(tmp_path):
     assert again.fingerprint() == plan.fingerprint()
     again.jobs[0].band_xy[0, 1, 0] += 1.0  # another position: another output
     assert again.fingerprint() != plan.fingerprint()
+
+
+def test_angular_sizes_on_bands_of_their_own_grids_warn(tmp_path, caplog):
+    """Test that sizes in arcseconds on a tile with a band on a grid of its
+    own warn that the band is cut with the reference band's pixels (another
+    angle), naming the scales; sizes in pixels do not."""
+    import logging
+
+    from astropy.table import Table
+
+    from cutana.pipeline import plan_cutouts
+
+    _two_grid_tile(tmp_path)
+    Table({"id": [1], "ra": [150.0], "dec": [2.0], "diameter_arcsec": [1.5]}).write(
+        tmp_path / "cat.csv"
+    )
+    tiles = str(tmp_path / "T5_*.fits")
+    with caplog.at_level(logging.WARNING, logger="cutana.pipeline"):
+        plan_cutouts(tmp_path / "cat.csv", tiles=tiles, bands=["VIS", "NIR-H"],
+                     target_size=16, progress=False)
+    text = " ".join(r.getMessage() for r in caplog.records)
+    assert "band VIS (0.1 arcsec/pixel)" in text
+    assert "band NIR-H (0.3 arcsec/pixel" in text and "span 3 times the angle" in text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="cutana.pipeline"):
+        plan_cutouts(tmp_path / "cat.csv", tiles=tiles, bands=["VIS", "NIR-H"],
+                     size=15, progress=False)
+    assert "arcseconds" not in " ".join(r.getMessage() for r in caplog.records)

@@ -954,8 +954,8 @@ def _skycoord_column(cols, ra_column, dec_column, source):
         if not sky:
             return None, None
         lower = {n.lower().strip() for n in cols.names}
-        has = [any(a in lower for a in COLUMN_ALIASES[r]) for r in ("ra", "dec")]
-        if has[0] or has[1] or dec_column is not None:
+        aliases = (*COLUMN_ALIASES["ra"], *COLUMN_ALIASES["dec"])
+        if dec_column is not None or not lower.isdisjoint(aliases):
             return None, None  # the table names its RA and Dec (or tries to)
         if len(sky) > 1:
             msg = (
@@ -1337,6 +1337,7 @@ def _parse_files(value, folder, resolved=None):
     """
     if value is None:
         return None
+    resolved = {} if resolved is None else resolved
     if isinstance(value, bytes):
         value = value.decode("utf-8", "replace")
     if isinstance(value, np.ndarray):
@@ -1366,12 +1367,9 @@ def _parse_files(value, folder, resolved=None):
             return None
         p = p.strip()
         if folder is not None and "://" not in p:
-            if resolved is None:
-                p = _resolve_relative(os.path.expanduser(p), folder)
-            elif p in resolved:
-                p = resolved[p]
-            else:
-                p = resolved[p] = _resolve_relative(os.path.expanduser(p), folder)
+            if p not in resolved:
+                resolved[p] = _resolve_relative(os.path.expanduser(p), folder)
+            p = resolved[p]
         paths.append(p)
     return tuple(paths)
 

@@ -109,6 +109,10 @@ class CutSettings:
     keep_bytes: int = 0
     band_names: tuple = ()
 
+    def band_name(self, c):
+        """The name of channel ``c`` for messages (its index if unnamed)."""
+        return self.band_names[c] if c < len(self.band_names) else c
+
 
 def converts_flux(band_name):
     """Whether flux conversion applies to the band ``band_name``.
@@ -359,8 +363,7 @@ def cut_job(settings, tile, job, scratch=None, out=None):
 
     for c, band in enumerate(tile.bands):
         if band is None:
-            name = settings.band_names[c] if c < len(settings.band_names) else c
-            text = missing_band_message(tile, name)
+            text = missing_band_message(tile, settings.band_name(c))
         else:
             try:
                 _cut_band(
@@ -417,7 +420,6 @@ def _own_grid_boxes(settings, tile, job, missed, status, messages, origin):
     own = [c for c in tile.own_grid if tile.bands[c] is not None]
     if not own or job.band_xy is None or not len(job):
         return {}, None
-    names = settings.band_names
     band_origin = np.repeat(origin[:, None, :], len(tile.bands), axis=1)
     starts = {}
     for c in own:
@@ -429,11 +431,13 @@ def _own_grid_boxes(settings, tile, job, missed, status, messages, origin):
         yx = np.where(placed[:, None], xy[:, ::-1], 0.0)
         boxes = compute_boxes(band.shape, job.box, yx, "partial")
         off = ((boxes.code != BOX_OK) | ~placed) & ~missed
-        partial = (boxes.is_partial | off) & ~missed
+        partial = (boxes.is_partial & ~missed) | off
         status[partial & (status == Status.OK)] = Status.PARTIAL_OVERLAP
-        name = names[c] if c < len(names) else c
         for r in np.flatnonzero(off).tolist():
-            text = f"band {name}: the cutout does not overlap {band.path}"
+            text = (
+                f"band {settings.band_name(c)}: the cutout does not overlap "
+                f"{band.path}"
+            )
             row = int(job.rows[r])
             messages[row] = f"{messages[row]}; {text}" if row in messages else text
         # a box that misses the file is cut wholly outside it: all fill

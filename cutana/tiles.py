@@ -775,7 +775,7 @@ def _join_fields(groups):
     0.2″ and ``r`` at 0.3″ per pixel, say) would be tiles of one band each,
     each missing the other's band. Two such groups are one tile when their
     bands differ and their images' centres lie within half an image of each
-    other (`_one_field`); the tile keeps the key of the group whose files
+    other (`_close_centres`); the tile keeps the key of the group whose files
     came first, and the files their order.
     """
     keys = [k for k in groups if k.startswith("wcs-")]  # in the files' order

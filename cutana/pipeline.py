@@ -493,6 +493,8 @@ class _Prepared:
     settings: CutSettings
     catalog_path: str | None = None
     chunk_rows: int | None = None  # rows per chunk of a Zarr output
+    # (N, C, 2) boxes per band when bands on grids of their own cut their own
+    band_box: np.ndarray | None = None
 
 
 def _prepare(
@@ -633,25 +635,35 @@ def _prepare(
 
     # arcsec sizes depend on the pixel scale of the tile each source landed on
     diam = _diameters(size_pix, size_arcsec, index, assignment.tile)
-    _warn_angles_on_own_grids(index, assignment.tile, ok & np.isfinite(size_arcsec))
+    band_diam = _band_boxes(index, assignment.tile, size_arcsec, diam, options)
+    if band_diam is None:
+        _warn_angles_on_own_grids(index, assignment.tile, ok & np.isfinite(size_arcsec))
     on_tile = (status == Status.OK) & (np.asarray(assignment.tile) >= 0)
-    small = on_tile & ~(np.round(diam) >= 1)
+    # the smallest and largest box of each row, over its bands
+    low = diam if band_diam is None else np.min(band_diam, axis=1)
+    high = diam if band_diam is None else np.max(band_diam, axis=1)
+    small = on_tile & ~(np.round(low) >= 1)
+
+    def owner(r, value):
+        return _scale_owner(index, assignment.tile, band_diam, r, value)
+
     for r in np.flatnonzero(small & np.isfinite(size_arcsec)).tolist():
-        scale = size_arcsec[r] / diam[r] if diam[r] > 0 else float("nan")
+        scale = size_arcsec[r] / low[r] if low[r] > 0 else float("nan")
         messages.setdefault(r, (
             f"{_size_origin(cat, options, r, size_arcsec, value=False)}: a "
             f"diameter of {size_arcsec[r]:g} arcsec is "
-            f"{diam[r]:.3g} pixels of its tile ({scale:.3g} arcsec/pixel), "
-            "which rounds to 0"
+            f"{low[r]:.3g} pixels of {owner(r, low[r])} "
+            f"({scale:.3g} arcsec/pixel), which rounds to 0"
         ))
     _bad_size(status, messages, small, cat.source)
     # an angle is checked against MAX_SIZE_ARCSEC when read; in pixels of its
     # tile it may still exceed what a size in pixels may be
-    huge = on_tile & np.isfinite(size_arcsec) & (np.round(diam) > MAX_SIZE_PIXEL)
+    huge = on_tile & np.isfinite(size_arcsec) & (np.round(high) > MAX_SIZE_PIXEL)
     for r in np.flatnonzero(huge).tolist():
         messages.setdefault(r, (
-            f"{_size_origin(cat, options, r, size_arcsec)}: {diam[r]:.0f} pixels "
-            f"of its tile, more than {MAX_SIZE_PIXEL}"
+            f"{_size_origin(cat, options, r, size_arcsec)}: {high[r]:.0f} pixels "
+            f"of {owner(r, high[r])}, more than "
+            f"{MAX_SIZE_PIXEL}"
         ))
     _bad_size(status, messages, huge, cat.source)
 
@@ -729,6 +741,7 @@ def _prepare(
             parent_row_bytes=PARENT_ROW_BYTES
             + (FITS_ROW_BYTES if options.format == "fits" else 0),
             band_xy=index.band_positions(assignment.tile, cat.ra, cat.dec),
+            band_diameters=band_diam,
         )
     except ValueError as exc:  # the memory limit cannot hold the largest cutout
         hint = _memory_hint(
@@ -768,7 +781,11 @@ def _prepare(
     path = None
     if isinstance(catalog, (str, os.PathLike)):
         path = os.path.abspath(os.fspath(catalog))
-    return _Prepared(cat, index, plan, options, settings, path, chunk_rows)
+    band_box = None
+    if band_diam is not None:
+        sides = np.where(np.isfinite(band_diam), np.round(band_diam), 0)
+        band_box = np.repeat(sides.astype(np.int32)[:, :, None], 2, axis=2)
+    return _Prepared(cat, index, plan, options, settings, path, chunk_rows, band_box)
 
 
 #: The catalogue columns a Zarr run frees once its store holds them
@@ -900,10 +917,10 @@ def _size_columns(cat, options):
 
 def _warn_angles_on_own_grids(index, tile, angular):
     """Warn once when sources with sizes in arcseconds (``angular``) lie on
-    a tile with a band on a pixel grid of its own: their boxes have the
-    reference band's number of pixels in every band, so such a band's
-    cutout covers another part of the sky (ESA Cutana converts the angle
-    with each file's own pixel scale)."""
+    a tile with a band on a pixel grid of its own and the output is not
+    resampled: their boxes have the reference band's number of pixels in
+    every band, so such a band's cutout covers another part of the sky
+    (resampled outputs cut the angle in each band, `_band_boxes`)."""
     tile = np.asarray(tile)
     for k, tl in enumerate(index.tiles):
         if not tl.own_grid or not np.any(angular & (tile == k)):
@@ -915,13 +932,52 @@ def _warn_angles_on_own_grids(index, tile, angular):
             "tile %s: sizes in arcseconds become pixels at the pixel scale of "
             "its band %s (%.3g arcsec/pixel), and band %s (%.3g arcsec/pixel, "
             "a pixel grid of its own) is cut with as many pixels, so its "
-            "cutouts span %.3g times the angle (ESA Cutana converts the angle "
-            "with each file's own scale); to cut the same angle in band %s, "
-            "cut it in a run of its own (--bands %s)",
+            "cutouts span %.3g times the angle; to cut the same angle in every "
+            "band (as ESA Cutana does), resample them to one size "
+            "(--target-size N), or cut band %s in a run of its own (--bands %s)",
             tl.key, index.bands[next(i for i, b in enumerate(tl.bands) if b)],
             ref, index.bands[c], own, own / ref, index.bands[c], index.bands[c],
         )
         return
+
+
+def _scale_owner(index, tile, band_diam, r, value):
+    """Whose pixels a row's diameter ``value`` counts, for messages: ``its
+    tile``, or ``band X of its tile`` for a band on a grid of its own."""
+    if band_diam is not None and tile[r] >= 0:
+        tl = index.tiles[int(tile[r])]
+        for c in tl.own_grid:
+            if band_diam[r, c] == value:
+                return f"band {index.bands[c]} of its tile"
+    return "its tile"
+
+
+def _band_boxes(index, tile, size_arcsec, diam, options):
+    """Box diameters per row and band, ``(N, C)`` float64, or None.
+
+    A size in arcseconds becomes pixels at each band file's own pixel scale
+    in the bands on a pixel grid of their own (`~cutana.tiles.Tile.own_grid`),
+    as ESA Cutana converts it per file, when the cutouts are resampled to
+    one size (``--target-size``): every band's cutout then spans the same
+    angle. The other bands, and sizes in pixels, keep ``diam``. None when no
+    row needs it.
+    """
+    if options.target_size is None or options.resample == "none":
+        return None
+    own = [k for k, t in enumerate(index.tiles) if t.own_grid]
+    tile = np.asarray(tile)
+    angular = np.isfinite(size_arcsec) & np.isin(tile, own)
+    if not angular.any():
+        return None
+    diam = np.asarray(diam, dtype=np.float64)
+    out = np.repeat(diam[:, None], len(index.bands), axis=1)
+    for k in own:
+        rows = np.flatnonzero(angular & (tile == k))
+        tl = index.tiles[k]
+        for c in tl.own_grid:
+            if len(rows) and tl.bands[c] is not None:
+                out[rows, c] = tl.bands[c].angle_in_pixels(size_arcsec[rows])
+    return out
 
 
 def _own_grid_meta(index):
@@ -934,17 +990,20 @@ def _own_grid_meta(index):
 
 def _diameters(pix, arcsec, index, tile):
     """Box diameter in pixels per row: ``pix``, or where ``arcsec`` is given
-    (`_size_columns`) that over the pixel scale of the row's tile (``tile``:
+    (`_size_columns`) that angle in pixels of the row's tile as astropy's
+    Cutout2D converts it (`~cutana.tiles.Tile.angle_in_pixels`; ``tile``:
     per row, -1 for none, which takes the first tile's)."""
     use = np.isfinite(arcsec)
     if not use.any():
         return pix
     if not index.tiles:  # no tile could be read: no pixel scale
         return np.where(use, np.nan, pix)
-    scales = np.array([t.pixel_scale_arcsec() for t in index.tiles])
-    tile = np.asarray(tile)
-    scale = np.where(tile >= 0, scales[np.clip(tile, 0, None)], scales[0])
-    return np.where(use, arcsec / scale, pix)
+    tile = np.where(np.asarray(tile) >= 0, tile, 0)
+    out = np.array(pix, dtype=np.float64)
+    for k in np.unique(tile[use]).tolist():
+        rows = np.flatnonzero(use & (tile == k))
+        out[rows] = index.tiles[k].angle_in_pixels(arcsec[rows])
+    return out
 
 
 def plan_cutouts(catalog, *, progress=None, **options):
@@ -1850,7 +1909,9 @@ class _Runner:
             if self.fmt == "zarr":
                 self.writer = self._open_writer()
                 # the same values (same catalogue): none of their chunks is lost
-                self.writer.write_catalogue_columns(cat.source_id, cat.ra, cat.dec)
+                self.writer.write_catalogue_columns(
+                    cat.source_id, cat.ra, cat.dec, self.p.band_box
+                )
                 verified = self.writer.verified_chunks(
                     state.chunks, rows=state.chunk_rows
                 )
@@ -1916,6 +1977,7 @@ class _Runner:
                 attrs={"catalogue": self.p.catalog_path},
                 overwrite=overwrite,
                 chunk_rows=self.p.chunk_rows,
+                band_box=self.p.band_box,
             )
         else:
             self.writer = FitsWriter.create(
@@ -2032,7 +2094,9 @@ class _Runner:
             if not missing:
                 # the same values (same catalogue): a removed chunk is back
                 cat = self.p.catalog
-                writer.write_catalogue_columns(cat.source_id, cat.ra, cat.dec)
+                writer.write_catalogue_columns(
+                    cat.source_id, cat.ra, cat.dec, self.p.band_box
+                )
         else:
             present = set(os.listdir(self.output))
             missing = [f for f in archive.files.tolist() if f and f not in present]

@@ -325,6 +325,11 @@ class Job:
         For a tile with band files on pixel grids of their own
         (`~cutana.tiles.Tile.own_grid`): each source's ``(x, y)`` in each
         such band's file (NaN for the other bands); None otherwise.
+    band_box : `~numpy.ndarray` of int64, shape ``(n, C, 2)``, or None
+        ``(ny, nx)`` of the box cut for each source in each band, where a
+        band on a pixel grid of its own has a box of its own (a size in
+        arcseconds at that file's pixel scale, for resampled outputs); None
+        when every band is cut with ``box``.
 
     Examples
     --------
@@ -344,6 +349,7 @@ class Job:
     box: np.ndarray
     est_bytes: int = 0
     band_xy: np.ndarray = None
+    band_box: np.ndarray = None
 
     def __len__(self):
         return len(self.rows)
@@ -380,6 +386,7 @@ class Job:
             y=self.y[keep],
             box=self.box[keep],
             band_xy=None if self.band_xy is None else self.band_xy[keep],
+            band_box=None if self.band_box is None else self.band_box[keep],
             **changes,
         )
 
@@ -539,7 +546,9 @@ class Plan:
             ),
             *(
                 [f"own pixel grid      {', '.join(map(str, self.meta['own_grid']))} "
-                 "(cut at each source's position in its own file)"]
+                 "(cut at each source's position in its own file"
+                 + (", sizes in arcsec at its own pixel scale)"
+                    if any(j.band_box is not None for j in self.jobs) else ")")]
                 if self.meta.get("own_grid")
                 else []
             ),
@@ -571,8 +580,9 @@ class Plan:
             h.update(np.int64([job.job_id, job.tile]).tobytes())
             for arr in (job.rows, job.x, job.y, job.box):
                 h.update(np.ascontiguousarray(arr).tobytes())
-            if job.band_xy is not None:  # (bands on grids of their own)
-                h.update(np.ascontiguousarray(job.band_xy).tobytes())
+            for arr in (job.band_xy, job.band_box):  # (bands on grids of their own)
+                if arr is not None:
+                    h.update(np.ascontiguousarray(arr).tobytes())
         return h.hexdigest()
 
     def output_fingerprint(self, rows=None):
@@ -658,18 +668,20 @@ class Plan:
                 x=cat("x", np.float64),
                 y=cat("y", np.float64),
                 box=cat("box", np.int64, 2),
-                **self._band_xy_arrays(),
+                **self._per_band_arrays("band_xy", np.float64),
+                **self._per_band_arrays("band_box", np.int64),
             )
 
-    def _band_xy_arrays(self):
-        """`Job.band_xy` of the jobs that have it, for `save`: ``band_xy``
-        (their rows, concatenated) and ``band_xy_jobs`` (which jobs)."""
-        which = [j.job_id for j in self.jobs if j.band_xy is not None]
+    def _per_band_arrays(self, name, dtype):
+        """`Job.band_xy` or `Job.band_box` (``name``) of the jobs that have
+        it, for `save`: ``name`` (their rows, concatenated) and
+        ``name_jobs`` (which jobs)."""
+        which = [j.job_id for j in self.jobs if getattr(j, name) is not None]
         if not which:
             return {}
-        parts = [j.band_xy for j in self.jobs if j.band_xy is not None]
-        return {"band_xy": np.concatenate(parts).astype(np.float64),
-                "band_xy_jobs": np.array(which, dtype=np.int64)}
+        parts = [getattr(j, name) for j in self.jobs if getattr(j, name) is not None]
+        return {name: np.concatenate(parts).astype(dtype),
+                f"{name}_jobs": np.array(which, dtype=np.int64)}
 
     @classmethod
     def load(cls, path):
@@ -691,13 +703,14 @@ class Plan:
             bounds = np.concatenate([[0], np.cumsum(counts)])
             arrays = {k: npz[k] for k in ("rows", "x", "y", "box")}
             base_status = npz["base_status"]
-            band_xy = {}
-            if "band_xy_jobs" in npz.files:
-                at = 0
-                for job_id in npz["band_xy_jobs"].tolist():
-                    n = int(counts[job_id])
-                    band_xy[job_id] = npz["band_xy"][at : at + n]
-                    at += n
+            per_band = {"band_xy": {}, "band_box": {}}
+            for name, found in per_band.items():
+                if f"{name}_jobs" in npz.files:
+                    at = 0
+                    for job_id in npz[f"{name}_jobs"].tolist():
+                        n = int(counts[job_id])
+                        found[job_id] = npz[name][at : at + n]
+                        at += n
         jobs = [
             Job(
                 job_id=i,
@@ -707,7 +720,8 @@ class Plan:
                 y=arrays["y"][a:b],
                 box=arrays["box"][a:b],
                 est_bytes=int(est),
-                band_xy=band_xy.get(i),
+                band_xy=per_band["band_xy"].get(i),
+                band_box=per_band["band_box"].get(i),
             )
             for i, (tile, est, a, b) in enumerate(
                 zip(header["job_tiles"], header["job_est_bytes"], bounds[:-1], bounds[1:], strict=False)
@@ -762,6 +776,7 @@ def make_plan(
     fit_workers=False,
     parent_row_bytes=None,
     band_xy=None,
+    band_diameters=None,
 ):
     """Group sources into jobs sized from a memory budget.
 
@@ -815,6 +830,11 @@ def make_plan(
         Each row's position in the band files on pixel grids of their own
         (`~cutana.tiles.TileIndex.band_positions`); the jobs of such tiles
         carry their rows' positions (`Job.band_xy`).
+    band_diameters : `~numpy.ndarray`, shape ``(N, C)``, optional
+        Box size in pixels of each row in each band, where bands on pixel
+        grids of their own cut boxes of their own (rounded as
+        ``diameters``); the jobs of such tiles carry them (`Job.band_box`),
+        and the largest box of any band sizes the memory per source.
 
     Returns
     -------
@@ -863,8 +883,14 @@ def make_plan(
     todo &= tile >= 0
     status[todo] = Status.PENDING
 
-    # the largest box and output decide the per-source memory
+    band_n = None
+    if band_diameters is not None:
+        band_d = np.asarray(band_diameters, dtype=np.float64)
+        band_n = np.where(np.isfinite(band_d), np.round(band_d), 0).astype(np.int64)
+    # the largest box (of any band) and output decide the per-source memory
     max_box = int(box_n[todo].max()) if todo.any() else 1
+    if band_n is not None and todo.any():
+        max_box = max(max_box, int(band_n[todo].max()))
     dtypes = [
         np.dtype(b.dtype) for t in tile_index.tiles for b in t.bands if b is not None
     ]
@@ -947,6 +973,9 @@ def make_plan(
             box=np.repeat(box_n[part][:, None], 2, axis=1).astype(np.int64),
             est_bytes=memory.job_bytes(held),
             band_xy=band_xy[part] if band_xy is not None and t in own else None,
+            band_box=np.repeat(band_n[part][:, :, None], 2, axis=2)
+            if band_n is not None and t in own
+            else None,
         )
         for i, (t, part, held) in enumerate(parts)
     ]

@@ -365,10 +365,11 @@ def cut_job(settings, tile, job, scratch=None, out=None):
         if band is None:
             text = missing_band_message(tile, settings.band_name(c))
         else:
+            box = job.box if job.band_box is None else job.band_box[:, c]
             try:
                 _cut_band(
-                    settings, band, c, job, band_starts.get(c, starts), order,
-                    same_size, out_shape, images, scratch,
+                    settings, band, c, box, band_starts.get(c, starts), order,
+                    same_size and box is job.box, out_shape, images, scratch,
                 )
                 continue
             except (OSError, ValueError, KeyError, EOFError, zlib.error) as exc:
@@ -401,6 +402,7 @@ def cut_job(settings, tile, job, scratch=None, out=None):
         box_shape=np.asarray(job.box, dtype=np.int64),
         messages=messages,
         band_origin=band_origin,
+        band_box=None if job.band_box is None else np.asarray(job.band_box, np.int64),
     )
 
 
@@ -408,14 +410,15 @@ def _own_grid_boxes(settings, tile, job, missed, status, messages, origin):
     """The boxes of a job's sources in the band files of its tile that are
     on pixel grids of their own (`~cutana.tiles.Tile.own_grid`).
 
-    A source's box in such a band has the reference band's size, placed at
-    the source's position in that file (``job.band_xy``) by astropy's
-    rounding rules. A box that leaves that file's pixels makes the source
-    `~cutana.Status.PARTIAL_OVERLAP` (the band is filled there); one that
-    misses the file also gets a message. ``status`` and ``messages`` are
-    changed in place. Returns ``(starts, band_origin)``: band index ->
-    ``(n, 2)`` ``(y0, x0)`` first pixels, and the ``(n, C, 2)`` ``(x0, y0)``
-    origins of every band (`JobResult.band_origin`), or ``({}, None)``.
+    A source's box in such a band has the reference band's size (or its own,
+    ``job.band_box``), placed at the source's position in that file
+    (``job.band_xy``) by astropy's rounding rules. A box that leaves that
+    file's pixels makes the source `~cutana.Status.PARTIAL_OVERLAP` (the
+    band is filled there); one that misses the file also gets a message.
+    ``status`` and ``messages`` are changed in place. Returns ``(starts,
+    band_origin)``: band index -> ``(n, 2)`` ``(y0, x0)`` first pixels, and
+    the ``(n, C, 2)`` ``(x0, y0)`` origins of every band
+    (`JobResult.band_origin`), or ``({}, None)``.
     """
     own = [c for c in tile.own_grid if tile.bands[c] is not None]
     if not own or job.band_xy is None or not len(job):
@@ -429,7 +432,8 @@ def _own_grid_boxes(settings, tile, job, missed, status, messages, origin):
         # (a source its WCS cannot place gets the box of position 0, 0,
         # which is then not written: the source misses the band)
         yx = np.where(placed[:, None], xy[:, ::-1], 0.0)
-        boxes = compute_boxes(band.shape, job.box, yx, "partial")
+        box = job.box if job.band_box is None else job.band_box[:, c]
+        boxes = compute_boxes(band.shape, box, yx, "partial")
         off = ((boxes.code != BOX_OK) | ~placed) & ~missed
         partial = (boxes.is_partial & ~missed) | off
         status[partial & (status == Status.OK)] = Status.PARTIAL_OVERLAP
@@ -441,7 +445,7 @@ def _own_grid_boxes(settings, tile, job, missed, status, messages, origin):
             row = int(job.rows[r])
             messages[row] = f"{messages[row]}; {text}" if row in messages else text
         # a box that misses the file is cut wholly outside it: all fill
-        starts[c] = np.where(off[:, None], -np.asarray(job.box), boxes.start)
+        starts[c] = np.where(off[:, None], -np.asarray(box), boxes.start)
         band_origin[:, c] = boxes.start[:, ::-1]
     return starts, band_origin
 
@@ -466,9 +470,10 @@ def _physical(block, pixels, blank, factor):
 
 
 def _cut_band(
-    settings, band, c, job, starts, order, same_size, out_shape, images, scratch
+    settings, band, c, sizes_c, starts, order, same_size, out_shape, images, scratch
 ):
-    """Cut one band of a job into ``images[:, c]``."""
+    """Cut one band of a job into ``images[:, c]``: boxes of ``sizes_c``
+    (``(n, 2)`` ``(ny, nx)``) from ``starts``."""
     factor = 1.0
     names = settings.band_names
     if settings.flux_conversion and (c >= len(names) or converts_flux(names[c])):
@@ -489,7 +494,7 @@ def _cut_band(
     direct = settings.resample == "none" or (
         settings.resample == "nearest"
         and same_size
-        and tuple(job.box[0]) == tuple(out_shape)
+        and tuple(sizes_c[0]) == tuple(out_shape)
     )
     n_channels = images.shape[1]
     if not images.flags.c_contiguous:  # reshaping would copy: writes lost
@@ -502,7 +507,7 @@ def _cut_band(
     )
     # the windows in cutting order, once: a sub-batch is then a slice
     first_all = starts[order]
-    boxes = job.box[order]
+    boxes = sizes_c[order]
     # image i of band c is row i * C + c of the flattened images
     rows = order * n_channels + c
     with open_pixels(band, keep_bytes=settings.keep_bytes) as pixels:

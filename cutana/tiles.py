@@ -252,6 +252,36 @@ class BandFile:
         scales = self.wcs().proj_plane_pixel_scales()
         return float(np.mean([s.to_value(u.arcsec) for s in scales]))
 
+    def angle_in_pixels(self, arcsec):
+        """Return angular diameters as pixels of this file's grid.
+
+        As `astropy.nddata.Cutout2D` converts an angular size, to the last
+        bit (which decides how a size of about a half-integer number of
+        pixels rounds): the angle over the projection-plane pixel scale.
+        For pixels that are not square, where ``Cutout2D`` gives each axis
+        its own count, the angle over the mean scale
+        (`pixel_scale_arcsec`): cutana's boxes are square.
+
+        Parameters
+        ----------
+        arcsec : float or array-like
+            Diameters in arcseconds.
+
+        Returns
+        -------
+        pixels : `~numpy.ndarray` of float64
+            The diameters in pixels, not rounded.
+        """
+        from astropy.wcs.utils import proj_plane_pixel_scales
+
+        wcs = self.wcs()
+        scales = proj_plane_pixel_scales(wcs)
+        size = np.asarray(arcsec, dtype=np.float64)
+        if scales[0] != scales[1]:
+            return size / self.pixel_scale_arcsec()
+        per_pixel = u.Quantity(scales, wcs.wcs.cunit[0])[0]
+        return np.asarray((size * u.arcsec / per_pixel).decompose().value, np.float64)
+
     def zeropoint(self, keyword="MAGZERO"):
         """Return the photometric zero point from the header.
 
@@ -428,6 +458,12 @@ class Tile:
             See `BandFile.pixel_scale_arcsec`.
         """
         return self.reference.pixel_scale_arcsec()
+
+    def angle_in_pixels(self, arcsec):
+        """Return angular diameters in arcseconds (float or array-like) as
+        pixels of the reference band: a float64 array, see
+        `BandFile.angle_in_pixels`."""
+        return self.reference.angle_in_pixels(arcsec)
 
     def wcs(self):
         """Return the celestial WCS of the reference band.
@@ -1610,7 +1646,7 @@ class TileIndex:
                 continue
             px, py = self._world_to_pixel(tl, ra[cand], dec[cand])
             ny, nx = tl.shape
-            box = _box_sizes(diameter[cand], arcsec[cand], tile_scale)
+            box = _box_sizes(diameter[cand], arcsec[cand], tl)
             sizes = np.repeat(box[:, None], 2, axis=1)
             boxes = compute_boxes(
                 (ny, nx), sizes, np.column_stack([py, px]), mode="partial"
@@ -1779,9 +1815,7 @@ class TileIndex:
                 rows = np.flatnonzero(tile == t)
                 tl = self.tiles[t]
                 px, py = self._world_to_pixel(tl, ra[rows], dec[rows])
-                by_scale = np.isfinite(arcsec[rows]).any()
-                scale = tl.pixel_scale_arcsec() if by_scale else 1.0
-                size = _box_sizes(dia[rows], arcsec[rows], scale)
+                size = _box_sizes(dia[rows], arcsec[rows], tl)
                 sizes = np.repeat(size[:, None], 2, axis=1)
                 boxes = compute_boxes(
                     tl.shape, sizes, np.column_stack([py, px]), mode="partial"
@@ -1911,13 +1945,18 @@ def _diameter_arrays(n, diameter_pix, diameter_arcsec):
     return pix, np.where(np.isfinite(pix), np.nan, arcsec)
 
 
-def _box_sizes(diameter_pix, diameter_arcsec=None, scale_arcsec=1.0):
+def _box_sizes(diameter_pix, diameter_arcsec=None, tile=None):
     """Whole box sizes in pixels: ``round(diameter_pix)``, or where that is
-    not finite ``round(diameter_arcsec / scale_arcsec)``; 0 where neither is
-    a positive number (only the position matters then)."""
+    not finite the angle ``diameter_arcsec`` in pixels of ``tile``
+    (`Tile.angle_in_pixels`), rounded; 0 where neither is a positive number
+    (only the position matters then)."""
     dia = diameter_pix
-    if diameter_arcsec is not None:
-        dia = np.where(np.isfinite(dia), dia, diameter_arcsec / scale_arcsec)
+    if diameter_arcsec is not None and tile is not None:
+        angle = np.isfinite(diameter_arcsec)
+        if angle.any():
+            dia = np.array(dia, dtype=np.float64)
+            use = angle & ~np.isfinite(dia)
+            dia[use] = tile.angle_in_pixels(diameter_arcsec[use])
     size = np.where(np.isfinite(dia) & (dia > 0), np.round(dia), 0.0)
     return np.minimum(size, 2**31).astype(np.int64)
 

@@ -2349,7 +2349,8 @@ def test_messages_of_a_size_under_a_pixel_and_of_numpy_printed_file_lists(tmp_pa
 def _two_grid_tile(tmp_path, seed=0):
     """One tile in two band files on different pixel grids: VIS at 0.1″ per
     pixel (300 x 300) and NIR-H at 0.3″ (90 x 90, rotated 7°, offset so that
-    part of VIS lies outside it). Returns ``{band: (path, data, wcs)}``."""
+    part of VIS lies outside it). Returns ``{band: (path, data, wcs)}``, the
+    WCS read back from the file."""
     rng = np.random.default_rng(seed)
     out = {}
     for band, scale, n, crval, rot in (
@@ -2367,7 +2368,8 @@ def _two_grid_tile(tmp_path, seed=0):
         header["BAND"], header["TILEID"] = band, "5"
         path = tmp_path / f"T5_{band}.fits"
         fits.PrimaryHDU(data, header=header).writeto(path)
-        out[band] = (str(path), data, w)
+        # the WCS as read back (the header's numbers, as any reader gets them)
+        out[band] = (str(path), data, WCS(fits.getheader(path)))
     return out
 
 
@@ -2461,13 +2463,16 @@ def test_plan_of_bands_on_their_own_grids_saves_their_positions(tmp_path):
 
 def test_angular_sizes_on_bands_of_their_own_grids_warn(tmp_path, caplog):
     """Test that sizes in arcseconds on a tile with a band on a grid of its
-    own warn that the band is cut with the reference band's pixels (another
-    angle), naming the scales; sizes in pixels do not."""
+    own warn, when the cutouts are not resampled, that the band is cut with
+    the reference band's pixels (another angle), naming the scales; that
+    resampled ones cut each band's own number of pixels (no warning); and
+    that sizes in pixels do not warn."""
     import logging
 
     from astropy.table import Table
 
     from cutana.pipeline import plan_cutouts
+    from cutana.planner import Plan
 
     _two_grid_tile(tmp_path)
     Table({"id": [1], "ra": [150.0], "dec": [2.0], "diameter_arcsec": [1.5]}).write(
@@ -2475,13 +2480,101 @@ def test_angular_sizes_on_bands_of_their_own_grids_warn(tmp_path, caplog):
     )
     tiles = str(tmp_path / "T5_*.fits")
     with caplog.at_level(logging.WARNING, logger="cutana.pipeline"):
-        plan_cutouts(tmp_path / "cat.csv", tiles=tiles, bands=["VIS", "NIR-H"],
-                     target_size=16, progress=False)
+        plan = plan_cutouts(tmp_path / "cat.csv", tiles=tiles,
+                            bands=["VIS", "NIR-H"], progress=False)
     text = " ".join(r.getMessage() for r in caplog.records)
     assert "band VIS (0.1 arcsec/pixel)" in text
     assert "band NIR-H (0.3 arcsec/pixel" in text and "span 3 times the angle" in text
+    assert "--target-size N" in text
+    assert plan.jobs[0].band_box is None and plan.jobs[0].box.tolist() == [[15, 15]]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="cutana.pipeline"):
+        plan = plan_cutouts(tmp_path / "cat.csv", tiles=tiles,
+                            bands=["VIS", "NIR-H"], target_size=16, progress=False)
+    assert "arcseconds" not in " ".join(r.getMessage() for r in caplog.records)
+    # 1.5 arcsec: 15 pixels of 0.1 arcsec in VIS, 5 of 0.3 arcsec in NIR-H
+    assert plan.jobs[0].band_box.tolist() == [[[15, 15], [5, 5]]]
+    assert "NIR-H (cut at each source's position in its own file, sizes in " \
+        "arcsec at its own pixel scale)" in plan.summary()
+    plan.save(tmp_path / "plan.npz")
+    again = Plan.load(tmp_path / "plan.npz")
+    assert again.jobs[0].band_box.tolist() == [[[15, 15], [5, 5]]]
+    assert again.fingerprint() == plan.fingerprint()
+    assert again.jobs[0].subset([0]).band_box.tolist() == [[[15, 15], [5, 5]]]
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="cutana.pipeline"):
         plan_cutouts(tmp_path / "cat.csv", tiles=tiles, bands=["VIS", "NIR-H"],
                      size=15, progress=False)
     assert "arcseconds" not in " ".join(r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "fits"])
+def test_angular_sizes_on_bands_of_their_own_grids_resampled(tmp_path, fmt):
+    """Test that, resampled to one size, a band on a pixel grid of its own
+    is cut with the angle of the size column at its own pixel scale (as ESA
+    Cutana converts per file): each band's cutout equals scipy's bilinear
+    map_coordinates of astropy's Cutout2D with that angle on that band's
+    file, and each band's WCS (Zarr: rebuilt by cutana.open; FITS: the
+    band's HDU) maps output pixels where Cutout2D's WCS maps the
+    corresponding input pixels; 2 worker processes write the same bytes."""
+    import astropy.units as u
+    from astropy.table import Table
+    from scipy.ndimage import map_coordinates
+
+    bands = _two_grid_tile(tmp_path)
+    rng = np.random.default_rng(3)
+    n_src, target = 40, 16
+    sky = bands["VIS"][2].pixel_to_world(*rng.uniform(40, 260, (n_src, 2)).T)
+    diameter = np.round(rng.uniform(0.9, 3.0, n_src), 2)  # 9-30 VIS, 3-10 NIR px
+    Table({"id": np.arange(n_src), "ra": sky.ra.deg, "dec": sky.dec.deg,
+           "diameter_arcsec": diameter}).write(tmp_path / "cat.csv")
+    outs = []
+    for workers in (1, 2):
+        out = tmp_path / f"out{workers}.{fmt}"
+        cutana.make_cutouts(
+            tmp_path / "cat.csv", out, tiles=str(tmp_path / "T5_*.fits"),
+            bands=["VIS", "NIR-H"], target_size=target, resample="bilinear",
+            format=fmt, workers=workers, progress=False,
+            backend="serial" if workers == 1 else "processes",
+        )
+        outs.append(out)
+    assert files_bytes(outs[0]) == files_bytes(outs[1])
+    result = cutana.open(outs[0])
+    status = np.asarray(result.status)
+    sides = {"VIS": set(), "NIR-H": set()}
+    n_compared = 0
+    for i in range(n_src):
+        inside = []
+        for c, band in enumerate(("VIS", "NIR-H")):
+            _, data, w = bands[band]
+            ref = AstropyCutout2D(data, sky[i], diameter[i] * u.arcsec, wcs=w,
+                                  mode="partial", fill_value=np.nan)
+            n = ref.data.shape[0]
+            sides[band].add(n)
+            inside.append(bool(np.isfinite(ref.data).all()))
+            if fmt == "zarr":
+                got, got_wcs = np.asarray(result[i])[c], result.wcs(i, c)
+            else:
+                with fits.open(Path(outs[0]) / result.files[i]) as hdul:
+                    got, got_wcs = hdul[c + 1].data, WCS(hdul[c + 1].header)
+            coords = (np.arange(target) + 0.5) * n / target - 0.5
+            if inside[-1]:
+                yy, xx = np.meshgrid(coords, coords, indexing="ij")
+                expect = map_coordinates(ref.data.astype(np.float64), [yy, xx],
+                                         order=1, mode="nearest")
+                np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-4)
+                n_compared += 1
+            out_px = np.array([0, target - 1, 5.0])
+            np.testing.assert_allclose(
+                got_wcs.pixel_to_world_values(out_px, out_px[::-1]),
+                ref.wcs.pixel_to_world_values(
+                    (out_px + 0.5) * n / target - 0.5,
+                    (out_px[::-1] + 0.5) * n / target - 0.5,
+                ),
+                rtol=0, atol=1e-10,
+            )
+        assert status[i] == (Status.OK if all(inside) else Status.PARTIAL_OVERLAP), i
+    # each band had its own pixel count (an angle of 3 VIS pixels per NIR one)
+    assert min(sides["VIS"]) >= 9 and max(sides["NIR-H"]) <= 10
+    assert n_compared > n_src
+

@@ -1273,3 +1273,39 @@ def test_pixels_are_read_as_astropy_scales_them(tmp_path, dtype, keywords):
                          bscale=px.bscale, bzero=px.bzero, blank=px.blank)
         got = copy([[0, 0]], raw.shape)[0][0]
     assert_array_equal(got, expect)
+
+
+@pytest.mark.parametrize("scale", [0.396, 0.1, 0.3])
+def test_angles_become_pixels_as_cutout2d_rounds_them(tmp_path, scale):
+    """Test that sizes in arcseconds become the pixel counts astropy's
+    Cutout2D gives the same angles on the same file, also where the count
+    is a half-integer up to the last bit (at 0.396 arcsec per pixel a plain
+    division by the scale in arcsec rounded 2 of these 2,999 sizes the other
+    way)."""
+    import astropy.units as u
+    from astropy.nddata import Cutout2D
+
+    w = WCS(naxis=2)
+    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    w.wcs.crval = [150.0, 2.0]
+    w.wcs.crpix = [150.5, 150.5]
+    w.wcs.cd = np.array([[-1.0, 0.0], [0.0, 1.0]]) * scale / 3600
+    path = tmp_path / "tile.fits"
+    header = w.to_header()
+    fits.PrimaryHDU(np.zeros((300, 300), np.float32), header=header).writeto(path)
+    index = TileIndex.from_paths([str(path)])
+    sizes = np.round(np.arange(1, 3000) * 0.01, 2)
+    got = np.round(index.tiles[0].angle_in_pixels(sizes))
+    wcs = WCS(fits.getheader(path))
+    data = np.zeros((4, 4))
+
+    def cutout_side(size):
+        try:
+            return Cutout2D(data, (1.5, 1.5), size * u.arcsec, wcs=wcs,
+                            mode="partial").shape[0]
+        except ValueError:  # a size of 0 pixels
+            return 0
+
+    expect = [cutout_side(s) for s in sizes]
+    assert 0 in expect and 1 in expect
+    assert_array_equal(got, expect)

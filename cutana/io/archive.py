@@ -378,6 +378,8 @@ class ZarrArchive(CutoutArchive):
             raise ValueError(msg)
         wcs = self.tile_wcs(tile, band)
         if band in self.tiles[tile].get("own_grid", ()):
+            if "band_box" in self._group:  # (boxes of their own: angles)
+                box = np.asarray(self._group["band_box"][i, band], dtype=np.int64)
             origin = _own_grid_origin(
                 wcs, self._array("ra")[i], self._array("dec")[i], box
             )

@@ -690,7 +690,8 @@ class FitsWriter:
             Per band, the WCS of a band file on a pixel grid of its own
             (`~cutana.tiles.Tile.own_grid`), or `None` for a band on the
             tile's grid (``wcs``). Such a band's cutout WCS is derived from
-            its own file's WCS at ``result.band_origin``.
+            its own file's WCS at ``result.band_origin`` (with the box of
+            ``result.band_box`` when given).
 
         Returns
         -------
@@ -791,7 +792,7 @@ class FitsWriter:
                         text, keys = [text] * len(self.bands), set(keys)
                         for c, _, band_headers in own:
                             text[c], more = band_headers.text(
-                                result.band_origin[k, c], *w[1:]
+                                *_band_geometry(result, k, c, w)
                             )
                             keys |= more
                     content = layout.file(images[k], text, keys, cards)
@@ -803,7 +804,7 @@ class FitsWriter:
                         wcs_header = [wcs_header] * len(self.bands)
                         for c, band_wcs_c, _ in own:
                             wcs_header[c] = _wcs_header(cutout_wcs(
-                                band_wcs_c, result.band_origin[k, c], *w[1:]
+                                band_wcs_c, *_band_geometry(result, k, c, w)
                             ))
                     content = self._source_hdul(
                         images[k], wcs_header, cards, tile_names, extra
@@ -1190,3 +1191,14 @@ def _filled_column(col, dtype):
     if hasattr(col, "filled"):
         col = col.filled("" if dtype is str else np.nan if dtype is np.float64 else 0)
     return np.asarray(col).astype(dtype)
+
+
+def _band_geometry(result, k, c, tile_geometry):
+    """``(origin, box, out_shape)`` of source ``k`` in band ``c``, a band on a
+    pixel grid of its own: its origin in its file, and its own box where the
+    job cut one (``result.band_box``), else the tile's (``tile_geometry``)."""
+    _, box, out_shape = tile_geometry
+    if result.band_box is not None:
+        box = result.band_box[k, c]
+    return result.band_origin[k, c], box, out_shape
+

@@ -91,6 +91,11 @@ class JobResult:
         `None`. Not staged: the FITS writer uses it in the worker, and a
         Zarr output rebuilds it from the positions
         (`~cutana.tiles.TileIndex.band_pixels`).
+    band_box : `~numpy.ndarray` or None, optional
+        ``(n, C, 2)`` int64 ``(ny, nx)`` of each box in each band, for a
+        tile whose bands on grids of their own cut boxes of their own
+        (`cutana.planner.Job.band_box`), or `None`. Not staged either (a
+        Zarr output keeps them in its ``band_box`` array).
 
     Examples
     --------
@@ -114,6 +119,7 @@ class JobResult:
     messages: dict = field(default_factory=dict)
     files: np.ndarray | None = None
     band_origin: np.ndarray | None = None
+    band_box: np.ndarray | None = None
 
     def __len__(self):
         return len(self.rows)

@@ -83,7 +83,7 @@ _ROW_ARRAYS = ("images", "geometry", "status")  # write order
 _V1_GEOMETRY = ("tile", "origin", "box_shape")
 #: What the top folder of a store (of either version) may hold.
 _STORE_MEMBERS = frozenset(
-    ("zarr.json", *_ROW_ARRAYS, *_V1_GEOMETRY, "source_id", "ra", "dec",
+    ("zarr.json", *_ROW_ARRAYS, *_V1_GEOMETRY, "source_id", "ra", "dec", "band_box",
      *(name for name, _ in CHECKSUMS.values()))
 )
 #: Rows assembled at once by `ZarrWriter.write_chunks` (whole chunks, at
@@ -419,12 +419,15 @@ def _chunks_label(run):
     return f"chunk {run[0]}" if len(run) == 1 else f"chunks {run[0]}-{run[-1]}"
 
 
-def _write_catalogue_columns(group, n_rows, source_id, ra, dec):
-    """Write the ``source_id``, ``ra`` and ``dec`` arrays of a store, whole."""
+def _write_catalogue_columns(group, n_rows, source_id, ra, dec, band_box=None):
+    """Write the ``source_id``, ``ra`` and ``dec`` arrays of a store, whole
+    (and ``band_box``, when given and the store has it)."""
     if n_rows:
         group["source_id"][:] = np.asarray(source_id, dtype=str)
         group["ra"][:] = np.asarray(ra, dtype=np.float64)
         group["dec"][:] = np.asarray(dec, dtype=np.float64)
+        if band_box is not None and "band_box" in group:
+            group["band_box"][:] = np.asarray(band_box, dtype=np.int32)
 
 
 class ZarrWriter:
@@ -558,6 +561,7 @@ class ZarrWriter:
         attrs=None,
         chunk_rows=None,
         overwrite=False,
+        band_box=None,
     ):
         """Create the store of a new run (parent process only).
 
@@ -591,6 +595,11 @@ class ZarrWriter:
         overwrite : bool, optional
             Replace an existing store at ``path``. A path that exists but is
             not a Zarr store is never deleted.
+        band_box : array-like, shape ``(N, C, 2)``, optional
+            ``(ny, nx)`` of each row's box in each band, for runs whose
+            bands on pixel grids of their own cut boxes of their own
+            (`cutana.planner.Job.band_box`); stored as ``band_box``, from
+            which `cutana.open` rebuilds those bands' WCS.
 
         Returns
         -------
@@ -631,6 +640,14 @@ class ZarrWriter:
         for name, arr in (("source_id", source_id), ("ra", ra), ("dec", dec)):
             if arr.shape != (n_rows,):
                 msg = f"{name} must have shape ({n_rows},), got {arr.shape}"
+                raise ValueError(msg)
+        if band_box is not None:
+            band_box = np.asarray(band_box, dtype=np.int32)
+            if band_box.shape != (n_rows, len(bands), 2):
+                msg = (
+                    f"band_box must have shape ({n_rows}, {len(bands)}, 2), "
+                    f"got {band_box.shape}"
+                )
                 raise ValueError(msg)
         row_bytes = len(bands) * out_shape[0] * out_shape[1] * dtype.itemsize
         if chunk_rows is None:
@@ -728,7 +745,18 @@ class ZarrWriter:
                 chunk_key_encoding=_FLAT_KEYS,
                 attributes={"unit": "deg"},
             )
-        _write_catalogue_columns(group, n_rows, source_id, ra, dec)
+        if band_box is not None:
+            group.create_array(
+                "band_box",
+                shape=band_box.shape,
+                chunks=(meta_rows, len(bands), 2),
+                dtype="int32",
+                fill_value=0,
+                config=full,
+                dimension_names=("source", "band", "axis"),
+                chunk_key_encoding=_FLAT_KEYS,
+            )
+        _write_catalogue_columns(group, n_rows, source_id, ra, dec, band_box)
         group.update_attributes(group_attrs)
         logger.info(
             "created Zarr store %s: %d rows x %d bands x %s %s, %d rows per chunk",
@@ -741,7 +769,7 @@ class ZarrWriter:
         )
         return cls(path, group)
 
-    def write_catalogue_columns(self, source_id, ra, dec):
+    def write_catalogue_columns(self, source_id, ra, dec, band_box=None):
         """Write the ``source_id``, ``ra`` and ``dec`` arrays, whole.
 
         `ZarrWriter.create` writes them; a resumed run writes them again
@@ -752,8 +780,12 @@ class ZarrWriter:
         ----------
         source_id, ra, dec : array-like, shape ``(n_rows,)``
             Catalogue ids and coordinates (deg).
+        band_box : array-like, shape ``(n_rows, C, 2)``, optional
+            The boxes per band (see `create`), written if the store has them.
         """
-        _write_catalogue_columns(self._group, self.n_rows, source_id, ra, dec)
+        _write_catalogue_columns(
+            self._group, self.n_rows, source_id, ra, dec, band_box
+        )
 
     def missing_chunks(self, names):
         """Count the chunks of arrays ``names`` that have no file.

@@ -284,6 +284,24 @@ def build_parser():
     p.add_argument("--catalogue", help="catalogue to check against (default: the "
                    "one recorded in the output)")
 
+    p = sub.add_parser("preview", help="draw cutouts of an output in a grid (a PNG)",
+                       description="Draw cutouts of an output in a grid, one panel per "
+                       "catalogue row, titled with the source id (and the status of a "
+                       "row without a complete cutout), and save it as an image. "
+                       "Float cutouts are shown over a zscale interval, integer ones "
+                       "(already stretched by the run) as they are. Needs matplotlib.")
+    p.add_argument("output", help="output folder of a run (Zarr store or FITS folder)")
+    p.add_argument("--rows", nargs="+", metavar="ROWS", default=None,
+                   help="catalogue rows to show: START:STOP (a Python slice, e.g. "
+                   "100:132) or row numbers (default: the first 32)")
+    p.add_argument("--band", default="0",
+                   help="band to show, by name or index (default: the first)")
+    p.add_argument("--columns", type=_positive_int, default=8, metavar="N",
+                   help="panels per line (default: 8)")
+    p.add_argument("-o", "--out", metavar="FILE", default=None,
+                   help="image file to write, format by extension "
+                   "(default: OUTPUT.preview.png beside the output)")
+
     p = sub.add_parser("bench", help="run the benchmark harness",
                        description="Run benchmark scenarios against Astropy (and ESA "
                        "Cutana when --cutana-python is given).")
@@ -430,6 +448,8 @@ def _command(ns, parser):
         return _cmd_demo(ns)
     if ns.command == "verify":
         return _cmd_verify(ns)
+    if ns.command == "preview":
+        return _cmd_preview(ns)
     if ns.command == "bench":
         from .bench.harness import main as bench_main
 
@@ -572,7 +592,47 @@ def _cmd_demo(ns):
     print(report.summary(), file=sys.stderr)
     print(f"read it back with: python -c \"import cutana; a = cutana.open('{out_dir}'); "
           "print(a.images.shape)\"", file=sys.stderr)
+    print(f"look at them with: cutana preview {out_dir}  (needs matplotlib)",
+          file=sys.stderr)
     return report.exit_code
+
+
+def _preview_rows(values):
+    """``--rows`` of ``cutana preview``: one ``START:STOP`` slice or row
+    numbers; None for the default."""
+    if values is None:
+        return None
+    if len(values) == 1 and ":" in values[0]:
+        parts = values[0].split(":")
+        try:
+            bounds = [int(v) if v.strip() else None for v in parts]
+        except ValueError:
+            bounds = None
+        if bounds is None or len(bounds) > 3:
+            msg = f"--rows {values[0]!r} is not a START:STOP slice of row numbers"
+            raise ValueError(msg)
+        return slice(*bounds)
+    try:
+        return [int(v) for v in values]
+    except ValueError:
+        got = " ".join(values)
+        msg = f"--rows takes row numbers or one START:STOP slice, got {got!r}"
+        raise ValueError(msg) from None
+
+
+def _cmd_preview(ns):
+    from .preview import plot_cutouts
+
+    band = int(ns.band) if ns.band.lstrip("-").isdigit() else ns.band
+    out = ns.out or os.path.normpath(ns.output) + ".preview.png"
+    try:
+        rows = _preview_rows(ns.rows)
+        plot_cutouts(ns.output, rows, band=band, columns=ns.columns, path=out)
+    except (ValueError, IndexError, TypeError, FileNotFoundError, ImportError) as exc:
+        print(f"cutana preview: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"cutana preview: wrote {out}", file=sys.stderr)
+    return EXIT_OK
 
 
 def _cmd_verify(ns):

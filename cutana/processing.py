@@ -365,11 +365,14 @@ def cut_job(settings, tile, job, scratch=None, out=None):
         if band is None:
             text = missing_band_message(tile, settings.band_name(c))
         else:
-            box = job.box if job.band_box is None else job.band_box[:, c]
+            box, same = job.box, same_size
+            if job.band_box is not None:  # (bands with boxes of their own)
+                box = job.band_box[:, c]
+                same = bool(np.all(box == box[:1]))
             try:
                 _cut_band(
                     settings, band, c, box, band_starts.get(c, starts), order,
-                    same_size and box is job.box, out_shape, images, scratch,
+                    same, out_shape, images, scratch,
                 )
                 continue
             except (OSError, ValueError, KeyError, EOFError, zlib.error) as exc:

@@ -1201,4 +1201,3 @@ def _band_geometry(result, k, c, tile_geometry):
     if result.band_box is not None:
         box = result.band_box[k, c]
     return result.band_origin[k, c], box, out_shape
-

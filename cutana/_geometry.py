@@ -28,6 +28,7 @@ __all__ = [
     "BOX_OVERFLOW",
     "BOX_PARTIAL",
     "Boxes",
+    "angles_in_pixels",
     "compute_boxes",
     "near_rounding_boundary",
     "round_limits",
@@ -44,6 +45,51 @@ BOUNDARY_TOL = 1e-6
 #: that much (1.3e-5 pixel seen with SIP), and there that could move a box
 #: by a pixel.
 DISTORTION_TOL = 1e-3
+
+
+def angles_in_pixels(angles, wcs):
+    """Angular sizes as pixel counts of a WCS, as `astropy.nddata.Cutout2D`
+    converts them (not rounded).
+
+    ``Cutout2D`` divides the angle by the projection-plane pixel scale of
+    the axis, with the unit of the first axis's ``CUNIT``, and decomposes the
+    quotient; this repeats that expression, vectorised, so that the counts
+    are equal to the last bit (which decides how a count of about a
+    half-integer rounds). As in ``Cutout2D``, the count of array axis ``k``
+    (0 is y) uses the scale of WCS axis ``k`` (0 is x).
+
+    Parameters
+    ----------
+    angles : `~astropy.units.Quantity`, shape ``(n, 2)``
+        ``(ny, nx)`` sizes in an angular unit.
+    wcs : `~astropy.wcs.WCS`
+        The celestial WCS.
+
+    Returns
+    -------
+    pixels : `~numpy.ndarray` of float64, shape ``(n, 2)``
+
+    Examples
+    --------
+    >>> import astropy.units as u
+    >>> import numpy as np
+    >>> from astropy.wcs import WCS
+    >>> from cutana._geometry import angles_in_pixels
+    >>> wcs = WCS(naxis=2)
+    >>> wcs.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    >>> wcs.wcs.cdelt = [-0.1 / 3600, 0.1 / 3600]
+    >>> angles_in_pixels(np.array([[1.5, 1.5]]) * u.arcsec, wcs)
+    array([[15., 15.]])
+    """
+    import astropy.units as u
+    from astropy.wcs.utils import proj_plane_pixel_scales
+
+    scales = u.Quantity(proj_plane_pixel_scales(wcs), wcs.wcs.cunit[0])
+    angles = u.Quantity(angles)
+    out = np.empty(angles.shape, dtype=np.float64)
+    for axis in (0, 1):
+        out[:, axis] = (angles[:, axis] / scales[axis]).decompose().value
+    return out
 
 
 def near_rounding_boundary(values, tol=BOUNDARY_TOL):

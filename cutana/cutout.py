@@ -36,6 +36,7 @@ from ._geometry import (
     BOX_PARTIAL,
     DISTORTION_TOL,
     ROUNDING_ERROR,
+    angles_in_pixels,
     compute_boxes,
     near_rounding_boundary,
 )
@@ -189,11 +190,7 @@ def _sizes_to_shapes(size, n, wcs):
         if wcs is None:
             msg = "wcs must be input if any element of size has angular units"
             raise ValueError(msg)
-        # astropy takes the unit of the first axis it converts (axis 0)
-        pixel_scales = u.Quantity(proj_plane_pixel_scales(wcs), wcs.wcs.cunit[0])
-        values = np.empty((n, 2))
-        for axis in (0, 1):
-            values[:, axis] = (arr[:, axis] / pixel_scales[axis]).decompose().value
+        values = angles_in_pixels(arr, wcs)
     else:
         msg = "shape can contain Quantities with only pixel or angular units"
         raise ValueError(msg)

@@ -34,7 +34,13 @@ from astropy.io import fits
 from astropy.wcs import WCS
 
 from ._astropy_log import astropy_log_kept
-from ._geometry import BOX_OK, DISTORTION_TOL, compute_boxes, near_rounding_boundary
+from ._geometry import (
+    BOX_OK,
+    DISTORTION_TOL,
+    angles_in_pixels,
+    compute_boxes,
+    near_rounding_boundary,
+)
 from .exceptions import TileError
 
 __all__ = [
@@ -275,12 +281,13 @@ class BandFile:
         from astropy.wcs.utils import proj_plane_pixel_scales
 
         wcs = self.wcs()
-        scales = proj_plane_pixel_scales(wcs)
         size = np.asarray(arcsec, dtype=np.float64)
+        scales = proj_plane_pixel_scales(wcs)
         if scales[0] != scales[1]:
             return size / self.pixel_scale_arcsec()
-        per_pixel = u.Quantity(scales, wcs.wcs.cunit[0])[0]
-        return np.asarray((size * u.arcsec / per_pixel).decompose().value, np.float64)
+        flat = size.reshape(-1, 1)
+        pixels = angles_in_pixels(np.hstack([flat, flat]) * u.arcsec, wcs)[:, 0]
+        return pixels.reshape(size.shape)
 
     def zeropoint(self, keyword="MAGZERO"):
         """Return the photometric zero point from the header.

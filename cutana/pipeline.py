@@ -74,6 +74,7 @@ from .planner import (
     available_memory,
     make_plan,
     parse_memory,
+    square_boxes,
 )
 from .processing import CutSettings, Scratch, cut_job
 from .status import STATUS_DESCRIPTIONS, Status
@@ -494,6 +495,7 @@ class _Prepared:
     catalog_path: str | None = None
     chunk_rows: int | None = None  # rows per chunk of a Zarr output
     # (N, C, 2) boxes per band when bands on grids of their own cut their own
+    # (`cutana.planner.square_boxes`), for the Zarr store's ``band_box``
     band_box: np.ndarray | None = None
 
 
@@ -781,10 +783,7 @@ def _prepare(
     path = None
     if isinstance(catalog, (str, os.PathLike)):
         path = os.path.abspath(os.fspath(catalog))
-    band_box = None
-    if band_diam is not None:
-        sides = np.where(np.isfinite(band_diam), np.round(band_diam), 0)
-        band_box = np.repeat(sides.astype(np.int32)[:, :, None], 2, axis=2)
+    band_box = None if band_diam is None else square_boxes(band_diam)
     return _Prepared(cat, index, plan, options, settings, path, chunk_rows, band_box)
 
 

@@ -29,6 +29,7 @@ __all__ = [
     "make_plan",
     "parse_memory",
     "split_rows",
+    "square_boxes",
     "working_dtype",
 ]
 
@@ -353,6 +354,11 @@ class Job:
 
     def __len__(self):
         return len(self.rows)
+
+    def band_boxes(self, c):
+        """``(n, 2)`` ``(ny, nx)`` of the boxes cut in band ``c``: its own
+        (`band_box`) where the job has them, else ``box``."""
+        return self.box if self.band_box is None else self.band_box[:, c]
 
     def subset(self, keep, **changes):
         """Return the job of the sources ``keep`` selects (a mask or indices).
@@ -758,6 +764,31 @@ def _touched_bytes(box, itemsize):
     return ny * (math.ceil(nx * itemsize / page) + 1) * page
 
 
+def square_boxes(diameters):
+    """Whole square boxes of diameters in pixels: ``(..., 2)`` int64
+    ``(ny, nx)``, rounded as `astropy.nddata.Cutout2D` rounds sizes
+    (``np.round``), 0 where a diameter is not finite.
+
+    Parameters
+    ----------
+    diameters : array-like of float
+        Diameters in pixels, of any shape (per row, or per row and band).
+
+    Returns
+    -------
+    boxes : `~numpy.ndarray` of int64
+
+    Examples
+    --------
+    >>> from cutana.planner import square_boxes
+    >>> square_boxes([2.5, 3.5, float("nan")]).tolist()
+    [[2, 2], [4, 4], [0, 0]]
+    """
+    d = np.asarray(diameters, dtype=np.float64)
+    sides = np.where(np.isfinite(d), np.round(d), 0).astype(np.int64)
+    return np.repeat(sides[..., None], 2, axis=-1)
+
+
 def make_plan(
     tile_index,
     assignment,
@@ -873,7 +904,7 @@ def make_plan(
     messages = dict(messages)
     n_channels = max(1, len(tile_index.bands))
     tile = np.asarray(assignment.tile)
-    box_n = np.where(np.isfinite(diameters), np.round(diameters), 0).astype(np.int64)
+    boxes = square_boxes(diameters)
 
     todo = status == Status.OK
     off = todo & (tile < 0)
@@ -883,14 +914,11 @@ def make_plan(
     todo &= tile >= 0
     status[todo] = Status.PENDING
 
-    band_n = None
-    if band_diameters is not None:
-        band_d = np.asarray(band_diameters, dtype=np.float64)
-        band_n = np.where(np.isfinite(band_d), np.round(band_d), 0).astype(np.int64)
+    band_boxes = None if band_diameters is None else square_boxes(band_diameters)
     # the largest box (of any band) and output decide the per-source memory
-    max_box = int(box_n[todo].max()) if todo.any() else 1
-    if band_n is not None and todo.any():
-        max_box = max(max_box, int(band_n[todo].max()))
+    max_box = int(boxes[todo].max()) if todo.any() else 1
+    if band_boxes is not None and todo.any():
+        max_box = max(max_box, int(band_boxes[todo].max()))
     dtypes = [
         np.dtype(b.dtype) for t in tile_index.tiles for b in t.bands if b is not None
     ]
@@ -970,12 +998,10 @@ def make_plan(
             rows=part.astype(np.int64),
             x=x[part],
             y=y[part],
-            box=np.repeat(box_n[part][:, None], 2, axis=1).astype(np.int64),
+            box=boxes[part],
             est_bytes=memory.job_bytes(held),
             band_xy=band_xy[part] if band_xy is not None and t in own else None,
-            band_box=np.repeat(band_n[part][:, :, None], 2, axis=2)
-            if band_n is not None and t in own
-            else None,
+            band_box=band_boxes[part] if band_boxes is not None and t in own else None,
         )
         for i, (t, part, held) in enumerate(parts)
     ]

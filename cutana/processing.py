@@ -365,10 +365,8 @@ def cut_job(settings, tile, job, scratch=None, out=None):
         if band is None:
             text = missing_band_message(tile, settings.band_name(c))
         else:
-            box, same = job.box, same_size
-            if job.band_box is not None:  # (bands with boxes of their own)
-                box = job.band_box[:, c]
-                same = bool(np.all(box == box[:1]))
+            box = job.band_boxes(c)
+            same = same_size if box is job.box else bool(np.all(box == box[:1]))
             try:
                 _cut_band(
                     settings, band, c, box, band_starts.get(c, starts), order,
@@ -405,7 +403,7 @@ def cut_job(settings, tile, job, scratch=None, out=None):
         box_shape=np.asarray(job.box, dtype=np.int64),
         messages=messages,
         band_origin=band_origin,
-        band_box=None if job.band_box is None else np.asarray(job.band_box, np.int64),
+        band_box=job.band_box,
     )
 
 
@@ -435,7 +433,7 @@ def _own_grid_boxes(settings, tile, job, missed, status, messages, origin):
         # (a source its WCS cannot place gets the box of position 0, 0,
         # which is then not written: the source misses the band)
         yx = np.where(placed[:, None], xy[:, ::-1], 0.0)
-        box = job.box if job.band_box is None else job.band_box[:, c]
+        box = job.band_boxes(c)
         boxes = compute_boxes(band.shape, box, yx, "partial")
         off = ((boxes.code != BOX_OK) | ~placed) & ~missed
         partial = (boxes.is_partial & ~missed) | off

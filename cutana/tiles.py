@@ -401,7 +401,9 @@ class Tile:
         Indices of the bands whose files are on a pixel grid of their own
         (another shape, pixel scale or WCS than the reference band's):
         their cutouts are cut at each source's own position in that file
-        (`TileIndex.band_pixels`), with the reference band's box size.
+        (`TileIndex.band_pixels`), with the reference band's box size (or,
+        for sizes in arcseconds resampled to one size, the angle at that
+        file's own pixel scale).
 
     Examples
     --------

@@ -340,6 +340,12 @@ class ZarrArchive(CutoutArchive):
             self._wcs_cache[key] = _wcs_from_header(text)
         return self._wcs_cache[key]
 
+    @cached_property
+    def _band_box(self):
+        """The store's ``band_box`` array (boxes per band of bands on grids
+        of their own), or None when the run cut none."""
+        return self._array("band_box") if "band_box" in self._group else None
+
     def wcs(self, i, band=0):
         """Return the WCS of cutout ``i``.
 
@@ -378,8 +384,8 @@ class ZarrArchive(CutoutArchive):
             raise ValueError(msg)
         wcs = self.tile_wcs(tile, band)
         if band in self.tiles[tile].get("own_grid", ()):
-            if "band_box" in self._group:  # (boxes of their own: angles)
-                box = np.asarray(self._group["band_box"][i, band], dtype=np.int64)
+            if self._band_box is not None:  # (boxes of their own: angles)
+                box = np.asarray(self._band_box[i, band], dtype=np.int64)
             origin = _own_grid_origin(
                 wcs, self._array("ra")[i], self._array("dec")[i], box
             )

@@ -11,7 +11,11 @@ chunks as soon as all their rows are cut).
 Backends
 --------
 ``serial``
-    In the calling process, one task at a time.
+    In the calling process, one task at a time. A task's result may be a
+    `concurrent.futures.Future` that another thread completes (e.g.
+    writing what the task computed): the next task then runs meanwhile,
+    and the result is handed on once it is there, in order, one task
+    behind.
 ``processes``
     A `concurrent.futures.ProcessPoolExecutor` started with the
     ``forkserver`` method. At most ``n_workers`` tasks run at once (one
@@ -41,7 +45,7 @@ import sys
 import threading
 import time
 from collections import deque
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
@@ -220,6 +224,13 @@ class _Pending:
     attempts: int = 0
     errors: list = field(default_factory=list)
     solo: bool = False  # run alone: it was in flight when a worker died
+
+
+@dataclass
+class _Raised:
+    """An exception a serial task raised, to hand on in its turn."""
+
+    error: BaseException
 
 
 def _describe(exc):
@@ -755,7 +766,10 @@ class Executor:
         Parameters
         ----------
         func : callable
-            A picklable module-level function ``func(task) -> result``.
+            A picklable module-level function ``func(task) -> result``. With
+            the ``serial`` backend it may return a `concurrent.futures.Future`
+            of the result instead: the next task runs while it completes (an
+            error it raises counts as the task's).
         tasks : iterable
             Picklable tasks, submitted in order.
         cost : callable, optional
@@ -804,26 +818,63 @@ class Executor:
             gc.unfreeze()
 
     def _serial_loop(self, func, queue, on_done, failed):
-        while queue:
-            _raise_lost_stop()  # a stop whose exception got lost (see cutana._stop)
-            pending = queue.popleft()
-            while True:
+        # a result that is a Future is completed (by the caller's thread)
+        # while the next task runs here, and handed on after it: in order,
+        # one behind
+        behind = None  # (pending, future)
+        outcome = None
+        try:
+            while queue or behind is not None:
+                _raise_lost_stop()  # a stop whose exception got lost (see cutana._stop)
+                if not queue:
+                    self._hand_on(func, *behind, queue, on_done, failed)
+                    behind = None
+                    continue
+                pending = queue.popleft()
                 pending.attempts += 1
+                outcome = None
                 try:
-                    result = func(pending.task)
-                except (MemoryError, KeyboardInterrupt):
-                    raise
-                except Exception as exc:  # noqa: BLE001 - recorded and retried
-                    stop = _stop_behind(exc)
-                    if stop is not None:
-                        raise stop from None
-                    pending.errors.append(_describe(exc))
-                    if pending.attempts <= self.retries:
-                        continue
-                    queue.extend(_Pending(t) for t in failed(pending))
-                    break
-                queue.extend(_Pending(t) for t in (on_done(pending.task, result) or ()))
-                break
+                    outcome = func(pending.task)
+                except Exception as exc:  # noqa: BLE001 - handed on below, in order
+                    outcome = _Raised(exc)
+                if behind is not None:
+                    self._hand_on(func, *behind, queue, on_done, failed)
+                    behind = None
+                if isinstance(outcome, Future):
+                    behind = (pending, outcome)
+                else:
+                    self._hand_on(func, pending, outcome, queue, on_done, failed)
+        finally:
+            # (an error or a stop): what is still being completed ends first
+            wait([f for f in (outcome, behind and behind[1]) if isinstance(f, Future)])
+
+    def _hand_on(self, func, pending, outcome, queue, on_done, failed):
+        """Hand a serial task's result (``outcome``: a value, a `Future` or
+        `_Raised`) to ``on_done``; after an error, run it again (waiting for
+        its result) or report it."""
+        while True:
+            try:
+                if isinstance(outcome, _Raised):
+                    raise outcome.error
+                result = outcome.result() if isinstance(outcome, Future) else outcome
+            except (MemoryError, KeyboardInterrupt):
+                raise
+            except Exception as exc:  # noqa: BLE001 - recorded and retried
+                stop = _stop_behind(exc)
+                if stop is not None:
+                    raise stop from None
+                pending.errors.append(_describe(exc))
+                if pending.attempts <= self.retries:
+                    pending.attempts += 1
+                    try:
+                        outcome = func(pending.task)
+                    except Exception as again:  # noqa: BLE001 - as above
+                        outcome = _Raised(again)
+                    continue
+                queue.extend(_Pending(t) for t in failed(pending))
+                return
+            queue.extend(_Pending(t) for t in (on_done(pending.task, result) or ()))
+            return
 
     # ------------------------------------------------------------------
     def _new_pool(self):

@@ -115,6 +115,115 @@ def test_on_done_can_add_tasks():
     assert sorted(seen) == [1, 4, 121, 144]
 
 
+def test_serial_results_may_be_futures_completed_while_the_next_task_runs():
+    """A serial task may return a Future: the next task runs while another
+    thread completes it, and the results reach on_done in task order."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    release = {t: threading.Event() for t in range(5)}
+    log = []
+
+    def func(task):
+        log.append(("run", task))
+        if task > 0:
+            release[task - 1].set()  # the earlier task completes only now
+        else:
+            release[4].set()  # (the last one has no next task)
+
+        def complete():
+            release[task].wait(10)
+            return task * task
+
+        return pool.submit(complete)
+
+    def on_done(task, result):
+        log.append(("done", task, result))
+
+    with ThreadPoolExecutor(1) as pool:
+        assert Executor("serial").run(func, range(5), on_done=on_done) == []
+    done = [entry for entry in log if entry[0] == "done"]
+    assert done == [("done", t, t * t) for t in range(5)]
+    # task t is handed on only after task t + 1 has run
+    for t in range(4):
+        assert log.index(("run", t + 1)) < log.index(("done", t, t * t))
+
+
+@pytest.mark.parametrize("fails", [1, 2])
+def test_a_future_that_fails_is_retried_then_reported(fails):
+    """An error a serial task's Future raises counts as the task's: it is
+    run again (and its new Future waited for), then reported."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    attempts = {}
+
+    def func(task):
+        attempts[task] = attempts.get(task, 0) + 1
+        broken = task == "b" and attempts[task] <= fails
+
+        def complete():
+            if broken:
+                msg = f"write of {task} failed"
+                raise OSError(msg)
+            return task.upper()
+
+        return pool.submit(complete)
+
+    results = {}
+    with ThreadPoolExecutor(1) as pool:
+        failures = Executor("serial", retries=1).run(
+            func, ["a", "b", "c"], on_done=results.__setitem__
+        )
+    assert attempts == {"a": 1, "b": 2, "c": 1}
+    if fails == 1:
+        assert failures == []
+        assert results == {"a": "A", "b": "B", "c": "C"}
+    else:
+        assert [(f.task, f.attempts) for f in failures] == [("b", 2)]
+        assert "OSError: write of b failed" in failures[0].error
+        assert results == {"a": "A", "c": "C"}
+
+
+@pytest.mark.parametrize("where", ["task", "on_done"])
+def test_a_stop_waits_for_the_futures_in_flight(where):
+    """A Ctrl-C in the next task, or in handing on the earlier result while
+    the next one is being completed, leaves the run only once every Future
+    in flight is complete."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    finished = {1: threading.Event(), 2: threading.Event()}
+    seen = []
+
+    def func(task):
+        if task == 2 and where == "task":
+            raise KeyboardInterrupt
+
+        def complete():
+            time.sleep(0.2)
+            finished[task].set()
+            return task
+
+        return pool.submit(complete)
+
+    def on_done(task, result):
+        if where == "on_done":
+            raise KeyboardInterrupt
+        seen.append(task)
+
+    pool = ThreadPoolExecutor(1)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            Executor("serial").run(func, [1, 2, 3], on_done=on_done)
+        # (checked before the pool is shut down, which would wait for them)
+        done = {t: e.is_set() for t, e in finished.items()}
+    finally:
+        pool.shutdown()
+    assert done == {1: True, 2: where == "on_done"}
+    assert seen == []
+
+
 def test_memory_budget_limits_tasks_in_flight(tmp_path):
     """Test that admission keeps the summed cost of running tasks within the budget."""
     folder = tmp_path / "running"

@@ -432,6 +432,15 @@ def test_background_writes_only_with_a_core_to_spare(
     assert pipeline._core_to_spare(options) is expected
 
 
+def _little_to_spare(survey, opts):
+    """A memory limit of the plan's own estimate for the survey, and half of
+    `HELPER_SPARE_BYTES` to spare."""
+    from cutana import pipeline
+
+    plan = cutana.plan_cutouts(survey.catalogue_path, memory_limit="2GB", **opts)
+    return plan.peak_bytes + pipeline.HELPER_SPARE_BYTES // 2
+
+
 @pytest.mark.parametrize(("limit", "cores", "expected"), [
     (None, 2, True),  # a core and memory to spare
     (None, 1, False),  # no core to spare
@@ -455,16 +464,109 @@ def test_helper_compresses_only_with_a_core_and_memory_to_spare(
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(ZarrWriter, "write_chunks", spy)
+    # (chunks written in a thread while the next job is cut need no helper)
+    monkeypatch.setattr(pipeline, "_overlap_fits", lambda *args: False)
     opts = dict(size=21, backend="serial")
-    if limit == "tight":  # the plan's own estimate, and a little to spare
-        plan = cutana.plan_cutouts(survey.catalogue_path, memory_limit="2GB", **opts)
-        opts["memory_limit"] = plan.peak_bytes + pipeline.HELPER_SPARE_BYTES // 2
+    if limit == "tight":
+        opts["memory_limit"] = _little_to_spare(survey, opts)
     out = tmp_path / "h.zarr"
     report = cutana.make_cutouts(survey.catalogue_path, out, progress=False, **opts)
     assert report.exit_code == 0
     assert helpers and set(helpers) == {expected}
     base, _ = zarr_run
     assert files_bytes(out / "images") == files_bytes(base / "images")
+
+
+@pytest.mark.parametrize(("limit", "cores", "expected"), [
+    (None, 2, True),  # a core and memory to spare
+    (None, 1, False),  # no core to spare
+    ("tight", 2, False),  # the limit leaves no room for a second job
+])
+def test_serial_runs_write_a_job_while_cutting_the_next(
+    survey, zarr_run, tmp_path, monkeypatch, limit, cores, expected
+):
+    """Test that a serial Zarr run with a core and memory to spare writes
+    each job's chunks in a thread while it cuts the next job, and that the
+    store holds the same bytes either way."""
+    import threading
+
+    from cutana import pipeline
+    from cutana.verify import verify
+
+    monkeypatch.setattr(pipeline, "available_cores", lambda: cores)
+    threads = []
+    real = pipeline._write_cut
+
+    def spy(task, results, helper=None):
+        threads.append(threading.current_thread().name)
+        return real(task, results, helper)
+
+    monkeypatch.setattr(pipeline, "_write_cut", spy)
+    opts = dict(size=21, backend="serial", max_sources_per_job=10)
+    if limit == "tight":
+        opts["memory_limit"] = _little_to_spare(survey, opts)
+    out = tmp_path / "o.zarr"
+    report = cutana.make_cutouts(survey.catalogue_path, out, progress=False, **opts)
+    assert report.exit_code == 0
+    assert len(threads) >= 4
+    if expected:
+        assert all(name.startswith("cutana-write") for name in threads)
+    else:
+        assert set(threads) == {threading.main_thread().name}
+    base, _ = zarr_run
+    for name in ("images", "status", "geometry"):
+        assert files_bytes(out / name) == files_bytes(base / name)
+    assert verify(out) == []
+
+
+@pytest.mark.parametrize("always", [False, True])
+def test_a_job_whose_write_fails_in_the_thread_is_retried_then_fails_alone(
+    survey, zarr_run, tmp_path, monkeypatch, always
+):
+    """Test that a job whose chunks fail to be written by the writing thread
+    is cut and written again; failing again, only its rows are TILE_ERROR
+    (filled, with the error) and the run exits 1."""
+    from cutana import pipeline
+
+    monkeypatch.setattr(pipeline, "available_cores", lambda: 2)
+    real = pipeline._write_cut
+    calls = []
+
+    def flaky(task, results, helper=None):
+        jobs = tuple(sorted(results))
+        calls.append(jobs)
+        if jobs == calls[0] and (always or len(calls) == 1):
+            msg = "simulated write error"
+            raise OSError(msg)
+        return real(task, results, helper)
+
+    monkeypatch.setattr(pipeline, "_write_cut", flaky)
+    out = tmp_path / "w.zarr"
+    report = cutana.make_cutouts(
+        survey.catalogue_path, out, size=21, backend="serial",
+        max_sources_per_job=10, progress=False,
+    )
+    assert calls.count(calls[0]) == 2
+    base, _ = zarr_run
+    archive, expected = cutana.open(out), cutana.open(base)
+    if not always:
+        assert report.exit_code == 0
+        assert files_bytes(out / "images") == files_bytes(base / "images")
+        return
+    assert report.exit_code == 1
+    assert any("simulated write error" in f for f in report.failures)
+    plan = cutana.plan_cutouts(
+        survey.catalogue_path, size=21, backend="serial", max_sources_per_job=10
+    )
+    (job,) = [j for j in plan.jobs if j.job_id in calls[0]]
+    bad = np.zeros(len(archive), dtype=bool)
+    bad[job.rows] = True
+    status = np.asarray(archive.status)
+    assert (status[bad] == Status.TILE_ERROR).all()
+    assert not np.asarray(archive.images[np.flatnonzero(bad)]).any()
+    np.testing.assert_array_equal(status[~bad], np.asarray(expected.status)[~bad])
+    rest = np.flatnonzero(~bad)
+    np.testing.assert_array_equal(archive.images[rest], expected.images[rest])
 
 
 def test_flux_conversion_and_weights(survey, zarr_run, tmp_path):

@@ -349,9 +349,15 @@ def test_bands_are_written_from_memory_and_equal_staged_run(
 ):
     """A band run stages nothing and writes the same bytes as the staged run."""
     staged, groups = [], []
-    stage, group = pipeline.stage_job, pipeline._run_group
+    stage, cut = pipeline.stage_job, pipeline._cut
     monkeypatch.setattr(pipeline, "stage_job", lambda *a, **k: staged.append(1) or stage(*a, **k))
-    monkeypatch.setattr(pipeline, "_run_group", lambda t: groups.append(t) or group(t))
+
+    def spy(task, scratch):
+        if isinstance(task, pipeline._GroupTask):
+            groups.append(task)
+        return cut(task, scratch)
+
+    monkeypatch.setattr(pipeline, "_cut", spy)
     out = tmp_path / "bands.zarr"
     report = cutana.make_cutouts(two_tiles.catalogue_path, out, **BAND_RUN)
     assert report.exit_code == 0

@@ -1275,12 +1275,15 @@ def _jobs_of(task):
     return []
 
 
-def _cut(task, scratch):
+def _cut(task, scratch, stretch_thread=False):
     """Cut the jobs of a Zarr cut task or a group task into ``scratch``'s
     ``images`` buffer: job id to `~cutana.io.JobResult` (valid until the
-    buffer is used again)."""
+    buffer is used again). ``stretch_thread`` as in `cut_job`."""
     if isinstance(task, _CutTask):
-        result = cut_job(task.settings, task.tile, task.job, scratch=scratch)
+        result = cut_job(
+            task.settings, task.tile, task.job, scratch=scratch,
+            stretch_thread=stretch_thread,
+        )
         return {result.job_id: result}
     first = task.members[0]
     n = sum(len(m.job) for m in task.members)
@@ -1292,7 +1295,8 @@ def _cut(task, scratch):
     for m in task.members:
         b = a + len(m.job)
         results[m.job.job_id] = cut_job(
-            m.settings, m.tile, m.job, scratch=scratch, out=block[a:b]
+            m.settings, m.tile, m.job, scratch=scratch, out=block[a:b],
+            stretch_thread=stretch_thread,
         )
         a = b
     return results
@@ -1352,6 +1356,8 @@ def _run_task_overlapped(task):
     cut or group task is cut here, and a `~concurrent.futures.Future` of its
     summary is returned while a thread compresses and writes its chunks,
     so that the executor cuts the next job meanwhile (`Executor.run`).
+    The cutting itself stretches each sub-batch in another thread while it
+    resamples the next (`cut_job`'s ``stretch_thread``).
 
     The job's cutouts stay in one of two buffer sets until written; a third
     job waits for the older write. Other tasks run as in `_run_task`, once
@@ -1367,7 +1373,7 @@ def _run_task_overlapped(task):
     if len(busy) == len(_SLOTS):
         wait(busy, return_when=FIRST_COMPLETED)
     slot = next(s for s in _SLOTS if s[1] is None or s[1].done())
-    results = _unless_disk_full(_cut, task, slot[0])
+    results = _unless_disk_full(_cut, task, slot[0], True)
     if isinstance(results, _OutputFull):
         return results
     if not _WRITER:
@@ -1703,16 +1709,19 @@ def _overlap_fits(background, plan, options):
     (`_run_task_overlapped`).
 
     The paper workload with one worker then took 3.72 s instead of 4.24 s
-    (means of four alternating pairs). It holds a second job's cutouts and
-    buffers, and the thread's compressed chunks: used only where the half
+    (means of four alternating pairs), and stretching in a thread of its
+    own too, 3.75 s instead of 4.18 s (eight pairs, another day's phase of
+    the machine). It holds a second job's cutouts and buffers, a second
+    sub-batch and the thread's compressed chunks: used only where the half
     of the plan's spare memory that mapped tiles do not take
-    (`cutana.processing.CutSettings.keep_bytes`) holds the largest job and
-    `HELPER_SPARE_BYTES`.
+    (`cutana.processing.CutSettings.keep_bytes`) holds the largest job, the
+    working memory of a sub-batch and `HELPER_SPARE_BYTES`.
     """
     if not background or options.backend != "serial" or options.format != "zarr":
         return False
     largest = max((j.est_bytes for j in plan.jobs), default=0)
-    return plan.spare_worker_bytes // 2 >= HELPER_SPARE_BYTES + largest
+    extra = HELPER_SPARE_BYTES + largest + plan.memory.working_bytes
+    return plan.spare_worker_bytes // 2 >= extra
 
 
 def _tile_state(tile):

@@ -17,8 +17,10 @@ This module reads pixels but knows nothing about output formats.
 import logging
 import math
 import mmap
+import os
 import re
 import zlib
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -47,6 +49,11 @@ logger = logging.getLogger(__name__)
 
 #: Bytes of windows cut between two hand-backs of mapped tile pages.
 RELEASE_BYTES = 32 * 2**20
+
+_STRETCHER = []  # the thread of `cut_job`'s ``stretch_thread``, made on first use
+if hasattr(os, "register_at_fork"):
+    # a forked child has none of its parent's threads
+    os.register_at_fork(after_in_child=_STRETCHER.clear)
 
 #: Flux density of magnitude 0 in the AB system, in Jansky.
 JANSKY_AB = 3631.0
@@ -271,7 +278,7 @@ class Scratch:
         self._bufs.clear()
 
 
-def cut_job(settings, tile, job, scratch=None, out=None):
+def cut_job(settings, tile, job, scratch=None, out=None, stretch_thread=False):
     """Cut every source of a job from every band of its tile.
 
     Parameters
@@ -289,6 +296,10 @@ def cut_job(settings, tile, job, scratch=None, out=None):
         ``(n, C, H, W)`` array of the output dtype to cut into (it becomes
         the result's ``images``), e.g. a slice of a larger block that
         several jobs fill.
+    stretch_thread : bool, optional
+        Stretch (normalise and convert) each sub-batch of cutouts in a
+        second thread while the next one is read and resampled into a
+        second buffer: for a core to spare. The same values either way.
 
     Returns
     -------
@@ -370,7 +381,7 @@ def cut_job(settings, tile, job, scratch=None, out=None):
             try:
                 _cut_band(
                     settings, band, c, box, band_starts.get(c, starts), order,
-                    same, out_shape, images, scratch,
+                    same, out_shape, images, scratch, stretch_thread,
                 )
                 continue
             except (OSError, ValueError, KeyError, EOFError, zlib.error) as exc:
@@ -470,11 +481,17 @@ def _physical(block, pixels, blank, factor):
         np.multiply(block, factor, out=block, dtype=np.float64, casting="same_kind")
 
 
+#: Names of the two sub-batch buffers of `_cut_band` (one with no stretch thread).
+_BLOCKS = ("block", "block-2")
+
+
 def _cut_band(
-    settings, band, c, sizes_c, starts, order, same_size, out_shape, images, scratch
+    settings, band, c, sizes_c, starts, order, same_size, out_shape, images, scratch,
+    stretch_thread=False,
 ):
     """Cut one band of a job into ``images[:, c]``: boxes of ``sizes_c``
-    (``(n, 2)`` ``(ny, nx)``) from ``starts``."""
+    (``(n, 2)`` ``(ny, nx)``) from ``starts``; with ``stretch_thread``, each
+    sub-batch is stretched in `_STRETCHER` while the next is resampled."""
     factor = 1.0
     names = settings.band_names
     if settings.flux_conversion and (c >= len(names) or converts_flux(names[c])):
@@ -511,6 +528,9 @@ def _cut_band(
     boxes = sizes_c[order]
     # image i of band c is row i * C + c of the flattened images
     rows = order * n_channels + c
+    stretching = [None, None]  # the stretch of each of two blocks, when threaded
+    if stretch_thread and not _STRETCHER:
+        _STRETCHER.append(ThreadPoolExecutor(1, thread_name_prefix="cutana-stretch"))
     with open_pixels(band, keep_bytes=settings.keep_bytes) as pixels:
         itemsize = np.dtype(pixels.data.dtype).itemsize
         work = working_dtype(pixels.data.dtype)
@@ -519,35 +539,51 @@ def _cut_band(
         # is NaN), before the flux factor and any resampling
         blank = pixels.blank
         resample = None
-        for lo in range(0, len(order), SUB_BATCH):
-            box = boxes[lo : lo + SUB_BATCH]
-            sizes = np.broadcast_to(out_shape, box.shape) if direct else box
-            first = first_all[lo : lo + SUB_BATCH]
-            data, first = _region(pixels.data, first, sizes, band.shape)
-            block = scratch.get("block", (len(box), *out_shape), work)
-            if direct:
-                block, _ = extract_stack(
-                    data, first, out_shape, np.nan, dtype=work, out=block,
-                    n_threads=settings.n_threads,
-                )
-                _physical(block, pixels, blank, factor)
-            else:
-                if resample is None or data is not pixels.data:  # a part read
-                    resample = Resampler(
-                        data, out_shape, settings.resample, np.nan,
-                        dtype=work, n_threads=settings.n_threads,
-                        bscale=pixels.bscale, bzero=pixels.bzero, blank=blank,
+        try:
+            for lo in range(0, len(order), SUB_BATCH):
+                box = boxes[lo : lo + SUB_BATCH]
+                sizes = np.broadcast_to(out_shape, box.shape) if direct else box
+                first = first_all[lo : lo + SUB_BATCH]
+                data, first = _region(pixels.data, first, sizes, band.shape)
+                k = (lo // SUB_BATCH) % 2 if stretch_thread else 0
+                if stretching[k] is not None:  # its block is free once stretched
+                    stretching[k].result()
+                block = scratch.get(_BLOCKS[k], (len(box), *out_shape), work)
+                if direct:
+                    block, _ = extract_stack(
+                        data, first, out_shape, np.nan, dtype=work, out=block,
+                        n_threads=settings.n_threads,
                     )
-                resample(first, box, scale=factor, out=block)
-            # straight into the job's rows: no copy through a buffer
-            stretch(block, out=flat, rows=rows[lo : lo + SUB_BATCH])
-            # windows are swept top to bottom, so neighbouring sub-batches share
-            # tile pages: hand pages back only every RELEASE_BYTES of windows
-            if pixels.kept:  # its pages stay mapped for the next job
-                continue
-            touched += int(np.sum(box[:, 0] * box[:, 1])) * itemsize
-            if touched > RELEASE_BYTES:
-                _release_pages(pixels.data)
-                touched = 0
+                    _physical(block, pixels, blank, factor)
+                else:
+                    if resample is None or data is not pixels.data:  # a part read
+                        resample = Resampler(
+                            data, out_shape, settings.resample, np.nan,
+                            dtype=work, n_threads=settings.n_threads,
+                            bscale=pixels.bscale, bzero=pixels.bzero, blank=blank,
+                        )
+                    resample(first, box, scale=factor, out=block)
+                # straight into the job's rows: no copy through a buffer
+                rows_k = rows[lo : lo + SUB_BATCH]
+                if stretch_thread:
+                    stretching[k] = _STRETCHER[0].submit(
+                        stretch, block, out=flat, rows=rows_k
+                    )
+                else:
+                    stretch(block, out=flat, rows=rows_k)
+                # windows are swept top to bottom, so neighbouring sub-batches share
+                # tile pages: hand pages back only every RELEASE_BYTES of windows
+                if pixels.kept:  # its pages stay mapped for the next job
+                    continue
+                touched += int(np.sum(box[:, 0] * box[:, 1])) * itemsize
+                if touched > RELEASE_BYTES:
+                    _release_pages(pixels.data)
+                    touched = 0
+        finally:
+            # (also after an error: the caller may clear the rows)
+            wait([f for f in stretching if f is not None])
+        for f in stretching:
+            if f is not None:
+                f.result()  # its error, if any
         if not pixels.kept:
             _release_pages(pixels.data)

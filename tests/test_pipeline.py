@@ -2147,6 +2147,90 @@ def test_cut_job_marks_a_box_that_misses_its_tile(tmp_path):
     assert "does not overlap" in result.messages[9]
 
 
+def _many_sources_job(tmp_path, n_tile=200, n=300, sizes=(5, 21), seed=4):
+    """A tile (its data, WCS and index) and a job of ``n`` sources over it and
+    its edges (five sub-batches and more), with box sizes drawn from ``sizes``."""
+    from cutana.planner import Job
+    from cutana.tiles import TileIndex
+
+    data, w = _scaled_tile(tmp_path / "t.fits", 1.0, n_tile, seed=seed)
+    index = TileIndex.from_paths(str(tmp_path / "t.fits"))
+    rng = np.random.default_rng(seed)
+    size = rng.integers(*sizes, n) if sizes[0] != sizes[1] else np.full(n, sizes[0])
+    job = Job(
+        job_id=0, tile=0, rows=np.arange(n), x=rng.uniform(-4, n_tile + 4, n),
+        y=rng.uniform(-4, n_tile + 4, n), box=np.column_stack([size, size]),
+    )
+    return data, index.tiles[0], job
+
+
+@pytest.mark.parametrize(("resample", "normalize", "dtype", "size"), [
+    ("none", "none", "float32", 11),
+    ("bilinear", "asinh", "uint8", 16),
+    ("nearest", "zscale", "uint16", 12),
+])
+def test_cut_job_stretching_in_a_thread_gives_the_same_cutouts(
+    tmp_path, resample, normalize, dtype, size
+):
+    """Test that `cut_job` with ``stretch_thread`` (each sub-batch stretched
+    in a second thread while the next is resampled) gives the cutouts and
+    statuses it gives without, which for unresampled float32 are astropy's
+    ``Cutout2D`` (partial, NaN outside the tile)."""
+    from cutana.processing import CutSettings, cut_job
+
+    sizes = (size, size) if resample == "none" else (5, 30)
+    data, tile, job = _many_sources_job(tmp_path, sizes=sizes)
+    settings = CutSettings(
+        out_shape=(size, size), resample=resample, normalize=normalize, dtype=dtype
+    )
+    plain = cut_job(settings, tile, job)
+    threaded = cut_job(settings, tile, job, stretch_thread=True)
+    np.testing.assert_array_equal(threaded.status, plain.status)
+    np.testing.assert_array_equal(threaded.images, plain.images)
+    assert set(plain.status.tolist()) >= {Status.OK, Status.PARTIAL_OVERLAP}
+    if resample != "none":
+        return
+    compared = 0
+    for i in range(len(job)):
+        try:
+            ref = AstropyCutout2D(data, (job.x[i], job.y[i]), size, mode="partial")
+        except NoOverlapError:
+            assert threaded.status[i] == Status.NO_OVERLAP
+            continue
+        np.testing.assert_array_equal(threaded.images[i, 0], ref.data)
+        compared += 1
+    assert compared > 250
+
+
+def test_an_error_stretching_in_a_thread_is_a_tile_error_of_the_job(
+    tmp_path, monkeypatch
+):
+    """Test that an error raised by the stretch of a sub-batch in the stretch
+    thread fails the job as it does without the thread: every source
+    TILE_ERROR with the reason, every row zero."""
+    from cutana.normalization import Normalizer
+    from cutana.processing import CutSettings, cut_job
+
+    _, tile, job = _many_sources_job(tmp_path, sizes=(8, 20))
+    real, calls = Normalizer.__call__, []
+
+    def failing(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            msg = "simulated stretch failure"
+            raise ValueError(msg)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Normalizer, "__call__", failing)
+    settings = CutSettings(out_shape=(10, 10), resample="bilinear",
+                           normalize="asinh", dtype="uint8")  # fmt: skip
+    result = cut_job(settings, tile, job, stretch_thread=True)
+    assert (result.status == Status.TILE_ERROR).all()
+    assert not result.images.any()
+    assert "simulated stretch failure" in result.messages[0]
+    assert 3 <= len(calls) <= 4  # (the sub-batch after it may be stretched too)
+
+
 def test_verify_accepts_fits_cutouts_of_catalogue_sizes(tmp_path):
     """Test that ``verify`` passes a FITS output whose cutouts have the sizes
     of the catalogue's size column (they differ from row to row)."""

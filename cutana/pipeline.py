@@ -3157,11 +3157,21 @@ def iter_cutouts(catalog, *, batch_size=None, **options):
 
 
 def _job_batches(prepared):
-    """`iter_cutouts`: one batch per job of the plan."""
+    """`iter_cutouts`: one batch per job of the plan, cut in this process,
+    each sub-batch stretched in a thread of its own where a core and the
+    memory of a second sub-batch are spare (`cut_job`'s ``stretch_thread``)."""
     cat = prepared.catalog
+    plan = prepared.plan
+    stretch_thread = (
+        prepared.options.threads < available_cores()
+        and plan.spare_worker_bytes // 2 >= plan.memory.working_bytes
+    )
     try:
-        for job in prepared.plan.jobs:
-            result = cut_job(prepared.settings, prepared.index.tiles[job.tile], job)
+        for job in plan.jobs:
+            result = cut_job(
+                prepared.settings, prepared.index.tiles[job.tile], job,
+                stretch_thread=stretch_thread,
+            )
             yield CutoutBatch(
                 images=result.images,
                 rows=result.rows,

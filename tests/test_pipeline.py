@@ -626,8 +626,22 @@ def test_asinh_uint8_matches_astropy_visualization(survey, zarr_run, tmp_path):
         assert np.max(np.abs(arch.images[i, 1].astype(int) - expect)) <= 1
 
 
-def test_iter_cutouts_yields_same_images(survey, zarr_run):
-    """Test that the in-memory iterator yields the cutouts the Zarr run wrote."""
+@pytest.mark.parametrize(("cores", "threaded"), [(1, False), (2, True)])
+def test_iter_cutouts_yields_same_images(
+    survey, zarr_run, monkeypatch, cores, threaded
+):
+    """Test that the in-memory iterator yields the cutouts the Zarr run wrote,
+    stretching in a thread of its own where a core is spare."""
+    from cutana import pipeline
+
+    monkeypatch.setattr(pipeline, "available_cores", lambda: cores)
+    real, calls = pipeline.cut_job, []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("stretch_thread"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "cut_job", spy)
     out, _ = zarr_run
     arch = cutana.open(out)
     seen = 0
@@ -638,6 +652,7 @@ def test_iter_cutouts_yields_same_images(survey, zarr_run):
             assert batch.source_id[k] == arch.source_id[r]
         seen += len(batch.rows)
     assert seen == int(np.isin(np.asarray(arch.status), [0, 1]).sum())
+    assert calls and set(calls) == {threaded}
 
 
 @pytest.mark.parametrize("batch_size", [1, 7, 1000])

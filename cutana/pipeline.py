@@ -1222,15 +1222,13 @@ def _run_task_inner(task):
             task.chunks, task.row_to_job, task.base_status,
             **dataclasses.asdict(task.writes),
         )
-    if isinstance(task, _GroupTask):
-        return _write_cut(task, _cut(task, _SCRATCH))
     if isinstance(task, _PatchTask):
         writer = ZarrWriter.open(task.out_dir)
         return writer.patch_chunks(
             task.chunks, task.row_to_job, task.status, tile_map=task.tile_map,
             clear=task.clear, **dataclasses.asdict(task.writes),
         )
-    if task.format == "zarr":
+    if _cuts_into_zarr(task):
         return _write_cut(task, _cut(task, _SCRATCH))
     result = cut_job(task.settings, task.tile, task.job, scratch=_SCRATCH)
     writer = FitsWriter(task.out_dir, task.bands)
@@ -1273,6 +1271,13 @@ def _jobs_of(task):
     if isinstance(task, _CutTask):
         return [task.job]
     return []
+
+
+def _cuts_into_zarr(task):
+    """Whether a task cuts jobs for a Zarr output (`_cut`, `_write_cut`)."""
+    return isinstance(task, _GroupTask) or (
+        isinstance(task, _CutTask) and task.format == "zarr"
+    )
 
 
 def _cut(task, scratch, stretch_thread=False):
@@ -1347,6 +1352,7 @@ if hasattr(os, "register_at_fork"):
 
 
 def _free_slots():
+    """Forget the writes of the buffer sets (a forked child has none)."""
     for slot in _SLOTS:
         slot[1] = None
 
@@ -1363,10 +1369,7 @@ def _run_task_overlapped(task):
     job waits for the older write. Other tasks run as in `_run_task`, once
     the writes are done (they may read what those write).
     """
-    cuts = isinstance(task, _GroupTask) or (
-        isinstance(task, _CutTask) and task.format == "zarr"
-    )
-    if not cuts:
+    if not _cuts_into_zarr(task):
         _wait_for_writes()
         return _run_task(task)
     busy = [slot[1] for slot in _SLOTS if slot[1] is not None and not slot[1].done()]
@@ -1378,7 +1381,7 @@ def _run_task_overlapped(task):
         return results
     if not _WRITER:
         _WRITER.append(ThreadPoolExecutor(1, thread_name_prefix="cutana-write"))
-    # the thread has the spare core alone: no second one compresses
+    # (no helper compresses beside it: the stretch thread takes the rest)
     slot[1] = _WRITER[0].submit(_unless_disk_full, _write_cut, task, results, False)
     return slot[1]
 
@@ -1710,8 +1713,8 @@ def _overlap_fits(background, plan, options):
 
     The paper workload with one worker then took 3.72 s instead of 4.24 s
     (means of four alternating pairs), and stretching in a thread of its
-    own too, 3.75 s instead of 4.18 s (eight pairs, another day's phase of
-    the machine). It holds a second job's cutouts and buffers, a second
+    own too, 3.60 s instead of 4.31 s (four pairs, in a slower phase of the
+    machine). It holds a second job's cutouts and buffers, a second
     sub-batch and the thread's compressed chunks: used only where the half
     of the plan's spare memory that mapped tiles do not take
     (`cutana.processing.CutSettings.keep_bytes`) holds the largest job, the

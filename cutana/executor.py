@@ -818,7 +818,7 @@ class Executor:
             gc.unfreeze()
 
     def _serial_loop(self, func, queue, on_done, failed):
-        # a result that is a Future is completed (by the caller's thread)
+        # a result that is a Future is completed (by a thread of func's)
         # while the next task runs here, and handed on after it: in order,
         # one behind
         behind = None  # (pending, future)

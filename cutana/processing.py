@@ -7,9 +7,10 @@ sources are cut in small sub-batches (sorted by row on the tile, so that
 neighbouring windows share pages) by the compiled kernels, converted to
 physical units (``BSCALE``/``BZERO``, optional flux conversion from the
 header zero point and an optional channel weight), resampled to the target
-grid, and normalised into the output dtype. Pages of the tile that a
-sub-batch touched are handed back to the operating system before the next
-one, so a worker's memory does not grow with the tile.
+grid, and normalised into the output dtype (with a core to spare, in a
+second thread while the next sub-batch is resampled). Pages of the tile
+that a sub-batch touched are handed back to the operating system before
+the next one, so a worker's memory does not grow with the tile.
 
 This module reads pixels but knows nothing about output formats.
 """

@@ -1090,6 +1090,7 @@ class _CutTask:
     row_to_job: object = None
     base_status: object = None
     writes: _Writes = _Writes()
+    stretch_thread: bool = False  # `cut_job`'s (a core to spare, `_stretch_fits`)
 
 
 class _Rows:
@@ -1230,7 +1231,10 @@ def _run_task_inner(task):
         )
     if _cuts_into_zarr(task):
         return _write_cut(task, _cut(task, _SCRATCH))
-    result = cut_job(task.settings, task.tile, task.job, scratch=_SCRATCH)
+    result = cut_job(
+        task.settings, task.tile, task.job, scratch=_SCRATCH,
+        stretch_thread=task.stretch_thread,
+    )
     writer = FitsWriter(task.out_dir, task.bands)
     result.files = writer.write_sources(
         result,
@@ -1280,14 +1284,14 @@ def _cuts_into_zarr(task):
     )
 
 
-def _cut(task, scratch, stretch_thread=False):
+def _cut(task, scratch):
     """Cut the jobs of a Zarr cut task or a group task into ``scratch``'s
     ``images`` buffer: job id to `~cutana.io.JobResult` (valid until the
-    buffer is used again). ``stretch_thread`` as in `cut_job`."""
+    buffer is used again)."""
     if isinstance(task, _CutTask):
         result = cut_job(
             task.settings, task.tile, task.job, scratch=scratch,
-            stretch_thread=stretch_thread,
+            stretch_thread=task.stretch_thread,
         )
         return {result.job_id: result}
     first = task.members[0]
@@ -1301,7 +1305,7 @@ def _cut(task, scratch, stretch_thread=False):
         b = a + len(m.job)
         results[m.job.job_id] = cut_job(
             m.settings, m.tile, m.job, scratch=scratch, out=block[a:b],
-            stretch_thread=stretch_thread,
+            stretch_thread=m.stretch_thread,
         )
         a = b
     return results
@@ -1363,7 +1367,8 @@ def _run_task_overlapped(task):
     summary is returned while a thread compresses and writes its chunks,
     so that the executor cuts the next job meanwhile (`Executor.run`).
     The cutting itself stretches each sub-batch in another thread while it
-    resamples the next (`cut_job`'s ``stretch_thread``).
+    resamples the next (`cut_job`'s ``stretch_thread``, which the runner
+    sets where it overlaps: `_overlap_fits` implies `_stretch_fits`).
 
     The job's cutouts stay in one of two buffer sets until written; a third
     job waits for the older write. Other tasks run as in `_run_task`, once
@@ -1376,7 +1381,7 @@ def _run_task_overlapped(task):
     if len(busy) == len(_SLOTS):
         wait(busy, return_when=FIRST_COMPLETED)
     slot = next(s for s in _SLOTS if s[1] is None or s[1].done())
-    results = _unless_disk_full(_cut, task, slot[0], True)
+    results = _unless_disk_full(_cut, task, slot[0])
     if isinstance(results, _OutputFull):
         return results
     if not _WRITER:
@@ -1706,6 +1711,21 @@ def _helper_fits(background, plan):
     return bool(background) and plan.spare_worker_bytes >= HELPER_SPARE_BYTES
 
 
+def _stretch_fits(background, plan):
+    """Whether a worker with a core to spare (``background``) stretches each
+    sub-batch in a thread of its own while it resamples the next
+    (`cut_job`'s ``stretch_thread``): where the half of the plan's spare
+    memory per worker that mapped tiles do not take holds a second
+    sub-batch's working memory beside `HELPER_SPARE_BYTES` (the helper that
+    compresses chunks may run too).
+
+    One worker on the paper workload (with `_overlap_fits`): 3.75 s instead
+    of 4.18 s (means of eight alternating pairs).
+    """
+    need = HELPER_SPARE_BYTES + plan.memory.working_bytes
+    return bool(background) and plan.spare_worker_bytes // 2 >= need
+
+
 def _overlap_fits(background, plan, options):
     """Whether a ``serial`` Zarr run with a core to spare (``background``)
     writes each job's chunks in a thread while it cuts the next job
@@ -1908,6 +1928,7 @@ class _Runner:
         background = _core_to_spare(prepared.options)
         self.writes = _Writes(background, _helper_fits(background, self.plan))
         self.overlap = _overlap_fits(background, self.plan, prepared.options)
+        self.stretch = _stretch_fits(background, self.plan)
         self.repair = None  # a finished run's failed rows to cut again
         # an interrupted run resumed with a tile readable now that it could
         # not read: its output is resumed again once finished (_readable_since)
@@ -2260,6 +2281,7 @@ class _Runner:
                 format=self.fmt,
                 bands=bands,
                 writes=self.writes,
+                stretch_thread=self.stretch,
             )
             if self.fmt == "fits":
                 task.ids = cat.source_id[job.rows]
@@ -2898,7 +2920,7 @@ class _Repair:
             task = _CutTask(
                 settings=r.p.settings, tile=r.p.index.tiles[job.tile], job=job,
                 out_dir=r.output, format=r.fmt, bands=bands,
-                writes=r.writes,
+                writes=r.writes, stretch_thread=r.stretch,
             )
             if r.fmt == "fits":
                 task.ids = cat.source_id[job.rows]
@@ -3165,10 +3187,7 @@ def _job_batches(prepared):
     memory of a second sub-batch are spare (`cut_job`'s ``stretch_thread``)."""
     cat = prepared.catalog
     plan = prepared.plan
-    stretch_thread = (
-        prepared.options.threads < available_cores()
-        and plan.spare_worker_bytes // 2 >= plan.memory.working_bytes
-    )
+    stretch_thread = _stretch_fits(prepared.options.threads < available_cores(), plan)
     try:
         for job in plan.jobs:
             result = cut_job(

@@ -519,6 +519,51 @@ def test_serial_runs_write_a_job_while_cutting_the_next(
     assert verify(out) == []
 
 
+@pytest.mark.parametrize(("backend", "cores", "threaded"), [
+    ("serial", 1, False), ("serial", 2, True), ("processes", 2, False),
+    ("processes", 3, True),
+])
+def test_jobs_stretch_in_a_thread_where_a_core_is_spare(
+    survey, zarr_run, tmp_path, monkeypatch, backend, cores, threaded
+):
+    """Test that every cut task (of FITS runs and worker processes too) asks
+    `cut_job` for a stretch thread exactly where the workers leave a core
+    to spare, and that the FITS files and the store hold the same values
+    either way."""
+    from cutana import pipeline
+
+    monkeypatch.setattr(pipeline, "available_cores", lambda: cores)
+    flags = []
+    real = pipeline._Runner._execute
+
+    def spy(self, executor, tasks, *args):
+        for task in tasks:
+            members = getattr(task, "members", [task])
+            flags.extend(getattr(m, "stretch_thread", None) for m in members)
+        return real(self, executor, tasks, *args)
+
+    monkeypatch.setattr(pipeline._Runner, "_execute", spy)
+    runs = {}
+    for fmt in ("fits", "zarr"):
+        out = tmp_path / fmt
+        report = cutana.make_cutouts(
+            survey.catalogue_path, out, size=21, format=fmt, backend=backend,
+            workers=2 if backend == "processes" else 1, progress=False,
+            max_sources_per_job=20,
+        )
+        assert report.exit_code == 0
+        runs[fmt] = cutana.open(out)
+    cut_flags = [f for f in flags if f is not None]
+    assert cut_flags and set(cut_flags) == {threaded}
+    base = cutana.open(zarr_run[0])
+    status = np.asarray(base.status)
+    for arch in runs.values():
+        np.testing.assert_array_equal(np.asarray(arch.status), status)
+    np.testing.assert_array_equal(runs["zarr"].images[:], base.images[:])
+    for i in np.flatnonzero(np.isin(status, (Status.OK, Status.PARTIAL_OVERLAP))):
+        np.testing.assert_array_equal(np.asarray(runs["fits"][i]), base.images[i])
+
+
 @pytest.mark.parametrize("always", [False, True])
 def test_a_job_whose_write_fails_in_the_thread_is_retried_then_fails_alone(
     survey, zarr_run, tmp_path, monkeypatch, always

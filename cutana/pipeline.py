@@ -1368,7 +1368,8 @@ def _run_task_overlapped(task):
     so that the executor cuts the next job meanwhile (`Executor.run`).
     The cutting itself stretches each sub-batch in another thread while it
     resamples the next (`cut_job`'s ``stretch_thread``, which the runner
-    sets where it overlaps: `_overlap_fits` implies `_stretch_fits`).
+    sets where it overlaps: `_overlap_fits` is `_stretch_fits` with room
+    for a second job).
 
     The job's cutouts stay in one of two buffer sets until written; a third
     job waits for the older write. Other tasks run as in `_run_task`, once
@@ -1711,18 +1712,18 @@ def _helper_fits(background, plan):
     return bool(background) and plan.spare_worker_bytes >= HELPER_SPARE_BYTES
 
 
-def _stretch_fits(background, plan):
+def _stretch_fits(background, plan, extra=0):
     """Whether a worker with a core to spare (``background``) stretches each
     sub-batch in a thread of its own while it resamples the next
     (`cut_job`'s ``stretch_thread``): where the half of the plan's spare
     memory per worker that mapped tiles do not take holds a second
     sub-batch's working memory beside `HELPER_SPARE_BYTES` (the helper that
-    compresses chunks may run too).
+    compresses chunks may run too), and ``extra`` bytes more.
 
     One worker on the paper workload (with `_overlap_fits`): 3.75 s instead
     of 4.18 s (means of eight alternating pairs).
     """
-    need = HELPER_SPARE_BYTES + plan.memory.working_bytes
+    need = HELPER_SPARE_BYTES + plan.memory.working_bytes + extra
     return bool(background) and plan.spare_worker_bytes // 2 >= need
 
 
@@ -1735,16 +1736,14 @@ def _overlap_fits(background, plan, options):
     (means of four alternating pairs), and stretching in a thread of its
     own too, 3.60 s instead of 4.31 s (four pairs, in a slower phase of the
     machine). It holds a second job's cutouts and buffers, a second
-    sub-batch and the thread's compressed chunks: used only where the half
-    of the plan's spare memory that mapped tiles do not take
-    (`cutana.processing.CutSettings.keep_bytes`) holds the largest job, the
-    working memory of a sub-batch and `HELPER_SPARE_BYTES`.
+    sub-batch and the thread's compressed chunks: used only where
+    `_stretch_fits` holds with room for the largest job besides (so that
+    the cutting stretches in its thread too).
     """
-    if not background or options.backend != "serial" or options.format != "zarr":
+    if options.backend != "serial" or options.format != "zarr":
         return False
     largest = max((j.est_bytes for j in plan.jobs), default=0)
-    extra = HELPER_SPARE_BYTES + largest + plan.memory.working_bytes
-    return plan.spare_worker_bytes // 2 >= extra
+    return _stretch_fits(background, plan, extra=largest)
 
 
 def _tile_state(tile):

@@ -266,11 +266,21 @@ MAX_SOURCES_PER_JOB = 4096
 #: its tile's files once, so larger bands map them less often: on 8 tiles
 #: of 200,000 random sources, bands of 8,192 rather than 4,096 sources took
 #: 2 workers 280,000 instead of 460,000 page faults and 7-8 % less time.
-#: A single tile's jobs keep the smaller cap: their output buffers are
-#: fresh memory, slow to touch first on virtual machines.
-MAX_SOURCES_PER_BAND = 2 * MAX_SOURCES_PER_JOB
+#: Where the memory limit leaves no room to keep the tiles mapped between
+#: jobs (`cutana.tiles.open_pixels`), mapping a 64 MB band file afresh
+#: costs about 6 ms; bands of up to 16,384 rather than 8,192 sources then
+#: took that survey 8 % less time with 1 or 2 workers at ``--memory-limit
+#: 1GB`` and 12 % less with 2 workers at 600MB (and the same without a
+#: limit, where the tiles stay mapped), for a peak 60-120 MB higher within
+#: the limit. A single tile's jobs keep the smaller cap: their output
+#: buffers are fresh memory, slow to touch first on virtual machines.
+MAX_SOURCES_PER_BAND = 4 * MAX_SOURCES_PER_JOB
 #: Jobs per worker the planner aims for, so that the last jobs end together.
 JOBS_PER_WORKER = 12
+#: Bands per worker the planner aims for: fewer than `JOBS_PER_WORKER`, as
+#: the last bands are cut smaller (`_taper`) and each band maps every tile
+#: it touches once.
+BANDS_PER_WORKER = 6
 #: Smallest job the planner makes for load balancing (unless a cap asks less).
 MIN_SOURCES_PER_JOB = 256
 #: Assumed resident size of a worker beside its jobs (Python, numpy,
@@ -963,13 +973,19 @@ def make_plan(
     largest = per_job  # what the budget and the cap allow; jobs aim smaller
     per_band = int(min(band_cap, budget // per_source)) if budget > 0 else 0
     largest_band = per_band
-    # enough jobs to keep every worker busy and balanced (JOBS_PER_WORKER each),
-    # but not so small that per-job overhead dominates
+    # enough jobs (bands) to keep every worker busy and balanced
+    # (JOBS_PER_WORKER, BANDS_PER_WORKER each), but not so small that per-job
+    # overhead dominates
     n_todo = int(np.count_nonzero(status == Status.PENDING))
     if n_workers > 1 and n_todo:
-        balanced = max(MIN_SOURCES_PER_JOB, math.ceil(n_todo / (JOBS_PER_WORKER * n_workers)))
-        per_job = min(per_job, balanced) if per_job >= 1 else per_job
-        per_band = min(per_band, balanced) if per_band >= 1 else per_band
+        def balanced(size, per_worker):
+            if size < 1:
+                return size
+            share = math.ceil(n_todo / (per_worker * n_workers))
+            return min(size, max(MIN_SOURCES_PER_JOB, share))
+
+        per_job = balanced(per_job, JOBS_PER_WORKER)
+        per_band = balanced(per_band, BANDS_PER_WORKER)
     if per_job < 1 and todo.any():
         need = parent_bytes + n_workers * (WORKER_BASE_BYTES + working + per_source)
         msg = (

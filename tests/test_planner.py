@@ -331,6 +331,37 @@ def test_bands_that_mix_tiles_take_the_band_cap(survey, two_tiles, monkeypatch):
     assert sum(len(j) for j in single.jobs) == 600
 
 
+def test_bands_that_mix_tiles_aim_at_fewer_per_worker_than_jobs(
+    survey, two_tiles, monkeypatch
+):
+    """With 2 workers, bands mixing tiles aim at ``BANDS_PER_WORKER`` bands
+    per worker (each maps every tile it touches once), a single tile's
+    jobs at ``JOBS_PER_WORKER`` jobs per worker; the last 2 bands are cut
+    smaller in both."""
+    from cutana import planner
+
+    monkeypatch.setattr(planner, "MIN_SOURCES_PER_JOB", 1)
+    monkeypatch.setattr(planner, "MIN_BAND_JOB", 1)
+    cr = 16  # rows per chunk of 256 x 256 float32 cutouts
+    opts = {"size": 10, "target_size": 256, "resample": "bilinear", "workers": 2,
+            "backend": "processes", "memory_limit": "2GB"}
+    mixed = cutana.plan_cutouts(two_tiles.catalogue_path, **opts)
+    bands = {}  # a band's jobs start in its first chunk
+    for job in mixed.jobs:
+        first = int(job.rows[0]) // cr
+        bands[first] = bands.get(first, 0) + len(job)
+    aim = mixed.n_sources / (2 * planner.BANDS_PER_WORKER)
+    whole = [n for n in bands.values() if n > aim / 2]
+    assert len(whole) == 2 * planner.BANDS_PER_WORKER - 2
+    assert all(abs(n - aim) <= cr for n in whole)
+    assert len({j.tile for j in mixed.jobs}) == 2
+    assert sum(bands.values()) == mixed.n_sources
+    single = cutana.plan_cutouts(survey.catalogue_path, **opts)
+    aim = single.n_sources / (2 * planner.JOBS_PER_WORKER)
+    assert len(single.jobs) >= 2 * planner.JOBS_PER_WORKER - 2
+    assert max(len(j) for j in single.jobs) <= aim + cr
+
+
 @pytest.fixture(scope="module")
 def tile_by_tile(two_tiles, tmp_path_factory):
     """The same run planned tile by tile (staged and assembled)."""

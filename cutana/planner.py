@@ -540,6 +540,11 @@ class Plan:
     def summary(self):
         """A human-readable summary of the plan and its memory estimate.
 
+        The estimate (`peak_bytes`) counts the main process, the idle
+        workers and the largest jobs; the room the limit leaves beyond it
+        (``n_workers`` times `spare_worker_bytes`), which workers may use
+        for kept tile maps and threads, is given on a line of its own.
+
         Returns
         -------
         text : str
@@ -575,6 +580,14 @@ class Plan:
             f"estimated peak      {_fmt_bytes(self.peak_bytes)} "
             f"(main {_fmt_bytes(self.memory.parent_bytes)}, "
             f"per worker {_fmt_bytes(self.memory.worker_bytes)} + job)",
+            *(
+                [f"room beyond it      "
+                 f"{_fmt_bytes(self.n_workers * self.spare_worker_bytes)} "
+                 "within the limit (tile files kept mapped between jobs; "
+                 "threads on a spare core)"]
+                if self.spare_worker_bytes > 0
+                else []
+            ),
         ]
         for name, count in self.status_counts().items():
             if name != "PENDING":

@@ -175,6 +175,22 @@ def test_make_plan_aligns_jobs_with_chunks(survey):
     )
 
 
+def test_plan_summary_gives_the_room_beyond_its_estimate(survey):
+    """Test that the summary gives the room the memory limit leaves beyond
+    the estimated peak (which kept tile maps and threads may use), the
+    limit less the estimate, and no such line when the limit leaves none."""
+    from cutana.planner import _fmt_bytes
+
+    roomy = _plan(survey, n_workers=2, parent_bytes=100 * 2**20)
+    room = 2 * roomy.spare_worker_bytes
+    assert room > 0 and abs(roomy.peak_bytes + room - roomy.memory_limit) < 2
+    assert f"room beyond it      {_fmt_bytes(room)} within the limit" in roomy.summary()
+    tight = _plan(survey, n_workers=2, parent_bytes=100 * 2**20,
+                  memory_limit=roomy.peak_bytes)
+    assert tight.spare_worker_bytes == 0 and tight.n_sources == 600
+    assert "room beyond it" not in tight.summary()
+
+
 def test_balanced_jobs_may_use_the_memory_bound_to_align(survey):
     """With several workers jobs aim at a balanced size but may grow to a boundary."""
     plan = _plan(survey, n_workers=2, chunk_rows=25)

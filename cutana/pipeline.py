@@ -781,6 +781,7 @@ def _prepare(
         # Dask cluster's workers watch their own memory
         keep_bytes=plan.spare_worker_bytes // 2 if options.backend != "dask" else 0,
     )
+    plan.beyond_bytes = _beyond_bytes(plan, index, options, settings.keep_bytes)
     path = None
     if isinstance(catalog, (str, os.PathLike)):
         path = os.path.abspath(os.fspath(catalog))
@@ -1744,6 +1745,43 @@ def _overlap_fits(background, plan, options):
         return False
     largest = max((j.est_bytes for j in plan.jobs), default=0)
     return _stretch_fits(background, plan, extra=largest)
+
+
+#: What the helper thread that compresses chunks (`_helper_fits`) holds at
+#: most: its chunks and heap took 15-40 MB in a worker.
+HELPER_HELD_BYTES = 40 * 10**6
+
+
+def _beyond_bytes(plan, index, options, keep_bytes):
+    """Bytes a run's workers may hold beyond the plan's estimated peak.
+
+    Per worker: the local, uncompressed tile files it may keep mapped
+    between jobs (``keep_bytes`` at most), and with a core to spare what
+    its threads hold: a second job (`_overlap_fits`) or a second
+    sub-batch (`_stretch_fits`), and the chunks of the helper that
+    compresses (`_helper_fits`); never more than the plan's
+    `~cutana.planner.Plan.spare_worker_bytes`. The paper workload with
+    one worker: estimated peak 413 MB, and up to 482 MB beyond it (the
+    256 MB tile, a second job of 186 MB and the helper's 40 MB); the run
+    peaked at 588 MB.
+    """
+    files = {
+        (b.path, repr(b.hdu)): int(np.prod(b.shape)) * np.dtype(b.dtype).itemsize
+        for t in index.tiles
+        for b in t.bands
+        if b is not None and not b.compressed and not b.is_remote
+    }
+    maps = min(keep_bytes, sum(files.values()))
+    background = _core_to_spare(options)
+    threads = 0
+    if _overlap_fits(background, plan, options):
+        threads = max((j.est_bytes for j in plan.jobs), default=0)
+    elif _stretch_fits(background, plan):
+        threads = plan.memory.working_bytes
+    if options.format == "zarr" and _helper_fits(background, plan):
+        threads += HELPER_HELD_BYTES
+    per_worker = min(plan.spare_worker_bytes, maps + threads)
+    return int(plan.n_workers * per_worker)
 
 
 def _tile_state(tile):

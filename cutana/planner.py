@@ -439,6 +439,11 @@ class Plan:
     workers_asked : int or None
         The workers asked for, when the memory limit holds only
         ``n_workers`` of them (see `make_plan`); `None` otherwise.
+    beyond_bytes : int
+        Bytes the workers of a run may hold beyond `peak_bytes`, within
+        their `spare_worker_bytes`: tile files kept mapped between jobs and
+        threads on a spare core (set by `cutana.pipeline`, which decides
+        both; 0 here).
 
     Examples
     --------
@@ -477,6 +482,9 @@ class Plan:
     #: the workers asked for, when the memory limit holds fewer (`make_plan`
     #: with ``fit_workers``); not saved
     workers_asked: int | None = field(default=None, compare=False)
+    #: what the workers may hold beyond the estimate (`cutana.pipeline`);
+    #: not saved
+    beyond_bytes: int = field(default=0, compare=False)
 
     @property
     def n_sources(self):
@@ -541,9 +549,8 @@ class Plan:
         """A human-readable summary of the plan and its memory estimate.
 
         The estimate (`peak_bytes`) counts the main process, the idle
-        workers and the largest jobs; the room the limit leaves beyond it
-        (``n_workers`` times `spare_worker_bytes`), which workers may use
-        for kept tile maps and threads, is given on a line of its own.
+        workers and the largest jobs; what the workers may hold beyond it
+        within the limit (`beyond_bytes`) is given on a line of its own.
 
         Returns
         -------
@@ -581,11 +588,10 @@ class Plan:
             f"(main {_fmt_bytes(self.memory.parent_bytes)}, "
             f"per worker {_fmt_bytes(self.memory.worker_bytes)} + job)",
             *(
-                [f"room beyond it      "
-                 f"{_fmt_bytes(self.n_workers * self.spare_worker_bytes)} "
-                 "within the limit (tile files kept mapped between jobs; "
-                 "threads on a spare core)"]
-                if self.spare_worker_bytes > 0
+                [f"beyond it, up to    {_fmt_bytes(self.beyond_bytes)} within the "
+                 "limit (tile files kept mapped between jobs, threads on a "
+                 "spare core)"]
+                if self.beyond_bytes > 0
                 else []
             ),
         ]

@@ -432,6 +432,40 @@ def test_background_writes_only_with_a_core_to_spare(
     assert pipeline._core_to_spare(options) is expected
 
 
+@pytest.mark.parametrize(("cores", "backend"), [
+    (2, "serial"),  # a core to spare: a second job, the helper's chunks
+    (1, "serial"),  # none: the kept tile files only
+    (4, "processes"),  # two workers with cores to spare: second sub-batches
+])
+def test_plan_gives_what_workers_may_hold_beyond_its_estimate(
+    survey, monkeypatch, cores, backend
+):
+    """Test that a plan's `beyond_bytes` is what its workers may hold beyond
+    the estimated peak, by hand: each worker's tile files kept mapped (the
+    survey's images, as astropy reads them), and with a core to spare a
+    second job (a serial Zarr run) or a second sub-batch (worker
+    processes) and the compressing helper's chunks; and that ``cutana
+    plan``'s summary gives it."""
+    from cutana import pipeline
+    from cutana.planner import _fmt_bytes
+
+    monkeypatch.setattr(pipeline, "available_cores", lambda: cores)
+    workers = 2 if backend == "processes" else 1
+    plan = cutana.plan_cutouts(survey.catalogue_path, size=21, backend=backend,
+                               workers=workers, memory_limit="2GB")
+    headers = [_tile_data(p)[2] for p in survey.paths]
+    tiles = sum(h["NAXIS1"] * h["NAXIS2"] * abs(h["BITPIX"]) // 8 for h in headers)
+    assert plan.spare_worker_bytes // 2 > tiles  # all kept
+    threads = {
+        2: max(j.est_bytes for j in plan.jobs) + pipeline.HELPER_HELD_BYTES,
+        1: 0,
+        4: plan.memory.working_bytes + pipeline.HELPER_HELD_BYTES,
+    }[cores]
+    assert plan.beyond_bytes == workers * (tiles + threads)
+    line = f"beyond it, up to    {_fmt_bytes(plan.beyond_bytes)} within"
+    assert line in plan.summary()
+
+
 def _little_to_spare(survey, opts):
     """A memory limit of the plan's own estimate for the survey, and half of
     `HELPER_SPARE_BYTES` to spare."""

@@ -175,20 +175,17 @@ def test_make_plan_aligns_jobs_with_chunks(survey):
     )
 
 
-def test_plan_summary_gives_the_room_beyond_its_estimate(survey):
-    """Test that the summary gives the room the memory limit leaves beyond
-    the estimated peak (which kept tile maps and threads may use), the
-    limit less the estimate, and no such line when the limit leaves none."""
+def test_plan_summary_gives_what_workers_may_hold_beyond_its_estimate(survey):
+    """Test that the summary gives `Plan.beyond_bytes` on a line of its own
+    (`cutana.pipeline` sets it), and no such line when it is 0."""
     from cutana.planner import _fmt_bytes
 
-    roomy = _plan(survey, n_workers=2, parent_bytes=100 * 2**20)
-    room = 2 * roomy.spare_worker_bytes
-    assert room > 0 and abs(roomy.peak_bytes + room - roomy.memory_limit) < 2
-    assert f"room beyond it      {_fmt_bytes(room)} within the limit" in roomy.summary()
-    tight = _plan(survey, n_workers=2, parent_bytes=100 * 2**20,
-                  memory_limit=roomy.peak_bytes)
-    assert tight.spare_worker_bytes == 0 and tight.n_sources == 600
-    assert "room beyond it" not in tight.summary()
+    plan = _plan(survey, n_workers=2, parent_bytes=100 * 2**20)
+    assert plan.beyond_bytes == 0 and "beyond it" not in plan.summary()
+    plan.beyond_bytes = 3 * 10**8
+    assert f"beyond it, up to    {_fmt_bytes(3 * 10**8)} within the limit" in (
+        plan.summary()
+    )
 
 
 def test_balanced_jobs_may_use_the_memory_bound_to_align(survey):

@@ -10,8 +10,10 @@ Three figures are drawn from the ``results`` dictionary of
     (bar chart, logarithmic axis).
 ``scaling.png``
     Cutouts per second against the number of workers, one panel per
-    scenario, with the ideal linear scaling of cutana's one-worker run and
-    the Astropy baseline as a horizontal line.
+    scenario, with cutana's one-worker throughput times the number of
+    workers (linear scaling from one worker, which may itself keep a spare
+    core busy with its writing and stretching threads) and the Astropy
+    baseline as a horizontal line.
 ``memory.png``
     Resident memory of each run's whole process tree over time, one panel
     per scenario (the layout of Figure 2 of the ESA Cutana paper).
@@ -199,7 +201,7 @@ def plot_scaling(results, path):
                     [base * w for w in workers],
                     ":",
                     color=_COLOURS[tool],
-                    label="cutana, ideal",
+                    label="cutana, 1 worker x workers",
                 )
         base = next(
             (r for r in sc["runs"] if r["tool"] == "astropy" and _good(r)), None

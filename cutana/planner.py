@@ -270,9 +270,9 @@ MAX_SOURCES_PER_JOB = 4096
 #: jobs (`cutana.tiles.open_pixels`), mapping a 64 MB band file afresh
 #: costs about 6 ms; bands of up to 16,384 rather than 8,192 sources then
 #: took that survey 8 % less time with 1 or 2 workers at ``--memory-limit
-#: 1GB`` and 12 % less with 2 workers at 600MB (and the same without a
-#: limit, where the tiles stay mapped), for a peak 60-120 MB higher within
-#: the limit. A single tile's jobs keep the smaller cap: their output
+#: 1GB`` (means of three alternating runs) and 12 % less with 2 workers at
+#: 600MB (one run each), and the same without a limit, where the tiles
+#: stay mapped; the peak was 60-120 MB higher, within the limit. A single tile's jobs keep the smaller cap: their output
 #: buffers are fresh memory, slow to touch first on virtual machines.
 MAX_SOURCES_PER_BAND = 4 * MAX_SOURCES_PER_JOB
 #: Jobs per worker the planner aims for, so that the last jobs end together.

@@ -272,8 +272,9 @@ MAX_SOURCES_PER_JOB = 4096
 #: took that survey 8 % less time with 1 or 2 workers at ``--memory-limit
 #: 1GB`` (means of three alternating runs) and 12 % less with 2 workers at
 #: 600MB (one run each), and the same without a limit, where the tiles
-#: stay mapped; the peak was 60-120 MB higher, within the limit. A single tile's jobs keep the smaller cap: their output
-#: buffers are fresh memory, slow to touch first on virtual machines.
+#: stay mapped; the peak was 60-120 MB higher, within the limit. A single
+#: tile's jobs keep the smaller cap: their output buffers are fresh memory,
+#: slow to touch first on virtual machines.
 MAX_SOURCES_PER_BAND = 4 * MAX_SOURCES_PER_JOB
 #: Jobs per worker the planner aims for, so that the last jobs end together.
 JOBS_PER_WORKER = 12

@@ -1747,6 +1747,19 @@ def _overlap_fits(background, plan, options):
     return _stretch_fits(background, plan, extra=largest)
 
 
+def _helpers(plan, options):
+    """What a run's workers do in threads of their own on a spare core:
+    ``(writes, overlap, stretch)``, the `_Writes` of their chunk files
+    (`_core_to_spare`, `_helper_fits`), `_overlap_fits` and `_stretch_fits`.
+    The run (`_Runner`) and its plan's summary (`_beyond_bytes`) ask here."""
+    background = _core_to_spare(options)
+    return (
+        _Writes(background, _helper_fits(background, plan)),
+        _overlap_fits(background, plan, options),
+        _stretch_fits(background, plan),
+    )
+
+
 #: What the helper thread that compresses chunks (`_helper_fits`) holds at
 #: most: its chunks and heap took 15-40 MB in a worker.
 HELPER_HELD_BYTES = 40 * 10**6
@@ -1772,13 +1785,13 @@ def _beyond_bytes(plan, index, options, keep_bytes):
         if b is not None and not b.compressed and not b.is_remote
     }
     maps = min(keep_bytes, sum(files.values()))
-    background = _core_to_spare(options)
+    writes, overlap, stretch = _helpers(plan, options)
     threads = 0
-    if _overlap_fits(background, plan, options):
+    if overlap:
         threads = max((j.est_bytes for j in plan.jobs), default=0)
-    elif _stretch_fits(background, plan):
+    elif stretch:
         threads = plan.memory.working_bytes
-    if options.format == "zarr" and _helper_fits(background, plan):
+    if options.format == "zarr" and writes.helper:
         threads += HELPER_HELD_BYTES
     per_worker = min(plan.spare_worker_bytes, maps + threads)
     return int(plan.n_workers * per_worker)
@@ -1962,10 +1975,7 @@ class _Runner:
         self.files = None
         if self.fmt == "fits":
             self.files = np.full(self.plan.n_rows, None, dtype=object)
-        background = _core_to_spare(prepared.options)
-        self.writes = _Writes(background, _helper_fits(background, self.plan))
-        self.overlap = _overlap_fits(background, self.plan, prepared.options)
-        self.stretch = _stretch_fits(background, self.plan)
+        self.writes, self.overlap, self.stretch = _helpers(self.plan, prepared.options)
         self.repair = None  # a finished run's failed rows to cut again
         # an interrupted run resumed with a tile readable now that it could
         # not read: its output is resumed again once finished (_readable_since)

@@ -413,6 +413,10 @@ def main(args=None):
         parser = build_parser()
         ns = parser.parse_args(argv)
         _setup_logging(ns.verbose)
+        # this process reads the catalogue: what that frees goes back at once
+        from .executor import return_freed_memory
+
+        return_freed_memory()
         return _checked_command(ns, parser)
     except (KeyboardInterrupt, _Terminated) as exc:
         return _stopped(ns, exc)

@@ -345,11 +345,11 @@ def return_freed_memory(block_bytes=MAIN_HEAP_RETURN_BYTES):
     block is freed, after which blocks of a few MB come from the heap and,
     freed between others, stay in the process. Reading a large catalogue
     allocates and frees many such blocks (astropy's tokenizer and columns,
-    part by part): with 2,000,000 rows the main process peaked at 599 MB,
-    and at 452 MB with both thresholds fixed at 1 MiB (read in 5.0 s
-    instead of 5.7 s). The ``cutana`` command calls this once, first thing;
-    a ``serial`` run then turns to `keep_freed_memory` when it starts
-    cutting.
+    part by part): reading an ESA Cutana-style catalogue of 2,000,000 rows
+    peaked at 603-608 MB, and at 451-452 MB with both thresholds fixed at
+    1 MiB, in about the same time. The ``cutana`` command calls this once,
+    before its work; a ``serial`` run then turns to `keep_freed_memory`
+    when it starts cutting.
 
     Parameters
     ----------

@@ -2019,7 +2019,10 @@ class TilePixels:
         The 2-D image, raw: a memory-mapped `~numpy.ndarray` in the file's
         byte order for local uncompressed files; an astropy ``section``
         (decompressing or downloading only what is sliced) for compressed
-        or remote files.
+        or remote files. A 64-bit integer image with ``BLANK`` or stored as
+        unsigned (``BZERO`` 2**63) gives astropy's physical values in
+        float64 for what is sliced instead (see `_Int64Physical`), with
+        ``bscale`` 1, ``bzero`` 0 and no ``blank``.
     bscale, bzero : float
         ``BSCALE`` and ``BZERO`` of the header (1 and 0 if absent). The
         physical value is ``data * bscale + bzero``; nothing is applied.
@@ -2053,6 +2056,9 @@ class TilePixels:
 
     def __init__(self, band, data, bscale, bzero, blank, hdul, kept=False):
         self.band = band
+        if _Int64Physical.needed(data, bscale, bzero, blank):
+            data = _Int64Physical(data, bscale, bzero, blank)
+            bscale, bzero, blank = 1.0, 0.0, None
         self.data = data
         self.bscale = bscale
         self.bzero = bzero
@@ -2078,6 +2084,56 @@ class TilePixels:
     def __exit__(self, *exc):
         self.close()
         return False
+
+
+class _Int64Physical:
+    """The physical values of a 64-bit integer image, as astropy reads them.
+
+    Beyond 2**53 a float64 cannot hold every int64, so `TilePixels`' raw
+    values with ``BSCALE``/``BZERO``/``BLANK`` applied in floats, as for other
+    images, are not astropy's here: a pseudo-unsigned image (``BZERO``
+    2**63) lost its small values (stored near -2**63, rounded before the
+    offset: 50 became 0), and stored values that round to ``BLANK`` became
+    NaN. astropy offsets pseudo-unsigned values in integers, and compares
+    ``BLANK`` with the stored integers. A slice of this object does the
+    same and gives float64 (what such images are cut in): a part of the
+    image is read and converted at a time, as for a compressed tile.
+    """
+
+    dtype = np.dtype(np.float64)
+
+    def __init__(self, raw, bscale, bzero, blank):
+        self.base = raw  # (`mmap_of` finds the mapping behind it)
+        self.shape = tuple(raw.shape)
+        self.ndim = len(self.shape)
+        self._unsigned = bscale == 1.0 and bzero == 2.0**63
+        self._bscale, self._bzero, self._blank = bscale, bzero, blank
+
+    @staticmethod
+    def needed(raw, bscale, bzero, blank):
+        """Whether the raw image ``raw`` needs it (else it is cut as is)."""
+        dtype = np.dtype(raw.dtype)
+        if dtype.kind != "i" or dtype.itemsize != 8:
+            return False
+        return blank is not None or (bscale == 1.0 and bzero == 2.0**63)
+
+    def __array__(self, dtype=None, copy=None):
+        values = self[...]
+        return values if dtype is None else values.astype(dtype, copy=False)
+
+    def __getitem__(self, key):
+        raw = np.asarray(self.base[key]).astype(np.int64)
+        if self._unsigned:
+            # stored + 2**63 modulo 2**64: the sign bit flipped
+            return (raw.view(np.uint64) ^ np.uint64(2**63)).astype(np.float64)
+        values = raw.astype(np.float64)
+        if self._bscale != 1.0:
+            values *= self._bscale
+        if self._bzero != 0.0:
+            values += self._bzero
+        if self._blank is not None:
+            values[raw == self._blank] = np.nan
+        return values
 
 
 def _nan_blank(blank, dtype, bscale, bzero):

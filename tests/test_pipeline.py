@@ -2055,6 +2055,55 @@ def test_integer_tiles_are_scaled_as_astropy_reads_them(tmp_path, bscale, bzero)
         np.testing.assert_array_equal(cutana.open(out).images[:, 0], expect)
 
 
+@pytest.mark.parametrize(
+    "keywords",
+    [{"BLANK": -(2**63)}, {"BZERO": 2**63, "BLANK": -(2**63) + 3}],
+    ids=["blank", "unsigned"],
+)
+def test_64_bit_integer_tiles_are_read_as_astropy_reads_them(tmp_path, keywords):
+    """Test that int64 tiles whose stored values lie beyond 2**53 are cut as
+    astropy reads them: stored values next to BLANK stay values (in floats
+    they rounded to BLANK and became NaN), and small values of a
+    pseudo-unsigned tile stay themselves (stored near -2**63, they rounded
+    to multiples of 1024 before the offset); unresampled and resampled."""
+    from cutana import BatchCutout2D
+
+    low = -(2**63)
+    raw = np.random.default_rng(8).integers(0, 5000, (40, 40)) + low
+    raw[10:14, 10:14] = low  # BLANK of the first tile; 0 of the second
+    header = fits.Header()
+    header["CTYPE1"], header["CTYPE2"] = "RA---TAN", "DEC--TAN"
+    header["CRVAL1"], header["CRVAL2"] = 150.0, 2.0
+    header["CRPIX1"], header["CRPIX2"] = 20.5, 20.5
+    header["CDELT1"], header["CDELT2"] = -0.1 / 3600, 0.1 / 3600
+    tile = tmp_path / "tile.fits"
+    fits.PrimaryHDU(raw.astype(">i8"), header).writeto(tile)
+    with fits.open(tile, mode="update", do_not_scale_image_data=True) as hdul:
+        hdul[0].header.update(keywords)
+    data = fits.getdata(tile).astype(np.float64)  # astropy's values
+    assert np.isnan(data).sum() == (16 if "BZERO" not in keywords else 0)
+    wcs = WCS(fits.getheader(tile))
+    pix = np.array([[12.0, 11.0], [20.3, 25.6], [1.0, 38.5]])
+    ra, dec = wcs.all_pix2world(pix, 0).T
+    cat = tmp_path / "cat.csv"
+    cat.write_text("SourceID,RA,Dec\n" + "".join(
+        f"s{k},{float(ra[k])!r},{float(dec[k])!r}\n" for k in range(len(ra))))
+    positions = SkyCoord(ra, dec, unit="deg")
+
+    plain = tmp_path / "plain.zarr"
+    cutana.make_cutouts(cat, plain, tiles=[str(tile)], size=7, progress=False)
+    got = cutana.open(plain).images[:, 0]
+    for k in range(len(ra)):
+        ref = AstropyCutout2D(data, positions[k], 7, wcs=wcs, mode="partial",
+                              fill_value=np.nan).data
+        np.testing.assert_array_equal(got[k], ref.astype(np.float32))
+    resampled = tmp_path / "bilinear.zarr"
+    cutana.make_cutouts(cat, resampled, tiles=[str(tile)], size=7, target_size=9,
+                        progress=False)
+    expect = BatchCutout2D(data, positions, 7, wcs=wcs, mode="partial").resample(9)
+    np.testing.assert_array_equal(cutana.open(resampled).images[:, 0], expect)
+
+
 def test_file_lists_are_ignored_with_tiles(survey, tmp_path):
     """Test that with --tiles the catalogue's file-list column is neither
     used nor checked (empty or invalid cells do not make bad rows, and

@@ -1252,6 +1252,11 @@ def test_open_pixels_maps_known_files_again_without_headers(tmp_path, monkeypatc
         (">i4", {"BLANK": 7, "BSCALE": 2.5}),
         ("u1", {"BLANK": 0}),  # astropy ignores a BLANK of 0
         ("u1", {"BLANK": 255}),
+        # beyond 2**53: stored values next to BLANK, and small unsigned ones
+        # stored near -2**63 (in floats they rounded to BLANK and to 0)
+        (">i8", {"BLANK": -(2**63)}),
+        (">i8", {"BLANK": 2**62 + 3, "BSCALE": 0.5, "BZERO": 7.0}),
+        (">i8", {"BZERO": 2**63}),  # pseudo-unsigned: BLANK not applied
     ],
 )
 def test_pixels_are_read_as_astropy_scales_them(tmp_path, dtype, keywords):
@@ -1260,6 +1265,10 @@ def test_pixels_are_read_as_astropy_scales_them(tmp_path, dtype, keywords):
     from cutana.resample import Resampler
 
     raw = np.random.default_rng(2).integers(0, 120, (6, 7)).astype(dtype)
+    if np.dtype(dtype).itemsize == 8:
+        keywords = {"BLANK": -(2**63) + 5, **keywords}  # (ignored if unsigned)
+        low = -(2**63) if "BZERO" in keywords else max(keywords["BLANK"] - 60, -(2**63))
+        raw = (raw.astype(np.int64) + np.int64(low)).astype(dtype)
     raw[1, 2:5] = keywords["BLANK"]
     path = tmp_path / "t.fits"
     fits.PrimaryHDU(raw, _wcs((150.0, 2.0), raw.shape).to_header()).writeto(path)

@@ -2003,6 +2003,19 @@ def _blank_tile(path, bscale, bzero):
     return header
 
 
+def _cut_as_cutout2d(tmp_path, cat, tile, data, positions, size, wcs):
+    """Cut ``cat`` from ``tile`` unresampled, assert that every cutout
+    equals astropy's Cutout2D of ``data`` (as float32), and return them."""
+    plain = tmp_path / "plain.zarr"
+    cutana.make_cutouts(cat, plain, tiles=[str(tile)], size=size, progress=False)
+    got = cutana.open(plain).images[:, 0]
+    for k in range(len(positions)):
+        ref = AstropyCutout2D(data, positions[k], size, wcs=wcs, mode="partial",
+                              fill_value=np.nan).data
+        np.testing.assert_array_equal(got[k], ref.astype(np.float32))
+    return got
+
+
 @pytest.mark.parametrize(
     ("bscale", "bzero"), [(1.0, 0.0), (0.01, 100.0), (1.0, 32768.0)]
 )
@@ -2031,13 +2044,7 @@ def test_integer_tiles_are_scaled_as_astropy_reads_them(tmp_path, bscale, bzero)
     positions = SkyCoord(ra, dec, unit="deg")
     data = data.astype(np.float32)  # exact; Cutout2D fills NaN in floats only
 
-    plain = tmp_path / "plain.zarr"
-    cutana.make_cutouts(cat, plain, tiles=[str(tile)], size=9, progress=False)
-    got = cutana.open(plain).images[:, 0]
-    for k in range(len(ra)):
-        ref = AstropyCutout2D(data, positions[k], 9, wcs=wcs, mode="partial",
-                              fill_value=np.nan).data
-        np.testing.assert_array_equal(got[k], ref)
+    got = _cut_as_cutout2d(tmp_path, cat, tile, data, positions, 9, wcs)
     assert np.isnan(got[0]).sum() == (0 if unsigned else 72)
 
     factor = flux_factor(24.0)
@@ -2090,13 +2097,7 @@ def test_64_bit_integer_tiles_are_read_as_astropy_reads_them(tmp_path, keywords)
         f"s{k},{float(ra[k])!r},{float(dec[k])!r}\n" for k in range(len(ra))))
     positions = SkyCoord(ra, dec, unit="deg")
 
-    plain = tmp_path / "plain.zarr"
-    cutana.make_cutouts(cat, plain, tiles=[str(tile)], size=7, progress=False)
-    got = cutana.open(plain).images[:, 0]
-    for k in range(len(ra)):
-        ref = AstropyCutout2D(data, positions[k], 7, wcs=wcs, mode="partial",
-                              fill_value=np.nan).data
-        np.testing.assert_array_equal(got[k], ref.astype(np.float32))
+    _cut_as_cutout2d(tmp_path, cat, tile, data, positions, 7, wcs)
     resampled = tmp_path / "bilinear.zarr"
     cutana.make_cutouts(cat, resampled, tiles=[str(tile)], size=7, target_size=9,
                         progress=False)

@@ -225,6 +225,20 @@ class _Pending:
     attempts: int = 0
     errors: list = field(default_factory=list)
     solo: bool = False  # run alone: it was in flight when a worker died
+    handed: bool = False  # its result went to ``on_done``
+
+
+def _record_completed(pending, future, on_done):
+    """Hand the result of a serial task completed while the run stopped to
+    ``on_done`` (its tasks to follow are not run); a failure is left to the
+    resumed run, which cuts the task again."""
+    if future.cancelled() or future.exception() is not None:
+        return
+    pending.handed = True
+    try:
+        on_done(pending.task, future.result())
+    except Exception as exc:  # noqa: BLE001 - the stop goes on; resume cuts it
+        logger.debug("recording a task completed while stopping failed: %s", exc)
 
 
 @dataclass
@@ -894,9 +908,14 @@ class Executor:
                     behind = (pending, outcome)
                 else:
                     self._hand_on(func, pending, outcome, queue, on_done, failed)
-        finally:
-            # (an error or a stop): what is still being completed ends first
+        except BaseException:
+            # (an error or a stop): what is still being completed ends first,
+            # and a task completed behind is recorded, so that a resumed run
+            # does not cut it again (its chunks are written by then)
             wait([f for f in (outcome, behind and behind[1]) if isinstance(f, Future)])
+            if behind is not None and not behind[0].handed:
+                _record_completed(*behind, on_done)
+            raise
 
     def _hand_on(self, func, pending, outcome, queue, on_done, failed):
         """Hand a serial task's result (``outcome``: a value, a `Future` or
@@ -923,6 +942,7 @@ class Executor:
                     continue
                 queue.extend(_Pending(t) for t in failed(pending))
                 return
+            pending.handed = True
             queue.extend(_Pending(t) for t in (on_done(pending.task, result) or ()))
             return
 

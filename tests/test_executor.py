@@ -188,7 +188,8 @@ def test_a_future_that_fails_is_retried_then_reported(fails):
 def test_a_stop_waits_for_the_futures_in_flight(where):
     """A Ctrl-C in the next task, or in handing on the earlier result while
     the next one is being completed, leaves the run only once every Future
-    in flight is complete."""
+    in flight is complete; an earlier task completed by then is handed on
+    (its output is written: a resumed run need not cut it again), once."""
     import threading
     import time
     from concurrent.futures import ThreadPoolExecutor
@@ -221,7 +222,44 @@ def test_a_stop_waits_for_the_futures_in_flight(where):
     finally:
         pool.shutdown()
     assert done == {1: True, 2: where == "on_done"}
-    assert seen == []
+    assert seen == ([1] if where == "task" else [])
+
+
+def test_a_stop_while_waiting_for_a_result_hands_it_on_once_complete():
+    """A Ctrl-C while the run waits for a serial task's Future (its chunks
+    being written by a thread) leaves the run once the Future is complete,
+    with its result handed on; a Future that fails is not."""
+    import threading
+    from concurrent.futures import Future
+
+    class Interrupted(Future):
+        """A Future whose first wait for its result is interrupted."""
+
+        waited = False
+
+        def result(self, timeout=None):
+            if not self.waited:
+                self.waited = True
+                raise KeyboardInterrupt
+            return super().result(timeout)
+
+    def func(task):
+        future = Interrupted()
+
+        def complete():
+            if task == "bad":
+                future.set_exception(OSError("disk"))
+            else:
+                future.set_result(task.upper())
+
+        threading.Timer(0.1, complete).start()
+        return future
+
+    for task, expect in (("a", [("a", "A")]), ("bad", [])):
+        seen = []
+        with pytest.raises(KeyboardInterrupt):
+            Executor("serial").run(func, [task], on_done=lambda t, r: seen.append((t, r)))
+        assert seen == expect
 
 
 def test_memory_budget_limits_tasks_in_flight(tmp_path):

@@ -10,6 +10,7 @@ module; this one only validates the options at the boundary and wires the
 steps together.
 """
 
+import contextlib
 import dataclasses
 import difflib
 import errno
@@ -1522,6 +1523,7 @@ def make_cutouts(
     if os.path.exists(output) and not os.path.isdir(output):
         msg = f"output {output!r} exists and is not a folder"
         raise ConfigError(msg)
+    _check_can_make(output)
     if exists and not (resume or overwrite):
         msg = (
             f"output {output!r} already exists: pass --resume to finish it or "
@@ -1600,6 +1602,29 @@ def make_cutouts(
         )
         return _joined(report, again)
     return report
+
+
+def _check_can_make(output):
+    """Raise `ConfigError` now, before the catalogue is read, if the folder
+    ``output`` does not exist and cannot be made (a file on its path, a
+    read-only or virtual file system, no permission): made, then removed
+    again, with the folders above it that did not exist."""
+    made = []
+    path = os.path.abspath(output)
+    while not os.path.exists(path):
+        made.append(path)
+        path = os.path.dirname(path)
+    try:
+        for folder in reversed(made):
+            os.mkdir(folder)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        msg = f"output {output!r} cannot be made: {reason} ({exc.filename!r})"
+        raise ConfigError(msg) from None
+    finally:
+        for folder in made:
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
 
 
 def _joined(first, then):

@@ -267,6 +267,24 @@ def test_missing_catalogue_exit_two(tmp_path, capsys):
     assert "nope.csv" in capsys.readouterr().err
 
 
+def test_an_output_that_cannot_be_made_exits_two(survey, tmp_path, capsys):
+    """Test that an output folder that cannot be made (here: under a file)
+    is a usage error found before anything is read, naming the path, and
+    that a nested output that can be made is made."""
+    (tmp_path / "afile").write_text("")
+    code = main(["run", survey.catalogue_path, "-o", str(tmp_path / "afile" / "sub" / "o"),
+                 "--size", "9", "--no-progress"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "cannot be made: Not a directory" in err
+    assert "afile" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+    nested = tmp_path / "new" / "deeper" / "out"
+    assert main(["run", survey.catalogue_path, "-o", str(nested), "--size", "9",
+                 "--no-progress"]) == 0
+    assert len(cutana.open(nested)) == 40
+
+
 def test_config_file_equivalent_to_flags(survey, tmp_path):
     """Test that a TOML config gives the same output as the same flags."""
     cfg = tmp_path / "run.toml"

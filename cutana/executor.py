@@ -146,7 +146,7 @@ def start_forkserver(preload=()):
     """
     if os.name != "posix":
         return
-    from multiprocessing import forkserver
+    from multiprocessing import forkserver, resource_tracker
 
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(list(preload))
@@ -159,9 +159,20 @@ def start_forkserver(preload=()):
     env.update(_server_import_path())
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
+    # the server starts with SIGINT blocked (as multiprocessing starts its
+    # resource tracker): a Ctrl-C while it imports its site packages, before
+    # it preloads `cutana._ignore_sigint`, ended it with a traceback of its
+    # own beside the run's one line; one here is delivered once unblocked
+    # (the resource tracker first: starting it unblocks SIGINT again)
+    resource_tracker.ensure_running()
+    mask = None
+    if hasattr(signal, "pthread_sigmask"):
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         forkserver.ensure_running()
     finally:
+        if mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)

@@ -736,6 +736,34 @@ def test_workers_leave_when_their_parent_is_a_zombie():
         parent.wait()
 
 
+_SERVER_SIGNALS = """
+import signal
+from multiprocessing import forkserver
+from cutana.executor import start_forkserver
+start_forkserver(())
+with open(f"/proc/{forkserver._forkserver._forkserver_pid}/status") as f:
+    blocked = int(f.read().split("SigBlk:")[1].split()[0], 16)
+print(bool(blocked & 1 << (signal.SIGINT - 1)), sorted(signal.pthread_sigmask(signal.SIG_BLOCK, ())))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="Linux /proc")
+def test_the_worker_server_starts_with_sigint_blocked():
+    """Test that `start_forkserver` starts the worker server with SIGINT
+    blocked (a Ctrl-C while it imported its site packages ended it with a
+    traceback), after the resource tracker (whose start unblocks it), and
+    leaves the caller's signal mask as it was."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    out = subprocess.run([sys.executable, "-c", _SERVER_SIGNALS], env=env,
+                         capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.split() == ["True", "[]"]
+
+
 def test_failed_warm_up_is_quiet_and_leaves_no_pool(monkeypatch):
     """A warm-up whose pool cannot be made (its worker server killed by a
     SIGTERM to the group, say) prints no thread traceback; `run` makes its

@@ -845,6 +845,34 @@ def test_existing_output_refused_then_overwritten(survey, tmp_path):
     assert report.exit_code == 0
 
 
+def test_overwrite_replaces_an_output_of_the_other_format(survey, tmp_path):
+    """Test that --overwrite replaces a cutana output of the other format
+    (a Zarr store by FITS files and back; both were refused as not cutana
+    outputs), needs --overwrite to, and refuses a FITS output folder that
+    holds files cutana did not write, without removing anything."""
+    out = tmp_path / "o"
+    cutana.make_cutouts(survey.catalogue_path, out, size=15, progress=False)
+    n_rows, n_bands = cutana.open(out).images.shape[:2]
+    with pytest.raises(ConfigError, match="already exists"):
+        cutana.make_cutouts(survey.catalogue_path, out, size=15, format="fits",
+                            progress=False)
+    cutana.make_cutouts(survey.catalogue_path, out, size=15, format="fits",
+                        overwrite=True, progress=False)
+    index = cutana.open(out)
+    assert not (out / "zarr.json").exists() and len(index) == n_rows
+    files = sorted(p.name for p in out.iterdir())
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match=r"files cutana did not write \(notes\.txt\)"):
+        cutana.make_cutouts(survey.catalogue_path, out, size=15, overwrite=True,
+                            progress=False)
+    assert sorted(p.name for p in out.iterdir()) == sorted([*files, "notes.txt"])
+    (out / "notes.txt").unlink()
+    cutana.make_cutouts(survey.catalogue_path, out, size=17, overwrite=True,
+                        progress=False)
+    assert cutana.open(out).images.shape == (n_rows, n_bands, 17, 17)
+    assert not any(p.name.endswith(".fits") for p in out.iterdir())
+
+
 def test_iter_cutouts_warns_of_rows_of_unreadable_tiles(survey, tmp_path):
     """Test that `iter_cutouts` warns of the rows it does not yield because
     their tile cannot be read (make_cutouts gives them TILE_ERROR and exit

@@ -624,7 +624,10 @@ class FitsWriter:
             previous = os.path.exists(
                 os.path.join(out_dir, INDEX_NAME)
             ) or os.path.isdir(state_dir(out_dir))
-            if not previous:
+            from .zarr import _is_store, _remove_output
+
+            store = not previous and _is_store(out_dir)  # a Zarr output's
+            if not (previous or store):
                 msg = (
                     f"output folder {out_dir} is not empty and holds no cutana output; "
                     "choose a new or empty folder"
@@ -637,7 +640,10 @@ class FitsWriter:
                     "to replace it, or resume the run that made it (--resume)"
                 )
                 raise FileExistsError(msg)
-            _remove_fits_output(out_dir)
+            if store:
+                _remove_output(out_dir)
+            else:
+                _remove_fits_output(out_dir)
         os.makedirs(out_dir, exist_ok=True)
         return cls(out_dir, bands)
 
@@ -848,6 +854,17 @@ def _cutana_version():
     from .. import __version__
 
     return str(__version__)
+
+
+def _fits_output_others(out_dir):
+    """The names in ``out_dir`` that a FITS output of cutana does not hold
+    (beside its FITS files), or `None` if it holds none (no index or
+    bookkeeping)."""
+    names = set(os.listdir(out_dir))
+    if INDEX_NAME not in names and not os.path.isdir(state_dir(out_dir)):
+        return None
+    names -= {INDEX_NAME, os.path.basename(state_dir(out_dir))}
+    return {n for n in names if not n.lower().endswith(".fits")}
 
 
 def _remove_fits_output(out_dir):

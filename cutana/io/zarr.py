@@ -405,11 +405,26 @@ def _remove_output(path):
         name != STATE_DIRNAME and not _is_creation_leftover(name)
         for name in os.listdir(path)
     ):
-        msg = (
-            f"output {path} exists and is not a Zarr store; refusing to delete it "
-            "with overwrite=True (choose another output path)"
-        )
-        raise FileExistsError(msg)
+        from .fits import _fits_output_others, _remove_fits_output
+
+        others = _fits_output_others(path)
+        if others is None or others:
+            what = "is not a Zarr store" if others is None else (
+                f"holds a cutana FITS output and files cutana did not write "
+                f"({', '.join(sorted(others)[:3])})"
+            )
+            msg = (
+                f"output {path} exists and {what}; refusing to delete it with "
+                "overwrite=True (choose another output path)"
+            )
+            raise FileExistsError(msg)
+        _remove_fits_output(path)  # (a FITS file it kept is not cutana's)
+        if os.listdir(path):
+            msg = (
+                f"output {path} held FITS files cutana did not write beside its "
+                f"FITS output, which was removed: {', '.join(sorted(os.listdir(path))[:3])}"
+            )
+            raise FileExistsError(msg)
     shutil.rmtree(path)
 
 

@@ -53,13 +53,16 @@ from .io import (
     ZarrWriter,
     choose_chunk_rows,
     clean_staging,
+    cutout_status,
     extension_names,
     fits_filenames,
+    list_staged,
     load_staged,
     open_output,
     remove_run_state,
     remove_staged,
     stage_job,
+    staged_receipt,
     state_dir,
     write_index,
 )
@@ -1991,6 +1994,8 @@ class _Runner:
         self.n_cut = 0
         self.checksums = {}
         self.done_jobs = set()
+        self.trimmed = {}  # job id -> the job's rows still to cut (a resumed run)
+        self.file_names = None  # (a FITS output's, once derived)
         self._bar = None
         self.already_complete = False
         self.staged_rows = {}
@@ -2124,6 +2129,7 @@ class _Runner:
             self.ledger = Ledger(self.output)
             needed = self._jobs_needed()
             self.done_jobs = state.verified_jobs(self.output, needed)
+            self._keep_unrecorded_jobs(state, needed)
             present = None if self.fmt == "zarr" else set(os.listdir(self.output))
             for job_id in sorted(self.done_jobs):
                 done = load_staged(self.output, job_id, mmap=True)
@@ -2136,6 +2142,8 @@ class _Runner:
                     continue
                 self._record(done.rows, done.status, done.messages, files)
                 self.staged_rows[job_id] = np.asarray(done.rows)
+            if present is not None:
+                self._keep_present_files(present)
             # jobs whose rows are all in written chunks are done too
             self.done_jobs |= set(range(len(plan.jobs))) - set(needed)
             return
@@ -2148,6 +2156,49 @@ class _Runner:
         _save_tiles(self.output, self.p.index)
         self.ledger = Ledger(self.output)
         self.ledger.run_started(fingerprint)
+
+    def _keep_unrecorded_jobs(self, state, needed):
+        """Record and keep the jobs that the interrupted run's workers
+        staged but that it was stopped before recording (`staged_receipt`):
+        their FITS files or staged rows are complete, and cutting them again
+        rewrote files already there (a run killed at 2,876 of 2,910 FITS
+        files rewrote 984 of them)."""
+        recorded = set(state.jobs)
+        for job_id in sorted(set(list_staged(self.output)) & set(needed) - recorded):
+            receipt = staged_receipt(self.output, job_id)
+            if receipt is None:
+                continue
+            rows = load_staged(self.output, job_id, mmap=True).rows
+            if not np.isin(rows, self.plan.jobs[job_id].rows).all():
+                continue  # (not this plan's job: cut again)
+            self.ledger.job_staged(receipt)
+            self.done_jobs.add(job_id)
+
+    def _keep_present_files(self, present):
+        """Keep the FITS files (names in ``present``) of the rows that no
+        recorded or staged job accounts for: a file under its final name is
+        complete (`FitsWriter.write_sources` renames a job's files into place
+        once all are on disk), and one whose header names its row is the
+        row's. Its status is read from its header, and its job is cut for
+        its other rows only (`trimmed`): a run killed while its workers
+        renamed a job's files into place, or before it recorded the job, had
+        those files written again (1,017 of 2,910)."""
+        self.file_names = fits_filenames(self.p.catalog.source_id)
+        for job in self.plan.jobs:
+            todo = self.status[job.rows] == Status.PENDING
+            for row in job.rows[todo]:
+                name = str(self.file_names[row])
+                if name in present:
+                    status = cutout_status(os.path.join(self.output, name), row)
+                    if status is not None:
+                        self._record([row], [status], {}, [name])
+            left = self.status[job.rows] == Status.PENDING
+            if not left.any():
+                self.done_jobs.add(job.job_id)
+                continue
+            self.done_jobs.discard(job.job_id)
+            if not left.all():
+                self.trimmed[job.job_id] = job.subset(left)
 
     def drop_catalogue_columns(self):
         """Free the catalogue's per-row columns once a Zarr store holds them.
@@ -2332,7 +2383,7 @@ class _Runner:
             return
         plan = self.plan
         cat = self.p.catalog
-        if self.fmt == "fits":
+        if self.fmt == "fits" and self.file_names is None:
             self.file_names = fits_filenames(cat.source_id)
         bands = tuple(self.p.index.bands)
         group_of = {}
@@ -2345,6 +2396,7 @@ class _Runner:
         for job in plan.jobs:
             if job.job_id in self.done_jobs:
                 continue
+            job = self.trimmed.get(job.job_id, job)
             task = _CutTask(
                 settings=self.p.settings,
                 tile=self.p.index.tiles[job.tile],

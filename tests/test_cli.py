@@ -272,8 +272,9 @@ def test_an_output_that_cannot_be_made_exits_two(survey, tmp_path, capsys):
     is a usage error found before anything is read, naming the path, and
     that a nested output that can be made is made."""
     (tmp_path / "afile").write_text("")
-    code = main(["run", survey.catalogue_path, "-o", str(tmp_path / "afile" / "sub" / "o"),
-                 "--size", "9", "--no-progress"])
+    below = tmp_path / "afile" / "sub" / "o"
+    code = main(["run", survey.catalogue_path, "-o", str(below), "--size", "9",
+                 "--no-progress"])
     assert code == 2
     err = capsys.readouterr().err
     assert "cannot be made: Not a directory" in err

@@ -258,7 +258,9 @@ def test_a_stop_while_waiting_for_a_result_hands_it_on_once_complete():
     for task, expect in (("a", [("a", "A")]), ("bad", [])):
         seen = []
         with pytest.raises(KeyboardInterrupt):
-            Executor("serial").run(func, [task], on_done=lambda t, r: seen.append((t, r)))
+            Executor("serial").run(
+                func, [task], on_done=lambda t, r, s=seen: s.append((t, r))
+            )
         assert seen == expect
 
 
@@ -743,7 +745,8 @@ from cutana.executor import start_forkserver
 start_forkserver(())
 with open(f"/proc/{forkserver._forkserver._forkserver_pid}/status") as f:
     blocked = int(f.read().split("SigBlk:")[1].split()[0], 16)
-print(bool(blocked & 1 << (signal.SIGINT - 1)), sorted(signal.pthread_sigmask(signal.SIG_BLOCK, ())))
+mask = signal.pthread_sigmask(signal.SIG_BLOCK, ())
+print(bool(blocked & 1 << (signal.SIGINT - 1)), sorted(mask))
 """
 
 

@@ -902,27 +902,32 @@ def test_iter_cutouts_warns_of_rows_of_unreadable_tiles(survey, tmp_path):
     assert not np.isin(failed, rows).any()
 
 
-def test_resume_after_interruption_is_byte_identical(survey, zarr_run, tmp_path, monkeypatch):
-    """Test that a run interrupted mid-way and resumed equals an uninterrupted run."""
+def _stop_at_the_fourth_result(monkeypatch):
+    """Make a run stop (KeyboardInterrupt) as it is handed its 4th result."""
     from cutana import pipeline
 
-    clean, _ = zarr_run
-    out = tmp_path / "r.zarr"
     calls = {"n": 0}
     original = pipeline._Runner._on_done
 
     def crashing(self, task, result):
         calls["n"] += 1
         if calls["n"] == 4:
-            raise KeyboardInterrupt  # simulate the process dying after 3 results
+            raise KeyboardInterrupt
         return original(self, task, result)
 
     monkeypatch.setattr(pipeline._Runner, "_on_done", crashing)
+
+
+def test_resume_after_interruption_is_byte_identical(survey, zarr_run, tmp_path, monkeypatch):
+    """Test that a run interrupted mid-way and resumed equals an uninterrupted run."""
+    clean, _ = zarr_run
+    out = tmp_path / "r.zarr"
+    _stop_at_the_fourth_result(monkeypatch)  # (as if the process died after 3)
     with pytest.raises(KeyboardInterrupt):
         cutana.make_cutouts(
             survey.catalogue_path, out, size=21, max_sources_per_job=5, progress=False
         )
-    monkeypatch.setattr(pipeline._Runner, "_on_done", original)
+    monkeypatch.undo()
     with pytest.raises(ConfigError, match="already exists"):
         cutana.make_cutouts(survey.catalogue_path, out, size=21, progress=False)
     # other output options are refused, naming them
@@ -937,6 +942,48 @@ def test_resume_after_interruption_is_byte_identical(survey, zarr_run, tmp_path,
     )
     assert report.exit_code == 0
     assert files_bytes(clean) == files_bytes(out)
+
+
+@pytest.mark.parametrize("staged", [True, False])
+def test_resume_keeps_the_fits_files_of_jobs_not_recorded(survey, tmp_path, monkeypatch,
+                                                          staged):
+    """Test that a FITS run stopped after a job's files were written, but
+    before the run recorded the job (staged or not yet), is resumed without
+    writing those files again (same inode and time): their rows keep them,
+    with the status of their headers, and only the rest is cut, also a file
+    of that job removed since; the result equals an uninterrupted run."""
+    import json
+
+    opts = dict(size=21, format="fits", max_sources_per_job=5, progress=False)
+    clean = tmp_path / "clean"
+    cutana.make_cutouts(survey.catalogue_path, clean, **opts)
+    out = tmp_path / "r"
+    _stop_at_the_fourth_result(monkeypatch)  # its job's files written, not recorded
+    with pytest.raises(KeyboardInterrupt):
+        cutana.make_cutouts(survey.catalogue_path, out, **opts)
+    monkeypatch.undo()
+    text = (out / ".cutana" / "ledger.jsonl").read_text()
+    events = [json.loads(line) for line in text.splitlines()]
+    recorded = {e["job_id"] for e in events if e["event"] == "job_staged"}
+    unrecorded = [p for p in (out / ".cutana" / "staging").iterdir()
+                  if int(p.name.split("-")[1]) not in recorded]
+    assert len(unrecorded) == 1
+    job_rows = np.load(unrecorded[0] / "rows.npy")
+    if not staged:  # (stopped before staging it)
+        import shutil
+
+        shutil.rmtree(unrecorded[0])
+    archive = cutana.open(clean)
+    index = dict(zip(archive.rows.tolist(), archive.files.tolist(), strict=True))
+    theirs = [out / index[r] for r in job_rows.tolist() if index[r]]
+    assert len(theirs) >= 2 and all(p.exists() for p in theirs)
+    theirs[0].unlink()
+    before = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("*.fits")}
+    assert set(theirs[1:]) <= set(before)
+    cutana.make_cutouts(survey.catalogue_path, out, resume=True, **opts)
+    assert files_bytes(clean) == files_bytes(out)
+    for path, (ino, mtime) in before.items():
+        assert (path.stat().st_ino, path.stat().st_mtime_ns) == (ino, mtime), path.name
 
 
 def _survey_without_a_band_file(survey, tmp_path):

@@ -47,6 +47,7 @@ __all__ = [
     "FitsWriter",
     "INDEX_NAME",
     "IndexColumns",
+    "cutout_status",
     "extension_names",
     "fits_filenames",
     "read_index",
@@ -854,6 +855,50 @@ def _cutana_version():
     from .. import __version__
 
     return str(__version__)
+
+
+def cutout_status(path, row):
+    """The status that a cutout file of a FITS output gives its row.
+
+    Parameters
+    ----------
+    path : str or path-like
+        A file `FitsWriter.write_sources` wrote.
+    row : int
+        The catalogue row the file is expected to hold.
+
+    Returns
+    -------
+    status : int or None
+        ``STATUS`` of the primary header (`~cutana.Status.OK` or
+        `~cutana.Status.PARTIAL_OVERLAP`), or `None` if the file cannot be
+        read, holds another row (``ROW``) or another status.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> import numpy as np
+    >>> from cutana.io import FitsWriter, JobResult, cutout_status
+    >>> out = tempfile.mkdtemp()
+    >>> job = JobResult(
+    ...     job_id=0, rows=np.array([7]), images=np.ones((1, 1, 2, 2), np.float32),
+    ...     status=np.array([1], np.int16), tile=0, origin=np.zeros((1, 2), int),
+    ...     box_shape=np.full((1, 2), 2))
+    >>> names = FitsWriter(out, ["r"]).write_sources(
+    ...     job, ["s7"], [1.0], [2.0], ["t.fits"], [None], ["s7.fits"])
+    >>> path = os.path.join(out, "s7.fits")
+    >>> cutout_status(path, 7), cutout_status(path, 8)
+    (1, None)
+    """
+    try:
+        header = fits.getheader(path)
+        if int(header["ROW"]) != int(row):
+            return None
+        status = int(header["STATUS"])
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        logger.info("%s is not kept: %s", path, exc)
+        return None
+    return status if status in _WRITTEN else None
 
 
 def _fits_output_others(out_dir):

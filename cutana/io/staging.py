@@ -36,6 +36,7 @@ __all__ = [
     "remove_run_state",
     "remove_staged",
     "stage_job",
+    "staged_receipt",
     "staging_dir",
     "state_dir",
     "verify_staged",
@@ -488,6 +489,55 @@ def verify_staged(out_dir, job_id, checksum):
     except (OSError, ValueError, KeyError) as exc:
         logger.info("staged job %s is unusable: %s", job_id, exc)
         return False
+
+
+def staged_receipt(out_dir, job_id):
+    """The receipt of a job staged but maybe never recorded, from its files.
+
+    A worker stages a job before the parent records its receipt in the
+    ledger; a run killed in between leaves a staged job that no record
+    vouches for. The folder is complete all the same (`stage_job` renames
+    it into place once its files are on disk): its checksum is computed
+    from what it holds, for the resumed run to record and keep it.
+
+    Parameters
+    ----------
+    out_dir : str or path-like
+        The output folder.
+    job_id : int
+        The job.
+
+    Returns
+    -------
+    staged : `StagedJob` or None
+        The receipt, or `None` if the job is not staged or its files
+        cannot be read.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> import numpy as np
+    >>> from cutana.io import JobResult, stage_job, staged_receipt
+    >>> result = JobResult(
+    ...     job_id=2, rows=np.arange(3), images=np.ones((3, 1, 4, 4), np.uint8),
+    ...     status=np.zeros(3, np.int16), tile=0, origin=np.zeros((3, 2), int),
+    ...     box_shape=np.full((3, 2), 4))
+    >>> out = tempfile.mkdtemp()
+    >>> staged_receipt(out, 2) is None  # not staged
+    True
+    >>> receipt = stage_job(out, result)  # (and the run killed before recording it)
+    >>> staged_receipt(out, 2) == receipt
+    True
+    """
+    path = _staged_path(out_dir, job_id)
+    try:
+        _, meta = _read_meta(path)
+        checksum = _checksum_of(path, meta.get("images", True))
+        n = len(np.load(os.path.join(path, "rows.npy"), mmap_mode="r"))
+    except (OSError, ValueError, KeyError) as exc:
+        logger.info("staged job %s is unusable: %s", job_id, exc)
+        return None
+    return StagedJob(job_id=int(job_id), n=n, checksum=checksum, path=path)
 
 
 def load_staged(out_dir, job_id, *, checksum=None, mmap=True):

@@ -420,9 +420,10 @@ def _remove_output(path):
             raise FileExistsError(msg)
         _remove_fits_output(path)  # (a FITS file it kept is not cutana's)
         if os.listdir(path):
+            left = ", ".join(sorted(os.listdir(path))[:3])
             msg = (
                 f"output {path} held FITS files cutana did not write beside its "
-                f"FITS output, which was removed: {', '.join(sorted(os.listdir(path))[:3])}"
+                f"FITS output, which was removed: {left}"
             )
             raise FileExistsError(msg)
     shutil.rmtree(path)

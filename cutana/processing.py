@@ -361,8 +361,10 @@ def cut_job(settings, tile, job, scratch=None, out=None, stretch_thread=False):
     starts = boxes.start
     partial = boxes.is_partial
     status[partial] = Status.PARTIAL_OVERLAP
-    # (the planner gives a job only sources whose box meets the tile)
-    missed = boxes.code != BOX_OK
+    # (the planner gives a job only sources whose box meets the tile: the
+    # reference band file, or one of the band files on grids of their own)
+    off = boxes.code != BOX_OK
+    missed = off & ~_meets_own_grid(tile, job)
     status[missed] = Status.NO_OVERLAP
     for r in np.flatnonzero(missed).tolist():
         messages[int(job.rows[r])] = "the cutout does not overlap its tile"
@@ -372,6 +374,16 @@ def cut_job(settings, tile, job, scratch=None, out=None, stretch_thread=False):
     band_starts, band_origin = _own_grid_boxes(
         settings, tile, job, missed, status, messages, origin
     )
+    if (off & ~missed).any():
+        # a box that misses the reference band file but meets another band's
+        # is cut wholly outside it (all fill), as that band's Cutout2D raises
+        starts = np.where((off & ~missed)[:, None], -np.asarray(job.box), starts)
+        reference = tile.reference
+        status[off & ~missed] = Status.PARTIAL_OVERLAP
+        for r in np.flatnonzero(off & ~missed).tolist():
+            row = int(job.rows[r])
+            text = f"the cutout does not overlap {reference.path}"
+            messages[row] = f"{messages[row]}; {text}" if row in messages else text
 
     for c, band in enumerate(tile.bands):
         if band is None:
@@ -417,6 +429,24 @@ def cut_job(settings, tile, job, scratch=None, out=None, stretch_thread=False):
         band_origin=band_origin,
         band_box=job.band_box,
     )
+
+
+def _meets_own_grid(tile, job):
+    """Per source of ``job``, whether its box meets one of the band files of
+    ``tile`` on pixel grids of their own (`~cutana.tiles.Tile.own_grid`)."""
+    hit = np.zeros(len(job), dtype=bool)
+    if job.band_xy is None or not len(job):
+        return hit
+    for c in tile.own_grid:
+        band = tile.bands[c]
+        if band is None:
+            continue
+        xy = job.band_xy[:, c]
+        placed = np.all(np.isfinite(xy), axis=1)
+        yx = np.where(placed[:, None], xy[:, ::-1], 0.0)
+        boxes = compute_boxes(band.shape, job.band_boxes(c), yx, "partial")
+        hit |= placed & (boxes.code == BOX_OK)
+    return hit
 
 
 def _own_grid_boxes(settings, tile, job, missed, status, messages, origin):

@@ -1662,6 +1662,10 @@ class TileIndex:
             )
             overlap = boxes.code == BOX_OK
             whole = overlap & ~boxes.is_partial
+            if tl.own_grid:
+                hit, all_whole = _own_grid_overlap(tl, ra[cand], dec[cand], sizes)
+                overlap |= hit
+                whole &= all_whole
             with np.errstate(invalid="ignore"):
                 dpt = np.minimum(
                     np.minimum(px + 0.5, nx - 0.5 - px),
@@ -1830,8 +1834,13 @@ class TileIndex:
                     tl.shape, sizes, np.column_stack([py, px]), mode="partial"
                 )
                 overlap = boxes.code == BOX_OK
+                whole = overlap & ~boxes.is_partial
+                if tl.own_grid:
+                    hit, all_whole = _own_grid_overlap(tl, ra[rows], dec[rows], sizes)
+                    overlap |= hit
+                    whole &= all_whole
                 x[rows], y[rows] = px, py
-                inside[rows] = overlap & ~boxes.is_partial
+                inside[rows] = whole
                 tile[rows[~overlap]] = -1
         return Assignment(tile, x, y, inside, file_error, messages), file_error
 
@@ -1952,6 +1961,29 @@ def _diameter_arrays(n, diameter_pix, diameter_arcsec):
         return pix, np.full(n, np.nan)
     arcsec = np.broadcast_to(np.asarray(diameter_arcsec, dtype=np.float64), (n,))
     return pix, np.where(np.isfinite(pix), np.nan, arcsec)
+
+
+def _own_grid_overlap(tile, ra, dec, sizes):
+    """Where boxes of ``sizes`` (``(n, 2)`` pixels) at ICRS positions meet
+    the band files of ``tile`` on pixel grids of their own
+    (`Tile.own_grid`): ``(hit, whole)``, whether a box meets one of them,
+    and whether it lies wholly inside every one. A source that misses the
+    reference band file but meets such a band's is cut from the tile (that
+    band's `~astropy.nddata.Cutout2D` gives a cutout), as a partial one."""
+    hit = np.zeros(len(ra), dtype=bool)
+    whole = np.ones(len(ra), dtype=bool)
+    for c in tile.own_grid:
+        band = tile.bands[c]
+        if band is None:
+            continue
+        px, py = sky_to_pixel(band.wcs(), ra, dec)
+        placed = np.isfinite(px) & np.isfinite(py)
+        yx = np.where(placed[:, None], np.column_stack([py, px]), 0.0)
+        boxes = compute_boxes(band.shape, sizes, yx, mode="partial")
+        meets = placed & (boxes.code == BOX_OK)
+        hit |= meets
+        whole &= meets & ~boxes.is_partial
+    return hit, whole
 
 
 def _box_sizes(diameter_pix, diameter_arcsec=None, tile=None):

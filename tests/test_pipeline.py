@@ -2784,15 +2784,21 @@ def test_bands_on_their_own_pixel_grids(tmp_path, fmt):
     cut at each source's own position in its file, with the reference
     band's size in pixels (as ESA Cutana cuts every file of a source): every
     band's cutout and WCS equal astropy's Cutout2D of that band's file, a
-    source leaving one band's file is PARTIAL_OVERLAP, and 2 worker
-    processes write the same bytes as 1."""
+    source leaving one band's file is PARTIAL_OVERLAP, also one that misses
+    the reference band's file but not the other's (it was NO_OVERLAP, the
+    other band's cutout lost), and 2 worker processes write the same bytes
+    as 1."""
     bands = _two_grid_tile(tmp_path)
     rng = np.random.default_rng(1)
     vis_wcs = bands["VIS"][2]
-    sky = vis_wcs.pixel_to_world(*rng.uniform(-5, 305, (60, 2)).T)
+    # (60 over VIS and its edges; 6 left of VIS, where only NIR-H reaches)
+    pix = np.r_[rng.uniform(-5, 305, (60, 2)), [[x, y] for x in (-10, -12)
+                                                for y in (100, 150, 200)]]
+    sky = vis_wcs.pixel_to_world(*pix.T)
+    n = len(sky)
     from astropy.table import Table
 
-    Table({"id": np.arange(60), "ra": sky.ra.deg, "dec": sky.dec.deg}).write(
+    Table({"id": np.arange(n), "ra": sky.ra.deg, "dec": sky.dec.deg}).write(
         tmp_path / "cat.csv"
     )
     outs = []
@@ -2807,9 +2813,12 @@ def test_bands_on_their_own_pixel_grids(tmp_path, fmt):
     assert files_bytes(outs[0]) == files_bytes(outs[1])
     result = cutana.open(outs[0])
     status = np.asarray(result.status)
-    n_partial_nir = 0
-    for i in range(60):
+    n_partial_nir = n_nir_only = 0
+    for i in range(n):
         refs = []
+        if i >= 60:  # (these miss VIS, as meant)
+            with pytest.raises(NoOverlapError):
+                AstropyCutout2D(bands["VIS"][1], sky[i], 15, wcs=vis_wcs)
         for c, band in enumerate(("VIS", "NIR-H")):
             _, data, w = bands[band]
             try:
@@ -2828,6 +2837,7 @@ def test_bands_on_their_own_pixel_grids(tmp_path, fmt):
             if ref is None:
                 assert np.isnan(got).all()
                 continue
+            n_nir_only += c == 1 and i >= 60
             np.testing.assert_array_equal(got, ref.data)
             corners = ([0, 14, 3], [0, 14, 9])
             np.testing.assert_allclose(
@@ -2837,6 +2847,7 @@ def test_bands_on_their_own_pixel_grids(tmp_path, fmt):
         ok = all(refs)
         assert status[i] == (Status.OK if ok else Status.PARTIAL_OVERLAP), i
     assert 0 < n_partial_nir < 60  # the test covers both cases
+    assert n_nir_only == 6
 
 
 def test_plan_of_bands_on_their_own_grids_saves_their_positions(tmp_path):

@@ -8,7 +8,9 @@ import os
 
 import numpy as np
 import pytest
+from astropy.coordinates import SkyCoord
 from astropy.io import fits
+from astropy.nddata import Cutout2D, NoOverlapError
 from astropy.wcs import WCS
 from numpy.testing import assert_allclose, assert_array_equal
 
@@ -209,6 +211,35 @@ def test_bands_of_one_field_on_other_grids_are_one_tile(tmp_path, order):
     joined = next(t for t in index.tiles if t.bands[0] is not None)
     assert [b.band for b in joined.bands[:2]] == list(order)
     assert joined.own_grid == (1,) and joined.bands[2] is None
+
+
+def test_a_source_off_the_reference_band_on_another_grid_is_assigned(tmp_path):
+    """Test that a source whose box misses the reference band file (g) but
+    meets a band file on a grid of its own (r, reaching 0.7 arcsec further
+    east) is assigned to the tile, as a partial cutout (astropy's Cutout2D
+    of r gives one), by position and by file lists; one that misses both is
+    not."""
+    g, r = tmp_path / "g.fits", tmp_path / "r.fits"
+    make_tile(g, band="g")
+    make_tile(r, (150.0 + 2e-4, 2.0), band="r", shape=(30, 40), scale=2 * SCALE)
+    index = TileIndex.from_paths([str(g), str(r)])
+    assert index.tiles[0].own_grid == (1,)
+    g_wcs, r_wcs = (WCS(fits.getheader(p)) for p in (g, r))
+    ra, dec = g_wcs.all_pix2world([40.0, -5.0, -20.0], [30.0, 30.0, 30.0], 0)
+    sky = SkyCoord(ra, dec, unit="deg")
+    for k, (in_g, in_r) in enumerate([(True, True), (False, True), (False, False)]):
+        for path, w, meets in ((g, g_wcs, in_g), (r, r_wcs, in_r)):
+            try:
+                Cutout2D(fits.getdata(path), sky[k], 4, wcs=w)
+                assert meets, (k, path.name)
+            except NoOverlapError:
+                assert not meets, (k, path.name)
+    by_position = index.assign(ra, dec, 4)
+    lists = [(str(g), str(r))] * 3
+    by_files, _ = TileIndex.from_file_lists(lists).assign_by_files(lists, ra, dec, 4)
+    for a in (by_position, by_files):
+        assert a.tile.tolist() == [0, 0, -1]
+        assert a.inside.tolist() == [True, False, False]
 
 
 @pytest.mark.parametrize(

@@ -594,6 +594,13 @@ def _prepare(
     if options.tiles or cat.fits_file_paths is None:
         assignment = index.assign(cat.ra, cat.dec, pix, arcsec)
         file_error = np.zeros(len(cat), dtype=bool)
+        # a source off every tile indexed, on a file that could not be read
+        # (truncated), is on a broken tile
+        off = np.flatnonzero(ok & (assignment.tile < 0))
+        hits = index.on_unreadable(cat.ra[off], cat.dec[off], pix[off], arcsec[off])
+        for k, reason in hits.items():
+            file_error[off[k]] = True
+            messages.setdefault(int(off[k]), reason)
     else:
         assignment, file_error = index.assign_by_files(
             cat.fits_file_paths, cat.ra, cat.dec, pix, arcsec

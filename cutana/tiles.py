@@ -1021,6 +1021,17 @@ def _header_value(headers, keywords):
     return None
 
 
+class _Unreadable(TileError):
+    """A file whose header places its image on the sky, but whose pixels
+    cannot be read (truncated): not indexed, but the sources it holds are
+    tile errors, not sources off every tile (`TileIndex.on_unreadable`)."""
+
+    def __init__(self, message, wcs, shape):
+        super().__init__(message)
+        self.wcs = wcs
+        self.shape = tuple(shape)
+
+
 def _read_record(path, hdu=None):
     """Index one file from its headers; raise TileError with the reason."""
     try:
@@ -1028,7 +1039,11 @@ def _read_record(path, hdu=None):
             warnings.simplefilter("always")
             with _open_fits(path) as hdul:
                 index, h = _find_image(path, hdul, hdu)
-                _check_complete(path, hdul, index, h)
+                try:
+                    _check_complete(path, hdul, index, h)
+                    unreadable = None
+                except TileError as exc:  # (its header may still place it)
+                    unreadable = str(exc)
                 header = h.header
                 primary = hdul[0].header if index != 0 else header
                 compressed = isinstance(h, fits.CompImageHDU)
@@ -1086,6 +1101,8 @@ def _read_record(path, hdu=None):
     if not np.all(np.isfinite(centre)):
         msg = f"{path}: the WCS gives no sky position for the image centre"
         raise TileError(msg)
+    if unreadable is not None:
+        raise _Unreadable(unreadable, wcs, shape)
 
     name_band = _band_from_name(path)
     named = band is not None or name_band is not None  # not just the file's stem
@@ -1255,6 +1272,9 @@ class TileIndex:
         self.bands = list(bands)
         self.errors = [tuple(e) for e in errors]
         self.file_lists = dict(file_lists or {})
+        # (path, reason, WCS, shape) of the files in ``errors`` that their
+        # headers place on the sky (`on_unreadable`); not saved with the index
+        self.unreadable = []
 
     def __len__(self):
         return len(self.tiles)
@@ -1330,11 +1350,14 @@ class TileIndex:
         """
         files, errors = _expand(paths)
         groups = {}
+        unreadable = []
         for path in _indexing(files, progress):
             try:
                 rec = _read_record(path, hdu)
             except TileError as exc:
                 errors.append((path, str(exc)))
+                if isinstance(exc, _Unreadable):
+                    unreadable.append((path, str(exc), exc.wcs, exc.shape))
                 continue
             groups.setdefault(rec.key, []).append(rec)
         _report_wcs_notes([r for recs in groups.values() for r in recs])
@@ -1413,7 +1436,9 @@ class TileIndex:
             bands,
             len(errors),
         )
-        return cls(tiles, bands, errors)
+        index = cls(tiles, bands, errors)
+        index.unreadable = unreadable
+        return index
 
     @classmethod
     def from_file_lists(cls, fits_file_paths, *, bands=None, progress=False):
@@ -1682,6 +1707,51 @@ class TileIndex:
             inside[sel] = whole[better]
             depth[sel] = dpt[better]
         return Assignment(tile, x, y, inside)
+
+    def on_unreadable(self, ra, dec, diameter_pix, diameter_arcsec=None):
+        """Which sources lie on files the index left out as unreadable.
+
+        A file whose header places its image on the sky but whose pixels
+        cannot be read (a truncated file) is not a tile of the index, but
+        the sources whose cutout would meet it are on a broken tile, not
+        off every tile: `cutana.make_cutouts` gives them ``TILE_ERROR`` with
+        the reason (with ``--tiles``; a catalogue's own file lists name
+        their files anyway).
+
+        Parameters
+        ----------
+        ra, dec : array-like
+            ICRS positions in degrees.
+        diameter_pix : float or array-like
+            Cutout diameters in pixels, as for `assign`.
+        diameter_arcsec : float or array-like, optional
+            Diameters in arcseconds where ``diameter_pix`` is not finite.
+
+        Returns
+        -------
+        reasons : dict
+            Source index to the reason its file cannot be read (the first
+            such file it meets).
+        """
+        reasons = {}
+        if not self.unreadable:
+            return reasons
+        ra = np.atleast_1d(np.asarray(ra, dtype=np.float64))
+        dec = np.atleast_1d(np.asarray(dec, dtype=np.float64))
+        diameter, arcsec = _diameter_arrays(len(ra), diameter_pix, diameter_arcsec)
+        for _path, reason, wcs, shape in self.unreadable:
+            px, py = sky_to_pixel(wcs, ra, dec)
+            placed = np.isfinite(px) & np.isfinite(py)
+            scales = wcs.celestial.proj_plane_pixel_scales()
+            scale = float(np.mean([v.to_value(u.arcsec) for v in scales]))
+            angle = np.isfinite(arcsec) & ~np.isfinite(diameter)
+            dia = np.where(angle, np.divide(arcsec, scale), diameter)
+            size = np.maximum(_box_sizes(dia), 1)
+            yx = np.where(placed[:, None], np.column_stack([py, px]), 0.0)
+            boxes = compute_boxes(shape, np.c_[size, size], yx, mode="partial")
+            for k in np.flatnonzero(placed & (boxes.code == BOX_OK)).tolist():
+                reasons.setdefault(k, reason)
+        return reasons
 
     @staticmethod
     def _world_to_pixel(tile, ra, dec):

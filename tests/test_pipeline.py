@@ -1921,6 +1921,46 @@ def test_corrupt_tile_marks_only_its_sources(survey, tmp_path):
     assert np.all(status[truth["row"][on0]] == Status.OK)
 
 
+def test_sources_on_a_truncated_tile_are_tile_errors_with_tiles(survey, tmp_path):
+    """Test that with --tiles the sources on a tile whose every band file is
+    truncated (headers whole: the index leaves the files out) are
+    TILE_ERROR naming the file, not NO_OVERLAP ("source lies on no tile"):
+    each such row's box meets the tile's image (astropy's Cutout2D on its
+    header's WCS), and every NO_OVERLAP row meets no tile."""
+    import shutil
+
+    dst = tmp_path / "tiles"
+    shutil.copytree(os.path.dirname(survey.tile_paths[0][0]), dst)
+    broken = [dst / os.path.basename(p) for p in survey.tile_paths[1]]
+    wcs = WCS(fits.getheader(broken[0]))
+    shape = fits.getdata(broken[0]).shape
+    for path in broken:
+        os.truncate(path, os.path.getsize(path) // 2)
+    report = cutana.make_cutouts(survey.catalogue_path, tmp_path / "o.zarr", size=21,
+                                 tiles=[str(dst / "*.fits")], progress=False)
+    assert report.exit_code == 1
+    status = np.asarray(cutana.open(tmp_path / "o.zarr").status)
+    cat = read_catalog(survey.catalogue_path)
+    sky = SkyCoord(cat.ra, cat.dec, unit="deg")
+    zeros = np.zeros(shape)
+
+    def meets(data, w, k):
+        try:
+            AstropyCutout2D(data, sky[k], 21, wcs=w, mode="partial")
+        except (NoOverlapError, ValueError):
+            return False
+        return True
+
+    failed = np.flatnonzero(status == Status.TILE_ERROR)
+    assert len(failed) > 5
+    for k in failed:
+        assert meets(zeros, wcs, k)
+        assert "file is truncated" in report.messages[int(k)]
+    intact = WCS(fits.getheader(survey.tile_paths[0][0]))
+    for k in np.flatnonzero(status == Status.NO_OVERLAP):
+        assert not meets(zeros, wcs, k) and not meets(zeros, intact, k)
+
+
 @pytest.mark.parametrize(
     ("options", "match"),
     [

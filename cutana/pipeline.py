@@ -1084,6 +1084,7 @@ class _Writes:
 
     background: bool = False
     helper: bool = False
+    record: bool = False  # the chunks' records appended as written (local workers)
 
 
 @dataclass
@@ -1789,7 +1790,10 @@ def _helpers(plan, options):
     The run (`_Runner`) and its plan's summary (`_beyond_bytes`) ask here."""
     background = _core_to_spare(options)
     return (
-        _Writes(background, _helper_fits(background, plan)),
+        # (a Dask cluster's workers may write the ledger over a network
+        # file system, where appends can interleave: the parent records)
+        _Writes(background, _helper_fits(background, plan),
+                record=options.backend != "dask"),
         _overlap_fits(background, plan, options),
         _stretch_fits(background, plan),
     )
@@ -2151,6 +2155,8 @@ class _Runner:
                 self.staged_rows[job_id] = np.asarray(done.rows)
             if present is not None:
                 self._keep_present_files(present)
+            else:
+                self._trim_to_unwritten(needed)
             # jobs whose rows are all in written chunks are done too
             self.done_jobs |= set(range(len(plan.jobs))) - set(needed)
             return
@@ -2180,6 +2186,23 @@ class _Runner:
                 continue  # (not this plan's job: cut again)
             self.ledger.job_staged(receipt)
             self.done_jobs.add(job_id)
+
+    def _trim_to_unwritten(self, needed):
+        """Cut the jobs still needed for the rows of their unwritten chunks
+        only (`trimmed`): the chunks a stopped run's workers wrote and
+        recorded as they went (``record`` of `ZarrWriter.write_chunks`)
+        are kept, and their rows were cut again with the rest of their band
+        (2,910 rows, the whole catalogue in one band, for a run killed at 12
+        of its 24 chunks)."""
+        cr = self.writer.chunk_rows
+        written = np.array(sorted(self.checksums), dtype=np.int64)
+        for job_id in needed:
+            if job_id in self.done_jobs:
+                continue
+            job = self.plan.jobs[job_id]
+            left = ~np.isin(job.rows // cr, written)
+            if left.any() and not left.all():
+                self.trimmed[job_id] = job.subset(left)
 
     def _keep_present_files(self, present):
         """Keep the FITS files (names in ``present``) of the rows that no
@@ -2530,6 +2553,7 @@ class _Runner:
         self.job_of_row = np.full(n, -1, dtype=np.int32)
         self.pos_in_job = np.full(n, -1, dtype=np.int32)
         for job in plan.jobs:
+            job = self.trimmed.get(job.job_id, job)  # (a resumed run's)
             self.job_of_row[job.rows] = job.job_id
             self.pos_in_job[job.rows] = np.arange(len(job))
         for rows in self.staged_rows.values():
@@ -2537,7 +2561,7 @@ class _Runner:
         cr = self.writer.chunk_rows
         pending = self.job_of_row >= 0
         for job_id in self.done_jobs:
-            pending[plan.jobs[job_id].rows] = False
+            pending[self.trimmed.get(job_id, plan.jobs[job_id]).rows] = False
         self.chunk_pending = np.bincount(
             np.flatnonzero(pending) // cr, minlength=self.writer.n_chunks
         )
@@ -2719,7 +2743,10 @@ class _Runner:
         self.checksums.update({int(k): v for k, v in written.items()})
         # a store of format 1-3 holds the rows already
         rows = {} if self.writer.rows_in_chunks else getattr(written, "rows", {})
-        self.ledger.chunks_written(written, rows=rows)
+        if getattr(written, "recorded", False):
+            self.ledger.sync()  # (the worker appended the records as it wrote)
+        else:
+            self.ledger.chunks_written(written, rows=rows)
         self._keep_rows(rows)
 
     def _geometry(self):

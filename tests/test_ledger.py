@@ -81,6 +81,33 @@ def test_chunks_of_a_task_are_flushed_to_disk_once(tmp_path, monkeypatch):
     assert chunks == [None, 0, 1, 2, 3, 4]
 
 
+def test_a_worker_appends_chunk_records_unflushed_and_repairs_nothing(
+    tmp_path, monkeypatch
+):
+    """A worker's ledger appends its chunk records without ``fsync`` (the
+    parent flushes them, `Ledger.sync`), beside the parent's, and never cuts
+    a last line short (the parent may be writing it): only the parent's
+    opening repairs it."""
+    parent = Ledger(tmp_path)
+    parent.run_started("plan-1")
+    calls = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: calls.append(fd) or real_fsync(fd))
+    with Ledger(tmp_path, worker=True) as worker:
+        worker.chunks_written({3: "c3"}, sync=False)
+        with open(parent.path, "ab") as fh:
+            fh.write(b'{"event": "chunk_wri')  # a line being written
+        worker.chunks_written({4: "c4"}, sync=False)
+    assert calls == []
+    parent.sync()
+    assert len(calls) == 1
+    with open(parent.path, "rb") as fh:
+        assert b'{"event": "chunk_wri{' in fh.read()  # (left as it was)
+    state = Ledger(tmp_path).read()
+    assert state.chunks == {3: "c3"} and state.skipped == [3]
+    parent.close()
+
+
 def test_chunk_records_keep_row_status_and_geometry(tmp_path, caplog):
     """Test that a chunk record keeps its rows' status and geometry exactly,
     that a record whose rows cannot be decoded is skipped (its chunk is then

@@ -986,6 +986,56 @@ def test_resume_keeps_the_fits_files_of_jobs_not_recorded(survey, tmp_path, monk
         assert (path.stat().st_ino, path.stat().st_mtime_ns) == (ino, mtime), path.name
 
 
+def test_resume_keeps_the_chunks_a_stopped_job_wrote(tmp_path, monkeypatch):
+    """Test that a Zarr run stopped while a job wrote its chunks (here after
+    2 of them; a band of chunks is one task, the whole catalogue here) is
+    resumed without writing those chunks again (same inode and time) and
+    without cutting their rows again, ending equal to an uninterrupted run:
+    the worker records each chunk as it writes it."""
+    from cutana import pipeline
+    from cutana.io import zarr as zarr_io
+
+    survey = make_survey(tmp_path / "s", n_tiles=1, bands=("VIS",), tile_size=300,
+                         n_sources=1200, off_tile_fraction=0.0, bad_row_fraction=0.0,
+                         seed=4)
+    opts = dict(size=21, target_size=64, progress=False)
+    clean = tmp_path / "clean.zarr"
+    cutana.make_cutouts(survey.catalogue_path, clean, **opts)
+    n_chunks = len(list((clean / "images").glob("c.*")))
+    assert n_chunks >= 4
+    monkeypatch.setattr(pipeline, "available_cores", lambda: 1)  # (no writing thread)
+    monkeypatch.setattr(zarr_io, "_MAX_RUN_BYTES", 1)  # a chunk at a time
+    calls = {"n": 0}
+    write_block = zarr_io.ZarrWriter._write_block
+
+    def dying(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # (as if killed: the task is not recorded)
+        return write_block(self, *args, **kwargs)
+
+    monkeypatch.setattr(zarr_io.ZarrWriter, "_write_block", dying)
+    out = tmp_path / "r.zarr"
+    with pytest.raises(KeyboardInterrupt):
+        cutana.make_cutouts(survey.catalogue_path, out, **opts)
+    monkeypatch.setattr(zarr_io.ZarrWriter, "_write_block", write_block)
+    chunk_files = (out / "images").glob("c.*")
+    kept = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in chunk_files}
+    assert len(kept) == 2
+    cut = []
+    cut_job = pipeline.cut_job
+    monkeypatch.setattr(pipeline, "cut_job", lambda s, t, job, **k: (
+        cut.append(len(job)) or cut_job(s, t, job, **k)))
+    cutana.make_cutouts(survey.catalogue_path, out, resume=True, **opts)
+    assert files_bytes(clean) == files_bytes(out)
+    for path, (ino, mtime) in kept.items():
+        assert (path.stat().st_ino, path.stat().st_mtime_ns) == (ino, mtime), path.name
+    chunk_rows = cutana.open(out).images.chunks[0]
+    status = np.asarray(cutana.open(clean).status)
+    n_cut = int(np.count_nonzero(status <= Status.PARTIAL_OVERLAP))
+    assert sum(cut) == n_cut - 2 * chunk_rows
+
+
 def _survey_without_a_band_file(survey, tmp_path):
     """The survey's tiles in a folder of their own, one band file moved away."""
     import shutil

@@ -124,14 +124,19 @@ class LedgerState:
 class Ledger:
     """Append-only completion ledger ``OUT/.cutana/ledger.jsonl``.
 
-    Only the parent process writes it. Every record is one line of JSON,
-    written with a single ``write`` call and flushed to disk (``fsync``)
-    before the method returns.
+    The parent process writes it; a worker of the same machine may append
+    the records of the chunks it writes as it goes (``worker=True``).
+    Every record is one line of JSON, written with a single ``write`` call
+    (appends of one call each do not interleave) and flushed to disk
+    (``fsync``) before the method returns, unless asked not to.
 
     Parameters
     ----------
     out_dir : str or path-like
         The output folder; ``OUT/.cutana`` is created on the first write.
+    worker : bool, optional
+        Opened by a worker: a last line cut short is not repaired here (the
+        parent may be writing it), and nothing is created.
 
     Examples
     --------
@@ -145,15 +150,19 @@ class Ledger:
     {0: '00ff'}
     """
 
-    def __init__(self, out_dir):
+    def __init__(self, out_dir, *, worker=False):
         self.out_dir = os.fspath(out_dir)
         self.path = os.path.join(state_dir(self.out_dir), LEDGER_NAME)
         self._fd = None
+        self._worker = worker
 
     # -- writing -----------------------------------------------------------
 
     def _open(self):
         if self._fd is not None:
+            return
+        if self._worker:  # (the parent made it, and repairs it)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
             return
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         self._repair()
@@ -209,8 +218,9 @@ class Ledger:
         """
         self._append([record])
 
-    def _append(self, records):
-        """Append records with one write, then flush them to disk once."""
+    def _append(self, records, sync=True):
+        """Append records with one write, then flush them to disk once
+        (unless not ``sync``)."""
         for record in records:
             if "event" not in record:
                 msg = f"a ledger record needs an 'event' key, got {record!r}"
@@ -227,7 +237,8 @@ class Ledger:
         if written != len(data):  # pragma: no cover - only on a full disk
             msg = f"short write to ledger {self.path} ({written} of {len(data)} bytes)"
             raise OSError(msg)
-        os.fsync(self._fd)
+        if sync:
+            os.fsync(self._fd)
 
     def run_started(self, fingerprint, **info):
         """Record the start (or resumption) of a run.
@@ -277,7 +288,7 @@ class Ledger:
         """
         self.chunks_written({chunk: checksum})
 
-    def chunks_written(self, checksums, rows=None):
+    def chunks_written(self, checksums, rows=None, *, sync=True):
         """Record several written chunks, one record each, in index order.
 
         The records are written and flushed to disk together (one ``fsync``
@@ -293,6 +304,10 @@ class Ledger:
             Chunk index to the ``(status, geometry)`` of its rows
             (`~cutana.io.ChunksWritten.rows`), kept in the record
             (compressed) and read back as `LedgerState.chunk_rows`.
+        sync : bool, optional
+            Flush them to disk before returning. A worker that records the
+            chunks it writes as it goes leaves that to the parent (`sync`),
+            once its task is done: they survive the worker's death anyway.
         """
         rows = rows or {}
         records = []
@@ -301,7 +316,12 @@ class Ledger:
             if k in rows:
                 record["rows"] = encode_rows(*rows[k])
             records.append(record)
-        self._append(records)
+        self._append(records, sync=sync)
+
+    def sync(self):
+        """Flush to disk what this and other processes appended."""
+        self._open()
+        os.fsync(self._fd)
 
     def run_finished(self, fingerprint, report=None):
         """Record the end of a run.

@@ -247,6 +247,7 @@ class ChunksWritten(dict):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.rows = {}
+        self.recorded = False  # the records are in the ledger already
 
     def update(self, other=(), /, **kwargs):
         """Add the checksums of ``other`` (and its `rows` if it has them)."""
@@ -906,7 +907,7 @@ class ZarrWriter:
 
     def write_chunks(
         self, chunk_indices, row_to_job, base_status, out_dir=None, *, results=None,
-        background=False, helper=False,
+        background=False, helper=False, record=False,
     ):
         """Assemble chunks of rows from staged jobs and write them.
 
@@ -946,6 +947,15 @@ class ZarrWriter:
             Compress every other chunk in a second thread meanwhile, with
             the same bytes (for a core to spare, and memory for two more
             chunks and that thread's heap).
+        record : bool, optional
+            Append each run of chunks' records to the run's
+            `~cutana.io.Ledger` just before the run is written
+            (`Ledger.chunks_written` with ``sync=False``; the caller flushes
+            them), so that a run killed while this call goes on keeps what it
+            wrote: a record whose chunk file is missing is not trusted
+            (`verified_chunks`), as chunk files appear whole. For processes
+            of one machine (appends of one write each do not interleave);
+            ``checksums.recorded`` is then true.
 
         Returns
         -------
@@ -997,20 +1007,36 @@ class ZarrWriter:
                         out_dir, cache, block, pinned,
                     )
                 self._write_block(
-                    run, r0, block, images, checksums, background, helper
+                    run, r0, block, images, checksums, background, helper, record
                 )
+        checksums.recorded = record
         logger.debug("wrote %d chunks of %s", len(chunks), self.path)
         return checksums
 
-    def _write_block(self, run, r0, block, images, checksums, background, helper):
+    def _record(self, run, checksums):
+        """Append the records of the chunks ``run`` to the ledger, unflushed."""
+        from .ledger import Ledger
+
+        rows = {} if self.rows_in_chunks else {k: checksums.rows[k] for k in run}
+        with Ledger(self.path, worker=True) as ledger:
+            ledger.chunks_written({k: checksums[k] for k in run}, rows=rows, sync=False)
+
+    def _write_block(
+        self, run, r0, block, images, checksums, background, helper, record=False
+    ):
         """Write a run of consecutive chunks from ``block`` (its rows from
-        ``r0``), and add their checksums and rows to ``checksums``."""
+        ``r0``), and add their checksums and rows to ``checksums``; with
+        ``record``, append their records to the ledger first (a record
+        whose chunk file is missing is not trusted; a file without one
+        would be written again)."""
         r1 = self.chunk_range(run[-1])[1]
         geometry = _join_geometry(*block[2:])
         for k in run:
             a, b = (r - r0 for r in self.chunk_range(k))
             checksums[k] = chunk_digest(*(arr[a:b] for arr in block), self.checksum)
             checksums.rows[k] = (block[1][a:b].copy(), geometry[a:b].copy())
+        if record:
+            self._record(run, checksums)
         # images straight to their chunk files (in stores of format 1-3
         # also the per-row arrays, status last, each after the run's
         # images are written: a row that shows a status has everything
@@ -1027,7 +1053,7 @@ class ZarrWriter:
 
     def patch_chunks(
         self, chunk_indices, row_to_job, status, out_dir=None, *, tile_map=None,
-        clear=None, background=False, helper=False,
+        clear=None, background=False, helper=False, record=False,
     ):
         """Rewrite written chunks with some of their rows replaced.
 
@@ -1062,6 +1088,8 @@ class ZarrWriter:
             images, tile -1, zero origin and shape), or ``f(r0, r1)``.
         background, helper : bool, optional
             As for `write_chunks`.
+        record : bool, optional
+            Ignored: the parent records a repair's chunks itself.
 
         Returns
         -------

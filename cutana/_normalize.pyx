@@ -33,8 +33,10 @@ disjoint slices of the stack from several threads at once.
 """
 
 from cython cimport floating
+from libc.float cimport DBL_EPSILON, FLT_EPSILON
 from libc.math cimport (
-    INFINITY, asinh, exp, expm1, floor, isfinite, log, log1p, nan, sinh, sqrt,
+    INFINITY, asinh, exp, expm1, fabs, floor, fmax, isfinite, log, log1p, nan, sinh,
+    sqrt,
 )
 from libc.stdint cimport uint8_t, uint16_t
 from libc.stdlib cimport free, malloc
@@ -1139,7 +1141,9 @@ cdef void _zscale(
 
     ``samples``, ``bad`` and ``grown`` hold at least ``n_samples`` items.
     ``unsure[0]`` is set to 1 when the samples kept in some iteration lie
-    exactly on the fitted line (all or most samples equal): there astropy's
+    exactly on the fitted line (all or most samples equal), or all samples
+    lie within a few units of their last place of each other (two values
+    one apart, as a 1-pixel box resampled gives): there astropy's
     least-squares fit leaves residuals and a slope of rounding size, and its
     limits (which samples it rejects, often all, falling back to the extreme
     samples; or limits a rounding apart, even inverted) are decided by
@@ -1153,6 +1157,7 @@ cdef void _zscale(
     cdef double sx, sy, mx, my, sxx, sxy, slope = 0.0, intercept = 0.0
     cdef double flat, mean, var, threshold
     cdef double lo_lim, hi_lim
+    cdef double eps = FLT_EPSILON if floating is float else DBL_EPSILON
     cdef bint have_fit = False
 
     unsure[0] = 0
@@ -1195,6 +1200,8 @@ cdef void _zscale(
 
     vmin[0] = samples[0]
     vmax[0] = samples[npix - 1]
+    if vmax[0] - vmin[0] <= 16 * eps * fmax(fabs(vmin[0]), fabs(vmax[0])):
+        unsure[0] = 1  # (a spread of rounding size: see above)
 
     minpix = <Py_ssize_t> (npix * _ZS_MAX_REJECT)
     if minpix < _ZS_MIN_NPIXELS:

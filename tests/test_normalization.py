@@ -230,6 +230,32 @@ def test_zscale_of_mostly_equal_samples_is_astropys(dtype):
     assert fallback > 0  # the case astropy's rounding decides occurred
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_zscale_of_values_a_few_units_apart_is_astropys(dtype):
+    """Test zscale of images whose values lie one or a few units in the last
+    place apart (a 1-pixel box resampled bilinearly gives two such values):
+    astropy's limits there come from the rounding of its fit, even inverted
+    (vmin > vmax, the image mapped upside down), and the codes must be its
+    own. They were the extreme values, and every code 255 codes off."""
+    value = dtype(7.541668650270754)
+    up = np.nextafter(value, dtype(10))
+    images = []
+    for n_up in (9, 3, 12, 20):
+        image = np.full((5, 5), value, dtype=dtype)
+        image.flat[np.random.default_rng(n_up).permutation(25)[:n_up]] = up
+        images.append(image)
+    images.append(np.where(np.arange(25).reshape(5, 5) % 3, value,
+                           np.nextafter(up, dtype(10))).astype(dtype))
+    images = np.stack(images)
+    vmin, vmax = compute_limits(images, "zscale")
+    out = normalize(images, "zscale", dtype="uint8")
+    for i, image in enumerate(images):
+        lo, hi = ZScaleInterval().get_limits(image)
+        assert (vmin[i], vmax[i]) == (lo, hi)
+        ref = np.round(255 * ManualInterval(lo, hi)(image.astype(np.float64)))
+        np.testing.assert_array_equal(out[i], ref)
+
+
 @pytest.mark.parametrize("value", [1000.0, 3.3, -7.1])
 def test_zscale_of_a_constant_image_is_astropys(value):
     """Test zscale of a constant image (NaN pixels aside): astropy's fit of

@@ -524,8 +524,9 @@ def _cmd_run(ns, parser):
         start_forkserver(WORKER_PRELOAD)
     make_cutouts = _import_pipeline().make_cutouts
 
-    resume = ns.resume if ns.resume is not None else bool(config.get("resume", False))
-    overwrite = ns.overwrite if ns.overwrite is not None else bool(config.get("overwrite", False))
+    # (make_cutouts refuses what is not true or false: "no" is not false)
+    resume = ns.resume if ns.resume is not None else config.get("resume", False)
+    overwrite = ns.overwrite if ns.overwrite is not None else config.get("overwrite", False)
     report = make_cutouts(
         catalogue,
         output,
@@ -543,12 +544,15 @@ def _cmd_run(ns, parser):
 
 def _required(ns, config, name):
     """The catalogue or output: from the command line, else the config file."""
+    from .exceptions import ConfigError
+
     value = getattr(ns, name, None) or config.get(name)
     if not value:
-        from .exceptions import ConfigError
-
         flag = "CATALOGUE" if name == "catalogue" else "--output OUT"
         msg = f"the {name} is required: give {flag}, or {name!r} in the --config file"
+        raise ConfigError(msg)
+    if not isinstance(value, str):  # (a TOML list or number)
+        msg = f"invalid {name} in the --config file: {value!r}; expected a path"
         raise ConfigError(msg)
     return value
 

@@ -238,6 +238,8 @@ class RunOptions:
             self.backend = default_backend(self.workers, self.scheduler)
         if self.backend not in BACKENDS:
             _bad("backend", self.backend, f"one of {', '.join(BACKENDS)}")
+        if self.scheduler is not None and not isinstance(self.scheduler, str):
+            _bad("scheduler", self.scheduler, "an address such as 'tcp://host:8786'")
         if self.scheduler and self.backend != "dask":
             msg = "scheduler (--scheduler) is only used with backend='dask'"
             raise ConfigError(msg)
@@ -1526,6 +1528,11 @@ def make_cutouts(
     t0 = time.perf_counter()
     opts = RunOptions.from_keywords(options)
     show = _show_progress(progress)
+    for name, value in (("resume", resume), ("overwrite", overwrite)):
+        if not isinstance(value, bool | np.bool_):
+            _bad(name, value, "true or false")
+    if not isinstance(output, str | os.PathLike):
+        _bad("output", output, "a path")
     output = os.fspath(output)
     if resume and overwrite:
         msg = "resume and overwrite exclude each other"

@@ -312,6 +312,10 @@ def test_config_file_equivalent_to_flags(survey, tmp_path):
         ('normalize = "linear"\ncrop = "half"', "invalid crop: 'half'"),
         ("channel_weights = [true]", "invalid channel_weights: [True]"),
         ('dec_column = ""', "invalid dec_column: ''"),
+        # a string is not false: "no" replaced an output (bool("no"))
+        ('overwrite = "no"', "invalid overwrite: 'no'; expected true or false"),
+        ("resume = 1", "invalid resume: 1; expected true or false"),
+        ('backend = "dask"\nscheduler = 5', "invalid scheduler: 5"),
     ],
 )
 def test_config_file_values_are_checked(survey, tmp_path, capsys, toml, message):
@@ -353,6 +357,22 @@ def test_options_compare_equal_from_flags_file_and_keywords(survey, tmp_path):
     expected = cutana.open(flag).images[:]
     for out in (file, api):
         np.testing.assert_array_equal(cutana.open(out).images[:], expected)
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ('catalogue = ["a.csv"]', "invalid catalogue in the --config file: ['a.csv']"),
+        ('catalogue = "cat.csv"\noutput = 5', "invalid output in the --config file: 5"),
+    ],
+)
+def test_config_file_paths_are_checked(tmp_path, capsys, toml, message):
+    """Test that a catalogue or output of the config file that is not a
+    path is a usage error naming it (it was a traceback, exit 1)."""
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(f"size = 9\n{toml}\n")
+    assert main(["run", "--config", str(cfg), "--no-progress"]) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_config_file_typo_suggests_name(survey, tmp_path, capsys):

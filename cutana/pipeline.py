@@ -2204,10 +2204,17 @@ class _Runner:
         cr = self.writer.chunk_rows
         written = np.array(sorted(self.checksums), dtype=np.int64)
         for job_id in needed:
-            if job_id in self.done_jobs:
-                continue
             job = self.plan.jobs[job_id]
             left = ~np.isin(job.rows // cr, written)
+            if job_id in self.done_jobs:
+                # a job staged when it was cut for some rows only (trimmed by
+                # an earlier resume) holds those: if a chunk of its other
+                # rows is gone since, it is cut again
+                staged = self.staged_rows.get(job_id)
+                if staged is None or np.isin(job.rows[left], staged).all():
+                    continue
+                self.done_jobs.discard(job_id)
+                self.staged_rows.pop(job_id)
             if left.any() and not left.all():
                 self.trimmed[job_id] = job.subset(left)
 

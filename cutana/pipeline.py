@@ -646,7 +646,10 @@ def _prepare(
         for r in np.flatnonzero(lack):
             tile = index.tiles[int(assignment.tile[r])]
             name = index.bands[tile.missing_bands[0]]
-            messages.setdefault(int(r), missing_band_message(tile, name))
+            # (a file of that band the index left out: truncated, say)
+            why = index.unreadable_reason(tile.key, name)
+            text = missing_band_message(tile, name)
+            messages.setdefault(int(r), f"tile {tile.key}: {why}" if why else text)
         tile_err |= lack
 
     # arcsec sizes depend on the pixel scale of the tile each source landed on

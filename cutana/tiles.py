@@ -1026,10 +1026,12 @@ class _Unreadable(TileError):
     cannot be read (truncated): not indexed, but the sources it holds are
     tile errors, not sources off every tile (`TileIndex.on_unreadable`)."""
 
-    def __init__(self, message, wcs, shape):
+    def __init__(self, message, wcs, shape, key=None, band=None):
         super().__init__(message)
         self.wcs = wcs
         self.shape = tuple(shape)
+        self.key = key  # the tile and band it would be (`_Record`)
+        self.band = band
 
 
 def _read_record(path, hdu=None):
@@ -1101,9 +1103,6 @@ def _read_record(path, hdu=None):
     if not np.all(np.isfinite(centre)):
         msg = f"{path}: the WCS gives no sky position for the image centre"
         raise TileError(msg)
-    if unreadable is not None:
-        raise _Unreadable(unreadable, wcs, shape)
-
     name_band = _band_from_name(path)
     named = band is not None or name_band is not None  # not just the file's stem
     if band is None:
@@ -1111,6 +1110,8 @@ def _read_record(path, hdu=None):
     if tile_id is None:
         match = _TILE_FROM_NAME.search(os.path.basename(path))
         tile_id = match.group(1) if match else _wcs_fingerprint(wcs, shape)
+    if unreadable is not None:
+        raise _Unreadable(unreadable, wcs, shape, key=tile_id, band=band)
     return _Record(
         path=path,
         band=band,
@@ -1272,8 +1273,9 @@ class TileIndex:
         self.bands = list(bands)
         self.errors = [tuple(e) for e in errors]
         self.file_lists = dict(file_lists or {})
-        # (path, reason, WCS, shape) of the files in ``errors`` that their
-        # headers place on the sky (`on_unreadable`); not saved with the index
+        # (path, reason, WCS, shape, tile key, band) of the files in ``errors``
+        # that their headers place on the sky (`on_unreadable`,
+        # `unreadable_reason`); not saved with the index
         self.unreadable = []
 
     def __len__(self):
@@ -1357,7 +1359,9 @@ class TileIndex:
             except TileError as exc:
                 errors.append((path, str(exc)))
                 if isinstance(exc, _Unreadable):
-                    unreadable.append((path, str(exc), exc.wcs, exc.shape))
+                    unreadable.append(
+                        (path, str(exc), exc.wcs, exc.shape, exc.key, exc.band)
+                    )
                 continue
             groups.setdefault(rec.key, []).append(rec)
         _report_wcs_notes([r for recs in groups.values() for r in recs])
@@ -1739,7 +1743,7 @@ class TileIndex:
         ra = np.atleast_1d(np.asarray(ra, dtype=np.float64))
         dec = np.atleast_1d(np.asarray(dec, dtype=np.float64))
         diameter, arcsec = _diameter_arrays(len(ra), diameter_pix, diameter_arcsec)
-        for _path, reason, wcs, shape in self.unreadable:
+        for _path, reason, wcs, shape, _key, _band in self.unreadable:
             px, py = sky_to_pixel(wcs, ra, dec)
             placed = np.isfinite(px) & np.isfinite(py)
             scales = wcs.celestial.proj_plane_pixel_scales()
@@ -1752,6 +1756,29 @@ class TileIndex:
             for k in np.flatnonzero(placed & (boxes.code == BOX_OK)).tolist():
                 reasons.setdefault(k, reason)
         return reasons
+
+    def unreadable_reason(self, key, band):
+        """Why the file of ``band`` of the tile ``key`` was left out, if its
+        header named that tile and band but its data cannot be read (a
+        truncated file); `None` otherwise (no such file, or one whose header
+        could not be read either).
+
+        Parameters
+        ----------
+        key : str
+            The tile's key (`Tile.key`).
+        band : str
+            The band's name.
+
+        Returns
+        -------
+        reason : str or None
+            The reason, naming the file.
+        """
+        for _path, reason, _wcs, _shape, k, b in self.unreadable:
+            if k == key and b == band:
+                return reason
+        return None
 
     @staticmethod
     def _world_to_pixel(tile, ra, dec):

@@ -1945,7 +1945,9 @@ def test_verify_of_an_interrupted_run_says_it_is_unfinished(
 
 
 def test_corrupt_tile_marks_only_its_sources(survey, tmp_path):
-    """Test that a truncated tile fails only its own sources, with TILE_ERROR and exit 1."""
+    """Test that a truncated tile fails only its own sources, with TILE_ERROR
+    and exit 1, each saying that the file is truncated (it said the tile had
+    no file for that band)."""
     import shutil
 
     src = os.path.dirname(survey.tile_paths[0][0])
@@ -1965,6 +1967,10 @@ def test_corrupt_tile_marks_only_its_sources(survey, tmp_path):
     assert len(status) == survey.n_sources
     assert not (status == Status.PENDING).any()
     assert report.failures
+    failed = np.flatnonzero(status == Status.TILE_ERROR)
+    assert len(failed) > 0
+    for r in failed:
+        assert f"{victim}: file is truncated" in report.messages[int(r)]
     truth = survey.truth
     # sources that the truth puts on the intact tile are unaffected
     on0 = (truth["tile"] == 0) & (truth["expected_status"] == Status.OK)

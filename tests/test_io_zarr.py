@@ -171,6 +171,51 @@ def _run(
     return writer, catalogue, jobs, base, checksums
 
 
+@pytest.mark.parametrize("with_ledger", [True, False])
+def test_write_chunks_records_each_chunk_as_it_goes(tmp_path, monkeypatch, with_ledger):
+    """Test that ``write_chunks(record=True)`` appends each chunk's record
+    (checksum, and its rows' status and geometry) to the run's ledger before
+    the chunk is written, as the parent would record them; without a ledger
+    (no run state) it records nothing and says so (``recorded`` false)."""
+    from cutana.io import zarr as zarr_io
+
+    n = 40
+    catalogue, jobs, base = _fake_run(n=n, seed=3)
+    writer = ZarrWriter.create(
+        tmp_path / "s", n_rows=n, bands=BANDS, out_shape=OUT_SHAPE, dtype="float32",
+        config={"size": 5, "resample": "none"}, tiles=_tiles(), chunk_rows=6,
+        **catalogue,
+    )
+    ledger = Ledger(tmp_path / "s")
+    if with_ledger:
+        ledger.run_started("fp")
+    for job in jobs:
+        stage_job(tmp_path / "s", job)
+    monkeypatch.setattr(zarr_io, "_MAX_RUN_BYTES", 1)  # (a chunk at a time)
+    seen = []
+    write_direct = zarr_io.ZarrWriter._write_direct
+
+    def writing(self, name, run, *args):
+        if name == "images":  # the records of the run are there already
+            seen.append((tuple(run), set(Ledger(tmp_path / "s").read().chunks)))
+        return write_direct(self, name, run, *args)
+
+    monkeypatch.setattr(zarr_io.ZarrWriter, "_write_direct", writing)
+    checksums = writer.write_chunks(range(writer.n_chunks), _mapping(n, jobs), base,
+                                    record=True)
+    state = ledger.read()
+    assert checksums.recorded == with_ledger
+    if not with_ledger:
+        assert state.chunks == {}
+        return
+    assert state.chunks == dict(checksums)
+    for k, (status, geometry) in checksums.rows.items():
+        np.testing.assert_array_equal(state.chunk_rows[k][0], status)
+        np.testing.assert_array_equal(state.chunk_rows[k][1], geometry)
+    assert [run for run, _ in seen] == [(k,) for k in range(writer.n_chunks)]
+    assert all(run[0] in recorded for run, recorded in seen)
+
+
 def _old_layout(path, version):
     """Turn a new, empty store into one of format 1, 2 or 3: the per-row
     arrays chunked as ``images``, uncompressed, written with each chunk."""

@@ -248,6 +248,7 @@ class ChunksWritten(dict):
         super().__init__(*args, **kwargs)
         self.rows = {}
         self.recorded = False  # the records are in the ledger already
+        self.unrecorded = False  # (some could not be: no ledger)
 
     def update(self, other=(), /, **kwargs):
         """Add the checksums of ``other`` (and its `rows` if it has them)."""
@@ -1009,17 +1010,23 @@ class ZarrWriter:
                 self._write_block(
                     run, r0, block, images, checksums, background, helper, record
                 )
-        checksums.recorded = record
+        checksums.recorded = record and not checksums.unrecorded
         logger.debug("wrote %d chunks of %s", len(chunks), self.path)
         return checksums
 
     def _record(self, run, checksums):
-        """Append the records of the chunks ``run`` to the ledger, unflushed."""
+        """Append the records of the chunks ``run`` to the ledger, unflushed
+        (without a ledger, the caller records them: ``checksums.unrecorded``)."""
         from .ledger import Ledger
 
         rows = {} if self.rows_in_chunks else {k: checksums.rows[k] for k in run}
-        with Ledger(self.path, worker=True) as ledger:
-            ledger.chunks_written({k: checksums[k] for k in run}, rows=rows, sync=False)
+        try:
+            with Ledger(self.path, worker=True) as ledger:
+                ledger.chunks_written(
+                    {k: checksums[k] for k in run}, rows=rows, sync=False
+                )
+        except FileNotFoundError:  # (no run state: nothing to resume)
+            checksums.unrecorded = True
 
     def _write_block(
         self, run, r0, block, images, checksums, background, helper, record=False

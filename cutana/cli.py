@@ -171,9 +171,11 @@ def _add_run_options(p, *, with_output=True):
                    help="compute stretch limits on the central crop (a fraction "
                    "<= 1 of the size such as 0.5, or a whole number of pixels: "
                    "1.0 is the whole image, 1 one pixel)")
-    g.add_argument("--flux-conversion", action="store_true", default=None,
+    g.add_argument("--flux-conversion", action=argparse.BooleanOptionalAction,
+                   default=None,
                    help="convert pixel values to Jansky with the header zero point "
-                   "(not those of flag, mask and PSF planes)")
+                   "(not those of flag, mask and PSF planes); --no-flux-conversion "
+                   "turns off a --config file's flux_conversion = true")
     g.add_argument("--zeropoint-keyword", metavar="KEY",
                    help="header keyword of the AB zero point (default: MAGZERO)")
     g.add_argument("--channel-weights", nargs="+", type=float, metavar="W",
@@ -306,6 +308,13 @@ def build_parser():
                        description="Run benchmark scenarios against Astropy (and ESA "
                        "Cutana when --cutana-python is given).")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the harness")
+    # -v after the sub-command too (``cutana run ... -v``); not defaulted there,
+    # so that one given before it counts
+    for name in ("run", "plan", "demo", "verify", "preview"):
+        sub.choices[name].add_argument(
+            "-v", "--verbose", action="count", default=argparse.SUPPRESS,
+            help="log more (-v info, -vv debug)",
+        )
     return parser
 
 
@@ -525,8 +534,10 @@ def _cmd_run(ns, parser):
     make_cutouts = _import_pipeline().make_cutouts
 
     # (make_cutouts refuses what is not true or false: "no" is not false)
-    resume = ns.resume if ns.resume is not None else config.get("resume", False)
-    overwrite = ns.overwrite if ns.overwrite is not None else config.get("overwrite", False)
+    resume, overwrite = (
+        getattr(ns, name) if getattr(ns, name) is not None else config.get(name, False)
+        for name in ("resume", "overwrite")
+    )
     report = make_cutouts(
         catalogue,
         output,

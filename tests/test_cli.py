@@ -493,6 +493,47 @@ def test_flags_override_config(survey, tmp_path):
     assert cutana.open(out).images.shape[2:] == (11, 11)
 
 
+def test_no_flux_conversion_wins_over_the_config_file(survey, tmp_path):
+    """Test that ``--no-flux-conversion`` turns off a config file's
+    ``flux_conversion = true`` (no flag could), and ``--flux-conversion``
+    turns it on: the values are those of runs without and with it."""
+    cfg = tmp_path / "run.toml"
+    cfg.write_text("size = 9\nflux_conversion = true\n")
+    outs = {}
+    for name, extra in (("off", ["--no-flux-conversion"]), ("on", [])):
+        outs[name] = tmp_path / f"{name}.zarr"
+        assert main(["run", survey.catalogue_path, "-o", str(outs[name]),
+                     "--config", str(cfg), "--no-progress", *extra]) == 0
+    plain = tmp_path / "plain.zarr"
+    assert main(["run", survey.catalogue_path, "-o", str(plain), "--size", "9",
+                 "--no-progress"]) == 0
+    converted = tmp_path / "converted.zarr"
+    assert main(["run", survey.catalogue_path, "-o", str(converted), "--size", "9",
+                 "--no-progress", "--flux-conversion"]) == 0
+    same = [("off", plain), ("on", converted)]
+    for name, ref in same:
+        np.testing.assert_array_equal(cutana.open(outs[name]).images[:],
+                                      cutana.open(ref).images[:])
+    assert not np.array_equal(cutana.open(plain).images[:],
+                              cutana.open(converted).images[:])
+
+
+@pytest.mark.parametrize(
+    ("args", "level"),
+    [(["plan", "-v"], 1), (["-vv", "plan"], 2), (["plan"], 0),
+     (["-v", "plan", "-vv"], 2)],
+)
+def test_verbose_after_the_sub_command(survey, monkeypatch, args, level):
+    """Test that ``-v`` is taken after the sub-command too (it was an
+    unrecognised argument there), and before it as before."""
+    from cutana import cli
+
+    seen = []
+    monkeypatch.setattr(cli, "_setup_logging", seen.append)
+    assert main([*args, survey.catalogue_path, "--size", "9"]) == 0
+    assert seen == [level]
+
+
 def test_plan_prints_summary_without_cutting(survey, tmp_path, capsys):
     """Test that ``cutana plan`` prints jobs and memory estimate and writes nothing."""
     code = main(["plan", survey.catalogue_path, "--size", "15", "--memory-limit", "2GB"])

@@ -364,7 +364,11 @@ def cut_job(settings, tile, job, scratch=None, out=None, stretch_thread=False):
     # (the planner gives a job only sources whose box meets the tile: the
     # reference band file, or one of the band files on grids of their own)
     off = boxes.code != BOX_OK
-    missed = off & ~_meets_own_grid(tile, job)
+    own_boxes = _own_band_boxes(tile, job)
+    meets = np.zeros(n, dtype=bool)
+    for placed, band_boxes in own_boxes.values():
+        meets |= placed & (band_boxes.code == BOX_OK)
+    missed = off & ~meets
     status[missed] = Status.NO_OVERLAP
     for r in np.flatnonzero(missed).tolist():
         messages[int(job.rows[r])] = "the cutout does not overlap its tile"
@@ -372,7 +376,7 @@ def cut_job(settings, tile, job, scratch=None, out=None, stretch_thread=False):
     order = np.lexsort((job.x, job.y))  # sweep the tile top to bottom
     same_size = bool(np.all(job.box == job.box[:1])) if n else True
     band_starts, band_origin = _own_grid_boxes(
-        settings, tile, job, missed, status, messages, origin
+        settings, tile, job, own_boxes, missed, status, messages, origin
     )
     if (off & ~missed).any():
         # a box that misses the reference band file but meets another band's
@@ -431,52 +435,51 @@ def cut_job(settings, tile, job, scratch=None, out=None, stretch_thread=False):
     )
 
 
-def _meets_own_grid(tile, job):
-    """Per source of ``job``, whether its box meets one of the band files of
-    ``tile`` on pixel grids of their own (`~cutana.tiles.Tile.own_grid`)."""
-    hit = np.zeros(len(job), dtype=bool)
+def _own_band_boxes(tile, job):
+    """The boxes of a job's sources in the band files of its tile that are
+    on pixel grids of their own (`~cutana.tiles.Tile.own_grid`): band index
+    -> ``(placed, boxes)``, whether the file's WCS places each source, and
+    its `~cutana._geometry.compute_boxes` boxes there (empty when there is
+    no such band).
+
+    A source's box in such a band has the reference band's size (or its own,
+    ``job.band_box``), placed at the source's position in that file
+    (``job.band_xy``) by astropy's rounding rules; a source the WCS cannot
+    place gets the box of position 0, 0, which is then not written (the
+    source misses the band).
+    """
     if job.band_xy is None or not len(job):
-        return hit
+        return {}
+    out = {}
     for c in tile.own_grid:
-        band = tile.bands[c]
-        if band is None:
+        if tile.bands[c] is None:
             continue
         xy = job.band_xy[:, c]
         placed = np.all(np.isfinite(xy), axis=1)
         yx = np.where(placed[:, None], xy[:, ::-1], 0.0)
-        boxes = compute_boxes(band.shape, job.band_boxes(c), yx, "partial")
-        hit |= placed & (boxes.code == BOX_OK)
-    return hit
+        out[c] = placed, compute_boxes(tile.bands[c].shape, job.band_boxes(c), yx,
+                                       "partial")
+    return out
 
 
-def _own_grid_boxes(settings, tile, job, missed, status, messages, origin):
-    """The boxes of a job's sources in the band files of its tile that are
-    on pixel grids of their own (`~cutana.tiles.Tile.own_grid`).
+def _own_grid_boxes(settings, tile, job, own_boxes, missed, status, messages, origin):
+    """Where the cutouts of a job's sources start in the band files of its
+    tile on pixel grids of their own (``own_boxes``, `_own_band_boxes`).
 
-    A source's box in such a band has the reference band's size (or its own,
-    ``job.band_box``), placed at the source's position in that file
-    (``job.band_xy``) by astropy's rounding rules. A box that leaves that
-    file's pixels makes the source `~cutana.Status.PARTIAL_OVERLAP` (the
-    band is filled there); one that misses the file also gets a message.
-    ``status`` and ``messages`` are changed in place. Returns ``(starts,
-    band_origin)``: band index -> ``(n, 2)`` ``(y0, x0)`` first pixels, and
-    the ``(n, C, 2)`` ``(x0, y0)`` origins of every band
-    (`JobResult.band_origin`), or ``({}, None)``.
+    A box that leaves that file's pixels makes the source
+    `~cutana.Status.PARTIAL_OVERLAP` (the band is filled there); one that
+    misses the file also gets a message. ``status`` and ``messages`` are
+    changed in place. Returns ``(starts, band_origin)``: band index ->
+    ``(n, 2)`` ``(y0, x0)`` first pixels, and the ``(n, C, 2)`` ``(x0, y0)``
+    origins of every band (`JobResult.band_origin`), or ``({}, None)``.
     """
-    own = [c for c in tile.own_grid if tile.bands[c] is not None]
-    if not own or job.band_xy is None or not len(job):
+    if not own_boxes:
         return {}, None
     band_origin = np.repeat(origin[:, None, :], len(tile.bands), axis=1)
     starts = {}
-    for c in own:
+    for c, (placed, boxes) in own_boxes.items():
         band = tile.bands[c]
-        xy = job.band_xy[:, c]
-        placed = np.all(np.isfinite(xy), axis=1)
-        # (a source its WCS cannot place gets the box of position 0, 0,
-        # which is then not written: the source misses the band)
-        yx = np.where(placed[:, None], xy[:, ::-1], 0.0)
         box = job.band_boxes(c)
-        boxes = compute_boxes(band.shape, box, yx, "partial")
         off = ((boxes.code != BOX_OK) | ~placed) & ~missed
         partial = (boxes.is_partial & ~missed) | off
         status[partial & (status == Status.OK)] = Status.PARTIAL_OVERLAP

@@ -255,8 +255,7 @@ class BandFile:
             Mean of the two projection-plane pixel scales at the reference
             point, e.g. for converting diameters in arcsec to pixels.
         """
-        scales = self.wcs().proj_plane_pixel_scales()
-        return float(np.mean([s.to_value(u.arcsec) for s in scales]))
+        return _mean_scale_arcsec(self.wcs())
 
     def angle_in_pixels(self, arcsec):
         """Return angular diameters as pixels of this file's grid.
@@ -278,16 +277,7 @@ class BandFile:
         pixels : `~numpy.ndarray` of float64
             The diameters in pixels, not rounded.
         """
-        from astropy.wcs.utils import proj_plane_pixel_scales
-
-        wcs = self.wcs()
-        size = np.asarray(arcsec, dtype=np.float64)
-        scales = proj_plane_pixel_scales(wcs)
-        if scales[0] != scales[1]:
-            return size / self.pixel_scale_arcsec()
-        flat = size.reshape(-1, 1)
-        pixels = angles_in_pixels(np.hstack([flat, flat]) * u.arcsec, wcs)[:, 0]
-        return pixels.reshape(size.shape)
+        return _angle_in_pixels(self.wcs(), arcsec)
 
     def zeropoint(self, keyword="MAGZERO"):
         """Return the photometric zero point from the header.
@@ -1273,9 +1263,9 @@ class TileIndex:
         self.bands = list(bands)
         self.errors = [tuple(e) for e in errors]
         self.file_lists = dict(file_lists or {})
-        # (path, reason, WCS, shape, tile key, band) of the files in ``errors``
-        # that their headers place on the sky (`on_unreadable`,
-        # `unreadable_reason`); not saved with the index
+        # the `_Unreadable` errors of the files in ``errors`` that their
+        # headers place on the sky (`on_unreadable`, `unreadable_reason`);
+        # not saved with the index
         self.unreadable = []
 
     def __len__(self):
@@ -1359,9 +1349,7 @@ class TileIndex:
             except TileError as exc:
                 errors.append((path, str(exc)))
                 if isinstance(exc, _Unreadable):
-                    unreadable.append(
-                        (path, str(exc), exc.wcs, exc.shape, exc.key, exc.band)
-                    )
+                    unreadable.append(exc)
                 continue
             groups.setdefault(rec.key, []).append(rec)
         _report_wcs_notes([r for recs in groups.values() for r in recs])
@@ -1743,18 +1731,17 @@ class TileIndex:
         ra = np.atleast_1d(np.asarray(ra, dtype=np.float64))
         dec = np.atleast_1d(np.asarray(dec, dtype=np.float64))
         diameter, arcsec = _diameter_arrays(len(ra), diameter_pix, diameter_arcsec)
-        for _path, reason, wcs, shape, _key, _band in self.unreadable:
+        for error in self.unreadable:
+            wcs = error.wcs
             px, py = sky_to_pixel(wcs, ra, dec)
             placed = np.isfinite(px) & np.isfinite(py)
-            scales = wcs.celestial.proj_plane_pixel_scales()
-            scale = float(np.mean([v.to_value(u.arcsec) for v in scales]))
             angle = np.isfinite(arcsec) & ~np.isfinite(diameter)
-            dia = np.where(angle, np.divide(arcsec, scale), diameter)
+            dia = np.where(angle, _angle_in_pixels(wcs, arcsec), diameter)
             size = np.maximum(_box_sizes(dia), 1)
             yx = np.where(placed[:, None], np.column_stack([py, px]), 0.0)
-            boxes = compute_boxes(shape, np.c_[size, size], yx, mode="partial")
+            boxes = compute_boxes(error.shape, np.c_[size, size], yx, mode="partial")
             for k in np.flatnonzero(placed & (boxes.code == BOX_OK)).tolist():
-                reasons.setdefault(k, reason)
+                reasons.setdefault(k, str(error))
         return reasons
 
     def unreadable_reason(self, key, band):
@@ -1775,9 +1762,9 @@ class TileIndex:
         reason : str or None
             The reason, naming the file.
         """
-        for _path, reason, _wcs, _shape, k, b in self.unreadable:
-            if k == key and b == band:
-                return reason
+        for error in self.unreadable:
+            if error.key == key and error.band == band:
+                return str(error)
         return None
 
     @staticmethod
@@ -2058,6 +2045,24 @@ def _diameter_arrays(n, diameter_pix, diameter_arcsec):
         return pix, np.full(n, np.nan)
     arcsec = np.broadcast_to(np.asarray(diameter_arcsec, dtype=np.float64), (n,))
     return pix, np.where(np.isfinite(pix), np.nan, arcsec)
+
+
+def _mean_scale_arcsec(wcs):
+    """`BandFile.pixel_scale_arcsec` of a file with the WCS ``wcs``."""
+    return float(np.mean([s.to_value(u.arcsec) for s in wcs.proj_plane_pixel_scales()]))
+
+
+def _angle_in_pixels(wcs, arcsec):
+    """`BandFile.angle_in_pixels` of a file with the WCS ``wcs``."""
+    from astropy.wcs.utils import proj_plane_pixel_scales
+
+    size = np.asarray(arcsec, dtype=np.float64)
+    scales = proj_plane_pixel_scales(wcs)
+    if scales[0] != scales[1]:
+        return size / _mean_scale_arcsec(wcs)
+    flat = size.reshape(-1, 1)
+    pixels = angles_in_pixels(np.hstack([flat, flat]) * u.arcsec, wcs)[:, 0]
+    return pixels.reshape(size.shape)
 
 
 def _own_grid_overlap(tile, ra, dec, sizes):

@@ -59,6 +59,31 @@ def test_installed_command_runs():
     assert out.stdout.strip() == f"cutana {cutana.__version__}"
 
 
+def test_python_dash_m_cutana_is_the_command(survey, tmp_path):
+    """Test that ``python -m cutana`` is the ``cutana`` command: it answers
+    --version, and a run with worker processes (which must not run the
+    command again when they import the main module) writes what the same
+    run in this process writes."""
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    out = subprocess.run([sys.executable, "-m", "cutana", "--version"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"cutana {cutana.__version__}"
+    args = [survey.catalogue_path, "--size", "15", "--no-progress"]
+    run = subprocess.run(
+        [sys.executable, "-m", "cutana", "run", *args, "--output",
+         str(tmp_path / "m.zarr"), "--workers", "2", "--backend", "processes"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    assert main(["run", *args, "--output", str(tmp_path / "s.zarr")]) == 0
+    m, s = cutana.open(tmp_path / "m.zarr"), cutana.open(tmp_path / "s.zarr")
+    np.testing.assert_array_equal(np.asarray(m.status), np.asarray(s.status))
+    np.testing.assert_array_equal(np.asarray(m.images), np.asarray(s.images))
+
+
 def test_run_exit_zero_and_output(survey, tmp_path, capsys):
     """Test that a clean run exits 0 and accounts for every row in status."""
     out = tmp_path / "o.zarr"

@@ -67,10 +67,11 @@ logger = logging.getLogger(__name__)
 
 BACKENDS = ("serial", "processes", "dask")
 
-#: Modules cutana's worker processes import before their first task (the
-#: cutting and writing code), first making the worker server ignore Ctrl-C
-#: (`cutana._ignore_sigint`); see `start_forkserver`.
-WORKER_PRELOAD = ("cutana._ignore_sigint", "cutana.pipeline")
+#: Modules cutana's worker server imports before it forks the first worker:
+#: `cutana._worker_server` makes it ignore Ctrl-C, imports the cutting and
+#: writing code (`cutana.pipeline`) and makes it exit promptly; see
+#: `start_forkserver`.
+WORKER_PRELOAD = ("cutana._worker_server",)
 
 #: Tasks the ``processes`` backend hands to its pool beyond one per worker,
 #: memory budget permitting: a worker that finishes a task starts a queued
@@ -161,7 +162,7 @@ def start_forkserver(preload=()):
     os.environ.update(env)
     # the server starts with SIGINT blocked (as multiprocessing starts its
     # resource tracker): a Ctrl-C while it imports its site packages, before
-    # it preloads `cutana._ignore_sigint`, ended it with a traceback of its
+    # it preloads `cutana._worker_server`, ended it with a traceback of its
     # own beside the run's one line; one here is delivered once unblocked
     # (the resource tracker first: starting it unblocks SIGINT again)
     resource_tracker.ensure_running()

@@ -26,6 +26,7 @@ import mmap
 import os
 import re
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -1187,6 +1188,34 @@ def _warn_band_order(tuples, records, names):
         )
 
 
+def _positions_most_list(fits_file_paths, tuples, names):
+    """How many band positions are the bands by default: the most that at
+    least half the rows with a file list list (every position when the
+    lists are as long). Longer lists keep their further files out of the
+    bands, with a warning: one row listing a file too many made that file
+    a band, for which every other row was then a bad row."""
+    n_pos = len(names)
+    if len({len(files) for files in tuples}) < 2:  # (rows are counted only then)
+        return n_pos
+    rows_of = Counter(map(len, filter(None, fits_file_paths)))
+    total = sum(rows_of.values())
+    n = n_pos
+    while n > 1 and 2 * sum(c for k, c in rows_of.items() if k >= n) < total:
+        n -= 1
+    if n < n_pos:
+        row, files = next(
+            (r, f) for r, f in enumerate(fits_file_paths) if f and len(f) > n
+        )
+        logger.warning(
+            "%d of %d rows list more than the %d file(s) at least half the rows "
+            "list (e.g. row %d: %d files): the bands are the first %d position(s), "
+            "%s; their further files are not cut (give --bands to choose among "
+            "%s)", sum(c for k, c in rows_of.items() if k > n), total, n, row,
+            len(files), n, ", ".join(names[:n]), ", ".join(names),
+        )
+    return n
+
+
 def _closest_hint(name, choices):
     import difflib
 
@@ -1443,8 +1472,9 @@ class TileIndex:
             (`cutana.catalog.Catalog.fits_file_paths`). Repeated tuples are
             indexed once; empty tuples are skipped.
         bands : list of str, optional
-            Bands to use, by name, in channel order; by default all
-            positions.
+            Bands to use, by name, in channel order; by default the
+            positions that at least half the rows list (every position when
+            the lists are as long), in order.
         progress : bool, optional
             Show a progress bar (tqdm) over the files when reading their
             headers takes longer than `INDEX_PROGRESS_DELAY` seconds.
@@ -1462,8 +1492,11 @@ class TileIndex:
 
         Notes
         -----
-        Bands are positional: the n-th file of every tuple is band n. Band
-        names come from the headers (or Euclid file names) of the first
+        Bands are positional: the n-th file of every tuple is band n. A
+        row listing fewer files than the bands has no file for the last
+        ones (`cutana.pipeline` makes it a bad row); the further files of a
+        longer list are not cut unless ``bands`` names them (with a
+        warning). Band names come from the headers (or Euclid file names) of the first
         tuple that has a readable file at each position; if two positions
         give the same name, the later one is called ``'NAME[position]'``.
         When no file names its band, they are what differs between the
@@ -1512,7 +1545,7 @@ class TileIndex:
             bands = [str(b) for b in bands]
             _check_bands(bands, names, errors)
         else:
-            bands = list(names)
+            bands = names[: _positions_most_list(fits_file_paths, tuples, names)]
         positions = [names.index(b) for b in bands]
 
         tiles, file_lists, keys = [], {}, set()

@@ -1473,6 +1473,54 @@ def test_a_file_list_shorter_than_the_bands_is_a_bad_row(survey, tmp_path, bands
     assert verify(tmp_path / "out.zarr") == []  # the tiles tell why it is bad
 
 
+def test_a_file_list_longer_than_most_does_not_add_a_band(survey, tmp_path, caplog):
+    """Test that one row listing a file more than every other row does not
+    make that file a band: the bands are the positions at least half the
+    rows list, the row is cut from its first files, with a warning naming
+    it, and the run equals one without the extra file. Before, the extra
+    file was a band and every other row a bad row ("none for band
+    NIR-H[2]"). Naming that band with ``bands`` still cuts it."""
+    import logging
+
+    from astropy.table import Table
+
+    table = Table.read(survey.catalogue_path, format="ascii.csv")
+    lists = [str(v) for v in table["fits_file_paths"]]
+    good = [i for i, v in enumerate(lists) if v.startswith("[")]
+    r, other = good[3], good[-1]
+    paths = ast.literal_eval(lists[r])
+    extra = ast.literal_eval(lists[other])[-1]  # a file of another row, band NIR-H
+    lists[r] = str([*paths, extra])
+    table["fits_file_paths"] = lists
+    cat = tmp_path / "cat.csv"
+    table.write(cat, format="ascii.csv")
+    opts = dict(size=15, progress=False)
+    with caplog.at_level(logging.WARNING, logger="cutana"):
+        report = cutana.make_cutouts(cat, tmp_path / "out.zarr", **opts)
+    assert report.exit_code == 0
+    assert f"(e.g. row {r}: 3 files)" in caplog.text
+    assert "NIR-H[2]" in caplog.text
+    ref = cutana.make_cutouts(survey.catalogue_path, tmp_path / "ref.zarr", **opts)
+    assert ref.exit_code == 0
+    got, want = cutana.open(tmp_path / "out.zarr"), cutana.open(tmp_path / "ref.zarr")
+    assert got.bands == want.bands == list(BANDS)
+    assert want.status[r] in (Status.OK, Status.PARTIAL_OVERLAP)
+    np.testing.assert_array_equal(got.status, want.status)
+    np.testing.assert_array_equal(np.asarray(got.images), np.asarray(want.images))
+
+    asked = cutana.make_cutouts(cat, tmp_path / "asked.zarr",
+                                bands=[*BANDS, "NIR-H[2]"], **opts)
+    three = cutana.open(tmp_path / "asked.zarr")
+    # (its third file lies on another tile: the box reaches outside it)
+    assert three.status[r] in (Status.OK, Status.PARTIAL_OVERLAP)
+    np.testing.assert_array_equal(np.asarray(three[r])[:2], np.asarray(want[r]))
+    cut = np.isin(np.asarray(want.status), (Status.OK, Status.PARTIAL_OVERLAP))
+    rest = np.setdiff1d(np.flatnonzero(cut), [r])  # (off-tile rows stay so)
+    assert len(rest) > 10
+    assert (np.asarray(three.status)[rest] == Status.BAD_ROW).all()
+    assert "none for band NIR-H[2]" in asked.messages[int(rest[0])]
+
+
 def test_angular_sizes_of_rows_of_unreadable_tiles_need_a_size(survey, tmp_path):
     """Test that a Zarr run whose rows cannot be cut, because their tiles
     cannot be read, and whose sizes are angles (the tile's pixel scale

@@ -696,6 +696,35 @@ def test_zero_point_in_the_primary_header_of_an_extension_image(tmp_path):
 # --------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("n_long", "n_short", "want"), [(1, 5, 2), (3, 3, 3), (4, 2, 3), (0, 6, 2)]
+)
+def test_default_bands_are_the_positions_most_rows_list(
+    tmp_path, caplog, n_long, n_short, want
+):
+    """Test that the bands of file lists are by default the positions at
+    least half the rows list (rows, not distinct lists; empty and missing
+    lists not counted), with a warning naming the first longer row when
+    some are left out, and that ``bands`` may still name them."""
+    import logging
+
+    g, r, i = (str(tmp_path / f"{b}.fits") for b in "gri")
+    for path, band in zip((g, r, i), "gri", strict=True):
+        make_tile(path, (150.0, 2.0), band=band)
+    rows = [None, ()] + [(g, r)] * n_short + [(g, r, i)] * n_long
+    with caplog.at_level(logging.WARNING, logger="cutana"):
+        index = TileIndex.from_file_lists(rows)
+    assert index.bands == ["g", "r", "i"][:want]
+    warned = "rows list more than" in caplog.text
+    assert warned == (want == 2 and n_long > 0)
+    if warned:
+        first = 2 + n_short
+        assert f"{n_long} of {n_long + n_short} rows" in caplog.text
+        assert f"(e.g. row {first}: 3 files)" in caplog.text
+    if n_long:
+        assert TileIndex.from_file_lists(rows, bands=["g", "i"]).bands == ["g", "i"]
+
+
 def test_from_file_lists_and_assign_by_files(tmp_path):
     """Test that distinct file tuples are tiles and broken ones are file errors."""
     vis0, nir0 = str(tmp_path / "t0_vis.fits"), str(tmp_path / "t0_nir.fits")

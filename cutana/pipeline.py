@@ -3305,9 +3305,9 @@ def iter_cutouts(catalog, *, batch_size=None, **options):
     batch : `~cutana.pipeline.CutoutBatch`
         ``(n, C, H, W)`` images with their rows and metadata. Rows that are
         not cut (bad rows, off-tile) are not yielded; nor are the rows of
-        tiles that cannot be read, which a `RuntimeWarning` counts. A tile
-        that fails while its batch is cut gives that batch with status
-        ``TILE_ERROR`` and zero images.
+        tiles that cannot be read, which a `RuntimeWarning` counts, also
+        when a tile fails while its batch is cut (its data cannot be read,
+        or it lacks the zero-point keyword of ``flux_conversion``).
 
     Examples
     --------
@@ -3369,13 +3369,26 @@ def _job_batches(prepared):
                 prepared.settings, prepared.index.tiles[job.tile], job,
                 stretch_thread=stretch_thread,
             )
+            cut = result.status != Status.TILE_ERROR
+            if not cut.all():  # (zero images: not cutouts to train on)
+                first = int(result.rows[np.argmin(cut)])
+                warnings.warn(
+                    f"{np.count_nonzero(~cut)} rows are not yielded because their "
+                    f"tile failed while they were cut, e.g. row {first}: "
+                    f"{result.messages.get(first, 'tile error')}",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                if not cut.any():
+                    continue
+            rows = result.rows[cut] if not cut.all() else result.rows
             yield CutoutBatch(
-                images=result.images,
-                rows=result.rows,
-                source_id=cat.source_id[result.rows],
-                ra=cat.ra[result.rows],
-                dec=cat.dec[result.rows],
-                status=result.status,
+                images=result.images if cut.all() else result.images[cut],
+                rows=rows,
+                source_id=cat.source_id[rows],
+                ra=cat.ra[rows],
+                dec=cat.dec[rows],
+                status=result.status if cut.all() else result.status[cut],
                 bands=tuple(prepared.index.bands),
             )
     finally:

@@ -902,6 +902,48 @@ def test_iter_cutouts_warns_of_rows_of_unreadable_tiles(survey, tmp_path):
     assert not np.isin(failed, rows).any()
 
 
+def test_iter_cutouts_leaves_out_rows_of_a_tile_failing_as_it_is_cut(survey, tmp_path):
+    """Test that `iter_cutouts` does not yield the rows of a tile found
+    broken only while it is cut (a band without the zero-point keyword of
+    flux conversion), as it does not yield those of a tile that cannot be
+    read: it yielded them with zero images and status TILE_ERROR. It warns,
+    and the rows it yields equal `make_cutouts`' cutouts of the same
+    options."""
+    import shutil
+
+    from astropy.io import fits
+
+    dst = tmp_path / "tiles"
+    shutil.copytree(os.path.dirname(survey.tile_paths[0][0]), dst)
+    victim = dst / os.path.basename(survey.tile_paths[1][1])
+    with fits.open(victim, mode="update") as hdul:
+        del hdul[0].header["MAGZERO"]
+    opts = dict(size=17, tiles=[str(dst / "*.fits")], flux_conversion=True)
+    report = cutana.make_cutouts(survey.catalogue_path, tmp_path / "o.zarr",
+                                 progress=False, **opts)
+    stored = cutana.open(tmp_path / "o.zarr")
+    status = np.asarray(stored.status)
+    failed = np.flatnonzero(status == Status.TILE_ERROR)
+    assert report.exit_code == 1 and len(failed)
+    assert "MAGZERO" in report.messages[int(failed[0])]
+    for batch_size in (None, 7):
+        with pytest.warns(RuntimeWarning) as caught:
+            batches = list(cutana.iter_cutouts(survey.catalogue_path,
+                                               batch_size=batch_size, **opts))
+        (warning,) = [w for w in caught if "not yielded" in str(w.message)]
+        assert str(warning.message).startswith(
+            f"{len(failed)} rows are not yielded because their tile failed while "
+            f"they were cut, e.g. row {failed[0]}: "
+        )
+        rows = np.concatenate([b.rows for b in batches])
+        cut = np.flatnonzero(np.isin(status, (Status.OK, Status.PARTIAL_OVERLAP)))
+        np.testing.assert_array_equal(np.sort(rows), cut)
+        images = np.concatenate([b.images for b in batches])
+        np.testing.assert_array_equal(images, np.asarray(stored.images)[rows])
+        np.testing.assert_array_equal(np.concatenate([b.status for b in batches]),
+                                      status[rows])
+
+
 def _stop_at_the_fourth_result(monkeypatch):
     """Make a run stop (KeyboardInterrupt) as it is handed its 4th result."""
     from cutana import pipeline

@@ -65,7 +65,8 @@ def test_python_dash_m_cutana_is_the_command(survey, tmp_path):
     command again when they import the main module) writes what the same
     run in this process writes."""
     env = dict(os.environ)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # the folder of the cutana imported here (a source tree, or site-packages)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(cutana.__file__)))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     out = subprocess.run([sys.executable, "-m", "cutana", "--version"], env=env,
                          capture_output=True, text=True, timeout=120)

@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+import cutana
 from cutana import _testing
 from cutana.executor import Executor, MemorySampler
 
@@ -729,7 +730,8 @@ def test_workers_leave_when_their_parent_is_a_zombie():
         f"_watch_parent({parent.pid}, {create_time!r}, 0.05)"
     )
     env = dict(os.environ)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # the folder of the cutana imported here (a source tree, or site-packages)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(cutana.__file__)))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     try:
         watcher = subprocess.run([sys.executable, "-c", code], env=env, timeout=60)
@@ -760,7 +762,8 @@ def test_the_worker_server_starts_with_sigint_blocked():
     import sys
 
     env = dict(os.environ)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # the folder of the cutana imported here (a source tree, or site-packages)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(cutana.__file__)))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     out = subprocess.run([sys.executable, "-c", _SERVER_SIGNALS], env=env,
                          capture_output=True, text=True, check=True, timeout=60)
@@ -800,7 +803,8 @@ def test_the_worker_server_module_ignores_sigint_freezes_and_exits_at_once():
 
     assert WORKER_PRELOAD == ("cutana._worker_server",)
     env = dict(os.environ)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # the folder of the cutana imported here (a source tree, or site-packages)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(cutana.__file__)))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     lines = {}
     for mode in ("server", "control"):

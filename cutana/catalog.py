@@ -1197,15 +1197,36 @@ def _read_sexagesimal(raw, values, problem, unit, role):
 _LOOKS_ANGULAR = re.compile(r"\d\s*[:\s°′″'\"hdms]")
 
 
-def _angle_factor(unit, name):
-    """Factor from ``unit`` to degrees (1 when there is no angular unit)."""
+def _angle_factor(unit, name, role, source):
+    """Factor from the values of coordinate column ``name`` (``role``
+    ``'ra'`` or ``'dec'``) with ``unit`` to degrees: 1 without a unit or
+    with one astropy does not know (``'degrees'``, say: a warning says
+    so); hours of RA (a time unit) are hour angles. Raises `CatalogError`
+    for a unit of another kind (metres, pixels): the values are not
+    angles."""
     if unit is None:
         return 1.0
     try:
-        return float(u.Unit(unit).to(u.deg))
-    except (u.UnitsError, ValueError, TypeError):
-        logger.debug("column %r has non-angular unit %s; taken as degrees", name, unit)
+        unit = u.Unit(unit, parse_strict="silent")
+    except (ValueError, TypeError):
+        unit = u.UnrecognizedUnit(str(unit))
+    if isinstance(unit, u.UnrecognizedUnit):
+        logger.warning(
+            "catalogue %s column %r: astropy does not know its unit %r; its "
+            "values are taken as degrees", source, name, unit.name,
+        )
         return 1.0
+    if unit == u.dimensionless_unscaled:
+        return 1.0
+    if unit.is_equivalent(u.deg):
+        return float(unit.to(u.deg))
+    if role == "ra" and unit.is_equivalent(u.h):
+        return float(unit.to(u.h)) * 15.0
+    msg = (
+        f"catalogue {source!r} column {name!r}: its unit {unit} is not an angle "
+        "(give RA and Dec in degrees, or with an angular unit)"
+    )
+    raise CatalogError(msg)
 
 
 def _size_kind(unit, kind, name):
@@ -1589,7 +1610,7 @@ def read_catalog(
         raw, mask, unit = cols.get(name)
         _one_per_row(raw, name, source)
         values, problem = _to_float(raw, mask)
-        values = values * _angle_factor(unit, name)
+        values = values * _angle_factor(unit, name, role, source)
         reasons = _read_sexagesimal(raw, values, problem, unit, role)
         report(problem == _MISSING, name, lambda i: "value is missing")
         report(
@@ -1637,7 +1658,7 @@ def read_catalog(
     if size is not None:
         size_pixel[:] = size
     else:
-        has_size = np.zeros(n, dtype=bool)
+        has_size = np.zeros(n, dtype=bool)  # (the columns' order: which wins)
         absent = []
         for name, named in size_cols:
             raw, mask, column_unit = cols.get(name)
@@ -1648,6 +1669,9 @@ def read_catalog(
                 with np.errstate(invalid="ignore", over="ignore"):
                     values = values * factor
             limit = MAX_SIZE_PIXEL if unit == "pixel" else MAX_SIZE_ARCSEC
+            # a value of a column a row does not use (diameter_pixel wins over
+            # diameter_arcsec) is no fault of the row's
+            problem = np.where(has_size, _OK, problem)
             report(
                 problem == _NOT_NUMBER,
                 name,
@@ -1664,22 +1688,24 @@ def read_catalog(
                     else np.zeros(n, bool)
                 )
             report(
-                nonpos,
+                nonpos & ~has_size,
                 name,
                 lambda i, v=values: f"value {_show(v[i])} is not a positive size",
             )
             report(
-                infinite, name, lambda i, v=values: f"value {_show(v[i])} is not finite"
+                infinite & ~has_size,
+                name,
+                lambda i, v=values: f"value {_show(v[i])} is not finite",
             )
             report(
-                big,
+                big & ~has_size,
                 name,
                 lambda i, v=values, lim=limit, un=unit: (
                     f"value {_show(v[i])} exceeds {lim} {un}s"
                 ),
             )
             report(
-                tiny,
+                tiny & ~has_size,
                 name,
                 lambda i, v=values: f"value {_show(v[i])} rounds to 0 pixels",
             )
@@ -1718,15 +1744,6 @@ def read_catalog(
                 "value is missing" if not t[i] else f"value {_show(t[i])} is empty"
             ),
         )
-        if n:
-            dup, first_of = _duplicates(ids, missing)
-            report(
-                dup,
-                id_name,
-                lambda i, t=ids, f=first_of: (
-                    f"value {_show(t[i])} duplicates the id of row {f[i]}"
-                ),
-            )
     else:
         ids = np.arange(n).astype(str) if n else np.zeros(0, dtype="<U1")
 
@@ -1763,6 +1780,26 @@ def read_catalog(
 
     for i, text in cols.malformed.items():
         problems[i] = [text]  # not "value is missing" in every column
+    if id_name is not None and n:
+        # the first of the good rows with one id is cut, the later ones are
+        # bad rows: a bad row before it does not take it along (a bad row
+        # is told the earlier row of its id all the same)
+        bad = np.zeros(n, dtype=bool)
+        bad[list(problems)] = True
+        dup, first_of = _duplicates(ids, missing)
+        if (dup & ~bad & bad[first_of]).any():
+            dup_good, first_good = _duplicates(ids, missing | bad)
+            dup = np.where(bad, dup, dup_good)
+            first_of = np.where(bad, first_of, first_good)
+        if cols.malformed:
+            dup[list(cols.malformed)] = False  # (their line is their message)
+        report(
+            dup,
+            id_name,
+            lambda i, t=ids, f=first_of: (
+                f"value {_show(t[i])} duplicates the id of row {f[i]}"
+            ),
+        )
     status = np.full(n, Status.OK, dtype=np.int16)
     messages = {}
     for i in sorted(problems):

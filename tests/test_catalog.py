@@ -244,6 +244,93 @@ def test_bad_size_option_raises(size):
         read_catalog(t, size=size)
 
 
+def test_a_size_column_a_row_does_not_use_is_no_fault_of_the_row():
+    """Test that a bad diameter_arcsec does not make a row bad whose
+    diameter_pixel, which wins, is good; a bad diameter_pixel does, also
+    beside a good diameter_arcsec. Before, the first row was a bad row for
+    a value never used."""
+    t = Table(
+        {
+            "ra": [1.0, 2.0, 3.0, 4.0],
+            "dec": [0.0, 0.0, 0.0, 0.0],
+            "diameter_pixel": [16.0, np.nan, -3.0, 12.0],
+            "diameter_arcsec": [-1.0, 4.0, 2.0, np.inf],
+        }
+    )
+    cat = read_catalog(t)
+    assert_array_equal(cat.status, [OK, OK, BAD, OK])
+    assert_array_equal(cat.size_pixel, [16.0, np.nan, np.nan, 12.0])
+    assert cat.messages[2] == (
+        "<Table> row 2 column 'diameter_pixel': value -3.0 is not a positive size"
+    )
+
+
+def test_the_first_good_row_of_an_id_is_cut():
+    """Test that among rows sharing an id the first one that is good
+    otherwise is cut and the later ones are bad rows, each naming it; a bad
+    row before it (NaN RA) does not make it a duplicate too, as it did (no
+    row of the id was cut). A bad row is still told the earlier row of its
+    id."""
+    t = Table(
+        {
+            "SourceID": ["a", "a", "b", "a", "b"],
+            "ra": [np.nan, 150.0, 150.1, 150.2, 95.0],
+            "dec": [2.0, 2.0, 2.0, 2.0, 91.0],
+            "diameter_pixel": [10.0] * 5,
+        }
+    )
+    cat = read_catalog(t)
+    assert_array_equal(cat.status, [BAD, OK, OK, BAD, BAD])
+    assert "duplicates" not in cat.messages[0]
+    assert cat.messages[3] == (
+        "<Table> row 3 column 'SourceID': value 'a' duplicates the id of row 1"
+    )
+    assert cat.messages[4].endswith(
+        "column 'SourceID': value 'b' duplicates the id of row 2"
+    )
+
+
+@pytest.mark.parametrize(
+    ("unit", "value", "ra_deg"),
+    [("deg", 150.0, 150.0), ("hourangle", 10.0, 150.0), ("h", 10.0, 150.0),
+     ("min", 600.0, 150.0), ("rad", 2.0, np.degrees(2.0))],
+)
+def test_coordinate_units(unit, value, ra_deg):
+    """Test that RA in an angular unit, or in hours (a time unit, as hour
+    angle), is read in degrees."""
+    t = Table({"ra": [value], "dec": [2.0], "diameter_pixel": [10.0]})
+    t["ra"].unit = unit
+    cat = read_catalog(t)
+    assert cat.status[0] == OK
+    np.testing.assert_allclose(cat.ra, [ra_deg], rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("column", "unit"), [("ra", "m"), ("dec", "pix"), ("dec", "h")]
+)
+def test_a_coordinate_unit_that_is_not_an_angle_is_refused(column, unit):
+    """Test that RA or Dec in metres, pixels (or Dec in hours) is refused,
+    naming the column and unit: it was read as degrees without a word."""
+    t = Table({"ra": [150.0], "dec": [2.0], "diameter_pixel": [10.0]})
+    t[column].unit = unit
+    match = f"column '{column}': its unit .* is not an angle"
+    with pytest.raises(CatalogError, match=match):
+        read_catalog(t)
+
+
+def test_a_coordinate_unit_astropy_does_not_know_is_taken_as_degrees(caplog):
+    """Test that an unknown unit string (``'degrees'``) is taken as degrees,
+    with a warning naming it."""
+    import logging
+
+    t = Table({"ra": [150.0], "dec": [2.0], "diameter_pixel": [10.0]})
+    t["ra"].unit = "degrees"
+    with caplog.at_level(logging.WARNING, logger="cutana"):
+        cat = read_catalog(t)
+    assert cat.ra[0] == 150.0
+    assert "does not know its unit 'degrees'" in caplog.text
+
+
 def test_both_size_columns():
     """Test that rows may give their size in either unit, pixels first."""
     t = Table(

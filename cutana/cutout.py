@@ -303,6 +303,41 @@ def _check_numbers(i, pos):
         raise _naming_source(i, exc) from exc
 
 
+def _target_shape(target):
+    """``(H, W)`` of a `BatchCutout2D.resample` target: a whole number, or
+    a pair of them (2.5 was taken as 2, and "4" as 4)."""
+    pair = (target, target) if np.ndim(target) == 0 else tuple(target)
+    if len(pair) != 2 or not all(
+        isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
+        for v in pair
+    ):
+        msg = f"target must be a whole number or a pair of them, got {target!r}"
+        raise TypeError(msg)
+    return int(pair[0]), int(pair[1])
+
+
+def _resample_region(source, starts, shapes, ok, margin=2):
+    """What `BatchCutout2D.resample` hands the kernel, and the boxes'
+    ``starts`` in it: ``source`` itself, or, for a FITS section (which is
+    not an array) or float16 data (which the kernel does not read), the
+    part of it that the boxes of the sources in ``ok`` reach, widened by
+    ``margin`` pixels (the kernel reads at most one beyond a box), read and
+    as float32 if float16. Pixels outside ``source`` stay outside."""
+    section = isinstance(source, (Section, CompImageSection))
+    if not section and np.asarray(source).dtype != np.float16:
+        return source, starts
+    shape = np.asarray(source.shape[-2:], dtype=np.int64)
+    lo = hi = np.zeros(2, dtype=np.int64)
+    if ok.any():
+        lo = np.maximum(starts[ok].min(axis=0) - margin, 0)
+        hi = np.maximum(np.minimum((starts[ok] + shapes[ok]).max(axis=0) + margin,
+                                   shape), lo)
+    region = np.asarray(source[lo[0] : hi[0], lo[1] : hi[1]])
+    if region.dtype == np.float16:
+        region = region.astype(np.float32)  # (exactly)
+    return region, np.where(ok[:, None], starts - lo, starts)
+
+
 def _naming_source(i, exc):
     """A copy of exception ``exc`` whose message starts ``source i: ``."""
     args = (f"source {i}: {exc.args[0] if exc.args else exc}", *exc.args[1:])
@@ -1241,8 +1276,7 @@ class BatchCutout2D:
         """
         from .resample import extract_resampled
 
-        if np.isscalar(target):
-            target = (int(target), int(target))
+        target = _target_shape(target)
         boxes = self._boxes
         ok = self.status == BOX_OK
         if self.mode == "trim":
@@ -1256,7 +1290,7 @@ class BatchCutout2D:
             fill = float(fill)
         except (TypeError, ValueError):
             fill = 0.0
-        data = np.asarray(self._source)
+        data, starts = _resample_region(self._source, starts, shapes, ok)
         out, _ = extract_resampled(
             data, starts, shapes, tuple(target), method=method, fill_value=fill,
             scale=scale, dtype=dtype, n_threads=n_threads,

@@ -127,21 +127,28 @@ def _crop_region(crop, shape):
     height, width = shape
     if crop is None:
         return 0, height, 0, width
-    values = np.atleast_1d(np.asarray(crop))
-    if values.ndim != 1 or len(values) not in (1, 2) or values.dtype.kind not in "iuf":
+    # each value keeps its own kind: in (1, 0.5), 1 is one pixel
+    if isinstance(crop, np.ndarray):
+        values = crop.tolist() if crop.ndim == 1 else [crop.tolist()]
+    else:
+        values = list(crop) if isinstance(crop, (tuple, list)) else [crop]
+    if len(values) not in (1, 2) or not all(
+        isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
+        for v in values
+    ):
         msg = (
             "crop must be a number or a pair (for rows and columns): a fraction "
             f"in (0, 1] of the image or a number of pixels, got {crop!r}"
         )
         raise ValueError(msg)
     if len(values) == 1:
-        values = np.repeat(values, 2)
+        values = values * 2
     sizes = []
     for value, full in zip(values, (height, width), strict=True):
         if not np.isfinite(value) or value <= 0:
             msg = f"crop must be positive, got {crop!r}"
             raise ValueError(msg)
-        if values.dtype.kind == "f" and value <= 1:
+        if not isinstance(value, numbers.Integral) and value <= 1:
             size = max(1, int(round(float(value) * full)))
         elif float(value) == int(value):
             size = int(value)

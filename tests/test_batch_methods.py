@@ -62,3 +62,52 @@ def test_normalize_needs_uniform_shapes(image):
         batch.normalize("linear")
     stack = batch.resample(10)
     assert batch.normalize("linear", stack=stack).shape == (2, 10, 10)
+
+
+@pytest.mark.parametrize("kind", ["section", "compressed", "float16"])
+@pytest.mark.parametrize("method", ["bilinear", "nearest", "area"])
+def test_resample_reads_fits_sections_and_float16(tmp_path, image, kind, method):
+    """Test that resample reads a FITS ``Section`` or ``CompImageSection``
+    (which BatchCutout2D takes; resample failed: "data must be a 2-D
+    array, got 0 dimensions") and float16 data (refused: "unsupported
+    dtype"), reading only the part the boxes reach, as it resamples the
+    same values as a float32 array: boxes inside, across the edges and
+    outside."""
+    import contextlib
+
+    from astropy.io import fits
+
+    positions = [(1.2, 2.7), (45.0, 40.5), (88.9, 78.0), (-3.0, 30.0), (200.0, 5.0)]
+    data = image.astype(np.float32)
+    with contextlib.ExitStack() as stack:
+        if kind == "float16":
+            source = data.astype(np.float16)
+            data = source.astype(np.float32)
+        else:
+            path = tmp_path / "tile.fits"
+            hdus = [fits.PrimaryHDU(data)]
+            if kind == "compressed":
+                packed = fits.CompImageHDU(data, compression_type="GZIP_1")
+                hdus = [fits.PrimaryHDU(), packed]
+            fits.HDUList(hdus).writeto(path)
+            hdul = stack.enter_context(fits.open(path))
+            source = hdul[-1].section
+            data = hdul[-1].data  # (the compressed one as stored, quantised)
+        for size in (1, 6, (9, 14)):
+            got = BatchCutout2D(source, positions, size, errors="mask").resample(
+                (7, 5), method)
+            want = BatchCutout2D(data, positions, size, errors="mask").resample(
+                (7, 5), method)
+            np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("target", [2.5, (3.7, 4.2), "4", (4, 5, 6), True])
+def test_resample_target_must_be_whole_numbers(image, target):
+    """Test that a resample target that is not a whole number, or a pair of
+    them, is refused (2.5 was taken as 2, and "4" as 4); numpy integers
+    are whole numbers."""
+    batch = BatchCutout2D(image, POSITIONS, 6)
+    with pytest.raises(TypeError, match="target must be a whole number or a pair"):
+        batch.resample(target)
+    assert batch.resample(np.int64(4)).shape == (len(POSITIONS), 4, 4)
+    assert batch.resample(np.array([3, 5])).shape == (len(POSITIONS), 3, 5)

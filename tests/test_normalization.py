@@ -511,9 +511,13 @@ def test_four_dimensional_stacks_are_per_band():
     assert vmin.shape == vmax.shape == (3, 2)
 
 
-@pytest.mark.parametrize("crop", [0.5, 20, (10, 0.25), 1.0])
+@pytest.mark.parametrize(
+    "crop", [0.5, 20, (10, 0.25), 1.0, (1, 0.5), (0.5, 1), np.array([10, 20])]
+)
 def test_crop_limits_come_from_the_centre(crop):
-    """Test that crop computes the limits from the central region only."""
+    """Test that crop computes the limits from the central region only, each
+    value by its own kind (in ``(1, 0.5)`` the 1 is one pixel: it was read
+    as the fraction 1.0 of a float pair)."""
     data = _images("galaxy", (2, 40, 60), np.float64, seed=10)
     data[:, 0, 0] = 1e6  # a bright neighbour at the edge
     out = normalize(data, "sqrt", crop=crop)

@@ -304,16 +304,48 @@ def _starts_with_comment(path):
 
 
 def _holds(path, *marks, block=1 << 24):
-    """Which of the bytes ``marks`` a file holds, found in one pass (e.g. NUL,
-    where the fast CSV reader cuts text, and a quote), as a set."""
+    """Which of the bytes ``marks`` a file holds (e.g. NUL, where the fast CSV
+    reader cuts text, and a quote), as a set, and whether it holds an odd
+    number of quotes (``"``), found in one pass."""
     found = set()
+    quotes = 0
     try:
         with open(path, "rb") as f:
-            while len(found) < len(marks) and (chunk := f.read(block)):
+            while chunk := f.read(block):
                 found.update(m for m in marks if m in chunk)
+                quotes += chunk.count(b'"')
     except OSError:
         pass
-    return found
+    return found, quotes % 2 == 1
+
+
+def _check_quotes_closed(path, comments):
+    """Raise `CatalogError` naming the line of a CSV file where a quoted
+    field opens that no quote closes: every line after it would be read
+    into that one field, and those rows lost without a word (astropy reads
+    the file so). Called for a file with an odd number of quotes (a quote
+    inside an unquoted field, or in a comment line, is fine)."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
+            lines = (
+                "\n" if comments and _is_comment(line) else line for line in f
+            )
+            reader = csv.reader(lines, skipinitialspace=True, strict=True)
+            done = 0  # the last line of the last whole row
+            try:
+                for _ in reader:
+                    done = reader.line_num
+            except csv.Error as exc:
+                if "unexpected end of data" not in str(exc):
+                    return
+                msg = (
+                    f"catalogue {path!r} line {done + 1}: a quote (\") opens a "
+                    "field there that no quote closes, so that every line after "
+                    "it would be read into that field; close it, or remove it"
+                )
+                raise CatalogError(msg) from None
+    except OSError:
+        return
 
 
 #: A CSV file of more than `_CSV_PARTS` times this many bytes (without a
@@ -830,7 +862,9 @@ def _load(catalog, id_column, _rewritten=False, progress=False):
             if fmt == "ascii.csv" and _starts_with_comment(path):
                 kwargs["comment"] = r"\ufeff?\s*#"  # the first line may hold a BOM
             # one pass over the file for the bytes that change how it is read
-            marks = _holds(path, b"\0", b'"') if fmt == "ascii.csv" else set()
+            marks, odd = _holds(path, b"\0", b'"') if fmt == "ascii.csv" else ((), 0)
+            if odd:
+                _check_quotes_closed(path, "comment" in kwargs)
             if b"\0" in marks:
                 # astropy's C reader ends a field at NUL ('a\0b' -> 'a'),
                 # which would merge distinct ids; the Python reader keeps it

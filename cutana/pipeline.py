@@ -471,7 +471,10 @@ class RunReport:
         for row, text in list(sorted(self.messages.items()))[:max_messages]:
             lines.append(f"row {row}: {text}")
         if len(self.messages) > max_messages:
-            lines.append(f"... and {len(self.messages) - max_messages} more messages")
+            lines.append(
+                f"... and {len(self.messages) - max_messages} more messages (all of "
+                "them: --report-json FILE, or the report's messages)"
+            )
         return "\n".join(lines)
 
     def to_dict(self):

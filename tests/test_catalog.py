@@ -1294,3 +1294,22 @@ def test_csv_file_lists_of_a_non_utf8_file(tmp_path):
     path.write_bytes(text.encode("latin-1"))
     with pytest.raises(CatalogError, match=r"latin1\.csv.*UnicodeDecodeError"):
         read_catalog(str(path), size=10)
+
+
+def test_a_quote_never_closed_refuses_the_catalogue(tmp_path):
+    """Test that a CSV line opening a quoted field that no quote closes
+    refuses the file, naming that line: astropy reads every line after it
+    into that field, and those rows were lost without a word. A quote
+    inside an unquoted field, or in a comment line, leaves an odd count
+    and is read as before."""
+    bad = tmp_path / "bad.csv"
+    bad.write_text('id,RA,Dec\na,150,2\n"b,150,2\nc,150,2\nd,150,2\n')
+    with pytest.raises(CatalogError, match=r"bad.csv' line 3: a quote \(\"\) opens"):
+        read_catalog(bad, size=16)
+    fine = tmp_path / "fine.csv"
+    fine.write_text(
+        '# a "quoted" comment"\nid,RA,Dec\na,150,2\nb"x,150,2\n"c, d",150,2\n'
+    )
+    cat = read_catalog(fine, size=16)
+    assert list(cat.source_id) == ["a", 'b"x', "c, d"]
+    assert_array_equal(cat.status, [OK, OK, OK])

@@ -1495,11 +1495,12 @@ class TileIndex:
         Bands are positional: the n-th file of every tuple is band n. A
         row listing fewer files than the bands has no file for the last
         ones (`cutana.pipeline` makes it a bad row); the further files of a
-        longer list are not cut unless ``bands`` names them (with a
-        warning). Band names come from the headers (or Euclid file names) of the first
-        tuple that has a readable file at each position; if two positions
-        give the same name, the later one is called ``'NAME[position]'``.
-        When no file names its band, they are what differs between the
+        longer list are not cut (a warning says so) unless ``bands`` names
+        them. Band names come from the headers (or Euclid file names) of
+        the first tuple that has a readable file at each position; if two
+        positions give the same name, the later one is called
+        ``'NAME[position]'``. When no file names its band, they are what
+        differs between the
         paths of the first complete tuple (``T0_g.fits``, ``T0_r.fits``, or
         ``g/T0.fits``, ``r/T0.fits``: ``g``, ``r``), else the file names
         without ending.

@@ -68,15 +68,16 @@ def test_python_dash_m_cutana_is_the_command(survey, tmp_path):
     # the folder of the cutana imported here (a source tree, or site-packages)
     root = os.path.dirname(os.path.dirname(os.path.abspath(cutana.__file__)))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    # (in a folder of no cutana: ``-m`` puts the working folder first)
     out = subprocess.run([sys.executable, "-m", "cutana", "--version"], env=env,
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == f"cutana {cutana.__version__}"
     args = [survey.catalogue_path, "--size", "15", "--no-progress"]
     run = subprocess.run(
         [sys.executable, "-m", "cutana", "run", *args, "--output",
          str(tmp_path / "m.zarr"), "--workers", "2", "--backend", "processes"],
-        env=env, capture_output=True, text=True, timeout=300,
+        env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )
     assert run.returncode == 0, run.stderr
     assert main(["run", *args, "--output", str(tmp_path / "s.zarr")]) == 0

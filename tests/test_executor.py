@@ -789,7 +789,7 @@ print(frozen > 0, any(o is cutana.pipeline.make_cutouts for o in gc.get_objects(
 """
 
 
-def test_the_worker_server_module_ignores_sigint_freezes_and_exits_at_once():
+def test_the_worker_server_module_ignores_sigint_freezes_and_exits_at_once(tmp_path):
     """Test what the worker server preloads (`WORKER_PRELOAD`), in a fresh
     interpreter: SIGINT ignored, the pipeline imported and its objects frozen
     (out of the collector's reach, for the server and its workers), and an
@@ -808,8 +808,10 @@ def test_the_worker_server_module_ignores_sigint_freezes_and_exits_at_once():
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     lines = {}
     for mode in ("server", "control"):
+        # (in a folder of no cutana: ``-c`` puts the working folder first)
         out = subprocess.run([sys.executable, "-c", _SERVER_MODULE, mode], env=env,
-                             capture_output=True, text=True, timeout=120)
+                             capture_output=True, text=True, timeout=120,
+                             cwd=tmp_path)
         assert out.returncode == 0, out.stderr
         lines[mode] = out.stdout.splitlines()
     assert lines["server"] == ["True True True", "True False"]

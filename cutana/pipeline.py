@@ -473,7 +473,7 @@ class RunReport:
         if len(self.messages) > max_messages:
             lines.append(
                 f"... and {len(self.messages) - max_messages} more messages (all of "
-                "them: --report-json FILE, or the report's messages)"
+                "them: cutana.open(OUTPUT).messages, or --report-json FILE)"
             )
         return "\n".join(lines)
 
@@ -2518,7 +2518,10 @@ class _Runner:
                 self.status = self.writer.read_status()
             else:
                 self.writer.write_rows(self.status, self._geometry())
-            self.writer.finalize(self.checksums, report={"counts": self._counts()})
+            self.writer.finalize(
+                self.checksums, report={"counts": self._counts()},
+                messages=self.messages,
+            )
         else:
             self._write_index()
 
@@ -3225,7 +3228,7 @@ class _Repair:
         else:
             checksums = writer.stored_checksums()
         checksums.update(self.patched)
-        writer.finalize(checksums, report={"counts": r._counts()})
+        writer.finalize(checksums, report={"counts": r._counts()}, messages=r.messages)
 
 
 def _tile_listing(tile):

@@ -3180,3 +3180,24 @@ def test_angular_sizes_on_bands_of_their_own_grids_resampled(tmp_path, fmt):
     assert min(sides["VIS"]) >= 9 and max(sides["NIR-H"]) <= 10
     assert n_compared > n_src
 
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "fits"])
+def test_the_output_keeps_every_rows_message(survey, tmp_path, fmt):
+    """Test that the output keeps the message of every row that has one
+    (bad rows, off-tile sources, with the file, row, column and value): a
+    Zarr store kept none (the command printed ten, and the rest were lost
+    without ``--report-json``); a FITS output keeps them in its index. Rows
+    without a message read as none."""
+    out = tmp_path / f"out.{fmt}"
+    report = cutana.make_cutouts(survey.catalogue_path, out, format=fmt, size=13,
+                                 progress=False)
+    got = cutana.open(out)
+    status = np.asarray(got.status)
+    assert (status == Status.BAD_ROW).sum() >= 2
+    assert (status == Status.NO_OVERLAP).any()
+    assert got.messages == {int(r): text for r, text in report.messages.items()}
+    bad = int(np.flatnonzero(status == Status.BAD_ROW)[0])
+    name = os.path.basename(survey.catalogue_path)
+    assert got.messages[bad].startswith(f"{name} row {bad} column ")
+    assert set(got.messages) >= set(np.flatnonzero(status >= Status.NO_OVERLAP).tolist())

@@ -242,6 +242,22 @@ class ZarrArchive(CutoutArchive):
         return self._read("status")
 
     @cached_property
+    def messages(self):
+        """dict: Row to the message saying why it has no complete cutout
+        (the run report's), for the rows that have one; empty for a store
+        finalised before cutana kept them."""
+        if "message" not in self._group:
+            return {}
+        arr = self._array("message")
+        step = arr.chunks[0]
+        found = {}
+        for lo in range(0, arr.shape[0], step):
+            block = arr[lo : lo + step]
+            for k in np.flatnonzero(block != "").tolist():
+                found[lo + k] = str(block[k])
+        return found
+
+    @cached_property
     def _has_geometry(self):
         """Whether the store is of format 2 or later (one ``geometry`` array)."""
         return "geometry" in self._group

@@ -16,6 +16,9 @@ Layout (Zarr format 3)::
       chunk_crc32c (n_chunks, 4) uint8    written by `ZarrWriter.finalize`:
                                 the `chunk_digest` of each chunk (stores of
                                 version 1 and 2: ``chunk_sha256``, 32 bytes)
+      message     (N,) str      written by `ZarrWriter.finalize`: why a
+                                row has no complete cutout (file, row,
+                                column and value of a bad row), or ''
 
 Each chunk of ``images`` rows is written by one aligned call, by whichever
 process assembles it, with no lock on the store; `ZarrWriter.write_chunks`
@@ -84,7 +87,7 @@ _V1_GEOMETRY = ("tile", "origin", "box_shape")
 #: What the top folder of a store (of either version) may hold.
 _STORE_MEMBERS = frozenset(
     ("zarr.json", *_ROW_ARRAYS, *_V1_GEOMETRY, "source_id", "ra", "dec", "band_box",
-     *(name for name, _ in CHECKSUMS.values()))
+     "message", *(name for name, _ in CHECKSUMS.values()))
 )
 #: Rows assembled at once by `ZarrWriter.write_chunks` (whole chunks, at
 #: least one): the block is kept for the next call, so it stays small.
@@ -1709,7 +1712,7 @@ class ZarrWriter:
             ok.add(chunk)
         return ok
 
-    def finalize(self, checksums, report=None, *, rows=None):
+    def finalize(self, checksums, report=None, *, rows=None, messages=None):
         """Finish the store once every chunk is written (parent only).
 
         Stores the chunk checksums in ``chunk_crc32c`` (``chunk_sha256`` in
@@ -1734,6 +1737,10 @@ class ZarrWriter:
             first with `write_rows`, in a store of format 4 (ignored in
             older ones). By default the ``rows`` of ``checksums`` if it is a
             `ChunksWritten`; without any, `write_rows` must have stored them.
+        messages : dict, optional
+            Row to the text saying why it has no (complete) cutout, stored
+            in the ``message`` array (``''`` for the other rows; only its
+            chunks that hold a message are written).
 
         Returns
         -------
@@ -1789,6 +1796,7 @@ class ZarrWriter:
         )
         if self.n_chunks:
             arr[:] = digests
+        self._write_messages(messages or {})
         self._sweep_all()
         new = {"complete": True, "status_counts": counts}
         if report is not None:
@@ -1800,6 +1808,30 @@ class ZarrWriter:
         logger.info("finalised %s: %s", self.path, counts)
         return counts
 
+    def _write_messages(self, messages):
+        """Store each row's message in the ``message`` array (made anew):
+        only the chunks of rows that have one are written, the rest read as
+        ``''``."""
+        if "message" in self._group:
+            del self._group["message"]
+        block = _META_CHUNK_ROWS
+        arr = self._group.create_array(
+            "message",
+            shape=(self.n_rows,),
+            chunks=(max(1, min(self.n_rows, block)),),
+            dtype=str,
+            fill_value="",
+            dimension_names=("source",),
+            chunk_key_encoding=_FLAT_KEYS,
+            attributes={"description": "why a row has no complete cutout, or ''"},
+        )
+        rows = np.array(sorted(int(r) for r in messages), dtype=np.int64)
+        for lo in np.unique(rows // block) * block:
+            hi = min(lo + block, self.n_rows)
+            texts = np.full(hi - lo, "", dtype=object)
+            for r in rows[(rows >= lo) & (rows < hi)].tolist():
+                texts[r - lo] = str(messages[r])
+            arr[lo:hi] = texts
     def _require_every_chunk(self, mapping, what, hint):
         """Raise if a chunk index is missing from ``mapping``."""
         missing = [k for k in range(self.n_chunks) if k not in mapping]

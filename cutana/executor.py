@@ -61,6 +61,8 @@ __all__ = [
     "keep_freed_memory",
     "return_freed_memory",
     "start_forkserver",
+    "stop_worker_server",
+    "worker_server_pid",
 ]
 
 logger = logging.getLogger(__name__)
@@ -179,6 +181,26 @@ def start_forkserver(preload=()):
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def worker_server_pid():
+    """Process id of the running worker server (multiprocessing's
+    ``forkserver``), or `None`."""
+    from multiprocessing import forkserver
+
+    return getattr(getattr(forkserver, "_forkserver", None), "_forkserver_pid", None)
+
+
+def stop_worker_server():
+    """Stop the worker server, if one runs, and wait until it has exited
+    (`start_forkserver` starts another): for a run that cuts in its own
+    process after all, which the server's memory would count against."""
+    from multiprocessing import forkserver
+
+    server = getattr(forkserver, "_forkserver", None)
+    stop = getattr(server, "_stop", None)  # (not public: "for unit tests")
+    if stop is not None and worker_server_pid() is not None:
+        stop()
 
 
 def _server_import_path():

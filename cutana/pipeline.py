@@ -43,6 +43,8 @@ from .executor import (
     Executor,
     MemorySampler,
     default_backend,
+    stop_worker_server,
+    worker_server_pid,
 )
 from .io import (
     ChunksWritten,
@@ -515,9 +517,14 @@ def _prepare(
 ):
     """Read, validate, index and plan (no pixel data).
 
-    ``measure_parent()`` gives the bytes the run's processes hold once the
-    catalogue is read (the plan's ``parent_bytes``: the catalogue's arrays
-    grow with it, and the workers' memory is what the limit leaves).
+    ``measure_parent(in_process)`` gives the bytes the run's processes hold
+    once the catalogue is read (the plan's ``parent_bytes``: the catalogue's
+    arrays grow with it, and the workers' memory is what the limit leaves);
+    with ``in_process``, those of the main process alone. When the memory
+    limit holds no worker process of the ``processes`` backend beside the
+    main process and the worker server, but holds the run in the main
+    process, the plan is made for that, and ``options.backend`` becomes
+    ``'serial'`` (with a warning).
     With ``chunked`` (and Zarr output) the plan follows the store's chunks;
     ``batches``: for `iter_cutouts`, whose batches hold one size.
     ``progress``: progress bars while the catalogue and the tile headers
@@ -736,14 +743,19 @@ def _prepare(
         n_channels = max(1, len(index.bands))
         row_bytes = n_channels * out_shape[0] * out_shape[1] * itemsize
         chunk_rows = choose_chunk_rows(len(status), row_bytes)
-    parent_bytes = None
-    if measure_parent is not None:
+    def parent(in_process=False):
+        if measure_parent is None:
+            return None
         _release_free_memory()  # what reading the catalogue left behind
-        parent_bytes = measure_parent()
+        measured = measure_parent(in_process)
         if options.format == "zarr":  # the run frees them before cutting
-            parent_bytes = max(0, parent_bytes - _freed_bytes(cat))
-    try:
-        plan = make_plan(
+            measured = max(0, measured - _freed_bytes(cat))
+        return measured
+
+    band_xy = index.band_positions(assignment.tile, cat.ra, cat.dec)
+
+    def plan_for(n_workers, parent_bytes, fit_workers):
+        return make_plan(
             index,
             assignment,
             diam,
@@ -752,24 +764,45 @@ def _prepare(
             out_shape=out_shape,
             out_itemsize=itemsize,
             memory_limit=options.memory_limit,
-            n_workers=options.workers if options.backend != "serial" else 1,
+            n_workers=n_workers,
             max_sources_per_job=options.max_sources_per_job,
             parent_bytes=parent_bytes,
             meta={"config": options.to_config(), "bands": list(index.bands),
                   **_own_grid_meta(index)},
             chunk_rows=chunk_rows,
-            # worker processes are started for the plan: as many as fit
-            fit_workers=options.backend == "processes",
+            fit_workers=fit_workers,
             parent_row_bytes=PARENT_ROW_BYTES
             + (FITS_ROW_BYTES if options.format == "fits" else 0),
-            band_xy=index.band_positions(assignment.tile, cat.ra, cat.dec),
+            band_xy=band_xy,
             band_diameters=band_diam,
         )
-    except ValueError as exc:  # the memory limit cannot hold the largest cutout
-        hint = _memory_hint(
-            str(exc), cat, diam, status, assignment, options, size_arcsec
+
+    processes = options.backend == "processes"
+    try:
+        # worker processes are started for the plan: as many as fit
+        plan = plan_for(
+            options.workers if options.backend != "serial" else 1, parent(),
+            fit_workers=processes,
         )
-        raise ConfigError(hint) from None
+    except ValueError as exc:  # the memory limit cannot hold the largest cutout
+        plan = None
+        if processes and measure_parent is not None:
+            # ... beside a worker process and its server: in this process?
+            with contextlib.suppress(ValueError):
+                plan = plan_for(1, parent(in_process=True), fit_workers=False)
+        if plan is None:
+            hint = _memory_hint(
+                str(exc), cat, diam, status, assignment, options, size_arcsec
+            )
+            raise ConfigError(hint) from None
+        logger.warning(
+            "memory limit %s holds no worker process beside the main process "
+            "and the worker server (%s): the main process cuts (backend "
+            "'serial', estimated peak %s)", _fmt_bytes(plan.memory_limit),
+            str(exc).split(": ", 1)[-1].split(";")[0], _fmt_bytes(plan.peak_bytes),
+        )
+        options.backend = "serial"
+        options.workers = 1
     if plan.workers_asked:
         logger.warning(
             "memory limit %s holds %d of the %d workers asked for (each needs "
@@ -1058,19 +1091,50 @@ def plan_cutouts(catalog, *, progress=None, **options):
 
     options = RunOptions.from_keywords(options)
 
-    def measure():
+    def sample(exclude=()):
         # the memory this process holds once the catalogue is read stands
         # for a run's main process, as `make_cutouts` measures it at the
-        # same point; a run's worker server is measured with it
-        root = psutil.Process()
-        rss = MemorySampler.tree_rss(root)
-        if options.backend == "processes" and not root.children():
-            rss += SERVER_BYTES
-        return rss or None
+        # same point
+        rss = MemorySampler.tree_rss(psutil.Process())
+        for pid in exclude:
+            with contextlib.suppress(psutil.Error):
+                rss -= psutil.Process(pid).memory_info().rss
+        return rss
 
     return _prepare(
-        catalog, options, measure_parent=measure, progress=_show_progress(progress)
+        catalog, options, measure_parent=_parent_measure(sample, set, options),
+        progress=_show_progress(progress),
     ).plan
+
+
+def _parent_measure(sample, worker_pids, options):
+    """`_prepare`'s ``measure_parent(in_process)`` for a run: ``sample(exclude)``
+    of the process tree (`MemorySampler.sample`) without the workers
+    (``worker_pids()``). For the ``processes`` backend (``options.backend``
+    when it measures), at least this
+    process and `SERVER_BYTES` for the worker server and multiprocessing's
+    resource tracker, whether or not they run yet (a Python caller's
+    `make_cutouts` starts them after planning; the command starts them
+    first, but the server may still be importing); ``in_process``: without
+    the worker server, for a run that cuts in this process."""
+
+    def measure(in_process=False):
+        workers = set(worker_pids())
+        server = worker_server_pid()
+        if in_process:
+            return sample(workers | ({server} if server is not None else set()))
+        rss = sample(workers)
+        if options.backend == "processes":
+            import psutil
+
+            try:
+                kids = {p.pid for p in psutil.Process().children(recursive=True)}
+            except psutil.Error:
+                kids = set()
+            rss = max(rss, sample(kids | workers) + SERVER_BYTES)  # (this one alone)
+        return rss or None
+
+    return measure
 
 
 def _show_progress(progress):
@@ -1584,12 +1648,18 @@ def make_cutouts(
                     # the workers' own memory is the plan's to estimate
                     prepared = _prepare(
                         catalog, opts,
-                        measure_parent=lambda: sampler.sample(executor.worker_pids()),
+                        measure_parent=_parent_measure(
+                            sampler.sample, executor.worker_pids, opts
+                        ),
                         progress=show,
                     )
                     if opts.backend == "processes":
                         executor.resize(prepared.plan.n_workers)
                         executor.warm_up()  # (started already without a limit)
+                    elif executor.backend == "processes":  # the limit holds none
+                        executor.close()
+                        stop_worker_server()  # (whose memory it would count)
+                        executor = Executor("serial", 1, retries=1)
                     _release_free_memory()  # what planning left behind
                     runner = _Runner(prepared, output, show, client)
                     runner.start(

@@ -296,7 +296,8 @@ def test_main_process_memory_is_measured_once_the_catalogue_is_read(
 
     for children, server in (([], SERVER_BYTES), ([psutil.Process()], 0)):
         monkeypatch.setattr(
-            psutil.Process, "children", lambda self, kids=children: kids
+            psutil.Process, "children",
+            lambda self, recursive=False, kids=children: kids,
         )
         plan = pipeline.plan_cutouts(
             survey.catalogue_path, size=21, memory_limit="2GB",
@@ -309,10 +310,15 @@ def test_a_memory_limit_that_holds_fewer_workers_runs_as_many_as_it_holds(
     survey, zarr_run, tmp_path, monkeypatch, caplog
 ):
     """Test that a processes run whose memory limit holds one of the two
-    workers asked for (beside the main process, as measured) starts one
-    worker, says so, and writes the same output; it was refused as a usage
-    error. With a limit, the workers start once the plan is made."""
-    from cutana.executor import Executor, MemorySampler
+    workers asked for (beside the main process, as measured, and the worker
+    server) starts one worker, says so, and writes the same output; it was
+    refused as a usage error. With a limit, the workers start once the plan
+    is made. A limit that holds no worker process beside them, but the run
+    in the main process, runs it there (``serial``), says so, stops the
+    worker server and writes the same output; it was refused too. One that
+    holds neither is refused."""
+    from cutana.executor import Executor, MemorySampler, worker_server_pid
+    from cutana.planner import SERVER_BYTES
 
     monkeypatch.setattr(MemorySampler, "sample", lambda self, exclude=(): 10**8)
     monkeypatch.setattr(MemorySampler, "tree_rss", staticmethod(lambda root: 10**8))
@@ -320,7 +326,8 @@ def test_a_memory_limit_that_holds_fewer_workers_runs_as_many_as_it_holds(
         survey.catalogue_path, size=21, memory_limit="4GB", backend="serial"
     ).memory
     one = model.worker_bytes + model.working_bytes + model.per_source_bytes
-    limit = int(model.parent_bytes + 1.5 * one)
+    assert one > SERVER_BYTES
+    limit = int(model.parent_bytes + SERVER_BYTES + 1.5 * one)
     pools = []
     new_pool = Executor._new_pool
 
@@ -339,6 +346,17 @@ def test_a_memory_limit_that_holds_fewer_workers_runs_as_many_as_it_holds(
     assert pools and set(pools) == {1}
     clean, _ = zarr_run
     assert files_bytes(clean) == files_bytes(out)
+
+    caplog.clear()
+    pools.clear()
+    alone = tmp_path / "alone.zarr"
+    with caplog.at_level("WARNING", logger="cutana.pipeline"):
+        report = cutana.make_cutouts(survey.catalogue_path, alone, **{
+            **opts, "memory_limit": int(model.parent_bytes + 1.2 * one)})
+    assert report.exit_code == 0
+    assert "holds no worker process beside the main process" in caplog.text
+    assert pools == [] and worker_server_pid() is None
+    assert files_bytes(clean) == files_bytes(alone)
     with pytest.raises(ConfigError, match="too small for 1 worker"):
         cutana.make_cutouts(survey.catalogue_path, tmp_path / "o2", **{
             **opts, "memory_limit": int(model.parent_bytes + 0.5 * one)})

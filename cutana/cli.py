@@ -528,8 +528,10 @@ def _cmd_run(ns, parser):
     backend = opts.get("backend") or default_backend(
         opts.get("workers", 1), opts.get("scheduler")
     )
-    if backend == "processes":
+    if backend == "processes" and opts.get("memory_limit") is None:
         # worker processes import cutana while this process does the same
+        # (with a memory limit, once the plan holds them: the catalogue is
+        # read within the limit without the server's 100 MB)
         start_forkserver(WORKER_PRELOAD)
     make_cutouts = _import_pipeline().make_cutouts
 

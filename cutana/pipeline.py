@@ -743,14 +743,17 @@ def _prepare(
         n_channels = max(1, len(index.bands))
         row_bytes = n_channels * out_shape[0] * out_shape[1] * itemsize
         chunk_rows = choose_chunk_rows(len(status), row_bytes)
-    def parent(in_process=False):
-        if measure_parent is None:
-            return None
+    processes = options.backend == "processes"
+    # measured now, both (a plan that fails leaves memory behind)
+    parent = {}
+    if measure_parent is not None:
         _release_free_memory()  # what reading the catalogue left behind
-        measured = measure_parent(in_process)
-        if options.format == "zarr":  # the run frees them before cutting
-            measured = max(0, measured - _freed_bytes(cat))
-        return measured
+        for in_process in (False, True) if processes else (False,):
+            measured = measure_parent(in_process)
+            if options.format == "zarr" and measured is not None:
+                # the run frees them before cutting
+                measured = max(0, measured - _freed_bytes(cat))
+            parent[in_process] = measured
 
     band_xy = index.band_positions(assignment.tile, cat.ra, cat.dec)
 
@@ -777,19 +780,18 @@ def _prepare(
             band_diameters=band_diam,
         )
 
-    processes = options.backend == "processes"
     try:
         # worker processes are started for the plan: as many as fit
         plan = plan_for(
-            options.workers if options.backend != "serial" else 1, parent(),
+            options.workers if options.backend != "serial" else 1, parent.get(False),
             fit_workers=processes,
         )
     except ValueError as exc:  # the memory limit cannot hold the largest cutout
         plan = None
-        if processes and measure_parent is not None:
+        if parent.get(True) is not None:
             # ... beside a worker process and its server: in this process?
             with contextlib.suppress(ValueError):
-                plan = plan_for(1, parent(in_process=True), fit_workers=False)
+                plan = plan_for(1, parent[True], fit_workers=False)
         if plan is None:
             hint = _memory_hint(
                 str(exc), cat, diam, status, assignment, options, size_arcsec

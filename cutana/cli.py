@@ -516,6 +516,34 @@ def _writable_file(path, option):
         raise ConfigError(msg)
 
 
+#: Main process bytes while a catalogue file is read, beyond the imports,
+#: per byte of the file: an ESA Cutana-style CSV of 2,000,000 rows (526 MB)
+#: peaked at 525-542 MB, one of 200,000 rows (52 MB) at about 165 MB;
+#: with a margin.
+_READ_BYTES_PER_FILE_BYTE = 1.5
+_READ_BASE_BYTES = 150 * 10**6
+
+
+def _server_fits_while_reading(memory_limit, catalogue):
+    """Whether the worker server may start before the catalogue is read
+    (to import while this process does): without a memory limit, or where
+    the limit holds it (`cutana.planner.SERVER_BYTES`) beside this process
+    reading the file, as estimated from its size. Otherwise the run starts
+    it once the plan holds workers (a 2,000,000-row catalogue at 600MB
+    peaked at 629 MB, the server and the reading together)."""
+    if memory_limit is None:
+        return True
+    from .planner import SERVER_BYTES, parse_memory
+
+    try:
+        limit = parse_memory(memory_limit)
+        size = os.path.getsize(catalogue)
+    except (ValueError, TypeError, OSError):
+        return False  # (the run reports a bad value)
+    need = SERVER_BYTES + _READ_BASE_BYTES + _READ_BYTES_PER_FILE_BYTE * size
+    return limit >= need
+
+
 def _cmd_run(ns, parser):
     config = _load_config(ns.config, parser) if ns.config else {}
     opts = _options(ns, config)
@@ -528,10 +556,10 @@ def _cmd_run(ns, parser):
     backend = opts.get("backend") or default_backend(
         opts.get("workers", 1), opts.get("scheduler")
     )
-    if backend == "processes" and opts.get("memory_limit") is None:
+    if backend == "processes" and _server_fits_while_reading(
+        opts.get("memory_limit"), catalogue
+    ):
         # worker processes import cutana while this process does the same
-        # (with a memory limit, once the plan holds them: the catalogue is
-        # read within the limit without the server's 100 MB)
         start_forkserver(WORKER_PRELOAD)
     make_cutouts = _import_pipeline().make_cutouts
 

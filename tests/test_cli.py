@@ -998,17 +998,27 @@ def test_a_stop_lost_during_the_run_stops_it_between_tasks(
     np.testing.assert_array_equal(got.status[:], ref.status[:])
 
 
-@pytest.mark.parametrize("limit", [None, "4GB"])
-def test_the_worker_server_starts_before_the_catalogue_is_read_without_a_limit(
-    survey, tmp_path, monkeypatch, limit
+@pytest.mark.parametrize(("limit", "room"), [(None, True), ("4GB", True),
+                                             ("4GB", False)])
+def test_the_worker_server_starts_before_the_catalogue_is_read_where_it_fits(
+    survey, tmp_path, monkeypatch, limit, room
 ):
     """Test that ``cutana run`` with worker processes starts their server
-    first thing without a memory limit (it imports while the catalogue is
-    read), and with one only once the plan holds workers: the catalogue is
-    read within the limit without the server's memory (a 2,000,000-row
-    catalogue at 600MB peaked at 629 MB while it was read, beside the
-    server)."""
-    from cutana import executor, pipeline
+    first thing (it imports while the catalogue is read) without a memory
+    limit, or with one that holds it beside reading the catalogue as
+    estimated from the file's size; else only once the plan holds workers:
+    a 2,000,000-row catalogue at 600MB peaked at 629 MB while it was read,
+    beside the server."""
+    from cutana import cli, executor, pipeline
+    from cutana.planner import SERVER_BYTES
+
+    size = os.path.getsize(survey.catalogue_path)
+    need = SERVER_BYTES + cli._READ_BASE_BYTES + cli._READ_BYTES_PER_FILE_BYTE * size
+    assert cli._server_fits_while_reading(None, survey.catalogue_path)
+    assert cli._server_fits_while_reading(int(need) + 1, survey.catalogue_path)
+    assert not cli._server_fits_while_reading(int(need) - 1, survey.catalogue_path)
+    if not room:
+        monkeypatch.setattr(cli, "_READ_BASE_BYTES", 10**13)
 
     events = []
     real_start, real_read = executor.start_forkserver, pipeline.read_catalog
@@ -1028,5 +1038,4 @@ def test_the_worker_server_starts_before_the_catalogue_is_read_without_a_limit(
             "--backend", "processes"]
     assert main(args + (["--memory-limit", limit] if limit else [])) == 0
     assert "server" in events
-    first = "server" if limit is None else "read"
-    assert events[0] == first
+    assert events[0] == ("server" if room else "read")

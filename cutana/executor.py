@@ -185,7 +185,13 @@ def start_forkserver(preload=()):
 
 def worker_server_pid():
     """Process id of the running worker server (multiprocessing's
-    ``forkserver``), or `None`."""
+    ``forkserver``).
+
+    Returns
+    -------
+    pid : int or None
+        `None` when no server runs (none started, or stopped).
+    """
     from multiprocessing import forkserver
 
     return getattr(getattr(forkserver, "_forkserver", None), "_forkserver_pid", None)

@@ -1110,15 +1110,17 @@ def plan_cutouts(catalog, *, progress=None, **options):
 
 
 def _parent_measure(sample, worker_pids, options):
-    """`_prepare`'s ``measure_parent(in_process)`` for a run: ``sample(exclude)``
-    of the process tree (`MemorySampler.sample`) without the workers
-    (``worker_pids()``). For the ``processes`` backend (``options.backend``
-    when it measures), at least this
-    process and `SERVER_BYTES` for the worker server and multiprocessing's
-    resource tracker, whether or not they run yet (a Python caller's
-    `make_cutouts` starts them after planning; the command starts them
-    first, but the server may still be importing); ``in_process``: without
-    the worker server, for a run that cuts in this process."""
+    """`_prepare`'s ``measure_parent(in_process)`` for a run.
+
+    ``sample(exclude)`` of the process tree (`MemorySampler.sample`)
+    without the workers (``worker_pids()``); for the ``processes`` backend
+    (``options.backend`` when it measures), at least this process alone and
+    `SERVER_BYTES` for the worker server and multiprocessing's resource
+    tracker, whether or not they run yet (a Python caller's `make_cutouts`
+    starts them after planning; the command may start them first, and the
+    server may still be importing). With ``in_process``, without the worker
+    server: for a run that cuts in this process.
+    """
 
     def measure(in_process=False):
         workers = set(worker_pids())

@@ -1825,12 +1825,13 @@ class ZarrWriter:
             chunk_key_encoding=_FLAT_KEYS,
             attributes={"description": "why a row has no complete cutout, or ''"},
         )
-        rows = np.array(sorted(int(r) for r in messages), dtype=np.int64)
+        text_of = {int(r): str(text) for r, text in messages.items()}
+        rows = np.array(sorted(text_of), dtype=np.int64)
         for lo in np.unique(rows // block) * block:
             hi = min(lo + block, self.n_rows)
             texts = np.full(hi - lo, "", dtype=object)
             for r in rows[(rows >= lo) & (rows < hi)].tolist():
-                texts[r - lo] = str(messages[r])
+                texts[r - lo] = text_of[r]
             arr[lo:hi] = texts
     def _require_every_chunk(self, mapping, what, hint):
         """Raise if a chunk index is missing from ``mapping``."""

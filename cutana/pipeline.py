@@ -475,7 +475,7 @@ class RunReport:
         if len(self.messages) > max_messages:
             lines.append(
                 f"... and {len(self.messages) - max_messages} more messages (all of "
-                "them: cutana.open(OUTPUT).messages, or --report-json FILE)"
+                f"them: cutana.open({str(self.output)!r}).messages)"
             )
         return "\n".join(lines)
 

@@ -3220,3 +3220,6 @@ def test_the_output_keeps_every_rows_message(survey, tmp_path, fmt):
     assert got.messages[bad].startswith(f"{name} row {bad} column ")
     without = np.flatnonzero(status >= Status.NO_OVERLAP).tolist()
     assert set(got.messages) >= set(without)
+    # the run report lists a few and says where they all are
+    last = report.summary(max_messages=1).splitlines()[-1]
+    assert last.endswith(f"(all of them: cutana.open({str(out)!r}).messages)")

@@ -13,6 +13,7 @@ compiled kernel (:mod:`cutana._extract`) that copies all windows into an
 ``(N, ny, nx)`` stack, converting byte order while copying.
 """
 
+import contextlib
 import numbers
 import warnings
 from copy import deepcopy
@@ -990,6 +991,12 @@ class BatchCutout2D:
         xy, originals, self._unsolved = _positions_to_xy(positions, wcs)
         n = len(xy)
         shapes, self._size_errors = _sizes_to_shapes(size, n, wcs)
+        self._empty_shape = (0, 0)  # (no source: the stack has the size's shape)
+        if n == 0:
+            with contextlib.suppress(Exception):
+                one, errors_one = _sizes_to_shapes(size, 1, wcs)
+                if not errors_one:
+                    self._empty_shape = tuple(int(v) for v in np.maximum(one[0], 0))
         if not isinstance(data, (Section, CompImageSection)):
             data = np.asanyarray(data)
         if len(data.shape) != 2:
@@ -1083,7 +1090,7 @@ class BatchCutout2D:
         ok = self.status == BOX_OK
         native = np.dtype(getattr(data, "dtype", np.float64)).newbyteorder("=")
         if n == 0:
-            return np.empty((0, 0, 0), dtype=native)
+            return np.empty((0, *self._empty_shape), dtype=native)
         shapes = boxes.out_shape[ok] if ok.any() else boxes.shape
         # (a negative size gives an empty cutout in 'trim' and 'strict' mode,
         # as slicing gives; 'partial' refuses it, see _BOX_NEGATIVE_SIZE)

@@ -111,3 +111,14 @@ def test_resample_target_must_be_whole_numbers(image, target):
         batch.resample(target)
     assert batch.resample(np.int64(4)).shape == (len(POSITIONS), 4, 4)
     assert batch.resample(np.array([3, 5])).shape == (len(POSITIONS), 3, 5)
+
+
+@pytest.mark.parametrize(("size", "shape"), [(3, (3, 3)), ((4, 5), (4, 5)),
+                                             ([], (0, 0))])
+def test_a_batch_of_no_source_has_the_sizes_shape(image, size, shape):
+    """Test that a batch of no source is a ``(0, ny, nx)`` stack of the size
+    asked for (it was ``(0, 0, 0)``, while ``resample`` gave ``(0, H, W)``);
+    an empty list of sizes has no shape."""
+    batch = BatchCutout2D(image, np.zeros((0, 2)), size)
+    assert batch.data.shape == batch.shape == (0, *shape)
+    assert batch.resample(5).shape == (0, 5, 5)

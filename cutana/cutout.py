@@ -686,9 +686,12 @@ class Cutout2D(_AstropyCutout2D):
             )
             raise ValueError(msg)
 
-        if any(np.ndim(v) != 0 or np.iscomplexobj(v) for v in pos_check):
-            # e.g. a (2, 1) array, or a complex number: where astropy's
-            # rounding of the box limits fails
+        if any(np.ndim(v) != 0 or np.iscomplexobj(v) for v in pos_check) or (
+            isinstance(position, u.Quantity)
+            and position.unit != u.dimensionless_unscaled
+        ):
+            # e.g. a (2, 1) array, a complex number or a Quantity array in
+            # pixels: where astropy's rounding of the box limits fails
             raise ValueError(ROUNDING_ERROR)
         if masked:
             raise np.ma.MaskError(_MASKED_POSITION)

@@ -1344,3 +1344,25 @@ def test_position_of_arrays_raises_as_astropy():
     with pytest.raises(ValueError) as got:
         Cutout2D(_image(), position, 4)
     assert str(got.value) == str(ref.value)
+
+
+@pytest.mark.parametrize(
+    "position",
+    [u.Quantity([5, 6], u.pix), u.Quantity([5.0, 6.0]), (5 * u.pix, 6 * u.pix),
+     (5 * u.dimensionless_unscaled, 6)],
+    ids=["pixel-array", "dimensionless-array", "pixel-pair", "dimensionless-pair"],
+)
+def test_quantity_positions_as_astropy(position):
+    """Test that a position given as a Quantity cuts, or raises the same
+    exception type, as astropy's `Cutout2D` (a Quantity array in pixels
+    raised TypeError here, ValueError there)."""
+    data = np.arange(500.0).reshape(20, 25)
+    try:
+        want = AstropyCutout2D(data, position, 3)
+    except Exception as exc:  # noqa: BLE001 - its type is compared
+        with pytest.raises(type(exc)):
+            Cutout2D(data, position, 3)
+        return
+    got = Cutout2D(data, position, 3)
+    np.testing.assert_array_equal(got.data, want.data)
+    assert got.bbox_original == want.bbox_original

@@ -305,26 +305,29 @@ def _starts_with_comment(path):
 
 def _holds(path, *marks, block=1 << 24):
     """Which of the bytes ``marks`` a file holds (e.g. NUL, where the fast CSV
-    reader cuts text, and a quote), as a set, and whether it holds an odd
-    number of quotes (``"``), found in one pass."""
+    reader cuts text, and a quote), as a set, whether it holds an odd
+    number of quotes (``"``), and how many line ends, found in one pass."""
     found = set()
-    quotes = 0
+    quotes = lines = 0
     try:
         with open(path, "rb") as f:
             while chunk := f.read(block):
                 found.update(m for m in marks if m in chunk)
                 quotes += chunk.count(b'"')
+                lines += chunk.count(b"\n")
     except OSError:
         pass
-    return found, quotes % 2 == 1
+    return found, quotes % 2 == 1, lines
 
 
 def _check_quotes_closed(path, comments):
     """Raise `CatalogError` naming the line of a CSV file where a quoted
     field opens that no quote closes: every line after it would be read
     into that one field, and those rows lost without a word (astropy reads
-    the file so). Called for a file with an odd number of quotes (a quote
-    inside an unquoted field, or in a comment line, is fine)."""
+    the file so). Called for a file with an odd number of quotes, or with
+    fewer rows than lines (a quote inside an unquoted field, or in a
+    comment line, is fine). A quoted field of more than the `csv` module's
+    131,072 characters is taken for one that no quote closes."""
     try:
         with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
             lines = (
@@ -336,12 +339,18 @@ def _check_quotes_closed(path, comments):
                 for _ in reader:
                     done = reader.line_num
             except csv.Error as exc:
-                if "unexpected end of data" not in str(exc):
+                text = str(exc)
+                if "unexpected end of data" in text:
+                    why = "that no quote closes"
+                elif "field larger than field limit" in text:
+                    limit = csv.field_size_limit()
+                    why = f"that no quote closes within {limit:,} characters"
+                else:
                     return
                 msg = (
                     f"catalogue {path!r} line {done + 1}: a quote (\") opens a "
-                    "field there that no quote closes, so that every line after "
-                    "it would be read into that field; close it, or remove it"
+                    f"field there {why}, so that the lines after it would be "
+                    "read into that field; close it, or remove it"
                 )
                 raise CatalogError(msg) from None
     except OSError:
@@ -862,7 +871,9 @@ def _load(catalog, id_column, _rewritten=False, progress=False):
             if fmt == "ascii.csv" and _starts_with_comment(path):
                 kwargs["comment"] = r"\ufeff?\s*#"  # the first line may hold a BOM
             # one pass over the file for the bytes that change how it is read
-            marks, odd = _holds(path, b"\0", b'"') if fmt == "ascii.csv" else ((), 0)
+            marks, odd, n_lines = (
+                _holds(path, b"\0", b'"') if fmt == "ascii.csv" else ((), 0, 0)
+            )
             if odd:
                 _check_quotes_closed(path, "comment" in kwargs)
             if b"\0" in marks:
@@ -893,6 +904,10 @@ def _load(catalog, id_column, _rewritten=False, progress=False):
             for name in list(table.colnames):
                 if name.startswith("\ufeff"):  # byte-order mark of the first column
                     table.rename_column(name, name.lstrip("\ufeff"))
+            if b'"' in marks and not odd and len(table) + 1 < n_lines:
+                # lines read into fewer rows: a quoted field over several
+                # lines, blank lines, or an unclosed quote beside a stray one
+                _check_quotes_closed(path, "comment" in kwargs)
             cols = _Columns("table", table, list(table.colnames), len(table))
             if split is not None:
                 cols.names.insert(split.index, lists)

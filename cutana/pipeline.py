@@ -788,13 +788,16 @@ def _prepare(
         )
     except ValueError as exc:  # the memory limit cannot hold the largest cutout
         plan = None
+        least = exc
         if parent.get(True) is not None:
             # ... beside a worker process and its server: in this process?
-            with contextlib.suppress(ValueError):
+            try:
                 plan = plan_for(1, parent[True], fit_workers=False)
+            except ValueError as alone:
+                least = alone  # (the memory the run needs at the least)
         if plan is None:
             hint = _memory_hint(
-                str(exc), cat, diam, status, assignment, options, size_arcsec
+                str(least), cat, diam, status, assignment, options, size_arcsec
             )
             raise ConfigError(hint) from None
         logger.warning(

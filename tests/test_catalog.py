@@ -1306,6 +1306,17 @@ def test_a_quote_never_closed_refuses_the_catalogue(tmp_path):
     bad.write_text('id,RA,Dec\na,150,2\n"b,150,2\nc,150,2\nd,150,2\n')
     with pytest.raises(CatalogError, match=r"bad.csv' line 3: a quote \(\"\) opens"):
         read_catalog(bad, size=16)
+    # the quote's count even (a stray quote in an unquoted field before it)
+    even = tmp_path / "even.csv"
+    even.write_text('id,RA,Dec,note\na,150,2,5"\nb,150,2,"bad\nc,150,2,x\n')
+    with pytest.raises(CatalogError, match=r"even.csv' line 3: a quote"):
+        read_catalog(even, size=16)
+    # more than the csv module's 131,072 characters after it
+    long = tmp_path / "long.csv"
+    rows = "".join(f"r{i},150,2\n" for i in range(20000))
+    long.write_text('id,RA,Dec\na,150,2\n"b,150,2\n' + rows)
+    with pytest.raises(CatalogError, match=r"long.csv' line 3: .* within 131,072"):
+        read_catalog(long, size=16)
     fine = tmp_path / "fine.csv"
     fine.write_text(
         '# a "quoted" comment"\nid,RA,Dec\na,150,2\nb"x,150,2\n"c, d",150,2\n'

@@ -357,7 +357,12 @@ def test_a_memory_limit_that_holds_fewer_workers_runs_as_many_as_it_holds(
     assert "holds no worker process beside the main process" in caplog.text
     assert pools == [] and worker_server_pid() is None
     assert files_bytes(clean) == files_bytes(alone)
-    with pytest.raises(ConfigError, match="too small for 1 worker"):
+    # (the memory it names is what the run needs at the least: in the main
+    # process, not beside a worker process and the server)
+    from cutana.planner import _fmt_bytes
+
+    need = f"at least {_fmt_bytes(int(model.parent_bytes + one))} is needed"
+    with pytest.raises(ConfigError, match=f"too small for 1 worker.*{need}"):
         cutana.make_cutouts(survey.catalogue_path, tmp_path / "o2", **{
             **opts, "memory_limit": int(model.parent_bytes + 0.5 * one)})
 

@@ -324,8 +324,10 @@ def _resample_region(source, starts, shapes, ok, margin=2):
     part of it that the boxes of the sources in ``ok`` reach, widened by
     ``margin`` pixels (the kernel reads at most one beyond a box), read and
     as float32 if float16. Pixels outside ``source`` stay outside."""
-    section = isinstance(source, (Section, CompImageSection))
-    if not section and np.asarray(source).dtype != np.float16:
+    if (
+        not isinstance(source, (Section, CompImageSection))
+        and source.dtype != np.float16  # (an array: BatchCutout2D made it one)
+    ):
         return source, starts
     shape = np.asarray(source.shape[-2:], dtype=np.int64)
     lo = hi = np.zeros(2, dtype=np.int64)

@@ -3464,14 +3464,15 @@ def _job_batches(prepared):
                 )
                 if not cut.any():
                     continue
-            rows = result.rows[cut] if not cut.all() else result.rows
+            keep = slice(None) if cut.all() else cut  # (whole: views, no copies)
+            rows = result.rows[keep]
             yield CutoutBatch(
-                images=result.images if cut.all() else result.images[cut],
+                images=result.images[keep],
                 rows=rows,
                 source_id=cat.source_id[rows],
                 ra=cat.ra[rows],
                 dec=cat.dec[rows],
-                status=result.status if cut.all() else result.status[cut],
+                status=result.status[keep],
                 bands=tuple(prepared.index.bands),
             )
     finally:

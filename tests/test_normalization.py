@@ -96,7 +96,8 @@ def test_percentile_limits_equal_astropy(dtype, kind, percentile, shape):
 
 
 def test_one_pass_extreme_values_equal_sorting():
-    """Test the filter's one-pass order statistics against numpy.sort.
+    """Test the one-pass order statistics that place the filter's thresholds
+    against numpy.sort.
 
     Ranks at both ends differ (as the floors of the two quantiles make
     them), values repeat, and the extremes sit at the start, the end and
@@ -111,11 +112,52 @@ def test_one_pass_extreme_values_equal_sorting():
         elif trial % 3 == 2:
             a = np.sort(a)[:: 1 if trial % 2 else -1].copy()  # sorted either way
         r_lo, r_hi = (int(r) for r in rng.integers(0, 62, 2))
-        lo, hi, low_pair, high_pair = _normalize._extreme_values(a, r_lo, r_hi)
+        lo, hi = _normalize._extreme_values(a, r_lo, r_hi)
         s = np.sort(a)
         assert lo == s[r_lo] and hi == s[n - 1 - r_hi], (trial, r_lo, r_hi)
-        assert low_pair == (s[r_lo], s[r_lo + 1])
-        assert high_pair == (s[n - 1 - r_hi], s[n - 2 - r_hi])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_radix_selection_equals_sorting(dtype):
+    """Test the radix selection of the order statistics r and r + 1 against
+    numpy.sort: sizes from 2 to a few thousand (one level of 256 bins or
+    several, and the insertion sort of the last few), every rank of the
+    small arrays, ties, values of both signs and zeros of both signs, one
+    value far from the rest (a wide key range with the others in one bin),
+    magnitudes from subnormal to the largest finite, and sorted input."""
+    rng = np.random.default_rng(8)
+    info = np.finfo(dtype)
+    arrays = []
+    for trial in range(400):
+        n = int(rng.choice([2, 3, 24, 25, 26, 100, 257, 600, 3000]))
+        kind = trial % 8
+        if kind == 0:
+            a = rng.normal(size=n)
+        elif kind == 1:
+            a = np.round(rng.normal(size=n) * 2)  # many ties
+        elif kind == 2:
+            a = rng.choice([-0.0, 0.0, 1.0, -1.0], size=n)
+        elif kind == 3:
+            a = rng.normal(size=n) * 1e-3 + 5.0
+            a[rng.integers(n)] = 1e30  # one outlier: the rest share a bin
+        elif kind == 4:
+            a = rng.choice([info.smallest_subnormal, info.tiny, -info.tiny,
+                            info.max, -info.max, 1.0, 0.0], size=n)
+        elif kind == 5:
+            a = np.sort(rng.standard_cauchy(size=n))[:: 1 if trial % 2 else -1]
+        elif kind == 6:
+            a = np.full(n, 3.25)
+        else:
+            a = rng.normal(size=n) + 1e-7 * np.arange(n)  # near neighbours
+        arrays.append(np.ascontiguousarray(a, dtype=dtype))
+    for a in arrays:
+        s = np.sort(a)
+        ranks = range(len(a) - 1) if len(a) <= 30 else rng.integers(0, len(a) - 1, 6)
+        for r in ranks:
+            first, second = _normalize._radix_pair(a, int(r))
+            assert (first, second) == (s[r], s[r + 1]), (len(a), r)
+    with pytest.raises(ValueError, match="r must be"):
+        _normalize._radix_pair(np.zeros(3, dtype=dtype), 2)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

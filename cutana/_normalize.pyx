@@ -1068,16 +1068,19 @@ cdef bint _percentiles_filtered(
     among the collected ones. The number of finite pixels is estimated from
     the probe to place the thresholds; the pass then counts it exactly, and
     the collected pixels are checked against that count. When a threshold
-    turns out too tight (too few pixels collected), or the quantiles are not
-    extreme enough for this to pay off, returns False and leaves the work
-    to `_percentiles`. ``n_finite[0]`` is set to the number of finite pixels
-    once the pass has been made (and left alone otherwise).
+    turns out too tight (too few pixels collected), the pass is made again
+    with that side's probe rank twice as far in (at most twice). When it is
+    still too tight, or the quantiles are not extreme enough for this to pay
+    off, returns False and leaves the work to `_percentiles`.
+    ``n_finite[0]`` is set to the number of finite pixels once the pass has
+    been made (and left alone otherwise). ``buf`` holds ``npix + 8`` values,
+    ``probe`` `_N_PROBE`.
     """
     cdef Py_ssize_t npix = (r1 - r0) * (c1 - c0), w = c1 - c0
     cdef double vi_lo, vi_hi
     cdef Py_ssize_t p_lo, p_hi, need_lo, need_hi, m = 0, j, pos, r, n, bad = 0
     cdef Py_ssize_t col, step, step_rem, rem, k = _probe_size(npix)
-    cdef Py_ssize_t rank_lo, rank_hi, n_low = 0, n_high = 0
+    cdef Py_ssize_t rank_lo, rank_hi, n_low = 0, n_high = 0, attempts = 0
     cdef floating t_lo, t_hi, v, a0, a1, b0, b1
     cdef const floating* row
     cdef floating* high
@@ -1118,46 +1121,59 @@ cdef bint _percentiles_filtered(
         return False
     rank_lo = _probe_rank(need_lo, n, m)
     rank_hi = m - 1 - _probe_rank(need_hi, n, m)
-    if rank_lo >= rank_hi:
-        return False
-    if rank_lo < 64 and m - 1 - rank_hi < 64:
-        _extreme_ranks(probe, m, rank_lo, m - 1 - rank_hi, &t_lo, &t_hi)
-    else:
-        _select(probe, 0, m - 1, rank_lo)
-        t_lo = probe[rank_lo]
-        _select(probe, rank_lo + 1, m - 1, rank_hi)
-        t_hi = probe[rank_hi]
-    if not t_lo < t_hi:
-        return False
-    # high values go to buf[npix + 7], buf[npix + 6], ... The AVX2 filter
-    # stores whole vectors of 8 past the values' ends: the first high store
-    # is buf[npix:npix + 8] (the probe's room, done with), and as at most
-    # npix values are collected, each side's 8 lie in the other's free room
-    high = buf + npix + 8
-    # whole rows are one run of pixels: one pass over them all (the vector
-    # loop then has no short tail per row)
-    n = 1 if w == width else r1 - r0
-    for r in range(n):
-        row = img + (r0 + r) * width + c0
-        if floating is float:
-            bad += cutana_filter_count_f32(row, npix // n, t_lo, t_hi, buf, &n_low,
-                                           high, &n_high)
+    while True:
+        if rank_lo >= rank_hi:
+            return False
+        if rank_lo < 64 and m - 1 - rank_hi < 64:
+            _extreme_ranks(probe, m, rank_lo, m - 1 - rank_hi, &t_lo, &t_hi)
         else:
-            bad += cutana_filter_count_f64(row, npix // n, t_lo, t_hi, buf, &n_low,
-                                           high, &n_high)
-    # the exact count of finite pixels, and what it asks of the collection
-    n = npix - bad
-    n_finite[0] = n
-    if n < 2:
-        return False
-    vi_lo = (n - 1) * q_lo
-    vi_hi = (n - 1) * q_hi
-    if vi_lo >= n - 1 or vi_hi >= n - 1:
-        return False
-    p_lo = <Py_ssize_t> floor(vi_lo)
-    p_hi = <Py_ssize_t> floor(vi_hi)
-    if n_low < p_lo + 2 or n_high < n - p_hi:
-        return False
+            _select(probe, 0, m - 1, rank_lo)
+            t_lo = probe[rank_lo]
+            _select(probe, rank_lo + 1, m - 1, rank_hi)
+            t_hi = probe[rank_hi]
+        if not t_lo < t_hi:
+            return False
+        # high values go to buf[npix + 7], buf[npix + 6], ... The AVX2
+        # filter stores whole vectors of 8 past the values' ends: the first
+        # high store is buf[npix:npix + 8] (room left before the probe),
+        # and as at most npix values are collected, each side's 8 lie in
+        # the other's free room
+        high = buf + npix + 8
+        n_low = n_high = bad = 0
+        # whole rows are one run of pixels: one pass over them all (the
+        # vector loop then has no short tail per row)
+        n = 1 if w == width else r1 - r0
+        for r in range(n):
+            row = img + (r0 + r) * width + c0
+            if floating is float:
+                bad += cutana_filter_count_f32(row, npix // n, t_lo, t_hi, buf,
+                                               &n_low, high, &n_high)
+            else:
+                bad += cutana_filter_count_f64(row, npix // n, t_lo, t_hi, buf,
+                                               &n_low, high, &n_high)
+        # the exact count of finite pixels, and what it asks of the collection
+        n = npix - bad
+        n_finite[0] = n
+        if n < 2:
+            return False
+        vi_lo = (n - 1) * q_lo
+        vi_hi = (n - 1) * q_hi
+        if vi_lo >= n - 1 or vi_hi >= n - 1:
+            return False
+        p_lo = <Py_ssize_t> floor(vi_lo)
+        p_hi = <Py_ssize_t> floor(vi_hi)
+        if n_low >= p_lo + 2 and n_high >= n - p_hi:
+            break
+        # a threshold too tight (the probe is a sample of pixels that lie
+        # together, so its ranks spread more than a random sample's): that
+        # side's probe rank goes twice as far in, once or twice
+        attempts += 1
+        if attempts > 2:
+            return False
+        if n_low < p_lo + 2:
+            rank_lo = 2 * rank_lo + 4
+        if n_high < n - p_hi:
+            rank_hi = m - 1 - (2 * (m - 1 - rank_hi) + 4)
     # the collected low values hold order statistics 0 .. n_low - 1, the
     # high ones n - n_high .. n - 1
     if floating is float:
@@ -1439,7 +1455,8 @@ cdef int _scratch_alloc(
         if s.flags == NULL:
             return -1
     else:
-        n += _N_PROBE  # room for the probe sample of `_percentiles_filtered`
+        # room for the filter's vector stores and the probe of `_percentiles_filtered`
+        n += 8 + _N_PROBE
     s.values = malloc(n * itemsize)
     if s.values == NULL:
         free(s.flags)
@@ -1473,7 +1490,7 @@ cdef void _limits_one(
     if interval == _INTERVAL_PERCENTILE:
         if _percentiles_filtered(
             img, width, r0, r1, c0, c1, &n, q_lo, q_hi, <floating*> s.values,
-            (<floating*> s.values) + cap, vmin, vmax,
+            (<floating*> s.values) + cap + 8, vmin, vmax,
         ):
             n_finite[0] = n
             return

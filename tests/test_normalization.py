@@ -198,6 +198,37 @@ def test_percentile_limits_large_images_and_infinities(dtype, vector):
         _normalize._set_vector_loops(previous)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("vector", [True, False])
+def test_percentile_limits_when_the_probe_misleads(dtype, vector):
+    """Test the filter's second and third passes: pixels planted where the
+    probe looks (pixel floor((2 j + 1) n / (2 k)) of n, for j < k = 3.5
+    sqrt(n)) make its lowest or highest ranks extreme, so that the first
+    thresholds collect too few pixels on one side or both; then the limits
+    must still equal astropy's."""
+    rng = np.random.default_rng(12)
+    ny, nx = 150, 149
+    n = ny * nx
+    k = int(3.5 * np.sqrt(n))
+    probe = (2 * np.arange(k) + 1) * n // (2 * k)
+    data = rng.normal(size=(6, ny, nx)).astype(dtype)
+    for i, (n_low, n_high) in enumerate([(10, 0), (0, 10), (10, 10), (25, 25), (60, 0),
+                                         (3, 40)]):
+        flat = data[i].reshape(-1)
+        chosen = rng.permutation(probe)
+        flat[chosen[:n_low]] = -50 - np.arange(n_low)  # the probe's lowest
+        flat[chosen[n_low:n_low + n_high]] = 50 + np.arange(n_high)
+    previous = _normalize._set_vector_loops(vector)
+    try:
+        for percentile in (99.8, 99.0):
+            vmin, vmax = compute_limits(data, "linear", percentile=percentile)
+            for i in range(len(data)):
+                ref = PercentileInterval(percentile).get_limits(data[i])
+                assert (vmin[i], vmax[i]) == ref, (i, percentile)
+    finally:
+        _normalize._set_vector_loops(previous)
+
+
 @pytest.mark.parametrize("shape", [(23, 25), (32, 32), (41, 39), (64, 64), (100, 90)])
 @pytest.mark.parametrize("vector", [True, False])
 def test_percentile_limits_small_images(shape, vector):

@@ -1055,7 +1055,8 @@ cdef void _extreme_ranks(
 cdef bint _percentiles_filtered(
     const floating* img, Py_ssize_t width, Py_ssize_t r0, Py_ssize_t r1,
     Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t* n_finite, double q_lo, double q_hi,
-    floating* buf, floating* probe, double* vmin, double* vmax,
+    floating* buf, floating* probe, Py_ssize_t* probe_at, Py_ssize_t* probe_k,
+    double* vmin, double* vmax,
 ) noexcept nogil:
     """`_percentiles` of the finite pixels of a region, for quantiles near
     both ends, without copying the region.
@@ -1074,7 +1075,9 @@ cdef bint _percentiles_filtered(
     off, returns False and leaves the work to `_percentiles`.
     ``n_finite[0]`` is set to the number of finite pixels once the pass has
     been made (and left alone otherwise). ``buf`` holds ``npix + 8`` values,
-    ``probe`` `_N_PROBE`.
+    ``probe`` `_N_PROBE`; ``probe_at[:probe_k[0]]`` are the offsets from
+    ``img`` of the pixels probed, set by the first call of a stack (its
+    images share the region and width), ``probe_k[0]`` -1 before.
     """
     cdef Py_ssize_t npix = (r1 - r0) * (c1 - c0), w = c1 - c0
     cdef double vi_lo, vi_hi
@@ -1086,27 +1089,31 @@ cdef bint _percentiles_filtered(
     cdef floating* high
     if k == 0:
         return False
-    # the probe takes pixel floor((2 j + 1) npix / (2 k)) of the region for
-    # j < k, walking it in steps of the quotient with the remainder carried
-    # (no division per pixel) and keeping its row and column
-    step = (2 * npix) // (2 * k)
-    step_rem = (2 * npix) % (2 * k)
-    pos = npix // (2 * k)
-    rem = npix % (2 * k)
-    r = r0 + pos // w
-    col = pos % w
+    if probe_k[0] != k:
+        # the probe takes pixel floor((2 j + 1) npix / (2 k)) of the region
+        # for j < k, walking it in steps of the quotient with the remainder
+        # carried (no division per pixel) and keeping its row and column
+        step = (2 * npix) // (2 * k)
+        step_rem = (2 * npix) % (2 * k)
+        pos = npix // (2 * k)
+        rem = npix % (2 * k)
+        r = r0 + pos // w
+        col = pos % w
+        for j in range(k):
+            probe_at[j] = r * width + c0 + col
+            col += step
+            rem += step_rem
+            if rem >= 2 * k:
+                rem -= 2 * k
+                col += 1
+            while col >= w:
+                col -= w
+                r += 1
+        probe_k[0] = k
     for j in range(k):
-        v = img[r * width + c0 + col]
+        v = img[probe_at[j]]
         probe[m] = v
         m += isfinite(v)
-        col += step
-        rem += step_rem
-        if rem >= 2 * k:
-            rem -= 2 * k
-            col += 1
-        while col >= w:
-            col -= w
-            r += 1
     if m < k // 4:
         return False
     # finite pixels, as the probe suggests (all of them when it saw no other)
@@ -1438,6 +1445,8 @@ cdef void _zscale(
 cdef struct _Scratch:
     void* values      # finite pixels (percentile) or samples (zscale)
     uint8_t* flags    # rejection flags (zscale), 2 * n_samples
+    Py_ssize_t* probe_at  # where the percentile filter probes (`_N_PROBE`)
+    Py_ssize_t probe_k    # how many of them are set (-1: none yet)
 
 
 cdef int _scratch_alloc(
@@ -1448,6 +1457,8 @@ cdef int _scratch_alloc(
     cdef Py_ssize_t n = region_npix if region_npix > 0 else 1
     s.values = NULL
     s.flags = NULL
+    s.probe_at = NULL
+    s.probe_k = -1
     if interval == _INTERVAL_ZSCALE:
         if n_samples < n:
             n = n_samples
@@ -1457,10 +1468,15 @@ cdef int _scratch_alloc(
     else:
         # room for the filter's vector stores and the probe of `_percentiles_filtered`
         n += 8 + _N_PROBE
+        s.probe_at = <Py_ssize_t*> malloc(_N_PROBE * sizeof(Py_ssize_t))
+        if s.probe_at == NULL:
+            return -1
     s.values = malloc(n * itemsize)
     if s.values == NULL:
         free(s.flags)
+        free(s.probe_at)
         s.flags = NULL
+        s.probe_at = NULL
         return -1
     return 0
 
@@ -1468,8 +1484,10 @@ cdef int _scratch_alloc(
 cdef void _scratch_free(_Scratch* s) noexcept nogil:
     free(s.values)
     free(s.flags)
+    free(s.probe_at)
     s.values = NULL
     s.flags = NULL
+    s.probe_at = NULL
 
 
 cdef void _limits_one(
@@ -1490,7 +1508,7 @@ cdef void _limits_one(
     if interval == _INTERVAL_PERCENTILE:
         if _percentiles_filtered(
             img, width, r0, r1, c0, c1, &n, q_lo, q_hi, <floating*> s.values,
-            (<floating*> s.values) + cap + 8, vmin, vmax,
+            (<floating*> s.values) + cap + 8, s.probe_at, &s.probe_k, vmin, vmax,
         ):
             n_finite[0] = n
             return

@@ -587,7 +587,6 @@ cdef extern from *:
         }
     CUTANA_FILTER_COUNT(float, f32)
     CUTANA_FILTER_COUNT(double, f64)
-    #include <string.h>
     /* Order statistics r and r + 1 (0-based, r + 1 < m) of the finite
        values src[:m], by radix selection on their bits: the values map to
        unsigned keys in the same order (sign bit set: all bits flipped; else

@@ -676,6 +676,10 @@ def resample_windows(
                                     scale[i] if has_scale else 1.0, fill, &sc)
                 ov_view[i] = <signed char> ov
                 _axis_build(&ay, ny, method)
+                if nx == ny and W == H:  # a square window to a square grid
+                    _resample_one(win, ny, nx, &ay, &ay, method, tmp, have_row,
+                                  acc, &out[i, 0, 0])
+                    continue
                 _axis_build(&ax, nx, method)
                 _resample_one(win, ny, nx, &ay, &ax, method, tmp, have_row,
                               acc, &out[i, 0, 0])

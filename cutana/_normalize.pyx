@@ -496,10 +496,11 @@ cdef extern from *:
     static uint8_t cutana_pack_lut[2][256][8];
     static void cutana_init_pack_lut(void) {
         for (int m = 0; m < 256; m++) {
-            int c = __builtin_popcount(m), i = 0;
+            int c = 0, i = 0;
             for (int lane = 0; lane < 8; lane++) {
                 cutana_pack_lut[0][m][lane] = 0;
                 cutana_pack_lut[1][m][lane] = 0;
+                c += (m >> lane) & 1;
             }
             for (int lane = 0; lane < 8; lane++) {
                 if (m & (1 << lane)) {

@@ -190,8 +190,8 @@ cdef extern from *:
         CUTANA_LINEAR_U8_BODY(
             { a = _mm256_loadu_pd(x + k); b = _mm256_loadu_pd(x + k + 4); })
     }
-    /* The same in single precision, 32 pixels at a time (then 8), when
-       that is accurate enough: t = (x - (float)vmin) * (float)(255 / div) is within
+    /* The same in single precision, 32 pixels at a time (the last few
+       exactly), when that is accurate enough: t = (x - (float)vmin) * (float)(255 / div) is within
        delta = 255 / div * |vmin - (float)vmin| + 255 * 4e-7 of the exact
        255 * (x - vmin) / div wherever the result is not clipped. A pixel
        whose t lies within delta (plus a margin) of a half-integer could
@@ -217,7 +217,7 @@ cdef extern from *:
             Py_ssize_t k = 0, j, g;
             /* 32 pixels a step: one 32-byte store and one test of the four
                vectors (the group of 32 is redone when a pixel is near a
-               half-integer) */
+               half-integer); max(t, 0) gives 0 for NaN (second operand) */
             for (; k + 32 <= n; k += 32) {
                 __m256 t[4], r[4], near = _mm256_setzero_ps();
                 __m256i q[4];
@@ -239,24 +239,7 @@ cdef extern from *:
                     }
                 }
             }
-            for (; k + 8 <= n; k += 8) {
-                __m256 t = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + k), vm), vs);
-                /* max(t, 0) gives 0 for NaN (second operand) */
-                t = _mm256_min_ps(_mm256_max_ps(t, zero), top);
-                __m256 r = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-                __m256i q = _mm256_cvtps_epi32(r);
-                __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(q),
-                                            _mm256_extracti128_si256(q, 1));
-                _mm_storel_epi64((__m128i*)(out + k), _mm_packus_epi16(w, w));
-                if (_mm256_movemask_ps(_mm256_cmp_ps(
-                        _mm256_and_ps(_mm256_sub_ps(t, r), absmask), lim, _CMP_GT_OQ))) {
-                    for (j = k; j < k + 8; j++) {
-                        double v = cutana_unit1((double)x[j], vmin, div) * 255.0;
-                        out[j] = (uint8_t)(int)((v + CUTANA_MAGIC) - CUTANA_MAGIC);
-                    }
-                }
-            }
-            for (; k < n; k++) {
+            for (; k < n; k++) {  /* the last (under 32) exactly */
                 double v = cutana_unit1((double)x[k], vmin, div) * 255.0;
                 out[k] = (uint8_t)(int)((v + CUTANA_MAGIC) - CUTANA_MAGIC);
             }

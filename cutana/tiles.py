@@ -1500,10 +1500,9 @@ class TileIndex:
         the first tuple that has a readable file at each position; if two
         positions give the same name, the later one is called
         ``'NAME[position]'``. When no file names its band, they are what
-        differs between the
-        paths of the first complete tuple (``T0_g.fits``, ``T0_r.fits``, or
-        ``g/T0.fits``, ``r/T0.fits``: ``g``, ``r``), else the file names
-        without ending.
+        differs between the paths of the first complete tuple
+        (``T0_g.fits``, ``T0_r.fits``, or ``g/T0.fits``, ``r/T0.fits``:
+        ``g``, ``r``), else the file names without ending.
         """
         tuples = []
         seen = set()

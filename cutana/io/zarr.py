@@ -1829,10 +1829,12 @@ class ZarrWriter:
         rows = np.array(sorted(text_of), dtype=np.int64)
         for lo in np.unique(rows // block) * block:
             hi = min(lo + block, self.n_rows)
+            a, b = np.searchsorted(rows, [lo, hi])  # the chunk's rows (sorted)
             texts = np.full(hi - lo, "", dtype=object)
-            for r in rows[(rows >= lo) & (rows < hi)].tolist():
+            for r in rows[a:b].tolist():
                 texts[r - lo] = text_of[r]
             arr[lo:hi] = texts
+
     def _require_every_chunk(self, mapping, what, hint):
         """Raise if a chunk index is missing from ``mapping``."""
         missing = [k for k in range(self.n_chunks) if k not in mapping]

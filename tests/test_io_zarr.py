@@ -1242,6 +1242,74 @@ def test_direct_chunk_encoding_equals_zarr(tmp_path, dtype):
         ).read_bytes()
 
 
+def _numcodecs_one_thread(monkeypatch, **settings):
+    """numcodecs' Blosc of ``settings``, compressing in one thread (as
+    `ZarrWriter._write_direct` has it)."""
+    import numcodecs.blosc
+    from numcodecs import Blosc
+
+    monkeypatch.setattr(numcodecs.blosc, "use_threads", False)
+    return Blosc(**settings)
+
+
+@pytest.mark.parametrize("cname", ["lz4", "zstd"])
+@pytest.mark.parametrize("shuffle", [0, 1, 2])
+def test_blosc_encoder_bytes_equal_numcodecs(monkeypatch, cname, shuffle):
+    """Test that the chunk encoder gives numcodecs' bytes (what zarr writes),
+    decoded by numcodecs to the input: every shuffle, 1-, 2- and 4-byte
+    values, one-byte to many-block buffers, and two threads encoding at once
+    (python-blosc's own threads would reorder a buffer's blocks)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cutana.io.zarr import _blosc_encoder
+
+    rng = np.random.default_rng(11)
+    arrays = [np.arange(1, dtype=np.uint8)]
+    for dtype in ("uint8", "uint16", "float32"):
+        for n in (1000, 3 * 1024 * 1024 + 5):  # one block; ~50 blocks
+            sky = rng.normal(40, 9, n).clip(0, 255)  # noise over a flat level
+            arrays.append(sky.astype(dtype))
+    for a in arrays:
+        settings = dict(cname=cname, clevel=1, shuffle=shuffle, blocksize=0,
+                        typesize=a.dtype.itemsize)
+        numcodecs_blosc = _numcodecs_one_thread(monkeypatch, **settings)
+        ours = _blosc_encoder(**settings).encode(a)
+        assert bytes(ours) == bytes(numcodecs_blosc.encode(a)), (a.dtype, a.size)
+        decoded = np.frombuffer(numcodecs_blosc.decode(ours), dtype=a.dtype)
+        np.testing.assert_array_equal(decoded, a)
+    big = arrays[-1]
+    encoder = _blosc_encoder(cname, 1, shuffle, 0, 4)
+    with ThreadPoolExecutor(2) as pool:
+        out = list(pool.map(encoder.encode, [big] * 8))
+    assert {bytes(o) for o in out} == {bytes(encoder.encode(big))}
+
+
+def test_blosc_encoder_choice(monkeypatch):
+    """Test that python-blosc encodes where it gives numcodecs' bytes, and
+    numcodecs otherwise: without python-blosc, with a block size set, with
+    another C-Blosc version."""
+    import sys
+
+    from numcodecs import Blosc
+
+    from cutana.io.zarr import _blosc_encoder, _PyBlosc
+
+    blosc = pytest.importorskip("blosc")
+    import numcodecs.blosc
+
+    if blosc.blosclib_version.split()[0] != numcodecs.blosc.VERSION_STRING:
+        pytest.skip("python-blosc and numcodecs have different C-Blosc versions")
+    assert isinstance(_blosc_encoder("lz4", 1, 2, 0, 1), _PyBlosc)
+    # (the encoder set one thread of Blosc's own, and the GIL released)
+    assert blosc.set_nthreads(1) == 1
+    assert blosc.set_releasegil(True) == 1
+    assert isinstance(_blosc_encoder("lz4", 1, 2, 65536, 1), Blosc)
+    monkeypatch.setattr(blosc, "blosclib_version", "1.0.0 ($Date:: 2010 #$)")
+    assert isinstance(_blosc_encoder("lz4", 1, 2, 0, 1), Blosc)
+    monkeypatch.setitem(sys.modules, "blosc", None)  # not installed
+    assert isinstance(_blosc_encoder("lz4", 1, 2, 0, 1), Blosc)
+
+
 def test_format_3_checksums_are_crc32c(tmp_path):
     """New stores record CRC-32C of each chunk's bytes; verify catches a changed chunk."""
     import google_crc32c

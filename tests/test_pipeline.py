@@ -219,6 +219,57 @@ def test_workers_keep_tiles_in_half_the_spare_memory(survey, backend, workers):
     assert prepared.settings.keep_bytes == expected
 
 
+@pytest.mark.parametrize("fmt", ["zarr", "fits"])
+def test_a_worker_makes_its_images_buffer_once(survey, tmp_path, monkeypatch, fmt):
+    """Test that the cut tasks of a run carry its largest images block, and
+    that a worker cutting jobs of growing size makes its buffer once, at that
+    size (grown job by job, each larger job faulted a new buffer in), with
+    the cutouts of a buffer of the job's own size."""
+    from cutana import pipeline
+    from cutana.io.fits import fits_filenames
+    from cutana.pipeline import RunOptions, _CutTask, _prepare, _reserve_blocks
+    from cutana.processing import Scratch, cut_job
+
+    prepared = _prepare(
+        survey.catalogue_path,
+        RunOptions(size=21, memory_limit="2GB", max_sources_per_job=9, dtype="uint8",
+                   normalize="linear"),
+    )
+    cat = prepared.catalog
+    bands = tuple(prepared.index.bands)
+    jobs = sorted(prepared.plan.jobs, key=len)  # smallest first: the buffer grows
+    assert len(jobs[0]) < len(jobs[-1])
+    names = fits_filenames(cat.source_id)
+    tasks = []
+    for j in jobs:
+        task = _CutTask(settings=prepared.settings, tile=prepared.index.tiles[j.tile],
+                        job=j, out_dir=str(tmp_path), format=fmt, bands=bands)
+        if fmt == "fits":
+            task.ids, task.ra, task.dec = (a[j.rows] for a in (cat.source_id, cat.ra,
+                                                               cat.dec))
+            task.files = names[j.rows]
+        tasks.append(task)
+    _reserve_blocks(tasks)
+    largest = len(jobs[-1]) * len(bands) * 21 * 21  # uint8
+    assert [t.block_bytes for t in tasks] == [largest] * len(tasks)
+    scratch = Scratch()
+    monkeypatch.setattr(pipeline, "_SCRATCH", scratch)
+    buffers = set()
+    for task in tasks:
+        if fmt == "zarr":
+            (result,) = pipeline._cut(task, scratch).values()
+        else:
+            pipeline._run_task_inner(task)  # cuts into the worker's buffer
+            result = None
+        buffers.add(id(scratch._bufs["images"]))
+        if result is not None:
+            alone = cut_job(task.settings, task.tile, task.job, scratch=Scratch())
+            np.testing.assert_array_equal(result.images, alone.images)
+            np.testing.assert_array_equal(result.status, alone.status)
+    assert len(buffers) == 1
+    assert scratch._bufs["images"].nbytes == largest
+
+
 def test_main_process_memory_is_measured_once_the_catalogue_is_read(
     survey, tmp_path, monkeypatch
 ):

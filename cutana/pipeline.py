@@ -1495,14 +1495,9 @@ def _block_bytes(task):
     settings = first.settings
     if settings.out_shape is None:
         return 0
-    rows = sum(len(t.job) for t in _members(task))
+    rows = sum(len(job) for job in _jobs_of(task))
     h, w = (int(v) for v in settings.out_shape)
     return rows * len(first.tile.bands) * h * w * np.dtype(settings.dtype).itemsize
-
-
-def _members(task):
-    """The cut tasks of a group task, or the cut task itself."""
-    return task.members if isinstance(task, _GroupTask) else [task]
 
 
 def _reserve_blocks(tasks):

@@ -282,7 +282,7 @@ class Scratch:
         """Make the named buffer hold at least ``nbytes`` from now on.
 
         A buffer that grows is made anew, and its pages are faulted in
-        again as it is written (about 3 us a page on the virtual machines
+        again as it is written (about 3 us a page on the virtual machine
         measured). A worker that reserves the largest block of its run at
         its first job, instead of growing it with its jobs, writes each
         page once. Pages never written take no memory, so the reserve

@@ -266,8 +266,9 @@ class _PyBlosc:
     Its bytes are those of numcodecs' `~numcodecs.blosc.Blosc` (which zarr
     uses) of the same C-Blosc version, in one thread. It is faster: its
     wheels have C-Blosc's AVX2 shuffles where the CPU has them (numcodecs'
-    are built without: 2.7 us of 15 per bit-shuffled 150 x 150 uint8
-    cutout), and it returns the compressed bytes without a copy.
+    are built without), and it returns the compressed bytes without a copy
+    (paper-workload chunks of bit-shuffled 150 x 150 uint8 cutouts:
+    12.9-14.4 us a cutout against 15.5-16.8).
     """
 
     def __init__(self, compress, cname, clevel, shuffle, typesize):

@@ -244,3 +244,44 @@ def test_run_cutana_removes_an_old_output_before_timing(tmp_path, monkeypatch):
     run = harness.run_cutana(tmp_path / "cat.csv", out, workers=1)
     assert seen == [(False, True)]
     assert run["error"].startswith("exit code 1")
+
+
+def test_checkout_commit_names_the_checkout_that_tracks_the_file(tmp_path):
+    """Test that the benchmark's environment names the git commit of a
+    checkout the package is imported from (with ``-dirty`` once a tracked
+    file changes), and nothing for an untracked file inside a checkout (a
+    package installed there) or a folder outside any checkout."""
+    import shutil
+    import subprocess
+
+    from cutana.bench.harness import checkout_commit
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+
+    def git(*args):
+        return subprocess.run(
+            ["git", "-C", str(repo), *args], check=True, capture_output=True,
+            text=True,
+        ).stdout.strip()
+
+    repo = tmp_path / "repo"
+    (repo / "pkg").mkdir(parents=True)
+    tracked = repo / "pkg" / "__init__.py"
+    tracked.write_text("x = 1\n")
+    git("init", "-q")
+    git("add", "pkg/__init__.py")
+    git("-c", "user.name=t", "-c", "user.email=t@example.org", "commit", "-q", "-m",
+        "first")
+    head = git("rev-parse", "--short=9", "HEAD")
+    assert checkout_commit(str(tracked)) == head
+    tracked.write_text("x = 2\n")
+    assert checkout_commit(str(tracked)) == f"{head}-dirty"
+    untracked = repo / "venv" / "site-packages" / "pkg" / "__init__.py"
+    untracked.parent.mkdir(parents=True)
+    untracked.write_text("x = 1\n")
+    assert checkout_commit(str(untracked)) is None
+    outside = tmp_path / "elsewhere" / "__init__.py"
+    outside.parent.mkdir()
+    outside.write_text("")
+    assert checkout_commit(str(outside)) is None

@@ -829,8 +829,12 @@ def environment():
     env : dict
         ``cpu``, ``logical_cpus``, ``physical_cpus``, ``memory_total``
         (bytes), ``load_average`` (1, 5, 15 min, or `None`), ``platform``,
-        ``python`` and the versions of ``cutana``, ``numpy``, ``astropy``,
-        ``scipy``, ``zarr``.
+        ``python``, the versions of ``cutana``, ``numpy``, ``astropy``,
+        ``scipy``, ``zarr``, ``numcodecs`` and ``blosc`` (python-blosc, or
+        `None`), and ``cutana_checkout``: the commit of the git checkout
+        cutana was imported from (`checkout_commit`), `None` for an
+        installed cutana. (A checkout's version string is the one its last
+        build wrote, which may be older.)
 
     Examples
     --------
@@ -840,6 +844,7 @@ def environment():
     True
     """
     import astropy
+    import numcodecs
     import psutil
     import scipy
     import zarr
@@ -850,6 +855,12 @@ def environment():
         load = [round(v, 2) for v in os.getloadavg()]
     except OSError:
         load = None
+    try:
+        import blosc
+
+        blosc_version = blosc.__version__
+    except ImportError:
+        blosc_version = None
     return {
         "cpu": _cpu_model(),
         "logical_cpus": psutil.cpu_count(logical=True),
@@ -859,11 +870,48 @@ def environment():
         "platform": platform.platform(),
         "python": platform.python_version(),
         "cutana": cutana.__version__,
+        "cutana_checkout": checkout_commit(cutana.__file__),
         "numpy": np.__version__,
         "astropy": astropy.__version__,
         "scipy": scipy.__version__,
         "zarr": zarr.__version__,
+        "numcodecs": numcodecs.__version__,
+        "blosc": blosc_version,
     }
+
+
+def checkout_commit(path):
+    """The commit of the git checkout that tracks the file ``path``.
+
+    Parameters
+    ----------
+    path : str
+        A file (the imported package's ``__init__.py``, say).
+
+    Returns
+    -------
+    commit : str or None
+        The abbreviated commit, with ``-dirty`` when tracked files have
+        changes; `None` where git does not track the file (an installed
+        package, also one installed inside a checkout) or there is no git.
+    """
+    import subprocess
+
+    folder, name = os.path.split(os.path.abspath(path))
+
+    def git(*args):
+        try:
+            done = subprocess.run(
+                ["git", "-C", folder, *args],
+                capture_output=True, text=True, timeout=30, check=False,
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    if git("ls-files", "--error-unmatch", "--", name) is None:
+        return None
+    return git("describe", "--always", "--dirty", "--abbrev=9") or None
 
 
 def _fmt(value, spec):
@@ -933,12 +981,15 @@ def results_table(results):
 
 def _environment_text(env):
     mem = env["memory_total"] / 2**30
+    checkout = env.get("cutana_checkout")
+    cutana = env["cutana"] + (f" (checkout {checkout})" if checkout else "")
     return (
         f"CPU: {env['cpu']} ({env['logical_cpus']} logical, {env['physical_cpus']} "
         f"physical), {mem:.1f} GiB, load {env['load_average']}\n"
-        f"{env['platform']}; Python {env['python']}; cutana {env['cutana']}, "
+        f"{env['platform']}; Python {env['python']}; cutana {cutana}, "
         f"numpy {env['numpy']}, astropy {env['astropy']}, scipy {env['scipy']}, "
-        f"zarr {env['zarr']}"
+        f"zarr {env['zarr']}, numcodecs {env.get('numcodecs')}, "
+        f"python-blosc {env.get('blosc')}"
     )
 
 

@@ -1061,6 +1061,17 @@ cdef void _extreme_ranks(
     hi[0] = t_large
 
 
+cdef inline void _radix_pair_of(
+    const floating* src, Py_ssize_t m, Py_ssize_t r, floating* tmp,
+    floating* first, floating* second,
+) noexcept nogil:
+    """`cutana_radix_pair_f32` or `cutana_radix_pair_f64`, by the type."""
+    if floating is float:
+        cutana_radix_pair_f32(src, m, r, tmp, first, second)
+    else:
+        cutana_radix_pair_f64(src, m, r, tmp, first, second)
+
+
 cdef bint _percentiles_filtered(
     const floating* img, Py_ssize_t width, Py_ssize_t r0, Py_ssize_t r1,
     Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t* n_finite, double q_lo, double q_hi,
@@ -1192,16 +1203,10 @@ cdef bint _percentiles_filtered(
             rank_hi = m - 1 - (2 * (m - 1 - rank_hi) + 4)
     # the collected low values hold order statistics 0 .. n_low - 1, the
     # high ones n - n_high .. n - 1
-    if floating is float:
-        cutana_radix_pair_f32(buf, n_low, p_lo, buf, &a0, &a1)
-    else:
-        cutana_radix_pair_f64(buf, n_low, p_lo, buf, &a0, &a1)
+    _radix_pair_of(buf, n_low, p_lo, buf, &a0, &a1)
     vmin[0] = _lerp(a0, a1, vi_lo - floor(vi_lo))
     high = high - n_high
-    if floating is float:
-        cutana_radix_pair_f32(high, n_high, p_hi - (n - n_high), high, &b0, &b1)
-    else:
-        cutana_radix_pair_f64(high, n_high, p_hi - (n - n_high), high, &b0, &b1)
+    _radix_pair_of(high, n_high, p_hi - (n - n_high), high, &b0, &b1)
     vmax[0] = _lerp(b0, b1, vi_hi - floor(vi_hi))
     return True
 
@@ -1561,10 +1566,7 @@ def _radix_pair(const floating[::1] a, Py_ssize_t r):
     tmp = <floating*> malloc(m * sizeof(floating))
     if tmp == NULL:
         raise MemoryError()
-    if floating is float:
-        cutana_radix_pair_f32(&a[0], m, r, tmp, &first, &second)
-    else:
-        cutana_radix_pair_f64(&a[0], m, r, tmp, &first, &second)
+    _radix_pair_of(&a[0], m, r, tmp, &first, &second)
     free(tmp)
     return first, second
 

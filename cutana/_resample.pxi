@@ -583,6 +583,7 @@ def resample_windows(
     cdef double* acc = NULL
     cdef uint8_t* have_row = NULL
     cdef _Axis ay, ax
+    cdef _Axis* px  # the x table: ``ax``, or ``ay`` itself when they are equal
     cdef bint has_scale = scale.shape[0] > 0
     cdef _Scaling sc
     cdef bint has_blank = blank is not None and kind != _KIND_FLOAT
@@ -676,12 +677,11 @@ def resample_windows(
                                     scale[i] if has_scale else 1.0, fill, &sc)
                 ov_view[i] = <signed char> ov
                 _axis_build(&ay, ny, method)
-                if nx == ny and W == H:  # a square window to a square grid
-                    _resample_one(win, ny, nx, &ay, &ay, method, tmp, have_row,
-                                  acc, &out[i, 0, 0])
-                    continue
-                _axis_build(&ax, nx, method)
-                _resample_one(win, ny, nx, &ay, &ax, method, tmp, have_row,
+                px = &ay  # a square window to a square grid: one table
+                if nx != ny or W != H:
+                    _axis_build(&ax, nx, method)
+                    px = &ax
+                _resample_one(win, ny, nx, &ay, px, method, tmp, have_row,
                               acc, &out[i, 0, 0])
         _axis_free(&ay)
         _axis_free(&ax)

@@ -20,6 +20,7 @@ header lines or comments precede it in the file.
 import ast
 import csv
 import difflib
+import io
 import logging
 import numbers
 import os
@@ -596,9 +597,9 @@ class _SplitCSV:
 def _split_csv(path, name, comments, reader=None):
     """Split column ``name`` off a CSV file, or None.
 
-    A last column (ESA Cutana's file lists) is split line by line with
-    `_split_last`; the `csv` module reads the file when that cannot, or
-    when the column is not the last.
+    A last column (ESA Cutana's file lists) is split by `_split_last`; the
+    `csv` module reads the file when that cannot, or when the column is not
+    the last.
     With a ``reader`` (`_Parts`), astropy reads the other columns part by part
     while the file is split, so that the lines of a large catalogue are
     never all held at once; the lines left are returned.
@@ -649,24 +650,121 @@ def _split_csv(path, name, comments, reader=None):
 def _split_last(f, j, comments, lines, cells, shared, reader=None):
     """`_split_csv` of the lines after the header when the column is the last.
 
+    The file is read in blocks of whole lines (`_SPLIT_BLOCK_CHARS`). A
+    block of plain lines is split with numpy (`_split_block`); the lines of
+    any other block are split one by one (`_split_lines`). Returns False,
+    with the lists half filled, at a line that cannot be parsed alone (a
+    quoted field going on to the next line). A ``reader`` (`_Parts`) is
+    handed the lines after each block. `read_catalog` of an ESA
+    Cutana-style CSV of 50,000 rows (one tile file per row) took 0.15-0.17 s
+    line by line and 0.09 s by blocks; one of 2,000,000 rows, 6.9 and 5.9 s.
+    """
+    seen = {}  # raw cell -> its value: file lists repeat from row to row
+    while block := f.read(_SPLIT_BLOCK_CHARS):
+        if block[-1] != "\n":
+            block += f.readline()  # the rest of the last line
+        split = _split_block(block, j, comments, seen, shared)
+        if split is not None:
+            lines += split[0]
+            cells += split[1]
+        elif not _split_lines(
+            io.StringIO(block, newline=""), j, comments, lines, cells, shared, seen
+        ):
+            return False
+        if reader is not None:
+            reader.take(lines)
+    return True
+
+
+#: Characters of a CSV file that `_split_last` reads and splits at once.
+_SPLIT_BLOCK_CHARS = 1 << 22
+
+
+def _split_block(text, j, comments, seen, shared):
+    """The lines without their last field and the last fields' values of a
+    block of whole CSV lines, split at each line's ``j``-th comma with
+    numpy; None unless every line is as plain as `_split_lines` splits
+    without the `csv` module: ASCII, no lone carriage return, ``j`` commas
+    or more, and before the ``j``-th no quote, no field starting with a
+    blank and nothing empty (nor a ``#`` anywhere where comments are
+    skipped), and a last field that is unquoted without a comma, or
+    quoted whole. The values are those `_split_lines` gives.
+    """
+    if not text.isascii():
+        return None
+    a = np.frombuffer(text.encode("ascii"), dtype=np.uint8)
+    ends = np.flatnonzero(a == 10)  # (each line's own end, before "\r\n")
+    if a[-1] != 10:  # the file's last line, without a line break
+        ends = np.append(ends, len(a))
+    starts = np.empty_like(ends)
+    starts[0] = 0
+    starts[1:] = ends[:-1] + 1
+    cr = np.zeros(len(ends), dtype=bool)
+    cr[ends > starts] = a[ends[ends > starts] - 1] == 13
+    ends -= cr
+    if np.count_nonzero(a == 13) != np.count_nonzero(cr):
+        return None  # a line broken by a lone carriage return
+    commas = np.flatnonzero(a == 44)
+    k = np.searchsorted(commas, starts) + (j - 1)
+    if len(commas) == 0 or k[-1] >= len(commas):
+        return None
+    cut = commas[k]
+    if (cut >= ends).any() or (cut == starts).any() or (a[starts] == 32).any():
+        return None  # too few fields, an empty prefix, or a blank at its start
+
+    def within(positions):  # whether a line has one of positions before its cut
+        found = np.searchsorted(positions, cut) - np.searchsorted(positions, starts)
+        return found.any()
+
+    inner = commas[commas + 1 < len(a)]
+    blank_after = inner[a[inner + 1] == 32]
+    if within(np.flatnonzero(a == 34)) or within(blank_after):
+        return None  # a quote, or ", ", before the cut
+    if comments and (a == 35).any():
+        return None
+    cut = cut.tolist()
+    raws = [text[q + 1 : e] for q, e in zip(cut, ends.tolist(), strict=True)]
+    values = [seen.get(raw) for raw in raws]
+    for i, raw in enumerate(raws):
+        if values[i] is None:
+            cell = _plain_cell(raw)
+            if cell is None:
+                return None
+            values[i] = seen[raw] = shared.setdefault(cell, cell)
+    lines = [text[s:q] + "\n" for s, q in zip(starts.tolist(), cut, strict=True)]
+    return lines, values
+
+
+def _plain_cell(raw):
+    """The value of a last CSV field as the `csv` module reads it when it is
+    unquoted without a comma or quote, or quoted whole (after blanks, as in
+    astropy), stripped; None for any other field."""
+    quoted = raw.lstrip(" ")
+    if '"' not in raw and "," not in raw:
+        return raw.strip()
+    if (
+        quoted[:1] == quoted[-1:] == '"'
+        and len(quoted) > 1
+        and '"' not in quoted[1:-1].replace('""', "")
+    ):
+        return quoted[1:-1].replace('""', '"').strip()
+    return None
+
+
+def _split_lines(f, j, comments, lines, cells, shared, seen):
+    """`_split_last` of the lines of ``f`` one by one.
+
     Each line is split at its ``j``-th comma with `str.split`, which is
     several times faster than the `csv` module, when the fields before hold
     no quote and start with no blank (a quoted file list, the usual
     multi-band cell, is unquoted here as the `csv` module does, also after
     blanks); other lines are parsed alone with the `csv` module. Returns
-    False, with the lists half filled, at a line that cannot be parsed
-    alone (a quoted field going on to the next line).
-    A cell seen before (file lists repeat from row to row) is looked up,
-    not checked and unquoted again. A ``reader`` (`_Parts`) is handed the
-    lines each time a part of them is split. `read_catalog` of an ESA Cutana-style
-    CSV of 200,000 rows took 0.36 s this way, 0.69 s with the `csv` module.
+    False at a line that cannot be parsed alone (a quoted field going on to
+    the next line). A cell seen before (in ``seen``) is looked up, not
+    checked and unquoted again.
     """
     writer = csv.writer(_LineWriter(lines), lineterminator="\n")
-    seen = {}  # raw cell -> its value: file lists repeat from row to row
-    take = _SPLIT_LINES + 1 if reader is not None else -1
     for line in f:
-        if len(lines) == take:  # astropy reads the lines of a whole part
-            reader.take(lines)
         text = line.rstrip("\r\n")
         parts = text.split(",", j)
         raw = parts[-1]
@@ -677,29 +775,14 @@ def _split_last(f, j, comments, lines, cells, shared, reader=None):
             prefix and '"' not in prefix and prefix[:1] != " " and ", " not in prefix
         )
         cell = seen.get(raw) if len(parts) > j else None
+        if cell is None and len(parts) > j and plain:
+            cell = _plain_cell(raw)
+            if cell is not None:
+                cell = seen[raw] = shared.setdefault(cell, cell)
         if cell is not None and plain:
             if not (comments and _is_comment(prefix)):
                 cells.append(cell)
                 lines.append(prefix + "\n")
-            continue
-        quoted = raw.lstrip(" ")  # a quote may follow blanks, as in astropy
-        if (
-            len(parts) > j
-            and plain
-            and (
-                '"' not in raw
-                and "," not in raw
-                or quoted[:1] == quoted[-1:] == '"'
-                and len(quoted) > 1
-                and '"' not in quoted[1:-1].replace('""', "")
-            )
-        ):
-            if comments and _is_comment(prefix):
-                continue
-            cell = quoted[1:-1].replace('""', '"') if quoted[:1] == '"' else raw
-            cell = seen[raw] = shared.setdefault(cell.strip(), cell.strip())
-            cells.append(cell)
-            lines.append(prefix + "\n")
             continue
         if comments and _is_comment(line):
             continue  # as astropy: the line, not its first field ('"#a",...')

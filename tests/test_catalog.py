@@ -3,6 +3,7 @@
 
 import ast
 import collections
+import io
 import os
 import tempfile
 
@@ -1067,6 +1068,8 @@ def test_a_split_csv_read_in_parts_equals_one_read(tmp_path, monkeypatch, case):
     reads = []
     real = Table.read
     monkeypatch.setattr(catalog_module, "_SPLIT_LINES", 7)
+    # blocks of one line: at most a part and a block wait at once
+    monkeypatch.setattr(catalog_module, "_SPLIT_BLOCK_CHARS", 1)
     monkeypatch.setattr(catalog_module.Table, "read", lambda *a, **k: reads.append(
         len(a[0]) if isinstance(a[0], list) else a[0]) or real(*a, **k))
     held = []  # lines waiting when a part may be read: they never pile up
@@ -1150,6 +1153,7 @@ def test_reading_progress_bar(tmp_path, monkeypatch, capsys, lists):
     monkeypatch.setattr(catalog_module, "_SPLIT_LINES", 7)
     monkeypatch.setattr(catalog_module, "_CSV_PART_BYTES", 300)
     monkeypatch.setattr(catalog_module, "_CSV_PARTS", 1)
+    monkeypatch.setattr(catalog_module, "_SPLIT_BLOCK_CHARS", 1)  # line by line
     lines = ["SourceID,RA,Dec,diameter_pixel" + (",fits_file_paths" if lists else "")]
     for i in range(40):
         lines.append(f"s{i},{150 + i * 1e-3},{2.0 - i * 1e-3},{10 + i % 5}"
@@ -1225,16 +1229,30 @@ _CELL_ATOMS = ["a", "1.5", "", " ", '"', '""', ",", "#", "\r\n", "\n", "'", "[",
     end=st.sampled_from(["\n", "\r\n"]),
     last_end=st.booleans(),
     comments=st.booleans(),
+    block=st.sampled_from([1, 2, 7, 30, 1 << 22]),
 )
 def test_split_of_a_last_file_list_column_equals_csv_module(
-    n_before, rows, end, last_end, comments
+    n_before, rows, end, last_end, comments, block
 ):
     """Splitting lines at the last column's comma gives what the csv module gives.
 
     Hostile lines (quotes, commas and line breaks inside fields, missing and
     extra fields, blank and comment lines) go to the csv module alone, or
-    send the whole file to it; either way lines and cells are its own.
+    send the whole file to it; either way lines and cells are its own. The
+    file is split in blocks of ``block`` characters (and the rest of their
+    last line), from a few lines to the whole file at once.
     """
+    import cutana.catalog as catalog_module
+
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(catalog_module, "_SPLIT_BLOCK_CHARS", block)
+    try:
+        _check_split_equals_csv_module(n_before, rows, end, last_end, comments)
+    finally:
+        monkeypatch.undo()
+
+
+def _check_split_equals_csv_module(n_before, rows, end, last_end, comments):
     import cutana.catalog as catalog_module
 
     header = [f"c{i}" for i in range(n_before)] + ["fits_file_paths"]
@@ -1285,6 +1303,44 @@ def test_split_of_a_last_file_list_column_is_taken(tmp_path):
         "SourceID,RA,Dec,diameter_pixel\n", "a,1.5,2.5,10\n", "b,1.5,2.5,10\n",
         '"c,d",1.5,2.5,10\n',
     ]
+
+
+@pytest.mark.parametrize("end", ["\n", "\r\n"])
+@pytest.mark.parametrize("last_end", [True, False])
+def test_plain_lines_are_split_by_block(end, last_end):
+    """Plain lines (the lines of ESA Cutana's catalogues) are split at once
+    by `_split_block`, as `_split_lines` splits them one by one; a block
+    with one line that is not plain is left to `_split_lines`."""
+    from cutana.catalog import _split_block, _split_lines
+
+    lines = [
+        "a,1.5,2.5,10,['/t/a.fits']",
+        'b,1.5,2.5,10,"[\'/t/a.fits\', \'/t/b.fits\']"',
+        "c,1.5,2.5,10, ['/t/a.fits'] ",
+        'd,1.5,2.5,10,  "[\'/t/\"\"c\"\".fits\']"',
+        "e,1.5,2.5,10,['/t/a.fits']",
+        "f,,,,",
+    ]
+    text = end.join(lines) + (end if last_end else "")
+    seen, shared = {}, {}
+    block = _split_block(text, 4, False, seen, shared)
+    one_lines, one_cells = [], []
+    assert _split_lines(io.StringIO(text, newline=""), 4, False, one_lines,
+                        one_cells, {}, {})
+    assert block == (one_lines, one_cells)
+    assert block[0][:2] == ["a,1.5,2.5,10\n", "b,1.5,2.5,10\n"]
+    assert block[1] == [
+        "['/t/a.fits']", "['/t/a.fits', '/t/b.fits']", "['/t/a.fits']",
+        "['/t/\"c\".fits']", "['/t/a.fits']", "",
+    ]
+    assert block[1][0] is block[1][2] is block[1][4]  # one string per value
+    for odd in ['"a",1,2,3,x', "a, 1,2,3,x", " a,1,2,3,x", "a,1,2,x", "a,1,2\",3,x",
+                "a,1,2,3,\"x", "a,1,2,3,x,y", "a\r,1,2,3,x", "\xe9,1,2,3,x", ""]:
+        odd_text = end.join([lines[0], odd, lines[1]]) + end
+        assert _split_block(odd_text, 4, False, {}, {}) is None, odd
+    comment = end.join([lines[0], "# a note"]) + end
+    assert _split_block(comment, 4, True, {}, {}) is None
+    assert _split_block(comment, 4, False, {}, {}) is None  # (too few fields)
 
 
 def test_csv_file_lists_of_a_non_utf8_file(tmp_path):

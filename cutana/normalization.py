@@ -47,6 +47,7 @@ import numbers
 import numpy as np
 
 from . import _normalize
+from ._choices import NORMALIZATIONS
 from ._threads import output_array, resolve_n_threads, run_chunks
 
 __all__ = [
@@ -60,8 +61,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Names accepted by `normalize`.
-NORMALIZATIONS = ("none", "linear", "sqrt", "log", "asinh", "zscale")
+#: Names accepted by `normalize` (`NORMALIZATIONS`, defined in
+#: `cutana._choices` for the command's parser).
 
 #: Output dtypes accepted by `normalize`.
 OUTPUT_DTYPES = ("float32", "uint8", "uint16")

@@ -16,9 +16,14 @@ __all__ = [
     "fail_once",
     "files_bytes",
     "page_faults_of_reused_blocks",
+    "readied",
+    "ready",
     "record_concurrency",
     "square",
 ]
+
+#: What `ready` was called with in this process, in order.
+_READIED = []
 
 
 def square(x):
@@ -35,6 +40,33 @@ def square(x):
         Its square.
     """
     return x * x
+
+
+def ready(value):
+    """Record ``value`` as readied in this process (see `readied`).
+
+    Parameters
+    ----------
+    value : object
+        Anything picklable.
+    """
+    _READIED.append(value)
+
+
+def readied(task):
+    """This process's id and what `ready` recorded in it so far.
+
+    Parameters
+    ----------
+    task : object
+        Anything (ignored).
+
+    Returns
+    -------
+    result : tuple
+        ``(pid, values)``.
+    """
+    return os.getpid(), list(_READIED)
 
 
 def fail_always(task):

@@ -568,6 +568,12 @@ SHUTDOWN_GRACE = 10.0
 STOP_GRACE = 1.0
 
 
+def _log_ready_error(future):
+    """Log (at debug level) why a call of `Executor.ready_workers` failed."""
+    if not future.cancelled() and future.exception() is not None:
+        logger.debug("readying a worker failed: %s", future.exception())
+
+
 def _shutdown_pool(pool, grace=SHUTDOWN_GRACE):
     """Shut a pool down, give its workers ``grace`` seconds to exit, then
     terminate those still alive.
@@ -860,6 +866,8 @@ class Executor:
         self.preload = list(preload or [])
         self._warming = None  # thread creating the pool of `warm_up`
         self._warm_pool = None
+        self._ready = None  # (func, args) of `ready_workers`, once asked
+        self._ready_lock = threading.Lock()
 
     # ------------------------------------------------------------------
     def run(self, func, tasks, *, cost=None, on_done=None, on_failed=None):
@@ -1022,12 +1030,49 @@ class Executor:
                 # (e.g. the worker server killed by a SIGTERM to the group)
                 logger.debug("warming up the workers failed: %s", exc)
                 return
-            self._warm_pool = pool
+            with self._ready_lock:
+                self._warm_pool = pool
+                ready = self._ready
+            if ready is not None:  # asked for before the pool was there
+                self._submit_ready(pool, ready)
 
         self._warming = threading.Thread(
             target=start, name="cutana-warm-up", daemon=True
         )
         self._warming.start()
+
+    def ready_workers(self, func, *args):
+        """Have each worker `warm_up` starts call ``func(*args)`` before its
+        first task, without waiting for it: to make ready what the tasks
+        will need (their buffers, say) while the caller prepares them.
+
+        Best effort: other backends, and a run without warmed-up workers,
+        ignore it; a call that fails is only logged (the tasks then do
+        without). Two calls may reach the same worker, so ``func`` should
+        do nothing the second time.
+
+        Parameters
+        ----------
+        func : callable
+            A picklable function, run in the workers.
+        *args
+            Its picklable arguments.
+        """
+        if self.backend != "processes":
+            return
+        with self._ready_lock:
+            self._ready = (func, args)
+            pool = self._warm_pool
+        if pool is not None:  # else the thread of `warm_up` submits it
+            self._submit_ready(pool, self._ready)
+
+    def _submit_ready(self, pool, ready):
+        func, args = ready
+        try:
+            for _ in range(self.n_workers):
+                pool.submit(func, *args).add_done_callback(_log_ready_error)
+        except Exception as exc:  # noqa: BLE001 - best effort (a broken pool)
+            logger.debug("readying the workers failed: %s", exc)
 
     def worker_pids(self):
         """Process ids of the workers `warm_up` has started so far.

@@ -82,8 +82,9 @@ from .planner import (
     make_plan,
     parse_memory,
     square_boxes,
+    working_dtype,
 )
-from .processing import CutSettings, Scratch, cut_job
+from .processing import CutSettings, Scratch, cut_job, ready_scratch
 from .status import STATUS_DESCRIPTIONS, Status
 from .tiles import TileIndex, close_kept_maps, missing_band_message
 
@@ -1348,6 +1349,15 @@ def _run_task_inner(task):
     return _CutDone(staged, result.status, result.messages, {}, result.rows, result.files)
 
 
+def _ready_worker(rows, n_channels, out_shape, dtype, work_dtype, stretch_thread):
+    """`_Runner.ready_workers` in a worker: `~cutana.processing.ready_scratch`
+    of the buffers its jobs cut into."""
+    ready_scratch(
+        _SCRATCH, rows=rows, n_channels=n_channels, out_shape=out_shape,
+        dtype=dtype, work_dtype=work_dtype, stretch_thread=stretch_thread,
+    )
+
+
 def _release_free_memory():
     """Hand memory freed by this process back to the OS (glibc only).
 
@@ -1697,6 +1707,7 @@ def make_cutouts(
                         executor = Executor("serial", 1, retries=1)
                     _release_free_memory()  # what planning left behind
                     runner = _Runner(prepared, output, show, client)
+                    runner.ready_workers(executor)
                     runner.start(
                         resume=bool(exists and resume),
                         overwrite=bool(exists and overwrite),
@@ -2142,6 +2153,31 @@ class _Runner:
         self.archive = None  # the output, when it is a finished one
 
     # -- setup ------------------------------------------------------------
+    def ready_workers(self, executor):
+        """Have the workers make and write the buffers of their first job
+        now (`_ready_worker`), while this process creates the output, where
+        the plan's cutouts have one shape. The buffers are those of the
+        largest job, which the plan's memory estimate already counts in
+        every worker (`~cutana.planner.Plan.peak_bytes`)."""
+        plan = self.plan
+        if plan.out_shape is None or not plan.jobs:
+            return
+        dtypes = [
+            working_dtype(b.dtype)
+            for tile in self.p.index.tiles
+            for b in tile.bands
+            if b is not None
+        ]
+        executor.ready_workers(
+            _ready_worker,
+            max(len(job) for job in plan.jobs),
+            len(self.p.index.bands),
+            tuple(plan.out_shape),
+            np.dtype(self.p.options.dtype),
+            max(dtypes, key=lambda d: d.itemsize, default=np.dtype(np.float32)),
+            self.stretch,
+        )
+
     def start(self, resume, overwrite):
         plan = self.plan
         cat = self.p.catalog

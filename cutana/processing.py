@@ -44,6 +44,7 @@ __all__ = [
     "converts_flux",
     "cut_job",
     "flux_factor",
+    "ready_scratch",
 ]
 
 logger = logging.getLogger(__name__)
@@ -252,6 +253,7 @@ class Scratch:
 
     def __init__(self):
         self._bufs = {}
+        self._touched = {}  # name -> bytes written by `touch` since made
 
     def get(self, name, shape, dtype):
         """A C-contiguous array of ``shape`` and ``dtype`` (contents undefined).
@@ -276,6 +278,7 @@ class Scratch:
         if buf is None or buf.nbytes < nbytes:
             buf = np.empty(max(nbytes, 1), dtype=np.uint8)
             self._bufs[name] = buf
+            self._touched.pop(name, None)
         return buf[:nbytes].view(dtype).reshape(shape)
 
     def reserve(self, name, nbytes):
@@ -298,10 +301,65 @@ class Scratch:
         buf = self._bufs.get(name)
         if nbytes > 0 and (buf is None or buf.nbytes < nbytes):
             self._bufs[name] = np.empty(int(nbytes), dtype=np.uint8)
+            self._touched.pop(name, None)
+
+    def touch(self, name, nbytes):
+        """Reserve the named buffer (`reserve`) and write its first
+        ``nbytes`` now, once: a worker that does this while it waits for its
+        first job does not take those pages' faults in the job.
+
+        Parameters
+        ----------
+        name : str
+            Buffer name.
+        nbytes : int
+            Bytes to have written.
+        """
+        nbytes = int(nbytes)
+        self.reserve(name, nbytes)
+        done = self._touched.get(name, 0)
+        if nbytes > done:
+            self._bufs[name][done:nbytes] = 0
+            self._touched[name] = nbytes
 
     def clear(self):
         """Release every buffer."""
         self._bufs.clear()
+        self._touched.clear()
+
+
+def ready_scratch(
+    scratch, *, rows, n_channels, out_shape, dtype, work_dtype, stretch_thread=False
+):
+    """Make and write now the buffers of ``scratch`` that `cut_job` cuts a
+    job of ``rows`` rows into (`Scratch.touch`): its cutouts (``images``)
+    and its sub-batches in the working dtype (two with ``stretch_thread``).
+
+    A worker does this while the main process creates the output, before
+    its first job: the first job of each worker took the page faults of
+    these buffers (on the paper workload 12,600 of its 20,800 faults, about
+    0.06 s of its 0.23 s against 0.16 s for the jobs after).
+
+    Parameters
+    ----------
+    scratch : `Scratch`
+        The worker's buffers.
+    rows : int
+        Rows of the largest job.
+    n_channels : int
+        Channels (bands) of a cutout.
+    out_shape : tuple of int
+        ``(H, W)`` of a cutout.
+    dtype, work_dtype : `~numpy.dtype`
+        The output dtype and the working dtype (`cutana.planner.working_dtype`).
+    stretch_thread : bool, optional
+        Whether the jobs stretch in a thread of their own (`cut_job`).
+    """
+    h, w = (int(v) for v in out_shape)
+    scratch.touch("images", rows * n_channels * h * w * np.dtype(dtype).itemsize)
+    block = min(rows, SUB_BATCH) * h * w * np.dtype(work_dtype).itemsize
+    for name in _BLOCKS[: 2 if stretch_thread else 1]:
+        scratch.touch(name, block)
 
 
 def cut_job(settings, tile, job, scratch=None, out=None, stretch_thread=False):

@@ -375,6 +375,30 @@ def test_warm_up_pool_is_taken_over_by_run():
     assert ex._take_warm_pool() is None
 
 
+@pytest.mark.parametrize("when", ["while_starting", "once_started"])
+def test_ready_workers_runs_before_the_first_task(when):
+    """Test that a worker started by ``warm_up`` runs the call of
+    ``ready_workers`` before any task, whether it was asked for while the
+    pool was being made or once it existed; the serial backend ignores it."""
+    ex = Executor("processes", 1)
+    ex.warm_up()
+    if when == "once_started":
+        ex._warming.join()
+        assert ex._warm_pool is not None
+    ex.ready_workers(_testing.ready, "buffers")
+    results = {}
+    failures = ex.run(_testing.readied, list(range(4)),
+                      on_done=lambda t, r: results.__setitem__(t, r))
+    assert failures == []
+    pids = {pid for pid, _ in results.values()}
+    assert len(pids) == 1 and os.getpid() not in pids
+    assert all(seen == ["buffers"] for _, seen in results.values())
+    ex.close()
+    serial = Executor("serial", 1)
+    serial.ready_workers(_testing.ready, "here")
+    assert _testing._READIED == []
+
+
 def test_close_stops_a_pool_that_was_never_used():
     """A warmed-up pool that no run took over is shut down by ``close``."""
     ex = Executor("processes", 2)

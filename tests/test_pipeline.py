@@ -270,6 +270,88 @@ def test_a_worker_makes_its_images_buffer_once(survey, tmp_path, monkeypatch, fm
     assert scratch._bufs["images"].nbytes == largest
 
 
+@pytest.mark.parametrize("stretch_thread", [False, True])
+def test_a_readied_worker_cuts_into_the_buffers_it_wrote(
+    survey, tmp_path, monkeypatch, stretch_thread
+):
+    """Test that `_Runner.ready_workers` asks the workers to write the
+    buffers of the largest job (`_ready_worker`, `ready_scratch`), and that
+    a worker that did then cuts every job into those very buffers (whose
+    pages it has written), with the cutouts of a fresh buffer."""
+    from cutana import pipeline
+    from cutana.executor import Executor
+    from cutana.pipeline import RunOptions, _prepare, _Runner
+    from cutana.planner import SUB_BATCH
+    from cutana.processing import Scratch, cut_job
+
+    prepared = _prepare(
+        survey.catalogue_path,
+        RunOptions(size=21, memory_limit="2GB", max_sources_per_job=90,
+                   dtype="uint8", normalize="linear"),
+    )
+    jobs = prepared.plan.jobs
+    largest = max(len(j) for j in jobs)
+    runner = _Runner(prepared, str(tmp_path / "out.zarr"), False, None)
+    runner.stretch = stretch_thread
+    asked = []
+    monkeypatch.setattr(Executor, "ready_workers",
+                        lambda self, func, *args: asked.append((func, args)))
+    runner.ready_workers(Executor("processes", 2))
+    ((func, args),) = asked
+    assert func is pipeline._ready_worker
+    n_bands = len(prepared.index.bands)
+    assert args == (largest, n_bands, (21, 21), np.dtype("uint8"),
+                    np.dtype("float32"), stretch_thread)
+
+    scratch = Scratch()
+    monkeypatch.setattr(pipeline, "_SCRATCH", scratch)
+    func(*args)  # as a worker runs it
+    images = scratch._bufs["images"]
+    assert images.nbytes == largest * n_bands * 21 * 21
+    names = ["block", "block-2"] if stretch_thread else ["block"]
+    assert sorted(scratch._bufs) == sorted(["images", *names])
+    blocks = {n: scratch._bufs[n] for n in names}
+    sub_batch = min(largest, SUB_BATCH) * 21 * 21 * 4  # float32
+    assert all(b.nbytes == sub_batch for b in blocks.values())
+    func(*args)  # a second call (two reached this worker) changes nothing
+    assert scratch._bufs["images"] is images
+    for job in jobs:
+        result = cut_job(prepared.settings, prepared.index.tiles[job.tile], job,
+                         scratch=scratch, stretch_thread=stretch_thread)
+        assert scratch._bufs["images"] is images
+        assert np.shares_memory(result.images, images)
+        assert all(scratch._bufs[n] is b for n, b in blocks.items())
+        alone = cut_job(prepared.settings, prepared.index.tiles[job.tile], job,
+                        scratch=Scratch())
+        np.testing.assert_array_equal(result.images, alone.images)
+        np.testing.assert_array_equal(result.status, alone.status)
+
+
+def test_scratch_touch_writes_each_page_once():
+    """Test that `Scratch.touch` reserves and writes a buffer's first bytes
+    once (again only beyond what it wrote), and starts over for a buffer
+    made anew."""
+    from cutana.processing import Scratch
+
+    scratch = Scratch()
+    scratch.touch("a", 10_000)
+    buf = scratch._bufs["a"]
+    assert buf.nbytes == 10_000 and not buf.any()
+    buf[:] = 7
+    scratch.touch("a", 6_000)  # written already: left alone
+    assert (buf == 7).all()
+    scratch.reserve("a", 8_000)  # large enough: kept
+    assert scratch._bufs["a"] is buf
+    scratch.get("a", (20_000,), np.uint8)[:] = 5  # grown: a new buffer
+    new = scratch._bufs["a"]
+    assert new is not buf
+    scratch.touch("a", 12_000)  # its first 12,000 bytes written anew
+    assert not new[:12_000].any() and (new[12_000:] == 5).all()
+    scratch.clear()
+    scratch.touch("a", 100)
+    assert scratch._bufs["a"].nbytes == 100
+
+
 def test_main_process_memory_is_measured_once_the_catalogue_is_read(
     survey, tmp_path, monkeypatch
 ):

@@ -3,20 +3,18 @@
 The allowed values of the run options, shared by `cutana.pipeline` and the
 ``cutana`` command.
 
-It imports nothing, so that the command can build its parser and start its
-worker processes before it loads numpy, astropy or the pipeline.
+It imports only the light kernel modules, so that the command can build its
+parser (and start worker processes) before it loads the pipeline.
 """
 
-__all__ = ["DTYPES", "FORMATS", "NORMALIZATIONS", "RESAMPLE", "RESAMPLE_METHODS"]
+from .normalization import NORMALIZATIONS
+from .resample import RESAMPLE_METHODS
 
-#: Normalisations (`cutana.normalization.normalize`).
-NORMALIZATIONS = ("none", "linear", "sqrt", "log", "asinh", "zscale")
-#: Resampling methods of the kernels (`cutana.resample.resample`).
-RESAMPLE_METHODS = ("nearest", "bilinear", "area")
+__all__ = ["DTYPES", "FORMATS", "NORMALIZATIONS", "RESAMPLE"]
 
 #: Output formats.
 FORMATS = ("zarr", "fits")
 #: Output data types.
 DTYPES = ("float32", "uint8", "uint16")
-#: Resampling methods of a run; ``'none'`` keeps the extracted size.
+#: Resampling methods; ``'none'`` keeps the extracted size.
 RESAMPLE = ("none", *RESAMPLE_METHODS)

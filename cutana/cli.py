@@ -433,11 +433,11 @@ def main(args=None):
 
 def _checked_command(ns, parser):
     """`_command`, with its usage errors and a full disk reported in one line."""
+    from .exceptions import CatalogError, ConfigError
+
     try:
         return _command(ns, parser)
-    except ValueError as exc:
-        if not _is_usage_error(exc):
-            raise
+    except (ConfigError, CatalogError) as exc:
         print(f"cutana: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as exc:
@@ -449,19 +449,6 @@ def _checked_command(ns, parser):
         )
         print(f"cutana: error: {text}", file=sys.stderr)
         return EXIT_FAILED
-
-
-def _is_usage_error(exc):
-    """Whether ``exc`` is a `~cutana.exceptions.ConfigError` or
-    `~cutana.exceptions.CatalogError` (both `ValueError`).
-
-    `cutana.exceptions` imports astropy; it is imported here, once an error
-    is raised (by then it is loaded if the error is one of these), and not
-    before a run has started its worker server (`_cmd_run`).
-    """
-    from .exceptions import CatalogError, ConfigError
-
-    return isinstance(exc, (ConfigError, CatalogError))
 
 
 def _command(ns, parser):
@@ -598,20 +585,17 @@ def _cmd_run(ns, parser):
 
 def _required(ns, config, name):
     """The catalogue or output: from the command line, else the config file."""
-    value = getattr(ns, name, None) or config.get(name)
-    if value and isinstance(value, str):
-        return value
-    # (imported only now: it imports astropy, which a run loads once its
-    # worker server has started)
     from .exceptions import ConfigError
 
+    value = getattr(ns, name, None) or config.get(name)
     if not value:
         flag = "CATALOGUE" if name == "catalogue" else "--output OUT"
         msg = f"the {name} is required: give {flag}, or {name!r} in the --config file"
         raise ConfigError(msg)
-    # (a TOML list or number)
-    msg = f"invalid {name} in the --config file: {value!r}; expected a path"
-    raise ConfigError(msg)
+    if not isinstance(value, str):  # (a TOML list or number)
+        msg = f"invalid {name} in the --config file: {value!r}; expected a path"
+        raise ConfigError(msg)
+    return value
 
 
 def _cmd_plan(ns, parser):

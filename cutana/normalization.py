@@ -47,7 +47,6 @@ import numbers
 import numpy as np
 
 from . import _normalize
-from ._choices import NORMALIZATIONS
 from ._threads import output_array, resolve_n_threads, run_chunks
 
 __all__ = [
@@ -61,8 +60,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Names accepted by `normalize` (`NORMALIZATIONS`, defined in
-#: `cutana._choices` for the command's parser).
+#: Names accepted by `normalize`.
+NORMALIZATIONS = ("none", "linear", "sqrt", "log", "asinh", "zscale")
 
 #: Output dtypes accepted by `normalize`.
 OUTPUT_DTYPES = ("float32", "uint8", "uint16")

@@ -36,14 +36,13 @@ import operator
 import numpy as np
 
 from . import _extract
-from ._choices import RESAMPLE_METHODS
 from ._threads import output_array, resolve_n_threads, run_chunks
 from .planner import working_dtype
 
 __all__ = ["RESAMPLE_METHODS", "Resampler", "extract_resampled"]
 
-#: Names accepted by `extract_resampled` (`RESAMPLE_METHODS`, defined in
-#: `cutana._choices` for the command's parser).
+#: Names accepted by `extract_resampled`.
+RESAMPLE_METHODS = ("nearest", "bilinear", "area")
 
 _METHOD_CODES = {
     "nearest": _extract.RESAMPLE_NEAREST,

@@ -685,10 +685,10 @@ def _split_block(text, j, comments, seen, shared):
     block of whole CSV lines, split at each line's ``j``-th comma with
     numpy; None unless every line is as plain as `_split_lines` splits
     without the `csv` module: ASCII, no lone carriage return, ``j`` commas
-    or more, and before the ``j``-th no quote, no field starting with a
-    blank and nothing empty (nor a ``#`` anywhere where comments are
-    skipped), and a last field that is unquoted without a comma, or
-    quoted whole. The values are those `_split_lines` gives.
+    or more, a non-empty text before the ``j``-th that holds no quote and
+    no ``", "`` and does not start with a blank (and no ``#`` in the block
+    where comments are skipped), and a last field that is unquoted without
+    a comma, or quoted whole. The values are those `_split_lines` gives.
     """
     if not text.isascii():
         return None

@@ -1244,12 +1244,9 @@ def test_split_of_a_last_file_list_column_equals_csv_module(
     """
     import cutana.catalog as catalog_module
 
-    monkeypatch = pytest.MonkeyPatch()
-    monkeypatch.setattr(catalog_module, "_SPLIT_BLOCK_CHARS", block)
-    try:
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(catalog_module, "_SPLIT_BLOCK_CHARS", block)
         _check_split_equals_csv_module(n_before, rows, end, last_end, comments)
-    finally:
-        monkeypatch.undo()
 
 
 def _check_split_equals_csv_module(n_before, rows, end, last_end, comments):

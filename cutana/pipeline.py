@@ -84,7 +84,7 @@ from .planner import (
     square_boxes,
     working_dtype,
 )
-from .processing import CutSettings, Scratch, cut_job, ready_scratch
+from .processing import CutSettings, Scratch, cut_job, images_nbytes, ready_scratch
 from .status import STATUS_DESCRIPTIONS, Status
 from .tiles import TileIndex, close_kept_maps, missing_band_message
 
@@ -1506,8 +1506,8 @@ def _block_bytes(task):
     if settings.out_shape is None:
         return 0
     rows = sum(len(job) for job in _jobs_of(task))
-    h, w = (int(v) for v in settings.out_shape)
-    return rows * len(first.tile.bands) * h * w * np.dtype(settings.dtype).itemsize
+    n_channels = len(first.tile.bands)
+    return images_nbytes(rows, n_channels, settings.out_shape, settings.dtype)
 
 
 def _reserve_blocks(tasks):

@@ -44,6 +44,7 @@ __all__ = [
     "converts_flux",
     "cut_job",
     "flux_factor",
+    "images_nbytes",
     "ready_scratch",
 ]
 
@@ -274,12 +275,8 @@ class Scratch:
         """
         dtype = np.dtype(dtype)
         nbytes = math.prod(int(v) for v in shape) * dtype.itemsize
-        buf = self._bufs.get(name)
-        if buf is None or buf.nbytes < nbytes:
-            buf = np.empty(max(nbytes, 1), dtype=np.uint8)
-            self._bufs[name] = buf
-            self._touched.pop(name, None)
-        return buf[:nbytes].view(dtype).reshape(shape)
+        self.reserve(name, max(nbytes, 1))
+        return self._bufs[name][:nbytes].view(dtype).reshape(shape)
 
     def reserve(self, name, nbytes):
         """Make the named buffer hold at least ``nbytes`` from now on.
@@ -356,11 +353,25 @@ def ready_scratch(
     stretch_thread : bool, optional
         Whether the jobs stretch in a thread of their own (`cut_job`).
     """
-    h, w = (int(v) for v in out_shape)
-    scratch.touch("images", rows * n_channels * h * w * np.dtype(dtype).itemsize)
-    block = min(rows, SUB_BATCH) * h * w * np.dtype(work_dtype).itemsize
+    scratch.touch("images", images_nbytes(rows, n_channels, out_shape, dtype))
+    block = images_nbytes(min(rows, SUB_BATCH), 1, out_shape, work_dtype)
     for name in _BLOCKS[: 2 if stretch_thread else 1]:
         scratch.touch(name, block)
+
+
+def images_nbytes(rows, n_channels, out_shape, dtype):
+    """Bytes of ``rows`` cutouts of ``n_channels`` channels of ``out_shape``
+    ``(H, W)`` in ``dtype``: the ``images`` block that `cut_job` cuts a job
+    of ``rows`` rows into.
+
+    Examples
+    --------
+    >>> from cutana.processing import images_nbytes
+    >>> images_nbytes(10, 3, (150, 150), "uint8")
+    675000
+    """
+    h, w = (int(v) for v in out_shape)
+    return int(rows) * int(n_channels) * h * w * np.dtype(dtype).itemsize
 
 
 def cut_job(settings, tile, job, scratch=None, out=None, stretch_thread=False):

@@ -70,8 +70,8 @@ logger = logging.getLogger(__name__)
 BACKENDS = ("serial", "processes", "dask")
 
 #: Modules cutana's worker server imports before it forks the first worker:
-#: `cutana._worker_server` makes it ignore Ctrl-C, imports the cutting and
-#: writing code (`cutana.pipeline`) and makes it exit promptly; see
+#: `cutana._worker_server` makes it ignore Ctrl-C, imports the code the
+#: workers run (`cutana._tasks`) and makes it exit promptly; see
 #: `start_forkserver`.
 WORKER_PRELOAD = ("cutana._worker_server",)
 

@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 import numpy as np
 from astropy import units as u
 from astropy.io import fits
-from astropy.wcs import WCS
 
 from ._astropy_log import astropy_log_kept
 from ._geometry import (
@@ -101,6 +100,8 @@ def _wcs_and_notes(text):
     logged (not warned) while making it, one line per message: e.g. that
     the header has SIP coefficients but no ``-SIP`` in its CTYPE, which
     `_read_record` reports with the file's name (cached, shared)."""
+    from astropy.wcs import WCS  # (not at import: workers need no WCS to cut)
+
     header = _parse_header(text)
     with astropy_log_kept() as notes, warnings.catch_warnings():
         # header fix-ups (DATE-OBS, RADESYS...) are routine for survey tiles,

@@ -440,6 +440,129 @@ def test_two_runs_byte_identical(tmp_path):
     assert "images" in names and ".cutana" not in names
 
 
+def _same_encoder(a, b):
+    """Whether two `ZarrWriter._encoder` results encode alike."""
+    if a is None or isinstance(a, str):
+        return a == b
+    settings = ("cname", "clevel", "shuffle", "typesize")
+    return type(a) is type(b) and all(getattr(a, s) == getattr(b, s) for s in settings)
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "float32"])
+def test_metadata_read_without_zarr_equals_zarrs(tmp_path, dtype):
+    """Test that what a worker reads from the ``zarr.json`` files (the
+    group's attributes, each array's chunk keys, fill value and encoder)
+    equals what zarr reads from them, for a store as cutana creates it and
+    for arrays of other encodings, fill values and codecs; what the plain
+    reading does not know it leaves to zarr (None)."""
+    from zarr.codecs import ZstdCodec
+
+    from cutana.io.zarr import (
+        _group_attributes,
+        _plain_chunk_key,
+        _plain_encoder,
+        _plain_fill,
+    )
+
+    path = tmp_path / "s.zarr"
+    writer = _run(path, dtype=dtype)[0]
+    assert _group_attributes(path) == zarr.open_group(path, mode="r").attrs.asdict()
+    group = zarr.open_group(path, mode="r+")
+    others = {
+        "slash": dict(chunk_key_encoding={"name": "default", "separator": "/"}),
+        "v2": dict(chunk_key_encoding={"name": "v2", "separator": "."}),
+        "nan": dict(fill_value=np.nan),
+        "inf": dict(fill_value=-np.inf),
+        "zstd": dict(compressors=ZstdCodec(level=1)),
+        "raw": dict(compressors=None),
+        "big": dict(compressors=None, serializer={"name": "bytes",
+                                                  "configuration": {"endian": "big"}}),
+    }
+    for name, kwargs in others.items():
+        group.create_array(name, shape=(7, 3), chunks=(2, 3), dtype="float32", **kwargs)
+    fresh = ZarrWriter.open(path)
+    plain = {"images", "raw"}  # (the others have zarr's default codecs: zstd)
+    for name in ("images", "status", "geometry", "source_id", "ra", "dec", *others):
+        meta = fresh._metadata(name)
+        arr = zarr.open_array(path / name, mode="r")
+        for k in range(3):
+            coords = (k,) + (0,) * (arr.ndim - 1)
+            key = _plain_chunk_key(meta["chunk_key_encoding"], coords)
+            assert key == arr.metadata.encode_chunk_key(coords), name
+        fill = _plain_fill(meta["fill_value"])
+        if name == "source_id":
+            assert fill is None
+        else:
+            np.testing.assert_array_equal(
+                np.array(fill, dtype=arr.dtype), np.array(arr.metadata.fill_value)
+            )
+        encoder = _plain_encoder(meta["codecs"])
+        assert (encoder is not None) == (name in plain), name
+        if encoder is not None:
+            assert _same_encoder(encoder, writer._zarr_encoder(name)), name
+            assert _same_encoder(fresh._encoder(name), encoder), name
+    assert not fresh._v1 and fresh.attrs == writer.attrs
+    assert fresh._opened is None  # all of it read without zarr
+    for name in ("source_id", *others):  # the rest through zarr, as before
+        assert _same_encoder(fresh._encoder(name), writer._zarr_encoder(name)), name
+    assert fresh._opened is not None
+
+
+_WORKER_WRITE = """
+import sys
+import numpy as np
+from cutana.io.zarr import ZarrWriter
+path, arrays = sys.argv[1], np.load(sys.argv[2])
+writer = ZarrWriter.open(path)
+checksums = writer.write_chunks(range(writer.n_chunks), (arrays["job"], arrays["pos"]),
+                                arrays["base"])
+print(sorted(checksums) == list(range(writer.n_chunks)), "zarr" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "float32"])
+def test_a_worker_writes_chunks_without_zarr(tmp_path, dtype):
+    """Test that a writer opened as a worker opens it (`ZarrWriter.open`),
+    in a fresh interpreter, writes the chunk files of a store without
+    importing zarr, byte for byte as the writer that created the store."""
+    import subprocess
+    import sys
+
+    import cutana
+
+    n = 40
+    catalogue, jobs, base = _fake_run(n=n, dtype=dtype)
+    made = {}
+    for name in ("parent", "worker"):
+        path = tmp_path / f"{name}.zarr"
+        made[name] = ZarrWriter.create(
+            path, n_rows=n, bands=BANDS, out_shape=OUT_SHAPE, dtype=dtype,
+            config={"size": 5}, tiles=_tiles(), chunk_rows=6, **catalogue,
+        )
+        for job in jobs:
+            stage_job(path, job)
+    job_of_row, pos_of_row = _mapping(n, jobs)
+    made["parent"].write_chunks(range(made["parent"].n_chunks), (job_of_row, pos_of_row),
+                                base)
+    np.savez(tmp_path / "rows.npz", job=job_of_row, pos=pos_of_row, base=base)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(cutana.__file__)))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    out = subprocess.run(
+        [sys.executable, "-c", _WORKER_WRITE, str(tmp_path / "worker.zarr"),
+         str(tmp_path / "rows.npz")],
+        env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "False"]
+    parent, worker = _tree(tmp_path / "parent.zarr"), _tree(tmp_path / "worker.zarr")
+    assert sorted(parent) == sorted(worker)
+    chunks = [name for name in parent if name.startswith("images" + os.sep + "c.")]
+    assert len(chunks) == made["parent"].n_chunks
+    for name in parent:
+        assert parent[name] == worker[name], name
+
+
 @pytest.mark.parametrize("dtype", ["uint8", "float32"])
 def test_chunks_written_from_memory_equal_staged(tmp_path, dtype, monkeypatch):
     """Test that chunks encoded straight from an in-memory job (one job holding

@@ -225,9 +225,10 @@ def test_a_worker_makes_its_images_buffer_once(survey, tmp_path, monkeypatch, fm
     that a worker cutting jobs of growing size makes its buffer once, at that
     size (grown job by job, each larger job faulted a new buffer in), with
     the cutouts of a buffer of the job's own size."""
-    from cutana import pipeline
+    from cutana import _tasks
+    from cutana._tasks import _CutTask, _reserve_blocks
     from cutana.io.fits import fits_filenames
-    from cutana.pipeline import RunOptions, _CutTask, _prepare, _reserve_blocks
+    from cutana.pipeline import RunOptions, _prepare
     from cutana.processing import Scratch, cut_job
 
     prepared = _prepare(
@@ -253,13 +254,13 @@ def test_a_worker_makes_its_images_buffer_once(survey, tmp_path, monkeypatch, fm
     largest = len(jobs[-1]) * len(bands) * 21 * 21  # uint8
     assert [t.block_bytes for t in tasks] == [largest] * len(tasks)
     scratch = Scratch()
-    monkeypatch.setattr(pipeline, "_SCRATCH", scratch)
+    monkeypatch.setattr(_tasks, "_SCRATCH", scratch)
     buffers = set()
     for task in tasks:
         if fmt == "zarr":
-            (result,) = pipeline._cut(task, scratch).values()
+            (result,) = _tasks._cut(task, scratch).values()
         else:
-            pipeline._run_task_inner(task)  # cuts into the worker's buffer
+            _tasks._run_task_inner(task)  # cuts into the worker's buffer
             result = None
         buffers.add(id(scratch._bufs["images"]))
         if result is not None:
@@ -278,7 +279,7 @@ def test_a_readied_worker_cuts_into_the_buffers_it_wrote(
     buffers of the largest job (`_ready_worker`, `ready_scratch`), and that
     a worker that did then cuts every job into those very buffers (whose
     pages it has written), with the cutouts of a fresh buffer."""
-    from cutana import pipeline
+    from cutana import _tasks
     from cutana.executor import Executor
     from cutana.pipeline import RunOptions, _prepare, _Runner
     from cutana.planner import SUB_BATCH
@@ -298,13 +299,13 @@ def test_a_readied_worker_cuts_into_the_buffers_it_wrote(
                         lambda self, func, *args: asked.append((func, args)))
     runner.ready_workers(Executor("processes", 2))
     ((func, args),) = asked
-    assert func is pipeline._ready_worker
+    assert func is _tasks._ready_worker
     n_bands = len(prepared.index.bands)
     assert args == (largest, n_bands, (21, 21), np.dtype("uint8"),
                     np.dtype("float32"), stretch_thread)
 
     scratch = Scratch()
-    monkeypatch.setattr(pipeline, "_SCRATCH", scratch)
+    monkeypatch.setattr(_tasks, "_SCRATCH", scratch)
     func(*args)  # as a worker runs it
     images = scratch._bufs["images"]
     assert images.nbytes == largest * n_bands * 21 * 21
@@ -680,18 +681,18 @@ def test_serial_runs_write_a_job_while_cutting_the_next(
     store holds the same bytes either way."""
     import threading
 
-    from cutana import pipeline
+    from cutana import _tasks, pipeline
     from cutana.verify import verify
 
     monkeypatch.setattr(pipeline, "available_cores", lambda: cores)
     threads = []
-    real = pipeline._write_cut
+    real = _tasks._write_cut
 
     def spy(task, results, helper=None):
         threads.append(threading.current_thread().name)
         return real(task, results, helper)
 
-    monkeypatch.setattr(pipeline, "_write_cut", spy)
+    monkeypatch.setattr(_tasks, "_write_cut", spy)
     opts = dict(size=21, backend="serial", max_sources_per_job=10)
     if limit == "tight":
         opts["memory_limit"] = _little_to_spare(survey, opts)
@@ -761,10 +762,10 @@ def test_a_job_whose_write_fails_in_the_thread_is_retried_then_fails_alone(
     """Test that a job whose chunks fail to be written by the writing thread
     is cut and written again; failing again, only its rows are TILE_ERROR
     (filled, with the error) and the run exits 1."""
-    from cutana import pipeline
+    from cutana import _tasks, pipeline
 
     monkeypatch.setattr(pipeline, "available_cores", lambda: 2)
-    real = pipeline._write_cut
+    real = _tasks._write_cut
     calls = []
 
     def flaky(task, results, helper=None):
@@ -775,7 +776,7 @@ def test_a_job_whose_write_fails_in_the_thread_is_retried_then_fails_alone(
             raise OSError(msg)
         return real(task, results, helper)
 
-    monkeypatch.setattr(pipeline, "_write_cut", flaky)
+    monkeypatch.setattr(_tasks, "_write_cut", flaky)
     out = tmp_path / "w.zarr"
     report = cutana.make_cutouts(
         survey.catalogue_path, out, size=21, backend="serial",
@@ -1190,7 +1191,7 @@ def test_resume_keeps_the_chunks_a_stopped_job_wrote(tmp_path, monkeypatch):
     resumed without writing those chunks again (same inode and time) and
     without cutting their rows again, ending equal to an uninterrupted run:
     the worker records each chunk as it writes it."""
-    from cutana import pipeline
+    from cutana import _tasks, pipeline
     from cutana.io import zarr as zarr_io
 
     survey = make_survey(tmp_path / "s", n_tiles=1, bands=("VIS",), tile_size=300,
@@ -1221,8 +1222,8 @@ def test_resume_keeps_the_chunks_a_stopped_job_wrote(tmp_path, monkeypatch):
     kept = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in chunk_files}
     assert len(kept) == 2
     cut = []
-    cut_job = pipeline.cut_job
-    monkeypatch.setattr(pipeline, "cut_job", lambda s, t, job, **k: (
+    cut_job = _tasks.cut_job
+    monkeypatch.setattr(_tasks, "cut_job", lambda s, t, job, **k: (
         cut.append(len(job)) or cut_job(s, t, job, **k)))
     cutana.make_cutouts(survey.catalogue_path, out, resume=True, **opts)
     assert files_bytes(clean) == files_bytes(out)
@@ -1467,7 +1468,7 @@ def test_a_row_keeps_its_cutout_when_cutting_it_again_fails(
     since fails twice, the rows cut then keep their status and the cutout
     they had, the rows that had none are TILE_ERROR naming the error, and
     the run exits 1."""
-    from cutana import pipeline
+    from cutana import _tasks
 
     dst, broken, mend = _survey_with_an_unreadable_tile(overlapping, tmp_path)
     opts = dict(size=21, tiles=[str(dst / "*.fits")], progress=False, format=fmt)
@@ -1478,7 +1479,7 @@ def test_a_row_keeps_its_cutout_when_cutting_it_again_fails(
     partial = np.flatnonzero(np.isin(before, (Status.OK, Status.PARTIAL_OVERLAP)))
     images = {i: np.array(old[i]) for i in partial}
     mend()
-    original = pipeline.cut_job
+    original = _tasks.cut_job
 
     def failing(settings, tile, job, **kwargs):
         if any(b is not None and b.path == str(broken[0]) for b in tile.bands):
@@ -1486,7 +1487,7 @@ def test_a_row_keeps_its_cutout_when_cutting_it_again_fails(
             raise OSError(msg)
         return original(settings, tile, job, **kwargs)
 
-    monkeypatch.setattr(pipeline, "cut_job", failing)
+    monkeypatch.setattr(_tasks, "cut_job", failing)
     report = cutana.make_cutouts(overlapping.catalogue_path, out, resume=True, **opts)
     assert report.exit_code == 1
     assert any("disk error (injected)" in f for f in report.failures)

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import cutana
-from cutana import pipeline
+from cutana import _tasks, pipeline
 from cutana._testing import files_bytes
 from cutana.bench.synthetic import make_survey
 from cutana.catalog import read_catalog
@@ -248,8 +248,8 @@ def test_fits_runs_count_the_file_names_per_row(survey, monkeypatch, fmt):
 def test_single_tile_zarr_run_stages_nothing(survey, tmp_path, monkeypatch):
     """Every chunk of a one-tile catalogue is written whole by the job that cuts it."""
     staged = []
-    real = pipeline.stage_job
-    monkeypatch.setattr(pipeline, "stage_job", lambda *a, **k: staged.append(1) or real(*a, **k))
+    real = _tasks.stage_job
+    monkeypatch.setattr(_tasks, "stage_job", lambda *a, **k: staged.append(1) or real(*a, **k))
     out = tmp_path / "out.zarr"
     # 64 KiB rows: 64 rows per 4 MiB chunk, about two chunks per job
     report = cutana.make_cutouts(survey.catalogue_path, out, size=10, target_size=128,
@@ -394,15 +394,15 @@ def test_bands_are_written_from_memory_and_equal_staged_run(
 ):
     """A band run stages nothing and writes the same bytes as the staged run."""
     staged, groups = [], []
-    stage, cut = pipeline.stage_job, pipeline._cut
-    monkeypatch.setattr(pipeline, "stage_job", lambda *a, **k: staged.append(1) or stage(*a, **k))
+    stage, cut = _tasks.stage_job, _tasks._cut
+    monkeypatch.setattr(_tasks, "stage_job", lambda *a, **k: staged.append(1) or stage(*a, **k))
 
     def spy(task, *args):
-        if isinstance(task, pipeline._GroupTask):
+        if isinstance(task, _tasks._GroupTask):
             groups.append(task)
         return cut(task, *args)
 
-    monkeypatch.setattr(pipeline, "_cut", spy)
+    monkeypatch.setattr(_tasks, "_cut", spy)
     out = tmp_path / "bands.zarr"
     report = cutana.make_cutouts(two_tiles.catalogue_path, out, **BAND_RUN)
     assert report.exit_code == 0
@@ -416,7 +416,7 @@ def test_failed_band_runs_its_jobs_alone(two_tiles, tile_by_tile, tmp_path, monk
     """A band whose cutting raises is split: only the bad job's rows fail."""
     plan = cutana.plan_cutouts(two_tiles.catalogue_path, **BAND_PLAN)
     bad = plan.jobs[1]
-    cut = pipeline.cut_job
+    cut = _tasks.cut_job
 
     def flaky(settings, tile, job, *args, **kwargs):
         if np.array_equal(job.rows, bad.rows):
@@ -424,7 +424,7 @@ def test_failed_band_runs_its_jobs_alone(two_tiles, tile_by_tile, tmp_path, monk
             raise RuntimeError(msg)
         return cut(settings, tile, job, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "cut_job", flaky)
+    monkeypatch.setattr(_tasks, "cut_job", flaky)
     out = tmp_path / "failed.zarr"
     report = cutana.make_cutouts(two_tiles.catalogue_path, out, **BAND_RUN)
     assert report.exit_code == 1

@@ -18,15 +18,41 @@ A run writes through these steps:
    (`remove_run_state`).
 """
 
-from .archive import *  # noqa: F401,F403
-from .archive import __all__ as _archive_all
-from .fits import *  # noqa: F401,F403
-from .fits import __all__ as _fits_all
-from .ledger import *  # noqa: F401,F403
-from .ledger import __all__ as _ledger_all
-from .staging import *  # noqa: F401,F403
-from .staging import __all__ as _staging_all
-from .zarr import *  # noqa: F401,F403
-from .zarr import __all__ as _zarr_all
+# Each name is imported from its module when first used (PEP 562), so that a
+# process that needs one writer (a worker: `cutana._tasks`) does not import
+# the others and the libraries they use (astropy's tables and FITS, zarr).
+_NAMES = {
+    "staging": (
+        "JobResult", "StagedJob", "clean_staging", "list_staged", "load_staged",
+        "remove_run_state", "remove_staged", "stage_job", "staged_receipt",
+        "staging_dir", "state_dir", "verify_staged",
+    ),
+    "ledger": ("Ledger", "LedgerState"),
+    "zarr": ("ChunksWritten", "ZarrWriter", "chunk_digest", "choose_chunk_rows"),
+    "fits": (
+        "FitsWriter", "INDEX_NAME", "IndexColumns", "cutout_status",
+        "extension_names", "fits_filenames", "read_index", "write_index",
+    ),
+    "archive": (
+        "CutoutArchive", "FitsArchive", "ZarrArchive", "open_output", "verify_output",
+    ),
+}
+_MODULE_OF = {name: module for module, names in _NAMES.items() for name in names}
 
-__all__ = [*_staging_all, *_ledger_all, *_zarr_all, *_fits_all, *_archive_all]
+__all__ = [*_MODULE_OF]
+
+
+def __getattr__(name):
+    module = _MODULE_OF.get(name)
+    if module is None:
+        msg = f"module {__name__!r} has no attribute {name!r}"
+        raise AttributeError(msg)
+    import importlib
+
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -51,8 +51,6 @@ import shutil
 from collections import OrderedDict
 
 import numpy as np
-import zarr
-from zarr.codecs import BloscCodec
 
 from ..status import Status
 from ._writeback import FileSeries
@@ -347,6 +345,8 @@ def _compressor(dtype):
     1.289 for the uint8 cutouts of the benchmark workload) in 17 % less
     time; for shuffled floats the level changes the ratio, not the time.
     """
+    from zarr.codecs import BloscCodec
+
     dtype = np.dtype(dtype)
     if dtype.kind in "iub" and dtype.itemsize <= 2:
         return BloscCodec(cname="lz4", clevel=1, shuffle="bitshuffle")
@@ -498,6 +498,93 @@ def _chunks_label(run):
     return f"chunk {run[0]}" if len(run) == 1 else f"chunks {run[0]}-{run[-1]}"
 
 
+def _group_attributes(path):
+    """The attributes of the Zarr group at ``path``, read from its
+    ``zarr.json``, or `None` when that file is not a version 3 group's."""
+    try:
+        with open(os.path.join(path, "zarr.json"), "rb") as fh:
+            meta = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    if (
+        not isinstance(meta, dict)
+        or meta.get("zarr_format") != 3
+        or meta.get("node_type") != "group"
+        or not isinstance(meta.get("attributes", {}), dict)
+    ):
+        return None
+    return meta.get("attributes", {})
+
+
+#: Blosc's shuffles (numcodecs' ``Blosc.NOSHUFFLE``, ``SHUFFLE``,
+#: ``BITSHUFFLE``) by their names in zarr's metadata.
+_SHUFFLES = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
+
+
+def _plain_encoder(codecs):
+    """`ZarrWriter._encoder` of a ``codecs`` list as ``zarr.json`` holds it,
+    for the two chains this writer creates: ``"raw"`` for a little-endian
+    (or one-byte) ``bytes`` codec alone, a Blosc encoder for it followed by
+    ``blosc``; `None` for anything else (which zarr then reads)."""
+    if not isinstance(codecs, list) or not 1 <= len(codecs) <= 2:
+        return None
+    first = codecs[0]
+    if not isinstance(first, dict) or first.get("name") != "bytes":
+        return None
+    if (first.get("configuration") or {}).get("endian", "little") not in ("little", None):
+        return None
+    if len(codecs) == 1:
+        return "raw"
+    second = codecs[1]
+    if not isinstance(second, dict) or second.get("name") != "blosc":
+        return None
+    config = second.get("configuration") or {}
+    keys = ("cname", "clevel", "shuffle", "blocksize", "typesize")
+    if (
+        set(config) != set(keys)
+        or not isinstance(config["cname"], str)
+        or config["shuffle"] not in _SHUFFLES
+        or not all(type(config[k]) is int for k in ("clevel", "blocksize", "typesize"))
+    ):
+        return None
+    return _blosc_encoder(
+        cname=config["cname"],
+        clevel=config["clevel"],
+        shuffle=_SHUFFLES[config["shuffle"]],
+        blocksize=config["blocksize"],
+        typesize=config["typesize"],
+    )
+
+
+def _plain_fill(value):
+    """A ``fill_value`` of ``zarr.json`` that is a number (or NaN or an
+    infinity, by name), else `None` (which zarr then reads)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    return {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}.get(value)
+
+
+def _plain_chunk_key(encoding, coords):
+    """The key of chunk ``coords`` under a ``chunk_key_encoding`` of
+    ``zarr.json`` (zarr's ``default`` or ``v2``), else `None` (which zarr
+    then encodes)."""
+    if not isinstance(encoding, dict):
+        return None
+    name = encoding.get("name")
+    separator = (encoding.get("configuration") or {}).get(
+        "separator", {"default": "/", "v2": "."}.get(name)
+    )
+    if separator not in ("/", "."):
+        return None
+    if name == "default":
+        return separator.join(map(str, ("c", *coords)))
+    if name == "v2":
+        return separator.join(map(str, coords)) or "0"
+    return None
+
+
 def _write_catalogue_columns(group, n_rows, source_id, ra, dec, band_box=None):
     """Write the ``source_id``, ``ra`` and ``dec`` arrays of a store, whole
     (and ``band_box``, when given and the store has it)."""
@@ -520,8 +607,12 @@ class ZarrWriter:
     ----------
     path : str or path-like
         The store folder.
-    group : `zarr.Group`
-        The store's root group, opened for writing.
+    group : `zarr.Group`, optional
+        The store's root group, opened for writing; by default opened when
+        first needed (`ZarrWriter.open`).
+    attrs : dict, optional
+        The group's attributes, read from its metadata (by default the
+        group's).
 
     Attributes
     ----------
@@ -573,11 +664,12 @@ class ZarrWriter:
     ((1, 1, 4, 4), [0])
     """
 
-    def __init__(self, path, group):
+    def __init__(self, path, group=None, attrs=None):
         _blosc_thread_lock()  # before the first chunk is read or written
         self.path = os.fspath(path)
-        self._group = group
-        attrs = group.attrs.asdict()
+        self._opened = group
+        if attrs is None:
+            attrs = self._group.attrs.asdict()
         if attrs.get("cutana_format") is None:
             msg = (
                 f"{self.path} is not a complete cutana Zarr store (its creation was "
@@ -611,6 +703,26 @@ class ZarrWriter:
             f"{self.out_shape}, {self.dtype}, "
             f"{self.n_chunks} chunks of {self.chunk_rows}>"
         )
+
+    @property
+    def _group(self):
+        """The store's `zarr.Group`, opened on first use: a worker that
+        writes its chunk files itself (`_write_direct`) needs no zarr."""
+        if self._opened is None:
+            import zarr
+
+            self._opened = zarr.open_group(self.path, mode="r+", zarr_format=3)
+        return self._opened
+
+    def _metadata(self, name):
+        """The metadata of array ``name`` as its ``zarr.json`` holds it
+        (cached)."""
+        cache = self.__dict__.setdefault("_metadata_of", {})
+        meta = cache.get(name)
+        if meta is None:
+            with open(os.path.join(self.path, name, "zarr.json"), "rb") as fh:
+                meta = cache[name] = json.load(fh)
+        return meta
 
     def _array(self, name):
         arr = self._arrays.get(name)
@@ -767,6 +879,8 @@ class ZarrWriter:
 
         # the group gets its attributes last: a store whose creation was
         # interrupted has none and is refused by `open`
+        import zarr
+
         group = zarr.open_group(path, mode="w", zarr_format=3)
         meta_rows = max(1, min(n_rows, _META_CHUNK_ROWS))
         full = {"write_empty_chunks": True}
@@ -919,7 +1033,10 @@ class ZarrWriter:
         if not _is_store(path):
             msg = f"no Zarr store at {path}"
             raise FileNotFoundError(msg)
-        return cls(path, zarr.open_group(path, mode="r+", zarr_format=3))
+        attrs = _group_attributes(path)
+        if attrs is None:  # not a plain group's metadata: as zarr reads it
+            return cls(path)
+        return cls(path, attrs=attrs)
 
     # -- chunk geometry ------------------------------------------------------
 
@@ -1289,7 +1406,9 @@ class ZarrWriter:
         """Whether the store keeps tile, origin and box_shape apart (version 1)."""
         v1 = self.__dict__.get("_is_v1")
         if v1 is None:
-            v1 = self.__dict__["_is_v1"] = "geometry" not in self._group
+            v1 = self.__dict__["_is_v1"] = not os.path.isfile(
+                os.path.join(self.path, "geometry", "zarr.json")
+            )
         return v1
 
     @property
@@ -1523,7 +1642,15 @@ class ZarrWriter:
         cache = self.__dict__.setdefault("_encoders", {})
         if name in cache:
             return cache[name]
-        from numcodecs import Blosc
+        enc = _plain_encoder(self._metadata(name).get("codecs"))
+        if enc is None:
+            enc = self._zarr_encoder(name)
+        cache[name] = enc
+        return enc
+
+    def _zarr_encoder(self, name):
+        """`_encoder` of codecs as zarr reads them (metadata of another form
+        than `_plain_encoder` reads)."""
         from zarr.codecs import BloscCodec, BytesCodec
 
         codecs = self._array(name).metadata.codecs
@@ -1536,19 +1663,13 @@ class ZarrWriter:
             and isinstance(codecs[1], BloscCodec)
         ):
             blosc = codecs[1]
-            shuffle = {
-                "noshuffle": Blosc.NOSHUFFLE,
-                "shuffle": Blosc.SHUFFLE,
-                "bitshuffle": Blosc.BITSHUFFLE,
-            }[blosc.shuffle.value]
             enc = _blosc_encoder(
                 cname=blosc.cname.value,
                 clevel=blosc.clevel,
-                shuffle=shuffle,
+                shuffle=_SHUFFLES[blosc.shuffle.value],
                 blocksize=blosc.blocksize,
                 typesize=blosc.typesize,
             )
-        cache[name] = enc
         return enc
 
     def _write_direct(self, name, run, r0, values, files, helper=False):
@@ -1566,10 +1687,11 @@ class ZarrWriter:
             return False
         import numcodecs.blosc
 
-        arr = self._array(name)
         cr = self.chunk_rows
         le = values.dtype.newbyteorder("<")
-        fill = arr.metadata.fill_value
+        fill = _plain_fill(self._metadata(name).get("fill_value"))
+        if fill is None:
+            fill = self._array(name).metadata.fill_value
         made = self.__dict__.setdefault("_folders", set())
         saved = numcodecs.blosc.use_threads
         # no threads of Blosc's own (see `_encode_pairs`)
@@ -1657,11 +1779,12 @@ class ZarrWriter:
             yield values[: r1 - r0]
 
     def _chunk_file(self, name, chunk):
-        arr = self._array(name)
-        coords = (chunk,) + (0,) * (arr.ndim - 1)
-        return os.path.join(
-            self.path, name, *arr.metadata.encode_chunk_key(coords).split("/")
-        )
+        meta = self._metadata(name)
+        coords = (chunk,) + (0,) * (len(meta["shape"]) - 1)
+        key = _plain_chunk_key(meta.get("chunk_key_encoding"), coords)
+        if key is None:
+            key = self._array(name).metadata.encode_chunk_key(coords)
+        return os.path.join(self.path, name, *key.split("/"))
 
     # -- reading back and finishing ---------------------------------------------
 

@@ -295,9 +295,10 @@ WORKER_BASE_BYTES = 130 * 10**6
 PARENT_BASE_BYTES = 250 * 10**6
 #: Assumed resident size of the worker server of a ``processes`` run: the
 #: ``forkserver``, with the modules it imports for its workers (about
-#: 80 MB), and multiprocessing's resource tracker (about 15 MB). A run
-#: measures them with its main process; `cutana.pipeline.plan_cutouts`, in
-#: a process where none has started, adds this instead.
+#: 57 MB; 77 MB when it imported the whole pipeline), and multiprocessing's
+#: resource tracker (about 14 MB), with room to spare. A run measures them
+#: with its main process; `cutana.pipeline.plan_cutouts`, in a process
+#: where none has started, adds this instead.
 SERVER_BYTES = 100 * 10**6
 #: Bytes the main process adds per catalogue row once the catalogue is read
 #: (measured then) while a run goes on: the plan's arrays (40), and for a

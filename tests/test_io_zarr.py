@@ -896,6 +896,52 @@ def test_concurrent_write_chunks(tmp_path):
     assert ta == tb
 
 
+def test_io_names_come_from_their_modules_when_used(tmp_path):
+    """Test that `cutana.io` offers every public name of its modules, in
+    their order, each the object of its module, and that importing it
+    imports none of them (a worker imports the writer it uses only):
+    in a fresh interpreter, ``cutana.io`` alone, then its modules as their
+    names are used."""
+    import importlib
+    import subprocess
+    import sys
+
+    import cutana
+    import cutana.io
+
+    modules = ["staging", "ledger", "zarr", "fits", "archive"]
+    expected = []
+    for name in modules:
+        module = importlib.import_module(f"cutana.io.{name}")
+        expected += module.__all__
+        for attr in module.__all__:
+            assert getattr(cutana.io, attr) is getattr(module, attr)
+        assert getattr(cutana.io, name) is module
+    assert cutana.io.__all__ == expected
+    assert set(expected) <= set(dir(cutana.io))
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        cutana.io.nothing  # noqa: B018
+    script = (
+        "import sys, cutana.io as io\n"
+        "def loaded(): return sorted(m for m in sys.modules if m.startswith('cutana.io'))\n"
+        "print(*loaded(), 'zarr' in sys.modules)\n"
+        "io.stage_job\n"
+        "print(*loaded(), 'zarr' in sys.modules)\n"
+        "print(io.archive.open_output is io.open_output)\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(cutana.__file__)))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        "cutana.io False",
+        "cutana.io cutana.io.staging False",
+        "True",  # a module by its name (`cutana.io.archive`), imported then
+    ]
+
+
 def test_writer_pickles_as_its_path(tmp_path):
     """Test that a writer sent to another process reopens the same store."""
     writer, *_ = _run(tmp_path / "out.zarr")

@@ -43,12 +43,14 @@ __all__ = [*_MODULE_OF]
 
 
 def __getattr__(name):
+    import importlib
+
+    if name in _NAMES:  # a submodule not imported yet
+        return importlib.import_module(f"{__name__}.{name}")
     module = _MODULE_OF.get(name)
     if module is None:
         msg = f"module {__name__!r} has no attribute {name!r}"
         raise AttributeError(msg)
-    import importlib
-
     value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
     globals()[name] = value
     return value

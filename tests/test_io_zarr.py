@@ -542,8 +542,8 @@ def test_a_worker_writes_chunks_without_zarr(tmp_path, dtype):
         for job in jobs:
             stage_job(path, job)
     job_of_row, pos_of_row = _mapping(n, jobs)
-    made["parent"].write_chunks(range(made["parent"].n_chunks), (job_of_row, pos_of_row),
-                                base)
+    parent = made["parent"]
+    parent.write_chunks(range(parent.n_chunks), (job_of_row, pos_of_row), base)
     np.savez(tmp_path / "rows.npz", job=job_of_row, pos=pos_of_row, base=base)
     root = os.path.dirname(os.path.dirname(os.path.abspath(cutana.__file__)))
     env = dict(os.environ)
@@ -923,7 +923,8 @@ def test_io_names_come_from_their_modules_when_used(tmp_path):
         cutana.io.nothing  # noqa: B018
     script = (
         "import sys, cutana.io as io\n"
-        "def loaded(): return sorted(m for m in sys.modules if m.startswith('cutana.io'))\n"
+        "def loaded():\n"
+        "    return sorted(m for m in sys.modules if m.startswith('cutana.io'))\n"
         "print(*loaded(), 'zarr' in sys.modules)\n"
         "io.stage_job\n"
         "print(*loaded(), 'zarr' in sys.modules)\n"

@@ -531,7 +531,8 @@ def _plain_encoder(codecs):
     first = codecs[0]
     if not isinstance(first, dict) or first.get("name") != "bytes":
         return None
-    if (first.get("configuration") or {}).get("endian", "little") not in ("little", None):
+    endian = (first.get("configuration") or {}).get("endian", "little")
+    if endian not in ("little", None):
         return None
     if len(codecs) == 1:
         return "raw"

@@ -9,19 +9,19 @@ anywhere else changes that process's SIGINT handling and its exit).
   workers itself; the server and its workers (which inherit this) ignore
   it, also while the server is still importing, which would otherwise end
   with a traceback.
-- What the workers run (`cutana._tasks`, and the Blosc modules that
-  compress Zarr chunks) is imported with the cyclic collector paused (the
-  imports make no garbage), and what they made is then frozen
-  (`gc.freeze`): the collections of the server and of the workers forked
-  from it never walk those objects again. The main process's layers and
-  the libraries only they use (the catalogue readers and astropy's
-  tables, astropy's WCS, zarr) are not imported: workers do not run them.
+- What the workers run (`cutana._tasks`, the pool's start of a worker in
+  `cutana.executor`, and the Blosc modules that compress Zarr chunks) is
+  imported with the cyclic collector paused (the imports make no
+  garbage), and what they made is then frozen (`gc.freeze`): the
+  collections of the server and of the workers forked from it never walk
+  those objects again. The main process's layers and the libraries only
+  they use (the catalogue readers and astropy's tables, astropy's WCS,
+  zarr) are not imported: workers do not run them.
 - The server ends without tearing its interpreter down (`os._exit` once
   it exits; it has nothing to flush). Tearing down the modules it had
   imported (then the whole pipeline) took the server about 0.2 s after
-  the run had ended, and a
-  caller reading the run's output through a pipe, which the server holds
-  too, waited for it.
+  the run had ended, and a caller reading the run's output through a
+  pipe, which the server holds too, waited for it.
 """
 
 import atexit

@@ -7,7 +7,8 @@ calls; `plan_cutouts` stops after planning (``cutana plan``) and
 `iter_cutouts` hands batches of cutouts to the caller in memory instead of
 writing them (for machine learning). The logic of each step lives in its own
 module; this one only validates the options at the boundary and wires the
-steps together.
+steps together. The tasks it hands the executor, and what a worker does with
+them, are in `cutana._tasks`.
 """
 
 import contextlib

@@ -508,6 +508,25 @@ def test_metadata_read_without_zarr_equals_zarrs(tmp_path, dtype):
     assert fresh._opened is not None
 
 
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(0, 0), (-1, -1), (2.5, 2.5), ("NaN", np.nan), ("Infinity", np.inf),
+     ("-Infinity", -np.inf), ("0x7fc00000", None), (True, None), ([0, 1], None),
+     (None, None)],
+)
+def test_plain_fill_reads_numbers_and_leaves_the_rest_to_zarr(value, expected):
+    """Test that a ``fill_value`` of ``zarr.json`` is read where it is a
+    number or a named non-finite float, and left to zarr (None) where it is
+    anything else: a hexadecimal float, a boolean, a structured value."""
+    from cutana.io.zarr import _plain_fill
+
+    got = _plain_fill(value)
+    if expected is None:
+        assert got is None
+    else:
+        np.testing.assert_array_equal(got, expected)
+
+
 _WORKER_WRITE = """
 import sys
 import numpy as np

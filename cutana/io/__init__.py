@@ -20,7 +20,7 @@ A run writes through these steps:
 
 # Each name is imported from its module when first used (PEP 562), so that a
 # process that needs one writer (a worker: `cutana._tasks`) does not import
-# the others and the libraries they use (astropy's tables and FITS, zarr).
+# the others and the libraries they use (astropy's tables and WCS, zarr).
 _NAMES = {
     "staging": (
         "JobResult", "StagedJob", "clean_staging", "list_staged", "load_staged",

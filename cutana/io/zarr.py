@@ -564,7 +564,9 @@ def _plain_fill(value):
         return None
     if isinstance(value, (int, float)):
         return value
-    return {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}.get(value)
+    if isinstance(value, str):
+        return {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}.get(value)
+    return None
 
 
 def _plain_chunk_key(encoding, coords):

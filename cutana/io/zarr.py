@@ -565,7 +565,8 @@ def _plain_fill(value):
     if isinstance(value, (int, float)):
         return value
     if isinstance(value, str):
-        return {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}.get(value)
+        named = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+        return named.get(value)
     return None
 
 

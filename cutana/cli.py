@@ -551,7 +551,7 @@ def _cmd_run(ns, parser):
     output = _required(ns, config, "output")
     if ns.report_json:
         _writable_file(ns.report_json, "--report-json")
-    from .executor import WORKER_PRELOAD, default_backend, start_forkserver
+    from .executor import default_backend, start_forkserver, worker_preload
 
     backend = opts.get("backend") or default_backend(
         opts.get("workers", 1), opts.get("scheduler")
@@ -560,7 +560,7 @@ def _cmd_run(ns, parser):
         opts.get("memory_limit"), catalogue
     ):
         # worker processes import cutana while this process does the same
-        start_forkserver(WORKER_PRELOAD)
+        start_forkserver(worker_preload(opts.get("format")))
     make_cutouts = _import_pipeline().make_cutouts
 
     # (make_cutouts refuses what is not true or false: "no" is not false)

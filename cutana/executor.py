@@ -54,6 +54,7 @@ from ._stop import raise_requested as _raise_lost_stop
 __all__ = [
     "BACKENDS",
     "WORKER_PRELOAD",
+    "worker_preload",
     "Executor",
     "MemorySampler",
     "TaskFailure",
@@ -74,6 +75,37 @@ BACKENDS = ("serial", "processes", "dask")
 #: workers run (`cutana._tasks`) and makes it exit promptly; see
 #: `start_forkserver`.
 WORKER_PRELOAD = ("cutana._worker_server",)
+
+
+def worker_preload(output_format="zarr"):
+    """The modules the worker server of a run with ``output_format`` imports.
+
+    `WORKER_PRELOAD`, and for a FITS output its writer (`cutana.io.fits`,
+    with astropy's tables and WCS), which the workers of a Zarr output do
+    not import at all, and those of a FITS output would otherwise import
+    each at its first job.
+
+    Parameters
+    ----------
+    output_format : {'zarr', 'fits'}, optional
+        The run's output format.
+
+    Returns
+    -------
+    preload : tuple of str
+        For `start_forkserver`.
+
+    Examples
+    --------
+    >>> from cutana.executor import worker_preload
+    >>> worker_preload("zarr")
+    ('cutana._worker_server',)
+    >>> worker_preload("fits")
+    ('cutana._worker_server', 'cutana.io.fits')
+    """
+    if output_format == "fits":
+        return (*WORKER_PRELOAD, "cutana.io.fits")
+    return WORKER_PRELOAD
 
 #: Tasks the ``processes`` backend hands to its pool beyond one per worker,
 #: memory budget permitting: a worker that finishes a task starts a queued

@@ -55,11 +55,11 @@ from .catalog import COLUMN_ALIASES, COLUMN_OPTIONS, MAX_SIZE_PIXEL, read_catalo
 from .exceptions import ConfigError
 from .executor import (
     BACKENDS,
-    WORKER_PRELOAD,
     Executor,
     MemorySampler,
     default_backend,
     stop_worker_server,
+    worker_preload,
     worker_server_pid,
 )
 from .io import (
@@ -1312,7 +1312,7 @@ def make_cutouts(
             retries=1,
             scheduler=opts.scheduler,
             client=client,
-            preload=list(WORKER_PRELOAD),
+            preload=list(worker_preload(opts.format)),
         )
         try:
             if warm_early:

@@ -81,9 +81,10 @@ def worker_preload(output_format="zarr"):
     """The modules the worker server of a run with ``output_format`` imports.
 
     `WORKER_PRELOAD`, and for a FITS output its writer (`cutana.io.fits`,
-    with astropy's tables and WCS), which the workers of a Zarr output do
-    not import at all, and those of a FITS output would otherwise import
-    each at its first job.
+    with astropy's tables and WCS) and the cutouts' WCS (`cutana.cutout`,
+    with astropy.nddata and scipy: 0.18 s more), which the workers of a
+    Zarr output do not import at all, and those of a FITS output would
+    otherwise import each at its first job.
 
     Parameters
     ----------
@@ -101,10 +102,10 @@ def worker_preload(output_format="zarr"):
     >>> worker_preload("zarr")
     ('cutana._worker_server',)
     >>> worker_preload("fits")
-    ('cutana._worker_server', 'cutana.io.fits')
+    ('cutana._worker_server', 'cutana.io.fits', 'cutana.cutout')
     """
     if output_format == "fits":
-        return (*WORKER_PRELOAD, "cutana.io.fits")
+        return (*WORKER_PRELOAD, "cutana.io.fits", "cutana.cutout")
     return WORKER_PRELOAD
 
 #: Tasks the ``processes`` backend hands to its pool beyond one per worker,

@@ -54,7 +54,6 @@ from ._stop import raise_requested as _raise_lost_stop
 __all__ = [
     "BACKENDS",
     "WORKER_PRELOAD",
-    "worker_preload",
     "Executor",
     "MemorySampler",
     "TaskFailure",
@@ -63,6 +62,7 @@ __all__ = [
     "return_freed_memory",
     "start_forkserver",
     "stop_worker_server",
+    "worker_preload",
     "worker_server_pid",
 ]
 
@@ -107,6 +107,7 @@ def worker_preload(output_format="zarr"):
     if output_format == "fits":
         return (*WORKER_PRELOAD, "cutana.io.fits", "cutana.cutout")
     return WORKER_PRELOAD
+
 
 #: Tasks the ``processes`` backend hands to its pool beyond one per worker,
 #: memory budget permitting: a worker that finishes a task starts a queued

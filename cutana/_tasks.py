@@ -207,7 +207,7 @@ def _run_task_inner(task):
         task.settings, task.tile, task.job, scratch=_SCRATCH,
         stretch_thread=task.stretch_thread,
     )
-    from .io.fits import FitsWriter  # (astropy: imported by FITS runs only)
+    from .io.fits import FitsWriter  # (here: the workers of a Zarr output need none)
 
     writer = FitsWriter(task.out_dir, task.bands)
     result.files = writer.write_sources(

@@ -286,10 +286,12 @@ BANDS_PER_WORKER = 6
 MIN_SOURCES_PER_JOB = 256
 #: Assumed resident size of a worker beside its jobs (Python, numpy,
 #: astropy, and what running jobs leaves), bytes. A worker forked from the
-#: ``forkserver`` holds about 64 MB when it starts; assuming 100 MB, a run
+#: ``forkserver`` held about 64 MB when it started; assuming 100 MB, a run
 #: of the 200,000-source survey at ``--memory-limit 600MB`` had workers
 #: peak at 193-197 MB, with their working memory and jobs estimated at
-#: 88 MB. The parent's measure leaves the workers out.
+#: 88 MB. Since the server imports only what workers run, a worker starts
+#: at 43 MB (62 MB before, both measured); the estimate is kept, with that
+#: much more to spare. The parent's measure leaves the workers out.
 WORKER_BASE_BYTES = 130 * 10**6
 #: Assumed resident size of the main process beyond the catalogue arrays.
 PARENT_BASE_BYTES = 250 * 10**6

@@ -11,7 +11,7 @@ the executor raises it again between tasks (`raise_requested`): a stop is
 then delayed to the end of the task at hand, never lost.
 """
 
-__all__ = ["clear", "raise_requested", "request"]
+__all__ = ["behind", "clear", "raise_requested", "request"]
 
 _REQUESTED = []  # exception classes, in the order asked
 
@@ -43,6 +43,50 @@ def raise_requested():
     """Raise the first stop asked for, if any (see `request`)."""
     if _REQUESTED:
         raise _REQUESTED[0]
+
+
+def behind(exc):
+    """The stop (Ctrl-C, SIGTERM: an exception that is not an `Exception`)
+    that ``exc`` was raised while handling, if any.
+
+    A clean-up that fails during a stop must not turn it into an error (a
+    task's, which would be retried, or the command's); nor must Python's
+    wrapping of an exception raised in a class body being made (its
+    ``__set_name__`` calls, while astropy is imported, say: a
+    `RuntimeError` raised from the stop).
+
+    Parameters
+    ----------
+    exc : BaseException
+        The exception raised.
+
+    Returns
+    -------
+    stop : BaseException or None
+        The first exception of ``exc``'s context chain (``exc`` itself
+        first) that is not an `Exception`, or None.
+
+    Examples
+    --------
+    >>> from cutana import _stop
+    >>> try:
+    ...     try:
+    ...         raise KeyboardInterrupt
+    ...     except KeyboardInterrupt as stop:
+    ...         raise RuntimeError("while stopping") from stop
+    ... except RuntimeError as exc:
+    ...     type(_stop.behind(exc)).__name__
+    'KeyboardInterrupt'
+    >>> _stop.behind(ValueError("no stop")) is None
+    True
+    """
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if not isinstance(exc, Exception):
+            return exc
+        exc = exc.__context__
+    return None
 
 
 def clear():

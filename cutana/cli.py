@@ -429,6 +429,13 @@ def main(args=None):
         return _checked_command(ns, parser)
     except (KeyboardInterrupt, _Terminated) as exc:
         return _stopped(ns, exc)
+    except Exception as exc:
+        # an error raised because of the stop (Python wraps one raised in a
+        # class body being made while a module is imported): a stop still
+        stop = _stop.behind(exc)
+        if not isinstance(stop, KeyboardInterrupt | _Terminated):
+            raise
+        return _stopped(ns, stop)
 
 
 def _checked_command(ns, parser):

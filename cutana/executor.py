@@ -49,6 +49,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
+from ._stop import behind as _stop_behind
 from ._stop import raise_requested as _raise_lost_stop
 
 __all__ = [
@@ -524,19 +525,6 @@ def _proc_tree(pid):
 
 _HAS_PROC_CHILDREN = os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if _HAS_PROC_CHILDREN else 4096
-
-
-def _stop_behind(exc):
-    """The interrupt (Ctrl-C, SIGTERM: not an `Exception`) that ``exc`` was
-    raised while handling, if any: a clean-up that fails during an interrupt
-    must not turn it into a task error, which would be retried."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if not isinstance(exc, Exception):
-            return exc
-        exc = exc.__context__
-    return None
 
 
 def _main_script():

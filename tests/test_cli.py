@@ -924,6 +924,44 @@ def test_interrupt_before_the_command_starts(tmp_path, capsys, monkeypatch, comm
     assert capsys.readouterr().err == "cutana: interrupted\n"
 
 
+@pytest.mark.parametrize("stop", ["_Terminated", "KeyboardInterrupt"])
+def test_a_stop_that_python_wraps_while_importing_stops_the_command(
+    tmp_path, capsys, monkeypatch, stop
+):
+    """Test that a stop raised while a class body is made during an import
+    (Python 3.11 wraps it in a `RuntimeError` "Error calling __set_name__",
+    as a SIGTERM in astropy's import once did: exit 1 and a traceback) ends
+    the command as the stop does, and that an error unrelated to a stop
+    is still raised."""
+    import cutana.cli as cli
+
+    exc_type = getattr(cli, stop) if stop == "_Terminated" else KeyboardInterrupt
+
+    class Attribute:
+        def __set_name__(self, owner, name):
+            raise exc_type
+
+    def importing():
+        class Frame:  # noqa: F841 - made for its __set_name__ call
+            obstime = Attribute()
+
+    monkeypatch.setattr(cli, "build_parser", importing)
+    code = cli.EXIT_TERMINATED if stop == "_Terminated" else cli.EXIT_INTERRUPTED
+    assert main(["run", "x.csv", "-o", str(tmp_path / "o")]) == code
+    err = capsys.readouterr().err
+    said = "cutana: terminated" if code == 143 else "cutana: interrupted"
+    assert err.startswith(said)
+    assert "Traceback" not in err
+
+    def failing():
+        msg = "not a stop"
+        raise RuntimeError(msg)
+
+    monkeypatch.setattr(cli, "build_parser", failing)
+    with pytest.raises(RuntimeError, match="not a stop"):
+        main(["run", "x.csv", "-o", str(tmp_path / "o")])
+
+
 def test_catalogue_and_output_from_the_config_file(survey, tmp_path, capsys):
     """Test that the config file may give the catalogue and the output (the
     command line wins), and that a run given neither is a usage error."""

@@ -11,7 +11,7 @@ the executor raises it again between tasks (`raise_requested`): a stop is
 then delayed to the end of the task at hand, never lost.
 """
 
-__all__ = ["behind", "clear", "raise_requested", "request"]
+__all__ = ["behind", "clear", "hurried", "raise_requested", "request", "requested"]
 
 _REQUESTED = []  # exception classes, in the order asked
 
@@ -37,6 +37,30 @@ def request(exc_type):
     >>> _stop.raise_requested()  # nothing asked for
     """
     _REQUESTED.append(exc_type)
+
+
+def requested():
+    """Whether a stop was asked for (see `request`)."""
+    return bool(_REQUESTED)
+
+
+def hurried():
+    """Whether a stop was asked for more than once (a second Ctrl-C or
+    SIGTERM while the first one's clean-up runs): the clean-up then ends
+    its workers at once (`cutana.executor`) instead of waiting for them.
+
+    Examples
+    --------
+    >>> from cutana import _stop
+    >>> _stop.request(KeyboardInterrupt)
+    >>> _stop.requested(), _stop.hurried()
+    (True, False)
+    >>> _stop.request(KeyboardInterrupt)
+    >>> _stop.hurried()
+    True
+    >>> _stop.clear()
+    """
+    return len(_REQUESTED) > 1
 
 
 def raise_requested():

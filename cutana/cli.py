@@ -55,12 +55,21 @@ def _on_stop_signal(signum, frame):
     records the request in `cutana._stop`: an exception raised while Python
     runs a finaliser or compiles a module being imported is lost, and
     `_import_pipeline` and the executor, between tasks, then raise it again.
+
+    A second signal (Ctrl-C pressed twice) raises nothing: raised in the
+    first one's clean-up, it broke that off, and the workers, the pool's
+    queues and their semaphores were left to the end of the process
+    (multiprocessing's resource tracker then warned of "5 leaked semaphore
+    objects"; in `_stopped`, it gave a traceback). The clean-up hurries
+    instead (`cutana._stop.hurried`: the workers are terminated without
+    their grace); a third signal of the same kind ends the process at once.
     """
     stop = _Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+    again = _stop.requested()
     _stop.request(stop)
-    if signum == signal.SIGTERM:
-        # a second SIGTERM during the clean-up ends the process at once
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if again:
+        signal.signal(signum, signal.SIG_DFL)
+        return
     raise stop
 
 
@@ -487,9 +496,14 @@ def _stopped(ns, exc):
             "--resume to finish the run"
         )
     print(f"cutana: {text}", file=sys.stderr)
-    # free the stopped pool's queues (held by the traceback's frames), so
+    # free the stopped pool's queues (held by the frames of the tracebacks,
+    # of this exception and of those it was raised while handling), so
     # that their semaphores are released before the process exits
-    exc.__traceback__ = None
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        exc.__traceback__ = None
+        exc = exc.__context__
     gc.collect()
     return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
 
@@ -733,6 +747,9 @@ def run_command(argv=None):
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _on_stop_signal)  # (not if ignored)
     code = main(argv)
+    # the command has ended: a stop now would only break off the flushing
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

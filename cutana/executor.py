@@ -50,6 +50,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
 from ._stop import behind as _stop_behind
+from ._stop import hurried as _stop_hurried
 from ._stop import raise_requested as _raise_lost_stop
 
 __all__ = [
@@ -608,6 +609,9 @@ def _shutdown_pool(pool, grace=SHUTDOWN_GRACE):
     before the pool noticed) leaves the others blocked on that lock for
     ever: ``shutdown(wait=True)`` would wait for them for ever, and so would
     the interpreter's exit, which joins every pool's workers.
+
+    A stop asked for again meanwhile (a second Ctrl-C or SIGTERM,
+    `cutana._stop.hurried`) ends the grace at once.
     """
     procs = list((getattr(pool, "_processes", None) or {}).values())
     thread = getattr(pool, "_executor_manager_thread", None)  # shutdown forgets it
@@ -615,7 +619,11 @@ def _shutdown_pool(pool, grace=SHUTDOWN_GRACE):
     deadline = time.monotonic() + grace
     for proc in procs:
         try:
-            proc.join(max(0.0, deadline - time.monotonic()))
+            while proc.is_alive() and not _stop_hurried():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                proc.join(min(left, 0.05))
             if proc.is_alive():
                 logger.debug("worker %s did not exit; terminating it", proc.pid)
                 proc.terminate()

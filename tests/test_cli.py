@@ -4,6 +4,7 @@
 import gc
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -960,6 +961,53 @@ def test_a_stop_that_python_wraps_while_importing_stops_the_command(
     monkeypatch.setattr(cli, "build_parser", failing)
     with pytest.raises(RuntimeError, match="not a stop"):
         main(["run", "x.csv", "-o", str(tmp_path / "o")])
+
+
+@pytest.mark.parametrize(
+    "signum", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"]
+)
+def test_a_second_stop_signal_hurries_the_stop_instead_of_breaking_it_off(
+    monkeypatch, signum
+):
+    """Test that the first SIGTERM (Ctrl-C) raises its stop, and that a
+    second one raises nothing but asks the clean-up to hurry and leaves a
+    third to end the process: raised in the first one's clean-up, it broke
+    that off (workers and semaphores left behind, or a traceback)."""
+    import cutana.cli as cli
+    from cutana import _stop
+
+    monkeypatch.setattr(_stop, "_REQUESTED", [])
+    handlers = []
+    monkeypatch.setattr(cli.signal, "signal", lambda s, h: handlers.append((s, h)))
+    stop = cli._Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+    with pytest.raises(stop):
+        cli._on_stop_signal(signum, None)
+    assert not _stop.hurried()
+    assert handlers == []  # (the first SIGTERM made the second end the process)
+    assert cli._on_stop_signal(signum, None) is None
+    assert _stop.hurried()
+    assert handlers == [(signum, signal.SIG_DFL)]
+
+
+def test_a_stopped_command_frees_the_frames_of_the_whole_stop():
+    """Test that `_stopped` clears the tracebacks of the stop and of the
+    exceptions it was raised while handling, whose frames hold the stopped
+    pool (and its queues' semaphores) until the process ends."""
+    import cutana.cli as cli
+
+    def raise_chain():
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise cli._Terminated from None
+
+    with pytest.raises(cli._Terminated) as info:
+        raise_chain()
+    exc = info.value
+    first = exc.__context__
+    assert exc.__traceback__ is not None and first.__traceback__ is not None
+    assert cli._stopped(None, exc) == cli.EXIT_TERMINATED
+    assert exc.__traceback__ is None and first.__traceback__ is None
 
 
 def test_catalogue_and_output_from_the_config_file(survey, tmp_path, capsys):

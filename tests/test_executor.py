@@ -679,15 +679,11 @@ def test_main_script_is_none_under_the_cutana_command(monkeypatch):
     assert _main_script() is None
 
 
-def test_pool_shutdown_does_not_wait_for_ever_for_a_stuck_worker():
-    """A worker that never exits (here: busy for a minute; at the end of a
-    run: blocked on the task queue's lock that a killed worker held) is
-    given the grace period, then terminated, instead of being waited for."""
+def _busy_pool():
+    """A pool of one worker busy for a minute: ``(pool, task, process)``."""
     import multiprocessing
     import time
     from concurrent.futures import ProcessPoolExecutor
-
-    from cutana.executor import _shutdown_pool
 
     ctx = multiprocessing.get_context("forkserver" if os.name == "posix" else "spawn")
     pool = ProcessPoolExecutor(max_workers=1, mp_context=ctx)
@@ -695,12 +691,48 @@ def test_pool_shutdown_does_not_wait_for_ever_for_a_stuck_worker():
     busy = pool.submit(time.sleep, 60)
     time.sleep(0.2)  # the worker has taken the task
     (proc,) = pool._processes.values()
+    return pool, busy, proc
+
+
+def test_pool_shutdown_does_not_wait_for_ever_for_a_stuck_worker():
+    """A worker that never exits (here: busy for a minute; at the end of a
+    run: blocked on the task queue's lock that a killed worker held) is
+    given the grace period, then terminated, instead of being waited for."""
+    import time
+
+    from cutana.executor import _shutdown_pool
+
+    pool, busy, proc = _busy_pool()
     start = time.monotonic()
     _shutdown_pool(pool, grace=0.5)
     assert time.monotonic() - start < 10
     proc.join(10)
     assert not proc.is_alive()
     assert not busy.done() or busy.exception() is not None  # never finished
+
+
+def test_a_stop_asked_for_again_ends_the_shutdowns_grace(monkeypatch):
+    """A second Ctrl-C or SIGTERM while a stopped run's pool shuts down
+    (`cutana._stop.hurried`) terminates its workers at once, instead of
+    giving them the grace, and the pool's thread ends: raised there, the
+    second stop had left both, with the queues' semaphores, to the end of
+    the process."""
+    import time
+
+    from cutana import _stop
+    from cutana.executor import _shutdown_pool
+
+    monkeypatch.setattr(_stop, "_REQUESTED", [KeyboardInterrupt, KeyboardInterrupt])
+    pool, busy, proc = _busy_pool()
+    thread = pool._executor_manager_thread
+    start = time.monotonic()
+    _shutdown_pool(pool, grace=60)
+    assert time.monotonic() - start < 10  # not the 60 s of grace
+    proc.join(10)
+    assert not proc.is_alive()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert not busy.done() or busy.exception() is not None
 
 
 def test_error_while_stopping_is_not_taken_for_a_task_error():

@@ -835,6 +835,8 @@ class Noisy:
         sys.stdout.flush()
 
 keep = Noisy()
+# (a background job starts with SIGINT ignored: the server must do it itself)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 if sys.argv[1] == "server":
     import cutana._worker_server
 print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN,

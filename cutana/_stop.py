@@ -11,7 +11,9 @@ the executor raises it again between tasks (`raise_requested`): a stop is
 then delayed to the end of the task at hand, never lost.
 """
 
-__all__ = ["behind", "clear", "hurried", "raise_requested", "request", "requested"]
+__all__ = [
+    "behind", "chain", "clear", "hurried", "raise_requested", "request", "requested",
+]
 
 _REQUESTED = []  # exception classes, in the order asked
 
@@ -104,13 +106,28 @@ def behind(exc):
     >>> _stop.behind(ValueError("no stop")) is None
     True
     """
+    return next((e for e in chain(exc) if not isinstance(e, Exception)), None)
+
+
+def chain(exc):
+    """Yield ``exc`` and the exceptions it was raised while handling
+    (``__context__``), each once.
+
+    Parameters
+    ----------
+    exc : BaseException or None
+        The exception raised last.
+
+    Yields
+    ------
+    exc : BaseException
+        ``exc``, then its context, and so on.
+    """
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if not isinstance(exc, Exception):
-            return exc
+        yield exc
         exc = exc.__context__
-    return None
 
 
 def clear():

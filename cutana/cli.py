@@ -499,11 +499,8 @@ def _stopped(ns, exc):
     # free the stopped pool's queues (held by the frames of the tracebacks,
     # of this exception and of those it was raised while handling), so
     # that their semaphores are released before the process exits
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        exc.__traceback__ = None
-        exc = exc.__context__
+    for raised in _stop.chain(exc):
+        raised.__traceback__ = None
     gc.collect()
     return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
 

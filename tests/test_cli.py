@@ -983,7 +983,7 @@ def test_a_second_stop_signal_hurries_the_stop_instead_of_breaking_it_off(
     with pytest.raises(stop):
         cli._on_stop_signal(signum, None)
     assert not _stop.hurried()
-    assert handlers == []  # (the first SIGTERM made the second end the process)
+    assert handlers == []  # (the first SIGTERM no longer sets SIG_DFL)
     assert cli._on_stop_signal(signum, None) is None
     assert _stop.hurried()
     assert handlers == [(signum, signal.SIG_DFL)]

@@ -167,7 +167,8 @@ def _add_run_options(p, *, with_output=True):
     g = p.add_argument_group("values")
     g.add_argument("--normalize", choices=NORMALIZATIONS,
                    help="stretch applied per cutout and band (default: none)")
-    g.add_argument("--dtype", choices=DTYPES, help="output data type (default: float32)")
+    g.add_argument("--dtype", choices=DTYPES,
+                   help="output data type (default: float32)")
     g.add_argument("--percentile", type=_non_negative_float, metavar="P",
                    help="percentile clip of the stretch, in [0, 100] (default: 99.8)")
     g.add_argument("--stretch-a", type=_positive_float, metavar="A",
@@ -238,7 +239,8 @@ def build_parser():
 
     parser = argparse.ArgumentParser(
         prog="cutana",
-        description="Exact, fast, memory-bounded astronomical image cutouts at survey scale.",
+        description="Exact, fast, memory-bounded astronomical image cutouts at "
+        "survey scale.",
         epilog="Exit codes: 0 every row has its final status; 1 a tile or job failed; "
         "2 usage or configuration error; 130 stopped by Ctrl-C, 143 by SIGTERM "
         "(finish the run with --resume).",
@@ -262,7 +264,8 @@ def build_parser():
     p.add_argument("--overwrite", action="store_true", default=None,
                    help="replace an existing --output")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--report-json", metavar="FILE", help="also write the run report as JSON")
+    p.add_argument("--report-json", metavar="FILE",
+                   help="also write the run report as JSON")
 
     p = sub.add_parser("plan", help="print the plan and memory estimate, cut nothing",
                        usage="cutana plan CATALOGUE [options]",
@@ -288,7 +291,8 @@ def build_parser():
                    help="sources in the catalogue (default: 400)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing demo")
 
-    p = sub.add_parser("verify", help="check an output against its catalogue and ledger",
+    p = sub.add_parser("verify",
+                       help="check an output against its catalogue and ledger",
                        description="Check an output: every row accounted for, statuses "
                        "consistent, chunks present and matching their checksums.")
     p.add_argument("output", help="output folder of a run")
@@ -642,8 +646,8 @@ def _cmd_demo(ns):
               file=sys.stderr)
         return EXIT_USAGE
     survey = make_demo_survey(survey_dir, n_sources=ns.n_sources)
-    print(f"synthetic survey: {len(survey.tile_paths)} tiles x {len(survey.bands)} bands, "
-          f"{survey.n_sources} sources in {survey_dir}", file=sys.stderr)
+    print(f"synthetic survey: {len(survey.tile_paths)} tiles x {len(survey.bands)} "
+          f"bands, {survey.n_sources} sources in {survey_dir}", file=sys.stderr)
     report = make_cutouts(
         survey.catalogue_path,
         out_dir,
@@ -657,8 +661,8 @@ def _cmd_demo(ns):
         workers=ns.workers,
     )
     print(report.summary(), file=sys.stderr)
-    print(f"read it back with: python -c \"import cutana; a = cutana.open('{out_dir}'); "
-          "print(a.images.shape)\"", file=sys.stderr)
+    print(f"read it back with: python -c \"import cutana; "
+          f"a = cutana.open('{out_dir}'); print(a.images.shape)\"", file=sys.stderr)
     print(f"look at them with: cutana preview {out_dir}  (needs matplotlib)",
           file=sys.stderr)
     return report.exit_code
@@ -709,7 +713,8 @@ def _cmd_verify(ns):
     for p in problems:
         print(p)
     if problems:
-        print(f"cutana verify: {len(problems)} problem(s) in {ns.output}", file=sys.stderr)
+        print(f"cutana verify: {len(problems)} problem(s) in {ns.output}",
+              file=sys.stderr)
         return EXIT_FAILED
     print(f"cutana verify: {ns.output} is complete and consistent", file=sys.stderr)
     return EXIT_OK

@@ -639,7 +639,7 @@ class Cutout2D(_AstropyCutout2D):
      [13. 14. 15.]]
     >>> cutout.origin_original
     (1, 1)
-    """
+    """  # noqa: E501 - a numpydoc parameter type is one line
 
     wcs = _LazyWCS()
 
@@ -965,7 +965,7 @@ class BatchCutout2D:
     [[46. 47. 48.]
      [56. 57. 58.]
      [66. 67. 68.]]
-    """
+    """  # noqa: E501 - a numpydoc parameter type is one line
 
     def __init__(
         self,

@@ -800,7 +800,9 @@ class MemorySampler:
                 self.peak = max(self.peak, rss)
             if self._is_worker is not None:
                 descendants = [pid for pid in tree if pid != root.pid]
-                self.max_workers = max(self.max_workers, self._count_workers(descendants))
+                self.max_workers = max(
+                    self.max_workers, self._count_workers(descendants)
+                )
             if self._stop.wait(self.interval):
                 break
 
@@ -933,7 +935,9 @@ class Executor:
         def failed(pending):
             failure = TaskFailure(pending.task, pending.errors[-1], pending.attempts)
             failures.append(failure)
-            logger.warning("task failed after %d attempt(s): %s", failure.attempts, failure.error)
+            logger.warning(
+                "task failed after %d attempt(s): %s", failure.attempts, failure.error
+            )
             return (on_failed(failure) if on_failed else None) or ()
 
         queue = deque(_Pending(t) for t in tasks)
@@ -1026,7 +1030,9 @@ class Executor:
 
     # ------------------------------------------------------------------
     def _new_pool(self):
-        ctx = multiprocessing.get_context("forkserver" if os.name == "posix" else "spawn")
+        ctx = multiprocessing.get_context(
+            "forkserver" if os.name == "posix" else "spawn"
+        )
         if os.name == "posix":  # (started with cutana's import path; see there)
             start_forkserver(self.preload)
         return ProcessPoolExecutor(
@@ -1177,7 +1183,9 @@ class Executor:
                 # one task per worker, and QUEUED_TASKS more waiting in the pool
                 while queue and len(in_flight) < self.n_workers + QUEUED_TASKS:
                     head = queue[0]
-                    if in_flight and (head.solo or any(p.solo for p in in_flight.values())):
+                    if in_flight and (
+                        head.solo or any(p.solo for p in in_flight.values())
+                    ):
                         break
                     c = cost(head.task)
                     if (
@@ -1214,7 +1222,9 @@ class Executor:
                         pending.errors.append(_describe(exc))
                         self._retry_or_fail(pending, queue, failed)
                         continue
-                    queue.extend(_Pending(t) for t in (on_done(pending.task, result) or ()))
+                    queue.extend(
+                        _Pending(t) for t in (on_done(pending.task, result) or ())
+                    )
                 if broken or _is_broken(pool):
                     victims = broken + list(in_flight.values())
                     in_flight.clear()
@@ -1223,7 +1233,8 @@ class Executor:
                     logger.warning("a worker process died; starting a new pool")
                     pool = self._new_pool()
                     reason = (
-                        "worker process died (killed by the operating system or crashed)"
+                        "worker process died (killed by the operating system "
+                        "or crashed)"
                     )
                     if len(victims) == 1:
                         victim = victims[0]
@@ -1280,7 +1291,9 @@ class Executor:
         try:
             pending_of = {}
             ac = as_completed()
-            limit = max(self.n_workers, len(client.scheduler_info().get("workers", {})) or 1)
+            limit = max(
+                self.n_workers, len(client.scheduler_info().get("workers", {})) or 1
+            )
 
             def submit_some():
                 while queue and len(pending_of) < 2 * limit:
@@ -1303,7 +1316,9 @@ class Executor:
                     pending.errors.append(_describe(exc))
                     self._retry_or_fail(pending, queue, failed)
                 else:
-                    queue.extend(_Pending(t) for t in (on_done(pending.task, result) or ()))
+                    queue.extend(
+                        _Pending(t) for t in (on_done(pending.task, result) or ())
+                    )
                 fut.release()
                 submit_some()
         finally:

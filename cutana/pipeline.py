@@ -475,7 +475,9 @@ class RunReport:
             Several lines.
         """
         lines = [f"output          {self.output}", f"rows            {self.n_rows}"]
-        for name, count in sorted(self.counts.items(), key=lambda kv: Status[kv[0]].value):
+        for name, count in sorted(
+            self.counts.items(), key=lambda kv: Status[kv[0]].value
+        ):
             desc = STATUS_DESCRIPTIONS[Status[name]]
             lines.append(f"  {name:<16s}{count:>10d}  {desc}")
         lines += [
@@ -580,7 +582,10 @@ def _prepare(
             m if str(m).startswith(str(p)) else f"{p}: {m}" for p, m in index.errors[:5]
         )
         if problems or options.tiles:
-            msg = f"none of the tiles given could be indexed{': ' + problems if problems else ''}"
+            msg = (
+                "none of the tiles given could be indexed"
+                f"{': ' + problems if problems else ''}"
+            )
         else:  # every file-list cell is empty or not a list of paths
             column = COLUMN_ALIASES["files"][0]
             why = next(
@@ -593,7 +598,10 @@ def _prepare(
                 f"'{column}' cell{why}; give --tiles PATH_OR_GLOB..."
             )
         raise ConfigError(msg)
-    if options.channel_weights is not None and len(options.channel_weights) != len(index.bands):
+    if (
+        options.channel_weights is not None
+        and len(options.channel_weights) != len(index.bands)
+    ):
         msg = (
             f"channel_weights has {len(options.channel_weights)} values but there are "
             f"{len(index.bands)} bands ({', '.join(index.bands)})"
@@ -637,7 +645,8 @@ def _prepare(
     file_messages = getattr(assignment, "messages", None) or {}
     for r in np.flatnonzero(tile_err):
         messages.setdefault(
-            int(r), file_messages.get(int(r), f"tile files of row {r} could not be read")
+            int(r),
+            file_messages.get(int(r), f"tile files of row {r} could not be read")
         )
     # a file list shorter than the bands need names no file for the last
     # ones: its rows are bad rows (the catalogue's error; no --resume mends it)
@@ -746,9 +755,9 @@ def _prepare(
             raise ConfigError(msg)
         else:
             msg = (
-                f"cutout sizes vary ({int(sizes.min())}..{int(sizes.max())} px) but the "
-                "Zarr output holds one size: give --target-size N (with --resample), "
-                "--size N, or use --format fits"
+                f"cutout sizes vary ({int(sizes.min())}..{int(sizes.max())} px) but "
+                "the Zarr output holds one size: give --target-size N (with "
+                "--resample), --size N, or use --format fits"
             )
             raise ConfigError(msg)
     itemsize = np.dtype(options.dtype).itemsize
@@ -2280,7 +2289,9 @@ class _Runner:
                 self.repair.finish()
             return
         if self.fmt == "zarr":
-            missing = [k for k in range(self.writer.n_chunks) if k not in self.checksums]
+            missing = [
+                k for k in range(self.writer.n_chunks) if k not in self.checksums
+            ]
             if missing:  # assembly failed twice in workers: last try here
                 for task in self._assembly_tasks(missing):
                     self._on_done(task, _run_task(task))
@@ -2367,7 +2378,8 @@ class _Runner:
         }
 
     def _chunk_owners(self):
-        """Per chunk, the one job that fills all its cut rows (-1 if none or several)."""
+        """Per chunk, the one job that fills all its cut rows (-1 if none or
+        several)."""
         cr = self.writer.chunk_rows
         n_chunks = self.writer.n_chunks
         jobs = self.job_of_row
@@ -2459,7 +2471,9 @@ class _Runner:
 
     def _ready_assembly_tasks(self):
         ready = np.flatnonzero(self.chunk_pending == 0)
-        return self._assembly_tasks([int(k) for k in ready if k not in self.chunks_submitted])
+        return self._assembly_tasks(
+            [int(k) for k in ready if k not in self.chunks_submitted]
+        )
 
     def _assembly_tasks(self, chunks):
         tasks = []
@@ -2630,7 +2644,9 @@ class _Runner:
     # -- report ------------------------------------------------------------------
     def _counts(self):
         values, counts = np.unique(self.status, return_counts=True)
-        return {Status(int(v)).name: int(c) for v, c in zip(values, counts, strict=False)}
+        return {
+            Status(int(v)).name: int(c) for v, c in zip(values, counts, strict=False)
+        }
 
     def report(self, seconds, sampler):
         counts = self._counts()

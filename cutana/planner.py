@@ -498,7 +498,9 @@ class Plan:
     @property
     def peak_bytes(self):
         """Estimated peak memory of the run: parent + busiest workers."""
-        busiest = sorted((j.est_bytes for j in self.jobs), reverse=True)[: self.n_workers]
+        busiest = sorted(
+            (j.est_bytes for j in self.jobs), reverse=True
+        )[: self.n_workers]
         workers = self.n_workers * self.memory.worker_bytes + sum(busiest)
         return int(self.memory.parent_bytes + workers)
 
@@ -547,7 +549,9 @@ class Plan:
             Status name → number of rows.
         """
         values, counts = np.unique(self.base_status, return_counts=True)
-        return {Status(int(v)).name: int(c) for v, c in zip(values, counts, strict=False)}
+        return {
+            Status(int(v)).name: int(c) for v, c in zip(values, counts, strict=False)
+        }
 
     def summary(self):
         """A human-readable summary of the plan and its memory estimate.
@@ -563,12 +567,17 @@ class Plan:
         """
         sizes = [len(j) for j in self.jobs]
         tiles = sorted({j.tile for j in self.jobs})
-        shape = "varies" if self.out_shape is None else f"{self.out_shape[0]}x{self.out_shape[1]}"
+        shape = (
+            "varies"
+            if self.out_shape is None
+            else f"{self.out_shape[0]}x{self.out_shape[1]}"
+        )
         lines = [
             f"catalogue rows      {self.n_rows}",
             f"sources to cut      {self.n_sources} on {len(tiles)} tile(s)",
             f"jobs                {len(self.jobs)} "
-            f"({min(sizes) if sizes else 0}..{max(sizes) if sizes else 0} sources each)",
+            f"({min(sizes) if sizes else 0}..{max(sizes) if sizes else 0} "
+            "sources each)",
             f"output              {self.n_channels} channel(s), {shape} px, "
             f"{self.out_itemsize} byte(s)/px",
             *(
@@ -700,7 +709,9 @@ class Plan:
         with open(path, "wb") as fh:
             np.savez(
                 fh,
-                header=np.frombuffer(json.dumps(self._header()).encode(), dtype=np.uint8),
+                header=np.frombuffer(
+                    json.dumps(self._header()).encode(), dtype=np.uint8
+                ),
                 base_status=self.base_status,
                 counts=counts,
                 rows=cat("rows", np.int64),
@@ -763,7 +774,8 @@ class Plan:
                 band_box=per_band["band_box"].get(i),
             )
             for i, (tile, est, a, b) in enumerate(
-                zip(header["job_tiles"], header["job_est_bytes"], bounds[:-1], bounds[1:], strict=False)
+                zip(header["job_tiles"], header["job_est_bytes"], bounds[:-1],
+                    bounds[1:], strict=False)
             )
         ]
         return cls(
@@ -771,7 +783,9 @@ class Plan:
             n_rows=header["n_rows"],
             base_status=base_status,
             messages={int(k): v for k, v in header["messages"].items()},
-            out_shape=None if header["out_shape"] is None else tuple(header["out_shape"]),
+            out_shape=(
+                None if header["out_shape"] is None else tuple(header["out_shape"])
+            ),
             n_channels=header["n_channels"],
             out_itemsize=header["out_itemsize"],
             memory_limit=header["memory_limit"],
@@ -957,7 +971,9 @@ def make_plan(
     ]
     tile_item = max((d.itemsize for d in dtypes), default=4)
     work_item = max((working_dtype(d).itemsize for d in dtypes), default=4)
-    out_px = (out_shape[0] * out_shape[1]) if out_shape is not None else max_box * max_box
+    out_px = (
+        (out_shape[0] * out_shape[1]) if out_shape is not None else max_box * max_box
+    )
     row_bytes = n_channels * out_px * out_itemsize
     per_source = row_bytes + 64  # + metadata
     sub = SUB_BATCH
@@ -980,16 +996,25 @@ def make_plan(
         working_bytes=int(working),
     )
     def room(workers):  # bytes of jobs each worker may hold
-        return (memory_limit - parent_bytes) / max(1, workers) - WORKER_BASE_BYTES - working
+        return (
+            (memory_limit - parent_bytes) / max(1, workers)
+            - WORKER_BASE_BYTES
+            - working
+        )
 
     asked = n_workers
     if fit_workers and todo.any():
         while n_workers > 1 and room(n_workers) < per_source:
             n_workers -= 1
     budget = room(n_workers)
-    cap = MAX_SOURCES_PER_JOB if max_sources_per_job is None else int(max_sources_per_job)
+    cap = (
+        MAX_SOURCES_PER_JOB if max_sources_per_job is None else int(max_sources_per_job)
+    )
     if cap < 1:
-        msg = f"max_sources_per_job must be a positive integer, got {max_sources_per_job!r}"
+        msg = (
+            "max_sources_per_job must be a positive integer, got "
+            f"{max_sources_per_job!r}"
+        )
         raise ValueError(msg)
     band_cap = MAX_SOURCES_PER_BAND if max_sources_per_job is None else cap
     per_job = int(min(cap, budget // per_source)) if budget > 0 else 0

@@ -34,7 +34,8 @@ class Status(enum.IntEnum):
     BAD_ROW = 3
     #: The tile (or one of its bands) could not be read, or lacks a needed keyword.
     TILE_ERROR = 4
-    #: Not processed yet (the fill value of a fresh output; a resumed run finishes these).
+    #: Not processed yet (the fill value of a fresh output; a resumed run
+    #: finishes these).
     PENDING = -1
 
 

@@ -26,7 +26,8 @@ def test_resample_bilinear_matches_scipy(image, mode):
     out = batch.resample((23, 29), "bilinear")
     assert out.shape == (len(POSITIONS), 23, 29)
     for i, pos in enumerate(POSITIONS):
-        ref = AstropyCutout2D(image.astype(np.float64), pos, 17, mode=mode, fill_value=0.0)
+        ref = AstropyCutout2D(image.astype(np.float64), pos, 17, mode=mode,
+                              fill_value=0.0)
         ny, nx = ref.data.shape
         yy = (np.arange(23) + 0.5) * ny / 23 - 0.5
         xx = (np.arange(29) + 0.5) * nx / 29 - 0.5
@@ -40,7 +41,8 @@ def test_resample_area_conserves_flux(image):
     batch = BatchCutout2D(image, POSITIONS, 16, mode="partial", fill_value=0.0)
     out = batch.resample(7, "area", dtype=np.float64)
     for i, pos in enumerate(POSITIONS):
-        ref = AstropyCutout2D(image.astype(np.float64), pos, 16, mode="partial", fill_value=0.0)
+        ref = AstropyCutout2D(image.astype(np.float64), pos, 16, mode="partial",
+                              fill_value=0.0)
         assert out[i].sum() == pytest.approx(ref.data.sum(), rel=1e-5)
 
 
@@ -51,7 +53,9 @@ def test_normalize_sqrt_uint8_matches_astropy(image):
     for i in range(2):
         data = batch[i].data.astype(np.float64)
         vmin, vmax = PercentileInterval(99.0).get_limits(data)
-        expect = np.round(SqrtStretch()(np.clip((data - vmin) / (vmax - vmin), 0, 1)) * 255)
+        expect = np.round(
+            SqrtStretch()(np.clip((data - vmin) / (vmax - vmin), 0, 1)) * 255
+        )
         np.testing.assert_array_equal(out[i], expect.astype(np.uint8))
 
 

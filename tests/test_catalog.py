@@ -991,7 +991,8 @@ def test_csv_with_byte_order_mark_and_comments(tmp_path):
 
 @pytest.mark.parametrize("fallback", [False, True])
 def test_csv_file_lists_read_apart_equal_table_read(tmp_path, monkeypatch, fallback):
-    """The file-list column, read apart from the rest of a CSV, gives the same catalogue.
+    """The file-list column, read apart from the rest of a CSV, gives the same
+    catalogue.
 
     Compared with the same file read by astropy into a Table first (comments,
     quoted lists, missing and broken cells, a file list repeated on many rows);
@@ -1006,9 +1007,10 @@ def test_csv_file_lists_read_apart_equal_table_read(tmp_path, monkeypatch, fallb
         catalog_module, "_split_csv",
         lambda *a: calls.append(a[1]) or (None if fallback else real(*a)),
     )
-    lines = ["# ESA Cutana-style catalogue", "SourceID,RA,Dec,fits_file_paths,diameter_pixel"]
-    cells = ['"[\'/t/a_VIS.fits\', \'/t/a_H.fits\']"', "/t/b.fits", "", "\"['/t/c.fits'\"",
-             "\"('/t/d.fits',)\""]
+    lines = ["# ESA Cutana-style catalogue",
+             "SourceID,RA,Dec,fits_file_paths,diameter_pixel"]
+    cells = ['"[\'/t/a_VIS.fits\', \'/t/a_H.fits\']"', "/t/b.fits", "",
+             "\"['/t/c.fits'\"", "\"('/t/d.fits',)\""]
     ids = ['"src,{}"', " s{} ", '"say ""{}"""', "{}"]
     for i in range(40):
         sid = ids[i % len(ids)].format(i)

@@ -256,7 +256,8 @@ def test_run_on_a_skycoord_column(tmp_path):
 def test_existing_output_is_usage_error(survey, tmp_path, capsys):
     """Test that writing into an existing output without --resume exits 2."""
     out = tmp_path / "o.zarr"
-    args = ["run", survey.catalogue_path, "-o", str(out), "--size", "15", "--no-progress"]
+    args = ["run", survey.catalogue_path, "-o", str(out), "--size", "15",
+            "--no-progress"]
     assert main(args) == 0
     assert main(args) == 2
     assert "--resume" in capsys.readouterr().err
@@ -282,7 +283,8 @@ def test_config_errors_exit_two(survey, tmp_path, capsys, extra, message):
 
 def test_argparse_errors_exit_two(survey, tmp_path):
     """Test that unknown options and bad values exit 2."""
-    for extra in (["--normalise", "asinh"], ["--workers", "0"], ["--resample", "cubic"]):
+    for extra in (["--normalise", "asinh"], ["--workers", "0"],
+                  ["--resample", "cubic"]):
         with pytest.raises(SystemExit) as exc:
             main(["run", survey.catalogue_path, "-o", str(tmp_path / "x"), *extra])
         assert exc.value.code == 2
@@ -290,7 +292,8 @@ def test_argparse_errors_exit_two(survey, tmp_path):
 
 def test_missing_catalogue_exit_two(tmp_path, capsys):
     """Test that a missing catalogue is a usage error naming the file."""
-    code = main(["run", str(tmp_path / "nope.csv"), "-o", str(tmp_path / "x"), "--size", "9"])
+    code = main(["run", str(tmp_path / "nope.csv"), "-o", str(tmp_path / "x"),
+                 "--size", "9"])
     assert code == 2
     assert "nope.csv" in capsys.readouterr().err
 
@@ -321,8 +324,8 @@ def test_config_file_equivalent_to_flags(survey, tmp_path):
     a, b = tmp_path / "a.zarr", tmp_path / "b.zarr"
     assert main(["run", survey.catalogue_path, "-o", str(a), "--config", str(cfg),
                  "--no-progress"]) == 0
-    assert main(["run", survey.catalogue_path, "-o", str(b), "--size", "13", "--normalize",
-                 "sqrt", "--dtype", "uint16", "--no-progress"]) == 0
+    assert main(["run", survey.catalogue_path, "-o", str(b), "--size", "13",
+                 "--normalize", "sqrt", "--dtype", "uint16", "--no-progress"]) == 0
     np.testing.assert_array_equal(cutana.open(a).images[:], cutana.open(b).images[:])
     assert cutana.open(a).images.dtype == np.uint16
 
@@ -408,7 +411,8 @@ def test_config_file_typo_suggests_name(survey, tmp_path, capsys):
     cfg = tmp_path / "run.toml"
     cfg.write_text("normalise = 'asinh'\n")
     with pytest.raises(SystemExit) as exc:
-        main(["run", survey.catalogue_path, "-o", str(tmp_path / "x"), "--config", str(cfg)])
+        main(["run", survey.catalogue_path, "-o", str(tmp_path / "x"), "--config",
+              str(cfg)])
     assert exc.value.code == 2
     assert "did you mean 'normalize'" in capsys.readouterr().err
 
@@ -564,7 +568,8 @@ def test_verbose_after_the_sub_command(survey, monkeypatch, args, level):
 
 def test_plan_prints_summary_without_cutting(survey, tmp_path, capsys):
     """Test that ``cutana plan`` prints jobs and memory estimate and writes nothing."""
-    code = main(["plan", survey.catalogue_path, "--size", "15", "--memory-limit", "2GB"])
+    code = main(["plan", survey.catalogue_path, "--size", "15", "--memory-limit",
+                 "2GB"])
     assert code == 0
     out = capsys.readouterr().out
     assert "jobs" in out and "estimated peak" in out and "2.0 GB" in out
@@ -610,7 +615,8 @@ def test_verify_detects_tampering(survey, tmp_path, capsys):
     assert main(["run", survey.catalogue_path, "-o", str(out), "--size", "15",
                  "--no-progress"]) == 0
     assert main(["verify", str(out)]) == 0
-    chunk = next(p for p in (out / "images").rglob("*") if p.is_file() and p.name != "zarr.json")
+    chunk = next(p for p in (out / "images").rglob("*")
+                 if p.is_file() and p.name != "zarr.json")
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2] ^= 0xFF
     chunk.write_bytes(bytes(data))
@@ -798,12 +804,13 @@ def test_verify_detects_bad_row_marked_ok(survey, tmp_path):
 
 
 def test_module_entry_point(survey, tmp_path):
-    """Test that ``python -m cutana.cli run`` works as a subprocess, exit code included."""
+    """Test that ``python -m cutana.cli run`` works as a subprocess, exit code
+    included."""
     out = tmp_path / "sub.zarr"
     env = dict(os.environ)
     proc = subprocess.run(
-        [sys.executable, "-m", "cutana.cli", "run", survey.catalogue_path, "-o", str(out),
-         "--size", "15", "--workers", "2"],
+        [sys.executable, "-m", "cutana.cli", "run", survey.catalogue_path, "-o",
+         str(out), "--size", "15", "--workers", "2"],
         capture_output=True, text=True, env=env, cwd=str(tmp_path),
     )
     assert proc.returncode == 0, proc.stderr
@@ -835,7 +842,8 @@ def test_command_imports_stay_light(tmp_path):
         "heavy = [m for m in ('astropy.nddata', 'cutana.cutout') if m in sys.modules]\n"
         "import cutana, cutana.exceptions, astropy.nddata\n"
         "assert cutana.NoOverlapError is astropy.nddata.NoOverlapError\n"
-        "assert cutana.exceptions.PartialOverlapError is astropy.nddata.PartialOverlapError\n"
+        "assert cutana.exceptions.PartialOverlapError is "
+        "astropy.nddata.PartialOverlapError\n"
         "assert issubclass(cutana.Cutout2D, astropy.nddata.Cutout2D)\n"
         "assert all(getattr(cutana, name) is not None for name in cutana.__all__)\n"
         "import cutana.cutout\n"

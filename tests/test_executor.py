@@ -40,7 +40,9 @@ def test_failure_after_retries_is_reported(backend, n_workers):
     seen = []
     ex = Executor(backend, n_workers, retries=1)
 
-    failures = ex.run(_testing.fail_always, ["a", "b"], on_done=lambda t, r: seen.append(t))
+    failures = ex.run(
+        _testing.fail_always, ["a", "b"], on_done=lambda t, r: seen.append(t)
+    )
     assert sorted(f.task for f in failures) == ["a", "b"]
     assert seen == []
     assert all(f.attempts == 2 for f in failures)

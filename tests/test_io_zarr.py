@@ -343,7 +343,9 @@ def test_format_1_store_still_written_read_and_verified(tmp_path, version):
         parts = (images[6 * k : 6 * k + 6], status[6 * k : 6 * k + 6].astype("<i2"),
                  tile[6 * k : 6 * k + 6].astype("<i4"), origin[6 * k : 6 * k + 6],
                  box[6 * k : 6 * k + 6].astype("<i4"))
-        expected = hashlib.sha256(b"".join(np.ascontiguousarray(p).tobytes() for p in parts))
+        expected = hashlib.sha256(
+            b"".join(np.ascontiguousarray(p).tobytes() for p in parts)
+        )
         assert bytes(digests[k]) == expected.digest()
     out = open_output(path)
     np.testing.assert_array_equal(out.images[:], images)
@@ -595,7 +597,9 @@ def test_chunks_written_from_memory_equal_staged(tmp_path, dtype, monkeypatch):
         box_shape=np.zeros((0, 2), np.int64),
     )
     job.images = (rng.random((n, len(BANDS), *OUT_SHAPE)) * 250).astype(dtype)
-    job.status = rng.choice([Status.OK, Status.PARTIAL_OVERLAP], size=n).astype(np.int16)
+    job.status = rng.choice(
+        [Status.OK, Status.PARTIAL_OVERLAP], size=n
+    ).astype(np.int16)
     job.origin = rng.integers(-3, 100, size=(n, 2))
     job.box_shape = rng.integers(3, 9, size=(n, 2))
     mapping = (np.zeros(n, np.int64), np.arange(n, dtype=np.int64))
@@ -1500,7 +1504,8 @@ def test_blosc_encoder_choice(monkeypatch):
 
 
 def test_format_3_checksums_are_crc32c(tmp_path):
-    """New stores record CRC-32C of each chunk's bytes; verify catches a changed chunk."""
+    """New stores record CRC-32C of each chunk's bytes; verify catches a changed
+    chunk."""
     import google_crc32c
 
     path = tmp_path / "v3.zarr"
@@ -1527,7 +1532,8 @@ def test_format_3_checksums_are_crc32c(tmp_path):
         data = b"".join(np.ascontiguousarray(p).tobytes() for p in (
             images[sl], status[sl].astype("<i2"), tile[sl].astype("<i4"), origin[sl],
             box[sl].astype("<i4")))
-        assert bytes(digests[k]).hex() == f"{google_crc32c.value(data):08x}" == checksums[k]
+        assert (bytes(digests[k]).hex() == f"{google_crc32c.value(data):08x}"
+                == checksums[k])
     assert verify_output(path) == []
     # a chunk rewritten with other values no longer matches its checksum
     arr = zarr.open_array(path / "images", mode="r+")

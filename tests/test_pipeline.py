@@ -123,7 +123,8 @@ def test_wcs_of_output_matches_astropy(survey, zarr_run):
 
 
 def test_fits_output_matches_zarr(survey, zarr_run, tmp_path):
-    """Test that the FITS output holds the same cutouts, ids and an index of every row."""
+    """Test that the FITS output holds the same cutouts, ids and an index of
+    every row."""
     zout, _ = zarr_run
     zarch = cutana.open(zout)
     out = tmp_path / "fits"
@@ -806,7 +807,8 @@ def test_a_job_whose_write_fails_in_the_thread_is_retried_then_fails_alone(
 
 
 def test_flux_conversion_and_weights(survey, zarr_run, tmp_path):
-    """Test that flux conversion multiplies by 3631 * 10**(-0.4 * MAGZERO) and weights apply."""
+    """Test that flux conversion multiplies by 3631 * 10**(-0.4 * MAGZERO) and
+    weights apply."""
     out, _ = zarr_run
     base = cutana.open(out)
     out2 = tmp_path / "flux.zarr"
@@ -818,12 +820,16 @@ def test_flux_conversion_and_weights(survey, zarr_run, tmp_path):
     i = int(np.flatnonzero(np.asarray(base.status) == Status.OK)[0])
     for c, w in enumerate([2.0, 0.5]):
         zp = fits.getheader(_tile_paths(base, i)[c], survey.hdu)["MAGZERO"]
-        expect = np.asarray(base.images[i, c], dtype=np.float64) * 3631 * 10 ** (-0.4 * zp) * w
+        expect = (
+            np.asarray(base.images[i, c], dtype=np.float64)
+            * 3631 * 10 ** (-0.4 * zp) * w
+        )
         np.testing.assert_allclose(conv.images[i, c], expect, rtol=2e-6)
 
 
 def test_resampled_bilinear_matches_scipy(survey, zarr_run, tmp_path):
-    """Test that bilinear resampling equals scipy map_coordinates on astropy's cutout."""
+    """Test that bilinear resampling equals scipy map_coordinates on astropy's
+    cutout."""
     from scipy.ndimage import map_coordinates
 
     out = tmp_path / "res.zarr"
@@ -990,7 +996,8 @@ def test_sip_terms_under_a_plain_tan_ctype_are_astropy_s_and_quiet(tmp_path, fmt
 
 
 def test_existing_output_refused_then_overwritten(survey, tmp_path):
-    """Test that an existing output is refused without --overwrite and replaced with it."""
+    """Test that an existing output is refused without --overwrite and replaced
+    with it."""
     out = tmp_path / "o.zarr"
     cutana.make_cutouts(survey.catalogue_path, out, size=15, progress=False)
     with pytest.raises(ConfigError, match="already exists"):
@@ -1117,7 +1124,9 @@ def _stop_at_the_fourth_result(monkeypatch):
     monkeypatch.setattr(pipeline._Runner, "_on_done", crashing)
 
 
-def test_resume_after_interruption_is_byte_identical(survey, zarr_run, tmp_path, monkeypatch):
+def test_resume_after_interruption_is_byte_identical(
+    survey, zarr_run, tmp_path, monkeypatch
+):
     """Test that a run interrupted mid-way and resumed equals an uninterrupted run."""
     clean, _ = zarr_run
     out = tmp_path / "r.zarr"
@@ -2278,7 +2287,10 @@ def test_sources_on_a_truncated_tile_are_tile_errors_with_tiles(survey, tmp_path
         ({"normalize": "zscale", "zscale_samples": 0}, "invalid zscale_samples: 0"),
         ({"size": 21, "channel_weights": [1.0, float("nan")]}, "finite numbers"),
         ({"normalize": "linear", "size": 21, "crop": 2.5}, "crop must be a fraction"),
-        ({"normalize": "linear", "size": 21, "crop": 30}, "smallest cutouts are 21 x 21"),
+        (
+            {"normalize": "linear", "size": 21, "crop": 30},
+            "smallest cutouts are 21 x 21"
+        ),
         (
             {"normalize": "log", "target_size": 16, "crop": 17},
             r"crop of 17 pixels is larger than the image \(16 pixels\)",

@@ -53,7 +53,8 @@ def test_split_rows_without_chunks_is_array_split(n, n_parts):
 
 @pytest.mark.parametrize(
     ("n", "n_parts", "max_part", "chunk_rows"),
-    [(50_000, 24, 4096, 186), (50_000, 13, 4096, 186), (10_000, 7, 2000, 100), (999, 4, 400, 33)],
+    [(50_000, 24, 4096, 186), (50_000, 13, 4096, 186), (10_000, 7, 2000, 100),
+     (999, 4, 400, 33)],
 )
 def test_split_rows_cuts_on_chunk_boundaries(n, n_parts, max_part, chunk_rows):
     """Contiguous rows with room to move are cut only at multiples of the chunk rows."""
@@ -62,7 +63,8 @@ def test_split_rows_cuts_on_chunk_boundaries(n, n_parts, max_part, chunk_rows):
     assert all(f % chunk_rows == 0 for f in firsts)
     # and stay near numpy's balanced cuts (within half a chunk)
     balanced = [int(p[0]) for p in np.array_split(np.arange(n), n_parts)]
-    assert max(abs(a - b) for a, b in zip(firsts, balanced, strict=True)) <= chunk_rows // 2 + 1
+    assert (max(abs(a - b) for a, b in zip(firsts, balanced, strict=True))
+            <= chunk_rows // 2 + 1)
 
 
 @settings(max_examples=200, deadline=None)
@@ -99,7 +101,8 @@ def test_split_rows_aims_at_the_weights(weights, n, chunk_rows):
 
 
 def test_split_rows_falls_back_when_no_boundary_fits():
-    """A bound too tight for any chunk boundary gives numpy's cuts, clipped to the bound."""
+    """A bound too tight for any chunk boundary gives numpy's cuts, clipped to
+    the bound."""
     parts = split_rows(np.arange(1000), 3, 340, chunk_rows=100)
     assert [len(p) for p in parts] == [334, 333, 333]
 
@@ -125,7 +128,8 @@ def _plan(survey, **kwargs):
     cat = read_catalog(survey.catalogue_path, size=10)
     index = TileIndex.from_file_lists(cat.fits_file_paths)
     diameters = np.full(len(cat), 10.0)
-    assignment, _ = index.assign_by_files(cat.fits_file_paths, cat.ra, cat.dec, diameters)
+    assignment, _ = index.assign_by_files(cat.fits_file_paths, cat.ra, cat.dec,
+                                          diameters)
     kwargs.setdefault("memory_limit", parse_memory("2GB"))
     return make_plan(index, assignment, diameters, cat.status, cat.messages,
                      out_shape=(10, 10), out_itemsize=4, **kwargs)
@@ -249,7 +253,8 @@ def test_single_tile_zarr_run_stages_nothing(survey, tmp_path, monkeypatch):
     """Every chunk of a one-tile catalogue is written whole by the job that cuts it."""
     staged = []
     real = _tasks.stage_job
-    monkeypatch.setattr(_tasks, "stage_job", lambda *a, **k: staged.append(1) or real(*a, **k))
+    monkeypatch.setattr(_tasks, "stage_job",
+                        lambda *a, **k: staged.append(1) or real(*a, **k))
     out = tmp_path / "out.zarr"
     # 64 KiB rows: 64 rows per 4 MiB chunk, about two chunks per job
     report = cutana.make_cutouts(survey.catalogue_path, out, size=10, target_size=128,
@@ -310,7 +315,9 @@ def test_band_plan_fills_whole_chunks(two_tiles):
         assert n <= 600
         assert len({j.tile for j in jobs}) == len(jobs)  # one job per tile
     pending = np.flatnonzero(plan.base_status == Status.PENDING)
-    np.testing.assert_array_equal(np.sort(np.concatenate([j.rows for j in plan.jobs])), pending)
+    np.testing.assert_array_equal(
+        np.sort(np.concatenate([j.rows for j in plan.jobs])), pending
+    )
 
 
 def test_small_bands_fall_back_to_tiles(two_tiles, monkeypatch):
@@ -395,7 +402,8 @@ def test_bands_are_written_from_memory_and_equal_staged_run(
     """A band run stages nothing and writes the same bytes as the staged run."""
     staged, groups = [], []
     stage, cut = _tasks.stage_job, _tasks._cut
-    monkeypatch.setattr(_tasks, "stage_job", lambda *a, **k: staged.append(1) or stage(*a, **k))
+    monkeypatch.setattr(_tasks, "stage_job",
+                        lambda *a, **k: staged.append(1) or stage(*a, **k))
 
     def spy(task, *args):
         if isinstance(task, _tasks._GroupTask):
@@ -412,7 +420,9 @@ def test_bands_are_written_from_memory_and_equal_staged_run(
     assert verify(out) == []
 
 
-def test_failed_band_runs_its_jobs_alone(two_tiles, tile_by_tile, tmp_path, monkeypatch):
+def test_failed_band_runs_its_jobs_alone(
+    two_tiles, tile_by_tile, tmp_path, monkeypatch
+):
     """A band whose cutting raises is split: only the bad job's rows fail."""
     plan = cutana.plan_cutouts(two_tiles.catalogue_path, **BAND_PLAN)
     bad = plan.jobs[1]

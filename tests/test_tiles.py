@@ -1273,7 +1273,8 @@ def test_open_pixels_keeps_maps_within_keep_bytes(tmp_path):
 
 
 def test_open_pixels_maps_known_files_again_without_headers(tmp_path, monkeypatch):
-    """A file opened before is mapped from its known layout; a changed file is read again."""
+    """A file opened before is mapped from its known layout; a changed file is
+    read again."""
     import cutana.tiles as tiles_module
 
     make_tile(tmp_path / "a.fits")

@@ -238,8 +238,6 @@ def _ready_worker(rows, n_channels, out_shape, dtype, work_dtype, stretch_thread
     )
 
 
-
-
 def _jobs_of(task):
     """The plan jobs a task cuts (none for an assembly task)."""
     if isinstance(task, _GroupTask):
